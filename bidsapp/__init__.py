@@ -1,0 +1,3 @@
+"""scanbridge: scanner- and protocol-robust structural brain MRI, as a BIDS App."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Nipype workflows of scanbridge (``init_*_wf`` factories); interfaces wrap antspyx and the models."""

@@ -1,0 +1,1 @@
+"""Nipype interfaces around antspyx and scanbridge models."""
