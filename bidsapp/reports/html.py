@@ -1,0 +1,82 @@
+"""Self-contained HTML reports built from sections: figures are embedded, so one file can be mailed or archived."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+
+@dataclass
+class Section:
+    """One titled block of a report; ``body`` is trusted HTML built with the helpers below."""
+
+    title: str
+    body: str = ""
+    warnings: list[str] = field(default_factory=list)
+    anchor: str | None = None
+
+
+def figure_html(fig, caption: str | None = None, dpi: int = 100) -> str:
+    """Embed a matplotlib figure as a PNG data URI and close it (reports make many figures)."""
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    data = base64.b64encode(buf.getvalue()).decode("ascii")
+    cap = f"<figcaption>{html.escape(caption)}</figcaption>" if caption else ""
+    return f'<figure><img alt="{html.escape(caption or "")}" src="data:image/png;base64,{data}"/>{cap}</figure>'
+
+
+def table_html(df: pd.DataFrame, float_format: str = "{:.4g}") -> str:
+    """Render a DataFrame as an HTML table with readable numbers."""
+    return df.to_html(index=False, border=0, classes="tbl", na_rep="n/a",
+                      float_format=lambda x: float_format.format(x))
+
+
+def text_html(text: str) -> str:
+    return f"<p>{html.escape(text)}</p>"
+
+
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1200px;color:#222}
+h1{border-bottom:2px solid #446}h2{color:#335;margin-top:1.6em}
+table.tbl{border-collapse:collapse;font-size:.9em}table.tbl td,table.tbl th{padding:2px 8px;border-bottom:1px solid #ddd}
+figure{margin:1em 0}img{max-width:100%}figcaption{font-size:.85em;color:#555}
+.warn{background:#fff3cd;border-left:4px solid #e0a800;padding:4px 8px;margin:4px 0}
+nav a{margin-right:1em}
+"""
+
+
+def render_report(title: str, sections: list[Section], subtitle: str | None = None) -> str:
+    anchors = [s.anchor or f"s{i}" for i, s in enumerate(sections)]
+    nav = " ".join(f'<a href="#{a}">{html.escape(s.title)}</a>' for a, s in zip(anchors, sections))
+    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+             f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"]
+    if subtitle:
+        parts.append(text_html(subtitle))
+    parts.append(f"<nav>{nav}</nav>")
+    for a, s in zip(anchors, sections):
+        parts.append(f'<section id="{a}"><h2>{html.escape(s.title)}</h2>')
+        parts.extend(f'<div class="warn">{html.escape(w)}</div>' for w in s.warnings)
+        parts.append(s.body + "</section>")
+    parts.append("</body></html>")
+    return "".join(parts)
+
+
+def write_report(path: str | os.PathLike, title: str, sections: list[Section], subtitle: str | None = None) -> Path:
+    """Write the report atomically: readers never see a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(render_report(title, sections, subtitle))
+    os.replace(tmp, path)
+    return path
