@@ -1,0 +1,315 @@
+"""The BIDS-App command line: ``scanbridge bids_dir output_dir participant|group``.
+
+This is the one module that ties BIDS discovery (``bidsapp.bids``) to the Nipype graphs (``workflows``):
+it validates what the user asked for, prints the plan, runs one workflow per subject so that a broken
+subject never stops the others, and turns user mistakes into one-line messages with a non-zero exit.
+
+Exit codes: 0 everything asked for was produced; 1 at least one subject (or group step) failed;
+2 the run could not start (bad arguments or input).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bidsapp import __version__
+from bidsapp.errors import UserError
+
+LOG = logging.getLogger("scanbridge")
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+PLUGINS = ("Linear", "MultiProc", "SLURM", "SLURMGraph", "SGE", "SGEGraph", "PBS", "LSF", "Condor")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="scanbridge",
+        description="Scanner- and protocol-robust structural brain MRI (BIDS App).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("bids_dir", type=Path, help="the root of the input BIDS dataset (never written)")
+    p.add_argument("output_dir", type=Path, help="where BIDS-Derivatives and reports are written")
+    p.add_argument("analysis_level", choices=["participant", "group"], help="processing stage")
+    p.add_argument("--version", action="version", version=f"scanbridge {__version__}")
+
+    g = p.add_argument_group("selecting data")
+    g.add_argument("--participant-label", "--participant_label", nargs="+", metavar="LABEL",
+                   help="subjects to process (with or without 'sub-'); default: all")
+    g.add_argument("--session-label", "--session_label", nargs="+", metavar="LABEL",
+                   help="sessions to process (with or without 'ses-'); default: all")
+    g.add_argument("--bids-filter-file", "--bids_filter_file", type=Path, metavar="FILE",
+                   help="JSON of pybids queries per image type, as in fMRIPrep, e.g. "
+                        '{"t1w": {"acquisition": "mprage"}}')
+    g.add_argument("--skip-bids-validation", "--skip_bids_validation", action="store_true",
+                   help="do not run the BIDS validator on the input")
+
+    g = p.add_argument_group("resources")
+    g.add_argument("-w", "--work-dir", "--work_dir", type=Path,
+                   help="Nipype working directory; rerunning with the same one resumes "
+                        "(default: ./work, or a temporary folder when the current one is read-only)")
+    g.add_argument("--nprocs", "--nthreads", "--n_cpus", "--n-cpus", type=int, default=None,
+                   help="maximum number of processes (default: all CPUs)")
+    g.add_argument("--omp-nthreads", "--omp_nthreads", type=int, default=None,
+                   help="maximum threads per process (ITK/torch)")
+    g.add_argument("--mem-gb", "--mem_gb", type=float, default=None, help="memory limit for the scheduler")
+    g.add_argument("--plugin", choices=PLUGINS, default=None,
+                   help="Nipype execution plugin (SLURM/SGE/PBS/LSF run nodes as cluster jobs)")
+    g.add_argument("--plugin-args", "--plugin_args", default=None, metavar="JSON|FILE",
+                   help='Nipype plugin arguments as JSON or a JSON file, e.g. {"sbatch_args": "-p short"}')
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where neural networks run")
+
+    g = p.add_argument_group("processing")
+    g.add_argument("--template", default="MNI152NLin2009cAsym",
+                   help="TemplateFlow template for spatial normalisation")
+    g.add_argument("--seed", type=int, default=0, help="random seed for everything stochastic")
+
+    g = p.add_argument_group("group level")
+    g.add_argument("--labels-dir", "--labels_dir", type=Path, default=None,
+                   help="BIDS-Derivatives folder of manual tissue labels (dseg: CSF=1, GM=2, WM=3) "
+                        "for the harmonisation's target scanners")
+    g.add_argument("--target-labels-per-tissue", type=int, default=10,
+                   help="labelled voxels per tissue taken from each target acquisition group")
+
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
+    return p
+
+
+# ---------------------------------------------------------------------------- argument checks
+
+
+def _resolve_paths(opts) -> None:
+    bids_dir = opts.bids_dir.expanduser().resolve()
+    if not bids_dir.is_dir():
+        raise UserError(f"{opts.bids_dir}: BIDS directory does not exist")
+    opts.bids_dir = bids_dir
+    out = opts.output_dir.expanduser().resolve()
+    if out == bids_dir or bids_dir in out.parents:
+        raise UserError(f"{opts.output_dir}: output directory must not be inside the BIDS directory {bids_dir} "
+                        "(the input is never written)")
+    opts.output_dir = out
+    if opts.work_dir is not None:
+        wd = opts.work_dir.expanduser().resolve()
+        if wd == bids_dir or bids_dir in wd.parents:
+            raise UserError(f"{opts.work_dir}: work directory must not be inside the BIDS directory")
+        opts.work_dir = wd
+    if opts.labels_dir is not None and not opts.labels_dir.is_dir():
+        raise UserError(f"{opts.labels_dir}: labels directory does not exist")
+
+
+def _default_work_dir() -> Path:
+    cwd = Path.cwd()
+    if os.access(cwd, os.W_OK):
+        return cwd / "work"
+    wd = Path(tempfile.gettempdir()) / "scanbridge-work"
+    LOG.warning("current directory %s is not writable: using %s as work directory (pass -w to resume later)",
+                cwd, wd)
+    return wd
+
+
+def _plugin_settings(opts) -> dict:
+    nprocs = opts.nprocs or os.cpu_count() or 1
+    plugin = opts.plugin or ("Linear" if nprocs == 1 else "MultiProc")
+    args: dict = {}
+    if opts.plugin_args:
+        text = opts.plugin_args
+        if Path(text).is_file():
+            text = Path(text).read_text()
+        try:
+            args = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UserError(f"--plugin-args: not valid JSON ({exc.msg})") from None
+        if not isinstance(args, dict):
+            raise UserError("--plugin-args: must be a JSON object")
+    if plugin == "MultiProc":
+        args.setdefault("n_procs", nprocs)
+        if opts.mem_gb:
+            args.setdefault("memory_gb", opts.mem_gb)
+        args.setdefault("raise_insufficient", False)
+    return {"plugin": plugin, "plugin_args": args}
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.WARNING - 10 * min(verbose + 1, 2)
+    logging.basicConfig(level=level, format="%(asctime)s scanbridge %(levelname)s: %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stderr)
+    from nipype import config, logging as nlogging
+
+    config.set("execution", "crashfile_format", "txt")
+    config.set("execution", "remove_unnecessary_outputs", "false")
+    config.set("monitoring", "enabled", "false")
+    nlevel = "INFO" if verbose >= 1 else "WARNING"
+    for name in ("workflow", "interface", "utils"):
+        nlogging.getLogger(f"nipype.{name}").setLevel(nlevel)
+
+
+def _set_threads(omp_nthreads: int | None, nprocs: int | None) -> int:
+    n = omp_nthreads or max(1, min(8, (nprocs or os.cpu_count() or 1)))
+    os.environ["OMP_NUM_THREADS"] = str(n)
+    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(n)
+    return n
+
+
+# ---------------------------------------------------------------------------- participant level
+
+
+def run_participant(opts) -> int:
+    from bidsapp.bids import derivatives, discovery, validation
+    from bidsapp.reports.participant import write_participant_report
+    from bidsapp.templates import get_template
+    from workflows.base import init_single_subject_wf
+
+    plan = discovery.discover(
+        opts.bids_dir,
+        participant_label=opts.participant_label,
+        session_label=opts.session_label,
+        bids_filter_file=opts.bids_filter_file,
+    )
+    if not opts.skip_bids_validation:
+        for msg in validation.validate_dataset(opts.bids_dir):
+            LOG.warning("BIDS validation: %s", msg)
+
+    runnable = []
+    for subj in plan.subjects:
+        for path, reason in subj.skipped:
+            LOG.warning("sub-%s: skipping %s: %s", subj.subject, path, reason)
+        sessions = []
+        for ses in subj.sessions:
+            session_dict = _session_inputs(subj, ses, validation)
+            if session_dict is not None:
+                sessions.append(session_dict)
+        if sessions:
+            runnable.append((subj, sessions))
+        else:
+            LOG.error("sub-%s: nothing to process (%s)", subj.subject,
+                      "; ".join(r for _, r in subj.skipped) or "no usable T1w")
+    _print_plan(plan, runnable)
+
+    opts.output_dir.mkdir(parents=True, exist_ok=True)
+    derivatives.write_dataset_description(opts.output_dir, bids_dir=opts.bids_dir)
+    template = get_template(opts.template, cache_dir=opts.work_dir / "templates")
+    LOG.info("template: %s (%s)", template["name"], template["source"])
+
+    omp = _set_threads(opts.omp_nthreads, opts.nprocs)
+    plugin = _plugin_settings(opts)
+    failed = [s.subject for s in plan.subjects if not any(s.subject == r[0].subject for r in runnable)]
+    for i, (subj, sessions) in enumerate(runnable, 1):
+        label = subj.subject
+        LOG.warning("[%d/%d] sub-%s: %d session(s)", i, len(runnable), label, len(sessions))
+        t0 = time.time()
+        errors: list[str] = []
+        try:
+            wf = init_single_subject_wf(
+                subject=label,
+                sessions=sessions,
+                output_dir=opts.output_dir,
+                bids_dir=opts.bids_dir,
+                work_dir=opts.work_dir,
+                template=template,
+                omp_nthreads=omp,
+                device=opts.device,
+                seed=opts.seed,
+            )
+            wf.base_dir = str(opts.work_dir)
+            wf.run(**plugin)
+        except Exception as exc:  # one subject's failure must not stop the others
+            msg = _first_line(exc)
+            errors.append(msg)
+            failed.append(label)
+            LOG.error("sub-%s failed: %s (crash files in %s)", label, msg, opts.work_dir)
+        warnings = list(subj.warnings) + [f"skipped {p}: {r}" for p, r in subj.skipped]
+        try:
+            report = write_participant_report(opts.output_dir, label, warnings=warnings, errors=errors)
+            LOG.warning("sub-%s: %s in %.0f s; report %s", label, "FAILED" if errors else "done",
+                        time.time() - t0, report)
+        except Exception as exc:
+            LOG.error("sub-%s: report could not be written: %s", label, _first_line(exc))
+    if failed:
+        LOG.error("finished with errors for: %s", ", ".join(f"sub-{s}" for s in failed))
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _session_inputs(subj, ses, validation) -> dict | None:
+    """Validate a session's images and turn them into the workflow's plain-dict input."""
+    t1w = None
+    for path in ses.t1w:
+        problem = validation.check_image(path)
+        if problem:
+            LOG.error("%s", problem)
+            subj.skipped.append((str(path), problem))
+            continue
+        t1w = path
+        break
+    if t1w is None:
+        return None
+    extra = {}
+    for kind in ("t2w", "flair", "pdw"):
+        good = []
+        for path in getattr(ses, kind):
+            problem = validation.check_image(path)
+            if problem:
+                LOG.error("%s", problem)
+                subj.skipped.append((str(path), problem))
+            else:
+                good.append(str(path))
+        extra[kind] = good
+    acq = ses.acquisitions.get(t1w) if hasattr(ses, "acquisitions") else None
+    return {"session": ses.session, "t1w": str(t1w), **extra,
+            "acquisition": acq.to_dict() if acq is not None else {}}
+
+
+def _print_plan(plan, runnable) -> None:
+    lines = [f"scanbridge {__version__}: {len(runnable)} subject(s) to process"]
+    for subj, sessions in runnable:
+        for s in sessions:
+            mods = ", ".join(f"{k.upper()} x{len(s[k])}" for k in ("t2w", "flair", "pdw") if s[k])
+            acq = s["acquisition"]
+            group = acq.get("group_key") or acq.get("acq_group") or "unknown acquisition"
+            lines.append(f"  sub-{subj.subject}" + (f" ses-{s['session']}" if s["session"] else "")
+                         + f": T1w [{group}]" + (f" + {mods}" if mods else ""))
+    for subj in plan.subjects:
+        for path, reason in subj.skipped:
+            lines.append(f"  skip {path}: {reason}")
+    for msg in getattr(plan, "warnings", []):
+        lines.append(f"  warning: {msg}")
+    print("\n".join(lines), flush=True)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:500]
+
+
+# ---------------------------------------------------------------------------- entry point
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = build_parser().parse_args(argv)
+    _setup_logging(opts.verbose)
+    try:
+        _resolve_paths(opts)
+        if opts.work_dir is None:
+            opts.work_dir = _default_work_dir()
+        if opts.analysis_level == "participant":
+            return run_participant(opts)
+        from bidsapp.harmonize.pipeline import run_group
+
+        return run_group(opts)
+    except UserError as exc:
+        print(f"scanbridge: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("scanbridge: interrupted; rerun with the same --work-dir to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
