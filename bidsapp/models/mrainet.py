@@ -1,0 +1,245 @@
+"""MRAI-NET: a Siamese patch network whose features are invariant to the scanner (Kouw et al., ISBI 2018).
+
+One branch maps a 15x15 patch through 8 3x3 ReLU kernels and fully connected layers of 16, 8 and 2 units;
+the Siamese pair shares that branch and compares the two outputs with an L1 distance. The fully connected
+layers are written as convolutions (the first one with a kernel as large as what the convolutions leave of a
+patch, the others 1x1), so the very same weights featurise a whole slice or volume densely in one pass
+instead of patch by patch. ``dense == per-patch`` holds exactly (tested) because every layer is "valid".
+
+The defaults are the paper's; ``MRAINetConfig`` widens the network or switches to 3D patches.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.modules.loss import _Loss
+
+__all__ = [
+    "MRAINetConfig", "MRAINet", "ContrastiveLoss", "l1_distance", "normalize_intensity",
+    "extract_patches", "dense_features", "save_mrainet", "load_mrainet",
+]
+
+
+@dataclass
+class MRAINetConfig:
+    """Architecture of one branch. Defaults: section 2.3 of the paper."""
+
+    patch_size: int = 15
+    spatial_dims: int = 2
+    in_channels: int = 1
+    conv_channels: tuple[int, ...] = (8,)
+    kernel_size: int = 3
+    hidden: tuple[int, ...] = (16, 8)
+    out_features: int = 2
+    dropout: float = 0.2
+
+    def __post_init__(self):
+        self.conv_channels = tuple(int(c) for c in self.conv_channels)
+        self.hidden = tuple(int(h) for h in self.hidden)
+        if self.spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {self.spatial_dims}")
+        if self.patch_size % 2 == 0:
+            raise ValueError(f"patch_size must be odd so that a patch has a centre voxel, got {self.patch_size}")
+        if self.receptive_remainder < 1:
+            raise ValueError(f"patch_size {self.patch_size} is too small for {len(self.conv_channels)} "
+                             f"convolutions of size {self.kernel_size}")
+
+    @property
+    def receptive_remainder(self) -> int:
+        """Spatial size left of a patch after the valid convolutions: the first FC layer's kernel."""
+        return self.patch_size - len(self.conv_channels) * (self.kernel_size - 1)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["conv_channels"] = list(self.conv_channels)
+        d["hidden"] = list(self.hidden)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MRAINetConfig":
+        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()})
+
+
+class MRAINet(nn.Module):
+    """One branch of the Siamese network; also the SOURCE/TARGET CNN when ``out_features`` is the class count.
+
+    ``forward`` takes patches (N, C, p, p[, p]) and returns (N, out_features). ``dense`` takes whole images
+    (N, C, H, W[, D]) and returns feature maps (N, out_features, H-p+1, W-p+1[, D-p+1]): the feature of
+    the patch centred at each valid position.
+    """
+
+    def __init__(self, config: MRAINetConfig | None = None):
+        super().__init__()
+        self.config = config = config or MRAINetConfig()
+        conv = nn.Conv2d if config.spatial_dims == 2 else nn.Conv3d
+        layers: list[nn.Module] = []
+        c_in = config.in_channels
+        for c_out in config.conv_channels:
+            layers += [conv(c_in, c_out, config.kernel_size), nn.ReLU(inplace=True)]
+            c_in = c_out
+        if config.dropout > 0:
+            layers.append(nn.Dropout(config.dropout))
+        k = config.receptive_remainder
+        for i, h in enumerate(config.hidden):
+            layers += [conv(c_in, h, k if i == 0 else 1), nn.ReLU(inplace=True)]
+            if config.dropout > 0:
+                layers.append(nn.Dropout(config.dropout))
+            c_in = h
+        layers.append(conv(c_in, config.out_features, k if not config.hidden else 1))
+        self.net = nn.Sequential(*layers)
+
+    def dense(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.config.patch_size
+        if tuple(x.shape[2:]) != (p,) * self.config.spatial_dims:
+            raise ValueError(f"expected patches of size {p}, got {tuple(x.shape[2:])}")
+        return self.net(x).flatten(1)
+
+
+def l1_distance(fa: torch.Tensor, fb: torch.Tensor) -> torch.Tensor:
+    """Distance between paired feature vectors, section 2.1: the L1 norm of the difference."""
+    return (fa - fb).abs().sum(dim=1)
+
+
+class ContrastiveLoss(_Loss):
+    """Siamese loss of section 2.1: ``y * d**2 + (1 - y) * max(0, margin - d)``.
+
+    ``forward(distance, y)`` with y = 1 for similar pairs and 0 for dissimilar ones. ``reduction`` is
+    ``"mean"`` (default; the per-batch scale stays independent of the batch size), ``"sum"`` (the paper's
+    formula) or ``"none"``. The hinge is not squared, as published.
+    """
+
+    def __init__(self, margin: float = 1.0, reduction: str = "mean"):
+        super().__init__(reduction=reduction)
+        if margin <= 0:
+            raise ValueError(f"margin must be positive, got {margin}")
+        self.margin = float(margin)
+
+    def forward(self, distance: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        y = y.to(distance.dtype)
+        loss = y * distance.pow(2) + (1 - y) * torch.clamp(self.margin - distance, min=0)
+        if self.reduction == "mean":
+            return loss.mean()
+        if self.reduction == "sum":
+            return loss.sum()
+        if self.reduction == "none":
+            return loss
+        raise ValueError(f"unknown reduction {self.reduction!r}")
+
+
+def normalize_intensity(image: np.ndarray, mask: np.ndarray | None = None, percentile: float = 99.0) -> np.ndarray:
+    """Scale an image so that the brain's ``percentile`` is 1 and zero the outside of the mask.
+
+    Scanners differ in arbitrary gain; this removes the gain but keeps contrast (what MRAI-NET must learn
+    away). Zeroing outside the brain keeps skull and neck signal, which differs by sequence, out of patches.
+    """
+    image = np.asarray(image, dtype=np.float32)
+    inside = np.isfinite(image) if mask is None else (np.asarray(mask) > 0) & np.isfinite(image)
+    values = image[inside]
+    scale = float(np.percentile(values, percentile)) if values.size else 0.0
+    out = np.where(inside, image, 0.0).astype(np.float32)
+    if scale > 0:
+        out /= scale
+    return out
+
+
+def extract_patches(image: np.ndarray, centres: np.ndarray, patch_size: int = 15,
+                    spatial_dims: int = 2, axis: int = 2) -> np.ndarray:
+    """Patches around voxel ``centres`` (N, 3) of a 3D image, zero-padded at the borders.
+
+    2D patches lie in the plane orthogonal to ``axis`` (axis 2 = axial slices of a RAS image).
+    Returns (N, 1, p, p) or (N, 1, p, p, p) float32.
+    """
+    image = np.asarray(image, dtype=np.float32)
+    centres = np.asarray(centres, dtype=np.int64).reshape(-1, image.ndim)
+    r = patch_size // 2
+    padded = np.pad(image, r)
+    offs = np.arange(-r, r + 1)
+    c = centres + r
+    if spatial_dims == 3:
+        ii = c[:, 0, None, None, None] + offs[None, :, None, None]
+        jj = c[:, 1, None, None, None] + offs[None, None, :, None]
+        kk = c[:, 2, None, None, None] + offs[None, None, None, :]
+        out = padded[ii, jj, kk]
+    else:
+        in_plane = [d for d in range(3) if d != axis]
+        grids = [None, None, None]
+        grids[in_plane[0]] = c[:, in_plane[0], None, None] + offs[None, :, None]
+        grids[in_plane[1]] = c[:, in_plane[1], None, None] + offs[None, None, :]
+        grids[axis] = np.broadcast_to(c[:, axis, None, None], (len(c), 1, 1))
+        out = padded[grids[0], grids[1], grids[2]]
+    return np.ascontiguousarray(out[:, None], dtype=np.float32)
+
+
+@torch.no_grad()
+def dense_features(model: MRAINet, image: np.ndarray, mask: np.ndarray | None = None, axis: int = 2,
+                   batch_voxels: int = 4_000_000, device: str | torch.device = "cpu") -> np.ndarray:
+    """Featurise every voxel of a 3D image: (X, Y, Z, out_features) float32, zeros outside ``mask``.
+
+    The image is cropped to the mask's bounding box plus half a patch of context (the rest of the head is
+    never featurised), zero-padded only beyond the image, and passed through the fully convolutional branch a batch of slices (2D) or a slab (3D) at a time.
+    Same result as ``model(extract_patches(...))`` at every voxel.
+    """
+    cfg = model.config
+    model = model.eval().to(device)
+    image = np.asarray(image, dtype=np.float32)
+    out = np.zeros(image.shape + (cfg.out_features,), dtype=np.float32)
+    m = np.ones(image.shape, bool) if mask is None else np.asarray(mask) > 0
+    if not m.any():
+        return out
+    lo = [int(np.flatnonzero(m.any(axis=tuple(d for d in range(3) if d != k))).min()) for k in range(3)]
+    hi = [int(np.flatnonzero(m.any(axis=tuple(d for d in range(3) if d != k))).max()) + 1 for k in range(3)]
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    r = cfg.patch_size // 2
+    # crop the box plus half a patch of real context; pad with zeros only beyond the image (as extract_patches)
+    ctx = [r if (cfg.spatial_dims == 3 or k != axis) else 0 for k in range(3)]
+    src = tuple(slice(max(0, a - c), min(n, b + c)) for a, b, c, n in zip(lo, hi, ctx, image.shape))
+    pads = [(c - (a - s.start), c - (s.stop - b)) for a, b, c, s in zip(lo, hi, ctx, src)]
+    crop = np.pad(image[src], pads)
+    if cfg.spatial_dims == 2:
+        planes = np.moveaxis(crop, axis, 0)                         # (S, A+2r, B+2r)
+        per = planes.shape[1] * planes.shape[2]
+        step = max(1, batch_voxels // per)
+        feats = []
+        for s in range(0, planes.shape[0], step):
+            x = torch.from_numpy(np.ascontiguousarray(planes[s:s + step, None])).to(device)
+            feats.append(model.dense(x).permute(0, 2, 3, 1).cpu().numpy())
+        f = np.concatenate(feats, axis=0)                           # (S, A, B, F)
+        f = np.moveaxis(f, 0, axis)
+    else:
+        vol = crop
+        depth = crop.shape[2] - 2 * r
+        per = vol.shape[0] * vol.shape[1]
+        step = max(1, batch_voxels // per)
+        feats = []
+        for s in range(0, depth, step):
+            e = min(depth, s + step)
+            x = torch.from_numpy(np.ascontiguousarray(vol[None, None, :, :, s:e + 2 * r])).to(device)
+            feats.append(model.dense(x)[0].permute(1, 2, 3, 0).cpu().numpy())
+        f = np.concatenate(feats, axis=2)
+    out[box] = f
+    out[~m] = 0
+    return out
+
+
+def save_mrainet(model: MRAINet, path, extra: dict | None = None) -> None:
+    """Save weights with the architecture, so loading never needs to guess the configuration."""
+    torch.save({"config": model.config.to_dict(), "state_dict": model.state_dict(), "extra": extra or {}}, path)
+
+
+def load_mrainet(path, map_location: str | torch.device = "cpu") -> MRAINet:
+    blob = torch.load(path, map_location=map_location, weights_only=True)
+    model = MRAINet(MRAINetConfig.from_dict(blob["config"]))
+    model.load_state_dict(blob["state_dict"])
+    return model.eval()
+
+
+def config_json(config: MRAINetConfig) -> str:
+    return json.dumps(config.to_dict(), sort_keys=True)
