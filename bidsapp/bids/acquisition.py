@@ -1,0 +1,405 @@
+"""Acquisition records: what scanner and protocol produced an image, in BIDS units.
+
+Every anatomical image found by discovery gets an :class:`AcquisitionRecord` built from its
+(inherited) JSON sidecar by :meth:`AcquisitionRecord.from_metadata`. The record travels into
+derivative sidecars (``to_dict()``, key ``"Acquisition"``) and back to the group level
+(``from_dict()``), so every area reads the same fields with the same units:
+
+* times in seconds (RepetitionTime, EchoTime, InversionTime, RepetitionTimeExcitation,
+  RepetitionTimePreparation), FlipAngle in degrees, MagneticFieldStrength in tesla;
+* ``sequence_family``: one of ``MPRAGE``, ``SPGR``, ``TSE``, ``FLAIR``, ``UNKNOWN``
+  (see :func:`infer_sequence_family` for the rule and ``family_source`` for which field decided);
+* ``site``: the participants.tsv / sessions.tsv ``site`` column if given, else InstitutionName.
+
+Real sidecars are often incomplete or sloppy. Nothing here raises: missing fields are listed in
+``missing`` and described in ``warnings``; malformed values (text, NaN, out of range) are dropped
+with a warning; times that are evidently in milliseconds (``RepetitionTime: 2300``) are converted
+to seconds with a warning.
+
+Group keys (:attr:`AcquisitionRecord.group_key`) group scans of the same scanner and protocol
+family: ``<vendor>-<model>-<field>T-<family>``, e.g. ``siemens-prisma-3T-MPRAGE``. Vendor is a
+short canonical name (``siemens``, ``ge``, ``philips``, ``canon``, ``toshiba``, ``hitachi``,
+``uih``; otherwise the first word of Manufacturer), model is ManufacturersModelName lower-cased
+with everything but letters and digits removed (so ``Prisma_fit`` and ``Prisma fit`` agree),
+the field strength is snapped to the nearest nominal value within 10 % (2.89 -> 3T) and printed
+without trailing zeros; any unknown part reads ``unknown``. Site and serial number are not part of
+the key (two sites with the same scanner model and protocol family share a group; the ``site``
+column keeps them apart where needed). :attr:`protocol_key` adds the rounded sequence parameters
+(``...-MPRAGE-tr2300-te2.98-ti900-fa9``, times in ms) for telling protocol versions apart.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field, fields
+
+SEQUENCE_FAMILIES = ("MPRAGE", "SPGR", "TSE", "FLAIR", "UNKNOWN")
+WEIGHTED_SUFFIXES = ("T1w", "T2w", "FLAIR", "PDw")
+QMRI_SUFFIXES = ("T1map", "R1map", "R2starmap", "PDmap")
+
+# Sidecar field -> (record attribute, largest plausible value in seconds above which the number
+# is read as milliseconds). Structural TRs reach ~15 s (TSE/FLAIR); TEs and excitation TRs stay
+# well under 1 s; TIs stay under ~4 s.
+_TIME_FIELDS = {
+    "RepetitionTime": ("repetition_time", 16.0),
+    "EchoTime": ("echo_time", 1.0),
+    "InversionTime": ("inversion_time", 10.0),
+    "RepetitionTimeExcitation": ("repetition_time_excitation", 1.0),
+    "RepetitionTimePreparation": ("repetition_time_preparation", 16.0),
+}
+_TEXT_FIELDS = {
+    "Manufacturer": "manufacturer",
+    "ManufacturersModelName": "model",
+    "DeviceSerialNumber": "device_serial",
+    "InstitutionName": "institution",
+    "PulseSequenceType": "pulse_sequence_type",
+}
+_SCANNER_FIELDS = ("Manufacturer", "ManufacturersModelName", "MagneticFieldStrength")
+_NOMINAL_FIELDS = (0.2, 0.35, 0.5, 0.55, 1.0, 1.5, 3.0, 4.0, 7.0, 9.4, 10.5, 11.7)
+_VENDORS = (
+    ("siemens", "siemens"),
+    ("general electric", "ge"),
+    ("ge medical", "ge"),
+    ("ge healthcare", "ge"),
+    ("philips", "philips"),
+    ("canon", "canon"),
+    ("toshiba", "toshiba"),
+    ("hitachi", "hitachi"),
+    ("united imaging", "uih"),
+    ("uih", "uih"),
+)
+
+
+@dataclass
+class AcquisitionRecord:
+    """Scanner and protocol of one image; all numbers in BIDS units, ``None`` when unknown."""
+
+    source: str | None = None
+    """Path of the image relative to the BIDS root (posix), e.g. ``sub-01/ses-1/anat/sub-01_ses-1_T1w.nii.gz``."""
+    suffix: str | None = None
+    manufacturer: str | None = None
+    model: str | None = None
+    device_serial: str | None = None
+    institution: str | None = None
+    field_strength: float | None = None
+    sequence_family: str = "UNKNOWN"
+    family_source: str = "none"
+    """Which field decided the family: PulseSequenceType, ScanningSequence, InversionTime, RepetitionTime, suffix or none."""
+    repetition_time: float | None = None
+    echo_time: float | None = None
+    inversion_time: float | None = None
+    flip_angle: float | None = None
+    repetition_time_excitation: float | None = None
+    repetition_time_preparation: float | None = None
+    pulse_sequence_type: str | None = None
+    scanning_sequence: str | None = None
+    sequence_variant: str | None = None
+    site: str | None = None
+    site_source: str | None = None
+    """Where ``site`` came from: participants.tsv, sessions.tsv, InstitutionName or None."""
+    missing: list[str] = field(default_factory=list)
+    """Sidecar fields the app would use but did not find (or found malformed)."""
+    warnings: list[str] = field(default_factory=list)
+    """One-line messages, each naming the image."""
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_metadata(
+        cls,
+        metadata: dict | None,
+        *,
+        suffix: str | None = None,
+        source: str | None = None,
+        site: str | None = None,
+        site_source: str | None = None,
+    ) -> "AcquisitionRecord":
+        """Build a record from a sidecar dict (as ``BIDSLayout.get_metadata`` returns it); never raises."""
+        md = dict(metadata or {})
+        rec = cls(source=source, suffix=suffix)
+        name = source or "image"
+        problems: list[str] = []
+        malformed: list[str] = []
+
+        for key, attr in _TEXT_FIELDS.items():
+            setattr(rec, attr, _text(md.get(key)))
+        for key, attr in (("ScanningSequence", "scanning_sequence"), ("SequenceVariant", "sequence_variant")):
+            tokens = _tokens(md.get(key))
+            setattr(rec, attr, "_".join(tokens) if tokens else None)
+
+        for key, (attr, limit_s) in _TIME_FIELDS.items():
+            if key not in md:
+                continue
+            value, note = _number(md[key])
+            if note:
+                problems.append(f"{key} {note}")
+            if value is None:
+                malformed.append(key)
+                continue
+            if value > limit_s:
+                problems.append(f"{key}={_fmt(value)} looks like milliseconds; using {_fmt(value / 1000.0)} s")
+                value = value / 1000.0
+            if value <= 0:
+                problems.append(f"{key}={_fmt(value)} is not positive; ignored")
+                malformed.append(key)
+                continue
+            setattr(rec, attr, value)
+
+        if "FlipAngle" in md:
+            value, note = _number(md["FlipAngle"])
+            if note:
+                problems.append(f"FlipAngle {note}")
+            if value is None or not (0 < value <= 180):
+                if value is not None:
+                    problems.append(f"FlipAngle={_fmt(value)} is outside (0, 180] degrees; ignored")
+                malformed.append("FlipAngle")
+            else:
+                rec.flip_angle = value
+
+        if "MagneticFieldStrength" in md:
+            value, note = _number(md["MagneticFieldStrength"])
+            if note:
+                problems.append(f"MagneticFieldStrength {note}")
+            if value is not None and 1000 <= value <= 120000:
+                problems.append(f"MagneticFieldStrength={_fmt(value)} looks like gauss; using {_fmt(value / 1e4)} T")
+                value = value / 1e4
+            if value is None or not (0 < value <= 12):
+                if value is not None:
+                    problems.append(f"MagneticFieldStrength={_fmt(value)} is not a plausible field in tesla; ignored")
+                malformed.append("MagneticFieldStrength")
+            else:
+                rec.field_strength = value
+
+        rec.sequence_family, rec.family_source = infer_sequence_family(
+            suffix=suffix,
+            pulse_sequence_type=rec.pulse_sequence_type,
+            scanning_sequence=rec.scanning_sequence,
+            sequence_variant=rec.sequence_variant,
+            inversion_time=rec.inversion_time,
+            repetition_time=rec.repetition_time,
+        )
+        # Gradient-echo TRs are tens of ms: 1..100 read as seconds is a millisecond value.
+        if rec.sequence_family == "SPGR" and rec.repetition_time is not None and 1.0 <= rec.repetition_time <= 100.0:
+            problems.append(
+                f"RepetitionTime={_fmt(rec.repetition_time)} is implausible for a gradient echo; "
+                f"using {_fmt(rec.repetition_time / 1000.0)} s"
+            )
+            rec.repetition_time /= 1000.0
+
+        if site:
+            rec.site, rec.site_source = str(site), site_source or "participants.tsv"
+        elif rec.institution:
+            rec.site, rec.site_source = rec.institution, "InstitutionName"
+
+        wanted = list(_SCANNER_FIELDS)
+        if suffix is None or suffix in WEIGHTED_SUFFIXES:
+            wanted += ["RepetitionTime", "EchoTime", "FlipAngle"]
+            if rec.sequence_family in ("MPRAGE", "FLAIR"):
+                wanted.append("InversionTime")
+        present = {k for k, v in md.items() if v not in (None, "", [])}
+        rec.missing = [k for k in wanted if k not in present or k in malformed]
+        rec.missing += [k for k in malformed if k not in rec.missing]
+
+        if rec.missing:
+            rec.warnings.append(f"{name}: sidecar is missing or has malformed {', '.join(rec.missing)}")
+        for p in problems:
+            rec.warnings.append(f"{name}: {p}")
+        if rec.sequence_family == "UNKNOWN" and (suffix is None or suffix in WEIGHTED_SUFFIXES):
+            rec.warnings.append(
+                f"{name}: sequence family unknown (no usable PulseSequenceType, ScanningSequence or InversionTime)"
+            )
+        return rec
+
+    # ------------------------------------------------------------------ keys
+    @property
+    def vendor(self) -> str:
+        """Short canonical vendor name (``siemens``, ``ge``, ``philips``...) or ``unknown``."""
+        return canonical_vendor(self.manufacturer)
+
+    @property
+    def field_label(self) -> str:
+        """Nominal field strength as text, e.g. ``3T``, ``1.5T``, ``unknownT``."""
+        return field_label(self.field_strength)
+
+    @property
+    def group_key(self) -> str:
+        """``<vendor>-<model>-<field>T-<family>``, e.g. ``siemens-prisma-3T-MPRAGE`` (rule in the module docstring)."""
+        model = _slug(self.model) or "unknown"
+        return f"{self.vendor}-{model}-{self.field_label}-{self.sequence_family}"
+
+    @property
+    def protocol_key(self) -> str:
+        """group_key plus rounded TR/TE/TI (ms) and flip angle (deg): tells protocol versions apart."""
+        parts = [
+            "tr" + _ms(self.repetition_time_preparation or self.repetition_time),
+            "te" + _ms(self.echo_time),
+            "ti" + _ms(self.inversion_time),
+            "fa" + ("na" if self.flip_angle is None else f"{round(self.flip_angle):d}"),
+        ]
+        return self.group_key + "-" + "-".join(parts)
+
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict:
+        """Plain JSON-ready dict of all fields plus ``group_key`` and ``protocol_key``."""
+        d = asdict(self)
+        d["group_key"] = self.group_key
+        d["protocol_key"] = self.protocol_key
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "AcquisitionRecord":
+        """Inverse of :meth:`to_dict`; derived keys and unknown keys are ignored."""
+        names = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in (d or {}).items() if k in names}
+        for k in ("missing", "warnings"):
+            kwargs[k] = list(kwargs.get(k) or [])
+        return cls(**kwargs)
+
+    def to_bids_fields(self) -> dict:
+        """The known values under their BIDS sidecar names (for "acquisition parameters used")."""
+        out = {
+            "Manufacturer": self.manufacturer,
+            "ManufacturersModelName": self.model,
+            "DeviceSerialNumber": self.device_serial,
+            "InstitutionName": self.institution,
+            "MagneticFieldStrength": self.field_strength,
+            "PulseSequenceType": self.pulse_sequence_type,
+            "RepetitionTime": self.repetition_time,
+            "EchoTime": self.echo_time,
+            "InversionTime": self.inversion_time,
+            "FlipAngle": self.flip_angle,
+            "RepetitionTimeExcitation": self.repetition_time_excitation,
+            "RepetitionTimePreparation": self.repetition_time_preparation,
+        }
+        return {k: v for k, v in out.items() if v is not None}
+
+
+# ---------------------------------------------------------------------- family inference
+def infer_sequence_family(
+    *,
+    suffix: str | None,
+    pulse_sequence_type: str | None = None,
+    scanning_sequence: str | None = None,
+    sequence_variant: str | None = None,
+    inversion_time: float | None = None,
+    repetition_time: float | None = None,
+) -> tuple[str, str]:
+    """Return ``(family, deciding_field)``; the first rule that applies wins.
+
+    1. suffix ``FLAIR`` -> FLAIR (the BIDS suffix is explicit).
+    2. PulseSequenceType keywords: MP(2)RAGE/IR-(F)SPGR/BRAVO/TFE -> MPRAGE; FLAIR -> FLAIR (not for
+       T1w); SPGR/FLASH/FFE/GRE/VIBE -> SPGR; TSE/FSE/SPACE/CUBE/VISTA/RARE/spin echo -> TSE.
+    3. ScanningSequence (DICOM codes): GR with IR, a magnetization-prepared variant (MP) or an
+       InversionTime -> MPRAGE; GR alone -> SPGR; SE with IR -> FLAIR for T2w/PDw or TI > 1.2 s;
+       SE alone -> TSE.
+    4. Without a sequence description: T1w with InversionTime -> MPRAGE; T1w with TR < 0.1 s -> SPGR;
+       T2w with TI > 1.2 s -> FLAIR; T2w/PDw -> TSE (structural T2w/PDw are spin-echo trains).
+    5. Otherwise (qMRI maps, unknown T1w) UNKNOWN.
+    """
+    if suffix == "FLAIR":
+        return "FLAIR", "suffix"
+    pst = re.sub(r"[^A-Z0-9]", "", (pulse_sequence_type or "").upper())
+    if pst:
+        if any(k in pst for k in ("MPRAGE", "MP2RAGE", "IRFSPGR", "IRSPGR", "BRAVO", "TFE")):
+            return "MPRAGE", "PulseSequenceType"
+        if "FLAIR" in pst and suffix != "T1w":
+            return "FLAIR", "PulseSequenceType"
+        if any(k in pst for k in ("SPGR", "FLASH", "FFE", "GRE", "GRADIENTECHO", "VIBE")):
+            return "SPGR", "PulseSequenceType"
+        if any(k in pst for k in ("TSE", "FSE", "SPACE", "CUBE", "VISTA", "RARE", "SPINECHO", "HASTE")):
+            return "TSE", "PulseSequenceType"
+    seq = set(_tokens(scanning_sequence))
+    var = set(_tokens(sequence_variant))
+    long_ti = inversion_time is not None and inversion_time > 1.2
+    if "GR" in seq:
+        if "IR" in seq or "MP" in var or inversion_time is not None:
+            return "MPRAGE", "ScanningSequence"
+        return "SPGR", "ScanningSequence"
+    if "SE" in seq:
+        if "IR" in seq:
+            if suffix in ("T2w", "PDw") or long_ti:
+                return "FLAIR", "ScanningSequence"
+            return "UNKNOWN", "ScanningSequence"
+        return "TSE", "ScanningSequence"
+    if suffix == "T1w":
+        if inversion_time is not None:
+            return "MPRAGE", "InversionTime"
+        if repetition_time is not None and repetition_time < 0.1:
+            return "SPGR", "RepetitionTime"
+    if suffix == "T2w" and long_ti:
+        return "FLAIR", "InversionTime"
+    if suffix in ("T2w", "PDw"):
+        return "TSE", "suffix"
+    return "UNKNOWN", "none"
+
+
+# ---------------------------------------------------------------------- helpers
+def canonical_vendor(manufacturer: str | None) -> str:
+    """``"SIEMENS"``/``"Siemens Healthineers"`` -> ``siemens``, ``"GE MEDICAL SYSTEMS"`` -> ``ge``..."""
+    text = " ".join(str(manufacturer or "").lower().replace("_", " ").split())
+    if not text:
+        return "unknown"
+    for needle, name in _VENDORS:
+        if text.startswith(needle) or f" {needle}" in f" {text}":
+            return name
+    if text.split()[0] == "ge":
+        return "ge"
+    return _slug(text.split()[0]) or "unknown"
+
+
+def field_label(tesla: float | None) -> str:
+    """Snap to a nominal field within 10 % and format without trailing zeros: 2.89 -> ``3T``."""
+    if tesla is None or not math.isfinite(tesla) or tesla <= 0:
+        return "unknownT"
+    nominal = min(_NOMINAL_FIELDS, key=lambda f: abs(f - tesla))
+    value = nominal if abs(nominal - tesla) <= 0.1 * nominal else round(tesla, 1)
+    return f"{value:g}T"
+
+
+def _slug(text: str | None) -> str:
+    return re.sub(r"[^a-z0-9]", "", str(text or "").lower())
+
+
+def _text(value) -> str | None:
+    if value is None or isinstance(value, (dict, list)):
+        return None
+    text = str(value).strip()
+    return text or None
+
+
+def _tokens(value) -> list[str]:
+    """DICOM multi-valued codes arrive as "GR\\IR", "GR_IR", "['GR', 'IR']" or a list."""
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        value = " ".join(str(v) for v in value)
+    return [t for t in re.split(r"[^A-Za-z0-9]+", str(value).upper()) if t]
+
+
+def _number(value) -> tuple[float | None, str | None]:
+    """Parse a sidecar number; returns (value or None, note about what was odd)."""
+    note = None
+    if isinstance(value, (list, tuple)):
+        if not value:
+            return None, "is an empty list"
+        note = f"has {len(value)} values; using the first"
+        value = value[0]
+    if isinstance(value, bool):
+        return None, "is a boolean, not a number"
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None, f"is not a number ({str(value)[:30]!r})"
+    if not math.isfinite(number):
+        return None, "is not finite"
+    return number, note
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.6g}"
+
+
+def _ms(seconds: float | None) -> str:
+    if seconds is None:
+        return "na"
+    return f"{float(f'{seconds * 1000.0:.3g}'):g}"
