@@ -1,0 +1,423 @@
+"""Physics-aware GM/WM/CSF segmentation of a preprocessed T1-weighted image.
+
+Sequence-parameter vector (one layout for every family, :data:`PARAMETER_LAYOUT`)
+---------------------------------------------------------------------------------
+The physics branch sees the parameters the static signal equations use and their negative
+exponentials (paper, sections 2.3 and 3.4), in fixed units so the same number always means the same
+physics:
+
+* ``family_MPRAGE``, ``family_SPGR``: one-hot sequence family;
+* ``TI`` in seconds and ``exp(-TI / 1 s)``;  ``TR`` in seconds and ``exp(-TR / 1 s)`` (T1-governed
+  times, scaled by a typical brain T1 of 1 s, so ``exp(-TR/1 s)`` is close to the E1 of eq. 1);
+* ``TE / 50 ms`` and ``exp(-TE / 50 ms)`` (TE is governed by T2*, about 50 ms in brain at 3 T);
+* ``FA`` in radians and ``sin(FA)``;
+* ``B0 / 3 T``;
+* a 0/1 ``has_*`` mask after each parameter group; a missing parameter has value slots 0 and mask 0.
+
+MPRAGE uses TI (required) and B0 (optional). Its TR, TE and flip angle are left out (mask 0) because
+the static MPRAGE equation (eq. 2) has no TR/TE/FA term and the training simulator keeps TD (600 ms)
+and tau (10 ms) fixed; they are recorded as ignored. SPGR uses TR, TE and FA (all required) and B0
+(optional). B0 is dropped at random during training, so a sidecar without MagneticFieldStrength still
+gets the physics model.
+
+Fallback
+--------
+The physics model is used only when the family is MPRAGE or SPGR, every required parameter is present
+and lies within the training range widened by a factor 1.25 either way (:data:`TRAINING_RANGES`).
+Otherwise the same U-Net trained without the physics branch (``tissue_unet``) segments the image,
+the method is reported as ``unet`` instead of ``unet-physics``, and the reason is returned in
+:attr:`TissueResult.fallback_reason` for the sidecar and report.
+
+Resolution
+----------
+The shipped models work at 2 mm isotropic (``card["resolution_mm"]``) so they train and run on a
+CPU: the image and mask are resampled to 2 mm (linear, voxel-edge aligned, after a Gaussian
+anti-alias filter), intensities are z-scored inside the brain mask, the softmax probabilities are
+computed with MONAI's sliding-window inference and resampled back to the input grid (linear), then
+set to zero outside the mask. dseg is the arg-max inside the mask (CSF=1, GM=2, WM=3).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import registry
+
+CLASSES = ("CSF", "GM", "WM")
+"""Output channels of the tissue models, in dseg order (label = index + 1)."""
+
+PHYSICS_MODEL = "tissue_unet_physics"
+BASE_MODEL = "tissue_unet"
+
+TE_SCALE_S = 0.05
+T1_SCALE_S = 1.0
+B0_SCALE_T = 3.0
+
+PARAMETER_LAYOUT = (
+    "family_MPRAGE", "family_SPGR",
+    "TI_s", "exp_neg_TI", "has_TI",
+    "TR_s", "exp_neg_TR", "has_TR",
+    "TE_over_50ms", "exp_neg_TE_over_50ms", "has_TE",
+    "FA_rad", "sin_FA", "has_FA",
+    "B0_over_3T", "has_B0",
+)
+N_PARAMS = len(PARAMETER_LAYOUT)
+
+FAMILY_PARAMETERS = {
+    "MPRAGE": {"required": ("InversionTime",), "optional": ("MagneticFieldStrength",)},
+    "SPGR": {"required": ("RepetitionTime", "EchoTime", "FlipAngle"), "optional": ("MagneticFieldStrength",)},
+}
+
+TRAINING_RANGES = {
+    "InversionTime": (0.6, 1.2),          # s   (paper 3.3)
+    "RepetitionTime": (0.015, 0.1),       # s
+    "EchoTime": (0.004, 0.01),            # s
+    "FlipAngle": (15.0, 75.0),            # deg
+    "MagneticFieldStrength": (1.5, 3.0),  # T
+}
+RANGE_TOLERANCE = 1.25
+
+# accepted spellings: BIDS sidecar names and AcquisitionRecord attribute names
+_ALIASES = {
+    "InversionTime": ("InversionTime", "inversion_time"),
+    "RepetitionTime": ("RepetitionTime", "repetition_time"),
+    "EchoTime": ("EchoTime", "echo_time"),
+    "FlipAngle": ("FlipAngle", "flip_angle"),
+    "MagneticFieldStrength": ("MagneticFieldStrength", "field_strength"),
+}
+
+
+@dataclass
+class ParameterVector:
+    """What the physics branch gets for one image, and why."""
+
+    values: np.ndarray | None
+    """float32 vector laid out as :data:`PARAMETER_LAYOUT`; None when the physics model cannot be used."""
+    family: str
+    used: dict = field(default_factory=dict)
+    """BIDS name -> value (BIDS units) that went into the vector."""
+    ignored: dict = field(default_factory=dict)
+    """Parameters present but not used, with the reason."""
+    missing: list = field(default_factory=list)
+    fallback_reason: str | None = None
+
+
+def _get(acq: dict, name: str):
+    for key in _ALIASES[name]:
+        v = acq.get(key)
+        if v is None:
+            continue
+        try:
+            v = float(v)
+        except (TypeError, ValueError):
+            return None
+        return v if math.isfinite(v) else None
+    return None
+
+
+def _family(acq: dict) -> str:
+    fam = acq.get("sequence_family") or acq.get("SequenceFamily") or acq.get("family")
+    return str(fam).upper() if fam else "UNKNOWN"
+
+
+def _in_range(name: str, v: float) -> bool:
+    lo, hi = TRAINING_RANGES[name]
+    return lo / RANGE_TOLERANCE <= v <= hi * RANGE_TOLERANCE
+
+
+def encode(family: str, TI=None, TR=None, TE=None, FA=None, B0=None) -> np.ndarray:
+    """Raw vector from parameters in BIDS units (s, deg, T); None marks a missing value."""
+    v = np.zeros(N_PARAMS, dtype=np.float32)
+    v[0] = family == "MPRAGE"
+    v[1] = family == "SPGR"
+    if TI is not None:
+        v[2:5] = (TI / T1_SCALE_S, math.exp(-TI / T1_SCALE_S), 1)
+    if TR is not None:
+        v[5:8] = (TR / T1_SCALE_S, math.exp(-TR / T1_SCALE_S), 1)
+    if TE is not None:
+        v[8:11] = (TE / TE_SCALE_S, math.exp(-TE / TE_SCALE_S), 1)
+    if FA is not None:
+        rad = math.radians(FA)
+        v[11:14] = (rad, math.sin(rad), 1)
+    if B0 is not None:
+        v[14:16] = (B0 / B0_SCALE_T, 1)
+    return v
+
+
+def encode_batch(family, TI=None, TR=None, TE=None, FA=None, B0=None):
+    """Vectorised :func:`encode` for training: arrays of equal length, NaN marks missing."""
+    family = np.asarray(family)
+    n = family.shape[0]
+    out = np.zeros((n, N_PARAMS), dtype=np.float32)
+    out[:, 0] = family == "MPRAGE"
+    out[:, 1] = family == "SPGR"
+
+    def put(col, x, scale, trig=False):
+        if x is None:
+            return
+        x = np.asarray(x, dtype=np.float64)
+        ok = np.isfinite(x)
+        xs = np.where(ok, x, 0.0)
+        if trig:
+            rad = np.radians(xs)
+            out[:, col], out[:, col + 1] = np.where(ok, rad, 0), np.where(ok, np.sin(rad), 0)
+        else:
+            out[:, col], out[:, col + 1] = np.where(ok, xs / scale, 0), np.where(ok, np.exp(-xs / scale), 0)
+        out[:, col + 2] = ok
+
+    put(2, TI, T1_SCALE_S)
+    put(5, TR, T1_SCALE_S)
+    put(8, TE, TE_SCALE_S)
+    put(11, FA, 1.0, trig=True)
+    if B0 is not None:
+        b = np.asarray(B0, dtype=np.float64)
+        ok = np.isfinite(b)
+        out[:, 14] = np.where(ok, b / B0_SCALE_T, 0)
+        out[:, 15] = ok
+    return out
+
+
+def parameter_vector(acquisition: dict | None) -> ParameterVector:
+    """Build the physics vector from an acquisition dict (BIDS names or AcquisitionRecord fields).
+
+    The dict needs the sequence family (``sequence_family``, as the acquisition record infers it).
+    Never raises: when the physics model cannot be used, ``values`` is None and ``fallback_reason``
+    says why.
+    """
+    acq = dict(acquisition or {})
+    fam = _family(acq)
+    pv = ParameterVector(values=None, family=fam)
+    present = {n: _get(acq, n) for n in _ALIASES}
+    if fam not in FAMILY_PARAMETERS:
+        pv.fallback_reason = (f"sequence family {fam} is not one the physics model was trained on (MPRAGE, SPGR)")
+        pv.ignored = {k: v for k, v in present.items() if v is not None}
+        return pv
+    spec = FAMILY_PARAMETERS[fam]
+    wanted = spec["required"] + spec["optional"]
+    for name, v in present.items():
+        if v is not None and name not in wanted:
+            pv.ignored[name] = f"{v:g} (not an input of the {fam} model)"
+    pv.missing = [n for n in wanted if present[n] is None]
+    req_missing = [n for n in spec["required"] if present[n] is None]
+    if req_missing:
+        pv.fallback_reason = f"{fam} sidecar lacks {', '.join(req_missing)}"
+        return pv
+    bad = [f"{n}={present[n]:g}" for n in spec["required"] if not _in_range(n, present[n])]
+    if bad:
+        pv.fallback_reason = (f"{', '.join(bad)} outside the physics model's training range "
+                              f"({'; '.join(f'{n} {TRAINING_RANGES[n][0]:g}-{TRAINING_RANGES[n][1]:g}' for n in spec['required'])})")
+        return pv
+    used = {n: present[n] for n in spec["required"]}
+    b0 = present["MagneticFieldStrength"]
+    if b0 is not None:
+        if _in_range("MagneticFieldStrength", b0):
+            used["MagneticFieldStrength"] = b0
+        else:
+            pv.ignored["MagneticFieldStrength"] = f"{b0:g} (outside the trained field strengths; treated as missing)"
+    pv.used = used
+    pv.values = encode(fam, TI=used.get("InversionTime"), TR=used.get("RepetitionTime"), TE=used.get("EchoTime"),
+                       FA=used.get("FlipAngle"), B0=used.get("MagneticFieldStrength"))
+    return pv
+
+
+# ---------------------------------------------------------------------------------------------
+# model loading
+# ---------------------------------------------------------------------------------------------
+_CACHE: dict = {}
+
+
+def resolve_device(device: str | None = "auto"):
+    """``cpu``, ``cuda`` (error if unavailable) or ``auto`` (cuda when available)."""
+    import torch
+
+    device = (device or "auto").lower()
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was requested but no CUDA device is available (use --device cpu or auto)")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ValueError(f"unknown device {device!r}: use cpu, cuda or auto")
+    return torch.device(device)
+
+
+def build_model(card_or_arch: dict):
+    """Instantiate the network described by a model card's ``architecture`` entry."""
+    from .unet import UNet3D
+
+    arch = card_or_arch.get("architecture", card_or_arch)
+    if arch.get("class", "UNet3D") != "UNet3D":
+        raise ValueError(f"unknown tissue architecture {arch.get('class')}")
+    return UNet3D(**arch["kwargs"])
+
+
+def load_model(name: str, device="cpu", weights_dir=None):
+    """(model in eval mode on ``device``, card); weights are sha256-checked and cached per process."""
+    key = (name, str(device), str(weights_dir))
+    if key not in _CACHE:
+        state, card = registry.load_state_dict(name, weights_dir)
+        model = build_model(card)
+        model.load_state_dict(state)
+        model.eval().to(device)
+        _CACHE[key] = (model, card)
+    return _CACHE[key]
+
+
+# ---------------------------------------------------------------------------------------------
+# resampling and normalisation
+# ---------------------------------------------------------------------------------------------
+def resample_to(volume: np.ndarray, zooms, target_mm: float, order: int = 1) -> np.ndarray:
+    """Resample a 3D array from voxel size ``zooms`` to isotropic ``target_mm`` (voxel edges aligned)."""
+    from scipy import ndimage
+
+    zooms = np.asarray(zooms[:3], dtype=float)
+    shape = np.maximum(1, np.round(np.asarray(volume.shape) * zooms / target_mm)).astype(int)
+    return resample_shape(volume, shape, order=order, antialias=True, zooms=zooms, target_mm=target_mm)
+
+
+def resample_shape(volume: np.ndarray, shape, order: int = 1, antialias: bool = False,
+                   zooms=None, target_mm=None) -> np.ndarray:
+    """Resample to ``shape`` covering the same field of view (grid_mode: voxel edges aligned)."""
+    from scipy import ndimage
+
+    vol = np.asarray(volume, dtype=np.float32)
+    factors = np.asarray(shape, dtype=float) / np.asarray(vol.shape, dtype=float)
+    if antialias and np.any(factors < 1):
+        sigma = np.where(factors < 1, np.sqrt(np.maximum((1 / factors) ** 2 - 1, 0)) / 2.355, 0)
+        vol = ndimage.gaussian_filter(vol, sigma, mode="nearest")
+    if np.allclose(factors, 1):
+        return vol.astype(np.float32, copy=False)
+    out = ndimage.zoom(vol, factors, order=order, mode="grid-constant" if order == 0 else "nearest",
+                       grid_mode=True, prefilter=False)
+    if out.shape != tuple(shape):  # zoom rounds; pad/crop the last voxel if needed
+        fixed = np.zeros(shape, dtype=out.dtype)
+        sl = tuple(slice(0, min(a, b)) for a, b in zip(out.shape, shape))
+        fixed[sl] = out[sl]
+        out = fixed
+    return out.astype(np.float32, copy=False)
+
+
+def normalise(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Z-score inside the brain mask (scanner gain and offset removed), zero outside, clipped to +-6."""
+    m = mask > 0
+    out = np.zeros_like(image, dtype=np.float32)
+    if m.sum() < 2:
+        return out
+    vals = image[m]
+    lo, hi = np.percentile(vals, [0.5, 99.5])
+    vals = np.clip(vals, lo, hi)
+    mu, sd = float(vals.mean()), float(vals.std()) or 1.0
+    out[m] = np.clip((np.clip(image[m], lo, hi) - mu) / sd, -6, 6)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# inference
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class TissueResult:
+    probs: np.ndarray
+    """float32 (3, X, Y, Z) probabilities of CSF, GM, WM on the input grid (0 outside the mask)."""
+    dseg: np.ndarray
+    """uint8 (X, Y, Z): 0 background, 1 CSF, 2 GM, 3 WM."""
+    volumes_mm3: dict
+    method: str
+    """``unet-physics`` or ``unet`` (fallback/ablation)."""
+    model: dict
+    """name, version, sha256 of the weights used."""
+    parameters: ParameterVector
+    device: str
+    seconds: float
+    warnings: list = field(default_factory=list)
+
+    @property
+    def fallback_reason(self) -> str | None:
+        return self.parameters.fallback_reason
+
+
+def predict_probs(model, image: np.ndarray, mask: np.ndarray, params: np.ndarray | None,
+                  device, roi: int = 64, overlap: float = 0.5, sw_batch_size: int = 1) -> np.ndarray:
+    """Softmax (3, ...) of a normalised image at model resolution (cropped to the mask's box)."""
+    import torch
+    from monai.inferers import sliding_window_inference
+
+    out = np.zeros((len(CLASSES),) + image.shape, dtype=np.float32)
+    idx = np.nonzero(mask)
+    if len(idx[0]) == 0:
+        return out
+    margin = 4
+    box = tuple(slice(max(0, int(i.min()) - margin), min(s, int(i.max()) + margin + 1))
+                for i, s in zip(idx, image.shape))
+    crop = image[box]
+    div = model.divisor
+    pad = [(0, (-s) % div) for s in crop.shape]
+    x = torch.from_numpy(np.pad(crop, pad))[None, None].to(device)
+    p = None if params is None else torch.as_tensor(params, dtype=torch.float32).reshape(1, -1).to(device)
+    roi_size = [min(roi, s) if s % div == 0 else roi for s in x.shape[2:]]
+    roi_size = [r - r % div if r % div else r for r in roi_size]
+    with torch.inference_mode():
+        if model.uses_physics:
+            logits = sliding_window_inference(x, roi_size, sw_batch_size, model, overlap=overlap,
+                                              mode="gaussian", params=p)
+        else:
+            logits = sliding_window_inference(x, roi_size, sw_batch_size, model, overlap=overlap, mode="gaussian")
+        prob = torch.softmax(logits.float(), dim=1)[0].cpu().numpy()
+    sl = tuple(slice(0, s) for s in crop.shape)
+    out[(slice(None),) + box] = prob[(slice(None),) + sl]
+    return out
+
+
+def segment(image: np.ndarray, mask: np.ndarray, zooms, acquisition: dict | None = None, *,
+            device: str = "auto", use_physics: bool = True, weights_dir=None,
+            params_override: np.ndarray | None = None) -> TissueResult:
+    """Segment a preprocessed (bias-corrected) T1w volume inside its brain mask.
+
+    ``acquisition`` gives the sequence family and parameters (see :func:`parameter_vector`);
+    ``use_physics=False`` forces the no-physics model. ``params_override`` replaces the vector
+    built from ``acquisition`` (bridging runs inference with hypothetical parameters).
+    """
+    t0 = time.perf_counter()
+    dev = resolve_device(device)
+    pv = parameter_vector(acquisition)
+    warnings = []
+    if params_override is not None:
+        pv.values, pv.fallback_reason = np.asarray(params_override, dtype=np.float32), None
+        pv.used = {"override": True}
+    if not use_physics and pv.values is not None:
+        pv.fallback_reason = "physics model disabled by the caller"
+        pv.values = None
+    name = PHYSICS_MODEL if pv.values is not None else BASE_MODEL
+    if pv.fallback_reason and use_physics:
+        warnings.append(f"tissue model: using the no-physics U-Net because {pv.fallback_reason}")
+    model, card = load_model(name, dev, weights_dir)
+    res = float(card.get("resolution_mm", 2.0))
+    mask_b = np.asarray(mask) > 0
+    img = np.asarray(image, dtype=np.float32)
+    zooms = tuple(float(z) for z in zooms[:3])
+    native = np.allclose(zooms, res, atol=1e-3)
+    if native:
+        img_r, mask_r = img, mask_b
+    else:
+        img_r = resample_to(img * mask_b, zooms, res)
+        mask_r = resample_to(mask_b.astype(np.float32), zooms, res) > 0.5
+    x = normalise(img_r, mask_r)
+    probs_r = predict_probs(model, x, mask_r, pv.values, dev, roi=int(card.get("inference_roi", 64)))
+    if native:
+        probs = probs_r
+    else:
+        probs = np.stack([resample_shape(p, img.shape, order=1) for p in probs_r])
+    probs *= mask_b[None]
+    tot = probs.sum(0, keepdims=True)
+    probs = np.where(tot > 0, probs / np.maximum(tot, 1e-8), 0).astype(np.float32)
+    dseg = np.where(mask_b, probs.argmax(0) + 1, 0).astype(np.uint8)
+    vox = float(np.prod(zooms))
+    volumes = {c: float((dseg == i + 1).sum() * vox) for i, c in enumerate(CLASSES)}
+    volumes["brain"] = float(mask_b.sum() * vox)
+    method = "unet-physics" if name == PHYSICS_MODEL else "unet"
+    return TissueResult(probs=probs, dseg=dseg, volumes_mm3=volumes, method=method,
+                        model={"name": name, "version": card.get("version"), "sha256": card["sha256"],
+                               "resolution_mm": res},
+                        parameters=pv, device=str(dev), seconds=time.perf_counter() - t0, warnings=warnings)

@@ -1,0 +1,125 @@
+"""Compact 3D U-Net and its physics-aware variant (physics-informed segmentation paper, section 2.3).
+
+The physics branch is two fully connected layers of ten units fed with the sequence-parameter
+vector (values and their negative exponentials, see ``bidsapp.models.tissue.PARAMETER_LAYOUT``);
+its output is broadcast over space and concatenated as extra channels right after the last skip
+connection, i.e. at full resolution just before the final convolution block. The network without
+the branch (``n_params=0``) is the paper's ablation and the fallback used when parameters are
+missing or the sequence is one the model was not trained on.
+
+The block that consumes the physics channels has no normalisation before its first activation:
+a spatially constant channel only shifts the convolution output by a constant, which instance
+normalisation would subtract again and so erase the physics information.
+
+Larger networks (nnU-Net style: deeper, wider, deep supervision) extend this by subclassing and
+overriding ``make_block``/``make_down``/``make_up`` or by passing more ``features``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class ConvBlock(nn.Sequential):
+    """(conv 3x3x3 -> instance norm -> leaky ReLU) x 2."""
+
+    def __init__(self, cin: int, cout: int, norm_first: bool = True):
+        layers: list[nn.Module] = [nn.Conv3d(cin, cout, 3, padding=1, bias=True)]
+        if norm_first:
+            layers.append(nn.InstanceNorm3d(cout, affine=True))
+        layers += [nn.LeakyReLU(0.01, inplace=True),
+                   nn.Conv3d(cout, cout, 3, padding=1, bias=True),
+                   nn.InstanceNorm3d(cout, affine=True),
+                   nn.LeakyReLU(0.01, inplace=True)]
+        super().__init__(*layers)
+
+
+class PhysicsBranch(nn.Module):
+    """Two FC layers (``units`` each) on a standardised parameter vector.
+
+    ``center``/``scale`` are fixed buffers (set from the training parameter ranges) so the raw,
+    physically meaningful vector is what callers pass, while the layers see values of order one.
+    """
+
+    def __init__(self, n_params: int, units: int = 10):
+        super().__init__()
+        self.register_buffer("center", torch.zeros(n_params))
+        self.register_buffer("scale", torch.ones(n_params))
+        self.fc = nn.Sequential(nn.Linear(n_params, units), nn.LeakyReLU(0.01, inplace=True),
+                                nn.Linear(units, units), nn.LeakyReLU(0.01, inplace=True))
+
+    def forward(self, params: torch.Tensor) -> torch.Tensor:
+        return self.fc((params - self.center) / self.scale)
+
+
+class UNet3D(nn.Module):
+    """3D U-Net; ``n_params > 0`` adds the physics branch.
+
+    Input spatial size must be divisible by ``2 ** (len(features) - 1)``.
+    """
+
+    def __init__(self, in_channels: int = 1, out_channels: int = 4,
+                 features: tuple[int, ...] = (8, 16, 32, 64), n_params: int = 0,
+                 physics_units: int = 10):
+        super().__init__()
+        self.config = dict(in_channels=in_channels, out_channels=out_channels,
+                           features=list(features), n_params=n_params, physics_units=physics_units)
+        f = list(features)
+        self.encoders = nn.ModuleList()
+        cin = in_channels
+        for c in f:
+            self.encoders.append(self.make_block(cin, c))
+            cin = c
+        self.downs = nn.ModuleList(self.make_down(c) for c in f[:-1])
+        self.ups = nn.ModuleList(self.make_up(f[i + 1], f[i]) for i in reversed(range(len(f) - 1)))
+        self.physics = PhysicsBranch(n_params, physics_units) if n_params > 0 else None
+        extra = physics_units if n_params > 0 else 0
+        self.decoders = nn.ModuleList()
+        for i in reversed(range(len(f) - 1)):
+            last = i == 0
+            self.decoders.append(self.make_block(2 * f[i] + (extra if last else 0), f[i],
+                                                 norm_first=not (last and extra)))
+        self.head = nn.Conv3d(f[0], out_channels, 1)
+
+    # extension points -------------------------------------------------------------------------
+    def make_block(self, cin: int, cout: int, norm_first: bool = True) -> nn.Module:
+        return ConvBlock(cin, cout, norm_first=norm_first)
+
+    def make_down(self, c: int) -> nn.Module:
+        return nn.MaxPool3d(2)
+
+    def make_up(self, cin: int, cout: int) -> nn.Module:
+        return nn.ConvTranspose3d(cin, cout, 2, stride=2)
+
+    # ------------------------------------------------------------------------------------------
+    @property
+    def uses_physics(self) -> bool:
+        return self.physics is not None
+
+    @property
+    def divisor(self) -> int:
+        return 2 ** (len(self.encoders) - 1)
+
+    def forward(self, x: torch.Tensor, params: torch.Tensor | None = None) -> torch.Tensor:
+        if self.physics is not None and params is None:
+            raise ValueError("this network has a physics branch: pass the sequence-parameter vector")
+        skips = []
+        for i, enc in enumerate(self.encoders):
+            x = enc(x)
+            if i < len(self.downs):
+                skips.append(x)
+                x = self.downs[i](x)
+        for up, dec in zip(self.ups, self.decoders):
+            x = torch.cat([up(x), skips.pop()], dim=1)
+            if not skips and self.physics is not None:
+                p = self.physics(params.to(x.dtype))
+                if p.shape[0] != x.shape[0]:
+                    p = p.expand(x.shape[0], -1)
+                x = torch.cat([x, p[:, :, None, None, None].expand(-1, -1, *x.shape[2:])], dim=1)
+            x = dec(x)
+        return self.head(x)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

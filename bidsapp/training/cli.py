@@ -1,0 +1,43 @@
+"""``scanbridge-train <model> ...``: one reproducible training command per shipped model.
+
+Each subcommand lives in its own module ``bidsapp.training.<name>`` exposing
+``add_arguments(parser)`` and ``run(args) -> int``; modules are imported only when their subcommand
+runs, so ``scanbridge-train --help`` stays fast and one model's dependencies never load for another.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+SUBCOMMANDS = {
+    "tissue": ("bidsapp.training.tissue", "physics-aware GM/WM/CSF U-Net (and its no-physics ablation)"),
+    "mrainet": ("bidsapp.training.mrainet", "MRAI-NET acquisition-invariant patch features"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    top = argparse.ArgumentParser(prog="scanbridge-train", description=__doc__.splitlines()[0])
+    top.add_argument("model", choices=sorted(SUBCOMMANDS), help="which model to train")
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in SUBCOMMANDS:
+        top.print_help() if not argv or argv[0] in ("-h", "--help") else top.parse_args(argv[:1])
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    name = argv[0]
+    module_name, help_text = SUBCOMMANDS[name]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name == module_name:
+            print(f"scanbridge-train: the {name} trainer is not installed in this version", file=sys.stderr)
+            return 2
+        raise
+    parser = argparse.ArgumentParser(prog=f"scanbridge-train {name}", description=help_text)
+    module.add_arguments(parser)
+    args = parser.parse_args(argv[1:])
+    return int(module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
