@@ -1,0 +1,173 @@
+"""The group level: gather every participant's results, run the harmonisation steps, write the report.
+
+Inputs are files on disk only (participant derivatives in ``output_dir`` and the raw dataset's
+sidecars), so the group level can run long after, or far from, the participant jobs. Each step is a
+function ``run(ctx) -> list[Section]``; a step that fails becomes a warning in the report, and the
+rest of the report is still produced.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from bidsapp.errors import UserError
+from bidsapp.harmonize.context import GroupContext
+
+LOG = logging.getLogger("scanbridge.group")
+
+TISSUES = ("CSF", "GM", "WM", "brain")
+ACQ_COLUMNS = {
+    "group_key": "acq_group",
+    "site": "site",
+    "manufacturer": "Manufacturer",
+    "model": "ManufacturersModelName",
+    "field_strength": "MagneticFieldStrength",
+    "sequence_family": "SequenceFamily",
+    "repetition_time": "RepetitionTime",
+    "echo_time": "EchoTime",
+    "inversion_time": "InversionTime",
+    "flip_angle": "FlipAngle",
+}
+# Harmonisation steps in report order: (module, human name). Each module exposes run(ctx).
+STEPS = (
+    ("bidsapp.harmonize.combat", "ComBat"),
+    ("bidsapp.harmonize.mrainet_group", "MRAI-NET"),
+    ("bidsapp.harmonize.bridging", "protocol bridging"),
+)
+
+
+def gather_volumes(output_dir: Path, subjects: list[str] | None = None) -> pd.DataFrame:
+    """One row per (participant, session, method) with a column per tissue, from the morph TSVs."""
+    rows = []
+    for tsv in sorted(output_dir.glob("sub-*/**/anat/*_desc-volumes_morph.tsv")):
+        ents = dict(part.split("-", 1) for part in tsv.name.split("_") if "-" in part)
+        if subjects and ents.get("sub") not in subjects:
+            continue
+        try:
+            df = pd.read_csv(tsv, sep="\t")
+        except (OSError, pd.errors.ParserError) as exc:
+            LOG.warning("%s: unreadable volumes table (%s); skipped", tsv, exc)
+            continue
+        if not {"method", "label", "volume_mm3"} <= set(df.columns):
+            LOG.warning("%s: volumes table lacks method/label/volume_mm3 columns; skipped", tsv)
+            continue
+        wide = df.pivot_table(index="method", columns="label", values="volume_mm3", aggfunc="first")
+        for method, vols in wide.iterrows():
+            row = {"participant_id": f"sub-{ents['sub']}",
+                   "session_id": f"ses-{ents['ses']}" if "ses" in ents else "n/a",
+                   "run": ents.get("run", "n/a"), "method": method}
+            row.update({t: vols.get(t) for t in TISSUES})
+            rows.append(row)
+    return pd.DataFrame(rows, columns=["participant_id", "session_id", "run", "method", *TISSUES])
+
+
+def gather_acquisitions(bids_dir: Path, subjects: list[str] | None, output_dir: Path) -> pd.DataFrame:
+    """The acquisition record of every T1w that has derivatives, read from the raw dataset's sidecars."""
+    from bidsapp.bids import discovery
+
+    plan = discovery.discover(bids_dir, participant_label=subjects)
+    rows = []
+    for subj in plan.subjects:
+        for ses in subj.sessions:
+            for path in ses.t1w:
+                acq = ses.acquisitions.get(path)
+                if acq is None:
+                    continue
+                d = acq.to_dict()
+                row = {"participant_id": f"sub-{subj.subject}",
+                       "session_id": f"ses-{ses.session}" if ses.session else "n/a",
+                       "source": str(Path(path).relative_to(bids_dir))}
+                row.update({col: d.get(key) for key, col in ACQ_COLUMNS.items()})
+                row["acq_group"] = acq.group_key
+                row["protocol"] = acq.protocol_key
+                rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def read_participants(bids_dir: Path) -> pd.DataFrame:
+    tsv = bids_dir / "participants.tsv"
+    if not tsv.is_file():
+        return pd.DataFrame(columns=["participant_id"])
+    try:
+        df = pd.read_csv(tsv, sep="\t", dtype={"participant_id": str}, na_values=["n/a"])
+    except (OSError, pd.errors.ParserError) as exc:
+        LOG.warning("%s: unreadable (%s); covariates ignored", tsv, exc)
+        return pd.DataFrame(columns=["participant_id"])
+    if "participant_id" not in df.columns:
+        LOG.warning("%s: no participant_id column; covariates ignored", tsv)
+        return pd.DataFrame(columns=["participant_id"])
+    df["participant_id"] = [p if str(p).startswith("sub-") else f"sub-{p}" for p in df["participant_id"]]
+    return df
+
+
+def build_context(opts) -> GroupContext:
+    subjects = [s.removeprefix("sub-") for s in opts.participant_label] if opts.participant_label else None
+    volumes = gather_volumes(opts.output_dir, subjects)
+    if volumes.empty:
+        raise UserError(f"{opts.output_dir}: no participant results found (*_desc-volumes_morph.tsv); "
+                        "run the participant level first")
+    acquisitions = gather_acquisitions(opts.bids_dir, subjects, opts.output_dir)
+    participants = read_participants(opts.bids_dir)
+    if not acquisitions.empty:
+        one_per_session = acquisitions.drop_duplicates(["participant_id", "session_id"])
+        volumes = volumes.merge(one_per_session.drop(columns=["source"]), how="left",
+                                on=["participant_id", "session_id"])
+    keep = [c for c in ("participant_id", "age", "sex") if c in participants.columns]
+    if len(keep) > 1:
+        volumes = volumes.merge(participants[keep], how="left", on="participant_id")
+    return GroupContext(
+        output_dir=opts.output_dir,
+        work_dir=opts.work_dir / "group",
+        volumes=volumes,
+        acquisitions=acquisitions,
+        participants=participants,
+        bids_dir=opts.bids_dir,
+        options={"labels_dir": opts.labels_dir, "target_labels_per_tissue": opts.target_labels_per_tissue,
+                 "device": opts.device, "seed": opts.seed, "nprocs": opts.nprocs},
+        logger=LOG,
+    )
+
+
+def run_steps(ctx: GroupContext, steps=STEPS) -> tuple[list, list[str]]:
+    from bidsapp.reports.html import Section
+
+    sections, failures = [], []
+    for module, name in steps:
+        t0 = time.time()
+        LOG.warning("group: %s ...", name)
+        try:
+            step = importlib.import_module(module)
+            sections.extend(step.run(ctx))
+        except Exception as exc:  # one step's failure must not cost the rest of the report
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            LOG.error("group step %s failed: %s", name, msg, exc_info=LOG.isEnabledFor(logging.DEBUG))
+            failures.append(name)
+            sections.append(Section(title=name, warnings=[f"{name} could not run: {msg}"]))
+        LOG.info("group: %s took %.0f s", name, time.time() - t0)
+    return sections, failures
+
+
+def run_group(opts) -> int:
+    from bidsapp.bids.derivatives import atomic_write_tsv
+    from bidsapp.reports.group import acquisitions_section, volumes_section, write_group_report
+
+    ctx = build_context(opts)
+    ctx.work_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_tsv(opts.output_dir / "group_volumes.tsv", ctx.volumes)
+    if not ctx.acquisitions.empty:
+        atomic_write_tsv(opts.output_dir / "group_acquisitions.tsv", ctx.acquisitions)
+    n_sessions = ctx.volumes[["participant_id", "session_id"]].drop_duplicates().shape[0]
+    print(f"scanbridge group: {ctx.volumes['participant_id'].nunique()} participant(s), {n_sessions} session(s), "
+          f"{ctx.acquisitions['acq_group'].nunique() if not ctx.acquisitions.empty else 0} acquisition group(s)",
+          flush=True)
+    sections = [acquisitions_section(ctx.acquisitions),
+                volumes_section(ctx.volumes, ctx.acquisitions, ctx.participants)]
+    step_sections, failures = run_steps(ctx)
+    report = write_group_report(opts.output_dir, sections + step_sections)
+    print(f"scanbridge group: report {report}", flush=True)
+    return 1 if failures else 0
