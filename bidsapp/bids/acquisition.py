@@ -113,11 +113,15 @@ class AcquisitionRecord:
         source: str | None = None,
         site: str | None = None,
         site_source: str | None = None,
+        name: str | None = None,
     ) -> "AcquisitionRecord":
-        """Build a record from a sidecar dict (as ``BIDSLayout.get_metadata`` returns it); never raises."""
+        """Build a record from a sidecar dict (as ``BIDSLayout.get_metadata`` returns it); never raises.
+
+        ``name`` is how warnings refer to the image (default: ``source``).
+        """
         md = dict(metadata or {})
         rec = cls(source=source, suffix=suffix)
-        name = source or "image"
+        name = name or source or "image"
         problems: list[str] = []
         malformed: list[str] = []
 
@@ -200,11 +204,16 @@ class AcquisitionRecord:
         rec.missing = [k for k in wanted if k not in present or k in malformed]
         rec.missing += [k for k in malformed if k not in rec.missing]
 
-        if rec.missing:
+        if not md:
+            rec.warnings.append(
+                f"{name}: no sidecar metadata (no JSON sidecar, not even an inherited one); "
+                f"unknown: {', '.join(rec.missing)}; sequence family {rec.sequence_family}"
+            )
+        elif rec.missing:
             rec.warnings.append(f"{name}: sidecar is missing or has malformed {', '.join(rec.missing)}")
         for p in problems:
             rec.warnings.append(f"{name}: {p}")
-        if rec.sequence_family == "UNKNOWN" and (suffix is None or suffix in WEIGHTED_SUFFIXES):
+        if md and rec.sequence_family == "UNKNOWN" and (suffix is None or suffix in WEIGHTED_SUFFIXES):
             rec.warnings.append(
                 f"{name}: sequence family unknown (no usable PulseSequenceType, ScanningSequence or InversionTime)"
             )

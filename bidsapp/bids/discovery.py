@@ -1,0 +1,534 @@
+"""Discovery: what in a BIDS dataset scanbridge will process, what it skips and why.
+
+Typical use (the CLI)::
+
+    plan = discover(bids_dir, output_dir=out, work_dir=work,
+                    participant_label=["01", "sub-02"], session_label=None,
+                    bids_filters=load_bids_filters("filter.json"))
+    print(plan.summary())
+    for subject in plan.runnable_subjects:
+        for session in subject.sessions:           # only sessions with a usable T1w
+            t1w = session.t1w[0]
+            record = session.acquisitions[t1w]     # AcquisitionRecord (bids/acquisition.py)
+
+Errors that stop the run raise :class:`~bidsapp.bids.errors.BIDSInputError` (one line naming
+the file): nonexistent ``bids_dir``, no ``dataset_description.json``, ``output_dir`` or
+``work_dir`` inside ``bids_dir``, a participant/session label that is unknown or contains a
+path separator, an unreadable or invalid filter file. Everything else is per-subject: a subject
+without a usable T1w, a bad image (:func:`~.validation.check_image`), a malformed sidecar JSON
+(skipped by the index, inherited values still apply) or missing sidecar fields become entries in
+``skipped`` / ``warnings`` and the others go on.
+
+Images: T1w, T2w, FLAIR, PDw and the qMRI maps T1map, R1map, R2starmap, PDmap from ``anat/``,
+selected by the default queries in :data:`DEFAULT_QUERIES` updated with the filter file (fMRIPrep
+format: ``{"t1w": {"acquisition": "mprage"}, "flair": {"run": 1}}``; ``null`` means "entity
+absent", ``"*"`` means "any value"; short entity keys like ``acq`` are accepted). Sidecars are
+read with ``BIDSLayout.get_metadata`` (BIDS inheritance). Sites come from ``sessions.tsv`` or
+``participants.tsv`` (a ``site`` column), else from InstitutionName.
+
+Nothing here writes to ``bids_dir`` (pybids runs with an in-memory index).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from .acquisition import QMRI_SUFFIXES, AcquisitionRecord
+from .derivatives import LONG_NAMES
+from .errors import BIDSInputError
+from .validation import SKIPPED_TOP_FOLDERS, check_image
+
+LOGGER = logging.getLogger("scanbridge.bids")
+
+ANAT_SUFFIXES = {"t1w": "T1w", "t2w": "T2w", "flair": "FLAIR", "pdw": "PDw"}
+QMRI_KEYS = {s.lower(): s for s in QMRI_SUFFIXES}
+DEFAULT_QUERIES = {
+    key: {"datatype": "anat", "suffix": suffix, "extension": [".nii", ".nii.gz"]}
+    for key, suffix in {**ANAT_SUFFIXES, **QMRI_KEYS}.items()
+}
+"""Filter-file key -> pybids query; a filter file's entries update these."""
+
+_LABEL_RE = re.compile(r"^[A-Za-z0-9]+$")
+
+
+# ---------------------------------------------------------------------- plan dataclasses
+@dataclass
+class SessionPlan:
+    """Usable images of one session (``session`` is None in a dataset without sessions)."""
+
+    subject: str
+    session: str | None
+    t1w: list[Path] = field(default_factory=list)
+    t2w: list[Path] = field(default_factory=list)
+    flair: list[Path] = field(default_factory=list)
+    pdw: list[Path] = field(default_factory=list)
+    qmri: dict[str, list[Path]] = field(default_factory=dict)
+    """Suffix (T1map, R1map, R2starmap, PDmap) -> images."""
+    acquisitions: dict[Path, AcquisitionRecord] = field(default_factory=dict)
+    """Every listed image -> its acquisition record."""
+    entities: dict[Path, dict] = field(default_factory=dict)
+    """Every listed image -> pybids entities (subject, session, acquisition, run, suffix...)."""
+    site: str | None = None
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def images(self) -> list[Path]:
+        """All usable images of the session, T1w first."""
+        out = self.t1w + self.t2w + self.flair + self.pdw
+        for paths in self.qmri.values():
+            out += paths
+        return out
+
+    @property
+    def runs(self) -> list[int]:
+        """Run numbers of the T1w images (empty if they carry no run entity)."""
+        return sorted(int(self.entities[p]["run"]) for p in self.t1w if "run" in self.entities.get(p, {}))
+
+    @property
+    def label(self) -> str:
+        return f"sub-{self.subject}" + (f"_ses-{self.session}" if self.session else "")
+
+
+@dataclass
+class SubjectPlan:
+    subject: str
+    sessions: list[SessionPlan] = field(default_factory=list)
+    """Sessions with at least one usable T1w (the ones to process)."""
+    participant: dict = field(default_factory=dict)
+    """This subject's participants.tsv row (``n/a`` -> None)."""
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+    """(file or folder, reason) for everything left out, including sessions without a T1w."""
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def runnable(self) -> bool:
+        return bool(self.sessions)
+
+    @property
+    def all_skipped(self) -> list[tuple[Path, str]]:
+        return self.skipped + [s for ses in self.sessions for s in ses.skipped]
+
+    @property
+    def all_warnings(self) -> list[str]:
+        return self.warnings + [w for ses in self.sessions for w in ses.warnings]
+
+
+@dataclass
+class DatasetPlan:
+    bids_dir: Path
+    subjects: list[SubjectPlan] = field(default_factory=list)
+    participants: pd.DataFrame = field(default_factory=pd.DataFrame)
+    warnings: list[str] = field(default_factory=list)
+    """Dataset-level warnings (malformed JSON files, participants.tsv problems)."""
+    filters: dict = field(default_factory=dict)
+
+    @property
+    def runnable_subjects(self) -> list[SubjectPlan]:
+        return [s for s in self.subjects if s.runnable]
+
+    @property
+    def skipped_subjects(self) -> list[SubjectPlan]:
+        return [s for s in self.subjects if not s.runnable]
+
+    @property
+    def has_problems(self) -> bool:
+        """True if any subject, session or image was skipped (the exit code should say so)."""
+        return any(s.all_skipped for s in self.subjects)
+
+    def acquisition_table(self) -> pd.DataFrame:
+        """One row per usable image: participant_id, session_id, path, acq_group + record fields."""
+        rows = []
+        for sub in self.subjects:
+            for ses in sub.sessions:
+                for path, rec in ses.acquisitions.items():
+                    row = {
+                        "participant_id": f"sub-{sub.subject}",
+                        "session_id": f"ses-{ses.session}" if ses.session else None,
+                        "path": str(path),
+                        "acq_group": rec.group_key,
+                    }
+                    row.update(rec.to_dict())
+                    row["missing"] = ",".join(rec.missing)
+                    row.pop("warnings", None)
+                    rows.append(row)
+        return pd.DataFrame(rows)
+
+    def summary(self) -> str:
+        """Human-readable account of what will be processed, what is skipped and why."""
+        lines = [f"{self.bids_dir}: {len(self.runnable_subjects)} of {len(self.subjects)} subject(s) to process"]
+        for sub in self.runnable_subjects:
+            parts = []
+            for ses in sub.sessions:
+                kinds = [
+                    f"{name} x{len(paths)}"
+                    for name, paths in (("T1w", ses.t1w), ("T2w", ses.t2w), ("FLAIR", ses.flair), ("PDw", ses.pdw))
+                    if paths
+                ] + [f"{k} x{len(v)}" for k, v in ses.qmri.items() if v]
+                groups = sorted({ses.acquisitions[p].group_key for p in ses.t1w})
+                parts.append(f"{ses.session and 'ses-' + ses.session or '(no session)'}: {', '.join(kinds)} [{', '.join(groups)}]")
+            lines.append(f"  sub-{sub.subject}: " + "; ".join(parts))
+        for sub in self.skipped_subjects:
+            lines.append(f"  sub-{sub.subject}: SKIPPED (no session with a usable T1w image)")
+        skipped = [(sub, item) for sub in self.subjects for item in sub.all_skipped]
+        if skipped:
+            lines.append(f"skipped ({len(skipped)}):")
+            lines += [f"  {reason}" if str(path) in reason else f"  {path}: {reason}" for _, (path, reason) in skipped]
+        warnings = self.warnings + [w for sub in self.subjects for w in sub.all_warnings]
+        if warnings:
+            lines.append(f"warnings ({len(warnings)}):")
+            lines += [f"  {w}" for w in warnings]
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- input checks
+def check_paths(
+    bids_dir: str | os.PathLike,
+    output_dir: str | os.PathLike | None = None,
+    work_dir: str | os.PathLike | None = None,
+) -> Path:
+    """Check bids_dir is a BIDS dataset and output/work dirs lie outside it; returns bids_dir resolved."""
+    raw = Path(bids_dir)
+    if not raw.exists():
+        raise BIDSInputError(f"{raw}: bids_dir does not exist")
+    if not raw.is_dir():
+        raise BIDSInputError(f"{raw}: bids_dir is not a directory")
+    root = raw.resolve()
+    desc = root / "dataset_description.json"
+    if not desc.is_file():
+        raise BIDSInputError(f"{raw}: not a BIDS dataset (no dataset_description.json)")
+    try:
+        doc = json.loads(desc.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BIDSInputError(f"{desc}: invalid JSON ({exc})") from None
+    if not isinstance(doc, dict):
+        raise BIDSInputError(f"{desc}: must be a JSON object")
+    for name, other in (("output_dir", output_dir), ("work_dir", work_dir)):
+        if other is None:
+            continue
+        resolved = Path(other).resolve()
+        if resolved == root or root in resolved.parents:
+            raise BIDSInputError(
+                f"{other}: {name} is inside bids_dir {raw}; the input dataset is never written, choose a folder outside it"
+            )
+    return root
+
+
+def normalize_labels(labels, prefix: str, what: str = "participant") -> list[str] | None:
+    """``["sub-01", "02"]`` -> ``["01", "02"]``; None stays None. Rejects path separators and non-alphanumerics."""
+    if labels is None:
+        return None
+    if isinstance(labels, str):
+        labels = [labels]
+    out: list[str] = []
+    for raw in labels:
+        text = str(raw).strip()
+        if "/" in text or "\\" in text or os.sep in text:
+            raise BIDSInputError(f"{what} label {text!r} contains a path separator; give the label only, e.g. 01")
+        label = text[len(prefix):] if text.startswith(prefix) else text
+        if not _LABEL_RE.match(label):
+            raise BIDSInputError(f"{what} label {text!r} is not a valid BIDS label (letters and digits only)")
+        if label not in out:
+            out.append(label)
+    return out
+
+
+def load_bids_filters(value) -> dict:
+    """Read a ``--bids-filter-file`` (path) or take a dict; returns ``{key: {entity: value}}`` validated.
+
+    Keys are case-insensitive names of :data:`DEFAULT_QUERIES` (t1w, t2w, flair, pdw, t1map,
+    r1map, r2starmap, pdmap). Raises BIDSInputError naming the file for unreadable/invalid JSON,
+    unknown keys or non-object queries.
+    """
+    if value is None:
+        return {}
+    source = "bids filter"
+    if isinstance(value, (str, os.PathLike)):
+        path = Path(value)
+        source = str(path)
+        if not path.is_file():
+            raise BIDSInputError(f"{path}: BIDS filter file does not exist")
+        try:
+            value = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise BIDSInputError(f"{path}: BIDS filter file is not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise BIDSInputError(f"{source}: BIDS filter must be a JSON object like {{\"t1w\": {{\"acquisition\": \"mprage\"}}}}")
+    out: dict = {}
+    for key, query in value.items():
+        k = str(key).lower()
+        if k not in DEFAULT_QUERIES:
+            raise BIDSInputError(
+                f"{source}: unknown filter key {key!r} (known: {', '.join(DEFAULT_QUERIES)})"
+            )
+        if not isinstance(query, dict):
+            raise BIDSInputError(f"{source}: filter {key!r} must be an object of entity: value")
+        out[k] = {LONG_NAMES.get(str(e), str(e)): v for e, v in query.items()}
+    return out
+
+
+def _to_pybids(value):
+    from bids.layout import Query
+
+    if value is None:
+        return Query.NONE
+    if value == "*":
+        return Query.ANY
+    if isinstance(value, list):
+        return [_to_pybids(v) for v in value]
+    return value
+
+
+# ---------------------------------------------------------------------- layout
+def malformed_json_files(bids_dir: str | os.PathLike) -> list[tuple[Path, str]]:
+    """JSON files pybids would index that fail to parse: (path, one-line reason)."""
+    root = Path(bids_dir)
+    bad = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel = Path(dirpath).relative_to(root)
+        dirnames[:] = [
+            d for d in dirnames if not d.startswith(".") and not (rel == Path(".") and d in SKIPPED_TOP_FOLDERS)
+        ]
+        for name in filenames:
+            if not name.endswith(".json") or name.startswith(".") or name == "dataset_description.json":
+                continue
+            path = Path(dirpath) / name
+            try:
+                doc = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+                bad.append((path, " ".join(str(exc).split())))
+                continue
+            if not isinstance(doc, dict):
+                bad.append((path, "not a JSON object"))
+    return bad
+
+
+def open_layout(bids_dir: str | os.PathLike, *, ignore_files=()):
+    """A pybids layout of the raw dataset (validated names only, in-memory index, never writes)."""
+    from bids import BIDSLayout, BIDSLayoutIndexer
+    from bids.layout.validation import DEFAULT_LOCATIONS_TO_IGNORE
+
+    root = Path(bids_dir)
+    ignore = list(DEFAULT_LOCATIONS_TO_IGNORE) + [
+        re.compile("^/" + re.escape(Path(p).resolve().relative_to(root.resolve()).as_posix()) + "$")
+        for p in ignore_files
+    ]
+    indexer = BIDSLayoutIndexer(validate=True, ignore=ignore)
+    try:
+        return BIDSLayout(str(root), validate=True, indexer=indexer)
+    except Exception as exc:  # pybids raises BIDSValidationError, ValueError, OSError for broken datasets
+        raise BIDSInputError(f"{root}: pybids could not index the dataset ({' '.join(str(exc).split())})") from None
+
+
+# ---------------------------------------------------------------------- tables
+def read_participants(bids_dir: str | os.PathLike) -> tuple[pd.DataFrame, list[str]]:
+    """participants.tsv as a DataFrame (``participant_id`` always ``sub-<label>``); warnings, never errors."""
+    path = Path(bids_dir) / "participants.tsv"
+    if not path.exists():
+        return pd.DataFrame(columns=["participant_id"]), []
+    table, warnings = _read_tsv(path)
+    if table is None:
+        return pd.DataFrame(columns=["participant_id"]), warnings
+    if "participant_id" not in table.columns:
+        return pd.DataFrame(columns=["participant_id"]), warnings + [f"{path}: no participant_id column; ignored"]
+    table["participant_id"] = [pid if str(pid).startswith("sub-") else f"sub-{pid}" for pid in table["participant_id"]]
+    dup = table["participant_id"][table["participant_id"].duplicated()].tolist()
+    if dup:
+        warnings.append(f"{path}: duplicate participant_id {', '.join(dup)}; the first row is used")
+        table = table.drop_duplicates("participant_id")
+    return table.reset_index(drop=True), warnings
+
+
+def _read_tsv(path: Path) -> tuple[pd.DataFrame | None, list[str]]:
+    try:
+        table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, na_values=["n/a", ""])
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        return None, [f"{path}: cannot read TSV ({' '.join(str(exc).split())}); ignored"]
+    table.columns = [str(c).strip() for c in table.columns]
+    for col in table.columns:
+        if col.endswith("_id"):
+            continue
+        numeric = pd.to_numeric(table[col], errors="coerce")
+        if numeric.notna().sum() == table[col].notna().sum():
+            table[col] = numeric
+    return table, []
+
+
+def _site_column(table: pd.DataFrame) -> str | None:
+    for col in table.columns:
+        if col.lower() == "site":
+            return col
+    return None
+
+
+def _row_dict(table: pd.DataFrame, column: str, value: str) -> dict:
+    rows = table[table[column] == value]
+    if rows.empty:
+        return {}
+    return {k: (None if pd.isna(v) else (v.item() if hasattr(v, "item") else v)) for k, v in rows.iloc[0].items()}
+
+
+# ---------------------------------------------------------------------- discovery
+def discover(
+    bids_dir: str | os.PathLike,
+    *,
+    participant_label=None,
+    session_label=None,
+    bids_filters=None,
+    output_dir: str | os.PathLike | None = None,
+    work_dir: str | os.PathLike | None = None,
+    check_images: bool = True,
+    layout=None,
+) -> DatasetPlan:
+    """Plan the run: see the module docstring. ``bids_filters`` is a dict or a filter-file path."""
+    root = check_paths(bids_dir, output_dir, work_dir)
+    filters = load_bids_filters(bids_filters)
+    plan = DatasetPlan(bids_dir=root, filters=filters)
+
+    bad_json = malformed_json_files(root)
+    for path, reason in bad_json:
+        plan.warnings.append(f"{path}: malformed JSON sidecar, ignored ({reason})")
+    if layout is None:
+        layout = open_layout(root, ignore_files=[p for p, _ in bad_json])
+
+    plan.participants, tsv_warnings = read_participants(root)
+    plan.warnings += tsv_warnings
+
+    on_disk = sorted(p.name[4:] for p in root.glob("sub-*") if p.is_dir())
+    indexed = set(layout.get_subjects())
+    available = sorted(set(on_disk) | indexed)
+    if not available:
+        raise BIDSInputError(f"{root}: no subject folders (sub-<label>) found")
+    wanted = normalize_labels(participant_label, "sub-", "participant")
+    if wanted is not None:
+        unknown = [w for w in wanted if w not in available]
+        if unknown:
+            raise BIDSInputError(
+                f"{root}: participant label(s) {', '.join(unknown)} not found (available: {_listing(available)})"
+            )
+    subjects = wanted if wanted is not None else available
+
+    wanted_sessions = normalize_labels(session_label, "ses-", "session")
+    if wanted_sessions is not None:
+        known = set()
+        for s in subjects:
+            known.update(layout.get_sessions(subject=s))
+            known.update(p.name[4:] for p in (root / f"sub-{s}").glob("ses-*") if p.is_dir())
+        unknown = [w for w in wanted_sessions if w not in known]
+        if unknown:
+            raise BIDSInputError(
+                f"{root}: session label(s) {', '.join(unknown)} not found for the selected participants "
+                f"(available: {_listing(sorted(known)) or 'none'})"
+            )
+
+    site_col = _site_column(plan.participants)
+    for subject in subjects:
+        plan.subjects.append(
+            _plan_subject(layout, root, subject, indexed, wanted_sessions, filters, plan.participants, site_col, check_images)
+        )
+    return plan
+
+
+def _plan_subject(layout, root, subject, indexed, wanted_sessions, filters, participants, site_col, check_images):
+    sub_dir = root / f"sub-{subject}"
+    plan = SubjectPlan(subject=subject, participant=_row_dict(participants, "participant_id", f"sub-{subject}"))
+    if subject not in indexed:
+        plan.skipped.append((sub_dir, f"{sub_dir}: no valid BIDS files"))
+        return plan
+    sessions_table, warnings = _read_sessions_table(sub_dir, subject)
+    plan.warnings += warnings
+    sessions = layout.get_sessions(subject=subject) or [None]
+    if wanted_sessions is not None:
+        sessions = [s for s in sessions if s in wanted_sessions]
+        if not sessions:
+            plan.skipped.append((sub_dir, f"{sub_dir}: no session {', '.join(wanted_sessions)}"))
+            return plan
+    site, site_source = None, None
+    if site_col and plan.participant.get(site_col) is not None:
+        site, site_source = str(plan.participant[site_col]), "participants.tsv"
+
+    for session in sorted(sessions, key=_natural):
+        ses_site, ses_source = site, site_source
+        if session and sessions_table is not None:
+            row = _row_dict(sessions_table, "session_id", f"ses-{session}")
+            col = _site_column(sessions_table)
+            if col and row.get(col) is not None:
+                ses_site, ses_source = str(row[col]), "sessions.tsv"
+        ses_plan = _plan_session(layout, root, subject, session, filters, ses_site, ses_source, check_images)
+        if ses_plan.t1w:
+            plan.sessions.append(ses_plan)
+        else:
+            where = sub_dir / f"ses-{session}" if session else sub_dir
+            failed = [p for p, _ in ses_plan.skipped if ses_plan.entities.get(p, {}).get("suffix") == "T1w"]
+            reason = f"{where}: no usable T1w image" + (f" ({len(failed)} failed the image checks)" if failed else "")
+            plan.skipped.append((where, reason))
+            plan.skipped += ses_plan.skipped
+            plan.warnings += ses_plan.warnings
+    return plan
+
+
+def _plan_session(layout, root, subject, session, filters, site, site_source, check_images) -> SessionPlan:
+    plan = SessionPlan(subject=subject, session=session, site=site)
+    for key, default in DEFAULT_QUERIES.items():
+        query = {**default, **{k: _to_pybids(v) for k, v in filters.get(key, {}).items()}}
+        try:
+            files = layout.get(subject=subject, invalid_filters="error", **query)
+        except (ValueError, KeyError) as exc:
+            raise BIDSInputError(f"bids filter {key!r}: {' '.join(str(exc).split())}") from None
+        files = [f for f in files if f.entities.get("session") == session]
+        for bf in sorted(files, key=lambda f: f.path):
+            path = Path(bf.path)
+            entities = {k: v for k, v in bf.get_entities().items() if k != "extension"}
+            plan.entities[path] = entities
+            if check_images:
+                result = check_image(path)
+                plan.warnings += result.warnings
+                if not result.ok:
+                    plan.skipped += [(path, e) for e in result.errors]
+                    continue
+            rel = path.relative_to(root).as_posix()
+            try:
+                metadata = layout.get_metadata(bf.path)
+            except Exception as exc:  # a sidecar pybids cannot read: keep the image, say why
+                metadata = {}
+                plan.warnings.append(f"{path}: cannot read sidecar metadata ({' '.join(str(exc).split())})")
+            suffix = default["suffix"]
+            record = AcquisitionRecord.from_metadata(
+                metadata, suffix=suffix, source=rel, site=site, site_source=site_source, name=str(path)
+            )
+            plan.acquisitions[path] = record
+            plan.warnings += record.warnings
+            if key in ANAT_SUFFIXES:
+                getattr(plan, key).append(path)
+            else:
+                plan.qmri.setdefault(suffix, []).append(path)
+    for paths in (plan.t1w, plan.t2w, plan.flair, plan.pdw, *plan.qmri.values()):
+        paths.sort(key=lambda p: (int(plan.entities[p].get("run", 0) or 0), str(p)))
+    return plan
+
+
+def _read_sessions_table(sub_dir: Path, subject: str):
+    path = sub_dir / f"sub-{subject}_sessions.tsv"
+    if not path.exists():
+        return None, []
+    table, warnings = _read_tsv(path)
+    if table is not None and "session_id" not in table.columns:
+        return None, warnings + [f"{path}: no session_id column; ignored"]
+    return table, warnings
+
+
+def _natural(label):
+    text = label or ""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
+
+
+def _listing(labels, limit: int = 12) -> str:
+    shown = ", ".join(labels[:limit])
+    return shown + (f", ... ({len(labels)} in all)" if len(labels) > limit else "")
