@@ -21,7 +21,7 @@ from torch.nn.modules.loss import _Loss
 
 __all__ = [
     "MRAINetConfig", "MRAINet", "ContrastiveLoss", "l1_distance", "normalize_intensity",
-    "extract_patches", "dense_features", "save_mrainet", "load_mrainet",
+    "extract_patches", "sample_centres", "dense_features", "save_mrainet", "load_mrainet",
 ]
 
 
@@ -243,3 +243,31 @@ def load_mrainet(path, map_location: str | torch.device = "cpu") -> MRAINet:
 
 def config_json(config: MRAINetConfig) -> str:
     return json.dumps(config.to_dict(), sort_keys=True)
+
+
+def sample_centres(labels: np.ndarray, n_per_class: int, classes=(1, 2, 3), rng=None,
+                   allowed: np.ndarray | None = None, border: int = 0, axis: int | None = None) -> dict[int, np.ndarray]:
+    """Random voxel coordinates of each class, at most ``n_per_class`` each, without replacement.
+
+    ``allowed`` restricts candidates (e.g. high-confidence voxels); ``border`` keeps centres that far from
+    the image edges in-plane (``axis`` is the slice axis for 2D patches, None for 3D). Returns
+    {class: (n_k, 3) int array}; n_k < n_per_class when the image has fewer candidates (the caller says so).
+    """
+    rng = np.random.default_rng(rng)
+    labels = np.asarray(labels)
+    ok = np.ones(labels.shape, bool) if allowed is None else np.asarray(allowed, bool).copy()
+    if border > 0:
+        for d in range(labels.ndim):
+            if d == axis:
+                continue
+            idx = [slice(None)] * labels.ndim
+            idx[d] = slice(0, border)
+            ok[tuple(idx)] = False
+            idx[d] = slice(labels.shape[d] - border, None)
+            ok[tuple(idx)] = False
+    out = {}
+    for k in classes:
+        flat = np.flatnonzero((labels == k) & ok)
+        take = flat if len(flat) <= n_per_class else rng.choice(flat, n_per_class, replace=False)
+        out[int(k)] = np.stack(np.unravel_index(np.sort(take), labels.shape), axis=1).astype(np.int64)
+    return out

@@ -1,0 +1,214 @@
+"""ComBat harmonisation of tissue volumes across acquisition groups (neuroCombat), a group-level step.
+
+Batch = acquisition group; age (continuous) and sex (categorical) are protected covariates when the data
+have them, so that a real age or sex difference between sites is not removed as if it were scanner effect.
+ComBat estimates a per-batch variance, so a group with a single session cannot be harmonised: it is left
+as measured and flagged. Covariates that are missing for some sessions are imputed when few are missing
+(median/mode, said in the log), dropped otherwise; a covariate confounded with the batch (the design matrix
+loses rank) is dropped with a message rather than letting ComBat produce meaningless numbers.
+
+Outputs: ``group_volumes_combat.tsv`` (same rows as group_volumes.tsv, volumes harmonised, a ``combat``
+status column), ``group_combat_stats.tsv`` (per method and tissue: the between-group F test and the share of
+variance explained by the group, before and after) and ``group_combat_summary.tsv`` (mean and SD per group).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["TISSUES", "CombatResult", "combat_volumes", "group_effect", "run"]
+
+TISSUES = ("CSF", "GM", "WM", "brain")
+MAX_MISSING_FRACTION = 0.2
+
+
+class CombatResult:
+    def __init__(self, data: pd.DataFrame, messages: list[str], covariates: list[str], harmonized: bool):
+        self.data = data
+        self.messages = messages
+        self.covariates = covariates
+        self.harmonized = harmonized
+
+
+def _prepare_covariates(df: pd.DataFrame, messages: list[str]) -> tuple[pd.DataFrame, list[str], list[str]]:
+    cont, cat = [], []
+    out = pd.DataFrame(index=df.index)
+    if "age" in df.columns:
+        age = pd.to_numeric(df["age"], errors="coerce")
+        miss = age.isna().mean()
+        if miss == 1:
+            pass
+        elif miss > MAX_MISSING_FRACTION:
+            messages.append(f"age is missing for {age.isna().sum()} of {len(age)} sessions: not used as a ComBat covariate")
+        elif age.nunique() < 2:
+            messages.append("age has a single value: not used as a ComBat covariate")
+        else:
+            if miss > 0:
+                messages.append(f"age is missing for {age.isna().sum()} sessions: imputed with the median "
+                                f"({age.median():.3g}) for ComBat")
+            out["age"] = age.fillna(age.median())
+            cont.append("age")
+    if "sex" in df.columns:
+        sex = df["sex"].astype("string").str.strip().str.upper().replace({"": pd.NA, "N/A": pd.NA, "NAN": pd.NA})
+        sex = sex.replace({"FEMALE": "F", "MALE": "M"})
+        miss = sex.isna().mean()
+        if miss == 1:
+            pass
+        elif miss > MAX_MISSING_FRACTION:
+            messages.append(f"sex is missing for {sex.isna().sum()} of {len(sex)} sessions: not used as a ComBat covariate")
+        elif sex.nunique() < 2:
+            messages.append("sex has a single value: not used as a ComBat covariate")
+        else:
+            if miss > 0:
+                mode = sex.mode().iloc[0]
+                messages.append(f"sex is missing for {sex.isna().sum()} sessions: imputed with the most common "
+                                f"value ({mode}) for ComBat")
+                sex = sex.fillna(mode)
+            out["sex"] = sex.astype(str)
+            cat.append("sex")
+    return out, cont, cat
+
+
+def _full_rank(batch: pd.Series, cov: pd.DataFrame, cont: list[str], cat: list[str]) -> bool:
+    parts = [pd.get_dummies(batch.astype(str), dtype=float)]
+    for c in cont:
+        parts.append(((cov[c] - cov[c].mean()) / (cov[c].std() or 1.0)).to_frame())
+    for c in cat:
+        parts.append(pd.get_dummies(cov[c], drop_first=True, dtype=float))
+    x = pd.concat(parts, axis=1).to_numpy(float)
+    return np.linalg.matrix_rank(x) == x.shape[1]
+
+
+def combat_volumes(df: pd.DataFrame, tissues=TISSUES, batch_col: str = "acq_group") -> CombatResult:
+    """Harmonise the tissue columns of one method's rows; never raises for bad data, says why instead."""
+    from neuroCombat import neuroCombat
+
+    messages: list[str] = []
+    data = df.copy()
+    data["combat"] = "not harmonised"
+    tissues = [t for t in tissues if t in data.columns]
+    vals = data[tissues].apply(pd.to_numeric, errors="coerce")
+    ok = vals.notna().all(axis=1) & data[batch_col].notna()
+    if (~ok).any():
+        messages.append(f"{int((~ok).sum())} sessions lack a volume or an acquisition group: left out of ComBat")
+    sizes = data.loc[ok, batch_col].astype(str).value_counts()
+    single = sorted(sizes[sizes < 2].index)
+    if single:
+        messages.append(f"acquisition group(s) {', '.join(single)} have a single session: ComBat needs at least two "
+                        "per group, so their volumes are left as measured")
+        data.loc[ok & data[batch_col].astype(str).isin(single), "combat"] = "single session in group"
+        ok &= ~data[batch_col].astype(str).isin(single)
+    n_groups = data.loc[ok, batch_col].nunique()
+    if n_groups < 2:
+        messages.append("only one acquisition group with two or more sessions: there is no scanner effect to "
+                        "harmonise, volumes are left as measured")
+        return CombatResult(data, messages, [], False)
+    sel = data.loc[ok]
+    cov, cont, cat = _prepare_covariates(sel, messages)
+    batch = sel[batch_col].astype(str)
+    while (cont or cat) and not _full_rank(batch, cov, cont, cat):
+        drop = (cat or cont)[-1]
+        messages.append(f"{drop} is confounded with the acquisition group (e.g. each group has one {drop}): "
+                        f"not used as a ComBat covariate")
+        cont = [c for c in cont if c != drop]
+        cat = [c for c in cat if c != drop]
+    covars = pd.DataFrame({"batch": batch.to_numpy()})
+    for c in cont + cat:
+        covars[c] = cov[c].to_numpy()
+    x = vals.loc[ok, tissues].to_numpy(float).T
+    const = np.nanstd(x, axis=1) == 0
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # neuroCombat prints its progress
+            res = neuroCombat(dat=x, covars=covars, batch_col="batch", categorical_cols=cat or None,
+                              continuous_cols=cont or None)
+        harmonized = np.asarray(res["data"], dtype=float)
+    except Exception as exc:  # neuroCombat fails with opaque linear-algebra errors on degenerate data
+        messages.append(f"ComBat failed ({type(exc).__name__}: {exc}); volumes are left as measured")
+        return CombatResult(data, messages, cont + cat, False)
+    if const.any() or not np.isfinite(harmonized).all():
+        messages.append("ComBat gave non-finite values (a tissue with no variance?); volumes are left as measured")
+        return CombatResult(data, messages, cont + cat, False)
+    data.loc[ok, tissues] = harmonized.T
+    data.loc[ok, "combat"] = "harmonised"
+    return CombatResult(data, messages, cont + cat, True)
+
+
+def group_effect(df: pd.DataFrame, tissue: str, batch_col: str = "acq_group") -> dict:
+    """One-way ANOVA of a volume on the acquisition group: F, p and eta^2 (share of variance of the group)."""
+    from scipy.stats import f_oneway
+
+    v = pd.to_numeric(df[tissue], errors="coerce")
+    groups = [v[(df[batch_col].astype(str) == g) & v.notna()].to_numpy(float)
+              for g in sorted(df[batch_col].dropna().astype(str).unique())]
+    groups = [g for g in groups if len(g) > 0]
+    if len(groups) < 2 or sum(len(g) for g in groups) <= len(groups):
+        return {"F": np.nan, "p": np.nan, "eta2": np.nan}
+    allv = np.concatenate(groups)
+    ss_tot = ((allv - allv.mean()) ** 2).sum()
+    ss_b = sum(len(g) * (g.mean() - allv.mean()) ** 2 for g in groups)
+    with np.errstate(all="ignore"):
+        f, p = f_oneway(*groups) if all(len(g) > 1 for g in groups) or ss_tot > 0 else (np.nan, np.nan)
+    return {"F": float(f), "p": float(p), "eta2": float(ss_b / ss_tot) if ss_tot > 0 else np.nan}
+
+
+def _with_covariates(vol: pd.DataFrame, participants: pd.DataFrame | None) -> pd.DataFrame:
+    from bidsapp.harmonize.groups import normalize_ids
+
+    vol = normalize_ids(vol)
+    if participants is None or not len(participants) or "participant_id" not in participants.columns:
+        return vol
+    p = normalize_ids(participants.drop(columns=["session_id"], errors="ignore"))
+    add = [c for c in ("age", "sex") if c in p.columns and (c not in vol.columns or vol[c].isna().all())]
+    if not add:
+        return vol
+    vol = vol.drop(columns=[c for c in add if c in vol.columns])
+    return vol.merge(p[["participant_id", *add]].drop_duplicates("participant_id"), on="participant_id", how="left")
+
+
+def run(ctx) -> list:
+    """Group step: ComBat per segmentation method; writes the TSVs and returns the report section."""
+    from bidsapp.bids.derivatives import atomic_write_tsv
+    from bidsapp.reports.harmonization import combat_section
+
+    log = ctx.logger
+    vol = ctx.volumes if ctx.volumes is not None else pd.DataFrame()
+    warnings: list[str] = []
+    if not len(vol) or "acq_group" not in vol.columns:
+        msg = "ComBat: group_volumes.tsv has no rows with an acquisition group; nothing to harmonise"
+        log.warning(msg)
+        return [combat_section(None, None, None, None, [msg])]
+    vol = _with_covariates(vol, ctx.participants)
+    methods = list(dict.fromkeys(vol["method"].astype(str))) if "method" in vol.columns else ["all"]
+    outs, stats, summary = [], [], []
+    used = {}
+    for m in methods:
+        sub = vol[vol["method"].astype(str) == m] if "method" in vol.columns else vol
+        res = combat_volumes(sub)
+        for msg in res.messages:
+            line = f"ComBat ({m}): {msg}"
+            log.warning(line)
+            warnings.append(line)
+        used[m] = res.covariates
+        outs.append(res.data)
+        for t in [t for t in TISSUES if t in sub.columns]:
+            b, a = group_effect(sub, t), group_effect(res.data, t)
+            stats.append({"method": m, "tissue": t, "F_before": b["F"], "p_before": b["p"], "eta2_before": b["eta2"],
+                          "F_after": a["F"], "p_after": a["p"], "eta2_after": a["eta2"],
+                          "covariates": ",".join(res.covariates) or "none", "harmonised": res.harmonized})
+            for when, d in (("before", sub), ("after", res.data)):
+                for g, gs in d.groupby(d["acq_group"].astype(str)):
+                    v = pd.to_numeric(gs[t], errors="coerce")
+                    summary.append({"method": m, "tissue": t, "acq_group": g, "when": when, "n": int(v.notna().sum()),
+                                    "mean_mm3": v.mean(), "sd_mm3": v.std()})
+    out = pd.concat(outs, ignore_index=True)
+    stats_df, summary_df = pd.DataFrame(stats), pd.DataFrame(summary)
+    od = ctx.output_dir
+    atomic_write_tsv(od / "group_volumes_combat.tsv", out)
+    atomic_write_tsv(od / "group_combat_stats.tsv", stats_df)
+    atomic_write_tsv(od / "group_combat_summary.tsv", summary_df)
+    log.info("ComBat: wrote group_volumes_combat.tsv, group_combat_stats.tsv, group_combat_summary.tsv")
+    return [combat_section(vol, out, stats_df, used, warnings)]
