@@ -20,6 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib import patheffects  # noqa: E402
 from matplotlib.colors import to_rgba  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
@@ -37,6 +38,7 @@ MASK_COLOR = "#ff3030"
 EDGE_COLOR = "#ff3030"
 EDGE_COLOR_2 = "#00e5ff"
 VOLUME_LABELS = ("CSF", "GM", "WM", "brain")
+_TEXT = {"color": "white", "path_effects": [patheffects.withStroke(linewidth=1.5, foreground="black")]}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -253,12 +255,14 @@ def overlay_mosaic(background, *, contours: Sequence[tuple] = (), labels=None,
                           interpolation="nearest", aspect=_aspect(zooms, plane))
             for arr, levels, color, _name, smooth in cont:
                 _contour(ax, _slice2d(arr, plane, idx)[crop], levels, color, smooth=0.7 if smooth else 0.0)
-            ax.text(0.02, 0.02, f"{_WORLD[plane]}={_world_coord(bg_img, plane, idx):.0f}", color="white",
-                    fontsize=7, transform=ax.transAxes, va="bottom")
-            if plane != "sagittal" and c == 0:
-                ax.text(0.02, 0.98, "L", color="white", fontsize=8, transform=ax.transAxes, va="top")
-                ax.text(0.98, 0.98, "R", color="white", fontsize=8, transform=ax.transAxes, va="top",
-                        ha="right")
+            # annotations in data coordinates, so they sit on the picture whatever its aspect
+            w, h = h1 - h0, v1 - v0
+            ax.text(0, 0, f"{_WORLD[plane]}={_world_coord(bg_img, plane, idx):.0f}", fontsize=7, va="bottom",
+                    ha="left", **_TEXT)
+            if c == 0:
+                lo, hi = ("P", "A") if plane == "sagittal" else ("L", "R")
+                ax.text(0, h - 1, lo, fontsize=8, va="top", ha="left", **_TEXT)
+                ax.text(w - 1, h - 1, hi, fontsize=8, va="top", ha="right", **_TEXT)
         axes[r, 0].text(-0.04, 0.5, plane, color="white", fontsize=9, rotation=90, va="center", ha="right",
                         transform=axes[r, 0].transAxes)
 

@@ -1,0 +1,557 @@
+"""Participant report ``output_dir/sub-<label>.html``, built only from the derivatives on disk.
+
+Reading files rather than workflow objects keeps the report reproducible (rerun it on any output
+folder) and lets it describe partial results: whatever is missing becomes a visible warning, never
+a crash. Sections: summary (with errors and warnings first), acquisitions (from the JSON sidecars),
+one section per session (mask and segmentation overlays, registration and co-registration checks,
+volumes per method) and an "About" block with versions and provenance.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import os
+import re
+import shlex
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from bidsapp.reports.html import (
+    Section,
+    figure_html,
+    kv_table_html,
+    subsection_html,
+    table_html,
+    text_html,
+    write_report,
+)
+
+LOG = logging.getLogger("scanbridge.reports")
+TISSUE_LABELS = ("CSF", "GM", "WM")
+OTHER_MODALITIES = ("FLAIR", "T2w", "PDw")
+# Acquisition fields shown in the table: (column title, record key, BIDS sidecar key).
+ACQ_COLUMNS = (
+    ("Manufacturer", "manufacturer", "Manufacturer"),
+    ("Model", "model", "ManufacturersModelName"),
+    ("Field (T)", "field_strength", "MagneticFieldStrength"),
+    ("Sequence", "sequence_family", "SequenceFamily"),
+    ("TR (ms)", "repetition_time", "RepetitionTime"),
+    ("TE (ms)", "echo_time", "EchoTime"),
+    ("TI (ms)", "inversion_time", "InversionTime"),
+    ("Flip (deg)", "flip_angle", "FlipAngle"),
+    ("Site", "site", "InstitutionName"),
+    ("Acquisition group", "group_key", "AcquisitionGroup"),
+)
+_MS_KEYS = {"repetition_time", "echo_time", "inversion_time"}
+# Acquisition parameters the segmentation models need; their absence is reported per image.
+_NEEDED = {"MPRAGE": ("repetition_time", "inversion_time", "flip_angle"),
+           "SPGR": ("repetition_time", "echo_time", "flip_angle")}
+
+
+# ----------------------------------------------------------------------------------------------
+# what is on disk
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class SessionFiles:
+    """Derivatives of one T1w (one session, or one run of it)."""
+
+    subject: str
+    session: str | None
+    prefix: str
+    anat_dir: Path
+    preproc: Path | None = None
+    mask: Path | None = None
+    dseg: Path | None = None
+    dseg_alt: dict[str, Path] = field(default_factory=dict)
+    """Other segmentations kept beside the main answer, by desc (e.g. ``atropos``)."""
+    probseg: dict[str, Path] = field(default_factory=dict)
+    morph: list[Path] = field(default_factory=list)
+    xfm_to_template: dict[str, list[Path]] = field(default_factory=dict)
+    """Forward transforms by template name, in the order antspyx applies them."""
+    template_space: dict[str, Path] = field(default_factory=dict)
+    """T1w already resampled into a template space, by template name."""
+    others: dict[str, Path] = field(default_factory=dict)
+    """Preprocessed FLAIR/T2w/PDw in the T1w grid, by suffix."""
+
+    @property
+    def label(self) -> str:
+        rest = self.prefix[len(f"sub-{self.subject}"):].lstrip("_")
+        return rest or "(no session)"
+
+
+def _sidecar(path: Path | None) -> Path | None:
+    if path is None:
+        return None
+    name = path.name
+    for ext in (".nii.gz", ".nii", ".tsv", ".mat", ".h5", ".txt"):
+        if name.endswith(ext):
+            return path.with_name(name[: -len(ext)] + ".json")
+    return path.with_suffix(".json")
+
+
+def collect_session_files(output_dir: Path, subject: str) -> list[SessionFiles]:
+    """Find a subject's derivatives by the naming conventions (one entry per preprocessed T1w)."""
+    sub_dir = Path(output_dir) / f"sub-{subject}"
+    anat_dirs = sorted(sub_dir.glob("ses-*/anat")) + ([sub_dir / "anat"] if (sub_dir / "anat").is_dir() else [])
+    out = []
+    for anat in anat_dirs:
+        session = anat.parent.name[4:] if anat.parent.name.startswith("ses-") else None
+        preprocs = [p for p in sorted(anat.glob("*_desc-preproc_T1w.nii*")) if "_space-" not in p.name]
+        prefixes = [p.name.split("_desc-preproc_T1w")[0] for p in preprocs]
+        if not prefixes:  # segmentation without preprocessed image: still report what exists
+            for p in sorted(anat.glob("*_desc-brain_mask.nii*")) + sorted(anat.glob("*_dseg.nii*")):
+                pre = re.split(r"_(?:desc|label|space)-|_dseg", p.name)[0]
+                if pre not in prefixes:
+                    prefixes.append(pre)
+        for prefix in prefixes:
+            f = SessionFiles(subject=subject, session=session, prefix=prefix, anat_dir=anat)
+
+            def one(pattern: str) -> Path | None:
+                hits = sorted(anat.glob(prefix + pattern))
+                return hits[0] if hits else None
+
+            f.preproc = one("_desc-preproc_T1w.nii*")
+            f.mask = one("_desc-brain_mask.nii*")
+            f.dseg = one("_dseg.nii*")
+            for p in sorted(anat.glob(prefix + "_desc-*_dseg.nii*")):
+                desc = re.search(r"_desc-([a-zA-Z0-9]+)_dseg", p.name).group(1)
+                f.dseg_alt[desc] = p
+            for lab in TISSUE_LABELS:
+                hit = one(f"_label-{lab}_probseg.nii*")
+                if hit:
+                    f.probseg[lab] = hit
+            f.morph = sorted(anat.glob(prefix + "*_morph.tsv"))
+            for p in sorted(anat.glob(prefix + "_from-T1w_to-*_mode-image_xfm.*")):
+                if p.name.endswith(".json"):
+                    continue
+                tpl = re.search(r"_to-([a-zA-Z0-9]+)_", p.name).group(1)
+                f.xfm_to_template.setdefault(tpl, []).append(p)
+            for tpl, paths in f.xfm_to_template.items():
+                # antspyx applies the list last-to-first: warp fields before the affine
+                paths.sort(key=lambda p: p.suffix == ".mat")
+            for p in sorted(anat.glob(prefix + "_space-*_desc-preproc_T1w.nii*")):
+                tpl = re.search(r"_space-([a-zA-Z0-9]+)_", p.name).group(1)
+                if tpl != "T1w":
+                    f.template_space[tpl] = p
+            for mod in OTHER_MODALITIES:
+                hits = sorted(anat.glob(f"*_desc-preproc_{mod}.nii*"))
+                hits = [h for h in hits if "_space-" not in h.name or "_space-T1w_" in h.name] or hits
+                if hits:
+                    f.others[mod] = hits[0]
+            out.append(f)
+    return out
+
+
+def _read_json(path: Path | None, problems: list[str]) -> dict:
+    if path is None or not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError) as exc:
+        problems.append(f"{path}: unreadable sidecar ({str(exc).splitlines()[0]})")
+        return {}
+
+
+# ----------------------------------------------------------------------------------------------
+# acquisition records from sidecars
+# ----------------------------------------------------------------------------------------------
+
+def _record_from_sidecar(meta: dict) -> dict:
+    """Acquisition fields of a derivative sidecar: the ``Acquisition`` record, else BIDS keys."""
+    rec = meta.get("Acquisition")
+    if isinstance(rec, dict) and rec:
+        return dict(rec)
+    out = {}
+    for _title, key, bids_key in ACQ_COLUMNS:
+        if bids_key in meta:
+            out[key] = meta[bids_key]
+    for k in ("site", "Site"):
+        if k in meta:
+            out["site"] = meta[k]
+    for k in ("acq_group", "AcquisitionGroup", "group_key"):
+        if k in meta:
+            out["group_key"] = meta[k]
+    return out
+
+
+def _fmt_value(key: str, value) -> str:
+    if value is None or (isinstance(value, float) and not np.isfinite(value)) or value == "":
+        return "n/a"
+    if key in _MS_KEYS:
+        try:
+            return f"{float(value) * 1000:.4g}"
+        except (TypeError, ValueError):
+            return str(value)
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def acquisition_rows(files: list[SessionFiles], problems: list[str]) -> tuple[pd.DataFrame, list[str]]:
+    """One row per processed image with its acquisition record, plus warnings about missing fields."""
+    rows, warns = [], []
+    for f in files:
+        images = [("T1w", f.preproc)] + [(m, p) for m, p in f.others.items()]
+        for kind, path in images:
+            if path is None:
+                continue
+            meta = _read_json(_sidecar(path), problems)
+            rec = _record_from_sidecar(meta)
+            row = {"Session": f.label, "Image": kind, "File": path.name}
+            for title, key, _ in ACQ_COLUMNS:
+                row[title] = _fmt_value(key, rec.get(key))
+            rows.append(row)
+            if not meta:
+                warns.append(f"{path.name}: no JSON sidecar; acquisition parameters unknown")
+                continue
+            if not rec:
+                warns.append(f"{path.name}: sidecar has no acquisition parameters")
+                continue
+            for w in rec.get("warnings") or []:
+                warns.append(str(w))
+            missing = list(rec.get("missing") or [])
+            family = rec.get("sequence_family")
+            if kind == "T1w" and family in _NEEDED:
+                gaps = [k for k in _NEEDED[family] if rec.get(k) in (None, "")]
+                if gaps:
+                    missing += [g for g in gaps if g not in missing]
+            if missing:
+                warns.append(f"{path.name}: missing sidecar field(s) {', '.join(map(str, missing))}")
+    return pd.DataFrame(rows), warns
+
+
+# ----------------------------------------------------------------------------------------------
+# template lookup for the registration check
+# ----------------------------------------------------------------------------------------------
+
+def _paths_in(obj):
+    if isinstance(obj, str):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _paths_in(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _paths_in(v)
+
+
+def find_template_image(name: str, hints: dict | None = None, template_dir=None) -> Path | None:
+    """A T1w image of template ``name`` from what is on disk, never downloading.
+
+    Looks in the transform's sidecar for a T1w path, then ``template_dir``, then TEMPLATEFLOW_HOME.
+    """
+    for s in _paths_in(hints or {}):
+        if s.endswith((".nii", ".nii.gz")) and "T1w" in os.path.basename(s) and "mask" not in s:
+            p = Path(s.replace("file://", ""))
+            if p.exists():
+                return p
+    roots = [Path(template_dir)] if template_dir else []
+    if os.environ.get("TEMPLATEFLOW_HOME"):
+        roots.append(Path(os.environ["TEMPLATEFLOW_HOME"]))
+    roots.append(Path.home() / ".cache" / "templateflow")
+    for root in roots:
+        for base in (root / f"tpl-{name}", root):
+            hits = sorted(base.glob(f"tpl-{name}_res-01_*T1w.nii*")) + sorted(base.glob(f"tpl-{name}_*T1w.nii*"))
+            hits = [h for h in hits if "_desc-brain" not in h.name or len(hits) == 1]
+            if hits:
+                return hits[0]
+    return None
+
+
+def _template_mask(template: Path) -> Path | None:
+    base = template.name.split("_T1w")[0].split("_desc-")[0]
+    hits = sorted(template.parent.glob(base + "*_desc-brain_mask.nii*"))
+    return hits[0] if hits else None
+
+
+def subject_in_template(f: SessionFiles, tpl: str, template: Path):
+    """The preprocessed T1w resampled into template space (saved copy, else antspyx with the saved xfm)."""
+    import nibabel as nib
+
+    if tpl in f.template_space:
+        return nib.load(str(f.template_space[tpl]))
+    import ants
+
+    fixed = ants.image_read(str(template))
+    moving = ants.image_read(str(f.preproc))
+    moved = ants.apply_transforms(fixed=fixed, moving=moving, transformlist=[str(p) for p in f.xfm_to_template[tpl]],
+                                  interpolator="linear")
+    return ants.to_nibabel(moved) if hasattr(ants, "to_nibabel") else nib.Nifti1Image(
+        moved.numpy(), nib.load(str(template)).affine)
+
+
+# ----------------------------------------------------------------------------------------------
+# sections
+# ----------------------------------------------------------------------------------------------
+
+def _volumes_block(f: SessionFiles, problems: list[str]) -> tuple[str, list[str], pd.DataFrame | None]:
+    from bidsapp.reports import figures
+
+    warns = []
+    frames = []
+    for p in f.morph:
+        try:
+            df = pd.read_csv(p, sep="\t")
+        except Exception as exc:  # noqa: BLE001 - any unreadable table is a warning
+            warns.append(f"{p.name}: unreadable ({str(exc).splitlines()[0]})")
+            continue
+        if not {"label", "volume_mm3"} <= set(df.columns):
+            warns.append(f"{p.name}: expected columns method, label, volume_mm3; found {', '.join(df.columns)}")
+            continue
+        if "method" not in df:
+            m = re.search(r"_desc-([a-zA-Z0-9]+)_", p.name)
+            df["method"] = m.group(1) if m and m.group(1) != "volumes" else "main"
+        frames.append(df[["method", "label", "volume_mm3"]])
+    if not frames:
+        warns.append("no volumes table (*_desc-volumes_morph.tsv) for this session")
+        return "", warns, None
+    morph = pd.concat(frames).drop_duplicates(["method", "label"], keep="first")
+    morph["volume_mm3"] = pd.to_numeric(morph["volume_mm3"], errors="coerce")
+    wide = morph.pivot_table(index="method", columns="label", values="volume_mm3", aggfunc="first", sort=False)
+    order = [c for c in ("CSF", "GM", "WM", "brain") if c in wide.columns] + \
+            [c for c in wide.columns if c not in ("CSF", "GM", "WM", "brain")]
+    wide = (wide[order] / 1000.0).rename(columns={c: f"{c} (mL)" for c in order})
+    wide.columns.name = None
+    wide = wide.reset_index()
+    body = table_html(wide, float_format="{:.1f}")
+    methods = list(dict.fromkeys(morph["method"]))
+    if len(methods) > 1:
+        ref = morph[morph["method"] == methods[0]].set_index("label")["volume_mm3"]
+        diffs = []
+        for m in methods[1:]:
+            other = morph[morph["method"] == m].set_index("label")["volume_mm3"]
+            d = {"method": f"{m} vs {methods[0]}"}
+            for lab in order:
+                if lab in ref and lab in other and ref[lab]:
+                    d[f"{lab} (%)"] = 100.0 * (other[lab] - ref[lab]) / ref[lab]
+            diffs.append(d)
+        body += text_html("Relative difference between methods:") + table_html(pd.DataFrame(diffs), "{:+.1f}")
+    body += figure_html(figures.volumes_bar_figure(morph), caption="Tissue volumes by segmentation method.")
+    return body, warns, morph
+
+
+def _figure_or_warning(make, caption: str, warns: list[str], what: str, dpi: int = 90) -> str:
+    try:
+        return figure_html(make(), caption=caption, dpi=dpi)
+    except Exception as exc:  # noqa: BLE001 - one broken image must not cost the whole report
+        LOG.warning("report: %s failed: %s", what, exc)
+        warns.append(f"{what} could not be drawn: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
+        return ""
+
+
+def session_section(f: SessionFiles, problems: list[str], template_dir=None, n_slices: int = 5) -> Section:
+    """Overlays, registration checks and volumes of one session."""
+    from bidsapp.reports import figures
+
+    warns: list[str] = []
+    errs: list[str] = []
+    body = []
+    if f.preproc is None:
+        errs.append(f"{f.prefix}: no preprocessed T1w (*_desc-preproc_T1w.nii.gz); overlays cannot be drawn")
+    else:
+        if f.mask is not None:
+            body.append(subsection_html("Brain mask", _figure_or_warning(
+                lambda: figures.mask_figure(f.preproc, f.mask, n_slices=n_slices),
+                f"Brain mask (red contour) over the preprocessed T1w ({f.preproc.name}).", warns, "brain-mask overlay")))
+        else:
+            warns.append(f"{f.prefix}: no brain mask (*_desc-brain_mask.nii.gz)")
+        segs = ([("main answer", f.dseg)] if f.dseg is not None else []) + list(f.dseg_alt.items())
+        if not segs:
+            warns.append(f"{f.prefix}: no tissue segmentation (*_dseg.nii.gz)")
+        for name, path in segs:
+            meta = _read_json(_sidecar(path), problems)
+            method = _method_name(meta) or name
+            body.append(subsection_html(f"Tissue segmentation: {method}", _figure_or_warning(
+                lambda p=path: figures.segmentation_figure(f.preproc, p, f.mask, n_slices=n_slices),
+                f"CSF/GM/WM ({path.name}) over the preprocessed T1w; red: brain mask.", warns,
+                f"segmentation overlay {path.name}")))
+        body.append(_registration_block(f, problems, warns, template_dir, n_slices))
+        for mod, path in f.others.items():
+            body.append(subsection_html(f"{mod} to T1w co-registration", _figure_or_warning(
+                lambda p=path: figures.coregistration_figure(p, f.preproc, dseg=f.dseg, mask=f.mask, n_slices=n_slices),
+                f"{path.name} with T1w white-matter boundary (red) and brain mask (cyan).", warns,
+                f"{mod} co-registration check")))
+    vol_body, vol_warns, _ = _volumes_block(f, problems)
+    warns += vol_warns
+    if vol_body:
+        body.append(subsection_html("Volumes", vol_body))
+    title = f"Session {f.session}" if f.session else "Anatomical"
+    if f.label not in (f"ses-{f.session}", "(no session)"):
+        title += f" ({f.label})"
+    return Section(title=title, body="".join(body), warnings=warns, errors=errs,
+                   anchor=re.sub(r"[^a-zA-Z0-9_-]", "-", f"ses-{f.prefix}"))
+
+
+def _registration_block(f: SessionFiles, problems, warns, template_dir, n_slices) -> str:
+    from bidsapp.reports import figures
+
+    tpls = list(dict.fromkeys(list(f.template_space) + list(f.xfm_to_template)))
+    if not tpls:
+        warns.append(f"{f.prefix}: no transform to a template (*_from-T1w_to-<template>_mode-image_xfm.*)")
+        return ""
+    out = []
+    for tpl in tpls:
+        hints = {}
+        for p in f.xfm_to_template.get(tpl, []):
+            hints.update(_read_json(_sidecar(p), problems))
+        template = find_template_image(tpl, hints, template_dir)
+        if template is None:
+            warns.append(f"registration check to {tpl} skipped: template image not found on disk")
+            continue
+        tmask = _template_mask(template)
+
+        def make(tpl=tpl, template=template, tmask=tmask):
+            return figures.registration_figure(subject_in_template(f, tpl, template), template,
+                                               template_mask=tmask, n_slices=n_slices)
+
+        out.append(subsection_html(f"Registration to {tpl}", _figure_or_warning(
+            make, f"Edges of {tpl} (red) over the subject's T1w resampled into template space.", warns,
+            f"registration check to {tpl}")))
+    return "".join(out)
+
+
+def _method_name(meta: dict) -> str | None:
+    for key in ("Method", "method", "Model", "model", "SegmentationMethod"):
+        v = meta.get(key)
+        if isinstance(v, str):
+            return v
+        if isinstance(v, dict):
+            name = v.get("name") or v.get("Name")
+            if name:
+                return f"{name} {v.get('version') or v.get('Version') or ''}".strip()
+    return None
+
+
+_PROVENANCE_KEYS = re.compile(r"model|template|method|software|sha256|version|weights|prior", re.I)
+
+
+def provenance_rows(files: list[SessionFiles], problems: list[str]) -> pd.DataFrame:
+    """Models, templates and software recorded in the sidecars (deduplicated across sessions)."""
+    rows, seen = [], set()
+    for f in files:
+        paths = [f.preproc, f.mask, f.dseg, *f.dseg_alt.values(), *f.probseg.values(), *f.morph,
+                 *(p for ps in f.xfm_to_template.values() for p in ps)]
+        for p in paths:
+            meta = _read_json(_sidecar(p), problems)
+            for k, v in meta.items():
+                if k in ("Sources", "Acquisition", "RawSources") or not _PROVENANCE_KEYS.search(k):
+                    continue
+                text = json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else str(v)
+                kind = re.sub(r"^sub-[^_]+_(ses-[^_]+_)?", "", p.name)
+                if (kind, k, text) in seen:
+                    continue
+                seen.add((kind, k, text))
+                rows.append({"output": kind, "field": k, "value": text})
+    return pd.DataFrame(rows)
+
+
+def _dataset_description(output_dir: Path, problems) -> dict:
+    return _read_json(Path(output_dir) / "dataset_description.json", problems)
+
+
+def about_section(output_dir: Path, files: list[SessionFiles], problems: list[str],
+                  command_line: str | None = None) -> Section:
+    from bidsapp import __version__
+
+    dd = _dataset_description(output_dir, problems)
+    gen = dd.get("GeneratedBy") or []
+    gen0 = gen[0] if isinstance(gen, list) and gen and isinstance(gen[0], dict) else {}
+    container = gen0.get("Container")
+    items = [
+        ("scanbridge version", __version__),
+        ("derivatives generated by", " ".join(str(gen0.get(k, "")) for k in ("Name", "Version")).strip() or "n/a"),
+        ("container", json.dumps(container) if isinstance(container, dict) else (container or "none recorded")),
+        ("command line", command_line if command_line is not None else shlex.join(sys.argv)),
+        ("report date", _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")),
+        ("output folder", str(Path(output_dir).resolve())),
+        ("python", sys.version.split()[0]),
+    ]
+    body = kv_table_html(items)
+    prov = provenance_rows(files, problems)
+    if len(prov):
+        body += subsection_html("Provenance of templates and models", table_html(prov))
+    else:
+        body += text_html("No model or template provenance was recorded in the sidecars.")
+    return Section(title="About", body=body, anchor="about")
+
+
+def _summary_section(subject, files, acq, output_dir, problems, warnings, errors) -> Section:
+    sessions = sorted({f.session for f in files if f.session})
+    images = {"T1w": sum(f.preproc is not None for f in files)}
+    for mod in OTHER_MODALITIES:
+        n = sum(mod in f.others for f in files)
+        if n:
+            images[mod] = n
+    templates = sorted({t for f in files for t in list(f.xfm_to_template) + list(f.template_space)})
+    methods = set()
+    for f in files:
+        for p in f.morph:
+            try:
+                methods.update(pd.read_csv(p, sep="\t", usecols=["method"])["method"].astype(str))
+            except Exception:  # noqa: BLE001 - reported by the session section
+                pass
+    groups = sorted(set(acq["Acquisition group"]) - {"n/a"}) if len(acq) else []
+    items = [
+        ("subject", f"sub-{subject}"),
+        ("sessions", ", ".join(sessions) if sessions else ("none (single-session layout)" if files else "none")),
+        ("images processed", ", ".join(f"{k} x{v}" for k, v in images.items() if v) or "none"),
+        ("template", ", ".join(templates) or "none found"),
+        ("segmentation methods", ", ".join(sorted(methods)) or "none found"),
+        ("acquisition groups", ", ".join(groups) or "n/a"),
+        ("status", "FAILED" if errors else ("completed with warnings" if warnings else "completed")),
+    ]
+    return Section(title="Summary", body=kv_table_html(items), warnings=list(warnings), errors=list(errors),
+                   anchor="summary")
+
+
+def write_participant_report(output_dir, subject: str, *, warnings=None, errors=None,
+                             command_line: str | None = None, template_dir=None, n_slices: int = 5) -> Path:
+    """Write ``output_dir/sub-<subject>.html`` from the subject's derivatives and return its path.
+
+    ``warnings``/``errors`` come from the run (skipped images, failed nodes) and are shown first,
+    together with problems found while reading the outputs (missing files, missing sidecar fields).
+    """
+    output_dir = Path(output_dir)
+    subject = str(subject)
+    subject = subject[4:] if subject.startswith("sub-") else subject
+    problems: list[str] = []
+    errors = list(errors or [])
+    files = collect_session_files(output_dir, subject)
+    if not files:
+        errors.append(f"no derivatives found for sub-{subject} in {output_dir}")
+    acq, acq_warns = acquisition_rows(files, problems)
+    sessions = [session_section(f, problems, template_dir=template_dir, n_slices=n_slices) for f in files]
+    all_warn = list(dict.fromkeys([*(warnings or []), *acq_warns]))
+    if acq.empty:
+        acq_body = text_html("No processed images with sidecars were found.")
+    else:
+        acq_body = table_html(acq)
+    acq_sec = Section(title="Acquisitions", body=acq_body, anchor="acquisitions")
+    about = about_section(output_dir, files, problems, command_line)
+    all_warn += [p for p in problems if p not in all_warn]
+    summary = _summary_section(subject, files, acq, output_dir, problems, all_warn,
+                               list(dict.fromkeys(errors)))
+    n_msgs = sum(len(s.warnings) + len(s.errors) for s in sessions)
+    if n_msgs:
+        summary.body += text_html(f"{n_msgs} further message(s) in the session sections below.")
+    return write_report(output_dir / f"sub-{subject}.html", f"scanbridge: sub-{subject}",
+                        [summary, acq_sec, *sessions, about],
+                        subtitle=f"Participant report, scanbridge {_version()}")
+
+
+def _version() -> str:
+    from bidsapp import __version__
+
+    return __version__
+
+
+__all__ = ["write_participant_report", "collect_session_files", "SessionFiles", "session_section",
+           "about_section", "acquisition_rows", "find_template_image"]
