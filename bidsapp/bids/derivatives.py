@@ -291,7 +291,7 @@ def container_info(env: Mapping[str, str] | None = None) -> dict | None:
 
 def write_dataset_description(
     output_dir: str | os.PathLike,
-    version: str,
+    version: str | None = None,
     *,
     bids_dir: str | os.PathLike | None = None,
     container: dict | None = None,
@@ -300,10 +300,12 @@ def write_dataset_description(
 ) -> Path:
     """Write ``output_dir/dataset_description.json`` for a derivative dataset.
 
-    ``container`` defaults to :func:`container_info`. With ``bids_dir``, ``DatasetLinks.raw``
+    ``version`` defaults to scanbridge's own; ``container`` defaults to :func:`container_info`. With ``bids_dir``, ``DatasetLinks.raw``
     points at it (file URI) so ``bids:raw:`` Sources resolve, and ``SourceDatasets`` records it
     (with its DOI and version when its own description has them).
     """
+    if version is None:
+        from bidsapp import __version__ as version
     generated = {"Name": name, "Version": str(version)}
     container = container if container is not None else container_info()
     if container:

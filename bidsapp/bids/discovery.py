@@ -15,7 +15,7 @@ Errors that stop the run raise :class:`~bidsapp.bids.errors.BIDSInputError` (one
 the file): nonexistent ``bids_dir``, no ``dataset_description.json``, ``output_dir`` or
 ``work_dir`` inside ``bids_dir``, a participant/session label that is unknown or contains a
 path separator, an unreadable or invalid filter file. Everything else is per-subject: a subject
-without a usable T1w, a bad image (:func:`~.validation.check_image`), a malformed sidecar JSON
+without a usable T1w, a bad image (:func:`~.validation.inspect_image`), a malformed sidecar JSON
 (skipped by the index, inherited values still apply) or missing sidecar fields become entries in
 ``skipped`` / ``warnings`` and the others go on.
 
@@ -43,7 +43,7 @@ import pandas as pd
 from .acquisition import QMRI_SUFFIXES, AcquisitionRecord
 from .derivatives import LONG_NAMES
 from .errors import BIDSInputError
-from .validation import SKIPPED_TOP_FOLDERS, check_image
+from .validation import SKIPPED_TOP_FOLDERS, inspect_image
 
 LOGGER = logging.getLogger("scanbridge.bids")
 
@@ -77,7 +77,9 @@ class SessionPlan:
     """Every listed image -> pybids entities (subject, session, acquisition, run, suffix...)."""
     site: str | None = None
     skipped: list[tuple[Path, str]] = field(default_factory=list)
+    """This session's images that failed the checks (also listed in the subject's ``skipped``)."""
     warnings: list[str] = field(default_factory=list)
+    """This session's warnings (also listed in the subject's ``warnings``)."""
 
     @property
     def images(self) -> list[Path]:
@@ -105,20 +107,14 @@ class SubjectPlan:
     participant: dict = field(default_factory=dict)
     """This subject's participants.tsv row (``n/a`` -> None)."""
     skipped: list[tuple[Path, str]] = field(default_factory=list)
-    """(file or folder, reason) for everything left out, including sessions without a T1w."""
+    """(file or folder, reason naming it) for everything of this subject left out: sessions
+    without a usable T1w and every image that failed the checks."""
     warnings: list[str] = field(default_factory=list)
+    """Every warning about this subject's files (one line each, naming the file)."""
 
     @property
     def runnable(self) -> bool:
         return bool(self.sessions)
-
-    @property
-    def all_skipped(self) -> list[tuple[Path, str]]:
-        return self.skipped + [s for ses in self.sessions for s in ses.skipped]
-
-    @property
-    def all_warnings(self) -> list[str]:
-        return self.warnings + [w for ses in self.sessions for w in ses.warnings]
 
 
 @dataclass
@@ -141,7 +137,7 @@ class DatasetPlan:
     @property
     def has_problems(self) -> bool:
         """True if any subject, session or image was skipped (the exit code should say so)."""
-        return any(s.all_skipped for s in self.subjects)
+        return any(s.skipped for s in self.subjects)
 
     def acquisition_table(self) -> pd.DataFrame:
         """One row per usable image: participant_id, session_id, path, acq_group + record fields."""
@@ -177,11 +173,11 @@ class DatasetPlan:
             lines.append(f"  sub-{sub.subject}: " + "; ".join(parts))
         for sub in self.skipped_subjects:
             lines.append(f"  sub-{sub.subject}: SKIPPED (no session with a usable T1w image)")
-        skipped = [(sub, item) for sub in self.subjects for item in sub.all_skipped]
+        skipped = [item for sub in self.subjects for item in sub.skipped]
         if skipped:
             lines.append(f"skipped ({len(skipped)}):")
-            lines += [f"  {reason}" if str(path) in reason else f"  {path}: {reason}" for _, (path, reason) in skipped]
-        warnings = self.warnings + [w for sub in self.subjects for w in sub.all_warnings]
+            lines += [f"  {reason}" if str(path) in reason else f"  {path}: {reason}" for path, reason in skipped]
+        warnings = self.warnings + [w for sub in self.subjects for w in sub.warnings]
         if warnings:
             lines.append(f"warnings ({len(warnings)}):")
             lines += [f"  {w}" for w in warnings]
@@ -382,14 +378,22 @@ def discover(
     participant_label=None,
     session_label=None,
     bids_filters=None,
+    bids_filter_file: str | os.PathLike | None = None,
     output_dir: str | os.PathLike | None = None,
     work_dir: str | os.PathLike | None = None,
     check_images: bool = True,
     layout=None,
 ) -> DatasetPlan:
-    """Plan the run: see the module docstring. ``bids_filters`` is a dict or a filter-file path."""
+    """Plan the run: see the module docstring.
+
+    ``bids_filters`` is a dict or a filter-file path (``bids_filter_file`` is the same, by its CLI
+    name). ``check_images=False`` skips reading the images (the group level, which only needs
+    the acquisition records).
+    """
     root = check_paths(bids_dir, output_dir, work_dir)
-    filters = load_bids_filters(bids_filters)
+    if bids_filters is not None and bids_filter_file is not None:
+        raise BIDSInputError(f"{bids_filter_file}: give either bids_filters or bids_filter_file, not both")
+    filters = load_bids_filters(bids_filters if bids_filters is not None else bids_filter_file)
     plan = DatasetPlan(bids_dir=root, filters=filters)
 
     bad_json = malformed_json_files(root)
@@ -468,9 +472,11 @@ def _plan_subject(layout, root, subject, indexed, wanted_sessions, filters, part
             where = sub_dir / f"ses-{session}" if session else sub_dir
             failed = [p for p, _ in ses_plan.skipped if ses_plan.entities.get(p, {}).get("suffix") == "T1w"]
             reason = f"{where}: no usable T1w image" + (f" ({len(failed)} failed the image checks)" if failed else "")
+            if filters.get("t1w"):
+                reason += " matching the BIDS filter"
             plan.skipped.append((where, reason))
-            plan.skipped += ses_plan.skipped
-            plan.warnings += ses_plan.warnings
+        plan.skipped += ses_plan.skipped
+        plan.warnings += ses_plan.warnings
     return plan
 
 
@@ -488,7 +494,7 @@ def _plan_session(layout, root, subject, session, filters, site, site_source, ch
             entities = {k: v for k, v in bf.get_entities().items() if k != "extension"}
             plan.entities[path] = entities
             if check_images:
-                result = check_image(path)
+                result = inspect_image(path)
                 plan.warnings += result.warnings
                 if not result.ok:
                     plan.skipped += [(path, e) for e in result.errors]

@@ -7,8 +7,10 @@ every message names the file or folder and the problem, e.g.
 
 from __future__ import annotations
 
+from bidsapp.errors import UserError
 
-class BIDSInputError(ValueError):
+
+class BIDSInputError(UserError, ValueError):
     """Bad input that the user can fix: the message is one line and names the file."""
 
     def __init__(self, message: str):

@@ -1,7 +1,8 @@
 """Checks before processing: is each image usable, and is the dataset valid BIDS?
 
-Image checks (:func:`check_image`) read the header and, unless ``check_values=False``, the data
-once; each problem is a one-line message that starts with the file path:
+Image checks (:func:`inspect_image`, or :func:`check_image` for just the first error) read the
+header and, unless ``check_values=False``, the data once; each problem is a one-line message that
+starts with the file path:
 
 * errors (the image cannot be processed): missing/broken link, 0-byte file, a ``.nii.gz`` that
   is not gzip data, not a NIfTI image, truncated data, 2D, 4D with several volumes where 3D is
@@ -59,11 +60,17 @@ class ImageCheck:
         return not self.errors
 
 
-def check_image(path: str | os.PathLike, *, expect_3d: bool = True, check_values: bool = True) -> ImageCheck:
+def inspect_image(path: str | os.PathLike, *, expect_3d: bool = True, check_values: bool = True) -> ImageCheck:
     """Check one NIfTI image; never raises for a bad file (problems go to ``errors``/``warnings``)."""
     check = ImageCheck(Path(path))
     _inspect(check, expect_3d=expect_3d, check_values=check_values)
     return check
+
+
+def check_image(path: str | os.PathLike, *, expect_3d: bool = True, check_values: bool = True) -> str | None:
+    """The first error of :func:`inspect_image` (one line naming the file), or None if the image is usable."""
+    check = inspect_image(path, expect_3d=expect_3d, check_values=check_values)
+    return check.errors[0] if check.errors else None
 
 
 def load_3d(path: str | os.PathLike):
@@ -208,6 +215,10 @@ class ValidationReport:
     @property
     def ok(self) -> bool:
         return not self.errors
+
+    def __iter__(self):
+        """All messages, errors first (each one line naming the file)."""
+        return iter(self.errors + self.warnings)
 
 
 def validate_dataset(bids_dir: str | os.PathLike, *, use_node: bool | None = None, timeout: float = 900) -> ValidationReport:
