@@ -1,7 +1,7 @@
 """``scanbridge-train <model> ...``: one reproducible training command per shipped model.
 
-Each subcommand lives in its own module ``bidsapp.training.<name>`` exposing
-``add_arguments(parser)`` and ``run(args) -> int``; modules are imported only when their subcommand
+Each subcommand lives in its own module ``bidsapp.training.<name>`` exposing either
+``add_arguments(parser)`` and ``run(args) -> int``, or ``main(argv) -> int``; modules are imported only when their subcommand
 runs, so ``scanbridge-train --help`` stays fast and one model's dependencies never load for another.
 """
 
@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"scanbridge-train: the {name} trainer is not installed in this version", file=sys.stderr)
             return 2
         raise
+    if not hasattr(module, "add_arguments") and hasattr(module, "main"):
+        return int(module.main(argv[1:]) or 0)
     parser = argparse.ArgumentParser(prog=f"scanbridge-train {name}", description=help_text)
     module.add_arguments(parser)
     args = parser.parse_args(argv[1:])

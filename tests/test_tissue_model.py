@@ -1,0 +1,213 @@
+"""Tissue U-Net, physics-parameter vector, weights registry and sliding-window inference (tiny tensors)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from bidsapp.models import registry, tissue
+from bidsapp.models.unet import UNet3D, count_parameters
+
+
+def _net(n_params=tissue.N_PARAMS, seed=0):
+    torch.manual_seed(seed)
+    return UNet3D(in_channels=1, out_channels=3, features=(4, 8, 16), n_params=n_params)
+
+
+def test_unet_shapes_and_divisor():
+    net = _net(n_params=0)
+    x = torch.randn(2, 1, 16, 24, 32)
+    assert net(x).shape == (2, 3, 16, 24, 32)
+    assert net.divisor == 4
+    assert not net.uses_physics
+
+
+def test_physics_branch_changes_output_and_gets_gradients():
+    net = _net()
+    # make the physics branch matter at initialisation: non-trivial weights
+    x = torch.randn(1, 1, 16, 16, 16)
+    p1 = torch.from_numpy(tissue.encode("MPRAGE", TI=0.6, B0=3.0))[None]
+    p2 = torch.from_numpy(tissue.encode("MPRAGE", TI=1.2, B0=3.0))[None]
+    y1, y2 = net(x, p1), net(x, p2)
+    assert y1.shape == (1, 3, 16, 16, 16)
+    assert (y1 - y2).abs().max().item() > 1e-4
+    y1.sum().backward()
+    assert net.physics.fc[0].weight.grad.abs().sum().item() > 0
+    with pytest.raises(ValueError):
+        net(x)
+
+
+def test_physics_branch_broadcasts_one_vector_over_a_batch():
+    net = _net()
+    x = torch.randn(3, 1, 8, 8, 8)
+    p = torch.from_numpy(tissue.encode("SPGR", TR=0.03, TE=0.005, FA=30))[None]
+    assert net(x, p).shape == (3, 3, 8, 8, 8)
+
+
+def test_no_physics_net_is_smaller_by_exactly_the_branch():
+    a, b = _net(n_params=0), _net()
+    branch = tissue.N_PARAMS * 10 + 10 + 10 * 10 + 10
+    # the top decoder conv sees 10 extra channels and has no instance norm before its activation
+    extra_conv = 10 * 4 * 27 - 2 * 4
+    assert count_parameters(b) - count_parameters(a) == branch + extra_conv
+
+
+def test_encode_units_and_layout():
+    v = tissue.encode("MPRAGE", TI=0.9, B0=1.5)
+    d = dict(zip(tissue.PARAMETER_LAYOUT, v))
+    assert d["family_MPRAGE"] == 1 and d["family_SPGR"] == 0
+    assert d["TI_s"] == pytest.approx(0.9) and d["exp_neg_TI"] == pytest.approx(math.exp(-0.9))
+    assert d["has_TR"] == 0 and d["TR_s"] == 0
+    assert d["B0_over_3T"] == pytest.approx(0.5) and d["has_B0"] == 1
+    s = dict(zip(tissue.PARAMETER_LAYOUT, tissue.encode("SPGR", TR=0.05, TE=0.005, FA=30)))
+    assert s["TE_over_50ms"] == pytest.approx(0.1) and s["exp_neg_TE_over_50ms"] == pytest.approx(math.exp(-0.1))
+    assert s["sin_FA"] == pytest.approx(0.5) and s["has_B0"] == 0
+
+
+def test_encode_batch_matches_encode_with_nan_as_missing():
+    fam = np.array(["MPRAGE", "SPGR"])
+    batch = tissue.encode_batch(fam, TI=[0.8, np.nan], TR=[np.nan, 0.02], TE=[np.nan, 0.006],
+                                FA=[np.nan, 20.0], B0=[3.0, np.nan])
+    np.testing.assert_allclose(batch[0], tissue.encode("MPRAGE", TI=0.8, B0=3.0), rtol=1e-6)
+    np.testing.assert_allclose(batch[1], tissue.encode("SPGR", TR=0.02, TE=0.006, FA=20.0), rtol=1e-6)
+
+
+def test_parameter_vector_from_bids_and_record_names():
+    pv = tissue.parameter_vector({"sequence_family": "MPRAGE", "InversionTime": 0.9, "RepetitionTime": 2.3,
+                                  "MagneticFieldStrength": 3.0})
+    assert pv.fallback_reason is None and pv.values is not None
+    assert pv.used == {"InversionTime": 0.9, "MagneticFieldStrength": 3.0}
+    assert "RepetitionTime" in pv.ignored
+    rec = tissue.parameter_vector({"sequence_family": "SPGR", "repetition_time": 0.02, "echo_time": 0.005,
+                                   "flip_angle": 25.0})
+    assert rec.values is not None and rec.missing == ["MagneticFieldStrength"]
+    assert rec.values[tissue.PARAMETER_LAYOUT.index("has_B0")] == 0
+
+
+@pytest.mark.parametrize("acq, needle", [
+    ({"sequence_family": "SPGR", "RepetitionTime": 0.02, "EchoTime": 0.005}, "lacks FlipAngle"),
+    ({"sequence_family": "MPRAGE"}, "lacks InversionTime"),
+    ({"sequence_family": "TSE", "RepetitionTime": 3.0, "EchoTime": 0.1}, "not one the physics model"),
+    ({"RepetitionTime": 0.02}, "UNKNOWN"),
+    ({"sequence_family": "MPRAGE", "InversionTime": 0.3}, "outside the physics model's training range"),
+    ({"sequence_family": "SPGR", "RepetitionTime": "n/a", "EchoTime": 0.005, "FlipAngle": 20}, "lacks RepetitionTime"),
+    (None, "UNKNOWN"),
+])
+def test_parameter_vector_falls_back_with_a_reason(acq, needle):
+    pv = tissue.parameter_vector(acq)
+    assert pv.values is None
+    assert needle in pv.fallback_reason
+
+
+def test_out_of_range_field_strength_is_treated_as_missing():
+    pv = tissue.parameter_vector({"sequence_family": "MPRAGE", "InversionTime": 0.9, "MagneticFieldStrength": 7.0})
+    assert pv.values is not None and "MagneticFieldStrength" in pv.ignored
+    assert pv.values[tissue.PARAMETER_LAYOUT.index("has_B0")] == 0
+
+
+# ------------------------------------------------------------------------------------ registry
+def _save_tiny(tmp_path, name, n_params):
+    net = _net(n_params=n_params)
+    card = {"version": "test", "architecture": {"class": "UNet3D", "kwargs": net.config},
+            "training": {"command": "none", "seed": 0, "data": "random"}, "metrics": {},
+            "resolution_mm": 2.0, "inference_roi": 16}
+    return net, registry.save_model(name, net.state_dict(), card, weights_dir=tmp_path)
+
+
+def test_registry_roundtrip_and_sha256(tmp_path):
+    net, card = _save_tiny(tmp_path, "tissue_unet_physics", tissue.N_PARAMS)
+    assert registry.available("tissue", tmp_path) == ["tissue_unet_physics"]
+    assert card["sha256"] == registry.sha256_file(tmp_path / "tissue_unet_physics.pt")
+    state, card2 = registry.load_state_dict("tissue_unet_physics", tmp_path)
+    assert card2["sha256"] == card["sha256"]
+    loaded = tissue.build_model(card2)
+    loaded.load_state_dict(state)
+    x = torch.randn(1, 1, 8, 8, 8)
+    p = torch.from_numpy(tissue.encode("MPRAGE", TI=0.9))[None]
+    torch.testing.assert_close(loaded(x, p), net(x, p))
+
+
+def test_registry_rejects_a_corrupted_weights_file(tmp_path):
+    _save_tiny(tmp_path, "tissue_unet", 0)
+    path = tmp_path / "tissue_unet.pt"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(registry.WeightsIntegrityError, match="corrupted or was modified"):
+        registry.load_state_dict("tissue_unet", tmp_path)
+
+
+def test_registry_missing_model_and_incomplete_card(tmp_path):
+    with pytest.raises(registry.ModelNotFoundError):
+        registry.load_card("nothing", tmp_path)
+    (tmp_path / "bad.json").write_text(json.dumps({"name": "bad"}))
+    with pytest.raises(registry.WeightsIntegrityError, match="lacks"):
+        registry.load_card("bad", tmp_path)
+
+
+def test_shipped_tissue_cards_match_their_weights():
+    names = registry.available("tissue")
+    if not names:
+        pytest.skip("no tissue weights shipped in this checkout")
+    for name in names:
+        _, card = registry.verify(name)
+        assert card["architecture"]["kwargs"]["n_params"] in (0, tissue.N_PARAMS)
+        assert card["training"]["seed"] is not None and card["training"]["command"].startswith("scanbridge-train")
+
+
+# ------------------------------------------------------------------------------------ inference
+def _blob_volume(shape=(40, 36, 32)):
+    zz, yy, xx = np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij")
+    r = np.sqrt(zz ** 2 + yy ** 2 + xx ** 2)
+    mask = r < 0.9
+    img = np.where(r < 0.4, 1.0, np.where(r < 0.7, 0.7, 0.3)).astype(np.float32) * mask
+    return img, mask
+
+
+def test_sliding_window_probabilities_on_a_small_volume():
+    net = _net().eval()
+    img, mask = _blob_volume()
+    x = tissue.normalise(img, mask)
+    probs = tissue.predict_probs(net, x, mask, tissue.encode("MPRAGE", TI=0.9), "cpu", roi=16, overlap=0.25)
+    assert probs.shape == (3,) + img.shape
+    inside = probs[:, mask]
+    np.testing.assert_allclose(inside.sum(0), 1.0, atol=1e-4)
+
+
+def test_segment_end_to_end_with_fallback_and_resampling(tmp_path, monkeypatch):
+    _save_tiny(tmp_path, "tissue_unet_physics", tissue.N_PARAMS)
+    _save_tiny(tmp_path, "tissue_unet", 0)
+    img, mask = _blob_volume((30, 28, 26))
+    res = tissue.segment(img, mask, (1.0, 1.0, 1.0), {"sequence_family": "MPRAGE", "InversionTime": 0.9},
+                         device="cpu", weights_dir=tmp_path)
+    assert res.method == "unet-physics" and res.fallback_reason is None
+    assert res.probs.shape == (3,) + img.shape and res.dseg.shape == img.shape
+    assert set(np.unique(res.dseg[mask])) <= {1, 2, 3} and not res.dseg[~mask].any()
+    assert res.volumes_mm3["brain"] == pytest.approx(mask.sum())
+    assert sum(res.volumes_mm3[c] for c in tissue.CLASSES) == pytest.approx(mask.sum())
+    fb = tissue.segment(img, mask, (1.0, 1.0, 1.0), {"sequence_family": "FLAIR"}, device="cpu", weights_dir=tmp_path)
+    assert fb.method == "unet" and "FLAIR" in fb.fallback_reason and fb.warnings
+    assert fb.model["sha256"] != res.model["sha256"]
+
+
+def test_resample_roundtrip_keeps_field_of_view():
+    img, _ = _blob_volume((20, 20, 20))
+    low = tissue.resample_to(img, (1, 1, 1), 2.0)
+    assert low.shape == (10, 10, 10)
+    back = tissue.resample_shape(low, img.shape)
+    assert back.shape == img.shape
+    assert abs(back.mean() - img.mean()) < 0.05
+
+
+def test_resolve_device():
+    assert tissue.resolve_device("cpu").type == "cpu"
+    assert tissue.resolve_device("auto").type in ("cpu", "cuda")
+    with pytest.raises(ValueError):
+        tissue.resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="no CUDA"):
+            tissue.resolve_device("cuda")
