@@ -1,0 +1,250 @@
+"""Group report ``output_dir/group.html``: acquisition groups and tissue volumes by acquisition group.
+
+The two sections here describe the data as measured; harmonisation steps (ComBat, MRAI-NET,
+bridging) add their own Sections and :func:`write_group_report` assembles everything into one
+self-contained file. Functions never raise on thin data (one group, no age, missing columns):
+they say what could not be shown instead.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import shlex
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from bidsapp.metrics.overlap import coefficient_of_variation
+from bidsapp.reports.html import Section, figure_html, kv_table_html, table_html, text_html, write_report
+
+TISSUES = ("CSF", "GM", "WM", "brain")
+GROUP_COL = "acq_group"
+# Acquisition-record keys (AcquisitionRecord.to_dict) -> group table columns (BIDS names).
+_RECORD_TO_BIDS = {
+    "group_key": "acq_group", "manufacturer": "Manufacturer", "model": "ManufacturersModelName",
+    "field_strength": "MagneticFieldStrength", "sequence_family": "SequenceFamily",
+    "repetition_time": "RepetitionTime", "echo_time": "EchoTime", "inversion_time": "InversionTime",
+    "flip_angle": "FlipAngle",
+}
+_PARAM_COLUMNS = (("Manufacturer", "vendor", 1), ("ManufacturersModelName", "model", 1),
+                  ("MagneticFieldStrength", "field (T)", 1), ("SequenceFamily", "sequence", 1),
+                  ("RepetitionTime", "TR (ms)", 1000), ("EchoTime", "TE (ms)", 1000),
+                  ("InversionTime", "TI (ms)", 1000), ("FlipAngle", "flip (deg)", 1))
+_MAX_METHOD_FIGURES = 3
+
+
+def _normalise(df: pd.DataFrame | None) -> pd.DataFrame:
+    """Accept record-style column names too, and ``sub-``-prefixed ids either way."""
+    if df is None:
+        return pd.DataFrame()
+    df = df.rename(columns={k: v for k, v in _RECORD_TO_BIDS.items() if k in df.columns and v not in df.columns})
+    if "participant_id" in df.columns:
+        df = df.copy()
+        df["participant_id"] = [p if str(p).startswith("sub-") else f"sub-{p}" for p in df["participant_id"]]
+    return df
+
+
+def _join(values, scale=1) -> str:
+    """Distinct values of a column, compact: one value, a range of numbers, or a list of words."""
+    vals = [v for v in values if v is not None and not (isinstance(v, float) and np.isnan(v)) and v != "n/a"]
+    if not vals:
+        return "n/a"
+    nums = pd.to_numeric(pd.Series(vals), errors="coerce")
+    if nums.notna().all():
+        nums = nums * scale
+        lo, hi = nums.min(), nums.max()
+        return f"{lo:.4g}" if np.isclose(lo, hi) else f"{lo:.4g}\u2013{hi:.4g}"
+    uniq = list(dict.fromkeys(str(v) for v in vals))
+    return ", ".join(uniq[:4]) + (f" (+{len(uniq) - 4})" if len(uniq) > 4 else "")
+
+
+def acquisition_groups_table(acquisitions_df: pd.DataFrame) -> pd.DataFrame:
+    """One row per acquisition group: scanner, sequence, parameter ranges, sites and counts."""
+    df = _normalise(acquisitions_df)
+    if df.empty or GROUP_COL not in df.columns:
+        return pd.DataFrame()
+    df = df.copy()
+    df[GROUP_COL] = df[GROUP_COL].fillna("unknown").astype(str)
+    rows = []
+    for g, sub in df.groupby(GROUP_COL, sort=True):
+        row = {"acquisition group": g}
+        for col, title, scale in _PARAM_COLUMNS:
+            row[title] = _join(sub[col], scale) if col in sub.columns else "n/a"
+        row["sites"] = _join(sub["site"]) if "site" in sub.columns else "n/a"
+        row["subjects"] = sub["participant_id"].nunique() if "participant_id" in sub.columns else len(sub)
+        if "session_id" in sub.columns and "participant_id" in sub.columns:
+            row["sessions"] = sub[["participant_id", "session_id"]].drop_duplicates().shape[0]
+        row["images"] = len(sub)
+        if "protocol" in sub.columns and sub["protocol"].nunique() > 1:
+            row["protocol versions"] = sub["protocol"].nunique()
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def acquisitions_section(acquisitions_df: pd.DataFrame | None) -> Section:
+    """The acquisition groups found in the dataset (vendor, field, sequence, parameters, counts)."""
+    table = acquisition_groups_table(acquisitions_df if acquisitions_df is not None else pd.DataFrame())
+    warns = []
+    if table.empty:
+        body = text_html("No acquisition records were found (no sidecars, or no acquisition group column); "
+                         "volumes below are shown as one group.")
+        warns.append("acquisition groups unknown")
+        return Section("Acquisition groups", body, warns, anchor="acquisitions")
+    n = len(table)
+    body = text_html(f"{n} acquisition group(s): scans of the same scanner model, field strength and sequence "
+                     "family share a group; parameter ranges show protocol variation inside a group.")
+    if n == 1:
+        warns.append("only one acquisition group: there is no scanner effect to measure or harmonise")
+    unknown = table[table["acquisition group"].str.contains("unknown", case=False)]
+    if len(unknown):
+        warns.append(f"{int(unknown['images'].sum())} image(s) in group(s) with unknown scanner or sequence "
+                     "(missing sidecar fields)")
+    body += table_html(table)
+    return Section("Acquisition groups", body, warns, anchor="acquisitions")
+
+
+def _volumes_frame(volumes_df, acquisitions_df, participants_df) -> tuple[pd.DataFrame, list[str]]:
+    """Volumes with acquisition group, site, age and sex attached where the inputs have them."""
+    warns = []
+    vol = _normalise(volumes_df)
+    acq = _normalise(acquisitions_df)
+    parts = _normalise(participants_df)
+    keys = [k for k in ("participant_id", "session_id") if k in vol.columns]
+    if GROUP_COL not in vol.columns and not acq.empty and GROUP_COL in acq.columns and keys and \
+            set(keys) <= set(acq.columns):
+        extra = [c for c in acq.columns if c not in vol.columns or c in keys]
+        vol = vol.merge(acq[extra].drop_duplicates(keys), how="left", on=keys)
+    if not parts.empty and "participant_id" in vol.columns and "participant_id" in parts.columns:
+        extra = [c for c in ("age", "sex", "site") if c in parts.columns and c not in vol.columns]
+        if extra:
+            vol = vol.merge(parts[["participant_id", *extra]].drop_duplicates("participant_id"), how="left",
+                            on="participant_id")
+    if GROUP_COL not in vol.columns:
+        vol[GROUP_COL] = "unknown"
+        warns.append("no acquisition group column: all sessions shown as one group")
+    vol[GROUP_COL] = vol[GROUP_COL].fillna("unknown").astype(str)
+    if "method" not in vol.columns:
+        vol["method"] = "main"
+    return vol, warns
+
+
+def _method_order(methods) -> list[str]:
+    """The main answer first; the Atropos baseline after any model that replaced it."""
+    methods = list(dict.fromkeys(str(m) for m in methods))
+    return sorted(methods, key=lambda m: (m.lower().startswith("atropos") and len(methods) > 1, methods.index(m)))
+
+
+def volume_summary(volumes_df: pd.DataFrame, group_col: str = GROUP_COL,
+                   tissues=TISSUES) -> pd.DataFrame:
+    """Mean, SD and coefficient of variation (population SD / mean, as the papers) per method, group, tissue.
+
+    ``vs all (%)`` is the group mean's difference from the mean over every session of that method:
+    a scanner effect shows as groups of the same population sitting apart.
+    """
+    df = volumes_df
+    rows = []
+    tissues = [t for t in tissues if t in df.columns]
+    for method in _method_order(df["method"]):
+        mdf = df[df["method"].astype(str) == method]
+        for t in tissues:
+            allv = pd.to_numeric(mdf[t], errors="coerce").dropna()
+            overall = allv.mean() if len(allv) else np.nan
+            for g, sub in mdf.groupby(group_col, sort=True):
+                v = pd.to_numeric(sub[t], errors="coerce").dropna()
+                if not len(v):
+                    continue
+                rows.append({
+                    "method": method, "acquisition group": g, "tissue": t,
+                    "subjects": sub.loc[v.index, "participant_id"].nunique() if "participant_id" in sub else len(v),
+                    "sessions": len(v),
+                    "mean (mL)": v.mean() / 1000.0,
+                    "SD (mL)": v.std(ddof=0) / 1000.0,
+                    "CoV (%)": 100.0 * coefficient_of_variation(v.to_numpy()),
+                    "vs all (%)": 100.0 * (v.mean() - overall) / overall if overall else np.nan,
+                })
+    return pd.DataFrame(rows)
+
+
+def volumes_section(volumes_df: pd.DataFrame | None, acquisitions_df: pd.DataFrame | None = None,
+                    participants_df: pd.DataFrame | None = None, *, title: str = "Volumes by acquisition group",
+                    anchor: str = "volumes") -> Section:
+    """Tissue volumes by acquisition group: box/strip plots (one point per session, coloured by site),
+    volumes against age when known, and a summary table (mean/SD/CoV, subjects and sessions per group)."""
+    from bidsapp.reports import figures
+
+    if volumes_df is None or len(volumes_df) == 0:
+        return Section(title, text_html("No participant volumes were found."), ["no volumes to show"], anchor=anchor)
+    vol, warns = _volumes_frame(volumes_df, acquisitions_df, participants_df)
+    tissues = [t for t in TISSUES if t in vol.columns and pd.to_numeric(vol[t], errors="coerce").notna().any()]
+    if not tissues:
+        return Section(title, text_html("The volumes table has no CSF/GM/WM/brain values."),
+                       warns + ["no tissue volumes"], anchor=anchor)
+    groups = sorted(vol[GROUP_COL].unique())
+    n_sub = vol["participant_id"].nunique() if "participant_id" in vol.columns else len(vol)
+    keys = [k for k in ("participant_id", "session_id") if k in vol.columns]
+    n_ses = vol[keys].drop_duplicates().shape[0] if keys else len(vol)
+    body = [text_html(f"{n_sub} participant(s), {n_ses} session(s) in {len(groups)} acquisition group(s). "
+                      "Each point is one session; boxes show the spread within a group. Groups of the same "
+                      "population that sit apart indicate a scanner or protocol effect.")]
+    if len(groups) == 1:
+        warns.append("only one acquisition group: volumes cannot be compared between scanners")
+    methods = _method_order(vol["method"])
+    if len(methods) > _MAX_METHOD_FIGURES:
+        warns.append(f"{len(methods)} methods: figures for {', '.join(methods[:_MAX_METHOD_FIGURES])} only; "
+                     "the table covers all")
+    has_site = "site" in vol.columns and vol["site"].notna().any()
+    age = pd.to_numeric(vol["age"], errors="coerce") if "age" in vol.columns else None
+    for method in methods[:_MAX_METHOD_FIGURES]:
+        mdf = vol[vol["method"].astype(str) == method]
+        label = f"{method}: " if len(methods) > 1 or method != "main" else ""
+        try:
+            body.append(figure_html(
+                figures.volumes_by_group_figure(mdf, tissues, color_col="site" if has_site else GROUP_COL,
+                                                title=f"{label}volumes by acquisition group"),
+                f"{label}tissue volumes per acquisition group, one point per session"
+                + (", coloured by site" if has_site else ""), dpi=90))
+        except Exception as exc:  # noqa: BLE001 - a figure must not cost the section
+            warns.append(f"{label}volume plot could not be drawn: {exc}")
+        if age is not None and age[mdf.index].notna().sum() >= 2:
+            try:
+                body.append(figure_html(
+                    figures.volumes_vs_age_figure(mdf, tissues, title=f"{label}volumes against age"),
+                    f"{label}tissue volume against age, coloured by acquisition group (lines: linear fit per group)",
+                    dpi=90))
+            except Exception as exc:  # noqa: BLE001
+                warns.append(f"{label}age plot could not be drawn: {exc}")
+    if age is None or age.notna().sum() < 2:
+        body.append(text_html("No age in participants.tsv: the volume-against-age plot is not shown."))
+    summary = volume_summary(vol, tissues=tissues)
+    if len(summary):
+        body.append(text_html("Summary per acquisition group (SD is the population SD, CoV = SD / mean; "
+                              "'vs all' is the group mean's difference from the mean of all sessions):"))
+        body.append(table_html(summary, float_format="{:.3g}"))
+    missing = vol[vol[tissues].apply(pd.to_numeric, errors="coerce").isna().any(axis=1)]
+    if len(missing):
+        warns.append(f"{len(missing)} row(s) with missing tissue volumes left out of the plots")
+    return Section(title, "".join(body), warns, anchor=anchor)
+
+
+def write_group_report(output_dir, sections: list[Section], *, title: str = "scanbridge group report",
+                       subtitle: str | None = None, command_line: str | None = None, about: bool = True) -> Path:
+    """Write ``output_dir/group.html`` (self-contained) from the given sections, plus an About block."""
+    from bidsapp import __version__
+
+    sections = list(sections)
+    if about:
+        items = [("scanbridge version", __version__),
+                 ("command line", command_line if command_line is not None else shlex.join(sys.argv)),
+                 ("report date", _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")),
+                 ("output folder", str(Path(output_dir).resolve()))]
+        sections.append(Section("About", kv_table_html(items) + text_html(
+            "Tables of every number shown are written next to this report (group_*.tsv)."), anchor="about"))
+    return write_report(Path(output_dir) / "group.html", title, sections,
+                        subtitle=subtitle or f"Group report, scanbridge {__version__}")
+
+
+def run(ctx) -> list[Section]:
+    """Group step form of the two sections (``ctx``: bidsapp.harmonize.context.GroupContext)."""
+    return [acquisitions_section(ctx.acquisitions), volumes_section(ctx.volumes, ctx.acquisitions, ctx.participants)]
