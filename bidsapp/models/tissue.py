@@ -314,6 +314,17 @@ def normalise(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return out
 
 
+def prepare(image: np.ndarray, mask: np.ndarray, zooms, res: float) -> tuple[np.ndarray, np.ndarray]:
+    """(normalised image, boolean mask) at the model resolution ``res`` mm."""
+    mask_b = np.asarray(mask) > 0
+    img = np.asarray(image, dtype=np.float32)
+    if np.allclose(zooms[:3], res, atol=1e-3):
+        return normalise(img, mask_b), mask_b
+    img_r = resample_to(img * mask_b, zooms, res)
+    mask_r = resample_to(mask_b.astype(np.float32), zooms, res) > 0.5
+    return normalise(img_r, mask_r), mask_r
+
+
 # ---------------------------------------------------------------------------------------------
 # inference
 # ---------------------------------------------------------------------------------------------
@@ -371,21 +382,16 @@ def predict_probs(model, image: np.ndarray, mask: np.ndarray, params: np.ndarray
 
 
 def segment(image: np.ndarray, mask: np.ndarray, zooms, acquisition: dict | None = None, *,
-            device: str = "auto", use_physics: bool = True, weights_dir=None,
-            params_override: np.ndarray | None = None) -> TissueResult:
+            device: str = "auto", use_physics: bool = True, weights_dir=None) -> TissueResult:
     """Segment a preprocessed (bias-corrected) T1w volume inside its brain mask.
 
     ``acquisition`` gives the sequence family and parameters (see :func:`parameter_vector`);
-    ``use_physics=False`` forces the no-physics model. ``params_override`` replaces the vector
-    built from ``acquisition`` (bridging runs inference with hypothetical parameters).
+    ``use_physics=False`` forces the no-physics model (the ablation).
     """
     t0 = time.perf_counter()
     dev = resolve_device(device)
     pv = parameter_vector(acquisition)
     warnings = []
-    if params_override is not None:
-        pv.values, pv.fallback_reason = np.asarray(params_override, dtype=np.float32), None
-        pv.used = {"override": True}
     if not use_physics and pv.values is not None:
         pv.fallback_reason = "physics model disabled by the caller"
         pv.values = None
@@ -398,12 +404,7 @@ def segment(image: np.ndarray, mask: np.ndarray, zooms, acquisition: dict | None
     img = np.asarray(image, dtype=np.float32)
     zooms = tuple(float(z) for z in zooms[:3])
     native = np.allclose(zooms, res, atol=1e-3)
-    if native:
-        img_r, mask_r = img, mask_b
-    else:
-        img_r = resample_to(img * mask_b, zooms, res)
-        mask_r = resample_to(mask_b.astype(np.float32), zooms, res) > 0.5
-    x = normalise(img_r, mask_r)
+    x, mask_r = prepare(img, mask_b, zooms, res)
     probs_r = predict_probs(model, x, mask_r, pv.values, dev, roi=int(card.get("inference_roi", 64)))
     if native:
         probs = probs_r
@@ -421,3 +422,41 @@ def segment(image: np.ndarray, mask: np.ndarray, zooms, acquisition: dict | None
                         model={"name": name, "version": card.get("version"), "sha256": card["sha256"],
                                "resolution_mm": res},
                         parameters=pv, device=str(dev), seconds=time.perf_counter() - t0, warnings=warnings)
+
+
+def sweep_volumes(image: np.ndarray, mask: np.ndarray, zooms, acquisition: dict, parameter: str, values, *,
+                  device: str = "auto", weights_dir=None) -> np.ndarray:
+    """Soft CSF/GM/WM volumes (mm^3, shape ``(len(values), 3)``) of one image segmented by the physics
+    model as if ``parameter`` (a BIDS name, e.g. ``InversionTime``) had each of ``values``.
+
+    The image is segmented in one window at model resolution; the parameter-independent part of the
+    network runs once and only the block after the physics concatenation runs per value.
+    Raises ValueError when a hypothetical acquisition cannot use the physics model.
+    """
+    import torch
+
+    dev = resolve_device(device)
+    model, card = load_model(PHYSICS_MODEL, dev, weights_dir)
+    res = float(card.get("resolution_mm", 2.0))
+    x, mask_r = prepare(image, mask, tuple(float(z) for z in zooms[:3]), res)
+    vectors = []
+    for v in values:
+        pv = parameter_vector({**acquisition, parameter: float(v)})
+        if pv.values is None:
+            raise ValueError(f"cannot bridge with {parameter}={v:g}: {pv.fallback_reason}")
+        vectors.append(pv.values)
+    idx = np.nonzero(mask_r)
+    if len(idx[0]) == 0:
+        return np.zeros((len(vectors), len(CLASSES)))
+    box = tuple(slice(max(0, int(i.min()) - 4), min(s, int(i.max()) + 5)) for i, s in zip(idx, x.shape))
+    pad = [(0, (-(b.stop - b.start)) % model.divisor) for b in box]
+    xt = torch.from_numpy(np.pad(x[box], pad))[None, None].to(dev)
+    mt = torch.from_numpy(np.pad(mask_r[box], pad)).to(dev)
+    out = np.zeros((len(vectors), len(CLASSES)))
+    with torch.inference_mode():
+        shared = model.forward_shared(xt)
+        for i, vec in enumerate(vectors):
+            p = torch.from_numpy(vec)[None].to(dev)
+            prob = torch.softmax(model.forward_top(shared, p).float(), dim=1)[0]
+            out[i] = (prob * mt).sum(dim=(1, 2, 3)).cpu().numpy() * res ** 3
+    return out

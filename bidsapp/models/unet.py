@@ -102,23 +102,38 @@ class UNet3D(nn.Module):
         return 2 ** (len(self.encoders) - 1)
 
     def forward(self, x: torch.Tensor, params: torch.Tensor | None = None) -> torch.Tensor:
-        if self.physics is not None and params is None:
-            raise ValueError("this network has a physics branch: pass the sequence-parameter vector")
+        return self.forward_top(self.forward_shared(x), params)
+
+    def forward_shared(self, x: torch.Tensor) -> torch.Tensor:
+        """Everything up to the last skip concatenation: independent of the physics parameters.
+
+        Sweeping hypothetical parameters over one image (protocol bridging) runs this once and
+        :meth:`forward_top` once per parameter vector.
+        """
         skips = []
         for i, enc in enumerate(self.encoders):
             x = enc(x)
             if i < len(self.downs):
                 skips.append(x)
                 x = self.downs[i](x)
-        for up, dec in zip(self.ups, self.decoders):
+        n = len(self.decoders)
+        for j, (up, dec) in enumerate(zip(self.ups, self.decoders)):
             x = torch.cat([up(x), skips.pop()], dim=1)
-            if not skips and self.physics is not None:
-                p = self.physics(params.to(x.dtype))
-                if p.shape[0] != x.shape[0]:
-                    p = p.expand(x.shape[0], -1)
-                x = torch.cat([x, p[:, :, None, None, None].expand(-1, -1, *x.shape[2:])], dim=1)
-            x = dec(x)
-        return self.head(x)
+            if j < n - 1:
+                x = dec(x)
+        return x
+
+    def forward_top(self, shared: torch.Tensor, params: torch.Tensor | None = None) -> torch.Tensor:
+        """Concatenate the broadcast physics channels, run the last decoder block and the head."""
+        x = shared
+        if self.physics is not None:
+            if params is None:
+                raise ValueError("this network has a physics branch: pass the sequence-parameter vector")
+            p = self.physics(params.to(x.dtype))
+            if p.shape[0] != x.shape[0]:
+                p = p.expand(x.shape[0], -1)
+            x = torch.cat([x, p[:, :, None, None, None].expand(-1, -1, *x.shape[2:])], dim=1)
+        return self.head(self.decoders[-1](x))
 
 
 def count_parameters(model: nn.Module) -> int:
