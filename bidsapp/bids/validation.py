@@ -128,7 +128,7 @@ def _inspect(check: ImageCheck, *, expect_3d: bool, check_values: bool, keep_dat
         err(f"{name}: truncated or corrupt compressed file ({_short(exc)})")
         return None
     except Exception as exc:  # nibabel raises ImageFileError, ValueError, OSError...
-        err(f"{name}: not a readable NIfTI image ({_short(exc)})")
+        err(f"{name}: not a NIfTI image, or its header is truncated ({_short(exc)})")
         return None
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         err(f"{name}: not a NIfTI image (read as {type(img).__name__})")
@@ -136,7 +136,7 @@ def _inspect(check: ImageCheck, *, expect_3d: bool, check_values: bool, keep_dat
 
     shape = tuple(int(s) for s in img.shape)
     check.shape = shape
-    zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
+    zooms = _raw_zooms(img, name)
     check.zooms = zooms
     if len(shape) < 3 or any(s < 2 for s in shape[:3]):
         err(f"{name}: not a 3D volume (shape {shape})")
@@ -194,6 +194,18 @@ def _inspect(check: ImageCheck, *, expect_3d: bool, check_values: bool, keep_dat
         err(f"{name}: constant image (every voxel is {vmin})")
         return None
     return data if keep_data else None
+
+
+def _raw_zooms(img, name: str) -> tuple:
+    """Voxel sizes as stored: nibabel silently turns a zero pixdim into 1 when it loads a header."""
+    from nibabel.openers import Opener
+
+    try:
+        with Opener(name) as fh:
+            header = type(img.header).from_fileobj(fh, check=False)
+        return tuple(abs(float(z)) for z in header["pixdim"][1:4])
+    except Exception:  # fall back to what nibabel made of it
+        return tuple(float(z) for z in img.header.get_zooms()[:3])
 
 
 def _short(exc: BaseException) -> str:
