@@ -88,10 +88,12 @@ def test_volume_summary_statistics():
 
 def test_volumes_section_has_per_group_plots_and_age(tmp_path):
     vol, acq, parts = make_tables()
-    sec = volumes_section(vol, acq, parts)
+    sec = volumes_section(vol, acq, parts, output_dir=tmp_path)
     # 2 methods x (group plot + age plot)
     assert len(_imgs(sec.body)) == 4
-    assert "unet-physics" in sec.body and "atropos" in sec.body and "CoV (%)" in sec.body
+    assert "unet-physics" in sec.body and "atropos" in sec.body and "CoV" in sec.body
+    tsv = pd.read_csv(tmp_path / "group_volumes_summary.tsv", sep="\t")
+    assert set(tsv["acquisition group"]) == set(GROUPS) and len(tsv) == 2 * 2 * 4
     assert sec.body.index("unet-physics") < sec.body.index("atropos: tissue volumes")
 
 

@@ -420,7 +420,8 @@ def volumes_by_group_figure(df: pd.DataFrame, tissues: Sequence[str] = VOLUME_LA
         ax.spines[["top", "right"]].set_visible(False)
     handles = [Line2D([0], [0], marker="o", ls="", color=ccol[c], label=c) for c in cats]
     if len(handles) <= 20:
-        fig.legend(handles=handles, title=color_col, loc="upper left", bbox_to_anchor=(1.0, 0.95), frameon=False,
+        fig.legend(handles=handles, title="acquisition group" if color_col == "acq_group" else color_col,
+                   loc="upper left", bbox_to_anchor=(1.0, 0.95), frameon=False,
                    fontsize=8, title_fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
@@ -455,7 +456,8 @@ def volumes_vs_age_figure(df: pd.DataFrame, tissues: Sequence[str] = VOLUME_LABE
     if len(groups) <= 20:
         handles = [Line2D([0], [0], marker="o", ls="", color=cmap[i % len(cmap)], label=g)
                    for i, g in enumerate(groups)]
-        fig.legend(handles=handles, title=group_col, loc="upper left", bbox_to_anchor=(1.0, 0.95), frameon=False,
+        fig.legend(handles=handles, title="acquisition group" if group_col == "acq_group" else group_col,
+                   loc="upper left", bbox_to_anchor=(1.0, 0.95), frameon=False,
                    fontsize=8, title_fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)

@@ -167,11 +167,27 @@ def volume_summary(volumes_df: pd.DataFrame, group_col: str = GROUP_COL,
     return pd.DataFrame(rows)
 
 
+def summary_display(summary: pd.DataFrame) -> pd.DataFrame:
+    """Compact form of :func:`volume_summary` for the page: one row per method and group, one cell per tissue."""
+    rows = []
+    for (method, group), sub in summary.groupby(["method", "acquisition group"], sort=False):
+        row = {"method": method, "acquisition group": group, "subjects": int(sub["subjects"].max()),
+               "sessions": int(sub["sessions"].max())}
+        for _, r in sub.iterrows():
+            diff = "" if not np.isfinite(r["vs all (%)"]) else f", {r['vs all (%)']:+.1f}%"
+            row[r["tissue"]] = f"{r['mean (mL)']:.1f} \u00b1 {r['SD (mL)']:.1f} (CoV {r['CoV (%)']:.1f}%{diff})"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def volumes_section(volumes_df: pd.DataFrame | None, acquisitions_df: pd.DataFrame | None = None,
                     participants_df: pd.DataFrame | None = None, *, title: str = "Volumes by acquisition group",
-                    anchor: str = "volumes") -> Section:
+                    anchor: str = "volumes", output_dir=None) -> Section:
     """Tissue volumes by acquisition group: box/strip plots (one point per session, coloured by site),
-    volumes against age when known, and a summary table (mean/SD/CoV, subjects and sessions per group)."""
+    volumes against age when known, and a summary table (mean/SD/CoV, subjects and sessions per group).
+
+    With ``output_dir``, the summary is also written to ``group_volumes_summary.tsv``.
+    """
     from bidsapp.reports import figures
 
     if volumes_df is None or len(volumes_df) == 0:
@@ -219,9 +235,16 @@ def volumes_section(volumes_df: pd.DataFrame | None, acquisitions_df: pd.DataFra
         body.append(text_html("No age in participants.tsv: the volume-against-age plot is not shown."))
     summary = volume_summary(vol, tissues=tissues)
     if len(summary):
-        body.append(text_html("Summary per acquisition group (SD is the population SD, CoV = SD / mean; "
-                              "'vs all' is the group mean's difference from the mean of all sessions):"))
-        body.append(table_html(summary, float_format="{:.3g}"))
+        body.append(text_html("Summary per acquisition group, each cell: mean \u00b1 SD in mL (coefficient of "
+                              "variation = SD / mean, population SD; difference of the group mean from the mean "
+                              "of all sessions of that method):"))
+        body.append(table_html(summary_display(summary)))
+    if output_dir is not None and len(summary):
+        from bidsapp.bids.derivatives import atomic_write_tsv
+
+        atomic_write_tsv(Path(output_dir) / "group_volumes_summary.tsv", summary)
+        body.append(text_html("Numbers shown here: group_volumes.tsv, group_volumes_summary.tsv "
+                              "(in the output folder)."))
     missing = vol[vol[tissues].apply(pd.to_numeric, errors="coerce").isna().any(axis=1)]
     if len(missing):
         warns.append(f"{len(missing)} row(s) with missing tissue volumes left out of the plots")
