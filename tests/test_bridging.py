@@ -21,7 +21,7 @@ def _curves(n=8, grid=np.linspace(0.6, 1.2, 13), shift=0.2, seed=0):
     base = rng.uniform([550e3, 450e3], [700e3, 550e3], size=(n, 2))
     def vols(true_ti):
         d = grid[None, :, None] - true_ti
-        return base[:, None, :] * (1 + 0.3 * d + 0.5 * d ** 2)
+        return base[:, None, :] * np.exp(0.3 * d)
     return grid, vols(0.8), vols(0.8 + shift)
 
 
