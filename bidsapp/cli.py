@@ -86,20 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _resolve_paths(opts) -> None:
-    bids_dir = opts.bids_dir.expanduser().resolve()
-    if not bids_dir.is_dir():
-        raise UserError(f"{opts.bids_dir}: BIDS directory does not exist")
-    opts.bids_dir = bids_dir
-    out = opts.output_dir.expanduser().resolve()
-    if out == bids_dir or bids_dir in out.parents:
-        raise UserError(f"{opts.output_dir}: output directory must not be inside the BIDS directory {bids_dir} "
-                        "(the input is never written)")
-    opts.output_dir = out
-    if opts.work_dir is not None:
-        wd = opts.work_dir.expanduser().resolve()
-        if wd == bids_dir or bids_dir in wd.parents:
-            raise UserError(f"{opts.work_dir}: work directory must not be inside the BIDS directory")
-        opts.work_dir = wd
+    from bidsapp.bids.discovery import check_paths
+
+    if opts.work_dir is None:
+        opts.work_dir = _default_work_dir()
+    opts.bids_dir = check_paths(opts.bids_dir, opts.output_dir, opts.work_dir)
+    opts.output_dir = opts.output_dir.expanduser().resolve()
+    opts.work_dir = opts.work_dir.expanduser().resolve()
     if opts.labels_dir is not None and not opts.labels_dir.is_dir():
         raise UserError(f"{opts.labels_dir}: labels directory does not exist")
 
@@ -166,42 +159,37 @@ def run_participant(opts) -> int:
     from bidsapp.templates import get_template
     from workflows.base import init_single_subject_wf
 
+    if not opts.skip_bids_validation:
+        report = validation.validate_dataset(opts.bids_dir)
+        for msg in report.warnings:
+            LOG.warning("BIDS validation: %s", msg)
+        if not report.ok:
+            for msg in report.errors:
+                print(f"scanbridge: BIDS validation: {msg}", file=sys.stderr)
+            raise UserError(f"{opts.bids_dir}: not a valid BIDS dataset ({len(report.errors)} error(s) above); "
+                            "fix them or pass --skip-bids-validation")
     plan = discovery.discover(
         opts.bids_dir,
         participant_label=opts.participant_label,
         session_label=opts.session_label,
         bids_filter_file=opts.bids_filter_file,
+        output_dir=opts.output_dir,
+        work_dir=opts.work_dir,
     )
-    if not opts.skip_bids_validation:
-        for msg in validation.validate_dataset(opts.bids_dir):
-            LOG.warning("BIDS validation: %s", msg)
-
-    runnable = []
-    for subj in plan.subjects:
-        for path, reason in subj.skipped:
-            LOG.warning("sub-%s: skipping %s: %s", subj.subject, path, reason)
-        sessions = []
-        for ses in subj.sessions:
-            session_dict = _session_inputs(subj, ses, validation)
-            if session_dict is not None:
-                sessions.append(session_dict)
-        if sessions:
-            runnable.append((subj, sessions))
-        else:
-            LOG.error("sub-%s: nothing to process (%s)", subj.subject,
-                      "; ".join(r for _, r in subj.skipped) or "no usable T1w")
-    _print_plan(plan, runnable)
+    print(plan.summary(), flush=True)
 
     opts.output_dir.mkdir(parents=True, exist_ok=True)
     derivatives.write_dataset_description(opts.output_dir, bids_dir=opts.bids_dir)
     template = get_template(opts.template, cache_dir=opts.work_dir / "templates")
-    LOG.info("template: %s (%s)", template["name"], template["source"])
+    LOG.warning("template: %s (%s)", template["name"], template["source"])
 
     omp = _set_threads(opts.omp_nthreads, opts.nprocs)
     plugin = _plugin_settings(opts)
-    failed = [s.subject for s in plan.subjects if not any(s.subject == r[0].subject for r in runnable)]
-    for i, (subj, sessions) in enumerate(runnable, 1):
+    failed = [s.subject for s in plan.skipped_subjects]
+    runnable = plan.runnable_subjects
+    for i, subj in enumerate(runnable, 1):
         label = subj.subject
+        sessions = [_session_inputs(ses) for ses in subj.sessions]
         LOG.warning("[%d/%d] sub-%s: %d session(s)", i, len(runnable), label, len(sessions))
         t0 = time.time()
         errors: list[str] = []
@@ -224,7 +212,7 @@ def run_participant(opts) -> int:
             errors.append(msg)
             failed.append(label)
             LOG.error("sub-%s failed: %s (crash files in %s)", label, msg, opts.work_dir)
-        warnings = list(subj.warnings) + [f"skipped {p}: {r}" for p, r in subj.skipped]
+        warnings = list(subj.warnings) + [reason for _, reason in subj.skipped]
         try:
             report = write_participant_report(opts.output_dir, label, warnings=warnings, errors=errors)
             LOG.warning("sub-%s: %s in %.0f s; report %s", label, "FAILED" if errors else "done",
@@ -233,54 +221,24 @@ def run_participant(opts) -> int:
             LOG.error("sub-%s: report could not be written: %s", label, _first_line(exc))
     if failed:
         LOG.error("finished with errors for: %s", ", ".join(f"sub-{s}" for s in failed))
+    if failed or plan.has_problems:
         return EXIT_FAILED
     return EXIT_OK
 
 
-def _session_inputs(subj, ses, validation) -> dict | None:
-    """Validate a session's images and turn them into the workflow's plain-dict input."""
-    t1w = None
-    for path in ses.t1w:
-        problem = validation.check_image(path)
-        if problem:
-            LOG.error("%s", problem)
-            subj.skipped.append((str(path), problem))
-            continue
-        t1w = path
-        break
-    if t1w is None:
-        return None
-    extra = {}
-    for kind in ("t2w", "flair", "pdw"):
-        good = []
-        for path in getattr(ses, kind):
-            problem = validation.check_image(path)
-            if problem:
-                LOG.error("%s", problem)
-                subj.skipped.append((str(path), problem))
-            else:
-                good.append(str(path))
-        extra[kind] = good
-    acq = ses.acquisitions.get(t1w) if hasattr(ses, "acquisitions") else None
-    return {"session": ses.session, "t1w": str(t1w), **extra,
-            "acquisition": acq.to_dict() if acq is not None else {}}
-
-
-def _print_plan(plan, runnable) -> None:
-    lines = [f"scanbridge {__version__}: {len(runnable)} subject(s) to process"]
-    for subj, sessions in runnable:
-        for s in sessions:
-            mods = ", ".join(f"{k.upper()} x{len(s[k])}" for k in ("t2w", "flair", "pdw") if s[k])
-            acq = s["acquisition"]
-            group = acq.get("group_key") or acq.get("acq_group") or "unknown acquisition"
-            lines.append(f"  sub-{subj.subject}" + (f" ses-{s['session']}" if s["session"] else "")
-                         + f": T1w [{group}]" + (f" + {mods}" if mods else ""))
-    for subj in plan.subjects:
-        for path, reason in subj.skipped:
-            lines.append(f"  skip {path}: {reason}")
-    for msg in getattr(plan, "warnings", []):
-        lines.append(f"  warning: {msg}")
-    print("\n".join(lines), flush=True)
+def _session_inputs(ses) -> dict:
+    """The workflow's plain-dict input for one session (the first usable T1w run is the reference)."""
+    t1w = ses.t1w[0]
+    if len(ses.t1w) > 1:
+        LOG.warning("sub-%s %s: %d T1w runs; using %s", ses.subject, ses.session or "", len(ses.t1w), t1w.name)
+    return {
+        "session": ses.session,
+        "t1w": str(t1w),
+        "t2w": [str(p) for p in ses.t2w],
+        "flair": [str(p) for p in ses.flair],
+        "pdw": [str(p) for p in ses.pdw],
+        "acquisition": ses.acquisitions[t1w].to_dict(),
+    }
 
 
 def _first_line(exc: BaseException) -> str:
@@ -296,8 +254,6 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(opts.verbose)
     try:
         _resolve_paths(opts)
-        if opts.work_dir is None:
-            opts.work_dir = _default_work_dir()
         if opts.analysis_level == "participant":
             return run_participant(opts)
         from bidsapp.harmonize.pipeline import run_group

@@ -43,50 +43,38 @@ STEPS = (
 
 def gather_volumes(output_dir: Path, subjects: list[str] | None = None) -> pd.DataFrame:
     """One row per (participant, session, method) with a column per tissue, from the morph TSVs."""
-    rows = []
-    for tsv in sorted(output_dir.glob("sub-*/**/anat/*_desc-volumes_morph.tsv")):
-        ents = dict(part.split("-", 1) for part in tsv.name.split("_") if "-" in part)
-        if subjects and ents.get("sub") not in subjects:
-            continue
-        try:
-            df = pd.read_csv(tsv, sep="\t")
-        except (OSError, pd.errors.ParserError) as exc:
-            LOG.warning("%s: unreadable volumes table (%s); skipped", tsv, exc)
-            continue
-        if not {"method", "label", "volume_mm3"} <= set(df.columns):
-            LOG.warning("%s: volumes table lacks method/label/volume_mm3 columns; skipped", tsv)
-            continue
-        wide = df.pivot_table(index="method", columns="label", values="volume_mm3", aggfunc="first")
-        for method, vols in wide.iterrows():
-            row = {"participant_id": f"sub-{ents['sub']}",
-                   "session_id": f"ses-{ents['ses']}" if "ses" in ents else "n/a",
-                   "run": ents.get("run", "n/a"), "method": method}
-            row.update({t: vols.get(t) for t in TISSUES})
-            rows.append(row)
-    return pd.DataFrame(rows, columns=["participant_id", "session_id", "run", "method", *TISSUES])
+    from bidsapp.bids.collect import collect_volumes
+
+    frames = [collect_volumes(output_dir, s) for s in subjects] if subjects else [collect_volumes(output_dir)]
+    for f in frames:
+        for msg in f.attrs.get("warnings", []):
+            LOG.warning("%s", msg)
+    long = pd.concat(frames, ignore_index=True)
+    index = ["participant_id", "session_id", "method"]
+    if long.empty:
+        return pd.DataFrame(columns=[*index, *TISSUES])
+    long["session_id"] = long["session_id"].fillna("n/a")
+    wide = long.pivot_table(index=index, columns="label", values="volume_mm3", aggfunc="first").reset_index()
+    wide.columns.name = None
+    return wide[[*index, *[t for t in TISSUES if t in wide.columns]]]
 
 
-def gather_acquisitions(bids_dir: Path, subjects: list[str] | None, output_dir: Path) -> pd.DataFrame:
-    """The acquisition record of every T1w that has derivatives, read from the raw dataset's sidecars."""
+def gather_acquisitions(output_dir: Path, bids_dir: Path, subjects: list[str] | None) -> pd.DataFrame:
+    """The acquisition record of every processed T1w: from the derivatives' sidecars (what was used),
+    else from the raw dataset's sidecars (images are not opened)."""
     from bidsapp.bids import discovery
+    from bidsapp.bids.collect import collect_acquisitions
 
-    plan = discovery.discover(bids_dir, participant_label=subjects)
-    rows = []
-    for subj in plan.subjects:
-        for ses in subj.sessions:
-            for path in ses.t1w:
-                acq = ses.acquisitions.get(path)
-                if acq is None:
-                    continue
-                d = acq.to_dict()
-                row = {"participant_id": f"sub-{subj.subject}",
-                       "session_id": f"ses-{ses.session}" if ses.session else "n/a",
-                       "source": str(Path(path).relative_to(bids_dir))}
-                row.update({col: d.get(key) for key, col in ACQ_COLUMNS.items()})
-                row["acq_group"] = acq.group_key
-                row["protocol"] = acq.protocol_key
-                rows.append(row)
-    return pd.DataFrame(rows)
+    frames = [collect_acquisitions(output_dir, s) for s in subjects] if subjects else [collect_acquisitions(output_dir)]
+    table = pd.concat(frames, ignore_index=True)
+    if table.empty:
+        plan = discovery.discover(bids_dir, participant_label=subjects, check_images=False)
+        table = plan.acquisition_table()
+        if table.empty:
+            return table
+        table = table[table["suffix"] == "T1w"].copy()
+    table["session_id"] = table["session_id"].fillna("n/a")
+    return table.rename(columns={k: v for k, v in ACQ_COLUMNS.items() if k != "group_key"})
 
 
 def read_participants(bids_dir: Path) -> pd.DataFrame:
@@ -111,12 +99,13 @@ def build_context(opts) -> GroupContext:
     if volumes.empty:
         raise UserError(f"{opts.output_dir}: no participant results found (*_desc-volumes_morph.tsv); "
                         "run the participant level first")
-    acquisitions = gather_acquisitions(opts.bids_dir, subjects, opts.output_dir)
+    acquisitions = gather_acquisitions(opts.output_dir, opts.bids_dir, subjects)
     participants = read_participants(opts.bids_dir)
     if not acquisitions.empty:
         one_per_session = acquisitions.drop_duplicates(["participant_id", "session_id"])
-        volumes = volumes.merge(one_per_session.drop(columns=["source"]), how="left",
-                                on=["participant_id", "session_id"])
+        keep = ["participant_id", "session_id", "acq_group", "protocol_key", *ACQ_COLUMNS.values()]
+        keep = list(dict.fromkeys(c for c in keep if c in one_per_session.columns))
+        volumes = volumes.merge(one_per_session[keep], how="left", on=["participant_id", "session_id"])
     keep = [c for c in ("participant_id", "age", "sex") if c in participants.columns]
     if len(keep) > 1:
         volumes = volumes.merge(participants[keep], how="left", on="participant_id")
