@@ -77,22 +77,6 @@ def gather_acquisitions(output_dir: Path, bids_dir: Path, subjects: list[str] | 
     return table.rename(columns={k: v for k, v in ACQ_COLUMNS.items() if k != "group_key"})
 
 
-def read_participants(bids_dir: Path) -> pd.DataFrame:
-    tsv = bids_dir / "participants.tsv"
-    if not tsv.is_file():
-        return pd.DataFrame(columns=["participant_id"])
-    try:
-        df = pd.read_csv(tsv, sep="\t", dtype={"participant_id": str}, na_values=["n/a"])
-    except (OSError, pd.errors.ParserError) as exc:
-        LOG.warning("%s: unreadable (%s); covariates ignored", tsv, exc)
-        return pd.DataFrame(columns=["participant_id"])
-    if "participant_id" not in df.columns:
-        LOG.warning("%s: no participant_id column; covariates ignored", tsv)
-        return pd.DataFrame(columns=["participant_id"])
-    df["participant_id"] = [p if str(p).startswith("sub-") else f"sub-{p}" for p in df["participant_id"]]
-    return df
-
-
 def build_context(opts) -> GroupContext:
     subjects = [s.removeprefix("sub-") for s in opts.participant_label] if opts.participant_label else None
     volumes = gather_volumes(opts.output_dir, subjects)
@@ -100,7 +84,11 @@ def build_context(opts) -> GroupContext:
         raise UserError(f"{opts.output_dir}: no participant results found (*_desc-volumes_morph.tsv); "
                         "run the participant level first")
     acquisitions = gather_acquisitions(opts.output_dir, opts.bids_dir, subjects)
-    participants = read_participants(opts.bids_dir)
+    from bidsapp.bids.discovery import read_participants
+
+    participants, warnings = read_participants(opts.bids_dir)
+    for msg in warnings:
+        LOG.warning("%s", msg)
     if not acquisitions.empty:
         one_per_session = acquisitions.drop_duplicates(["participant_id", "session_id"])
         keep = ["participant_id", "session_id", "acq_group", "protocol_key", *ACQ_COLUMNS.values()]
