@@ -1,0 +1,99 @@
+"""The BIDS-App command line: flags, one-line errors for user mistakes, exit codes."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from bidsapp import __version__
+from bidsapp.cli import EXIT_USAGE, build_parser, main
+
+
+@pytest.fixture
+def tiny_bids(tmp_path):
+    root = tmp_path / "bids"
+    root.mkdir()
+    (root / "dataset_description.json").write_text(json.dumps({"Name": "tiny", "BIDSVersion": "1.9.0"}))
+    for sub in ("01", "02"):
+        anat = root / f"sub-{sub}" / "anat"
+        anat.mkdir(parents=True)
+        data = np.random.default_rng(0).random((8, 8, 8)).astype("float32")
+        nib.save(nib.Nifti1Image(data, np.eye(4)), anat / f"sub-{sub}_T1w.nii.gz")
+        (anat / f"sub-{sub}_T1w.json").write_text(json.dumps({"RepetitionTime": 2.3, "InversionTime": 0.9}))
+    return root
+
+
+def run_cli(capsys, *args):
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("flag", ["--participant-label", "--participant_label"])
+def test_both_label_spellings(flag, tmp_path):
+    opts = build_parser().parse_args(["b", "o", "participant", flag, "01", "sub-02"])
+    assert opts.participant_label == ["01", "sub-02"]
+
+
+def test_bids_app_flags_parse(tmp_path):
+    opts = build_parser().parse_args([
+        "b", "o", "participant", "--session-label", "1", "-w", str(tmp_path), "--nprocs", "2",
+        "--omp-nthreads", "1", "--mem-gb", "4", "--skip-bids-validation", "--bids-filter-file", "f.json",
+        "--plugin", "SLURM", "--plugin-args", '{"sbatch_args": "-p short"}', "--device", "cpu",
+    ])
+    assert opts.session_label == ["1"] and opts.nprocs == 2 and opts.plugin == "SLURM"
+    assert opts.skip_bids_validation and opts.device == "cpu"
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert __version__ in capsys.readouterr().out
+
+
+def test_nonexistent_bids_dir(capsys, tmp_path):
+    code, _, err = run_cli(capsys, tmp_path / "nope", tmp_path / "out", "participant")
+    assert code == EXIT_USAGE
+    assert "nope" in err and "does not exist" in err and "Traceback" not in err
+
+
+def test_not_a_bids_dataset(capsys, tmp_path):
+    (tmp_path / "plain").mkdir()
+    code, _, err = run_cli(capsys, tmp_path / "plain", tmp_path / "out", "participant")
+    assert code == EXIT_USAGE and "dataset_description.json" in err
+
+
+def test_output_inside_bids_dir(capsys, tiny_bids):
+    code, _, err = run_cli(capsys, tiny_bids, tiny_bids / "derivatives" / "scanbridge", "participant")
+    assert code == EXIT_USAGE and "inside" in err
+
+
+@pytest.mark.parametrize("label, words", [("99", "not found"), ("../01", "path separator")])
+def test_bad_participant_labels(capsys, tiny_bids, tmp_path, label, words):
+    code, _, err = run_cli(capsys, tiny_bids, tmp_path / "out", "participant", "--skip-bids-validation",
+                           "-w", tmp_path / "work", "--participant-label", label)
+    assert code == EXIT_USAGE and words in err and "Traceback" not in err
+
+
+def test_unknown_session_label(capsys, tiny_bids, tmp_path):
+    code, _, err = run_cli(capsys, tiny_bids, tmp_path / "out", "participant", "--skip-bids-validation",
+                           "-w", tmp_path / "work", "--session-label", "7")
+    assert code == EXIT_USAGE and "7" in err
+
+
+def test_bad_plugin_args(capsys, tiny_bids, tmp_path):
+    from bidsapp.cli import _plugin_settings
+    from bidsapp.errors import UserError
+
+    opts = build_parser().parse_args([str(tiny_bids), "o", "participant", "--plugin-args", "{nope"])
+    with pytest.raises(UserError, match="plugin-args"):
+        _plugin_settings(opts)
+
+
+def test_group_without_participant_results(capsys, tiny_bids, tmp_path):
+    code, _, err = run_cli(capsys, tiny_bids, tmp_path / "out", "group", "-w", tmp_path / "work")
+    assert code == EXIT_USAGE and "participant level first" in err
