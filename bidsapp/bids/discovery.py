@@ -458,6 +458,7 @@ def _plan_subject(layout, root, subject, indexed, wanted_sessions, filters, part
     if site_col and plan.participant.get(site_col) is not None:
         site, site_source = str(plan.participant[site_col]), "participants.tsv"
 
+    found = _query_images(layout, subject, filters)
     for session in sorted(sessions, key=_natural):
         ses_site, ses_source = site, site_source
         if session and sessions_table is not None:
@@ -465,7 +466,7 @@ def _plan_subject(layout, root, subject, indexed, wanted_sessions, filters, part
             col = _site_column(sessions_table)
             if col and row.get(col) is not None:
                 ses_site, ses_source = str(row[col]), "sessions.tsv"
-        ses_plan = _plan_session(layout, root, subject, session, filters, ses_site, ses_source, check_images)
+        ses_plan = _plan_session(layout, root, subject, session, found, ses_site, ses_source, check_images)
         if ses_plan.t1w:
             plan.sessions.append(ses_plan)
         else:
@@ -480,15 +481,28 @@ def _plan_subject(layout, root, subject, indexed, wanted_sessions, filters, part
     return plan
 
 
-def _plan_session(layout, root, subject, session, filters, site, site_source, check_images) -> SessionPlan:
-    plan = SessionPlan(subject=subject, session=session, site=site)
-    for key, default in DEFAULT_QUERIES.items():
-        query = {**default, **{k: _to_pybids(v) for k, v in filters.get(key, {}).items()}}
+def _query_images(layout, subject: str, filters: dict) -> dict[str, list]:
+    """Filter key -> this subject's BIDSFiles. Unfiltered kinds share one pybids query (queries are slow)."""
+    plain = [k for k in DEFAULT_QUERIES if k not in filters]
+    found: dict[str, list] = {k: [] for k in DEFAULT_QUERIES}
+    if plain:
+        by_suffix = {DEFAULT_QUERIES[k]["suffix"]: k for k in plain}
+        query = {**DEFAULT_QUERIES[plain[0]], "suffix": list(by_suffix)}
+        for bf in layout.get(subject=subject, **query):
+            found[by_suffix[bf.entities["suffix"]]].append(bf)
+    for key in filters:
+        query = {**DEFAULT_QUERIES[key], **{k: _to_pybids(v) for k, v in filters[key].items()}}
         try:
-            files = layout.get(subject=subject, invalid_filters="error", **query)
+            found[key] = layout.get(subject=subject, invalid_filters="error", **query)
         except (ValueError, KeyError) as exc:
             raise BIDSInputError(f"bids filter {key!r}: {' '.join(str(exc).split())}") from None
-        files = [f for f in files if f.entities.get("session") == session]
+    return found
+
+
+def _plan_session(layout, root, subject, session, found, site, site_source, check_images) -> SessionPlan:
+    plan = SessionPlan(subject=subject, session=session, site=site)
+    for key, default in DEFAULT_QUERIES.items():
+        files = [f for f in found[key] if f.entities.get("session") == session]
         for bf in sorted(files, key=lambda f: f.path):
             path = Path(bf.path)
             entities = {k: v for k, v in bf.get_entities().items() if k != "extension"}
