@@ -70,9 +70,9 @@ def test_encode_units_and_layout():
 
 def test_encode_batch_matches_encode_with_nan_as_missing():
     fam = np.array(["MPRAGE", "SPGR"])
-    batch = tissue.encode_batch(fam, TI=[0.8, np.nan], TR=[np.nan, 0.02], TE=[np.nan, 0.006],
+    batch = tissue.encode_batch(fam, TI=[0.8, np.nan], TRinv=[2.0, None], TR=[np.nan, 0.02], TE=[np.nan, 0.006],
                                 FA=[np.nan, 20.0], B0=[3.0, np.nan])
-    np.testing.assert_allclose(batch[0], tissue.encode("MPRAGE", TI=0.8, B0=3.0), rtol=1e-6)
+    np.testing.assert_allclose(batch[0], tissue.encode("MPRAGE", TI=0.8, TRinv=2.0, B0=3.0), rtol=1e-6)
     np.testing.assert_allclose(batch[1], tissue.encode("SPGR", TR=0.02, TE=0.006, FA=20.0), rtol=1e-6)
 
 
@@ -80,8 +80,12 @@ def test_parameter_vector_from_bids_and_record_names():
     pv = tissue.parameter_vector({"sequence_family": "MPRAGE", "InversionTime": 0.9, "RepetitionTime": 2.3,
                                   "MagneticFieldStrength": 3.0})
     assert pv.fallback_reason is None and pv.values is not None
-    assert pv.used == {"InversionTime": 0.9, "MagneticFieldStrength": 3.0}
-    assert "RepetitionTime" in pv.ignored
+    assert pv.used == {"InversionTime": 0.9, "InversionRepetitionTime": 2.3, "MagneticFieldStrength": 3.0}
+    d = dict(zip(tissue.PARAMETER_LAYOUT, pv.values))
+    assert d["TRinv_s"] == pytest.approx(2.3) and d["has_TR"] == 0
+    # an MPRAGE "RepetitionTime" shorter than TI is the excitation TR (GE IR-SPGR): not used
+    ge = tissue.parameter_vector({"sequence_family": "MPRAGE", "InversionTime": 0.9, "RepetitionTime": 0.008})
+    assert ge.values is not None and "RepetitionTime" in ge.ignored and "InversionRepetitionTime" in ge.missing
     rec = tissue.parameter_vector({"sequence_family": "SPGR", "repetition_time": 0.02, "echo_time": 0.005,
                                    "flip_angle": 25.0})
     assert rec.values is not None and rec.missing == ["MagneticFieldStrength"]
@@ -104,7 +108,7 @@ def test_parameter_vector_falls_back_with_a_reason(acq, needle):
 
 
 def test_out_of_range_field_strength_is_treated_as_missing():
-    pv = tissue.parameter_vector({"sequence_family": "MPRAGE", "InversionTime": 0.9, "MagneticFieldStrength": 7.0})
+    pv = tissue.parameter_vector({"sequence_family": "MPRAGE", "InversionTime": 0.9, "MagneticFieldStrength": 11.7})
     assert pv.values is not None and "MagneticFieldStrength" in pv.ignored
     assert pv.values[tissue.PARAMETER_LAYOUT.index("has_B0")] == 0
 

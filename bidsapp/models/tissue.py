@@ -7,18 +7,22 @@ exponentials (paper, sections 2.3 and 3.4), in fixed units so the same number al
 physics:
 
 * ``family_MPRAGE``, ``family_SPGR``: one-hot sequence family;
-* ``TI`` in seconds and ``exp(-TI / 1 s)``;  ``TR`` in seconds and ``exp(-TR / 1 s)`` (T1-governed
-  times, scaled by a typical brain T1 of 1 s, so ``exp(-TR/1 s)`` is close to the E1 of eq. 1);
+* ``TI`` in seconds and ``exp(-TI / 1 s)``;
+* ``TRinv``, the MPRAGE inversion-to-inversion time (TI + TD + tau of eq. 2; BIDS
+  RepetitionTimePreparation, or RepetitionTime of an MPRAGE sidecar when it exceeds TI), in seconds,
+  and ``exp(-TRinv / 1 s)``;
+* ``TR`` (SPGR excitation repetition time) in seconds and ``exp(-TR / 1 s)``. T1-governed times are
+  scaled by a typical brain T1 of 1 s, so ``exp(-TR/1 s)`` is close to the E1 of eq. 1;
 * ``TE / 50 ms`` and ``exp(-TE / 50 ms)`` (TE is governed by T2*, about 50 ms in brain at 3 T);
 * ``FA`` in radians and ``sin(FA)``;
 * ``B0 / 3 T``;
 * a 0/1 ``has_*`` mask after each parameter group; a missing parameter has value slots 0 and mask 0.
 
-MPRAGE uses TI (required) and B0 (optional). Its TR, TE and flip angle are left out (mask 0) because
-the static MPRAGE equation (eq. 2) has no TR/TE/FA term and the training simulator keeps TD (600 ms)
-and tau (10 ms) fixed; they are recorded as ignored. SPGR uses TR, TE and FA (all required) and B0
-(optional). B0 is dropped at random during training, so a sidecar without MagneticFieldStrength still
-gets the physics model.
+MPRAGE uses TI (required), TRinv and B0 (optional); its TE and flip angle are left out because eq. 2
+has no TE/FA term. SPGR uses TR, TE and FA (required) and B0 (optional). Optional parameters are
+dropped at random during training, so a sidecar without MagneticFieldStrength (or without an MPRAGE
+TR) still gets the physics model. The network standardises the vector with fixed per-slot
+centre/scale buffers computed from the training parameter distribution.
 
 Fallback
 --------
@@ -60,24 +64,27 @@ B0_SCALE_T = 3.0
 PARAMETER_LAYOUT = (
     "family_MPRAGE", "family_SPGR",
     "TI_s", "exp_neg_TI", "has_TI",
+    "TRinv_s", "exp_neg_TRinv", "has_TRinv",
     "TR_s", "exp_neg_TR", "has_TR",
     "TE_over_50ms", "exp_neg_TE_over_50ms", "has_TE",
     "FA_rad", "sin_FA", "has_FA",
     "B0_over_3T", "has_B0",
 )
 N_PARAMS = len(PARAMETER_LAYOUT)
+_SLOT = {name: PARAMETER_LAYOUT.index(name) for name in PARAMETER_LAYOUT}
 
 FAMILY_PARAMETERS = {
-    "MPRAGE": {"required": ("InversionTime",), "optional": ("MagneticFieldStrength",)},
+    "MPRAGE": {"required": ("InversionTime",), "optional": ("InversionRepetitionTime", "MagneticFieldStrength")},
     "SPGR": {"required": ("RepetitionTime", "EchoTime", "FlipAngle"), "optional": ("MagneticFieldStrength",)},
 }
 
 TRAINING_RANGES = {
-    "InversionTime": (0.6, 1.2),          # s   (paper 3.3)
-    "RepetitionTime": (0.015, 0.1),       # s
-    "EchoTime": (0.004, 0.01),            # s
-    "FlipAngle": (15.0, 75.0),            # deg
-    "MagneticFieldStrength": (1.5, 3.0),  # T
+    "InversionTime": (0.6, 1.2),            # s   (paper 3.3)
+    "InversionRepetitionTime": (1.2, 3.0),  # s   TD 600 ms of the paper up to clinical MPRAGE (TR 2.3-2.8 s)
+    "RepetitionTime": (0.005, 0.1),         # s   paper 15-100 ms, extended down to fast clinical SPGR
+    "EchoTime": (0.002, 0.01),              # s   paper 4-10 ms, extended down to 2 ms
+    "FlipAngle": (5.0, 90.0),               # deg paper 15-75, extended to 5-90
+    "MagneticFieldStrength": (1.5, 7.0),    # T
 }
 RANGE_TOLERANCE = 1.25
 
@@ -88,6 +95,7 @@ _ALIASES = {
     "EchoTime": ("EchoTime", "echo_time"),
     "FlipAngle": ("FlipAngle", "flip_angle"),
     "MagneticFieldStrength": ("MagneticFieldStrength", "field_strength"),
+    "RepetitionTimePreparation": ("RepetitionTimePreparation", "repetition_time_preparation"),
 }
 
 
@@ -129,55 +137,42 @@ def _in_range(name: str, v: float) -> bool:
     return lo / RANGE_TOLERANCE <= v <= hi * RANGE_TOLERANCE
 
 
-def encode(family: str, TI=None, TR=None, TE=None, FA=None, B0=None) -> np.ndarray:
+def encode(family: str, TI=None, TRinv=None, TR=None, TE=None, FA=None, B0=None) -> np.ndarray:
     """Raw vector from parameters in BIDS units (s, deg, T); None marks a missing value."""
-    v = np.zeros(N_PARAMS, dtype=np.float32)
-    v[0] = family == "MPRAGE"
-    v[1] = family == "SPGR"
-    if TI is not None:
-        v[2:5] = (TI / T1_SCALE_S, math.exp(-TI / T1_SCALE_S), 1)
-    if TR is not None:
-        v[5:8] = (TR / T1_SCALE_S, math.exp(-TR / T1_SCALE_S), 1)
-    if TE is not None:
-        v[8:11] = (TE / TE_SCALE_S, math.exp(-TE / TE_SCALE_S), 1)
-    if FA is not None:
-        rad = math.radians(FA)
-        v[11:14] = (rad, math.sin(rad), 1)
-    if B0 is not None:
-        v[14:16] = (B0 / B0_SCALE_T, 1)
-    return v
+    return encode_batch([family], TI=[TI], TRinv=[TRinv], TR=[TR], TE=[TE], FA=[FA], B0=[B0])[0]
 
 
-def encode_batch(family, TI=None, TR=None, TE=None, FA=None, B0=None):
-    """Vectorised :func:`encode` for training: arrays of equal length, NaN marks missing."""
+def encode_batch(family, TI=None, TRinv=None, TR=None, TE=None, FA=None, B0=None) -> np.ndarray:
+    """Vectorised :func:`encode`: sequences of equal length; None or NaN marks a missing value."""
     family = np.asarray(family)
     n = family.shape[0]
     out = np.zeros((n, N_PARAMS), dtype=np.float32)
-    out[:, 0] = family == "MPRAGE"
-    out[:, 1] = family == "SPGR"
+    out[:, _SLOT["family_MPRAGE"]] = family == "MPRAGE"
+    out[:, _SLOT["family_SPGR"]] = family == "SPGR"
 
-    def put(col, x, scale, trig=False):
+    def values(x):
         if x is None:
-            return
-        x = np.asarray(x, dtype=np.float64)
+            return np.full(n, np.nan)
+        return np.array([np.nan if v is None else float(v) for v in np.ravel(np.asarray(x, dtype=object))])
+
+    def put(first: str, x, fn_value, fn_second):
+        x = values(x)
         ok = np.isfinite(x)
         xs = np.where(ok, x, 0.0)
-        if trig:
-            rad = np.radians(xs)
-            out[:, col], out[:, col + 1] = np.where(ok, rad, 0), np.where(ok, np.sin(rad), 0)
-        else:
-            out[:, col], out[:, col + 1] = np.where(ok, xs / scale, 0), np.where(ok, np.exp(-xs / scale), 0)
-        out[:, col + 2] = ok
+        i = _SLOT[first]
+        out[:, i] = np.where(ok, fn_value(xs), 0)
+        out[:, i + 1] = np.where(ok, fn_second(xs), 0)
+        out[:, i + 2] = ok
 
-    put(2, TI, T1_SCALE_S)
-    put(5, TR, T1_SCALE_S)
-    put(8, TE, TE_SCALE_S)
-    put(11, FA, 1.0, trig=True)
-    if B0 is not None:
-        b = np.asarray(B0, dtype=np.float64)
-        ok = np.isfinite(b)
-        out[:, 14] = np.where(ok, b / B0_SCALE_T, 0)
-        out[:, 15] = ok
+    put("TI_s", TI, lambda t: t / T1_SCALE_S, lambda t: np.exp(-t / T1_SCALE_S))
+    put("TRinv_s", TRinv, lambda t: t / T1_SCALE_S, lambda t: np.exp(-t / T1_SCALE_S))
+    put("TR_s", TR, lambda t: t / T1_SCALE_S, lambda t: np.exp(-t / T1_SCALE_S))
+    put("TE_over_50ms", TE, lambda t: t / TE_SCALE_S, lambda t: np.exp(-t / TE_SCALE_S))
+    put("FA_rad", FA, np.radians, lambda a: np.sin(np.radians(a)))
+    b = values(B0)
+    ok = np.isfinite(b)
+    out[:, _SLOT["B0_over_3T"]] = np.where(ok, np.where(ok, b, 0) / B0_SCALE_T, 0)
+    out[:, _SLOT["has_B0"]] = ok
     return out
 
 
@@ -192,9 +187,20 @@ def parameter_vector(acquisition: dict | None) -> ParameterVector:
     fam = _family(acq)
     pv = ParameterVector(values=None, family=fam)
     present = {n: _get(acq, n) for n in _ALIASES}
+    # MPRAGE inversion-to-inversion time: RepetitionTimePreparation, else an MPRAGE RepetitionTime > TI
+    trinv = present.pop("RepetitionTimePreparation")
+    if fam == "MPRAGE":
+        tr = present.pop("RepetitionTime")
+        ti = present["InversionTime"]
+        if trinv is None and tr is not None:
+            if ti is not None and tr > ti:
+                trinv = tr
+            else:
+                pv.ignored["RepetitionTime"] = f"{tr:g} (shorter than TI: an excitation TR, not the inversion TR)"
+    present["InversionRepetitionTime"] = trinv
     if fam not in FAMILY_PARAMETERS:
-        pv.fallback_reason = (f"sequence family {fam} is not one the physics model was trained on (MPRAGE, SPGR)")
-        pv.ignored = {k: v for k, v in present.items() if v is not None}
+        pv.fallback_reason = f"sequence family {fam} is not one the physics model was trained on (MPRAGE, SPGR)"
+        pv.ignored.update({k: v for k, v in present.items() if v is not None})
         return pv
     spec = FAMILY_PARAMETERS[fam]
     wanted = spec["required"] + spec["optional"]
@@ -212,15 +218,18 @@ def parameter_vector(acquisition: dict | None) -> ParameterVector:
                               f"({'; '.join(f'{n} {TRAINING_RANGES[n][0]:g}-{TRAINING_RANGES[n][1]:g}' for n in spec['required'])})")
         return pv
     used = {n: present[n] for n in spec["required"]}
-    b0 = present["MagneticFieldStrength"]
-    if b0 is not None:
-        if _in_range("MagneticFieldStrength", b0):
-            used["MagneticFieldStrength"] = b0
+    for name in spec["optional"]:
+        v = present[name]
+        if v is None:
+            continue
+        if _in_range(name, v):
+            used[name] = v
         else:
-            pv.ignored["MagneticFieldStrength"] = f"{b0:g} (outside the trained field strengths; treated as missing)"
+            pv.ignored[name] = f"{v:g} (outside the training range; treated as missing)"
     pv.used = used
-    pv.values = encode(fam, TI=used.get("InversionTime"), TR=used.get("RepetitionTime"), TE=used.get("EchoTime"),
-                       FA=used.get("FlipAngle"), B0=used.get("MagneticFieldStrength"))
+    pv.values = encode(fam, TI=used.get("InversionTime"), TRinv=used.get("InversionRepetitionTime"),
+                       TR=used.get("RepetitionTime"), TE=used.get("EchoTime"), FA=used.get("FlipAngle"),
+                       B0=used.get("MagneticFieldStrength"))
     return pv
 
 
