@@ -56,7 +56,7 @@ def proxy_a_distance(xa, xb, n: int = 1500, folds: int = 5, C: float = 1.0, seed
     xb = xb[rng.choice(len(xb), nb, replace=False)]
     x = np.concatenate([xa, xb])
     y = np.r_[np.zeros(na), np.ones(nb)]
-    clf = make_pipeline(StandardScaler(), LinearSVC(C=C, dual=x.shape[1] > x.shape[0] // 2, max_iter=5000))
+    clf = make_pipeline(StandardScaler(), LinearSVC(C=C, dual=False, max_iter=5000))
     cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     acc = cross_val_score(clf, x, y, cv=cv, scoring="accuracy")
     err = float(1.0 - acc.mean())

@@ -1,0 +1,597 @@
+"""Group step: learn MRAI-NET across the dataset's acquisition groups and report the scanner effect.
+
+What it does, in two streaming passes over the sessions (memory holds one volume at a time):
+  1. per session: normalise the preprocessed T1w inside its brain mask, sample 15x15 axial patches:
+     - evaluation patches (random brain voxels, for the proxy A-distance and the embedding);
+     - labelled patches: the source group (the group with the most labelled data) from its segmentation
+       (manual labels from ``labels_dir`` when given, else the participant-level dseg); every other group
+       from only ``target_labels_per_tissue`` voxels per tissue, taken from its manual labels or from
+       high-confidence voxels (probseg > 0.95) of the participant-level segmentation.
+  2. train MRAI-NET on the six pair types across the groups, fit a linear (logistic) tissue classifier on
+     the features of the labelled patches;
+  3. per session: dense features over the brain -> acquisition-invariant tissue maps
+     (``*_desc-mrainet_dseg.nii.gz``, ``*_label-<T>_desc-mrainet_probseg.nii.gz``), agreement with the
+     participant-level dseg, a per-session feature summary for outlier detection;
+  4. proxy A-distance between every two groups before (intensity patches) and after (features), an
+     embedding of a patch subsample, and the sessions that stand out.
+Outputs (output_dir): ``models/mrainet-group.{pt,json}`` (weights and model card, incl. the classifier),
+``group_acquisition_groups.tsv``, ``group_mrainet_labels.tsv``, ``group_pad.tsv``,
+``group_mrainet_embedding.tsv``, ``group_mrainet_sessions.tsv``, ``group_mrainet_volumes.tsv``.
+
+Options read from ``ctx.options``: ``labels_dir``, ``target_labels_per_tissue`` (10), ``device``, ``seed``,
+``nprocs``, and the tuning knobs ``mrainet_steps`` (1500), ``mrainet_batch_size`` (128), ``mrainet_source_patches_per_tissue`` (3000, over
+the whole source group), ``mrainet_pad_patches`` (1500), ``mrainet_write_maps`` (True),
+``mrainet_init`` ("none" or "default": start from the shipped weights).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from bidsapp.harmonize.groups import choose_source_group, session_groups, summarize_groups
+
+__all__ = ["SessionFiles", "find_session_files", "find_manual_labels", "run", "load_group_model",
+           "MODEL_NAME", "TISSUE_NAMES"]
+
+MODEL_NAME = "mrainet-group"
+TISSUE_NAMES = {1: "CSF", 2: "GM", 3: "WM"}
+HIGH_CONFIDENCE = 0.95
+AXIS = 2  # axial slices of the RAS-reoriented preprocessed T1w
+
+
+@dataclass
+class SessionFiles:
+    participant_id: str
+    session_id: str
+    acq_group: str
+    t1w: Path | None = None
+    mask: Path | None = None
+    dseg: Path | None = None
+    probseg: dict = field(default_factory=dict)
+    manual: Path | None = None
+
+    @property
+    def label(self) -> str:
+        return self.participant_id + (f"_{self.session_id}" if self.session_id else "")
+
+
+def _entities(p: Path) -> dict:
+    from bidsapp.bids.derivatives import parse_entities
+
+    return parse_entities(p) or {}
+
+
+def _anat_dir(root: Path, participant_id: str, session_id: str) -> Path:
+    d = Path(root) / participant_id
+    return (d / session_id / "anat") if session_id else (d / "anat")
+
+
+def find_session_files(output_dir: Path, participant_id: str, session_id: str, acq_group: str = "") -> SessionFiles:
+    """The participant-level derivatives of one session (native space; first run when there are several)."""
+    sf = SessionFiles(participant_id, session_id, acq_group)
+    d = _anat_dir(output_dir, participant_id, session_id)
+    if not d.is_dir():
+        return sf
+    files = sorted(p for p in d.iterdir() if p.name.endswith(".nii.gz") and not p.name.startswith("."))
+    ents = {p: _entities(p) for p in files}
+    native = [p for p in files if "space" not in ents[p]]
+    t1 = [p for p in native if ents[p].get("suffix") == "T1w" and ents[p].get("desc") == "preproc"]
+    if not t1:
+        return sf
+    sf.t1w = t1[0]
+    key = {k: ents[sf.t1w].get(k) for k in ("acq", "ce", "rec", "run")}
+    same = [p for p in native if all(ents[p].get(k) == v for k, v in key.items())]
+    for p in same:
+        e = ents[p]
+        if e.get("suffix") == "mask" and e.get("desc") == "brain" and sf.mask is None:
+            sf.mask = p
+        elif e.get("suffix") == "dseg" and "desc" not in e and sf.dseg is None:
+            sf.dseg = p
+        elif e.get("suffix") == "probseg" and "desc" not in e and e.get("label") in TISSUE_NAMES.values():
+            sf.probseg.setdefault(e["label"], p)
+    return sf
+
+
+def find_manual_labels(labels_dir: Path | None, participant_id: str, session_id: str) -> Path | None:
+    """A user's manual tissue labels for a session: the first ``*_dseg.nii.gz`` in its anat folder."""
+    if not labels_dir:
+        return None
+    d = _anat_dir(Path(labels_dir), participant_id, session_id)
+    if not d.is_dir():
+        return None
+    c = sorted(p for p in d.glob("*_dseg.nii.gz") if "space-" not in p.name)
+    return c[0] if c else None
+
+
+def _load(path: Path, like=None) -> np.ndarray:
+    """Voxel data as float32; resampled (nearest) onto ``like`` when the grids differ (manual labels)."""
+    import nibabel as nib
+
+    img = nib.load(str(path))
+    if like is not None and (img.shape[:3] != like.shape[:3] or not np.allclose(img.affine, like.affine, atol=1e-3)):
+        from nibabel.processing import resample_from_to
+
+        img = resample_from_to(img, (like.shape[:3], like.affine), order=0)
+    data = np.asanyarray(img.dataobj, dtype=np.float32)
+    return data[..., 0] if data.ndim == 4 else data
+
+
+@dataclass
+class _Collected:
+    patches: list = field(default_factory=list)      # labelled patches
+    tissues: list = field(default_factory=list)
+    domains: list = field(default_factory=list)
+    sessions: list = field(default_factory=list)
+    eval_patches: list = field(default_factory=list)
+    eval_tissue: list = field(default_factory=list)
+    eval_domain: list = field(default_factory=list)
+
+
+def _opt(ctx, key, default):
+    v = (ctx.options or {}).get(key)
+    return default if v is None else v
+
+
+def run(ctx) -> list:
+    """Train MRAI-NET across the acquisition groups; write models, maps and TSVs; return report sections."""
+    import torch
+
+    from bidsapp.reports import harmonization as rep
+
+    t_start = time.perf_counter()
+    log = ctx.logger
+    out_dir = Path(ctx.output_dir)
+    warnings: list[str] = []
+
+    def warn(msg: str):
+        log.warning("MRAI-NET: %s", msg)
+        warnings.append(msg)
+
+    from bidsapp.bids.derivatives import atomic_write_tsv
+
+    summary = summarize_groups(ctx.acquisitions, ctx.volumes)
+    atomic_write_tsv(out_dir / "group_acquisition_groups.tsv", summary)
+    sess = session_groups(ctx.acquisitions, ctx.volumes)
+    groups = sorted(sess["acq_group"].unique())
+    if len(groups) < 2:
+        warn(f"the dataset has a single acquisition group ({groups[0] if groups else 'none'}): there is no scanner "
+             "effect to learn or measure, so MRAI-NET was not trained")
+        return [rep.groups_section(summary, None, None, warnings)]
+
+    labels_dir = _opt(ctx, "labels_dir", None)
+    if labels_dir and not Path(labels_dir).is_dir():
+        warn(f"labels directory {labels_dir} does not exist; using the participant-level segmentations")
+        labels_dir = None
+    n_target = int(_opt(ctx, "target_labels_per_tissue", 10))
+    seed = int(_opt(ctx, "seed", 0) or 0)
+    steps = int(_opt(ctx, "mrainet_steps", 1500))
+    batch_size = int(_opt(ctx, "mrainet_batch_size", 128))
+    src_total = int(_opt(ctx, "mrainet_source_patches_per_tissue", 3000))
+    pad_n = int(_opt(ctx, "mrainet_pad_patches", 1500))
+    write_maps = bool(_opt(ctx, "mrainet_write_maps", True))
+    rng = np.random.default_rng(seed)
+
+    # -- find files; decide the source group from where labels are
+    files: list[SessionFiles] = []
+    for r in sess.itertuples():
+        sf = find_session_files(out_dir, r.participant_id, r.session_id, r.acq_group)
+        missing = [n for n, v in (("desc-preproc_T1w", sf.t1w), ("desc-brain_mask", sf.mask)) if v is None]
+        if missing:
+            warn(f"{sf.label}: no {' or '.join(missing)} in {_anat_dir(out_dir, r.participant_id, r.session_id)}; "
+                 "session skipped")
+            continue
+        sf.manual = find_manual_labels(labels_dir, r.participant_id, r.session_id)
+        files.append(sf)
+    by_group = {g: [f for f in files if f.acq_group == g] for g in groups}
+    for g in groups:
+        if not by_group[g]:
+            warn(f"acquisition group {g} has no session with usable derivatives; left out")
+    groups = [g for g in groups if by_group[g]]
+    if len(groups) < 2:
+        warn("fewer than two acquisition groups have usable derivatives; MRAI-NET was not trained")
+        return [rep.groups_section(summary, None, None, warnings)]
+    manual_counts = {g: sum(f.manual is not None for f in by_group[g]) for g in groups}
+    if labels_dir and not any(manual_counts.values()):
+        warn(f"no manual labels in {labels_dir} match the sessions (expected "
+             "sub-<label>/[ses-<label>/]anat/*_dseg.nii.gz); using the participant-level segmentations")
+    use_manual = any(manual_counts.values())
+    labelled = manual_counts if use_manual else {g: sum(f.dseg is not None for f in by_group[g]) for g in groups}
+    source = choose_source_group(labelled, {g: len(by_group[g]) for g in groups})
+    if source is None:
+        warn("no acquisition group has labels (no participant-level dseg and no manual labels); MRAI-NET was "
+             "not trained")
+        return [rep.groups_section(summary, None, None, warnings)]
+    dom = {g: i for i, g in enumerate([source] + [g for g in groups if g != source])}
+    log.info("MRAI-NET: %d sessions in %d groups; source group %s", len(files), len(groups), source)
+
+    # -- pass 1: sample patches
+    cache = Path(ctx.work_dir) / "mrainet_cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    col = _Collected()
+    n_src_sessions = sum(1 for f in by_group[source] if (f.manual if use_manual else f.dseg) is not None)
+    per_src = max(1, math.ceil(src_total / max(1, n_src_sessions)))
+    from bidsapp.models.mrainet import MRAINetConfig
+
+    cfg = MRAINetConfig()
+    t_io = time.perf_counter()
+    for i, sf in enumerate(files):
+        try:
+            _sample_session(sf, sf.acq_group == source, dom[sf.acq_group], len(by_group[sf.acq_group]), per_src,
+                            n_target, pad_n, use_manual, cfg, rng, col, cache, warn)
+        except Exception as exc:  # a damaged file costs one session, not the step
+            warn(f"{sf.label}: could not be read ({type(exc).__name__}: {exc}); session skipped")
+            sf.t1w = None
+        if (i + 1) % 20 == 0:
+            log.info("MRAI-NET: sampled %d/%d sessions", i + 1, len(files))
+    files = [f for f in files if f.t1w is not None]
+    t_io = time.perf_counter() - t_io
+
+    patches = np.concatenate(col.patches) if col.patches else np.zeros((0, 1, cfg.patch_size, cfg.patch_size), np.float32)
+    tissues = np.concatenate(col.tissues) if col.tissues else np.zeros(0, np.int64)
+    domains = np.concatenate(col.domains) if col.domains else np.zeros(0, np.int64)
+    # the target budget is per group: keep n_target of each tissue, spread over sessions
+    keep = np.ones(len(tissues), bool)
+    label_rows = []
+    for g, d in dom.items():
+        for k, name in TISSUE_NAMES.items():
+            idx = np.flatnonzero((domains == d) & (tissues == k))
+            if d != 0 and len(idx) > n_target:
+                drop = rng.choice(idx, len(idx) - n_target, replace=False)
+                keep[drop] = False
+                idx = np.setdiff1d(idx, drop)
+            asked = src_total if d == 0 else n_target
+            label_rows.append({"acq_group": g, "role": "source" if d == 0 else "target", "tissue": name,
+                               "n_patches": int(len(idx)), "asked": asked})
+            if len(idx) < asked:
+                warn(f"group {g}: {len(idx)} labelled {name} patches, fewer than the {asked} asked for")
+    patches, tissues, domains = patches[keep], tissues[keep], domains[keep]
+    labels_df = pd.DataFrame(label_rows)
+    atomic_write_tsv(out_dir / "group_mrainet_labels.tsv", labels_df)
+    for g, d in dom.items():
+        if d != 0 and not (domains == d).any():
+            warn(f"group {g} has no usable labels (no voxel with probseg > {HIGH_CONFIDENCE} and no manual labels); "
+                 "it is mapped by MRAI-NET but not aligned to the others")
+    src_classes = set(tissues[domains == 0].tolist())
+    if len(src_classes) < 2:
+        warn(f"the source group {source} has labelled patches of fewer than two tissues; MRAI-NET was not trained")
+        return [rep.groups_section(summary, source, labels_df, warnings)]
+
+    # -- train
+    from bidsapp.training.mrainet import TrainSettings, featurize, fit_linear_classifier, train_mrainet
+
+    device = _opt(ctx, "device", "cpu")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(_opt(ctx, "nprocs", threads) or threads)))
+    try:
+        init = _initial_model(_opt(ctx, "mrainet_init", "none"), cfg, warn)
+        settings = TrainSettings(steps=steps, batch_size=batch_size, seed=seed, device=device or "cpu")
+        res = train_mrainet(patches, tissues, domains, source_domain=0, config=cfg, settings=settings, init=init)
+        model = res.model
+        feats = featurize(model, patches)
+        clf = fit_linear_classifier(feats, tissues, groups=domains)
+        log.info("MRAI-NET: trained in %.1f s on %d labelled patches", res.seconds, len(patches))
+
+        # -- pass 2: tissue maps and per-session summaries
+        t_maps = time.perf_counter()
+        card = _model_card(model, clf, source, dom, labels_df, res, seed, n_target)
+        from bidsapp.models import registry
+
+        card = registry.save_model(MODEL_NAME, model.state_dict(), card, weights_dir=out_dir / "models")
+        session_rows, volume_rows = [], []
+        for i, sf in enumerate(files):
+            try:
+                row, vol = _map_session(sf, model, clf, cache, out_dir, card, write_maps, device)
+            except Exception as exc:
+                warn(f"{sf.label}: tissue map failed ({type(exc).__name__}: {exc})")
+                continue
+            session_rows.append(row)
+            volume_rows.append(vol)
+            if (i + 1) % 20 == 0:
+                log.info("MRAI-NET: mapped %d/%d sessions", i + 1, len(files))
+        t_maps = time.perf_counter() - t_maps
+    finally:
+        torch.set_num_threads(threads)
+
+    # -- proxy A-distance before/after, embedding, outliers
+    from bidsapp.metrics.domain import pad_matrix
+
+    ev_p = np.concatenate(col.eval_patches)
+    ev_t = np.concatenate(col.eval_tissue)
+    ev_d = np.concatenate(col.eval_domain)
+    ev_f = featurize(model, ev_p)
+    names = {d: g for g, d in dom.items()}
+    pad_warn = []
+    for d, g in names.items():
+        n = int((ev_d == d).sum())
+        if n < pad_n:
+            pad_warn.append(f"group {g}: {n} brain patches for the proxy A-distance, fewer than the {pad_n} asked for")
+    for m in pad_warn:
+        warn(m)
+    t_pad = time.perf_counter()
+    order = [names[d] for d in sorted(names)]
+    before = pad_matrix({names[d]: ev_p[ev_d == d] for d in sorted(names)}, n=pad_n, seed=seed)
+    after = pad_matrix({names[d]: ev_f[ev_d == d] for d in sorted(names)}, n=pad_n, seed=seed)
+    t_pad = time.perf_counter() - t_pad
+    pad = before.rename(columns={"pad": "pad_before", "error": "error_before"}).merge(
+        after[["group_a", "group_b", "pad", "error"]].rename(columns={"pad": "pad_after", "error": "error_after"}),
+        on=["group_a", "group_b"])
+    atomic_write_tsv(out_dir / "group_pad.tsv", pad)
+    emb = _embedding(ev_p, ev_f, ev_t, ev_d, names, rng)
+    atomic_write_tsv(out_dir / "group_mrainet_embedding.tsv", emb)
+    sessions_df = _outliers(pd.DataFrame(session_rows), warn)
+    atomic_write_tsv(out_dir / "group_mrainet_sessions.tsv", sessions_df)
+    vol_df = pd.DataFrame(volume_rows)
+    atomic_write_tsv(out_dir / "group_mrainet_volumes.tsv", vol_df)
+
+    agreement = None
+    if len(sessions_df):
+        dcols = [c for c in sessions_df.columns if c.startswith("dice_")]
+        agreement = sessions_df.groupby("acq_group")[dcols].median().reset_index()
+    src_pad = pad[(pad.group_a == source) | (pad.group_b == source)]
+    total = time.perf_counter() - t_start
+    info = {
+        "source group": source,
+        "groups": len(groups), "sessions": len(files),
+        "labelled patches (source / others)": f"{int((domains == 0).sum())} / {int((domains != 0).sum())}",
+        "labels from": "manual labels (labels_dir)" if use_manual else "participant-level segmentation",
+        "target labels per tissue": n_target,
+        "training steps x batch": f"{steps} x {settings.batch_size}",
+        "training time (s)": round(res.seconds, 1),
+        "sampling / maps / proxy A-distance time (s)": f"{t_io:.1f} / {t_maps:.1f} / {t_pad:.1f}",
+        "total time (s)": round(total, 1),
+        "median proxy A-distance to source, before -> after":
+            f"{src_pad.pad_before.median():.2f} -> {src_pad.pad_after.median():.2f}" if len(src_pad) else "n/a",
+        "model": f"models/{MODEL_NAME}.pt (sha256 {card['sha256'][:12]}...)",
+        "tissue maps": "sub-*/[ses-*/]anat/*_desc-mrainet_dseg.nii.gz and *_label-<tissue>_desc-mrainet_probseg.nii.gz"
+        if write_maps else "not written (mrainet_write_maps = False)",
+    }
+    log.info("MRAI-NET: done in %.1f s", total)
+    return [
+        rep.groups_section(summary, source, labels_df, [w for w in warnings if "labelled" in w or "labels" in w]),
+        rep.pad_section(before, after, order, pad_warn),
+        rep.embedding_section(emb),
+        rep.outliers_section(sessions_df, [w for w in warnings if "outlier" in w or "stand out" in w]),
+        rep.mrainet_section(info, res.losses, agreement,
+                            [w for w in warnings if "labelled" not in w and "labels" not in w
+                             and w not in pad_warn and "stand out" not in w]),
+    ]
+
+
+def _sample_session(sf: SessionFiles, is_source: bool, domain: int, n_in_group: int, per_src: int, n_target: int,
+                    pad_n: int, use_manual: bool, cfg, rng, col: _Collected, cache: Path, warn) -> None:
+    import nibabel as nib
+
+    from bidsapp.models.mrainet import extract_patches, normalize_intensity, sample_centres
+
+    ref = nib.load(str(sf.t1w))
+    img = _load(sf.t1w)
+    mask = _load(sf.mask, like=ref) > 0.5
+    if mask.shape != img.shape:
+        raise ValueError(f"brain mask {sf.mask.name} has shape {mask.shape}, T1w {img.shape}")
+    if not mask.any():
+        raise ValueError(f"brain mask {sf.mask.name} is empty")
+    img = normalize_intensity(img, mask)
+    dseg = _load(sf.dseg, like=ref).astype(np.int16) if sf.dseg is not None else None
+    manual = _load(sf.manual, like=ref).astype(np.int16) if sf.manual is not None else None
+    # cache the brain for the second pass (uncompressed, half precision; outside the mask the image is 0)
+    np.savez(cache / f"{sf.label}.npz", img=img[mask].astype(np.float16), mask=np.packbits(mask),
+             shape=np.array(mask.shape), dseg=(dseg[mask].astype(np.int8) if dseg is not None else np.zeros(0, np.int8)))
+    # evaluation patches: random brain voxels, centre tissue from the participant-level dseg for display
+    n_eval = int(min(3000, max(20, math.ceil(1.1 * pad_n / n_in_group))))
+    vox = np.flatnonzero(mask)
+    take = rng.choice(vox, min(n_eval, len(vox)), replace=False)
+    centres = np.stack(np.unravel_index(take, mask.shape), axis=1)
+    col.eval_patches.append(extract_patches(img, centres, cfg.patch_size, cfg.spatial_dims, AXIS))
+    col.eval_tissue.append(dseg.reshape(-1)[take].astype(np.int64) if dseg is not None else np.zeros(len(take), np.int64))
+    col.eval_domain.append(np.full(len(take), domain, np.int64))
+    # labelled patches
+    if manual is not None:
+        labels, allowed = manual, mask
+    elif is_source and not use_manual:
+        labels, allowed = dseg, mask
+    elif not is_source and dseg is not None:
+        labels = dseg
+        allowed = mask.copy()
+        if len(sf.probseg) == 3:
+            conf = np.zeros(mask.shape, bool)
+            for k, name in TISSUE_NAMES.items():
+                conf |= (dseg == k) & (_load(sf.probseg[name], like=ref) > HIGH_CONFIDENCE)
+            allowed &= conf
+        else:
+            warn(f"{sf.label}: no label-CSF/GM/WM probseg; target labels come from the dseg without a confidence check")
+    else:
+        return
+    if labels is None:
+        return
+    n = per_src if is_source else max(1, math.ceil(n_target / n_in_group))
+    picked = sample_centres(labels, n, classes=tuple(TISSUE_NAMES), rng=rng, allowed=allowed)
+    for k, c in picked.items():
+        if len(c):
+            col.patches.append(extract_patches(img, c, cfg.patch_size, cfg.spatial_dims, AXIS))
+            col.tissues.append(np.full(len(c), k, np.int64))
+            col.domains.append(np.full(len(c), domain, np.int64))
+
+
+def _initial_model(choice, cfg, warn):
+    if choice in (None, "none", False):
+        return None
+    from bidsapp.models import registry
+    from bidsapp.models.mrainet import MRAINet, MRAINetConfig
+
+    try:
+        state, card = registry.load_state_dict("mrainet")
+        c = MRAINetConfig.from_dict(card["architecture"]["kwargs"])
+        if c != cfg:
+            warn("the shipped MRAI-NET weights have another architecture; training from scratch")
+            return None
+        m = MRAINet(c)
+        m.load_state_dict(state)
+        return m
+    except Exception as exc:
+        warn(f"shipped MRAI-NET weights unavailable ({exc}); training from scratch")
+        return None
+
+
+def _classifier_dict(clf) -> dict:
+    sc, lr = clf.named_steps["standardscaler"], clf.named_steps["logisticregression"]
+    return {"type": "standardised multinomial logistic regression on MRAI-NET features",
+            "classes": [int(c) for c in lr.classes_], "mean": sc.mean_.tolist(), "scale": sc.scale_.tolist(),
+            "coef": lr.coef_.tolist(), "intercept": lr.intercept_.tolist()}
+
+
+def _model_card(model, clf, source, dom, labels_df, res, seed, n_target) -> dict:
+    from bidsapp import __version__
+
+    return {
+        "version": __version__,
+        "description": "MRAI-NET feature network trained at the group level across this dataset's acquisition "
+                       "groups (Kouw et al., ISBI 2018), with the linear tissue classifier used for the "
+                       "desc-mrainet tissue maps.",
+        "architecture": {"class": "bidsapp.models.mrainet.MRAINet", "kwargs": model.config.to_dict()},
+        "training": {"command": "scanbridge <bids_dir> <output_dir> group", "seed": seed,
+                     "data": {"source_group": source, "groups": list(dom), "target_labels_per_tissue": n_target,
+                              "labelled_patches": labels_df.to_dict(orient="records")},
+                     "settings": res.settings, "pair_counts": res.pair_counts, "seconds": round(res.seconds, 2)},
+        "metrics": {"final_loss": float(np.mean(res.losses[-50:])) if res.losses else None},
+        "classifier": _classifier_dict(clf),
+        "input": "preprocessed T1w divided by its 99th percentile inside the brain mask, zero outside; "
+                 "axial 15x15 patches",
+    }
+
+
+def _map_session(sf: SessionFiles, model, clf, cache: Path, out_dir: Path, card: dict, write_maps: bool, device):
+    import nibabel as nib
+
+    from bidsapp.bids.derivatives import (atomic_save_nifti, bids_uri, derivative_path, write_dseg_tsv,
+                                          write_sidecar)
+    from bidsapp.metrics.overlap import dice
+    from bidsapp.models.mrainet import dense_features
+
+    z = np.load(cache / f"{sf.label}.npz")
+    shape = tuple(int(s) for s in z["shape"])
+    mask = np.unpackbits(z["mask"])[: int(np.prod(shape))].reshape(shape).astype(bool)
+    img = np.zeros(shape, np.float32)
+    img[mask] = z["img"]
+    ref_lab = None
+    if z["dseg"].size:
+        ref_lab = np.zeros(shape, np.int8)
+        ref_lab[mask] = z["dseg"]
+    feats = dense_features(model, img, mask, axis=AXIS, device=device)
+    fm = feats[mask]
+    prob = clf.predict_proba(fm).astype(np.float32)
+    classes = [int(c) for c in clf.classes_]
+    lab = np.zeros(shape, np.uint8)
+    lab[mask] = np.asarray(classes, np.uint8)[prob.argmax(1)]
+    ref = nib.load(str(sf.t1w))
+    zooms = ref.header.get_zooms()[:3]
+    vox_mm3 = float(np.prod(zooms))
+    row = {"participant_id": sf.participant_id, "session_id": sf.session_id, "acq_group": sf.acq_group}
+    vol = {"participant_id": sf.participant_id, "session_id": sf.session_id, "method": "mrainet",
+           "acq_group": sf.acq_group}
+    for k, name in TISSUE_NAMES.items():
+        vol[name] = float((lab == k).sum() * vox_mm3)
+        sel = (ref_lab == k) if ref_lab is not None else (lab == k)
+        sel = sel[mask]
+        for j in range(fm.shape[1]):
+            row[f"f{j + 1}_{name}"] = float(fm[sel, j].mean()) if sel.any() else np.nan
+        if ref_lab is not None:
+            row[f"dice_{name}"] = dice(lab == k, ref_lab == k)
+    vol["brain"] = vol["CSF"] + vol["GM"] + vol["WM"]
+    if ref_lab is not None:
+        row["dice_mean"] = float(np.mean([row[f"dice_{n}"] for n in TISSUE_NAMES.values()]))
+    if write_maps:
+        src = [bids_uri(sf.t1w, out_dir, dataset="")]
+        model_info = {"Name": MODEL_NAME, "Path": f"models/{MODEL_NAME}.pt", "sha256": card["sha256"]}
+        hdr = ref.header.copy()
+        hdr.set_data_dtype(np.uint8)
+        path = derivative_path(out_dir, sf.t1w, suffix="dseg", extension=".nii.gz", desc="mrainet")
+        atomic_save_nifti(nib.Nifti1Image(lab, ref.affine, hdr), path)
+        write_dseg_tsv(path)
+        write_sidecar(path, Sources=src, Method="mrainet", Model=model_info,
+                      Description="acquisition-invariant tissue map: linear classifier on MRAI-NET features")
+        for j, k in enumerate(classes):
+            p = np.zeros(shape, np.float32)
+            p[mask] = prob[:, j]
+            hdr = ref.header.copy()
+            hdr.set_data_dtype(np.float32)
+            path = derivative_path(out_dir, sf.t1w, suffix="probseg", extension=".nii.gz", desc="mrainet",
+                                   label=TISSUE_NAMES[k])
+            atomic_save_nifti(nib.Nifti1Image(p, ref.affine, hdr), path)
+            write_sidecar(path, Sources=src, Method="mrainet", Model=model_info)
+    return row, vol
+
+
+def _embedding(ev_p, ev_f, ev_t, ev_d, names, rng, per_group: int = 400) -> pd.DataFrame:
+    """2D views of a patch subsample: PCA of intensity patches (before) and of MRAI-NET features (after)."""
+    from sklearn.decomposition import PCA
+
+    idx = np.concatenate([rng.choice(np.flatnonzero(ev_d == d), min(per_group, int((ev_d == d).sum())), replace=False)
+                          for d in sorted(names)])
+    x = ev_p[idx].reshape(len(idx), -1)
+    before = PCA(2, random_state=0).fit_transform(x) if len(idx) > 2 else np.zeros((len(idx), 2))
+    f = ev_f[idx]
+    after = f[:, :2] if f.shape[1] <= 2 else PCA(2, random_state=0).fit_transform(f)
+    if after.shape[1] == 1:
+        after = np.c_[after, np.zeros(len(after))]
+    tissue = {0: "background", **TISSUE_NAMES}
+    return pd.DataFrame({"acq_group": [names[int(d)] for d in ev_d[idx]],
+                         "tissue": [tissue.get(int(t), "unknown") for t in ev_t[idx]],
+                         "before_1": before[:, 0], "before_2": before[:, 1],
+                         "after_1": after[:, 0], "after_2": after[:, 1]})
+
+
+def _robust_z(x: np.ndarray) -> np.ndarray:
+    med = np.nanmedian(x)
+    mad = 1.4826 * np.nanmedian(np.abs(x - med))
+    if not np.isfinite(mad) or mad <= 1e-12:
+        mad = np.nanstd(x) or 1.0
+    return (x - med) / mad
+
+
+def _outliers(df: pd.DataFrame, warn) -> pd.DataFrame:
+    """Sessions whose tissue-mean features lie far from everyone's (features are meant to be scanner-free,
+    so one reference for all groups) or whose tissue map disagrees with their segmentation."""
+    if not len(df):
+        return df.assign(feature_distance=[], feature_z=[], outlier=[], reason=[])
+    fcols = [c for c in df.columns if c.startswith("f") and "_" in c and c[1].isdigit()]
+    v = df[fcols].to_numpy(float)
+    v = np.where(np.isfinite(v), v, np.nanmedian(v, axis=0))
+    dist = np.abs(v - np.median(v, axis=0)).sum(axis=1)
+    df = df.copy()
+    df["feature_distance"] = dist
+    df["feature_z"] = _robust_z(dist)
+    reasons = [[] for _ in range(len(df))]
+    if len(df) < 5:
+        warn(f"only {len(df)} sessions: too few to say which stand out")
+        df["outlier"] = False
+        df["reason"] = ""
+        return df
+    for i, z in enumerate(df["feature_z"]):
+        if z > 3.5:
+            reasons[i].append(f"features far from the other sessions (z={z:.1f})")
+    if "dice_mean" in df.columns:
+        dz = _robust_z(df["dice_mean"].to_numpy(float))
+        df["dice_z"] = dz
+        for i, z in enumerate(dz):
+            if z < -3.5:
+                reasons[i].append(f"tissue map disagrees with its segmentation (Dice {df['dice_mean'].iloc[i]:.2f}, z={z:.1f})")
+    df["outlier"] = [bool(r) for r in reasons]
+    df["reason"] = ["; ".join(r) for r in reasons]
+    return df
+
+
+def load_group_model(output_dir: Path):
+    """(MRAINet, card) saved by the group level in ``output_dir/models``."""
+    from bidsapp.models import registry
+    from bidsapp.models.mrainet import MRAINet, MRAINetConfig
+
+    state, card = registry.load_state_dict(MODEL_NAME, weights_dir=Path(output_dir) / "models")
+    model = MRAINet(MRAINetConfig.from_dict(card["architecture"]["kwargs"]))
+    model.load_state_dict(state)
+    return model.eval(), card
