@@ -1,0 +1,504 @@
+"""Digital head phantoms: per-class tissue fraction maps with known truth.
+
+A :class:`Phantom` holds, for every voxel, the fraction of each tissue class (float32, summing to 1
+with ``background``).  Signals are computed per *pure* tissue and mixed by these fractions
+(:mod:`bidsapp.physics.simulator`), which is how partial volume behaves physically; averaging T1 or T2
+across a border instead would create false bright rims.
+
+Anatomies
+- :func:`from_label_map`: a FreeSurfer-style label map such as the shared ``anat-XX_dseg.nii.gz``
+  (mapping in :data:`LABEL_CLASSES`; labels 502-530 are extra-cerebral tissues, assigned from where
+  they lie: 515 the shell around the brain -> skull, 511 the outer layer -> skin, 507 the bulk ->
+  muscle, 516 next to the skull and 508 behind the eyes -> fat, 506 the two globes -> eye,
+  502/514 vessels and dural sinuses -> blood, 512 below the brain stem and 530 -> nerve,
+  509 the nose -> mucosa).  One-hot at the source resolution; partial volume appears when the phantom
+  is resampled or deformed.
+- :func:`from_icbm152`: nilearn's packaged MNI ICBM152 2009a (symmetric) GM and WM probability maps
+  and T1 template.  How the other classes are derived: the intracranial volume is the closed,
+  hole-filled GM+WM mask dilated by 2 mm and softened; CSF = intracranial - GM - WM; CSF deeper than
+  12 mm inside the intracranial surface is ``ventricles``; GM within the central box of the basal
+  ganglia/thalami (|x| < 32, -40 < y < 28, -16 < z < 22 mm) and deeper than 18 mm is ``deep_GM``;
+  the probabilities are sharpened (power 2, renormalised) because population maps are blurrier than
+  one brain.  Non-brain head = template T1 > 15 (hole-filled) outside the intracranial volume,
+  split by template T1 intensity relative to white matter: < 0.3 skull, > 0.62 fat, otherwise muscle,
+  and the outermost 2 mm of the head is skin.
+
+Public API
+----------
+``Phantom(fractions, affine, classes=CLASSES-subset, multipliers=None, meta={})``
+    ``fractions`` (C, X, Y, Z) float32 in ``classes`` order (``classes[0] == "background"``);
+    ``multipliers`` (C, 4) between-subject scale of PD, R1, R2, R2* (ones if None).
+    Properties: ``shape``, ``voxel_size`` (mm, array axes), ``voxel_volume`` (mm3), ``axcodes``,
+    ``brain_fraction``, ``brain_mask`` (bool, brain fraction >= 0.5).
+    Methods: ``fraction(name)``, ``truth_probseg() -> (3, X, Y, Z)`` CSF/GM/WM fractions inside the
+    brain, ``dseg() -> uint8`` (CSF=1, GM=2, WM=3 by largest fraction within the brain mask),
+    ``lesion_mask()``, ``volumes() -> dict`` (mm3 of CSF, GM, WM, brain, ventricles, lesion,
+    deep_GM, intracranial), ``property_table(field_strength) -> (C, 4)``,
+    ``qmri(field_strength=3.0) -> dict`` of float32 maps PD, T1, R1, T2, R2, T2star, R2star
+    (water-weighted relaxation rates in mixed voxels), ``resample(voxel_size_ras, shape=None)``
+    (exact box-overlap averaging: partial volume preserved), ``reorient(axcodes)``,
+    ``crop(margin_mm=4)``, ``with_variation(rng, scale=1.0)``, ``to_image(array)`` -> Nifti1Image,
+    ``copy()``.
+``from_label_map(img_or_path, resolution=None, crop=True) -> Phantom``
+``from_icbm152(resolution=None) -> Phantom``
+``load_anatomy(source=None, resolution=None) -> Phantom``  ``None``/``"icbm152"`` or a label-map path.
+``random_deformation(phantom, rng, displacement_mm=3.0, spacing_mm=32.0, scale_sd=0.04,
+rotation_deg=4.0) -> Phantom``  a new plausible subject: random global scale/rotation plus a smooth
+    displacement field (B-spline-like: random control grid, cubic upsampling), fractions warped
+    trilinearly (sum to one preserved).
+``make_subject(anatomy, rng, resolution=None, variation=1.0) -> Phantom``  deform + tissue variation.
+``LABEL_CLASSES``  FreeSurfer/SynthSeg label -> class name.
+"""
+from __future__ import annotations
+
+import copy as _copy
+import os
+from dataclasses import dataclass, field
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage as ndi
+from scipy import sparse
+
+from .tissues import CLASSES, TISSUES, property_table as _property_table, sample_multipliers
+
+LABEL_CLASSES: dict[int, str] = {
+    0: "background",
+    2: "WM", 41: "WM", 7: "WM", 46: "WM", 16: "WM", 85: "WM", 28: "WM", 60: "WM",
+    25: "WM", 57: "WM",  # FreeSurfer "lesion" labels: normal WM unless lesions are added on purpose
+    3: "GM", 42: "GM", 8: "GM", 47: "GM", 17: "GM", 53: "GM", 18: "GM", 54: "GM",
+    10: "deep_GM", 49: "deep_GM", 11: "deep_GM", 50: "deep_GM", 12: "deep_GM", 51: "deep_GM",
+    13: "deep_GM", 52: "deep_GM", 26: "deep_GM", 58: "deep_GM", 30: "deep_GM", 62: "deep_GM",
+    136: "deep_GM", 137: "deep_GM", 163: "deep_GM", 164: "deep_GM",
+    4: "ventricles", 43: "ventricles", 5: "ventricles", 44: "ventricles", 14: "ventricles",
+    15: "ventricles", 72: "ventricles",
+    24: "CSF",
+    502: "blood", 514: "blood", 506: "eye", 507: "muscle", 508: "fat", 516: "fat",
+    509: "mucosa", 511: "skin", 512: "nerve", 530: "nerve", 515: "skull",
+}
+_BRAIN = {c for c, t in TISSUES.items() if t.brain}
+
+
+def _axis_codes(affine) -> tuple[str, ...]:
+    return nib.aff2axcodes(affine)
+
+
+_PAIR = {"L": "LR", "R": "LR", "A": "AP", "P": "AP", "S": "SI", "I": "SI"}
+_RAS_INDEX = {"LR": 0, "AP": 1, "SI": 2}
+
+
+def ras_to_array_axes(values_ras, affine) -> tuple[float, float, float]:
+    """Reorder a per-axis triple given along R-L, A-P, S-I into the array axes of ``affine``."""
+    codes = _axis_codes(affine)
+    return tuple(float(values_ras[_RAS_INDEX[_PAIR[c]]]) for c in codes)
+
+
+@dataclass
+class Phantom:
+    fractions: np.ndarray
+    affine: np.ndarray
+    classes: tuple = CLASSES
+    multipliers: np.ndarray | None = None
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.fractions = np.asarray(self.fractions, dtype=np.float32)
+        self.affine = np.asarray(self.affine, dtype=np.float64)
+        self.classes = tuple(self.classes)
+        if self.classes[0] != "background":
+            raise ValueError("the first phantom class must be 'background'")
+        if self.fractions.ndim != 4 or self.fractions.shape[0] != len(self.classes):
+            raise ValueError(f"fractions must be (C, X, Y, Z) with C={len(self.classes)}")
+        unknown = [c for c in self.classes if c not in TISSUES]
+        if unknown:
+            raise ValueError(f"unknown tissue classes {unknown}")
+        if self.multipliers is None:
+            self.multipliers = np.ones((len(self.classes), 4))
+
+    # ------------------------------------------------------------------ basic geometry
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.fractions.shape[1:])
+
+    @property
+    def voxel_size(self) -> tuple[float, float, float]:
+        return tuple(float(v) for v in np.linalg.norm(self.affine[:3, :3], axis=0))
+
+    @property
+    def voxel_volume(self) -> float:
+        return float(abs(np.linalg.det(self.affine[:3, :3])))
+
+    @property
+    def axcodes(self) -> str:
+        return "".join(_axis_codes(self.affine))
+
+    def copy(self) -> "Phantom":
+        return Phantom(self.fractions.copy(), self.affine.copy(), self.classes, self.multipliers.copy(),
+                       _copy.deepcopy(self.meta))
+
+    def index(self, name: str) -> int | None:
+        return self.classes.index(name) if name in self.classes else None
+
+    def fraction(self, name: str) -> np.ndarray:
+        i = self.index(name)
+        return self.fractions[i] if i is not None else np.zeros(self.shape, np.float32)
+
+    def _sum(self, names) -> np.ndarray:
+        out = np.zeros(self.shape, np.float32)
+        for i, c in enumerate(self.classes):
+            if c in names:
+                out += self.fractions[i]
+        return out
+
+    # ------------------------------------------------------------------ truth
+    @property
+    def brain_fraction(self) -> np.ndarray:
+        return self._sum(_BRAIN)
+
+    @property
+    def brain_mask(self) -> np.ndarray:
+        return self.brain_fraction >= 0.5
+
+    def truth_probseg(self) -> np.ndarray:
+        """(3, X, Y, Z) fractions of CSF, GM, WM (brain classes only; lesions count as WM)."""
+        out = np.zeros((3,) + self.shape, np.float32)
+        for i, c in enumerate(self.classes):
+            t = TISSUES[c]
+            if t.brain and t.truth:
+                out[t.truth - 1] += self.fractions[i]
+        return out
+
+    def dseg(self) -> np.ndarray:
+        prob = self.truth_probseg()
+        lab = (np.argmax(prob, axis=0) + 1).astype(np.uint8)
+        lab[~self.brain_mask] = 0
+        return lab
+
+    def lesion_mask(self) -> np.ndarray:
+        return self.fraction("lesion") >= 0.5
+
+    def volumes(self) -> dict[str, float]:
+        """Exact tissue volumes (mm3) from the fractions (partial volume included)."""
+        v = self.voxel_volume
+        prob = self.truth_probseg()
+        out = {name: float(prob[k].sum(dtype=np.float64) * v) for k, name in enumerate(("CSF", "GM", "WM"))}
+        out["brain"] = out["GM"] + out["WM"]
+        out["intracranial"] = float(self.brain_fraction.sum(dtype=np.float64) * v)
+        for c in ("ventricles", "lesion", "deep_GM"):
+            out[c] = float(self.fraction(c).sum(dtype=np.float64) * v)
+        return out
+
+    # ------------------------------------------------------------------ properties
+    def property_table(self, field_strength: float) -> np.ndarray:
+        """(C, 4) PD, T1, T2, T2* (s) of this subject's pure tissues at ``field_strength``."""
+        return _property_table(self.classes, field_strength, self.multipliers)
+
+    def with_variation(self, rng: np.random.Generator, scale: float = 1.0) -> "Phantom":
+        out = self.copy()
+        out.multipliers = sample_multipliers(self.classes, rng, scale)
+        return out
+
+    def qmri(self, field_strength: float = 3.0) -> dict[str, np.ndarray]:
+        """Quantitative maps as a multi-parameter mapping acquisition would measure them.
+
+        PD mixes linearly; relaxation rates mix weighted by each tissue's water (PD x fraction),
+        the fast-exchange limit.  Background voxels are 0.
+        """
+        tab = self.property_table(field_strength)
+        pd = np.zeros(self.shape, np.float64)
+        rates = np.zeros((3,) + self.shape, np.float64)
+        for i in range(len(self.classes)):
+            p, t1, t2, t2s = tab[i]
+            if p == 0:
+                continue
+            w = self.fractions[i] * p
+            pd += w
+            rates[0] += w / t1
+            rates[1] += w / t2
+            rates[2] += w / t2s
+        with np.errstate(divide="ignore", invalid="ignore"):
+            r = np.where(pd > 0, rates / np.where(pd > 0, pd, 1), 0.0)
+            inv = np.where(r > 0, 1.0 / np.where(r > 0, r, 1), 0.0)
+        f32 = lambda a: a.astype(np.float32)  # noqa: E731
+        return {"PD": f32(pd), "R1": f32(r[0]), "T1": f32(inv[0]), "R2": f32(r[1]), "T2": f32(inv[1]),
+                "R2star": f32(r[2]), "T2star": f32(inv[2])}
+
+    # ------------------------------------------------------------------ geometry operations
+    def to_image(self, array, dtype=None) -> nib.Nifti1Image:
+        arr = np.asarray(array)
+        if dtype is not None:
+            arr = arr.astype(dtype)
+        img = nib.Nifti1Image(arr, self.affine)
+        img.set_qform(self.affine, code=1)
+        img.set_sform(self.affine, code=1)
+        img.header.set_xyzt_units("mm", "sec")
+        return img
+
+    def resample(self, voxel_size_ras, shape=None) -> "Phantom":
+        """Average onto a grid with ``voxel_size_ras`` (mm along R-L, A-P, S-I), same field of view.
+
+        Every output voxel gets the volume-weighted mean of the input fractions it overlaps (exact box
+        overlap, separable), so tissue volumes and partial volume are preserved.
+        """
+        new_vs = ras_to_array_axes(voxel_size_ras, self.affine)
+        old_vs = self.voxel_size
+        if shape is None:
+            shape = tuple(max(1, int(round(n * o / v))) for n, o, v in zip(self.shape, old_vs, new_vs))
+        if shape == self.shape and np.allclose(new_vs, old_vs):
+            return self.copy()
+        data = self.fractions
+        for ax in range(3):
+            w = _overlap_matrix(self.shape[ax], old_vs[ax], shape[ax], new_vs[ax])
+            data = _apply_along(data, w, ax + 1)
+        data = _renormalise(data)
+        scale = np.array(new_vs) / np.array(old_vs)
+        aff = self.affine.copy()
+        aff[:3, :3] = self.affine[:3, :3] * scale
+        centre0 = scale / 2.0 - 0.5  # centre of new voxel 0 in old index coordinates
+        aff[:3, 3] = self.affine[:3, :3] @ centre0 + self.affine[:3, 3]
+        meta = dict(self.meta, voxel_size=list(new_vs))
+        return Phantom(data, aff, self.classes, self.multipliers.copy(), meta)
+
+    def reorient(self, axcodes: str) -> "Phantom":
+        """Same phantom stored with array axes ``axcodes`` (e.g. 'LIA')."""
+        cur = nib.orientations.io_orientation(self.affine)
+        tgt = nib.orientations.axcodes2ornt(tuple(axcodes.upper()))
+        tr = nib.orientations.ornt_transform(cur, tgt)
+        if np.array_equal(tr, [[0, 1], [1, 1], [2, 1]]):
+            return self.copy()
+        data = np.stack([nib.orientations.apply_orientation(f, tr) for f in self.fractions])
+        aff = self.affine @ nib.orientations.inv_ornt_aff(tr, self.shape)
+        return Phantom(np.ascontiguousarray(data), aff, self.classes, self.multipliers.copy(), dict(self.meta))
+
+    def crop(self, margin_mm: float = 4.0) -> "Phantom":
+        """Smallest box holding all non-background tissue plus ``margin_mm``."""
+        fg = self.fractions[0] < 0.999
+        if not fg.any():
+            return self.copy()
+        idx = np.argwhere(fg)
+        m = [int(np.ceil(margin_mm / v)) for v in self.voxel_size]
+        lo = np.maximum(idx.min(0) - m, 0)
+        hi = np.minimum(idx.max(0) + 1 + m, self.shape)
+        sl = tuple(slice(a, b) for a, b in zip(lo, hi))
+        aff = self.affine.copy()
+        aff[:3, 3] = self.affine[:3, :3] @ lo + self.affine[:3, 3]
+        return Phantom(np.ascontiguousarray(self.fractions[(slice(None),) + sl]), aff, self.classes,
+                       self.multipliers.copy(), dict(self.meta))
+
+
+# ---------------------------------------------------------------------------------------- helpers
+def _overlap_matrix(n_in: int, v_in: float, n_out: int, v_out: float) -> sparse.csr_matrix:
+    """(n_out, n_in) weights: overlap length of output voxel i with input voxel j / v_out."""
+    rows, cols, vals = [], [], []
+    for i in range(n_out):
+        a, b = i * v_out, (i + 1) * v_out
+        j0, j1 = int(np.floor(a / v_in)), int(np.ceil(b / v_in))
+        for j in range(max(j0, 0), min(j1, n_in)):
+            ov = min(b, (j + 1) * v_in) - max(a, j * v_in)
+            if ov > 1e-9:
+                rows.append(i)
+                cols.append(j)
+                vals.append(ov / v_out)
+    return sparse.csr_matrix((vals, (rows, cols)), shape=(n_out, n_in), dtype=np.float32)
+
+
+def _apply_along(data: np.ndarray, w: sparse.csr_matrix, axis: int) -> np.ndarray:
+    moved = np.moveaxis(data, axis, 0)
+    shp = moved.shape
+    out = w @ moved.reshape(shp[0], -1)
+    out = np.asarray(out, dtype=np.float32).reshape((w.shape[0],) + shp[1:])
+    return np.ascontiguousarray(np.moveaxis(out, 0, axis))
+
+
+def _renormalise(data: np.ndarray) -> np.ndarray:
+    """Clip tiny negatives, give any missing fraction (outside the field of view) to background."""
+    np.clip(data, 0.0, 1.0, out=data)
+    rest = data[1:].sum(axis=0)
+    over = rest > 1.0
+    if over.any():
+        data[1:, over] /= rest[over]
+        rest = np.minimum(rest, 1.0)
+    data[0] = 1.0 - rest
+    return data
+
+
+def _one_hot(labels: np.ndarray, classes: tuple) -> np.ndarray:
+    out = np.zeros((len(classes),) + labels.shape, np.float32)
+    for k in range(len(classes)):
+        out[k] = labels == k
+    return out
+
+
+# ---------------------------------------------------------------------------------------- builders
+def from_label_map(img, resolution: float | tuple | None = None, crop: bool = True) -> Phantom:
+    """Phantom from a FreeSurfer-style integer label map (path or image)."""
+    src = str(img) if isinstance(img, (str, os.PathLike)) else None
+    if src is not None:
+        try:
+            img = nib.load(src)
+        except Exception as exc:  # nibabel raises several types for unreadable files
+            raise ValueError(f"{src}: cannot read label map ({exc})") from None
+    lab = np.asarray(img.dataobj)
+    if lab.ndim != 3:
+        raise ValueError(f"{src or 'label map'}: expected a 3D label map, got shape {lab.shape}")
+    lab = np.rint(lab).astype(np.int32)
+    values = np.unique(lab)
+    names = {int(v): LABEL_CLASSES.get(int(v), "muscle" if v >= 500 else "deep_GM") for v in values}
+    classes = tuple(c for c in CLASSES if c in set(names.values()) or c == "background")
+    lut = np.zeros(int(values.max()) + 1, np.uint8)
+    for v, c in names.items():
+        lut[v] = classes.index(c)
+    idx = lut[lab]
+    meta = {"anatomy": os.path.basename(src) if src else "label map",
+            "unknown_labels": sorted(int(v) for v in values if int(v) not in LABEL_CLASSES)}
+    ph = Phantom(_one_hot(idx, classes), img.affine, classes, meta=meta)
+    if crop:
+        ph = ph.crop()
+    if resolution is not None:
+        ph = ph.resample(_triple(resolution))
+    return ph
+
+
+def _triple(r) -> tuple[float, float, float]:
+    if np.isscalar(r):
+        return (float(r),) * 3
+    r = tuple(float(x) for x in r)
+    if len(r) != 3:
+        raise ValueError("resolution must be one number or three (mm)")
+    return r
+
+
+def from_icbm152(resolution: float | tuple | None = None) -> Phantom:
+    """Phantom from nilearn's packaged ICBM152 2009a maps (see the module docstring for how)."""
+    from nilearn import datasets
+
+    def load(path):
+        im = nib.load(path)
+        return np.asarray(im.dataobj, dtype=np.float32), im.affine
+
+    gm, aff = load(datasets.GM_MNI152_FILE_PATH)
+    wm, _ = load(datasets.WM_MNI152_FILE_PATH)
+    t1, _ = load(datasets.MNI152_FILE_PATH)
+    gm /= 255.0
+    wm /= 255.0
+    # Sharpen population probabilities towards one brain's fractions.
+    gm2, wm2 = gm**2, wm**2
+    tot = gm + wm
+    s = gm2 + wm2
+    with np.errstate(invalid="ignore", divide="ignore"):
+        scale = np.where(s > 0, tot / np.where(s > 0, s, 1), 0)
+    # Keep the total tissue where GM and WM agree, but push each voxel towards its dominant class.
+    gm, wm = gm2 * scale, wm2 * scale
+    tissue = gm + wm
+    core = ndi.binary_fill_holes(ndi.binary_closing(tissue > 0.5, structure=np.ones((3, 3, 3)), iterations=4))
+    icv_mask = ndi.binary_dilation(core, iterations=2)
+    icv = np.clip(ndi.gaussian_filter(icv_mask.astype(np.float32), 0.7), 0, 1)
+    icv = np.maximum(icv, np.minimum(tissue, 1.0))
+    csf = np.clip(icv - tissue, 0, 1)
+    depth = ndi.distance_transform_edt(icv_mask)
+    vent = np.where(depth > 12, csf, 0).astype(np.float32)
+    csf = csf - vent
+    ijk = np.indices(gm.shape).reshape(3, -1)
+    xyz = (aff[:3, :3] @ ijk + aff[:3, 3:4]).reshape((3,) + gm.shape)
+    box = (np.abs(xyz[0]) < 32) & (xyz[1] > -40) & (xyz[1] < 28) & (xyz[2] > -16) & (xyz[2] < 22) & (depth > 18)
+    deep = np.where(box, gm, 0).astype(np.float32)
+    gm = gm - deep
+    head = ndi.binary_fill_holes(ndi.binary_closing(t1 > 15, iterations=3))
+    head_soft = np.clip(ndi.gaussian_filter(head.astype(np.float32), 0.7), 0, 1)
+    nonbrain = np.clip(head_soft - icv, 0, 1)
+    wm_level = np.median(t1[wm > 0.9])
+    rel = t1 / wm_level
+    outer = head & ~ndi.binary_erosion(head, iterations=2)
+    skull = np.where(~outer & (rel < 0.3), nonbrain, 0)
+    fat = np.where(~outer & (rel > 0.62), nonbrain, 0)
+    skin = np.where(outer, nonbrain, 0)
+    muscle = nonbrain - skull - fat - skin
+    classes = ("background", "CSF", "ventricles", "GM", "deep_GM", "WM", "skin", "muscle", "fat", "skull")
+    maps = [None, csf, vent, gm, deep, wm, skin, muscle, fat, skull]
+    frac = np.zeros((len(classes),) + gm.shape, np.float32)
+    for k, m in enumerate(maps[1:], start=1):
+        frac[k] = m
+    frac = _renormalise(frac)
+    ph = Phantom(frac, aff, classes, meta={"anatomy": "ICBM152 2009a (nilearn)"}).crop()
+    if resolution is not None:
+        ph = ph.resample(_triple(resolution))
+    return ph
+
+
+def load_anatomy(source=None, resolution=None) -> Phantom:
+    """``None`` or ``"icbm152"``: the packaged template; otherwise a label-map path."""
+    if source is None or str(source).lower() == "icbm152":
+        return from_icbm152(resolution)
+    return from_label_map(source, resolution)
+
+
+# ---------------------------------------------------------------------------------------- deformation
+def _rotation(angles_deg) -> np.ndarray:
+    ax, ay, az = np.deg2rad(angles_deg)
+    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
+    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
+    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def sample_coordinates(phantom: Phantom, rng: np.random.Generator, displacement_mm: float = 3.0,
+                       spacing_mm: float = 32.0, scale_sd: float = 0.04, rotation_deg: float = 4.0) -> np.ndarray:
+    """For every output voxel, the (fractional) source index to sample: (3, X, Y, Z) float32."""
+    shape = np.array(phantom.shape)
+    vs = np.array(phantom.voxel_size)
+    centre = (shape - 1) / 2.0
+    scale = np.exp(rng.normal(0.0, scale_sd, 3) * np.array([1.0, 1.0, 1.0]))
+    rot = _rotation(rng.normal(0.0, rotation_deg, 3))
+    # Work in mm about the centre: source = R^-1 S^-1 (target) + displacement.
+    lin = np.linalg.inv(rot @ np.diag(scale))
+    ctrl = np.maximum(np.ceil(shape * vs / spacing_mm).astype(int) + 1, 4)
+    disp = rng.normal(0.0, displacement_mm, (3,) + tuple(ctrl))
+    zoom = shape / ctrl  # output exactly ``shape``; grid_mode=False maps corner to corner
+    coords = np.empty((3,) + tuple(shape), np.float32)
+    grids = [np.arange(n, dtype=np.float32) - c for n, c in zip(shape, centre)]
+    mm = [g * v for g, v in zip(grids, vs)]
+    for k in range(3):
+        d = ndi.zoom(disp[k], zoom, order=3, mode="nearest", grid_mode=False)
+        src = (lin[k, 0] * mm[0][:, None, None] + lin[k, 1] * mm[1][None, :, None] + lin[k, 2] * mm[2][None, None, :])
+        coords[k] = (src + d) / vs[k] + centre[k]
+    return coords
+
+
+def warp(phantom: Phantom, coords: np.ndarray, chunk: int = 4) -> Phantom:
+    """Resample every fraction map at ``coords`` (trilinear; outside the grid is background)."""
+    import torch
+
+    shape = phantom.shape
+    grid = np.empty(tuple(shape) + (3,), np.float32)
+    for k in range(3):  # grid_sample wants (x, y, z) = (last, middle, first) axis, normalised to [-1, 1]
+        grid[..., 2 - k] = coords[k] * (2.0 / max(shape[k] - 1, 1)) - 1.0
+    g = torch.from_numpy(grid)[None]
+    out = np.empty_like(phantom.fractions)
+    with torch.no_grad():
+        for s in range(1, len(phantom.classes), chunk):
+            e = min(s + chunk, len(phantom.classes))
+            inp = torch.from_numpy(np.ascontiguousarray(phantom.fractions[s:e]))[None]
+            out[s:e] = torch.nn.functional.grid_sample(inp, g, mode="bilinear", padding_mode="zeros",
+                                                       align_corners=True)[0].numpy()
+    out = _renormalise(out)
+    return Phantom(out, phantom.affine.copy(), phantom.classes, phantom.multipliers.copy(), dict(phantom.meta))
+
+
+def random_deformation(phantom: Phantom, rng: np.random.Generator, displacement_mm: float = 3.0,
+                       spacing_mm: float = 32.0, scale_sd: float = 0.04, rotation_deg: float = 4.0) -> Phantom:
+    """A new subject from one anatomy: random global scale and rotation plus a smooth warp."""
+    coords = sample_coordinates(phantom, rng, displacement_mm, spacing_mm, scale_sd, rotation_deg)
+    out = warp(phantom, coords)
+    out.meta["deformation"] = {"displacement_mm": displacement_mm, "spacing_mm": spacing_mm,
+                               "scale_sd": scale_sd, "rotation_deg": rotation_deg}
+    return out
+
+
+def make_subject(anatomy: Phantom, rng: np.random.Generator, resolution=None, variation: float = 1.0,
+                 deform: bool = True) -> Phantom:
+    """Deform ``anatomy`` into a new subject, draw its tissue-property variation, optionally resample."""
+    ph = random_deformation(anatomy, rng) if deform else anatomy.copy()
+    ph.multipliers = sample_multipliers(ph.classes, rng, variation)
+    if resolution is not None:
+        ph = ph.resample(_triple(resolution))
+    return ph
