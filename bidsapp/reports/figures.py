@@ -86,11 +86,21 @@ def robust_window(data: np.ndarray, mask: np.ndarray | None = None,
     return float(lo), float(hi)
 
 
-def _bbox(mask: np.ndarray) -> list[tuple[int, int]]:
-    idx = np.nonzero(mask)
-    if idx[0].size == 0:
+def _bbox(mask: np.ndarray, tail: float = 0.002) -> list[tuple[int, int]]:
+    """Extent of a region per axis, ignoring the outermost ``tail`` fraction of its voxels on each side,
+    so that a few stray voxels far from the brain do not shrink the picture."""
+    mask = np.asarray(mask, bool)
+    total = int(mask.sum())
+    if total == 0:
         return [(0, s - 1) for s in mask.shape]
-    return [(int(i.min()), int(i.max())) for i in idx]
+    out = []
+    for ax in range(mask.ndim):
+        counts = mask.sum(axis=tuple(a for a in range(mask.ndim) if a != ax))
+        cum = np.cumsum(counts)
+        lo = int(np.searchsorted(cum, tail * total, side="right"))
+        hi = int(np.searchsorted(cum, (1 - tail) * total, side="left"))
+        out.append((lo, max(lo, min(hi, mask.shape[ax] - 1))))
+    return out
 
 
 def _foreground(data: np.ndarray) -> np.ndarray:
@@ -105,9 +115,9 @@ def _foreground(data: np.ndarray) -> np.ndarray:
     return finite & (data > 0.5 * levels[0] + 0.5 * float(vals.min()))
 
 
-def pick_slices(region: np.ndarray, axis: int, n: int, margin: float = 0.12) -> list[int]:
+def pick_slices(region: np.ndarray, axis: int, n: int, margin: float = 0.12, bbox=None) -> list[int]:
     """``n`` evenly spaced slice indices through the region's extent along ``axis``, off its thin ends."""
-    lo, hi = _bbox(region)[axis]
+    lo, hi = (bbox or _bbox(region))[axis]
     span = hi - lo
     if span <= 0:
         return [lo] * 1
@@ -150,8 +160,9 @@ def otsu_levels(values: np.ndarray, classes: int = 3, bins: int = 128) -> list[f
 
 def _slice2d(vol: np.ndarray, plane: str, idx: int) -> np.ndarray:
     """2D slice ready for ``imshow(origin="lower")``: rows = vertical display axis."""
-    sl = np.take(vol, idx, axis=_AXIS[plane])
-    return sl.T
+    index = [slice(None)] * 3
+    index[_AXIS[plane]] = idx  # basic indexing: a view (np.take would copy the whole volume)
+    return vol[tuple(index)].T
 
 
 def _aspect(zooms, plane: str) -> float:
@@ -234,7 +245,7 @@ def overlay_mosaic(background, *, contours: Sequence[tuple] = (), labels=None,
     fig, axes = plt.subplots(len(planes), ncol, figsize=(panel_inches * ncol, panel_inches * len(planes)),
                              squeeze=False, facecolor="black")
     for r, plane in enumerate(planes):
-        idxs = pick_slices(reg, _AXIS[plane], n_slices)
+        idxs = pick_slices(reg, _AXIS[plane], n_slices, bbox=box)
         h_ax, v_ax = _DISPLAY_AXES[plane]
         pad_h = max(2, int(0.06 * (box[h_ax][1] - box[h_ax][0])))
         pad_v = max(2, int(0.06 * (box[v_ax][1] - box[v_ax][0])))
