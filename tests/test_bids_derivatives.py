@@ -261,3 +261,32 @@ def test_collect_volumes_and_acquisitions(output_tree):
     acq = collect.collect_acquisitions(out)
     assert len(acq) == 4 and set(acq["acq_group"]) == {"siemens-prismafit-3T-MPRAGE"}
     assert acq["repetition_time"].tolist() == [2.3] * 4
+
+
+def test_save_derivative_in_one_call(tmp_path):
+    import nibabel as nib
+
+    raw = make_dataset(tmp_path / "raw", subjects=("01",))
+    t1w = raw / "sub-01/ses-1/anat/sub-01_ses-1_T1w.nii.gz"
+    out = tmp_path / "out"
+    rec = AcquisitionRecord.from_metadata(MPRAGE, suffix="T1w")
+    pre = d.save_derivative(image(), out, t1w, bids_dir=raw, suffix="T1w", desc="preproc", acquisition=rec,
+                            sidecar={"SkullStripped": False})
+    assert pre == out / "sub-01/ses-1/anat/sub-01_ses-1_desc-preproc_T1w.nii.gz" and nib.load(str(pre)).shape == (8, 8, 8)
+    doc = json.loads(d.sidecar_path(pre).read_text())
+    assert doc["Sources"] == ["bids:raw:sub-01/ses-1/anat/sub-01_ses-1_T1w.nii.gz"]
+    assert doc["SkullStripped"] is False and doc["Acquisition"]["group_key"] == rec.group_key
+    xfm_file = tmp_path / "node_output.mat"
+    xfm_file.write_bytes(b"affine")
+    xfm = d.save_derivative(xfm_file, out, t1w, bids_dir=raw, suffix="xfm", extension=".mat", sources=[pre],
+                            from_="T1w", to=TEMPLATE, mode="image")
+    assert xfm.read_bytes() == b"affine"
+    assert json.loads(d.sidecar_path(xfm).read_text())["Sources"] == ["bids::sub-01/ses-1/anat/sub-01_ses-1_desc-preproc_T1w.nii.gz"]
+
+
+def test_pybids_validates_the_output_as_a_derivative_dataset(output_tree):
+    import bids
+
+    raw, out = output_tree
+    layout = bids.BIDSLayout(out, validate=True, is_derivative=True)
+    assert layout.get_subjects() == ["01", "02"]

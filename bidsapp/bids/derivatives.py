@@ -20,7 +20,8 @@ Provenance: :func:`bids_uri` turns an input path into ``bids:raw:sub-01/ses-1/an
 Writing: everything goes through :func:`atomic_output` (temporary file in the destination
 folder, fsync, ``os.replace``), so a killed run never leaves a half-written file under a final
 name; only hidden ``.<name>.tmp-*`` leftovers, which pybids and the collectors ignore.
-Helpers: :func:`atomic_write_bytes`, :func:`atomic_write_text`, :func:`atomic_copy`,
+:func:`save_derivative` names, writes and describes a derivative in one call. Helpers:
+:func:`atomic_write_bytes`, :func:`atomic_write_text`, :func:`atomic_copy`,
 :func:`atomic_write_json`, :func:`atomic_write_tsv`, :func:`atomic_save_nifti`,
 :func:`write_sidecar` (JSON next to a data file, with ``Sources`` and the acquisition record),
 :func:`write_dataset_description`, :func:`write_dseg_tsv` (tissue look-up table) and
@@ -262,6 +263,46 @@ def write_sidecar(
         doc["Acquisition"] = rec.to_dict()
     doc.update(fields)
     return atomic_write_json(target, doc)
+
+
+def save_derivative(
+    data,
+    output_dir: str | os.PathLike,
+    source_file: str | os.PathLike,
+    *,
+    bids_dir: str | os.PathLike,
+    suffix: str,
+    extension: str = ".nii.gz",
+    sources: Iterable[str | os.PathLike] | None = None,
+    acquisition=None,
+    sidecar: Mapping | None = None,
+    **entities,
+) -> Path:
+    """Name, write and describe one derivative in a single call; returns its path.
+
+    ``data`` is a nibabel image, ``bytes``, or the path of a finished file to copy (e.g. a Nipype
+    node's output). ``entities`` are those of :func:`derivative_path` (``desc``, ``label``,
+    ``space``, ``from_``, ``to``, ``mode``, ``res``, ``datatype``). ``Sources`` are the BIDS URIs of
+    ``sources`` (default: ``source_file``); inputs inside ``bids_dir`` become ``bids:raw:...``,
+    files inside ``output_dir`` ``bids::...``. ``sidecar`` adds fields (method, model, ...).
+    """
+    path = derivative_path(output_dir, source_file, suffix=suffix, extension=extension, **entities)
+    if isinstance(data, (bytes, bytearray)):
+        atomic_write_bytes(path, bytes(data))
+    elif isinstance(data, (str, os.PathLike)):
+        atomic_copy(data, path)
+    else:
+        atomic_save_nifti(data, path)
+    uris = []
+    for src in (sources if sources is not None else [source_file]):
+        try:
+            uris.append(bids_uri(src, bids_dir))
+        except ValueError:
+            uris.append(bids_uri(src, output_dir, dataset=""))
+    if path.name.endswith(".json"):
+        return path
+    write_sidecar(path, Sources=uris, acquisition=acquisition, **dict(sidecar or {}))
+    return path
 
 
 def container_info(env: Mapping[str, str] | None = None) -> dict | None:

@@ -405,7 +405,7 @@ def discover(
     plan.participants, tsv_warnings = read_participants(root)
     plan.warnings += tsv_warnings
 
-    on_disk = sorted(p.name[4:] for p in root.glob("sub-*") if p.is_dir())
+    on_disk = sorted(p.name[4:] for p in root.glob("sub-*") if p.is_dir() and _LABEL_RE.match(p.name[4:]))
     indexed = set(layout.get_subjects())
     available = sorted(set(on_disk) | indexed)
     if not available:

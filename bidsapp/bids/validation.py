@@ -317,8 +317,8 @@ def _run_official(exe: str, root: Path, timeout: float) -> ValidationReport:
         raise ValueError(f"unexpected output (exit {proc.returncode}): {(proc.stderr or proc.stdout)[:200]}") from None
     version = ""
     with_version = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=60, check=False)
-    if with_version.returncode == 0:
-        version = " " + with_version.stdout.strip().splitlines()[0] if with_version.stdout.strip() else ""
+    if with_version.returncode == 0 and with_version.stdout.strip():
+        version = " " + with_version.stdout.strip().splitlines()[0].removeprefix("bids-validator").strip()
     report = ValidationReport(f"bids-validator{version}")
     issues = doc.get("issues", {}) if isinstance(doc, dict) else {}
     if isinstance(issues.get("issues"), list):  # schema validator (2.x): flat issue list
