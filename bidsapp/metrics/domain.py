@@ -35,8 +35,9 @@ class PADResult:
 def proxy_a_distance(xa, xb, n: int = 1500, folds: int = 5, C: float = 1.0, seed: int = 0) -> PADResult:
     """Proxy A-distance between samples ``xa`` (Na, ...) and ``xb`` (Nb, ...), flattened to vectors.
 
-    ``n`` samples are drawn from each side without replacement (all of them when fewer exist; see
-    ``PADResult.short``); the error is the ``folds``-fold stratified cross-validated error of a
+    ``n`` samples are drawn from each side without replacement. Both sides always get the same number
+    (the smaller side's size when it has fewer than ``n``; see ``PADResult.short``): with unequal sides a
+    classifier that always answers the larger one would look like a scanner difference. The error is the ``folds``-fold stratified cross-validated error of a
     standardised linear SVM.
     """
     from sklearn.model_selection import StratifiedKFold, cross_val_score
@@ -49,7 +50,7 @@ def proxy_a_distance(xa, xb, n: int = 1500, folds: int = 5, C: float = 1.0, seed
     xb = np.asarray(xb, dtype=np.float64).reshape(len(xb), -1)
     if xa.shape[1] != xb.shape[1]:
         raise ValueError(f"feature sizes differ: {xa.shape[1]} vs {xb.shape[1]}")
-    na, nb = min(n, len(xa)), min(n, len(xb))
+    na = nb = min(n, len(xa), len(xb))
     if min(na, nb) < folds:
         raise ValueError(f"too few samples for a {folds}-fold proxy A-distance: {len(xa)} and {len(xb)}")
     xa = xa[rng.choice(len(xa), na, replace=False)]
