@@ -39,6 +39,14 @@ def test_malformed_dataset_description(tmp_path):
         discover(root)
 
 
+def test_incomplete_dataset_description_is_a_warning(tmp_path):
+    root = make_dataset(tmp_path / "bids")
+    (root / "dataset_description.json").write_text("{}")
+    plan = discover(root)
+    assert plan.warnings == [f"{root / 'dataset_description.json'}: missing required field(s) Name, BIDSVersion"]
+    assert len(plan.runnable_subjects) == 2
+
+
 def test_no_subjects(tmp_path):
     root = make_dataset(tmp_path / "bids", subjects=())
     with pytest.raises(BIDSInputError, match=r"bids: no subject folders"):

@@ -32,7 +32,6 @@ Nothing here writes to ``bids_dir`` (pybids runs with an in-memory index).
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -45,7 +44,6 @@ from .derivatives import LONG_NAMES
 from .errors import BIDSInputError
 from .validation import SKIPPED_TOP_FOLDERS, inspect_image
 
-LOGGER = logging.getLogger("scanbridge.bids")
 
 ANAT_SUFFIXES = {"t1w": "T1w", "t2w": "T2w", "flair": "FLAIR", "pdw": "PDw"}
 QMRI_KEYS = {s.lower(): s for s in QMRI_SUFFIXES}
@@ -316,9 +314,11 @@ def open_layout(bids_dir: str | os.PathLike, *, ignore_files=()):
         re.compile("^/" + re.escape(Path(p).resolve().relative_to(root.resolve()).as_posix()) + "$")
         for p in ignore_files
     ]
+    # The indexer drops non-BIDS file names; dataset_description.json is checked by check_paths
+    # (pybids' own check would make a missing Name fatal).
     indexer = BIDSLayoutIndexer(validate=True, ignore=ignore)
     try:
-        return BIDSLayout(str(root), validate=True, indexer=indexer)
+        return BIDSLayout(str(root), validate=False, indexer=indexer)
     except Exception as exc:  # pybids raises BIDSValidationError, ValueError, OSError for broken datasets
         raise BIDSInputError(f"{root}: pybids could not index the dataset ({' '.join(str(exc).split())})") from None
 
@@ -395,6 +395,10 @@ def discover(
         raise BIDSInputError(f"{bids_filter_file}: give either bids_filters or bids_filter_file, not both")
     filters = load_bids_filters(bids_filters if bids_filters is not None else bids_filter_file)
     plan = DatasetPlan(bids_dir=root, filters=filters)
+    desc = json.loads((root / "dataset_description.json").read_text(encoding="utf-8"))
+    missing = [k for k in ("Name", "BIDSVersion") if not desc.get(k)]
+    if missing:
+        plan.warnings.append(f"{root / 'dataset_description.json'}: missing required field(s) {', '.join(missing)}")
 
     bad_json = malformed_json_files(root)
     for path, reason in bad_json:
