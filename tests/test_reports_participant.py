@@ -167,7 +167,7 @@ def test_otsu_levels_separate_three_classes():
 
 def test_participant_report_is_complete_and_self_contained(tmp_path):
     out = make_derivatives(tmp_path / "out", sessions=("1", "2"), atropos=True, flair=True)
-    path = write_participant_report(out, "01", warnings=["skipped sub-01_ses-2_T2w.nii.gz: 4D image"],
+    path = write_participant_report(out, "01", warnings=["skipped sub-01_ses-2_T2w.nii.gz: 4D image"], n_slices=3,
                                     errors=[], command_line="scanbridge bids out participant")
     assert path == out / "sub-01.html" and path.exists()
     html = path.read_text()

@@ -96,56 +96,52 @@ def _sidecar(path: Path | None) -> Path | None:
     return path.with_suffix(".json")
 
 
-def collect_session_files(output_dir: Path, subject: str) -> list[SessionFiles]:
-    """Find a subject's derivatives by the naming conventions (one entry per preprocessed T1w)."""
-    sub_dir = Path(output_dir) / f"sub-{subject}"
-    anat_dirs = sorted(sub_dir.glob("ses-*/anat")) + ([sub_dir / "anat"] if (sub_dir / "anat").is_dir() else [])
-    out = []
-    for anat in anat_dirs:
-        session = anat.parent.name[4:] if anat.parent.name.startswith("ses-") else None
-        preprocs = [p for p in sorted(anat.glob("*_desc-preproc_T1w.nii*")) if "_space-" not in p.name]
-        prefixes = [p.name.split("_desc-preproc_T1w")[0] for p in preprocs]
-        if not prefixes:  # segmentation without preprocessed image: still report what exists
-            for p in sorted(anat.glob("*_desc-brain_mask.nii*")) + sorted(anat.glob("*_dseg.nii*")):
-                pre = re.split(r"_(?:desc|label|space)-|_dseg", p.name)[0]
-                if pre not in prefixes:
-                    prefixes.append(pre)
-        for prefix in prefixes:
-            f = SessionFiles(subject=subject, session=session, prefix=prefix, anat_dir=anat)
+def collect_session_files(output_dir: Path, subject: str, problems: list[str] | None = None) -> list[SessionFiles]:
+    """A subject's derivatives (one entry per preprocessed T1w), found by the project's naming rules."""
+    from bidsapp.bids.collect import collect_derivatives
+    from bidsapp.bids.derivatives import parse_entities
 
-            def one(pattern: str) -> Path | None:
-                hits = sorted(anat.glob(prefix + pattern))
-                return hits[0] if hits else None
-
-            f.preproc = one("_desc-preproc_T1w.nii*")
-            f.mask = one("_desc-brain_mask.nii*")
-            f.dseg = one("_dseg.nii*")
-            for p in sorted(anat.glob(prefix + "_desc-*_dseg.nii*")):
-                desc = re.search(r"_desc-([a-zA-Z0-9]+)_dseg", p.name).group(1)
-                f.dseg_alt[desc] = p
-            for lab in TISSUE_LABELS:
-                hit = one(f"_label-{lab}_probseg.nii*")
-                if hit:
-                    f.probseg[lab] = hit
-            f.morph = sorted(anat.glob(prefix + "*_morph.tsv"))
-            for p in sorted(anat.glob(prefix + "_from-T1w_to-*_mode-image_xfm.*")):
-                if p.name.endswith(".json"):
-                    continue
-                tpl = re.search(r"_to-([a-zA-Z0-9]+)_", p.name).group(1)
-                f.xfm_to_template.setdefault(tpl, []).append(p)
-            for tpl, paths in f.xfm_to_template.items():
-                # antspyx applies the list last-to-first: warp fields before the affine
-                paths.sort(key=lambda p: p.suffix == ".mat")
-            for p in sorted(anat.glob(prefix + "_space-*_desc-preproc_T1w.nii*")):
-                tpl = re.search(r"_space-([a-zA-Z0-9]+)_", p.name).group(1)
-                if tpl != "T1w":
-                    f.template_space[tpl] = p
-            for mod in OTHER_MODALITIES:
-                hits = sorted(anat.glob(f"*_desc-preproc_{mod}.nii*"))
-                hits = [h for h in hits if "_space-" not in h.name or "_space-T1w_" in h.name] or hits
-                if hits:
-                    f.others[mod] = hits[0]
+    entries = collect_derivatives(output_dir, subject)
+    out: list[SessionFiles] = []
+    orphans = []
+    for e in entries:
+        ents = e["entities"]
+        prefix = "_".join([f"sub-{e['subject']}"] + ([f"ses-{e['session']}"] if e["session"] else [])
+                          + [f"{k}-{v}" for k, v in ents.items()])
+        f = SessionFiles(subject=e["subject"], session=e["session"], prefix=prefix, anat_dir=Path(e["anat_dir"]))
+        f.preproc = e["preproc_t1w"]
+        f.mask = e["brain_mask"]
+        f.dseg = e["dseg"]
+        f.probseg = dict(e["probseg"])
+        f.dseg_alt = {desc: v["dseg"] for desc, v in e["variants"].items() if v.get("dseg")}
+        f.morph = [Path(p) for p in e["morph"].values()]
+        for x in e["xfms"]:
+            if x.get("from") == "T1w" and x.get("to") and x.get("mode") in (None, "image"):
+                f.xfm_to_template.setdefault(x["to"], []).append(Path(x["path"]))
+        for paths in f.xfm_to_template.values():
+            paths.sort(key=lambda q: q.name.endswith(".mat"))  # antspyx order: warp fields, then the affine
+        f.others = {m: p for m, p in e["preproc"].items() if m in OTHER_MODALITIES}
+        for path in e["other"]:
+            pe = parse_entities(path) or {}
+            if pe.get("desc") != "preproc" or pe.get("extension") not in (".nii.gz", ".nii"):
+                continue
+            if pe.get("suffix") == "T1w" and pe.get("space") not in (None, "T1w"):
+                f.template_space[pe["space"]] = path
+            elif pe.get("suffix") in OTHER_MODALITIES and pe.get("space") == "T1w":
+                f.others.setdefault(pe["suffix"], path)
+        if problems is not None:
+            problems.extend(e.get("warnings") or [])
+        if f.preproc is None and not (f.mask or f.dseg or f.morph) and f.others:
+            orphans.append(f)  # e.g. a FLAIR whose own acq/run entities differ from the T1w's
+        else:
             out.append(f)
+    for o in orphans:
+        host = next((f for f in out if f.session == o.session and f.preproc is not None), None)
+        if host is not None:
+            for mod, path in o.others.items():
+                host.others.setdefault(mod, path)
+        else:
+            out.append(o)
     return out
 
 
@@ -524,7 +520,7 @@ def write_participant_report(output_dir, subject: str, *, warnings=None, errors=
     subject = subject[4:] if subject.startswith("sub-") else subject
     problems: list[str] = []
     errors = list(errors or [])
-    files = collect_session_files(output_dir, subject)
+    files = collect_session_files(output_dir, subject, problems)
     if not files:
         errors.append(f"no derivatives found for sub-{subject} in {output_dir}")
     acq, acq_warns = acquisition_rows(files, problems)
