@@ -1,0 +1,574 @@
+"""``scanbridge-train tissue``: train the physics-aware tissue U-Net (or its no-physics ablation).
+
+Training data are simulated on the fly by the physics engine (``bidsapp.physics``):
+
+* anatomies: the shared FreeSurfer-style label maps (``--anatomy-dir``; ``anat-10``, ``anat-11`` and
+  ``anat-12`` are held out for the benchmark, see :data:`HELDOUT`) and nilearn's ICBM152 2009a maps,
+  each as the undeformed subject plus ``--deformations`` random smooth deformations with their own
+  between-subject tissue-property variation; all at ``--resolution`` mm (box-averaged fractions, so
+  partial volume is exact);
+* the image of a subject is the static-equation signal of each pure brain tissue mixed by its
+  fractions (the brain-masked, bias-corrected T1w the participant workflow hands the model), with a
+  residual smooth bias field and Rician noise;
+* parameters are drawn per sample (:func:`sample_parameters`): half from the paper's ranges (MPRAGE
+  TI 600-1200 ms with TD 600 ms and tau 10 ms; SPGR TR 15-100 ms, TE 4-10 ms, FA 15-75 deg), half
+  from wider clinical ranges (MPRAGE inversion TR up to 3 s; SPGR TR 5-100 ms, TE 2-10 ms, FA 5-90 deg);
+  field strength 1.5, 3 or 7 T; the optional parameters (B0, MPRAGE inversion TR) are dropped at random;
+* labels are the physics gold standard of section 3.1, computed from each subject's 3 T R1 map
+  (Gaussian R1 classes), i.e. the same labels whatever sequence the image was simulated with.
+
+Patches are sampled with MONAI (random spatial crop and left-right flip); the loss is MONAI's soft
+Dice plus cross-entropy on the soft gold standard, both inside the brain mask. Everything derives
+from ``--seed``: the same command gives the same weights on the same hardware and library versions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+LOG = logging.getLogger("scanbridge.train.tissue")
+
+HELDOUT = ("anat-10", "anat-11", "anat-12")
+"""Shared label maps never used for training: the benchmark's held-out subjects."""
+DEFAULT_ANATOMY_DIR = Path(os.environ.get("SCANBRIDGE_ANATOMY_DIR", "/work/shared/data/anatomy"))
+BRAIN_CLASSES = ("background", "CSF", "ventricles", "GM", "deep_GM", "WM", "lesion")
+MPRAGE_TD = 0.6
+MPRAGE_TAU = 0.01
+
+
+# ------------------------------------------------------------------------------------------ parameters
+def sample_parameters(rng: np.random.Generator, n: int, families=("MPRAGE", "SPGR"), paper_only: bool = False,
+                      drop_optional: float = 0.25) -> list[dict]:
+    """Random acquisitions: dicts with ``family``, BIDS-unit parameters, ``td``/``tau`` for MPRAGE,
+    ``field`` (simulated B0) and ``B0_known`` (whether the vector gets it)."""
+    out = []
+    for _ in range(n):
+        fam = families[rng.integers(len(families))]
+        paper = paper_only or rng.random() < 0.5
+        b0 = float(rng.choice([1.5, 3.0, 7.0], p=[0.35, 0.45, 0.2]))
+        d = {"family": fam, "field": b0, "B0": b0 if rng.random() >= drop_optional else None}
+        if fam == "MPRAGE":
+            ti = float(rng.uniform(0.6, 1.2))
+            if paper:
+                td = MPRAGE_TD
+            else:
+                td = float(rng.uniform(max(0.3, 1.2 - ti), 3.0 - ti - MPRAGE_TAU))
+            trinv = ti + td + MPRAGE_TAU
+            d.update(TI=ti, td=td, tau=MPRAGE_TAU, TRinv=trinv if rng.random() >= drop_optional else None)
+        else:
+            if paper:
+                tr, te, fa = rng.uniform(0.015, 0.1), rng.uniform(0.004, 0.01), rng.uniform(15, 75)
+            else:
+                tr = math.exp(rng.uniform(math.log(0.005), math.log(0.1)))
+                te = rng.uniform(0.002, min(0.01, 0.8 * tr))
+                fa = rng.uniform(5, 90)
+            d.update(TR=float(tr), TE=float(te), FA=float(fa))
+        out.append(d)
+    return out
+
+
+def parameter_vectors(params: list[dict]) -> np.ndarray:
+    from bidsapp.models.tissue import encode_batch
+
+    g = lambda k: [p.get(k) for p in params]  # noqa: E731
+    return encode_batch([p["family"] for p in params], TI=g("TI"), TRinv=g("TRinv"), TR=g("TR"), TE=g("TE"),
+                        FA=g("FA"), B0=g("B0"))
+
+
+def vector_statistics(seed: int = 12345, n: int = 20000) -> tuple[np.ndarray, np.ndarray]:
+    """Per-slot centre and scale of the training parameter distribution (physics-branch buffers)."""
+    v = parameter_vectors(sample_parameters(np.random.default_rng(seed), n))
+    centre, scale = v.mean(0), v.std(0)
+    scale = np.where(scale < 1e-3, 1.0, scale)
+    return centre.astype(np.float32), scale.astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------ subjects
+@dataclass
+class Subject:
+    """One simulated brain at training resolution, cropped to its brain."""
+
+    name: str
+    fractions: np.ndarray   # (C, X, Y, Z) float16, BRAIN_CLASSES present in ``classes``
+    classes: tuple
+    multipliers: np.ndarray  # (C, 4)
+    mask: np.ndarray        # bool
+    target: np.ndarray      # (3, X, Y, Z) float16 gold-standard probabilities CSF/GM/WM
+    affine: np.ndarray
+
+    def phantom(self):
+        from bidsapp.physics.phantom import Phantom
+
+        return Phantom(self.fractions32(), self.affine, self.classes, self.multipliers)
+
+    def fractions32(self) -> np.ndarray:
+        """float32 fractions, converted once (simulation runs every iteration)."""
+        f = self.__dict__.get("_f32")
+        if f is None:
+            f = self.__dict__["_f32"] = self.fractions.astype(np.float32)
+        return f
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k != "_f32"}
+
+
+def brain_only(ph):
+    """The phantom restricted to brain classes (what a brain-masked image contains), cropped to the brain."""
+    from bidsapp.physics.phantom import Phantom
+
+    keep = [i for i, c in enumerate(ph.classes) if c in BRAIN_CLASSES]
+    frac = ph.fractions[keep].copy()
+    frac[0] = np.clip(1.0 - frac[1:].sum(0), 0, 1)
+    out = Phantom(frac, ph.affine, tuple(ph.classes[i] for i in keep), ph.multipliers[keep])
+    mask = out.brain_mask
+    idx = np.argwhere(mask)
+    lo, hi = np.maximum(idx.min(0) - 2, 0), np.minimum(idx.max(0) + 3, mask.shape)
+    sl = tuple(slice(a, b) for a, b in zip(lo, hi))
+    aff = out.affine.copy()
+    aff[:3, 3] = out.affine[:3, :3] @ lo + out.affine[:3, 3]
+    return Phantom(np.ascontiguousarray(out.fractions[(slice(None),) + sl]), aff, out.classes, out.multipliers)
+
+
+def make_subjects(anatomy, name: str, rng: np.random.Generator, deformations: int, resolution: float) -> list[Subject]:
+    """The undeformed anatomy plus ``deformations`` deformed ones, each with its own tissue variation."""
+    from bidsapp.physics import phantom as P
+
+    out = []
+    for k in range(deformations + 1):
+        ph = P.make_subject(anatomy, rng, deform=k > 0)
+        if not np.allclose(ph.voxel_size, resolution):
+            ph = ph.resample((resolution,) * 3)
+        ph = brain_only(ph)
+        out.append(Subject(name=f"{name}#{k}", fractions=ph.fractions.astype(np.float16), classes=ph.classes,
+                           multipliers=ph.multipliers, mask=ph.brain_mask,
+                           target=gold_standard(ph).astype(np.float16), affine=ph.affine))
+    return out
+
+
+def gold_standard(ph) -> np.ndarray:
+    """(3, X, Y, Z) physics gold-standard probabilities (paper 3.1) from the subject's 3 T R1 map."""
+    return gold_standard_probabilities(ph.qmri(3.0)["R1"], ph.brain_mask)
+
+
+def gold_standard_probabilities(r1: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Posterior of CSF/GM/WM given R1 under the paper's Gaussian R1 classes (equal priors), 0 outside ``mask``.
+
+    Uses the physics engine's implementation when it provides one, so labels have a single definition.
+    """
+    try:
+        from bidsapp.physics.gold_standard import gold_standard_probabilities as physics_gs
+    except ImportError:
+        physics_gs = None
+    if physics_gs is not None:
+        return np.asarray(physics_gs(r1, mask), dtype=np.float32)
+    from bidsapp.physics.tissues import GOLD_STANDARD_R1
+
+    r1 = np.asarray(r1, dtype=np.float64)
+    logl = np.stack([-0.5 * ((r1 - mu) / sd) ** 2 - math.log(sd) for mu, sd in
+                     (GOLD_STANDARD_R1[c] for c in ("CSF", "GM", "WM"))])
+    logl -= logl.max(0, keepdims=True)
+    p = np.exp(logl)
+    p /= p.sum(0, keepdims=True)
+    return (p * np.asarray(mask, bool)).astype(np.float32)
+
+
+def anatomy_sources(anatomy_dir: Path | None, use_icbm: bool = True, heldout=HELDOUT) -> list[tuple[str, object]]:
+    """(name, source) of the training anatomies: label maps not held out, then ICBM152."""
+    srcs = []
+    if anatomy_dir is not None and Path(anatomy_dir).is_dir():
+        for p in sorted(Path(anatomy_dir).glob("anat-*_dseg.nii.gz")):
+            name = p.name.split("_")[0]
+            if name not in heldout:
+                srcs.append((name, p))
+    if use_icbm:
+        srcs.append(("icbm152", "icbm152"))
+    return srcs
+
+
+def build_subjects(sources, rng, deformations: int, resolution: float) -> list[Subject]:
+    from bidsapp.physics import phantom as P
+
+    subjects = []
+    for name, src in sources:
+        t0 = time.time()
+        anat = P.load_anatomy(None if src == "icbm152" else src, resolution=resolution)
+        subjects += make_subjects(anat, name, rng, deformations, resolution)
+        LOG.info("anatomy %s: %d subject(s) in %.0f s", name, deformations + 1, time.time() - t0)
+    return subjects
+
+
+# ------------------------------------------------------------------------------------------ images
+def simulate(subject: Subject, acq: dict, rng: np.random.Generator) -> np.ndarray:
+    """Brain-masked T1w image of ``subject`` for acquisition ``acq`` (see :func:`sample_parameters`):
+    the physics engine's pure-tissue signals mixed by the tissue fractions, then a residual smooth
+    bias field (what N4 leaves, up to +-10 %) and Rician noise (SNR 15-60 relative to WM)."""
+    from bidsapp.physics.equations import signal
+
+    from bidsapp.physics.tissues import property_table
+
+    tab = property_table(subject.classes, acq["field"], subject.multipliers)  # (C, 4) PD, T1, T2, T2*
+    if acq["family"] == "MPRAGE":
+        params = {"ti": acq["TI"], "td": acq["td"], "tau": acq["tau"]}
+    else:
+        params = {"tr": acq["TR"], "te": acq["TE"], "flip_angle": acq["FA"]}
+    s = np.asarray(signal(acq["family"], tab[:, 0], tab[:, 1], tab[:, 2], tab[:, 3], params), dtype=np.float32)
+    s[0] = 0.0
+    img = np.tensordot(s, subject.fractions32(), axes=1)
+    img *= _bias_field(img.shape, rng, float(rng.uniform(0.0, 0.1)))
+    wm = s[subject.classes.index("WM")] if "WM" in subject.classes else float(img.max())
+    sigma = max(wm, 1e-6) / float(rng.uniform(15, 60))
+    n1 = rng.standard_normal(img.shape, dtype=np.float32) * sigma
+    n2 = rng.standard_normal(img.shape, dtype=np.float32) * sigma
+    return np.sqrt((img + n1) ** 2 + n2 ** 2).astype(np.float32)
+
+
+def _bias_field(shape, rng: np.random.Generator, amplitude: float) -> np.ndarray:
+    """Smooth multiplicative field exp(sum of low-order polynomial terms) with +-``amplitude`` range."""
+    axes = [np.linspace(-1, 1, n, dtype=np.float32) for n in shape]
+    x, y, z = np.meshgrid(*axes, indexing="ij", sparse=True)
+    terms = [x, y, z, x * y, x * z, y * z, x * x - 1 / 3, y * y - 1 / 3, z * z - 1 / 3]
+    c = rng.normal(0, 1, len(terms)).astype(np.float32)
+    f = sum(ci * t for ci, t in zip(c, terms))
+    f = f / max(float(np.abs(f).max()), 1e-6) * amplitude
+    return np.exp(f).astype(np.float32)
+
+
+def normalised_sample(subject: Subject, acq: dict, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    from bidsapp.models.tissue import normalise
+
+    img = simulate(subject, acq, rng) * subject.mask
+    return normalise(img, subject.mask), subject.mask, subject.target.astype(np.float32)
+
+
+class PatchSampler:
+    """Random (image, mask, target, parameter vector) patches, reproducible from one generator."""
+
+    def __init__(self, subjects: list[Subject], patch: int, seed: int, families=("MPRAGE", "SPGR"),
+                 paper_only: bool = False):
+        from monai.transforms import Compose, RandFlipd, RandSpatialCropd, SpatialPadd
+
+        self.subjects = subjects
+        self.rng = np.random.default_rng(seed)
+        self.families = families
+        self.paper_only = paper_only
+        keys = ["image", "mask", "target"]
+        self.transform = Compose([
+            SpatialPadd(keys, spatial_size=(patch,) * 3),
+            RandSpatialCropd(keys, roi_size=(patch,) * 3, random_size=False),
+            RandFlipd(keys, prob=0.5, spatial_axis=0),
+        ])
+        self.transform.set_random_state(seed=seed)
+
+    def batch(self, n: int):
+        import torch
+
+        acqs = sample_parameters(self.rng, n, self.families, self.paper_only)
+        xs, ms, ts = [], [], []
+        for acq in acqs:
+            s = self.subjects[self.rng.integers(len(self.subjects))]
+            img, mask, target = normalised_sample(s, acq, self.rng)
+            d = self.transform({"image": img[None], "mask": mask[None].astype(np.float32), "target": target})
+            xs.append(torch.as_tensor(np.asarray(d["image"]), dtype=torch.float32))
+            ms.append(torch.as_tensor(np.asarray(d["mask"]), dtype=torch.float32))
+            ts.append(torch.as_tensor(np.asarray(d["target"]), dtype=torch.float32))
+        return torch.stack(xs), torch.stack(ms), torch.stack(ts), torch.from_numpy(parameter_vectors(acqs))
+
+
+# ------------------------------------------------------------------------------------------ training
+class MaskedDiceCE:
+    """Soft Dice (MONAI) + cross-entropy with soft targets, both restricted to the brain mask."""
+
+    def __init__(self, ce_weight: float = 1.0):
+        from monai.losses import DiceLoss
+
+        self.dice = DiceLoss(include_background=True, softmax=False, batch=True, soft_label=True)
+        self.ce_weight = ce_weight
+
+    def __call__(self, logits, target, mask):
+        import torch
+
+        logp = torch.log_softmax(logits, dim=1)
+        prob = logp.exp() * mask
+        dice = self.dice(prob, target * mask)
+        ce = -(target * logp).sum(1, keepdim=True)
+        ce = (ce * mask).sum() / mask.sum().clamp_min(1.0)
+        return dice + self.ce_weight * ce
+
+
+@dataclass
+class TrainConfig:
+    out: str
+    seed: int = 0
+    physics: bool | str = True
+    anatomy_dir: str | None = str(DEFAULT_ANATOMY_DIR)
+    icbm: bool = True
+    deformations: int = 2
+    resolution: float = 2.0
+    patch: int = 48
+    batch: int = 2
+    iterations: int = 1500
+    lr: float = 2e-3
+    features: tuple = (8, 16, 32, 64)
+    device: str = "auto"
+    threads: int = 1
+    save_every: int = 250
+    log_every: int = 25
+    time_limit_min: float | None = None
+    weights_dir: str | None = None
+    cache: str | None = None
+
+
+def _model_name(physics: bool) -> str:
+    from bidsapp.models.tissue import BASE_MODEL, PHYSICS_MODEL
+
+    return PHYSICS_MODEL if physics else BASE_MODEL
+
+
+def load_or_build_subjects(cfg: TrainConfig) -> list[Subject]:
+    import pickle
+
+    sources = anatomy_sources(Path(cfg.anatomy_dir) if cfg.anatomy_dir else None, cfg.icbm)
+    if not sources:
+        raise SystemExit("scanbridge-train tissue: no training anatomies (give --anatomy-dir or keep ICBM152)")
+    key = f"subjects_seed{cfg.seed}_def{cfg.deformations}_res{cfg.resolution:g}_{'-'.join(n for n, _ in sources)}.pkl"
+    path = Path(cfg.cache) / key if cfg.cache else None
+    if path is not None and path.is_file():
+        LOG.info("subjects from cache %s", path)
+        with open(path, "rb") as fh:
+            return pickle.load(fh)
+    rng = np.random.default_rng([cfg.seed, 1])
+    subjects = build_subjects(sources, rng, cfg.deformations, cfg.resolution)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        with open(tmp, "wb") as fh:
+            pickle.dump(subjects, fh, protocol=pickle.HIGHEST_PROTOCOL)
+        os.replace(tmp, path)
+    return subjects
+
+
+def build_network(cfg: TrainConfig, seed: int, physics: bool):
+    import torch
+
+    from bidsapp.models.tissue import CLASSES, N_PARAMS
+    from bidsapp.models.unet import UNet3D
+
+    torch.manual_seed(seed)
+    net = UNet3D(in_channels=1, out_channels=len(CLASSES), features=tuple(cfg.features),
+                 n_params=N_PARAMS if physics else 0)
+    if net.physics is not None:
+        centre, scale = vector_statistics()
+        net.physics.center.copy_(torch.from_numpy(centre))
+        net.physics.scale.copy_(torch.from_numpy(scale))
+    return net
+
+
+def lr_schedule(iterations: int):
+    """Linear warm-up over 5 % of the iterations (at most 50), then cosine decay to 5 % of the peak."""
+    warm = max(1, min(50, iterations // 20))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        t = min(1.0, (step - warm) / max(1, iterations - warm))
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t))
+
+    return factor
+
+
+def train(cfg: TrainConfig, subjects: list[Subject] | None = None, progress=None) -> list[dict]:
+    """Train the model(s) of ``cfg.physics`` (True, False or "both") on identical batches.
+
+    Returns one history dict per model (``model``, ``physics``, ``step``, ``loss``, ``seconds``,
+    ``iterations``, ``n_subjects``); "both" gives the physics model and its ablation the same seed,
+    the same batches and the same number of iterations.
+    """
+    import torch
+
+    from bidsapp.models.tissue import resolve_device
+
+    torch.set_num_threads(max(1, int(cfg.threads)))
+    device = resolve_device(cfg.device)
+    subjects = subjects if subjects is not None else load_or_build_subjects(cfg)
+    variants = [True, False] if cfg.physics == "both" else [bool(cfg.physics)]
+    runs = []
+    for phys in variants:
+        net = build_network(cfg, cfg.seed, phys).to(device)
+        opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-5)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(cfg.iterations))
+        runs.append({"model": net, "opt": opt, "sched": sched, "physics": phys, "step": [], "loss": [],
+                     "running": [], "seconds": 0.0, "iterations": 0, "n_subjects": len(subjects)})
+    sampler = PatchSampler(subjects, cfg.patch, seed=cfg.seed)
+    loss_fn = MaskedDiceCE()
+    t0 = time.time()
+    for it in range(1, cfg.iterations + 1):
+        x, m, y, p = (t.to(device) for t in sampler.batch(cfg.batch))
+        for r in runs:
+            net = r["model"].train()
+            loss = loss_fn(net(x, p if net.uses_physics else None), y, m)
+            r["opt"].zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
+            r["opt"].step()
+            r["sched"].step()
+            r["running"].append(float(loss.detach()))
+            r["iterations"] = it
+        if it % cfg.log_every == 0 or it == cfg.iterations:
+            for r in runs:
+                r["step"].append(it)
+                r["loss"].append(float(np.mean(r["running"])))
+                r["running"] = []
+            LOG.info("iter %d loss %s (%.0f s)", it,
+                     " / ".join(f"{'physics' if r['physics'] else 'base'} {r['loss'][-1]:.4f}" for r in runs),
+                     time.time() - t0)
+            if progress:
+                progress(it, [r["loss"][-1] for r in runs])
+        stop = bool(cfg.time_limit_min and time.time() - t0 > cfg.time_limit_min * 60)
+        if cfg.save_every and it % cfg.save_every == 0 and it < cfg.iterations and not stop:
+            for r in runs:
+                r["seconds"] = time.time() - t0
+                save(r["model"], cfg, r, final=False)
+        if stop:
+            LOG.warning("time limit of %.0f min reached after %d iterations", cfg.time_limit_min, it)
+            break
+    for r in runs:
+        r["seconds"] = time.time() - t0
+        for k in ("opt", "sched", "running"):
+            r.pop(k)
+    return runs
+
+
+def command_line(cfg: TrainConfig) -> str:
+    flag = {"both": "--both", True: "--physics", False: "--no-physics"}[cfg.physics]
+    parts = ["scanbridge-train tissue", f"--out {cfg.out}", f"--seed {cfg.seed}", flag,
+             f"--iterations {cfg.iterations}",
+             f"--deformations {cfg.deformations}", f"--resolution {cfg.resolution:g}", f"--patch {cfg.patch}",
+             f"--batch {cfg.batch}", f"--lr {cfg.lr:g}", f"--features {','.join(map(str, cfg.features))}"]
+    if cfg.anatomy_dir:
+        parts.append(f"--anatomy-dir {cfg.anatomy_dir}")
+    if not cfg.icbm:
+        parts.append("--no-icbm")
+    if cfg.time_limit_min:
+        parts.append(f"--time-limit-min {cfg.time_limit_min:g}")
+    return " ".join(parts)
+
+
+def save(net, cfg: TrainConfig, history: dict, final: bool = True) -> dict:
+    import torch
+
+    from bidsapp import __version__
+    from bidsapp.models import registry
+    from bidsapp.models.tissue import CLASSES, PARAMETER_LAYOUT, TRAINING_RANGES
+
+    physics = net.uses_physics
+    name = _model_name(physics)
+    sources = anatomy_sources(Path(cfg.anatomy_dir) if cfg.anatomy_dir else None, cfg.icbm)
+    card = {
+        "version": __version__,
+        "description": ("3D U-Net for CSF/GM/WM of a brain-masked, bias-corrected T1w "
+                        + ("with the physics branch (two FC layers of 10 units on the sequence-parameter vector, "
+                           "broadcast as channels after the last skip connection; paper section 2.3)"
+                           if physics else "without the physics branch (the paper's ablation and the fallback)")),
+        "architecture": {"class": "UNet3D", "kwargs": net.config},
+        "classes": list(CLASSES),
+        "resolution_mm": cfg.resolution,
+        "inference_roi": 64,
+        "parameter_layout": list(PARAMETER_LAYOUT) if physics else [],
+        "training_ranges": TRAINING_RANGES,
+        "training": {
+            "command": command_line(cfg),
+            "seed": cfg.seed,
+            "data": ("simulated on the fly by bidsapp.physics: static-equation MPRAGE/SPGR images of brain tissue "
+                     "fractions, residual bias and Rician noise; labels = physics gold standard from the 3 T R1 map"),
+            "anatomies": [n for n, _ in sources],
+            "heldout_anatomies": list(HELDOUT),
+            "subjects": history["n_subjects"],
+            "deformations_per_anatomy": cfg.deformations,
+            "iterations_planned": cfg.iterations,
+            "iterations_run": history["iterations"],
+            "batch": cfg.batch,
+            "patch_voxels": cfg.patch,
+            "optimizer": f"AdamW lr {cfg.lr:g}, linear warm-up then cosine decay",
+            "loss": "MONAI soft Dice + soft cross-entropy inside the brain mask",
+            "seconds": round(history["seconds"], 1),
+            "device": str(next(net.parameters()).device),
+            "threads": cfg.threads,
+            "host": {"python": platform.python_version(), "torch": torch.__version__, "machine": platform.machine()},
+            "final_loss": history["loss"][-1] if history["loss"] else None,
+            "complete": final,
+        },
+        "metrics": {},
+        "limitations": [
+            "trained on simulated images only (static equations, no motion, no real-scanner artefacts)",
+            "works at 2 mm: inputs are box-averaged to 2 mm and probabilities interpolated back",
+            "short CPU training budget; retrain with more iterations on a GPU for better accuracy",
+        ],
+    }
+    old = None
+    try:
+        old = registry.load_card(name, cfg.weights_dir)
+    except (registry.ModelNotFoundError, registry.WeightsIntegrityError):
+        pass
+    if old and final and old.get("training", {}).get("command") == card["training"]["command"]:
+        card["metrics"] = old.get("metrics", {})
+    return registry.save_model(name, net.state_dict(), card, weights_dir=cfg.weights_dir)
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="folder for the training log (and cached subjects)")
+    p.add_argument("--seed", type=int, default=0)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--physics", dest="physics", action="store_const", const=True, default=True,
+                   help="train the physics-aware model (default)")
+    g.add_argument("--no-physics", dest="physics", action="store_const", const=False,
+                   help="train the no-physics ablation")
+    g.add_argument("--both", dest="physics", action="store_const", const="both",
+                   help="train both on identical batches (same seed, data and budget)")
+    p.add_argument("--anatomy-dir", default=str(DEFAULT_ANATOMY_DIR),
+                   help=f"shared label maps (anat-XX_dseg.nii.gz); {', '.join(HELDOUT)} are held out")
+    p.add_argument("--no-icbm", dest="icbm", action="store_false", help="do not use nilearn's ICBM152 anatomy")
+    p.add_argument("--deformations", type=int, default=2, help="random deformations per anatomy")
+    p.add_argument("--resolution", type=float, default=2.0, help="training/inference resolution in mm")
+    p.add_argument("--patch", type=int, default=48, help="patch edge in voxels")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--iterations", type=int, default=1500)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--features", default="8,16,32,64", help="channels per U-Net level")
+    p.add_argument("--device", default="auto", choices=("cpu", "cuda", "auto"))
+    p.add_argument("--threads", type=int, default=1, help="CPU threads for torch")
+    p.add_argument("--time-limit-min", type=float, default=None, help="stop (and save) after this many minutes")
+    p.add_argument("--weights-dir", default=None, help="where to write weights + card (default: the package)")
+    p.add_argument("--cache", default=None, help="folder to cache simulated subjects between runs")
+
+
+def run(args) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
+    cfg = TrainConfig(out=args.out, seed=args.seed, physics=args.physics, anatomy_dir=args.anatomy_dir,
+                      icbm=args.icbm, deformations=args.deformations, resolution=args.resolution, patch=args.patch,
+                      batch=args.batch, iterations=args.iterations, lr=args.lr,
+                      features=tuple(int(x) for x in str(args.features).split(",")), device=args.device,
+                      threads=args.threads, time_limit_min=args.time_limit_min, weights_dir=args.weights_dir,
+                      cache=args.cache or str(Path(args.out) / "cache"))
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for run_ in train(cfg):
+        net = run_.pop("model")
+        card = save(net, cfg, run_, final=True)
+        log = {"config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items()},
+               "history": run_, "card": card}
+        (out / f"{card['name']}_training.json").write_text(json.dumps(log, indent=2))
+        print(f"scanbridge-train tissue: wrote {card['name']} (sha256 {card['sha256'][:12]}) after "
+              f"{run_['iterations']} iterations in {run_['seconds'] / 60:.1f} min")
+    return 0

@@ -1,0 +1,108 @@
+"""Tissue training pipeline on a tiny simulated brain (seconds, never a real training run)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from bidsapp.models import registry, tissue
+from bidsapp.training import cli
+from bidsapp.training import tissue as T
+
+
+def _tiny_subject(n=24, seed=0) -> T.Subject:
+    """Concentric WM / GM / CSF shells at 2 mm, with the physics engine's property variation."""
+    from bidsapp.physics.phantom import Phantom
+    from bidsapp.physics.tissues import sample_multipliers
+
+    rng = np.random.default_rng(seed)
+    g = np.linspace(-1, 1, n)
+    r = np.sqrt(sum(a ** 2 for a in np.meshgrid(g, g, g, indexing="ij")))
+    r = r * (1 + 0.08 * rng.standard_normal())
+    wm = np.clip((0.45 - r) / 0.08 + 0.5, 0, 1)
+    gm = np.clip((0.7 - r) / 0.08 + 0.5, 0, 1) - wm
+    csf = np.clip((0.85 - r) / 0.08 + 0.5, 0, 1) - wm - gm
+    classes = ("background", "CSF", "GM", "WM")
+    frac = np.stack([1 - wm - gm - csf, csf, gm, wm]).astype(np.float32)
+    aff = np.diag([2.0, 2.0, 2.0, 1.0])
+    ph = Phantom(frac, aff, classes, sample_multipliers(classes, rng))
+    return T.Subject(name="tiny", fractions=frac.astype(np.float16), classes=classes, multipliers=ph.multipliers,
+                     mask=ph.brain_mask, target=T.gold_standard(ph).astype(np.float16), affine=aff)
+
+
+def test_sample_parameters_cover_the_paper_ranges_and_drop_optionals():
+    ps = T.sample_parameters(np.random.default_rng(0), 400, paper_only=True)
+    mp = [p for p in ps if p["family"] == "MPRAGE"]
+    sp = [p for p in ps if p["family"] == "SPGR"]
+    assert mp and sp
+    assert all(0.6 <= p["TI"] <= 1.2 and p["td"] == T.MPRAGE_TD for p in mp)
+    assert all(0.015 <= p["TR"] <= 0.1 and 0.004 <= p["TE"] <= 0.01 and 15 <= p["FA"] <= 75 for p in sp)
+    assert any(p["B0"] is None for p in ps) and any(p["B0"] is not None for p in ps)
+    v = T.parameter_vectors(ps)
+    assert v.shape == (400, tissue.N_PARAMS) and np.isfinite(v).all()
+    wide = T.sample_parameters(np.random.default_rng(1), 400)
+    assert all(p["TE"] < p["TR"] for p in wide if p["family"] == "SPGR")
+    assert all(tissue.parameter_vector({"sequence_family": p["family"], "InversionTime": p.get("TI"),
+                                        "RepetitionTime": p.get("TR") or p.get("TRinv"), "EchoTime": p.get("TE"),
+                                        "FlipAngle": p.get("FA")}).values is not None for p in wide)
+
+
+def test_gold_standard_follows_r1_not_the_image():
+    s = _tiny_subject()
+    lab = s.target.astype(np.float32).argmax(0)
+    m = s.mask
+    assert {0, 1, 2} <= set(np.unique(lab[m]))
+    np.testing.assert_allclose(s.target[:, m].astype(np.float32).sum(0), 1, atol=1e-2)
+    assert not s.target[:, ~m].any()
+
+
+def test_simulated_contrast_depends_on_the_parameters():
+    s = _tiny_subject()
+    rng = np.random.default_rng(0)
+    lab = s.target.astype(np.float32).argmax(0)
+    def wm_gm(acq):
+        x, m, _ = T.normalised_sample(s, acq, rng)
+        return x[m & (lab == 2)].mean() - x[m & (lab == 1)].mean()
+    a = wm_gm({"family": "MPRAGE", "TI": 0.6, "td": 0.6, "tau": 0.01, "field": 3.0})
+    b = wm_gm({"family": "MPRAGE", "TI": 1.2, "td": 0.6, "tau": 0.01, "field": 3.0})
+    assert a > 0 and b > 0 and abs(a - b) > 0.05
+
+
+def test_twenty_iterations_reduce_the_loss(tmp_path):
+    subjects = [_tiny_subject(seed=k) for k in range(2)]
+    cfg = T.TrainConfig(out=str(tmp_path), seed=0, physics="both", patch=16, batch=2, iterations=20, lr=1e-2,
+                        features=(4, 8), save_every=0, log_every=5, weights_dir=str(tmp_path))
+    runs = T.train(cfg, subjects)
+    assert [r["physics"] for r in runs] == [True, False]
+    for r in runs:
+        assert r["iterations"] == 20 and len(r["loss"]) == 4
+        assert r["loss"][-1] < r["loss"][0]
+        card = T.save(r.pop("model"), cfg, r)
+        assert card["training"]["command"].startswith("scanbridge-train tissue")
+        assert "--both" in card["training"]["command"] and card["training"]["seed"] == 0
+    assert registry.available("tissue", tmp_path) == ["tissue_unet", "tissue_unet_physics"]
+    # the saved models load through the registry and segment
+    img = subjects[0].fractions32()[[1, 2, 3]].argmax(0).astype(np.float32) + 1
+    res = tissue.segment(img * subjects[0].mask, subjects[0].mask, (2, 2, 2),
+                         {"sequence_family": "MPRAGE", "InversionTime": 0.9}, device="cpu", weights_dir=tmp_path)
+    assert res.method == "unet-physics" and res.dseg.shape == img.shape
+
+
+def test_training_is_reproducible_from_the_seed(tmp_path):
+    subjects = [_tiny_subject()]
+    cfg = T.TrainConfig(out=str(tmp_path), seed=3, physics=True, patch=16, batch=1, iterations=3,
+                        features=(4, 8), save_every=0, log_every=1)
+    a, b = T.train(cfg, subjects)[0], T.train(cfg, subjects)[0]
+    assert a["loss"] == b["loss"]
+    for (k, v), (_, w) in zip(a["model"].state_dict().items(), b["model"].state_dict().items()):
+        torch.testing.assert_close(v, w)
+
+
+def test_cli_dispatches_and_reports_unknown(capsys):
+    assert cli.main(["--help"]) == 0
+    assert "tissue" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli.main(["tissue", "--help"])
+    assert "--no-physics" in capsys.readouterr().out
+    assert cli.main([]) == 2
