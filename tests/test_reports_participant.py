@@ -125,8 +125,7 @@ def test_segmentation_overlay_shows_each_tissue_and_three_planes():
 
 def test_overlay_handles_orientation_and_anisotropic_voxels():
     t1, mask, _ = phantom(zooms=(1.0, 1.0, 3.0))
-    # store the image in LPS-like orientation: the figure reorients to RAS itself
-    flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+    # store the image in LPS orientation: the figure reorients to RAS itself
     data = np.asarray(t1.dataobj)[::-1, ::-1, :]
     t1_lps = nib.Nifti1Image(data, t1.affine @ np.array(
         [[-1, 0, 0, t1.shape[0] - 1], [0, -1, 0, t1.shape[1] - 1], [0, 0, 1, 0], [0, 0, 0, 1]], float))
@@ -137,7 +136,8 @@ def test_overlay_handles_orientation_and_anisotropic_voxels():
     # sagittal panel: vertical voxels are 3 mm, horizontal 1 mm -> aspect 3
     assert fig.axes[0].get_aspect() == pytest.approx(3.0)
     assert sag.get_array().shape[1] <= t1.shape[1]
-    del flip
+    # axial panel (third row): 1 mm x 1 mm
+    assert fig.axes[4].get_aspect() == pytest.approx(1.0)
 
 
 def test_robust_window_ignores_hot_voxels():
@@ -181,7 +181,6 @@ def test_participant_report_is_complete_and_self_contained(tmp_path):
                   "ab" * 32):
         assert value in html, value
     assert 'class="warn"' in html
-    assert "sagittal" not in html or True  # planes are inside the images, not text
     assert not list(out.glob(".sub-01.html*")), "temporary file left behind"
 
 
@@ -236,3 +235,33 @@ def test_registration_check_applies_saved_transform(tmp_path):
     assert files[0].xfm_to_template == {"Fake": [xfm]}
     html = write_participant_report(out, "01").read_text()
     assert "Registration to Fake" in html and "could not be drawn" not in html
+
+
+def test_template_given_as_description_dict(tmp_path):
+    out = make_derivatives(tmp_path / "out", template_space="Fake")
+    tpl = tmp_path / "anywhere" / "fake_T1w.nii.gz"
+    _save(phantom()[0], tpl)
+    html = write_participant_report(out, "01", template={"name": "Fake", "T1w": str(tpl)}, n_slices=2).read_text()
+    assert "Registration to Fake" in html and "template image not found" not in html
+    html = write_participant_report(out, "01", template={"name": "Other", "T1w": str(tpl)}, n_slices=2).read_text()
+    assert "template image not found" in html
+
+
+def test_overlays_survive_bad_images():
+    t1, mask, _ = phantom()
+    zero = nib.Nifti1Image(np.zeros(t1.shape, np.float32), t1.affine)
+    figures.mask_figure(zero, mask, n_slices=2)
+    nan = nib.Nifti1Image(np.full(t1.shape, np.nan, np.float32), t1.affine)
+    figures.segmentation_figure(nan, mask, None, n_slices=2)
+    # co-registration check without a segmentation falls back to T1w intensity edges
+    rgba = figures.figure_to_rgba(figures.coregistration_figure(t1, t1, mask=mask, n_slices=2))
+    assert _has_colour(rgba, figures.EDGE_COLOR)
+    with pytest.raises(ValueError, match="3D"):
+        figures.load_ras(nib.Nifti1Image(np.zeros((4, 4, 4, 2), np.float32), np.eye(4)))
+
+
+def test_unreadable_image_becomes_a_warning(tmp_path):
+    out = make_derivatives(tmp_path / "out", dseg=False)
+    (out / "sub-01/ses-1/anat/sub-01_ses-1_desc-brain_mask.nii.gz").write_bytes(b"not a nifti")
+    html = write_participant_report(out, "01", n_slices=2).read_text()
+    assert "brain-mask overlay could not be drawn" in html

@@ -239,17 +239,27 @@ def _paths_in(obj):
             yield from _paths_in(v)
 
 
-def find_template_image(name: str, hints: dict | None = None, template_dir=None) -> Path | None:
+def find_template_image(name: str, hints: dict | None = None, template=None) -> Path | None:
     """A T1w image of template ``name`` from what is on disk, never downloading.
 
-    Looks in the transform's sidecar for a T1w path, then ``template_dir``, then TEMPLATEFLOW_HOME.
+    Looks at ``template`` (a description dict such as ``bidsapp.templates.get_template`` returns, a
+    T1w file or a folder of ``tpl-<name>`` files), the transform's sidecar, then TEMPLATEFLOW_HOME.
     """
+    roots = []
+    if isinstance(template, dict):
+        if template.get("name") in (None, name):
+            hints = {"template": template, **(hints or {})}
+    elif template is not None:
+        tp = Path(template)
+        if tp.is_file() and name in tp.name:
+            return tp
+        if tp.is_dir():
+            roots.append(tp)
     for s in _paths_in(hints or {}):
         if s.endswith((".nii", ".nii.gz")) and "T1w" in os.path.basename(s) and "mask" not in s:
             p = Path(s.replace("file://", ""))
             if p.exists():
                 return p
-    roots = [Path(template_dir)] if template_dir else []
     if os.environ.get("TEMPLATEFLOW_HOME"):
         roots.append(Path(os.environ["TEMPLATEFLOW_HOME"]))
     roots.append(Path.home() / ".cache" / "templateflow")
@@ -343,7 +353,7 @@ def _figure_or_warning(make, caption: str, warns: list[str], what: str, dpi: int
         return ""
 
 
-def session_section(f: SessionFiles, problems: list[str], template_dir=None, n_slices: int = 5) -> Section:
+def session_section(f: SessionFiles, problems: list[str], template=None, n_slices: int = 5) -> Section:
     """Overlays, registration checks and volumes of one session."""
     from bidsapp.reports import figures
 
@@ -369,7 +379,7 @@ def session_section(f: SessionFiles, problems: list[str], template_dir=None, n_s
                 lambda p=path: figures.segmentation_figure(f.preproc, p, f.mask, n_slices=n_slices),
                 f"CSF/GM/WM ({path.name}) over the preprocessed T1w; red: brain mask.", warns,
                 f"segmentation overlay {path.name}")))
-        body.append(_registration_block(f, problems, warns, template_dir, n_slices))
+        body.append(_registration_block(f, problems, warns, template, n_slices))
         for mod, path in f.others.items():
             body.append(subsection_html(f"{mod} to T1w co-registration", _figure_or_warning(
                 lambda p=path: figures.coregistration_figure(p, f.preproc, dseg=f.dseg, mask=f.mask, n_slices=n_slices),
@@ -386,7 +396,7 @@ def session_section(f: SessionFiles, problems: list[str], template_dir=None, n_s
                    anchor=re.sub(r"[^a-zA-Z0-9_-]", "-", f"ses-{f.prefix}"))
 
 
-def _registration_block(f: SessionFiles, problems, warns, template_dir, n_slices) -> str:
+def _registration_block(f: SessionFiles, problems, warns, template_spec, n_slices) -> str:
     from bidsapp.reports import figures
 
     tpls = list(dict.fromkeys(list(f.template_space) + list(f.xfm_to_template)))
@@ -398,7 +408,7 @@ def _registration_block(f: SessionFiles, problems, warns, template_dir, n_slices
         hints = {}
         for p in f.xfm_to_template.get(tpl, []):
             hints.update(_read_json(_sidecar(p), problems))
-        template = find_template_image(tpl, hints, template_dir)
+        template = find_template_image(tpl, hints, template_spec)
         if template is None:
             warns.append(f"registration check to {tpl} skipped: template image not found on disk")
             continue
@@ -509,11 +519,13 @@ def _summary_section(subject, files, acq, output_dir, problems, warnings, errors
 
 
 def write_participant_report(output_dir, subject: str, *, warnings=None, errors=None,
-                             command_line: str | None = None, template_dir=None, n_slices: int = 5) -> Path:
+                             command_line: str | None = None, template=None, n_slices: int = 5) -> Path:
     """Write ``output_dir/sub-<subject>.html`` from the subject's derivatives and return its path.
 
     ``warnings``/``errors`` come from the run (skipped images, failed nodes) and are shown first,
     together with problems found while reading the outputs (missing files, missing sidecar fields).
+    ``template`` helps the registration check find the template image offline (see
+    :func:`find_template_image`); without it the transform's sidecar and TEMPLATEFLOW_HOME are used.
     """
     output_dir = Path(output_dir)
     subject = str(subject)
@@ -524,7 +536,7 @@ def write_participant_report(output_dir, subject: str, *, warnings=None, errors=
     if not files:
         errors.append(f"no derivatives found for sub-{subject} in {output_dir}")
     acq, acq_warns = acquisition_rows(files, problems)
-    sessions = [session_section(f, problems, template_dir=template_dir, n_slices=n_slices) for f in files]
+    sessions = [session_section(f, problems, template=template, n_slices=n_slices) for f in files]
     all_warn = list(dict.fromkeys([*(warnings or []), *acq_warns]))
     if acq.empty:
         acq_body = text_html("No processed images with sidecars were found.")
