@@ -156,8 +156,6 @@ def _set_threads(omp_nthreads: int | None, nprocs: int | None) -> int:
 def run_participant(opts) -> int:
     from bidsapp.bids import derivatives, discovery, validation
     from bidsapp.reports.participant import write_participant_report
-    from bidsapp.templates import get_template
-    from workflows.base import init_single_subject_wf
 
     if not opts.skip_bids_validation:
         report = validation.validate_dataset(opts.bids_dir)
@@ -177,6 +175,9 @@ def run_participant(opts) -> int:
         work_dir=opts.work_dir,
     )
     print(plan.summary(), flush=True)
+
+    from bidsapp.templates import get_template
+    from workflows.base import init_single_subject_wf
 
     opts.output_dir.mkdir(parents=True, exist_ok=True)
     derivatives.write_dataset_description(opts.output_dir, bids_dir=opts.bids_dir)
