@@ -317,14 +317,18 @@ def _edge_levels(img, mask=None) -> list[float]:
 
 
 def registration_figure(subject_in_template, template, template_mask=None, **kw):
-    """Template edges (tissue boundaries at Otsu levels of the template) over the subject resampled into it.
+    """Template edges over the subject resampled into template space: the grey/white boundary (red, an
+    Otsu level of the template) and the brain outline (cyan, the template mask when given).
 
-    A good registration puts the red lines on the subject's own grey/white and brain/CSF boundaries.
+    A good registration puts the lines on the subject's own grey/white and brain boundaries.
     """
     levels = _edge_levels(template, template_mask)
-    contours = [(template, levels, EDGE_COLOR, "template edges")] if levels else []
-    region = template_mask if template_mask is not None else None
-    return overlay_mosaic(subject_in_template, contours=contours, region=region, **kw)
+    contours = [(template, levels[1:], EDGE_COLOR, "template grey/white boundary")] if levels else []
+    if template_mask is not None:
+        contours.append((template_mask, [0.5], EDGE_COLOR_2, "template brain outline"))
+    elif levels:
+        contours.append((template, levels[:1], EDGE_COLOR_2, "template outer edge"))
+    return overlay_mosaic(subject_in_template, contours=contours, region=template_mask, **kw)
 
 
 def coregistration_figure(moving_in_anat, anat, dseg=None, mask=None, label: str = "T1w", **kw):

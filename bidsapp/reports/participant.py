@@ -419,7 +419,8 @@ def _registration_block(f: SessionFiles, problems, warns, template_spec, n_slice
                                                template_mask=tmask, n_slices=n_slices)
 
         out.append(subsection_html(f"Registration to {tpl}", _figure_or_warning(
-            make, f"Edges of {tpl} (red) over the subject's T1w resampled into template space.", warns,
+            make, f"{tpl} grey/white boundary (red) and brain outline (cyan) over the subject's T1w "
+            "resampled into template space.", warns,
             f"registration check to {tpl}")))
     return "".join(out)
 
