@@ -19,9 +19,9 @@ Anatomies
   12 mm inside the intracranial surface is ``ventricles``; GM within the central box of the basal
   ganglia/thalami (|x| < 32, -40 < y < 28, -16 < z < 22 mm) and deeper than 18 mm is ``deep_GM``;
   the probabilities are sharpened (power 2, renormalised) because population maps are blurrier than
-  one brain.  Non-brain head = template T1 > 15 (hole-filled) outside the intracranial volume,
-  split by template T1 intensity relative to white matter: < 0.3 skull, > 0.62 fat, otherwise muscle,
-  and the outermost 2 mm of the head is skin.
+  one brain.  The packaged T1 template is brain-only, so the head is a layered shell by distance d
+  outside the intracranial volume: skull 0-1.5 mm, diploe fat 1.5-4, skull 4-6, subcutaneous fat
+  6-8.5, muscle 8.5-11, skin 11-13 mm (fractions from the overlap of each voxel with each layer).
 
 Public API
 ----------
@@ -46,12 +46,18 @@ Public API
 rotation_deg=4.0) -> Phantom``  a new plausible subject: random global scale/rotation plus a smooth
     displacement field (B-spline-like: random control grid, cubic upsampling), fractions warped
     trilinearly (sum to one preserved).
-``make_subject(anatomy, rng, resolution=None, variation=1.0) -> Phantom``  deform + tissue variation.
+``make_subject(anatomy, rng, resolution=None, variation=1.0, deform=True) -> Phantom``  deform + tissue
+    variation (+ optional resampling).
+``sphere_phantom(shape=(32, 32, 32), voxel_size=4.0) -> Phantom``  tiny analytic head with exact partial
+    volume, for tests.
+``ras_to_array_axes(values_ras, affine)``  reorder an (R-L, A-P, S-I) triple into array-axis order.
 ``LABEL_CLASSES``  FreeSurfer/SynthSeg label -> class name.
 """
 from __future__ import annotations
 
 import copy as _copy
+import functools
+import itertools
 import os
 from dataclasses import dataclass, field
 
@@ -100,6 +106,7 @@ class Phantom:
     classes: tuple = CLASSES
     multipliers: np.ndarray | None = None
     meta: dict = field(default_factory=dict)
+    labels: np.ndarray | None = None  # uint8 class index, only while the fractions are exactly one-hot
 
     def __post_init__(self):
         self.fractions = np.asarray(self.fractions, dtype=np.float32)
@@ -114,6 +121,8 @@ class Phantom:
             raise ValueError(f"unknown tissue classes {unknown}")
         if self.multipliers is None:
             self.multipliers = np.ones((len(self.classes), 4))
+        if self.labels is not None and self.labels.shape != self.shape:
+            raise ValueError("labels must have the shape of the fraction maps")
 
     # ------------------------------------------------------------------ basic geometry
     @property
@@ -134,7 +143,7 @@ class Phantom:
 
     def copy(self) -> "Phantom":
         return Phantom(self.fractions.copy(), self.affine.copy(), self.classes, self.multipliers.copy(),
-                       _copy.deepcopy(self.meta))
+                       _copy.deepcopy(self.meta), None if self.labels is None else self.labels.copy())
 
     def index(self, name: str) -> int | None:
         return self.classes.index(name) if name in self.classes else None
@@ -268,7 +277,8 @@ class Phantom:
             return self.copy()
         data = np.stack([nib.orientations.apply_orientation(f, tr) for f in self.fractions])
         aff = self.affine @ nib.orientations.inv_ornt_aff(tr, self.shape)
-        return Phantom(np.ascontiguousarray(data), aff, self.classes, self.multipliers.copy(), dict(self.meta))
+        lab = None if self.labels is None else np.ascontiguousarray(nib.orientations.apply_orientation(self.labels, tr))
+        return Phantom(np.ascontiguousarray(data), aff, self.classes, self.multipliers.copy(), dict(self.meta), lab)
 
     def crop(self, margin_mm: float = 4.0) -> "Phantom":
         """Smallest box holding all non-background tissue plus ``margin_mm``."""
@@ -282,8 +292,9 @@ class Phantom:
         sl = tuple(slice(a, b) for a, b in zip(lo, hi))
         aff = self.affine.copy()
         aff[:3, 3] = self.affine[:3, :3] @ lo + self.affine[:3, 3]
+        lab = None if self.labels is None else np.ascontiguousarray(self.labels[sl])
         return Phantom(np.ascontiguousarray(self.fractions[(slice(None),) + sl]), aff, self.classes,
-                       self.multipliers.copy(), dict(self.meta))
+                       self.multipliers.copy(), dict(self.meta), lab)
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -322,11 +333,22 @@ def _renormalise(data: np.ndarray) -> np.ndarray:
     return data
 
 
-def _one_hot(labels: np.ndarray, classes: tuple) -> np.ndarray:
-    out = np.zeros((len(classes),) + labels.shape, np.float32)
-    for k in range(len(classes)):
-        out[k] = labels == k
-    return out
+def _one_hot(labels: np.ndarray, n_classes: int) -> np.ndarray:
+    n = labels.size
+    out = np.zeros((n_classes, n), np.float32)
+    out[labels.ravel(), np.arange(n)] = 1.0
+    return out.reshape((n_classes,) + labels.shape)
+
+
+def _bbox(mask: np.ndarray, margin: int) -> tuple[slice, ...]:
+    sl = []
+    for ax in range(mask.ndim):
+        other = tuple(a for a in range(mask.ndim) if a != ax)
+        hit = np.flatnonzero(mask.any(axis=other))
+        if hit.size == 0:
+            return tuple(slice(0, n) for n in mask.shape)
+        sl.append(slice(max(hit[0] - margin, 0), min(hit[-1] + 1 + margin, mask.shape[ax])))
+    return tuple(sl)
 
 
 # ---------------------------------------------------------------------------------------- builders
@@ -341,7 +363,14 @@ def from_label_map(img, resolution: float | tuple | None = None, crop: bool = Tr
     lab = np.asarray(img.dataobj)
     if lab.ndim != 3:
         raise ValueError(f"{src or 'label map'}: expected a 3D label map, got shape {lab.shape}")
+    affine = img.affine.copy()
+    if crop:  # crop before expanding into one map per class
+        sl = _bbox(lab != 0, 4)
+        lab = lab[sl]
+        affine[:3, 3] = img.affine[:3, :3] @ [s.start for s in sl] + img.affine[:3, 3]
     lab = np.rint(lab).astype(np.int32)
+    if lab.min() < 0:
+        raise ValueError(f"{src or 'label map'}: negative labels")
     values = np.unique(lab)
     names = {int(v): LABEL_CLASSES.get(int(v), "muscle" if v >= 500 else "deep_GM") for v in values}
     classes = tuple(c for c in CLASSES if c in set(names.values()) or c == "background")
@@ -351,9 +380,7 @@ def from_label_map(img, resolution: float | tuple | None = None, crop: bool = Tr
     idx = lut[lab]
     meta = {"anatomy": os.path.basename(src) if src else "label map",
             "unknown_labels": sorted(int(v) for v in values if int(v) not in LABEL_CLASSES)}
-    ph = Phantom(_one_hot(idx, classes), img.affine, classes, meta=meta)
-    if crop:
-        ph = ph.crop()
+    ph = Phantom(_one_hot(idx, len(classes)), affine, classes, meta=meta, labels=idx)
     if resolution is not None:
         ph = ph.resample(_triple(resolution))
     return ph
@@ -370,6 +397,14 @@ def _triple(r) -> tuple[float, float, float]:
 
 def from_icbm152(resolution: float | tuple | None = None) -> Phantom:
     """Phantom from nilearn's packaged ICBM152 2009a maps (see the module docstring for how)."""
+    ph = _icbm152_1mm().copy()
+    if resolution is not None:
+        ph = ph.resample(_triple(resolution))
+    return ph
+
+
+@functools.lru_cache(maxsize=1)
+def _icbm152_1mm() -> Phantom:
     from nilearn import datasets
 
     def load(path):
@@ -378,51 +413,96 @@ def from_icbm152(resolution: float | tuple | None = None) -> Phantom:
 
     gm, aff = load(datasets.GM_MNI152_FILE_PATH)
     wm, _ = load(datasets.WM_MNI152_FILE_PATH)
-    t1, _ = load(datasets.MNI152_FILE_PATH)
-    gm /= 255.0
-    wm /= 255.0
-    # Sharpen population probabilities towards one brain's fractions.
+    pad = 18  # room for the synthetic skull and scalp (mm)
+    sl = _bbox(gm + wm > 0, 2)
+    gm = np.pad(gm[sl] / 255.0, pad)
+    wm = np.pad(wm[sl] / 255.0, pad)
+    aff = aff.copy()
+    aff[:3, 3] = aff[:3, :3] @ (np.array([s.start for s in sl]) - pad) + aff[:3, 3]
+    # Sharpen population probabilities towards one brain's fractions (keeping GM + WM per voxel).
     gm2, wm2 = gm**2, wm**2
-    tot = gm + wm
-    s = gm2 + wm2
+    tot, s2 = gm + wm, gm2 + wm2
     with np.errstate(invalid="ignore", divide="ignore"):
-        scale = np.where(s > 0, tot / np.where(s > 0, s, 1), 0)
-    # Keep the total tissue where GM and WM agree, but push each voxel towards its dominant class.
-    gm, wm = gm2 * scale, wm2 * scale
+        scale = np.where(s2 > 0, tot / np.where(s2 > 0, s2, 1), 0)
+    gm, wm = (gm2 * scale).astype(np.float32), (wm2 * scale).astype(np.float32)
     tissue = gm + wm
-    core = ndi.binary_fill_holes(ndi.binary_closing(tissue > 0.5, structure=np.ones((3, 3, 3)), iterations=4))
+    # Morphology on a 2 mm copy (8x fewer voxels), brought back with linear interpolation.
+    core = (_resize(ndi.binary_fill_holes(ndi.binary_closing(_half(tissue > 0.5), iterations=2)), gm.shape) > 0.5)
+    core |= tissue > 0.5
     icv_mask = ndi.binary_dilation(core, iterations=2)
     icv = np.clip(ndi.gaussian_filter(icv_mask.astype(np.float32), 0.7), 0, 1)
     icv = np.maximum(icv, np.minimum(tissue, 1.0))
     csf = np.clip(icv - tissue, 0, 1)
-    depth = ndi.distance_transform_edt(icv_mask)
+    half = _half(icv_mask)
+    depth = _resize(ndi.distance_transform_edt(half).astype(np.float32) * 2.0, gm.shape)
+    outside = _resize(ndi.distance_transform_edt(~half).astype(np.float32) * 2.0, gm.shape)
     vent = np.where(depth > 12, csf, 0).astype(np.float32)
     csf = csf - vent
-    ijk = np.indices(gm.shape).reshape(3, -1)
-    xyz = (aff[:3, :3] @ ijk + aff[:3, 3:4]).reshape((3,) + gm.shape)
-    box = (np.abs(xyz[0]) < 32) & (xyz[1] > -40) & (xyz[1] < 28) & (xyz[2] > -16) & (xyz[2] < 22) & (depth > 18)
+    i, j, k = (np.arange(n, dtype=np.float64) for n in gm.shape)
+    x = aff[0, 0] * i + aff[0, 3]  # the packaged maps are RAS with a diagonal affine
+    y = aff[1, 1] * j + aff[1, 3]
+    z = aff[2, 2] * k + aff[2, 3]
+    box = ((np.abs(x) < 32)[:, None, None] & ((y > -40) & (y < 28))[None, :, None]
+           & ((z > -16) & (z < 22))[None, None, :]) & (depth > 18)
     deep = np.where(box, gm, 0).astype(np.float32)
     gm = gm - deep
-    head = ndi.binary_fill_holes(ndi.binary_closing(t1 > 15, iterations=3))
-    head_soft = np.clip(ndi.gaussian_filter(head.astype(np.float32), 0.7), 0, 1)
-    nonbrain = np.clip(head_soft - icv, 0, 1)
-    wm_level = np.median(t1[wm > 0.9])
-    rel = t1 / wm_level
-    outer = head & ~ndi.binary_erosion(head, iterations=2)
-    skull = np.where(~outer & (rel < 0.3), nonbrain, 0)
-    fat = np.where(~outer & (rel > 0.62), nonbrain, 0)
-    skin = np.where(outer, nonbrain, 0)
-    muscle = nonbrain - skull - fat - skin
+    # The packaged T1 template is brain-only, so the head is a layered shell around the intracranial
+    # volume, by distance from it (mm): inner table, diploe (marrow fat), outer table, subcutaneous
+    # fat, muscle/galea, skin.  Each voxel gets the overlap of [d - 0.5, d + 0.5] with each layer.
+    nonbrain = np.clip(1.0 - icv, 0, 1)
+    layers = (("skull", 0.0, 1.5), ("fat", 1.5, 4.0), ("skull", 4.0, 6.0), ("fat", 6.0, 8.5),
+              ("muscle", 8.5, 11.0), ("skin", 11.0, 13.0))
+    shell = {}
+    for name, lo, hi in layers:
+        w = np.clip(np.minimum(outside + 0.5, hi) - np.maximum(outside - 0.5, lo), 0, 1) * nonbrain
+        shell[name] = shell.get(name, 0) + w
     classes = ("background", "CSF", "ventricles", "GM", "deep_GM", "WM", "skin", "muscle", "fat", "skull")
-    maps = [None, csf, vent, gm, deep, wm, skin, muscle, fat, skull]
+    maps = [None, csf, vent, gm, deep, wm, shell["skin"], shell["muscle"], shell["fat"], shell["skull"]]
     frac = np.zeros((len(classes),) + gm.shape, np.float32)
     for k, m in enumerate(maps[1:], start=1):
         frac[k] = m
     frac = _renormalise(frac)
-    ph = Phantom(frac, aff, classes, meta={"anatomy": "ICBM152 2009a (nilearn)"}).crop()
-    if resolution is not None:
-        ph = ph.resample(_triple(resolution))
-    return ph
+    return Phantom(frac, aff, classes, meta={"anatomy": "ICBM152 2009a (nilearn)"}).crop()
+
+
+def _half(mask: np.ndarray) -> np.ndarray:
+    """2x2x2 block mean > 0.5 (a mask at half the resolution)."""
+    import torch
+
+    t = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None, None]
+    with torch.no_grad():
+        return (torch.nn.functional.avg_pool3d(t, 2, ceil_mode=True)[0, 0] > 0.5).numpy()
+
+
+def _resize(arr: np.ndarray, shape) -> np.ndarray:
+    """Linear interpolation of ``arr`` onto ``shape`` voxels covering the same extent."""
+    import torch
+
+    t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))[None, None]
+    with torch.no_grad():
+        return torch.nn.functional.interpolate(t, size=tuple(shape), mode="trilinear", align_corners=False)[0, 0].numpy()
+
+
+def sphere_phantom(shape=(32, 32, 32), voxel_size: float = 4.0, supersample: int = 4) -> Phantom:
+    """A small analytic head of concentric shells (ventricles, WM, GM, CSF, skull, skin) with exact
+    partial volume (each voxel averaged from ``supersample``^3 sub-voxels); for tests and examples."""
+    shape = tuple(int(n) for n in shape)
+    radius = min(shape) * voxel_size / 2.0
+    shells = (("ventricles", 0.15), ("WM", 0.50), ("GM", 0.62), ("CSF", 0.70), ("skull", 0.80), ("skin", 0.90))
+    classes = ("background", "CSF", "ventricles", "GM", "WM", "skin", "skull")
+    fine = [np.arange(n * supersample) for n in shape]
+    axes = [((g + 0.5) / supersample - n / 2.0) * voxel_size for g, n in zip(fine, shape)]
+    # A slightly flattened ellipsoid so that the three axes differ.
+    r = np.sqrt((axes[0][:, None, None] / 0.9) ** 2 + axes[1][None, :, None] ** 2
+                + (axes[2][None, None, :] / 0.95) ** 2) / radius
+    idx = np.zeros(r.shape, np.uint8)
+    for name, outer in reversed(shells):
+        idx[r < outer] = classes.index(name)
+    frac = _one_hot(idx, len(classes)).reshape((len(classes), shape[0], supersample, shape[1], supersample,
+                                                shape[2], supersample)).mean(axis=(2, 4, 6))
+    aff = np.diag([voxel_size, voxel_size, voxel_size, 1.0])
+    aff[:3, 3] = -np.array(shape) * voxel_size / 2.0 + voxel_size / 2.0
+    return Phantom(_renormalise(frac.astype(np.float32)), aff, classes, meta={"anatomy": "spheres"})
 
 
 def load_anatomy(source=None, resolution=None) -> Phantom:
@@ -453,19 +533,30 @@ def sample_coordinates(phantom: Phantom, rng: np.random.Generator, displacement_
     lin = np.linalg.inv(rot @ np.diag(scale))
     ctrl = np.maximum(np.ceil(shape * vs / spacing_mm).astype(int) + 1, 4)
     disp = rng.normal(0.0, displacement_mm, (3,) + tuple(ctrl))
-    zoom = shape / ctrl  # output exactly ``shape``; grid_mode=False maps corner to corner
-    coords = np.empty((3,) + tuple(shape), np.float32)
+    # Cubic upsampling of the control grid to a quarter of the resolution, then trilinear to full:
+    # smooth, and much cheaper than cubic at full resolution.
+    import torch
+
+    mid = np.maximum(shape // 4, ctrl)
+    smooth = np.stack([ndi.zoom(disp[k], mid / ctrl, order=3, mode="nearest", grid_mode=False) for k in range(3)])
+    with torch.no_grad():
+        full = torch.nn.functional.interpolate(torch.from_numpy(smooth.astype(np.float32))[None], size=tuple(shape),
+                                               mode="trilinear", align_corners=True)[0].numpy()
     grids = [np.arange(n, dtype=np.float32) - c for n, c in zip(shape, centre)]
     mm = [g * v for g, v in zip(grids, vs)]
     for k in range(3):
-        d = ndi.zoom(disp[k], zoom, order=3, mode="nearest", grid_mode=False)
         src = (lin[k, 0] * mm[0][:, None, None] + lin[k, 1] * mm[1][None, :, None] + lin[k, 2] * mm[2][None, None, :])
-        coords[k] = (src + d) / vs[k] + centre[k]
-    return coords
+        full[k] += src
+        full[k] /= vs[k]
+        full[k] += centre[k]
+    return full
 
 
 def warp(phantom: Phantom, coords: np.ndarray, chunk: int = 4) -> Phantom:
     """Resample every fraction map at ``coords`` (trilinear; outside the grid is background)."""
+    if phantom.labels is not None:
+        out = _warp_one_hot(phantom.labels, coords, len(phantom.classes))
+        return Phantom(out, phantom.affine.copy(), phantom.classes, phantom.multipliers.copy(), dict(phantom.meta))
     import torch
 
     shape = phantom.shape
@@ -482,6 +573,40 @@ def warp(phantom: Phantom, coords: np.ndarray, chunk: int = 4) -> Phantom:
                                                        align_corners=True)[0].numpy()
     out = _renormalise(out)
     return Phantom(out, phantom.affine.copy(), phantom.classes, phantom.multipliers.copy(), dict(phantom.meta))
+
+
+def _warp_one_hot(labels: np.ndarray, coords: np.ndarray, n_classes: int) -> np.ndarray:
+    """Trilinear warp of one-hot maps, computed from the label map: identical to warping each class
+    map, but voxels whose eight source neighbours share a label are filled directly."""
+    src = labels.shape
+    pad = np.pad(labels, 1)  # background border: samples outside the grid become background
+    p1, p2 = src[1] + 2, src[2] + 2
+    frac, lows = [], []
+    for k in range(3):
+        c = np.clip(coords[k], -1.0, float(src[k]))
+        lo = np.minimum(np.floor(c).astype(np.int64) + 1, src[k])  # padded index of the lower corner
+        frac.append((c + 1.0 - lo).astype(np.float32))
+        lows.append(lo)
+    base = (lows[0] * p1 + lows[1]) * p2 + lows[2]
+    del lows
+    flat = pad.ravel()
+    corners = list(itertools.product((0, 1), repeat=3))
+    labs = [np.take(flat, base + (dx * p1 + dy) * p2 + dz) for dx, dy, dz in corners]
+    del base
+    same = np.ones(labs[0].shape, bool)
+    for lab in labs[1:]:
+        same &= lab == labs[0]
+    n = labs[0].size
+    out = np.zeros((n_classes, n), np.float32)
+    inner = np.flatnonzero(same.ravel())
+    out[labs[0].ravel()[inner], inner] = 1.0
+    edge = np.flatnonzero(~same.ravel())
+    fx, fy, fz = (f.ravel()[edge] for f in frac)
+    flat_out = out.ravel()
+    for (dx, dy, dz), lab in zip(corners, labs):
+        w = (fx if dx else 1 - fx) * (fy if dy else 1 - fy) * (fz if dz else 1 - fz)
+        flat_out[lab.ravel()[edge].astype(np.int64) * n + edge] += w
+    return _renormalise(out.reshape((n_classes,) + coords.shape[1:]))
 
 
 def random_deformation(phantom: Phantom, rng: np.random.Generator, displacement_mm: float = 3.0,
