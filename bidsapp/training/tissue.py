@@ -119,8 +119,28 @@ class Subject:
             f = self.__dict__["_f32"] = self.fractions.astype(np.float32)
         return f
 
+    def log_bias(self, rng: np.random.Generator, pool: int = 4) -> np.ndarray:
+        """A unit-s.d. smooth log bias field of the physics engine, drawn from a per-subject pool of
+        ``pool`` fields with random sign and flips (generating a new field costs more than a training step).
+        The pool depends only on the subject's name, so training stays reproducible from its seed."""
+        fields = self.__dict__.get("_bias")
+        if fields is None:
+            import zlib
+
+            from bidsapp.physics.simulator import random_bias_field
+
+            own = np.random.default_rng(zlib.crc32(self.name.encode()))
+            vs = tuple(float(v) for v in np.linalg.norm(self.affine[:3, :3], axis=0))
+            fields = self.__dict__["_bias"] = [np.log(random_bias_field(self.mask.shape, own, 1.0, voxel_size=vs))
+                                               for _ in range(pool)]
+        f = fields[rng.integers(len(fields))] * (1 if rng.random() < 0.5 else -1)
+        for ax in range(3):
+            if rng.random() < 0.5:
+                f = np.flip(f, axis=ax)
+        return f
+
     def __getstate__(self):
-        return {k: v for k, v in self.__dict__.items() if k != "_f32"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_f32", "_bias")}
 
 
 def brain_only(ph):
@@ -158,29 +178,9 @@ def make_subjects(anatomy, name: str, rng: np.random.Generator, deformations: in
 
 def gold_standard(ph) -> np.ndarray:
     """(3, X, Y, Z) physics gold-standard probabilities (paper 3.1) from the subject's 3 T R1 map."""
-    return gold_standard_probabilities(ph.qmri(3.0)["R1"], ph.brain_mask)
+    from bidsapp.physics.gold_standard import gold_standard_from_phantom
 
-
-def gold_standard_probabilities(r1: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Posterior of CSF/GM/WM given R1 under the paper's Gaussian R1 classes (equal priors), 0 outside ``mask``.
-
-    Uses the physics engine's implementation when it provides one, so labels have a single definition.
-    """
-    try:
-        from bidsapp.physics.gold_standard import gold_standard_probabilities as physics_gs
-    except ImportError:
-        physics_gs = None
-    if physics_gs is not None:
-        return np.asarray(physics_gs(r1, mask), dtype=np.float32)
-    from bidsapp.physics.tissues import GOLD_STANDARD_R1
-
-    r1 = np.asarray(r1, dtype=np.float64)
-    logl = np.stack([-0.5 * ((r1 - mu) / sd) ** 2 - math.log(sd) for mu, sd in
-                     (GOLD_STANDARD_R1[c] for c in ("CSF", "GM", "WM"))])
-    logl -= logl.max(0, keepdims=True)
-    p = np.exp(logl)
-    p /= p.sum(0, keepdims=True)
-    return (p * np.asarray(mask, bool)).astype(np.float32)
+    return gold_standard_from_phantom(ph)[0]
 
 
 def anatomy_sources(anatomy_dir: Path | None, use_icbm: bool = True, heldout=HELDOUT) -> list[tuple[str, object]]:
@@ -210,11 +210,14 @@ def build_subjects(sources, rng, deformations: int, resolution: float) -> list[S
 
 # ------------------------------------------------------------------------------------------ images
 def simulate(subject: Subject, acq: dict, rng: np.random.Generator) -> np.ndarray:
-    """Brain-masked T1w image of ``subject`` for acquisition ``acq`` (see :func:`sample_parameters`):
-    the physics engine's pure-tissue signals mixed by the tissue fractions, then a residual smooth
-    bias field (what N4 leaves, up to +-10 %) and Rician noise (SNR 15-60 relative to WM)."""
-    from bidsapp.physics.equations import signal
+    """Brain-masked T1w image of ``subject`` for acquisition ``acq`` (see :func:`sample_parameters`).
 
+    The physics engine's signed pure-tissue signals are mixed by the tissue fractions (magnitude of
+    the sum), then a residual smooth bias field (log-field s.d. 0-8 %: what N4 leaves) and Rician
+    noise (SNR 20-120 relative to the mean brain signal at 2 mm, i.e. about 7-40 at 1 mm) are added.
+    """
+    from bidsapp.physics.equations import signal
+    from bidsapp.physics.simulator import add_rician_noise, mix_signals
     from bidsapp.physics.tissues import property_table
 
     tab = property_table(subject.classes, acq["field"], subject.multipliers)  # (C, 4) PD, T1, T2, T2*
@@ -222,33 +225,20 @@ def simulate(subject: Subject, acq: dict, rng: np.random.Generator) -> np.ndarra
         params = {"ti": acq["TI"], "td": acq["td"], "tau": acq["tau"]}
     else:
         params = {"tr": acq["TR"], "te": acq["TE"], "flip_angle": acq["FA"]}
-    s = np.asarray(signal(acq["family"], tab[:, 0], tab[:, 1], tab[:, 2], tab[:, 3], params), dtype=np.float32)
-    s[0] = 0.0
-    img = np.tensordot(s, subject.fractions32(), axes=1)
-    img *= _bias_field(img.shape, rng, float(rng.uniform(0.0, 0.1)))
-    wm = s[subject.classes.index("WM")] if "WM" in subject.classes else float(img.max())
-    sigma = max(wm, 1e-6) / float(rng.uniform(15, 60))
-    n1 = rng.standard_normal(img.shape, dtype=np.float32) * sigma
-    n2 = rng.standard_normal(img.shape, dtype=np.float32) * sigma
-    return np.sqrt((img + n1) ** 2 + n2 ** 2).astype(np.float32)
-
-
-def _bias_field(shape, rng: np.random.Generator, amplitude: float) -> np.ndarray:
-    """Smooth multiplicative field exp(sum of low-order polynomial terms) with +-``amplitude`` range."""
-    axes = [np.linspace(-1, 1, n, dtype=np.float32) for n in shape]
-    x, y, z = np.meshgrid(*axes, indexing="ij", sparse=True)
-    terms = [x, y, z, x * y, x * z, y * z, x * x - 1 / 3, y * y - 1 / 3, z * z - 1 / 3]
-    c = rng.normal(0, 1, len(terms)).astype(np.float32)
-    f = sum(ci * t for ci, t in zip(c, terms))
-    f = f / max(float(np.abs(f).max()), 1e-6) * amplitude
-    return np.exp(f).astype(np.float32)
+    sig = np.asarray(signal(acq["family"], tab[:, 0], tab[:, 1], tab[:, 2], tab[:, 3], params, magnitude=False),
+                     dtype=np.float64)
+    sig[0] = 0.0
+    img = mix_signals(subject.fractions32(), sig)
+    img *= np.exp(float(rng.uniform(0.0, 0.08)) * subject.log_bias(rng))
+    sigma = float(img[subject.mask].mean()) / float(rng.uniform(20, 120))
+    return add_rician_noise(img, sigma, rng)
 
 
 def normalised_sample(subject: Subject, acq: dict, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     from bidsapp.models.tissue import normalise
 
     img = simulate(subject, acq, rng) * subject.mask
-    return normalise(img, subject.mask), subject.mask, subject.target.astype(np.float32)
+    return normalise(img, subject.mask), subject.mask, subject.target
 
 
 class PatchSampler:
@@ -281,7 +271,7 @@ class PatchSampler:
             d = self.transform({"image": img[None], "mask": mask[None].astype(np.float32), "target": target})
             xs.append(torch.as_tensor(np.asarray(d["image"]), dtype=torch.float32))
             ms.append(torch.as_tensor(np.asarray(d["mask"]), dtype=torch.float32))
-            ts.append(torch.as_tensor(np.asarray(d["target"]), dtype=torch.float32))
+            ts.append(torch.as_tensor(np.asarray(d["target"], dtype=np.float32)))
         return torch.stack(xs), torch.stack(ms), torch.stack(ts), torch.from_numpy(parameter_vectors(acqs))
 
 
@@ -315,14 +305,14 @@ class TrainConfig:
     icbm: bool = True
     deformations: int = 2
     resolution: float = 2.0
-    patch: int = 48
-    batch: int = 2
-    iterations: int = 1500
+    patch: int = 32
+    batch: int = 4
+    iterations: int = 1000
     lr: float = 2e-3
     features: tuple = (8, 16, 32, 64)
     device: str = "auto"
     threads: int = 1
-    save_every: int = 250
+    save_every: int = 100
     log_every: int = 25
     time_limit_min: float | None = None
     weights_dir: str | None = None
@@ -541,9 +531,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-icbm", dest="icbm", action="store_false", help="do not use nilearn's ICBM152 anatomy")
     p.add_argument("--deformations", type=int, default=2, help="random deformations per anatomy")
     p.add_argument("--resolution", type=float, default=2.0, help="training/inference resolution in mm")
-    p.add_argument("--patch", type=int, default=48, help="patch edge in voxels")
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--iterations", type=int, default=1500)
+    p.add_argument("--patch", type=int, default=32, help="patch edge in voxels")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--iterations", type=int, default=1000)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--features", default="8,16,32,64", help="channels per U-Net level")
     p.add_argument("--device", default="auto", choices=("cpu", "cuda", "auto"))
