@@ -10,9 +10,10 @@
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 
 # --------------------------------------------------------------------------------------------
-# builder: a virtual environment with torch and the project, copied whole into the final stage
-# so that pip's build dependencies and caches never reach the image.
-FROM ${BASE_IMAGE} AS builder
+# python-env: a virtual environment with torch and the project. No compiler or pip cache is involved
+# (every dependency ships wheels), and the sources are bind-mounted rather than copied, so the
+# runtime stage builds on this one directly instead of copying gigabytes between stages.
+FROM ${BASE_IMAGE} AS python-env
 
 ARG TORCH_VERSION=2.13.0
 # cpu, or a CUDA tag published by PyTorch for TORCH_VERSION (e.g. cu126, cu128)
@@ -34,18 +35,20 @@ RUN --mount=type=bind,source=wheels,target=/tmp/wheels \
         ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} \
         "torch==${TORCH_VERSION}+${TORCH_VARIANT}"
 
-WORKDIR /src
-COPY pyproject.toml README.md ./
-COPY bidsapp ./bidsapp
-COPY workflows ./workflows
-RUN pip install . \
+# The project, built from a scratch copy of the bind-mounted sources (setuptools writes into the
+# source tree) that is removed in the same layer.
+RUN --mount=type=bind,target=/tmp/context \
+    mkdir /tmp/src \
+    && cp -r /tmp/context/pyproject.toml /tmp/context/README.md /tmp/context/bidsapp /tmp/context/workflows /tmp/src/ \
+    && pip install /tmp/src \
+    && rm -rf /tmp/src \
     && python -c "import torch, sys; v = torch.__version__; sys.exit(0 if v == '${TORCH_VERSION}+${TORCH_VARIANT}' else 'torch was replaced: ' + v)"
 
 # --------------------------------------------------------------------------------------------
 # templates: TemplateFlow files the participant workflow needs, fetched once at build time so that
 # the container never needs the network. FETCH_TEMPLATES=0 keeps only TemplateFlow's offline
 # skeleton (no image data); the app then falls back to its offline source (nilearn's ICBM152 2009a).
-FROM builder AS templates
+FROM python-env AS templates
 
 ARG FETCH_TEMPLATES=1
 ENV TEMPLATEFLOW_HOME=/opt/templateflow \
@@ -65,39 +68,17 @@ sys.exit('TemplateFlow files missing or ambiguous: ' + ', '.join(bad) if bad els
 
 # --------------------------------------------------------------------------------------------
 # runtime
-FROM ${BASE_IMAGE} AS runtime
-
-ARG BASE_IMAGE
-ARG VERSION=dev
-ARG IMAGE_NAME=scanbridge
-ARG TORCH_VERSION=2.13.0
-ARG TORCH_VARIANT=cpu
-ARG FETCH_TEMPLATES=1
-ARG VCS_REF=unknown
-ARG BUILD_DATE=unknown
-
-LABEL org.opencontainers.image.title="scanbridge" \
-      org.opencontainers.image.description="BIDS App for structural brain MRI that is robust to the scanner and protocol a scan came from" \
-      org.opencontainers.image.version="${VERSION}" \
-      org.opencontainers.image.revision="${VCS_REF}" \
-      org.opencontainers.image.created="${BUILD_DATE}" \
-      org.opencontainers.image.licenses="Apache-2.0" \
-      org.opencontainers.image.base.name="${BASE_IMAGE}" \
-      org.opencontainers.image.ref.name="${IMAGE_NAME}:${VERSION}" \
-      org.scanbridge.torch="${TORCH_VERSION}+${TORCH_VARIANT}" \
-      org.scanbridge.templates-fetched="${FETCH_TEMPLATES}"
+FROM python-env AS runtime
 
 # Unprivileged user; uid/gid 1000 so that `--user 1000:1000` and Kubernetes runAsNonRoot agree.
 RUN groupadd --gid 1000 scanbridge \
     && useradd --uid 1000 --gid 1000 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin scanbridge
 
-COPY --from=builder /opt/scanbridge /opt/scanbridge
 COPY --from=templates /opt/templateflow /opt/templateflow
 
 # Everything that writes at run time is pointed at /tmp so that `--read-only --tmpfs /tmp` works:
 # matplotlib's font cache, nipype's config/telemetry file (~/.nipype), XDG caches (torch hub ...).
-ENV PATH=/opt/scanbridge/bin:$PATH \
-    HOME=/tmp \
+ENV HOME=/tmp \
     TMPDIR=/tmp \
     XDG_CACHE_HOME=/tmp/.cache \
     XDG_CONFIG_HOME=/tmp/.config \
@@ -110,8 +91,29 @@ ENV PATH=/opt/scanbridge/bin:$PATH \
     TEMPLATEFLOW_AUTOUPDATE=0 \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
-    SCANBRIDGE_CONTAINER_TYPE=docker \
-    SCANBRIDGE_CONTAINER_IMAGE="${IMAGE_NAME}:${VERSION}"
+    SCANBRIDGE_CONTAINER_TYPE=docker
+
+ARG BASE_IMAGE
+ARG VERSION=dev
+ARG IMAGE_NAME=scanbridge
+ARG TORCH_VERSION=2.13.0
+ARG TORCH_VARIANT=cpu
+ARG FETCH_TEMPLATES=1
+ARG VCS_REF=unknown
+ARG BUILD_DATE=unknown
+
+# Recorded by the app in dataset_description.json (GeneratedBy.Container).
+ENV SCANBRIDGE_CONTAINER_IMAGE="${IMAGE_NAME}:${VERSION}"
+LABEL org.opencontainers.image.title="scanbridge" \
+      org.opencontainers.image.description="BIDS App for structural brain MRI that is robust to the scanner and protocol a scan came from" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${VCS_REF}" \
+      org.opencontainers.image.created="${BUILD_DATE}" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.base.name="${BASE_IMAGE}" \
+      org.opencontainers.image.ref.name="${IMAGE_NAME}:${VERSION}" \
+      org.scanbridge.torch="${TORCH_VERSION}+${TORCH_VARIANT}" \
+      org.scanbridge.templates-fetched="${FETCH_TEMPLATES}"
 
 USER 1000:1000
 WORKDIR /tmp

@@ -97,11 +97,24 @@ def key_values(rest: str) -> dict[str, str]:
 
 
 def stage_values(stage: dict, word: str) -> dict[str, str]:
+    """ARG/ENV/LABEL values set in one stage."""
     values: dict[str, str] = {}
     for w, rest in stage["instructions"]:
         if w == word:
             values.update(key_values(rest))
     return values
+
+
+def inherited_env(stages: list[dict], stage: dict) -> dict[str, str]:
+    """ENV of a stage including what it inherits from the stages it is built FROM."""
+    by_name = {s["name"]: s for s in stages if s["name"]}
+    chain = [stage]
+    while chain[-1]["from"] in by_name:
+        chain.append(by_name[chain[-1]["from"]])
+    env: dict[str, str] = {}
+    for s in reversed(chain):
+        env.update(stage_values(s, "ENV"))
+    return env
 
 
 @pytest.fixture(scope="module")
@@ -118,25 +131,29 @@ def test_dockerfile_parser_rejects_unfinished_continuation():
 
 def test_base_image_and_stages(docker):
     assert docker["args"]["BASE_IMAGE"] == BASE_IMAGE
-    assert [s["from"] for s in docker["stages"] if s["name"] != "templates"] == ["${BASE_IMAGE}"] * 2
-    names = [s["name"] for s in docker["stages"]]
-    assert names == ["builder", "templates", "runtime"]
+    assert [(s["name"], s["from"]) for s in docker["stages"]] == [
+        ("python-env", "${BASE_IMAGE}"), ("templates", "python-env"), ("runtime", "python-env")]
 
 
 def test_torch_is_cpu_by_default_and_pinned_with_its_variant(docker):
-    builder = docker["stages"][0]
-    args = stage_values(builder, "ARG")
+    env_stage = docker["stages"][0]
+    args = stage_values(env_stage, "ARG")
     assert args["TORCH_VERSION"] == "2.13.0"
     assert args["TORCH_VARIANT"] == "cpu"
     assert args["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/${TORCH_VARIANT}"
-    runs = [rest for w, rest in builder["instructions"] if w == "RUN"]
+    runs = [rest for w, rest in env_stage["instructions"] if w == "RUN"]
     torch_run = next(r for r in runs if "torch==" in r)
     assert "--mount=type=bind,source=wheels" in torch_run
     assert '"torch==${TORCH_VERSION}+${TORCH_VARIANT}"' in torch_run
     # the project install comes after torch and verifies torch was not replaced
-    install = next(r for r in runs if "pip install ." in r)
+    install = next(r for r in runs if "pip install /tmp/src" in r)
     assert runs.index(install) > runs.index(torch_run)
     assert "torch.__version__" in install
+    # the labels of the runtime stage repeat the defaults (ARGs do not cross stages)
+    final_args = stage_values(docker["final"], "ARG")
+    for key in ("TORCH_VERSION", "TORCH_VARIANT"):
+        assert final_args[key] == args[key], key
+    assert final_args["FETCH_TEMPLATES"] == stage_values(docker["stages"][1], "ARG")["FETCH_TEMPLATES"]
 
 
 def test_torch_version_matches_the_project_setup_script(docker):
@@ -149,15 +166,15 @@ def test_torch_version_matches_the_project_setup_script(docker):
     assert stage_values(docker["stages"][0], "ARG")["TORCH_VERSION"] == m.group(1)
 
 
-def test_project_sources_are_copied_and_not_ignored(docker):
+def test_project_sources_are_installed_and_not_ignored(docker):
     if tomllib is None:
         pytest.skip("tomllib needs Python 3.11")
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     packages = {p.rstrip("*") for p in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]}
-    copied = set()
-    for w, rest in docker["stages"][0]["instructions"]:
-        if w == "COPY" and not rest.startswith("--from"):
-            copied.update(rest.split()[:-1])
+    install = next(rest for w, rest in docker["stages"][0]["instructions"]
+                   if w == "RUN" and "pip install /tmp/src" in rest)
+    assert "--mount=type=bind,target=/tmp/context" in install
+    copied = set(re.findall(r"/tmp/context/(\S+)", install))
     readme = pyproject["project"].get("readme")
     assert {"pyproject.toml", *packages} <= copied
     if readme:
@@ -165,14 +182,14 @@ def test_project_sources_are_copied_and_not_ignored(docker):
     ignored = [line.strip() for line in DOCKERIGNORE.read_text().splitlines()
                if line.strip() and not line.startswith("#")]
     for path in sorted(copied | {"wheels"}):
-        assert (ROOT / path).exists(), f"COPY source {path} does not exist"
+        assert (ROOT / path).exists(), f"build source {path} does not exist"
         hits = [pat for pat in ignored if fnmatch.fnmatch(path, pat)]
         assert not hits, f"{path} is excluded from the build context by .dockerignore {hits}"
 
 
 def test_templates_are_fetched_unless_disabled(docker):
     templates = docker["stages"][1]
-    assert templates["from"] == "builder"
+    assert templates["from"] == "python-env"
     assert stage_values(templates, "ARG")["FETCH_TEMPLATES"] == "1"
     env = stage_values(templates, "ENV")
     assert env["TEMPLATEFLOW_AUTOUPDATE"] == "0"
@@ -185,11 +202,13 @@ def test_templates_are_fetched_unless_disabled(docker):
     copies = [rest for w, rest in final["instructions"] if w == "COPY"]
     assert f"--from=templates {env['TEMPLATEFLOW_HOME']} {env['TEMPLATEFLOW_HOME']}" in copies
     assert stage_values(final, "ENV")["TEMPLATEFLOW_HOME"] == env["TEMPLATEFLOW_HOME"]
+    assert "TEMPLATEFLOW_HOME" not in inherited_env(docker["stages"], docker["stages"][0]), \
+        "the fetch must not depend on the project layer's environment"
 
 
 def test_runtime_is_unprivileged_read_only_friendly_and_lean(docker):
     final = docker["final"]
-    env = stage_values(final, "ENV")
+    env = inherited_env(docker["stages"], final)
     for var in RUNTIME_WRITES:
         assert env[var] == "/tmp" or env[var].startswith("/tmp/"), f"{var}={env[var]} is not under /tmp"
     assert env["TEMPLATEFLOW_AUTOUPDATE"] == "0"
@@ -202,9 +221,11 @@ def test_runtime_is_unprivileged_read_only_friendly_and_lean(docker):
     assert workdirs[-1] == "/tmp", "nipype writes crash files to the working directory"
     entry = [rest for w, rest in final["instructions"] if w == "ENTRYPOINT"]
     assert entry == ['["scanbridge"]']
-    runs = " ".join(rest for w, rest in final["instructions"] if w == "RUN")
-    assert "pip install" not in runs and "apt-get install" not in runs, "build tools belong in builder"
-    assert stage_values(docker["stages"][0], "ENV")["PIP_NO_CACHE_DIR"] == "1"
+    image_stages = [s for s in docker["stages"] if s["name"] in {"python-env", "runtime"}]
+    runs = " ".join(rest for s in image_stages for w, rest in s["instructions"] if w == "RUN")
+    assert "apt-get install" not in runs, "no system packages (compilers) in the image"
+    assert env["PIP_NO_CACHE_DIR"] == "1"
+    assert env["PATH"].startswith("/opt/scanbridge/bin:")
 
 
 def test_oci_labels(docker):
@@ -315,7 +336,7 @@ def test_singularity_matches_dockerfile_versions(singularity, docker):
 def test_singularity_environment_matches_dockerfile(singularity, docker):
     body = singularity["sections"]["%environment"]
     exported = set(re.findall(r"export\s+([A-Z_][A-Z0-9_]*)=", body))
-    docker_env = stage_values(docker["final"], "ENV")
+    docker_env = inherited_env(docker["stages"], docker["final"])
     for var in SHARED_ENV:
         assert var in docker_env, f"Dockerfile does not set {var}"
         assert var in exported, f"Singularity.def %environment does not export {var}"
