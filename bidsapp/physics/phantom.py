@@ -60,6 +60,7 @@ import functools
 import itertools
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -403,16 +404,28 @@ def from_icbm152(resolution: float | tuple | None = None) -> Phantom:
     return ph
 
 
+def _nilearn_data_file(name: str) -> str:
+    """Path of a file nilearn ships in ``nilearn/datasets/data`` (found without importing nilearn,
+    whose import takes seconds)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("nilearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError("nilearn is not installed: the ICBM152 anatomy needs it (or use a label map)")
+    path = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" / name
+    if not path.is_file():
+        raise ValueError(f"{path}: nilearn's packaged ICBM152 2009a file is missing")
+    return str(path)
+
+
 @functools.lru_cache(maxsize=1)
 def _icbm152_1mm() -> Phantom:
-    from nilearn import datasets
-
-    def load(path):
-        im = nib.load(path)
+    def load(name):
+        im = nib.load(_nilearn_data_file(name))
         return np.asarray(im.dataobj, dtype=np.float32), im.affine
 
-    gm, aff = load(datasets.GM_MNI152_FILE_PATH)
-    wm, _ = load(datasets.WM_MNI152_FILE_PATH)
+    gm, aff = load("mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz")
+    wm, _ = load("mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz")
     pad = 18  # room for the synthetic skull and scalp (mm)
     sl = _bbox(gm + wm > 0, 2)
     gm = np.pad(gm[sl] / 255.0, pad)

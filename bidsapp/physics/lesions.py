@@ -1,0 +1,129 @@
+"""White-matter hyperintensity-like lesions with exact masks.
+
+Lesions are irregular ellipsoids placed in white matter: *periventricular* ones (caps and bands whose
+centre lies 1.5-5 mm from the ventricles, larger and elongated) and *deep* ones (punctate to confluent
+foci deeper than 8 mm from the ventricles and at least 2.5 mm inside the white matter).  A lesion
+replaces only white matter, so it never spills into the ventricles or cortex; its tissue class
+``lesion`` has longer T1 and T2 and more water (see :mod:`bidsapp.physics.tissues`), so it is bright on
+FLAIR/T2w and dark on T1w.  The lesion fraction per voxel is the overlap of the shape with the voxel
+(a one-voxel ramp across its surface), so lesion volumes and masks stay correct at any resolution.
+
+Public API
+----------
+``LesionSpec(kind, centre_mm, radii_mm, angles_deg, wobble)``  one lesion in world (scanner) mm.
+``sample_lesions(phantom, rng, n_periventricular=None, n_deep=None) -> list[LesionSpec]``
+    defaults draw 2-6 periventricular and 3-11 deep lesions.
+``apply_lesions(phantom, specs, growth=1.0) -> Phantom``  adds (or extends) the ``lesion`` class;
+    ``growth`` scales every radius (lesion progression in follow-ups).
+``add_lesions(phantom, rng, **kw) -> (Phantom, list[LesionSpec])``  both steps.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from .phantom import Phantom, _rotation
+
+
+@dataclass(frozen=True)
+class LesionSpec:
+    kind: str
+    centre_mm: tuple
+    radii_mm: tuple
+    angles_deg: tuple
+    wobble: tuple  # (amplitude, 3 direction weights, phase) of a smooth irregularity of the surface
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "centre_mm": [round(float(c), 2) for c in self.centre_mm],
+                "radii_mm": [round(float(r), 2) for r in self.radii_mm]}
+
+
+def _distances(phantom: Phantom):
+    """Distance (mm) of every voxel to the ventricles and to the nearest non-WM voxel."""
+    vs = phantom.voxel_size
+    wm = phantom.fraction("WM") >= 0.5
+    vent = phantom.fraction("ventricles") >= 0.5
+    d_vent = ndi.distance_transform_edt(~vent, sampling=vs) if vent.any() else np.full(phantom.shape, np.inf)
+    d_wm = ndi.distance_transform_edt(wm, sampling=vs)
+    return wm, d_vent, d_wm
+
+
+def sample_lesions(phantom: Phantom, rng: np.random.Generator, n_periventricular: int | None = None,
+                   n_deep: int | None = None) -> list[LesionSpec]:
+    n_pv = int(rng.integers(2, 7)) if n_periventricular is None else int(n_periventricular)
+    n_dp = int(rng.integers(3, 12)) if n_deep is None else int(n_deep)
+    wm, d_vent, d_wm = _distances(phantom)
+    pools = {
+        "periventricular": np.flatnonzero((wm & (d_vent >= 1.5) & (d_vent <= 5.0)).ravel()),
+        "deep": np.flatnonzero((wm & (d_vent > 8.0) & (d_wm >= 2.5)).ravel()),
+    }
+    specs = []
+    for kind, n in (("periventricular", n_pv), ("deep", n_dp)):
+        pool = pools[kind]
+        if pool.size == 0:
+            continue
+        for _ in range(n):
+            ijk = np.array(np.unravel_index(pool[rng.integers(pool.size)], phantom.shape), float)
+            centre = phantom.affine[:3, :3] @ ijk + phantom.affine[:3, 3]
+            if kind == "periventricular":
+                r = float(np.clip(rng.lognormal(np.log(4.5), 0.35), 2.0, 10.0))
+                radii = (r, r * rng.uniform(0.45, 0.8), r * rng.uniform(1.1, 1.8))
+            else:
+                r = float(np.clip(rng.lognormal(np.log(2.2), 0.4), 1.2, 6.0))
+                radii = (r, r * rng.uniform(0.7, 1.0), r * rng.uniform(0.8, 1.3))
+            wob = (float(rng.uniform(0.05, 0.25)),) + tuple(float(x) for x in rng.normal(0, 1, 3)) + (
+                float(rng.uniform(0, 2 * np.pi)),)
+            specs.append(LesionSpec(kind, tuple(float(c) for c in centre), tuple(float(x) for x in radii),
+                                    tuple(float(a) for a in rng.uniform(-180, 180, 3)), wob))
+    return specs
+
+
+def apply_lesions(phantom: Phantom, specs, growth: float = 1.0) -> Phantom:
+    out = phantom.copy()
+    out.labels = None
+    if "lesion" not in out.classes:
+        k = out.classes.index("WM") + 1 if "WM" in out.classes else len(out.classes)
+        out.fractions = np.insert(out.fractions, k, 0.0, axis=0)
+        out.multipliers = np.insert(out.multipliers, k, 1.0, axis=0)
+        out.classes = out.classes[:k] + ("lesion",) + out.classes[k:]
+    if "WM" not in out.classes or not specs:
+        return out
+    wi, li = out.classes.index("WM"), out.classes.index("lesion")
+    inv = np.linalg.inv(out.affine)
+    vs = np.array(out.voxel_size)
+    step = float(vs.mean())
+    for sp in specs:
+        radii = np.array(sp.radii_mm) * growth
+        reach = radii.max() * 1.35 + 2 * step
+        c_vox = inv[:3, :3] @ np.array(sp.centre_mm) + inv[:3, 3]
+        half = np.ceil(reach / vs).astype(int)
+        lo = np.maximum(np.floor(c_vox).astype(int) - half, 0)
+        hi = np.minimum(np.floor(c_vox).astype(int) + half + 1, out.shape)
+        if np.any(hi <= lo):
+            continue
+        grid = np.stack(np.meshgrid(*[np.arange(a, b) for a, b in zip(lo, hi)], indexing="ij")).reshape(3, -1)
+        world = out.affine[:3, :3] @ grid + out.affine[:3, 3:4] - np.array(sp.centre_mm)[:, None]
+        local = _rotation(sp.angles_deg).T @ world
+        dist = np.linalg.norm(world, axis=0)
+        u = world / np.maximum(dist, 1e-6)
+        amp, wx, wy, wz, ph = sp.wobble
+        bump = 1.0 + amp * np.sin(wx * 2.0 * u[0] + wy * 2.0 * u[1] + wz * 2.0 * u[2] + ph)
+        rho = np.sqrt(((local / radii[:, None]) ** 2).sum(0)) / bump  # 1 on the surface
+        # Signed distance to the surface ~ (1 - rho) * smallest radius; ramp one voxel wide.
+        occ = np.clip((1.0 - rho) * radii.min() / step + 0.5, 0.0, 1.0).astype(np.float32)
+        sl = tuple(slice(a, b) for a, b in zip(lo, hi))
+        occ = occ.reshape(tuple(hi - lo))
+        wm = out.fractions[wi][sl]
+        have = out.fractions[li][sl]
+        take = np.clip(np.minimum(occ - have, wm), 0.0, None)  # only white matter turns into lesion
+        out.fractions[wi][sl] = wm - take
+        out.fractions[li][sl] = have + take
+    out.meta = dict(out.meta, lesions=[s.to_dict() for s in specs], lesion_growth=growth)
+    return out
+
+
+def add_lesions(phantom: Phantom, rng: np.random.Generator, **kw):
+    specs = sample_lesions(phantom, rng, **kw)
+    return apply_lesions(phantom, specs), specs
