@@ -215,3 +215,40 @@ def test_resolve_device():
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="no CUDA"):
             tissue.resolve_device("cuda")
+
+
+# ------------------------------------------------------------------------------------ nipype node
+def test_nipype_node_writes_probseg_dseg_volumes_and_metadata(tmp_path):
+    import nibabel as nib
+
+    from workflows.interfaces.tissue_model import TissueModel
+
+    wdir = tmp_path / "weights"
+    _save_tiny(wdir, "tissue_unet_physics", tissue.N_PARAMS)
+    _save_tiny(wdir, "tissue_unet", 0)
+    img, mask = _blob_volume((24, 22, 20))
+    aff = np.diag([1.5, 1.5, 1.5, 1.0])
+    nib.save(nib.Nifti1Image(img, aff), tmp_path / "t1.nii.gz")
+    nib.save(nib.Nifti1Image(mask.astype(np.uint8), aff), tmp_path / "mask.nii.gz")
+    node = TissueModel(in_file=str(tmp_path / "t1.nii.gz"), mask_file=str(tmp_path / "mask.nii.gz"),
+                       acquisition={"sequence_family": "SPGR", "repetition_time": 0.02, "echo_time": 0.005,
+                                    "flip_angle": 20.0, "field_strength": 3.0},
+                       device="cpu", weights_dir=str(wdir))
+    work = tmp_path / "work"
+    work.mkdir()
+    import os
+    cwd = os.getcwd()
+    os.chdir(work)
+    try:
+        res = node.run()
+    finally:
+        os.chdir(cwd)
+    out = res.outputs
+    assert out.method == "unet-physics"
+    assert len(out.probseg) == 3 and nib.load(out.probseg[1]).shape == img.shape
+    assert nib.load(out.dseg).get_data_dtype() == np.uint8
+    vols = open(out.volumes_tsv).read().splitlines()
+    assert vols[0] == "method\tlabel\tvolume_mm3" and len(vols) == 5 and vols[1].startswith("unet-physics\tCSF")
+    md = out.metadata
+    assert md["Model"]["Sha256"] == registry.load_card("tissue_unet_physics", wdir)["sha256"]
+    assert md["SequenceParametersUsed"]["FlipAngle"] == 20.0 and md["PhysicsFallback"] is None
