@@ -57,6 +57,22 @@ def load_ras(img) -> nib.Nifti1Image:
     return nib.as_closest_canonical(img)
 
 
+class ImageCache:
+    """Load each image once (RAS, data in memory) when several pictures use it; ``None`` stays ``None``."""
+
+    def __init__(self):
+        self._images: dict[str, nib.Nifti1Image] = {}
+
+    def __call__(self, path):
+        if path is None or isinstance(path, nib.spatialimages.SpatialImage):
+            return path
+        key = str(path)
+        if key not in self._images:
+            img = load_ras(path)
+            self._images[key] = nib.Nifti1Image(np.asanyarray(img.dataobj), img.affine)
+        return self._images[key]
+
+
 def resample_like(img, ref: nib.Nifti1Image, order: int = 0) -> nib.Nifti1Image:
     """Bring ``img`` onto ``ref``'s grid (a no-op when they already share it)."""
     img = load_ras(img)
@@ -71,6 +87,9 @@ def robust_window(data: np.ndarray, mask: np.ndarray | None = None,
                   percentiles: tuple[float, float] = (0.5, 99.5)) -> tuple[float, float]:
     """Display range from percentiles of the voxels that matter (inside the mask, else non-zero)."""
     data = np.asarray(data)
+    if data.ndim == 3 and data.size > 4_000_000:  # every other voxel gives the same percentiles, 8x faster
+        data = data[::2, ::2, ::2]
+        mask = None if mask is None else np.asarray(mask)[::2, ::2, ::2]
     if mask is not None and np.any(mask):
         vals = data[np.asarray(mask, bool)]
     else:

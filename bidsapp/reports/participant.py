@@ -360,12 +360,13 @@ def session_section(f: SessionFiles, problems: list[str], template=None, n_slice
     warns: list[str] = []
     errs: list[str] = []
     body = []
+    img = figures.ImageCache()  # each file is decompressed once for all the pictures of the session
     if f.preproc is None:
         errs.append(f"{f.prefix}: no preprocessed T1w (*_desc-preproc_T1w.nii.gz); overlays cannot be drawn")
     else:
         if f.mask is not None:
             body.append(subsection_html("Brain mask", _figure_or_warning(
-                lambda: figures.mask_figure(f.preproc, f.mask, n_slices=n_slices),
+                lambda: figures.mask_figure(img(f.preproc), img(f.mask), n_slices=n_slices),
                 f"Brain mask (red contour) over the preprocessed T1w ({f.preproc.name}).", warns, "brain-mask overlay")))
         else:
             warns.append(f"{f.prefix}: no brain mask (*_desc-brain_mask.nii.gz)")
@@ -376,13 +377,14 @@ def session_section(f: SessionFiles, problems: list[str], template=None, n_slice
             meta = _read_json(_sidecar(path), problems)
             method = _method_name(meta) or name
             body.append(subsection_html(f"Tissue segmentation: {method}", _figure_or_warning(
-                lambda p=path: figures.segmentation_figure(f.preproc, p, f.mask, n_slices=n_slices),
+                lambda p=path: figures.segmentation_figure(img(f.preproc), img(p), img(f.mask), n_slices=n_slices),
                 f"CSF/GM/WM ({path.name}) over the preprocessed T1w; red: brain mask.", warns,
                 f"segmentation overlay {path.name}")))
         body.append(_registration_block(f, problems, warns, template, n_slices))
         for mod, path in f.others.items():
             body.append(subsection_html(f"{mod} to T1w co-registration", _figure_or_warning(
-                lambda p=path: figures.coregistration_figure(p, f.preproc, dseg=f.dseg, mask=f.mask, n_slices=n_slices),
+                lambda p=path: figures.coregistration_figure(img(p), img(f.preproc), dseg=img(f.dseg), mask=img(f.mask),
+                                                             n_slices=n_slices),
                 f"{path.name} with T1w white-matter boundary (red) and brain mask (cyan).", warns,
                 f"{mod} co-registration check")))
     vol_body, vol_warns, _ = _volumes_block(f, problems)
