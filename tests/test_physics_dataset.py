@@ -36,6 +36,10 @@ def test_every_path_is_valid_bids(dataset):
     bad = [str(p.relative_to(dataset)) for p in files if not v.is_bids("/" + str(p.relative_to(dataset)))]
     assert not bad
     assert not [p for p in dataset.rglob("*") if ".tmp" in p.name or "partial" in p.name]
+    from bidsapp.bids.validation import validate_dataset
+
+    report = validate_dataset(dataset)  # the official validator when on PATH, else file-name rules
+    assert report.ok, list(report)
 
 
 def test_pybids_indexes_raw_and_truth(dataset):
