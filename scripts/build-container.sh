@@ -10,6 +10,8 @@
 #                       the app's offline template source serves)
 #   --nprocs N          --nprocs for the participant run (default 2)
 #   --build-only        stop after the build and the --version/--help checks
+#   --singularity       also build Singularity.def's %files/%post with buildah (no Apptainer runtime is
+#                       needed) and run its %environment + %runscript read-only (about 5 more minutes)
 #   --keep              keep the image, storage and data for inspection (default: remove them)
 #
 # Phases: tools (apt-get install of buildah/podman/... when missing), config (private containers
@@ -19,6 +21,7 @@
 # write checks), data (tiny BIDS dataset), participant, group. Timings are printed per phase.
 # Needs about 8 GB free disk at peak. Exit code: 0 all phases passed, 1 otherwise (the failing
 # phase and the tail of its log are printed).
+# shellcheck disable=SC2329  # phase functions are called indirectly, through run_phase and trap
 set -euo pipefail
 
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -27,6 +30,7 @@ TAG=""
 FETCH_TEMPLATES=0
 NPROCS=2
 BUILD_ONLY=0
+SINGULARITY=0
 KEEP=0
 MIN_FREE_GB=${MIN_FREE_GB:-9}
 TORCH_VERSION=$(sed -n 's/^ARG TORCH_VERSION=//p' "$REPO/Dockerfile" | head -n1)
@@ -39,8 +43,9 @@ while [ $# -gt 0 ]; do
         --fetch-templates) FETCH_TEMPLATES=1; shift ;;
         --nprocs) NPROCS=$2; shift 2 ;;
         --build-only) BUILD_ONLY=1; shift ;;
+        --singularity) SINGULARITY=1; shift ;;
         --keep) KEEP=1; shift ;;
-        -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '/^# shellcheck/d; $d; s/^# \{0,1\}//'; exit 0 ;;
         *) echo "build-container.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -361,6 +366,45 @@ phase_group() {
     (cd "$WORK/data/bids" && find . -type f -exec sha256sum {} + | sort) | diff - "$WORK/bids.sha256"
 }
 
+# Singularity.def exercised without Apptainer: %files become COPY, %post runs as one shell script
+# (as Apptainer runs it), %environment and %runscript go where Apptainer puts them. TemplateFlow
+# and the PyTorch index are unreachable in CI, so FETCH_TEMPLATES=0 and the local wheel is served
+# with find-links unless --fetch-templates was given.
+section() { awk -v s="$1" '/^%/ { on = ($1 == s); next } on' "$REPO/Singularity.def"; }
+
+phase_singularity() {
+    local ctx=$WORK/sif-context from
+    rm -rf "$ctx"; mkdir -p "$ctx/.singularity.d/env" "$ctx/wheels"
+    from=$(sed -n 's/^From:[[:space:]]*//p' "$REPO/Singularity.def")
+    section %post >"$ctx/post.sh"
+    if [ "$FETCH_TEMPLATES" = 0 ]; then sed -i 's/^\([[:space:]]*\)FETCH_TEMPLATES=1$/\1FETCH_TEMPLATES=0/' "$ctx/post.sh"; fi
+    section %environment >"$ctx/.singularity.d/env/90-environment.sh"
+    { echo '#!/bin/sh'; section %runscript; } >"$ctx/.singularity.d/runscript"
+    chmod 755 "$ctx/.singularity.d/runscript"
+    cp "$REPO"/wheels/*.whl "$ctx/wheels/" 2>/dev/null || true
+    echo 'find-links = /run/ci-wheels' >>"$WORK/pipconf/pip.conf"
+    {
+        echo "FROM $from"
+        section %files | awk 'NF { print "COPY " $1 " " $2 }'
+        echo "COPY .singularity.d /.singularity.d"
+        echo "RUN --mount=type=bind,source=post.sh,target=/tmp/post.sh /bin/sh -e /tmp/post.sh"
+    } >"$ctx/Containerfile"
+    cat "$ctx/Containerfile"
+    section %files | awk 'NF { print $1 }' | while read -r src; do cp -r "$REPO/$src" "$ctx/"; done
+    local ca=${PIP_CERT:-/etc/ssl/certs/ca-certificates.crt}
+    [ -f "$ca" ] || ca=/etc/ssl/certs/ca-certificates.crt
+    buildah build --isolation chroot --pull=never \
+        -v "$ca:/run/ci-ca/ca-certificates.crt:ro" -v "$WORK/pipconf:/etc/xdg/pip:ro" \
+        -v "$ctx/wheels:/run/ci-wheels:ro" -t localhost/scanbridge-sif-check "$ctx"
+    rm -rf "$ctx"
+    # what `apptainer run --cleanenv img --version` does: source the environment, exec the runscript
+    podman run "${RUN_OPTS[@]}" -e APPTAINER_NAME=scanbridge.sif --entrypoint /bin/sh \
+        localhost/scanbridge-sif-check -c '. /.singularity.d/env/90-environment.sh && env | grep -E "^(SCANBRIDGE|TEMPLATEFLOW|MPLCONFIGDIR|NIPYPE)" && exec /.singularity.d/runscript --version'
+    podman image inspect --format '{{.Size}}' localhost/scanbridge-sif-check \
+        | awk '{ printf "Singularity.def image: %.2f GB\n", $1 / 1e9 }'
+    podman rmi localhost/scanbridge-sif-check
+}
+
 # ---------------------------------------------------------------------------------------------
 cleanup() {
     local rc=$?
@@ -381,31 +425,41 @@ cleanup() {
     df -h "$WORK" | tail -n1 | awk '{ print "disk free after cleanup: " $4 }'
     exit "$rc"
 }
-trap cleanup EXIT
+# The whole run is one function, parsed before it starts and ending in exit: editing this file
+# during a run is safe.
+main() {
+    trap cleanup EXIT
 
-free_gb=$(df -Pk "$WORK" | awk 'NR == 2 { printf "%d", $4 / 1048576 }')
-echo "scanbridge ${VERSION} image build in $WORK (${free_gb} GB free), tag $TAG, FETCH_TEMPLATES=$FETCH_TEMPLATES"
-if [ "$free_gb" -lt "$MIN_FREE_GB" ]; then
-    echo "build-container.sh: need about ${MIN_FREE_GB} GB free under $WORK, have ${free_gb} GB" >&2
-    exit 1
-fi
-[ "$(id -u)" -eq 0 ] || { echo "build-container.sh: run as root (buildah/podman with private storage)" >&2; exit 1; }
+    free_gb=$(df -Pk "$WORK" | awk 'NR == 2 { printf "%d", $4 / 1048576 }')
+    echo "scanbridge ${VERSION} image build in $WORK (${free_gb} GB free), tag $TAG, FETCH_TEMPLATES=$FETCH_TEMPLATES"
+    if [ "$free_gb" -lt "$MIN_FREE_GB" ]; then
+        echo "build-container.sh: need about ${MIN_FREE_GB} GB free under $WORK, have ${free_gb} GB" >&2
+        exit 1
+    fi
+    [ "$(id -u)" -eq 0 ] || { echo "build-container.sh: run as root (buildah/podman with private storage)" >&2; exit 1; }
 
-run_phase tools phase_tools
-run_phase config phase_config
-export_config
-run_phase base phase_base
-rm -f "$WORK/wheel.env"
-run_phase wheel phase_wheel
-# shellcheck disable=SC1091
-if [ -f "$WORK/wheel.env" ]; then . "$WORK/wheel.env"; fi
-run_phase build phase_build
-run_phase smoke phase_smoke
-size=$(podman image inspect --format '{{.Size}}' "$TAG")
-echo "image $TAG: $(awk -v s="$size" 'BEGIN { printf "%.2f GB", s / 1e9 }')"
-if [ "$BUILD_ONLY" = 0 ]; then
-    run_phase data phase_data
-    run_phase participant phase_participant
-    run_phase group phase_group
-fi
-echo "all phases passed"
+    run_phase tools phase_tools
+    run_phase config phase_config
+    export_config
+    run_phase base phase_base
+    rm -f "$WORK/wheel.env"
+    run_phase wheel phase_wheel
+    # shellcheck disable=SC1091
+    if [ -f "$WORK/wheel.env" ]; then . "$WORK/wheel.env"; fi
+    run_phase build phase_build
+    run_phase smoke phase_smoke
+    size=$(podman image inspect --format '{{.Size}}' "$TAG")
+    echo "image $TAG: $(awk -v s="$size" 'BEGIN { printf "%.2f GB", s / 1e9 }')"
+    if [ "$BUILD_ONLY" = 0 ]; then
+        run_phase data phase_data
+        run_phase participant phase_participant
+        run_phase group phase_group
+    fi
+    if [ "$SINGULARITY" = 1 ]; then
+        run_phase singularity phase_singularity
+    fi
+    echo "all phases passed"
+    exit 0  # never return to read further lines of this file
+}
+
+main
