@@ -79,7 +79,6 @@ COPY --from=templates /opt/templateflow /opt/templateflow
 # Everything that writes at run time is pointed at /tmp so that `--read-only --tmpfs /tmp` works:
 # matplotlib's font cache, nipype's config/telemetry file (~/.nipype), XDG caches (torch hub ...).
 ENV HOME=/tmp \
-    TMPDIR=/tmp \
     XDG_CACHE_HOME=/tmp/.cache \
     XDG_CONFIG_HOME=/tmp/.config \
     XDG_DATA_HOME=/tmp/.local/share \
