@@ -220,6 +220,12 @@ def run_participant(opts) -> int:
                         time.time() - t0, report)
         except Exception as exc:
             LOG.error("sub-%s: report could not be written: %s", label, _first_line(exc))
+    for subj in plan.skipped_subjects:  # the report says why nothing was produced
+        try:
+            write_participant_report(opts.output_dir, subj.subject, warnings=list(subj.warnings),
+                                     errors=[reason for _, reason in subj.skipped] or ["no usable T1w image"])
+        except Exception as exc:
+            LOG.error("sub-%s: report could not be written: %s", subj.subject, _first_line(exc))
     if failed:
         LOG.error("finished with errors for: %s", ", ".join(f"sub-{s}" for s in failed))
     if failed or plan.has_problems:

@@ -1,0 +1,102 @@
+"""End to end: simulate a tiny multi-site dataset, run participant and group level as a user would.
+
+One module-scoped run serves every assertion (it is the slowest thing in the default suite).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from bidsapp.cli import EXIT_FAILED, EXIT_OK, main
+from bidsapp.physics.cli import main as simulate
+
+
+def tree_digest(root: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        h.update(str(p.relative_to(root)).encode())
+        if p.is_file():
+            h.update(p.read_bytes())
+            h.update(str(p.stat().st_mtime_ns).encode())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    base = tmp_path_factory.mktemp("e2e")
+    bids, out, work = base / "bids", base / "out", base / "work"
+    assert simulate([str(bids), "--subjects", "3", "--sites", "2", "--sessions", "1",
+                     "--resolution", "4", "--seed", "3"]) == 0
+    # a broken scan: sub-03's T1w truncated mid-file
+    t1w = next((bids / "sub-03").rglob("*_T1w.nii.gz"))
+    t1w.write_bytes(t1w.read_bytes()[:200])
+    digest = tree_digest(bids)
+    args = [str(bids), str(out), "participant", "-w", str(work), "--nprocs", "2", "--omp-nthreads", "1"]
+    t0 = time.time()
+    code = main(args)
+    first = time.time() - t0
+    t0 = time.time()
+    rerun_code = main(args + ["--participant-label", "01"])
+    rerun = time.time() - t0
+    group_code = main([str(bids), str(out), "group", "-w", str(work)])
+    return dict(bids=bids, out=out, work=work, code=code, rerun_code=rerun_code, first=first, rerun=rerun,
+                group_code=group_code, digest=digest, broken=t1w)
+
+
+def test_exit_code_reports_the_broken_subject(run):
+    assert run["code"] == EXIT_FAILED
+    assert run["rerun_code"] == EXIT_OK
+
+
+def test_bids_dir_never_written(run):
+    assert tree_digest(run["bids"]) == run["digest"]
+
+
+def test_derivatives_of_good_subjects(run):
+    out = run["out"]
+    desc = json.loads((out / "dataset_description.json").read_text())
+    assert desc["DatasetType"] == "derivative" and desc["GeneratedBy"][0]["Name"] == "scanbridge"
+    for sub in ("01", "02"):
+        anat = out / f"sub-{sub}" / "ses-1" / "anat"
+        stem = f"sub-{sub}_ses-1"
+        for name in ("desc-preproc_T1w.nii.gz", "desc-brain_mask.nii.gz", "dseg.nii.gz",
+                     "label-GM_probseg.nii.gz", "label-WM_probseg.nii.gz", "label-CSF_probseg.nii.gz",
+                     "desc-volumes_morph.tsv"):
+            assert (anat / f"{stem}_{name}").is_file(), name
+        side = json.loads((anat / f"{stem}_desc-preproc_T1w.json").read_text())
+        assert side["Sources"][0].startswith("bids:raw:sub-")
+        assert list(anat.glob(f"{stem}_from-T1w_to-*_mode-image_xfm.*"))
+        assert (out / f"sub-{sub}.html").is_file()
+    assert not list(out.rglob("*.tmp")), "half-written files left behind"
+
+
+def test_broken_subject_is_reported(run):
+    assert not list(run["out"].glob("sub-03/**/*_dseg.nii.gz"))
+    assert run["broken"].name in (run["out"] / "sub-03.html").read_text()
+
+
+def test_rerun_resumes(run):
+    assert run["rerun"] < run["first"] / 2
+
+
+def test_pybids_indexes_outputs(run):
+    from bids import BIDSLayout
+
+    layout = BIDSLayout(run["out"], validate=False, is_derivative=True)
+    assert set(layout.get_subjects()) >= {"01", "02"}
+    assert layout.get(suffix="dseg", extension=".nii.gz")
+
+
+def test_group_level(run):
+    assert run["group_code"] == EXIT_OK
+    vols = pd.read_csv(run["out"] / "group_volumes.tsv", sep="\t")
+    assert {"participant_id", "GM", "WM", "CSF", "acq_group"} <= set(vols.columns)
+    assert set(vols["participant_id"]) == {"sub-01", "sub-02"}
+    html = (run["out"] / "group.html").read_text()
+    assert "data:image/png;base64" in html
