@@ -263,6 +263,12 @@ def find_template_image(name: str, hints: dict | None = None, template=None) -> 
     if os.environ.get("TEMPLATEFLOW_HOME"):
         roots.append(Path(os.environ["TEMPLATEFLOW_HOME"]))
     roots.append(Path.home() / ".cache" / "templateflow")
+    try:  # the offline ICBM152 seed lives in scanbridge's own cache
+        from bidsapp.templates import resolve_cache_dir
+
+        roots.append(resolve_cache_dir() / "templateflow")
+    except Exception:  # noqa: BLE001 - only a place to look
+        pass
     for root in roots:
         for base in (root / f"tpl-{name}", root):
             hits = sorted(base.glob(f"tpl-{name}_res-01_*T1w.nii*")) + sorted(base.glob(f"tpl-{name}_*T1w.nii*"))
@@ -272,7 +278,13 @@ def find_template_image(name: str, hints: dict | None = None, template=None) -> 
     return None
 
 
-def _template_mask(template: Path) -> Path | None:
+def _template_mask(template: Path, hints: dict | None = None) -> Path | None:
+    """The template's brain mask: named in the template description, else beside the T1w."""
+    for s in _paths_in(hints or {}):
+        if s.endswith((".nii", ".nii.gz")) and "brain_mask" in os.path.basename(s):
+            p = Path(s.replace("file://", ""))
+            if p.exists() and p.parent == template.parent:
+                return p
     base = template.name.split("_T1w")[0].split("_desc-")[0]
     hits = sorted(template.parent.glob(base + "*_desc-brain_mask.nii*"))
     return hits[0] if hits else None
@@ -414,7 +426,9 @@ def _registration_block(f: SessionFiles, problems, warns, template_spec, n_slice
         if template is None:
             warns.append(f"registration check to {tpl} skipped: template image not found on disk")
             continue
-        tmask = _template_mask(template)
+        if isinstance(template_spec, dict):
+            hints = {"template": template_spec, **hints}
+        tmask = _template_mask(template, hints)
 
         def make(tpl=tpl, template=template, tmask=tmask):
             return figures.registration_figure(subject_in_template(f, tpl, template), template,
