@@ -104,22 +104,21 @@ def test_truth_consistent_with_images(dataset):
 
 
 def test_same_seed_same_bytes_and_overwrite(dataset, tmp_path):
+    import shutil
+
     first = _files(dataset)
     out = tmp_path / "again"
     (out / "stale").mkdir(parents=True)
     (out / "stale" / "x.txt").write_text("not ours")
-    assert cli.main([str(out)] + ARGS + ["--overwrite"]) == 2  # a non-simulator folder is never replaced
-    (out / "stale" / "x.txt").unlink()
-    (out / "stale").rmdir()
-    assert cli.main([str(out)] + ARGS) == 0
-    assert _files(out) == first
     assert cli.main([str(out)] + ARGS) == 2  # non-empty: refused
-    args = list(ARGS)
-    args[args.index("--seed") + 1] = "4"
-    assert cli.main([str(out), "--overwrite"] + args) == 0  # a previous simulator output may be replaced
-    other = _files(out)
-    assert other.keys() == first.keys()
-    assert other["sub-01/ses-1/anat/sub-01_ses-1_T1w.nii.gz"] != first["sub-01/ses-1/anat/sub-01_ses-1_T1w.nii.gz"]
+    assert cli.main([str(out)] + ARGS + ["--overwrite"]) == 2  # a non-simulator folder is never replaced
+    assert (out / "stale" / "x.txt").read_text() == "not ours"
+    shutil.rmtree(out)
+    shutil.copytree(dataset, out)
+    (out / "sub-01" / "extra.txt").write_text("left from an earlier run")
+    assert cli.main([str(out)] + ARGS) == 2
+    assert cli.main([str(out)] + ARGS + ["--overwrite"]) == 0  # a previous simulator output is replaced
+    assert _files(out) == first  # same seed, same bytes (and nothing stale left)
 
 
 @pytest.mark.parametrize("bad, needle", [

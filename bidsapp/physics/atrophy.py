@@ -57,10 +57,10 @@ def _depth(frac_inside: np.ndarray, vs) -> np.ndarray:
     return np.where(inside, d, (frac_inside - 0.5) * step).astype(np.float32)
 
 
-def cortical_thinning(phantom: Phantom, fraction: float) -> Phantom:
+def cortical_thinning(phantom: Phantom, fraction: float, _inplace: bool = False) -> Phantom:
     if not 0 <= fraction <= 0.5:
         raise ValueError(f"cortical GM loss must be between 0 and 0.5, got {fraction}")
-    out = phantom.copy()
+    out = phantom if _inplace else phantom.copy()
     out.labels = None
     if fraction == 0 or "GM" not in out.classes or "CSF" not in out.classes:
         return out
@@ -126,4 +126,4 @@ def apply_atrophy(phantom: Phantom, years: float, gm_rate: float = STABLE_RATES[
     if years == 0:
         return phantom.copy()
     out = enlarge_ventricles(phantom, (1.0 + ventricle_rate) ** years - 1.0)
-    return cortical_thinning(out, 1.0 - (1.0 - gm_rate) ** years)
+    return cortical_thinning(out, 1.0 - (1.0 - gm_rate) ** years, _inplace=True)

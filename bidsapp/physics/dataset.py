@@ -36,6 +36,8 @@ interval_years=1.0)``  ``.validate()`` raises ``ValueError`` with a one-line mes
     (``out``, ``files``, ``images``, ``seconds``); ``progress`` is called with one-line messages.
 ``check_output_dir(out, overwrite)``  the refusal rule, usable before any work.
 ``nifti_bytes(img) -> bytes``  deterministic .nii.gz bytes.
+``scanner_image(img) -> Nifti1Image``  rounded int16 copy (raw images are stored like DICOM conversions:
+    integers, receiver gain ~1000 for the brightest brain tissue, so rounding is far below the noise).
 """
 from __future__ import annotations
 
@@ -175,9 +177,17 @@ def plan(config: DatasetConfig) -> list[SubjectPlan]:
 
 # ---------------------------------------------------------------------------------------- writing
 def nifti_bytes(img: nib.Nifti1Image) -> bytes:
-    """Deterministic .nii.gz bytes (no timestamp, no file name in the gzip header)."""
-    level = 1 if np.issubdtype(img.get_data_dtype(), np.floating) else 6
-    return gzip.compress(img.to_bytes(), compresslevel=level, mtime=0)
+    """Deterministic .nii.gz bytes (no timestamp, no file name in the gzip header; fast level 1)."""
+    return gzip.compress(img.to_bytes(), compresslevel=1, mtime=0)
+
+
+def scanner_image(img: nib.Nifti1Image) -> nib.Nifti1Image:
+    """The image as a scanner stores it: rounded to int16 (as DICOM conversions give), same geometry."""
+    data = np.clip(np.rint(np.asarray(img.dataobj)), 0, np.iinfo(np.int16).max).astype(np.int16)
+    out = nib.Nifti1Image(data, img.affine, img.header)
+    out.set_data_dtype(np.int16)
+    out.header.set_slope_inter(1.0, 0.0)
+    return out
 
 
 class _Writer:
@@ -361,7 +371,7 @@ def _write_subject(w, config, sp: SubjectPlan, cache, volumes_rows, long_rows, c
             proto = proto.replace(voxel_size=_voxel_size(proto, config.resolution))
             sim = simulate(anat, proto, np.random.default_rng([config.seed, 2, sp.index, j, k]))
             raw_rel = f"{raw_dir}/{prefix}_{mod}.nii.gz"
-            w.nifti(raw_rel, sim.image)
+            w.nifti(raw_rel, scanner_image(sim.image))
             w.json(f"{raw_dir}/{prefix}_{mod}.json", sim.sidecar())
             source = [f"bids:raw:{raw_rel}"]
             if primary is None:

@@ -215,23 +215,27 @@ class Phantom:
         the fast-exchange limit.  Background voxels are 0.
         """
         tab = self.property_table(field_strength)
-        pd = np.zeros(self.shape, np.float64)
-        rates = np.zeros((3,) + self.shape, np.float64)
+        pd = np.zeros(self.shape, np.float32)
+        rates = np.zeros((3,) + self.shape, np.float32)
         for i in range(len(self.classes)):
             p, t1, t2, t2s = tab[i]
             if p == 0:
                 continue
-            w = self.fractions[i] * p
+            f = self.fractions[i]
+            if not f.any():
+                continue
+            w = f * np.float32(p)
             pd += w
-            rates[0] += w / t1
-            rates[1] += w / t2
-            rates[2] += w / t2s
-        with np.errstate(divide="ignore", invalid="ignore"):
-            r = np.where(pd > 0, rates / np.where(pd > 0, pd, 1), 0.0)
-            inv = np.where(r > 0, 1.0 / np.where(r > 0, r, 1), 0.0)
-        f32 = lambda a: a.astype(np.float32)  # noqa: E731
-        return {"PD": f32(pd), "R1": f32(r[0]), "T1": f32(inv[0]), "R2": f32(r[1]), "T2": f32(inv[1]),
-                "R2star": f32(r[2]), "T2star": f32(inv[2])}
+            for k, t in enumerate((t1, t2, t2s)):
+                rates[k] += w * np.float32(1.0 / t)
+        pos = pd > 0
+        safe = np.where(pos, pd, np.float32(1.0))
+        out = {"PD": pd}
+        for k, (rname, tname) in enumerate((("R1", "T1"), ("R2", "T2"), ("R2star", "T2star"))):
+            r = np.where(pos, rates[k] / safe, np.float32(0.0)).astype(np.float32)
+            out[rname] = r
+            out[tname] = np.where(r > 0, np.float32(1.0) / np.where(r > 0, r, np.float32(1.0)), np.float32(0.0))
+        return out
 
     # ------------------------------------------------------------------ geometry operations
     def to_image(self, array, dtype=None) -> nib.Nifti1Image:
@@ -256,16 +260,8 @@ class Phantom:
             shape = tuple(max(1, int(round(n * o / v))) for n, o, v in zip(self.shape, old_vs, new_vs))
         if shape == self.shape and np.allclose(new_vs, old_vs):
             return self.copy()
-        data = self.fractions
-        for ax in range(3):
-            w = _overlap_matrix(self.shape[ax], old_vs[ax], shape[ax], new_vs[ax])
-            data = _apply_along(data, w, ax + 1)
-        data = _renormalise(data)
-        scale = np.array(new_vs) / np.array(old_vs)
-        aff = self.affine.copy()
-        aff[:3, :3] = self.affine[:3, :3] * scale
-        centre0 = scale / 2.0 - 0.5  # centre of new voxel 0 in old index coordinates
-        aff[:3, 3] = self.affine[:3, :3] @ centre0 + self.affine[:3, 3]
+        data = _resample_maps(lambda c: self.fractions[c], len(self.classes), self.shape, old_vs, shape, new_vs)
+        aff = _scaled_affine(self.affine, np.array(new_vs) / np.array(old_vs))
         meta = dict(self.meta, voxel_size=list(new_vs))
         return Phantom(data, aff, self.classes, self.multipliers.copy(), meta)
 
@@ -312,6 +308,39 @@ def _overlap_matrix(n_in: int, v_in: float, n_out: int, v_out: float) -> sparse.
                 cols.append(j)
                 vals.append(ov / v_out)
     return sparse.csr_matrix((vals, (rows, cols)), shape=(n_out, n_in), dtype=np.float32)
+
+
+def _scaled_affine(affine: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    aff = affine.copy()
+    aff[:3, :3] = affine[:3, :3] * scale
+    centre0 = scale / 2.0 - 0.5  # centre of new voxel 0 in old index coordinates
+    aff[:3, 3] = affine[:3, :3] @ centre0 + affine[:3, 3]
+    return aff
+
+
+def _resample_maps(get_map, n_maps: int, shape_in, vs_in, shape_out, vs_out) -> np.ndarray:
+    """Box-overlap average of ``n_maps`` maps (``get_map(c)``), one at a time to bound memory;
+    integer down-sampling factors use a reshape-mean."""
+    ratio = np.array(vs_out) / np.array(vs_in)
+    k = np.rint(ratio).astype(int)
+    integer = np.allclose(ratio, k, atol=1e-6) and np.all(k >= 1)
+    if not integer:
+        mats = [_overlap_matrix(shape_in[ax], vs_in[ax], shape_out[ax], vs_out[ax]) for ax in range(3)]
+    out = np.empty((n_maps,) + tuple(shape_out), np.float32)
+    for c in range(n_maps):
+        m = get_map(c)
+        if integer:
+            need = np.array(shape_out) * k
+            crop = tuple(slice(0, min(a, b)) for a, b in zip(need, shape_in))
+            buf = np.zeros(tuple(need), np.float32)
+            buf[tuple(slice(0, s_.stop) for s_ in crop)] = m[crop]
+            out[c] = buf.reshape(shape_out[0], k[0], shape_out[1], k[1], shape_out[2], k[2]).mean(axis=(1, 3, 5))
+        else:
+            d = m[None]
+            for ax in range(3):
+                d = _apply_along(d, mats[ax], ax + 1)
+            out[c] = d[0]
+    return _renormalise(out)
 
 
 def _apply_along(data: np.ndarray, w: sparse.csr_matrix, axis: int) -> np.ndarray:
@@ -381,10 +410,16 @@ def from_label_map(img, resolution: float | tuple | None = None, crop: bool = Tr
     idx = lut[lab]
     meta = {"anatomy": os.path.basename(src) if src else "label map",
             "unknown_labels": sorted(int(v) for v in values if int(v) not in LABEL_CLASSES)}
-    ph = Phantom(_one_hot(idx, len(classes)), affine, classes, meta=meta, labels=idx)
-    if resolution is not None:
-        ph = ph.resample(_triple(resolution))
-    return ph
+    if resolution is None:
+        return Phantom(_one_hot(idx, len(classes)), affine, classes, meta=meta, labels=idx)
+    # Straight to the coarser grid, one class at a time (no full-resolution one-hot in memory).
+    tmp = Phantom(np.zeros((1, 1, 1, 1), np.float32), affine, ("background",))
+    new_vs = ras_to_array_axes(_triple(resolution), affine)
+    old_vs = tmp.voxel_size
+    shape = tuple(max(1, int(round(n * o / v))) for n, o, v in zip(idx.shape, old_vs, new_vs))
+    frac = _resample_maps(lambda c: (idx == c).astype(np.float32), len(classes), idx.shape, old_vs, shape, new_vs)
+    aff = _scaled_affine(affine, np.array(new_vs) / np.array(old_vs))
+    return Phantom(frac, aff, classes, meta=dict(meta, voxel_size=list(new_vs)))
 
 
 def _triple(r) -> tuple[float, float, float]:

@@ -159,9 +159,8 @@ def simulate(phantom: Phantom, protocol_or_params, rng: np.random.Generator, *, 
     ref = float(clean[mask].mean()) if mask.any() else float(clean[clean > 0].mean() if (clean > 0).any() else 1.0)
     sigma = ref / float(snr or protocol.snr) if noise else 0.0
     data = add_rician_noise(biased, sigma, rng) if noise else biased.astype(np.float32)
-    truth = grid if grid is not phantom else phantom.copy()
     axcodes = orientation or protocol.orientation
-    truth = truth.reorient(axcodes)
+    truth = grid.reorient(axcodes)  # a new Phantom (a copy when no reorientation is needed)
     data = _reorient_like(data, grid.affine, axcodes)
     field_ = _reorient_like(field_, grid.affine, axcodes)
     img = truth.to_image(data.astype(np.float32))
