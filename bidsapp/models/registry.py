@@ -107,6 +107,22 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def update_card(name: str, updates: dict, weights_dir=None) -> dict:
+    """Merge ``updates`` into a model card (e.g. benchmark ``metrics``) after verifying the weights;
+    the weights and their sha256 are untouched."""
+    _, card = verify(name, weights_dir)
+    protected = {"name", "weights_file", "sha256", "size_bytes"} & set(updates)
+    if protected:
+        raise ValueError(f"update_card cannot change {', '.join(sorted(protected))}")
+    for key, value in updates.items():
+        if isinstance(value, dict) and isinstance(card.get(key), dict):
+            card[key] = {**card[key], **value}
+        else:
+            card[key] = value
+    _atomic_write_bytes(card_path(name, weights_dir), (json.dumps(card, indent=2) + "\n").encode())
+    return card
+
+
 def save_model(name: str, state_dict: dict, card: dict, weights_dir=None) -> dict:
     """Write ``NAME.pt`` and ``NAME.json``; fills ``name``, ``weights_file``, ``sha256`` and returns the card."""
     import torch

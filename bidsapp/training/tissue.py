@@ -209,12 +209,14 @@ def build_subjects(sources, rng, deformations: int, resolution: float) -> list[S
 
 
 # ------------------------------------------------------------------------------------------ images
-def simulate(subject: Subject, acq: dict, rng: np.random.Generator) -> np.ndarray:
+def simulate(subject: Subject, acq: dict, rng: np.random.Generator, snr: float | None = None,
+             bias: float | None = None) -> np.ndarray:
     """Brain-masked T1w image of ``subject`` for acquisition ``acq`` (see :func:`sample_parameters`).
 
     The physics engine's signed pure-tissue signals are mixed by the tissue fractions (magnitude of
     the sum), then a residual smooth bias field (log-field s.d. 0-8 %: what N4 leaves) and Rician
-    noise (SNR 20-120 relative to the mean brain signal at 2 mm, i.e. about 7-40 at 1 mm) are added.
+    noise (SNR 20-120 relative to the mean brain signal at 2 mm, i.e. about 7-40 at 1 mm) are added;
+    ``snr``/``bias`` fix them instead (benchmarks).
     """
     from bidsapp.physics.equations import signal
     from bidsapp.physics.simulator import add_rician_noise, mix_signals
@@ -229,8 +231,10 @@ def simulate(subject: Subject, acq: dict, rng: np.random.Generator) -> np.ndarra
                      dtype=np.float64)
     sig[0] = 0.0
     img = mix_signals(subject.fractions32(), sig)
-    img *= np.exp(float(rng.uniform(0.0, 0.08)) * subject.log_bias(rng))
-    sigma = float(img[subject.mask].mean()) / float(rng.uniform(20, 120))
+    strength = float(rng.uniform(0.0, 0.08)) if bias is None else float(bias)
+    if strength > 0:
+        img *= np.exp(strength * subject.log_bias(rng))
+    sigma = float(img[subject.mask].mean()) / (float(rng.uniform(20, 120)) if snr is None else float(snr))
     return add_rician_noise(img, sigma, rng)
 
 

@@ -1,0 +1,279 @@
+"""Tissue-segmentation benchmark: the physics-informed paper's Tables 1 and 2 side by side with ours.
+
+Held-out simulated subjects (shared label maps ``anat-10``, ``anat-11``, ``anat-12``, never used in
+training) are simulated with the paper's sweeps: ``--points`` MPRAGE TIs evenly spaced over 600-1200 ms
+(121 = the paper's 5 ms step; TD 600 ms, tau 10 ms) and ``--points`` random SPGR settings (TR 15-100 ms,
+TE 4-10 ms, FA 15-75 deg), at 3 T, with fixed mild bias and noise. For each method:
+
+* Dice of GM and WM against the physics gold standard (R1-based, paper 3.1), mean +- s.d. over subjects
+  of each subject's mean over the sweep (Table 1);
+* coefficient of variation of GM and WM volume over the sweep, mean over subjects (Table 2).
+
+Methods: ANTs Atropos (antspyx ``ants.atropos``, k-means initialisation with 3 classes inside the brain
+mask, MRF 0.1; classes named by mean intensity, CSF < GM < WM, as for any T1w; no template priors
+because the held-out phantoms are not registered to a template here), the U-Net without physics and
+the U-Net with physics (shipped weights). Images are simulated at ``--resolution`` mm (default 2 mm,
+the models' working resolution).
+
+``--timing`` adds inference time and peak memory of ``bidsapp.models.tissue.segment`` on a 1 mm
+session (a held-out subject simulated at 1 mm, 2 torch threads, separate process per run).
+
+Writes ``benchmarks/results/tissue.json``; ``--update-cards`` copies the metrics into the model cards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+PAPER_DICE = {  # Table 1: mean (sd)
+    "GIF": {"MPRAGE": {"GM": (0.851, 0.020), "WM": (0.919, 0.009)}, "SPGR": {"GM": (0.916, 0.010), "WM": (0.847, 0.018)}},
+    "Base": {"MPRAGE": {"GM": (0.904, 0.024), "WM": (0.943, 0.012)}, "SPGR": {"GM": (0.946, 0.017), "WM": (0.902, 0.021)}},
+    "Physics": {"MPRAGE": {"GM": (0.910, 0.017), "WM": (0.948, 0.009)}, "SPGR": {"GM": (0.948, 0.019), "WM": (0.907, 0.015)}},
+}
+PAPER_COV = {  # Table 2
+    "GIF": {"MPRAGE": {"GM": 0.00619, "WM": 0.00783}, "SPGR": {"GM": 0.00114, "WM": 0.00091}},
+    "Base": {"MPRAGE": {"GM": 0.00332, "WM": 0.01491}, "SPGR": {"GM": 0.00531, "WM": 0.00160}},
+    "Physics": {"MPRAGE": {"GM": 0.00244, "WM": 0.00405}, "SPGR": {"GM": 0.00425, "WM": 0.00083}},
+}
+OURS = ("atropos", "unet", "unet-physics")
+PAPER_ROW = {"atropos": "GIF", "unet": "Base", "unet-physics": "Physics"}
+FAMILIES = ("MPRAGE", "SPGR")
+TISSUES = ("GM", "WM")
+
+
+def sweep(family: str, n: int, seed: int) -> list[dict]:
+    from bidsapp.training.tissue import MPRAGE_TAU, MPRAGE_TD
+
+    if family == "MPRAGE":
+        return [{"family": "MPRAGE", "TI": float(ti), "td": MPRAGE_TD, "tau": MPRAGE_TAU, "field": 3.0, "B0": 3.0}
+                for ti in np.linspace(0.6, 1.2, n)]
+    rng = np.random.default_rng([seed, 7])
+    return [{"family": "SPGR", "TR": float(rng.uniform(0.015, 0.1)), "TE": float(rng.uniform(0.004, 0.01)),
+             "FA": float(rng.uniform(15, 75)), "field": 3.0, "B0": 3.0} for _ in range(n)]
+
+
+def acquisition_dict(acq: dict) -> dict:
+    if acq["family"] == "MPRAGE":
+        return {"sequence_family": "MPRAGE", "InversionTime": acq["TI"],
+                "RepetitionTimePreparation": acq["TI"] + acq["td"] + acq["tau"], "MagneticFieldStrength": acq["B0"]}
+    return {"sequence_family": "SPGR", "RepetitionTime": acq["TR"], "EchoTime": acq["TE"], "FlipAngle": acq["FA"],
+            "MagneticFieldStrength": acq["B0"]}
+
+
+def heldout_subject(anatomy_dir: Path, name: str, resolution: float, seed: int):
+    from bidsapp.physics import phantom as P
+    from bidsapp.training import tissue as T
+
+    anat = P.load_anatomy(anatomy_dir / f"{name}_dseg.nii.gz", resolution=resolution)
+    return T.make_subjects(anat, name, np.random.default_rng([seed, int(name.split("-")[1])]), 0, resolution)[0]
+
+
+def atropos_dseg(img: np.ndarray, mask: np.ndarray, spacing) -> np.ndarray:
+    import ants
+
+    a = ants.from_numpy(img.astype(np.float32), spacing=tuple(float(s) for s in spacing))
+    m = ants.from_numpy(mask.astype(np.float32), spacing=tuple(float(s) for s in spacing))
+    seg = ants.atropos(a=a, x=m, i="kmeans[3]", m="[0.1,1x1x1]", c="[5,0]", v=0)["segmentation"].numpy()
+    seg = np.rint(seg).astype(np.int16)
+    means = [img[(seg == k) & mask].mean() if ((seg == k) & mask).any() else np.inf for k in (1, 2, 3)]
+    order = np.argsort(means)  # darkest -> CSF
+    out = np.zeros(img.shape, np.uint8)
+    for label, k in enumerate(order, start=1):
+        out[(seg == k + 1) & mask] = label
+    return out
+
+
+def evaluate(args) -> dict:
+    import torch
+
+    from bidsapp.metrics.overlap import coefficient_of_variation, dice
+    from bidsapp.models import tissue
+    from bidsapp.training import tissue as T
+
+    torch.set_num_threads(args.threads)
+    names = list(T.HELDOUT)[: args.subjects]
+    res: dict = {m: {f: {"dice": {t: [] for t in TISSUES}, "cov": {t: [] for t in TISSUES}} for f in FAMILIES}
+                 for m in args.methods}
+    seconds = {m: 0.0 for m in args.methods}
+    for name in names:
+        t0 = time.time()
+        subj = heldout_subject(Path(args.anatomy_dir), name, args.resolution, args.seed)
+        gs = subj.target.astype(np.float32).argmax(0) + 1
+        gs[~subj.mask] = 0
+        vox = float(np.prod(np.linalg.norm(subj.affine[:3, :3], axis=0)))
+        print(f"{name}: phantom {subj.mask.shape} ready in {time.time() - t0:.0f} s", flush=True)
+        for fam in FAMILIES:
+            acqs = sweep(fam, args.points, args.seed)
+            per = {m: {"dice": {t: [] for t in TISSUES}, "vol": {t: [] for t in TISSUES}} for m in args.methods}
+            for i, acq in enumerate(acqs):
+                rng = np.random.default_rng([args.seed, i, int(name.split("-")[1])])
+                img = T.simulate(subj, acq, rng, snr=args.snr, bias=args.bias) * subj.mask
+                for m in args.methods:
+                    t1 = time.time()
+                    if m == "atropos":
+                        seg = atropos_dseg(img, subj.mask, (args.resolution,) * 3)
+                    else:
+                        r = tissue.segment(img, subj.mask, (args.resolution,) * 3, acquisition_dict(acq),
+                                           device=args.device, use_physics=(m == "unet-physics"))
+                        if m == "unet-physics" and r.method != "unet-physics":
+                            raise SystemExit(f"physics model not used for {acq}: {r.fallback_reason}")
+                        seg = r.dseg
+                    seconds[m] += time.time() - t1
+                    for k, t in ((2, "GM"), (3, "WM")):
+                        per[m]["dice"][t].append(dice(seg == k, gs == k))
+                        per[m]["vol"][t].append(float((seg == k).sum()) * vox)
+            for m in args.methods:
+                for t in TISSUES:
+                    res[m][fam]["dice"][t].append(float(np.mean(per[m]["dice"][t])))
+                    res[m][fam]["cov"][t].append(coefficient_of_variation(per[m]["vol"][t]))
+            print(f"  {fam}: " + "; ".join(
+                f"{m} Dice GM {res[m][fam]['dice']['GM'][-1]:.3f} WM {res[m][fam]['dice']['WM'][-1]:.3f} "
+                f"CoV GM {res[m][fam]['cov']['GM'][-1]:.5f} WM {res[m][fam]['cov']['WM'][-1]:.5f}"
+                for m in args.methods), flush=True)
+    summary = {m: {f: {"dice": {t: [float(np.mean(v)), float(np.std(v))] for t, v in res[m][f]["dice"].items()},
+                       "cov": {t: float(np.mean(v)) for t, v in res[m][f]["cov"].items()}}
+                   for f in FAMILIES} for m in args.methods}
+    n_images = len(names) * args.points * len(FAMILIES)
+    return {"subjects": names, "per_subject": res, "summary": summary,
+            "seconds_per_image": {m: seconds[m] / n_images for m in args.methods}}
+
+
+def print_tables(summary: dict) -> None:
+    def row(label, vals):
+        return f"{label:<22}" + "".join(f"{v:>18}" for v in vals)
+
+    print("\nTable 1 - Dice vs physics gold standard (mean +- sd over subjects)")
+    print(row("", [f"{f} {t}" for f in FAMILIES for t in TISSUES]))
+    for name, d in PAPER_DICE.items():
+        print(row(f"paper {name}", [f"{d[f][t][0]:.3f}+-{d[f][t][1]:.3f}" for f in FAMILIES for t in TISSUES]))
+    for m, d in summary.items():
+        print(row(f"ours {m}", [f"{d[f]['dice'][t][0]:.3f}+-{d[f]['dice'][t][1]:.3f}" for f in FAMILIES for t in TISSUES]))
+    print("\nTable 2 - coefficient of variation of volume over the sweep (mean over subjects)")
+    print(row("", [f"{f} {t}" for f in FAMILIES for t in TISSUES]))
+    for name, d in PAPER_COV.items():
+        print(row(f"paper {name}", [f"{d[f][t]:.5f}" for f in FAMILIES for t in TISSUES]))
+    for m, d in summary.items():
+        print(row(f"ours {m}", [f"{d[f]['cov'][t]:.5f}" for f in FAMILIES for t in TISSUES]))
+
+
+# ---------------------------------------------------------------------------------------------- timing
+def _timing_child(path: str, device: str) -> None:
+    import nibabel as nib
+    import torch
+
+    from bidsapp.models import tissue
+
+    torch.set_num_threads(2)
+    img = nib.load(path)
+    mask = nib.load(path.replace("_T1w.nii.gz", "_mask.nii.gz"))
+    t0 = time.perf_counter()
+    r = tissue.segment(np.asarray(img.dataobj, np.float32), np.asarray(mask.dataobj) > 0, img.header.get_zooms(),
+                       {"sequence_family": "MPRAGE", "InversionTime": 0.9, "RepetitionTimePreparation": 1.51,
+                        "MagneticFieldStrength": 3.0}, device=device)
+    dt = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    print(json.dumps({"seconds": dt, "peak_rss_mb": peak, "shape": list(img.shape), "method": r.method}))
+
+
+def timing(args) -> dict:
+    import tempfile
+
+    import nibabel as nib
+
+    from bidsapp.physics import phantom as P
+    from bidsapp.training import tissue as T
+
+    anat = P.load_anatomy(Path(args.anatomy_dir) / f"{T.HELDOUT[0]}_dseg.nii.gz", resolution=None)
+    subj = T.make_subjects(anat, T.HELDOUT[0], np.random.default_rng(args.seed), 0, 1.0)[0]
+    acq = sweep("MPRAGE", 121, args.seed)[60]
+    img = T.simulate(subj, acq, np.random.default_rng(0), snr=30, bias=0.03) * subj.mask
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "sub-01_T1w.nii.gz")
+        nib.save(nib.Nifti1Image(img, subj.affine), path)
+        nib.save(nib.Nifti1Image(subj.mask.astype(np.uint8), subj.affine), path.replace("_T1w", "_mask"))
+        for _ in range(args.timing_runs):
+            env = dict(os.environ, OMP_NUM_THREADS="2")
+            out = subprocess.run([sys.executable, __file__, "--timing-child", path, "--device", args.device],
+                                 capture_output=True, text=True, env=env, check=True)
+            runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    secs = [r["seconds"] for r in runs]
+    mem = [r["peak_rss_mb"] for r in runs]
+    result = {"shape_1mm": runs[0]["shape"], "runs": runs, "median_seconds": float(np.median(secs)),
+              "median_peak_rss_mb": float(np.median(mem)), "threads": 2, "device": args.device}
+    print(f"\n1 mm session {runs[0]['shape']}: inference median {result['median_seconds']:.1f} s, "
+          f"peak RSS median {result['median_peak_rss_mb']:.0f} MB over {len(runs)} runs (target <= 60 s, 3 GB)")
+    return result
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--anatomy-dir", default=os.environ.get("SCANBRIDGE_ANATOMY_DIR", "/work/shared/data/anatomy"))
+    p.add_argument("--points", type=int, default=121, help="acquisitions per sweep (paper: 121)")
+    p.add_argument("--subjects", type=int, default=3, help="how many held-out subjects (max 3)")
+    p.add_argument("--resolution", type=float, default=2.0)
+    p.add_argument("--methods", nargs="+", default=list(OURS), choices=OURS)
+    p.add_argument("--snr", type=float, default=60.0, help="SNR at the simulated resolution")
+    p.add_argument("--bias", type=float, default=0.03, help="residual bias-field log s.d.")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
+    p.add_argument("--timing", action="store_true", help="also time a 1 mm session")
+    p.add_argument("--timing-only", action="store_true")
+    p.add_argument("--timing-runs", type=int, default=3)
+    p.add_argument("--timing-child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--update-cards", action="store_true", help="write the metrics into the model cards")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "tissue.json"))
+    args = p.parse_args(argv)
+    if args.timing_child:
+        _timing_child(args.timing_child, args.device)
+        return 0
+    if not Path(args.anatomy_dir).is_dir():
+        print(f"{args.anatomy_dir}: anatomy folder not found (give --anatomy-dir)", file=sys.stderr)
+        return 2
+    out: dict = {"settings": {k: v for k, v in vars(args).items() if k != "timing_child"}}
+    if not args.timing_only:
+        t0 = time.time()
+        out.update(evaluate(args))
+        out["seconds"] = time.time() - t0
+        print_tables(out["summary"])
+        print(f"\n{len(out['subjects'])} held-out subject(s) x {args.points} acquisitions per sequence at "
+              f"{args.resolution:g} mm; wall {out['seconds'] / 60:.1f} min")
+    if args.timing or args.timing_only:
+        out["timing"] = timing(args)
+    from bidsapp.models import registry, tissue
+
+    out["models"] = {n: registry.load_card(n)["sha256"] for n in (tissue.PHYSICS_MODEL, tissue.BASE_MODEL)}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2))
+    print(f"wrote {args.out}")
+    if args.update_cards and "summary" in out:
+        for m, name in (("unet-physics", tissue.PHYSICS_MODEL), ("unet", tissue.BASE_MODEL)):
+            if m in out["summary"]:
+                metrics = {"benchmark": "benchmarks/tissue/run.py", "heldout_subjects": out["subjects"],
+                           "points_per_sweep": args.points, "resolution_mm": args.resolution,
+                           "dice_vs_physics_gold_standard": {f: {t: out["summary"][m][f]["dice"][t][0] for t in TISSUES}
+                                                             for f in FAMILIES},
+                           "volume_cov": out["summary"][m] and {f: out["summary"][m][f]["cov"] for f in FAMILIES}}
+                if "timing" in out:
+                    metrics["inference_1mm_cpu2_seconds"] = out["timing"]["median_seconds"]
+                    metrics["inference_1mm_peak_rss_mb"] = out["timing"]["median_peak_rss_mb"]
+                registry.update_card(name, {"metrics": metrics})
+        print("model cards updated")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
