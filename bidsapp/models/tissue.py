@@ -35,8 +35,9 @@ the method is reported as ``unet`` instead of ``unet-physics``, and the reason i
 Resolution
 ----------
 The shipped models work at 2 mm isotropic (``card["resolution_mm"]``) so they train and run on a
-CPU: the image and mask are resampled to 2 mm (linear, voxel-edge aligned, after a Gaussian
-anti-alias filter), intensities are z-scored inside the brain mask, the softmax probabilities are
+CPU: the image (multiplied by the mask) and the mask are box-averaged to 2 mm (exact voxel overlaps,
+as the training images' tissue fractions are; the 2 mm mask is where more than half of a voxel is
+brain), intensities are z-scored inside the brain mask, the softmax probabilities are
 computed with MONAI's sliding-window inference and resampled back to the input grid (linear), then
 set to zero outside the mask. dseg is the arg-max inside the mask (CSF=1, GM=2, WM=3).
 """
@@ -278,25 +279,41 @@ def load_model(name: str, device="cpu", weights_dir=None):
 # ---------------------------------------------------------------------------------------------
 # resampling and normalisation
 # ---------------------------------------------------------------------------------------------
-def resample_to(volume: np.ndarray, zooms, target_mm: float, order: int = 1) -> np.ndarray:
-    """Resample a 3D array from voxel size ``zooms`` to isotropic ``target_mm`` (voxel edges aligned)."""
-    from scipy import ndimage
+def resample_to(volume: np.ndarray, zooms, target_mm: float) -> np.ndarray:
+    """Resample a 3D array from voxel size ``zooms`` to isotropic ``target_mm`` over the same field of view.
 
+    Downsampling averages the exact overlap of input and output voxels (what the training images are:
+    box-averaged tissue fractions); upsampling interpolates linearly.
+    """
     zooms = np.asarray(zooms[:3], dtype=float)
     shape = np.maximum(1, np.round(np.asarray(volume.shape) * zooms / target_mm)).astype(int)
-    return resample_shape(volume, shape, order=order, antialias=True, zooms=zooms, target_mm=target_mm)
+    out = np.asarray(volume, dtype=np.float32)
+    for ax in range(3):
+        if shape[ax] < out.shape[ax]:
+            out = _box_average(out, ax, int(shape[ax]))
+    if np.any(np.asarray(out.shape) != shape):
+        out = resample_shape(out, shape, order=1)
+    return out
 
 
-def resample_shape(volume: np.ndarray, shape, order: int = 1, antialias: bool = False,
-                   zooms=None, target_mm=None) -> np.ndarray:
-    """Resample to ``shape`` covering the same field of view (grid_mode: voxel edges aligned)."""
+def _box_average(a: np.ndarray, axis: int, n_out: int) -> np.ndarray:
+    """Average along ``axis`` onto ``n_out`` equal bins spanning the same extent (exact overlaps)."""
+    n_in = a.shape[axis]
+    f = n_in / n_out
+    i = np.arange(n_out)[:, None]
+    j = np.arange(n_in)[None, :]
+    w = (np.clip(np.minimum((i + 1) * f, j + 1) - np.maximum(i * f, j), 0, None) / f).astype(np.float32)
+    moved = np.moveaxis(a, axis, 0)
+    out = w @ moved.reshape(n_in, -1)
+    return np.ascontiguousarray(np.moveaxis(out.reshape((n_out,) + moved.shape[1:]), 0, axis))
+
+
+def resample_shape(volume: np.ndarray, shape, order: int = 1) -> np.ndarray:
+    """Interpolate to ``shape`` covering the same field of view (grid_mode: voxel edges aligned)."""
     from scipy import ndimage
 
     vol = np.asarray(volume, dtype=np.float32)
     factors = np.asarray(shape, dtype=float) / np.asarray(vol.shape, dtype=float)
-    if antialias and np.any(factors < 1):
-        sigma = np.where(factors < 1, np.sqrt(np.maximum((1 / factors) ** 2 - 1, 0)) / 2.355, 0)
-        vol = ndimage.gaussian_filter(vol, sigma, mode="nearest")
     if np.allclose(factors, 1):
         return vol.astype(np.float32, copy=False)
     out = ndimage.zoom(vol, factors, order=order, mode="grid-constant" if order == 0 else "nearest",
