@@ -287,12 +287,13 @@ def overlay_mosaic(background, *, contours: Sequence[tuple] = (), labels=None,
                 _contour(ax, _slice2d(arr, plane, idx)[crop], levels, color, smooth=0.7 if smooth else 0.0)
             # annotations in data coordinates, so they sit on the picture whatever its aspect
             w, h = h1 - h0, v1 - v0
-            ax.text(0, 0, f"{_WORLD[plane]}={_world_coord(bg_img, plane, idx):.0f}", fontsize=7, va="bottom",
+            dx, dy = 0.03 * w, 0.03 * h
+            ax.text(dx, dy, f"{_WORLD[plane]}={_world_coord(bg_img, plane, idx):.0f}", fontsize=7, va="bottom",
                     ha="left", **_TEXT)
             if c == 0:
                 lo, hi = ("P", "A") if plane == "sagittal" else ("L", "R")
-                ax.text(0, h - 1, lo, fontsize=8, va="top", ha="left", **_TEXT)
-                ax.text(w - 1, h - 1, hi, fontsize=8, va="top", ha="right", **_TEXT)
+                ax.text(dx, h - 1 - dy, lo, fontsize=8, va="top", ha="left", **_TEXT)
+                ax.text(w - 1 - dx, h - 1 - dy, hi, fontsize=8, va="top", ha="right", **_TEXT)
         axes[r, 0].text(-0.04, 0.5, plane, color="white", fontsize=9, rotation=90, va="center", ha="right",
                         transform=axes[r, 0].transAxes)
 

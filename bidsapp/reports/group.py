@@ -77,8 +77,9 @@ def acquisition_groups_table(acquisitions_df: pd.DataFrame) -> pd.DataFrame:
         if "session_id" in sub.columns and "participant_id" in sub.columns:
             row["sessions"] = sub[["participant_id", "session_id"]].drop_duplicates().shape[0]
         row["images"] = len(sub)
-        if "protocol" in sub.columns and sub["protocol"].nunique() > 1:
-            row["protocol versions"] = sub["protocol"].nunique()
+        pcol = next((c for c in ("protocol_key", "protocol") if c in sub.columns), None)
+        if pcol and sub[pcol].nunique() > 1:
+            row["protocol versions"] = sub[pcol].nunique()
         rows.append(row)
     return pd.DataFrame(rows)
 

@@ -521,14 +521,15 @@ def _summary_section(subject, files, acq, output_dir, problems, warnings, errors
                 methods.update(pd.read_csv(p, sep="\t", usecols=["method"])["method"].astype(str))
             except Exception:  # noqa: BLE001 - reported by the session section
                 pass
-    groups = sorted(set(acq["Acquisition group"]) - {"n/a"}) if len(acq) else []
+    t1w = acq[acq["Image"] == "T1w"] if len(acq) else acq
+    groups = sorted(set(t1w["Acquisition group"]) - {"n/a"}) if len(t1w) else []
     items = [
         ("subject", f"sub-{subject}"),
         ("sessions", ", ".join(sessions) if sessions else ("none (single-session layout)" if files else "none")),
         ("images processed", ", ".join(f"{k} x{v}" for k, v in images.items() if v) or "none"),
         ("template", ", ".join(templates) or "none found"),
         ("segmentation methods", ", ".join(sorted(methods)) or "none found"),
-        ("acquisition groups", ", ".join(groups) or "n/a"),
+        ("acquisition group (T1w)", ", ".join(groups) or "n/a"),
         ("status", "FAILED" if errors else ("completed with warnings" if warnings else "completed")),
     ]
     return Section(title="Summary", body=kv_table_html(items), warnings=list(warnings), errors=list(errors),
