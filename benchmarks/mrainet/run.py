@@ -1,7 +1,8 @@
 """Reproduce the MRAI-NET paper's experiment (sections 3.1-3.5, Fig. 2) on physics-simulated scans.
 
 Source: 1.5T SPGR (flip 20, TR 13.8 ms, TE 2.8 ms), 4 subjects. Target: 3T SPGR (flip 90, TR 7.9 ms,
-TE 4.5 ms): 1 subject provides the labelled target patches, held-out subjects are the test set.
+TE 4.5 ms): 1 subject provides the labelled target patches, 7 held-out subjects are the test set. The
+proxy A-distance compares the whole source and target datasets (all their scans).
 Experiment "same": every scan is simulated from the shared label maps without bias, noise or partial
 volume (as the paper's Brainweb1.5T -> Brainweb3T). Experiment "harder": the target subjects are other
 anatomies (nilearn ICBM152 and held-out label maps, randomly deformed, with tissue-property variation),
@@ -47,32 +48,39 @@ PAPER = {  # Fig. 2 / section 3.5, simulated data (Brainweb1.5T -> Brainweb3T) a
 
 
 def make_data(kind: str, rng, n_src_per_tissue: int, n_test_subjects: int):
+    """Source dataset: every label map at 1.5T (the first 4 give the labelled source patches). Target dataset:
+    "same": the same label maps at 3T (map 5 labelled, maps 6.. held out); "harder": new subjects at 3T
+    (deformed ICBM152 labelled; deformed ICBM152 and held-out maps as test) with bias, noise and 3 mm slices.
+    The proxy A-distance compares the whole source and target datasets, as in the paper (section 3.2)."""
     paths = anatomy_paths(ANATOMY)
     if len(paths) < 6:
         raise SystemExit(f"needs the shared label maps in {ANATOMY} (set SCANBRIDGE_ANATOMY_DIR)")
-    src_paths, tgt_train, test_paths = paths[:4], paths[4], paths[5:5 + n_test_subjects]
+    n_used = min(len(paths), 5 + n_test_subjects)
     t0 = time.perf_counter()
-    source = [simulate_slices(p, PAPER_SOURCE, rng) for p in src_paths]
+    src_all = [simulate_slices(p, PAPER_SOURCE, rng) for p in paths[:n_used]]
+    source = src_all[:4]
     if kind == "same":
-        target_train = simulate_slices(tgt_train, PAPER_TARGET, rng)
-        tests = [simulate_slices(p, PAPER_TARGET, rng) for p in test_paths]
+        tgt_all = [simulate_slices(p, PAPER_TARGET, rng) for p in paths[:n_used]]
+        target_train, tests = tgt_all[4], tgt_all[5:]
     else:
         hard = dict(deform=True, variation=1.0, bias=True, noise=True, voxel_size=(1.0, 1.0, 3.0))
         target_train = simulate_slices("icbm152", PAPER_TARGET, rng, **hard)
         tests = [simulate_slices("icbm152", PAPER_TARGET, rng, **hard) for _ in range(2)]
-        tests += [simulate_slices(p, PAPER_TARGET, rng, **hard) for p in test_paths[: max(0, n_test_subjects - 2)]]
+        tests += [simulate_slices(p, PAPER_TARGET, rng, **hard) for p in paths[5:5 + max(0, n_test_subjects - 2)]]
+        tgt_all = [target_train] + tests
     sim_s = time.perf_counter() - t0
     xs, ys = zip(*[s.patches(n_src_per_tissue, rng) for s in source])
     src_x, src_y = np.concatenate(xs), np.concatenate(ys)
     pool_x, pool_y = target_train.patches(1000, rng)
     tx, ty = zip(*[s.patches(50, rng) for s in tests])
     test_x, test_y = np.concatenate(tx), np.concatenate(ty)
-    pad_src = np.concatenate([s.brain_patches(1500 // len(source) + 1, rng) for s in source])
-    pad_tgt = np.concatenate([s.brain_patches(1500 // len(tests) + 1, rng) for s in tests])
+    pad_src = np.concatenate([s.brain_patches(1500 // len(src_all) + 1, rng) for s in src_all])
+    pad_tgt = np.concatenate([s.brain_patches(1500 // len(tgt_all) + 1, rng) for s in tgt_all])
     return dict(src_x=src_x, src_y=src_y, pool_x=pool_x, pool_y=pool_y, test_x=test_x, test_y=test_y,
                 pad_src=pad_src, pad_tgt=pad_tgt, simulate_s=sim_s,
                 subjects={"source": [s.name for s in source], "target_labelled": target_train.name,
-                          "target_test": [s.name for s in tests]})
+                          "target_test": [s.name for s in tests], "pad_source": [s.name for s in src_all],
+                          "pad_target": [s.name for s in tgt_all]})
 
 
 def pick_target(pool_x, pool_y, n, rng):

@@ -147,11 +147,15 @@ def run(ctx) -> list:
     t_start = time.perf_counter()
     log = ctx.logger
     out_dir = Path(ctx.output_dir)
-    warnings: list[str] = []
+    warnings: dict[str, list[str]] = {"groups": [], "pad": [], "outliers": [], "mrainet": []}
 
-    def warn(msg: str):
+    def warn(msg: str, kind: str = "mrainet"):
+        """Log a one-line message and keep it for the report section it concerns."""
         log.warning("MRAI-NET: %s", msg)
-        warnings.append(msg)
+        warnings[kind].append(msg)
+
+    def everything() -> list[str]:
+        return [w for ws in warnings.values() for w in ws]
 
     from bidsapp.bids.derivatives import atomic_write_tsv
 
@@ -161,12 +165,12 @@ def run(ctx) -> list:
     groups = sorted(sess["acq_group"].unique())
     if len(groups) < 2:
         warn(f"the dataset has a single acquisition group ({groups[0] if groups else 'none'}): there is no scanner "
-             "effect to learn or measure, so MRAI-NET was not trained")
-        return [rep.groups_section(summary, None, None, warnings)]
+             "effect to learn or measure, so MRAI-NET was not trained", "groups")
+        return [rep.groups_section(summary, None, None, everything())]
 
     labels_dir = _opt(ctx, "labels_dir", None)
     if labels_dir and not Path(labels_dir).is_dir():
-        warn(f"labels directory {labels_dir} does not exist; using the participant-level segmentations")
+        warn(f"labels directory {labels_dir} does not exist; using the participant-level segmentations", "groups")
         labels_dir = None
     n_target = int(_opt(ctx, "target_labels_per_tissue", 10))
     seed = int(_opt(ctx, "seed", 0) or 0)
@@ -191,22 +195,22 @@ def run(ctx) -> list:
     by_group = {g: [f for f in files if f.acq_group == g] for g in groups}
     for g in groups:
         if not by_group[g]:
-            warn(f"acquisition group {g} has no session with usable derivatives; left out")
+            warn(f"acquisition group {g} has no session with usable derivatives; left out", "groups")
     groups = [g for g in groups if by_group[g]]
     if len(groups) < 2:
-        warn("fewer than two acquisition groups have usable derivatives; MRAI-NET was not trained")
-        return [rep.groups_section(summary, None, None, warnings)]
+        warn("fewer than two acquisition groups have usable derivatives; MRAI-NET was not trained", "groups")
+        return [rep.groups_section(summary, None, None, everything())]
     manual_counts = {g: sum(f.manual is not None for f in by_group[g]) for g in groups}
     if labels_dir and not any(manual_counts.values()):
         warn(f"no manual labels in {labels_dir} match the sessions (expected "
-             "sub-<label>/[ses-<label>/]anat/*_dseg.nii.gz); using the participant-level segmentations")
+             "sub-<label>/[ses-<label>/]anat/*_dseg.nii.gz); using the participant-level segmentations", "groups")
     use_manual = any(manual_counts.values())
     labelled = manual_counts if use_manual else {g: sum(f.dseg is not None for f in by_group[g]) for g in groups}
     source = choose_source_group(labelled, {g: len(by_group[g]) for g in groups})
     if source is None:
         warn("no acquisition group has labels (no participant-level dseg and no manual labels); MRAI-NET was "
-             "not trained")
-        return [rep.groups_section(summary, None, None, warnings)]
+             "not trained", "groups")
+        return [rep.groups_section(summary, None, None, everything())]
     dom = {g: i for i, g in enumerate([source] + [g for g in groups if g != source])}
     log.info("MRAI-NET: %d sessions in %d groups; source group %s", len(files), len(groups), source)
 
@@ -249,18 +253,19 @@ def run(ctx) -> list:
             label_rows.append({"acq_group": g, "role": "source" if d == 0 else "target", "tissue": name,
                                "n_patches": int(len(idx)), "asked": asked})
             if len(idx) < asked:
-                warn(f"group {g}: {len(idx)} labelled {name} patches, fewer than the {asked} asked for")
+                warn(f"group {g}: {len(idx)} labelled {name} patches, fewer than the {asked} asked for", "groups")
     patches, tissues, domains = patches[keep], tissues[keep], domains[keep]
     labels_df = pd.DataFrame(label_rows)
     atomic_write_tsv(out_dir / "group_mrainet_labels.tsv", labels_df)
     for g, d in dom.items():
         if d != 0 and not (domains == d).any():
             warn(f"group {g} has no usable labels (no voxel with probseg > {HIGH_CONFIDENCE} and no manual labels); "
-                 "it is mapped by MRAI-NET but not aligned to the others")
+                 "it is mapped by MRAI-NET but not aligned to the others", "groups")
     src_classes = set(tissues[domains == 0].tolist())
     if len(src_classes) < 2:
-        warn(f"the source group {source} has labelled patches of fewer than two tissues; MRAI-NET was not trained")
-        return [rep.groups_section(summary, source, labels_df, warnings)]
+        warn(f"the source group {source} has labelled patches of fewer than two tissues; MRAI-NET was not trained",
+             "groups")
+        return [rep.groups_section(summary, source, labels_df, everything())]
 
     # -- train
     from bidsapp.training.mrainet import TrainSettings, featurize, fit_linear_classifier, train_mrainet
@@ -306,13 +311,10 @@ def run(ctx) -> list:
     ev_d = np.concatenate(col.eval_domain)
     ev_f = featurize(model, ev_p)
     names = {d: g for g, d in dom.items()}
-    pad_warn = []
     for d, g in names.items():
         n = int((ev_d == d).sum())
         if n < pad_n:
-            pad_warn.append(f"group {g}: {n} brain patches for the proxy A-distance, fewer than the {pad_n} asked for")
-    for m in pad_warn:
-        warn(m)
+            warn(f"group {g}: {n} brain patches for the proxy A-distance, fewer than the {pad_n} asked for", "pad")
     t_pad = time.perf_counter()
     order = [names[d] for d in sorted(names)]
     before = pad_matrix({names[d]: ev_p[ev_d == d] for d in sorted(names)}, n=pad_n, seed=seed)
@@ -353,13 +355,11 @@ def run(ctx) -> list:
     }
     log.info("MRAI-NET: done in %.1f s", total)
     return [
-        rep.groups_section(summary, source, labels_df, [w for w in warnings if "labelled" in w or "labels" in w]),
-        rep.pad_section(before, after, order, pad_warn),
+        rep.groups_section(summary, source, labels_df, warnings["groups"]),
+        rep.pad_section(before, after, order, warnings["pad"]),
         rep.embedding_section(emb),
-        rep.outliers_section(sessions_df, [w for w in warnings if "outlier" in w or "stand out" in w]),
-        rep.mrainet_section(info, res.losses, agreement,
-                            [w for w in warnings if "labelled" not in w and "labels" not in w
-                             and w not in pad_warn and "stand out" not in w]),
+        rep.outliers_section(sessions_df, warnings["outliers"]),
+        rep.mrainet_section(info, res.losses, agreement, warnings["mrainet"]),
     ]
 
 
@@ -568,7 +568,7 @@ def _outliers(df: pd.DataFrame, warn) -> pd.DataFrame:
     df["feature_z"] = _robust_z(dist)
     reasons = [[] for _ in range(len(df))]
     if len(df) < 5:
-        warn(f"only {len(df)} sessions: too few to say which stand out")
+        warn(f"only {len(df)} sessions: too few to say which stand out", "outliers")
         df["outlier"] = False
         df["reason"] = ""
         return df
