@@ -13,6 +13,7 @@
 #   --singularity       also build Singularity.def's %files/%post with buildah (no Apptainer runtime is
 #                       needed) and run its %environment + %runscript read-only (about 5 more minutes)
 #   --keep              keep the image, storage and data for inspection (default: remove them)
+#   --reuse             use the image a previous --keep run left in --work instead of rebuilding it
 #
 # Phases: tools (apt-get install of buildah/podman/... when missing), config (private containers
 # storage/config under --work), base (python:3.11-slim-bookworm, pulled when a registry is reachable,
@@ -32,6 +33,7 @@ NPROCS=2
 BUILD_ONLY=0
 SINGULARITY=0
 KEEP=0
+REUSE=0
 MIN_FREE_GB=${MIN_FREE_GB:-9}
 TORCH_VERSION=$(sed -n 's/^ARG TORCH_VERSION=//p' "$REPO/Dockerfile" | head -n1)
 BASE_IMAGE=docker.io/library/python:3.11-slim-bookworm
@@ -45,6 +47,7 @@ while [ $# -gt 0 ]; do
         --build-only) BUILD_ONLY=1; shift ;;
         --singularity) SINGULARITY=1; shift ;;
         --keep) KEEP=1; shift ;;
+        --reuse) REUSE=1; shift ;;
         -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '/^# shellcheck/d; $d; s/^# \{0,1\}//'; exit 0 ;;
         *) echo "build-container.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
@@ -80,25 +83,40 @@ summary() {
     printf '%-13s  %7s\n' "total" "$(elapsed "$T0" "$(now)")"
 }
 
-# run_phase NAME FUNCTION: runs FUNCTION with its output in $LOGS/NAME.log, records time and result.
+# run_phase NAME FUNCTION: runs FUNCTION with its output in $LOGS/NAME.log and records its time and
+# result; LAST_RC holds its exit status. It always returns 0 and must be called as a plain command
+# (not in `if`, `&&` or `||`), or bash would ignore `set -e` inside the phase.
+LAST_RC=0
+FAILED=()
 run_phase() {
-    local name=$1 fn=$2 start rc=0
+    local name=$1 fn=$2 start
     CURRENT=$name
+    LAST_RC=0
     start=$(now)
     echo "== $name"
     # A background subshell keeps `set -e` in force inside the phase (it is ignored in `f || ...`).
     ( set -e; "$fn" ) >"$LOGS/$name.log" 2>&1 &
-    wait $! || rc=$?
+    wait $! || LAST_RC=$?
     PHASES+=("$name"); TIMES+=("$(elapsed "$start" "$(now)")")
-    if [ "$rc" -eq 0 ]; then
+    if [ "$LAST_RC" -eq 0 ]; then
         STATES+=("ok")
         echo "   ok (${TIMES[-1]} s)"
     else
-        STATES+=("FAILED (exit $rc)")
-        echo "   FAILED after ${TIMES[-1]} s (exit $rc); last lines of $LOGS/$name.log:" >&2
+        STATES+=("FAILED (exit $LAST_RC)")
+        FAILED+=("$name")
+        echo "   FAILED after ${TIMES[-1]} s (exit $LAST_RC); last lines of $LOGS/$name.log:" >&2
         tail -n 40 "$LOGS/$name.log" | sed 's/^/   | /' >&2
-        return "$rc"
     fi
+}
+
+skip_phase() {
+    PHASES+=("$1"); TIMES+=("-"); STATES+=("skipped ($2)")
+    echo "== $1: skipped ($2)"
+}
+
+# Stop here when the last phase failed (later phases need its result).
+require_ok() {
+    if [ "$LAST_RC" -ne 0 ]; then exit 1; fi
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -438,25 +456,34 @@ main() {
     fi
     [ "$(id -u)" -eq 0 ] || { echo "build-container.sh: run as root (buildah/podman with private storage)" >&2; exit 1; }
 
-    run_phase tools phase_tools
-    run_phase config phase_config
+    run_phase tools phase_tools; require_ok
+    run_phase config phase_config; require_ok
     export_config
-    run_phase base phase_base
+    run_phase base phase_base; require_ok
     rm -f "$WORK/wheel.env"
-    run_phase wheel phase_wheel
+    run_phase wheel phase_wheel; require_ok
     # shellcheck disable=SC1091
     if [ -f "$WORK/wheel.env" ]; then . "$WORK/wheel.env"; fi
-    run_phase build phase_build
-    run_phase smoke phase_smoke
+    if [ "$REUSE" = 1 ] && podman image exists "$TAG"; then
+        skip_phase build "reusing $TAG"
+    else
+        run_phase build phase_build; require_ok
+    fi
     size=$(podman image inspect --format '{{.Size}}' "$TAG")
     echo "image $TAG: $(awk -v s="$size" 'BEGIN { printf "%.2f GB", s / 1e9 }')"
+    run_phase smoke phase_smoke; require_ok
+    # The app phases depend on each other; the Singularity check does not depend on them.
     if [ "$BUILD_ONLY" = 0 ]; then
         run_phase data phase_data
-        run_phase participant phase_participant
-        run_phase group phase_group
+        if [ "$LAST_RC" -eq 0 ]; then run_phase participant phase_participant; else skip_phase participant "no data"; fi
+        if [ "$LAST_RC" -eq 0 ]; then run_phase group phase_group; else skip_phase group "participant level failed"; fi
     fi
     if [ "$SINGULARITY" = 1 ]; then
         run_phase singularity phase_singularity
+    fi
+    if [ ${#FAILED[@]} -gt 0 ]; then
+        echo "failed phases: ${FAILED[*]}"
+        exit 1
     fi
     echo "all phases passed"
     exit 0  # never return to read further lines of this file
