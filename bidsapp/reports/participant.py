@@ -87,13 +87,9 @@ class SessionFiles:
 
 
 def _sidecar(path: Path | None) -> Path | None:
-    if path is None:
-        return None
-    name = path.name
-    for ext in (".nii.gz", ".nii", ".tsv", ".mat", ".h5", ".txt"):
-        if name.endswith(ext):
-            return path.with_name(name[: -len(ext)] + ".json")
-    return path.with_suffix(".json")
+    from bidsapp.bids.derivatives import sidecar_path
+
+    return None if path is None else sidecar_path(path)
 
 
 def collect_session_files(output_dir: Path, subject: str, problems: list[str] | None = None) -> list[SessionFiles]:
