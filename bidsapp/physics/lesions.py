@@ -81,13 +81,14 @@ def sample_lesions(phantom: Phantom, rng: np.random.Generator, n_periventricular
 
 
 def apply_lesions(phantom: Phantom, specs, growth: float = 1.0) -> Phantom:
-    out = phantom.copy()
-    out.labels = None
-    if "lesion" not in out.classes:
-        k = out.classes.index("WM") + 1 if "WM" in out.classes else len(out.classes)
-        out.fractions = np.insert(out.fractions, k, 0.0, axis=0)
-        out.multipliers = np.insert(out.multipliers, k, 1.0, axis=0)
-        out.classes = out.classes[:k] + ("lesion",) + out.classes[k:]
+    if "lesion" not in phantom.classes:  # insert the class (one new array, no extra copy)
+        k = phantom.classes.index("WM") + 1 if "WM" in phantom.classes else len(phantom.classes)
+        out = Phantom(np.insert(phantom.fractions, k, 0.0, axis=0), phantom.affine.copy(),
+                      phantom.classes[:k] + ("lesion",) + phantom.classes[k:],
+                      np.insert(phantom.multipliers, k, 1.0, axis=0), dict(phantom.meta))
+    else:
+        out = phantom.copy()
+        out.labels = None
     if "WM" not in out.classes or not specs:
         return out
     wi, li = out.classes.index("WM"), out.classes.index("lesion")

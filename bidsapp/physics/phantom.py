@@ -20,8 +20,9 @@ Anatomies
   ganglia/thalami (|x| < 32, -40 < y < 28, -16 < z < 22 mm) and deeper than 18 mm is ``deep_GM``;
   the probabilities are sharpened (power 2, renormalised) because population maps are blurrier than
   one brain.  The packaged T1 template is brain-only, so the head is a layered shell by distance d
-  outside the intracranial volume: skull 0-1.5 mm, diploe fat 1.5-4, skull 4-6, subcutaneous fat
-  6-8.5, muscle 8.5-11, skin 11-13 mm (fractions from the overlap of each voxel with each layer).
+  outside the intracranial volume: inner table 0-2.5 mm, diploe (half marrow fat, half bone) 2.5-5,
+  outer table 5-6.5, subcutaneous fat 6.5-9, muscle 9-11.5, skin 11.5-13.5 mm (fractions from the
+  overlap of each voxel with each layer).
 
 Public API
 ----------
@@ -272,10 +273,14 @@ class Phantom:
         tr = nib.orientations.ornt_transform(cur, tgt)
         if np.array_equal(tr, [[0, 1], [1, 1], [2, 1]]):
             return self.copy()
-        data = np.stack([nib.orientations.apply_orientation(f, tr) for f in self.fractions])
+        first = nib.orientations.apply_orientation(self.fractions[0], tr)
+        data = np.empty((len(self.classes),) + first.shape, np.float32)  # filled class by class: low peak memory
+        data[0] = first
+        for c in range(1, len(self.classes)):
+            data[c] = nib.orientations.apply_orientation(self.fractions[c], tr)
         aff = self.affine @ nib.orientations.inv_ornt_aff(tr, self.shape)
         lab = None if self.labels is None else np.ascontiguousarray(nib.orientations.apply_orientation(self.labels, tr))
-        return Phantom(np.ascontiguousarray(data), aff, self.classes, self.multipliers.copy(), dict(self.meta), lab)
+        return Phantom(data, aff, self.classes, self.multipliers.copy(), dict(self.meta), lab)
 
     def crop(self, margin_mm: float = 4.0) -> "Phantom":
         """Smallest box holding all non-background tissue plus ``margin_mm``."""
@@ -498,11 +503,11 @@ def _icbm152_1mm() -> Phantom:
     # volume, by distance from it (mm): inner table, diploe (marrow fat), outer table, subcutaneous
     # fat, muscle/galea, skin.  Each voxel gets the overlap of [d - 0.5, d + 0.5] with each layer.
     nonbrain = np.clip(1.0 - icv, 0, 1)
-    layers = (("skull", 0.0, 1.5), ("fat", 1.5, 4.0), ("skull", 4.0, 6.0), ("fat", 6.0, 8.5),
-              ("muscle", 8.5, 11.0), ("skin", 11.0, 13.0))
+    layers = (("skull", 0.0, 2.5, 1.0), ("fat", 2.5, 5.0, 0.5), ("skull", 2.5, 5.0, 0.5), ("skull", 5.0, 6.5, 1.0),
+              ("fat", 6.5, 9.0, 1.0), ("muscle", 9.0, 11.5, 1.0), ("skin", 11.5, 13.5, 1.0))
     shell = {}
-    for name, lo, hi in layers:
-        w = np.clip(np.minimum(outside + 0.5, hi) - np.maximum(outside - 0.5, lo), 0, 1) * nonbrain
+    for name, lo, hi, share in layers:
+        w = np.clip(np.minimum(outside + 0.5, hi) - np.maximum(outside - 0.5, lo), 0, 1) * nonbrain * share
         shell[name] = shell.get(name, 0) + w
     classes = ("background", "CSF", "ventricles", "GM", "deep_GM", "WM", "skin", "muscle", "fat", "skull")
     maps = [None, csf, vent, gm, deep, wm, shell["skin"], shell["muscle"], shell["fat"], shell["skull"]]

@@ -150,8 +150,9 @@ _TISSUE_LIST = [
     # Fat (subcutaneous, marrow, orbital): T1 [G04] 343/382 ms, T2 [G04] 58/68 ms; 7T est.
     Tissue("fat", 0, False, 0.90, _t(0.343, 0.382, 0.58), _t(0.058, 0.068, 0.050), _t(0.040, 0.030, 0.020),
            _NONBRAIN_CV),
-    # Cortical bone: very little mobile water and sub-millisecond T2 (est.): dark in every sequence.
-    Tissue("skull", 0, False, 0.10, _t(0.25, 0.30, 0.40), _t(0.001, 0.001, 0.001), _t(0.0005, 0.0004, 0.0003),
+    # Cortical bone: most of its water has T2* < 1 ms, so the PD visible at echo times of milliseconds is
+    # tiny (est.); this keeps bone dark also in eq. 2, which has no T2* term.
+    Tissue("skull", 0, False, 0.02, _t(0.25, 0.30, 0.40), _t(0.001, 0.001, 0.001), _t(0.0005, 0.0004, 0.0003),
            _NONBRAIN_CV),
     # Vitreous humour: nearly free water, close to CSF (est.).
     Tissue("eye", 0, False, 0.98, _t(3.60, 3.90, 4.20), _t(1.00, 0.90, 0.60), _t(0.25, 0.15, 0.08), _NONBRAIN_CV),
