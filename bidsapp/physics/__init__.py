@@ -14,3 +14,9 @@ Modules (each documents its public API in its docstring):
 - ``lesions``, ``atrophy``, ``qmri``, ``dataset``, ``cli``: lesion and atrophy models, synthesis from
   BIDS qMRI maps, and the ``scanbridge-simulate`` dataset writer.
 """
+
+from .equations import flair, mprage, signal, spgr, spin_echo  # noqa: E402,F401
+from .gold_standard import physics_gold_standard  # noqa: E402,F401
+from .phantom import Phantom, from_icbm152, from_label_map, make_subject, sphere_phantom  # noqa: E402,F401
+from .protocols import PROTOCOLS, SITES, Protocol, get_protocol  # noqa: E402,F401
+from .simulator import Simulation, simulate, simulate_torch  # noqa: E402,F401

@@ -12,7 +12,7 @@ Layout (BIDS 1.9; derivatives in BIDS-Derivatives naming)::
 
     OUT/dataset_description.json  README  participants.tsv/.json  (site, age, sex, trajectory, anatomy)
     OUT/sub-01/sub-01_sessions.tsv/.json   (age, years_since_baseline, site, scanner, protocol)
-    OUT/sub-01/ses-1/anat/sub-01_ses-1_T1w.nii.gz + .json   (and _FLAIR, _T2w, _PDw)
+    OUT/sub-01/ses-1/anat/sub-01_ses-1_T1w.nii.gz + .json   (and _FLAIR, _T2w, _PDw; int16 like a scanner)
     OUT/derivatives/truth/dataset_description.json  volumes.tsv  longitudinal.tsv
     OUT/derivatives/truth/sub-01/ses-1/anat/  on the grid of the first modality (T1w if present):
         sub-01_ses-1_desc-brain_mask  label-{CSF,GM,WM}_probseg  dseg (+ dseg.tsv: 1 CSF, 2 GM, 3 WM)

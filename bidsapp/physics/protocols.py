@@ -203,6 +203,16 @@ class Protocol:
                 sc["RepetitionTimeExcitation"] = self.echo_spacing
         elif self.sequence == "SPGR":
             sc["RepetitionTimeExcitation"] = self.tr
+        if self.acquisition == "2D":
+            sc["SpacingBetweenSlices"] = self.slice_thickness
+        if self.sequence in ("TSE", "FLAIR"):
+            sc["EchoTrainLength"] = 16
+        if self.sequence in ("SPGR", "MPRAGE"):
+            sc["SpoilingState"] = True
+        sc["ParallelReductionFactorInPlane"] = 2 if self.field_strength >= 3 else 1
+        sc["ReceiveCoilName"] = _COILS.get(self.manufacturer, "Head")
+        sc["BodyPartExamined"] = "BRAIN"
+        sc["PatientPosition"] = "HFS"
         sc["ImageType"] = ["ORIGINAL", "PRIMARY", "M", "ND", "NORM"]
         sc["ConversionSoftware"] = "scanbridge-simulate"
         # Simulation-only values, so a consumer can reproduce the image from the truth maps.
@@ -218,6 +228,9 @@ class Protocol:
         if self.sequence != "MPRAGE":
             del sc["SimulationParameters"]["DelayTime"], sc["SimulationParameters"]["SliceImagingTime"]
         return sc
+
+
+_COILS = {"Siemens": "HeadNeck_20", "GE": "8HRBRAIN", "Philips": "SENSE-Head-8"}
 
 
 def _default_pulse_type(seq: str) -> str:
