@@ -83,6 +83,7 @@ def heldout_subject(anatomy_dir: Path, name: str, resolution: float, seed: int):
 def atropos_dseg(img: np.ndarray, mask: np.ndarray, spacing) -> np.ndarray:
     import ants
 
+    img = img / max(float(img[mask].mean()), 1e-12) * 100.0  # scanner-like range (Atropos rejects tiny variances)
     a = ants.from_numpy(img.astype(np.float32), spacing=tuple(float(s) for s in spacing))
     m = ants.from_numpy(mask.astype(np.float32), spacing=tuple(float(s) for s in spacing))
     seg = ants.atropos(a=a, x=m, i="kmeans[3]", m="[0.1,1x1x1]", c="[5,0]", v=0)["segmentation"].numpy()
