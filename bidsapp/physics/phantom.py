@@ -438,9 +438,10 @@ def _triple(r) -> tuple[float, float, float]:
 
 def from_icbm152(resolution: float | tuple | None = None) -> Phantom:
     """Phantom from nilearn's packaged ICBM152 2009a maps (see the module docstring for how)."""
-    ph = _icbm152_1mm().copy()
-    if resolution is not None:
-        ph = ph.resample(_triple(resolution))
+    res = None if resolution is None else _triple(resolution)
+    # Coarse requests start from a template built at 2 mm (8x less work than 1 mm).
+    ph = _icbm152(2 if res is not None and min(res) >= 2 else 1)
+    ph = ph.copy() if res is None or np.allclose(res, ph.voxel_size) else ph.resample(res)
     return ph
 
 
@@ -458,8 +459,16 @@ def _nilearn_data_file(name: str) -> str:
     return str(path)
 
 
-@functools.lru_cache(maxsize=1)
-def _icbm152_1mm() -> Phantom:
+def _block_mean(a: np.ndarray, k: int) -> np.ndarray:
+    shape = tuple(-(-n // k) * k for n in a.shape)
+    buf = np.zeros(shape, np.float32)
+    buf[tuple(slice(0, n) for n in a.shape)] = a
+    return buf.reshape(shape[0] // k, k, shape[1] // k, k, shape[2] // k, k).mean(axis=(1, 3, 5))
+
+
+@functools.lru_cache(maxsize=2)
+def _icbm152(step: int) -> Phantom:
+    """The template phantom at ``step`` mm (1 or 2); morphology always runs on a 2 mm grid."""
     def load(name):
         im = nib.load(_nilearn_data_file(name))
         return np.asarray(im.dataobj, dtype=np.float32), im.affine
@@ -478,17 +487,22 @@ def _icbm152_1mm() -> Phantom:
     with np.errstate(invalid="ignore", divide="ignore"):
         scale = np.where(s2 > 0, tot / np.where(s2 > 0, s2, 1), 0)
     gm, wm = (gm2 * scale).astype(np.float32), (wm2 * scale).astype(np.float32)
+    if step > 1:
+        gm, wm = _block_mean(gm, step), _block_mean(wm, step)
+        aff = _scaled_affine(aff, np.full(3, float(step)))
     tissue = gm + wm
-    # Morphology on a 2 mm copy (8x fewer voxels), brought back with linear interpolation.
-    core = (_resize(ndi.binary_fill_holes(ndi.binary_closing(_half(tissue > 0.5), iterations=2)), gm.shape) > 0.5)
+    # Morphology on a 2 mm grid (8x fewer voxels than 1 mm), brought back with linear interpolation.
+    down = _half if step == 1 else (lambda m: m)
+    up = (lambda a: _resize(a, gm.shape)) if step == 1 else (lambda a: a.astype(np.float32))
+    core = up(ndi.binary_fill_holes(ndi.binary_closing(down(tissue > 0.5), iterations=2))) > 0.5
     core |= tissue > 0.5
-    icv_mask = ndi.binary_dilation(core, iterations=2)
-    icv = np.clip(ndi.gaussian_filter(icv_mask.astype(np.float32), 0.7), 0, 1)
+    icv_mask = ndi.binary_dilation(core, iterations=max(1, round(2 / step)))
+    icv = np.clip(ndi.gaussian_filter(icv_mask.astype(np.float32), 0.7 / step), 0, 1)
     icv = np.maximum(icv, np.minimum(tissue, 1.0))
     csf = np.clip(icv - tissue, 0, 1)
-    half = _half(icv_mask)
-    depth = _resize(ndi.distance_transform_edt(half).astype(np.float32) * 2.0, gm.shape)
-    outside = _resize(ndi.distance_transform_edt(~half).astype(np.float32) * 2.0, gm.shape)
+    coarse = down(icv_mask)
+    depth = up(ndi.distance_transform_edt(coarse).astype(np.float32) * 2.0)
+    outside = up(ndi.distance_transform_edt(~coarse).astype(np.float32) * 2.0)
     vent = np.where(depth > 12, csf, 0).astype(np.float32)
     csf = csf - vent
     i, j, k = (np.arange(n, dtype=np.float64) for n in gm.shape)
@@ -501,13 +515,14 @@ def _icbm152_1mm() -> Phantom:
     gm = gm - deep
     # The packaged T1 template is brain-only, so the head is a layered shell around the intracranial
     # volume, by distance from it (mm): inner table, diploe (marrow fat), outer table, subcutaneous
-    # fat, muscle/galea, skin.  Each voxel gets the overlap of [d - 0.5, d + 0.5] with each layer.
+    # fat, muscle/galea, skin.  Each voxel gets the overlap of [d - step/2, d + step/2] with each layer.
     nonbrain = np.clip(1.0 - icv, 0, 1)
     layers = (("skull", 0.0, 2.5, 1.0), ("fat", 2.5, 5.0, 0.5), ("skull", 2.5, 5.0, 0.5), ("skull", 5.0, 6.5, 1.0),
               ("fat", 6.5, 9.0, 1.0), ("muscle", 9.0, 11.5, 1.0), ("skin", 11.5, 13.5, 1.0))
     shell = {}
     for name, lo, hi, share in layers:
-        w = np.clip(np.minimum(outside + 0.5, hi) - np.maximum(outside - 0.5, lo), 0, 1) * nonbrain * share
+        h = step / 2.0
+        w = np.clip(np.minimum(outside + h, hi) - np.maximum(outside - h, lo), 0, step) / step * nonbrain * share
         shell[name] = shell.get(name, 0) + w
     classes = ("background", "CSF", "ventricles", "GM", "deep_GM", "WM", "skin", "muscle", "fat", "skull")
     maps = [None, csf, vent, gm, deep, wm, shell["skin"], shell["muscle"], shell["fat"], shell["skull"]]
