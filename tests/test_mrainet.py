@@ -181,3 +181,22 @@ def test_training_separates_tissues_across_scanners():
     same = np.mean([np.abs(centroid[0, t] - centroid[1, t]).sum() for t in (1, 2, 3)])
     diff = np.mean([np.abs(centroid[0, t] - centroid[1, u]).sum() for t in (1, 2, 3) for u in (1, 2, 3) if t != u])
     assert same < diff
+
+
+def test_train_command_needs_label_maps(tmp_path, capsys):
+    from bidsapp.training.mrainet import main
+
+    assert main(["--anatomy-dir", str(tmp_path), "--out", str(tmp_path)]) == 2
+    assert "label maps" in capsys.readouterr().err
+
+
+def test_shipped_weights_verify_and_load():
+    from bidsapp.models import registry
+
+    if "mrainet" not in registry.available("mrainet"):
+        pytest.skip("no shipped MRAI-NET weights in this checkout")
+    state, card = registry.load_state_dict("mrainet")
+    model = MRAINet(MRAINetConfig.from_dict(card["architecture"]["kwargs"]))
+    model.load_state_dict(state)
+    assert card["architecture"]["kwargs"]["patch_size"] == 15
+    assert 0 <= card["metrics"]["tissue_error_linear_on_features"] < 0.5
