@@ -73,7 +73,7 @@ def _case(name: str, queue) -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 w = _Writer(Path(tmp))
                 w.nifti("sub-01_ses-2_T1w.nii.gz", scanner_image(sim.image))
-                _write_truth_primary(w, "truth", "sub-01_ses-2", sim.truth, ["bids:raw:x"], True, sim.protocol)
+                _write_truth_primary(w, "truth", "sub-01_ses-2", sim.truth, ["bids:raw:x"], True)
             out["seconds"] = time.perf_counter() - t
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     queue.put(out)

@@ -376,7 +376,7 @@ def _write_subject(w, config, sp: SubjectPlan, cache, volumes_rows, long_rows, c
             source = [f"bids:raw:{raw_rel}"]
             if primary is None:
                 primary = mod
-                vol = _write_truth_primary(w, truth_dir, prefix, sim.truth, source, config.lesions, proto)
+                vol = _write_truth_primary(w, truth_dir, prefix, sim.truth, source, config.lesions)
                 volumes_rows.append({"participant_id": sub, "session_id": f"ses-{ses.label}",
                                      "years_since_baseline": ses.years, **{k2: round(v, 1) for k2, v in vol.items()}})
                 if baseline_vol is None:
@@ -410,7 +410,7 @@ def _truth_json(desc: str, source, **extra) -> dict:
     return {"Description": desc, "Sources": source, "GeneratedBy": GENERATOR, **extra}
 
 
-def _write_truth_primary(w, d, prefix, truth: Phantom, source, lesions: bool, proto: Protocol) -> dict:
+def _write_truth_primary(w, d, prefix, truth: Phantom, source, lesions: bool) -> dict:
     mask = truth.brain_mask
     w.nifti(f"{d}/{prefix}_desc-brain_mask.nii.gz", truth.to_image(mask.astype(np.uint8)))
     w.json(f"{d}/{prefix}_desc-brain_mask.json", _truth_json("brain mask: brain tissue + CSF fraction >= 0.5",
