@@ -33,15 +33,18 @@ RUN python -m venv /opt/scanbridge
 RUN --mount=type=bind,source=wheels,target=/tmp/wheels \
     pip install --find-links /tmp/wheels \
         ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} \
-        "torch==${TORCH_VERSION}+${TORCH_VARIANT}"
+        "torch==${TORCH_VERSION}+${TORCH_VARIANT}" \
+    && rm -rf /opt/scanbridge/lib/python3*/site-packages/torch/test
 
 # The project, built from a scratch copy of the bind-mounted sources (setuptools writes into the
-# source tree) that is removed in the same layer.
+# source tree) that is removed in the same layer, as are the dependencies' own test suites (~300 MB;
+# torch's C++ test binaries above).
 RUN --mount=type=bind,target=/tmp/context \
     mkdir /tmp/src \
     && cp -r /tmp/context/pyproject.toml /tmp/context/README.md /tmp/context/bidsapp /tmp/context/workflows /tmp/src/ \
     && pip install /tmp/src \
     && rm -rf /tmp/src \
+    && find /opt/scanbridge/lib/python3*/site-packages -mindepth 2 -type d -name tests -prune -exec rm -rf {} + \
     && python -c "import torch, sys; v = torch.__version__; sys.exit(0 if v == '${TORCH_VERSION}+${TORCH_VARIANT}' else 'torch was replaced: ' + v)"
 
 # --------------------------------------------------------------------------------------------

@@ -275,9 +275,20 @@ phase_smoke() {
     podman run "${RUN_OPTS[@]}" "$TAG" --help
     # The image's environment must keep every runtime write under /tmp, and nothing else writable.
     podman run "${RUN_OPTS[@]}" --entrypoint python "$TAG" -c '
-import os, sys, tempfile
-import matplotlib.pyplot, nipype, templateflow.api, torch, ants, bids
+import importlib, os, pkgutil, sys, tempfile
+import matplotlib.pyplot, nipype, templateflow.api, torch, ants, bids, nibabel, nilearn.datasets
+import monai, neuroCombat, pandas, scipy.stats, sklearn.svm, statsmodels.api
 print("torch", torch.__version__, "| user", os.getuid(), "| HOME", os.environ["HOME"])
+# every module of the app imports (the image prunes dependencies test suites; the app must not need them)
+broken = []
+for pkg in ("bidsapp", "workflows"):
+    root = importlib.import_module(pkg)
+    for mod in pkgutil.walk_packages(root.__path__, pkg + "."):
+        try:
+            importlib.import_module(mod.name)
+        except Exception as exc:
+            broken.append(f"{mod.name}: {type(exc).__name__}: {exc}")
+print("app modules that do not import:", broken or "none")
 print("TEMPLATEFLOW_HOME", os.environ["TEMPLATEFLOW_HOME"], sorted(os.listdir(os.environ["TEMPLATEFLOW_HOME"]))[:5])
 for var in ("MPLCONFIGDIR", "NIPYPE_CONFIG_DIR", "XDG_CACHE_HOME"):
     assert os.environ[var].startswith("/tmp/"), var
