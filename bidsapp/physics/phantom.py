@@ -375,6 +375,20 @@ def _one_hot(labels: np.ndarray, n_classes: int) -> np.ndarray:
     return out.reshape((n_classes,) + labels.shape)
 
 
+def _block_fractions(idx: np.ndarray, n_classes: int, k, shape_out) -> np.ndarray:
+    """Class fractions of k[0] x k[1] x k[2] blocks of a label-index map, in one counting pass."""
+    need = np.array(shape_out) * np.asarray(k)
+    lab = np.zeros(tuple(need), np.uint8)  # background where the grid extends past the map
+    crop = tuple(slice(0, min(a, b)) for a, b in zip(need, idx.shape))
+    lab[crop] = idx[crop]
+    blocks = [np.arange(n) // kk for n, kk in zip(need, k)]
+    bid = (blocks[0][:, None, None] * shape_out[1] + blocks[1][None, :, None]) * shape_out[2] + blocks[2][None, None, :]
+    nb = int(np.prod(shape_out))
+    counts = np.bincount((lab.astype(np.int64) * nb + bid).ravel(), minlength=n_classes * nb)
+    frac = counts.reshape((n_classes,) + tuple(shape_out)).astype(np.float32) / float(np.prod(k))
+    return _renormalise(frac)
+
+
 def _bbox(mask: np.ndarray, margin: int) -> tuple[slice, ...]:
     sl = []
     for ax in range(mask.ndim):
@@ -422,7 +436,12 @@ def from_label_map(img, resolution: float | tuple | None = None, crop: bool = Tr
     new_vs = ras_to_array_axes(_triple(resolution), affine)
     old_vs = tmp.voxel_size
     shape = tuple(max(1, int(round(n * o / v))) for n, o, v in zip(idx.shape, old_vs, new_vs))
-    frac = _resample_maps(lambda c: (idx == c).astype(np.float32), len(classes), idx.shape, old_vs, shape, new_vs)
+    ratio = np.array(new_vs) / np.array(old_vs)
+    k = np.rint(ratio).astype(int)
+    if np.allclose(ratio, k) and np.all(k >= 1):
+        frac = _block_fractions(idx, len(classes), k, shape)
+    else:
+        frac = _resample_maps(lambda c: (idx == c).astype(np.float32), len(classes), idx.shape, old_vs, shape, new_vs)
     aff = _scaled_affine(affine, np.array(new_vs) / np.array(old_vs))
     return Phantom(frac, aff, classes, meta=dict(meta, voxel_size=list(new_vs)))
 
