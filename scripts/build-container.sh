@@ -443,13 +443,15 @@ cleanup() {
     if [ "$KEEP" = 1 ]; then
         echo "kept $WORK (image $TAG); remove with: CONTAINERS_STORAGE_CONF=$WORK/storage.conf podman system reset -f; rm -rf $WORK"
     elif [ -f "$WORK/storage.conf" ]; then
+        local start
+        start=$(now)
         export_config
         podman system reset --force >/dev/null 2>&1
         buildah rm --all >/dev/null 2>&1
         # anything still mounted under WORK (overlay layers) must go before the files can
         findmnt -rn -o TARGET | grep "^$WORK/" | sort -r | xargs -r -n1 umount -l 2>/dev/null
         find "$WORK" -mindepth 1 -maxdepth 1 ! -name logs ! -name .lock -exec rm -rf {} +
-        echo "cleaned up $WORK (logs kept in $LOGS)"
+        echo "cleaned up $WORK in $(elapsed "$start" "$(now)") s (logs kept in $LOGS)"
     fi
     df -h "$WORK" | tail -n1 | awk '{ print "disk free after cleanup: " $4 }'
     exit "$rc"
