@@ -333,6 +333,12 @@ def test_singularity_matches_dockerfile_versions(singularity, docker):
     assert labels["org.opencontainers.image.base.name"].endswith(BASE_IMAGE)
 
 
+def test_both_recipes_prune_the_same_files(singularity, docker):
+    for pattern in ("site-packages/torch/test", "-mindepth 2 -type d -name tests -prune -exec rm -rf {} +"):
+        assert pattern in docker["text"], pattern
+        assert pattern in singularity["sections"]["%post"], pattern
+
+
 def test_singularity_environment_matches_dockerfile(singularity, docker):
     body = singularity["sections"]["%environment"]
     exported = set(re.findall(r"export\s+([A-Z_][A-Z0-9_]*)=", body))
