@@ -1,0 +1,701 @@
+"""Nipype nodes around antspyx: reorientation, N4, brain extraction, registration, Atropos, volumes.
+
+No ANTs binaries are needed: every node calls antspyx (or nibabel/scipy) in-process. Each node
+writes its results into its Nipype working directory; the participant workflow gives them BIDS names.
+
+Computation lives in plain functions (``reorient_to_ras``, ``n4_correct``, ``extract_brain``,
+``register_to_template``, ``rigid_coregister``, ``atropos_segment``, ``tissue_volumes``) that take
+and return file paths, so they can be tested and benchmarked without Nipype; the interfaces only map
+traits to arguments.
+
+Threads: ITK reads ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS`` when it first needs its thread pool, so
+every node sets it (from its ``num_threads`` input, which is not part of the node's hash) before
+antspyx runs; with Nipype's MultiProc the value seen first by a worker process holds for that worker.
+``ANTS_RANDOM_SEED`` is set from ``seed`` so that the metric's random sampling is reproducible.
+
+Transforms (ITK/ANTs convention: a transform maps points of the *fixed/output* space to the *moving/
+input* space, which is what resampling needs):
+
+- ``from-T1w_to-<tpl>_mode-image_xfm``: resamples a T1w-space image into template space
+  (``ants.apply_transforms(fixed=template, moving=t1w, transformlist=[xfm])``);
+  ``from-<tpl>_to-T1w_mode-image_xfm`` goes the other way.
+- Linear registrations (``Rigid``, ``Affine``) are ITK ``.mat`` files; ``SyN`` gives an HDF5
+  composite transform ``.h5`` (affine + displacement field in one file, as fMRIPrep writes).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from nipype.interfaces.base import (
+    BaseInterfaceInputSpec,
+    File,
+    SimpleInterface,
+    TraitedSpec,
+    isdefined,
+    traits,
+)
+
+TISSUES = ("CSF", "GM", "WM")
+REGISTRATION_TYPES = ("Rigid", "Affine", "SyN")
+
+
+# ============================================================================ helpers
+
+
+def use_threads(n: int | None, seed: int | None = None) -> int:
+    """Set ITK's (and OpenMP's) thread count, and ANTs' random seed, for what runs next here."""
+    n = max(1, int(n or 1))
+    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(n)
+    os.environ["OMP_NUM_THREADS"] = str(n)
+    if seed is not None:
+        os.environ["ANTS_RANDOM_SEED"] = str(int(seed) + 1)  # ANTs treats 0 as "not set"
+    return n
+
+
+def _ants():
+    import ants
+
+    return ants
+
+
+def _zooms(affine) -> np.ndarray:
+    return np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(0))
+
+
+def _save_like(array, ref_img, path, dtype=np.float32) -> str:
+    """Save ``array`` on the grid of nibabel image ``ref_img`` (qform/sform kept)."""
+    import nibabel as nib
+
+    hdr = ref_img.header.copy()
+    hdr.set_data_dtype(dtype)
+    hdr["scl_slope"], hdr["scl_inter"] = 1.0, 0.0
+    out = nib.Nifti1Image(np.asarray(array).astype(dtype), ref_img.affine, hdr)
+    out.set_qform(ref_img.affine, code=int(ref_img.header["qform_code"]) or 1)
+    out.set_sform(ref_img.affine, code=int(ref_img.header["sform_code"]) or 1)
+    nib.save(out, str(path))
+    return str(path)
+
+
+def _ball(radius_vox: float) -> np.ndarray:
+    r = int(np.ceil(radius_vox))
+    g = np.mgrid[-r:r + 1, -r:r + 1, -r:r + 1]
+    return (g ** 2).sum(0) <= radius_vox ** 2 + 1e-6
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    from scipy import ndimage as ndi
+
+    lab, n = ndi.label(mask)
+    if n <= 1:
+        return mask.astype(bool)
+    sizes = ndi.sum(mask, lab, index=np.arange(1, n + 1))
+    return lab == (int(np.argmax(sizes)) + 1)
+
+
+def _otsu(values: np.ndarray, bins: int = 256) -> float:
+    hist, edges = np.histogram(values, bins=bins)
+    centers = (edges[:-1] + edges[1:]) / 2
+    w1 = np.cumsum(hist)
+    w2 = w1[-1] - w1
+    m = np.cumsum(hist * centers)
+    mu1 = m / np.maximum(w1, 1)
+    mu2 = (m[-1] - m) / np.maximum(w2, 1)
+    return float(centers[np.argmax(w1 * w2 * (mu1 - mu2) ** 2)])
+
+
+def _kmeans_1d(x: np.ndarray, k: int = 3, iterations: int = 30) -> np.ndarray:
+    c = np.percentile(x, np.linspace(10, 90, k))
+    for _ in range(iterations):
+        lab = np.argmin(np.abs(x[:, None] - c[None]), axis=1)
+        c = np.array([x[lab == j].mean() if np.any(lab == j) else c[j] for j in range(k)])
+    return np.sort(c)
+
+
+def head_mask(data: np.ndarray) -> np.ndarray:
+    """Foreground (the head): Otsu threshold of log intensities, holes filled, largest component."""
+    from scipy import ndimage as ndi
+
+    logd = np.log1p(np.maximum(data, 0))
+    return _largest_component(ndi.binary_fill_holes(logd > _otsu(logd.ravel())))
+
+
+def rough_brain_mask(data: np.ndarray, voxel_mm: float) -> np.ndarray:
+    """A conservative brain core of a T1w head image, for initialising the template registration.
+
+    White matter is the large, bright, compact structure of a T1w head: voxels between the GM/WM
+    and WM/fat intensity midpoints (3-class k-means inside the head) are eroded by 2 mm, the largest
+    component kept (scalp fat is thin and falls apart), grown back into GM-or-brighter tissue by at
+    most 5 mm, closed and hole-filled. It stays inside the brain but misses part of the cortex and
+    the CSF; the template registration supplies the real outline.
+    """
+    from scipy import ndimage as ndi
+
+    head = head_mask(data)
+    vals = data[head]
+    if vals.size < 100:
+        raise ValueError("the image has no foreground")
+    vals = np.minimum(vals, np.percentile(vals, 95))
+    c = _kmeans_1d(vals[:: max(1, vals.size // 200000)], 3)
+    upper = c[2] + (c[2] - c[1])
+    wm = head & (data > (c[1] + c[2]) / 2) & (data < upper)
+    core = _largest_component(ndi.binary_erosion(wm, _ball(max(1.0, 2.0 / voxel_mm))))
+    tissue = head & (data > (c[0] + c[1]) / 2) & (data < upper)
+    brain = core
+    for _ in range(int(round(5.0 / voxel_mm))):
+        grown = ndi.binary_dilation(brain) & tissue
+        if np.array_equal(grown, brain):
+            break
+        brain = grown
+    pad = int(np.ceil(8.0 / voxel_mm)) + 1
+    brain = ndi.binary_closing(np.pad(brain, pad), _ball(8.0 / voxel_mm))[pad:-pad, pad:-pad, pad:-pad]
+    return ndi.binary_fill_holes(brain)
+
+
+def _center_of_mass_lps(img_ants, arr) -> np.ndarray:
+    """Physical (ITK LPS) position of the centre of mass of ``arr`` on ``img_ants``' grid."""
+    from scipy import ndimage as ndi
+
+    idx = np.asarray(ndi.center_of_mass(np.asarray(arr, dtype=np.float64)))
+    direction = np.asarray(img_ants.direction)
+    return np.asarray(img_ants.origin) + direction @ (idx * np.asarray(img_ants.spacing))
+
+
+def _translation_transform(translation_lps, path) -> str:
+    ants = _ants()
+    tx = ants.create_ants_transform(transform_type="AffineTransform", dimension=3,
+                                    translation=tuple(float(v) for v in translation_lps))
+    ants.write_transform(tx, str(path))
+    return str(path)
+
+
+def invert_linear_transform(in_file, out_file) -> str:
+    """Write the inverse of an ITK linear ``.mat`` transform."""
+    ants = _ants()
+    ants.write_transform(ants.read_transform(str(in_file)).invert(), str(out_file))
+    return str(out_file)
+
+
+def _resample_to_spacing(img, spacing_mm: float):
+    ants = _ants()
+    if min(img.spacing) >= spacing_mm * 0.95:
+        return img
+    return ants.resample_image(img, (spacing_mm,) * 3, False, 0)
+
+
+def _template_brain(t1w_file, mask_file):
+    ants = _ants()
+    t1 = ants.image_read(str(t1w_file))
+    mask = ants.image_read(str(mask_file))
+    return t1 * ants.threshold_image(mask, 0.5, 1e9), mask
+
+
+# ============================================================================ functions
+
+
+def reorient_to_ras(in_file, out_file) -> str:
+    """Copy of a 3D image in RAS+ voxel order (nibabel, exact: axes are only permuted/flipped)."""
+    import nibabel as nib
+
+    img = nib.load(str(in_file))
+    if len(img.shape) > 3 and any(s > 1 for s in img.shape[3:]):
+        raise ValueError(f"{in_file}: expected a 3D image, got shape {tuple(img.shape)}")
+    if len(img.shape) > 3:
+        img = nib.Nifti1Image(np.asarray(img.dataobj).reshape(img.shape[:3]), img.affine, img.header)
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    if not np.isfinite(data).all():
+        raise ValueError(f"{in_file}: image contains NaN or infinite values")
+    if not np.any(data):
+        raise ValueError(f"{in_file}: image is all zeros")
+    ras = nib.as_closest_canonical(img)
+    ras.header.set_xyzt_units("mm")
+    nib.save(ras, str(out_file))
+    return str(out_file)
+
+
+def n4_correct(in_file, out_file, *, shrink_factor: int | None = None, iterations=(50, 50, 50),
+               spline_distance: float = 200.0, tolerance: float = 1e-6, bias_file=None) -> str:
+    """N4 bias-field correction inside the head mask; negative values are clipped to zero.
+
+    ``shrink_factor`` None picks a working grid of about 6 mm: the bias field is smooth on that
+    scale (spline knots every ``spline_distance`` mm) and N4's time grows with the voxel count.
+    """
+    ants = _ants()
+    import nibabel as nib
+
+    ref = nib.load(str(in_file))
+    img = ants.image_read(str(in_file))
+    if shrink_factor is None:
+        shrink_factor = max(1, int(round(6.0 / float(min(img.spacing)))))
+    head = head_mask(img.numpy())
+    out = ants.n4_bias_field_correction(
+        img, mask=img.new_image_like(head.astype(np.float32)), shrink_factor=int(shrink_factor),
+        convergence={"iters": list(iterations), "tol": tolerance}, spline_param=spline_distance,
+        rescale_intensities=True, return_bias_field=bias_file is not None,
+    )
+    if bias_file is not None:
+        bias = out
+        data = img.numpy() / np.maximum(bias.numpy(), 1e-6)
+        _save_like(bias.numpy(), ref, bias_file)
+    else:
+        data = out.numpy()
+    return _save_like(np.maximum(data, 0), ref, out_file)
+
+
+def extract_brain(in_file, template_t1w, template_mask, out_mask, out_xfm, *,
+                  registration_mm: float = 2.0, threshold: float = 0.5) -> dict:
+    """Template-based brain extraction of an N4-corrected T1w (RAS); returns diagnostics.
+
+    1. a conservative brain core (:func:`rough_brain_mask`) on a ``registration_mm`` grid gives the
+       centre of mass for the initial translation and, dilated by 8 mm, the metric mask;
+    2. the template brain (T1w x mask) is registered affinely to the subject (Mattes MI inside that
+       mask, so scalp, neck and face do not pull it);
+    3. the template mask, warped to the subject grid, is thresholded at ``threshold``; holes are
+       filled and the largest component kept.
+
+    ``out_xfm`` maps subject points to template points (fixed = subject), i.e. it resamples the
+    template into subject space; :func:`register_to_template` inverts it as its starting point.
+    """
+    ants = _ants()
+    import nibabel as nib
+    from scipy import ndimage as ndi
+
+    ref = nib.load(str(in_file))
+    img = ants.image_read(str(in_file))
+    lo = _resample_to_spacing(img, registration_mm)
+    vox = float(min(lo.spacing))
+    core = rough_brain_mask(lo.numpy(), vox)
+    if core.sum() * vox ** 3 < 50_000:  # < 50 ml: no brain-like structure found
+        raise ValueError(f"{in_file}: no brain-like structure found for brain extraction")
+    metric_mask = ndi.binary_dilation(core, _ball(8.0 / vox))
+    tpl, tmask = _template_brain(template_t1w, template_mask)
+    tpl_wm_like = tmask.numpy() > 0.5
+    shift = _center_of_mass_lps(tmask, tpl_wm_like) - _center_of_mass_lps(lo, core)
+    cwd = Path(out_xfm).parent
+    init = _translation_transform(shift, cwd / "init_translation.mat")
+    reg = ants.registration(
+        fixed=lo, moving=tpl, type_of_transform="Affine", initial_transform=init,
+        mask=lo.new_image_like(metric_mask.astype(np.float32)),
+        aff_metric="mattes", aff_iterations=(500, 250, 100), aff_shrink_factors=(4, 2, 1),
+        aff_smoothing_sigmas=(2, 1, 0), outprefix=str(cwd / "be_"),
+    )
+    affine = reg["fwdtransforms"][0]
+    os.replace(affine, out_xfm)
+    warped = ants.apply_transforms(fixed=img, moving=tmask, transformlist=[str(out_xfm)], interpolator="linear")
+    mask = warped.numpy() >= threshold
+    mask = _largest_component(ndi.binary_fill_holes(mask))
+    if not mask.any():
+        raise ValueError(f"{in_file}: brain extraction produced an empty mask")
+    _save_like(mask, ref, out_mask, dtype=np.uint8)
+    voxvol = float(np.prod(_zooms(ref.affine)))
+    return {"mask_volume_mm3": float(mask.sum() * voxvol), "core_volume_mm3": float(core.sum() * vox ** 3)}
+
+
+def register_to_template(in_file, in_mask, template_t1w, template_mask, out_prefix, *,
+                         transform: str = "SyN", initial_xfm=None, registration_mm: float | None = None,
+                         syn_iterations=(40, 20, 0)) -> dict:
+    """Register the subject's brain to the template brain; returns the transform and warped paths.
+
+    Fixed = template brain, moving = subject brain (N4 image x mask), both metric masks dilated by
+    4 mm. ``initial_xfm`` is a subject -> template-points transform from :func:`extract_brain`
+    (inverted here). Returns ``{"forward": from-T1w_to-template, "inverse": from-template_to-T1w,
+    "warped": subject in template space}``; ``.mat`` for Rigid/Affine, ``.h5`` composite for SyN.
+    """
+    ants = _ants()
+
+    if transform not in REGISTRATION_TYPES:
+        raise ValueError(f"registration type must be one of {', '.join(REGISTRATION_TYPES)}, not {transform!r}")
+    prefix = str(out_prefix)
+    tpl, tmask = _template_brain(template_t1w, template_mask)
+    sub = ants.image_read(str(in_file))
+    smask = ants.threshold_image(ants.image_read(str(in_mask)), 0.5, 1e9)
+    target_mm = registration_mm or float(min(tpl.spacing))
+    sub_brain = _resample_to_spacing(sub * smask, target_mm)
+    smask_lo = ants.resample_image_to_target(smask, sub_brain, interp_type="nearestNeighbor")
+    kwargs = {}
+    if initial_xfm:
+        kwargs["initial_transform"] = invert_linear_transform(initial_xfm, prefix + "init.mat")
+    reg = ants.registration(
+        fixed=tpl, moving=sub_brain, type_of_transform=transform,
+        mask=ants.iMath(ants.threshold_image(tmask, 0.5, 1e9), "MD", 2),
+        moving_mask=ants.iMath(smask_lo, "MD", 2),
+        aff_metric="mattes", aff_iterations=(500, 250, 100), aff_shrink_factors=(4, 2, 1),
+        aff_smoothing_sigmas=(2, 1, 0), syn_metric="mattes", reg_iterations=tuple(syn_iterations),
+        write_composite_transform=(transform == "SyN"), outprefix=prefix, **kwargs,
+    )
+    if transform == "SyN":  # composite .h5 files (antspyx returns their names as strings)
+        fwd, inv = reg["fwdtransforms"], reg["invtransforms"]
+        fwd, inv = (fwd if isinstance(fwd, str) else fwd[0]), (inv if isinstance(inv, str) else inv[0])
+    else:
+        fwd = reg["fwdtransforms"][0]
+        inv = invert_linear_transform(fwd, prefix + "inverse.mat")
+    warped = ants.apply_transforms(fixed=tpl, moving=sub, transformlist=[fwd], interpolator="linear")
+    ants.image_write(warped, prefix + "warped.nii.gz")
+    return {"forward": fwd, "inverse": inv, "warped": prefix + "warped.nii.gz"}
+
+
+def warp_to_subject(reference, images, transform, out_files, interpolator: str = "linear") -> list[str]:
+    """Resample template-space ``images`` onto the subject grid of ``reference`` with ``transform``
+    (a from-template_to-T1w transform)."""
+    ants = _ants()
+    import nibabel as nib
+
+    ref_ants = ants.image_read(str(reference))
+    ref = nib.load(str(reference))
+    outs = []
+    for src, dst in zip(images, out_files):
+        moved = ants.apply_transforms(fixed=ref_ants, moving=ants.image_read(str(src)),
+                                      transformlist=[str(transform)], interpolator=interpolator)
+        outs.append(_save_like(np.clip(moved.numpy(), 0, None), ref, dst))
+    return outs
+
+
+def rigid_coregister(in_file, reference, reference_mask, out_file, out_xfm, *,
+                     registration_mm: float = 2.0) -> dict:
+    """Rigid (6 dof) Mattes-MI registration of another contrast to the session's T1w.
+
+    The result is resampled onto the T1w grid (linear); ``out_xfm`` (ITK ``.mat``) maps T1w points
+    to the image's points, i.e. it resamples the image into T1w space.
+    """
+    ants = _ants()
+
+    fixed = ants.image_read(str(reference))
+    moving = ants.image_read(str(in_file))
+    fmask = ants.iMath(ants.threshold_image(ants.image_read(str(reference_mask)), 0.5, 1e9), "MD", 3)
+    fixed_lo = _resample_to_spacing(fixed, registration_mm)
+    fmask_lo = ants.resample_image_to_target(fmask, fixed_lo, interp_type="nearestNeighbor")
+    prefix = str(Path(out_file).parent / "coreg_")
+    reg = ants.registration(
+        fixed=fixed_lo, moving=_resample_to_spacing(moving, registration_mm), type_of_transform="Rigid",
+        mask=fmask_lo, aff_metric="mattes", aff_iterations=(500, 250, 100), aff_shrink_factors=(4, 2, 1),
+        aff_smoothing_sigmas=(2, 1, 0), outprefix=prefix,
+    )
+    os.replace(reg["fwdtransforms"][0], out_xfm)
+    moved = ants.apply_transforms(fixed=fixed, moving=moving, transformlist=[str(out_xfm)], interpolator="linear")
+    import nibabel as nib
+
+    _save_like(np.clip(moved.numpy(), 0, None), nib.load(str(reference)), out_file)
+    return {"xfm": str(out_xfm), "out_file": str(out_file)}
+
+
+def atropos_segment(in_file, in_mask, priors, out_dir, *, prior_weight: float = 0.25,
+                    mrf: float = 0.1, iterations: int = 5) -> dict:
+    """Atropos CSF/GM/WM segmentation with template priors (subject space, order CSF, GM, WM).
+
+    Returns ``{"probseg": [CSF, GM, WM], "dseg": path}``: posteriors renormalised inside the mask
+    (0 outside), dseg = argmax (1 CSF, 2 GM, 3 WM, 0 outside the mask).
+    """
+    ants = _ants()
+    import nibabel as nib
+
+    if len(priors) != 3:
+        raise ValueError("Atropos needs three priors in the order CSF, GM, WM")
+    ref = nib.load(str(in_file))
+    img = ants.image_read(str(in_file))
+    mask_arr = np.asarray(nib.load(str(in_mask)).dataobj) > 0
+    mask = img.new_image_like(mask_arr.astype(np.float32))
+    prior_imgs = []
+    for p in priors:
+        arr = np.clip(ants.image_read(str(p)).numpy(), 0, 1) * mask_arr
+        prior_imgs.append(img.new_image_like(arr.astype(np.float32)))
+    seg = ants.atropos(a=img, x=mask, i=prior_imgs, m=f"[{mrf},1x1x1]", c=f"[{int(iterations)},0]",
+                       priorweight=float(prior_weight))
+    probs = np.stack([p.numpy() for p in seg["probabilityimages"][:3]]).astype(np.float32)
+    probs *= mask_arr[None]
+    tot = probs.sum(0, keepdims=True)
+    probs = np.where(tot > 0, probs / np.maximum(tot, 1e-8), 0).astype(np.float32)
+    dseg = np.where(mask_arr, probs.argmax(0) + 1, 0).astype(np.uint8)
+    out_dir = Path(out_dir)
+    files = [_save_like(probs[k], ref, out_dir / f"label-{t}_probseg.nii.gz") for k, t in enumerate(TISSUES)]
+    return {"probseg": files, "dseg": _save_like(dseg, ref, out_dir / "dseg.nii.gz", dtype=np.uint8)}
+
+
+def tissue_volumes(dseg_file, mask_file, method: str, out_file) -> str:
+    """Long-format volumes table: CSF/GM/WM from dseg voxel counts, brain = brain-mask volume.
+
+    The same definitions as the tissue model's table, so that methods compare like with like.
+    """
+    import nibabel as nib
+
+    img = nib.load(str(dseg_file))
+    dseg = np.asarray(img.dataobj)
+    voxvol = float(np.prod(_zooms(img.affine)))
+    mask = np.asarray(nib.load(str(mask_file)).dataobj) > 0
+    rows = [(t, float((dseg == k + 1).sum() * voxvol)) for k, t in enumerate(TISSUES)]
+    rows.append(("brain", float(mask.sum() * voxvol)))
+    with open(out_file, "w") as fh:
+        fh.write("method\tlabel\tvolume_mm3\n")
+        for label, vol in rows:
+            fh.write(f"{method}\t{label}\t{vol:.1f}\n")
+    return str(out_file)
+
+
+def merge_volume_tables(in_files, out_file) -> str:
+    """Concatenate long-format volume tables (one header)."""
+    lines = ["method\tlabel\tvolume_mm3"]
+    for path in in_files:
+        with open(path) as fh:
+            rows = fh.read().splitlines()
+        if not rows or rows[0].split("\t")[:3] != ["method", "label", "volume_mm3"]:
+            raise ValueError(f"{path}: not a volumes table (method, label, volume_mm3)")
+        lines.extend(r for r in rows[1:] if r.strip())
+    with open(out_file, "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    return str(out_file)
+
+
+# ============================================================================ interfaces
+
+
+class _ThreadedInputSpec(BaseInterfaceInputSpec):
+    num_threads = traits.Int(1, usedefault=True, nohash=True, desc="ITK threads for this node")
+    seed = traits.Int(0, usedefault=True, desc="random seed (ANTS_RANDOM_SEED)")
+
+
+class _SingleFileOutputSpec(TraitedSpec):
+    out_file = File(exists=True)
+
+
+class _ReorientInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="3D NIfTI image")
+
+
+class ReorientToRAS(SimpleInterface):
+    """Reorient an image to RAS+ voxel order (no resampling)."""
+
+    input_spec = _ReorientInputSpec
+    output_spec = _SingleFileOutputSpec
+
+    def _run_interface(self, runtime):
+        self._results["out_file"] = reorient_to_ras(self.inputs.in_file, Path(runtime.cwd) / "ras.nii.gz")
+        return runtime
+
+
+class _N4InputSpec(_ThreadedInputSpec):
+    in_file = File(exists=True, mandatory=True)
+    shrink_factor = traits.Int(desc="N4 shrink factor (default: a ~6 mm working grid)")
+    iterations = traits.List(traits.Int, [50, 50, 50], usedefault=True, desc="iterations per level")
+    spline_distance = traits.Float(200.0, usedefault=True, desc="B-spline knot spacing (mm)")
+    save_bias = traits.Bool(False, usedefault=True, desc="also write the estimated bias field")
+
+
+class _N4OutputSpec(TraitedSpec):
+    out_file = File(exists=True, desc="bias-corrected image")
+    bias_field = File(desc="estimated bias field (with save_bias)")
+
+
+class N4BiasFieldCorrection(SimpleInterface):
+    """N4 bias-field correction (``ants.n4_bias_field_correction``) inside the head mask."""
+
+    input_spec = _N4InputSpec
+    output_spec = _N4OutputSpec
+
+    def _run_interface(self, runtime):
+        use_threads(self.inputs.num_threads, self.inputs.seed)
+        cwd = Path(runtime.cwd)
+        bias = cwd / "bias_field.nii.gz" if self.inputs.save_bias else None
+        self._results["out_file"] = n4_correct(
+            self.inputs.in_file, cwd / "n4.nii.gz",
+            shrink_factor=self.inputs.shrink_factor if isdefined(self.inputs.shrink_factor) else None,
+            iterations=tuple(self.inputs.iterations), spline_distance=self.inputs.spline_distance,
+            bias_file=bias,
+        )
+        if bias is not None:
+            self._results["bias_field"] = str(bias)
+        return runtime
+
+
+class _TemplateInputSpec(_ThreadedInputSpec):
+    template_t1w = File(exists=True, mandatory=True, desc="template T1w image")
+    template_mask = File(exists=True, mandatory=True, desc="template brain mask")
+
+
+class _BrainExtractionInputSpec(_TemplateInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="N4-corrected T1w in RAS")
+    registration_mm = traits.Float(2.0, usedefault=True, desc="grid spacing of the registration")
+
+
+class _BrainExtractionOutputSpec(TraitedSpec):
+    out_mask = File(exists=True, desc="brain mask (uint8) on the input grid")
+    out_xfm = File(exists=True, desc="affine: subject points -> template points (.mat)")
+    diagnostics = traits.Dict(desc="mask and core volumes (mm3)")
+
+
+class BrainExtraction(SimpleInterface):
+    """Template-based brain extraction (see :func:`extract_brain`)."""
+
+    input_spec = _BrainExtractionInputSpec
+    output_spec = _BrainExtractionOutputSpec
+
+    def _run_interface(self, runtime):
+        use_threads(self.inputs.num_threads, self.inputs.seed)
+        cwd = Path(runtime.cwd)
+        diag = extract_brain(self.inputs.in_file, self.inputs.template_t1w, self.inputs.template_mask,
+                             cwd / "brain_mask.nii.gz", cwd / "subject_to_template_affine.mat",
+                             registration_mm=self.inputs.registration_mm)
+        self._results.update(out_mask=str(cwd / "brain_mask.nii.gz"),
+                             out_xfm=str(cwd / "subject_to_template_affine.mat"), diagnostics=diag)
+        return runtime
+
+
+class _RegistrationInputSpec(_TemplateInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="N4-corrected T1w in RAS")
+    in_mask = File(exists=True, mandatory=True, desc="its brain mask")
+    initial_xfm = File(exists=True, desc="subject -> template affine from BrainExtraction")
+    transform = traits.Enum(*REGISTRATION_TYPES, usedefault=False, mandatory=True)
+    syn_iterations = traits.List(traits.Int, [40, 20, 0], usedefault=True, desc="SyN iterations per level")
+
+
+class _RegistrationOutputSpec(TraitedSpec):
+    forward_xfm = File(exists=True, desc="from-T1w_to-template (resamples T1w images into template space)")
+    inverse_xfm = File(exists=True, desc="from-template_to-T1w")
+    warped = File(exists=True, desc="the T1w resampled into template space")
+
+
+class RegistrationToTemplate(SimpleInterface):
+    """Spatial normalisation to the template with ``ants.registration`` (see :func:`register_to_template`)."""
+
+    input_spec = _RegistrationInputSpec
+    output_spec = _RegistrationOutputSpec
+
+    def _run_interface(self, runtime):
+        use_threads(self.inputs.num_threads, self.inputs.seed)
+        out = register_to_template(
+            self.inputs.in_file, self.inputs.in_mask, self.inputs.template_t1w, self.inputs.template_mask,
+            Path(runtime.cwd) / "reg_", transform=self.inputs.transform,
+            initial_xfm=self.inputs.initial_xfm if isdefined(self.inputs.initial_xfm) else None,
+            syn_iterations=tuple(self.inputs.syn_iterations),
+        )
+        self._results.update(forward_xfm=out["forward"], inverse_xfm=out["inverse"], warped=out["warped"])
+        return runtime
+
+
+class _WarpPriorsInputSpec(_ThreadedInputSpec):
+    reference = File(exists=True, mandatory=True, desc="subject-space image (grid of the output)")
+    transform = File(exists=True, mandatory=True, desc="from-template_to-T1w transform")
+    priors = traits.List(File(exists=True), mandatory=True, desc="template CSF, GM, WM probability maps")
+
+
+class _WarpPriorsOutputSpec(TraitedSpec):
+    out_files = traits.List(File(exists=True), desc="priors on the subject grid (CSF, GM, WM)")
+
+
+class WarpPriors(SimpleInterface):
+    """Bring the template's tissue probability maps into subject space."""
+
+    input_spec = _WarpPriorsInputSpec
+    output_spec = _WarpPriorsOutputSpec
+
+    def _run_interface(self, runtime):
+        use_threads(self.inputs.num_threads, self.inputs.seed)
+        cwd = Path(runtime.cwd)
+        names = [cwd / f"prior_{k}.nii.gz" for k in range(len(self.inputs.priors))]
+        self._results["out_files"] = warp_to_subject(self.inputs.reference, self.inputs.priors,
+                                                     self.inputs.transform, names)
+        return runtime
+
+
+class _CoregInputSpec(_ThreadedInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="FLAIR/T2w/PDw (RAS, bias-corrected)")
+    reference = File(exists=True, mandatory=True, desc="the session's preprocessed T1w")
+    reference_mask = File(exists=True, mandatory=True, desc="the T1w brain mask")
+    registration_mm = traits.Float(2.0, usedefault=True)
+
+
+class _CoregOutputSpec(TraitedSpec):
+    out_file = File(exists=True, desc="the image resampled onto the T1w grid")
+    out_xfm = File(exists=True, desc="rigid transform (.mat) resampling the image into T1w space")
+
+
+class RigidCoregistration(SimpleInterface):
+    """Rigid registration of another contrast to the session's T1w (see :func:`rigid_coregister`)."""
+
+    input_spec = _CoregInputSpec
+    output_spec = _CoregOutputSpec
+
+    def _run_interface(self, runtime):
+        use_threads(self.inputs.num_threads, self.inputs.seed)
+        cwd = Path(runtime.cwd)
+        out = rigid_coregister(self.inputs.in_file, self.inputs.reference, self.inputs.reference_mask,
+                               cwd / "coregistered.nii.gz", cwd / "to_t1w.mat",
+                               registration_mm=self.inputs.registration_mm)
+        self._results.update(out_file=out["out_file"], out_xfm=out["xfm"])
+        return runtime
+
+
+class _AtroposInputSpec(_ThreadedInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="preprocessed (N4) T1w")
+    mask_file = File(exists=True, mandatory=True, desc="brain mask")
+    priors = traits.List(File(exists=True), mandatory=True, desc="subject-space priors CSF, GM, WM")
+    prior_weight = traits.Range(0.0, 1.0, 0.25, usedefault=True, desc="Atropos prior weight")
+    mrf = traits.Float(0.1, usedefault=True, desc="MRF smoothing weight")
+    iterations = traits.Int(5, usedefault=True, desc="EM iterations")
+    template = traits.Dict(desc="template provenance (name, source, resolution) for the sidecar")
+
+
+class _SegmentationOutputSpec(TraitedSpec):
+    probseg = traits.List(File(exists=True), desc="probability maps in the order CSF, GM, WM")
+    dseg = File(exists=True, desc="discrete segmentation: 0 background, 1 CSF, 2 GM, 3 WM")
+    volumes_tsv = File(exists=True, desc="long-format volumes: method, label, volume_mm3")
+    method = traits.Str(desc="method name in the volumes table")
+    metadata = traits.Dict(desc="sidecar fields describing the method")
+    warnings = traits.List(traits.Str, desc="one-line messages for the report")
+
+
+class Atropos(SimpleInterface):
+    """The classical baseline: ANTs Atropos (EM + MRF) with the template's tissue priors.
+
+    Outputs follow the segmentation contract shared with the tissue model node (``probseg``,
+    ``dseg``, ``volumes_tsv``, ``method``, ``metadata``, ``warnings``).
+    """
+
+    input_spec = _AtroposInputSpec
+    output_spec = _SegmentationOutputSpec
+
+    def _run_interface(self, runtime):
+        use_threads(self.inputs.num_threads, self.inputs.seed)
+        cwd = Path(runtime.cwd)
+        out = atropos_segment(self.inputs.in_file, self.inputs.mask_file, self.inputs.priors, cwd,
+                              prior_weight=self.inputs.prior_weight, mrf=self.inputs.mrf,
+                              iterations=self.inputs.iterations)
+        tsv = tissue_volumes(out["dseg"], self.inputs.mask_file, "atropos", cwd / "volumes.tsv")
+        tpl = dict(self.inputs.template) if isdefined(self.inputs.template) else {}
+        metadata = {
+            "Method": "atropos",
+            "Model": {"Name": "ANTs Atropos", "Version": f"antspyx {_ants_version()}"},
+            "Parameters": {"PriorWeight": self.inputs.prior_weight, "MRF": f"[{self.inputs.mrf},1x1x1]",
+                           "Convergence": f"[{self.inputs.iterations},0]",
+                           "Initialization": "PriorProbabilityImages (template CSF, GM, WM warped to T1w)"},
+        }
+        if tpl:
+            metadata["Priors"] = {k: tpl.get(k) for k in ("name", "source", "resolution") if k in tpl}
+        self._results.update(probseg=out["probseg"], dseg=out["dseg"], volumes_tsv=tsv, method="atropos",
+                             metadata=metadata, warnings=[])
+        return runtime
+
+
+class _MergeVolumesInputSpec(BaseInterfaceInputSpec):
+    in_files = traits.List(File(exists=True), mandatory=True)
+
+
+class MergeVolumes(SimpleInterface):
+    """One ``desc-volumes_morph.tsv`` with the rows of every segmentation method."""
+
+    input_spec = _MergeVolumesInputSpec
+    output_spec = _SingleFileOutputSpec
+
+    def _run_interface(self, runtime):
+        self._results["out_file"] = merge_volume_tables(self.inputs.in_files,
+                                                        Path(runtime.cwd) / "volumes_morph.tsv")
+        return runtime
+
+
+def _ants_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("antspyx")
+    except Exception:  # noqa: BLE001 - provenance only
+        return "unknown"
