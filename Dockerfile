@@ -11,7 +11,7 @@ ARG BASE_IMAGE=python:3.11-slim-bookworm
 
 # --------------------------------------------------------------------------------------------
 # python-env: a virtual environment with torch and the project. No compiler or pip cache is involved
-# (every dependency ships wheels), and the sources are bind-mounted rather than copied, so the
+# (the dependencies are wheels or pure Python), and the sources are bind-mounted, not copied, so the
 # runtime stage builds on this one directly instead of copying gigabytes between stages.
 FROM ${BASE_IMAGE} AS python-env
 
