@@ -205,6 +205,21 @@ def test_report_copes_with_missing_pieces(tmp_path):
     assert len(_images(html)) == 1  # the brain-mask overlay still shows
 
 
+def test_report_without_mask_still_shows_the_scan_and_clean_provenance(tmp_path):
+    out = make_derivatives(tmp_path / "out", dseg=False)
+    anat = out / "sub-01/ses-1/anat"
+    for p in anat.glob("*_desc-brain_mask.*"):
+        p.unlink()
+    side = anat / "sub-01_ses-1_desc-preproc_T1w.json"
+    side.write_text(json.dumps({"Acquisition": ACQ, "ManufacturersModelName": "Prisma", "InversionTime": 0.9,
+                                "Template": "MNI152NLin2009aSym"}))
+    html = write_participant_report(out, "01", n_slices=2).read_text()
+    assert "no brain mask" in html and len(_images(html)) == 1
+    about = html[html.index('id="about"'):]
+    assert "MNI152NLin2009aSym" in about
+    assert ">InversionTime<" not in about and ">ManufacturersModelName<" not in about
+
+
 def test_report_for_subject_without_outputs(tmp_path):
     (tmp_path / "out").mkdir()
     html = write_participant_report(tmp_path / "out", "07", errors=["no usable T1w"]).read_text()

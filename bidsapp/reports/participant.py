@@ -378,6 +378,9 @@ def session_section(f: SessionFiles, problems: list[str], template=None, n_slice
                 f"Brain mask (red contour) over the preprocessed T1w ({f.preproc.name}).", warns, "brain-mask overlay")))
         else:
             warns.append(f"{f.prefix}: no brain mask (*_desc-brain_mask.nii.gz)")
+            body.append(subsection_html("Preprocessed T1w", _figure_or_warning(
+                lambda: figures.overlay_mosaic(img(f.preproc), n_slices=n_slices),
+                f"The preprocessed T1w ({f.preproc.name}); no brain mask to overlay.", warns, "T1w mosaic")))
         segs = ([("main answer", f.dseg)] if f.dseg is not None else []) + list(f.dseg_alt.items())
         if not segs:
             warns.append(f"{f.prefix}: no tissue segmentation (*_dseg.nii.gz)")
@@ -449,7 +452,9 @@ def _method_name(meta: dict) -> str | None:
     return None
 
 
-_PROVENANCE_KEYS = re.compile(r"model|template|method|software|sha256|version|weights|prior", re.I)
+_PROVENANCE_KEYS = re.compile(r"model|template|method|software|sha256|^version|weights|prior|registration", re.I)
+# Acquisition fields that match the pattern above but describe the scanner, not the processing.
+_NOT_PROVENANCE = {"ManufacturersModelName", "SoftwareVersions", "DeviceSerialNumber", "InversionTime"}
 
 
 def provenance_rows(files: list[SessionFiles], problems: list[str]) -> pd.DataFrame:
@@ -461,7 +466,8 @@ def provenance_rows(files: list[SessionFiles], problems: list[str]) -> pd.DataFr
         for p in paths:
             meta = _read_json(_sidecar(p), problems)
             for k, v in meta.items():
-                if k in ("Sources", "Acquisition", "RawSources") or not _PROVENANCE_KEYS.search(k):
+                if k in ("Sources", "Acquisition", "RawSources") or k in _NOT_PROVENANCE \
+                        or not _PROVENANCE_KEYS.search(k):
                     continue
                 text = json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else str(v)
                 kind = re.sub(r"^sub-[^_]+_(ses-[^_]+_)?", "", p.name)
