@@ -431,7 +431,8 @@ def segment(image: np.ndarray, mask: np.ndarray, zooms, acquisition: dict | None
     zooms = tuple(float(z) for z in zooms[:3])
     native = np.allclose(zooms, res, atol=1e-3)
     x, mask_r = prepare(img, mask_b, zooms, res)
-    probs_r = predict_probs(model, x, mask_r, pv.values, dev, roi=int(card.get("inference_roi", 64)))
+    probs_r = predict_probs(model, x, mask_r, pv.values, dev, roi=int(card.get("inference_roi", 64)),
+                            overlap=float(card.get("inference_overlap", 0.5)))
     if native:
         probs = probs_r
     else:

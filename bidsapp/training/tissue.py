@@ -477,7 +477,8 @@ def save(net, cfg: TrainConfig, history: dict, final: bool = True) -> dict:
         "architecture": {"class": "UNet3D", "kwargs": net.config},
         "classes": list(CLASSES),
         "resolution_mm": cfg.resolution,
-        "inference_roi": 64,
+        "inference_roi": cfg.patch,
+        "inference_overlap": 0.25,
         "parameter_layout": list(PARAMETER_LAYOUT) if physics else [],
         "training_ranges": TRAINING_RANGES,
         "training": {
