@@ -127,7 +127,6 @@ class _Collected:
     patches: list = field(default_factory=list)      # labelled patches
     tissues: list = field(default_factory=list)
     domains: list = field(default_factory=list)
-    sessions: list = field(default_factory=list)
     eval_patches: list = field(default_factory=list)
     eval_tissue: list = field(default_factory=list)
     eval_domain: list = field(default_factory=list)
@@ -270,12 +269,14 @@ def run(ctx) -> list:
     # -- train
     from bidsapp.training.mrainet import TrainSettings, featurize, fit_linear_classifier, train_mrainet
 
-    device = _opt(ctx, "device", "cpu")
+    from bidsapp.training.mrainet import resolve_device
+
+    device = resolve_device(_opt(ctx, "device", "cpu"))
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, int(_opt(ctx, "nprocs", threads) or threads)))
     try:
         init = _initial_model(_opt(ctx, "mrainet_init", "none"), cfg, warn)
-        settings = TrainSettings(steps=steps, batch_size=batch_size, seed=seed, device=device or "cpu")
+        settings = TrainSettings(steps=steps, batch_size=batch_size, seed=seed, device=device)
         res = train_mrainet(patches, tissues, domains, source_domain=0, config=cfg, settings=settings, init=init)
         model = res.model
         feats = featurize(model, patches)
@@ -302,6 +303,8 @@ def run(ctx) -> list:
         t_maps = time.perf_counter() - t_maps
     finally:
         torch.set_num_threads(threads)
+        for f in cache.glob("*.npz"):  # transient: a rerun samples again
+            f.unlink(missing_ok=True)
 
     # -- proxy A-distance before/after, embedding, outliers
     from bidsapp.metrics.domain import pad_matrix
@@ -387,9 +390,9 @@ def _sample_session(sf: SessionFiles, is_source: bool, domain: int, n_in_group: 
     vox = np.flatnonzero(mask)
     take = rng.choice(vox, min(n_eval, len(vox)), replace=False)
     centres = np.stack(np.unravel_index(take, mask.shape), axis=1)
-    col.eval_patches.append(extract_patches(img, centres, cfg.patch_size, cfg.spatial_dims, AXIS))
-    col.eval_tissue.append(dseg.reshape(-1)[take].astype(np.int64) if dseg is not None else np.zeros(len(take), np.int64))
-    col.eval_domain.append(np.full(len(take), domain, np.int64))
+    ev = (extract_patches(img, centres, cfg.patch_size, cfg.spatial_dims, AXIS),
+          dseg.reshape(-1)[take].astype(np.int64) if dseg is not None else np.zeros(len(take), np.int64),
+          np.full(len(take), domain, np.int64))
     # labelled patches
     if manual is not None:
         labels, allowed = manual, mask
@@ -406,16 +409,21 @@ def _sample_session(sf: SessionFiles, is_source: bool, domain: int, n_in_group: 
         else:
             warn(f"{sf.label}: no label-CSF/GM/WM probseg; target labels come from the dseg without a confidence check")
     else:
-        return
-    if labels is None:
-        return
-    n = per_src if is_source else max(1, math.ceil(n_target / n_in_group))
-    picked = sample_centres(labels, n, classes=tuple(TISSUE_NAMES), rng=rng, allowed=allowed)
-    for k, c in picked.items():
-        if len(c):
-            col.patches.append(extract_patches(img, c, cfg.patch_size, cfg.spatial_dims, AXIS))
-            col.tissues.append(np.full(len(c), k, np.int64))
-            col.domains.append(np.full(len(c), domain, np.int64))
+        labels = None
+    lab = []
+    if labels is not None:
+        n = per_src if is_source else max(1, math.ceil(n_target / n_in_group))
+        picked = sample_centres(labels, n, classes=tuple(TISSUE_NAMES), rng=rng, allowed=allowed)
+        lab = [(extract_patches(img, c, cfg.patch_size, cfg.spatial_dims, AXIS), np.full(len(c), k, np.int64),
+                np.full(len(c), domain, np.int64)) for k, c in picked.items() if len(c)]
+    # append only once the whole session was read: a damaged file adds nothing
+    col.eval_patches.append(ev[0])
+    col.eval_tissue.append(ev[1])
+    col.eval_domain.append(ev[2])
+    for x, t, d in lab:
+        col.patches.append(x)
+        col.tissues.append(t)
+        col.domains.append(d)
 
 
 def _initial_model(choice, cfg, warn):

@@ -68,12 +68,16 @@ def pad_matrix(samples: dict[str, np.ndarray], n: int = 1500, folds: int = 5, se
     """Symmetric matrix of proxy A-distances between every two groups (0 on the diagonal).
 
     Returns a long table (group_a, group_b, pad, error, n_a, n_b) for the upper triangle; turn it into a
-    square with ``.pivot``.
+    square with ``.pivot``. A pair with fewer samples than folds gets NaN rather than an error.
     """
     names = list(samples)
     rows = []
     for i, a in enumerate(names):
         for b in names[i + 1:]:
+            if min(len(samples[a]), len(samples[b])) < folds:   # too few to cross-validate: reported as n/a
+                rows.append({"group_a": a, "group_b": b, "pad": np.nan, "error": np.nan, "n_a": len(samples[a]),
+                             "n_b": len(samples[b]), "requested": n})
+                continue
             r = proxy_a_distance(samples[a], samples[b], n=n, folds=folds, seed=seed)
             rows.append({"group_a": a, "group_b": b, **r.to_dict()})
     return pd.DataFrame(rows, columns=["group_a", "group_b", "pad", "error", "n_a", "n_b", "requested"])

@@ -41,6 +41,9 @@ class TrainSettings:
     pair_weights: str = "balanced"
     seed: int = 0
     device: str = "cpu"
+    threads: int = 1
+    """CPU threads while training: a step of this tiny network is too small to share, and on a busy machine
+    two threads were measured 6x slower than one."""
 
 
 @dataclass
@@ -50,6 +53,20 @@ class TrainResult:
     seconds: float = 0.0
     pair_counts: dict = field(default_factory=dict)
     settings: dict = field(default_factory=dict)
+
+
+class _Threads:
+    """Run a block with a given number of torch CPU threads, then restore the caller's setting."""
+
+    def __init__(self, n: int):
+        self.n = max(1, int(n))
+
+    def __enter__(self):
+        self.old = torch.get_num_threads()
+        torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.old)
 
 
 def _seed_all(seed: int) -> torch.Generator:
@@ -86,17 +103,18 @@ def train_mrainet(patches: np.ndarray, tissues: np.ndarray, domains: np.ndarray,
     crit = ContrastiveLoss(margin=s.margin)
     losses = []
     t0 = time.perf_counter()
-    for step in range(s.steps):
-        batch = sampler.sample(s.batch_size)
-        ia = torch.as_tensor(batch.a, device=device)
-        ib = torch.as_tensor(batch.b, device=device)
-        f = model(torch.cat([x[ia], x[ib]]))
-        d = l1_distance(f[: len(ia)], f[len(ia):])
-        loss = crit(d, torch.as_tensor(batch.y, device=device))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
+    with _Threads(s.threads):
+        for _ in range(s.steps):
+            batch = sampler.sample(s.batch_size)
+            ia = torch.as_tensor(batch.a, device=device)
+            ib = torch.as_tensor(batch.b, device=device)
+            f = model(torch.cat([x[ia], x[ib]]))
+            d = l1_distance(f[: len(ia)], f[len(ia):])
+            loss = crit(d, torch.as_tensor(batch.y, device=device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
     seconds = time.perf_counter() - t0
     counts = {"-".join(map(str, PAIR_TYPES[t][:2])) + ("-similar" if PAIR_TYPES[t][2] else "-dissimilar"): c
               for t, c in sampler.counts.items()}
@@ -130,13 +148,14 @@ def train_patch_cnn(patches: np.ndarray, labels: np.ndarray, n_classes: int = 3,
     crit = nn.CrossEntropyLoss()
     losses = []
     t0 = time.perf_counter()
-    for _ in range(s.steps):
-        idx = torch.multinomial(w, s.batch_size, replacement=True, generator=gen).to(device)
-        loss = crit(model(x[idx]), y[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(float(loss.detach()))
+    with _Threads(s.threads):
+        for _ in range(s.steps):
+            idx = torch.multinomial(w, s.batch_size, replacement=True, generator=gen).to(device)
+            loss = crit(model(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss.detach()))
     return TrainResult(model=model.eval().cpu(), losses=losses, seconds=time.perf_counter() - t0,
                        settings=asdict(s))
 
