@@ -252,3 +252,18 @@ def test_nipype_node_writes_probseg_dseg_volumes_and_metadata(tmp_path):
     md = out.metadata
     assert md["Model"]["Sha256"] == registry.load_card("tissue_unet_physics", wdir)["sha256"]
     assert md["SequenceParametersUsed"]["FlipAngle"] == 20.0 and md["PhysicsFallback"] is None
+
+
+def test_sweep_volumes_matches_segment_soft_volumes(tmp_path):
+    _save_tiny(tmp_path, "tissue_unet_physics", tissue.N_PARAMS)
+    img, mask = _blob_volume((20, 20, 20))
+    acq = {"sequence_family": "MPRAGE", "InversionTime": 0.9}
+    tis = [0.7, 0.9, 1.1]
+    vols = tissue.sweep_volumes(img, mask, (2, 2, 2), acq, "InversionTime", tis, device="cpu", weights_dir=tmp_path,
+                                chunk=2)
+    assert vols.shape == (3, 3)
+    np.testing.assert_allclose(vols.sum(1), mask.sum() * 8, rtol=1e-4)
+    one = tissue.segment(img, mask, (2, 2, 2), acq, device="cpu", weights_dir=tmp_path)
+    np.testing.assert_allclose(vols[1], one.probs.sum(axis=(1, 2, 3)) * 8, rtol=1e-3)
+    with pytest.raises(ValueError, match="cannot bridge"):
+        tissue.sweep_volumes(img, mask, (2, 2, 2), acq, "InversionTime", [3.0], device="cpu", weights_dir=tmp_path)

@@ -395,13 +395,12 @@ def predict_probs(model, image: np.ndarray, mask: np.ndarray, params: np.ndarray
     p = None if params is None else torch.as_tensor(params, dtype=torch.float32).reshape(1, -1).to(device)
     roi_size = [min(roi, s) if s % div == 0 else roi for s in x.shape[2:]]
     roi_size = [r - r % div if r % div else r for r in roi_size]
+    def predictor(window):  # windows are blended as probabilities
+        return torch.softmax(model(window, p).float() if model.uses_physics else model(window).float(), dim=1)
+
     with torch.inference_mode():
-        if model.uses_physics:
-            logits = sliding_window_inference(x, roi_size, sw_batch_size, model, overlap=overlap,
-                                              mode="gaussian", params=p)
-        else:
-            logits = sliding_window_inference(x, roi_size, sw_batch_size, model, overlap=overlap, mode="gaussian")
-        prob = torch.softmax(logits.float(), dim=1)[0].cpu().numpy()
+        prob = sliding_window_inference(x, roi_size, sw_batch_size, predictor, overlap=overlap,
+                                        mode="gaussian")[0].cpu().numpy()
     sl = tuple(slice(0, s) for s in crop.shape)
     out[(slice(None),) + box] = prob[(slice(None),) + sl]
     return out
@@ -452,15 +451,16 @@ def segment(image: np.ndarray, mask: np.ndarray, zooms, acquisition: dict | None
 
 
 def sweep_volumes(image: np.ndarray, mask: np.ndarray, zooms, acquisition: dict, parameter: str, values, *,
-                  device: str = "auto", weights_dir=None) -> np.ndarray:
+                  device: str = "auto", weights_dir=None, chunk: int = 16) -> np.ndarray:
     """Soft CSF/GM/WM volumes (mm^3, shape ``(len(values), 3)``) of one image segmented by the physics
     model as if ``parameter`` (a BIDS name, e.g. ``InversionTime``) had each of ``values``.
 
-    The image is segmented in one window at model resolution; the parameter-independent part of the
-    network runs once and only the block after the physics concatenation runs per value.
-    Raises ValueError when a hypothetical acquisition cannot use the physics model.
+    Windows are the same as :func:`segment`'s; in each window the parameter-independent part of the
+    network runs once per ``chunk`` values and only the block after the physics concatenation runs
+    per value. Raises ValueError when a hypothetical acquisition cannot use the physics model.
     """
     import torch
+    from monai.inferers import sliding_window_inference
 
     dev = resolve_device(device)
     model, card = load_model(PHYSICS_MODEL, dev, weights_dir)
@@ -472,18 +472,29 @@ def sweep_volumes(image: np.ndarray, mask: np.ndarray, zooms, acquisition: dict,
         if pv.values is None:
             raise ValueError(f"cannot bridge with {parameter}={v:g}: {pv.fallback_reason}")
         vectors.append(pv.values)
+    out = np.zeros((len(vectors), len(CLASSES)))
     idx = np.nonzero(mask_r)
     if len(idx[0]) == 0:
-        return np.zeros((len(vectors), len(CLASSES)))
+        return out
     box = tuple(slice(max(0, int(i.min()) - 4), min(s, int(i.max()) + 5)) for i, s in zip(idx, x.shape))
-    pad = [(0, (-(b.stop - b.start)) % model.divisor) for b in box]
+    div = model.divisor
+    pad = [(0, (-(b.stop - b.start)) % div) for b in box]
     xt = torch.from_numpy(np.pad(x[box], pad))[None, None].to(dev)
     mt = torch.from_numpy(np.pad(mask_r[box], pad)).to(dev)
-    out = np.zeros((len(vectors), len(CLASSES)))
+    roi = int(card.get("inference_roi", 64))
+    roi_size = [min(roi, s) - min(roi, s) % div or div for s in xt.shape[2:]]
+    n_cls = len(CLASSES)
     with torch.inference_mode():
-        shared = model.forward_shared(xt)
-        for i, vec in enumerate(vectors):
-            p = torch.from_numpy(vec)[None].to(dev)
-            prob = torch.softmax(model.forward_top(shared, p).float(), dim=1)[0]
-            out[i] = (prob * mt).sum(dim=(1, 2, 3)).cpu().numpy() * res ** 3
+        for start in range(0, len(vectors), chunk):
+            params = torch.from_numpy(np.stack(vectors[start:start + chunk])).to(dev)
+
+            def predictor(window, params=params):
+                shared = model.forward_shared(window)
+                return torch.cat([torch.softmax(model.forward_top(shared, params[k:k + 1]).float(), dim=1)
+                                  for k in range(params.shape[0])], dim=1)
+
+            prob = sliding_window_inference(xt, roi_size, 1, predictor, overlap=float(card.get("inference_overlap", 0.5)),
+                                            mode="gaussian")[0]
+            prob = prob.reshape(params.shape[0], n_cls, *prob.shape[1:])
+            out[start:start + params.shape[0]] = (prob * mt).sum(dim=(2, 3, 4)).cpu().numpy() * res ** 3
     return out
