@@ -140,7 +140,9 @@ def _setup_logging(verbose: int) -> None:
     config.set("monitoring", "enabled", "false")
     nlevel = "INFO" if verbose >= 1 else "WARNING"
     for name in ("workflow", "interface", "utils"):
-        nlogging.getLogger(f"nipype.{name}").setLevel(nlevel)
+        logger = nlogging.getLogger(f"nipype.{name}")
+        logger.setLevel(nlevel)
+        logger.propagate = False  # Nipype prints its own records; do not print them twice
 
 
 def _set_threads(omp_nthreads: int | None, nprocs: int | None) -> int:
@@ -207,12 +209,16 @@ def run_participant(opts) -> int:
                 seed=opts.seed,
             )
             wf.base_dir = str(opts.work_dir)
+            crash_dir = opts.work_dir / "crash" / f"sub-{label}"
+            wf.config["execution"]["crashdump_dir"] = str(crash_dir)
             wf.run(**plugin)
         except Exception as exc:  # one subject's failure must not stop the others
-            msg = _first_line(exc)
-            errors.append(msg)
+            found = _crash_messages(crash_dir, since=t0)
+            errors.extend(found or [_first_line(exc)])
             failed.append(label)
-            LOG.error("sub-%s failed: %s (crash files in %s)", label, msg, opts.work_dir)
+            for msg in errors:
+                LOG.error("sub-%s failed: %s", label, msg)
+            LOG.error("sub-%s: details in %s", label, crash_dir)
         warnings = list(subj.warnings) + [reason for _, reason in subj.skipped]
         try:
             report = write_participant_report(opts.output_dir, label, warnings=warnings, errors=errors)
@@ -246,6 +252,19 @@ def _session_inputs(ses) -> dict:
         "pdw": [str(p) for p in ses.pdw],
         "acquisition": ses.acquisitions[t1w].to_dict(),
     }
+
+
+def _crash_messages(crash_dir: Path, since: float) -> list[str]:
+    """The final error line of each Nipype crash file written by this run (what a user needs first)."""
+    out = []
+    for crash in sorted(crash_dir.glob("crash-*.txt")) if crash_dir.is_dir() else []:
+        if crash.stat().st_mtime < since:
+            continue
+        lines = [ln.strip() for ln in crash.read_text(errors="replace").splitlines() if ln.strip()]
+        node = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("Node:")), crash.name)
+        last = next((ln for ln in reversed(lines) if "Error:" in ln or "Exception:" in ln), lines[-1] if lines else "")
+        out.append(f"{node}: {last}"[:500])
+    return out
 
 
 def _first_line(exc: BaseException) -> str:
