@@ -72,7 +72,7 @@ def pad_figure(before: pd.DataFrame, after: pd.DataFrame | None, groups: list[st
     n = len(groups)
     fig, axes = plt.subplots(1, len(panels), figsize=(1.2 + 0.9 * n * len(panels) + 1.5 * len(panels), 0.6 + 0.8 * n + 1.2),
                              squeeze=False)
-    for ax, (title, long) in zip(axes[0], panels):
+    for col, (ax, (title, long)) in enumerate(zip(axes[0], panels)):
         m = _pad_square(long, groups)
         im = ax.imshow(m, vmin=0, vmax=2, cmap="magma_r")
         for i in range(n):
@@ -81,7 +81,7 @@ def pad_figure(before: pd.DataFrame, after: pd.DataFrame | None, groups: list[st
                     ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=8,
                             color="white" if m[i, j] > 1.2 else "black")
         ax.set_xticks(range(n), [_short(g) for g in groups], rotation=35, ha="right", fontsize=7)
-        ax.set_yticks(range(n), [_short(g) for g in groups], fontsize=7)
+        ax.set_yticks(range(n), [_short(g) for g in groups] if col == 0 else [], fontsize=7)
         ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="proxy A-distance (0 = same, 2 = separable)")
     return fig
