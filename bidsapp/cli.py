@@ -186,6 +186,7 @@ def run_participant(opts) -> int:
     template = get_template(opts.template, cache_dir=opts.work_dir / "templates")
     LOG.warning("template: %s (%s)", template["name"], template["source"])
 
+    command_line = " ".join(["scanbridge", *sys.argv[1:]])
     omp = _set_threads(opts.omp_nthreads, opts.nprocs)
     plugin = _plugin_settings(opts)
     failed = [s.subject for s in plan.skipped_subjects]
@@ -221,7 +222,8 @@ def run_participant(opts) -> int:
             LOG.error("sub-%s: details in %s", label, crash_dir)
         warnings = list(subj.warnings) + [reason for _, reason in subj.skipped]
         try:
-            report = write_participant_report(opts.output_dir, label, warnings=warnings, errors=errors)
+            report = write_participant_report(opts.output_dir, label, warnings=warnings, errors=errors,
+                                              template=template, command_line=command_line)
             LOG.warning("sub-%s: %s in %.0f s; report %s", label, "FAILED" if errors else "done",
                         time.time() - t0, report)
         except Exception as exc:
@@ -229,7 +231,8 @@ def run_participant(opts) -> int:
     for subj in plan.skipped_subjects:  # the report says why nothing was produced
         try:
             write_participant_report(opts.output_dir, subj.subject, warnings=list(subj.warnings),
-                                     errors=[reason for _, reason in subj.skipped] or ["no usable T1w image"])
+                                     errors=[reason for _, reason in subj.skipped] or ["no usable T1w image"],
+                                     template=template, command_line=command_line)
         except Exception as exc:
             LOG.error("sub-%s: report could not be written: %s", subj.subject, _first_line(exc))
     if failed:
@@ -268,8 +271,9 @@ def _crash_messages(crash_dir: Path, since: float) -> list[str]:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:500]
+    """The line of an exception that names the problem (Nipype's messages end with it)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip() and not ln.startswith("Traceback")]
+    return (lines[-1] if lines else type(exc).__name__)[:500]
 
 
 # ---------------------------------------------------------------------------- entry point

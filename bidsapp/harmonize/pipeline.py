@@ -143,7 +143,7 @@ def run_group(opts) -> int:
           f"{ctx.acquisitions['acq_group'].nunique() if not ctx.acquisitions.empty else 0} acquisition group(s)",
           flush=True)
     sections = [acquisitions_section(ctx.acquisitions),
-                volumes_section(ctx.volumes, ctx.acquisitions, ctx.participants)]
+                volumes_section(ctx.volumes, ctx.acquisitions, ctx.participants, output_dir=ctx.output_dir)]
     step_sections, failures = run_steps(ctx)
     report = write_group_report(opts.output_dir, sections + step_sections)
     print(f"scanbridge group: report {report}", flush=True)
