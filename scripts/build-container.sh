@@ -81,6 +81,7 @@ summary() {
         printf '%-13s  %7s  %s\n' "${PHASES[$i]}" "${TIMES[$i]}" "${STATES[$i]}"
     done
     printf '%-13s  %7s\n' "total" "$(elapsed "$T0" "$(now)")"
+    awk -v k="$PEAK_KB" 'BEGIN { printf "peak disk use about %.1f GB (drop in free space at phase ends)\n", k / 1048576 }'
 }
 
 # run_phase NAME FUNCTION: runs FUNCTION with its output in $LOGS/NAME.log and records its time and
@@ -98,6 +99,7 @@ run_phase() {
     ( set -e; "$fn" ) >"$LOGS/$name.log" 2>&1 &
     wait $! || LAST_RC=$?
     PHASES+=("$name"); TIMES+=("$(elapsed "$start" "$(now)")")
+    disk_sample
     if [ "$LAST_RC" -eq 0 ]; then
         STATES+=("ok")
         echo "   ok (${TIMES[-1]} s)"
@@ -107,6 +109,16 @@ run_phase() {
         echo "   FAILED after ${TIMES[-1]} s (exit $LAST_RC); last lines of $LOGS/$name.log:" >&2
         tail -n 40 "$LOGS/$name.log" | sed 's/^/   | /' >&2
     fi
+}
+
+# Disk use of the run, approximated by the drop in free space under WORK (sampled at phase ends).
+free_kb() { df -Pk "$WORK" | awk 'NR == 2 { print $4 }'; }
+FREE0=""
+PEAK_KB=0
+disk_sample() {
+    local used
+    used=$(( ${FREE0:-0} - $(free_kb) ))
+    if [ "$used" -gt "$PEAK_KB" ]; then PEAK_KB=$used; fi
 }
 
 skip_phase() {
@@ -461,7 +473,8 @@ cleanup() {
 main() {
     trap cleanup EXIT
 
-    free_gb=$(df -Pk "$WORK" | awk 'NR == 2 { printf "%d", $4 / 1048576 }')
+    FREE0=$(free_kb)
+    free_gb=$(( FREE0 / 1048576 ))
     echo "scanbridge ${VERSION} image build in $WORK (${free_gb} GB free), tag $TAG, FETCH_TEMPLATES=$FETCH_TEMPLATES"
     if [ "$free_gb" -lt "$MIN_FREE_GB" ]; then
         echo "build-container.sh: need about ${MIN_FREE_GB} GB free under $WORK, have ${free_gb} GB" >&2
