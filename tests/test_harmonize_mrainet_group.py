@@ -81,8 +81,8 @@ def test_group_run_writes_tables_maps_and_sections(tmp_path):
     acq, vol = make_dataset(tmp_path)
     sections = mrainet_group.run(_ctx(tmp_path, acq, vol))
     titles = [s.title for s in sections]
-    assert "Acquisition groups" in titles and "Scanner effect: proxy A-distance" in titles
-    for name in ("group_pad.tsv", "group_acquisition_groups.tsv", "group_mrainet_labels.tsv",
+    assert "MRAI-NET source and target groups" in titles and "Scanner effect: proxy A-distance" in titles
+    for name in ("group_pad.tsv", "group_mrainet_labels.tsv",
                  "group_mrainet_embedding.tsv", "group_mrainet_sessions.tsv", "group_mrainet_volumes.tsv"):
         assert (tmp_path / name).is_file(), name
     pad = pd.read_csv(tmp_path / "group_pad.tsv", sep="\t")
@@ -108,7 +108,7 @@ def test_single_group_gives_message_and_groups_section(tmp_path):
     acq, vol = make_dataset(tmp_path, groups=("siemens-a-1.5T-SPGR",))
     sections = mrainet_group.run(_ctx(tmp_path, acq, vol))
     assert len(sections) == 1 and "single acquisition group" in sections[0].warnings[0]
-    assert (tmp_path / "group_acquisition_groups.tsv").is_file()
+    assert not (tmp_path / "group_pad.tsv").exists()
 
 
 def test_group_without_usable_labels_and_short_patches(tmp_path, caplog):

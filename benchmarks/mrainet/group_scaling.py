@@ -178,9 +178,14 @@ def main(argv=None):
         print(f"per-session cost excluding the fixed training: {per0:.2f} s ({a0['sessions']}) vs {per1:.2f} s "
               f"({a1['sessions']}): ratio {per1 / per0:.2f} (1 = linear)")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "mrainet_group_scaling.json").write_text(json.dumps({"group": rows, "dense_throughput": tp,
-                                                                    "threads": os.environ.get("OMP_NUM_THREADS")},
-                                                                   indent=2))
+    path = RESULTS / "mrainet_group_scaling.json"
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    # a partial rerun (one size, or no throughput) updates its own entries and keeps the others
+    merged = {r["sessions"]: r for r in old.get("group", [])}
+    merged.update({r["sessions"]: r for r in rows})
+    path.write_text(json.dumps({"group": [merged[k] for k in sorted(merged)],
+                                "dense_throughput": tp or old.get("dense_throughput", []),
+                                "threads": os.environ.get("OMP_NUM_THREADS")}, indent=2))
     print(f"wrote {RESULTS / 'mrainet_group_scaling.json'}")
 
 

@@ -15,7 +15,7 @@ What it does, in two streaming passes over the sessions (memory holds one volume
   4. proxy A-distance between every two groups before (intensity patches) and after (features), an
      embedding of a patch subsample, and the sessions that stand out.
 Outputs (output_dir): ``models/mrainet-group.{pt,json}`` (weights and model card, incl. the classifier),
-``group_acquisition_groups.tsv``, ``group_mrainet_labels.tsv``, ``group_pad.tsv``,
+``group_mrainet_labels.tsv``, ``group_pad.tsv``,
 ``group_mrainet_embedding.tsv``, ``group_mrainet_sessions.tsv``, ``group_mrainet_volumes.tsv``.
 
 Options read from ``ctx.options``: ``labels_dir``, ``target_labels_per_tissue`` (10), ``device``, ``seed``,
@@ -159,7 +159,6 @@ def run(ctx) -> list:
     from bidsapp.bids.derivatives import atomic_write_tsv
 
     summary = summarize_groups(ctx.acquisitions, ctx.volumes)
-    atomic_write_tsv(out_dir / "group_acquisition_groups.tsv", summary)
     sess = session_groups(ctx.acquisitions, ctx.volumes)
     groups = sorted(sess["acq_group"].unique())
     if len(groups) < 2:

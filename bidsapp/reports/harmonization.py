@@ -34,26 +34,25 @@ def _files_note(names) -> str:
 
 def groups_section(summary: pd.DataFrame, source: str | None = None, labels: pd.DataFrame | None = None,
                    warnings: list[str] | None = None) -> Section:
-    """Table of the acquisition groups and, when MRAI-NET ran, how many labelled patches each group gave."""
-    body = []
+    """Which acquisition group is MRAI-NET's source and how many labelled patches each group gave.
+
+    The groups' scanners and parameters are in the report's acquisition section; this one adds their roles."""
+    body = [text_html("MRAI-NET learns from many labelled patches of a source group (the one with the most labelled "
+                      "data: participant-level or manual segmentations) and a few labelled patches of every other "
+                      "group (high-confidence voxels, probseg > 0.95, of the participant-level segmentation, or "
+                      "manual labels).")]
     if summary is None or not len(summary):
         body.append(text_html("No acquisition records were found."))
     else:
-        df = summary.copy()
-        for c, f in (("RepetitionTime", 1e3), ("EchoTime", 1e3), ("InversionTime", 1e3)):
-            if c in df.columns:
-                df[c.replace("Time", "Time (ms)")] = pd.to_numeric(df[c], errors="coerce") * f
-                df = df.drop(columns=c)
-        if source is not None:
-            df.insert(1, "role", np.where(df["acq_group"] == source, "source", "target"))
+        df = summary[[c for c in ("acq_group", "n_subjects", "n_sessions") if c in summary.columns]].copy()
+        df.insert(1, "role", np.where(df["acq_group"] == source, "source", "target") if source is not None else "n/a")
+        if labels is not None and len(labels):
+            wide = labels.pivot_table(index="acq_group", columns="tissue", values="n_patches", aggfunc="sum")
+            wide.columns = [f"labelled {c}" for c in wide.columns]
+            df = df.merge(wide.reset_index(), on="acq_group", how="left")
         body.append(table_html(df))
-    if labels is not None and len(labels):
-        body.append(text_html("Labelled patches per group and tissue used to train MRAI-NET "
-                              "(source: participant-level or manual segmentation; other groups: a few "
-                              "high-confidence or manually labelled voxels)."))
-        body.append(table_html(labels))
-    body.append(_files_note(["group_acquisition_groups.tsv"] + (["group_mrainet_labels.tsv"] if labels is not None else [])))
-    return Section("Acquisition groups", "".join(body), list(warnings or []), anchor="acq-groups")
+    body.append(_files_note(["group_mrainet_labels.tsv"]))
+    return Section("MRAI-NET source and target groups", "".join(body), list(warnings or []), anchor="mrainet-groups")
 
 
 def _pad_square(long: pd.DataFrame, groups: list[str]) -> np.ndarray:
