@@ -154,6 +154,7 @@ def main(argv=None):
     ap.add_argument("--test-subjects", type=int, default=7)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="ns 1,10,100, 400 steps: a smoke run")
+    ap.add_argument("--tag", default="", help="suffix of the result files (keeps several runs side by side)")
     a = ap.parse_args(argv)
     import torch
 
@@ -199,9 +200,10 @@ def main(argv=None):
     RESULTS.mkdir(parents=True, exist_ok=True)
     meta = {"steps": steps, "cnn_steps": cnn_steps, "repeats": a.repeats, "seed": a.seed, "total_s": total,
             "threads": torch.get_num_threads(), "command": " ".join(["python", "benchmarks/mrainet/run.py", *(argv or sys.argv[1:])])}
-    (RESULTS / "mrainet_paper.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
-    plot(results, RESULTS / "mrainet_fig2.png")
-    print(f"wrote {RESULTS / 'mrainet_paper.json'} and {RESULTS / 'mrainet_fig2.png'}")
+    tag = f"_{a.tag}" if a.tag else ""
+    (RESULTS / f"mrainet_paper{tag}.json").write_text(json.dumps({"meta": meta, "results": results}, indent=2))
+    plot(results, RESULTS / f"mrainet_fig2{tag}.png")
+    print(f"wrote {RESULTS / f'mrainet_paper{tag}.json'} and {RESULTS / f'mrainet_fig2{tag}.png'}")
 
 
 if __name__ == "__main__":
