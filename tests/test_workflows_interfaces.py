@@ -1,0 +1,306 @@
+"""The antspyx nodes on a tiny simulated head (3 mm, LIA, tilted and shifted, with a bias field)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from bidsapp.metrics.overlap import dice
+from workflows.interfaces import ants as A
+
+RES = 3.0
+
+
+def _tilt(affine, degrees, shift):
+    """World-space rotation about the left-right axis plus a translation, applied to ``affine``."""
+    a = np.deg2rad(degrees)
+    rot = np.eye(4)
+    rot[1:3, 1:3] = [[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]]
+    rot[:3, 3] = shift
+    return rot @ affine
+
+
+def make_session(root: Path, *, flair: bool = True, seed: int = 3) -> dict:
+    """A one-session BIDS dataset (T1w MPRAGE, optional FLAIR) of a deformed ICBM152 phantom.
+
+    Returns paths of the images and of their truth (brain mask, dseg) on the same grids.
+    """
+    from bidsapp.physics.phantom import from_icbm152, make_subject
+    from bidsapp.physics.protocols import get_protocol
+    from bidsapp.physics.simulator import simulate
+
+    rng = np.random.default_rng(seed)
+    ph = make_subject(from_icbm152(resolution=2), rng, resolution=RES)
+    anat = root / "bids" / "sub-01" / "ses-1" / "anat"
+    truth = root / "truth"
+    anat.mkdir(parents=True)
+    truth.mkdir(parents=True)
+    (root / "bids" / "dataset_description.json").write_text(json.dumps({"Name": "tiny", "BIDSVersion": "1.9.0"}))
+    out = {"bids": root / "bids"}
+    images = [("T1w", "siemens-3T-mprage", 8.0, (3.0, -6.0, 4.0))]
+    if flair:
+        images.append(("FLAIR", "siemens-3T-flair", -6.0, (-4.0, 5.0, -3.0)))
+    for suffix, proto, tilt, shift in images:
+        sim = simulate(ph, get_protocol(proto), rng, voxel_size=RES, orientation="LIA")
+        aff = _tilt(sim.image.affine, tilt, shift)
+        path = anat / f"sub-01_ses-1_{suffix}.nii.gz"
+        nib.save(nib.Nifti1Image(sim.image.get_fdata().astype(np.float32), aff), path)
+        (anat / f"sub-01_ses-1_{suffix}.json").write_text(json.dumps(sim.sidecar()))
+        nib.save(nib.Nifti1Image(sim.truth.brain_mask.astype(np.uint8), aff), truth / f"{suffix}_mask.nii.gz")
+        nib.save(nib.Nifti1Image(sim.truth.dseg(), aff), truth / f"{suffix}_dseg.nii.gz")
+        out[suffix] = path
+        out[f"{suffix}_mask"] = truth / f"{suffix}_mask.nii.gz"
+        out[f"{suffix}_dseg"] = truth / f"{suffix}_dseg.nii.gz"
+    return out
+
+
+def ras_array(path) -> np.ndarray:
+    return np.asarray(nib.as_closest_canonical(nib.load(str(path))).dataobj)
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory):
+    from bidsapp.templates import get_template
+
+    return get_template(resolution=int(RES), cache_dir=tmp_path_factory.mktemp("tplcache"), offline=True)
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory, template):
+    """Every step once, in order (module scope: the steps are checked by the tests below)."""
+    root = tmp_path_factory.mktemp("chain")
+    data = make_session(root)
+    work = root / "work"
+    work.mkdir()
+    A.use_threads(1, seed=0)
+    f = template["files"]
+    out = {"data": data, "work": work}
+    out["ras"] = A.reorient_to_ras(data["T1w"], work / "ras.nii.gz")
+    out["n4"] = A.n4_correct(out["ras"], work / "n4.nii.gz")
+    out["be"] = A.extract_brain(out["n4"], f["T1w"], f["mask"], work / "mask.nii.gz", work / "be.mat")
+    out["mask"] = str(work / "mask.nii.gz")
+    out["reg"] = A.register_to_template(out["n4"], out["mask"], f["T1w"], f["mask"], work / "reg_",
+                                        transform="SyN", initial_xfm=work / "be.mat")
+    out["priors"] = A.warp_to_subject(out["n4"], [f["CSF"], f["GM"], f["WM"]], out["reg"]["inverse"],
+                                      [work / f"prior_{k}.nii.gz" for k in range(3)])
+    out["seg"] = A.atropos_segment(out["n4"], out["mask"], out["priors"], work)
+    return out
+
+
+# ------------------------------------------------------------------------------ reorientation
+
+
+def test_reorient_gives_ras_without_resampling(chain):
+    src = nib.load(str(chain["data"]["T1w"]))
+    ras = nib.load(chain["ras"])
+    assert nib.aff2axcodes(src.affine) != ("R", "A", "S")
+    assert nib.aff2axcodes(ras.affine) == ("R", "A", "S")
+    assert np.array_equal(np.asarray(ras.dataobj), ras_array(src.get_filename()))
+    # same world positions: voxel centre (0,0,0) of RAS maps to a corner voxel of the source
+    corner = ras.affine @ [0, 0, 0, 1]
+    ijk = np.linalg.inv(src.affine) @ corner
+    assert np.allclose(ijk[:3], np.round(ijk[:3]), atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["4d", "zeros", "nan"])
+def test_reorient_rejects_bad_images(tmp_path, kind):
+    data = {"4d": np.ones((4, 4, 4, 3), np.float32), "zeros": np.zeros((4, 4, 4), np.float32),
+            "nan": np.full((4, 4, 4), np.nan, np.float32)}[kind]
+    path = tmp_path / "bad.nii.gz"
+    nib.save(nib.Nifti1Image(data, np.eye(4)), path)
+    with pytest.raises(ValueError, match="bad.nii.gz"):
+        A.reorient_to_ras(path, tmp_path / "out.nii.gz")
+
+
+# ------------------------------------------------------------------------------ N4
+
+
+def test_n4_removes_a_known_bias_field(chain, tmp_path):
+    """Multiply the image by a smooth +-30 % field: N4's result must barely change (it removes the
+    added field along with the simulator's own bias, so compare with N4 of the unmodified image)."""
+    img = nib.load(chain["ras"])
+    clean = np.asarray(img.dataobj, dtype=np.float32)
+    x, y, z = np.meshgrid(*(np.linspace(-1, 1, s) for s in clean.shape), indexing="ij")
+    field = 0.3 * x + 0.15 * y * z
+    nib.save(nib.Nifti1Image(clean * np.exp(field), img.affine), tmp_path / "biased.nii.gz")
+    out = A.n4_correct(tmp_path / "biased.nii.gz", tmp_path / "n4.nii.gz", bias_file=tmp_path / "bias.nii.gz")
+    brain = ras_array(chain["data"]["T1w_mask"]) > 0
+    corrected = np.asarray(nib.load(out).dataobj, dtype=np.float32)
+    reference = np.asarray(nib.load(chain["n4"]).dataobj, dtype=np.float32)
+    keep = brain & (reference > np.percentile(reference[brain], 20))
+    residual = np.log(np.maximum(corrected[keep], 1e-3) / np.maximum(reference[keep], 1e-3))
+    uncorrected = np.log(np.maximum(clean[keep] * np.exp(field[keep]), 1e-3) / np.maximum(reference[keep], 1e-3))
+    assert residual.std() < 0.35 * uncorrected.std()
+    assert nib.load(out).shape == clean.shape and (tmp_path / "bias.nii.gz").is_file()
+    assert corrected.min() >= 0
+
+
+# ------------------------------------------------------------------------------ brain extraction
+
+
+def test_brain_mask_matches_truth(chain):
+    truth = ras_array(chain["data"]["T1w_mask"]) > 0
+    mask = np.asarray(nib.load(chain["mask"]).dataobj) > 0
+    assert nib.load(chain["mask"]).get_data_dtype() == np.uint8
+    assert dice(mask, truth) >= 0.93
+    assert chain["be"]["mask_volume_mm3"] == pytest.approx(mask.sum() * RES ** 3)
+
+
+def test_rough_core_stays_inside_the_brain(chain):
+    data = np.asarray(nib.load(chain["n4"]).dataobj, dtype=np.float32)
+    core = A.rough_brain_mask(data, RES)
+    truth = ras_array(chain["data"]["T1w_mask"]) > 0
+    assert core.sum() * RES ** 3 > 300_000
+    assert (core & truth).sum() / core.sum() > 0.97
+
+
+def test_brain_extraction_refuses_an_image_without_brain(tmp_path, template):
+    rng = np.random.default_rng(0)
+    noise = rng.normal(100, 30, (30, 30, 30)).clip(0).astype(np.float32)
+    nib.save(nib.Nifti1Image(noise, np.diag([3.0, 3.0, 3.0, 1.0])), tmp_path / "noise.nii.gz")
+    with pytest.raises(ValueError, match="noise.nii.gz"):
+        A.extract_brain(tmp_path / "noise.nii.gz", template["files"]["T1w"], template["files"]["mask"],
+                        tmp_path / "m.nii.gz", tmp_path / "x.mat")
+
+
+# ------------------------------------------------------------------------------ registration
+
+
+def test_transforms_round_trip(chain, template):
+    import ants
+
+    reg = chain["reg"]
+    assert reg["forward"].endswith(".h5") and reg["inverse"].endswith(".h5")
+    subj = ants.image_read(chain["n4"])
+    tpl = ants.image_read(template["files"]["T1w"])
+    mask = ants.image_read(chain["mask"])
+    in_tpl = ants.apply_transforms(fixed=tpl, moving=mask, transformlist=[reg["forward"]],
+                                   interpolator="nearestNeighbor")
+    back = ants.apply_transforms(fixed=subj, moving=in_tpl, transformlist=[reg["inverse"]],
+                                 interpolator="nearestNeighbor")
+    assert dice(back.numpy() > 0.5, mask.numpy() > 0.5) > 0.9
+    # the subject brain lands on the template brain
+    tmask = np.asarray(nib.load(template["files"]["mask"]).dataobj) > 0
+    assert dice(in_tpl.numpy() > 0.5, tmask) > 0.85
+    assert nib.load(reg["warped"]).shape == tmask.shape
+
+
+def test_linear_registration_writes_mat_pair(tmp_path, chain, template):
+    f = template["files"]
+    out = A.register_to_template(chain["n4"], chain["mask"], f["T1w"], f["mask"], tmp_path / "aff_",
+                                 transform="Affine", initial_xfm=chain["work"] / "be.mat")
+    assert out["forward"].endswith(".mat") and out["inverse"].endswith(".mat")
+    import ants
+
+    fwd = ants.read_transform(out["forward"])
+    inv = ants.read_transform(out["inverse"])
+    p = (10.0, -20.0, 30.0)
+    assert np.allclose(inv.apply_to_point(fwd.apply_to_point(p)), p, atol=1e-3)
+
+
+def test_unknown_registration_type(tmp_path, chain, template):
+    with pytest.raises(ValueError, match="registration type"):
+        A.register_to_template(chain["n4"], chain["mask"], template["files"]["T1w"], template["files"]["mask"],
+                               tmp_path / "x_", transform="BSpline")
+
+
+# ------------------------------------------------------------------------------ Atropos and volumes
+
+
+def test_atropos_gives_sensible_tissues(chain):
+    truth = ras_array(chain["data"]["T1w_dseg"])
+    mask = np.asarray(nib.load(chain["mask"]).dataobj) > 0
+    dseg = np.asarray(nib.load(chain["seg"]["dseg"]).dataobj)
+    assert set(np.unique(dseg)) <= {0, 1, 2, 3}
+    assert not dseg[~mask].any()
+    assert dice(dseg == 2, truth == 2) > 0.75
+    assert dice(dseg == 3, truth == 3) > 0.8
+    probs = np.stack([np.asarray(nib.load(p).dataobj) for p in chain["seg"]["probseg"]])
+    assert [Path(p).name for p in chain["seg"]["probseg"]] == [
+        "label-CSF_probseg.nii.gz", "label-GM_probseg.nii.gz", "label-WM_probseg.nii.gz"]
+    assert np.allclose(probs.sum(0)[mask], 1.0, atol=1e-4)
+    assert np.array_equal(probs.argmax(0)[mask] + 1, dseg[mask])
+
+
+def test_priors_are_on_the_subject_grid(chain):
+    ref = nib.load(chain["n4"])
+    gm = nib.load(chain["priors"][1])
+    assert gm.shape == ref.shape and np.allclose(gm.affine, ref.affine)
+    truth = ras_array(chain["data"]["T1w_dseg"])
+    gm_prior = np.asarray(gm.dataobj)
+    assert gm_prior[truth == 2].mean() > gm_prior[truth == 1].mean()
+
+
+def test_volumes_table(chain, tmp_path):
+    tsv = A.tissue_volumes(chain["seg"]["dseg"], chain["mask"], "atropos", tmp_path / "v.tsv")
+    lines = Path(tsv).read_text().splitlines()
+    assert lines[0] == "method\tlabel\tvolume_mm3"
+    rows = {r.split("\t")[1]: float(r.split("\t")[2]) for r in lines[1:]}
+    assert list(rows) == ["CSF", "GM", "WM", "brain"] and all(r.startswith("atropos\t") for r in lines[1:])
+    mask = np.asarray(nib.load(chain["mask"]).dataobj) > 0
+    assert rows["brain"] == pytest.approx(mask.sum() * RES ** 3, rel=1e-6)
+    assert rows["CSF"] + rows["GM"] + rows["WM"] == pytest.approx(rows["brain"], rel=1e-6)
+    merged = A.merge_volume_tables([tsv, tsv], tmp_path / "m.tsv")
+    assert len(Path(merged).read_text().splitlines()) == 9
+    (tmp_path / "bad.tsv").write_text("a\tb\n")
+    with pytest.raises(ValueError, match="bad.tsv"):
+        A.merge_volume_tables([tmp_path / "bad.tsv"], tmp_path / "m2.tsv")
+
+
+# ------------------------------------------------------------------------------ co-registration
+
+
+def test_rigid_coregistration_aligns_flair(chain, tmp_path):
+    import ants
+
+    data = chain["data"]
+    flair_ras = A.reorient_to_ras(data["FLAIR"], tmp_path / "flair.nii.gz")
+    flair_n4 = A.n4_correct(flair_ras, tmp_path / "flair_n4.nii.gz")
+    out = A.rigid_coregister(flair_n4, chain["n4"], chain["mask"], tmp_path / "flair_t1w.nii.gz",
+                             tmp_path / "flair_to_t1w.mat")
+    ref = nib.load(chain["n4"])
+    moved = nib.load(out["out_file"])
+    assert moved.shape == ref.shape and np.allclose(moved.affine, ref.affine)
+    # the FLAIR's own truth, moved with the same transform, lands on the T1w's truth
+    t1_truth = ants.image_read(str(chain["data"]["T1w_mask"]))
+    fl_truth = ants.image_read(str(data["FLAIR_mask"]))
+    before = ants.resample_image_to_target(fl_truth, t1_truth, interp_type="nearestNeighbor")
+    after = ants.apply_transforms(fixed=ants.image_read(chain["n4"]), moving=fl_truth,
+                                  transformlist=[out["xfm"]], interpolator="nearestNeighbor")
+    t1_ras = ras_array(chain["data"]["T1w_mask"]) > 0
+    assert dice(after.numpy() > 0.5, t1_ras) > 0.9
+    assert dice(after.numpy() > 0.5, t1_ras) > dice(before.numpy() > 0.5, t1_truth.numpy() > 0.5) + 0.05
+
+
+# ------------------------------------------------------------------------------ Nipype wrappers
+
+
+def test_interfaces_run_under_nipype(tmp_path, chain):
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        res = A.ReorientToRAS(in_file=str(chain["data"]["T1w"])).run()
+        assert nib.aff2axcodes(nib.load(res.outputs.out_file).affine) == ("R", "A", "S")
+        res = A.Atropos(in_file=chain["n4"], mask_file=chain["mask"], priors=chain["priors"],
+                        template={"name": "X", "source": "s", "resolution": 3}, iterations=2).run()
+        out = res.outputs
+        assert out.method == "atropos" and len(out.probseg) == 3
+        assert out.metadata["Method"] == "atropos" and out.metadata["Priors"]["name"] == "X"
+        assert Path(out.volumes_tsv).read_text().startswith("method\tlabel\tvolume_mm3\natropos\tCSF\t")
+    finally:
+        os.chdir(cwd)
+
+
+def test_thread_and_seed_settings(monkeypatch):
+    monkeypatch.delenv("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", raising=False)
+    assert A.use_threads(3, seed=7) == 3
+    assert os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] == "3"
+    assert os.environ["ANTS_RANDOM_SEED"] == "8"
+    assert A.use_threads(0) == 1
+    # the thread count is not part of a node's hash: changing it never invalidates cached results
+    assert A.N4BiasFieldCorrection.input_spec().traits()["num_threads"].nohash
