@@ -121,23 +121,27 @@ def test_reorient_rejects_bad_images(tmp_path, kind):
 
 
 def test_n4_removes_a_known_bias_field(chain, tmp_path):
-    """Multiply the image by a smooth +-30 % field: N4's result must barely change (it removes the
-    added field along with the simulator's own bias, so compare with N4 of the unmodified image)."""
+    """A smooth +-30 % field multiplied in must largely come out again (white-matter intensity
+    spread, away from partial volume; at 3 mm noise sets a floor on that spread)."""
+    from scipy import ndimage as ndi
+
     img = nib.load(chain["ras"])
     clean = np.asarray(img.dataobj, dtype=np.float32)
     x, y, z = np.meshgrid(*(np.linspace(-1, 1, s) for s in clean.shape), indexing="ij")
-    field = 0.3 * x + 0.15 * y * z
-    nib.save(nib.Nifti1Image(clean * np.exp(field), img.affine), tmp_path / "biased.nii.gz")
+    biased = clean * np.exp(0.3 * x + 0.15 * y * z)
+    nib.save(nib.Nifti1Image(biased, img.affine), tmp_path / "biased.nii.gz")
     out = A.n4_correct(tmp_path / "biased.nii.gz", tmp_path / "n4.nii.gz", bias_file=tmp_path / "bias.nii.gz")
-    brain = ras_array(chain["data"]["T1w_mask"]) > 0
+    wm = ndi.binary_erosion(ras_array(chain["data"]["T1w_dseg"]) == 3)
+
+    def cov(a):
+        return float(a[wm].std() / a[wm].mean())
+
     corrected = np.asarray(nib.load(out).dataobj, dtype=np.float32)
-    reference = np.asarray(nib.load(chain["n4"]).dataobj, dtype=np.float32)
-    keep = brain & (reference > np.percentile(reference[brain], 20))
-    residual = np.log(np.maximum(corrected[keep], 1e-3) / np.maximum(reference[keep], 1e-3))
-    uncorrected = np.log(np.maximum(clean[keep] * np.exp(field[keep]), 1e-3) / np.maximum(reference[keep], 1e-3))
-    assert residual.std() < 0.35 * uncorrected.std()
-    assert nib.load(out).shape == clean.shape and (tmp_path / "bias.nii.gz").is_file()
-    assert corrected.min() >= 0
+    assert cov(corrected) < 0.88 * cov(biased)
+    assert cov(np.asarray(nib.load(chain["n4"]).dataobj, dtype=np.float32)) < cov(clean)
+    bias = np.asarray(nib.load(tmp_path / "bias.nii.gz").dataobj)
+    assert np.corrcoef(np.log(bias[wm]), x[wm])[0, 1] > 0.8  # the estimated field follows the ramp
+    assert corrected.shape == clean.shape and corrected.min() >= 0
 
 
 # ------------------------------------------------------------------------------ brain extraction
