@@ -135,6 +135,8 @@ def _setup_logging(verbose: int) -> None:
                         datefmt="%H:%M:%S", stream=sys.stderr)
     from nipype import config, logging as nlogging
 
+    logging.getLogger("bidsschematools").setLevel(logging.WARNING)
+
     config.set("execution", "crashfile_format", "txt")
     config.set("execution", "remove_unnecessary_outputs", "false")
     config.set("monitoring", "enabled", "false")
