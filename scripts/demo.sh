@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export PATH="$PWD/.venv/bin:$PATH"
 rm -rf demo
-scanbridge-simulate demo/bids --subjects 4 --sites 2 --sessions 2 --resolution 2 --seed 1
+scanbridge-simulate demo/bids --subjects 4 --sites 2 --sessions 2 --protocol-change --resolution 2 --seed 1
 scanbridge demo/bids demo/out participant -w demo/work "$@"
 scanbridge demo/bids demo/out group -w demo/work "$@"
 echo "Reports: $(ls demo/out/*.html | tr '\n' ' ')"
