@@ -8,7 +8,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pandas as pd
-import pytest
 
 from bidsapp.harmonize.context import GroupContext
 

@@ -11,7 +11,6 @@ The defaults are the paper's; ``MRAINetConfig`` widens the network or switches t
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -239,10 +238,6 @@ def load_mrainet(path, map_location: str | torch.device = "cpu") -> MRAINet:
     model = MRAINet(MRAINetConfig.from_dict(blob["config"]))
     model.load_state_dict(blob["state_dict"])
     return model.eval()
-
-
-def config_json(config: MRAINetConfig) -> str:
-    return json.dumps(config.to_dict(), sort_keys=True)
 
 
 def sample_centres(labels: np.ndarray, n_per_class: int, classes=(1, 2, 3), rng=None,

@@ -29,11 +29,6 @@ PAIR_TYPES: tuple[tuple[str, str, bool], ...] = (
 )
 
 
-def pair_type_name(t: int) -> str:
-    a, b, sim = PAIR_TYPES[t]
-    return f"{a}-{b}-{'similar' if sim else 'dissimilar'}"
-
-
 @dataclass
 class PairBatch:
     a: np.ndarray          # indices into the patch arrays

@@ -12,7 +12,6 @@ trains on the user's own scanners).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
