@@ -473,6 +473,7 @@ cleanup() {
 main() {
     trap cleanup EXIT
 
+    rm -f "$LOGS"/*.log  # logs of an earlier run would be mistaken for this one's
     FREE0=$(free_kb)
     free_gb=$(( FREE0 / 1048576 ))
     echo "scanbridge ${VERSION} image build in $WORK (${free_gb} GB free), tag $TAG, FETCH_TEMPLATES=$FETCH_TEMPLATES"
