@@ -1,7 +1,7 @@
 """Build the Docker image with buildah and run it on a tiny dataset (scripts/build-container.sh).
 
 Marked ``container``: deselected by default (it needs root, apt or buildah/podman, about 8 GB of
-free disk and 15-20 minutes on 2 cores). Run with ``python -m pytest -m container -s
+free disk and about 15 minutes on 2 cores). Run with ``python -m pytest -m container -s
 tests/test_container_build.py``; ``SCANBRIDGE_CONTAINER_WORK`` picks the scratch folder.
 """
 
