@@ -41,7 +41,7 @@ def contour_figure(grid, surface, best, test_points, parameter: str, tissues=("G
         ax.set_xlabel(f"{name} assumed for the pre-change image ({unit})")
         ax.set_ylabel(f"{name} assumed for the post-change image ({unit})")
         ax.set_title(f"{t}")
-        ax.legend(loc="upper left", fontsize=7, framealpha=0.8)
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize=8, frameon=False)
     fig.tight_layout()
     return fig
 
