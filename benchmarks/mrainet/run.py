@@ -176,9 +176,9 @@ def main(argv=None):
             row = {"n": n, "pad_before": pb.pad}
             for k in ("mrainet", "source", "target", "pad_after", "mrainet_train_s", "cnn_train_s"):
                 vals = [r[k] for r in reps]
-                row[k] = float(np.mean(vals))
-                if a.repeats > 1 and k in ("mrainet", "source", "target", "pad_after"):
-                    row[k + "_sd"] = float(np.std(vals))
+                row[k] = float(np.median(vals))                 # median over repeats, each kept below
+                if a.repeats > 1:
+                    row[k + "_runs"] = [float(v) for v in vals]
             rows.append(row)
             print(f"[{e}] n={n:5d}  PAD {row['pad_before']:.2f} -> {row['pad_after']:.2f}   error  MRAI-NET "
                   f"{row['mrainet']:.3f}  SOURCE {row['source']:.3f}  TARGET {row['target']:.3f}   "
