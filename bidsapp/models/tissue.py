@@ -376,7 +376,7 @@ class TissueResult:
 
 
 def predict_probs(model, image: np.ndarray, mask: np.ndarray, params: np.ndarray | None,
-                  device, roi: int = 64, overlap: float = 0.5, sw_batch_size: int = 1) -> np.ndarray:
+                  device, roi: int = 64, overlap: float = 0.5, sw_batch_size: int = 8) -> np.ndarray:
     """Softmax (3, ...) of a normalised image at model resolution (cropped to the mask's box)."""
     import torch
     from monai.inferers import sliding_window_inference
@@ -493,7 +493,7 @@ def sweep_volumes(image: np.ndarray, mask: np.ndarray, zooms, acquisition: dict,
                 return torch.cat([torch.softmax(model.forward_top(shared, params[k:k + 1]).float(), dim=1)
                                   for k in range(params.shape[0])], dim=1)
 
-            prob = sliding_window_inference(xt, roi_size, 1, predictor, overlap=float(card.get("inference_overlap", 0.5)),
+            prob = sliding_window_inference(xt, roi_size, 8, predictor, overlap=float(card.get("inference_overlap", 0.5)),
                                             mode="gaussian")[0]
             prob = prob.reshape(params.shape[0], n_cls, *prob.shape[1:])
             out[start:start + params.shape[0]] = (prob * mt).sum(dim=(2, 3, 4)).cpu().numpy() * res ** 3
