@@ -70,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--template", default="MNI152NLin2009cAsym",
                    help="TemplateFlow template for spatial normalisation")
     g.add_argument("--seed", type=int, default=0, help="random seed for everything stochastic")
+    g.add_argument("--segmentation", nargs="+", choices=["unet-physics", "atropos"],
+                   default=["unet-physics", "atropos"], metavar="METHOD",
+                   help="tissue segmentation methods, main answer first: unet-physics (the physics-aware "
+                        "U-Net; the plain U-Net when sequence parameters are unusable), atropos (ANTs Atropos "
+                        "with template priors, the classical baseline, written as desc-atropos)")
 
     g = p.add_argument_group("group level")
     g.add_argument("--labels-dir", "--labels_dir", type=Path, default=None,
@@ -210,6 +215,7 @@ def run_participant(opts) -> int:
                 omp_nthreads=omp,
                 device=opts.device,
                 seed=opts.seed,
+                segmentation=tuple(dict.fromkeys(opts.segmentation)),
             )
             wf.base_dir = str(opts.work_dir)
             crash_dir = opts.work_dir / "crash" / f"sub-{label}"
