@@ -127,7 +127,8 @@ def evaluate(args) -> dict:
                         seg = atropos_dseg(img, subj.mask, (args.resolution,) * 3)
                     else:
                         r = tissue.segment(img, subj.mask, (args.resolution,) * 3, acquisition_dict(acq),
-                                           device=args.device, use_physics=(m == "unet-physics"))
+                                           device=args.device, use_physics=(m == "unet-physics"),
+                                           weights_dir=args.weights_dir)
                         if m == "unet-physics" and r.method != "unet-physics":
                             raise SystemExit(f"physics model not used for {acq}: {r.fallback_reason}")
                         seg = r.dseg
@@ -235,6 +236,7 @@ def main(argv=None) -> int:
     p.add_argument("--timing-only", action="store_true")
     p.add_argument("--timing-runs", type=int, default=3)
     p.add_argument("--timing-child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--weights-dir", default=None, help="evaluate weights + cards from this folder (default: shipped)")
     p.add_argument("--update-cards", action="store_true", help="write the metrics into the model cards")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "tissue.json"))
     args = p.parse_args(argv)
@@ -256,7 +258,7 @@ def main(argv=None) -> int:
         out["timing"] = timing(args)
     from bidsapp.models import registry, tissue
 
-    out["models"] = {n: registry.load_card(n)["sha256"] for n in (tissue.PHYSICS_MODEL, tissue.BASE_MODEL)}
+    out["models"] = {n: registry.load_card(n, args.weights_dir)["sha256"] for n in (tissue.PHYSICS_MODEL, tissue.BASE_MODEL)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2))
     print(f"wrote {args.out}")
@@ -271,7 +273,7 @@ def main(argv=None) -> int:
                 if "timing" in out:
                     metrics["inference_1mm_cpu2_seconds"] = out["timing"]["median_seconds"]
                     metrics["inference_1mm_peak_rss_mb"] = out["timing"]["median_peak_rss_mb"]
-                registry.update_card(name, {"metrics": metrics})
+                registry.update_card(name, {"metrics": metrics}, args.weights_dir)
         print("model cards updated")
     return 0
 
