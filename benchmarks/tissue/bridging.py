@@ -45,6 +45,7 @@ def main(argv=None) -> int:
     p.add_argument("--deformations", type=int, default=3, help="deformed subjects per held-out anatomy (+1 undeformed)")
     p.add_argument("--points", type=int, default=25, help="hypothetical TIs over 600-1200 ms (paper: 121)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--weights-dir", default=None, help="weights + cards folder (default: shipped)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "tissue_bridging.json"))
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -70,10 +71,11 @@ def main(argv=None) -> int:
                 img *= subj.mask
                 seg = atropos_dseg(img, subj.mask, (2.0,) * 3)
                 vols["atropos"].append([float((seg == c).sum()) * 8.0 for c in (2, 3)])
-                r = tissue.segment(img, subj.mask, (2.0,) * 3, sidecar, device="cpu")
+                r = tissue.segment(img, subj.mask, (2.0,) * 3, sidecar, device="cpu", weights_dir=args.weights_dir)
                 assert r.method == "unet-physics", r.fallback_reason
                 vols["unet-physics"].append([r.volumes_mm3["GM"], r.volumes_mm3["WM"]])
-                sw = tissue.sweep_volumes(img, subj.mask, (2.0,) * 3, sidecar, "InversionTime", grid, device="cpu")
+                sw = tissue.sweep_volumes(img, subj.mask, (2.0,) * 3, sidecar, "InversionTime", grid, device="cpu",
+                                          weights_dir=args.weights_dir)
                 cur.append(sw[:, [1, 2]])
             for m in base:
                 base[m].append(vols[m])
