@@ -136,10 +136,13 @@ def test_failed_node_leaves_no_partial_derivatives(run, monkeypatch, tmp_path):
         raise RuntimeError("simulated Atropos crash")
 
     monkeypatch.setattr(A, "atropos_segment", boom)
+    monkeypatch.chdir(tmp_path)
     out = tmp_path / "out"
     wf = _build(run["data"], out, run["work"], run["template"], prior_weight=0.3)
     with pytest.raises(RuntimeError):
         wf.run(plugin="Linear")
+    assert list((run["work"] / "crash").glob("crash-*seg_atropos*")), "crash report belongs in the work dir"
+    assert not list(tmp_path.glob("crash-*"))
     anat = out / ANAT
     assert not list(anat.glob("*probseg*")) and not list(anat.glob("*dseg*")) and not list(anat.glob("*morph*"))
     written = sorted(p for p in anat.iterdir())

@@ -58,6 +58,8 @@ def init_single_subject_wf(subject: str, sessions: list[dict], output_dir, bids_
     wf = pe.Workflow(name=name or f"sub_{_label(subject)}_wf")
     if work_dir is not None:
         wf.base_dir = str(work_dir)
+        # crash reports go to the work directory, never to the (possibly read-only) current one
+        wf.config["execution"]["crashdump_dir"] = str(Path(work_dir) / "crash")
     seen = set()
     for ses in sessions:
         label = ses.get("session")
