@@ -131,6 +131,8 @@ def _plugin_settings(opts) -> dict:
         if opts.mem_gb:
             args.setdefault("memory_gb", opts.mem_gb)
         args.setdefault("raise_insufficient", False)
+        # as fMRIPrep: forked workers deadlock when the parent has already started OpenMP/torch threads
+        args.setdefault("mp_context", "forkserver")
     return {"plugin": plugin, "plugin_args": args}
 
 

@@ -69,6 +69,11 @@ def test_derivatives_of_good_subjects(run):
                      "label-GM_probseg.nii.gz", "label-WM_probseg.nii.gz", "label-CSF_probseg.nii.gz",
                      "desc-volumes_morph.tsv"):
             assert (anat / f"{stem}_{name}").is_file(), name
+        assert (anat / f"{stem}_desc-atropos_dseg.nii.gz").is_file(), "baseline kept beside the main answer"
+        methods = set(pd.read_csv(anat / f"{stem}_desc-volumes_morph.tsv", sep="\t")["method"])
+        assert methods == {"unet-physics", "atropos"}
+        seg = json.loads((anat / f"{stem}_dseg.json").read_text())
+        assert seg["Method"] == "unet-physics" and len(seg["Model"]["Sha256"]) == 64
         side = json.loads((anat / f"{stem}_desc-preproc_T1w.json").read_text())
         assert side["Sources"][0].startswith("bids:raw:sub-")
         assert list(anat.glob(f"{stem}_from-T1w_to-*_mode-image_xfm.*"))
