@@ -321,6 +321,8 @@ class TrainConfig:
     time_limit_min: float | None = None
     weights_dir: str | None = None
     cache: str | None = None
+    init_from: str | None = None
+    """Folder of weights + cards to continue training from (fine-tuning); None starts from scratch."""
 
 
 def _model_name(physics: bool) -> str:
@@ -398,10 +400,18 @@ def train(cfg: TrainConfig, subjects: list[Subject] | None = None, progress=None
     variants = [True, False] if cfg.physics == "both" else [bool(cfg.physics)]
     runs = []
     for phys in variants:
-        net = build_network(cfg, cfg.seed, phys).to(device)
+        net = build_network(cfg, cfg.seed, phys)
+        init = None
+        if cfg.init_from:
+            from bidsapp.models import registry
+
+            state, card0 = registry.load_state_dict(_model_name(phys), cfg.init_from)
+            net.load_state_dict(state)
+            init = {"name": card0["name"], "sha256": card0["sha256"], "command": card0["training"]["command"]}
+        net = net.to(device)
         opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-5)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(cfg.iterations))
-        runs.append({"model": net, "opt": opt, "sched": sched, "physics": phys, "step": [], "loss": [],
+        runs.append({"model": net, "opt": opt, "sched": sched, "physics": phys, "init": init, "step": [], "loss": [],
                      "running": [], "seconds": 0.0, "iterations": 0, "n_subjects": len(subjects)})
     sampler = PatchSampler(subjects, cfg.patch, seed=cfg.seed)
     loss_fn = MaskedDiceCE()
@@ -455,6 +465,8 @@ def command_line(cfg: TrainConfig) -> str:
         parts.append("--no-icbm")
     if cfg.time_limit_min:
         parts.append(f"--time-limit-min {cfg.time_limit_min:g}")
+    if cfg.init_from:
+        parts.append(f"--init-from {cfg.init_from}")
     return " ".join(parts)
 
 
@@ -501,6 +513,7 @@ def save(net, cfg: TrainConfig, history: dict, final: bool = True) -> dict:
             "threads": cfg.threads,
             "host": {"python": platform.python_version(), "torch": torch.__version__, "machine": platform.machine()},
             "final_loss": history["loss"][-1] if history["loss"] else None,
+            "init_from": history.get("init"),
             "longer_run": ("scanbridge-train tissue --out runs/tissue --seed 0 --both --iterations 20000 --patch 64 "
                            "--batch 4 --features 16,32,64,128 --device cuda --weights-dir runs/tissue/weights "
                            "(then copy the .pt/.json pairs into bidsapp/models/weights/)"),
@@ -549,6 +562,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--time-limit-min", type=float, default=None, help="stop (and save) after this many minutes")
     p.add_argument("--weights-dir", default=None, help="where to write weights + card (default: the package)")
     p.add_argument("--cache", default=None, help="folder to cache simulated subjects between runs")
+    p.add_argument("--init-from", default=None,
+                   help="continue from the weights + cards in this folder (e.g. bidsapp/models/weights)")
 
 
 def run(args) -> int:
@@ -558,7 +573,7 @@ def run(args) -> int:
                       batch=args.batch, iterations=args.iterations, lr=args.lr,
                       features=tuple(int(x) for x in str(args.features).split(",")), device=args.device,
                       threads=args.threads, time_limit_min=args.time_limit_min, weights_dir=args.weights_dir,
-                      cache=args.cache or str(Path(args.out) / "cache"))
+                      cache=args.cache or str(Path(args.out) / "cache"), init_from=args.init_from)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     for run_ in train(cfg):
