@@ -170,6 +170,62 @@ def print_tables(summary: dict) -> None:
         print(row(f"ours {m}", [f"{d[f]['cov'][t]:.5f}" for f in FAMILIES for t in TISSUES]))
 
 
+# ---------------------------------------------------------------------------------------------- presets
+PRESETS = ("paper-mprage", "siemens-3T-mprage", "siemens-3T-mprage-v2", "siemens-1.5T-mprage", "siemens-7T-mprage",
+           "mrainet-1.5T-spgr", "mrainet-3T-spgr")
+
+
+def preset_acquisition(name: str) -> tuple[dict, dict]:
+    """(simulation parameters, sidecar-like acquisition dict) of a simulator protocol preset."""
+    from bidsapp.physics.protocols import get_protocol
+    from bidsapp.training.tissue import MPRAGE_TAU
+
+    pr = get_protocol(name)
+    if pr.sequence == "MPRAGE":
+        tau = pr.tau if pr.tau is not None else MPRAGE_TAU
+        td = pr.td if pr.td is not None else pr.tr - pr.ti - tau
+        sim = {"family": "MPRAGE", "TI": pr.ti, "td": td, "tau": tau, "field": pr.field_strength}
+        side = {"sequence_family": "MPRAGE", "InversionTime": pr.ti, "RepetitionTime": pr.ti + td + tau,
+                "MagneticFieldStrength": pr.field_strength}
+    else:
+        sim = {"family": "SPGR", "TR": pr.tr, "TE": pr.te, "FA": pr.flip_angle, "field": pr.field_strength}
+        side = {"sequence_family": "SPGR", "RepetitionTime": pr.tr, "EchoTime": pr.te, "FlipAngle": pr.flip_angle,
+                "MagneticFieldStrength": pr.field_strength}
+    return sim, side
+
+
+def presets(args) -> dict:
+    """Dice of each method on the simulator's clinical protocol presets (sidecar parameters as a user has them)."""
+    import torch
+
+    from bidsapp.metrics.overlap import dice
+    from bidsapp.models import tissue
+    from bidsapp.training import tissue as T
+
+    torch.set_num_threads(args.threads)
+    names = list(T.HELDOUT)[: args.subjects]
+    methods = [m for m in args.methods if m != "atropos"]
+    out = {p: {m: {"GM": [], "WM": []} for m in methods} for p in PRESETS}
+    for name in names:
+        subj = heldout_subject(Path(args.anatomy_dir), name, args.resolution, args.seed)
+        gs = subj.target.astype(np.float32).argmax(0) + 1
+        gs[~subj.mask] = 0
+        for k, preset in enumerate(PRESETS):
+            sim, side = preset_acquisition(preset)
+            img = T.simulate(subj, sim, np.random.default_rng([args.seed, k]), snr=args.snr, bias=args.bias) * subj.mask
+            for m in methods:
+                r = tissue.segment(img, subj.mask, (args.resolution,) * 3, side, device=args.device,
+                                   use_physics=(m == "unet-physics"), weights_dir=args.weights_dir)
+                for lab, t in ((2, "GM"), (3, "WM")):
+                    out[preset][m][t].append(dice(r.dseg == lab, gs == lab))
+    summary = {p: {m: {t: float(np.mean(v)) for t, v in d.items()} for m, d in pm.items()} for p, pm in out.items()}
+    print("\nClinical protocol presets - Dice vs physics gold standard (mean over held-out subjects)")
+    print(f"{'':<24}" + "".join(f"{m + ' GM':>18}{m + ' WM':>18}" for m in methods))
+    for p, pm in summary.items():
+        print(f"{p:<24}" + "".join(f"{pm[m]['GM']:>18.3f}{pm[m]['WM']:>18.3f}" for m in methods))
+    return summary
+
+
 # ---------------------------------------------------------------------------------------------- timing
 def _timing_child(path: str, device: str) -> None:
     import nibabel as nib
@@ -234,6 +290,8 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
     p.add_argument("--timing", action="store_true", help="also time a 1 mm session")
     p.add_argument("--timing-only", action="store_true")
+    p.add_argument("--presets", action="store_true", help="also evaluate the simulator's clinical protocol presets")
+    p.add_argument("--presets-only", action="store_true")
     p.add_argument("--timing-runs", type=int, default=3)
     p.add_argument("--timing-child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--weights-dir", default=None, help="evaluate weights + cards from this folder (default: shipped)")
@@ -247,7 +305,9 @@ def main(argv=None) -> int:
         print(f"{args.anatomy_dir}: anatomy folder not found (give --anatomy-dir)", file=sys.stderr)
         return 2
     out: dict = {"settings": {k: v for k, v in vars(args).items() if k != "timing_child"}}
-    if not args.timing_only:
+    if args.presets or args.presets_only:
+        out["presets"] = presets(args)
+    if not (args.timing_only or args.presets_only):
         t0 = time.time()
         out.update(evaluate(args))
         out["seconds"] = time.time() - t0
