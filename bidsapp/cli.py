@@ -100,6 +100,7 @@ def _resolve_paths(opts) -> None:
     opts.work_dir = opts.work_dir.expanduser().resolve()
     if opts.labels_dir is not None and not opts.labels_dir.is_dir():
         raise UserError(f"{opts.labels_dir}: labels directory does not exist")
+    opts.plugin_settings = _plugin_settings(opts)  # a bad --plugin-args fails before any work
 
 
 def _default_work_dir() -> Path:
@@ -193,17 +194,16 @@ def run_participant(opts) -> int:
     opts.output_dir.mkdir(parents=True, exist_ok=True)
     derivatives.write_dataset_description(opts.output_dir, bids_dir=opts.bids_dir)
     template = get_template(opts.template, cache_dir=opts.work_dir / "templates")
-    LOG.warning("template: %s (%s)", template["name"], template["source"])
+    LOG.info("template: %s (%s)", template["name"], template["source"])
 
     command_line = " ".join(["scanbridge", *sys.argv[1:]])
     omp = _set_threads(opts.omp_nthreads, opts.nprocs)
-    plugin = _plugin_settings(opts)
     failed = [s.subject for s in plan.skipped_subjects]
     runnable = plan.runnable_subjects
     for i, subj in enumerate(runnable, 1):
         label = subj.subject
         sessions = [_session_inputs(ses) for ses in subj.sessions]
-        LOG.warning("[%d/%d] sub-%s: %d session(s)", i, len(runnable), label, len(sessions))
+        LOG.info("[%d/%d] sub-%s: %d session(s)", i, len(runnable), label, len(sessions))
         t0 = time.time()
         errors: list[str] = []
         try:
@@ -222,7 +222,7 @@ def run_participant(opts) -> int:
             wf.base_dir = str(opts.work_dir)
             crash_dir = opts.work_dir / "crash" / f"sub-{label}"
             wf.config["execution"]["crashdump_dir"] = str(crash_dir)
-            wf.run(**plugin)
+            wf.run(**opts.plugin_settings)
         except Exception as exc:  # one subject's failure must not stop the others
             found = _crash_messages(crash_dir, since=t0)
             errors.extend(found or [_first_line(exc)])
@@ -234,7 +234,7 @@ def run_participant(opts) -> int:
         try:
             report = write_participant_report(opts.output_dir, label, warnings=warnings, errors=errors,
                                               template=template, command_line=command_line)
-            LOG.warning("sub-%s: %s in %.0f s; report %s", label, "FAILED" if errors else "done",
+            LOG.info("sub-%s: %s in %.0f s; report %s", label, "FAILED" if errors else "done",
                         time.time() - t0, report)
         except Exception as exc:
             LOG.error("sub-%s: report could not be written: %s", label, _first_line(exc))

@@ -86,12 +86,10 @@ def test_unknown_session_label(capsys, tiny_bids, tmp_path):
 
 
 def test_bad_plugin_args(capsys, tiny_bids, tmp_path):
-    from bidsapp.cli import _plugin_settings
-    from bidsapp.errors import UserError
-
-    opts = build_parser().parse_args([str(tiny_bids), "o", "participant", "--plugin-args", "{nope"])
-    with pytest.raises(UserError, match="plugin-args"):
-        _plugin_settings(opts)
+    code, _, err = run_cli(capsys, tiny_bids, tmp_path / "out", "participant", "-w", tmp_path / "work",
+                           "--plugin-args", "{nope")
+    assert code == EXIT_USAGE and "--plugin-args" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists(), "nothing is written before the arguments are checked"
 
 
 def test_group_without_participant_results(capsys, tiny_bids, tmp_path):

@@ -116,7 +116,7 @@ def run_steps(ctx: GroupContext, steps=STEPS) -> tuple[list, list[str]]:
     sections, failures = [], []
     for module, name in steps:
         t0 = time.time()
-        LOG.warning("group: %s ...", name)
+        LOG.info("group: %s ...", name)
         try:
             step = importlib.import_module(module)
             sections.extend(step.run(ctx))
