@@ -206,7 +206,8 @@ def run_workflow(case: dict, template: dict, bids: Path, work: Path, out: Path, 
                "acquisition": {}}
     wf = init_single_subject_wf(case["subject"], [session], out, bids, work, template, omp_nthreads=omp, seed=seed)
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(omp)
-    plugin = ("MultiProc", {"n_procs": nprocs, "raise_insufficient": False}) if nprocs > 1 else ("Linear", {})
+    plugin = (("MultiProc", {"n_procs": nprocs, "raise_insufficient": False, "mp_context": "forkserver"})
+              if nprocs > 1 else ("Linear", {}))
     with TreeSampler() as sampler:
         t0 = time.perf_counter()
         wf.run(plugin=plugin[0], plugin_args=plugin[1])

@@ -560,7 +560,7 @@ class _BrainExtractionInputSpec(_TemplateInputSpec):
 class _BrainExtractionOutputSpec(TraitedSpec):
     out_mask = File(exists=True, desc="brain mask (uint8) on the input grid")
     out_xfm = File(exists=True, desc="affine: subject points -> template points (.mat)")
-    diagnostics = traits.Dict(desc="mask and core volumes (mm3)")
+    diagnostics = traits.Dict(desc="mask volume and template-only mask volume (mm3), initial placement")
 
 
 class BrainExtraction(SimpleInterface):
