@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export PATH="$PWD/.venv/bin:$PATH"
-rm -rf demo
+rm -rf demo && mkdir -p demo
 scanbridge-simulate demo/bids --subjects 4 --sites 2 --sessions 2 --protocol-change --resolution 2 --seed 1
 scanbridge demo/bids demo/out participant -w demo/work "$@"
 scanbridge demo/bids demo/out group -w demo/work "$@"
