@@ -244,7 +244,9 @@ def summarise(results: list[dict]) -> dict:
                                "peak_tree_rss_mb": _median([w["peak_tree_rss_mb"] for w in wf_runs]),
                                "max_wall_s": max(w["wall_s"] for w in wf_runs),
                                "max_peak_tree_rss_mb": max(w["peak_tree_rss_mb"] for w in wf_runs)}
-    accs = [r[k]["accuracy"] for r in results for k in ("workflow", "stages") if k in r]
+    # one value per subject: the workflow's outputs when it ran, else the stage run's (same steps)
+    accs = [(r["workflow"] if "workflow" in r else r["stages"])["accuracy"] for r in results
+            if "workflow" in r or "stages" in r]
     if accs:
         for key in accs[0]:
             vals = [a[key] for a in accs]
