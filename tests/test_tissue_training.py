@@ -106,3 +106,23 @@ def test_cli_dispatches_and_reports_unknown(capsys):
         cli.main(["tissue", "--help"])
     assert "--no-physics" in capsys.readouterr().out
     assert cli.main([]) == 2
+
+
+def test_paired_batches_share_the_patch_and_consistency_loss_trains(tmp_path):
+    subjects = [_tiny_subject(seed=k) for k in range(2)]
+    sampler = T.PatchSampler(subjects, 16, seed=0)
+    x, m, y, p = sampler.batch(4, pairs=True)
+    assert x.shape == (4, 1, 16, 16, 16)
+    torch.testing.assert_close(y[0], y[1])
+    torch.testing.assert_close(m[2], m[3])
+    assert p[0, 0] == p[1, 0] and p[2, 1] == p[3, 1]  # same family within a pair
+    assert not torch.equal(p[0], p[1])  # different acquisitions
+    logits = torch.randn(4, 3, 16, 16, 16)
+    assert T.consistency_loss(logits, m) > 0
+    same = logits.clone()
+    same[1], same[3] = same[0], same[2]
+    assert T.consistency_loss(same, m) == 0
+    cfg = T.TrainConfig(out=str(tmp_path), seed=0, physics=True, patch=16, batch=4, iterations=3, features=(4, 8),
+                        save_every=0, log_every=1, consistency=1.0)
+    run = T.train(cfg, subjects)[0]
+    assert run["iterations"] == 3 and "--consistency 1" in T.command_line(cfg)

@@ -264,19 +264,40 @@ class PatchSampler:
         ])
         self.transform.set_random_state(seed=seed)
 
-    def batch(self, n: int):
+    def batch(self, n: int, pairs: bool = False):
+        """``n`` patches; with ``pairs``, samples 2k and 2k+1 are the same subject, patch and flip seen with
+        two different acquisitions of one sequence family (for the consistency loss)."""
         import torch
 
-        acqs = sample_parameters(self.rng, n, self.families, self.paper_only)
-        xs, ms, ts = [], [], []
-        for acq in acqs:
+        if not pairs:
+            acqs = sample_parameters(self.rng, n, self.families, self.paper_only)
+            groups = [[a] for a in acqs]
+        else:
+            groups = []
+            for _ in range((n + 1) // 2):
+                fam = self.families[self.rng.integers(len(self.families))]
+                groups.append(sample_parameters(self.rng, 2, (fam,), self.paper_only))
+        xs, ms, ts, acqs = [], [], [], []
+        for group in groups:
             s = self.subjects[self.rng.integers(len(self.subjects))]
-            img, mask, target = normalised_sample(s, acq, self.rng)
-            d = self.transform({"image": img[None], "mask": mask[None].astype(np.float32), "target": target})
-            xs.append(torch.as_tensor(np.asarray(d["image"]), dtype=torch.float32))
-            ms.append(torch.as_tensor(np.asarray(d["mask"]), dtype=torch.float32))
-            ts.append(torch.as_tensor(np.asarray(d["target"], dtype=np.float32)))
+            imgs = [normalised_sample(s, acq, self.rng)[0] for acq in group]
+            d = self.transform({"image": np.stack(imgs), "mask": s.mask[None].astype(np.float32), "target": s.target})
+            for k, acq in enumerate(group):
+                xs.append(torch.as_tensor(np.asarray(d["image"][k:k + 1]), dtype=torch.float32))
+                ms.append(torch.as_tensor(np.asarray(d["mask"]), dtype=torch.float32))
+                ts.append(torch.as_tensor(np.asarray(d["target"], dtype=np.float32)))
+                acqs.append(acq)
+        xs, ms, ts, acqs = xs[:n], ms[:n], ts[:n], acqs[:n]
         return torch.stack(xs), torch.stack(ms), torch.stack(ts), torch.from_numpy(parameter_vectors(acqs))
+
+
+def consistency_loss(logits, mask):
+    """Mean squared difference of the softmax of paired samples (2k, 2k+1) inside the brain mask."""
+    import torch
+
+    p = torch.softmax(logits, dim=1)
+    a, b, m = p[0::2], p[1::2], mask[0::2]
+    return (((a - b) ** 2).sum(1, keepdim=True) * m).sum() / m.sum().clamp_min(1.0)
 
 
 # ------------------------------------------------------------------------------------------ training
@@ -321,6 +342,8 @@ class TrainConfig:
     time_limit_min: float | None = None
     weights_dir: str | None = None
     cache: str | None = None
+    consistency: float = 0.0
+    """Weight of the paired consistency loss (0: the paper's training, Dice + CE only)."""
     init_from: str | None = None
     """Folder of weights + cards to continue training from (fine-tuning); None starts from scratch."""
 
@@ -417,10 +440,13 @@ def train(cfg: TrainConfig, subjects: list[Subject] | None = None, progress=None
     loss_fn = MaskedDiceCE()
     t0 = time.time()
     for it in range(1, cfg.iterations + 1):
-        x, m, y, p = (t.to(device) for t in sampler.batch(cfg.batch))
+        x, m, y, p = (t.to(device) for t in sampler.batch(cfg.batch, pairs=cfg.consistency > 0))
         for r in runs:
             net = r["model"].train()
-            loss = loss_fn(net(x, p if net.uses_physics else None), y, m)
+            logits = net(x, p if net.uses_physics else None)
+            loss = loss_fn(logits, y, m)
+            if cfg.consistency > 0:
+                loss = loss + cfg.consistency * consistency_loss(logits, m)
             r["opt"].zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
@@ -465,6 +491,8 @@ def command_line(cfg: TrainConfig) -> str:
         parts.append("--no-icbm")
     if cfg.time_limit_min:
         parts.append(f"--time-limit-min {cfg.time_limit_min:g}")
+    if cfg.consistency:
+        parts.append(f"--consistency {cfg.consistency:g}")
     if cfg.init_from:
         parts.append(f"--init-from {cfg.init_from}")
     return " ".join(parts)
@@ -507,7 +535,9 @@ def save(net, cfg: TrainConfig, history: dict, final: bool = True) -> dict:
             "batch": cfg.batch,
             "patch_voxels": cfg.patch,
             "optimizer": f"AdamW lr {cfg.lr:g}, linear warm-up then cosine decay",
-            "loss": "MONAI soft Dice + soft cross-entropy inside the brain mask",
+            "loss": "MONAI soft Dice + soft cross-entropy inside the brain mask"
+                    + (f" + {cfg.consistency:g} x mean squared softmax difference between two acquisitions of the "
+                       "same patch (consistency; not in the paper)" if cfg.consistency else ""),
             "seconds": round(history["seconds"], 1),
             "device": str(next(net.parameters()).device),
             "threads": cfg.threads,
@@ -562,6 +592,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--time-limit-min", type=float, default=None, help="stop (and save) after this many minutes")
     p.add_argument("--weights-dir", default=None, help="where to write weights + card (default: the package)")
     p.add_argument("--cache", default=None, help="folder to cache simulated subjects between runs")
+    p.add_argument("--consistency", type=float, default=0.0,
+                   help="weight of a paired consistency loss (same patch, two acquisitions); 0 = paper's loss")
     p.add_argument("--init-from", default=None,
                    help="continue from the weights + cards in this folder (e.g. bidsapp/models/weights)")
 
@@ -573,7 +605,8 @@ def run(args) -> int:
                       batch=args.batch, iterations=args.iterations, lr=args.lr,
                       features=tuple(int(x) for x in str(args.features).split(",")), device=args.device,
                       threads=args.threads, time_limit_min=args.time_limit_min, weights_dir=args.weights_dir,
-                      cache=args.cache or str(Path(args.out) / "cache"), init_from=args.init_from)
+                      cache=args.cache or str(Path(args.out) / "cache"), init_from=args.init_from,
+                      consistency=args.consistency)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     for run_ in train(cfg):
