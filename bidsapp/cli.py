@@ -155,6 +155,27 @@ def _setup_logging(verbose: int) -> None:
         logger.propagate = False  # Nipype prints its own records; do not print them twice
 
 
+def _configure_nipype_workers(work_dir: Path, verbose: int) -> None:
+    """Give MultiProc workers the CLI's Nipype log level.
+
+    Workers start from a forkserver and import Nipype afresh, so the levels set in this process do
+    not reach them; Nipype reads ``$NIPYPE_CONFIG_DIR/nipype.cfg`` on import. A user's own
+    NIPYPE_CONFIG_DIR is left alone.
+    """
+    if os.environ.get("NIPYPE_CONFIG_DIR"):
+        return
+    level = "INFO" if verbose >= 1 else "WARNING"
+    cfg_dir = work_dir / "nipype"
+    cfg_dir.mkdir(parents=True, exist_ok=True)
+    text = ("[logging]\n" + "".join(f"{k}_level = {level}\n" for k in ("workflow", "interface", "utils"))
+            + "[execution]\ncrashfile_format = txt\nremove_unnecessary_outputs = false\n"
+            + "[monitoring]\nenabled = false\n")
+    tmp = cfg_dir / f".nipype.cfg.{os.getpid()}"
+    tmp.write_text(text)
+    os.replace(tmp, cfg_dir / "nipype.cfg")
+    os.environ["NIPYPE_CONFIG_DIR"] = str(cfg_dir)
+
+
 def _set_threads(omp_nthreads: int | None, nprocs: int | None) -> int:
     n = omp_nthreads or max(1, min(8, (nprocs or os.cpu_count() or 1)))
     os.environ["OMP_NUM_THREADS"] = str(n)
@@ -198,6 +219,7 @@ def run_participant(opts) -> int:
 
     command_line = " ".join(["scanbridge", *sys.argv[1:]])
     omp = _set_threads(opts.omp_nthreads, opts.nprocs)
+    _configure_nipype_workers(opts.work_dir, opts.verbose)
     failed = [s.subject for s in plan.skipped_subjects]
     runnable = plan.runnable_subjects
     for i, subj in enumerate(runnable, 1):

@@ -95,3 +95,30 @@ def test_bad_plugin_args(capsys, tiny_bids, tmp_path):
 def test_group_without_participant_results(capsys, tiny_bids, tmp_path):
     code, _, err = run_cli(capsys, tiny_bids, tmp_path / "out", "group", "-w", tmp_path / "work")
     assert code == EXIT_USAGE and "participant level first" in err
+
+
+@pytest.mark.parametrize("verbose, level", [(0, 30), (1, 20)])
+def test_nipype_workers_get_the_cli_log_level(tmp_path, monkeypatch, verbose, level):
+    """MultiProc workers import Nipype afresh; they must read the CLI's level, not Nipype's INFO default."""
+    import os
+    import subprocess
+    import sys
+
+    from bidsapp.cli import _configure_nipype_workers
+
+    monkeypatch.delenv("NIPYPE_CONFIG_DIR", raising=False)
+    _configure_nipype_workers(tmp_path, verbose)
+    env = dict(os.environ)
+    assert env["NIPYPE_CONFIG_DIR"] == str(tmp_path / "nipype")
+    code = "from nipype import logging; print(logging.getLogger('nipype.workflow').level)"
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip().splitlines()[-1] == str(level)
+
+
+def test_user_nipype_config_dir_is_respected(tmp_path, monkeypatch):
+    from bidsapp.cli import _configure_nipype_workers
+
+    monkeypatch.setenv("NIPYPE_CONFIG_DIR", str(tmp_path / "mine"))
+    _configure_nipype_workers(tmp_path, 0)
+    assert not (tmp_path / "nipype").exists()

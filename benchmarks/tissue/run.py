@@ -18,7 +18,8 @@ the models' working resolution).
 ``--timing`` adds inference time and peak memory of ``bidsapp.models.tissue.segment`` on a 1 mm
 session (a held-out subject simulated at 1 mm, 2 torch threads, separate process per run).
 
-Writes ``benchmarks/results/tissue.json``; ``--update-cards`` copies the metrics into the model cards.
+Atropos does not depend on the weights under test: ``--reuse earlier.json`` takes its results from an
+earlier run of the same sweep. Writes ``benchmarks/results/tissue.json``; ``--update-cards`` copies the metrics into the model cards.
 """
 
 from __future__ import annotations
@@ -105,9 +106,15 @@ def evaluate(args) -> dict:
 
     torch.set_num_threads(args.threads)
     names = list(T.HELDOUT)[: args.subjects]
-    res: dict = {m: {f: {"dice": {t: [] for t in TISSUES}, "cov": {t: [] for t in TISSUES}} for f in FAMILIES}
-                 for m in args.methods}
-    seconds = {m: 0.0 for m in args.methods}
+    reused, reused_seconds = reusable_results(args, names)
+    run_methods = [m for m in args.methods if m not in reused]
+    res: dict = {m: {f: {k: {t: [] for t in TISSUES} for k in ("dice", "cov", "soft_cov")} for f in FAMILIES}
+                 for m in run_methods}
+    seconds = {m: 0.0 for m in run_methods}
+    if reused:
+        print(f"reusing {', '.join(reused)} from {args.reuse}", flush=True)
+    if not run_methods:
+        names = []
     for name in names:
         t0 = time.time()
         subj = heldout_subject(Path(args.anatomy_dir), name, args.resolution, args.seed)
@@ -117,12 +124,13 @@ def evaluate(args) -> dict:
         print(f"{name}: phantom {subj.mask.shape} ready in {time.time() - t0:.0f} s", flush=True)
         for fam in FAMILIES:
             acqs = sweep(fam, args.points, args.seed)
-            per = {m: {"dice": {t: [] for t in TISSUES}, "vol": {t: [] for t in TISSUES}} for m in args.methods}
+            per = {m: {k: {t: [] for t in TISSUES} for k in ("dice", "vol", "soft")} for m in run_methods}
             for i, acq in enumerate(acqs):
                 rng = np.random.default_rng([args.seed, i, int(name.split("-")[1])])
                 img = T.simulate(subj, acq, rng, snr=args.snr, bias=args.bias) * subj.mask
-                for m in args.methods:
+                for m in run_methods:
                     t1 = time.time()
+                    probs = None
                     if m == "atropos":
                         seg = atropos_dseg(img, subj.mask, (args.resolution,) * 3)
                     else:
@@ -131,25 +139,51 @@ def evaluate(args) -> dict:
                                            weights_dir=args.weights_dir)
                         if m == "unet-physics" and r.method != "unet-physics":
                             raise SystemExit(f"physics model not used for {acq}: {r.fallback_reason}")
-                        seg = r.dseg
+                        seg, probs = r.dseg, r.probs
                     seconds[m] += time.time() - t1
                     for k, t in ((2, "GM"), (3, "WM")):
                         per[m]["dice"][t].append(dice(seg == k, gs == k))
                         per[m]["vol"][t].append(float((seg == k).sum()) * vox)
-            for m in args.methods:
+                        if probs is not None:  # partial-volume (soft) volume: sum of the class probability
+                            per[m]["soft"][t].append(float(probs[k - 1][subj.mask].sum()) * vox)
+            for m in run_methods:
                 for t in TISSUES:
                     res[m][fam]["dice"][t].append(float(np.mean(per[m]["dice"][t])))
                     res[m][fam]["cov"][t].append(coefficient_of_variation(per[m]["vol"][t]))
+                    if per[m]["soft"][t]:
+                        res[m][fam]["soft_cov"][t].append(coefficient_of_variation(per[m]["soft"][t]))
             print(f"  {fam}: " + "; ".join(
                 f"{m} Dice GM {res[m][fam]['dice']['GM'][-1]:.3f} WM {res[m][fam]['dice']['WM'][-1]:.3f} "
                 f"CoV GM {res[m][fam]['cov']['GM'][-1]:.5f} WM {res[m][fam]['cov']['WM'][-1]:.5f}"
-                for m in args.methods), flush=True)
-    summary = {m: {f: {"dice": {t: [float(np.mean(v)), float(np.std(v))] for t, v in res[m][f]["dice"].items()},
-                       "cov": {t: float(np.mean(v)) for t, v in res[m][f]["cov"].items()}}
-                   for f in FAMILIES} for m in args.methods}
+                for m in run_methods), flush=True)
+    names = list(T.HELDOUT)[: args.subjects]
     n_images = len(names) * args.points * len(FAMILIES)
-    return {"subjects": names, "per_subject": res, "summary": summary,
-            "seconds_per_image": {m: seconds[m] / n_images for m in args.methods}}
+    per_image = {m: seconds[m] / n_images for m in run_methods}
+    for m in reused:
+        res[m], per_image[m] = reused[m], reused_seconds[m]
+    res = {m: res[m] for m in args.methods}
+    summary = {m: {f: {"dice": {t: [float(np.mean(v)), float(np.std(v))] for t, v in res[m][f]["dice"].items()},
+                       "cov": {t: float(np.mean(v)) for t, v in res[m][f]["cov"].items()},
+                       "soft_cov": {t: float(np.mean(v)) for t, v in res[m][f].get("soft_cov", {}).items() if v}}
+                   for f in FAMILIES} for m in args.methods}
+    return {"subjects": names, "per_subject": res, "summary": summary, "seconds_per_image": per_image}
+
+
+SWEEP_SETTINGS = ("points", "subjects", "resolution", "snr", "bias", "seed", "anatomy_dir")
+
+
+def reusable_results(args, names) -> tuple[dict, dict]:
+    """Per-subject results of methods whose output does not depend on the weights being evaluated
+    (``--reuse`` of an earlier run with the same sweep): Atropos need not be rerun for every model."""
+    if not args.reuse:
+        return {}, {}
+    prev = json.loads(Path(args.reuse).read_text())
+    same = all(prev.get("settings", {}).get(k) == getattr(args, k) for k in SWEEP_SETTINGS)
+    if not same or prev.get("subjects") != names:
+        raise SystemExit(f"{args.reuse}: sweep settings differ from this run's; cannot reuse its results")
+    keep = [m for m in args.reuse_methods if m in prev.get("per_subject", {})]
+    return ({m: prev["per_subject"][m] for m in keep},
+            {m: prev.get("seconds_per_image", {}).get(m, float("nan")) for m in keep})
 
 
 def print_tables(summary: dict) -> None:
@@ -168,6 +202,11 @@ def print_tables(summary: dict) -> None:
         print(row(f"paper {name}", [f"{d[f][t]:.5f}" for f in FAMILIES for t in TISSUES]))
     for m, d in summary.items():
         print(row(f"ours {m}", [f"{d[f]['cov'][t]:.5f}" for f in FAMILIES for t in TISSUES]))
+    soft = {m: d for m, d in summary.items() if all(d[f].get("soft_cov") for f in FAMILIES)}
+    if soft:
+        print("\nTable 2b - as Table 2 with partial-volume volumes (sum of the class probability; U-Nets only)")
+        for m, d in soft.items():
+            print(row(f"ours {m}", [f"{d[f]['soft_cov'][t]:.5f}" for f in FAMILIES for t in TISSUES]))
 
 
 # ---------------------------------------------------------------------------------------------- presets
@@ -294,6 +333,9 @@ def main(argv=None) -> int:
     p.add_argument("--presets-only", action="store_true")
     p.add_argument("--timing-runs", type=int, default=3)
     p.add_argument("--timing-child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--reuse", default=None, metavar="JSON",
+                   help="take --reuse-methods results from this earlier run of the same sweep instead of rerunning them")
+    p.add_argument("--reuse-methods", nargs="+", default=["atropos"], choices=OURS)
     p.add_argument("--weights-dir", default=None, help="evaluate weights + cards from this folder (default: shipped)")
     p.add_argument("--update-cards", action="store_true", help="write the metrics into the model cards")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "tissue.json"))
@@ -329,7 +371,8 @@ def main(argv=None) -> int:
                            "points_per_sweep": args.points, "resolution_mm": args.resolution,
                            "dice_vs_physics_gold_standard": {f: {t: out["summary"][m][f]["dice"][t][0] for t in TISSUES}
                                                              for f in FAMILIES},
-                           "volume_cov": out["summary"][m] and {f: out["summary"][m][f]["cov"] for f in FAMILIES}}
+                           "volume_cov": {f: out["summary"][m][f]["cov"] for f in FAMILIES},
+                           "volume_cov_partial_volume": {f: out["summary"][m][f].get("soft_cov") for f in FAMILIES}}
                 if "timing" in out:
                     metrics["inference_1mm_cpu2_seconds"] = out["timing"]["median_seconds"]
                     metrics["inference_1mm_peak_rss_mb"] = out["timing"]["median_peak_rss_mb"]
