@@ -108,8 +108,9 @@ def evaluate(args) -> dict:
     names = list(T.HELDOUT)[: args.subjects]
     reused, reused_seconds = reusable_results(args, names)
     run_methods = [m for m in args.methods if m not in reused]
-    res: dict = {m: {f: {k: {t: [] for t in TISSUES} for k in ("dice", "cov", "soft_cov")} for f in FAMILIES}
-                 for m in run_methods}
+    res: dict = {m: {f: {k: {t: [] for t in TISSUES} for k in ("dice", "cov", "soft_cov", "volumes")}
+                     for f in FAMILIES} for m in run_methods}
+    contrast = {f: [wm_gm_contrast(a) for a in sweep(f, args.points, args.seed)] for f in FAMILIES}
     seconds = {m: 0.0 for m in run_methods}
     if reused:
         print(f"reusing {', '.join(reused)} from {args.reuse}", flush=True)
@@ -150,6 +151,7 @@ def evaluate(args) -> dict:
                 for t in TISSUES:
                     res[m][fam]["dice"][t].append(float(np.mean(per[m]["dice"][t])))
                     res[m][fam]["cov"][t].append(coefficient_of_variation(per[m]["vol"][t]))
+                    res[m][fam]["volumes"][t].append(per[m]["vol"][t])
                     if per[m]["soft"][t]:
                         res[m][fam]["soft_cov"][t].append(coefficient_of_variation(per[m]["soft"][t]))
             print(f"  {fam}: " + "; ".join(
@@ -164,9 +166,32 @@ def evaluate(args) -> dict:
     res = {m: res[m] for m in args.methods}
     summary = {m: {f: {"dice": {t: [float(np.mean(v)), float(np.std(v))] for t, v in res[m][f]["dice"].items()},
                        "cov": {t: float(np.mean(v)) for t, v in res[m][f]["cov"].items()},
-                       "soft_cov": {t: float(np.mean(v)) for t, v in res[m][f].get("soft_cov", {}).items() if v}}
+                       "soft_cov": {t: float(np.mean(v)) for t, v in res[m][f].get("soft_cov", {}).items() if v},
+                       "cov_contrast_ge_10pct": cov_where(res[m][f].get("volumes"), np.abs(contrast[f]) >= 0.10)}
                    for f in FAMILIES} for m in args.methods}
-    return {"subjects": names, "per_subject": res, "summary": summary, "seconds_per_image": per_image}
+    return {"subjects": names, "per_subject": res, "summary": summary, "seconds_per_image": per_image,
+            "wm_gm_contrast": contrast}
+
+
+def wm_gm_contrast(acq: dict) -> float:
+    """WM/GM signal ratio - 1 of pure tissues with the simulator's nominal 3 T properties."""
+    from bidsapp.physics.equations import signal
+    from bidsapp.physics.tissues import property_table
+
+    tab = property_table(("GM", "WM"), 3.0, np.ones((2, 4)))
+    params = ({"ti": acq["TI"], "td": acq["td"], "tau": acq["tau"]} if acq["family"] == "MPRAGE"
+              else {"tr": acq["TR"], "te": acq["TE"], "flip_angle": acq["FA"]})
+    s = np.asarray(signal(acq["family"], tab[:, 0], tab[:, 1], tab[:, 2], tab[:, 3], params))
+    return float(s[1] / s[0] - 1.0)
+
+
+def cov_where(volumes, keep) -> dict:
+    """CoV over the acquisitions in ``keep`` only (mean over subjects); empty without per-image volumes."""
+    from bidsapp.metrics.overlap import coefficient_of_variation
+
+    if not volumes or not all(volumes.get(t) for t in TISSUES) or keep.sum() < 2:
+        return {}
+    return {t: float(np.mean([coefficient_of_variation(np.asarray(v)[keep]) for v in volumes[t]])) for t in TISSUES}
 
 
 SWEEP_SETTINGS = ("points", "subjects", "resolution", "snr", "bias", "seed", "anatomy_dir")
@@ -207,6 +232,11 @@ def print_tables(summary: dict) -> None:
         print("\nTable 2b - as Table 2 with partial-volume volumes (sum of the class probability; U-Nets only)")
         for m, d in soft.items():
             print(row(f"ours {m}", [f"{d[f]['soft_cov'][t]:.5f}" for f in FAMILIES for t in TISSUES]))
+    sub = {m: d for m, d in summary.items() if all(d[f].get("cov_contrast_ge_10pct") for f in FAMILIES)}
+    if sub:
+        print("\nTable 2c - as Table 2 over the acquisitions whose WM/GM signal ratio differs from 1 by >= 10 %")
+        for m, d in sub.items():
+            print(row(f"ours {m}", [f"{d[f]['cov_contrast_ge_10pct'][t]:.5f}" for f in FAMILIES for t in TISSUES]))
 
 
 # ---------------------------------------------------------------------------------------------- presets
