@@ -280,3 +280,19 @@ def test_unreadable_image_becomes_a_warning(tmp_path):
     (out / "sub-01/ses-1/anat/sub-01_ses-1_desc-brain_mask.nii.gz").write_bytes(b"not a nifti")
     html = write_participant_report(out, "01", n_slices=2).read_text()
     assert "brain-mask overlay could not be drawn" in html
+
+
+def test_reports_are_readable_by_the_group(tmp_path):
+    """Reports are written atomically with umask permissions (not mkstemp's 0600): on a shared
+    cluster folder the lab must be able to open them."""
+    import os
+
+    from bidsapp.reports.html import Section, write_report
+
+    old = os.umask(0o022)
+    try:
+        path = write_report(tmp_path / "sub-01.html", "t", [Section("s", "<p>x</p>")])
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["sub-01.html"]  # no temporary left behind

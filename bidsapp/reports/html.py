@@ -6,7 +6,6 @@ import base64
 import html
 import io
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -104,11 +103,8 @@ def render_report(title: str, sections: list[Section], subtitle: str | None = No
 
 
 def write_report(path: str | os.PathLike, title: str, sections: list[Section], subtitle: str | None = None) -> Path:
-    """Write the report atomically: readers never see a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(render_report(title, sections, subtitle))
-    os.replace(tmp, path)
-    return path
+    """Write the report atomically (readers never see a half-written file; permissions follow the
+    umask, so a lab group can read the reports of a shared output folder)."""
+    from bidsapp.bids.derivatives import atomic_write_text
+
+    return atomic_write_text(path, render_report(title, sections, subtitle))
