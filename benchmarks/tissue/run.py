@@ -397,12 +397,17 @@ def main(argv=None) -> int:
     if args.update_cards and "summary" in out:
         for m, name in (("unet-physics", tissue.PHYSICS_MODEL), ("unet", tissue.BASE_MODEL)):
             if m in out["summary"]:
-                metrics = {"benchmark": "benchmarks/tissue/run.py", "heldout_subjects": out["subjects"],
+                command = " ".join(["python benchmarks/tissue/run.py", *(sys.argv[1:] if argv is None else argv)])
+                metrics = {"benchmark": command, "heldout_subjects": out["subjects"],
                            "points_per_sweep": args.points, "resolution_mm": args.resolution,
                            "dice_vs_physics_gold_standard": {f: {t: out["summary"][m][f]["dice"][t][0] for t in TISSUES}
                                                              for f in FAMILIES},
                            "volume_cov": {f: out["summary"][m][f]["cov"] for f in FAMILIES},
-                           "volume_cov_partial_volume": {f: out["summary"][m][f].get("soft_cov") for f in FAMILIES}}
+                           "volume_cov_partial_volume": {f: out["summary"][m][f].get("soft_cov") for f in FAMILIES},
+                           "volume_cov_contrast_ge_10pct": {f: out["summary"][m][f].get("cov_contrast_ge_10pct")
+                                                            for f in FAMILIES}}
+                if "presets" in out:
+                    metrics["dice_on_simulator_presets"] = {pr: out["presets"][pr][m] for pr in out["presets"]}
                 if "timing" in out:
                     metrics["inference_1mm_cpu2_seconds"] = out["timing"]["median_seconds"]
                     metrics["inference_1mm_peak_rss_mb"] = out["timing"]["median_peak_rss_mb"]
