@@ -126,3 +126,51 @@ def test_paired_batches_share_the_patch_and_consistency_loss_trains(tmp_path):
                         save_every=0, log_every=1, consistency=1.0)
     run = T.train(cfg, subjects)[0]
     assert run["iterations"] == 3 and "--consistency 1" in T.command_line(cfg)
+
+
+def test_norm_shift_physics_network_starts_as_its_ablation():
+    """Zero-initialised injection: loaded with the ablation's weights, the physics network gives the
+    ablation's output whatever the parameters; once the injection is non-zero the parameters matter."""
+    from bidsapp.models.unet import UNet3D
+
+    torch.manual_seed(0)
+    base = UNet3D(1, 3, (4, 8), n_params=0).eval()
+    phys = UNet3D(1, 3, (4, 8), n_params=tissue.N_PARAMS, physics_injection="norm_shift").eval()
+    phys.load_ablation(base.state_dict())
+    x = torch.randn(2, 1, 16, 16, 16)
+    pa, pb = torch.randn(2, tissue.N_PARAMS), torch.randn(2, tissue.N_PARAMS)
+    with torch.no_grad():
+        torch.testing.assert_close(phys(x, pa), base(x))
+        torch.testing.assert_close(phys(x, pb), base(x))
+        torch.nn.init.normal_(phys.decoders[-1].inject.weight)
+        assert not torch.allclose(phys(x, pa), phys(x, pb))
+    assert phys.config["physics_injection"] == "norm_shift" and "physics_injection" not in base.config
+    with pytest.raises(ValueError, match="ablation"):
+        phys.load_ablation(UNet3D(1, 3, (4, 8, 16)).state_dict())
+    with pytest.raises(ValueError):
+        UNet3D(1, 3, (4, 8), n_params=3, physics_injection="film")
+
+
+def test_physics_model_can_start_from_the_trained_ablation(tmp_path):
+    subjects = [_tiny_subject(seed=k) for k in range(2)]
+    first = T.TrainConfig(out=str(tmp_path), seed=0, physics="both", patch=16, batch=2, iterations=2,
+                          features=(4, 8), save_every=0, log_every=1, weights_dir=str(tmp_path / "w1"))
+    for r in T.train(first, subjects):
+        T.save(r.pop("model"), first, r)
+    cfg = T.TrainConfig(out=str(tmp_path), seed=1, physics="both", patch=16, batch=2, iterations=2,
+                        features=(4, 8), save_every=0, log_every=1, weights_dir=str(tmp_path / "w2"),
+                        init_from=str(tmp_path / "w1"), physics_injection="norm_shift", physics_from_base=True)
+    runs = T.train(cfg, subjects)
+    phys, base = runs
+    assert phys["init"]["name"] == "tissue_unet" and "zero" in phys["init"]["as"]
+    assert base["init"]["name"] == "tissue_unet" and base["init"]["as"] == "same model"
+    card = T.save(phys.pop("model"), cfg, phys)
+    assert card["architecture"]["kwargs"]["physics_injection"] == "norm_shift"
+    assert "--physics-from-base" in card["training"]["command"]
+    T.save(base.pop("model"), cfg, base)
+    res = tissue.segment(subjects[0].fractions32()[3] * 100, subjects[0].mask, (2, 2, 2),
+                         {"sequence_family": "SPGR", "RepetitionTime": 0.02, "EchoTime": 0.005, "FlipAngle": 30},
+                         device="cpu", weights_dir=tmp_path / "w2")
+    assert res.method == "unet-physics"
+    # the CLI refuses the flag without an ablation to start from
+    assert cli.main(["tissue", "--out", str(tmp_path / "x"), "--physics-from-base"]) == 2

@@ -7,9 +7,18 @@ connection, i.e. at full resolution just before the final convolution block. The
 the branch (``n_params=0``) is the paper's ablation and the fallback used when parameters are
 missing or the sequence is one the model was not trained on.
 
-The block that consumes the physics channels has no normalisation before its first activation:
-a spatially constant channel only shifts the convolution output by a constant, which instance
-normalisation would subtract again and so erase the physics information.
+A spatially constant channel only shifts a convolution's output by a constant, which instance
+normalisation would subtract again and so erase the physics information. Two ways of keeping it are
+available (``physics_injection``):
+
+* ``"concat"``: the block that consumes the concatenated channels has no normalisation before its
+  first activation (so it differs from the same block of the ablation);
+* ``"norm_shift"``: the block is the ablation's block, and the physics channels' contribution to its
+  first convolution (a 1x1x1 convolution of broadcast channels, i.e. a linear map of the branch
+  output) is added after that convolution's instance normalisation. With that map at zero the
+  network is exactly its ablation, so a physics model can start from a trained ablation and learn
+  only what the parameters add (zero-initialised conditioning, as in ControlNet); see
+  ``scanbridge-train tissue --physics-from-base``.
 
 Larger networks (nnU-Net style: deeper, wider, deep supervision) extend this by subclassing and
 overriding ``make_block``/``make_down``/``make_up`` or by passing more ``features``.
@@ -33,6 +42,25 @@ class ConvBlock(nn.Sequential):
                    nn.InstanceNorm3d(cout, affine=True),
                    nn.LeakyReLU(0.01, inplace=True)]
         super().__init__(*layers)
+
+
+class PhysicsConvBlock(ConvBlock):
+    """The ablation's :class:`ConvBlock` plus the physics channels, added after the first normalisation.
+
+    Parameter names of the convolutions and norms are those of :class:`ConvBlock`, so a trained
+    ablation's weights load into it unchanged; ``inject`` (the physics channels' 1x1x1 weights)
+    starts at zero.
+    """
+
+    def __init__(self, cin: int, cout: int, n_physics: int):
+        super().__init__(cin, cout, norm_first=True)
+        self.inject = nn.Linear(n_physics, cout, bias=False)
+        nn.init.zeros_(self.inject.weight)
+
+    def forward(self, x: torch.Tensor, physics: torch.Tensor) -> torch.Tensor:
+        conv1, norm1, act1, conv2, norm2, act2 = (self[i] for i in range(6))
+        y = norm1(conv1(x)) + self.inject(physics)[:, :, None, None, None]
+        return act2(norm2(conv2(act1(y))))
 
 
 class PhysicsBranch(nn.Module):
@@ -61,10 +89,15 @@ class UNet3D(nn.Module):
 
     def __init__(self, in_channels: int = 1, out_channels: int = 4,
                  features: tuple[int, ...] = (8, 16, 32, 64), n_params: int = 0,
-                 physics_units: int = 10):
+                 physics_units: int = 10, physics_injection: str = "concat"):
         super().__init__()
+        if physics_injection not in ("concat", "norm_shift"):
+            raise ValueError(f"physics_injection must be 'concat' or 'norm_shift', not {physics_injection!r}")
         self.config = dict(in_channels=in_channels, out_channels=out_channels,
                            features=list(features), n_params=n_params, physics_units=physics_units)
+        if physics_injection != "concat":
+            self.config["physics_injection"] = physics_injection
+        self.physics_injection = physics_injection
         f = list(features)
         self.encoders = nn.ModuleList()
         cin = in_channels
@@ -74,12 +107,15 @@ class UNet3D(nn.Module):
         self.downs = nn.ModuleList(self.make_down(c) for c in f[:-1])
         self.ups = nn.ModuleList(self.make_up(f[i + 1], f[i]) for i in reversed(range(len(f) - 1)))
         self.physics = PhysicsBranch(n_params, physics_units) if n_params > 0 else None
-        extra = physics_units if n_params > 0 else 0
+        concat = physics_units if n_params > 0 and physics_injection == "concat" else 0
         self.decoders = nn.ModuleList()
         for i in reversed(range(len(f) - 1)):
             last = i == 0
-            self.decoders.append(self.make_block(2 * f[i] + (extra if last else 0), f[i],
-                                                 norm_first=not (last and extra)))
+            if last and n_params > 0 and physics_injection == "norm_shift":
+                self.decoders.append(PhysicsConvBlock(2 * f[i], f[i], physics_units))
+            else:
+                self.decoders.append(self.make_block(2 * f[i] + (concat if last else 0), f[i],
+                                                     norm_first=not (last and concat)))
         self.head = nn.Conv3d(f[0], out_channels, 1)
 
     # extension points -------------------------------------------------------------------------
@@ -132,8 +168,26 @@ class UNet3D(nn.Module):
             p = self.physics(params.to(x.dtype))
             if p.shape[0] != x.shape[0]:
                 p = p.expand(x.shape[0], -1)
+            if self.physics_injection == "norm_shift":
+                return self.head(self.decoders[-1](x, p))
             x = torch.cat([x, p[:, :, None, None, None].expand(-1, -1, *x.shape[2:])], dim=1)
         return self.head(self.decoders[-1](x))
+
+    def load_ablation(self, state: dict) -> None:
+        """Start a ``norm_shift`` physics network from its trained ablation's weights: everything
+        but the branch and the (zero) injection weights is copied, so both networks give the same
+        output until training changes the injection."""
+        if self.physics is None or self.physics_injection != "norm_shift":
+            raise ValueError("load_ablation needs a physics network with physics_injection='norm_shift'")
+        try:
+            missing, unexpected = self.load_state_dict(state, strict=False)
+        except RuntimeError as exc:  # shape mismatches raise even when not strict
+            raise ValueError(f"not this network's ablation: {str(exc).splitlines()[-1].strip()}") from None
+        allowed = [k for k in missing if k.startswith("physics.") or k.endswith(".inject.weight")]
+        if unexpected or len(allowed) != len(missing):
+            raise ValueError(f"not this network's ablation: missing {sorted(set(missing) - set(allowed))}, "
+                             f"unexpected {sorted(unexpected)}")
+        nn.init.zeros_(self.decoders[-1].inject.weight)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -346,6 +346,10 @@ class TrainConfig:
     """Weight of the paired consistency loss (0: the paper's training, Dice + CE only)."""
     init_from: str | None = None
     """Folder of weights + cards to continue training from (fine-tuning); None starts from scratch."""
+    physics_injection: str = "concat"
+    """How the physics channels enter the last decoder block (see :mod:`bidsapp.models.unet`)."""
+    physics_from_base: bool = False
+    """Start the physics network from the ablation in ``init_from`` (``norm_shift`` only)."""
 
 
 def _model_name(physics: bool) -> str:
@@ -385,7 +389,8 @@ def build_network(cfg: TrainConfig, seed: int, physics: bool):
 
     torch.manual_seed(seed)
     net = UNet3D(in_channels=1, out_channels=len(CLASSES), features=tuple(cfg.features),
-                 n_params=N_PARAMS if physics else 0)
+                 n_params=N_PARAMS if physics else 0,
+                 physics_injection=cfg.physics_injection if physics else "concat")
     if net.physics is not None:
         centre, scale = vector_statistics()
         net.physics.center.copy_(torch.from_numpy(centre))
@@ -428,9 +433,15 @@ def train(cfg: TrainConfig, subjects: list[Subject] | None = None, progress=None
         if cfg.init_from:
             from bidsapp.models import registry
 
-            state, card0 = registry.load_state_dict(_model_name(phys), cfg.init_from)
-            net.load_state_dict(state)
-            init = {"name": card0["name"], "sha256": card0["sha256"], "command": card0["training"]["command"]}
+            from_base = phys and cfg.physics_from_base
+            state, card0 = registry.load_state_dict(_model_name(False if from_base else phys), cfg.init_from)
+            if from_base:
+                net.load_ablation(state)  # the ablation's weights, zero physics injection
+            else:
+                net.load_state_dict(state)
+            init = {"name": card0["name"], "sha256": card0["sha256"], "command": card0["training"]["command"],
+                    "iterations": card0["training"].get("iterations_run"),
+                    "as": "ablation weights + zero-initialised physics injection" if from_base else "same model"}
         net = net.to(device)
         opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-5)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(cfg.iterations))
@@ -493,6 +504,10 @@ def command_line(cfg: TrainConfig) -> str:
         parts.append(f"--time-limit-min {cfg.time_limit_min:g}")
     if cfg.consistency:
         parts.append(f"--consistency {cfg.consistency:g}")
+    if cfg.physics_injection != "concat":
+        parts.append(f"--physics-injection {cfg.physics_injection}")
+    if cfg.physics_from_base:
+        parts.append("--physics-from-base")
     if cfg.init_from:
         parts.append(f"--init-from {cfg.init_from}")
     return " ".join(parts)
@@ -596,6 +611,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="weight of a paired consistency loss (same patch, two acquisitions); 0 = paper's loss")
     p.add_argument("--init-from", default=None,
                    help="continue from the weights + cards in this folder (e.g. bidsapp/models/weights)")
+    p.add_argument("--physics-injection", default="concat", choices=("concat", "norm_shift"),
+                   help="how the physics channels enter the last decoder block (see bidsapp.models.unet)")
+    p.add_argument("--physics-from-base", action="store_true",
+                   help="start the physics model from the ablation in --init-from, physics injection at zero "
+                        "(needs --physics-injection norm_shift)")
 
 
 def run(args) -> int:
@@ -606,7 +626,12 @@ def run(args) -> int:
                       features=tuple(int(x) for x in str(args.features).split(",")), device=args.device,
                       threads=args.threads, time_limit_min=args.time_limit_min, weights_dir=args.weights_dir,
                       cache=args.cache or str(Path(args.out) / "cache"), init_from=args.init_from,
-                      consistency=args.consistency)
+                      consistency=args.consistency, physics_injection=args.physics_injection,
+                      physics_from_base=args.physics_from_base)
+    if cfg.physics_from_base and not (cfg.init_from and cfg.physics_injection == "norm_shift"):
+        print("scanbridge-train tissue: --physics-from-base needs --init-from and --physics-injection norm_shift",
+              file=sys.stderr)
+        return 2
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     for run_ in train(cfg):
