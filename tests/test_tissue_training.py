@@ -172,5 +172,9 @@ def test_physics_model_can_start_from_the_trained_ablation(tmp_path):
                          {"sequence_family": "SPGR", "RepetitionTime": 0.02, "EchoTime": 0.005, "FlipAngle": 30},
                          device="cpu", weights_dir=tmp_path / "w2")
     assert res.method == "unet-physics"
+    vols = tissue.sweep_volumes(subjects[0].fractions32()[3] * 100, subjects[0].mask, (2, 2, 2),
+                                {"sequence_family": "SPGR", "RepetitionTime": 0.02, "EchoTime": 0.005, "FlipAngle": 30},
+                                "FlipAngle", [20, 40], device="cpu", weights_dir=tmp_path / "w2")
+    assert vols.shape == (2, 3) and np.isfinite(vols).all()
     # the CLI refuses the flag without an ablation to start from
     assert cli.main(["tissue", "--out", str(tmp_path / "x"), "--physics-from-base"]) == 2
