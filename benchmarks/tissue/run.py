@@ -113,7 +113,7 @@ def evaluate(args) -> dict:
     contrast = {f: [wm_gm_contrast(a) for a in sweep(f, args.points, args.seed)] for f in FAMILIES}
     seconds = {m: 0.0 for m in run_methods}
     if reused:
-        print(f"reusing {', '.join(reused)} from {args.reuse}", flush=True)
+        print(f"reusing {', '.join(reused)} from {', '.join(args.reuse)}", flush=True)
     if not run_methods:
         names = []
     for name in names:
@@ -198,17 +198,30 @@ SWEEP_SETTINGS = ("points", "subjects", "resolution", "snr", "bias", "seed", "an
 
 
 def reusable_results(args, names) -> tuple[dict, dict]:
-    """Per-subject results of methods whose output does not depend on the weights being evaluated
-    (``--reuse`` of an earlier run with the same sweep): Atropos need not be rerun for every model."""
+    """Per-subject results of ``--reuse-methods`` taken from earlier runs of the same sweep (``--reuse``):
+    Atropos need not be rerun for every model, and the U-Nets can be evaluated in parallel processes.
+    A U-Net's results are reused only if they were computed with the weights evaluated now."""
     if not args.reuse:
         return {}, {}
-    prev = json.loads(Path(args.reuse).read_text())
-    same = all(prev.get("settings", {}).get(k) == getattr(args, k) for k in SWEEP_SETTINGS)
-    if not same or prev.get("subjects") != names:
-        raise SystemExit(f"{args.reuse}: sweep settings differ from this run's; cannot reuse its results")
-    keep = [m for m in args.reuse_methods if m in prev.get("per_subject", {})]
-    return ({m: prev["per_subject"][m] for m in keep},
-            {m: prev.get("seconds_per_image", {}).get(m, float("nan")) for m in keep})
+    from bidsapp.models import registry, tissue
+
+    model_of = {"unet-physics": tissue.PHYSICS_MODEL, "unet": tissue.BASE_MODEL}
+    current = {m: registry.load_card(n, args.weights_dir)["sha256"] for m, n in model_of.items()}
+    results, seconds = {}, {}
+    for path in args.reuse:
+        prev = json.loads(Path(path).read_text())
+        same = all(prev.get("settings", {}).get(k) == getattr(args, k) for k in SWEEP_SETTINGS)
+        if not same or prev.get("subjects") != names:
+            raise SystemExit(f"{path}: sweep settings differ from this run's; cannot reuse its results")
+        for m in args.reuse_methods:
+            if m in results or m not in prev.get("per_subject", {}):
+                continue
+            if m in current and prev.get("models", {}).get(model_of[m]) != current[m]:
+                raise SystemExit(f"{path}: {m} was evaluated with other weights than "
+                                 f"{args.weights_dir or 'the shipped ones'}")
+            results[m] = prev["per_subject"][m]
+            seconds[m] = prev.get("seconds_per_image", {}).get(m, float("nan"))
+    return results, seconds
 
 
 def print_tables(summary: dict) -> None:
@@ -363,8 +376,8 @@ def main(argv=None) -> int:
     p.add_argument("--presets-only", action="store_true")
     p.add_argument("--timing-runs", type=int, default=3)
     p.add_argument("--timing-child", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--reuse", default=None, metavar="JSON",
-                   help="take --reuse-methods results from this earlier run of the same sweep instead of rerunning them")
+    p.add_argument("--reuse", nargs="+", default=None, metavar="JSON",
+                   help="take --reuse-methods results from these earlier runs of the same sweep")
     p.add_argument("--reuse-methods", nargs="+", default=["atropos"], choices=OURS)
     p.add_argument("--weights-dir", default=None, help="evaluate weights + cards from this folder (default: shipped)")
     p.add_argument("--update-cards", action="store_true", help="write the metrics into the model cards")
