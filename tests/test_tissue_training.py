@@ -178,3 +178,17 @@ def test_physics_model_can_start_from_the_trained_ablation(tmp_path):
     assert vols.shape == (2, 3) and np.isfinite(vols).all()
     # the CLI refuses the flag without an ablation to start from
     assert cli.main(["tissue", "--out", str(tmp_path / "x"), "--physics-from-base"]) == 2
+
+
+def test_stop_after_reproduces_a_checkpoint_of_a_longer_run(tmp_path):
+    subjects = [_tiny_subject()]
+    kw = dict(out=str(tmp_path), seed=2, physics=True, patch=16, batch=1, iterations=4, features=(4, 8), log_every=1)
+    full = T.TrainConfig(**kw, save_every=2, weights_dir=str(tmp_path / "full"))
+    T.train(full, subjects)  # writes its iteration-2 checkpoint
+    part = T.TrainConfig(**kw, save_every=0, stop_after=2)
+    run = T.train(part, subjects)[0]
+    assert run["iterations"] == 2 and "--stop-after 2" in T.command_line(part)
+    ckpt, card = registry.load_state_dict(tissue.PHYSICS_MODEL, tmp_path / "full")
+    assert card["training"]["iterations_run"] == 2
+    for k, v in run["model"].state_dict().items():
+        torch.testing.assert_close(v, ckpt[k])

@@ -350,6 +350,9 @@ class TrainConfig:
     """How the physics channels enter the last decoder block (see :mod:`bidsapp.models.unet`)."""
     physics_from_base: bool = False
     """Start the physics network from the ablation in ``init_from`` (``norm_shift`` only)."""
+    stop_after: int | None = None
+    """Stop (and save) after this many iterations of an ``iterations``-long schedule: reproduces a
+    checkpoint taken part-way through a run."""
 
 
 def _model_name(physics: bool) -> str:
@@ -476,6 +479,9 @@ def train(cfg: TrainConfig, subjects: list[Subject] | None = None, progress=None
             if progress:
                 progress(it, [r["loss"][-1] for r in runs])
         stop = bool(cfg.time_limit_min and time.time() - t0 > cfg.time_limit_min * 60)
+        if cfg.stop_after and it >= cfg.stop_after and it < cfg.iterations:
+            LOG.info("stopping after %d of %d scheduled iterations (--stop-after)", it, cfg.iterations)
+            break
         if cfg.save_every and it % cfg.save_every == 0 and it < cfg.iterations and not stop:
             for r in runs:
                 r["seconds"] = time.time() - t0
@@ -508,6 +514,8 @@ def command_line(cfg: TrainConfig) -> str:
         parts.append(f"--physics-injection {cfg.physics_injection}")
     if cfg.physics_from_base:
         parts.append("--physics-from-base")
+    if cfg.stop_after:
+        parts.append(f"--stop-after {cfg.stop_after}")
     if cfg.init_from:
         parts.append(f"--init-from {cfg.init_from}")
     return " ".join(parts)
@@ -613,6 +621,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="continue from the weights + cards in this folder (e.g. bidsapp/models/weights)")
     p.add_argument("--physics-injection", default="concat", choices=("concat", "norm_shift"),
                    help="how the physics channels enter the last decoder block (see bidsapp.models.unet)")
+    p.add_argument("--stop-after", type=int, default=None,
+                   help="stop after this many iterations of the --iterations schedule (reproduces a checkpoint)")
     p.add_argument("--physics-from-base", action="store_true",
                    help="start the physics model from the ablation in --init-from, physics injection at zero "
                         "(needs --physics-injection norm_shift)")
@@ -627,7 +637,7 @@ def run(args) -> int:
                       threads=args.threads, time_limit_min=args.time_limit_min, weights_dir=args.weights_dir,
                       cache=args.cache or str(Path(args.out) / "cache"), init_from=args.init_from,
                       consistency=args.consistency, physics_injection=args.physics_injection,
-                      physics_from_base=args.physics_from_base)
+                      physics_from_base=args.physics_from_base, stop_after=args.stop_after)
     if cfg.physics_from_base and not (cfg.init_from and cfg.physics_injection == "norm_shift"):
         print("scanbridge-train tissue: --physics-from-base needs --init-from and --physics-injection norm_shift",
               file=sys.stderr)
