@@ -296,3 +296,18 @@ def test_reports_are_readable_by_the_group(tmp_path):
         os.umask(old)
     assert path.stat().st_mode & 0o777 == 0o644
     assert [p.name for p in tmp_path.iterdir()] == ["sub-01.html"]  # no temporary left behind
+
+
+def test_report_says_what_the_tissue_model_was_told_and_when_it_fell_back(tmp_path):
+    out = make_derivatives(tmp_path / "out")
+    side = out / "sub-01" / "ses-1" / "anat" / "sub-01_ses-1_dseg.json"
+    side.write_text(json.dumps({"Method": {"name": "unet", "version": "1.0", "sha256": "cd" * 32},
+                                "SequenceParametersUsed": {}, "PhysicsFallback": "SPGR sidecar lacks EchoTime"}))
+    html = write_participant_report(out, "01").read_text()
+    assert "no-physics U-Net used because SPGR sidecar lacks EchoTime" in html
+    side.write_text(json.dumps({"Method": {"name": "unet-physics", "version": "1.0", "sha256": "cd" * 32},
+                                "SequenceParametersUsed": {"InversionTime": 0.9, "MagneticFieldStrength": 3.0},
+                                "PhysicsFallback": None}))
+    html = write_participant_report(out, "01").read_text()
+    assert "sequence parameters given to the model: InversionTime 0.9, MagneticFieldStrength 3" in html
+    assert "no-physics U-Net used" not in html

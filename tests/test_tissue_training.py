@@ -192,3 +192,38 @@ def test_stop_after_reproduces_a_checkpoint_of_a_longer_run(tmp_path):
     assert card["training"]["iterations_run"] == 2
     for k, v in run["model"].state_dict().items():
         torch.testing.assert_close(v, ckpt[k])
+
+
+def test_retraining_script_reproduces_the_shipped_chain(tmp_path):
+    """scripts/train-tissue.sh runs valid scanbridge-train commands whose last stage is the shipped
+    models' recorded command (same seed, schedule, loss and initialisation mode)."""
+    import argparse
+    import os
+    import shlex
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    log = tmp_path / "calls.txt"
+    fake = tmp_path / "bin" / "scanbridge-train"
+    fake.parent.mkdir()
+    fake.write_text(f'#!/bin/sh\nprintf "%s\\n" "$*" >> {log}\n')
+    fake.chmod(0o755)
+    env = dict(os.environ, PATH=f"{fake.parent}:{os.environ['PATH']}")
+    subprocess.run(["bash", str(root / "scripts" / "train-tissue.sh"), str(tmp_path / "anat"), str(tmp_path / "out")],
+                   env=env, check=True, capture_output=True)
+    calls = log.read_text().splitlines()
+    assert len(calls) == 4
+
+    def parse(argv):
+        p = argparse.ArgumentParser()
+        T.add_arguments(p)
+        return p.parse_args(argv)
+
+    stages = [parse(shlex.split(c)[1:]) for c in calls]
+    assert [s.seed for s in stages] == [0, 1, 2, 3]
+    assert [s.init_from for s in stages[1:]] == [str(tmp_path / "out" / f"stage{k}" / "weights") for k in (1, 2, 3)]
+    shipped = parse(shlex.split(registry.load_card(tissue.PHYSICS_MODEL)["training"]["command"])[2:])
+    for key in ("seed", "physics", "iterations", "lr", "patch", "batch", "features", "consistency",
+                "physics_injection", "physics_from_base", "stop_after", "deformations", "resolution"):
+        assert getattr(stages[-1], key) == getattr(shipped, key), key

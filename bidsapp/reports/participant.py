@@ -387,9 +387,15 @@ def session_section(f: SessionFiles, problems: list[str], template=None, n_slice
         for name, path in segs:
             meta = _read_json(_sidecar(path), problems)
             method = _method_name(meta) or name
+            if meta.get("PhysicsFallback"):
+                warns.append(f"{f.prefix}: no-physics U-Net used because {meta['PhysicsFallback']}")
+            told = meta.get("SequenceParametersUsed") or {}
+            told_txt = ("; sequence parameters given to the model: "
+                        + ", ".join(f"{k} {v:g}" if isinstance(v, (int, float)) else f"{k} {v}" for k, v in told.items())
+                        if told else "")
             body.append(subsection_html(f"Tissue segmentation: {method}", _figure_or_warning(
                 lambda p=path: figures.segmentation_figure(img(f.preproc), img(p), img(f.mask), n_slices=n_slices),
-                f"CSF/GM/WM ({path.name}) over the preprocessed T1w; red: brain mask.", warns,
+                f"CSF/GM/WM ({path.name}) over the preprocessed T1w; red: brain mask{told_txt}.", warns,
                 f"segmentation overlay {path.name}")))
         body.append(_registration_block(f, problems, warns, template, n_slices))
         for mod, path in f.others.items():
