@@ -84,6 +84,16 @@ def test_find_protocol_changes():
     assert bridging.find_protocol_changes(pd.DataFrame()).empty
 
 
+def test_a_ti_change_on_the_same_scanner_is_a_protocol_change():
+    """group_acquisitions.tsv keeps the scanner in acq_group and the sequence settings in protocol_key:
+    the paper's case (same scanner, TI 900 -> 1100 ms) must be found."""
+    rows = [{"participant_id": "sub-01", "session_id": ses, "suffix": "T1w", "acq_group": "siemens-prismafit-3T-MPRAGE",
+             "protocol_key": f"siemens-prismafit-3T-MPRAGE-tr{tr}-te2.98-ti{ti}-fa9"}
+            for ses, tr, ti in (("ses-1", 2300, 900), ("ses-2", 2500, 1100))]
+    ch = bridging.find_protocol_changes(pd.DataFrame(rows))
+    assert list(ch["participant_id"]) == ["sub-01"] and ch["post_protocol"].iloc[0].endswith("ti1100-fa9")
+
+
 class _Ctx:
     def __init__(self, tmp_path, acquisitions, volumes=None):
         self.output_dir = tmp_path

@@ -124,11 +124,15 @@ def _natural(s: str):
 
 def find_protocol_changes(acquisitions: pd.DataFrame) -> pd.DataFrame:
     """One row per subject whose T1w protocol changes between sessions: the first session and the
-    first later session with a different protocol (``protocol`` column, else ``acq_group``)."""
+    first later session with a different protocol: ``protocol_key`` of ``group_acquisitions.tsv``
+    (vendor, model, field, family and TR/TE/TI/flip, so a TI change on the same scanner counts),
+    else ``protocol``, else ``acq_group``."""
     cols = ["participant_id", "pre_session", "post_session", "pre_protocol", "post_protocol"]
     if acquisitions is None or acquisitions.empty or "session_id" not in acquisitions.columns:
         return pd.DataFrame(columns=cols)
-    key = "protocol" if "protocol" in acquisitions.columns else "acq_group"
+    key = next((k for k in ("protocol_key", "protocol", "acq_group") if k in acquisitions.columns), None)
+    if key is None:
+        return pd.DataFrame(columns=cols)
     df = acquisitions.copy()
     if "suffix" in df.columns and (df["suffix"] == "T1w").any():
         df = df[df["suffix"] == "T1w"]
