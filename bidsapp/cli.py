@@ -137,6 +137,15 @@ def _plugin_settings(opts) -> dict:
     return {"plugin": plugin, "plugin_args": args}
 
 
+NIPYPE_SETTINGS = {"execution": {"crashfile_format": "txt", "remove_unnecessary_outputs": "false"},
+                   "monitoring": {"enabled": "false"}}
+NIPYPE_LOGGERS = ("workflow", "interface", "utils")
+
+
+def _nipype_level(verbose: int) -> str:
+    return "INFO" if verbose >= 1 else "WARNING"
+
+
 def _setup_logging(verbose: int) -> None:
     level = logging.WARNING - 10 * min(verbose + 1, 2)
     logging.basicConfig(level=level, format="%(asctime)s scanbridge %(levelname)s: %(message)s",
@@ -145,34 +154,31 @@ def _setup_logging(verbose: int) -> None:
 
     logging.getLogger("bidsschematools").setLevel(logging.WARNING)
 
-    config.set("execution", "crashfile_format", "txt")
-    config.set("execution", "remove_unnecessary_outputs", "false")
-    config.set("monitoring", "enabled", "false")
-    nlevel = "INFO" if verbose >= 1 else "WARNING"
-    for name in ("workflow", "interface", "utils"):
+    for section, values in NIPYPE_SETTINGS.items():
+        for key, value in values.items():
+            config.set(section, key, value)
+    for name in NIPYPE_LOGGERS:
         logger = nlogging.getLogger(f"nipype.{name}")
-        logger.setLevel(nlevel)
+        logger.setLevel(_nipype_level(verbose))
         logger.propagate = False  # Nipype prints its own records; do not print them twice
 
 
 def _configure_nipype_workers(work_dir: Path, verbose: int) -> None:
-    """Give MultiProc workers the CLI's Nipype log level.
+    """Give MultiProc workers the CLI's Nipype settings and log level.
 
-    Workers start from a forkserver and import Nipype afresh, so the levels set in this process do
+    Workers start from a forkserver and import Nipype afresh, so what was set in this process does
     not reach them; Nipype reads ``$NIPYPE_CONFIG_DIR/nipype.cfg`` on import. A user's own
     NIPYPE_CONFIG_DIR is left alone.
     """
     if os.environ.get("NIPYPE_CONFIG_DIR"):
         return
-    level = "INFO" if verbose >= 1 else "WARNING"
+    from bidsapp.bids.derivatives import atomic_write_text
+
+    sections = {"logging": {f"{k}_level": _nipype_level(verbose) for k in NIPYPE_LOGGERS}, **NIPYPE_SETTINGS}
+    text = "".join(f"[{name}]\n" + "".join(f"{k} = {v}\n" for k, v in values.items())
+                   for name, values in sections.items())
     cfg_dir = work_dir / "nipype"
-    cfg_dir.mkdir(parents=True, exist_ok=True)
-    text = ("[logging]\n" + "".join(f"{k}_level = {level}\n" for k in ("workflow", "interface", "utils"))
-            + "[execution]\ncrashfile_format = txt\nremove_unnecessary_outputs = false\n"
-            + "[monitoring]\nenabled = false\n")
-    tmp = cfg_dir / f".nipype.cfg.{os.getpid()}"
-    tmp.write_text(text)
-    os.replace(tmp, cfg_dir / "nipype.cfg")
+    atomic_write_text(cfg_dir / "nipype.cfg", text)
     os.environ["NIPYPE_CONFIG_DIR"] = str(cfg_dir)
 
 

@@ -114,9 +114,7 @@ def evaluate(args) -> dict:
     seconds = {m: 0.0 for m in run_methods}
     if reused:
         print(f"reusing {', '.join(reused)} from {', '.join(args.reuse)}", flush=True)
-    if not run_methods:
-        names = []
-    for name in names:
+    for name in names if run_methods else []:
         t0 = time.time()
         subj = heldout_subject(Path(args.anatomy_dir), name, args.resolution, args.seed)
         gs = subj.target.astype(np.float32).argmax(0) + 1
@@ -158,7 +156,6 @@ def evaluate(args) -> dict:
                 f"{m} Dice GM {res[m][fam]['dice']['GM'][-1]:.3f} WM {res[m][fam]['dice']['WM'][-1]:.3f} "
                 f"CoV GM {res[m][fam]['cov']['GM'][-1]:.5f} WM {res[m][fam]['cov']['WM'][-1]:.5f}"
                 for m in run_methods), flush=True)
-    names = list(T.HELDOUT)[: args.subjects]
     n_images = len(names) * args.points * len(FAMILIES)
     per_image = {m: seconds[m] / n_images for m in run_methods}
     for m in reused:

@@ -354,6 +354,10 @@ class TrainConfig:
     """Stop (and save) after this many iterations of an ``iterations``-long schedule: reproduces a
     checkpoint taken part-way through a run."""
 
+    def __post_init__(self):
+        if self.physics_from_base and not (self.init_from and self.physics_injection == "norm_shift"):
+            raise ValueError("--physics-from-base needs --init-from and --physics-injection norm_shift")
+
 
 def _model_name(physics: bool) -> str:
     from bidsapp.models.tissue import BASE_MODEL, PHYSICS_MODEL
@@ -631,17 +635,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
-    cfg = TrainConfig(out=args.out, seed=args.seed, physics=args.physics, anatomy_dir=args.anatomy_dir,
-                      icbm=args.icbm, deformations=args.deformations, resolution=args.resolution, patch=args.patch,
-                      batch=args.batch, iterations=args.iterations, lr=args.lr,
-                      features=tuple(int(x) for x in str(args.features).split(",")), device=args.device,
-                      threads=args.threads, time_limit_min=args.time_limit_min, weights_dir=args.weights_dir,
-                      cache=args.cache or str(Path(args.out) / "cache"), init_from=args.init_from,
-                      consistency=args.consistency, physics_injection=args.physics_injection,
-                      physics_from_base=args.physics_from_base, stop_after=args.stop_after)
-    if cfg.physics_from_base and not (cfg.init_from and cfg.physics_injection == "norm_shift"):
-        print("scanbridge-train tissue: --physics-from-base needs --init-from and --physics-injection norm_shift",
-              file=sys.stderr)
+    try:
+        cfg = TrainConfig(out=args.out, seed=args.seed, physics=args.physics, anatomy_dir=args.anatomy_dir,
+                          icbm=args.icbm, deformations=args.deformations, resolution=args.resolution, patch=args.patch,
+                          batch=args.batch, iterations=args.iterations, lr=args.lr,
+                          features=tuple(int(x) for x in str(args.features).split(",")), device=args.device,
+                          threads=args.threads, time_limit_min=args.time_limit_min, weights_dir=args.weights_dir,
+                          cache=args.cache or str(Path(args.out) / "cache"), init_from=args.init_from,
+                          consistency=args.consistency, physics_injection=args.physics_injection,
+                          physics_from_base=args.physics_from_base, stop_after=args.stop_after)
+    except ValueError as exc:
+        print(f"scanbridge-train tissue: {exc}", file=sys.stderr)
         return 2
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)

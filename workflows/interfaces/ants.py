@@ -323,12 +323,12 @@ def extract_brain(in_file, template_t1w, template_mask, out_mask, out_xfm, *,
     if refine and max(img.spacing) <= REFINE_MAX_VOXEL_MM:
         mask = refine_brain_mask(img.numpy(), mask, float(min(img.spacing)))
     mask = _largest_component(ndi.binary_fill_holes(mask))
-    _save_like(mask, ref, out_mask, dtype=np.uint8)
     voxvol = float(np.prod(_zooms(ref.affine)))
     volume = float(mask.sum() * voxvol)
-    if not 500_000 < volume < 3_000_000:
+    if not 500_000 < volume < 3_000_000:  # checked first: a failed extraction leaves no mask behind
         raise ValueError(f"{in_file}: implausible brain mask volume {volume / 1000:.0f} ml "
                          "(brain extraction failed; is this a T1w head image?)")
+    _save_like(mask, ref, out_mask, dtype=np.uint8)
     return {"mask_volume_mm3": volume, "template_mask_volume_mm3": template_volume * voxvol,
             "init_lps": [float(v) for v in target]}
 
