@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import nibabel as nib
@@ -222,6 +223,19 @@ def test_atropos_gives_sensible_tissues(chain):
         "label-CSF_probseg.nii.gz", "label-GM_probseg.nii.gz", "label-WM_probseg.nii.gz"]
     assert np.allclose(probs.sum(0)[mask], 1.0, atol=1e-4)
     assert np.array_equal(probs.argmax(0)[mask] + 1, dseg[mask])
+
+
+def test_atropos_leaves_nothing_in_the_system_temp_dir(chain, tmp_path, monkeypatch):
+    # antspyx writes Atropos' priors and posteriors to mktemp() names and never deletes them
+    system_tmp = tmp_path / "system-tmp"
+    system_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(system_tmp))
+    out_dir = tmp_path / "node"
+    out = A.atropos_segment(chain["n4"], chain["mask"], chain["priors"], out_dir, iterations=1)
+    assert list(system_tmp.iterdir()) == []
+    assert sorted(p.name for p in out_dir.iterdir()) == sorted(
+        [Path(p).name for p in out["probseg"]] + ["dseg.nii.gz"])
+    assert tempfile.gettempdir() == str(system_tmp)
 
 
 def test_priors_are_on_the_subject_grid(chain):

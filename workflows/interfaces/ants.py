@@ -25,7 +25,10 @@ input* space, which is what resampling needs):
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +56,26 @@ def use_threads(n: int | None, seed: int | None = None) -> int:
     if seed is not None:
         os.environ["ANTS_RANDOM_SEED"] = str(int(seed) + 1)  # ANTs treats 0 as "not set"
     return n
+
+
+_TEMPDIR_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _private_tempdir(parent):
+    """Point Python's temp dir at a private folder under ``parent`` while antspyx runs, then delete it.
+
+    ``ants.atropos`` writes its prior and posterior images to ``tempfile.mktemp()`` names and never
+    removes them: left alone, every run would leave three volumes per Atropos call in the system /tmp
+    (a shared, often small, disk on a cluster node). The lock keeps two threads from swapping it at once.
+    """
+    with _TEMPDIR_LOCK, tempfile.TemporaryDirectory(dir=parent, prefix=".ants-tmp-") as tmp:
+        old = tempfile.tempdir
+        tempfile.tempdir = tmp
+        try:
+            yield tmp
+        finally:
+            tempfile.tempdir = old
 
 
 def _ants():
@@ -440,14 +463,16 @@ def atropos_segment(in_file, in_mask, priors, out_dir, *, prior_weight: float = 
     for p in priors:
         arr = np.clip(ants.image_read(str(p)).numpy(), 0, 1) * mask_arr
         prior_imgs.append(img.new_image_like(arr.astype(np.float32)))
-    seg = ants.atropos(a=img, x=mask, i=prior_imgs, m=f"[{mrf},1x1x1]", c=f"[{int(iterations)},0]",
-                       priorweight=float(prior_weight))
-    probs = np.stack([p.numpy() for p in seg["probabilityimages"][:3]]).astype(np.float32)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with _private_tempdir(out_dir):
+        seg = ants.atropos(a=img, x=mask, i=prior_imgs, m=f"[{mrf},1x1x1]", c=f"[{int(iterations)},0]",
+                           priorweight=float(prior_weight))
+        probs = np.stack([p.numpy() for p in seg["probabilityimages"][:3]]).astype(np.float32)
     probs *= mask_arr[None]
     tot = probs.sum(0, keepdims=True)
     probs = np.where(tot > 0, probs / np.maximum(tot, 1e-8), 0).astype(np.float32)
     dseg = np.where(mask_arr, probs.argmax(0) + 1, 0).astype(np.uint8)
-    out_dir = Path(out_dir)
     files = [_save_like(probs[k], ref, out_dir / f"label-{t}_probseg.nii.gz") for k, t in enumerate(TISSUES)]
     return {"probseg": files, "dseg": _save_like(dseg, ref, out_dir / "dseg.nii.gz", dtype=np.uint8)}
 
