@@ -114,11 +114,11 @@ def test_out_of_range_field_strength_is_treated_as_missing():
 
 
 # ------------------------------------------------------------------------------------ registry
-def _save_tiny(tmp_path, name, n_params):
+def _save_tiny(tmp_path, name, n_params, **card_fields):
     net = _net(n_params=n_params)
     card = {"version": "test", "architecture": {"class": "UNet3D", "kwargs": net.config},
             "training": {"command": "none", "seed": 0, "data": "random"}, "metrics": {},
-            "resolution_mm": 2.0, "inference_roi": 16}
+            "resolution_mm": 2.0, "inference_roi": 16, **card_fields}
     return net, registry.save_model(name, net.state_dict(), card, weights_dir=tmp_path)
 
 
@@ -180,6 +180,30 @@ def test_sliding_window_probabilities_on_a_small_volume():
     assert probs.shape == (3,) + img.shape
     inside = probs[:, mask]
     np.testing.assert_allclose(inside.sum(0), 1.0, atol=1e-4)
+
+
+def test_mirrored_averages_each_window_with_its_mirror_images():
+    ramp = torch.linspace(0, 1, 6).reshape(1, 1, 6, 1, 1)
+    predictor = lambda w: w * ramp  # deliberately not mirror-equivariant
+    assert tissue.mirrored(predictor, ()) is predictor
+    w = torch.randn(2, 3, 6, 5, 4)
+    expected = (predictor(w) + predictor(w.flip(2)).flip(2)) / 2
+    torch.testing.assert_close(tissue.mirrored(predictor, (0,))(w), expected)
+    both = tissue.mirrored(predictor, (0, 1))(w)
+    passes = [predictor(w)] + [predictor(w.flip(d)).flip(d) for d in ([2], [3], [2, 3])]
+    torch.testing.assert_close(both, sum(passes) / 4)
+
+
+def test_card_mirror_axes_make_a_symmetric_input_give_symmetric_probabilities(tmp_path):
+    img, mask = _blob_volume((24, 20, 20))  # symmetric under a flip of axis 0
+    acq = {"sequence_family": "MPRAGE", "InversionTime": 0.9}
+    plain, mirror = tmp_path / "plain", tmp_path / "mirror"
+    _save_tiny(plain, "tissue_unet_physics", tissue.N_PARAMS)
+    _save_tiny(mirror, "tissue_unet_physics", tissue.N_PARAMS, inference_mirror_axes=[0])
+    p0 = tissue.segment(img, mask, (2, 2, 2), acq, device="cpu", weights_dir=plain).probs
+    p1 = tissue.segment(img, mask, (2, 2, 2), acq, device="cpu", weights_dir=mirror).probs
+    assert not np.allclose(p0, p0[:, ::-1], atol=1e-3)  # the random network is not symmetric by itself
+    np.testing.assert_allclose(p1, p1[:, ::-1], atol=1e-5)
 
 
 def test_segment_end_to_end_with_fallback_and_resampling(tmp_path, monkeypatch):
@@ -254,8 +278,9 @@ def test_nipype_node_writes_probseg_dseg_volumes_and_metadata(tmp_path):
     assert md["SequenceParametersUsed"]["FlipAngle"] == 20.0 and md["PhysicsFallback"] is None
 
 
-def test_sweep_volumes_matches_segment_soft_volumes(tmp_path):
-    _save_tiny(tmp_path, "tissue_unet_physics", tissue.N_PARAMS)
+@pytest.mark.parametrize("mirror_axes", [[], [0]])
+def test_sweep_volumes_matches_segment_soft_volumes(tmp_path, mirror_axes):
+    _save_tiny(tmp_path, "tissue_unet_physics", tissue.N_PARAMS, inference_mirror_axes=mirror_axes)
     img, mask = _blob_volume((20, 20, 20))
     acq = {"sequence_family": "MPRAGE", "InversionTime": 0.9}
     tis = [0.7, 0.9, 1.1]

@@ -81,6 +81,7 @@ def test_twenty_iterations_reduce_the_loss(tmp_path):
         card = T.save(r.pop("model"), cfg, r)
         assert card["training"]["command"].startswith("scanbridge-train tissue")
         assert "--both" in card["training"]["command"] and card["training"]["seed"] == 0
+        assert card["inference_mirror_axes"] == list(T.FLIP_AXES)  # inference mirrors what training flipped
     assert registry.available("tissue", tmp_path) == ["tissue_unet", "tissue_unet_physics"]
     # the saved models load through the registry and segment
     img = subjects[0].fractions32()[[1, 2, 3]].argmax(0).astype(np.float32) + 1

@@ -38,12 +38,14 @@ The shipped models work at 2 mm isotropic (``card["resolution_mm"]``) so they tr
 CPU: the image (multiplied by the mask) and the mask are box-averaged to 2 mm (exact voxel overlaps,
 as the training images' tissue fractions are; the 2 mm mask is where more than half of a voxel is
 brain), intensities are z-scored inside the brain mask, the softmax probabilities are
-computed with MONAI's sliding-window inference and resampled back to the input grid (linear), then
+computed with MONAI's sliding-window inference (each window averaged with its mirror images along
+``card["inference_mirror_axes"]``, the axes flipped in training) and resampled back to the input grid (linear), then
 set to zero outside the mask. dseg is the arg-max inside the mask (CSF=1, GM=2, WM=3).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from dataclasses import dataclass, field
@@ -375,8 +377,29 @@ class TissueResult:
         return self.parameters.fallback_reason
 
 
+def mirrored(predictor, axes=()):
+    """``predictor`` averaged over its mirror images along the spatial ``axes`` (test-time mirroring).
+
+    The networks were trained with random left-right flips, so a window and its mirror image are two
+    equally valid views; averaging their probabilities (nnU-Net's default at inference) removes part of
+    the network's view-to-view noise. Each subset of ``axes`` is one more pass.
+    """
+    dims = [[2 + a for a in c] for r in range(1, len(axes) + 1) for c in itertools.combinations(axes, r)]
+    if not dims:
+        return predictor
+
+    def averaged(window):
+        total = predictor(window)
+        for d in dims:
+            total = total + predictor(window.flip(d)).flip(d)
+        return total / (len(dims) + 1)
+
+    return averaged
+
+
 def predict_probs(model, image: np.ndarray, mask: np.ndarray, params: np.ndarray | None,
-                  device, roi: int = 64, overlap: float = 0.5, sw_batch_size: int = 8) -> np.ndarray:
+                  device, roi: int = 64, overlap: float = 0.5, sw_batch_size: int = 8,
+                  mirror_axes=()) -> np.ndarray:
     """Softmax (3, ...) of a normalised image at model resolution (cropped to the mask's box)."""
     import torch
     from monai.inferers import sliding_window_inference
@@ -399,8 +422,8 @@ def predict_probs(model, image: np.ndarray, mask: np.ndarray, params: np.ndarray
         return torch.softmax(model(window, p).float() if model.uses_physics else model(window).float(), dim=1)
 
     with torch.inference_mode():
-        prob = sliding_window_inference(x, roi_size, sw_batch_size, predictor, overlap=overlap,
-                                        mode="gaussian")[0].cpu().numpy()
+        prob = sliding_window_inference(x, roi_size, sw_batch_size, mirrored(predictor, mirror_axes),
+                                        overlap=overlap, mode="gaussian")[0].cpu().numpy()
     sl = tuple(slice(0, s) for s in crop.shape)
     out[(slice(None),) + box] = prob[(slice(None),) + sl]
     return out
@@ -431,7 +454,8 @@ def segment(image: np.ndarray, mask: np.ndarray, zooms, acquisition: dict | None
     native = np.allclose(zooms, res, atol=1e-3)
     x, mask_r = prepare(img, mask_b, zooms, res)
     probs_r = predict_probs(model, x, mask_r, pv.values, dev, roi=int(card.get("inference_roi", 64)),
-                            overlap=float(card.get("inference_overlap", 0.5)))
+                            overlap=float(card.get("inference_overlap", 0.5)),
+                            mirror_axes=tuple(card.get("inference_mirror_axes", ())))
     if native:
         probs = probs_r
     else:
@@ -482,6 +506,7 @@ def sweep_volumes(image: np.ndarray, mask: np.ndarray, zooms, acquisition: dict,
     xt = torch.from_numpy(np.pad(x[box], pad))[None, None].to(dev)
     mt = torch.from_numpy(np.pad(mask_r[box], pad)).to(dev)
     roi = int(card.get("inference_roi", 64))
+    mirror_axes = tuple(card.get("inference_mirror_axes", ()))
     roi_size = [min(roi, s) - min(roi, s) % div or div for s in xt.shape[2:]]
     n_cls = len(CLASSES)
     with torch.inference_mode():
@@ -493,8 +518,8 @@ def sweep_volumes(image: np.ndarray, mask: np.ndarray, zooms, acquisition: dict,
                 return torch.cat([torch.softmax(model.forward_top(shared, params[k:k + 1]).float(), dim=1)
                                   for k in range(params.shape[0])], dim=1)
 
-            prob = sliding_window_inference(xt, roi_size, 8, predictor, overlap=float(card.get("inference_overlap", 0.5)),
-                                            mode="gaussian")[0]
+            prob = sliding_window_inference(xt, roi_size, 8, mirrored(predictor, mirror_axes),
+                                            overlap=float(card.get("inference_overlap", 0.5)), mode="gaussian")[0]
             prob = prob.reshape(params.shape[0], n_cls, *prob.shape[1:])
             out[start:start + params.shape[0]] = (prob * mt).sum(dim=(2, 3, 4)).cpu().numpy() * res ** 3
     return out

@@ -45,6 +45,8 @@ DEFAULT_ANATOMY_DIR = Path(os.environ.get("SCANBRIDGE_ANATOMY_DIR", "/work/share
 BRAIN_CLASSES = ("background", "CSF", "ventricles", "GM", "deep_GM", "WM", "lesion")
 MPRAGE_TD = 0.6
 MPRAGE_TAU = 0.01
+FLIP_AXES = (0,)
+"""Spatial axes flipped at random in training (left-right); inference averages over the same mirrors."""
 
 
 # ------------------------------------------------------------------------------------------ parameters
@@ -260,7 +262,7 @@ class PatchSampler:
         self.transform = Compose([
             SpatialPadd(keys, spatial_size=(patch,) * 3),
             RandSpatialCropd(keys, roi_size=(patch,) * 3, random_size=False),
-            RandFlipd(keys, prob=0.5, spatial_axis=0),
+            RandFlipd(keys, prob=0.5, spatial_axis=list(FLIP_AXES)),
         ])
         self.transform.set_random_state(seed=seed)
 
@@ -546,6 +548,7 @@ def save(net, cfg: TrainConfig, history: dict, final: bool = True) -> dict:
         "resolution_mm": cfg.resolution,
         "inference_roi": cfg.patch,
         "inference_overlap": 0.25,
+        "inference_mirror_axes": list(FLIP_AXES),
         "parameter_layout": list(PARAMETER_LAYOUT) if physics else [],
         "training_ranges": TRAINING_RANGES,
         "training": {
