@@ -48,6 +48,25 @@ def test_sample_parameters_cover_the_paper_ranges_and_drop_optionals():
                                         "FlipAngle": p.get("FA")}).values is not None for p in wide)
 
 
+def test_low_contrast_sampling_draws_hard_spgr_settings_from_the_same_ranges():
+    plain = T.sample_parameters(np.random.default_rng(2), 300, families=("SPGR",), paper_only=True)
+    hard = T.sample_parameters(np.random.default_rng(2), 300, families=("SPGR",), paper_only=True, low_contrast=1.0)
+    plain_c = np.abs([T.wm_gm_contrast(p) for p in plain])
+    hard_c = np.abs([T.wm_gm_contrast(p) for p in hard])
+    assert (plain_c < T.LOW_CONTRAST).mean() < 0.5  # a minority of uniform draws (mostly at 1.5 T)...
+    assert (hard_c < T.LOW_CONTRAST).all()  # ...and every draw with low_contrast=1
+    assert all(0.015 <= p["TR"] <= 0.1 and 0.004 <= p["TE"] <= 0.01 and 15 <= p["FA"] <= 75 for p in hard)
+    # the contrast is the simulator's own: PD-weighted long-TR, low-flip SPGR has GM brighter than WM
+    assert T.wm_gm_contrast({"family": "SPGR", "TR": 0.095, "TE": 0.006, "FA": 15, "field": 3.0}) < 0.02
+    assert T.wm_gm_contrast({"family": "SPGR", "TR": 0.016, "TE": 0.005, "FA": 70, "field": 3.0}) > 0.2
+    # at 0 the stream is untouched, so earlier stages' commands still reproduce
+    a = T.sample_parameters(np.random.default_rng(3), 50)
+    b = T.sample_parameters(np.random.default_rng(3), 50, low_contrast=0.0)
+    assert a == b
+    with pytest.raises(ValueError, match="low-contrast"):
+        T.TrainConfig(out="x", low_contrast=1.5)
+
+
 def test_gold_standard_follows_r1_not_the_image():
     s = _tiny_subject()
     lab = s.target.astype(np.float32).argmax(0)

@@ -110,7 +110,7 @@ def evaluate(args) -> dict:
     run_methods = [m for m in args.methods if m not in reused]
     res: dict = {m: {f: {k: {t: [] for t in TISSUES} for k in ("dice", "cov", "soft_cov", "volumes")}
                      for f in FAMILIES} for m in run_methods}
-    contrast = {f: [wm_gm_contrast(a) for a in sweep(f, args.points, args.seed)] for f in FAMILIES}
+    contrast = {f: [T.wm_gm_contrast(a) for a in sweep(f, args.points, args.seed)] for f in FAMILIES}
     seconds = {m: 0.0 for m in run_methods}
     if reused:
         print(f"reusing {', '.join(reused)} from {', '.join(args.reuse)}", flush=True)
@@ -168,18 +168,6 @@ def evaluate(args) -> dict:
                    for f in FAMILIES} for m in args.methods}
     return {"subjects": names, "per_subject": res, "summary": summary, "seconds_per_image": per_image,
             "wm_gm_contrast": contrast}
-
-
-def wm_gm_contrast(acq: dict) -> float:
-    """WM/GM signal ratio - 1 of pure tissues with the simulator's nominal 3 T properties."""
-    from bidsapp.physics.equations import signal
-    from bidsapp.physics.tissues import property_table
-
-    tab = property_table(("GM", "WM"), 3.0, np.ones((2, 4)))
-    params = ({"ti": acq["TI"], "td": acq["td"], "tau": acq["tau"]} if acq["family"] == "MPRAGE"
-              else {"tr": acq["TR"], "te": acq["TE"], "flip_angle": acq["FA"]})
-    s = np.asarray(signal(acq["family"], tab[:, 0], tab[:, 1], tab[:, 2], tab[:, 3], params))
-    return float(s[1] / s[0] - 1.0)
 
 
 def cov_where(volumes, keep) -> dict:

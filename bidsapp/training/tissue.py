@@ -50,10 +50,52 @@ FLIP_AXES = (0,)
 
 
 # ------------------------------------------------------------------------------------------ parameters
+LOW_CONTRAST = 0.06
+"""|WM/GM signal ratio - 1| below which an acquisition counts as low-contrast (``--low-contrast``)."""
+
+
+def wm_gm_contrast(acq: dict) -> float:
+    """WM/GM signal ratio - 1 of pure tissues with the simulator's nominal properties at ``acq["field"]``.
+
+    Near zero, intensity alone cannot tell GM from WM: long-TR, low-flip SPGR is proton-density weighted
+    and its GM/WM contrast crosses zero inside the paper's parameter ranges.
+    """
+    from bidsapp.physics.equations import signal
+    from bidsapp.physics.tissues import property_table
+
+    tab = property_table(("GM", "WM"), float(acq.get("field", 3.0)), np.ones((2, 4)))
+    params = ({"ti": acq["TI"], "td": acq["td"], "tau": acq["tau"]} if acq["family"] == "MPRAGE"
+              else {"tr": acq["TR"], "te": acq["TE"], "flip_angle": acq["FA"]})
+    s = np.asarray(signal(acq["family"], tab[:, 0], tab[:, 1], tab[:, 2], tab[:, 3], params))
+    return float(s[1] / s[0] - 1.0)
+
+
+def _spgr_draw(rng: np.random.Generator, paper: bool) -> tuple[float, float, float]:
+    if paper:
+        return rng.uniform(0.015, 0.1), rng.uniform(0.004, 0.01), rng.uniform(15, 75)
+    tr = math.exp(rng.uniform(math.log(0.005), math.log(0.1)))
+    return tr, rng.uniform(0.002, min(0.01, 0.8 * tr)), rng.uniform(5, 90)
+
+
+def _low_contrast_spgr(rng: np.random.Generator, paper: bool, field: float, tries: int = 10000):
+    """An SPGR draw from the same range, kept only if its GM/WM contrast is below :data:`LOW_CONTRAST`
+    (rejection sampling; the last draw if none qualifies)."""
+    for _ in range(tries):
+        tr, te, fa = _spgr_draw(rng, paper)
+        if abs(wm_gm_contrast({"family": "SPGR", "TR": tr, "TE": te, "FA": fa, "field": field})) < LOW_CONTRAST:
+            break
+    return tr, te, fa
+
+
 def sample_parameters(rng: np.random.Generator, n: int, families=("MPRAGE", "SPGR"), paper_only: bool = False,
-                      drop_optional: float = 0.25) -> list[dict]:
+                      drop_optional: float = 0.25, low_contrast: float = 0.0) -> list[dict]:
     """Random acquisitions: dicts with ``family``, BIDS-unit parameters, ``td``/``tau`` for MPRAGE,
-    ``field`` (simulated B0) and ``B0_known`` (whether the vector gets it)."""
+    ``field`` (simulated B0) and ``B0_known`` (whether the vector gets it).
+
+    ``low_contrast``: the probability that an SPGR draw is restricted to settings whose GM/WM contrast is
+    below :data:`LOW_CONTRAST` (hard examples, about 5 % of the plain draws). At 0 the random stream is
+    the one earlier training stages used, so their commands still reproduce.
+    """
     out = []
     for _ in range(n):
         fam = families[rng.integers(len(families))]
@@ -69,12 +111,10 @@ def sample_parameters(rng: np.random.Generator, n: int, families=("MPRAGE", "SPG
             trinv = ti + td + MPRAGE_TAU
             d.update(TI=ti, td=td, tau=MPRAGE_TAU, TRinv=trinv if rng.random() >= drop_optional else None)
         else:
-            if paper:
-                tr, te, fa = rng.uniform(0.015, 0.1), rng.uniform(0.004, 0.01), rng.uniform(15, 75)
+            if low_contrast and rng.random() < low_contrast:
+                tr, te, fa = _low_contrast_spgr(rng, paper, b0)
             else:
-                tr = math.exp(rng.uniform(math.log(0.005), math.log(0.1)))
-                te = rng.uniform(0.002, min(0.01, 0.8 * tr))
-                fa = rng.uniform(5, 90)
+                tr, te, fa = _spgr_draw(rng, paper)
             d.update(TR=float(tr), TE=float(te), FA=float(fa))
         out.append(d)
     return out
@@ -251,13 +291,14 @@ class PatchSampler:
     """Random (image, mask, target, parameter vector) patches, reproducible from one generator."""
 
     def __init__(self, subjects: list[Subject], patch: int, seed: int, families=("MPRAGE", "SPGR"),
-                 paper_only: bool = False):
+                 paper_only: bool = False, low_contrast: float = 0.0):
         from monai.transforms import Compose, RandFlipd, RandSpatialCropd, SpatialPadd
 
         self.subjects = subjects
         self.rng = np.random.default_rng(seed)
         self.families = families
         self.paper_only = paper_only
+        self.low_contrast = low_contrast
         keys = ["image", "mask", "target"]
         self.transform = Compose([
             SpatialPadd(keys, spatial_size=(patch,) * 3),
@@ -272,13 +313,13 @@ class PatchSampler:
         import torch
 
         if not pairs:
-            acqs = sample_parameters(self.rng, n, self.families, self.paper_only)
+            acqs = sample_parameters(self.rng, n, self.families, self.paper_only, low_contrast=self.low_contrast)
             groups = [[a] for a in acqs]
         else:
             groups = []
             for _ in range((n + 1) // 2):
                 fam = self.families[self.rng.integers(len(self.families))]
-                groups.append(sample_parameters(self.rng, 2, (fam,), self.paper_only))
+                groups.append(sample_parameters(self.rng, 2, (fam,), self.paper_only, low_contrast=self.low_contrast))
         xs, ms, ts, acqs = [], [], [], []
         for group in groups:
             s = self.subjects[self.rng.integers(len(self.subjects))]
@@ -355,8 +396,13 @@ class TrainConfig:
     stop_after: int | None = None
     """Stop (and save) after this many iterations of an ``iterations``-long schedule: reproduces a
     checkpoint taken part-way through a run."""
+    low_contrast: float = 0.0
+    """Probability that an SPGR sample is drawn among low GM/WM-contrast settings (see
+    :func:`sample_parameters`); 0 = the plain uniform draw."""
 
     def __post_init__(self):
+        if not 0.0 <= self.low_contrast <= 1.0:
+            raise ValueError(f"--low-contrast must be between 0 and 1, got {self.low_contrast:g}")
         if self.physics_from_base and not (self.init_from and self.physics_injection == "norm_shift"):
             raise ValueError("--physics-from-base needs --init-from and --physics-injection norm_shift")
 
@@ -456,7 +502,7 @@ def train(cfg: TrainConfig, subjects: list[Subject] | None = None, progress=None
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(cfg.iterations))
         runs.append({"model": net, "opt": opt, "sched": sched, "physics": phys, "init": init, "step": [], "loss": [],
                      "running": [], "seconds": 0.0, "iterations": 0, "n_subjects": len(subjects)})
-    sampler = PatchSampler(subjects, cfg.patch, seed=cfg.seed)
+    sampler = PatchSampler(subjects, cfg.patch, seed=cfg.seed, low_contrast=cfg.low_contrast)
     loss_fn = MaskedDiceCE()
     t0 = time.time()
     for it in range(1, cfg.iterations + 1):
@@ -522,6 +568,8 @@ def command_line(cfg: TrainConfig) -> str:
         parts.append("--physics-from-base")
     if cfg.stop_after:
         parts.append(f"--stop-after {cfg.stop_after}")
+    if cfg.low_contrast:
+        parts.append(f"--low-contrast {cfg.low_contrast:g}")
     if cfg.init_from:
         parts.append(f"--init-from {cfg.init_from}")
     return " ".join(parts)
@@ -631,6 +679,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="how the physics channels enter the last decoder block (see bidsapp.models.unet)")
     p.add_argument("--stop-after", type=int, default=None,
                    help="stop after this many iterations of the --iterations schedule (reproduces a checkpoint)")
+    p.add_argument("--low-contrast", type=float, default=0.0, metavar="P",
+                   help=f"probability that an SPGR sample is drawn among settings with GM/WM contrast below "
+                        f"{LOW_CONTRAST:g} (hard examples; 0 = plain uniform draws)")
     p.add_argument("--physics-from-base", action="store_true",
                    help="start the physics model from the ablation in --init-from, physics injection at zero "
                         "(needs --physics-injection norm_shift)")
@@ -646,7 +697,8 @@ def run(args) -> int:
                           threads=args.threads, time_limit_min=args.time_limit_min, weights_dir=args.weights_dir,
                           cache=args.cache or str(Path(args.out) / "cache"), init_from=args.init_from,
                           consistency=args.consistency, physics_injection=args.physics_injection,
-                          physics_from_base=args.physics_from_base, stop_after=args.stop_after)
+                          physics_from_base=args.physics_from_base, stop_after=args.stop_after,
+                          low_contrast=args.low_contrast)
     except ValueError as exc:
         print(f"scanbridge-train tissue: {exc}", file=sys.stderr)
         return 2
