@@ -84,10 +84,12 @@ def heldout_subject(anatomy_dir: Path, name: str, resolution: float, seed: int):
 def atropos_dseg(img: np.ndarray, mask: np.ndarray, spacing) -> np.ndarray:
     import ants
 
+    from workflows.interfaces.ants import atropos  # ants.atropos without its leftover temp files
+
     img = img / max(float(img[mask].mean()), 1e-12) * 100.0  # scanner-like range (Atropos rejects tiny variances)
     a = ants.from_numpy(img.astype(np.float32), spacing=tuple(float(s) for s in spacing))
     m = ants.from_numpy(mask.astype(np.float32), spacing=tuple(float(s) for s in spacing))
-    seg = ants.atropos(a=a, x=m, i="kmeans[3]", m="[0.1,1x1x1]", c="[5,0]", v=0)["segmentation"].numpy()
+    seg = atropos(a=a, x=m, i="kmeans[3]", m="[0.1,1x1x1]", c="[5,0]", v=0)["segmentation"].numpy()
     seg = np.rint(seg).astype(np.int16)
     means = [img[(seg == k) & mask].mean() if ((seg == k) & mask).any() else np.inf for k in (1, 2, 3)]
     order = np.argsort(means)  # darkest -> CSF

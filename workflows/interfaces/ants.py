@@ -62,7 +62,7 @@ _TEMPDIR_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
-def _private_tempdir(parent):
+def _private_tempdir(parent=None):
     """Point Python's temp dir at a private folder under ``parent`` while antspyx runs, then delete it.
 
     ``ants.atropos`` writes its prior and posterior images to ``tempfile.mktemp()`` names and never
@@ -76,6 +76,14 @@ def _private_tempdir(parent):
             yield tmp
         finally:
             tempfile.tempdir = old
+
+
+def atropos(parent=None, **kwargs) -> dict:
+    """``ants.atropos(**kwargs)`` that leaves no files behind (its images are read back into memory
+    before the private folder, under ``parent`` or the system temp dir, is deleted)."""
+    ants = _ants()
+    with _private_tempdir(parent):
+        return ants.atropos(**kwargs)
 
 
 def _ants():
@@ -465,10 +473,9 @@ def atropos_segment(in_file, in_mask, priors, out_dir, *, prior_weight: float = 
         prior_imgs.append(img.new_image_like(arr.astype(np.float32)))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    with _private_tempdir(out_dir):
-        seg = ants.atropos(a=img, x=mask, i=prior_imgs, m=f"[{mrf},1x1x1]", c=f"[{int(iterations)},0]",
-                           priorweight=float(prior_weight))
-        probs = np.stack([p.numpy() for p in seg["probabilityimages"][:3]]).astype(np.float32)
+    seg = atropos(out_dir, a=img, x=mask, i=prior_imgs, m=f"[{mrf},1x1x1]", c=f"[{int(iterations)},0]",
+                  priorweight=float(prior_weight))
+    probs = np.stack([p.numpy() for p in seg["probabilityimages"][:3]]).astype(np.float32)
     probs *= mask_arr[None]
     tot = probs.sum(0, keepdims=True)
     probs = np.where(tot > 0, probs / np.maximum(tot, 1e-8), 0).astype(np.float32)
