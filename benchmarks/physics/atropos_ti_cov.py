@@ -34,22 +34,12 @@ from bidsapp.physics.protocols import PROTOCOLS  # noqa: E402
 
 
 def atropos_dseg(img: np.ndarray, mask: np.ndarray, spacing) -> np.ndarray:
-    import ants
-
-    from workflows.interfaces.ants import atropos  # ants.atropos without its leftover temp files
+    from workflows.interfaces.ants import kmeans_dseg
 
     # Truncate intensities to the mask's 0.5-99.5 percentiles (as ANTs pipelines do): voxels at the edge
     # of the mask that hold some fat would otherwise form their own bright k-means class.
     lo, hi = np.percentile(img[mask], [0.5, 99.5])
-    img = np.clip(img, lo, hi)
-    a = ants.from_numpy(img.astype(np.float32), spacing=tuple(float(s) for s in spacing))
-    m = ants.from_numpy(mask.astype(np.float32), spacing=tuple(float(s) for s in spacing))
-    seg = np.rint(atropos(a=a, x=m, i="kmeans[3]", m="[0.1,1x1x1]", c="[5,0]", v=0)["segmentation"].numpy())
-    means = [img[(seg == k) & mask].mean() if ((seg == k) & mask).any() else np.inf for k in (1, 2, 3)]
-    out = np.zeros(img.shape, np.uint8)
-    for label, k in enumerate(np.argsort(means), start=1):
-        out[(seg == k + 1) & mask] = label
-    return out
+    return kmeans_dseg(np.clip(img, lo, hi), mask, spacing)
 
 
 def main() -> int:

@@ -82,21 +82,10 @@ def heldout_subject(anatomy_dir: Path, name: str, resolution: float, seed: int):
 
 
 def atropos_dseg(img: np.ndarray, mask: np.ndarray, spacing) -> np.ndarray:
-    import ants
-
-    from workflows.interfaces.ants import atropos  # ants.atropos without its leftover temp files
+    from workflows.interfaces.ants import kmeans_dseg
 
     img = img / max(float(img[mask].mean()), 1e-12) * 100.0  # scanner-like range (Atropos rejects tiny variances)
-    a = ants.from_numpy(img.astype(np.float32), spacing=tuple(float(s) for s in spacing))
-    m = ants.from_numpy(mask.astype(np.float32), spacing=tuple(float(s) for s in spacing))
-    seg = atropos(a=a, x=m, i="kmeans[3]", m="[0.1,1x1x1]", c="[5,0]", v=0)["segmentation"].numpy()
-    seg = np.rint(seg).astype(np.int16)
-    means = [img[(seg == k) & mask].mean() if ((seg == k) & mask).any() else np.inf for k in (1, 2, 3)]
-    order = np.argsort(means)  # darkest -> CSF
-    out = np.zeros(img.shape, np.uint8)
-    for label, k in enumerate(order, start=1):
-        out[(seg == k + 1) & mask] = label
-    return out
+    return kmeans_dseg(img, mask, spacing)
 
 
 def evaluate(args) -> dict:

@@ -86,6 +86,24 @@ def atropos(parent=None, **kwargs) -> dict:
         return ants.atropos(**kwargs)
 
 
+def kmeans_dseg(img: np.ndarray, mask: np.ndarray, spacing, *, mrf: float = 0.1, iterations: int = 5) -> np.ndarray:
+    """Prior-free 3-class Atropos (k-means initialisation) of a T1w array inside ``mask``, relabelled
+    1 = CSF, 2 = GM, 3 = WM by mean intensity: the classical baseline of the tissue benchmarks, where
+    no template priors exist for a simulated head. Callers scale or clip ``img`` first."""
+    ants = _ants()
+    spacing = tuple(float(s) for s in spacing)
+    a = ants.from_numpy(np.asarray(img, np.float32), spacing=spacing)
+    m = ants.from_numpy(np.asarray(mask, np.float32), spacing=spacing)
+    seg = atropos(a=a, x=m, i="kmeans[3]", m=f"[{mrf:g},1x1x1]", c=f"[{int(iterations)},0]", v=0)
+    seg = np.rint(seg["segmentation"].numpy()).astype(np.int16)
+    mask = np.asarray(mask, bool)
+    means = [img[(seg == k) & mask].mean() if ((seg == k) & mask).any() else np.inf for k in (1, 2, 3)]
+    out = np.zeros(seg.shape, np.uint8)
+    for label, k in enumerate(np.argsort(means), start=1):  # darkest -> CSF
+        out[(seg == k + 1) & mask] = label
+    return out
+
+
 def _ants():
     import ants
 
