@@ -255,6 +255,14 @@ class AcquisitionRecord:
         d["protocol_key"] = self.protocol_key
         return d
 
+    def table_row(self) -> dict:
+        """:meth:`to_dict` flattened for one row of an acquisitions table: ``acq_group`` first, the missing
+        fields as one comma-separated cell, no warnings (they belong in the log, not in a table)."""
+        row = {"acq_group": self.group_key, **self.to_dict()}
+        row["missing"] = ",".join(self.missing)
+        row.pop("warnings", None)
+        return row
+
     @classmethod
     def from_dict(cls, d: dict) -> "AcquisitionRecord":
         """Inverse of :meth:`to_dict`; derived keys and unknown keys are ignored."""

@@ -182,10 +182,7 @@ def collect_acquisitions(output_dir: str | os.PathLike, subject: str | None = No
             "session_id": f"ses-{entry['session']}" if entry["session"] else None,
             "acq": entry["entities"].get("acq"),
             "run": entry["entities"].get("run"),
-            "acq_group": rec.group_key,
         }
-        row.update(rec.to_dict())
-        row["missing"] = ",".join(rec.missing)
-        row.pop("warnings", None)
+        row.update(rec.table_row())
         rows.append(row)
     return pd.DataFrame(rows)

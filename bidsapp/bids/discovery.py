@@ -147,11 +147,8 @@ class DatasetPlan:
                         "participant_id": f"sub-{sub.subject}",
                         "session_id": f"ses-{ses.session}" if ses.session else None,
                         "path": str(path),
-                        "acq_group": rec.group_key,
                     }
-                    row.update(rec.to_dict())
-                    row["missing"] = ",".join(rec.missing)
-                    row.pop("warnings", None)
+                    row.update(rec.table_row())
                     rows.append(row)
         return pd.DataFrame(rows)
 

@@ -725,7 +725,10 @@ class _AtroposInputSpec(_ThreadedInputSpec):
     template = traits.Dict(desc="template provenance (name, source, resolution) for the sidecar")
 
 
-class _SegmentationOutputSpec(TraitedSpec):
+class SegmentationOutputSpec(TraitedSpec):
+    """The contract of every segmentation node (Atropos, the tissue U-Net): what the derivatives writer
+    and the report read, whichever method made it."""
+
     probseg = traits.List(File(exists=True), desc="probability maps in the order CSF, GM, WM")
     dseg = File(exists=True, desc="discrete segmentation: 0 background, 1 CSF, 2 GM, 3 WM")
     volumes_tsv = File(exists=True, desc="long-format volumes: method, label, volume_mm3")
@@ -742,7 +745,7 @@ class Atropos(SimpleInterface):
     """
 
     input_spec = _AtroposInputSpec
-    output_spec = _SegmentationOutputSpec
+    output_spec = SegmentationOutputSpec
 
     def _run_interface(self, runtime):
         use_threads(self.inputs.num_threads, self.inputs.seed)

@@ -17,9 +17,10 @@ from nipype.interfaces.base import (
     BaseInterfaceInputSpec,
     File,
     SimpleInterface,
-    TraitedSpec,
     traits,
 )
+
+from workflows.interfaces.ants import SegmentationOutputSpec
 
 CLASS_NAMES = ("CSF", "GM", "WM")
 
@@ -33,13 +34,9 @@ class TissueModelInputSpec(BaseInterfaceInputSpec):
     weights_dir = traits.Str(desc="alternative folder of weights + model cards (default: the packaged models)")
 
 
-class TissueModelOutputSpec(TraitedSpec):
-    probseg = traits.List(File(exists=True), desc="probability maps in the order CSF, GM, WM")
-    dseg = File(exists=True, desc="discrete segmentation: 0 background, 1 CSF, 2 GM, 3 WM")
-    volumes_tsv = File(exists=True, desc="long-format volumes: method, label, volume_mm3")
+class TissueModelOutputSpec(SegmentationOutputSpec):
     method = traits.Str(desc="unet-physics or unet")
     metadata = traits.Dict(desc="sidecar fields: method, model (name, version, sha256), parameters used")
-    warnings = traits.List(traits.Str, desc="one-line messages for the report")
 
 
 def sidecar_metadata(result) -> dict:
