@@ -19,7 +19,8 @@ the models' working resolution).
 session (a held-out subject simulated at 1 mm, 2 torch threads, separate process per run).
 
 Atropos does not depend on the weights under test: ``--reuse earlier.json`` takes its results from an
-earlier run of the same sweep. Writes ``benchmarks/results/tissue.json``; ``--update-cards`` copies the metrics into the model cards.
+earlier run of the same sweep. Writes ``benchmarks/results/tissue.json`` and, beside it, ``tissue.png`` (volume
+against the sweep per method: the paper's Fig. 3); ``--update-cards`` copies the metrics into the model cards.
 """
 
 from __future__ import annotations
@@ -228,6 +229,47 @@ def print_tables(summary: dict) -> None:
             print(row(f"ours {m}", [f"{d[f]['cov_contrast_ge_10pct'][t]:.5f}" for f in FAMILIES for t in TISSUES]))
 
 
+def plot_sweeps(out: dict, path: Path) -> Path | None:
+    """Volume against the sweep (the paper's Fig. 3, for all held-out subjects): each point is the mean over
+    subjects of a method's volume at one acquisition, in % of that subject's median volume over the sweep.
+    MPRAGE against TI; SPGR against the WM/GM signal ratio, where the physics of the sweep crosses 1 (no
+    GM/WM contrast) and every method must lean on anatomy alone."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = [m for m in out["per_subject"] if all(out["per_subject"][m][f].get("volumes", {}).get(t)
+                                                     for f in FAMILIES for t in TISSUES)]
+    if not methods:
+        return None
+    n = out["settings"]["points"]
+    x = {"MPRAGE": np.linspace(600, 1200, n), "SPGR": 1.0 + np.asarray(out["wm_gm_contrast"]["SPGR"])}
+    colours = {"atropos": "tab:gray", "unet": "tab:blue", "unet-physics": "tab:red"}
+    fig, axes = plt.subplots(2, 2, figsize=(10, 7), constrained_layout=True)
+    for i, fam in enumerate(FAMILIES):
+        for j, t in enumerate(TISSUES):
+            ax = axes[i, j]
+            for m in methods:
+                v = np.asarray(out["per_subject"][m][fam]["volumes"][t], float)
+                dev = 100.0 * (v / np.median(v, axis=1, keepdims=True) - 1.0)
+                cov = out["summary"][m][fam]["cov"][t]
+                style = {"lw": 1.5} if fam == "MPRAGE" else {"ls": "none", "marker": "o", "ms": 3, "alpha": 0.7}
+                ax.plot(x[fam], dev.mean(0), color=colours.get(m), label=f"{m} (CoV {cov:.4f})", **style)
+            ax.axhline(0.0, color="k", lw=0.5)
+            if fam == "SPGR":
+                ax.axvline(1.0, color="k", lw=0.5, ls=":")
+            ax.set_xlabel("TI (ms)" if fam == "MPRAGE" else "WM/GM signal ratio")
+            ax.set_ylabel(f"{t} volume, % of subject median")
+            ax.set_title(f"{fam} {t}")
+            ax.legend(fontsize=7)
+    fig.suptitle(f"Tissue volume over the sweeps ({len(out['subjects'])} held-out subjects, {n} acquisitions each)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 # ---------------------------------------------------------------------------------------------- presets
 PRESETS = ("paper-mprage", "siemens-3T-mprage", "siemens-3T-mprage-v2", "siemens-1.5T-mprage", "siemens-7T-mprage",
            "mrainet-1.5T-spgr", "mrainet-3T-spgr")
@@ -399,6 +441,8 @@ def main(argv=None) -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2))
     print(f"wrote {args.out}")
+    if "per_subject" in out and (png := plot_sweeps(out, Path(args.out).with_suffix(".png"))):
+        print(f"wrote {png}")
     if args.update_cards and "summary" in out:
         for m, name in (("unet-physics", tissue.PHYSICS_MODEL), ("unet", tissue.BASE_MODEL)):
             if m in out["summary"]:
