@@ -1,0 +1,51 @@
+"""The tissue benchmark's summaries and its sweep figure, on made-up volumes (no simulation, no model)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("tissue_bench", ROOT / "benchmarks" / "tissue" / "run.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _results(n=9, subjects=2, methods=("unet", "unet-physics")):
+    rng = np.random.default_rng(0)
+    contrast = {"MPRAGE": list(np.linspace(0.9, 0.5, n)), "SPGR": list(np.linspace(-0.03, 0.3, n))}
+    per, summary = {}, {}
+    for m in methods:
+        per[m], summary[m] = {}, {}
+        for f in ("MPRAGE", "SPGR"):
+            vols = {t: [list(1000 * (1 + 0.01 * rng.standard_normal(n))) for _ in range(subjects)] for t in ("GM", "WM")}
+            per[m][f] = {"volumes": vols}
+            summary[m][f] = {"cov": {t: float(np.mean([np.std(v) / np.mean(v) for v in vols[t]])) for t in vols}}
+    return {"settings": {"points": n}, "subjects": [f"anat-{k}" for k in range(subjects)], "per_subject": per,
+            "summary": summary, "wm_gm_contrast": contrast}
+
+
+def test_cov_where_keeps_only_the_chosen_acquisitions(bench):
+    volumes = {"GM": [[1.0, 1.0, 5.0], [2.0, 2.0, 9.0]], "WM": [[1.0, 2.0, 3.0], [1.0, 1.0, 1.0]]}
+    keep = np.array([True, True, False])
+    out = bench.cov_where(volumes, keep)
+    assert out["GM"] == pytest.approx(0.0)
+    assert out["WM"] == pytest.approx(np.mean([np.std([1.0, 2.0]) / 1.5, 0.0]))
+    assert bench.cov_where(None, keep) == {} and bench.cov_where(volumes, np.array([True, False, False])) == {}
+
+
+def test_sweep_figure_is_written_for_methods_with_volumes(bench, tmp_path):
+    out = _results()
+    out["per_subject"]["atropos"] = {f: {} for f in ("MPRAGE", "SPGR")}  # reused without volumes: left out
+    png = bench.plot_sweeps(out, tmp_path / "tissue.png")
+    assert png == tmp_path / "tissue.png" and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    out["per_subject"] = {"atropos": out["per_subject"]["atropos"]}
+    assert bench.plot_sweeps(out, tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
