@@ -34,40 +34,40 @@ class CombatResult:
         self.harmonized = harmonized
 
 
+def _usable_covariate(values: pd.Series, name: str, messages: list[str], imputed: str, fill) -> pd.Series | None:
+    """``values`` with its few gaps filled by ``fill`` (the median or the mode), or None, said in ``messages``,
+    when too many are missing or all sessions share one value: ComBat cannot protect such a covariate."""
+    missing = int(values.isna().sum())
+    if missing == len(values):
+        return None
+    if missing > MAX_MISSING_FRACTION * len(values):
+        messages.append(f"{name} is missing for {missing} of {len(values)} sessions: not used as a ComBat covariate")
+        return None
+    if values.nunique() < 2:
+        messages.append(f"{name} has a single value: not used as a ComBat covariate")
+        return None
+    if missing:
+        value = fill(values)
+        shown = f"{value:.3g}" if isinstance(value, float) else value
+        messages.append(f"{name} is missing for {missing} sessions: imputed with the {imputed} ({shown}) for ComBat")
+        values = values.fillna(value)
+    return values
+
+
 def _prepare_covariates(df: pd.DataFrame, messages: list[str]) -> tuple[pd.DataFrame, list[str], list[str]]:
     cont, cat = [], []
     out = pd.DataFrame(index=df.index)
     if "age" in df.columns:
-        age = pd.to_numeric(df["age"], errors="coerce")
-        miss = age.isna().mean()
-        if miss == 1:
-            pass
-        elif miss > MAX_MISSING_FRACTION:
-            messages.append(f"age is missing for {age.isna().sum()} of {len(age)} sessions: not used as a ComBat covariate")
-        elif age.nunique() < 2:
-            messages.append("age has a single value: not used as a ComBat covariate")
-        else:
-            if miss > 0:
-                messages.append(f"age is missing for {age.isna().sum()} sessions: imputed with the median "
-                                f"({age.median():.3g}) for ComBat")
-            out["age"] = age.fillna(age.median())
+        age = _usable_covariate(pd.to_numeric(df["age"], errors="coerce"), "age", messages, "median",
+                                lambda v: float(v.median()))
+        if age is not None:
+            out["age"] = age
             cont.append("age")
     if "sex" in df.columns:
         sex = df["sex"].astype("string").str.strip().str.upper().replace({"": pd.NA, "N/A": pd.NA, "NAN": pd.NA})
-        sex = sex.replace({"FEMALE": "F", "MALE": "M"})
-        miss = sex.isna().mean()
-        if miss == 1:
-            pass
-        elif miss > MAX_MISSING_FRACTION:
-            messages.append(f"sex is missing for {sex.isna().sum()} of {len(sex)} sessions: not used as a ComBat covariate")
-        elif sex.nunique() < 2:
-            messages.append("sex has a single value: not used as a ComBat covariate")
-        else:
-            if miss > 0:
-                mode = sex.mode().iloc[0]
-                messages.append(f"sex is missing for {sex.isna().sum()} sessions: imputed with the most common "
-                                f"value ({mode}) for ComBat")
-                sex = sex.fillna(mode)
+        sex = _usable_covariate(sex.replace({"FEMALE": "F", "MALE": "M"}), "sex", messages, "most common value",
+                                lambda v: v.mode().iloc[0])
+        if sex is not None:
             out["sex"] = sex.astype(str)
             cat.append("sex")
     return out, cont, cat
