@@ -200,6 +200,32 @@ def test_physics_model_can_start_from_the_trained_ablation(tmp_path):
     assert cli.main(["tissue", "--out", str(tmp_path / "x"), "--physics-from-base"]) == 2
 
 
+def test_train_top_changes_only_what_follows_the_last_skip_connection(tmp_path):
+    subjects = [_tiny_subject(seed=k) for k in range(2)]
+    first = T.TrainConfig(out=str(tmp_path), seed=0, physics="both", patch=16, batch=2, iterations=2,
+                          features=(4, 8), save_every=0, log_every=1, weights_dir=str(tmp_path / "w1"),
+                          physics_injection="norm_shift")
+    for r in T.train(first, subjects):
+        T.save(r.pop("model"), first, r)
+    cfg = T.TrainConfig(out=str(tmp_path), seed=1, physics="both", patch=16, batch=2, iterations=3, lr=1e-2,
+                        features=(4, 8), save_every=0, log_every=1, init_from=str(tmp_path / "w1"),
+                        physics_injection="norm_shift", train_top=True)
+    for run in T.train(cfg, subjects):
+        net = run["model"]
+        before, _ = registry.load_state_dict(T._model_name(run["physics"]), tmp_path / "w1")
+        top = {id(p) for p in net.top_parameters()}
+        names = {n for n, p in net.named_parameters() if id(p) in top}
+        assert any(n.startswith("physics.") for n in names) == run["physics"]
+        assert any(n.startswith("head.") for n in names) and any(n.startswith(f"decoders.{len(net.decoders) - 1}.") for n in names)
+        for n, p in net.named_parameters():
+            if n in names:
+                assert not torch.equal(p.detach(), before[n]), f"{n} did not train"
+            else:
+                torch.testing.assert_close(p.detach(), before[n], rtol=0, atol=0, msg=f"{n} changed")
+    assert "--train-top" in T.command_line(cfg)
+    assert cli.main(["tissue", "--out", str(tmp_path / "x"), "--train-top"]) == 2
+
+
 def test_stop_after_reproduces_a_checkpoint_of_a_longer_run(tmp_path):
     subjects = [_tiny_subject()]
     kw = dict(out=str(tmp_path), seed=2, physics=True, patch=16, batch=1, iterations=4, features=(4, 8), log_every=1)

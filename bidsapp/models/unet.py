@@ -173,6 +173,13 @@ class UNet3D(nn.Module):
             x = torch.cat([x, p[:, :, None, None, None].expand(-1, -1, *x.shape[2:])], dim=1)
         return self.head(self.decoders[-1](x))
 
+    def top_parameters(self) -> list[nn.Parameter]:
+        """The weights :meth:`forward_top` uses (last decoder block, head, physics branch): all that
+        sees the sequence parameters, and the ablation's counterpart of it. Training only these leaves
+        :meth:`forward_shared` unchanged (``scanbridge-train tissue --train-top``)."""
+        modules = [self.decoders[-1], self.head] + ([self.physics] if self.physics is not None else [])
+        return [p for m in modules for p in m.parameters()]
+
     def load_ablation(self, state: dict) -> None:
         """Start a ``norm_shift`` physics network from its trained ablation's weights: everything
         but the branch and the (zero) injection weights is copied, so both networks give the same

@@ -399,12 +399,18 @@ class TrainConfig:
     low_contrast: float = 0.0
     """Probability that an SPGR sample is drawn among low GM/WM-contrast settings (see
     :func:`sample_parameters`); 0 = the plain uniform draw."""
+    train_top: bool = False
+    """Train only what follows the last skip connection (:meth:`UNet3D.top_parameters`: last decoder
+    block, head, physics branch), the rest frozen, for both networks alike: the physics branch gets
+    the whole update budget and the ablation exactly the same capacity and batches."""
 
     def __post_init__(self):
         if not 0.0 <= self.low_contrast <= 1.0:
             raise ValueError(f"--low-contrast must be between 0 and 1, got {self.low_contrast:g}")
         if self.physics_from_base and not (self.init_from and self.physics_injection == "norm_shift"):
             raise ValueError("--physics-from-base needs --init-from and --physics-injection norm_shift")
+        if self.train_top and not self.init_from:
+            raise ValueError("--train-top needs --init-from (the frozen part must come from trained weights)")
 
 
 def _model_name(physics: bool) -> str:
@@ -498,7 +504,13 @@ def train(cfg: TrainConfig, subjects: list[Subject] | None = None, progress=None
                     "iterations": card0["training"].get("iterations_run"),
                     "as": "ablation weights + zero-initialised physics injection" if from_base else "same model"}
         net = net.to(device)
-        opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-5)
+        trainable = list(net.parameters())
+        if cfg.train_top:
+            top = {id(p) for p in net.top_parameters()}
+            for prm in trainable:
+                prm.requires_grad_(id(prm) in top)
+            trainable = [prm for prm in trainable if prm.requires_grad]
+        opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=1e-5)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(cfg.iterations))
         runs.append({"model": net, "opt": opt, "sched": sched, "physics": phys, "init": init, "step": [], "loss": [],
                      "running": [], "seconds": 0.0, "iterations": 0, "n_subjects": len(subjects)})
@@ -570,6 +582,8 @@ def command_line(cfg: TrainConfig) -> str:
         parts.append(f"--stop-after {cfg.stop_after}")
     if cfg.low_contrast:
         parts.append(f"--low-contrast {cfg.low_contrast:g}")
+    if cfg.train_top:
+        parts.append("--train-top")
     if cfg.init_from:
         parts.append(f"--init-from {cfg.init_from}")
     return " ".join(parts)
@@ -612,7 +626,9 @@ def save(net, cfg: TrainConfig, history: dict, final: bool = True) -> dict:
             "iterations_run": history["iterations"],
             "batch": cfg.batch,
             "patch_voxels": cfg.patch,
-            "optimizer": f"AdamW lr {cfg.lr:g}, linear warm-up then cosine decay",
+            "optimizer": f"AdamW lr {cfg.lr:g}, linear warm-up then cosine decay"
+                         + (" (last decoder block, head and physics branch only; the rest frozen)"
+                            if cfg.train_top else ""),
             "loss": "MONAI soft Dice + soft cross-entropy inside the brain mask"
                     + (f" + {cfg.consistency:g} x mean squared softmax difference between two acquisitions of the "
                        "same patch (consistency; not in the paper)" if cfg.consistency else ""),
@@ -682,6 +698,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--low-contrast", type=float, default=0.0, metavar="P",
                    help=f"probability that an SPGR sample is drawn among settings with GM/WM contrast below "
                         f"{LOW_CONTRAST:g} (hard examples; 0 = plain uniform draws)")
+    p.add_argument("--train-top", action="store_true",
+                   help="train only the last decoder block, the head and the physics branch (needs --init-from)")
     p.add_argument("--physics-from-base", action="store_true",
                    help="start the physics model from the ablation in --init-from, physics injection at zero "
                         "(needs --physics-injection norm_shift)")
@@ -698,7 +716,7 @@ def run(args) -> int:
                           cache=args.cache or str(Path(args.out) / "cache"), init_from=args.init_from,
                           consistency=args.consistency, physics_injection=args.physics_injection,
                           physics_from_base=args.physics_from_base, stop_after=args.stop_after,
-                          low_contrast=args.low_contrast)
+                          low_contrast=args.low_contrast, train_top=args.train_top)
     except ValueError as exc:
         print(f"scanbridge-train tissue: {exc}", file=sys.stderr)
         return 2
