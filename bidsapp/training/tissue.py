@@ -504,13 +504,11 @@ def train(cfg: TrainConfig, subjects: list[Subject] | None = None, progress=None
                     "iterations": card0["training"].get("iterations_run"),
                     "as": "ablation weights + zero-initialised physics injection" if from_base else "same model"}
         net = net.to(device)
-        trainable = list(net.parameters())
         if cfg.train_top:
-            top = {id(p) for p in net.top_parameters()}
-            for prm in trainable:
-                prm.requires_grad_(id(prm) in top)
-            trainable = [prm for prm in trainable if prm.requires_grad]
-        opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=1e-5)
+            net.requires_grad_(False)
+            for prm in net.top_parameters():
+                prm.requires_grad_(True)
+        opt = torch.optim.AdamW([prm for prm in net.parameters() if prm.requires_grad], lr=cfg.lr, weight_decay=1e-5)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(cfg.iterations))
         runs.append({"model": net, "opt": opt, "sched": sched, "physics": phys, "init": init, "step": [], "loss": [],
                      "running": [], "seconds": 0.0, "iterations": 0, "n_subjects": len(subjects)})
