@@ -209,7 +209,7 @@ def test_train_top_changes_only_what_follows_the_last_skip_connection(tmp_path):
         T.save(r.pop("model"), first, r)
     cfg = T.TrainConfig(out=str(tmp_path), seed=1, physics="both", patch=16, batch=2, iterations=3, lr=1e-2,
                         features=(4, 8), save_every=0, log_every=1, init_from=str(tmp_path / "w1"),
-                        physics_injection="norm_shift", train_top=True)
+                        physics_injection="norm_shift", train="top")
     for run in T.train(cfg, subjects):
         net = run["model"]
         before, _ = registry.load_state_dict(T._model_name(run["physics"]), tmp_path / "w1")
@@ -223,8 +223,56 @@ def test_train_top_changes_only_what_follows_the_last_skip_connection(tmp_path):
                 assert not torch.equal(p.detach(), before[n]), f"{n} did not train"
             else:
                 torch.testing.assert_close(p.detach(), before[n], rtol=0, atol=0, msg=f"{n} changed")
-    assert "--train-top" in T.command_line(cfg)
-    assert cli.main(["tissue", "--out", str(tmp_path / "x"), "--train-top"]) == 2
+    assert "--train top" in T.command_line(cfg)
+    assert cli.main(["tissue", "--out", str(tmp_path / "x"), "--train", "top"]) == 2
+
+
+def test_train_physics_recalibrates_only_the_branch_of_a_physics_model(tmp_path):
+    subjects = [_tiny_subject(seed=k) for k in range(2)]
+    first = T.TrainConfig(out=str(tmp_path), seed=0, physics="both", patch=16, batch=2, iterations=2,
+                          features=(4, 8), save_every=0, log_every=1, weights_dir=str(tmp_path / "w1"),
+                          physics_injection="norm_shift")
+    for r in T.train(first, subjects):
+        T.save(r.pop("model"), first, r)
+    cfg = T.TrainConfig(out=str(tmp_path), seed=1, physics=True, patch=16, batch=2, iterations=3, lr=1e-2,
+                        features=(4, 8), save_every=0, log_every=1, init_from=str(tmp_path / "w1"),
+                        physics_injection="norm_shift", train="physics", volume=1.0,
+                        weights_dir=str(tmp_path / "w2"))
+    (run,) = T.train(cfg, subjects)
+    net = run["model"]
+    before, _ = registry.load_state_dict(tissue.PHYSICS_MODEL, tmp_path / "w1")
+    trained = {n for n, p in net.named_parameters() if any(p is q for q in net.physics_parameters())}
+    assert trained == {n for n in before if n.startswith("physics.fc.")} | {f"decoders.{len(net.decoders) - 1}.inject.weight"}
+    for n, p in net.named_parameters():
+        if n in trained:  # Adam steps of lr 1e-2, not weight decay (1e-7 of the weight per step)
+            assert (p.detach() - before[n]).abs().max() > 1e-3, f"{n} did not train"
+        else:
+            torch.testing.assert_close(p.detach(), before[n], rtol=0, atol=0, msg=f"{n} changed")
+    command = T.command_line(cfg)
+    assert "--train physics" in command and "--volume-loss 1" in command
+    assert "relative soft-volume error" in T.save(net, cfg, run)["training"]["loss"]
+    # the ablation has no branch to train, and --train needs weights to start from
+    with pytest.raises(ValueError, match="--physics"):
+        T.TrainConfig(out=str(tmp_path), physics="both", train="physics", init_from=str(tmp_path / "w1"))
+    assert cli.main(["tissue", "--out", str(tmp_path / "x"), "--train", "physics"]) == 2
+    assert cli.main(["tissue", "--out", str(tmp_path / "x"), "--volume-loss", "-1"]) == 2
+
+
+def test_volume_loss_is_the_relative_error_of_each_class_volume():
+    target = torch.zeros(1, 3, 4, 4, 4)
+    target[:, 0, :1] = 1  # CSF: 16 voxels
+    target[:, 1, 1:2] = 1  # GM: 16
+    target[:, 2, 2:] = 1  # WM: 32
+    mask = torch.ones(1, 1, 4, 4, 4)
+    assert float(T.volume_loss(100 * target, target, mask)) == pytest.approx(0, abs=1e-6)
+    wrong = target.clone()
+    wrong[:, 1, 1:2], wrong[:, 2, 1:2] = 0, 1  # GM labelled WM: GM -100 %, WM +50 %, CSF exact
+    assert float(T.volume_loss(100 * wrong, target, mask)) == pytest.approx((1 + 0.5) / 3, rel=1e-4)
+    # swapping GM and WM voxels one for one keeps every volume, which Dice would punish and this does not
+    swapped = target.clone()
+    swapped[:, 1, 1:2, :2], swapped[:, 2, 1:2, :2] = 0, 1
+    swapped[:, 2, 2:3, :2], swapped[:, 1, 2:3, :2] = 0, 1
+    assert float(T.volume_loss(100 * swapped, target, mask)) == pytest.approx(0, abs=1e-6)
 
 
 def test_stop_after_reproduces_a_checkpoint_of_a_longer_run(tmp_path):

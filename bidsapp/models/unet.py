@@ -180,6 +180,16 @@ class UNet3D(nn.Module):
         modules = [self.decoders[-1], self.head] + ([self.physics] if self.physics is not None else [])
         return [p for m in modules for p in m.parameters()]
 
+    def physics_parameters(self) -> list[nn.Parameter]:
+        """The weights only a physics network has (the branch and, in ``norm_shift``, its injection):
+        training only these changes how the parameters move the output and nothing the ablation shares
+        (``scanbridge-train tissue --train physics``)."""
+        if self.physics is None:
+            return []
+        block = self.decoders[-1]
+        inject = list(block.inject.parameters()) if isinstance(block, PhysicsConvBlock) else []
+        return list(self.physics.parameters()) + inject
+
     def load_ablation(self, state: dict) -> None:
         """Start a ``norm_shift`` physics network from its trained ablation's weights: everything
         but the branch and the (zero) injection weights is copied, so both networks give the same

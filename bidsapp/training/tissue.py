@@ -334,6 +334,23 @@ class PatchSampler:
         return torch.stack(xs), torch.stack(ms), torch.stack(ts), torch.from_numpy(parameter_vectors(acqs))
 
 
+def volume_loss(logits, target, mask):
+    """Mean absolute error of each class's soft volume in each patch, relative to its true volume.
+
+    Dice and cross-entropy weigh every voxel alike, so an error that moves a whole boundary by a
+    fraction of a voxel for one acquisition and not another (the volume drift that the paper's
+    Table 2 measures) costs them little; this term states it directly. The denominator is floored at
+    5 % of the patch's brain so a class that is nearly absent from a patch cannot dominate.
+    """
+    import torch
+
+    p = torch.softmax(logits, dim=1) * mask
+    dims = tuple(range(2, logits.ndim))
+    brain = mask.sum(dims)
+    true = (target * mask).sum(dims)
+    return ((p.sum(dims) - true).abs() / torch.maximum(true, 0.05 * brain).clamp_min(1.0)).mean()
+
+
 def consistency_loss(logits, mask):
     """Mean squared difference of the softmax of paired samples (2k, 2k+1) inside the brain mask."""
     import torch
@@ -362,6 +379,9 @@ class MaskedDiceCE:
         ce = -(target * logp).sum(1, keepdim=True)
         ce = (ce * mask).sum() / mask.sum().clamp_min(1.0)
         return dice + self.ce_weight * ce
+
+
+TRAINABLE = ("all", "top", "physics")
 
 
 @dataclass
@@ -399,18 +419,29 @@ class TrainConfig:
     low_contrast: float = 0.0
     """Probability that an SPGR sample is drawn among low GM/WM-contrast settings (see
     :func:`sample_parameters`); 0 = the plain uniform draw."""
-    train_top: bool = False
-    """Train only what follows the last skip connection (:meth:`UNet3D.top_parameters`: last decoder
-    block, head, physics branch), the rest frozen, for both networks alike: the physics branch gets
-    the whole update budget and the ablation exactly the same capacity and batches."""
+    train: str = "all"
+    """Which weights train, the rest frozen: ``all``; ``top``, what follows the last skip connection
+    (:meth:`UNet3D.top_parameters`: last decoder block, head, physics branch), for both networks alike
+    so the ablation gets exactly the same capacity and batches; ``physics``, only the physics branch
+    and its injection (:meth:`UNet3D.physics_parameters`), a physics model only: it recalibrates how
+    the parameters move the output and leaves everything the ablation shares as it was."""
+    volume: float = 0.0
+    """Weight of :func:`volume_loss` (0: the paper's loss)."""
 
     def __post_init__(self):
         if not 0.0 <= self.low_contrast <= 1.0:
             raise ValueError(f"--low-contrast must be between 0 and 1, got {self.low_contrast:g}")
         if self.physics_from_base and not (self.init_from and self.physics_injection == "norm_shift"):
             raise ValueError("--physics-from-base needs --init-from and --physics-injection norm_shift")
-        if self.train_top and not self.init_from:
-            raise ValueError("--train-top needs --init-from (the frozen part must come from trained weights)")
+        if self.train not in TRAINABLE:
+            raise ValueError(f"--train must be one of {', '.join(TRAINABLE)}, not {self.train!r}")
+        if self.train != "all" and not self.init_from:
+            raise ValueError(f"--train {self.train} needs --init-from (the frozen part must come from trained weights)")
+        if self.train == "physics" and self.physics is not True:
+            raise ValueError("--train physics trains only the physics branch: use it with --physics "
+                             "(the ablation has no branch)")
+        if self.volume < 0:
+            raise ValueError(f"--volume-loss must be >= 0, got {self.volume:g}")
 
 
 def _model_name(physics: bool) -> str:
@@ -504,9 +535,9 @@ def train(cfg: TrainConfig, subjects: list[Subject] | None = None, progress=None
                     "iterations": card0["training"].get("iterations_run"),
                     "as": "ablation weights + zero-initialised physics injection" if from_base else "same model"}
         net = net.to(device)
-        if cfg.train_top:
+        if cfg.train != "all":
             net.requires_grad_(False)
-            for prm in net.top_parameters():
+            for prm in (net.top_parameters() if cfg.train == "top" else net.physics_parameters()):
                 prm.requires_grad_(True)
         opt = torch.optim.AdamW([prm for prm in net.parameters() if prm.requires_grad], lr=cfg.lr, weight_decay=1e-5)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(cfg.iterations))
@@ -523,6 +554,8 @@ def train(cfg: TrainConfig, subjects: list[Subject] | None = None, progress=None
             loss = loss_fn(logits, y, m)
             if cfg.consistency > 0:
                 loss = loss + cfg.consistency * consistency_loss(logits, m)
+            if cfg.volume > 0:
+                loss = loss + cfg.volume * volume_loss(logits, y, m)
             r["opt"].zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
@@ -580,8 +613,10 @@ def command_line(cfg: TrainConfig) -> str:
         parts.append(f"--stop-after {cfg.stop_after}")
     if cfg.low_contrast:
         parts.append(f"--low-contrast {cfg.low_contrast:g}")
-    if cfg.train_top:
-        parts.append("--train-top")
+    if cfg.train != "all":
+        parts.append(f"--train {cfg.train}")
+    if cfg.volume:
+        parts.append(f"--volume-loss {cfg.volume:g}")
     if cfg.init_from:
         parts.append(f"--init-from {cfg.init_from}")
     return " ".join(parts)
@@ -625,11 +660,14 @@ def save(net, cfg: TrainConfig, history: dict, final: bool = True) -> dict:
             "batch": cfg.batch,
             "patch_voxels": cfg.patch,
             "optimizer": f"AdamW lr {cfg.lr:g}, linear warm-up then cosine decay"
-                         + (" (last decoder block, head and physics branch only; the rest frozen)"
-                            if cfg.train_top else ""),
+                         + {"all": "",
+                            "top": " (last decoder block, head and physics branch only; the rest frozen)",
+                            "physics": " (physics branch and its injection only; the rest frozen)"}[cfg.train],
             "loss": "MONAI soft Dice + soft cross-entropy inside the brain mask"
                     + (f" + {cfg.consistency:g} x mean squared softmax difference between two acquisitions of the "
-                       "same patch (consistency; not in the paper)" if cfg.consistency else ""),
+                       "same patch (consistency; not in the paper)" if cfg.consistency else "")
+                    + (f" + {cfg.volume:g} x relative soft-volume error per class and patch (not in the paper)"
+                       if cfg.volume else ""),
             "seconds": round(history["seconds"], 1),
             "device": str(next(net.parameters()).device),
             "threads": cfg.threads,
@@ -696,8 +734,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--low-contrast", type=float, default=0.0, metavar="P",
                    help=f"probability that an SPGR sample is drawn among settings with GM/WM contrast below "
                         f"{LOW_CONTRAST:g} (hard examples; 0 = plain uniform draws)")
-    p.add_argument("--train-top", action="store_true",
-                   help="train only the last decoder block, the head and the physics branch (needs --init-from)")
+    p.add_argument("--train", default="all", choices=TRAINABLE,
+                   help="which weights train, the rest frozen (needs --init-from): top = last decoder block, head "
+                        "and physics branch of each network; physics = the physics branch alone (--physics only)")
+    p.add_argument("--volume-loss", type=float, default=0.0, metavar="W",
+                   help="weight of a relative soft-volume error term (0 = the paper's loss)")
     p.add_argument("--physics-from-base", action="store_true",
                    help="start the physics model from the ablation in --init-from, physics injection at zero "
                         "(needs --physics-injection norm_shift)")
@@ -714,7 +755,8 @@ def run(args) -> int:
                           cache=args.cache or str(Path(args.out) / "cache"), init_from=args.init_from,
                           consistency=args.consistency, physics_injection=args.physics_injection,
                           physics_from_base=args.physics_from_base, stop_after=args.stop_after,
-                          low_contrast=args.low_contrast, train_top=args.train_top)
+                          low_contrast=args.low_contrast, train=args.train,
+                          volume=args.volume_loss)
     except ValueError as exc:
         print(f"scanbridge-train tissue: {exc}", file=sys.stderr)
         return 2
