@@ -236,7 +236,7 @@ def test_train_physics_recalibrates_only_the_branch_of_a_physics_model(tmp_path)
         T.save(r.pop("model"), first, r)
     cfg = T.TrainConfig(out=str(tmp_path), seed=1, physics=True, patch=16, batch=2, iterations=3, lr=1e-2,
                         features=(4, 8), save_every=0, log_every=1, init_from=str(tmp_path / "w1"),
-                        physics_injection="norm_shift", train="physics", volume=1.0,
+                        physics_injection="norm_shift", train="physics", volume_consistency=1.0,
                         weights_dir=str(tmp_path / "w2"))
     (run,) = T.train(cfg, subjects)
     net = run["model"]
@@ -249,30 +249,35 @@ def test_train_physics_recalibrates_only_the_branch_of_a_physics_model(tmp_path)
         else:
             torch.testing.assert_close(p.detach(), before[n], rtol=0, atol=0, msg=f"{n} changed")
     command = T.command_line(cfg)
-    assert "--train physics" in command and "--volume-loss 1" in command
-    assert "relative soft-volume error" in T.save(net, cfg, run)["training"]["loss"]
+    assert "--train physics" in command and "--volume-consistency 1" in command
+    assert "volume consistency" in T.save(net, cfg, run)["training"]["loss"]
     # the ablation has no branch to train, and --train needs weights to start from
     with pytest.raises(ValueError, match="--physics"):
         T.TrainConfig(out=str(tmp_path), physics="both", train="physics", init_from=str(tmp_path / "w1"))
     assert cli.main(["tissue", "--out", str(tmp_path / "x"), "--train", "physics"]) == 2
-    assert cli.main(["tissue", "--out", str(tmp_path / "x"), "--volume-loss", "-1"]) == 2
+    assert cli.main(["tissue", "--out", str(tmp_path / "x"), "--volume-consistency", "-1"]) == 2
 
 
-def test_volume_loss_is_the_relative_error_of_each_class_volume():
-    target = torch.zeros(1, 3, 4, 4, 4)
-    target[:, 0, :1] = 1  # CSF: 16 voxels
-    target[:, 1, 1:2] = 1  # GM: 16
-    target[:, 2, 2:] = 1  # WM: 32
-    mask = torch.ones(1, 1, 4, 4, 4)
-    assert float(T.volume_loss(100 * target, target, mask)) == pytest.approx(0, abs=1e-6)
-    wrong = target.clone()
-    wrong[:, 1, 1:2], wrong[:, 2, 1:2] = 0, 1  # GM labelled WM: GM -100 %, WM +50 %, CSF exact
-    assert float(T.volume_loss(100 * wrong, target, mask)) == pytest.approx((1 + 0.5) / 3, rel=1e-4)
-    # swapping GM and WM voxels one for one keeps every volume, which Dice would punish and this does not
-    swapped = target.clone()
-    swapped[:, 1, 1:2, :2], swapped[:, 2, 1:2, :2] = 0, 1
-    swapped[:, 2, 2:3, :2], swapped[:, 1, 2:3, :2] = 0, 1
-    assert float(T.volume_loss(100 * swapped, target, mask)) == pytest.approx(0, abs=1e-6)
+def test_volume_consistency_is_the_relative_volume_difference_between_two_acquisitions():
+    first = torch.zeros(1, 3, 4, 4, 4)
+    first[:, 0, :1] = 1  # CSF: 16 voxels
+    first[:, 1, 1:2] = 1  # GM: 16
+    first[:, 2, 2:] = 1  # WM: 32
+    mask = torch.ones(2, 1, 4, 4, 4)
+    same = torch.cat([first, first])
+    assert float(T.volume_consistency_loss(100 * same, mask)) == pytest.approx(0, abs=1e-6)
+    # the second acquisition labels the GM as WM: GM 16 vs 0 (|d| / mean = 2), WM 32 vs 48 (0.4), CSF equal
+    second = first.clone()
+    second[:, 1, 1:2], second[:, 2, 1:2] = 0, 1
+    pair = torch.cat([first, second])
+    assert float(T.volume_consistency_loss(100 * pair, mask)) == pytest.approx((2 + 0.4) / 3, rel=1e-4)
+    # moving GM voxels to where WM was and back keeps every volume: the voxel-wise term punishes it, this does not
+    moved = first.clone()
+    moved[:, 1, 1:2, :2], moved[:, 2, 1:2, :2] = 0, 1
+    moved[:, 2, 2:3, :2], moved[:, 1, 2:3, :2] = 0, 1
+    pair = torch.cat([first, moved])
+    assert float(T.volume_consistency_loss(100 * pair, mask)) == pytest.approx(0, abs=1e-6)
+    assert float(T.consistency_loss(100 * pair, mask)) > 0.1
 
 
 def test_stop_after_reproduces_a_checkpoint_of_a_longer_run(tmp_path):
