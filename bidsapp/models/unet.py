@@ -176,7 +176,7 @@ class UNet3D(nn.Module):
     def top_parameters(self) -> list[nn.Parameter]:
         """The weights :meth:`forward_top` uses (last decoder block, head, physics branch): all that
         sees the sequence parameters, and the ablation's counterpart of it. Training only these leaves
-        :meth:`forward_shared` unchanged (``scanbridge-train tissue --train-top``)."""
+        :meth:`forward_shared` unchanged (``scanbridge-train tissue --train top``)."""
         modules = [self.decoders[-1], self.head] + ([self.physics] if self.physics is not None else [])
         return [p for m in modules for p in m.parameters()]
 
