@@ -342,7 +342,7 @@ def volume_consistency_loss(logits, mask):
     fraction of a voxel with the acquisition (the volume drift that the paper's Table 2 measures)
     costs it little; this term states the drift directly. It compares the two acquisitions with each
     other, not with the gold standard, whose volume also moves with each subject's own tissue
-    properties (about +-10 % between instances of one anatomy), which no acquisition parameter
+    properties (up to 15 % between instances of one anatomy), which no acquisition parameter
     explains. The denominator is floored at 5 % of the patch's brain so a class nearly absent from a
     patch cannot dominate.
     """
