@@ -171,12 +171,17 @@ def test_norm_shift_physics_network_starts_as_its_ablation():
         UNet3D(1, 3, (4, 8), n_params=3, physics_injection="film")
 
 
-def test_physics_model_can_start_from_the_trained_ablation(tmp_path):
-    subjects = [_tiny_subject(seed=k) for k in range(2)]
+def _first_stage(tmp_path, subjects, **kw) -> None:
+    """Both networks trained 2 iterations from scratch and saved to ``tmp_path/w1`` (a stage to continue from)."""
     first = T.TrainConfig(out=str(tmp_path), seed=0, physics="both", patch=16, batch=2, iterations=2,
-                          features=(4, 8), save_every=0, log_every=1, weights_dir=str(tmp_path / "w1"))
+                          features=(4, 8), save_every=0, log_every=1, weights_dir=str(tmp_path / "w1"), **kw)
     for r in T.train(first, subjects):
         T.save(r.pop("model"), first, r)
+
+
+def test_physics_model_can_start_from_the_trained_ablation(tmp_path):
+    subjects = [_tiny_subject(seed=k) for k in range(2)]
+    _first_stage(tmp_path, subjects)
     cfg = T.TrainConfig(out=str(tmp_path), seed=1, physics="both", patch=16, batch=2, iterations=2,
                         features=(4, 8), save_every=0, log_every=1, weights_dir=str(tmp_path / "w2"),
                         init_from=str(tmp_path / "w1"), physics_injection="norm_shift", physics_from_base=True)
@@ -202,11 +207,7 @@ def test_physics_model_can_start_from_the_trained_ablation(tmp_path):
 
 def test_train_top_changes_only_what_follows_the_last_skip_connection(tmp_path):
     subjects = [_tiny_subject(seed=k) for k in range(2)]
-    first = T.TrainConfig(out=str(tmp_path), seed=0, physics="both", patch=16, batch=2, iterations=2,
-                          features=(4, 8), save_every=0, log_every=1, weights_dir=str(tmp_path / "w1"),
-                          physics_injection="norm_shift")
-    for r in T.train(first, subjects):
-        T.save(r.pop("model"), first, r)
+    _first_stage(tmp_path, subjects, physics_injection="norm_shift")
     cfg = T.TrainConfig(out=str(tmp_path), seed=1, physics="both", patch=16, batch=2, iterations=3, lr=1e-2,
                         features=(4, 8), save_every=0, log_every=1, init_from=str(tmp_path / "w1"),
                         physics_injection="norm_shift", train="top")
@@ -229,11 +230,7 @@ def test_train_top_changes_only_what_follows_the_last_skip_connection(tmp_path):
 
 def test_train_physics_recalibrates_only_the_branch_of_a_physics_model(tmp_path):
     subjects = [_tiny_subject(seed=k) for k in range(2)]
-    first = T.TrainConfig(out=str(tmp_path), seed=0, physics="both", patch=16, batch=2, iterations=2,
-                          features=(4, 8), save_every=0, log_every=1, weights_dir=str(tmp_path / "w1"),
-                          physics_injection="norm_shift")
-    for r in T.train(first, subjects):
-        T.save(r.pop("model"), first, r)
+    _first_stage(tmp_path, subjects, physics_injection="norm_shift")
     cfg = T.TrainConfig(out=str(tmp_path), seed=1, physics=True, patch=16, batch=2, iterations=3, lr=1e-2,
                         features=(4, 8), save_every=0, log_every=1, init_from=str(tmp_path / "w1"),
                         physics_injection="norm_shift", train="physics", volume_consistency=1.0,
