@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Retrain the shipped tissue U-Nets (physics-aware and its no-physics ablation) from scratch: the
-# eight stages recorded in bidsapp/models/weights/tissue_unet*.json, in order, each continuing from
-# the previous one's weights. About 4.5 h on one CPU thread; pass --device cuda to use a GPU.
+# nine stages recorded in bidsapp/models/weights/tissue_unet*.json, in order, each continuing from
+# the previous one's weights. About 5.5 h on one CPU thread; pass --device cuda to use a GPU.
 #
 #   bash scripts/train-tissue.sh [ANATOMY_DIR] [OUT_DIR] [extra scanbridge-train flags...]
 #
 # ANATOMY_DIR holds the label maps anat-01..anat-12 (anat-10..12 are held out); the final weights
-# and cards land in OUT_DIR/stage8/weights (copy them into bidsapp/models/weights/ to ship them).
+# and cards land in OUT_DIR/stage9/weights (copy them into bidsapp/models/weights/ to ship them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ANAT="${1:-../shared/data/anatomy}"
@@ -40,4 +40,9 @@ command -v scanbridge-train >/dev/null || { bash scripts/setup.sh; export PATH="
 # 8: as stage 7, with a quarter of the SPGR samples drawn among settings of almost no GM/WM contrast
 "${TRAIN[@]}" --out "$OUT/stage8" --weights-dir "$OUT/stage8/weights" --seed 7 --iterations 3000 --lr 0.0002 \
     --consistency 1 --physics-injection norm_shift --low-contrast 0.25 --init-from "$OUT/stage7/weights"
-echo "weights and cards: $OUT/stage8/weights"
+# 9: as stage 8 with a new seed and a paired volume-consistency term (relative soft-volume difference
+#    per class between two acquisitions of the same patch)
+"${TRAIN[@]}" --out "$OUT/stage9" --weights-dir "$OUT/stage9/weights" --seed 8 --iterations 3000 --lr 0.0002 \
+    --consistency 1 --physics-injection norm_shift --low-contrast 0.25 --volume-consistency 1 \
+    --init-from "$OUT/stage8/weights"
+echo "weights and cards: $OUT/stage9/weights"

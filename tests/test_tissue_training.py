@@ -310,7 +310,7 @@ def test_retraining_script_reproduces_the_shipped_chain(tmp_path):
     subprocess.run(["bash", str(root / "scripts" / "train-tissue.sh"), str(tmp_path / "anat"), str(tmp_path / "out")],
                    env=env, check=True, capture_output=True)
     calls = log.read_text().splitlines()
-    assert len(calls) == 8
+    assert len(calls) == 9
 
     def parse(argv):
         p = argparse.ArgumentParser()
@@ -318,10 +318,10 @@ def test_retraining_script_reproduces_the_shipped_chain(tmp_path):
         return p.parse_args(argv)
 
     stages = [parse(shlex.split(c)[1:]) for c in calls]
-    assert [s.seed for s in stages] == [0, 1, 2, 3, 4, 5, 6, 7]
-    assert [s.init_from for s in stages[1:]] == [str(tmp_path / "out" / f"stage{k}" / "weights") for k in range(1, 8)]
+    assert [s.seed for s in stages] == [0, 1, 2, 3, 4, 5, 6, 7, 8]
+    assert [s.init_from for s in stages[1:]] == [str(tmp_path / "out" / f"stage{k}" / "weights") for k in range(1, 9)]
     shipped = parse(shlex.split(registry.load_card(tissue.PHYSICS_MODEL)["training"]["command"])[2:])
     for key in ("seed", "physics", "iterations", "lr", "patch", "batch", "features", "consistency",
                 "physics_injection", "physics_from_base", "stop_after", "deformations", "resolution",
-                "low_contrast"):
+                "low_contrast", "volume_consistency", "train"):
         assert getattr(stages[-1], key) == getattr(shipped, key), key
