@@ -49,3 +49,25 @@ def test_sweep_figure_is_written_for_methods_with_volumes(bench, tmp_path):
     assert png == tmp_path / "tissue.png" and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     out["per_subject"] = {"atropos": out["per_subject"]["atropos"]}
     assert bench.plot_sweeps(out, tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
+
+
+def test_bridging_result_goes_into_the_physics_card_beside_its_other_metrics(tmp_path):
+    import shutil
+
+    from bidsapp.models import registry, tissue
+
+    spec = importlib.util.spec_from_file_location("tissue_bridging", ROOT / "benchmarks" / "tissue" / "bridging.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    for f in registry.WEIGHTS_DIR.glob(f"{tissue.PHYSICS_MODEL}.*"):
+        shutil.copy(f, tmp_path / f.name)
+    before = registry.load_card(tissue.PHYSICS_MODEL, tmp_path)
+    out = {"subjects": ["a#0", "a#1"], "train": [0], "test": [1], "optimum_ti_s": [0.8, 1.1],
+           "mean_abs_diff_pct": {"unet-physics physics-bridge": {"GM": 1.0, "WM": 0.5, "mean": 0.75}}, "seconds": 3.0}
+    mod.update_card(out, ["--points", "5"], tmp_path)
+    card = registry.load_card(tissue.PHYSICS_MODEL, tmp_path)
+    bridging = card["metrics"]["protocol_bridging"]
+    assert bridging["benchmark"] == "python benchmarks/tissue/bridging.py --points 5"
+    assert bridging["optimum_ti_s"] == [0.8, 1.1] and "seconds" not in bridging
+    assert card["metrics"]["volume_cov"] == before["metrics"]["volume_cov"]
+    assert card["sha256"] == before["sha256"]
