@@ -11,12 +11,17 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("tissue_bench", ROOT / "benchmarks" / "tissue" / "run.py")
+def _script(name: str):
+    """A benchmarks/tissue script as a module (the folder is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"tissue_{name}", ROOT / "benchmarks" / "tissue" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return _script("run")
 
 
 def _results(n=9, subjects=2, methods=("unet", "unet-physics")):
@@ -56,9 +61,7 @@ def test_bridging_result_goes_into_the_physics_card_beside_its_other_metrics(tmp
 
     from bidsapp.models import registry, tissue
 
-    spec = importlib.util.spec_from_file_location("tissue_bridging", ROOT / "benchmarks" / "tissue" / "bridging.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = _script("bridging")
     for f in registry.WEIGHTS_DIR.glob(f"{tissue.PHYSICS_MODEL}.*"):
         shutil.copy(f, tmp_path / f.name)
     before = registry.load_card(tissue.PHYSICS_MODEL, tmp_path)
