@@ -171,12 +171,55 @@ def test_norm_shift_physics_network_starts_as_its_ablation():
         UNet3D(1, 3, (4, 8), n_params=3, physics_injection="film")
 
 
+def test_norm_film_network_starts_as_the_norm_shift_network_it_continues():
+    """The gain's weights start at zero: a ``norm_film`` network loaded with a trained ``norm_shift``
+    network's weights gives that network's output; a non-zero gain can reverse a channel's sign,
+    which no shift can."""
+    from bidsapp.models.unet import UNet3D
+
+    torch.manual_seed(0)
+    shift = UNet3D(1, 3, (4, 8), n_params=tissue.N_PARAMS, physics_injection="norm_shift").eval()
+    torch.nn.init.normal_(shift.decoders[-1].inject.weight)  # a "trained" injection
+    film = UNet3D(1, 3, (4, 8), n_params=tissue.N_PARAMS, physics_injection="norm_film").eval()
+    zeroed = film.load_weights(shift.state_dict())
+    assert zeroed == ["decoders.0.scale.weight"]
+    x, p = torch.randn(2, 1, 16, 16, 16), torch.randn(2, tissue.N_PARAMS)
+    block = film.decoders[-1]
+    with torch.no_grad():
+        torch.testing.assert_close(film(x, p), shift(x, p))
+        torch.nn.init.zeros_(block.scale.weight)
+        block.scale.weight[:, 0] = -2.0  # gain 1 - 2 * h0 for branch output h: reversed where h0 is 1
+        one = torch.zeros(2, block.scale.in_features)
+        one[:, 0] = 1.0
+        gain = 1.0 + block.scale(one)
+        torch.testing.assert_close(gain, -torch.ones_like(gain))
+        assert not torch.allclose(film(x, p), shift(x, p))
+    assert film.config["physics_injection"] == "norm_film"
+    assert {n for n, _ in film.named_parameters()} - {n for n, _ in shift.named_parameters()} == {"decoders.0.scale.weight"}
+    assert any(prm is block.scale.weight for prm in film.physics_parameters())
+    with pytest.raises(ValueError, match="weights"):
+        film.load_weights(UNet3D(1, 3, (4, 8), n_params=0).state_dict())  # an ablation lacks the branch
+
+
 def _first_stage(tmp_path, subjects, **kw) -> None:
     """Both networks trained 2 iterations from scratch and saved to ``tmp_path/w1`` (a stage to continue from)."""
     first = T.TrainConfig(out=str(tmp_path), seed=0, physics="both", patch=16, batch=2, iterations=2,
                           features=(4, 8), save_every=0, log_every=1, weights_dir=str(tmp_path / "w1"), **kw)
     for r in T.train(first, subjects):
         T.save(r.pop("model"), first, r)
+
+
+def test_norm_shift_stage_continues_as_norm_film(tmp_path):
+    subjects = [_tiny_subject(seed=k) for k in range(2)]
+    _first_stage(tmp_path, subjects, physics_injection="norm_shift")
+    cfg = T.TrainConfig(out=str(tmp_path), seed=1, physics=True, patch=16, batch=2, iterations=2,
+                        features=(4, 8), save_every=0, log_every=1, weights_dir=str(tmp_path / "w2"),
+                        init_from=str(tmp_path / "w1"), physics_injection="norm_film")
+    (run,) = T.train(cfg, subjects)
+    assert run["init"]["as"] == "same model, zero-initialised decoders.0.scale.weight"
+    card = T.save(run.pop("model"), cfg, run)
+    assert card["architecture"]["kwargs"]["physics_injection"] == "norm_film"
+    assert "--physics-injection norm_film" in card["training"]["command"]
 
 
 def test_physics_model_can_start_from_the_trained_ablation(tmp_path):

@@ -18,7 +18,12 @@ available (``physics_injection``):
   output) is added after that convolution's instance normalisation. With that map at zero the
   network is exactly its ablation, so a physics model can start from a trained ablation and learn
   only what the parameters add (zero-initialised conditioning, as in ControlNet); see
-  ``scanbridge-train tissue --physics-from-base``.
+  ``scanbridge-train tissue --physics-from-base``;
+* ``"norm_film"``: as ``norm_shift`` plus a per-channel gain, ``norm(conv(x)) * (1 + scale(p)) +
+  shift(p)`` (FiLM). A shift can move the GM/CSF balance but not reverse how intensity maps to
+  tissue; a gain can, which an SPGR setting whose GM/WM contrast is inverted asks for. The gain's
+  weights start at zero too, so ``norm_film`` starts as its ablation or as a trained ``norm_shift``
+  network (:meth:`UNet3D.load_weights`).
 
 Larger networks (nnU-Net style: deeper, wider, deep supervision) extend this by subclassing and
 overriding ``make_block``/``make_down``/``make_up`` or by passing more ``features``.
@@ -28,6 +33,10 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+
+INJECTIONS = ("concat", "norm_shift", "norm_film")
+"""How the physics channels enter the last decoder block (see the module docstring)."""
 
 
 class ConvBlock(nn.Sequential):
@@ -48,18 +57,24 @@ class PhysicsConvBlock(ConvBlock):
     """The ablation's :class:`ConvBlock` plus the physics channels, added after the first normalisation.
 
     Parameter names of the convolutions and norms are those of :class:`ConvBlock`, so a trained
-    ablation's weights load into it unchanged; ``inject`` (the physics channels' 1x1x1 weights)
-    starts at zero.
+    ablation's weights load into it unchanged; ``inject`` (the physics channels' 1x1x1 weights) and,
+    with ``gain``, ``scale`` (their multiplicative counterpart) start at zero.
     """
 
-    def __init__(self, cin: int, cout: int, n_physics: int):
+    def __init__(self, cin: int, cout: int, n_physics: int, gain: bool = False):
         super().__init__(cin, cout, norm_first=True)
         self.inject = nn.Linear(n_physics, cout, bias=False)
         nn.init.zeros_(self.inject.weight)
+        self.scale = nn.Linear(n_physics, cout, bias=False) if gain else None
+        if gain:
+            nn.init.zeros_(self.scale.weight)
 
     def forward(self, x: torch.Tensor, physics: torch.Tensor) -> torch.Tensor:
         conv1, norm1, act1, conv2, norm2, act2 = (self[i] for i in range(6))
-        y = norm1(conv1(x)) + self.inject(physics)[:, :, None, None, None]
+        y = norm1(conv1(x))
+        if self.scale is not None:
+            y = y * (1.0 + self.scale(physics)[:, :, None, None, None])
+        y = y + self.inject(physics)[:, :, None, None, None]
         return act2(norm2(conv2(act1(y))))
 
 
@@ -91,8 +106,8 @@ class UNet3D(nn.Module):
                  features: tuple[int, ...] = (8, 16, 32, 64), n_params: int = 0,
                  physics_units: int = 10, physics_injection: str = "concat"):
         super().__init__()
-        if physics_injection not in ("concat", "norm_shift"):
-            raise ValueError(f"physics_injection must be 'concat' or 'norm_shift', not {physics_injection!r}")
+        if physics_injection not in INJECTIONS:
+            raise ValueError(f"physics_injection must be one of {', '.join(INJECTIONS)}, not {physics_injection!r}")
         self.config = dict(in_channels=in_channels, out_channels=out_channels,
                            features=list(features), n_params=n_params, physics_units=physics_units)
         if physics_injection != "concat":
@@ -111,8 +126,9 @@ class UNet3D(nn.Module):
         self.decoders = nn.ModuleList()
         for i in reversed(range(len(f) - 1)):
             last = i == 0
-            if last and n_params > 0 and physics_injection == "norm_shift":
-                self.decoders.append(PhysicsConvBlock(2 * f[i], f[i], physics_units))
+            if last and n_params > 0 and physics_injection != "concat":
+                self.decoders.append(PhysicsConvBlock(2 * f[i], f[i], physics_units,
+                                                      gain=physics_injection == "norm_film"))
             else:
                 self.decoders.append(self.make_block(2 * f[i] + (concat if last else 0), f[i],
                                                      norm_first=not (last and concat)))
@@ -168,7 +184,7 @@ class UNet3D(nn.Module):
             p = self.physics(params.to(x.dtype))
             if p.shape[0] != x.shape[0]:
                 p = p.expand(x.shape[0], -1)
-            if self.physics_injection == "norm_shift":
+            if self.physics_injection != "concat":
                 return self.head(self.decoders[-1](x, p))
             x = torch.cat([x, p[:, :, None, None, None].expand(-1, -1, *x.shape[2:])], dim=1)
         return self.head(self.decoders[-1](x))
@@ -181,30 +197,45 @@ class UNet3D(nn.Module):
         return [p for m in modules for p in m.parameters()]
 
     def physics_parameters(self) -> list[nn.Parameter]:
-        """The weights only a physics network has (the branch and, in ``norm_shift``, its injection):
+        """The weights only a physics network has (the branch and, in ``norm_*``, its injection):
         training only these changes how the parameters move the output and nothing the ablation shares
         (``scanbridge-train tissue --train physics``)."""
         if self.physics is None:
             return []
         block = self.decoders[-1]
-        inject = list(block.inject.parameters()) if isinstance(block, PhysicsConvBlock) else []
+        inject = ([prm for name, prm in block.named_parameters() if name.split(".")[0] in ("inject", "scale")]
+                  if isinstance(block, PhysicsConvBlock) else [])
         return list(self.physics.parameters()) + inject
 
     def load_ablation(self, state: dict) -> None:
-        """Start a ``norm_shift`` physics network from its trained ablation's weights: everything
+        """Start a ``norm_*`` physics network from its trained ablation's weights: everything
         but the branch and the (zero) injection weights is copied, so both networks give the same
         output until training changes the injection."""
-        if self.physics is None or self.physics_injection != "norm_shift":
-            raise ValueError("load_ablation needs a physics network with physics_injection='norm_shift'")
+        if self.physics is None or self.physics_injection == "concat":
+            raise ValueError("load_ablation needs a physics network with a norm_shift or norm_film injection")
+        self.load_weights(state, ablation=True)
+
+    def load_weights(self, state: dict, ablation: bool = False) -> list[str]:
+        """Load ``state``, which may lack injection weights (a ``norm_shift`` network's weights in a
+        ``norm_film`` one) and, with ``ablation``, the branch too. Injection weights it lacks are set
+        to zero (a missing branch keeps its random start, unseen while the injection is zero), so the
+        network starts with that state's output. Returns the names ``state`` lacked."""
+        what = "ablation" if ablation else "weights"
         try:
             missing, unexpected = self.load_state_dict(state, strict=False)
         except RuntimeError as exc:  # shape mismatches raise even when not strict
-            raise ValueError(f"not this network's ablation: {str(exc).splitlines()[-1].strip()}") from None
-        allowed = [k for k in missing if k.startswith("physics.") or k.endswith(".inject.weight")]
+            raise ValueError(f"not this network's {what}: {str(exc).splitlines()[-1].strip()}") from None
+        zero_init = (".inject.weight", ".scale.weight")
+        allowed = [k for k in missing if k.endswith(zero_init) or (ablation and k.startswith("physics."))]
         if unexpected or len(allowed) != len(missing):
-            raise ValueError(f"not this network's ablation: missing {sorted(set(missing) - set(allowed))}, "
-                             f"unexpected {sorted(unexpected)}")
-        nn.init.zeros_(self.decoders[-1].inject.weight)
+            raise ValueError(f"not this network's {what}: missing "
+                             f"{sorted(set(missing) - set(allowed))}, unexpected {sorted(unexpected)}")
+        params = dict(self.named_parameters())
+        with torch.no_grad():
+            for k in missing:
+                if k.endswith(zero_init):
+                    params[k].zero_()
+        return sorted(missing)
 
 
 def count_parameters(model: nn.Module) -> int:

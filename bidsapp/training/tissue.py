@@ -415,7 +415,7 @@ class TrainConfig:
     physics_injection: str = "concat"
     """How the physics channels enter the last decoder block (see :mod:`bidsapp.models.unet`)."""
     physics_from_base: bool = False
-    """Start the physics network from the ablation in ``init_from`` (``norm_shift`` only)."""
+    """Start the physics network from the ablation in ``init_from`` (``norm_*`` injections only)."""
     stop_after: int | None = None
     """Stop (and save) after this many iterations of an ``iterations``-long schedule: reproduces a
     checkpoint taken part-way through a run."""
@@ -439,8 +439,8 @@ class TrainConfig:
     def __post_init__(self):
         if not 0.0 <= self.low_contrast <= 1.0:
             raise ValueError(f"--low-contrast must be between 0 and 1, got {self.low_contrast:g}")
-        if self.physics_from_base and not (self.init_from and self.physics_injection == "norm_shift"):
-            raise ValueError("--physics-from-base needs --init-from and --physics-injection norm_shift")
+        if self.physics_from_base and not (self.init_from and self.physics_injection != "concat"):
+            raise ValueError("--physics-from-base needs --init-from and --physics-injection norm_shift or norm_film")
         if self.train not in TRAINABLE:
             raise ValueError(f"--train must be one of {', '.join(TRAINABLE)}, not {self.train!r}")
         if self.train != "all" and not self.init_from:
@@ -535,13 +535,11 @@ def train(cfg: TrainConfig, subjects: list[Subject] | None = None, progress=None
 
             from_base = phys and cfg.physics_from_base
             state, card0 = registry.load_state_dict(_model_name(False if from_base else phys), cfg.init_from)
-            if from_base:
-                net.load_ablation(state)  # the ablation's weights, zero physics injection
-            else:
-                net.load_state_dict(state)
+            zeroed = net.load_weights(state, ablation=from_base)  # new injection weights start at zero
             init = {"name": card0["name"], "sha256": card0["sha256"], "command": card0["training"]["command"],
                     "iterations": card0["training"].get("iterations_run"),
-                    "as": "ablation weights + zero-initialised physics injection" if from_base else "same model"}
+                    "as": ("ablation weights + zero-initialised physics injection" if from_base
+                           else f"same model, zero-initialised {', '.join(zeroed)}" if zeroed else "same model")}
         net = net.to(device)
         if cfg.train != "all":
             net.requires_grad_(False)
@@ -707,6 +705,8 @@ def save(net, cfg: TrainConfig, history: dict, final: bool = True) -> dict:
 
 # ------------------------------------------------------------------------------------------ CLI
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from bidsapp.models.unet import INJECTIONS
+
     p.add_argument("--out", required=True, help="folder for the training log (and cached subjects)")
     p.add_argument("--seed", type=int, default=0)
     g = p.add_mutually_exclusive_group()
@@ -735,7 +735,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="weight of a paired consistency loss (same patch, two acquisitions); 0 = paper's loss")
     p.add_argument("--init-from", default=None,
                    help="continue from the weights + cards in this folder (e.g. bidsapp/models/weights)")
-    p.add_argument("--physics-injection", default="concat", choices=("concat", "norm_shift"),
+    p.add_argument("--physics-injection", default="concat", choices=INJECTIONS,
                    help="how the physics channels enter the last decoder block (see bidsapp.models.unet)")
     p.add_argument("--stop-after", type=int, default=None,
                    help="stop after this many iterations of the --iterations schedule (reproduces a checkpoint)")
@@ -750,7 +750,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "difference of each class's soft volume); 0 = the paper's loss")
     p.add_argument("--physics-from-base", action="store_true",
                    help="start the physics model from the ablation in --init-from, physics injection at zero "
-                        "(needs --physics-injection norm_shift)")
+                        "(needs --physics-injection norm_shift or norm_film)")
 
 
 def run(args) -> int:
