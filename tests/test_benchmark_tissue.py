@@ -74,3 +74,24 @@ def test_bridging_result_goes_into_the_physics_card_beside_its_other_metrics(tmp
     assert bridging["optimum_ti_s"] == [0.8, 1.1] and "seconds" not in bridging
     assert card["metrics"]["volume_cov"] == before["metrics"]["volume_cov"]
     assert card["sha256"] == before["sha256"]
+
+
+def test_vector_swap_separates_what_the_vector_does_from_what_the_image_does():
+    mod = _script("vector_swap")
+    contrast = [0.2, -0.03, 0.1, 0.3, 0.05, 0.29]
+    assert mod.chosen_settings(contrast, 3) == [1, 2, 0, 3]
+    assert mod.chosen_settings([0.1, 0.1, 0.1], 2) == [0, 1, 2]  # ties: distinct settings
+    # a toy segmenter: the image sets the WM/GM split, the vector adds GM at the expense of CSF
+    images = [np.array([3, 3, 2, 2, 2, 1, 1, 1, 1, 1]), np.array([3, 3, 3, 2, 2, 1, 1, 1, 1, 1])]
+
+    def segment(img, vec):
+        seg = img.copy()
+        seg[np.flatnonzero(seg == 1)[:vec]] = 2
+        return seg
+
+    table = mod.swap_table(images, [0, 2], segment)
+    np.testing.assert_array_equal(table["GM"], [[3, 5], [2, 4]])
+    np.testing.assert_array_equal(table["WM"], [[2, 2], [3, 3]])
+    gm, wm = mod.spreads(table["GM"]), mod.spreads(table["WM"])
+    assert gm["vector_effect"] == pytest.approx([2 / 4, 2 / 3]) and wm["vector_effect"] == [0.0, 0.0]
+    assert gm["acquisition_effect"] == pytest.approx(1 / 3.5) and wm["acquisition_effect"] == pytest.approx(0.4)
