@@ -52,6 +52,8 @@ PAPER_COV = {  # Table 2
 OURS = ("atropos", "unet", "unet-physics")
 PAPER_ROW = {"atropos": "GIF", "unet": "Base", "unet-physics": "Physics"}
 FAMILIES = ("MPRAGE", "SPGR")
+SNR, BIAS = 60.0, 0.03
+"""Noise (SNR at the simulated resolution) and residual bias-field log s.d. of the sweeps."""
 TISSUES = ("GM", "WM")
 
 
@@ -82,6 +84,22 @@ def heldout_subject(anatomy_dir: Path, name: str, resolution: float, seed: int):
     return T.make_subjects(anat, name, np.random.default_rng([seed, int(name.split("-")[1])]), 0, resolution)[0]
 
 
+def gold_standard_dseg(subj) -> np.ndarray:
+    """The physics gold standard as labels (1 CSF, 2 GM, 3 WM; 0 outside the brain)."""
+    gs = subj.target.astype(np.float32).argmax(0) + 1
+    gs[~subj.mask] = 0
+    return gs
+
+
+def sweep_image(subj, name: str, acq: dict, i: int, seed: int, snr: float = SNR, bias: float = BIAS) -> np.ndarray:
+    """The brain-masked image of sweep point ``i`` for held-out subject ``name`` (its own noise seed,
+    so every script that asks for the same point gets the same image)."""
+    from bidsapp.training import tissue as T
+
+    rng = np.random.default_rng([seed, i, int(name.split("-")[1])])
+    return T.simulate(subj, acq, rng, snr=snr, bias=bias) * subj.mask
+
+
 def atropos_dseg(img: np.ndarray, mask: np.ndarray, spacing) -> np.ndarray:
     from workflows.interfaces.ants import kmeans_dseg
 
@@ -109,16 +127,14 @@ def evaluate(args) -> dict:
     for name in names if run_methods else []:
         t0 = time.time()
         subj = heldout_subject(Path(args.anatomy_dir), name, args.resolution, args.seed)
-        gs = subj.target.astype(np.float32).argmax(0) + 1
-        gs[~subj.mask] = 0
+        gs = gold_standard_dseg(subj)
         vox = float(np.prod(np.linalg.norm(subj.affine[:3, :3], axis=0)))
         print(f"{name}: phantom {subj.mask.shape} ready in {time.time() - t0:.0f} s", flush=True)
         for fam in FAMILIES:
             acqs = sweep(fam, args.points, args.seed)
             per = {m: {k: {t: [] for t in TISSUES} for k in ("dice", "vol", "soft")} for m in run_methods}
             for i, acq in enumerate(acqs):
-                rng = np.random.default_rng([args.seed, i, int(name.split("-")[1])])
-                img = T.simulate(subj, acq, rng, snr=args.snr, bias=args.bias) * subj.mask
+                img = sweep_image(subj, name, acq, i, args.seed, args.snr, args.bias)
                 for m in run_methods:
                     t1 = time.time()
                     probs = None
@@ -308,8 +324,7 @@ def presets(args) -> dict:
     out = {p: {m: {"GM": [], "WM": []} for m in methods} for p in PRESETS}
     for name in names:
         subj = heldout_subject(Path(args.anatomy_dir), name, args.resolution, args.seed)
-        gs = subj.target.astype(np.float32).argmax(0) + 1
-        gs[~subj.mask] = 0
+        gs = gold_standard_dseg(subj)
         for k, preset in enumerate(PRESETS):
             sim, side = preset_acquisition(preset)
             img = T.simulate(subj, sim, np.random.default_rng([args.seed, k]), snr=args.snr, bias=args.bias) * subj.mask
@@ -399,8 +414,8 @@ def main(argv=None) -> int:
     p.add_argument("--subjects", type=int, default=3, help="how many held-out subjects (max 3)")
     p.add_argument("--resolution", type=float, default=2.0)
     p.add_argument("--methods", nargs="+", default=list(OURS), choices=OURS)
-    p.add_argument("--snr", type=float, default=60.0, help="SNR at the simulated resolution")
-    p.add_argument("--bias", type=float, default=0.03, help="residual bias-field log s.d.")
+    p.add_argument("--snr", type=float, default=SNR, help="SNR at the simulated resolution")
+    p.add_argument("--bias", type=float, default=BIAS, help="residual bias-field log s.d.")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))

@@ -33,8 +33,9 @@ def chosen_settings(contrast, others: int) -> list[int]:
     targets = np.linspace(c.min(), c.max(), others + 1)[1:]
     picked = [first]
     for t in targets:
-        k = int(np.argmin(np.abs(c - t) + np.isin(np.arange(len(c)), picked) * 1e9))
-        picked.append(k)
+        d = np.abs(c - t)
+        d[picked] = np.inf
+        picked.append(int(np.argmin(d)))
     return picked
 
 
@@ -61,7 +62,8 @@ def main(argv=None) -> int:
 
     from bidsapp.models import registry, tissue
     from bidsapp.training import tissue as T
-    from run import acquisition_dict, heldout_subject, sweep  # noqa: E402  (benchmarks/tissue/run.py)
+    from run import (acquisition_dict, gold_standard_dseg, heldout_subject,  # noqa: E402  (benchmarks/tissue/run.py)
+                     sweep, sweep_image)
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--anatomy-dir", default=str(T.DEFAULT_ANATOMY_DIR))
@@ -84,8 +86,7 @@ def main(argv=None) -> int:
     labels = [f"{1 + contrast[k]:.2f}" for k in picked]
     for name in list(T.HELDOUT)[: args.subjects]:
         subj = heldout_subject(Path(args.anatomy_dir), name, 2.0, args.seed)
-        images = [T.simulate(subj, acqs[k], np.random.default_rng([args.seed, k, int(name.split("-")[1])]),
-                             snr=60.0, bias=0.03) * subj.mask for k in picked]
+        images = [sweep_image(subj, name, acqs[k], k, args.seed) for k in picked]
 
         def segment(img, k, subj=subj):
             acq = None if k is None else acquisition_dict(acqs[k])
@@ -94,8 +95,7 @@ def main(argv=None) -> int:
 
         table = swap_table(images, picked, segment)
         ablation = swap_table(images, [None], segment)
-        gs = subj.target.argmax(0) + 1
-        gs[~subj.mask] = 0
+        gs = gold_standard_dseg(subj)
         result["subjects"][name] = {
             "gold_standard": {"GM": int((gs == 2).sum()), "WM": int((gs == 3).sum())},
             "physics": {t: v.tolist() for t, v in table.items()}, "ablation": {t: v[:, 0].tolist() for t, v in ablation.items()},
