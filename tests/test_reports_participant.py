@@ -311,3 +311,17 @@ def test_report_says_what_the_tissue_model_was_told_and_when_it_fell_back(tmp_pa
     html = write_participant_report(out, "01").read_text()
     assert "sequence parameters given to the model: InversionTime 0.9, MagneticFieldStrength 3" in html
     assert "no-physics U-Net used" not in html
+
+
+def test_report_flags_a_protocol_with_little_gm_wm_contrast(tmp_path):
+    out = make_derivatives(tmp_path / "out")
+    side = out / "sub-01" / "ses-1" / "anat" / "sub-01_ses-1_dseg.json"
+    meta = {"Method": {"name": "unet-physics", "version": "1.0", "sha256": "cd" * 32},
+            "SequenceParametersUsed": {"RepetitionTime": 0.095}, "PhysicsFallback": None}
+    side.write_text(json.dumps({**meta, "ExpectedWMGMSignalRatio": 0.969}))
+    html = write_participant_report(out, "01").read_text()
+    assert "expected WM/GM signal ratio 0.97" in html
+    assert "pure WM 0.97 times the signal of pure GM, too little GM/WM contrast" in html
+    side.write_text(json.dumps({**meta, "ExpectedWMGMSignalRatio": 1.25}))
+    html = write_participant_report(out, "01").read_text()
+    assert "expected WM/GM signal ratio 1.25" in html and "too little GM/WM contrast" not in html

@@ -113,6 +113,29 @@ def test_out_of_range_field_strength_is_treated_as_missing():
     assert pv.values[tissue.PARAMETER_LAYOUT.index("has_B0")] == 0
 
 
+def test_parameter_vector_reports_the_expected_gm_wm_contrast():
+    # TR 95 ms, flip 15 deg at 3 T is proton-density weighted: GM brighter than WM (the benchmark's worst setting)
+    pd_like = tissue.parameter_vector({"sequence_family": "SPGR", "RepetitionTime": 0.095, "EchoTime": 0.0067,
+                                       "FlipAngle": 15, "MagneticFieldStrength": 3.0})
+    t1_like = tissue.parameter_vector({"sequence_family": "SPGR", "RepetitionTime": 0.02, "EchoTime": 0.005,
+                                       "FlipAngle": 25, "MagneticFieldStrength": 3.0})
+    assert pd_like.wm_gm_ratio < 1.0 < 1.06 < t1_like.wm_gm_ratio
+    mprage = tissue.parameter_vector({"sequence_family": "MPRAGE", "InversionTime": 0.9, "RepetitionTime": 2.3,
+                                      "MagneticFieldStrength": 3.0})
+    assert mprage.wm_gm_ratio > 1.5
+    # the ratio does not depend on the physics model being usable...
+    long_tr = tissue.parameter_vector({"sequence_family": "SPGR", "RepetitionTime": 0.5, "EchoTime": 0.0067,
+                                       "FlipAngle": 15, "MagneticFieldStrength": 3.0})
+    assert long_tr.values is None and 0.8 < long_tr.wm_gm_ratio < 0.94
+    # ...but it is not guessed: no field strength (or one outside the tissue tables) or no inversion TR, no ratio
+    assert tissue.parameter_vector({"sequence_family": "SPGR", "RepetitionTime": 0.095, "EchoTime": 0.0067,
+                                    "FlipAngle": 15, "MagneticFieldStrength": 0.2}).wm_gm_ratio is None
+    assert tissue.parameter_vector({"sequence_family": "SPGR", "RepetitionTime": 0.095, "EchoTime": 0.0067,
+                                    "FlipAngle": 15}).wm_gm_ratio is None
+    assert tissue.parameter_vector({"sequence_family": "MPRAGE", "InversionTime": 0.9,
+                                    "MagneticFieldStrength": 3.0}).wm_gm_ratio is None
+
+
 # ------------------------------------------------------------------------------------ registry
 def _save_tiny(tmp_path, name, n_params, **card_fields):
     net = _net(n_params=n_params)
@@ -220,6 +243,13 @@ def test_segment_end_to_end_with_fallback_and_resampling(tmp_path, monkeypatch):
     fb = tissue.segment(img, mask, (1.0, 1.0, 1.0), {"sequence_family": "FLAIR"}, device="cpu", weights_dir=tmp_path)
     assert fb.method == "unet" and "FLAIR" in fb.fallback_reason and fb.warnings
     assert fb.model["sha256"] != res.model["sha256"]
+    assert not res.warnings  # no field strength: no contrast estimate, no warning
+    flat = tissue.segment(img, mask, (1.0, 1.0, 1.0), {"sequence_family": "SPGR", "RepetitionTime": 0.095,
+                                                       "EchoTime": 0.0067, "FlipAngle": 15,
+                                                       "MagneticFieldStrength": 3.0},
+                          device="cpu", weights_dir=tmp_path)
+    assert flat.method == "unet-physics"
+    assert [w for w in flat.warnings if "0.97 times the signal of pure GM" in w]
 
 
 def test_resample_roundtrip_keeps_field_of_view():
@@ -276,6 +306,7 @@ def test_nipype_node_writes_probseg_dseg_volumes_and_metadata(tmp_path):
     md = out.metadata
     assert md["Model"]["Sha256"] == registry.load_card("tissue_unet_physics", wdir)["sha256"]
     assert md["SequenceParametersUsed"]["FlipAngle"] == 20.0 and md["PhysicsFallback"] is None
+    assert md["ExpectedWMGMSignalRatio"] > 1.06 and not out.warnings
 
 
 @pytest.mark.parametrize("mirror_axes", [[], [0]])

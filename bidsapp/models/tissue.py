@@ -52,6 +52,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from bidsapp.physics.contrast import is_low_contrast, wm_gm_signal_ratio
+
 from . import registry
 
 CLASSES = ("CSF", "GM", "WM")
@@ -115,6 +117,9 @@ class ParameterVector:
     """Parameters present but not used, with the reason."""
     missing: list = field(default_factory=list)
     fallback_reason: str | None = None
+    wm_gm_ratio: float | None = None
+    """WM/GM signal ratio the sidecar's parameters give pure tissues (:mod:`bidsapp.physics.contrast`);
+    None without a family, its equation's parameters and the field strength."""
 
 
 def _get(acq: dict, name: str):
@@ -179,6 +184,22 @@ def encode_batch(family, TI=None, TRinv=None, TR=None, TE=None, FA=None, B0=None
     return out
 
 
+def _expected_ratio(family: str, present: dict) -> float | None:
+    v = present
+    if family == "MPRAGE":
+        params = {"ti": v["InversionTime"], "tr": v["InversionRepetitionTime"], "tau": 0.0}
+    elif family == "SPGR":
+        params = {"tr": v["RepetitionTime"], "te": v["EchoTime"], "flip_angle": v["FlipAngle"]}
+    else:
+        return None
+    if v["MagneticFieldStrength"] is None or any(x is None for x in params.values()):
+        return None
+    try:
+        return wm_gm_signal_ratio(family, params, v["MagneticFieldStrength"])
+    except (ValueError, KeyError):  # a field strength outside the tissue tables, etc.
+        return None
+
+
 def parameter_vector(acquisition: dict | None) -> ParameterVector:
     """Build the physics vector from an acquisition dict (BIDS names or AcquisitionRecord fields).
 
@@ -201,6 +222,7 @@ def parameter_vector(acquisition: dict | None) -> ParameterVector:
             else:
                 pv.ignored["RepetitionTime"] = f"{tr:g} (shorter than TI: an excitation TR, not the inversion TR)"
     present["InversionRepetitionTime"] = trinv
+    pv.wm_gm_ratio = _expected_ratio(fam, present)
     if fam not in FAMILY_PARAMETERS:
         pv.fallback_reason = f"sequence family {fam} is not one the physics model was trained on (MPRAGE, SPGR)"
         pv.ignored.update({k: v for k, v in present.items() if v is not None})
@@ -446,6 +468,10 @@ def segment(image: np.ndarray, mask: np.ndarray, zooms, acquisition: dict | None
     name = PHYSICS_MODEL if pv.values is not None else BASE_MODEL
     if pv.fallback_reason and use_physics:
         warnings.append(f"tissue model: using the no-physics U-Net because {pv.fallback_reason}")
+    if pv.wm_gm_ratio is not None and is_low_contrast(pv.wm_gm_ratio):
+        warnings.append(f"tissue model: this {pv.family} protocol gives pure WM {pv.wm_gm_ratio:.2f} times the signal "
+                        "of pure GM (literature relaxation times), too little GM/WM contrast for reliable GM and WM "
+                        "volumes with any method")
     model, card = load_model(name, dev, weights_dir)
     res = float(card.get("resolution_mm", 2.0))
     mask_b = np.asarray(mask) > 0

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from bidsapp.physics.contrast import is_low_contrast
 from bidsapp.reports.html import (
     Section,
     figure_html,
@@ -389,10 +390,16 @@ def session_section(f: SessionFiles, problems: list[str], template=None, n_slice
             method = _method_name(meta) or name
             if meta.get("PhysicsFallback"):
                 warns.append(f"{f.prefix}: no-physics U-Net used because {meta['PhysicsFallback']}")
+            ratio = meta.get("ExpectedWMGMSignalRatio")
+            if isinstance(ratio, (int, float)) and is_low_contrast(ratio):
+                warns.append(f"{f.prefix}: the sequence parameters give pure WM {ratio:.2f} times the signal of pure GM, "
+                             "too little GM/WM contrast for reliable GM and WM volumes with any method")
             told = meta.get("SequenceParametersUsed") or {}
             told_txt = ("; sequence parameters given to the model: "
                         + ", ".join(f"{k} {v:g}" if isinstance(v, (int, float)) else f"{k} {v}" for k, v in told.items())
                         if told else "")
+            if isinstance(ratio, (int, float)):
+                told_txt += f"; expected WM/GM signal ratio {ratio:.2f}"
             body.append(subsection_html(f"Tissue segmentation: {method}", _figure_or_warning(
                 lambda p=path: figures.segmentation_figure(img(f.preproc), img(p), img(f.mask), n_slices=n_slices),
                 f"CSF/GM/WM ({path.name}) over the preprocessed T1w; red: brain mask{told_txt}.", warns,

@@ -37,6 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bidsapp.physics.contrast import LOW_CONTRAST, wm_gm_signal_ratio
+
 LOG = logging.getLogger("scanbridge.train.tissue")
 
 HELDOUT = ("anat-10", "anat-11", "anat-12")
@@ -50,24 +52,11 @@ FLIP_AXES = (0,)
 
 
 # ------------------------------------------------------------------------------------------ parameters
-LOW_CONTRAST = 0.06
-"""|WM/GM signal ratio - 1| below which an acquisition counts as low-contrast (``--low-contrast``)."""
-
-
 def wm_gm_contrast(acq: dict) -> float:
-    """WM/GM signal ratio - 1 of pure tissues with the simulator's nominal properties at ``acq["field"]``.
-
-    Near zero, intensity alone cannot tell GM from WM: long-TR, low-flip SPGR is proton-density weighted
-    and its GM/WM contrast crosses zero inside the paper's parameter ranges.
-    """
-    from bidsapp.physics.equations import signal
-    from bidsapp.physics.tissues import property_table
-
-    tab = property_table(("GM", "WM"), float(acq.get("field", 3.0)), np.ones((2, 4)))
+    """WM/GM signal ratio - 1 of a sampled acquisition (:func:`bidsapp.physics.contrast.wm_gm_signal_ratio`)."""
     params = ({"ti": acq["TI"], "td": acq["td"], "tau": acq["tau"]} if acq["family"] == "MPRAGE"
               else {"tr": acq["TR"], "te": acq["TE"], "flip_angle": acq["FA"]})
-    s = np.asarray(signal(acq["family"], tab[:, 0], tab[:, 1], tab[:, 2], tab[:, 3], params))
-    return float(s[1] / s[0] - 1.0)
+    return wm_gm_signal_ratio(acq["family"], params, float(acq.get("field", 3.0))) - 1.0
 
 
 def _spgr_draw(rng: np.random.Generator, paper: bool) -> tuple[float, float, float]:

@@ -5,7 +5,8 @@ Inputs: the preprocessed (bias-corrected) T1w, its brain mask and the image's ac
 directory: CSF/GM/WM probability maps, a dseg (CSF=1, GM=2, WM=3), a long-format volumes table
 (``method``, ``label``, ``volume_mm3``) and ``metadata``, the dict that belongs in every output
 sidecar: method (``unet-physics``, or ``unet`` when the physics model cannot be used), model name,
-version and sha256, the sequence parameters used / ignored / missing and the fallback reason.
+version and sha256, the sequence parameters used / ignored / missing, the fallback reason and the
+WM/GM signal ratio the parameters should give (low values are flagged in the report).
 The derivatives writer of the participant workflow gives the files their BIDS names.
 """
 
@@ -51,6 +52,7 @@ def sidecar_metadata(result) -> dict:
         "SequenceParametersIgnored": dict(pv.ignored),
         "SequenceParametersMissing": list(pv.missing),
         "PhysicsFallback": pv.fallback_reason,
+        "ExpectedWMGMSignalRatio": None if pv.wm_gm_ratio is None else round(pv.wm_gm_ratio, 3),
         "ModelResolution": result.model["resolution_mm"],
         "Resampling": (f"input box-averaged to {result.model['resolution_mm']:g} mm isotropic for the network; "
                        "probabilities linearly interpolated back to the input grid"),
