@@ -13,9 +13,14 @@ from bidsapp.models import registry, tissue
 from bidsapp.models.unet import UNet3D, count_parameters
 
 
-def _net(n_params=tissue.N_PARAMS, seed=0):
+def _net(n_params=tissue.N_PARAMS, seed=0, injection="concat"):
     torch.manual_seed(seed)
-    return UNet3D(in_channels=1, out_channels=3, features=(4, 8, 16), n_params=n_params)
+    net = UNet3D(in_channels=1, out_channels=3, features=(4, 8, 16), n_params=n_params, physics_injection=injection)
+    with torch.no_grad():
+        for prm in net.physics_parameters():  # a "trained" injection: the parameters change the output
+            if not prm.any():
+                torch.nn.init.normal_(prm, std=0.5)
+    return net
 
 
 def test_unet_shapes_and_divisor():
@@ -137,8 +142,8 @@ def test_parameter_vector_reports_the_expected_gm_wm_contrast():
 
 
 # ------------------------------------------------------------------------------------ registry
-def _save_tiny(tmp_path, name, n_params, **card_fields):
-    net = _net(n_params=n_params)
+def _save_tiny(tmp_path, name, n_params, injection="concat", **card_fields):
+    net = _net(n_params=n_params, injection=injection)
     card = {"version": "test", "architecture": {"class": "UNet3D", "kwargs": net.config},
             "training": {"command": "none", "seed": 0, "data": "random"}, "metrics": {},
             "resolution_mm": 2.0, "inference_roi": 16, **card_fields}
@@ -309,9 +314,9 @@ def test_nipype_node_writes_probseg_dseg_volumes_and_metadata(tmp_path):
     assert md["ExpectedWMGMSignalRatio"] > 1.06 and not out.warnings
 
 
-@pytest.mark.parametrize("mirror_axes", [[], [0]])
-def test_sweep_volumes_matches_segment_soft_volumes(tmp_path, mirror_axes):
-    _save_tiny(tmp_path, "tissue_unet_physics", tissue.N_PARAMS, inference_mirror_axes=mirror_axes)
+@pytest.mark.parametrize("mirror_axes, injection", [([], "concat"), ([0], "concat"), ([0], "norm_film_all")])
+def test_sweep_volumes_matches_segment_soft_volumes(tmp_path, mirror_axes, injection):
+    _save_tiny(tmp_path, "tissue_unet_physics", tissue.N_PARAMS, injection=injection, inference_mirror_axes=mirror_axes)
     img, mask = _blob_volume((20, 20, 20))
     acq = {"sequence_family": "MPRAGE", "InversionTime": 0.9}
     tis = [0.7, 0.9, 1.1]
@@ -321,5 +326,6 @@ def test_sweep_volumes_matches_segment_soft_volumes(tmp_path, mirror_axes):
     np.testing.assert_allclose(vols.sum(1), mask.sum() * 8, rtol=1e-4)
     one = tissue.segment(img, mask, (2, 2, 2), acq, device="cpu", weights_dir=tmp_path)
     np.testing.assert_allclose(vols[1], one.probs.sum(axis=(1, 2, 3)) * 8, rtol=1e-3)
+    assert np.abs(vols[0] - vols[2]).max() > 1.0  # the swept parameter moves the volumes
     with pytest.raises(ValueError, match="cannot bridge"):
         tissue.sweep_volumes(img, mask, (2, 2, 2), acq, "InversionTime", [3.0], device="cpu", weights_dir=tmp_path)

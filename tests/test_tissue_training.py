@@ -201,6 +201,32 @@ def test_norm_film_network_starts_as_the_norm_shift_network_it_continues():
         film.load_weights(UNet3D(1, 3, (4, 8), n_params=0).state_dict())  # an ablation lacks the branch
 
 
+def test_norm_film_all_conditions_every_block_and_continues_a_norm_shift_network():
+    """``norm_film_all`` adds a zero-initialised gain and shift to every block: loaded with a
+    ``norm_shift`` network's weights it gives that network's output, and then the first encoder block,
+    where intensity is read, can depend on the parameters too."""
+    from bidsapp.models.unet import UNet3D
+
+    torch.manual_seed(0)
+    shift = UNet3D(1, 3, (4, 8), n_params=tissue.N_PARAMS, physics_injection="norm_shift").eval()
+    torch.nn.init.normal_(shift.decoders[-1].inject.weight)
+    everywhere = UNet3D(1, 3, (4, 8), n_params=tissue.N_PARAMS, physics_injection="norm_film_all").eval()
+    assert everywhere.trunk_uses_physics and not shift.trunk_uses_physics
+    zeroed = everywhere.load_weights(shift.state_dict())
+    assert zeroed == ["decoders.0.scale.weight"] + [f"encoders.{i}.{w}.weight" for i in (0, 1) for w in ("inject", "scale")]
+    x, p = torch.randn(2, 1, 16, 16, 16), torch.randn(2, tissue.N_PARAMS)
+    with torch.no_grad():
+        torch.testing.assert_close(everywhere(x, p), shift(x, p))
+        torch.nn.init.normal_(everywhere.encoders[0].scale.weight)
+        changed = everywhere(x, p)
+        assert not torch.allclose(changed, shift(x, p))
+        # one window under several vectors: each vector's logits, as a plain forward pass gives them
+        torch.testing.assert_close(everywhere.forward_each(x[:1], p), torch.cat([changed[:1], everywhere(x[:1], p[1:])], 1))
+        torch.testing.assert_close(shift.forward_each(x[:1], p), torch.cat([shift(x[:1], p[:1]), shift(x[:1], p[1:])], 1))
+    names = {n for n, prm in everywhere.named_parameters() if any(prm is q for q in everywhere.physics_parameters())}
+    assert names == {n for n in everywhere.state_dict() if n.startswith("physics.fc.")} | set(zeroed) | {"decoders.0.inject.weight"}
+
+
 def _first_stage(tmp_path, subjects, **kw) -> None:
     """Both networks trained 2 iterations from scratch and saved to ``tmp_path/w1`` (a stage to continue from)."""
     first = T.TrainConfig(out=str(tmp_path), seed=0, physics="both", patch=16, batch=2, iterations=2,

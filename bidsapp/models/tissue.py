@@ -507,7 +507,7 @@ def sweep_volumes(image: np.ndarray, mask: np.ndarray, zooms, acquisition: dict,
 
     Windows are the same as :func:`segment`'s; in each window the parameter-independent part of the
     network runs once per ``chunk`` values and only the block after the physics concatenation runs
-    per value. Raises ValueError when a hypothetical acquisition cannot use the physics model.
+    per value (:meth:`~bidsapp.models.unet.UNet3D.forward_each`). Raises ValueError when a hypothetical acquisition cannot use the physics model.
     """
     import torch
     from monai.inferers import sliding_window_inference
@@ -540,9 +540,8 @@ def sweep_volumes(image: np.ndarray, mask: np.ndarray, zooms, acquisition: dict,
             params = torch.from_numpy(np.stack(vectors[start:start + chunk])).to(dev)
 
             def predictor(window, params=params):
-                shared = model.forward_shared(window)
-                return torch.cat([torch.softmax(model.forward_top(shared, params[k:k + 1]).float(), dim=1)
-                                  for k in range(params.shape[0])], dim=1)
+                logits = model.forward_each(window, params).float()
+                return torch.cat([torch.softmax(z, dim=1) for z in logits.split(n_cls, dim=1)], dim=1)
 
             prob = sliding_window_inference(xt, roi_size, 8, mirrored(predictor, mirror_axes),
                                             overlap=float(card.get("inference_overlap", 0.5)), mode="gaussian")[0]

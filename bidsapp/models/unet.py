@@ -23,7 +23,12 @@ available (``physics_injection``):
   shift(p)`` (FiLM). A shift can move the GM/CSF balance but not reverse how intensity maps to
   tissue; a gain can, which an SPGR setting whose GM/WM contrast is inverted asks for. The gain's
   weights start at zero too, so ``norm_film`` starts as its ablation or as a trained ``norm_shift``
-  network (:meth:`UNet3D.load_weights`).
+  network (:meth:`UNet3D.load_weights`);
+* ``"norm_film_all"``: the ``norm_film`` gain and shift in every block, encoder and decoder, not only
+  after the last skip connection. An inverted GM/WM contrast is read by the first encoder block, long
+  before the last decoder block sees it; this lets the parameters change how intensity is read where
+  it is read. It departs furthest from the paper, and the trunk then depends on the parameters, so a
+  parameter sweep can no longer share it (:meth:`UNet3D.forward_each`). Zero-initialised as well.
 
 Larger networks (nnU-Net style: deeper, wider, deep supervision) extend this by subclassing and
 overriding ``make_block``/``make_down``/``make_up`` or by passing more ``features``.
@@ -35,8 +40,8 @@ import torch
 from torch import nn
 
 
-INJECTIONS = ("concat", "norm_shift", "norm_film")
-"""How the physics channels enter the last decoder block (see the module docstring)."""
+INJECTIONS = ("concat", "norm_shift", "norm_film", "norm_film_all")
+"""How the physics channels enter the network (see the module docstring)."""
 
 
 class ConvBlock(nn.Sequential):
@@ -116,8 +121,10 @@ class UNet3D(nn.Module):
         f = list(features)
         self.encoders = nn.ModuleList()
         cin = in_channels
+        everywhere = n_params > 0 and physics_injection == "norm_film_all"
         for c in f:
-            self.encoders.append(self.make_block(cin, c))
+            self.encoders.append(PhysicsConvBlock(cin, c, physics_units, gain=True) if everywhere
+                                 else self.make_block(cin, c))
             cin = c
         self.downs = nn.ModuleList(self.make_down(c) for c in f[:-1])
         self.ups = nn.ModuleList(self.make_up(f[i + 1], f[i]) for i in reversed(range(len(f) - 1)))
@@ -126,9 +133,9 @@ class UNet3D(nn.Module):
         self.decoders = nn.ModuleList()
         for i in reversed(range(len(f) - 1)):
             last = i == 0
-            if last and n_params > 0 and physics_injection != "concat":
+            if everywhere or (last and n_params > 0 and physics_injection != "concat"):
                 self.decoders.append(PhysicsConvBlock(2 * f[i], f[i], physics_units,
-                                                      gain=physics_injection == "norm_film"))
+                                                      gain=physics_injection != "norm_shift"))
             else:
                 self.decoders.append(self.make_block(2 * f[i] + (concat if last else 0), f[i],
                                                      norm_first=not (last and concat)))
@@ -153,18 +160,43 @@ class UNet3D(nn.Module):
     def divisor(self) -> int:
         return 2 ** (len(self.encoders) - 1)
 
+    @property
+    def trunk_uses_physics(self) -> bool:
+        """Whether the parameters enter before the last skip connection (``norm_film_all``)."""
+        return self.physics is not None and self.physics_injection == "norm_film_all"
+
     def forward(self, x: torch.Tensor, params: torch.Tensor | None = None) -> torch.Tensor:
+        if self.trunk_uses_physics:
+            p = self._branch(params, x)
+            return self.head(self.decoders[-1](self.forward_shared(x, p), p))
         return self.forward_top(self.forward_shared(x), params)
 
-    def forward_shared(self, x: torch.Tensor) -> torch.Tensor:
-        """Everything up to the last skip concatenation: independent of the physics parameters.
+    def forward_each(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        """Logits of ``x`` (one window) under each row of ``params``, concatenated along channels.
 
-        Sweeping hypothetical parameters over one image (protocol bridging) runs this once and
-        :meth:`forward_top` once per parameter vector.
+        Sweeping hypothetical parameters over one image (protocol bridging) runs the parameter-free
+        trunk once and only :meth:`forward_top` per vector, unless the trunk uses the parameters.
         """
+        if self.trunk_uses_physics:
+            return torch.cat([self(x, params[k:k + 1]) for k in range(params.shape[0])], dim=1)
+        shared = self.forward_shared(x)
+        return torch.cat([self.forward_top(shared, params[k:k + 1]) for k in range(params.shape[0])], dim=1)
+
+    def _branch(self, params: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+        if params is None:
+            raise ValueError("this network has a physics branch: pass the sequence-parameter vector")
+        p = self.physics(params.to(x.dtype))
+        return p.expand(x.shape[0], -1) if p.shape[0] != x.shape[0] else p
+
+    def forward_shared(self, x: torch.Tensor, p: torch.Tensor | None = None) -> torch.Tensor:
+        """Everything up to the last skip concatenation; ``p`` (the branch's output) only for
+        ``norm_film_all``, where the trunk's blocks are conditioned too."""
+        def block(b, y):
+            return b(y, p) if isinstance(b, PhysicsConvBlock) else b(y)
+
         skips = []
         for i, enc in enumerate(self.encoders):
-            x = enc(x)
+            x = block(enc, x)
             if i < len(self.downs):
                 skips.append(x)
                 x = self.downs[i](x)
@@ -172,18 +204,14 @@ class UNet3D(nn.Module):
         for j, (up, dec) in enumerate(zip(self.ups, self.decoders)):
             x = torch.cat([up(x), skips.pop()], dim=1)
             if j < n - 1:
-                x = dec(x)
+                x = block(dec, x)
         return x
 
     def forward_top(self, shared: torch.Tensor, params: torch.Tensor | None = None) -> torch.Tensor:
         """Concatenate the broadcast physics channels, run the last decoder block and the head."""
         x = shared
         if self.physics is not None:
-            if params is None:
-                raise ValueError("this network has a physics branch: pass the sequence-parameter vector")
-            p = self.physics(params.to(x.dtype))
-            if p.shape[0] != x.shape[0]:
-                p = p.expand(x.shape[0], -1)
+            p = self._branch(params, x)
             if self.physics_injection != "concat":
                 return self.head(self.decoders[-1](x, p))
             x = torch.cat([x, p[:, :, None, None, None].expand(-1, -1, *x.shape[2:])], dim=1)
@@ -197,14 +225,12 @@ class UNet3D(nn.Module):
         return [p for m in modules for p in m.parameters()]
 
     def physics_parameters(self) -> list[nn.Parameter]:
-        """The weights only a physics network has (the branch and, in ``norm_*``, its injection):
+        """The weights only a physics network has (the branch and, in ``norm_*``, its injections):
         training only these changes how the parameters move the output and nothing the ablation shares
         (``scanbridge-train tissue --train physics``)."""
         if self.physics is None:
             return []
-        block = self.decoders[-1]
-        inject = ([prm for name, prm in block.named_parameters() if name.split(".")[0] in ("inject", "scale")]
-                  if isinstance(block, PhysicsConvBlock) else [])
+        inject = [prm for name, prm in self.named_parameters() if name.rsplit(".", 2)[-2] in ("inject", "scale")]
         return list(self.physics.parameters()) + inject
 
     def load_ablation(self, state: dict) -> None:
@@ -212,7 +238,7 @@ class UNet3D(nn.Module):
         but the branch and the (zero) injection weights is copied, so both networks give the same
         output until training changes the injection."""
         if self.physics is None or self.physics_injection == "concat":
-            raise ValueError("load_ablation needs a physics network with a norm_shift or norm_film injection")
+            raise ValueError("load_ablation needs a physics network with a norm_* injection")
         self.load_weights(state, ablation=True)
 
     def load_weights(self, state: dict, ablation: bool = False) -> list[str]:

@@ -402,7 +402,7 @@ class TrainConfig:
     init_from: str | None = None
     """Folder of weights + cards to continue training from (fine-tuning); None starts from scratch."""
     physics_injection: str = "concat"
-    """How the physics channels enter the last decoder block (see :mod:`bidsapp.models.unet`)."""
+    """How the physics channels enter the network (see :mod:`bidsapp.models.unet`)."""
     physics_from_base: bool = False
     """Start the physics network from the ablation in ``init_from`` (``norm_*`` injections only)."""
     stop_after: int | None = None
@@ -429,7 +429,7 @@ class TrainConfig:
         if not 0.0 <= self.low_contrast <= 1.0:
             raise ValueError(f"--low-contrast must be between 0 and 1, got {self.low_contrast:g}")
         if self.physics_from_base and not (self.init_from and self.physics_injection != "concat"):
-            raise ValueError("--physics-from-base needs --init-from and --physics-injection norm_shift or norm_film")
+            raise ValueError("--physics-from-base needs --init-from and a --physics-injection other than concat")
         if self.train not in TRAINABLE:
             raise ValueError(f"--train must be one of {', '.join(TRAINABLE)}, not {self.train!r}")
         if self.train != "all" and not self.init_from:
@@ -725,7 +725,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init-from", default=None,
                    help="continue from the weights + cards in this folder (e.g. bidsapp/models/weights)")
     p.add_argument("--physics-injection", default="concat", choices=INJECTIONS,
-                   help="how the physics channels enter the last decoder block (see bidsapp.models.unet)")
+                   help="how the physics channels enter the network (see bidsapp.models.unet)")
     p.add_argument("--stop-after", type=int, default=None,
                    help="stop after this many iterations of the --iterations schedule (reproduces a checkpoint)")
     p.add_argument("--low-contrast", type=float, default=0.0, metavar="P",
@@ -739,7 +739,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "difference of each class's soft volume); 0 = the paper's loss")
     p.add_argument("--physics-from-base", action="store_true",
                    help="start the physics model from the ablation in --init-from, physics injection at zero "
-                        "(needs --physics-injection norm_shift or norm_film)")
+                        "(needs a --physics-injection other than concat)")
 
 
 def run(args) -> int:
