@@ -56,6 +56,31 @@ def test_sweep_figure_is_written_for_methods_with_volumes(bench, tmp_path):
     assert bench.plot_sweeps(out, tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
 
 
+def test_low_contrast_table_lists_the_least_contrasted_settings_first(bench, tmp_path, capsys):
+    out = _results(n=9, subjects=2)
+    vols = out["per_subject"]["unet"]["SPGR"]["volumes"]["WM"]
+    for v in vols:
+        v[:] = [1000.0] * 9
+        v[0] = 800.0  # the inverted setting (WM/GM 0.97) loses a fifth of its WM
+    out["per_subject"]["atropos"] = {f: {} for f in ("MPRAGE", "SPGR")}  # no volumes: left out
+    table = bench.low_contrast_table(out, n=3)
+    assert table["wm_gm_ratio"] == pytest.approx([0.97, 0.97 + 0.33 / 8, 0.97 + 0.66 / 8])
+    assert set(table) == {"wm_gm_ratio", "unet", "unet-physics"}
+    assert table["unet"]["WM"] == pytest.approx([-20.0, 0.0, 0.0])
+    for m in out["summary"].values():
+        for f in m.values():
+            f["dice"] = {"GM": [0.9, 0.01], "WM": [0.95, 0.01]}
+    path = tmp_path / "result.json"
+    path.write_text(__import__("json").dumps(out))
+    assert bench.main(["--tables-from", str(path)]) == 0
+    printed = capsys.readouterr().out
+    assert "Table 2 - coefficient of variation" in printed and "least GM/WM contrast" in printed
+    assert "0.970" in printed and "-20.0" in printed
+    (tmp_path / "timing.json").write_text('{"timing": {}}')
+    assert bench.main(["--tables-from", str(tmp_path / "timing.json")]) == 2
+    assert "no sweep results" in capsys.readouterr().err
+
+
 def test_bridging_result_goes_into_the_physics_card_beside_its_other_metrics(tmp_path):
     import shutil
 

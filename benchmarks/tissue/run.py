@@ -7,7 +7,9 @@ TE 4-10 ms, FA 15-75 deg), at 3 T, with fixed mild bias and noise. For each meth
 
 * Dice of GM and WM against the physics gold standard (R1-based, paper 3.1), mean +- s.d. over subjects
   of each subject's mean over the sweep (Table 1);
-* coefficient of variation of GM and WM volume over the sweep, mean over subjects (Table 2).
+* coefficient of variation of GM and WM volume over the sweep, mean over subjects (Table 2);
+* each method's SPGR volume at the settings of least GM/WM contrast (where Table 2's SPGR columns come
+  from; ``--tables-from earlier.json`` prints all tables again without rerunning).
 
 Methods: ANTs Atropos (antspyx ``ants.atropos``, k-means initialisation with 3 classes inside the brain
 mask, MRF 0.1; classes named by mean intensity, CSF < GM < WM, as for any T1w; no template priors
@@ -245,6 +247,34 @@ def print_tables(summary: dict) -> None:
             print(row(f"ours {m}", [f"{d[f]['cov_contrast_ge_10pct'][t]:.5f}" for f in FAMILIES for t in TISSUES]))
 
 
+def low_contrast_table(out: dict, n: int = 8) -> dict:
+    """Each method's SPGR volume at the ``n`` settings of least GM/WM contrast, in % of each subject's median
+    over the sweep (mean over subjects): whether the volume follows the contrast's size or its sign."""
+    contrast = np.asarray(out["wm_gm_contrast"]["SPGR"])
+    order = [int(i) for i in np.argsort(contrast)[:n]]
+    table = {"wm_gm_ratio": [float(1 + contrast[i]) for i in order]}
+    for m, res in out["per_subject"].items():
+        vols = res["SPGR"].get("volumes")
+        if not vols or not all(vols.get(t) for t in TISSUES):
+            continue
+        table[m] = {}
+        for t in TISSUES:
+            v = np.asarray(vols[t], dtype=float)
+            rel = 100 * (v / np.median(v, axis=1, keepdims=True) - 1)
+            table[m][t] = [float(rel[:, i].mean()) for i in order]
+    return table
+
+
+def print_low_contrast_table(table: dict) -> None:
+    methods = [m for m in table if m != "wm_gm_ratio"]
+    if not methods:
+        return
+    print("\nSPGR volume at the settings of least GM/WM contrast (% of each subject's median, mean over subjects)")
+    print(f"{'WM/GM ratio':<12}" + "".join(f"{m + ' ' + t:>20}" for m in methods for t in TISSUES))
+    for k, r in enumerate(table["wm_gm_ratio"]):
+        print(f"{r:<12.3f}" + "".join(f"{table[m][t][k]:>+20.1f}" for m in methods for t in TISSUES))
+
+
 def plot_sweeps(out: dict, path: Path) -> Path | None:
     """Volume against the sweep (the paper's Fig. 3, for all held-out subjects): each point is the mean over
     subjects of a method's volume at one acquisition, in % of that subject's median volume over the sweep.
@@ -431,9 +461,22 @@ def main(argv=None) -> int:
     p.add_argument("--weights-dir", default=None, help="evaluate weights + cards from this folder (default: shipped)")
     p.add_argument("--update-cards", action="store_true", help="write the metrics into the model cards")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "tissue.json"))
+    p.add_argument("--tables-from", default=None, metavar="JSON", help="print the tables of an earlier run and stop")
     args = p.parse_args(argv)
     if args.timing_child:
         _timing_child(args.timing_child, args.device)
+        return 0
+    if args.tables_from:
+        try:
+            prev = json.loads(Path(args.tables_from).read_text())
+        except (OSError, ValueError) as exc:
+            print(f"{args.tables_from}: cannot read benchmark results ({exc})", file=sys.stderr)
+            return 2
+        if "summary" not in prev:
+            print(f"{args.tables_from}: no sweep results in it (a --timing-only or --presets-only run?)", file=sys.stderr)
+            return 2
+        print_tables(prev["summary"])
+        print_low_contrast_table(low_contrast_table(prev))
         return 0
     if not Path(args.anatomy_dir).is_dir():
         print(f"{args.anatomy_dir}: anatomy folder not found (give --anatomy-dir)", file=sys.stderr)
@@ -446,6 +489,8 @@ def main(argv=None) -> int:
         out.update(evaluate(args))
         out["seconds"] = time.time() - t0
         print_tables(out["summary"])
+        out["low_contrast"] = low_contrast_table(out)
+        print_low_contrast_table(out["low_contrast"])
         print(f"\n{len(out['subjects'])} held-out subject(s) x {args.points} acquisitions per sequence at "
               f"{args.resolution:g} mm; wall {out['seconds'] / 60:.1f} min")
     if args.timing or args.timing_only:
