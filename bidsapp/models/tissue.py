@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from bidsapp.physics.contrast import is_low_contrast, wm_gm_signal_ratio
+from bidsapp.physics.contrast import low_contrast_warning, wm_gm_signal_ratio
 
 from . import registry
 
@@ -184,8 +184,9 @@ def encode_batch(family, TI=None, TRinv=None, TR=None, TE=None, FA=None, B0=None
     return out
 
 
-def _expected_ratio(family: str, present: dict) -> float | None:
-    v = present
+def _expected_ratio(family: str, v: dict) -> float | None:
+    """WM/GM signal ratio of pure tissues for the parameters ``v`` (BIDS names) of ``family``; None
+    when the equation lacks a parameter or the field strength is unknown (the ratio depends on it)."""
     if family == "MPRAGE":
         params = {"ti": v["InversionTime"], "tr": v["InversionRepetitionTime"], "tau": 0.0}
     elif family == "SPGR":
@@ -468,10 +469,8 @@ def segment(image: np.ndarray, mask: np.ndarray, zooms, acquisition: dict | None
     name = PHYSICS_MODEL if pv.values is not None else BASE_MODEL
     if pv.fallback_reason and use_physics:
         warnings.append(f"tissue model: using the no-physics U-Net because {pv.fallback_reason}")
-    if pv.wm_gm_ratio is not None and is_low_contrast(pv.wm_gm_ratio):
-        warnings.append(f"tissue model: this {pv.family} protocol gives pure WM {pv.wm_gm_ratio:.2f} times the signal "
-                        "of pure GM (literature relaxation times), too little GM/WM contrast for reliable GM and WM "
-                        "volumes with any method")
+    if pv.wm_gm_ratio is not None and (msg := low_contrast_warning(pv.wm_gm_ratio)):
+        warnings.append(f"tissue model: {msg}")
     model, card = load_model(name, dev, weights_dir)
     res = float(card.get("resolution_mm", 2.0))
     mask_b = np.asarray(mask) > 0
@@ -505,9 +504,10 @@ def sweep_volumes(image: np.ndarray, mask: np.ndarray, zooms, acquisition: dict,
     """Soft CSF/GM/WM volumes (mm^3, shape ``(len(values), 3)``) of one image segmented by the physics
     model as if ``parameter`` (a BIDS name, e.g. ``InversionTime``) had each of ``values``.
 
-    Windows are the same as :func:`segment`'s; in each window the parameter-independent part of the
-    network runs once per ``chunk`` values and only the block after the physics concatenation runs
-    per value (:meth:`~bidsapp.models.unet.UNet3D.forward_each`). Raises ValueError when a hypothetical acquisition cannot use the physics model.
+    Windows are the same as :func:`segment`'s; each window is run for ``chunk`` values at a time,
+    sharing the parameter-free part of the network where it has one
+    (:meth:`~bidsapp.models.unet.UNet3D.forward_each`). Raises ValueError when a hypothetical
+    acquisition cannot use the physics model.
     """
     import torch
     from monai.inferers import sliding_window_inference

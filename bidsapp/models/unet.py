@@ -172,7 +172,8 @@ class UNet3D(nn.Module):
         return self.forward_top(self.forward_shared(x), params)
 
     def forward_each(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-        """Logits of ``x`` (one window) under each row of ``params``, concatenated along channels.
+        """Logits of ``x`` (a batch of windows of one image) under each row of ``params``, concatenated
+        along channels.
 
         Sweeping hypothetical parameters over one image (protocol bridging) runs the parameter-free
         trunk once and only :meth:`forward_top` per vector, unless the trunk uses the parameters.

@@ -32,3 +32,11 @@ def wm_gm_signal_ratio(sequence: str, params: Any, field_strength: float = 3.0) 
 
 def is_low_contrast(ratio: float) -> bool:
     return abs(ratio - 1.0) < LOW_CONTRAST
+
+
+def low_contrast_warning(ratio: float) -> str | None:
+    """The one-line warning for outputs and reports, or None when the contrast is usable."""
+    if not is_low_contrast(ratio):
+        return None
+    return (f"the sequence parameters give pure WM {ratio:.2f} times the signal of pure GM (literature relaxation "
+            "times): too little GM/WM contrast for reliable GM and WM volumes with any method")

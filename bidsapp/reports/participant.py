@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bidsapp.physics.contrast import is_low_contrast
+from bidsapp.physics.contrast import low_contrast_warning
 from bidsapp.reports.html import (
     Section,
     figure_html,
@@ -391,9 +391,8 @@ def session_section(f: SessionFiles, problems: list[str], template=None, n_slice
             if meta.get("PhysicsFallback"):
                 warns.append(f"{f.prefix}: no-physics U-Net used because {meta['PhysicsFallback']}")
             ratio = meta.get("ExpectedWMGMSignalRatio")
-            if isinstance(ratio, (int, float)) and is_low_contrast(ratio):
-                warns.append(f"{f.prefix}: the sequence parameters give pure WM {ratio:.2f} times the signal of pure GM, "
-                             "too little GM/WM contrast for reliable GM and WM volumes with any method")
+            if isinstance(ratio, (int, float)) and (msg := low_contrast_warning(ratio)):
+                warns.append(f"{f.prefix}: {msg}")
             told = meta.get("SequenceParametersUsed") or {}
             told_txt = ("; sequence parameters given to the model: "
                         + ", ".join(f"{k} {v:g}" if isinstance(v, (int, float)) else f"{k} {v}" for k, v in told.items())
