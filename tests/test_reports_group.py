@@ -62,8 +62,14 @@ def test_acquisition_groups_table_counts_and_units():
     assert row["TR (ms)"] == "2300" and row["TI (ms)"] == "900" and row["vendor"] == "Siemens"
     assert row["subjects"] == 4 and row["sessions"] == 8 and row["images"] == 8
     assert t.loc["ge-signa-1.5T-SPGR", "TI (ms)"] == "n/a"
+    # WM/GM signal of pure tissues: a T1-weighted MPRAGE, and an SPGR at 1.5 T with little contrast
+    assert row["WM/GM signal"] == "2.339" and t.loc["ge-signa-1.5T-SPGR", "WM/GM signal"] == "1.055"
     sec = acquisitions_section(acq)
-    assert "ge-signa-1.5T-SPGR" in sec.body and "Prisma" in sec.body and not sec.warnings
+    assert "ge-signa-1.5T-SPGR" in sec.body and "Prisma" in sec.body
+    assert sec.warnings == [next(w for w in sec.warnings if w.startswith("little GM/WM contrast expected in "
+                                                                          "ge-signa-1.5T-SPGR (WM/GM"))]
+    acq.loc[acq["acq_group"] == "ge-signa-1.5T-SPGR", "FlipAngle"] = 40.0  # a T1-weighted SPGR: no warning
+    assert not acquisitions_section(acq).warnings
 
 
 def test_acquisitions_section_accepts_record_columns_and_flags_one_group():

@@ -320,8 +320,8 @@ def test_report_flags_a_protocol_with_little_gm_wm_contrast(tmp_path):
             "SequenceParametersUsed": {"RepetitionTime": 0.095}, "PhysicsFallback": None}
     side.write_text(json.dumps({**meta, "ExpectedWMGMSignalRatio": 0.969}))
     html = write_participant_report(out, "01").read_text()
-    assert "expected WM/GM signal ratio 0.97" in html
-    assert "pure WM 0.97 times the signal of pure GM (literature relaxation times): too little GM/WM contrast" in html
+    assert "expected WM/GM signal ratio 0.969" in html
+    assert "pure WM 0.969 times the signal of pure GM (literature relaxation times): with so little GM/WM contrast" in html
     side.write_text(json.dumps({**meta, "ExpectedWMGMSignalRatio": 1.25}))
     html = write_participant_report(out, "01").read_text()
-    assert "expected WM/GM signal ratio 1.25" in html and "too little GM/WM contrast" not in html
+    assert "expected WM/GM signal ratio 1.250" in html and "so little GM/WM contrast" not in html

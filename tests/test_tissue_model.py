@@ -254,7 +254,7 @@ def test_segment_end_to_end_with_fallback_and_resampling(tmp_path, monkeypatch):
                                                        "MagneticFieldStrength": 3.0},
                           device="cpu", weights_dir=tmp_path)
     assert flat.method == "unet-physics"
-    assert [w for w in flat.warnings if "0.97 times the signal of pure GM" in w]
+    assert [w for w in flat.warnings if "0.969 times the signal of pure GM" in w]
 
 
 def test_resample_roundtrip_keeps_field_of_view():

@@ -38,5 +38,6 @@ def low_contrast_warning(ratio: float) -> str | None:
     """The one-line warning for outputs and reports, or None when the contrast is usable."""
     if not is_low_contrast(ratio):
         return None
-    return (f"the sequence parameters give pure WM {ratio:.2f} times the signal of pure GM (literature relaxation "
-            "times): too little GM/WM contrast for reliable GM and WM volumes with any method")
+    return (f"the sequence parameters give pure WM {ratio:.3f} times the signal of pure GM (literature relaxation "
+            "times): with so little GM/WM contrast every method tested moves volume between GM and WM, so compare "
+            "this scan's GM/WM volumes with other protocols' with care")

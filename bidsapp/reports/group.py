@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from bidsapp.metrics.overlap import coefficient_of_variation
+from bidsapp.physics.contrast import LOW_CONTRAST, is_low_contrast
 from bidsapp.reports.html import Section, figure_html, kv_table_html, table_html, text_html, write_report
 
 TISSUES = ("CSF", "GM", "WM", "brain")
@@ -60,6 +61,18 @@ def _join(values, scale=1) -> str:
     return ", ".join(uniq[:4]) + (f" (+{len(uniq) - 4})" if len(uniq) > 4 else "")
 
 
+def _expected_ratios(acquisitions: pd.DataFrame) -> list[float]:
+    """WM/GM signal ratio of pure tissues each image's parameters give (none where they cannot say)."""
+    from bidsapp.models.tissue import parameter_vector
+
+    ratios = []
+    for rec in acquisitions.to_dict("records"):
+        ratio = parameter_vector({k: v for k, v in rec.items() if not (isinstance(v, float) and np.isnan(v))}).wm_gm_ratio
+        if ratio is not None:
+            ratios.append(ratio)
+    return ratios
+
+
 def acquisition_groups_table(acquisitions_df: pd.DataFrame) -> pd.DataFrame:
     """One row per acquisition group: scanner, sequence, parameter ranges, sites and counts."""
     df = _normalise(acquisitions_df)
@@ -72,6 +85,7 @@ def acquisition_groups_table(acquisitions_df: pd.DataFrame) -> pd.DataFrame:
         row = {"acquisition group": g}
         for col, title, scale in _PARAM_COLUMNS:
             row[title] = _join(sub[col], scale) if col in sub.columns else "n/a"
+        row["WM/GM signal"] = _join([round(r, 3) for r in _expected_ratios(sub)])
         row["sites"] = _join(sub["site"]) if "site" in sub.columns else "n/a"
         row["subjects"] = sub["participant_id"].nunique() if "participant_id" in sub.columns else len(sub)
         if "session_id" in sub.columns and "participant_id" in sub.columns:
@@ -102,8 +116,26 @@ def acquisitions_section(acquisitions_df: pd.DataFrame | None) -> Section:
     if len(unknown):
         warns.append(f"{int(unknown['images'].sum())} image(s) in group(s) with unknown scanner or sequence "
                      "(missing sidecar fields)")
+    low = _low_contrast_groups(acquisitions_df)
+    if low:
+        warns.append(f"little GM/WM contrast expected in {', '.join(low)} (WM/GM signal ratio within "
+                     f"{LOW_CONTRAST:.0%} of 1): every method tested moves volume between GM and WM there, so "
+                     "compare their GM/WM volumes with other groups' with care")
     body += table_html(table)
+    body += text_html("WM/GM signal: the ratio of pure white- to pure grey-matter signal that the sequence "
+                      "parameters give with literature relaxation times at the scan's field strength; near 1, "
+                      "intensity cannot separate the two tissues.")
     return Section("Acquisition groups", body, warns, anchor="acquisitions")
+
+
+def _low_contrast_groups(acquisitions_df: pd.DataFrame | None) -> list[str]:
+    df = _normalise(acquisitions_df)
+    if df.empty or GROUP_COL not in df.columns:
+        return []
+    df = df.copy()
+    df[GROUP_COL] = df[GROUP_COL].fillna("unknown").astype(str)
+    return [str(g) for g, sub in df.groupby(GROUP_COL, sort=True)
+            if any(is_low_contrast(r) for r in _expected_ratios(sub))]
 
 
 def _volumes_frame(volumes_df, acquisitions_df, participants_df) -> tuple[pd.DataFrame, list[str]]:

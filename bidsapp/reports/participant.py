@@ -398,7 +398,7 @@ def session_section(f: SessionFiles, problems: list[str], template=None, n_slice
                         + ", ".join(f"{k} {v:g}" if isinstance(v, (int, float)) else f"{k} {v}" for k, v in told.items())
                         if told else "")
             if isinstance(ratio, (int, float)):
-                told_txt += f"; expected WM/GM signal ratio {ratio:.2f}"
+                told_txt += f"; expected WM/GM signal ratio {ratio:.3f}"
             body.append(subsection_html(f"Tissue segmentation: {method}", _figure_or_warning(
                 lambda p=path: figures.segmentation_figure(img(f.preproc), img(p), img(f.mask), n_slices=n_slices),
                 f"CSF/GM/WM ({path.name}) over the preprocessed T1w; red: brain mask{told_txt}.", warns,
