@@ -62,7 +62,7 @@ def main(argv=None) -> int:
 
     from bidsapp.models import registry, tissue
     from bidsapp.training import tissue as T
-    from run import (acquisition_dict, gold_standard_dseg, heldout_subject,  # noqa: E402  (benchmarks/tissue/run.py)
+    from run import (BIAS, SNR, acquisition_dict, gold_standard_dseg, heldout_subject,  # noqa: E402  (benchmarks/tissue/run.py)
                      sweep, sweep_image)
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -72,6 +72,9 @@ def main(argv=None) -> int:
     p.add_argument("--others", type=int, default=3, help="settings besides the inverted one")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--snr", type=float, default=SNR,
+                   help=f"image SNR (run.py's sweep: {SNR:g}; training draws 20-120): is what is lost noise or contrast?")
+    p.add_argument("--bias", type=float, default=BIAS, help=f"residual bias-field log s.d. (run.py's sweep: {BIAS:g})")
     p.add_argument("--weights-dir", default=None, help="weights + cards folder (default: shipped)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "tissue_vector_swap.json"))
     args = p.parse_args(argv)
@@ -80,13 +83,13 @@ def main(argv=None) -> int:
     acqs = sweep("SPGR", args.points, args.seed)
     contrast = [T.wm_gm_contrast(a) for a in acqs]
     picked = chosen_settings(contrast, args.others)
-    result = {"settings": [dict(acqs[k], wm_gm_ratio=1 + contrast[k], index=k) for k in picked],
+    result = {"snr": args.snr, "bias": args.bias, "settings": [dict(acqs[k], wm_gm_ratio=1 + contrast[k], index=k) for k in picked],
               "weights": {m: registry.load_card(m, args.weights_dir)["sha256"]
                           for m in (tissue.PHYSICS_MODEL, tissue.BASE_MODEL)}, "subjects": {}}
     labels = [f"{1 + contrast[k]:.2f}" for k in picked]
     for name in list(T.HELDOUT)[: args.subjects]:
         subj = heldout_subject(Path(args.anatomy_dir), name, 2.0, args.seed)
-        images = [sweep_image(subj, name, acqs[k], k, args.seed) for k in picked]
+        images = [sweep_image(subj, name, acqs[k], k, args.seed, snr=args.snr, bias=args.bias) for k in picked]
 
         def segment(img, k, subj=subj):
             acq = None if k is None else acquisition_dict(acqs[k])
