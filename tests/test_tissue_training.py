@@ -248,6 +248,28 @@ def test_norm_shift_stage_continues_as_norm_film(tmp_path):
     assert "--physics-injection norm_film" in card["training"]["command"]
 
 
+def test_physics_lr_gives_the_zero_initialised_conditioning_its_own_learning_rate(tmp_path):
+    subjects = [_tiny_subject(seed=k) for k in range(2)]
+    _first_stage(tmp_path, subjects, physics_injection="norm_shift")
+    cfg = T.TrainConfig(out=str(tmp_path), seed=1, physics="both", patch=16, batch=2, iterations=3, lr=1e-6,
+                        physics_lr=1e-2, features=(4, 8), save_every=0, log_every=1, weights_dir=str(tmp_path / "w2"),
+                        init_from=str(tmp_path / "w1"), physics_injection="norm_film_all")
+    phys, base = T.train(cfg, subjects)
+    assert phys["init"]["as"].startswith("same model, zero-initialised decoders.0.scale.weight, encoders.0.inject")
+    net = phys["model"]
+    before, _ = registry.load_state_dict(tissue.PHYSICS_MODEL, tmp_path / "w1")
+    conditioning = {n for n, p in net.named_parameters() if any(p is q for q in net.physics_parameters())}
+    step = {n: float((p.detach() - before.get(n, torch.zeros_like(p))).abs().max()) for n, p in net.named_parameters()}
+    assert min(step[n] for n in conditioning) > 1e-3  # Adam steps of ~1e-2...
+    assert max(v for n, v in step.items() if n not in conditioning) < 1e-4  # ...against ~1e-6 for the trunk
+    card = T.save(net, cfg, phys)
+    assert "--physics-lr 0.01" in card["training"]["command"]
+    assert "physics branch and injections 0.01" in card["training"]["optimizer"]
+    assert "physics branch" not in T.save(base.pop("model"), cfg, base)["training"]["optimizer"]  # the ablation has none
+    with pytest.raises(ValueError, match="--physics-lr"):
+        T.TrainConfig(out=str(tmp_path), physics_lr=0.0)
+
+
 def test_physics_model_can_start_from_the_trained_ablation(tmp_path):
     subjects = [_tiny_subject(seed=k) for k in range(2)]
     _first_stage(tmp_path, subjects)
