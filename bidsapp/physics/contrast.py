@@ -3,7 +3,7 @@
 Long-TR, low-flip SPGR is proton-density weighted, and its GM/WM contrast crosses zero inside common
 parameter ranges (TR 95 ms, flip 15 deg at 3 T: WM/GM 0.97). There, intensity alone cannot tell GM
 from WM and every segmentation method's GM/WM volumes move most; the training sampler oversamples
-such settings and the participant level flags them.
+such settings, and the participant and group reports flag them.
 """
 
 from __future__ import annotations
@@ -11,6 +11,9 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+
+from bidsapp.physics.equations import signal
+from bidsapp.physics.tissues import property_table
 
 LOW_CONTRAST = 0.06
 """|WM/GM signal ratio - 1| below which an acquisition counts as low GM/WM contrast."""
@@ -22,9 +25,6 @@ def wm_gm_signal_ratio(sequence: str, params: Any, field_strength: float = 3.0) 
     ``params`` as for :func:`bidsapp.physics.equations.signal` (seconds, degrees; an MPRAGE may give
     its inversion-to-inversion TR instead of TD).
     """
-    from bidsapp.physics.equations import signal
-    from bidsapp.physics.tissues import property_table
-
     tab = property_table(("GM", "WM"), float(field_strength))
     s = np.asarray(signal(sequence, tab[:, 0], tab[:, 1], tab[:, 2], tab[:, 3], params), dtype=np.float64)
     return float(s[1] / s[0]) if s[0] > 0 else float("inf")
