@@ -473,7 +473,8 @@ def main(argv=None) -> int:
             print(f"{args.tables_from}: cannot read benchmark results ({exc})", file=sys.stderr)
             return 2
         if "summary" not in prev:
-            print(f"{args.tables_from}: no sweep results in it (a --timing-only or --presets-only run?)", file=sys.stderr)
+            print(f"{args.tables_from}: no sweep results in it (a --timing-only or --presets-only run?)",
+                  file=sys.stderr)
             return 2
         print_tables(prev["summary"])
         print_low_contrast_table(low_contrast_table(prev))

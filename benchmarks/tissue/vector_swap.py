@@ -62,8 +62,8 @@ def main(argv=None) -> int:
 
     from bidsapp.models import registry, tissue
     from bidsapp.training import tissue as T
-    from run import (BIAS, SNR, acquisition_dict, gold_standard_dseg, heldout_subject,  # noqa: E402  (benchmarks/tissue/run.py)
-                     sweep, sweep_image)
+    from run import (  # noqa: E402  (benchmarks/tissue/run.py)
+        BIAS, SNR, acquisition_dict, gold_standard_dseg, heldout_subject, sweep, sweep_image)
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--anatomy-dir", default=str(T.DEFAULT_ANATOMY_DIR))
@@ -73,7 +73,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--snr", type=float, default=SNR,
-                   help=f"image SNR (run.py's sweep: {SNR:g}; training draws 20-120): is what is lost noise or contrast?")
+                   help=f"image SNR (run.py's sweep: {SNR:g}; training draws 20-120): is what is lost noise "
+                        "or contrast?")
     p.add_argument("--bias", type=float, default=BIAS, help=f"residual bias-field log s.d. (run.py's sweep: {BIAS:g})")
     p.add_argument("--weights-dir", default=None, help="weights + cards folder (default: shipped)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "tissue_vector_swap.json"))
@@ -83,7 +84,8 @@ def main(argv=None) -> int:
     acqs = sweep("SPGR", args.points, args.seed)
     contrast = [T.wm_gm_contrast(a) for a in acqs]
     picked = chosen_settings(contrast, args.others)
-    result = {"snr": args.snr, "bias": args.bias, "settings": [dict(acqs[k], wm_gm_ratio=1 + contrast[k], index=k) for k in picked],
+    result = {"snr": args.snr, "bias": args.bias,
+              "settings": [dict(acqs[k], wm_gm_ratio=1 + contrast[k], index=k) for k in picked],
               "weights": {m: registry.load_card(m, args.weights_dir)["sha256"]
                           for m in (tissue.PHYSICS_MODEL, tissue.BASE_MODEL)}, "subjects": {}}
     labels = [f"{1 + contrast[k]:.2f}" for k in picked]

@@ -67,7 +67,8 @@ def _expected_ratios(acquisitions: pd.DataFrame) -> list[float]:
 
     ratios = []
     for rec in acquisitions.to_dict("records"):
-        ratio = parameter_vector({k: v for k, v in rec.items() if not (isinstance(v, float) and np.isnan(v))}).wm_gm_ratio
+        known = {k: v for k, v in rec.items() if not (isinstance(v, float) and np.isnan(v))}
+        ratio = parameter_vector(known).wm_gm_ratio
         if ratio is not None:
             ratios.append(ratio)
     return ratios

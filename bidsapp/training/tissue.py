@@ -674,7 +674,8 @@ def save(net, cfg: TrainConfig, history: dict, final: bool = True) -> dict:
             "batch": cfg.batch,
             "patch_voxels": cfg.patch,
             "optimizer": f"AdamW lr {cfg.lr:g}"
-                         + (f" (physics branch and injections {cfg.physics_lr:g})" if cfg.physics_lr is not None and physics else "")
+                         + (f" (physics branch and injections {cfg.physics_lr:g})"
+                            if cfg.physics_lr is not None and physics else "")
                          + ", linear warm-up then cosine decay"
                          + {"all": "",
                             "top": " (last decoder block, head and physics branch only; the rest frozen)",
