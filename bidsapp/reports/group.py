@@ -74,15 +74,20 @@ def _expected_ratios(acquisitions: pd.DataFrame) -> list[float]:
     return ratios
 
 
-def acquisition_groups_table(acquisitions_df: pd.DataFrame) -> pd.DataFrame:
-    """One row per acquisition group: scanner, sequence, parameter ranges, sites and counts."""
+def _groups(acquisitions_df: pd.DataFrame | None) -> list[tuple[str, pd.DataFrame]]:
+    """(acquisition group, its records), groups in name order; a missing group is "unknown"."""
     df = _normalise(acquisitions_df)
     if df.empty or GROUP_COL not in df.columns:
-        return pd.DataFrame()
+        return []
     df = df.copy()
     df[GROUP_COL] = df[GROUP_COL].fillna("unknown").astype(str)
+    return [(str(g), sub) for g, sub in df.groupby(GROUP_COL, sort=True)]
+
+
+def acquisition_groups_table(acquisitions_df: pd.DataFrame) -> pd.DataFrame:
+    """One row per acquisition group: scanner, sequence, parameter ranges, sites and counts."""
     rows = []
-    for g, sub in df.groupby(GROUP_COL, sort=True):
+    for g, sub in _groups(acquisitions_df):
         row = {"acquisition group": g}
         for col, title, scale in _PARAM_COLUMNS:
             row[title] = _join(sub[col], scale) if col in sub.columns else "n/a"
@@ -130,13 +135,7 @@ def acquisitions_section(acquisitions_df: pd.DataFrame | None) -> Section:
 
 
 def _low_contrast_groups(acquisitions_df: pd.DataFrame | None) -> list[str]:
-    df = _normalise(acquisitions_df)
-    if df.empty or GROUP_COL not in df.columns:
-        return []
-    df = df.copy()
-    df[GROUP_COL] = df[GROUP_COL].fillna("unknown").astype(str)
-    return [str(g) for g, sub in df.groupby(GROUP_COL, sort=True)
-            if any(is_low_contrast(r) for r in _expected_ratios(sub))]
+    return [g for g, sub in _groups(acquisitions_df) if any(is_low_contrast(r) for r in _expected_ratios(sub))]
 
 
 def _volumes_frame(volumes_df, acquisitions_df, participants_df) -> tuple[pd.DataFrame, list[str]]:
