@@ -227,6 +227,48 @@ def test_norm_film_all_conditions_every_block_and_continues_a_norm_shift_network
     assert names == {n for n in everywhere.state_dict() if n.startswith("physics.fc.")} | set(zeroed) | {"decoders.0.inject.weight"}
 
 
+def test_trunk_gate_conditions_the_trunk_for_one_family_only(tmp_path):
+    """With ``trunk_gate`` on the SPGR flag, an MPRAGE vector gets exactly the ``norm_film`` network
+    (only the last decoder block conditioned) while an SPGR vector reaches every block; the gate is
+    recorded in the card and the command, and refused without ``norm_film_all``."""
+    from bidsapp.models.unet import UNet3D
+
+    gate = tissue.PARAMETER_LAYOUT.index("family_SPGR")
+    torch.manual_seed(0)
+    gated = UNet3D(1, 3, (4, 8), n_params=tissue.N_PARAMS, physics_injection="norm_film_all", trunk_gate=gate).eval()
+    with torch.no_grad():
+        for name, prm in gated.named_parameters():
+            if name.endswith((".inject.weight", ".scale.weight")):
+                prm.normal_(0, 0.5)
+    last_only = UNet3D(1, 3, (4, 8), n_params=tissue.N_PARAMS, physics_injection="norm_film").eval()
+    last_only.load_state_dict({k: v for k, v in gated.state_dict().items()
+                               if not (k.startswith("encoders.") and k.endswith((".inject.weight", ".scale.weight")))})
+    x = torch.randn(2, 1, 16, 16, 16)
+    mprage = torch.from_numpy(np.stack([tissue.encode("MPRAGE", TI=0.7), tissue.encode("MPRAGE", TI=1.1, B0=3)]))
+    spgr = torch.from_numpy(tissue.encode("SPGR", TR=0.09, TE=0.006, FA=15)[None])
+    with torch.no_grad():
+        torch.testing.assert_close(gated(x, mprage), last_only(x, mprage))
+        assert not torch.allclose(gated(x, spgr), last_only(x, spgr))
+        torch.testing.assert_close(gated.forward_each(x[:1], mprage), torch.cat([gated(x[:1], mprage[k:k + 1])
+                                                                               for k in range(2)], 1))
+    with pytest.raises(ValueError, match="trunk_gate"):
+        UNet3D(1, 3, (4, 8), n_params=tissue.N_PARAMS, physics_injection="norm_film", trunk_gate=gate)
+    with pytest.raises(ValueError, match="--physics-trunk-gate"):
+        T.TrainConfig(out=str(tmp_path), physics_injection="norm_film", physics_trunk_gate="family_SPGR")
+
+    subjects = [_tiny_subject(seed=k) for k in range(2)]
+    _first_stage(tmp_path, subjects, physics_injection="norm_shift")
+    cfg = T.TrainConfig(out=str(tmp_path), seed=1, physics=True, patch=16, batch=2, iterations=1, features=(4, 8),
+                        save_every=0, log_every=1, weights_dir=str(tmp_path / "w2"), init_from=str(tmp_path / "w1"),
+                        physics_injection="norm_film_all", physics_trunk_gate="family_SPGR")
+    (run,) = T.train(cfg, subjects)
+    card = T.save(run.pop("model"), cfg, run)
+    assert card["architecture"]["kwargs"]["trunk_gate"] == gate
+    assert "--physics-trunk-gate family_SPGR" in card["training"]["command"]
+    model, _ = tissue.load_model(tissue.PHYSICS_MODEL, weights_dir=tmp_path / "w2")
+    assert model.trunk_gate == gate
+
+
 def _first_stage(tmp_path, subjects, **kw) -> None:
     """Both networks trained 2 iterations from scratch and saved to ``tmp_path/w1`` (a stage to continue from)."""
     first = T.TrainConfig(out=str(tmp_path), seed=0, physics="both", patch=16, batch=2, iterations=2,

@@ -30,6 +30,12 @@ available (``physics_injection``):
   it is read. It departs furthest from the paper, and the trunk then depends on the parameters, so a
   parameter sweep can no longer share it (:meth:`UNet3D.forward_each`). Zero-initialised as well.
 
+With ``norm_film_all``, ``trunk_gate`` (the index of a 0/1 slot of the parameter vector, e.g. the SPGR
+family flag) switches the conditioning of every block but the last decoder block on only where that
+slot is 1; elsewhere those blocks are the ablation's and the network is a ``norm_film`` one. An MPRAGE
+changes its contrast smoothly with TI and needs no re-reading of intensity, while every-block
+conditioning lets TI move features everywhere; gating keeps it where the contrast can invert.
+
 Larger networks (nnU-Net style: deeper, wider, deep supervision) extend this by subclassing and
 overriding ``make_block``/``make_down``/``make_up`` or by passing more ``features``.
 """
@@ -109,15 +115,20 @@ class UNet3D(nn.Module):
 
     def __init__(self, in_channels: int = 1, out_channels: int = 4,
                  features: tuple[int, ...] = (8, 16, 32, 64), n_params: int = 0,
-                 physics_units: int = 10, physics_injection: str = "concat"):
+                 physics_units: int = 10, physics_injection: str = "concat", trunk_gate: int | None = None):
         super().__init__()
         if physics_injection not in INJECTIONS:
             raise ValueError(f"physics_injection must be one of {', '.join(INJECTIONS)}, not {physics_injection!r}")
+        if trunk_gate is not None and not (physics_injection == "norm_film_all" and 0 <= trunk_gate < n_params):
+            raise ValueError("trunk_gate needs physics_injection='norm_film_all' and a slot of the parameter vector")
         self.config = dict(in_channels=in_channels, out_channels=out_channels,
                            features=list(features), n_params=n_params, physics_units=physics_units)
         if physics_injection != "concat":
             self.config["physics_injection"] = physics_injection
+        if trunk_gate is not None:
+            self.config["trunk_gate"] = trunk_gate
         self.physics_injection = physics_injection
+        self.trunk_gate = trunk_gate
         f = list(features)
         self.encoders = nn.ModuleList()
         cin = in_channels
@@ -168,7 +179,7 @@ class UNet3D(nn.Module):
     def forward(self, x: torch.Tensor, params: torch.Tensor | None = None) -> torch.Tensor:
         if self.trunk_uses_physics:
             p = self._branch(params, x)
-            return self.head(self.decoders[-1](self.forward_shared(x, p), p))
+            return self.head(self.decoders[-1](self.forward_shared(x, self._gated(p, params)), p))
         return self.forward_top(self.forward_shared(x), params)
 
     def forward_each(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
@@ -188,6 +199,12 @@ class UNet3D(nn.Module):
             raise ValueError("this network has a physics branch: pass the sequence-parameter vector")
         p = self.physics(params.to(x.dtype))
         return p.expand(x.shape[0], -1) if p.shape[0] != x.shape[0] else p
+
+    def _gated(self, p: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        """The branch output the trunk sees: zero (no conditioning) where the ``trunk_gate`` slot is 0."""
+        if self.trunk_gate is None:
+            return p
+        return p * params[:, self.trunk_gate:self.trunk_gate + 1].to(p.dtype)  # (1 or B, 1) broadcasts
 
     def forward_shared(self, x: torch.Tensor, p: torch.Tensor | None = None) -> torch.Tensor:
         """Everything up to the last skip concatenation; ``p`` (the branch's output) only for

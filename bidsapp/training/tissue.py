@@ -419,6 +419,9 @@ class TrainConfig:
     the parameters move the output and leaves everything the ablation shares as it was."""
     volume_consistency: float = 0.0
     """Weight of :func:`volume_consistency_loss` (0: the paper's loss)."""
+    physics_trunk_gate: str | None = None
+    """A 0/1 slot of the parameter vector (e.g. ``family_SPGR``) that switches ``norm_film_all``'s
+    conditioning before the last decoder block on (:class:`~bidsapp.models.unet.UNet3D` ``trunk_gate``)."""
     physics_lr: float | None = None
     """Peak learning rate of the physics branch and its injections (None: ``lr``). Zero-initialised
     gains and shifts continued at a trunk's fine-tuning rate hardly move (``norm_film`` from stage 9:
@@ -443,6 +446,8 @@ class TrainConfig:
                              "(the ablation has no branch)")
         if self.consistency < 0 or self.volume_consistency < 0:
             raise ValueError("--consistency and --volume-consistency must be >= 0")
+        if self.physics_trunk_gate is not None and self.physics_injection != "norm_film_all":
+            raise ValueError("--physics-trunk-gate needs --physics-injection norm_film_all")
         if self.physics_lr is not None and not self.physics_lr > 0:
             raise ValueError(f"--physics-lr must be positive, got {self.physics_lr:g}")
 
@@ -479,13 +484,14 @@ def load_or_build_subjects(cfg: TrainConfig) -> list[Subject]:
 def build_network(cfg: TrainConfig, seed: int, physics: bool):
     import torch
 
-    from bidsapp.models.tissue import CLASSES, N_PARAMS
+    from bidsapp.models.tissue import CLASSES, N_PARAMS, PARAMETER_LAYOUT
     from bidsapp.models.unet import UNet3D
 
     torch.manual_seed(seed)
+    gate = PARAMETER_LAYOUT.index(cfg.physics_trunk_gate) if physics and cfg.physics_trunk_gate else None
     net = UNet3D(in_channels=1, out_channels=len(CLASSES), features=tuple(cfg.features),
                  n_params=N_PARAMS if physics else 0,
-                 physics_injection=cfg.physics_injection if physics else "concat")
+                 physics_injection=cfg.physics_injection if physics else "concat", trunk_gate=gate)
     if net.physics is not None:
         centre, scale = vector_statistics()
         net.physics.center.copy_(torch.from_numpy(centre))
@@ -631,6 +637,8 @@ def command_line(cfg: TrainConfig) -> str:
         parts.append(f"--volume-consistency {cfg.volume_consistency:g}")
     if cfg.physics_lr is not None:
         parts.append(f"--physics-lr {cfg.physics_lr:g}")
+    if cfg.physics_trunk_gate:
+        parts.append(f"--physics-trunk-gate {cfg.physics_trunk_gate}")
     if cfg.init_from:
         parts.append(f"--init-from {cfg.init_from}")
     return " ".join(parts)
@@ -759,6 +767,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--volume-consistency", type=float, default=0.0, metavar="W",
                    help="weight of a paired volume-consistency loss (same patch, two acquisitions: relative "
                         "difference of each class's soft volume); 0 = the paper's loss")
+    p.add_argument("--physics-trunk-gate", default=None, choices=("family_SPGR", "family_MPRAGE"), metavar="SLOT",
+                   help="with --physics-injection norm_film_all: condition the blocks before the last decoder "
+                        "block only for this sequence family (family_SPGR or family_MPRAGE)")
     p.add_argument("--physics-lr", type=float, default=None, metavar="LR",
                    help="peak learning rate of the physics branch and its injections (default: --lr)")
     p.add_argument("--physics-from-base", action="store_true",
@@ -778,7 +789,8 @@ def run(args) -> int:
                           consistency=args.consistency, physics_injection=args.physics_injection,
                           physics_from_base=args.physics_from_base, stop_after=args.stop_after,
                           low_contrast=args.low_contrast, train=args.train,
-                          volume_consistency=args.volume_consistency, physics_lr=args.physics_lr)
+                          volume_consistency=args.volume_consistency, physics_lr=args.physics_lr,
+                          physics_trunk_gate=args.physics_trunk_gate)
     except ValueError as exc:
         print(f"scanbridge-train tissue: {exc}", file=sys.stderr)
         return 2
