@@ -267,6 +267,12 @@ def test_trunk_gate_conditions_the_trunk_for_one_family_only(tmp_path):
     assert "--physics-trunk-gate family_SPGR" in card["training"]["command"]
     model, _ = tissue.load_model(tissue.PHYSICS_MODEL, weights_dir=tmp_path / "w2")
     assert model.trunk_gate == gate
+    # --physics-lr then speeds up only what the gated family alone trains: the trunk's conditioning
+    fast = T.parameter_groups(gated, T.TrainConfig(out=str(tmp_path), physics_lr=1e-2, physics_injection="norm_film_all",
+                                                   physics_trunk_gate="family_SPGR"))[1]
+    assert fast["lr"] == 1e-2
+    assert {n for n, prm in gated.named_parameters() if any(prm is q for q in fast["params"])} == {
+        f"encoders.{i}.{w}.weight" for i in (0, 1) for w in ("inject", "scale")}
 
 
 def _first_stage(tmp_path, subjects, **kw) -> None:

@@ -513,11 +513,16 @@ def lr_schedule(iterations: int):
 
 
 def parameter_groups(net, cfg: TrainConfig) -> list[dict]:
-    """The trainable weights, the physics branch and injections in their own group at ``physics_lr``."""
+    """The trainable weights, the physics branch and injections in their own group at ``physics_lr``.
+
+    With a trunk gate only the gated conditioning (every block's but the last decoder block's) gets
+    ``physics_lr``: the branch and the last block's injection serve every family and keep ``lr``."""
     trainable = [prm for prm in net.parameters() if prm.requires_grad]
     if cfg.physics_lr is None or not net.uses_physics:
         return [{"params": trainable}]
     physics = {id(prm) for prm in net.physics_parameters()}
+    if getattr(net, "trunk_gate", None) is not None:
+        physics -= {id(prm) for prm in net.physics.parameters()} | {id(prm) for prm in net.decoders[-1].parameters()}
     groups = [{"params": [prm for prm in trainable if id(prm) not in physics]},
               {"params": [prm for prm in trainable if id(prm) in physics], "lr": cfg.physics_lr}]
     return [g for g in groups if g["params"]]
@@ -682,8 +687,8 @@ def save(net, cfg: TrainConfig, history: dict, final: bool = True) -> dict:
             "batch": cfg.batch,
             "patch_voxels": cfg.patch,
             "optimizer": f"AdamW lr {cfg.lr:g}"
-                         + (f" (physics branch and injections {cfg.physics_lr:g})"
-                            if cfg.physics_lr is not None and physics else "")
+                         + (f" ({'gated trunk conditioning' if cfg.physics_trunk_gate else 'physics branch and injections'}"
+                            f" {cfg.physics_lr:g})" if cfg.physics_lr is not None and physics else "")
                          + ", linear warm-up then cosine decay"
                          + {"all": "",
                             "top": " (last decoder block, head and physics branch only; the rest frozen)",
