@@ -275,6 +275,32 @@ def test_trunk_gate_conditions_the_trunk_for_one_family_only(tmp_path):
         f"encoders.{i}.{w}.weight" for i in (0, 1) for w in ("inject", "scale")}
 
 
+def test_train_gated_changes_only_the_gated_family(tmp_path):
+    """``--train gated`` from a ``norm_shift`` stage trains the SPGR-only trunk conditioning: MPRAGE logits
+    stay exactly the previous stage's, SPGR ones move; the ablation (no gate) cannot be trained so."""
+    subjects = [_tiny_subject(seed=k) for k in range(2)]
+    _first_stage(tmp_path, subjects, physics_injection="norm_shift")
+    cfg = T.TrainConfig(out=str(tmp_path), seed=1, physics=True, patch=16, batch=2, iterations=3, lr=1e-2,
+                        features=(4, 8), save_every=0, log_every=1, weights_dir=str(tmp_path / "w2"),
+                        init_from=str(tmp_path / "w1"), physics_injection="norm_film_all",
+                        physics_trunk_gate="family_SPGR", train="gated")
+    (run,) = T.train(cfg, subjects)
+    card = T.save(run.pop("model"), cfg, run)
+    assert "--train gated" in card["training"]["command"] and "gated trunk conditioning only" in card["training"]["optimizer"]
+    before, _ = tissue.load_model(tissue.PHYSICS_MODEL, weights_dir=tmp_path / "w1")
+    after, _ = tissue.load_model(tissue.PHYSICS_MODEL, weights_dir=tmp_path / "w2")
+    x = torch.randn(1, 1, 16, 16, 16)
+    mprage = torch.from_numpy(tissue.encode("MPRAGE", TI=0.9, B0=3)[None])
+    spgr = torch.from_numpy(tissue.encode("SPGR", TR=0.03, TE=0.005, FA=30)[None])
+    with torch.no_grad():
+        torch.testing.assert_close(after(x, mprage), before(x, mprage))
+        assert not torch.allclose(after(x, spgr), before(x, spgr))
+    for bad in ({"physics": "both"}, {"physics_trunk_gate": None}):
+        with pytest.raises(ValueError, match="--train gated"):
+            T.TrainConfig(**{**dict(out=str(tmp_path), init_from="w", physics_injection="norm_film_all",
+                                    physics_trunk_gate="family_SPGR", train="gated"), **bad})
+
+
 def _first_stage(tmp_path, subjects, **kw) -> None:
     """Both networks trained 2 iterations from scratch and saved to ``tmp_path/w1`` (a stage to continue from)."""
     first = T.TrainConfig(out=str(tmp_path), seed=0, physics="both", patch=16, batch=2, iterations=2,

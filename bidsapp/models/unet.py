@@ -251,6 +251,14 @@ class UNet3D(nn.Module):
         inject = [prm for name, prm in self.named_parameters() if name.rsplit(".", 2)[-2] in ("inject", "scale")]
         return list(self.physics.parameters()) + inject
 
+    def gated_parameters(self) -> list[nn.Parameter]:
+        """The conditioning weights only ``trunk_gate``'s family uses (every block's but the last
+        decoder block's): training only these leaves the other family's output exactly as it was."""
+        if self.trunk_gate is None:
+            return []
+        shared = {id(prm) for m in (self.physics, self.decoders[-1]) for prm in m.parameters()}
+        return [prm for prm in self.physics_parameters() if id(prm) not in shared]
+
     def load_ablation(self, state: dict) -> None:
         """Start a ``norm_*`` physics network from its trained ablation's weights: everything
         but the branch and the (zero) injection weights is copied, so both networks give the same

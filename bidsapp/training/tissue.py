@@ -373,7 +373,7 @@ class MaskedDiceCE:
         return dice + self.ce_weight * ce
 
 
-TRAINABLE = ("all", "top", "physics")
+TRAINABLE = ("all", "top", "physics", "gated")
 
 
 @dataclass
@@ -416,7 +416,9 @@ class TrainConfig:
     (:meth:`UNet3D.top_parameters`: last decoder block, head, physics branch), for both networks alike
     so the ablation gets exactly the same capacity and batches; ``physics``, only the physics branch
     and its injection (:meth:`UNet3D.physics_parameters`), a physics model only: it recalibrates how
-    the parameters move the output and leaves everything the ablation shares as it was."""
+    the parameters move the output and leaves everything the ablation shares as it was; ``gated``, only
+    the conditioning that ``physics_trunk_gate``'s family alone uses (:meth:`UNet3D.gated_parameters`),
+    so the other family's output stays exactly as it was."""
     volume_consistency: float = 0.0
     """Weight of :func:`volume_consistency_loss` (0: the paper's loss)."""
     physics_trunk_gate: str | None = None
@@ -441,11 +443,13 @@ class TrainConfig:
             raise ValueError(f"--train must be one of {', '.join(TRAINABLE)}, not {self.train!r}")
         if self.train != "all" and not self.init_from:
             raise ValueError(f"--train {self.train} needs --init-from (the frozen part must come from trained weights)")
-        if self.train == "physics" and self.physics is not True:
-            raise ValueError("--train physics trains only the physics branch: use it with --physics "
+        if self.train in ("physics", "gated") and self.physics is not True:
+            raise ValueError(f"--train {self.train} trains only physics-model weights: use it with --physics "
                              "(the ablation has no branch)")
         if self.consistency < 0 or self.volume_consistency < 0:
             raise ValueError("--consistency and --volume-consistency must be >= 0")
+        if self.train == "gated" and not self.physics_trunk_gate:
+            raise ValueError("--train gated trains the gated trunk conditioning: use it with --physics-trunk-gate")
         if self.physics_trunk_gate is not None and self.physics_injection != "norm_film_all":
             raise ValueError("--physics-trunk-gate needs --physics-injection norm_film_all")
         if self.physics_lr is not None and not self.physics_lr > 0:
@@ -520,9 +524,7 @@ def parameter_groups(net, cfg: TrainConfig) -> list[dict]:
     trainable = [prm for prm in net.parameters() if prm.requires_grad]
     if cfg.physics_lr is None or not net.uses_physics:
         return [{"params": trainable}]
-    physics = {id(prm) for prm in net.physics_parameters()}
-    if getattr(net, "trunk_gate", None) is not None:
-        physics -= {id(prm) for prm in net.physics.parameters()} | {id(prm) for prm in net.decoders[-1].parameters()}
+    physics = {id(prm) for prm in (net.gated_parameters() if net.trunk_gate is not None else net.physics_parameters())}
     groups = [{"params": [prm for prm in trainable if id(prm) not in physics]},
               {"params": [prm for prm in trainable if id(prm) in physics], "lr": cfg.physics_lr}]
     return [g for g in groups if g["params"]]
@@ -560,7 +562,8 @@ def train(cfg: TrainConfig, subjects: list[Subject] | None = None, progress=None
         net = net.to(device)
         if cfg.train != "all":
             net.requires_grad_(False)
-            for prm in (net.top_parameters() if cfg.train == "top" else net.physics_parameters()):
+            for prm in {"top": net.top_parameters, "physics": net.physics_parameters,
+                        "gated": net.gated_parameters}[cfg.train]():
                 prm.requires_grad_(True)
         opt = torch.optim.AdamW(parameter_groups(net, cfg), lr=cfg.lr, weight_decay=1e-5)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(cfg.iterations))
@@ -692,7 +695,8 @@ def save(net, cfg: TrainConfig, history: dict, final: bool = True) -> dict:
                          + ", linear warm-up then cosine decay"
                          + {"all": "",
                             "top": " (last decoder block, head and physics branch only; the rest frozen)",
-                            "physics": " (physics branch and its injection only; the rest frozen)"}[cfg.train],
+                            "physics": " (physics branch and its injection only; the rest frozen)",
+                            "gated": " (the gated trunk conditioning only; the rest frozen)"}[cfg.train],
             "loss": "MONAI soft Dice + soft cross-entropy inside the brain mask"
                     + (f" + {cfg.consistency:g} x mean squared softmax difference between two acquisitions of the "
                        "same patch (consistency; not in the paper)" if cfg.consistency else "")
@@ -768,7 +772,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         f"{LOW_CONTRAST:g} (hard examples; 0 = plain uniform draws)")
     p.add_argument("--train", default="all", choices=TRAINABLE,
                    help="which weights train, the rest frozen (needs --init-from): top = last decoder block, head "
-                        "and physics branch of each network; physics = the physics branch alone (--physics only)")
+                        "and physics branch of each network; physics = the physics branch alone (--physics only); "
+                        "gated = the --physics-trunk-gate conditioning alone (--physics only)")
     p.add_argument("--volume-consistency", type=float, default=0.0, metavar="W",
                    help="weight of a paired volume-consistency loss (same patch, two acquisitions: relative "
                         "difference of each class's soft volume); 0 = the paper's loss")
