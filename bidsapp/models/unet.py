@@ -187,11 +187,13 @@ class UNet3D(nn.Module):
         along channels.
 
         Sweeping hypothetical parameters over one image (protocol bridging) runs the parameter-free
-        trunk once and only :meth:`forward_top` per vector, unless the trunk uses the parameters.
+        trunk once and only :meth:`forward_top` per vector, unless the trunk uses the parameters (with a
+        ``trunk_gate``: unless one of the vectors opens the gate).
         """
-        if self.trunk_uses_physics:
+        if self.trunk_uses_physics and (self.trunk_gate is None or bool(params[:, self.trunk_gate].any())):
             return torch.cat([self(x, params[k:k + 1]) for k in range(params.shape[0])], dim=1)
-        shared = self.forward_shared(x)
+        closed = self.physics.fc[-2].weight.new_zeros(1, self.physics.fc[-2].out_features)  # gated-off trunk input
+        shared = self.forward_shared(x, closed if self.trunk_uses_physics else None)
         return torch.cat([self.forward_top(shared, params[k:k + 1]) for k in range(params.shape[0])], dim=1)
 
     def _branch(self, params: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
