@@ -268,8 +268,8 @@ def test_trunk_gate_conditions_the_trunk_for_one_family_only(tmp_path):
     model, _ = tissue.load_model(tissue.PHYSICS_MODEL, weights_dir=tmp_path / "w2")
     assert model.trunk_gate == gate
     # --physics-lr then speeds up only what the gated family alone trains: the trunk's conditioning
-    fast = T.parameter_groups(gated, T.TrainConfig(out=str(tmp_path), physics_lr=1e-2, physics_injection="norm_film_all",
-                                                   physics_trunk_gate="family_SPGR"))[1]
+    fast = T.parameter_groups(gated, T.TrainConfig(out=str(tmp_path), physics_lr=1e-2,
+                                                   physics_injection="norm_film_all", physics_trunk_gate="family_SPGR"))[1]
     assert fast["lr"] == 1e-2
     assert {n for n, prm in gated.named_parameters() if any(prm is q for q in fast["params"])} == {
         f"encoders.{i}.{w}.weight" for i in (0, 1) for w in ("inject", "scale")}
@@ -286,7 +286,8 @@ def test_train_gated_changes_only_the_gated_family(tmp_path):
                         physics_trunk_gate="family_SPGR", train="gated")
     (run,) = T.train(cfg, subjects)
     card = T.save(run.pop("model"), cfg, run)
-    assert "--train gated" in card["training"]["command"] and "gated trunk conditioning only" in card["training"]["optimizer"]
+    assert "--train gated" in card["training"]["command"]
+    assert "gated trunk conditioning only" in card["training"]["optimizer"]
     before, _ = tissue.load_model(tissue.PHYSICS_MODEL, weights_dir=tmp_path / "w1")
     after, _ = tissue.load_model(tissue.PHYSICS_MODEL, weights_dir=tmp_path / "w2")
     x = torch.randn(1, 1, 16, 16, 16)

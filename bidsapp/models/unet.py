@@ -32,9 +32,9 @@ available (``physics_injection``):
 
 With ``norm_film_all``, ``trunk_gate`` (the index of a 0/1 slot of the parameter vector, e.g. the SPGR
 family flag) switches the conditioning of every block but the last decoder block on only where that
-slot is 1; elsewhere those blocks are the ablation's and the network is a ``norm_film`` one. An MPRAGE
-changes its contrast smoothly with TI and needs no re-reading of intensity, while every-block
-conditioning lets TI move features everywhere; gating keeps it where the contrast can invert.
+slot is 1; elsewhere those blocks are the ablation's and the network is a ``norm_film`` one. Trained
+alone (``scanbridge-train tissue --train gated``) the gated weights change one family's output and
+leave the other's exactly as it was; docs/models.md gives what that did and did not buy.
 
 Larger networks (nnU-Net style: deeper, wider, deep supervision) extend this by subclassing and
 overriding ``make_block``/``make_down``/``make_up`` or by passing more ``features``.
@@ -192,7 +192,7 @@ class UNet3D(nn.Module):
         """
         if self.trunk_uses_physics and (self.trunk_gate is None or bool(params[:, self.trunk_gate].any())):
             return torch.cat([self(x, params[k:k + 1]) for k in range(params.shape[0])], dim=1)
-        closed = self.physics.fc[-2].weight.new_zeros(1, self.physics.fc[-2].out_features)  # gated-off trunk input
+        closed = x.new_zeros(1, self.config["physics_units"])  # what a closed gate lets through to the trunk
         shared = self.forward_shared(x, closed if self.trunk_uses_physics else None)
         return torch.cat([self.forward_top(shared, params[k:k + 1]) for k in range(params.shape[0])], dim=1)
 

@@ -524,7 +524,8 @@ def parameter_groups(net, cfg: TrainConfig) -> list[dict]:
     trainable = [prm for prm in net.parameters() if prm.requires_grad]
     if cfg.physics_lr is None or not net.uses_physics:
         return [{"params": trainable}]
-    physics = {id(prm) for prm in (net.gated_parameters() if net.trunk_gate is not None else net.physics_parameters())}
+    fast = net.gated_parameters() if net.trunk_gate is not None else net.physics_parameters()
+    physics = {id(prm) for prm in fast}
     groups = [{"params": [prm for prm in trainable if id(prm) not in physics]},
               {"params": [prm for prm in trainable if id(prm) in physics], "lr": cfg.physics_lr}]
     return [g for g in groups if g["params"]]
@@ -661,6 +662,7 @@ def save(net, cfg: TrainConfig, history: dict, final: bool = True) -> dict:
 
     physics = net.uses_physics
     name = _model_name(physics)
+    fast = "gated trunk conditioning" if cfg.physics_trunk_gate else "physics branch and injections"  # physics_lr's
     sources = anatomy_sources(Path(cfg.anatomy_dir) if cfg.anatomy_dir else None, cfg.icbm)
     card = {
         "version": __version__,
@@ -690,8 +692,7 @@ def save(net, cfg: TrainConfig, history: dict, final: bool = True) -> dict:
             "batch": cfg.batch,
             "patch_voxels": cfg.patch,
             "optimizer": f"AdamW lr {cfg.lr:g}"
-                         + (f" ({'gated trunk conditioning' if cfg.physics_trunk_gate else 'physics branch and injections'}"
-                            f" {cfg.physics_lr:g})" if cfg.physics_lr is not None and physics else "")
+                         + (f" ({fast} {cfg.physics_lr:g})" if cfg.physics_lr is not None and physics else "")
                          + ", linear warm-up then cosine decay"
                          + {"all": "",
                             "top": " (last decoder block, head and physics branch only; the rest frozen)",
