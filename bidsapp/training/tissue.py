@@ -427,7 +427,8 @@ class TrainConfig:
     physics_lr: float | None = None
     """Peak learning rate of the physics branch and its injections (None: ``lr``). Zero-initialised
     gains and shifts continued at a trunk's fine-tuning rate hardly move (``norm_film`` from stage 9:
-    largest gain weight 0.026 after 3000 iterations)."""
+    largest gain weight 0.026 after 3000 iterations). With ``physics_trunk_gate``, only the gated
+    conditioning gets it (:func:`parameter_groups`)."""
 
     @property
     def paired(self) -> bool:
@@ -782,7 +783,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --physics-injection norm_film_all: condition the blocks before the last decoder "
                         "block only for this sequence family (family_SPGR or family_MPRAGE)")
     p.add_argument("--physics-lr", type=float, default=None, metavar="LR",
-                   help="peak learning rate of the physics branch and its injections (default: --lr)")
+                   help="peak learning rate of the physics branch and its injections, or with "
+                        "--physics-trunk-gate of the gated trunk conditioning only (default: --lr)")
     p.add_argument("--physics-from-base", action="store_true",
                    help="start the physics model from the ablation in --init-from, physics injection at zero "
                         "(needs a --physics-injection other than concat)")
