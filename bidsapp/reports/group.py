@@ -74,24 +74,29 @@ def _expected_ratios(acquisitions: pd.DataFrame) -> list[float]:
     return ratios
 
 
-def _groups(acquisitions_df: pd.DataFrame | None) -> list[tuple[str, pd.DataFrame]]:
-    """(acquisition group, its records), groups in name order; a missing group is "unknown"."""
+def _groups(acquisitions_df: pd.DataFrame | None) -> list[tuple[str, pd.DataFrame, list[float]]]:
+    """(acquisition group, its records, their expected WM/GM signal ratios), groups in name order; a
+    missing group is "unknown"."""
     df = _normalise(acquisitions_df)
     if df.empty or GROUP_COL not in df.columns:
         return []
     df = df.copy()
     df[GROUP_COL] = df[GROUP_COL].fillna("unknown").astype(str)
-    return [(str(g), sub) for g, sub in df.groupby(GROUP_COL, sort=True)]
+    return [(str(g), sub, _expected_ratios(sub)) for g, sub in df.groupby(GROUP_COL, sort=True)]
 
 
 def acquisition_groups_table(acquisitions_df: pd.DataFrame) -> pd.DataFrame:
     """One row per acquisition group: scanner, sequence, parameter ranges, sites and counts."""
+    return _groups_table(_groups(acquisitions_df))
+
+
+def _groups_table(groups: list[tuple[str, pd.DataFrame, list[float]]]) -> pd.DataFrame:
     rows = []
-    for g, sub in _groups(acquisitions_df):
+    for g, sub, ratios in groups:
         row = {"acquisition group": g}
         for col, title, scale in _PARAM_COLUMNS:
             row[title] = _join(sub[col], scale) if col in sub.columns else "n/a"
-        row["WM/GM signal"] = _join([round(r, 3) for r in _expected_ratios(sub)])
+        row["WM/GM signal"] = _join([round(r, 3) for r in ratios])
         row["sites"] = _join(sub["site"]) if "site" in sub.columns else "n/a"
         row["subjects"] = sub["participant_id"].nunique() if "participant_id" in sub.columns else len(sub)
         if "session_id" in sub.columns and "participant_id" in sub.columns:
@@ -106,7 +111,8 @@ def acquisition_groups_table(acquisitions_df: pd.DataFrame) -> pd.DataFrame:
 
 def acquisitions_section(acquisitions_df: pd.DataFrame | None) -> Section:
     """The acquisition groups found in the dataset (vendor, field, sequence, parameters, counts)."""
-    table = acquisition_groups_table(acquisitions_df if acquisitions_df is not None else pd.DataFrame())
+    groups = _groups(acquisitions_df)
+    table = _groups_table(groups)
     warns = []
     if table.empty:
         body = text_html("No acquisition records were found (no sidecars, or no acquisition group column); "
@@ -122,7 +128,7 @@ def acquisitions_section(acquisitions_df: pd.DataFrame | None) -> Section:
     if len(unknown):
         warns.append(f"{int(unknown['images'].sum())} image(s) in group(s) with unknown scanner or sequence "
                      "(missing sidecar fields)")
-    low = _low_contrast_groups(acquisitions_df)
+    low = [g for g, _, ratios in groups if any(is_low_contrast(r) for r in ratios)]
     if low:
         warns.append(f"little GM/WM contrast expected in {', '.join(low)} (WM/GM signal ratio within "
                      f"{LOW_CONTRAST:.0%} of 1): every method tested moves volume between GM and WM there, so "
@@ -132,10 +138,6 @@ def acquisitions_section(acquisitions_df: pd.DataFrame | None) -> Section:
                       "parameters give with literature relaxation times at the scan's field strength; near 1, "
                       "intensity cannot separate the two tissues.")
     return Section("Acquisition groups", body, warns, anchor="acquisitions")
-
-
-def _low_contrast_groups(acquisitions_df: pd.DataFrame | None) -> list[str]:
-    return [g for g, sub in _groups(acquisitions_df) if any(is_low_contrast(r) for r in _expected_ratios(sub))]
 
 
 def _volumes_frame(volumes_df, acquisitions_df, participants_df) -> tuple[pd.DataFrame, list[str]]:
