@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Retrain the shipped tissue U-Nets (physics-aware and its no-physics ablation) from scratch: the
 # nine stages recorded in bidsapp/models/weights/tissue_unet*.json, in order, each continuing from
-# the previous one's weights. About 5.5 h on one CPU thread; pass --device cuda to use a GPU.
+# the previous one's weights. Stages 1-3 train the ablation alone (the physics model starts from it at
+# stage 4; alone or beside the physics model it ends bit for bit the same). Pass --no-ablation to
+# train stages 4-9 for the physics model only (the ablation is needed for the benchmark, not the app);
+# --device cuda to use a GPU. Times on 2 CPU threads are in docs/models.md.
 #
-#   bash scripts/train-tissue.sh [ANATOMY_DIR] [OUT_DIR] [extra scanbridge-train flags...]
+#   bash scripts/train-tissue.sh [ANATOMY_DIR] [OUT_DIR] [--no-ablation] [extra scanbridge-train flags...]
 #
 # ANATOMY_DIR holds the label maps anat-01..anat-12 (anat-10..12 are held out); the final weights
 # and cards land in OUT_DIR/stage9/weights (copy them into bidsapp/models/weights/ to ship them).
@@ -12,20 +15,27 @@ cd "$(dirname "$0")/.."
 ANAT="${1:-../shared/data/anatomy}"
 OUT="${2:-runs/tissue}"
 shift $(( $# > 2 ? 2 : $# ))
-TRAIN=(scanbridge-train tissue --both --deformations 2 --resolution 2 --patch 32 --batch 4
-       --features "8,16,32,64" --anatomy-dir "$ANAT" --cache "$OUT/cache" "$@")
+MODELS=--both
+EXTRA=()
+for a in "$@"; do
+    if [ "$a" = --no-ablation ]; then MODELS=--physics; else EXTRA+=("$a"); fi
+done
+TRAIN=(scanbridge-train tissue --deformations 2 --resolution 2 --patch 32 --batch 4
+       --features "8,16,32,64" --anatomy-dir "$ANAT" --cache "$OUT/cache" ${EXTRA[@]+"${EXTRA[@]}"})
 command -v scanbridge-train >/dev/null || { bash scripts/setup.sh; export PATH="$PWD/.venv/bin:$PATH"; }
+BASE=("${TRAIN[@]}" --no-physics)
+TRAIN+=("$MODELS")
 
-# 1: both models from scratch
-"${TRAIN[@]}" --out "$OUT/stage1" --weights-dir "$OUT/stage1/weights" --seed 0 --iterations 2000 --lr 0.002
+# 1: the ablation from scratch
+"${BASE[@]}" --out "$OUT/stage1" --weights-dir "$OUT/stage1/weights" --seed 0 --iterations 2000 --lr 0.002
 # 2: continued with a new seed (new batches) and a lower peak learning rate
-"${TRAIN[@]}" --out "$OUT/stage2" --weights-dir "$OUT/stage2/weights" --seed 1 --iterations 2000 --lr 0.001 \
+"${BASE[@]}" --out "$OUT/stage2" --weights-dir "$OUT/stage2/weights" --seed 1 --iterations 2000 --lr 0.001 \
     --init-from "$OUT/stage1/weights"
 # 3: paired consistency loss; the shipped chain used the checkpoint at 2700 of a 4000-iteration schedule
-"${TRAIN[@]}" --out "$OUT/stage3" --weights-dir "$OUT/stage3/weights" --seed 2 --iterations 4000 --stop-after 2700 \
+"${BASE[@]}" --out "$OUT/stage3" --weights-dir "$OUT/stage3/weights" --seed 2 --iterations 4000 --stop-after 2700 \
     --lr 0.001 --consistency 1 --init-from "$OUT/stage2/weights"
 # 4: the physics model starts as the stage-3 ablation with a zero physics injection (norm_shift);
-#    the ablation continues on the same batches, so both end with the same training budget
+#    the ablation continues on the same batches, so both end with the same training budget (--both)
 "${TRAIN[@]}" --out "$OUT/stage4" --weights-dir "$OUT/stage4/weights" --seed 3 --iterations 2000 --lr 0.0005 \
     --consistency 1 --physics-injection norm_shift --physics-from-base --init-from "$OUT/stage3/weights"
 # 5: both networks continue 3000 iterations at a lower learning rate (same losses as stage 4)

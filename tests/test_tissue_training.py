@@ -119,6 +119,19 @@ def test_training_is_reproducible_from_the_seed(tmp_path):
         torch.testing.assert_close(v, w)
 
 
+def test_the_ablation_trains_alone_exactly_as_beside_the_physics_model(tmp_path):
+    """Why scripts/train-tissue.sh trains stages 1-3 with --no-physics: the physics model starts from the
+    stage-3 ablation, and the ablation sees the same batches and ends bit for bit the same without it."""
+    subjects = [_tiny_subject()]
+    kw = dict(out=str(tmp_path), seed=4, patch=16, batch=2, iterations=3, features=(4, 8), save_every=0,
+              log_every=1, consistency=1.0)
+    both = T.train(T.TrainConfig(**kw, physics="both"), subjects)[1]
+    alone = T.train(T.TrainConfig(**kw, physics=False), subjects)[0]
+    assert not both["physics"] and not alone["physics"] and both["loss"] == alone["loss"]
+    for (k, v), (_, w) in zip(both["model"].state_dict().items(), alone["model"].state_dict().items()):
+        assert torch.equal(v, w), k
+
+
 def test_cli_dispatches_and_reports_unknown(capsys):
     assert cli.main(["--help"]) == 0
     assert "tissue" in capsys.readouterr().out
@@ -473,17 +486,24 @@ def test_retraining_script_reproduces_the_shipped_chain(tmp_path):
     fake.write_text(f'#!/bin/sh\nprintf "%s\\n" "$*" >> {log}\n')
     fake.chmod(0o755)
     env = dict(os.environ, PATH=f"{fake.parent}:{os.environ['PATH']}")
-    subprocess.run(["bash", str(root / "scripts" / "train-tissue.sh"), str(tmp_path / "anat"), str(tmp_path / "out")],
-                   env=env, check=True, capture_output=True)
-    calls = log.read_text().splitlines()
-    assert len(calls) == 9
 
     def parse(argv):
         p = argparse.ArgumentParser()
         T.add_arguments(p)
         return p.parse_args(argv)
 
-    stages = [parse(shlex.split(c)[1:]) for c in calls]
+    def chain(*flags):
+        log.unlink(missing_ok=True)
+        subprocess.run(["bash", str(root / "scripts" / "train-tissue.sh"), str(tmp_path / "anat"),
+                        str(tmp_path / "out"), *flags], env=env, check=True, capture_output=True)
+        return [parse(shlex.split(c)[1:]) for c in log.read_text().splitlines()]
+
+    physics_only = chain("--no-ablation", "--threads", "2")
+    assert [s.physics for s in physics_only] == [False] * 3 + [True] * 6
+    assert {s.threads for s in physics_only} == {2}
+    stages = chain()
+    assert len(stages) == 9
+    assert [s.physics for s in stages] == [False] * 3 + ["both"] * 6  # the ablation alone until stage 4
     assert [s.seed for s in stages] == [0, 1, 2, 3, 4, 5, 6, 7, 8]
     assert [s.init_from for s in stages[1:]] == [str(tmp_path / "out" / f"stage{k}" / "weights") for k in range(1, 9)]
     shipped = parse(shlex.split(registry.load_card(tissue.PHYSICS_MODEL)["training"]["command"])[2:])
