@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-__all__ = ["normalize_ids", "acquisition_table", "session_groups", "summarize_groups", "choose_source_group",
+__all__ = ["bids_columns", "normalize_ids", "acquisition_table", "session_groups", "summarize_groups", "choose_source_group",
            "GROUP_FIELDS"]
 
 # BIDS sidecar name <- AcquisitionRecord attribute name (either may be in the table)
@@ -33,6 +33,11 @@ def _prefixed(value, prefix: str) -> str:
     return s if s.startswith(prefix) else prefix + s
 
 
+def bids_columns(df: pd.DataFrame) -> pd.DataFrame:
+    """AcquisitionRecord-style column names renamed to their BIDS sidecar names, where those are not there."""
+    return df.rename(columns={k: v for k, v in _RECORD_TO_BIDS.items() if k in df.columns and v not in df.columns})
+
+
 def normalize_ids(df: pd.DataFrame) -> pd.DataFrame:
     """participant_id as ``sub-X`` and session_id as ``ses-Y`` or "" (no sessions), whatever the input had."""
     df = df.copy()
@@ -50,7 +55,7 @@ def acquisition_table(acquisitions: pd.DataFrame | None, volumes: pd.DataFrame |
     src = acquisitions if acquisitions is not None and len(acquisitions) else volumes
     if src is None or not len(src):
         return pd.DataFrame(columns=["participant_id", "session_id", "acq_group", *GROUP_FIELDS])
-    df = src.rename(columns={k: v for k, v in _RECORD_TO_BIDS.items() if k in src.columns and v not in src.columns})
+    df = bids_columns(src)
     if "suffix" in df.columns and (df["suffix"] == "T1w").any():
         df = df[df["suffix"] == "T1w"]
     df = normalize_ids(df)

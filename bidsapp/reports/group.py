@@ -16,19 +16,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from bidsapp.harmonize.groups import bids_columns, normalize_ids
 from bidsapp.metrics.overlap import coefficient_of_variation
 from bidsapp.physics.contrast import LOW_CONTRAST, is_low_contrast
 from bidsapp.reports.html import Section, figure_html, kv_table_html, table_html, text_html, write_report
 
 TISSUES = ("CSF", "GM", "WM", "brain")
 GROUP_COL = "acq_group"
-# Acquisition-record keys (AcquisitionRecord.to_dict) -> group table columns (BIDS names).
-_RECORD_TO_BIDS = {
-    "group_key": "acq_group", "manufacturer": "Manufacturer", "model": "ManufacturersModelName",
-    "field_strength": "MagneticFieldStrength", "sequence_family": "SequenceFamily",
-    "repetition_time": "RepetitionTime", "echo_time": "EchoTime", "inversion_time": "InversionTime",
-    "flip_angle": "FlipAngle",
-}
 _PARAM_COLUMNS = (("Manufacturer", "vendor", 1), ("ManufacturersModelName", "model", 1),
                   ("MagneticFieldStrength", "field (T)", 1), ("SequenceFamily", "sequence", 1),
                   ("RepetitionTime", "TR (ms)", 1000), ("EchoTime", "TE (ms)", 1000),
@@ -37,14 +31,8 @@ _MAX_METHOD_FIGURES = 3
 
 
 def _normalise(df: pd.DataFrame | None) -> pd.DataFrame:
-    """Accept record-style column names too, and ``sub-``-prefixed ids either way."""
-    if df is None:
-        return pd.DataFrame()
-    df = df.rename(columns={k: v for k, v in _RECORD_TO_BIDS.items() if k in df.columns and v not in df.columns})
-    if "participant_id" in df.columns:
-        df = df.copy()
-        df["participant_id"] = [p if str(p).startswith("sub-") else f"sub-{p}" for p in df["participant_id"]]
-    return df
+    """BIDS column names and ``sub-``/``ses-`` ids, whichever form the table came in."""
+    return pd.DataFrame() if df is None else normalize_ids(bids_columns(df))
 
 
 def _join(values, scale=1) -> str:
