@@ -4,9 +4,10 @@
 # the previous one's weights. Stages 1-3 train the ablation alone (the physics model starts from it at
 # stage 4; alone or beside the physics model it ends bit for bit the same). Pass --no-ablation to
 # train stages 4-9 for the physics model only (the ablation is needed for the benchmark, not the app);
-# --device cuda to use a GPU. Times on 2 CPU threads are in docs/models.md.
+# --short for the two-stage recipe that fits in two hours on 2 CPU threads instead of the nine stages;
+# --device cuda to use a GPU. Times and figures of both recipes are in docs/models.md.
 #
-#   bash scripts/train-tissue.sh [ANATOMY_DIR] [OUT_DIR] [--no-ablation] [extra scanbridge-train flags...]
+#   bash scripts/train-tissue.sh [ANATOMY_DIR] [OUT_DIR] [--no-ablation] [--short] [extra scanbridge-train flags...]
 #
 # ANATOMY_DIR holds the label maps anat-01..anat-12 (anat-10..12 are held out); the final weights
 # and cards land in OUT_DIR/stage9/weights (copy them into bidsapp/models/weights/ to ship them).
@@ -16,15 +17,32 @@ ANAT="${1:-../shared/data/anatomy}"
 OUT="${2:-runs/tissue}"
 shift $(( $# > 2 ? 2 : $# ))
 MODELS=--both
+SHORT=0
 EXTRA=()
 for a in "$@"; do
-    if [ "$a" = --no-ablation ]; then MODELS=--physics; else EXTRA+=("$a"); fi
+    case "$a" in
+        --no-ablation) MODELS=--physics ;;
+        --short) SHORT=1 ;;
+        *) EXTRA+=("$a") ;;
+    esac
 done
 TRAIN=(scanbridge-train tissue --deformations 2 --resolution 2 --patch 32 --batch 4
        --features "8,16,32,64" --anatomy-dir "$ANAT" --cache "$OUT/cache" ${EXTRA[@]+"${EXTRA[@]}"})
 command -v scanbridge-train >/dev/null || { bash scripts/setup.sh; export PATH="$PWD/.venv/bin:$PATH"; }
 BASE=("${TRAIN[@]}" --no-physics)
 TRAIN+=("$MODELS")
+
+if [ "$SHORT" = 1 ]; then
+    # the ablation from scratch with the paired consistency loss, then stage 9's losses for the physics
+    # model started from it (and the ablation continued on the same batches)
+    "${BASE[@]}" --out "$OUT/short1" --weights-dir "$OUT/short1/weights" --seed 10 --iterations 4000 --lr 0.002 \
+        --consistency 1
+    "${TRAIN[@]}" --out "$OUT/short2" --weights-dir "$OUT/short2/weights" --seed 11 --iterations 6000 --lr 0.0005 \
+        --consistency 1 --physics-injection norm_shift --physics-from-base --low-contrast 0.25 --volume-consistency 1 \
+        --init-from "$OUT/short1/weights"
+    echo "weights and cards: $OUT/short2/weights"
+    exit 0
+fi
 
 # 1: the ablation from scratch
 "${BASE[@]}" --out "$OUT/stage1" --weights-dir "$OUT/stage1/weights" --seed 0 --iterations 2000 --lr 0.002

@@ -498,6 +498,9 @@ def test_retraining_script_reproduces_the_shipped_chain(tmp_path):
                         str(tmp_path / "out"), *flags], env=env, check=True, capture_output=True)
         return [parse(shlex.split(c)[1:]) for c in log.read_text().splitlines()]
 
+    short = chain("--short", "--no-ablation")
+    assert [(s.physics, s.seed, s.iterations) for s in short] == [(False, 10, 4000), (True, 11, 6000)]
+    assert short[1].physics_from_base and short[1].init_from == str(tmp_path / "out" / "short1" / "weights")
     physics_only = chain("--no-ablation", "--threads", "2")
     assert [s.physics for s in physics_only] == [False] * 3 + [True] * 6
     assert {s.threads for s in physics_only} == {2}
