@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-__all__ = ["bids_columns", "normalize_ids", "acquisition_table", "session_groups", "summarize_groups", "choose_source_group",
-           "GROUP_FIELDS"]
+__all__ = ["bids_columns", "normalize_ids", "acquisition_table", "session_groups", "summarize_groups",
+           "choose_source_group", "GROUP_FIELDS"]
 
 # BIDS sidecar name <- AcquisitionRecord attribute name (either may be in the table)
 _RECORD_TO_BIDS = {
