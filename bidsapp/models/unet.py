@@ -192,8 +192,8 @@ class UNet3D(nn.Module):
         """
         if self.trunk_uses_physics and (self.trunk_gate is None or bool(params[:, self.trunk_gate].any())):
             return torch.cat([self(x, params[k:k + 1]) for k in range(params.shape[0])], dim=1)
-        closed = x.new_zeros(1, self.config["physics_units"])  # what a closed gate lets through to the trunk
-        shared = self.forward_shared(x, closed if self.trunk_uses_physics else None)
+        first = params[:1]  # every vector keeps the gate closed: the trunk sees what a closed gate passes
+        shared = self.forward_shared(x, self._gated(self._branch(first, x), first) if self.trunk_uses_physics else None)
         return torch.cat([self.forward_top(shared, params[k:k + 1]) for k in range(params.shape[0])], dim=1)
 
     def _branch(self, params: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:

@@ -68,7 +68,6 @@ def _groups(acquisitions_df: pd.DataFrame | None) -> list[tuple[str, pd.DataFram
     df = _normalise(acquisitions_df)
     if df.empty or GROUP_COL not in df.columns:
         return []
-    df = df.copy()
     df[GROUP_COL] = df[GROUP_COL].fillna("unknown").astype(str)
     return [(str(g), sub, _expected_ratios(sub)) for g, sub in df.groupby(GROUP_COL, sort=True)]
 
