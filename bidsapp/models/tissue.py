@@ -351,16 +351,25 @@ def resample_shape(volume: np.ndarray, shape, order: int = 1) -> np.ndarray:
     return out.astype(np.float32, copy=False)
 
 
-def normalise(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Z-score inside the brain mask (scanner gain and offset removed), zero outside, clipped to +-6."""
+def intensity_window(values: np.ndarray) -> tuple[float, float, float, float]:
+    """(lo, hi, mean, sd) of brain intensities: the 0.5-99.5 percentile clip and the clipped z-score."""
+    lo, hi = np.percentile(values, [0.5, 99.5])
+    vals = np.clip(values, lo, hi)
+    return lo, hi, float(vals.mean()), float(vals.std()) or 1.0
+
+
+def normalise(image: np.ndarray, mask: np.ndarray, window: tuple | None = None) -> np.ndarray:
+    """Z-score inside the brain mask (scanner gain and offset removed), zero outside, clipped to +-6.
+
+    ``window`` (:func:`intensity_window`) gives statistics of the whole brain when ``image`` is only a
+    patch of it (training simulates patches); by default they come from ``image`` itself."""
     m = mask > 0
     out = np.zeros_like(image, dtype=np.float32)
-    if m.sum() < 2:
-        return out
-    vals = image[m]
-    lo, hi = np.percentile(vals, [0.5, 99.5])
-    vals = np.clip(vals, lo, hi)
-    mu, sd = float(vals.mean()), float(vals.std()) or 1.0
+    if window is None:
+        if m.sum() < 2:
+            return out
+        window = intensity_window(image[m])
+    lo, hi, mu, sd = window
     out[m] = np.clip((np.clip(image[m], lo, hi) - mu) / sd, -6, 6)
     return out
 
