@@ -32,12 +32,25 @@ command -v scanbridge-train >/dev/null || { bash scripts/setup.sh; export PATH="
 BASE=("${TRAIN[@]}" --no-physics)
 TRAIN+=("$MODELS")
 
+# stage NAME COMMAND...: run one stage into OUT/NAME unless a previous run of this script finished it
+# (a rerun with the same OUT_DIR resumes at the first unfinished stage)
+stage() {
+    local name=$1
+    shift
+    if [ -f "$OUT/$name/done" ]; then
+        echo "$name: finished by an earlier run, skipped"
+        return
+    fi
+    "$@" --out "$OUT/$name" --weights-dir "$OUT/$name/weights"
+    mkdir -p "$OUT/$name" && touch "$OUT/$name/done"
+}
+
 if [ "$SHORT" = 1 ]; then
     # the ablation from scratch with the paired consistency loss, then stage 9's losses for the physics
     # model started from it (and the ablation continued on the same batches)
-    "${BASE[@]}" --out "$OUT/short1" --weights-dir "$OUT/short1/weights" --seed 10 --iterations 4000 --lr 0.002 \
+    stage short1 "${BASE[@]}" --seed 10 --iterations 4000 --lr 0.002 \
         --consistency 1
-    "${TRAIN[@]}" --out "$OUT/short2" --weights-dir "$OUT/short2/weights" --seed 11 --iterations 6000 --lr 0.0005 \
+    stage short2 "${TRAIN[@]}" --seed 11 --iterations 6000 --lr 0.0005 \
         --consistency 1 --physics-injection norm_shift --physics-from-base --low-contrast 0.25 --volume-consistency 1 \
         --init-from "$OUT/short1/weights"
     echo "weights and cards: $OUT/short2/weights"
@@ -45,32 +58,32 @@ if [ "$SHORT" = 1 ]; then
 fi
 
 # 1: the ablation from scratch
-"${BASE[@]}" --out "$OUT/stage1" --weights-dir "$OUT/stage1/weights" --seed 0 --iterations 2000 --lr 0.002
+stage stage1 "${BASE[@]}" --seed 0 --iterations 2000 --lr 0.002
 # 2: continued with a new seed (new batches) and a lower peak learning rate
-"${BASE[@]}" --out "$OUT/stage2" --weights-dir "$OUT/stage2/weights" --seed 1 --iterations 2000 --lr 0.001 \
+stage stage2 "${BASE[@]}" --seed 1 --iterations 2000 --lr 0.001 \
     --init-from "$OUT/stage1/weights"
 # 3: paired consistency loss; the shipped chain used the checkpoint at 2700 of a 4000-iteration schedule
-"${BASE[@]}" --out "$OUT/stage3" --weights-dir "$OUT/stage3/weights" --seed 2 --iterations 4000 --stop-after 2700 \
+stage stage3 "${BASE[@]}" --seed 2 --iterations 4000 --stop-after 2700 \
     --lr 0.001 --consistency 1 --init-from "$OUT/stage2/weights"
 # 4: the physics model starts as the stage-3 ablation with a zero physics injection (norm_shift);
 #    the ablation continues on the same batches, so both end with the same training budget (--both)
-"${TRAIN[@]}" --out "$OUT/stage4" --weights-dir "$OUT/stage4/weights" --seed 3 --iterations 2000 --lr 0.0005 \
+stage stage4 "${TRAIN[@]}" --seed 3 --iterations 2000 --lr 0.0005 \
     --consistency 1 --physics-injection norm_shift --physics-from-base --init-from "$OUT/stage3/weights"
 # 5: both networks continue 3000 iterations at a lower learning rate (same losses as stage 4)
-"${TRAIN[@]}" --out "$OUT/stage5" --weights-dir "$OUT/stage5/weights" --seed 4 --iterations 3000 --lr 0.0003 \
+stage stage5 "${TRAIN[@]}" --seed 4 --iterations 3000 --lr 0.0003 \
     --consistency 1 --physics-injection norm_shift --init-from "$OUT/stage4/weights"
 # 6: as stage 5 with a new seed
-"${TRAIN[@]}" --out "$OUT/stage6" --weights-dir "$OUT/stage6/weights" --seed 5 --iterations 3000 --lr 0.0003 \
+stage stage6 "${TRAIN[@]}" --seed 5 --iterations 3000 --lr 0.0003 \
     --consistency 1 --physics-injection norm_shift --init-from "$OUT/stage5/weights"
 # 7: a new seed at a lower peak learning rate (0.0002)
-"${TRAIN[@]}" --out "$OUT/stage7" --weights-dir "$OUT/stage7/weights" --seed 6 --iterations 3000 --lr 0.0002 \
+stage stage7 "${TRAIN[@]}" --seed 6 --iterations 3000 --lr 0.0002 \
     --consistency 1 --physics-injection norm_shift --init-from "$OUT/stage6/weights"
 # 8: as stage 7, with a quarter of the SPGR samples drawn among settings of almost no GM/WM contrast
-"${TRAIN[@]}" --out "$OUT/stage8" --weights-dir "$OUT/stage8/weights" --seed 7 --iterations 3000 --lr 0.0002 \
+stage stage8 "${TRAIN[@]}" --seed 7 --iterations 3000 --lr 0.0002 \
     --consistency 1 --physics-injection norm_shift --low-contrast 0.25 --init-from "$OUT/stage7/weights"
 # 9: as stage 8 with a new seed and a paired volume-consistency term (relative soft-volume difference
 #    per class between two acquisitions of the same patch)
-"${TRAIN[@]}" --out "$OUT/stage9" --weights-dir "$OUT/stage9/weights" --seed 8 --iterations 3000 --lr 0.0002 \
+stage stage9 "${TRAIN[@]}" --seed 8 --iterations 3000 --lr 0.0002 \
     --consistency 1 --physics-injection norm_shift --low-contrast 0.25 --volume-consistency 1 \
     --init-from "$OUT/stage8/weights"
 echo "weights and cards: $OUT/stage9/weights"
