@@ -5,9 +5,12 @@
 # stage 4; alone or beside the physics model it ends bit for bit the same). Pass --no-ablation to
 # train stages 4-9 for the physics model only (the ablation is needed for the benchmark, not the app);
 # --short for the two-stage recipe that fits in two hours on 2 CPU threads instead of the nine stages;
-# --device cuda to use a GPU. Times and figures of both recipes are in docs/models.md.
+# --device cuda to use a GPU. On a CPU add --sampling patch (only each patch is simulated: the nine
+# stages of the physics model in about two hours on 2 threads). A rerun into the same OUT_DIR resumes
+# at the first unfinished stage. Times and figures of every recipe are in docs/models.md.
 #
 #   bash scripts/train-tissue.sh [ANATOMY_DIR] [OUT_DIR] [--no-ablation] [--short] [extra scanbridge-train flags...]
+#   bash scripts/train-tissue.sh ../shared/data/anatomy runs/tissue --no-ablation --sampling patch --threads 2
 #
 # ANATOMY_DIR holds the label maps anat-01..anat-12 (anat-10..12 are held out); the final weights
 # and cards land in OUT_DIR/stage9/weights (copy them into bidsapp/models/weights/ to ship them).

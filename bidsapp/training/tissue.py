@@ -781,6 +781,9 @@ def save(net, cfg: TrainConfig, history: dict, final: bool = True) -> dict:
             "final_loss": history["loss"][-1] if history["loss"] else None,
             "init_from": history.get("init"),
             "retrain_shipped": "bash scripts/train-tissue.sh ANATOMY_DIR OUT_DIR (every stage of the shipped weights)",
+            "cpu_run": ("bash scripts/train-tissue.sh ANATOMY_DIR OUT_DIR --no-ablation --sampling patch --threads 2 "
+                        "(every stage of the shipped physics model, simulating only each patch: about two hours on "
+                        "2 CPU threads; figures in docs/models.md)"),
             "short_cpu_run": ("bash scripts/train-tissue.sh ANATOMY_DIR OUT_DIR --short --threads 2 "
                               "(two stages that fit two hours on 2 CPU threads; figures in docs/models.md)"),
             "longer_run": ("scanbridge-train tissue --out runs/tissue --seed 0 --both --iterations 20000 --patch 64 "
