@@ -367,7 +367,6 @@ class PatchSampler:
         xs, ms, ts, acqs = xs[:n], ms[:n], ts[:n], acqs[:n]
         return torch.stack(xs), torch.stack(ms), torch.stack(ts), torch.from_numpy(parameter_vectors(acqs))
 
-
     def _patch(self, s: Subject, group: list[dict]) -> dict:
         """``sampling="patch"``: the crop and flip drawn first, then only that patch simulated
         (:func:`normalised_patch`); padded symmetrically where the brain is smaller than the patch."""
