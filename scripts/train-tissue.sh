@@ -6,7 +6,7 @@
 # train stages 4-9 for the physics model only (the ablation is needed for the benchmark, not the app);
 # --short for the two-stage recipe that fits in two hours on 2 CPU threads instead of the nine stages;
 # --device cuda to use a GPU. On a CPU add --sampling patch (only each patch is simulated: the nine
-# stages of the physics model in about two hours on 2 threads). A rerun into the same OUT_DIR resumes
+# stages of the physics model in 76 min measured on 2 threads). A rerun into the same OUT_DIR resumes
 # at the first unfinished stage. Times and figures of every recipe are in docs/models.md.
 #
 #   bash scripts/train-tissue.sh [ANATOMY_DIR] [OUT_DIR] [--no-ablation] [--short] [extra scanbridge-train flags...]

@@ -498,7 +498,10 @@ def main(argv=None) -> int:
         out["timing"] = timing(args)
     from bidsapp.models import registry, tissue
 
-    out["models"] = {n: registry.load_card(n, args.weights_dir)["sha256"] for n in (tissue.PHYSICS_MODEL, tissue.BASE_MODEL)}
+    # a training run's weights folder may hold the physics model alone (train-tissue.sh --no-ablation)
+    found = registry.available(weights_dir=args.weights_dir)
+    out["models"] = {n: registry.load_card(n, args.weights_dir)["sha256"]
+                     for n in (tissue.PHYSICS_MODEL, tissue.BASE_MODEL) if n in found}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2))
     print(f"wrote {args.out}")

@@ -49,8 +49,8 @@ MPRAGE_TD = 0.6
 MPRAGE_TAU = 0.01
 SAMPLING = ("volume", "patch")
 """How :class:`PatchSampler` forms a patch: simulate the whole brain and crop it (the shipped chain), or
-simulate only the patch and a sparse sample of the brain (:func:`normalised_patch`; a quarter of the
-simulation time, an iteration a third shorter on 2 CPU threads)."""
+simulate only the patch and a sparse sample of the brain (:func:`normalised_patch`; a fifth to a quarter of the
+simulation time, an iteration 30-35 % shorter on 2 CPU threads: ``benchmarks/tissue/train_speed.py``)."""
 FLIP_AXES = (0,)
 """Spatial axes flipped at random in training (left-right); inference averages over the same mirrors."""
 
@@ -293,7 +293,7 @@ def normalised_patch(subject: Subject, acq: dict, rng: np.random.Generator, regi
     in ``region`` and on every ``stride``-th voxel of the brain, whose own noisy sample gives the mean
     signal (noise level) and the whole-brain normalisation window; at stride 2 that is an eighth of
     the brain, so percentiles and moments match the full image's to sampling error. A 32^3 patch of a
-    2 mm brain costs a quarter of the full simulation."""
+    2 mm brain costs a fifth to a quarter of the full simulation."""
     from bidsapp.models.tissue import intensity_window, normalise
     from bidsapp.physics.simulator import add_rician_noise, mix_signals
 
@@ -781,7 +781,7 @@ def save(net, cfg: TrainConfig, history: dict, final: bool = True) -> dict:
             "init_from": history.get("init"),
             "retrain_shipped": "bash scripts/train-tissue.sh ANATOMY_DIR OUT_DIR (every stage of the shipped weights)",
             "cpu_run": ("bash scripts/train-tissue.sh ANATOMY_DIR OUT_DIR --no-ablation --sampling patch --threads 2 "
-                        "(every stage of the shipped physics model, simulating only each patch: about two hours on "
+                        "(every stage of the shipped physics model, simulating only each patch: 76 min measured on "
                         "2 CPU threads; figures in docs/models.md)"),
             "short_cpu_run": ("bash scripts/train-tissue.sh ANATOMY_DIR OUT_DIR --short --threads 2 "
                               "(two stages that fit two hours on 2 CPU threads; figures in docs/models.md)"),
@@ -862,7 +862,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampling", default="volume", choices=SAMPLING,
                    help="volume: simulate each training brain whole, then crop the patch (the shipped chain); "
                         "patch: simulate only the patch and a one-in-eight voxel sample of the brain for the "
-                        "noise level and normalisation (same distribution, a quarter of the simulation time)")
+                        "noise level and normalisation (same distribution, a quarter or less of the simulation time)")
     p.add_argument("--physics-from-base", action="store_true",
                    help="start the physics model from the ablation in --init-from, physics injection at zero "
                         "(needs a --physics-injection other than concat)")
