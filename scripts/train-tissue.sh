@@ -7,7 +7,8 @@
 # --short for the two-stage recipe that fits in two hours on 2 CPU threads instead of the nine stages;
 # --device cuda to use a GPU. On a CPU add --sampling patch (only each patch is simulated: the nine
 # stages of the physics model in 76 min measured on 2 threads). A rerun into the same OUT_DIR resumes
-# at the first unfinished stage. Times and figures of every recipe are in docs/models.md.
+# at the first unfinished stage (with the same flags but for --threads and --device; others need a
+# new OUT_DIR). Times and figures of every recipe are in docs/models.md.
 #
 #   bash scripts/train-tissue.sh [ANATOMY_DIR] [OUT_DIR] [--no-ablation] [--short] [extra scanbridge-train flags...]
 #   bash scripts/train-tissue.sh ../shared/data/anatomy runs/tissue --no-ablation --sampling patch --threads 2
@@ -35,17 +36,28 @@ command -v scanbridge-train >/dev/null || { bash scripts/setup.sh; export PATH="
 BASE=("${TRAIN[@]}" --no-physics)
 TRAIN+=("$MODELS")
 
+# the recipe of a stage's command: all but where it runs (--threads, --device)
+recipe() { printf '%s\n' "$1" | sed -E 's/ --(threads|device) [^ ]+//g'; }
+
 # stage NAME COMMAND...: run one stage into OUT/NAME unless a previous run of this script finished it
-# (a rerun with the same OUT_DIR resumes at the first unfinished stage)
+# with the same recipe (a rerun with the same OUT_DIR resumes at the first unfinished stage, on any
+# --threads or --device; other flags stop the script instead of mixing two recipes in one chain)
 stage() {
     local name=$1
     shift
+    local cmd="$* --out $OUT/$name --weights-dir $OUT/$name/weights"
     if [ -f "$OUT/$name/done" ]; then
+        if [ "$(recipe "$(cat "$OUT/$name/done")")" != "$(recipe "$cmd")" ]; then
+            echo "train-tissue.sh: $OUT/$name was trained with other flags (see $OUT/$name/done):" \
+                "give a new OUT_DIR" >&2
+            exit 2
+        fi
         echo "$name: finished by an earlier run, skipped"
         return
     fi
     "$@" --out "$OUT/$name" --weights-dir "$OUT/$name/weights"
-    mkdir -p "$OUT/$name" && touch "$OUT/$name/done"
+    mkdir -p "$OUT/$name"
+    printf '%s\n' "$cmd" > "$OUT/$name/done.tmp" && mv "$OUT/$name/done.tmp" "$OUT/$name/done"
 }
 
 if [ "$SHORT" = 1 ]; then

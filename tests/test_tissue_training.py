@@ -518,6 +518,12 @@ def test_retraining_script_reproduces_the_shipped_chain(tmp_path):
     assert chain() == []
     (tmp_path / "out" / "stage8" / "done").unlink()
     assert [s.seed for s in chain()] == [7]
+    assert chain("--threads", "4") == []  # where it runs is not part of the recipe
+    # other flags into the same OUT_DIR: stopped before any stage, instead of mixing two recipes
+    with pytest.raises(subprocess.CalledProcessError) as err:
+        chain("--sampling", "patch")
+    assert err.value.returncode == 2 and b"stage1 was trained with other flags" in err.value.stderr
+    assert not log.exists()
 
 
 def test_patch_sampling_simulates_the_same_image_as_the_whole_brain():
