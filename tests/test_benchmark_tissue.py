@@ -120,3 +120,18 @@ def test_vector_swap_separates_what_the_vector_does_from_what_the_image_does():
     gm, wm = mod.spreads(table["GM"]), mod.spreads(table["WM"])
     assert gm["vector_effect"] == pytest.approx([2 / 4, 2 / 3]) and wm["vector_effect"] == [0.0, 0.0]
     assert gm["acquisition_effect"] == pytest.approx(1 / 3.5) and wm["acquisition_effect"] == pytest.approx(0.4)
+
+
+def test_training_speed_benchmark_times_both_samplings_on_the_same_subjects(capsys):
+    from test_tissue_training import _tiny_subject
+
+    from bidsapp.training import tissue as T
+
+    bench = _script("train_speed")
+    rows = bench.measure([_tiny_subject(seed=k) for k in range(2)], repeats=2, iterations=2, threads=1, patch=16,
+                         features=(4, 8), batches=2)
+    assert [r["sampling"] for r in rows] == list(T.SAMPLING)
+    for r in rows:
+        assert len(r["runs"]["batch_s"]) == len(r["runs"]["iteration_s"]) == 2
+        assert r["iteration_min_s"] == round(min(r["runs"]["iteration_s"]), 3) and r["batch_median_s"] > 0
+    assert capsys.readouterr().out.count("repeat 2:") == 2

@@ -566,19 +566,3 @@ def test_patch_sampler_aligns_image_mask_and_target_and_pads_small_brains(tmp_pa
     with pytest.raises(ValueError, match="--sampling"):
         T.TrainConfig(out=str(tmp_path), sampling="slices")
 
-
-def test_training_speed_benchmark_times_both_samplings_on_the_same_subjects(capsys):
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "tissue" / "train_speed.py"
-    spec = importlib.util.spec_from_file_location("tissue_train_speed", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    rows = bench.measure([_tiny_subject(seed=k) for k in range(2)], repeats=2, iterations=2, threads=1, patch=16,
-                         features=(4, 8), batches=2)
-    assert [r["sampling"] for r in rows] == list(T.SAMPLING)
-    for r in rows:
-        assert len(r["runs"]["batch_s"]) == len(r["runs"]["iteration_s"]) == 2
-        assert r["iteration_min_s"] == round(min(r["runs"]["iteration_s"]), 3) and r["batch_median_s"] > 0
-    assert capsys.readouterr().out.count("repeat 2:") == 2

@@ -8,9 +8,9 @@ repeat, with ``--threads`` torch threads:
 * ``iteration``: seconds per iteration of stage 9's losses (Dice + CE, consistency, volume consistency,
   a quarter of the SPGR draws at low contrast) for the physics model alone, ``--iterations`` iterations.
 
-The two samplings alternate within each repeat, so drift of the host hits both alike. The subjects are
-stage 9's (seed 8, 2 deformations of each training anatomy at 2 mm), built once; give the training run's
-``--cache`` to reuse them.
+The recipe is read from the shipped physics card's command, so the benchmark follows it. The two
+samplings alternate within each repeat, so drift of the host hits both alike. The subjects are stage 9's
+(its seed, deformations and resolution), built once; give the training run's ``--cache`` to reuse them.
 
     python benchmarks/tissue/train_speed.py [--anatomy-dir DIR] [--cache DIR] [--repeats 3] [--iterations 100]
     -> table on stdout, benchmarks/results/tissue_train_speed.json
@@ -30,30 +30,40 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 
-def _config(out: str, sampling: str, iterations: int, threads: int, patch: int = 32, features=(8, 16, 32, 64),
+def _config(out: str, sampling: str, iterations: int, threads: int, patch: int | None = None, features=None,
             anatomy_dir=None, cache=None):
+    """Stage 9's recipe, read from the shipped physics card's command, for the physics model alone from
+    scratch (the starting weights do not change the speed)."""
+    import dataclasses
+    import shlex
+
+    from bidsapp.models import registry
+    from bidsapp.models.tissue import PHYSICS_MODEL
     from bidsapp.training import tissue as T
 
-    return T.TrainConfig(out=out, seed=8, physics=True, anatomy_dir=anatomy_dir, cache=cache, patch=patch,
-                         features=tuple(features), threads=threads, device="cpu", iterations=iterations, lr=2e-4,
-                         save_every=0, log_every=iterations, consistency=1.0, volume_consistency=1.0,
-                         low_contrast=0.25, physics_injection="norm_shift", sampling=sampling)
+    p = argparse.ArgumentParser()
+    T.add_arguments(p)
+    cfg = T.config_from_args(p.parse_args(shlex.split(registry.load_card(PHYSICS_MODEL)["training"]["command"])[2:]))
+    return dataclasses.replace(cfg, out=out, physics=True, init_from=None, physics_from_base=False, sampling=sampling,
+                               iterations=iterations, stop_after=None, threads=threads, device="cpu", save_every=0,
+                               log_every=iterations, patch=patch or cfg.patch, features=tuple(features or cfg.features),
+                               anatomy_dir=anatomy_dir or cfg.anatomy_dir, cache=cache, weights_dir=None)
 
 
-def batch_seconds(subjects, sampling: str, patch: int = 32, n: int = 40) -> float:
+def batch_seconds(cfg, subjects, n: int = 40) -> float:
     from bidsapp.training.tissue import PatchSampler
 
-    sampler = PatchSampler(subjects, patch, seed=8, low_contrast=0.25, sampling=sampling)
-    sampler.batch(4, pairs=True)  # warm-up
+    sampler = PatchSampler(subjects, cfg.patch, seed=cfg.seed, low_contrast=cfg.low_contrast, sampling=cfg.sampling)
+    sampler.batch(cfg.batch, pairs=cfg.paired)  # warm-up
     times = []
     for _ in range(n):
         t = time.perf_counter()
-        sampler.batch(4, pairs=True)
+        sampler.batch(cfg.batch, pairs=cfg.paired)
         times.append(time.perf_counter() - t)
     return statistics.median(times)
 
 
-def measure(subjects, repeats: int, iterations: int, threads: int, patch: int = 32, features=(8, 16, 32, 64),
+def measure(subjects, repeats: int, iterations: int, threads: int, patch: int | None = None, features=None,
             batches: int = 40) -> list[dict]:
     """One row per sampling: batch and iteration seconds of every repeat and their medians."""
     from bidsapp.training import tissue as T
@@ -62,8 +72,9 @@ def measure(subjects, repeats: int, iterations: int, threads: int, patch: int = 
     with tempfile.TemporaryDirectory() as tmp:
         for k in range(repeats):
             for sampling in T.SAMPLING:
-                b = batch_seconds(subjects, sampling, patch, batches)
-                hist = T.train(_config(tmp, sampling, iterations, threads, patch, features), subjects)[0]
+                cfg = _config(tmp, sampling, iterations, threads, patch, features)
+                b = batch_seconds(cfg, subjects, batches)
+                hist = T.train(cfg, subjects)[0]
                 it = hist["seconds"] / hist["iterations"]
                 runs[sampling]["batch_s"].append(b)
                 runs[sampling]["iteration_s"].append(it)
