@@ -119,30 +119,22 @@ def test_training_is_reproducible_from_the_seed(tmp_path):
         torch.testing.assert_close(v, w)
 
 
-def test_the_ablation_trains_alone_exactly_as_beside_the_physics_model(tmp_path):
-    """Why scripts/train-tissue.sh trains stages 1-3 with --no-physics: the physics model starts from the
-    stage-3 ablation, and the ablation sees the same batches and ends bit for bit the same without it."""
+@pytest.mark.parametrize("alone, index, extra", [
+    (False, 1, {}),
+    (True, 0, dict(volume_consistency=1.0, low_contrast=0.25, physics_injection="norm_shift")),
+], ids=["ablation", "physics"])
+def test_each_network_trains_alone_exactly_as_beside_the_other(tmp_path, alone, index, extra):
+    """Each network of a --both run sees the same batches as when it trains alone and ends bit for bit
+    the same. Why scripts/train-tissue.sh trains stages 1-3 with --no-physics (the physics model starts
+    from the stage-3 ablation), and why its --no-ablation retrains the shipped physics model in half the
+    time."""
     subjects = [_tiny_subject()]
-    kw = dict(out=str(tmp_path), seed=4, patch=16, batch=2, iterations=3, features=(4, 8), save_every=0,
-              log_every=1, consistency=1.0)
-    both = T.train(T.TrainConfig(**kw, physics="both"), subjects)[1]
-    alone = T.train(T.TrainConfig(**kw, physics=False), subjects)[0]
-    assert not both["physics"] and not alone["physics"] and both["loss"] == alone["loss"]
-    for (k, v), (_, w) in zip(both["model"].state_dict().items(), alone["model"].state_dict().items()):
-        assert torch.equal(v, w), k
-
-
-def test_the_physics_model_trains_alone_exactly_as_beside_the_ablation(tmp_path):
-    """Why `train-tissue.sh --no-ablation` retrains the shipped physics model in half the time: with the
-    ablation beside it (--both) the physics model sees the same batches and ends bit for bit the same."""
-    subjects = [_tiny_subject()]
-    kw = dict(out=str(tmp_path), seed=5, patch=16, batch=4, iterations=3, features=(4, 8), save_every=0,
-              log_every=1, consistency=1.0, volume_consistency=1.0, low_contrast=0.25,
-              physics_injection="norm_shift")
-    both = T.train(T.TrainConfig(**kw, physics="both"), subjects)[0]
-    alone = T.train(T.TrainConfig(**kw, physics=True), subjects)[0]
-    assert both["physics"] and alone["physics"] and both["loss"] == alone["loss"]
-    for (k, v), (_, w) in zip(both["model"].state_dict().items(), alone["model"].state_dict().items()):
+    kw = dict(out=str(tmp_path), seed=4, patch=16, batch=4, iterations=3, features=(4, 8), save_every=0,
+              log_every=1, consistency=1.0, **extra)
+    both = T.train(T.TrainConfig(**kw, physics="both"), subjects)[index]
+    one = T.train(T.TrainConfig(**kw, physics=alone), subjects)[0]
+    assert both["physics"] is one["physics"] is alone and both["loss"] == one["loss"]
+    for (k, v), (_, w) in zip(both["model"].state_dict().items(), one["model"].state_dict().items()):
         assert torch.equal(v, w), k
 
 
