@@ -571,4 +571,3 @@ def test_patch_sampler_aligns_image_mask_and_target_and_pads_small_brains(tmp_pa
     assert T.train(cfg, subjects)[0]["iterations"] == 3 and "--sampling patch" in T.command_line(cfg)
     with pytest.raises(ValueError, match="--sampling"):
         T.TrainConfig(out=str(tmp_path), sampling="slices")
-

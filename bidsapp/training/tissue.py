@@ -872,16 +872,16 @@ def config_from_args(args) -> TrainConfig:
     """The :class:`TrainConfig` of parsed ``scanbridge-train tissue`` arguments (a card's ``command``
     parsed with :func:`add_arguments` gives that run's recipe); ValueError for an invalid one."""
     return TrainConfig(out=args.out, seed=args.seed, physics=args.physics, anatomy_dir=args.anatomy_dir,
-                    icbm=args.icbm, deformations=args.deformations, resolution=args.resolution, patch=args.patch,
-                    batch=args.batch, iterations=args.iterations, lr=args.lr,
-                    features=tuple(int(x) for x in str(args.features).split(",")), device=args.device,
-                    threads=args.threads, time_limit_min=args.time_limit_min, weights_dir=args.weights_dir,
-                    cache=args.cache or str(Path(args.out) / "cache"), init_from=args.init_from,
-                    consistency=args.consistency, physics_injection=args.physics_injection,
-                    physics_from_base=args.physics_from_base, stop_after=args.stop_after,
-                    low_contrast=args.low_contrast, train=args.train,
-                    volume_consistency=args.volume_consistency, physics_lr=args.physics_lr,
-                    physics_trunk_gate=args.physics_trunk_gate, sampling=args.sampling)
+                       icbm=args.icbm, deformations=args.deformations, resolution=args.resolution, patch=args.patch,
+                       batch=args.batch, iterations=args.iterations, lr=args.lr,
+                       features=tuple(int(x) for x in str(args.features).split(",")), device=args.device,
+                       threads=args.threads, time_limit_min=args.time_limit_min, weights_dir=args.weights_dir,
+                       cache=args.cache or str(Path(args.out) / "cache"), init_from=args.init_from,
+                       consistency=args.consistency, physics_injection=args.physics_injection,
+                       physics_from_base=args.physics_from_base, stop_after=args.stop_after,
+                       low_contrast=args.low_contrast, train=args.train,
+                       volume_consistency=args.volume_consistency, physics_lr=args.physics_lr,
+                       physics_trunk_gate=args.physics_trunk_gate, sampling=args.sampling)
 
 
 def run(args) -> int:
