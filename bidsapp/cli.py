@@ -70,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--template", default="MNI152NLin2009cAsym",
                    help="TemplateFlow template for spatial normalisation")
     g.add_argument("--seed", type=int, default=0, help="random seed for everything stochastic")
+    g.add_argument("--brain-extraction", "--brain_extraction", choices=["learned", "template"], default="learned",
+                   help="learned: the contrast-agnostic brain-extraction network (default; the template-based "
+                        "method runs instead, and the report says so, when its mask fails the sanity check); "
+                        "template: register the template brain and warp its mask")
     g.add_argument("--segmentation", nargs="+", choices=["unet-physics", "atropos"],
                    default=["unet-physics", "atropos"], metavar="METHOD",
                    help="tissue segmentation methods, main answer first: unet-physics (the physics-aware "
@@ -246,6 +250,7 @@ def run_participant(opts) -> int:
                 device=opts.device,
                 seed=opts.seed,
                 segmentation=tuple(dict.fromkeys(opts.segmentation)),
+                brain_extraction=opts.brain_extraction,
             )
             wf.base_dir = str(opts.work_dir)
             crash_dir = opts.work_dir / "crash" / f"sub-{label}"

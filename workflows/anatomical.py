@@ -15,15 +15,15 @@ from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
 from workflows.interfaces.ants import (
-    BrainExtraction,
     N4BiasFieldCorrection,
     RegistrationToTemplate,
     ReorientToRAS,
     RigidCoregistration,
     WarpPriors,
 )
+from workflows.interfaces.brainmask import BrainExtraction
 
-ANAT_OUTPUTS = ("t1w_ras", "t1w_preproc", "t1w_mask", "template_xfm", "template_inv_xfm", "t1w_template",
+ANAT_OUTPUTS = ("t1w_ras", "t1w_preproc", "t1w_mask", "t1w_mask_metadata", "template_xfm", "template_inv_xfm", "t1w_template",
                 "priors")
 
 
@@ -36,11 +36,13 @@ def _check_template(template: dict) -> dict:
 
 
 def init_anat_preproc_wf(*, template: dict, omp_nthreads: int = 1, seed: int = 0, registration: str = "SyN",
+                         brain_extraction: str = "learned", device: str = "auto",
                          name: str = "anat_preproc_wf") -> pe.Workflow:
     """Preprocess one T1w.
 
     Inputs: ``t1w`` (raw BIDS T1w). Outputs: ``t1w_ras`` (reoriented raw), ``t1w_preproc`` (N4, RAS),
-    ``t1w_mask``, ``template_xfm`` (from-T1w_to-template), ``template_inv_xfm`` (from-template_to-T1w),
+    ``t1w_mask`` (``brain_extraction``: learned network or template, see
+    :mod:`workflows.interfaces.brainmask`), ``t1w_mask_metadata`` (its sidecar fields), ``template_xfm`` (from-T1w_to-template), ``template_inv_xfm`` (from-template_to-T1w),
     ``t1w_template`` (the preprocessed T1w in template space), ``priors`` (template CSF/GM/WM on the
     T1w grid).
     """
@@ -53,7 +55,7 @@ def init_anat_preproc_wf(*, template: dict, omp_nthreads: int = 1, seed: int = 0
     n4 = pe.Node(N4BiasFieldCorrection(num_threads=omp_nthreads, seed=seed), name="n4",
                  n_procs=omp_nthreads, mem_gb=1.0)
     brain = pe.Node(BrainExtraction(num_threads=omp_nthreads, seed=seed, template_t1w=files["T1w"],
-                                    template_mask=files["mask"]),
+                                    template_mask=files["mask"], method=brain_extraction, device=device),
                     name="brain_extraction", n_procs=omp_nthreads, mem_gb=1.5)
     norm = pe.Node(RegistrationToTemplate(num_threads=omp_nthreads, seed=seed, transform=registration,
                                           template_t1w=files["T1w"], template_mask=files["mask"]),
@@ -64,6 +66,7 @@ def init_anat_preproc_wf(*, template: dict, omp_nthreads: int = 1, seed: int = 0
 
     wf.connect([
         (inputnode, reorient, [("t1w", "in_file")]),
+        (inputnode, brain, [("t1w", "source_file")]),
         (reorient, n4, [("out_file", "in_file")]),
         (n4, brain, [("out_file", "in_file")]),
         (n4, norm, [("out_file", "in_file")]),
@@ -72,7 +75,7 @@ def init_anat_preproc_wf(*, template: dict, omp_nthreads: int = 1, seed: int = 0
         (norm, priors, [("inverse_xfm", "transform")]),
         (reorient, outputnode, [("out_file", "t1w_ras")]),
         (n4, outputnode, [("out_file", "t1w_preproc")]),
-        (brain, outputnode, [("out_mask", "t1w_mask")]),
+        (brain, outputnode, [("out_mask", "t1w_mask"), ("metadata", "t1w_mask_metadata")]),
         (norm, outputnode, [("forward_xfm", "template_xfm"), ("inverse_xfm", "template_inv_xfm"),
                             ("warped", "t1w_template")]),
         (priors, outputnode, [("out_files", "priors")]),

@@ -41,12 +41,13 @@ def _label(text: str) -> str:
 def init_single_subject_wf(subject: str, sessions: list[dict], output_dir, bids_dir, work_dir=None, template=None,
                            omp_nthreads: int = 1, device: str = "auto", seed: int = 0, *,
                            segmentation=None, registration: str = "SyN", prior_weight: float = 0.25,
-                           name: str | None = None) -> pe.Workflow:
+                           brain_extraction: str = "learned", name: str | None = None) -> pe.Workflow:
     """Build the workflow of one subject (``sub_<label>_wf``; ``base_dir`` = ``work_dir``).
 
     ``template``: a :func:`bidsapp.templates.get_template` dict (default: the default template at
     2 mm). ``segmentation``: method keys, main answer first (default ``("atropos",)``).
-    ``registration``: ``SyN`` (default), ``Affine`` or ``Rigid``.
+    ``registration``: ``SyN`` (default), ``Affine`` or ``Rigid``. ``brain_extraction``: ``learned``
+    (default) or ``template`` (:mod:`workflows.interfaces.brainmask`).
     """
     if not sessions:
         raise ValueError(f"sub-{subject}: no session with a T1w to process")
@@ -69,13 +70,15 @@ def init_single_subject_wf(subject: str, sessions: list[dict], output_dir, bids_
         seen.add(ses_name)
         wf.add_nodes([init_session_wf(ses, output_dir=output_dir, bids_dir=bids_dir, template=template,
                                       omp_nthreads=omp_nthreads, device=device, seed=seed, segmentation=methods,
-                                      registration=registration, prior_weight=prior_weight, name=ses_name)])
+                                      registration=registration, prior_weight=prior_weight,
+                                      brain_extraction=brain_extraction, name=ses_name)])
     return wf
 
 
 def init_session_wf(session: dict, *, output_dir, bids_dir, template: dict, omp_nthreads: int = 1,
                     device: str = "auto", seed: int = 0, segmentation=DEFAULT_SEGMENTATION,
-                    registration: str = "SyN", prior_weight: float = 0.25, name: str = "anat_wf") -> pe.Workflow:
+                    registration: str = "SyN", prior_weight: float = 0.25, brain_extraction: str = "learned",
+                    name: str = "anat_wf") -> pe.Workflow:
     """One session: T1w preprocessing, tissue segmentation, co-registration of other contrasts, sinks."""
     t1w = session.get("t1w")
     if not t1w or not os.path.isfile(t1w):
@@ -94,7 +97,7 @@ def init_session_wf(session: dict, *, output_dir, bids_dir, template: dict, omp_
                          name="outputnode")
 
     anat_wf = init_anat_preproc_wf(template=template, omp_nthreads=omp_nthreads, seed=seed,
-                                   registration=registration)
+                                   registration=registration, brain_extraction=brain_extraction, device=device)
     seg_wf = init_tissue_seg_wf(methods=methods, omp_nthreads=omp_nthreads, seed=seed, device=device,
                                 template=template, prior_weight=prior_weight)
     ds_wf = init_anat_derivatives_wf(output_dir=output_dir, bids_dir=bids_dir, template=template,
@@ -107,7 +110,8 @@ def init_session_wf(session: dict, *, output_dir, bids_dir, template: dict, omp_
         (inputnode, seg_wf, [("acquisition", "inputnode.acquisition")]),
         (inputnode, ds_wf, [("t1w", "inputnode.source_file"), ("acquisition", "inputnode.acquisition")]),
         (anat_wf, ds_wf, [(f"outputnode.{f}", f"inputnode.{f}") for f in
-                          ("t1w_preproc", "t1w_mask", "template_xfm", "template_inv_xfm", "t1w_template")]),
+                          ("t1w_preproc", "t1w_mask", "t1w_mask_metadata", "template_xfm", "template_inv_xfm",
+                           "t1w_template")]),
         (seg_wf, ds_wf, [("outputnode.volumes", "inputnode.volumes")]),
         (anat_wf, outputnode, [(f"outputnode.{f}", f) for f in ANAT_OUTPUTS]),
         (inputnode, outputnode, [("acquisition", "acquisition")]),

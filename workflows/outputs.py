@@ -47,7 +47,7 @@ def init_anat_derivatives_wf(*, output_dir, bids_dir, template: dict, seg_descs,
     tpl = template["name"]
     seg_keys = list(seg_keys or [None] * len(seg_descs))
     wf = pe.Workflow(name=name)
-    fields = ["source_file", "acquisition", "t1w_preproc", "t1w_mask", "template_xfm",
+    fields = ["source_file", "acquisition", "t1w_preproc", "t1w_mask", "t1w_mask_metadata", "template_xfm",
               "template_inv_xfm", "t1w_template", "volumes"]
     for i in range(len(seg_descs)):
         fields += [f"seg{i}_probseg", f"seg{i}_dseg", f"seg{i}_metadata"]
@@ -59,12 +59,7 @@ def init_anat_derivatives_wf(*, output_dir, bids_dir, template: dict, seg_descs,
                                  metadata={"SkullStripped": False,
                                            "Description": "RAS+ reoriented, N4 bias-field corrected T1w"}),
                            "t1w_preproc"),
-        "ds_t1w_mask": (_sink("ds_t1w_mask", output_dir, bids_dir, suffix="mask", desc="brain",
-                              metadata={"Type": "Brain",
-                                        "Method": "template-based: template brain affinely registered to the "
-                                                  "T1w (Mattes MI), template mask warped and thresholded at 0.5",
-                                        "Template": _template_meta(template)}),
-                        "t1w_mask"),
+        "ds_t1w_mask": (_sink("ds_t1w_mask", output_dir, bids_dir, suffix="mask", desc="brain"), "t1w_mask"),
         "ds_xfm_fwd": (_sink("ds_xfm_fwd", output_dir, bids_dir, suffix="xfm", from_="T1w", to=tpl, mode="image",
                              metadata=_xfm_meta(template, f"from T1w space into {tpl}", registration)),
                        "template_xfm"),
@@ -93,6 +88,7 @@ def init_anat_derivatives_wf(*, output_dir, bids_dir, template: dict, seg_descs,
         slot += 1
     for node in (sinks["ds_t1w_preproc"][0], sinks["ds_t1w_template"][0]):
         wf.connect(inputnode, "acquisition", node, "acquisition")
+    wf.connect(inputnode, "t1w_mask_metadata", sinks["ds_t1w_mask"][0], "metadata")  # method, model, fallback
 
     for i, desc in enumerate(seg_descs):
         suffix_desc = desc  # None: main answer

@@ -9,7 +9,10 @@ For each simulated subject (``scanbridge-simulate``: 1 mm MPRAGE T1w, truth unde
 - ``workflow``: the whole Nipype participant workflow of the subject, as ``scanbridge`` runs it
   (MultiProc with ``--nprocs`` processes, a fresh work directory); wall time and the peak summed RSS
   of the process tree (sampled every 0.2 s);
-- accuracy: Dice of the brain mask and of Atropos' CSF/GM/WM against the truth.
+- accuracy: Dice of the brain mask and of Atropos' CSF/GM/WM against the truth, and (stage run) of
+  the template brain mask brought onto the subject by the registration (``--brain-extraction``
+  learned, the app's default, or template: run both to see what the starting mask does to the
+  registration's time and accuracy).
 
 Prints a table of medians and writes ``benchmarks/results/participant.json``.
 
@@ -167,9 +170,15 @@ def accuracy(case: dict, mask_file, dseg_file) -> dict:
 # ---------------------------------------------------------------------------- runs
 
 
-def run_stages(case: dict, template: dict, work: Path, omp: int, seed: int) -> dict:
-    """The T1w steps one after the other, in this process."""
+def run_stages(case: dict, template: dict, work: Path, omp: int, seed: int, brain_extraction: str = "learned") -> dict:
+    """The T1w steps one after the other, in this process; also how well the registration puts the
+    template's brain mask on the subject's true brain (Dice), which a better starting mask should help."""
+    import nibabel as nib
+    import numpy as np
+
+    from bidsapp.metrics.overlap import dice
     from workflows.interfaces import ants as A
+    from workflows.interfaces.brainmask import brain_extraction as extract
 
     A.use_threads(omp, seed)
     f = template["files"]
@@ -185,8 +194,8 @@ def run_stages(case: dict, template: dict, work: Path, omp: int, seed: int) -> d
 
     stage("reorient", lambda: A.reorient_to_ras(case["t1w"], work / "ras.nii.gz"))
     stage("n4", lambda: A.n4_correct(state["reorient"], work / "n4.nii.gz"))
-    stage("brain_extraction", lambda: A.extract_brain(state["n4"], f["T1w"], f["mask"], work / "mask.nii.gz",
-                                                      work / "be.mat"))
+    stage("brain_extraction", lambda: extract(state["n4"], f["T1w"], f["mask"], work / "mask.nii.gz",
+                                              work / "be.mat", method=brain_extraction, device="cpu", threads=omp))
     stage("registration", lambda: A.register_to_template(state["n4"], work / "mask.nii.gz", f["T1w"], f["mask"],
                                                           work / "reg_", transform="SyN",
                                                           initial_xfm=work / "be.mat"))
@@ -194,7 +203,12 @@ def run_stages(case: dict, template: dict, work: Path, omp: int, seed: int) -> d
                                                    state["registration"]["inverse"],
                                                    [work / f"prior_{k}.nii.gz" for k in range(3)]))
     stage("atropos", lambda: A.atropos_segment(state["n4"], work / "mask.nii.gz", state["warp_priors"], work))
-    return {"stages": stages, "accuracy": accuracy(case, work / "mask.nii.gz", state["atropos"]["dseg"])}
+    acc = accuracy(case, work / "mask.nii.gz", state["atropos"]["dseg"])
+    warped = A.warp_to_subject(state["n4"], [f["mask"]], state["registration"]["inverse"],
+                               [work / "template_mask_on_subject.nii.gz"])[0]
+    truth = np.asarray(nib.as_closest_canonical(nib.load(str(case["mask"]))).dataobj) > 0
+    acc["registration_template_mask_dice"] = dice(np.asarray(nib.load(warped).dataobj) >= 0.5, truth)
+    return {"stages": stages, "accuracy": acc, "brain_extraction": state["brain_extraction"].get("Method", "")}
 
 
 def run_workflow(case: dict, template: dict, bids: Path, work: Path, out: Path, nprocs: int, omp: int,
@@ -280,6 +294,8 @@ def main(argv=None) -> int:
     p.add_argument("--nprocs", type=int, default=2)
     p.add_argument("--omp-nthreads", type=int, default=2)
     p.add_argument("--mode", choices=["stages", "workflow", "both"], default="both")
+    p.add_argument("--brain-extraction", choices=["learned", "template"], default="learned",
+                   help="brain-extraction method of the stage run (the workflow uses the app's default)")
     p.add_argument("--template-resolution", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", type=Path, default=None, help="reuse or create the simulated dataset here")
@@ -299,7 +315,8 @@ def main(argv=None) -> int:
         res: dict = {"subject": case["subject"], "protocol": case["sidecar"].get("ProtocolName")}
         tag = f"sub-{case['subject']}"
         if args.mode in ("stages", "both"):
-            res["stages"] = run_stages(case, template, scratch / "stages" / tag, args.omp_nthreads, args.seed)
+            res["stages"] = run_stages(case, template, scratch / "stages" / tag, args.omp_nthreads, args.seed,
+                                       args.brain_extraction)
             print(tag, "stages", json.dumps(res["stages"], default=float), flush=True)
         if args.mode in ("workflow", "both"):
             res["workflow"] = run_workflow(case, template, data, scratch / "work" / tag, scratch / "out",

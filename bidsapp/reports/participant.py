@@ -374,9 +374,17 @@ def session_section(f: SessionFiles, problems: list[str], template=None, n_slice
         errs.append(f"{f.prefix}: no preprocessed T1w (*_desc-preproc_T1w.nii.gz); overlays cannot be drawn")
     else:
         if f.mask is not None:
+            mask_meta = _read_json(_sidecar(f.mask), problems)
+            if mask_meta.get("BrainExtractionFallback"):
+                warns.append(f"{f.prefix}: brain extraction: {mask_meta['BrainExtractionFallback']}")
+            how = str(mask_meta.get("Method") or "").split(":")[0]
+            vol = mask_meta.get("MaskVolumeML")
+            how_txt = (f" Method: {how}" + (f", {vol:.0f} ml" if isinstance(vol, (int, float)) else "") + "."
+                       if how else "")
             body.append(subsection_html("Brain mask", _figure_or_warning(
                 lambda: figures.mask_figure(img(f.preproc), img(f.mask), n_slices=n_slices),
-                f"Brain mask (red contour) over the preprocessed T1w ({f.preproc.name}).", warns, "brain-mask overlay")))
+                f"Brain mask (red contour) over the preprocessed T1w ({f.preproc.name}).{how_txt}", warns,
+                "brain-mask overlay")))
         else:
             warns.append(f"{f.prefix}: no brain mask (*_desc-brain_mask.nii.gz)")
             body.append(subsection_html("Preprocessed T1w", _figure_or_warning(

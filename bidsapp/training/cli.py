@@ -14,6 +14,7 @@ import sys
 SUBCOMMANDS = {
     "tissue": ("bidsapp.training.tissue", "physics-aware GM/WM/CSF U-Net (and its no-physics ablation)"),
     "mrainet": ("bidsapp.training.mrainet", "MRAI-NET acquisition-invariant patch features"),
+    "brainmask": ("bidsapp.training.brainmask", "contrast-agnostic brain-extraction U-Net"),
 }
 
 

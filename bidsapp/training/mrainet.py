@@ -312,14 +312,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _anatomy_dir(arg) -> Path:
-    import os
+    from bidsapp.training import default_anatomy_dir
 
-    if arg:
-        return Path(arg)
-    env = os.environ.get("SCANBRIDGE_ANATOMY_DIR")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[3] / "shared" / "data" / "anatomy"
+    return Path(arg) if arg else default_anatomy_dir()
 
 
 def run(args) -> int:

@@ -602,34 +602,6 @@ class _TemplateInputSpec(_ThreadedInputSpec):
     template_mask = File(exists=True, mandatory=True, desc="template brain mask")
 
 
-class _BrainExtractionInputSpec(_TemplateInputSpec):
-    in_file = File(exists=True, mandatory=True, desc="N4-corrected T1w in RAS")
-    registration_mm = traits.Float(2.0, usedefault=True, desc="grid spacing of the registration")
-
-
-class _BrainExtractionOutputSpec(TraitedSpec):
-    out_mask = File(exists=True, desc="brain mask (uint8) on the input grid")
-    out_xfm = File(exists=True, desc="affine: subject points -> template points (.mat)")
-    diagnostics = traits.Dict(desc="mask volume and template-only mask volume (mm3), initial placement")
-
-
-class BrainExtraction(SimpleInterface):
-    """Template-based brain extraction (see :func:`extract_brain`)."""
-
-    input_spec = _BrainExtractionInputSpec
-    output_spec = _BrainExtractionOutputSpec
-
-    def _run_interface(self, runtime):
-        use_threads(self.inputs.num_threads, self.inputs.seed)
-        cwd = Path(runtime.cwd)
-        diag = extract_brain(self.inputs.in_file, self.inputs.template_t1w, self.inputs.template_mask,
-                             cwd / "brain_mask.nii.gz", cwd / "subject_to_template_affine.mat",
-                             registration_mm=self.inputs.registration_mm)
-        self._results.update(out_mask=str(cwd / "brain_mask.nii.gz"),
-                             out_xfm=str(cwd / "subject_to_template_affine.mat"), diagnostics=diag)
-        return runtime
-
-
 class _RegistrationInputSpec(_TemplateInputSpec):
     in_file = File(exists=True, mandatory=True, desc="N4-corrected T1w in RAS")
     in_mask = File(exists=True, mandatory=True, desc="its brain mask")

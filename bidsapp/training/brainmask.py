@@ -1,0 +1,418 @@
+"""``scanbridge-train brainmask``: train the contrast-agnostic brain-extraction U-Net.
+
+SynthStrip's recipe (Hoopes et al. 2022) on scanbridge's physics engine: every training image is a
+synthetic head made on the fly, never a real scan.
+
+* Anatomies: the full-head label maps of ``--anatomy-dir`` (FreeSurfer labels plus scalp, skull, fat,
+  muscle, eyes, vessels, nerves and sinuses; ``anat-10``..``anat-12`` held out for the benchmark, as
+  for the tissue models) and nilearn's ICBM152 2009a head, as tissue-fraction maps at
+  :data:`~bidsapp.models.brainmask.GRID_MM` (exact partial volume), in RAS.
+* Geometry per sample: random rotation (up to ``--max-rotation`` degrees about each axis), scaling
+  (+-12 %), left-right flip, a smooth random displacement field, and a random field of view of
+  ``--size`` voxels around the brain (partial coverage comes free).
+* Contrast per sample: 75 % physics (SPGR, MPRAGE, T2w and PDw spin echo, FLAIR at 1.5-7 T with
+  random sequence parameters and tissue properties scattered 2.5 times their between-subject spread,
+  each extra-cerebral class separately), 25 % a random intensity per tissue class (contrasts no
+  sequence table lists); then a bias field, thick slices (4 or 6 mm along a random axis), blur, Rician
+  noise (SNR 5-80) and a gamma curve.
+* Inputs a user has: skull already stripped (the image masked by the brain, dilated 0-2 voxels: the
+  target stays the whole brain), defaced faces and missing necks (the image zeroed there).
+* Target: the brain fraction (GM, WM, deep GM, ventricles and all CSF labelled inside the brain);
+  loss: MONAI's soft Dice on the sigmoid plus binary cross-entropy, both on the soft target.
+
+Adam with a cosine learning-rate schedule; a checkpoint every ``--checkpoint-every`` iterations in
+``--out`` lets an interrupted run resume exactly (the sampler's and torch's random states are saved).
+Everything derives from ``--seed``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from bidsapp.training import default_anatomy_dir
+
+LOG = logging.getLogger("scanbridge.train.brainmask")
+
+HELDOUT = ("anat-10", "anat-11", "anat-12")
+FAMILIES = ("SPGR", "MPRAGE", "T2w", "PDw", "FLAIR")
+FAMILY_P = (0.25, 0.25, 0.17, 0.13, 0.20)
+
+
+# ------------------------------------------------------------------------------------------ contrast
+def sample_sequence(rng: np.random.Generator) -> tuple[str, dict, float]:
+    """(equation family, parameters in seconds/degrees, field strength) of a random acquisition."""
+    fam = FAMILIES[rng.choice(len(FAMILIES), p=FAMILY_P)]
+    b0 = float(rng.choice([1.5, 3.0, 7.0], p=[0.4, 0.45, 0.15]) * rng.uniform(0.95, 1.05))
+    if fam == "SPGR":
+        tr = math.exp(rng.uniform(math.log(0.005), math.log(0.1)))
+        return "SPGR", {"tr": tr, "te": rng.uniform(0.002, min(0.012, 0.8 * tr)), "flip_angle": rng.uniform(5, 60)}, b0
+    if fam == "MPRAGE":
+        ti = rng.uniform(0.5, 1.3)
+        return "MPRAGE", {"ti": ti, "td": rng.uniform(0.2, 2.0), "tau": 0.01}, b0
+    if fam == "T2w":
+        return "TSE", {"tr": rng.uniform(2.5, 8.0), "te": rng.uniform(0.06, 0.14)}, b0
+    if fam == "PDw":
+        return "TSE", {"tr": rng.uniform(2.0, 6.0), "te": rng.uniform(0.008, 0.035)}, b0
+    return "FLAIR", {"tr": rng.uniform(6.0, 11.0), "te": rng.uniform(0.07, 0.14), "ti": rng.uniform(1.8, 2.8)}, b0
+
+
+def class_signals(classes, rng: np.random.Generator, physics_p: float = 0.75) -> tuple[np.ndarray, str]:
+    """Signed signal per tissue class (background 0) and a description of the contrast."""
+    from bidsapp.physics import equations
+    from bidsapp.physics.tissues import property_table, sample_multipliers
+
+    if rng.random() < physics_p:
+        seq, params, b0 = sample_sequence(rng)
+        tab = property_table(classes, b0, sample_multipliers(classes, rng, scale=2.5))
+        s = np.asarray(equations.signal(seq, tab[:, 0], tab[:, 1], tab[:, 2], tab[:, 3], params, magnitude=False),
+                       dtype=np.float64)
+        s = s / max(np.abs(s).max(), 1e-12)
+        desc = f"{seq} {b0:.1f}T"
+    else:
+        s = rng.uniform(0.0, 1.0, len(classes))
+        desc = "random"
+    s[0] = 0.0
+    return s.astype(np.float32), desc
+
+
+# ------------------------------------------------------------------------------------------ heads
+@dataclass
+class Head:
+    name: str
+    fractions: "object"   # torch (C, X, Y, Z) float32, RAS
+    classes: tuple
+    brain: "object"       # torch (X, Y, Z) brain fraction
+    centre: np.ndarray    # brain centre of mass (voxels)
+
+
+def load_heads(anatomy_dir, use_icbm: bool = True, heldout=HELDOUT, grid_mm: float | None = None) -> list[Head]:
+    """The training anatomies as RAS fraction maps on the network's grid."""
+    import torch
+
+    from bidsapp.models.brainmask import GRID_MM
+    from bidsapp.physics import phantom as P
+
+    grid_mm = grid_mm or GRID_MM
+    srcs = []
+    if anatomy_dir is not None and Path(anatomy_dir).is_dir():
+        srcs += [(p.name.split("_")[0], p) for p in sorted(Path(anatomy_dir).glob("anat-*_dseg.nii.gz"))
+                 if p.name.split("_")[0] not in heldout]
+    if use_icbm:
+        srcs.append(("icbm152", None))
+    if not srcs:
+        raise FileNotFoundError(f"no anatomies: {anatomy_dir} has no anat-*_dseg.nii.gz and ICBM152 is off "
+                                "(set --anatomy-dir or SCANBRIDGE_ANATOMY_DIR)")
+    heads = []
+    for name, src in srcs:
+        ph = P.load_anatomy(src, resolution=grid_mm).reorient("RAS")
+        frac = torch.from_numpy(np.ascontiguousarray(ph.fractions))
+        brain = torch.from_numpy(np.ascontiguousarray(ph.brain_fraction.astype(np.float32)))
+        idx = np.argwhere(ph.brain_mask)
+        heads.append(Head(name, frac, tuple(ph.classes), brain, idx.mean(0)))
+        LOG.info("anatomy %s: %s voxels", name, tuple(ph.shape))
+    return heads
+
+
+def _rotation(angles) -> np.ndarray:
+    a, b, c = np.deg2rad(angles)
+    rx = np.array([[1, 0, 0], [0, math.cos(a), -math.sin(a)], [0, math.sin(a), math.cos(a)]])
+    ry = np.array([[math.cos(b), 0, math.sin(b)], [0, 1, 0], [-math.sin(b), 0, math.cos(b)]])
+    rz = np.array([[math.cos(c), -math.sin(c), 0], [math.sin(c), math.cos(c), 0], [0, 0, 1]])
+    return rx @ ry @ rz
+
+
+class HeadSynth:
+    """Random synthetic heads with their brain target (see the module docstring)."""
+
+    def __init__(self, heads: list[Head], size: int = 96, seed: int = 0, max_rotation: float = 20.0):
+        import torch
+
+        self.heads, self.size, self.max_rotation = heads, int(size), float(max_rotation)
+        self.rng = np.random.default_rng(seed)
+        self.gen = torch.Generator().manual_seed(int(seed))
+
+    def state(self) -> dict:
+        return {"rng": self.rng.bit_generator.state, "gen": self.gen.get_state()}
+
+    def set_state(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["rng"]
+        self.gen.set_state(state["gen"])
+
+    def _grid(self, head: Head):
+        """Sampling grid (1, S, S, S, 3) for grid_sample: output voxel -> head voxel, normalised."""
+        import torch
+
+        rng, S = self.rng, self.size
+        shape = np.asarray(head.brain.shape, float)
+        rot = _rotation(rng.uniform(-self.max_rotation, self.max_rotation, 3))
+        scale = np.diag(rng.uniform(0.88, 1.12, 3))
+        if rng.random() < 0.5:
+            scale[0, 0] *= -1  # left-right flip
+        m = rot @ scale
+        centre = head.centre + rng.normal(0, 6.0, 3)  # voxels (12 mm at 2 mm)
+        o = torch.stack(torch.meshgrid(*[torch.arange(S, dtype=torch.float32) - (S - 1) / 2] * 3, indexing="ij"), -1)
+        p = o @ torch.as_tensor(m.T, dtype=torch.float32) + torch.as_tensor(centre, dtype=torch.float32)
+        amp = rng.uniform(0, 2.0)
+        if amp > 0:
+            coarse = torch.randn((1, 3, 5, 5, 5), generator=self.gen) * amp
+            disp = torch.nn.functional.interpolate(coarse, size=(S, S, S), mode="trilinear", align_corners=True)
+            p = p + disp[0].permute(1, 2, 3, 0)
+        norm = 2 * p / torch.as_tensor(shape - 1, dtype=torch.float32) - 1
+        return norm.flip(-1)[None]  # grid_sample wants (x=W, y=H, z=D)
+
+    def sample(self) -> tuple:
+        """(image (1, S, S, S), target (1, S, S, S), description)."""
+        import torch
+        import torch.nn.functional as F
+
+        from bidsapp.models.brainmask import normalise
+        from bidsapp.physics.simulator import bias_field_torch, rician_noise_torch
+
+        rng, S = self.rng, self.size
+        head = self.heads[rng.integers(len(self.heads))]
+        signals, desc = class_signals(head.classes, rng)
+        signed = torch.einsum("cxyz,c->xyz", head.fractions, torch.from_numpy(signals))
+        stack = torch.stack([signed, head.brain])[None]
+        warped = F.grid_sample(stack, self._grid(head), mode="bilinear", padding_mode="zeros", align_corners=True)[0]
+        img, target = warped[0].abs(), warped[1].clamp(0, 1)
+        brain = target > 0.5
+        tags = [desc]
+        if brain.any():
+            idx = brain.nonzero()
+            lo, hi, mid = idx.min(0).values, idx.max(0).values, idx.float().mean(0)
+            if rng.random() < 0.25:  # field of view or neck cut below (may clip the cerebellum)
+                cut = int(lo[2] + rng.integers(-15, 6))
+                if cut > 0:
+                    img[:, :, :cut] = 0
+                    target[:, :, :cut] = 0
+                    tags.append("cut")
+            if rng.random() < 0.2:  # defaced: zero the face in front of and below the brain
+                front = int(hi[1] - rng.integers(0, 12))
+                below = int(mid[2] + rng.integers(-5, 8))
+                face = torch.zeros_like(brain)
+                face[:, max(front, 0):, :max(below, 0)] = True
+                img[face & (target < 0.05)] = 0
+                tags.append("defaced")
+        if rng.random() < 0.12:  # already skull-stripped by another tool
+            r = int(rng.integers(0, 3))
+            keep = (target > rng.uniform(0.2, 0.6)).float()[None, None]
+            if r:
+                keep = F.max_pool3d(keep, 2 * r + 1, stride=1, padding=r)
+            img = img * keep[0, 0]
+            tags.append(f"stripped{r}")
+        img = img * bias_field_torch(img.shape, float(rng.uniform(0.0, 0.6)), self.gen)[0]
+        if rng.random() < 0.5:  # thick slices along a random axis
+            ax, k = int(rng.integers(3)), int(rng.choice([2, 3]))
+            kern = [1, 1, 1]
+            kern[ax] = k
+            low = F.avg_pool3d(img[None, None], kern, stride=kern, ceil_mode=True)
+            img = F.interpolate(low, size=(S, S, S), mode="trilinear", align_corners=False)[0, 0]
+            tags.append(f"slices{2 * k}mm")
+        if rng.random() < 0.3:
+            sd = float(rng.uniform(0.3, 1.0))
+            r = 2
+            g = torch.exp(-torch.arange(-r, r + 1, dtype=torch.float32) ** 2 / (2 * sd * sd))
+            g = g / g.sum()
+            x = img[None, None]
+            for ax in range(3):
+                shp = [1, 1, 1, 1, 1]
+                shp[2 + ax] = 2 * r + 1
+                pad = [0] * 6
+                pad[2 * (2 - ax)] = pad[2 * (2 - ax) + 1] = r
+                x = F.conv3d(F.pad(x, pad, mode="replicate"), g.reshape(shp))
+            img = x[0, 0]
+        ref = img[brain].mean() if brain.any() else img.mean()
+        snr = math.exp(rng.uniform(math.log(5.0), math.log(80.0)))
+        img = rician_noise_torch(img, float(ref) / snr, self.gen)
+        img = normalise(img)
+        img = img.clamp_min(0) ** float(math.exp(rng.normal(0, 0.25)))
+        return img[None].float(), target[None].float(), " ".join(tags)
+
+    def batch(self, n: int):
+        import torch
+
+        items = [self.sample() for _ in range(n)]
+        return torch.stack([i[0] for i in items]), torch.stack([i[1] for i in items]), [i[2] for i in items]
+
+
+# ------------------------------------------------------------------------------------------ training
+@dataclass
+class TrainConfig:
+    anatomy_dir: str
+    out: str
+    iterations: int = 3000
+    batch: int = 1
+    size: int = 96
+    lr: float = 1e-3
+    seed: int = 0
+    threads: int = 2
+    device: str = "cpu"
+    checkpoint_every: int = 100
+    max_rotation: float = 20.0
+    icbm: bool = True
+
+
+def command_line(cfg: TrainConfig) -> str:
+    d = TrainConfig(anatomy_dir=cfg.anatomy_dir, out=cfg.out)
+    parts = ["scanbridge-train brainmask", f"--anatomy-dir {cfg.anatomy_dir}", f"--out {cfg.out}"]
+    for k, v in asdict(cfg).items():
+        if k in ("anatomy_dir", "out", "threads", "device") or v == getattr(d, k):
+            continue
+        parts.append(f"--{k.replace('_', '-')}" if v is True else f"--no-{k}" if v is False else f"--{k.replace('_', '-')} {v}")
+    return " ".join(parts)
+
+
+def _loss():
+    import torch
+    from monai.losses import DiceLoss
+
+    dice = DiceLoss(sigmoid=True, smooth_nr=1e-5, smooth_dr=1e-5)
+    bce = torch.nn.BCEWithLogitsLoss()
+    return lambda logits, target: dice(logits, target) + bce(logits, target)
+
+
+def train(cfg: TrainConfig, heads: list[Head] | None = None, progress=print, stop_after: int | None = None) -> dict:
+    """Train (resuming from ``cfg.out``/checkpoint.pt when present); returns the history with the
+    network under ``"net"`` and ``"finished"`` False when ``stop_after`` iterations of this call ended
+    it early (a checkpoint is written there, so a cluster job chain can continue it)."""
+    import torch
+
+    from bidsapp.models.brainmask import build_network
+    from bidsapp.models.tissue import resolve_device
+
+    torch.set_num_threads(int(cfg.threads))
+    device = resolve_device(cfg.device)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    heads = heads if heads is not None else load_heads(cfg.anatomy_dir, use_icbm=cfg.icbm)
+    synth = HeadSynth(heads, size=cfg.size, seed=cfg.seed, max_rotation=cfg.max_rotation)
+    net = build_network().to(device)
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(i, cfg.iterations) / cfg.iterations)))
+    loss_fn = _loss()
+    history = {"loss": [], "seconds": 0.0}
+    start = 0
+    ckpt = out / "checkpoint.pt"
+    if ckpt.is_file():
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        if state["config"] != asdict(cfg) | {"threads": state["config"]["threads"], "device": state["config"]["device"]}:
+            raise SystemExit(f"{ckpt}: a checkpoint of another recipe; use a new --out or delete it")
+        net.load_state_dict(state["net"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        synth.set_state(state["synth"])
+        torch.set_rng_state(state["torch"])
+        history, start = state["history"], state["iteration"]
+        progress(f"resuming at iteration {start}")
+    net.train()
+    t0 = time.time() - history["seconds"]
+    end = cfg.iterations if stop_after is None else min(cfg.iterations, start + int(stop_after))
+    for it in range(start, end):
+        x, y, _ = synth.batch(cfg.batch)
+        x, y = x.to(device), y.to(device)
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(net(x), y)
+        loss.backward()
+        opt.step()
+        sched.step()
+        history["loss"].append(float(loss.detach()))
+        done = it + 1
+        if done % 25 == 0 or done == cfg.iterations:
+            recent = np.mean(history["loss"][-25:])
+            progress(f"iteration {done}/{cfg.iterations} loss {recent:.4f} ({time.time() - t0:.0f} s)")
+        if done % cfg.checkpoint_every == 0 or done == end:
+            history["seconds"] = time.time() - t0
+            tmp = out / "checkpoint.pt.tmp"
+            torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                        "synth": synth.state(), "torch": torch.get_rng_state(), "history": history,
+                        "iteration": done, "config": asdict(cfg)}, tmp)
+            os.replace(tmp, ckpt)
+    history["seconds"] = time.time() - t0
+    return dict(history, net=net, finished=end == cfg.iterations)
+
+
+def save(net, cfg: TrainConfig, history: dict, weights_dir=None) -> dict:
+    """Write the weights and model card (to ``weights_dir``, default ``cfg.out``/weights)."""
+    import torch
+
+    from bidsapp import __version__
+    from bidsapp.models import registry
+    from bidsapp.models.brainmask import ARCHITECTURE, GRID_MM, MODEL_NAME
+
+    card = {
+        "version": __version__,
+        "task": "brain extraction (binary brain mask) of any structural head MRI",
+        "architecture": ARCHITECTURE,
+        "resolution_mm": GRID_MM,
+        "input": "whole image in RAS, box-averaged to 2 mm, intensities / 99.5th percentile of non-zero voxels",
+        "output": "brain probability; mask = probability >= 0.5 at native resolution, holes filled, largest component",
+        "target": ("truth brain mask of the label maps: GM, WM, deep GM, ventricles and CSF labelled inside the "
+                   "brain (extra-cerebral CSF included)"),
+        "training": {
+            "command": command_line(cfg),
+            "seed": cfg.seed,
+            "data": ("synthetic heads from the physics engine: label maps "
+                     f"{', '.join(sorted(h for h in _anatomy_names(cfg)))} (held out: {', '.join(HELDOUT)})"
+                     + (" and the ICBM152 2009a head" if cfg.icbm else "")),
+            "iterations": cfg.iterations, "batch": cfg.batch, "patch_voxels": cfg.size,
+            "seconds": round(history["seconds"], 1), "threads": cfg.threads, "device": cfg.device,
+            "torch": torch.__version__, "platform": platform.platform(),
+            "final_loss": float(np.mean(history["loss"][-50:])) if history["loss"] else None,
+        },
+        "metrics": {},
+    }
+    return registry.save_model(MODEL_NAME, net.state_dict(), card, weights_dir or Path(cfg.out) / "weights")
+
+
+def _anatomy_names(cfg: TrainConfig) -> list[str]:
+    d = Path(cfg.anatomy_dir)
+    return [p.name.split("_")[0] for p in sorted(d.glob("anat-*_dseg.nii.gz")) if p.name.split("_")[0] not in HELDOUT]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = TrainConfig(anatomy_dir="", out="")
+    p.add_argument("--anatomy-dir", default=str(default_anatomy_dir()),
+                   help="folder of anat-*_dseg.nii.gz full-head label maps (default $SCANBRIDGE_ANATOMY_DIR or "
+                        "../shared/data/anatomy)")
+    p.add_argument("--out", required=True, help="run folder: checkpoint.pt (resumable) and weights/")
+    p.add_argument("--iterations", type=int, default=d.iterations)
+    p.add_argument("--batch", type=int, default=d.batch)
+    p.add_argument("--size", type=int, default=d.size, help="training field of view in voxels of 2 mm")
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--threads", type=int, default=d.threads)
+    p.add_argument("--device", default=d.device, choices=("cpu", "cuda", "auto"))
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
+    p.add_argument("--max-rotation", type=float, default=d.max_rotation)
+    p.add_argument("--no-icbm", dest="icbm", action="store_false", help="leave out the ICBM152 head")
+    p.add_argument("--stop-after", type=int, default=None, metavar="N",
+                   help="stop after N iterations of this call, leaving a checkpoint (rerun to continue)")
+
+
+def run(args) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cfg = TrainConfig(anatomy_dir=args.anatomy_dir, out=args.out, iterations=args.iterations, batch=args.batch,
+                      size=args.size, lr=args.lr, seed=args.seed, threads=args.threads, device=args.device,
+                      checkpoint_every=args.checkpoint_every, max_rotation=args.max_rotation, icbm=args.icbm)
+    if not Path(cfg.anatomy_dir).is_dir() and not cfg.icbm:
+        print(f"scanbridge-train brainmask: {cfg.anatomy_dir}: no such folder", file=sys.stderr)
+        return 2
+    hist = train(cfg, progress=lambda m: print(m, flush=True), stop_after=args.stop_after)
+    if not hist["finished"]:
+        print(f"stopped at iteration {len(hist['loss'])} of {cfg.iterations}; rerun the same command to continue")
+        return 0
+    card = save(hist["net"], cfg, hist)
+    print(f"wrote {Path(cfg.out) / 'weights'} (sha256 {card['sha256'][:12]})")
+    return 0

@@ -1,0 +1,214 @@
+"""Learned brain extraction: the shipped network, its sanity check and fallback, and its training."""
+
+from __future__ import annotations
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from bidsapp.metrics.overlap import dice
+from bidsapp.models import brainmask as bm
+
+
+@pytest.fixture(scope="module")
+def head():
+    """A deformed ICBM152 head (skull, scalp, fat) simulated as a 1.5T SPGR and a 3T FLAIR at 2 mm."""
+    from bidsapp.physics.phantom import from_icbm152, make_subject
+    from bidsapp.physics.protocols import get_protocol
+    from bidsapp.physics.simulator import simulate
+
+    rng = np.random.default_rng(7)
+    ph = make_subject(from_icbm152(resolution=2), rng, resolution=2.0)
+    out = {}
+    for name, proto, vs in (("spgr", "mrainet-1.5T-spgr", 2.0), ("flair", "siemens-3T-flair", (2.0, 2.0, 5.0))):
+        sim = simulate(ph, get_protocol(proto), rng, voxel_size=vs)
+        out[name] = (sim.image, sim.truth.brain_mask)
+    return out
+
+
+def test_sanity_check_names_what_is_implausible():
+    assert bm.sanity_check(1400.0, [1400.0, 3.0]) is None
+    assert "outside the plausible" in bm.sanity_check(300.0, [300.0])
+    assert "outside the plausible" in bm.sanity_check(2600.0, [2600.0])
+    assert "2 large components" in bm.sanity_check(1400.0, [1200.0, 200.0])
+
+
+def test_postprocess_keeps_the_largest_component_with_holes_filled():
+    prob = np.zeros((20, 20, 20), np.float32)
+    prob[2:12, 2:12, 2:12] = 0.9
+    prob[6, 6, 6] = 0.1  # a hole
+    prob[15:18, 15:18, 15:18] = 0.8  # a second, smaller blob
+    mask, sizes = bm.postprocess(prob)
+    assert mask[6, 6, 6] and not mask[16, 16, 16]
+    assert mask.sum() == 1000 and sizes == [999, 27]
+
+
+@pytest.mark.parametrize("name", ["spgr", "flair"])
+def test_shipped_network_finds_the_brain_on_any_contrast_and_grid(head, name):
+    img, truth = head[name]
+    res = bm.extract(img, device="cpu")
+    assert res.mask.shape == img.shape
+    assert dice(res.mask, truth) >= 0.9
+    assert res.problem is None and res.model["sha256"] == bm.load_model()[1]["sha256"]
+
+
+def test_mask_follows_the_image_whatever_its_voxel_order(head):
+    img, _ = head["spgr"]
+    ras = nib.as_closest_canonical(img)
+    lps_data = np.asarray(ras.dataobj)[::-1, ::-1, :]
+    flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+    flip[:3, 3] = (np.array(ras.shape) - 1) * [1, 1, 0]
+    lps = nib.Nifti1Image(np.ascontiguousarray(lps_data), ras.affine @ flip)
+    a = bm.extract(ras).mask
+    b = bm.extract(lps).mask[::-1, ::-1, :]
+    assert dice(a, b) >= 0.99
+
+
+def test_already_stripped_image_keeps_the_whole_brain(head):
+    img, truth = head["spgr"]
+    stripped = nib.Nifti1Image(np.asarray(img.dataobj) * truth, img.affine)
+    res = bm.extract(stripped)
+    assert dice(res.mask, truth) >= 0.9
+    assert abs(res.mask.sum() / truth.sum() - 1) < 0.08
+
+
+# ---------------------------------------------------------------------------------- the node
+def _fake_result(mask, volume_ml, components):
+    return bm.BrainMaskResult(mask=mask, volume_ml=volume_ml, component_ml=components,
+                              model={"name": "brainmask_unet", "sha256": "x"})
+
+
+@pytest.fixture(scope="module")
+def template():
+    from bidsapp.templates import get_template
+
+    return get_template(resolution=2, offline=True)["files"]
+
+
+def test_node_keeps_a_plausible_learned_mask_and_starts_registration_at_its_centre(head, template, tmp_path):
+    from workflows.interfaces.brainmask import brain_extraction
+
+    img, truth = head["spgr"]
+    src = tmp_path / "t1w.nii.gz"
+    nib.save(nib.as_closest_canonical(img), src)
+    meta = brain_extraction(src, template["T1w"], template["mask"], tmp_path / "m.nii.gz", tmp_path / "x.mat",
+                            method="learned", device="cpu")
+    assert meta["Method"].startswith("learned") and "BrainExtractionFallback" not in meta
+    assert meta["Model"]["name"] == "brainmask_unet" and 800 < meta["MaskVolumeML"] < 2200
+    assert (tmp_path / "x.mat").is_file()
+    mask = np.asarray(nib.load(tmp_path / "m.nii.gz").dataobj) > 0
+    assert dice(mask, np.asarray(nib.as_closest_canonical(nib.Nifti1Image(truth.astype(np.uint8), img.affine)).dataobj) > 0) >= 0.9
+
+
+def test_node_falls_back_to_the_template_and_says_why(head, template, tmp_path, monkeypatch):
+    from workflows.interfaces.brainmask import brain_extraction
+
+    img, _ = head["spgr"]
+    src = tmp_path / "t1w.nii.gz"
+    nib.save(nib.as_closest_canonical(img), src)
+    monkeypatch.setattr(bm, "extract", lambda *a, **k: _fake_result(np.zeros(img.shape, bool), 2900.0, [2900.0]))
+    meta = brain_extraction(src, template["T1w"], template["mask"], tmp_path / "m.nii.gz", tmp_path / "x.mat",
+                            method="learned", device="cpu")
+    assert "2900 ml outside the plausible" in meta["BrainExtractionFallback"]
+    assert meta["Method"].startswith("template-based") and meta["LearnedMaskVolumeML"] == 2900.0
+    assert (tmp_path / "m.nii.gz").is_file()
+
+
+def test_a_scan_that_is_not_a_head_is_one_error_naming_the_input(template, tmp_path):
+    from workflows.interfaces.brainmask import brain_extraction
+
+    rng = np.random.default_rng(0)
+    cube = np.zeros((60, 60, 60), np.float32)
+    cube[15:45, 15:45, 15:45] = 100 + rng.normal(0, 5, (30, 30, 30))  # a uniform phantom bottle
+    src = tmp_path / "phantom.nii.gz"
+    nib.save(nib.Nifti1Image(cube, np.diag([3.0, 3.0, 3.0, 1.0])), src)
+    with pytest.raises(ValueError) as err:
+        brain_extraction(src, template["T1w"], template["mask"], tmp_path / "m.nii.gz", tmp_path / "x.mat",
+                         method="learned", device="cpu", source_file="/bids/sub-01/anat/sub-01_T1w.nii.gz")
+    msg = str(err.value)
+    assert msg.startswith("/bids/sub-01/anat/sub-01_T1w.nii.gz: ") and "\n" not in msg
+    assert not (tmp_path / "m.nii.gz").exists()
+
+
+def test_mask_sidecar_and_report_name_the_fallback(tmp_path):
+    from bidsapp.reports.participant import session_section
+    from bidsapp.reports.participant import SessionFiles
+
+    anat = tmp_path / "sub-01" / "anat"
+    anat.mkdir(parents=True)
+    data = np.zeros((20, 20, 20), np.float32)
+    data[5:15, 5:15, 5:15] = 1
+    nib.save(nib.Nifti1Image(data, np.eye(4)), anat / "sub-01_desc-preproc_T1w.nii.gz")
+    nib.save(nib.Nifti1Image(data.astype(np.uint8), np.eye(4)), anat / "sub-01_desc-brain_mask.nii.gz")
+    (anat / "sub-01_desc-brain_mask.json").write_text(json.dumps(
+        {"Type": "Brain", "Method": "template-based: ...", "MaskVolumeML": 1.0,
+         "BrainExtractionFallback": "the learned mask failed the sanity check (x); template-based mask used"}))
+    f = SessionFiles(subject="01", session=None, prefix="sub-01", anat_dir=anat)
+    f.preproc, f.mask = anat / "sub-01_desc-preproc_T1w.nii.gz", anat / "sub-01_desc-brain_mask.nii.gz"
+    sec = session_section(f, [])
+    assert any("learned mask failed the sanity check" in w for w in sec.warnings)
+    assert "Method: template-based" in sec.body
+
+
+# ---------------------------------------------------------------------------------- training
+@pytest.fixture(scope="module")
+def icbm_heads():
+    from bidsapp.training.brainmask import load_heads
+
+    return load_heads(None, use_icbm=True)
+
+
+def test_synthetic_heads_are_reproducible_and_target_the_brain(icbm_heads):
+    from bidsapp.training.brainmask import HeadSynth
+
+    a = HeadSynth(icbm_heads, size=48, seed=3).batch(3)
+    b = HeadSynth(icbm_heads, size=48, seed=3).batch(3)
+    assert all(np.array_equal(x, y) for x, y in zip(a[:2], b[:2])) and a[2] == b[2]
+    img, target, _ = a
+    assert img.shape == target.shape == (3, 1, 48, 48, 48)
+    assert 0 <= float(target.min()) and float(target.max()) <= 1 and float(target.sum()) > 0
+    assert float(img.min()) >= 0 and float(img.max()) <= 1.5 ** 2  # normalised, then a gamma curve
+
+
+def test_training_resumes_from_its_checkpoint_bit_for_bit(icbm_heads, tmp_path):
+    import torch
+
+    from bidsapp.training.brainmask import TrainConfig, save, train
+
+    def cfg(out):
+        return TrainConfig(anatomy_dir=str(tmp_path / "none"), out=str(out), iterations=4, size=32, seed=1,
+                           threads=1, checkpoint_every=2)
+
+    whole = train(cfg(tmp_path / "a"), heads=icbm_heads, progress=lambda m: None)
+    first = train(cfg(tmp_path / "b"), heads=icbm_heads, progress=lambda m: None, stop_after=2)
+    assert not first["finished"] and (tmp_path / "b" / "checkpoint.pt").is_file()
+    rest = train(cfg(tmp_path / "b"), heads=icbm_heads, progress=lambda m: None)
+    assert rest["finished"] and rest["loss"] == whole["loss"]
+    for k, v in whole["net"].state_dict().items():
+        assert torch.equal(v, rest["net"].state_dict()[k]), k
+    card = save(rest["net"], cfg(tmp_path / "b"), rest, weights_dir=tmp_path / "w")
+    assert card["training"]["seed"] == 1 and "--iterations 4" in card["training"]["command"]
+    net, loaded = bm.load_model(weights_dir=tmp_path / "w")
+    assert loaded["sha256"] == card["sha256"]
+
+
+def test_shipped_card_says_how_it_was_made():
+    card = bm.load_model()[1]
+    assert card["training"]["command"].startswith("scanbridge-train brainmask")
+    assert "extra-cerebral CSF included" in card["target"]
+    assert card["size_bytes"] < 8_000_000
+
+
+def test_the_option_reaches_the_node(template, tmp_path):
+    from bidsapp.cli import build_parser
+    from workflows.anatomical import init_anat_preproc_wf
+
+    tpl = {"name": "x", "files": template}
+    for argv, method in (([], "learned"), (["--brain-extraction", "template"], "template"),
+                         (["--brain_extraction", "learned"], "learned")):
+        opts = build_parser().parse_args([str(tmp_path), str(tmp_path / "out"), "participant", *argv])
+        assert opts.brain_extraction == method
+        wf = init_anat_preproc_wf(template=tpl, brain_extraction=opts.brain_extraction, device="cpu")
+        assert wf.get_node("brain_extraction").inputs.method == method
