@@ -99,7 +99,8 @@ def test_node_keeps_a_plausible_learned_mask_and_starts_registration_at_its_cent
     assert meta["Model"]["name"] == "brainmask_unet" and 800 < meta["MaskVolumeML"] < 2200
     assert (tmp_path / "x.mat").is_file()
     mask = np.asarray(nib.load(tmp_path / "m.nii.gz").dataobj) > 0
-    assert dice(mask, np.asarray(nib.as_closest_canonical(nib.Nifti1Image(truth.astype(np.uint8), img.affine)).dataobj) > 0) >= 0.9
+    truth_ras = nib.as_closest_canonical(nib.Nifti1Image(truth.astype(np.uint8), img.affine))
+    assert dice(mask, np.asarray(truth_ras.dataobj) > 0) >= 0.9
 
 
 def test_node_falls_back_to_the_template_and_says_why(head, template, tmp_path, monkeypatch):
@@ -119,11 +120,13 @@ def test_node_falls_back_to_the_template_and_says_why(head, template, tmp_path, 
 def test_a_scan_that_is_not_a_head_is_one_error_naming_the_input(template, tmp_path):
     from workflows.interfaces.brainmask import brain_extraction
 
+    # a quality-control phantom: a water cylinder 190 mm across and 148 mm long (the ACR phantom's size)
     rng = np.random.default_rng(0)
-    cube = np.zeros((60, 60, 60), np.float32)
-    cube[15:45, 15:45, 15:45] = 100 + rng.normal(0, 5, (30, 30, 30))  # a uniform phantom bottle
+    x, y, z = np.meshgrid(*[np.arange(n) * 2.0 for n in (110, 110, 90)], indexing="ij")
+    inside = ((x - 109) ** 2 + (y - 109) ** 2 <= 95 ** 2) & (np.abs(z - 89) <= 74)
+    vol = (inside * 100 + np.abs(rng.normal(0, 3, inside.shape))).astype(np.float32)
     src = tmp_path / "phantom.nii.gz"
-    nib.save(nib.Nifti1Image(cube, np.diag([3.0, 3.0, 3.0, 1.0])), src)
+    nib.save(nib.Nifti1Image(vol, np.diag([2.0, 2.0, 2.0, 1.0])), src)
     with pytest.raises(ValueError) as err:
         brain_extraction(src, template["T1w"], template["mask"], tmp_path / "m.nii.gz", tmp_path / "x.mat",
                          method="learned", device="cpu", source_file="/bids/sub-01/anat/sub-01_T1w.nii.gz")
@@ -160,11 +163,12 @@ def icbm_heads():
     return load_heads(None, use_icbm=True)
 
 
-def test_synthetic_heads_are_reproducible_and_target_the_brain(icbm_heads):
+@pytest.mark.parametrize("centre", ["brain", "head"])
+def test_synthetic_heads_are_reproducible_and_target_the_brain(icbm_heads, centre):
     from bidsapp.training.brainmask import HeadSynth
 
-    a = HeadSynth(icbm_heads, size=48, seed=3).batch(3)
-    b = HeadSynth(icbm_heads, size=48, seed=3).batch(3)
+    a = HeadSynth(icbm_heads, size=48, seed=3, centre=centre).batch(3)
+    b = HeadSynth(icbm_heads, size=48, seed=3, centre=centre).batch(3)
     assert all(np.array_equal(x, y) for x, y in zip(a[:2], b[:2])) and a[2] == b[2]
     img, target, _ = a
     assert img.shape == target.shape == (3, 1, 48, 48, 48)
@@ -193,6 +197,16 @@ def test_training_resumes_from_its_checkpoint_bit_for_bit(icbm_heads, tmp_path):
     net, loaded = bm.load_model(weights_dir=tmp_path / "w")
     assert loaded["sha256"] == card["sha256"]
 
+    # a second stage starts from the first one's checkpoint; its card lists both commands
+    from bidsapp.training.brainmask import command_line
+
+    stage2 = TrainConfig(anatomy_dir=str(tmp_path / "none"), out=str(tmp_path / "c"), iterations=1, size=32,
+                         seed=2, threads=1, centre="head", init_from=str(tmp_path / "b" / "checkpoint.pt"))
+    card2 = save(train(stage2, heads=icbm_heads, progress=lambda m: None)["net"], stage2,
+                 {"loss": [0.5], "seconds": 1.0}, weights_dir=tmp_path / "w2")
+    assert card2["training"]["stages"] == [command_line(cfg(tmp_path / "b")), command_line(stage2)]
+    assert "--centre head --init-from" in card2["training"]["stages"][1]
+
 
 def test_shipped_card_says_how_it_was_made():
     card = bm.load_model()[1]
@@ -212,3 +226,27 @@ def test_the_option_reaches_the_node(template, tmp_path):
         assert opts.brain_extraction == method
         wf = init_anat_preproc_wf(template=tpl, brain_extraction=opts.brain_extraction, device="cpu")
         assert wf.get_node("brain_extraction").inputs.method == method
+
+
+def test_benchmark_summary_gives_medians_per_family_and_the_two_scanner_difference():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "brainmask" / "run.py"
+    spec = importlib.util.spec_from_file_location("brainmask_run", path)
+    run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run)
+    rows = []
+    for head, (a, b) in {"anat-10": (1500.0, 1515.0), "anat-11": (1400.0, 1400.0)}.items():
+        for fam, vol, d in (("MPRAGE 3T 1mm", a, 0.98), ("SPGR 1.5T 1mm", b, 0.96)):
+            rows.append({"set": "simulated", "head": head, "family": fam, "method": "learned", "dice": d,
+                         "hd95_mm": 1.0, "volume_error_pct": -2.0 if d > 0.97 else 1.0, "volume_ml": vol,
+                         "seconds": 3.0, "peak_mb": 700, "error": None})
+    rows.append({"set": "simulated", "head": "anat-12", "family": "MPRAGE 3T 1mm", "method": "learned",
+                 "error": "ValueError: x", "seconds": None, "peak_mb": None})
+    lines, table = run.summarise(rows, ["learned"])
+    mp = table["simulated"]["MPRAGE 3T 1mm"]["learned"]
+    assert mp["n"] == 3 and mp["failed"] == 1 and mp["dice"] == pytest.approx(0.98)
+    assert table["simulated"]["all"]["learned"]["abs_volume_error_pct"] == pytest.approx(1.5)
+    assert table["two_scanners"]["learned"]["median_pct"] == pytest.approx(100 * 15 / 1507.5 / 2)
+    assert any("3T MPRAGE vs 1.5T SPGR" in line for line in lines)

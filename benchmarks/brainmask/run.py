@@ -258,7 +258,8 @@ def _evaluate(case: dict, method: str, threads: int, weights_dir=None) -> dict:
         zooms = truth_img.header.get_zooms()[:3]
         # volume from the image's own grid (no resampling loss)
         m_img = nib.load(str(out))
-        row["volume_ml"] = float(np.asarray(m_img.dataobj).astype(bool).sum() * np.prod(m_img.header.get_zooms()[:3]) / 1000)
+        own = np.asarray(m_img.dataobj).astype(bool)
+        row["volume_ml"] = float(own.sum() * np.prod(m_img.header.get_zooms()[:3]) / 1000)
     else:
         truth_img = nib.load(str(case["truth"]))
         truth = np.asarray(truth_img.dataobj) > 0
@@ -270,6 +271,32 @@ def _evaluate(case: dict, method: str, threads: int, weights_dir=None) -> dict:
     row["volume_error_pct"] = volume_error_percent(mask, truth)
     row["truth_ml"] = float(truth.sum() * np.prod(zooms) / 1000)
     return row
+
+
+COLORS = {"truth": "#ffffff", "learned": "#ff3030", "template": "#30d0ff", "deepbet": "#ffd000"}
+
+
+def overlay(case: dict, methods, out_png: Path) -> None:
+    """Every method's mask (and the truth where it is on the image grid) over the image, three planes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from bidsapp.reports.figures import overlay_mosaic
+
+    d = case["dir"]
+    contours = [(str(d / f"mask_{m}.nii.gz"), [0.5], COLORS[m], m) for m in methods
+                if (d / f"mask_{m}.nii.gz").is_file()]
+    if case["set"] == "simulated":
+        contours.insert(0, (str(case["truth"]), [0.5], COLORS["truth"], "truth"))
+    if not contours:
+        return
+    fig = overlay_mosaic(str(d / "n4.nii.gz"), contours=contours, region=contours[0][0], n_slices=4,
+                         title=f"{case['set']} {case['head']} {case.get('session') or ''} {case['family']}")
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=60, facecolor="black")
+    plt.close(fig)
 
 
 def _median(rows, key):
@@ -335,6 +362,9 @@ def main(argv=None) -> int:
                     help="learned: a folder with brainmask_unet.pt/.json (default: the shipped model)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "brainmask.json")
+    ap.add_argument("--figures", action="store_true", help="write an overlay PNG per image beside --out")
+    ap.add_argument("--update-card", action="store_true",
+                    help="write the learned model's headline figures into its model card's metrics")
     args = ap.parse_args(argv)
     data = args.data or data_root()
     work = args.work or Path(tempfile.gettempdir()) / "scanbridge-bench-brainmask"
@@ -359,14 +389,31 @@ def main(argv=None) -> int:
                    if row.get("dice") is not None else f"failed: {row['error']}")
             print(f"[{i}/{len(cases)}] {case['set']} {case['head']} {case['family']:20s} {m:9s} {txt} "
                   f"({row['seconds'] or 0:.1f} s, {row['peak_mb'] or 0} MB)", flush=True)
+    if args.figures:
+        fig_dir = args.out.with_suffix("")
+        for case in cases:
+            overlay(case, methods, fig_dir / f"{case['dir'].parent.name}_{case['dir'].name}.png")
+        print(f"overlays in {fig_dir}/")
     lines, table = summarise(rows, methods)
     print("\n".join(lines))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    result = {"command": " ".join([Path(sys.argv[0]).name, *(argv or sys.argv[1:])]), "threads": args.threads,
+    result = {"command": " ".join(["python benchmarks/brainmask/run.py", *(argv or sys.argv[1:])]),
+              "threads": args.threads,
               "platform": platform.platform(), "cpu_count": os.cpu_count(), "seconds": time.time() - t0,
               "notes": notes, "summary": table, "rows": [{k: v for k, v in r.items()} for r in rows]}
     args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")
     print(f"wrote {args.out}")
+    if args.update_card and "learned" in methods:
+        from bidsapp.models import registry
+        from bidsapp.models.brainmask import MODEL_NAME
+
+        headline = {s: {fam: v["learned"] for fam, v in t.items() if "learned" in v}
+                    for s, t in table.items() if s in ("simulated", "clinical")}
+        if "two_scanners" in table and "learned" in table["two_scanners"]:
+            headline["two_scanners_volume_difference_pct"] = table["two_scanners"]["learned"]
+        registry.update_card(MODEL_NAME, {"metrics": {"benchmark": result["command"], **headline}},
+                             args.weights_dir)
+        print(f"updated the metrics of {MODEL_NAME}'s model card")
     return 0
 
 

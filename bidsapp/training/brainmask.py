@@ -9,7 +9,8 @@ synthetic head made on the fly, never a real scan.
   :data:`~bidsapp.models.brainmask.GRID_MM` (exact partial volume), in RAS.
 * Geometry per sample: random rotation (up to ``--max-rotation`` degrees about each axis), scaling
   (+-12 %), left-right flip, a smooth random displacement field, and a random field of view of
-  ``--size`` voxels around the brain (partial coverage comes free).
+  ``--size`` voxels around the brain, or with ``--centre head`` half of them anywhere in the head
+  (partial coverage comes free; the face and neck must be seen to be left out).
 * Contrast per sample: 75 % physics (SPGR, MPRAGE, T2w and PDw spin echo, FLAIR at 1.5-7 T with
   random sequence parameters and tissue properties scattered 2.5 times their between-subject spread,
   each extra-cerebral class separately), 25 % a random intensity per tissue class (contrasts no
@@ -21,7 +22,9 @@ synthetic head made on the fly, never a real scan.
   loss: MONAI's soft Dice on the sigmoid plus binary cross-entropy, both on the soft target.
 
 Adam with a cosine learning-rate schedule; a checkpoint every ``--checkpoint-every`` iterations in
-``--out`` lets an interrupted run resume exactly (the sampler's and torch's random states are saved).
+``--out`` lets an interrupted run resume exactly (the sampler's and torch's random states are saved);
+``--stop-after N`` ends a run at iteration N of its schedule (a stage that a later ``--init-from`` stage
+starts from).
 Everything derives from ``--seed``.
 """
 
@@ -44,6 +47,10 @@ from bidsapp.training import default_anatomy_dir
 LOG = logging.getLogger("scanbridge.train.brainmask")
 
 HELDOUT = ("anat-10", "anat-11", "anat-12")
+CENTRES = ("brain", "head")
+"""Where training fields of view are centred: near the brain's centre, or (``head``) half of them
+anywhere in the head, so that a field of view smaller than the head still shows the network the face
+and neck it must leave out."""
 FAMILIES = ("SPGR", "MPRAGE", "T2w", "PDw", "FLAIR")
 FAMILY_P = (0.25, 0.25, 0.17, 0.13, 0.20)
 
@@ -93,6 +100,7 @@ class Head:
     classes: tuple
     brain: "object"       # torch (X, Y, Z) brain fraction
     centre: np.ndarray    # brain centre of mass (voxels)
+    head_box: np.ndarray  # (2, 3) first and last voxel of the head (non-background fraction >= 0.5)
 
 
 def load_heads(anatomy_dir, use_icbm: bool = True, heldout=HELDOUT, grid_mm: float | None = None) -> list[Head]:
@@ -118,7 +126,8 @@ def load_heads(anatomy_dir, use_icbm: bool = True, heldout=HELDOUT, grid_mm: flo
         frac = torch.from_numpy(np.ascontiguousarray(ph.fractions))
         brain = torch.from_numpy(np.ascontiguousarray(ph.brain_fraction.astype(np.float32)))
         idx = np.argwhere(ph.brain_mask)
-        heads.append(Head(name, frac, tuple(ph.classes), brain, idx.mean(0)))
+        head = np.argwhere(ph.fractions[0] < 0.5)
+        heads.append(Head(name, frac, tuple(ph.classes), brain, idx.mean(0), np.stack([head.min(0), head.max(0)])))
         LOG.info("anatomy %s: %s voxels", name, tuple(ph.shape))
     return heads
 
@@ -134,10 +143,13 @@ def _rotation(angles) -> np.ndarray:
 class HeadSynth:
     """Random synthetic heads with their brain target (see the module docstring)."""
 
-    def __init__(self, heads: list[Head], size: int = 96, seed: int = 0, max_rotation: float = 20.0):
+    def __init__(self, heads: list[Head], size: int = 96, seed: int = 0, max_rotation: float = 20.0,
+                 centre: str = "brain"):
         import torch
 
-        self.heads, self.size, self.max_rotation = heads, int(size), float(max_rotation)
+        if centre not in CENTRES:
+            raise ValueError(f"centre must be one of {', '.join(CENTRES)}, not {centre!r}")
+        self.heads, self.size, self.max_rotation, self.centre = heads, int(size), float(max_rotation), centre
         self.rng = np.random.default_rng(seed)
         self.gen = torch.Generator().manual_seed(int(seed))
 
@@ -159,7 +171,10 @@ class HeadSynth:
         if rng.random() < 0.5:
             scale[0, 0] *= -1  # left-right flip
         m = rot @ scale
-        centre = head.centre + rng.normal(0, 6.0, 3)  # voxels (12 mm at 2 mm)
+        if self.centre == "head" and rng.random() < 0.5:  # anywhere in the head: face, neck, vertex
+            centre = rng.uniform(head.head_box[0], head.head_box[1])
+        else:
+            centre = head.centre + rng.normal(0, 6.0, 3)  # voxels (12 mm at 2 mm)
         o = torch.stack(torch.meshgrid(*[torch.arange(S, dtype=torch.float32) - (S - 1) / 2] * 3, indexing="ij"), -1)
         p = o @ torch.as_tensor(m.T, dtype=torch.float32) + torch.as_tensor(centre, dtype=torch.float32)
         amp = rng.uniform(0, 2.0)
@@ -260,16 +275,27 @@ class TrainConfig:
     checkpoint_every: int = 100
     max_rotation: float = 20.0
     icbm: bool = True
+    centre: str = "brain"
+    init_from: str | None = None
 
 
 def command_line(cfg: TrainConfig) -> str:
     d = TrainConfig(anatomy_dir=cfg.anatomy_dir, out=cfg.out)
     parts = ["scanbridge-train brainmask", f"--anatomy-dir {cfg.anatomy_dir}", f"--out {cfg.out}"]
     for k, v in asdict(cfg).items():
-        if k in ("anatomy_dir", "out", "threads", "device") or v == getattr(d, k):
+        if k in ("anatomy_dir", "out", "threads", "device", "checkpoint_every") or v == getattr(d, k):
             continue
-        parts.append(f"--{k.replace('_', '-')}" if v is True else f"--no-{k}" if v is False else f"--{k.replace('_', '-')} {v}")
+        flag = f"--{k.replace('_', '-')}"
+        parts.append(flag if v is True else f"--no-{k}" if v is False else f"{flag} {v}")
     return " ".join(parts)
+
+
+def _initial_weights(path) -> dict:
+    """The network weights of a training checkpoint (``checkpoint.pt``) or of a weights file."""
+    import torch
+
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    return state["net"] if isinstance(state, dict) and "net" in state else state
 
 
 def _loss():
@@ -283,8 +309,9 @@ def _loss():
 
 def train(cfg: TrainConfig, heads: list[Head] | None = None, progress=print, stop_after: int | None = None) -> dict:
     """Train (resuming from ``cfg.out``/checkpoint.pt when present); returns the history with the
-    network under ``"net"`` and ``"finished"`` False when ``stop_after`` iterations of this call ended
-    it early (a checkpoint is written there, so a cluster job chain can continue it)."""
+    network under ``"net"`` and ``"finished"`` False when the run stopped at iteration ``stop_after``
+    before the end (a checkpoint is written there: a chain of cluster jobs, or a training stage that
+    a later one starts from)."""
     import torch
 
     from bidsapp.models.brainmask import build_network
@@ -296,8 +323,11 @@ def train(cfg: TrainConfig, heads: list[Head] | None = None, progress=print, sto
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     heads = heads if heads is not None else load_heads(cfg.anatomy_dir, use_icbm=cfg.icbm)
-    synth = HeadSynth(heads, size=cfg.size, seed=cfg.seed, max_rotation=cfg.max_rotation)
-    net = build_network().to(device)
+    synth = HeadSynth(heads, size=cfg.size, seed=cfg.seed, max_rotation=cfg.max_rotation, centre=cfg.centre)
+    net = build_network()
+    if cfg.init_from:
+        net.load_state_dict(_initial_weights(cfg.init_from))
+    net = net.to(device)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda i: 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(i, cfg.iterations) / cfg.iterations)))
@@ -307,7 +337,8 @@ def train(cfg: TrainConfig, heads: list[Head] | None = None, progress=print, sto
     ckpt = out / "checkpoint.pt"
     if ckpt.is_file():
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        if state["config"] != asdict(cfg) | {"threads": state["config"]["threads"], "device": state["config"]["device"]}:
+        same_hardware = {"threads": state["config"]["threads"], "device": state["config"]["device"]}
+        if state["config"] != asdict(cfg) | same_hardware:
             raise SystemExit(f"{ckpt}: a checkpoint of another recipe; use a new --out or delete it")
         net.load_state_dict(state["net"])
         opt.load_state_dict(state["opt"])
@@ -318,7 +349,7 @@ def train(cfg: TrainConfig, heads: list[Head] | None = None, progress=print, sto
         progress(f"resuming at iteration {start}")
     net.train()
     t0 = time.time() - history["seconds"]
-    end = cfg.iterations if stop_after is None else min(cfg.iterations, start + int(stop_after))
+    end = cfg.iterations if stop_after is None else max(start, min(cfg.iterations, int(stop_after)))
     for it in range(start, end):
         x, y, _ = synth.batch(cfg.batch)
         x, y = x.to(device), y.to(device)
@@ -373,7 +404,30 @@ def save(net, cfg: TrainConfig, history: dict, weights_dir=None) -> dict:
         },
         "metrics": {},
     }
+    if cfg.init_from:
+        card["training"]["stages"] = _chain(cfg)
     return registry.save_model(MODEL_NAME, net.state_dict(), card, weights_dir or Path(cfg.out) / "weights")
+
+
+def _chain(cfg: TrainConfig) -> list[str]:
+    """The commands that made this network, first stage first (followed through ``--init-from``
+    checkpoints, which record their recipe and iteration)."""
+    import torch
+
+    stages = [command_line(cfg)]
+    path = cfg.init_from
+    while path and Path(path).is_file():
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if not (isinstance(state, dict) and "config" in state):
+            stages.insert(0, f"(weights file {path})")
+            break
+        prev = TrainConfig(**{k: v for k, v in state["config"].items() if k in TrainConfig.__dataclass_fields__})
+        cmd = command_line(prev)
+        if state["iteration"] < prev.iterations:
+            cmd += f" --stop-after {state['iteration']}"
+        stages.insert(0, cmd)
+        path = prev.init_from
+    return stages
 
 
 def _anatomy_names(cfg: TrainConfig) -> list[str]:
@@ -397,15 +451,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
     p.add_argument("--max-rotation", type=float, default=d.max_rotation)
     p.add_argument("--no-icbm", dest="icbm", action="store_false", help="leave out the ICBM152 head")
+    p.add_argument("--centre", default=d.centre, choices=CENTRES,
+                   help="centre of the training fields of view: brain, or head (half of them anywhere in the head)")
+    p.add_argument("--init-from", default=None, metavar="PT",
+                   help="start from the network of a checkpoint.pt or weights file (a later stage of a chain)")
     p.add_argument("--stop-after", type=int, default=None, metavar="N",
-                   help="stop after N iterations of this call, leaving a checkpoint (rerun to continue)")
+                   help="stop at iteration N of the schedule, leaving a checkpoint (as scanbridge-train tissue's "
+                        "--stop-after; rerun without it to continue)")
 
 
 def run(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cfg = TrainConfig(anatomy_dir=args.anatomy_dir, out=args.out, iterations=args.iterations, batch=args.batch,
                       size=args.size, lr=args.lr, seed=args.seed, threads=args.threads, device=args.device,
-                      checkpoint_every=args.checkpoint_every, max_rotation=args.max_rotation, icbm=args.icbm)
+                      checkpoint_every=args.checkpoint_every, max_rotation=args.max_rotation, icbm=args.icbm,
+                      centre=args.centre, init_from=args.init_from)
     if not Path(cfg.anatomy_dir).is_dir() and not cfg.icbm:
         print(f"scanbridge-train brainmask: {cfg.anatomy_dir}: no such folder", file=sys.stderr)
         return 2

@@ -82,7 +82,8 @@ def brain_extraction(in_file, template_t1w, template_mask, out_mask, out_xfm, *,
             Path(out_mask).unlink(missing_ok=True)
             raise ValueError(f"{name}: no brain found (learned mask: {problem}; template-based mask: {second}); "
                              "is this a head image?")
-        meta["BrainExtractionFallback"] = f"the learned mask failed the sanity check ({problem}); template-based mask used"
+        meta["BrainExtractionFallback"] = (f"the learned mask failed the sanity check ({problem}); "
+                                           "template-based mask used")
         meta["LearnedMaskVolumeML"] = meta.pop("MaskVolumeML")
     meta.update(Method=TEMPLATE_METHOD, MaskVolumeML=round(volume_ml, 1))
     return meta
