@@ -19,7 +19,8 @@ Data:
   mask. Also the brain volume of the same head on a 3T MPRAGE and a 1.5T SPGR scanner.
 - ``clinical``: the real clinical MS scans of ``clinical-ms/`` beside the label maps (thick-slice FLAIR,
   T1w, T2w with skull, no sidecars); each mask is taken to the patient's common space with the
-  dataset's affines (T1w/T2w -> FLAIR -> common) and compared with the expert brain mask.
+  dataset's affines (T1w/T2w -> FLAIR -> common) and compared with the expert brain mask inside the
+  image's field of view (a session's slices may cover less of the head than the expert mask).
 
 Metrics: Dice, HD95 (mm), brain-volume error (%) and seconds / peak MB per image. Prints tables of
 medians and writes ``benchmarks/results/brainmask.json``.
@@ -178,8 +179,20 @@ def simulated_cases(work: Path, anatomy_dir: Path, heads, seed: int) -> list[dic
     return cases
 
 
+def reference_problem(mask_file: Path) -> str | None:
+    """Why an expert mask cannot be a brain mask (the app's own plausibility rule), or None."""
+    import nibabel as nib
+
+    from bidsapp.models.brainmask import sanity_check
+
+    img = nib.load(str(mask_file))
+    ml = float((np.asarray(img.dataobj) > 0).sum() * np.prod(img.header.get_zooms()[:3]) / 1000)
+    return sanity_check(ml, [ml])
+
+
 def clinical_cases(work: Path, clinical: Path) -> list[dict]:
     cases = []
+    problems: dict[Path, str | None] = {}
     for img in sorted((clinical / "bids").glob("sub-*/ses-*/anat/*.nii.gz")):
         sub, ses, mod = img.name.split("_")[0], img.name.split("_")[1], img.name.split("_")[-1].split(".")[0]
         ref = clinical / "reference" / sub
@@ -193,22 +206,30 @@ def clinical_cases(work: Path, clinical: Path) -> list[dict]:
         if not all(p.is_file() for p in chain) or not flair.is_file():
             print(f"  {img.name}: transforms to the common space missing, left out")
             continue
+        truth = ref / f"{sub}_space-common_desc-brain_mask.nii.gz"
+        if truth not in problems:
+            problems[truth] = reference_problem(truth)
+            if problems[truth]:
+                print(f"  {truth.name}: reference left out of the summary: {problems[truth]}")
         cases.append({"set": "clinical", "head": sub, "session": ses, "family": mod, "dir": d, "raw": img,
-                      "truth": ref / f"{sub}_space-common_desc-brain_mask.nii.gz", "chain": chain, "flair": flair})
+                      "truth": truth, "chain": chain, "flair": flair, "reference_problem": problems[truth]})
     return cases
 
 
-def to_common(mask_file: Path, case: dict) -> np.ndarray:
-    """A mask on the image's grid resampled into the common space (one linear resampling per step)."""
+def to_common(mask_file: Path, case: dict) -> tuple[np.ndarray, np.ndarray]:
+    """A mask on the image's grid resampled into the common space (one linear resampling per step),
+    and the image's field of view there (the expert mask covers the patient's whole brain; a session
+    whose slices cover less can only be judged where it has them)."""
     import ants
 
     cur = ants.image_read(str(mask_file)).astype("float32")
+    fov = cur.new_image_like(np.ones(cur.shape, np.float32))
     steps = [(ants.image_read(str(case["flair"])), case["chain"][0])] if len(case["chain"]) == 2 else []
     steps.append((ants.image_read(str(case["truth"])), case["chain"][-1]))
     for ref, xfm in steps:
-        cur = ants.apply_transforms(fixed=ref.astype("float32"), moving=cur, transformlist=[str(xfm)],
-                                    interpolator="linear")
-    return cur.numpy() >= 0.5
+        cur, fov = (ants.apply_transforms(fixed=ref.astype("float32"), moving=im, transformlist=[str(xfm)],
+                                          interpolator="linear") for im in (cur, fov))
+    return cur.numpy() >= 0.5, fov.numpy() >= 0.5
 
 
 # ---------------------------------------------------------------------------------- evaluation
@@ -247,14 +268,15 @@ def _evaluate(case: dict, method: str, threads: int, weights_dir=None) -> dict:
         preprocess(case["raw"], d)
     out = d / f"mask_{method}.nii.gz"
     row = {"set": case["set"], "head": case["head"], "family": case["family"], "method": method,
-           "session": case.get("session")}
+           "session": case.get("session"), "reference_problem": case.get("reference_problem")}
     row.update(run_method(method, n4, out, threads, weights_dir))
     if row["error"] or not out.is_file():
         return row
     if case["set"] == "clinical":
         truth_img = nib.load(str(case["truth"]))
-        truth = np.asarray(truth_img.dataobj) > 0
-        mask = to_common(out, case)
+        mask, fov = to_common(out, case)
+        truth = (np.asarray(truth_img.dataobj) > 0) & fov
+        mask &= fov
         zooms = truth_img.header.get_zooms()[:3]
         # volume from the image's own grid (no resampling loss)
         m_img = nib.load(str(out))
@@ -307,7 +329,7 @@ def _median(rows, key):
 def summarise(rows: list[dict], methods) -> tuple[list[str], dict]:
     lines, table = [], {}
     for set_name in ("simulated", "clinical"):
-        sub = [r for r in rows if r["set"] == set_name]
+        sub = [r for r in rows if r["set"] == set_name and not r.get("reference_problem")]
         if not sub:
             continue
         lines.append(f"\n{set_name}: median (min Dice) per family and method")
@@ -329,6 +351,10 @@ def summarise(rows: list[dict], methods) -> tuple[list[str], dict]:
                 lines.append(f"{fam:22s} {m:9s} {entry['n']:2d} {entry['dice']:6.3f} {entry['min_dice']:7.3f} "
                              f"{entry['hd95_mm']:7.2f} {entry['abs_volume_error_pct']:10.2f} {entry['seconds']:6.1f} "
                              f"{entry['peak_mb']:7.0f} {entry['failed']}")
+    bad = sorted({(r["head"], r["reference_problem"]) for r in rows if r.get("reference_problem")})
+    for head, why in bad:
+        lines.append(f"left out: {head}'s expert mask ({why})")
+        table.setdefault("left_out", {})[head] = why
     sim = [r for r in rows if r["set"] == "simulated" and r.get("volume_ml")]
     pairs = {}
     for m in methods:
