@@ -142,7 +142,7 @@ def sanity_check(volume_ml: float, component_ml) -> str | None:
     return None
 
 
-def extract(img, device="cpu", weights_dir=None, net_card=None) -> BrainMaskResult:
+def extract(img, device="cpu", weights_dir=None) -> BrainMaskResult:
     """Brain mask of a nibabel image on its own grid (see the module docstring for the steps)."""
     import nibabel as nib
 
@@ -150,7 +150,7 @@ def extract(img, device="cpu", weights_dir=None, net_card=None) -> BrainMaskResu
 
     t0 = time.time()
     device = resolve_device(device)
-    net, card = net_card or load_model(device, weights_dir)
+    net, card = load_model(device, weights_dir)
     grid = float(card.get("resolution_mm", GRID_MM))
     data = np.asarray(img.dataobj, dtype=np.float32)
     if data.ndim > 3:
