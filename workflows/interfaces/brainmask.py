@@ -63,7 +63,7 @@ def brain_extraction(in_file, template_t1w, template_mask, out_mask, out_xfm, *,
         problem = res.problem
         meta.update(Method="learned: contrast-agnostic U-Net (brainmask_unet) on the whole image at 2 mm, "
                            "probability >= 0.5 at native resolution, holes filled, largest component",
-                    Model=res.model, MaskVolumeML=round(res.volume_ml, 1), Seconds=round(res.seconds, 2))
+                    Model=res.model, MaskVolumeML=round(res.volume_ml, 1))
         if problem is None:
             _save_like(res.mask, ref, out_mask, dtype=np.uint8)
             _centre_translation(in_file, res.mask, template_mask, out_xfm)
