@@ -1,7 +1,8 @@
 """Anatomical preprocessing: the T1w of a session, and other contrasts brought onto it.
 
-``init_anat_preproc_wf``: reorient to RAS -> N4 -> template-based brain extraction -> registration to
-the template -> template tissue priors warped to the T1w. ``init_coregistration_wf``: a FLAIR, T2w or
+``init_anat_preproc_wf``: reorient to RAS -> N4 -> brain extraction (the learned network, or the
+template-based method; :mod:`workflows.interfaces.brainmask`) -> registration to the template, starting
+from the mask -> template tissue priors warped to the T1w. ``init_coregistration_wf``: a FLAIR, T2w or
 PDw image reoriented, N4-corrected and rigidly registered to the session's preprocessed T1w.
 Computation only: the files get their BIDS names in :mod:`workflows.outputs`.
 
@@ -23,8 +24,8 @@ from workflows.interfaces.ants import (
 )
 from workflows.interfaces.brainmask import BrainExtraction
 
-ANAT_OUTPUTS = ("t1w_ras", "t1w_preproc", "t1w_mask", "t1w_mask_metadata", "template_xfm", "template_inv_xfm", "t1w_template",
-                "priors")
+ANAT_OUTPUTS = ("t1w_ras", "t1w_preproc", "t1w_mask", "t1w_mask_metadata", "template_xfm", "template_inv_xfm",
+                "t1w_template", "priors")
 
 
 def _check_template(template: dict) -> dict:
@@ -42,7 +43,8 @@ def init_anat_preproc_wf(*, template: dict, omp_nthreads: int = 1, seed: int = 0
 
     Inputs: ``t1w`` (raw BIDS T1w). Outputs: ``t1w_ras`` (reoriented raw), ``t1w_preproc`` (N4, RAS),
     ``t1w_mask`` (``brain_extraction``: learned network or template, see
-    :mod:`workflows.interfaces.brainmask`), ``t1w_mask_metadata`` (its sidecar fields), ``template_xfm`` (from-T1w_to-template), ``template_inv_xfm`` (from-template_to-T1w),
+    :mod:`workflows.interfaces.brainmask`), ``t1w_mask_metadata`` (its sidecar fields),
+    ``template_xfm`` (from-T1w_to-template), ``template_inv_xfm`` (from-template_to-T1w),
     ``t1w_template`` (the preprocessed T1w in template space), ``priors`` (template CSF/GM/WM on the
     T1w grid).
     """
