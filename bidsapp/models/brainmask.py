@@ -9,7 +9,7 @@ Inference (:func:`extract`), in the order the steps run:
 
 1. the image is put in RAS voxel order (axes permuted/flipped only) and box-averaged or linearly
    interpolated to :data:`GRID_MM` isotropic over the same field of view (``card["resolution_mm"]``);
-2. intensities are scaled by :func:`normalise` (0.5-99.5 percentile of the non-zero voxels to 0-1);
+2. intensities are scaled by :func:`normalise` (divided by the 99.5th percentile of the non-zero voxels);
 3. one forward pass of a small 3D U-Net over the whole, zero-padded volume (seconds on 2 CPU cores);
 4. the brain probability is interpolated back to the input grid (linear), thresholded at 0.5, holes
    are filled and the largest connected component kept: the mask is refined at native resolution.
@@ -20,7 +20,6 @@ component); the participant workflow falls back to template-based extraction whe
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -122,7 +121,6 @@ class BrainMaskResult:
     mask: np.ndarray                      # bool, on the input grid (input voxel order)
     volume_ml: float
     component_ml: list = field(default_factory=list)
-    seconds: float = 0.0
     model: dict = field(default_factory=dict)
 
     @property
@@ -148,7 +146,6 @@ def extract(img, device="cpu", weights_dir=None) -> BrainMaskResult:
 
     from .tissue import resample_shape, resample_to, resolve_device
 
-    t0 = time.time()
     device = resolve_device(device)
     net, card = load_model(device, weights_dir)
     grid = float(card.get("resolution_mm", GRID_MM))
@@ -167,5 +164,4 @@ def extract(img, device="cpu", weights_dir=None) -> BrainMaskResult:
     voxml = float(np.prod(img.header.get_zooms()[:3])) / 1000.0
     return BrainMaskResult(mask=mask, volume_ml=float(mask.sum()) * voxml,
                            component_ml=[s * voxml for s in sizes],
-                           seconds=time.time() - t0,
                            model={"name": card["name"], "version": card.get("version"), "sha256": card["sha256"]})
