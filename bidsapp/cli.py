@@ -29,6 +29,9 @@ PLUGINS = ("Linear", "MultiProc", "SLURM", "SLURMGraph", "SGE", "SGEGraph", "PBS
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from bidsapp import methods
+    from bidsapp.labels import TISSUE
+
     p = argparse.ArgumentParser(
         prog="scanbridge",
         description="Scanner- and protocol-robust structural brain MRI (BIDS App).",
@@ -74,11 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="learned: the contrast-agnostic brain-extraction network (default; the template-based "
                         "method runs instead, and the report says so, when its mask fails the sanity check); "
                         "template: register the template brain and warp its mask")
-    g.add_argument("--segmentation", nargs="+", choices=["unet-physics", "atropos"],
-                   default=["unet-physics", "atropos"], metavar="METHOD",
-                   help="tissue segmentation methods, main answer first: unet-physics (the physics-aware "
-                        "U-Net; the plain U-Net when sequence parameters are unusable), atropos (ANTs Atropos "
-                        "with template priors, the classical baseline, written as desc-atropos)")
+    tissue = methods.registry(methods.SESSION, TISSUE.key)
+    g.add_argument("--segmentation", nargs="+", choices=list(tissue), default=list(methods.DEFAULT_TISSUE),
+                   metavar="METHOD",
+                   help="tissue segmentation methods, main answer first (the others are written with "
+                        "desc-<method>): " + "; ".join(f"{k}: {m.summary}" for k, m in tissue.items()))
 
     g = p.add_argument_group("group level")
     g.add_argument("--labels-dir", "--labels_dir", type=Path, default=None,
@@ -197,6 +200,7 @@ def _set_threads(omp_nthreads: int | None, nprocs: int | None) -> int:
 
 
 def run_participant(opts) -> int:
+    from bidsapp import methods
     from bidsapp.bids import derivatives, discovery, validation
     from bidsapp.reports.participant import write_participant_report
 
@@ -218,6 +222,9 @@ def run_participant(opts) -> int:
         work_dir=opts.work_dir,
     )
     print(plan.summary(), flush=True)
+    keys = methods.select(tuple(dict.fromkeys(opts.segmentation)))
+    for line in method_plan_lines(plan, keys):
+        print(line, flush=True)
 
     from bidsapp.templates import get_template
     from workflows.base import init_single_subject_wf
@@ -274,7 +281,7 @@ def run_participant(opts) -> int:
     for subj in plan.skipped_subjects:  # the report says why nothing was produced
         try:
             write_participant_report(opts.output_dir, subj.subject, warnings=list(subj.warnings),
-                                     errors=[reason for _, reason in subj.skipped] or ["no usable T1w image"],
+                                     errors=[reason for _, reason in subj.skipped] or ["no usable structural image"],
                                      template=template, command_line=command_line)
         except Exception as exc:
             LOG.error("sub-%s: report could not be written: %s", subj.subject, _first_line(exc))
@@ -286,18 +293,32 @@ def run_participant(opts) -> int:
 
 
 def _session_inputs(ses) -> dict:
-    """The workflow's plain-dict input for one session (the first usable T1w run is the reference)."""
-    t1w = ses.t1w[0]
+    """The workflow's plain-dict input for one session (the first usable T1w run is the reference; a
+    session without a T1w is aligned to its first FLAIR, T2w or PDw)."""
     if len(ses.t1w) > 1:
-        LOG.warning("sub-%s %s: %d T1w runs; using %s", ses.subject, ses.session or "", len(ses.t1w), t1w.name)
+        LOG.warning("sub-%s %s: %d T1w runs; using %s", ses.subject, ses.session or "", len(ses.t1w), ses.t1w[0].name)
     return {
         "session": ses.session,
-        "t1w": str(t1w),
+        "t1w": str(ses.t1w[0]) if ses.t1w else None,
         "t2w": [str(p) for p in ses.t2w],
         "flair": [str(p) for p in ses.flair],
         "pdw": [str(p) for p in ses.pdw],
-        "acquisition": ses.acquisitions[t1w].to_dict(),
+        "acquisition": ses.acquisitions[ses.reference].to_dict(),
+        "acquisitions": {str(p): ses.acquisitions[p].to_dict() for p in (*ses.t2w, *ses.flair, *ses.pdw)},
     }
+
+
+def method_plan_lines(plan, keys) -> list[str]:
+    """One line per session whose contrasts leave a method out (what runs instead, and why)."""
+    from bidsapp import methods
+
+    lines = []
+    for subj in plan.runnable_subjects:
+        for ses in subj.sessions:
+            mplan = methods.plan_session(keys, ses.contrasts)
+            for why in mplan.skipped:
+                lines.append(f"  {ses.label}: {why}; reference image {ses.reference.name}")
+    return ["methods left out:", *lines] if lines else []
 
 
 def _crash_messages(crash_dir: Path, since: float) -> list[str]:

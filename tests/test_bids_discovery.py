@@ -122,7 +122,7 @@ def test_filter_file(ds, tmp_path):
     assert [p.name for p in ses1.t1w] == ["sub-01_ses-1_acq-mprage_T1w.nii.gz"]
     # ses-2 has no acq-mprage T1w: that session is skipped, with the filter named in the reason
     assert [s.session for s in plan.subjects[0].sessions] == ["1"]
-    assert plan.subjects[0].skipped == [(ds / "sub-01/ses-2", f"{ds / 'sub-01/ses-2'}: no usable T1w image matching the BIDS filter")]
+    assert plan.subjects[0].skipped == [(ds / "sub-01/ses-2", f"{ds / 'sub-01/ses-2'}: no usable T1w, FLAIR, T2w or PDw image matching the BIDS filter")]
     # null = entity absent, short keys accepted
     plan = discover(ds, participant_label="01", bids_filters={"t1w": {"acq": None}})
     assert [p.name for p in plan.subjects[0].sessions[0].t1w] == ["sub-01_ses-1_T1w.nii.gz"]
@@ -190,17 +190,34 @@ def test_sidecar_inheritance(tmp_path):
     assert r2.group_key == "philips-achieva-3T-MPRAGE" and r2.echo_time == 0.003
 
 
-def test_subject_without_t1w_is_skipped_others_go_on(ds):
+def test_subject_without_structural_images_is_skipped_others_go_on(ds):
     for ses in ("1", "2"):
         (ds / f"sub-02/ses-{ses}/anat/sub-02_ses-{ses}_T1w.nii.gz").unlink()
-    write_image(ds / "sub-02/ses-1/anat/sub-02_ses-1_T2w.nii.gz")
+    (ds / "sub-02/ses-1/anat/sub-02_ses-1_T1w.json").unlink(missing_ok=True)
+    write_image(ds / "sub-02/ses-1/anat/sub-02_ses-1_T1map.nii.gz")
     plan = discover(ds)
     assert [s.subject for s in plan.runnable_subjects] == ["01", "03"]
     sub02 = plan.skipped_subjects[0]
-    assert [r for _, r in sub02.skipped] == [f"{ds / 'sub-02/ses-1'}: no usable T1w image", f"{ds / 'sub-02/ses-2'}: no usable T1w image"]
+    assert [r for _, r in sub02.skipped] == [f"{ds / 'sub-02/ses-1'}: no usable T1w, FLAIR, T2w or PDw image",
+                                             f"{ds / 'sub-02/ses-2'}: no usable T1w, FLAIR, T2w or PDw image"]
     assert plan.has_problems
     text = plan.summary()
     assert "2 of 3 subject(s) to process" in text and "sub-02: SKIPPED" in text
+
+
+def test_session_without_t1w_is_processed_on_its_flair_or_t2w(ds):
+    """A FLAIR-only (or T2w-only) session is kept: its first FLAIR (then T2w, PDw) is the reference."""
+    for ses in ("1", "2"):
+        (ds / f"sub-02/ses-{ses}/anat/sub-02_ses-{ses}_T1w.nii.gz").unlink()
+    write_image(ds / "sub-02/ses-1/anat/sub-02_ses-1_T2w.nii.gz")
+    write_image(ds / "sub-02/ses-1/anat/sub-02_ses-1_FLAIR.nii.gz")
+    plan = discover(ds)
+    sub02 = plan.subjects[1]
+    assert [s.session for s in sub02.sessions] == ["1"]
+    ses = sub02.sessions[0]
+    assert ses.contrasts == ["FLAIR", "T2w"] and ses.reference.name == "sub-02_ses-1_FLAIR.nii.gz"
+    assert [r for _, r in sub02.skipped] == [f"{ds / 'sub-02/ses-2'}: no usable T1w, FLAIR, T2w or PDw image"]
+    assert "ses-1: T2w x1, FLAIR x1" in plan.summary()
 
 
 def test_empty_subject_folder_is_skipped(ds):
@@ -230,7 +247,8 @@ def test_bad_t1w_is_skipped_with_a_message_naming_it(ds, make, expect):
     assert [s.session for s in sub03.sessions] == ["1"]  # the other session still runs
     reasons = dict(sub03.skipped)
     assert expect in reasons[bad] and reasons[bad].startswith(f"{bad}: ")
-    assert reasons[bad.parent.parent] == f"{bad.parent.parent}: no usable T1w image (1 failed the image checks)"
+    assert reasons[bad.parent.parent] == (f"{bad.parent.parent}: no usable T1w, FLAIR, T2w or PDw image "
+                                          "(1 failed the image checks)")
     assert f"{bad}: " in plan.summary()
 
 

@@ -27,6 +27,7 @@ def _sessions(data) -> list[dict]:
 def _build(data, out, work, template, **kw):
     from workflows.base import init_single_subject_wf
 
+    kw.setdefault("segmentation", ["atropos"])
     return init_single_subject_wf("01", _sessions(data), out, data["bids"], work, template, omp_nthreads=1, seed=0,
                                   **kw)
 
@@ -158,18 +159,20 @@ def test_failed_node_leaves_no_partial_derivatives(run, monkeypatch, tmp_path):
 
 def test_main_answer_switch_gives_atropos_a_desc(run, tmp_path):
     """With another method as the main answer, Atropos outputs keep desc-atropos."""
-    from workflows import segmentation as S
-    from workflows.interfaces.ants import Atropos
+    from bidsapp import methods as M
+    from bidsapp.labels import TISSUE
 
     def fake_model(name, options):
         from nipype.pipeline import engine as pe
 
-        node = pe.Node(Atropos(prior_weight=0.5, template={"name": "x"}), name=name)
-        return node
+        from workflows.interfaces.ants import Atropos
 
-    S.register_segmentation("fake-model", fake_model, desc="fake", uses_priors=True)
+        return pe.Node(Atropos(prior_weight=0.5, template={"name": "x"}), name=name)
+
+    M.register(M.Method("fake-model", M.SESSION, fake_model, task=TISSUE.key, needs=(("T1w",),), inputs=("priors",),
+                        labels=TISSUE, outputs=("probseg", "dseg", "volumes"), desc="fake"))
     try:
-        assert S.output_descs(["fake-model", "atropos"]) == [None, "atropos"]
+        assert M.main_answers(["fake-model", "atropos"]) == {"fake-model": True, "atropos": False}
         out = tmp_path / "out"
         _build(run["data"], out, run["work"], run["template"], segmentation=["fake-model", "atropos"]).run(
             plugin="Linear")
@@ -181,7 +184,7 @@ def test_main_answer_switch_gives_atropos_a_desc(run, tmp_path):
         methods = [r.split("\t")[0] for r in (anat / f"{STEM}_desc-volumes_morph.tsv").read_text().splitlines()[1:]]
         assert methods.count("atropos") == 8  # both nodes are Atropos here; the table keeps every row
     finally:
-        S._REGISTRY.pop("fake-model", None)
+        M.unregister("fake-model")
 
 
 def test_bad_inputs_fail_at_build_time(run, tmp_path):

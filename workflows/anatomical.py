@@ -1,10 +1,11 @@
-"""Anatomical preprocessing: the T1w of a session, and other contrasts brought onto it.
+"""Anatomical preprocessing: a session's reference image, and its other contrasts brought onto it.
 
-``init_anat_preproc_wf``: reorient to RAS -> N4 -> brain extraction (the learned network, or the
-template-based method; :mod:`workflows.interfaces.brainmask`) -> registration to the template, starting
-from the mask -> template tissue priors warped to the T1w. ``init_coregistration_wf``: a FLAIR, T2w or
-PDw image reoriented, N4-corrected and rigidly registered to the session's preprocessed T1w.
-Computation only: the files get their BIDS names in :mod:`workflows.outputs`.
+The reference is the session's T1w, or in a session without one its FLAIR (then T2w, PDw).
+``init_anat_preproc_wf``: reorient to RAS -> N4 -> brain extraction (the learned, contrast-agnostic
+network, or the template-based method; :mod:`workflows.interfaces.brainmask`) and, for a T1w, ->
+registration to the template, starting from the mask -> template tissue priors warped to the T1w.
+``init_coregistration_wf``: another image reoriented, N4-corrected and rigidly registered to the
+preprocessed reference. Computation only: the files get their BIDS names in :mod:`workflows.outputs`.
 
 ``template`` is the provenance dict of :func:`bidsapp.templates.get_template` (its ``files`` feed the
 nodes; file inputs are hashed, so a rerun with the same work directory reuses finished nodes).
@@ -24,8 +25,9 @@ from workflows.interfaces.ants import (
 )
 from workflows.interfaces.brainmask import BrainExtraction
 
-ANAT_OUTPUTS = ("t1w_ras", "t1w_preproc", "t1w_mask", "t1w_mask_metadata", "template_xfm", "template_inv_xfm",
-                "t1w_template", "priors")
+ANAT_OUTPUTS = ("anat_ras", "anat_preproc", "anat_mask", "anat_mask_metadata", "template_xfm", "template_inv_xfm",
+                "anat_template", "priors")
+"""Outputs of :func:`init_anat_preproc_wf`; the template ones only for a T1w reference."""
 
 
 def _check_template(template: dict) -> dict:
@@ -37,20 +39,20 @@ def _check_template(template: dict) -> dict:
 
 
 def init_anat_preproc_wf(*, template: dict, omp_nthreads: int = 1, seed: int = 0, registration: str = "SyN",
-                         brain_extraction: str = "learned", device: str = "auto",
+                         brain_extraction: str = "learned", device: str = "auto", to_template: bool = True,
                          name: str = "anat_preproc_wf") -> pe.Workflow:
-    """Preprocess one T1w.
+    """Preprocess a session's reference image.
 
-    Inputs: ``t1w`` (raw BIDS T1w). Outputs: ``t1w_ras`` (reoriented raw), ``t1w_preproc`` (N4, RAS),
-    ``t1w_mask`` (``brain_extraction``: learned network or template, see
-    :mod:`workflows.interfaces.brainmask`), ``t1w_mask_metadata`` (its sidecar fields),
-    ``template_xfm`` (from-T1w_to-template), ``template_inv_xfm`` (from-template_to-T1w),
-    ``t1w_template`` (the preprocessed T1w in template space), ``priors`` (template CSF/GM/WM on the
-    T1w grid).
+    Inputs: ``in_file`` (the raw BIDS image). Outputs: ``anat_ras`` (reoriented raw), ``anat_preproc``
+    (N4, RAS), ``anat_mask`` (``brain_extraction``: learned network or template, see
+    :mod:`workflows.interfaces.brainmask`), ``anat_mask_metadata`` (its sidecar fields) and, with
+    ``to_template`` (a T1w: the template and its priors are T1w), ``template_xfm``
+    (from-T1w_to-template), ``template_inv_xfm`` (from-template_to-T1w), ``anat_template`` (the
+    preprocessed T1w in template space), ``priors`` (template CSF/GM/WM on the T1w grid).
     """
     files = _check_template(template)
     wf = pe.Workflow(name=name)
-    inputnode = pe.Node(niu.IdentityInterface(fields=["t1w"]), name="inputnode")
+    inputnode = pe.Node(niu.IdentityInterface(fields=["in_file"]), name="inputnode")
     outputnode = pe.Node(niu.IdentityInterface(fields=list(ANAT_OUTPUTS)), name="outputnode")
 
     reorient = pe.Node(ReorientToRAS(), name="reorient", mem_gb=0.5)
@@ -59,41 +61,45 @@ def init_anat_preproc_wf(*, template: dict, omp_nthreads: int = 1, seed: int = 0
     brain = pe.Node(BrainExtraction(num_threads=omp_nthreads, seed=seed, template_t1w=files["T1w"],
                                     template_mask=files["mask"], method=brain_extraction, device=device),
                     name="brain_extraction", n_procs=omp_nthreads, mem_gb=1.5)
+    wf.connect([
+        (inputnode, reorient, [("in_file", "in_file")]),
+        (inputnode, brain, [("in_file", "source_file")]),
+        (reorient, n4, [("out_file", "in_file")]),
+        (n4, brain, [("out_file", "in_file")]),
+        (reorient, outputnode, [("out_file", "anat_ras")]),
+        (n4, outputnode, [("out_file", "anat_preproc")]),
+        (brain, outputnode, [("out_mask", "anat_mask"), ("metadata", "anat_mask_metadata")]),
+    ])
+    if not to_template:
+        return wf
     norm = pe.Node(RegistrationToTemplate(num_threads=omp_nthreads, seed=seed, transform=registration,
                                           template_t1w=files["T1w"], template_mask=files["mask"]),
                    name="registration", n_procs=omp_nthreads, mem_gb=2.0)
     priors = pe.Node(WarpPriors(num_threads=omp_nthreads, seed=seed,
                                 priors=[files["CSF"], files["GM"], files["WM"]]),
                      name="warp_priors", n_procs=omp_nthreads, mem_gb=1.5)
-
     wf.connect([
-        (inputnode, reorient, [("t1w", "in_file")]),
-        (inputnode, brain, [("t1w", "source_file")]),
-        (reorient, n4, [("out_file", "in_file")]),
-        (n4, brain, [("out_file", "in_file")]),
         (n4, norm, [("out_file", "in_file")]),
         (brain, norm, [("out_mask", "in_mask"), ("out_xfm", "initial_xfm")]),
         (n4, priors, [("out_file", "reference")]),
         (norm, priors, [("inverse_xfm", "transform")]),
-        (reorient, outputnode, [("out_file", "t1w_ras")]),
-        (n4, outputnode, [("out_file", "t1w_preproc")]),
-        (brain, outputnode, [("out_mask", "t1w_mask"), ("metadata", "t1w_mask_metadata")]),
         (norm, outputnode, [("forward_xfm", "template_xfm"), ("inverse_xfm", "template_inv_xfm"),
-                            ("warped", "t1w_template")]),
+                            ("warped", "anat_template")]),
         (priors, outputnode, [("out_files", "priors")]),
     ])
     return wf
 
 
 def init_coregistration_wf(*, omp_nthreads: int = 1, seed: int = 0, name: str = "coregistration_wf") -> pe.Workflow:
-    """Bring a FLAIR/T2w/PDw image onto the session's T1w (rigid, Mattes MI).
+    """Bring an image onto the session's reference (rigid, Mattes MI).
 
-    Inputs: ``in_file`` (raw image), ``t1w_preproc``, ``t1w_mask``. Outputs: ``out_file`` (N4-corrected
-    image resampled onto the T1w grid: ``space-T1w_desc-preproc_<suffix>``) and ``out_xfm`` (rigid
-    ``.mat`` resampling the image into T1w space: ``from-<suffix>_to-T1w_mode-image_xfm``).
+    Inputs: ``in_file`` (raw image), ``reference`` (preprocessed reference), ``reference_mask``.
+    Outputs: ``out_file`` (N4-corrected image resampled onto the reference grid:
+    ``space-<reference>_desc-preproc_<suffix>``) and ``out_xfm`` (rigid ``.mat`` resampling the image
+    into the reference's space: ``from-<suffix>_to-<reference>_mode-image_xfm``).
     """
     wf = pe.Workflow(name=name)
-    inputnode = pe.Node(niu.IdentityInterface(fields=["in_file", "t1w_preproc", "t1w_mask"]), name="inputnode")
+    inputnode = pe.Node(niu.IdentityInterface(fields=["in_file", "reference", "reference_mask"]), name="inputnode")
     outputnode = pe.Node(niu.IdentityInterface(fields=["out_file", "out_xfm"]), name="outputnode")
     reorient = pe.Node(ReorientToRAS(), name="reorient", mem_gb=0.5)
     n4 = pe.Node(N4BiasFieldCorrection(num_threads=omp_nthreads, seed=seed), name="n4",
@@ -104,7 +110,7 @@ def init_coregistration_wf(*, omp_nthreads: int = 1, seed: int = 0, name: str = 
         (inputnode, reorient, [("in_file", "in_file")]),
         (reorient, n4, [("out_file", "in_file")]),
         (n4, coreg, [("out_file", "in_file")]),
-        (inputnode, coreg, [("t1w_preproc", "reference"), ("t1w_mask", "reference_mask")]),
+        (inputnode, coreg, [("reference", "reference"), ("reference_mask", "reference_mask")]),
         (coreg, outputnode, [("out_file", "out_file"), ("out_xfm", "out_xfm")]),
     ])
     return wf

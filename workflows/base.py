@@ -3,20 +3,18 @@
 ``init_single_subject_wf`` receives what discovery found as plain dicts (no pybids objects in the
 graph, so the graph pickles for cluster plugins), one per session::
 
-    {"session": "1" or None, "t1w": path, "t2w": [paths], "flair": [paths], "pdw": [paths],
-     "acquisition": {AcquisitionRecord.to_dict() of the T1w},
+    {"session": "1" or None, "t1w": path or None, "t2w": [paths], "flair": [paths], "pdw": [paths],
+     "acquisition": {AcquisitionRecord.to_dict() of the reference image},
      "acquisitions": {path: record dict} (optional, for the other images' sidecars)}
 
-and, per session, runs :func:`~workflows.anatomical.init_anat_preproc_wf`, the tissue segmentation
-methods (:func:`~workflows.segmentation.init_tissue_seg_wf`), one
-:func:`~workflows.anatomical.init_coregistration_wf` per FLAIR/T2w/PDw image, and the sinks of
-:mod:`workflows.outputs`.
+Each session has a reference image: its T1w, or without one its first FLAIR (then T2w, PDw). Per
+session it runs :func:`~workflows.anatomical.init_anat_preproc_wf` on the reference, one
+:func:`~workflows.anatomical.init_coregistration_wf` per other image, the session-level methods of
+:mod:`bidsapp.methods` that the session's contrasts allow (:func:`workflows.methods.init_session_methods_wf`;
+the others are left out with a plan line) and the sinks of :mod:`workflows.outputs`. Then the
+subject-level methods run on the sessions that have what they need.
 
-Extension: a later stage that needs the session's preprocessed images (lesion segmentation,
-longitudinal change) connects to the session workflow's ``outputnode`` (``t1w_preproc``,
-``t1w_mask``, ``template_xfm``, ``coreg_<suffix>_<i>`` images, ``acquisition``, ...); new tissue
-methods are added with :func:`workflows.segmentation.register_segmentation` and named in
-``segmentation``.
+Where a new method plugs in: declare it with :func:`bidsapp.methods.register`; nothing here changes.
 """
 
 from __future__ import annotations
@@ -27,116 +25,197 @@ from pathlib import Path
 from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
+from bidsapp import methods as M
 from workflows.anatomical import ANAT_OUTPUTS, init_anat_preproc_wf, init_coregistration_wf
-from workflows.outputs import init_anat_derivatives_wf, init_coreg_derivatives_wf
-from workflows.segmentation import DEFAULT_SEGMENTATION, check_methods, init_tissue_seg_wf, output_descs
+from workflows.methods import contrast_field, ident, init_session_methods_wf, init_subject_method_wf, output_fields
+from workflows.outputs import init_anat_derivatives_wf, init_coreg_derivatives_wf, init_method_derivatives_wf
 
-COREG_MODALITIES = (("t2w", "T2w"), ("flair", "FLAIR"), ("pdw", "PDw"))
+SESSION_KEYS = {"T1w": "t1w", "FLAIR": "flair", "T2w": "t2w", "PDw": "pdw"}
+"""Contrast -> key of the session dict."""
 
 
 def _label(text: str) -> str:
     return "".join(ch if ch.isalnum() else "_" for ch in str(text))
 
 
+def session_images(session: dict) -> tuple[tuple[str, str], list[tuple[str, int, str]]]:
+    """``((reference contrast, path), [(contrast, run index, path) of every other image])``."""
+    images = []
+    for contrast, key in SESSION_KEYS.items():
+        paths = session.get(key) or []
+        paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+        images += [(contrast, i, str(p)) for i, p in enumerate(paths)]
+    if not images:
+        raise ValueError(f"session {session.get('session')!r}: no T1w, FLAIR, T2w or PDw image")
+    ref = images.pop(0)
+    missing = [p for _, _, p in [ref, *images] if not os.path.isfile(p)]
+    if missing:
+        raise ValueError(f"{missing[0]}: image file not found")
+    return (ref[0], ref[2]), [(c, i - (1 if c == ref[0] else 0), p) for c, i, p in images]
+
+
+def session_contrasts(session: dict) -> list[str]:
+    """The contrasts a session has, reference first."""
+    (ref, _), others = session_images(session)
+    return list(dict.fromkeys([ref, *(c for c, _, _ in others)]))
+
+
 def init_single_subject_wf(subject: str, sessions: list[dict], output_dir, bids_dir, work_dir=None, template=None,
                            omp_nthreads: int = 1, device: str = "auto", seed: int = 0, *,
-                           segmentation=None, registration: str = "SyN", prior_weight: float = 0.25,
-                           brain_extraction: str = "learned", name: str | None = None) -> pe.Workflow:
+                           segmentation=None, methods=(), subject_methods=None, registration: str = "SyN",
+                           prior_weight: float = 0.25, brain_extraction: str = "learned",
+                           name: str | None = None) -> pe.Workflow:
     """Build the workflow of one subject (``sub_<label>_wf``; ``base_dir`` = ``work_dir``).
 
     ``template``: a :func:`bidsapp.templates.get_template` dict (default: the default template at
-    2 mm). ``segmentation``: method keys, main answer first (default ``("atropos",)``).
-    ``registration``: ``SyN`` (default), ``Affine`` or ``Rigid``. ``brain_extraction``: ``learned``
-    (default) or ``template`` (:mod:`workflows.interfaces.brainmask`).
+    2 mm). ``segmentation``: tissue method keys, main answer first (default
+    :data:`bidsapp.methods.DEFAULT_TISSUE`). ``methods``: further session-level methods to run besides
+    the registered defaults. ``subject_methods``: subject-level method keys (default: the registered
+    defaults). ``registration``: ``SyN`` (default), ``Affine`` or ``Rigid``. ``brain_extraction``:
+    ``learned`` (default) or ``template`` (:mod:`workflows.interfaces.brainmask`).
     """
     if not sessions:
-        raise ValueError(f"sub-{subject}: no session with a T1w to process")
+        raise ValueError(f"sub-{subject}: no session to process")
     if template is None:
         from bidsapp.templates import get_template
 
         template = get_template(cache_dir=Path(work_dir) / "templates" if work_dir else None)
-    methods = check_methods(segmentation or DEFAULT_SEGMENTATION)
+    keys = M.select(segmentation, methods)
+    subject_keys = M.select(level=M.SUBJECT) if subject_methods is None else tuple(subject_methods)
+    wrong = [k for k in subject_keys if M.get(k).level != M.SUBJECT]
+    if wrong:
+        raise ValueError(f"not subject-level method(s): {', '.join(wrong)}")
     wf = pe.Workflow(name=name or f"sub_{_label(subject)}_wf")
     if work_dir is not None:
         wf.base_dir = str(work_dir)
         # crash reports go to the work directory, never to the (possibly read-only) current one
         wf.config["execution"]["crashdump_dir"] = str(Path(work_dir) / "crash")
-    seen = set()
+    options = {"omp_nthreads": omp_nthreads, "seed": seed, "device": device, "template": template,
+               "prior_weight": prior_weight}
+    seen, built = set(), []
     for ses in sessions:
         label = ses.get("session")
         ses_name = f"ses_{_label(label)}_wf" if label else "anat_wf"
         if ses_name in seen:
             raise ValueError(f"sub-{subject}: session {label!r} listed twice")
         seen.add(ses_name)
-        wf.add_nodes([init_session_wf(ses, output_dir=output_dir, bids_dir=bids_dir, template=template,
-                                      omp_nthreads=omp_nthreads, device=device, seed=seed, segmentation=methods,
-                                      registration=registration, prior_weight=prior_weight,
-                                      brain_extraction=brain_extraction, name=ses_name)])
+        ses_wf = init_session_wf(ses, output_dir=output_dir, bids_dir=bids_dir, template=template,
+                                 omp_nthreads=omp_nthreads, device=device, seed=seed, method_keys=keys,
+                                 registration=registration, prior_weight=prior_weight,
+                                 brain_extraction=brain_extraction, name=ses_name)
+        wf.add_nodes([ses_wf])
+        volumes = any("volumes" in M.get(k).outputs for k in M.plan_session(keys, session_contrasts(ses)).run)
+        built.append((ses, ses_wf, volumes))
+    for key in subject_keys:
+        _add_subject_method(wf, key, built, output_dir=output_dir, bids_dir=bids_dir, options=options)
     return wf
 
 
+def _add_subject_method(wf, key, built, *, output_dir, bids_dir, options) -> None:
+    m = M.get(key)
+    eligible = [(ses, w, v) for ses, w, v in built if not m.missing(session_contrasts(ses))]
+    if len(eligible) < m.min_sessions:
+        return
+    sub_wf = init_subject_method_wf(key, [ses.get("session") or "" for ses, _, _ in eligible], output_dir=output_dir,
+                                    bids_dir=bids_dir, options=options)
+    sub_wf.inputs.inputnode.source_files = [session_images(ses)[0][1] for ses, _, _ in eligible]
+    for field, out in (("in_files", "anat_preproc"), ("mask_files", "anat_mask"), ("volumes_files", "volumes")):
+        if field == "volumes_files" and not all(v for _, _, v in eligible):
+            continue
+        merge = pe.Node(niu.Merge(len(eligible)), name=f"{ident(key)}_{field}", run_without_submitting=True)
+        for i, (_, w, _) in enumerate(eligible, 1):
+            wf.connect(w, f"outputnode.{out}", merge, f"in{i}")
+        wf.connect(merge, "out", sub_wf, f"inputnode.{field}")
+
+
 def init_session_wf(session: dict, *, output_dir, bids_dir, template: dict, omp_nthreads: int = 1,
-                    device: str = "auto", seed: int = 0, segmentation=DEFAULT_SEGMENTATION,
-                    registration: str = "SyN", prior_weight: float = 0.25, brain_extraction: str = "learned",
+                    device: str = "auto", seed: int = 0, method_keys=None, registration: str = "SyN",
+                    prior_weight: float = 0.25, brain_extraction: str = "learned",
                     name: str = "anat_wf") -> pe.Workflow:
-    """One session: T1w preprocessing, tissue segmentation, co-registration of other contrasts, sinks."""
-    t1w = session.get("t1w")
-    if not t1w or not os.path.isfile(t1w):
-        raise ValueError(f"{t1w}: T1w file not found")
-    methods = check_methods(segmentation)
+    """One session: preprocessing of the reference image, co-registration of the others onto it, the
+    session-level methods its contrasts allow, sinks."""
+    (ref, ref_path), others = session_images(session)
+    available = session_contrasts(session)
+    plan = M.plan_session(M.select() if method_keys is None else method_keys, available)
+    main = M.main_answers(plan.run)
     acquisition = dict(session.get("acquisition") or {})
-    extra = [(key, suffix, i, path) for key, suffix in COREG_MODALITIES
-             for i, path in enumerate(session.get(key) or [])]
+    to_template = ref == "T1w"
 
     wf = pe.Workflow(name=name)
-    coreg_fields = [f"coreg_{suffix}_{i}" for _, suffix, i, _ in extra]
-    inputnode = pe.Node(niu.IdentityInterface(fields=["t1w", "acquisition"]), name="inputnode")
-    inputnode.inputs.t1w = str(t1w)
+    coreg_fields = [f"coreg_{c}_{i}" for c, i, _ in others]
+    method_fields = [f for k in plan.run for f in output_fields(M.get(k))]
+    inputnode = pe.Node(niu.IdentityInterface(fields=["in_file", "acquisition"]), name="inputnode")
+    inputnode.inputs.in_file = ref_path
     inputnode.inputs.acquisition = acquisition
-    outputnode = pe.Node(niu.IdentityInterface(fields=[*ANAT_OUTPUTS, "acquisition", "volumes", *coreg_fields]),
-                         name="outputnode")
+    outputnode = pe.Node(niu.IdentityInterface(
+        fields=[*ANAT_OUTPUTS, "acquisition", "volumes", *coreg_fields, *method_fields]), name="outputnode")
 
     anat_wf = init_anat_preproc_wf(template=template, omp_nthreads=omp_nthreads, seed=seed,
-                                   registration=registration, brain_extraction=brain_extraction, device=device)
-    seg_wf = init_tissue_seg_wf(methods=methods, omp_nthreads=omp_nthreads, seed=seed, device=device,
-                                template=template, prior_weight=prior_weight)
-    ds_wf = init_anat_derivatives_wf(output_dir=output_dir, bids_dir=bids_dir, template=template,
-                                     seg_descs=output_descs(methods), seg_keys=methods, registration=registration)
+                                   registration=registration, brain_extraction=brain_extraction, device=device,
+                                   to_template=to_template)
+    with_volumes = [k for k in plan.run if "volumes" in M.get(k).outputs]
+    ds_wf = init_anat_derivatives_wf(output_dir=output_dir, bids_dir=bids_dir, template=template, suffix=ref,
+                                     methods=with_volumes, registration=registration)
+    anat_fields = ["anat_preproc", "anat_mask", "anat_mask_metadata"]
+    if to_template:
+        anat_fields += ["template_xfm", "template_inv_xfm", "anat_template"]
     wf.connect([
-        (inputnode, anat_wf, [("t1w", "inputnode.t1w")]),
-        (anat_wf, seg_wf, [("outputnode.t1w_preproc", "inputnode.t1w_preproc"),
-                           ("outputnode.t1w_mask", "inputnode.t1w_mask"),
-                           ("outputnode.priors", "inputnode.priors")]),
-        (inputnode, seg_wf, [("acquisition", "inputnode.acquisition")]),
-        (inputnode, ds_wf, [("t1w", "inputnode.source_file"), ("acquisition", "inputnode.acquisition")]),
-        (anat_wf, ds_wf, [(f"outputnode.{f}", f"inputnode.{f}") for f in
-                          ("t1w_preproc", "t1w_mask", "t1w_mask_metadata", "template_xfm", "template_inv_xfm",
-                           "t1w_template")]),
-        (seg_wf, ds_wf, [("outputnode.volumes", "inputnode.volumes")]),
-        (anat_wf, outputnode, [(f"outputnode.{f}", f) for f in ANAT_OUTPUTS]),
+        (inputnode, anat_wf, [("in_file", "inputnode.in_file")]),
+        (inputnode, ds_wf, [("in_file", "inputnode.source_file"), ("acquisition", "inputnode.acquisition")]),
+        (anat_wf, ds_wf, [(f"outputnode.{f}", f"inputnode.{f}") for f in anat_fields]),
+        (anat_wf, outputnode, [(f"outputnode.{f}", f) for f in ANAT_OUTPUTS
+                               if to_template or f in ("anat_ras", *anat_fields)]),
         (inputnode, outputnode, [("acquisition", "acquisition")]),
-        (seg_wf, outputnode, [("outputnode.volumes", "volumes")]),
     ])
-    for i in range(len(methods)):
-        wf.connect([(seg_wf, ds_wf, [(f"outputnode.seg{i}_{f}", f"inputnode.seg{i}_{f}")
-                                     for f in ("probseg", "dseg", "metadata")])])
 
-    for key, suffix, i, path in extra:
-        tag = f"{suffix.lower()}_{i}"
+    first_of = {}
+    for contrast, i, path in others:
+        tag = f"{contrast.lower()}_{i}"
         co_wf = init_coregistration_wf(omp_nthreads=omp_nthreads, seed=seed, name=f"coreg_{tag}_wf")
-        co_wf.inputs.inputnode.in_file = str(path)
-        co_ds = init_coreg_derivatives_wf(output_dir=output_dir, bids_dir=bids_dir, suffix=suffix,
+        co_wf.inputs.inputnode.in_file = path
+        co_ds = init_coreg_derivatives_wf(output_dir=output_dir, bids_dir=bids_dir, suffix=contrast, reference=ref,
                                           name=f"coreg_{tag}_derivatives_wf")
-        co_ds.inputs.inputnode.source_file = str(path)
-        acq = (session.get("acquisitions") or {}).get(str(path))
+        co_ds.inputs.inputnode.source_file = path
+        acq = (session.get("acquisitions") or {}).get(path)
         if acq:
             co_ds.inputs.inputnode.acquisition = dict(acq)
         wf.connect([
-            (anat_wf, co_wf, [("outputnode.t1w_preproc", "inputnode.t1w_preproc"),
-                              ("outputnode.t1w_mask", "inputnode.t1w_mask")]),
-            (inputnode, co_ds, [("t1w", "inputnode.t1w_source")]),
+            (anat_wf, co_wf, [("outputnode.anat_preproc", "inputnode.reference"),
+                              ("outputnode.anat_mask", "inputnode.reference_mask")]),
+            (inputnode, co_ds, [("in_file", "inputnode.reference_source")]),
             (co_wf, co_ds, [("outputnode.out_file", "inputnode.out_file"),
                             ("outputnode.out_xfm", "inputnode.out_xfm")]),
-            (co_wf, outputnode, [("outputnode.out_file", f"coreg_{suffix}_{i}")]),
+            (co_wf, outputnode, [("outputnode.out_file", f"coreg_{contrast}_{i}")]),
+        ])
+        first_of.setdefault(contrast, co_wf)
+
+    if not plan.run:
+        return wf
+    meth_wf = init_session_methods_wf(plan.run, available, options={
+        "omp_nthreads": omp_nthreads, "seed": seed, "device": device, "template": template,
+        "prior_weight": prior_weight})
+    wf.connect([
+        (anat_wf, meth_wf, [("outputnode.anat_mask", "inputnode.mask_file"),
+                            ("outputnode.anat_preproc", f"inputnode.{contrast_field(ref)}")]),
+        (inputnode, meth_wf, [("acquisition", "inputnode.acquisition")]),
+    ])
+    if to_template:
+        wf.connect(anat_wf, "outputnode.priors", meth_wf, "inputnode.priors")
+    for contrast, co_wf in first_of.items():
+        if contrast != ref:
+            wf.connect(co_wf, "outputnode.out_file", meth_wf, f"inputnode.{contrast_field(contrast)}")
+    wf.connect([(meth_wf, outputnode, [(f"outputnode.{f}", f) for f in method_fields])])
+    if with_volumes:
+        wf.connect([(meth_wf, ds_wf, [("outputnode.volumes", "inputnode.volumes")]),
+                    (meth_wf, outputnode, [("outputnode.volumes", "volumes")])])
+    for key in plan.run:
+        m = M.get(key)
+        images = [k for k in m.outputs if k != "volumes"]
+        if not images:
+            continue
+        m_ds = init_method_derivatives_wf(m, main=main[key], output_dir=output_dir, bids_dir=bids_dir)
+        wf.connect([
+            (inputnode, m_ds, [("in_file", "inputnode.source_file"), ("acquisition", "inputnode.acquisition")]),
+            (meth_wf, m_ds, [(f"outputnode.{ident(key)}_{k}", f"inputnode.{k}") for k in (*images, "metadata")]),
         ])
     return wf

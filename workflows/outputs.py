@@ -10,11 +10,11 @@ from __future__ import annotations
 from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
-from workflows.interfaces.ants import TISSUES
+from bidsapp import methods as M
 from workflows.interfaces.derivatives import DerivativesDataSink
 
 
-def _sink(name: str, output_dir, bids_dir, **kwargs) -> pe.Node:
+def sink(name: str, output_dir, bids_dir, **kwargs) -> pe.Node:
     return pe.Node(DerivativesDataSink(output_dir=str(output_dir), bids_dir=str(bids_dir), **kwargs),
                    name=name, run_without_submitting=True, mem_gb=0.1)
 
@@ -37,108 +37,114 @@ def _xfm_meta(template: dict, direction: str, registration: str) -> dict:
     }
 
 
-def init_anat_derivatives_wf(*, output_dir, bids_dir, template: dict, seg_descs, seg_keys=None,
+def init_anat_derivatives_wf(*, output_dir, bids_dir, template: dict, suffix: str = "T1w", methods=(),
                              registration: str = "SyN", name: str = "anat_derivatives_wf") -> pe.Workflow:
-    """Write one session's T1w-based derivatives.
+    """Write one session's reference-image derivatives: the preprocessed image, its brain mask, the
+    session's volume table (``methods``: the keys of the methods whose rows it holds; none, no table)
+    and, for a T1w reference, the transforms to and from the template and the image in template space.
 
-    ``seg_descs``: the desc entity of each segmentation method's outputs (None for the main answer),
-    in the order of :func:`workflows.segmentation.init_tissue_seg_wf`'s ``seg<i>`` outputs.
+    Method images are written by :func:`workflows.methods.init_method_derivatives_wf`.
     """
     tpl = template["name"]
-    seg_keys = list(seg_keys or [None] * len(seg_descs))
+    with_template = suffix == "T1w"
     wf = pe.Workflow(name=name)
-    fields = ["source_file", "acquisition", "t1w_preproc", "t1w_mask", "t1w_mask_metadata", "template_xfm",
-              "template_inv_xfm", "t1w_template", "volumes"]
-    for i in range(len(seg_descs)):
-        fields += [f"seg{i}_probseg", f"seg{i}_dseg", f"seg{i}_metadata"]
+    fields = ["source_file", "acquisition", "anat_preproc", "anat_mask", "anat_mask_metadata", "template_xfm",
+              "template_inv_xfm", "anat_template", "volumes"]
     inputnode = pe.Node(niu.IdentityInterface(fields=fields), name="inputnode")
-    outputnode = pe.Node(niu.IdentityInterface(fields=["out_files"]), name="outputnode")
 
+    described = "RAS+ reoriented, N4 bias-field corrected " + suffix
     sinks = {
-        "ds_t1w_preproc": (_sink("ds_t1w_preproc", output_dir, bids_dir, suffix="T1w", desc="preproc",
-                                 metadata={"SkullStripped": False,
-                                           "Description": "RAS+ reoriented, N4 bias-field corrected T1w"}),
-                           "t1w_preproc"),
-        "ds_t1w_mask": (_sink("ds_t1w_mask", output_dir, bids_dir, suffix="mask", desc="brain"), "t1w_mask"),
-        "ds_xfm_fwd": (_sink("ds_xfm_fwd", output_dir, bids_dir, suffix="xfm", from_="T1w", to=tpl, mode="image",
-                             metadata=_xfm_meta(template, f"from T1w space into {tpl}", registration)),
-                       "template_xfm"),
-        "ds_xfm_inv": (_sink("ds_xfm_inv", output_dir, bids_dir, suffix="xfm", from_=tpl, to="T1w", mode="image",
-                             metadata=_xfm_meta(template, f"from {tpl} into T1w space", registration)),
-                       "template_inv_xfm"),
-        "ds_t1w_template": (_sink("ds_t1w_template", output_dir, bids_dir, suffix="T1w", space=tpl,
-                                  desc="preproc",
-                                  metadata={"SkullStripped": True, "Template": _template_meta(template)}),
-                            "t1w_template"),
+        "ds_preproc": (sink("ds_preproc", output_dir, bids_dir, suffix=suffix, desc="preproc",
+                                 metadata={"SkullStripped": False, "Description": described}),
+                           "anat_preproc"),
+        "ds_mask": (sink("ds_mask", output_dir, bids_dir, suffix="mask", desc="brain"), "anat_mask"),
     }
-    volumes = _sink("ds_volumes", output_dir, bids_dir, suffix="morph", desc="volumes", extension=".tsv",
-                    metadata={"Description": "tissue volumes by segmentation method (long format); CSF/GM/WM "
-                                             "from dseg voxel counts, brain = brain-mask volume",
-                              "Methods": [k for k in seg_keys if k]})
-    sinks["ds_volumes"] = (volumes, "volumes")
-
-    collect = pe.Node(niu.Merge(len(sinks) + 4 * len(seg_descs)), name="collect_outputs",
-                      run_without_submitting=True)
-    slot = 1
-    for node_name, (node, field) in sinks.items():
-        wf.connect([
-            (inputnode, node, [("source_file", "source_file"), (field, "in_file")]),
-            (node, collect, [("out_file", f"in{slot}")]),
-        ])
-        slot += 1
-    for node in (sinks["ds_t1w_preproc"][0], sinks["ds_t1w_template"][0]):
-        wf.connect(inputnode, "acquisition", node, "acquisition")
-    wf.connect(inputnode, "t1w_mask_metadata", sinks["ds_t1w_mask"][0], "metadata")  # method, model, fallback
-
-    for i, desc in enumerate(seg_descs):
-        suffix_desc = desc  # None: main answer
-        for k, label in enumerate(TISSUES):
-            pick = pe.Node(niu.Select(index=k), name=f"seg{i}_pick_{label}", run_without_submitting=True)
-            ds = _sink(f"ds_seg{i}_{label}", output_dir, bids_dir, suffix="probseg", label=label, desc=suffix_desc)
-            wf.connect([
-                (inputnode, pick, [(f"seg{i}_probseg", "inlist")]),
-                (pick, ds, [("out", "in_file")]),
-                (inputnode, ds, [("source_file", "source_file"), ("acquisition", "acquisition"),
-                                 (f"seg{i}_metadata", "metadata")]),
-                (ds, collect, [("out_file", f"in{slot}")]),
-            ])
-            slot += 1
-        ds = _sink(f"ds_seg{i}_dseg", output_dir, bids_dir, suffix="dseg", desc=suffix_desc, dseg_labels=True)
-        wf.connect([
-            (inputnode, ds, [("source_file", "source_file"), ("acquisition", "acquisition"),
-                             (f"seg{i}_dseg", "in_file"), (f"seg{i}_metadata", "metadata")]),
-            (ds, collect, [("out_file", f"in{slot}")]),
-        ])
-        slot += 1
-    wf.connect(collect, "out", outputnode, "out_files")
+    if with_template:
+        sinks.update({
+            "ds_xfm_fwd": (sink("ds_xfm_fwd", output_dir, bids_dir, suffix="xfm", from_="T1w", to=tpl, mode="image",
+                                 metadata=_xfm_meta(template, f"from T1w space into {tpl}", registration)),
+                           "template_xfm"),
+            "ds_xfm_inv": (sink("ds_xfm_inv", output_dir, bids_dir, suffix="xfm", from_=tpl, to="T1w", mode="image",
+                                 metadata=_xfm_meta(template, f"from {tpl} into T1w space", registration)),
+                           "template_inv_xfm"),
+            "ds_template": (sink("ds_template", output_dir, bids_dir, suffix="T1w", space=tpl,
+                                      desc="preproc",
+                                      metadata={"SkullStripped": True, "Template": _template_meta(template)}),
+                                "anat_template"),
+        })
+    if methods:
+        volumes = sink("ds_volumes", output_dir, bids_dir, suffix="morph", desc="volumes", extension=".tsv",
+                        metadata={"Description": "volumes by method (long format): label volumes from dseg voxel "
+                                                 "counts, brain = brain-mask volume",
+                                  "Methods": list(methods)})
+        sinks["ds_volumes"] = (volumes, "volumes")
+    for node, field in sinks.values():
+        wf.connect(inputnode, "source_file", node, "source_file")
+        wf.connect(inputnode, field, node, "in_file")
+    for key in ("ds_preproc", "ds_template"):
+        if key in sinks:
+            wf.connect(inputnode, "acquisition", sinks[key][0], "acquisition")
+    wf.connect(inputnode, "anat_mask_metadata", sinks["ds_mask"][0], "metadata")  # method, model, fallback
     return wf
 
 
-def init_coreg_derivatives_wf(*, output_dir, bids_dir, suffix: str, name: str) -> pe.Workflow:
-    """Write a co-registered contrast (``space-T1w_desc-preproc_<suffix>``) and its rigid transform."""
+def init_coreg_derivatives_wf(*, output_dir, bids_dir, suffix: str, name: str, reference: str = "T1w") -> pe.Workflow:
+    """Write a co-registered contrast (``space-<reference>_desc-preproc_<suffix>``) and its rigid transform."""
     wf = pe.Workflow(name=name)
-    inputnode = pe.Node(niu.IdentityInterface(fields=["source_file", "t1w_source", "acquisition", "out_file",
+    inputnode = pe.Node(niu.IdentityInterface(fields=["source_file", "reference_source", "acquisition", "out_file",
                                                       "out_xfm"]), name="inputnode")
-    outputnode = pe.Node(niu.IdentityInterface(fields=["out_files"]), name="outputnode")
-    ds_img = _sink("ds_coreg", output_dir, bids_dir, suffix=suffix, space="T1w", desc="preproc",
+    ds_img = sink("ds_coreg", output_dir, bids_dir, suffix=suffix, space=reference, desc="preproc",
                    metadata={"SkullStripped": False,
                              "Description": f"N4-corrected {suffix}, rigidly registered (6 dof, Mattes MI) to the "
-                                            "session's preprocessed T1w and resampled onto its grid (linear)"})
-    ds_xfm = _sink("ds_coreg_xfm", output_dir, bids_dir, suffix="xfm", from_=suffix, to="T1w", mode="image",
+                                            f"session's preprocessed {reference} and resampled onto its grid (linear)"})
+    ds_xfm = sink("ds_coreg_xfm", output_dir, bids_dir, suffix="xfm", from_=suffix, to=reference, mode="image",
                    metadata={"Registration": {"Software": "antspyx (ants.registration)", "Type": "Rigid",
                                               "Format": "ITK (.mat)"},
-                             "Description": f"resamples the {suffix} (RAS-reoriented) into T1w space"})
+                             "Description": f"resamples the {suffix} (RAS-reoriented) into {reference} space"})
     merge_sources = pe.Node(niu.Merge(2), name="sources", run_without_submitting=True)
-    collect = pe.Node(niu.Merge(2), name="collect_outputs", run_without_submitting=True)
     wf.connect([
-        (inputnode, merge_sources, [("source_file", "in1"), ("t1w_source", "in2")]),
+        (inputnode, merge_sources, [("source_file", "in1"), ("reference_source", "in2")]),
         (inputnode, ds_img, [("source_file", "source_file"), ("acquisition", "acquisition"),
                              ("out_file", "in_file")]),
         (merge_sources, ds_img, [("out", "sources")]),
         (inputnode, ds_xfm, [("source_file", "source_file"), ("out_xfm", "in_file")]),
         (merge_sources, ds_xfm, [("out", "sources")]),
-        (ds_img, collect, [("out_file", "in1")]),
-        (ds_xfm, collect, [("out_file", "in2")]),
-        (collect, outputnode, [("out", "out_files")]),
     ])
     return wf
+
+
+def init_method_derivatives_wf(method: M.Method, *, main: bool, output_dir, bids_dir,
+                               name: str | None = None) -> pe.Workflow:
+    """Write one session method's images with BIDS-Derivatives names taken from its label set.
+
+    Main answer: ``label-<name>_probseg``, ``[desc-<main_desc>_]dseg`` (+ look-up table),
+    ``desc-<main_desc or key>_mask``; otherwise the method's ``desc`` is added (``label-GM_desc-atropos_probseg``,
+    ``desc-atropos_dseg``, ``desc-lesion<desc>_mask``). Inputs: ``source_file``, ``acquisition``,
+    ``metadata`` and the method's outputs by kind (``probseg``, ``dseg``, ``mask``).
+    """
+    labels = method.labels
+    wf = pe.Workflow(name=name or f"ds_{_ident(method.key)}_wf")
+    kinds = [k for k in method.outputs if k != "volumes"]
+    inputnode = pe.Node(niu.IdentityInterface(fields=["source_file", "acquisition", "metadata", *kinds]),
+                        name="inputnode")
+    common = [("source_file", "source_file"), ("acquisition", "acquisition"), ("metadata", "metadata")]
+    if "probseg" in kinds:
+        for k, lab in enumerate(labels):
+            pick = pe.Node(niu.Select(index=k), name=f"pick_{lab.name}", run_without_submitting=True)
+            ds = sink(f"ds_probseg_{lab.name}", output_dir, bids_dir, suffix="probseg", label=lab.name,
+                       desc=None if main else method.desc)
+            wf.connect([(inputnode, pick, [("probseg", "inlist")]), (pick, ds, [("out", "in_file")]),
+                        (inputnode, ds, common)])
+    if "dseg" in kinds:
+        ds = sink("ds_dseg", output_dir, bids_dir, suffix="dseg", dseg_labels=labels.key,
+                   desc=labels.main_desc if main else method.desc)
+        wf.connect([(inputnode, ds, [("dseg", "in_file"), *common])])
+    if "mask" in kinds:
+        own = labels.main_desc or labels.key
+        ds = sink("ds_mask", output_dir, bids_dir, suffix="mask", desc=own if main else own + method.desc)
+        wf.connect([(inputnode, ds, [("mask", "in_file"), *common])])
+    return wf
+
+
+def _ident(key: str) -> str:
+    return "".join(ch if ch.isalnum() else "_" for ch in str(key))

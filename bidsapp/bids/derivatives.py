@@ -61,9 +61,6 @@ LONG_NAMES = {
 }
 """Short BIDS key -> pybids entity name."""
 
-TISSUE_LABELS = {1: "CSF", 2: "GM", 3: "WM"}
-"""dseg values of the tissue classes (0 is background); probseg files use ``label-<name>``."""
-
 MORPH_COLUMNS = ("method", "label", "volume_mm3")
 """Columns of ``*_desc-volumes_morph.tsv`` (long format, one row per method and label)."""
 
@@ -118,17 +115,19 @@ def derivative_path(
     mode: str | None = None,
     res: str | None = None,
     datatype: str = "anat",
+    keep: tuple[str, ...] = SOURCE_ENTITIES,
 ) -> Path:
     """Where the derivative of ``source_file`` lives: ``output_dir/sub-X/[ses-Y/]<datatype>/<name>``.
 
     ``source_file`` is an input image (or an earlier derivative) with a BIDS name; its
-    sub/ses/acq/ce/rec/run entities are kept. Raises ValueError for a source without ``sub-`` or
+    sub/ses/acq/ce/rec/run entities are kept (``keep=("sub",)`` for a subject-level result). Raises
+    ValueError for a source without ``sub-`` or
     a non-alphanumeric entity value (an underscore or dash would corrupt the name).
     """
     src = parse_entities(source_file)
     if src is None or "sub" not in src:
         raise ValueError(f"{source_file}: not a BIDS file name (no sub-<label> entity)")
-    entities = {k: src[k] for k in SOURCE_ENTITIES if k in src}
+    entities = {k: src[k] for k in SOURCE_ENTITIES if k in src and (k == "sub" or k in keep)}
     own = {"from": from_, "to": to, "mode": mode, "space": space, "res": res, "label": label, "desc": desc}
     entities.update({k: v for k, v in own.items() if v is not None})
     for key, value in entities.items():
@@ -381,8 +380,11 @@ def dseg_tsv_path(dseg_file: str | os.PathLike) -> Path:
 
 
 def write_dseg_tsv(dseg_file: str | os.PathLike, labels: Mapping[int, str] | None = None) -> Path:
-    """Write the ``index name`` look-up table for ``dseg_file`` (0 background, then :data:`TISSUE_LABELS`)."""
-    labels = dict(TISSUE_LABELS if labels is None else labels)
+    """Write the ``index name`` look-up table for ``dseg_file``: 0 background, then ``labels``
+    (``{value: name}``; default the tissue classes of :data:`bidsapp.labels.TISSUE`)."""
+    from bidsapp.labels import TISSUE
+
+    labels = dict(TISSUE.by_value() if labels is None else labels)
     rows = [{"index": 0, "name": "background"}] + [{"index": int(k), "name": v} for k, v in sorted(labels.items())]
     return atomic_write_tsv(dseg_tsv_path(dseg_file), rows, columns=("index", "name"))
 

@@ -7,15 +7,15 @@ Typical use (the CLI)::
                     bids_filters=load_bids_filters("filter.json"))
     print(plan.summary())
     for subject in plan.runnable_subjects:
-        for session in subject.sessions:           # only sessions with a usable T1w
-            t1w = session.t1w[0]
-            record = session.acquisitions[t1w]     # AcquisitionRecord (bids/acquisition.py)
+        for session in subject.sessions:           # sessions with a usable T1w, FLAIR, T2w or PDw
+            ref = session.reference                # the first T1w, else FLAIR, T2w, PDw
+            record = session.acquisitions[ref]     # AcquisitionRecord (bids/acquisition.py)
 
 Errors that stop the run raise :class:`~bidsapp.bids.errors.BIDSInputError` (one line naming
 the file): nonexistent ``bids_dir``, no ``dataset_description.json``, ``output_dir`` or
 ``work_dir`` inside ``bids_dir``, a participant/session label that is unknown or contains a
-path separator, an unreadable or invalid filter file. Everything else is per-subject: a subject
-without a usable T1w, a bad image (:func:`~.validation.inspect_image`), a malformed sidecar JSON
+path separator, an unreadable or invalid filter file. Everything else is per-subject: a session
+without a usable structural image, a bad image (:func:`~.validation.inspect_image`), a malformed sidecar JSON
 (skipped by the index, inherited values still apply) or missing sidecar fields become entries in
 ``skipped`` / ``warnings`` and the others go on.
 
@@ -88,6 +88,21 @@ class SessionPlan:
         return out
 
     @property
+    def contrasts(self) -> list[str]:
+        """The structural contrasts present, reference first (T1w, FLAIR, T2w, PDw)."""
+        return [c for c, paths in (("T1w", self.t1w), ("FLAIR", self.flair), ("T2w", self.t2w), ("PDw", self.pdw))
+                if paths]
+
+    @property
+    def reference(self) -> Path | None:
+        """The image every result of the session is aligned to: the first T1w, else the first FLAIR,
+        T2w or PDw (a session without a T1w gets brain extraction and the methods that need no T1w)."""
+        for paths in (self.t1w, self.flair, self.t2w, self.pdw):
+            if paths:
+                return paths[0]
+        return None
+
+    @property
     def runs(self) -> list[int]:
         """Run numbers of the T1w images (empty if they carry no run entity)."""
         return sorted(int(self.entities[p]["run"]) for p in self.t1w if "run" in self.entities.get(p, {}))
@@ -101,12 +116,12 @@ class SessionPlan:
 class SubjectPlan:
     subject: str
     sessions: list[SessionPlan] = field(default_factory=list)
-    """Sessions with at least one usable T1w (the ones to process)."""
+    """Sessions with at least one usable T1w, FLAIR, T2w or PDw image (the ones to process)."""
     participant: dict = field(default_factory=dict)
     """This subject's participants.tsv row (``n/a`` -> None)."""
     skipped: list[tuple[Path, str]] = field(default_factory=list)
     """(file or folder, reason naming it) for everything of this subject left out: sessions
-    without a usable T1w and every image that failed the checks."""
+    without a usable structural image and every image that failed the checks."""
     warnings: list[str] = field(default_factory=list)
     """Every warning about this subject's files (one line each, naming the file)."""
 
@@ -163,11 +178,11 @@ class DatasetPlan:
                     for name, paths in (("T1w", ses.t1w), ("T2w", ses.t2w), ("FLAIR", ses.flair), ("PDw", ses.pdw))
                     if paths
                 ] + [f"{k} x{len(v)}" for k, v in ses.qmri.items() if v]
-                groups = sorted({ses.acquisitions[p].group_key for p in ses.t1w})
+                groups = sorted({ses.acquisitions[ses.reference].group_key})
                 parts.append(f"{ses.session and 'ses-' + ses.session or '(no session)'}: {', '.join(kinds)} [{', '.join(groups)}]")
             lines.append(f"  sub-{sub.subject}: " + "; ".join(parts))
         for sub in self.skipped_subjects:
-            lines.append(f"  sub-{sub.subject}: SKIPPED (no session with a usable T1w image)")
+            lines.append(f"  sub-{sub.subject}: SKIPPED (no session with a usable T1w, FLAIR, T2w or PDw image)")
         skipped = [item for sub in self.subjects for item in sub.skipped]
         if skipped:
             lines.append(f"skipped ({len(skipped)}):")
@@ -468,13 +483,15 @@ def _plan_subject(layout, root, subject, indexed, wanted_sessions, filters, part
             if col and row.get(col) is not None:
                 ses_site, ses_source = str(row[col]), "sessions.tsv"
         ses_plan = _plan_session(layout, root, subject, session, found, ses_site, ses_source, check_images)
-        if ses_plan.t1w:
+        if ses_plan.reference is not None:
             plan.sessions.append(ses_plan)
         else:
             where = sub_dir / f"ses-{session}" if session else sub_dir
-            failed = [p for p, _ in ses_plan.skipped if ses_plan.entities.get(p, {}).get("suffix") == "T1w"]
-            reason = f"{where}: no usable T1w image" + (f" ({len(failed)} failed the image checks)" if failed else "")
-            if filters.get("t1w"):
+            failed = [p for p, _ in ses_plan.skipped
+                      if ses_plan.entities.get(p, {}).get("suffix") in ("T1w", "FLAIR", "T2w", "PDw")]
+            reason = (f"{where}: no usable T1w, FLAIR, T2w or PDw image"
+                      + (f" ({len(failed)} failed the image checks)" if failed else ""))
+            if any(filters.get(k) for k in ANAT_SUFFIXES):
                 reason += " matching the BIDS filter"
             plan.skipped.append((where, reason))
         plan.skipped += ses_plan.skipped

@@ -32,7 +32,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-TISSUES = ("GM", "WM")
+BRIDGED = ("GM", "WM")
+"""The tissue volumes protocol bridging corrects (CSF is too thin at 2 mm to bridge reliably)."""
 SWEEP = {
     # family -> (BIDS parameter swept, lower, upper); the physics model's training range
     "MPRAGE": ("InversionTime", 0.6, 1.2),
@@ -179,7 +180,7 @@ def _session_volumes(volumes: pd.DataFrame, pid: str, ses: str) -> dict:
     sub = volumes[(volumes["participant_id"] == pid) & (volumes["session_id"] == ses)]
     out = {}
     for _, r in sub.iterrows():
-        vals = [r.get(t) for t in TISSUES]
+        vals = [r.get(t) for t in BRIDGED]
         if all(v is not None and pd.notna(v) for v in vals):
             out[str(r["method"])] = tuple(float(v) for v in vals)
     return out
@@ -194,7 +195,7 @@ def _sweep(t1: Path, mask: Path, acq: dict, parameter: str, grid, device) -> np.
     m = nib.load(str(mask))
     vols = tissue.sweep_volumes(np.asarray(img.dataobj, dtype=np.float32), np.asarray(m.dataobj) > 0,
                                 img.header.get_zooms()[:3], acq, parameter, grid, device=device)
-    return vols[:, [tissue.CLASSES.index(t) for t in TISSUES]]
+    return vols[:, [tissue.CLASSES.index(t) for t in BRIDGED]]
 
 
 def run(ctx) -> list:
@@ -291,7 +292,7 @@ def run(ctx) -> list:
 def _rows(method, correction, arr, common, pre_value, post_value) -> list[dict]:
     arr = np.asarray(arr, float)
     out = []
-    for j, t in enumerate(TISSUES):
+    for j, t in enumerate(BRIDGED):
         out.append(dict(method=method, correction=correction, tissue=t, mean_abs_diff_pct=float(np.mean(arr[:, j])),
                         pre_value=pre_value, post_value=post_value, **common))
     out.append(dict(method=method, correction=correction, tissue="mean", mean_abs_diff_pct=float(np.mean(arr)),

@@ -20,9 +20,10 @@ import io
 import numpy as np
 import pandas as pd
 
-__all__ = ["TISSUES", "CombatResult", "combat_volumes", "group_effect", "run"]
+from bidsapp.labels import VOLUME_LABELS
 
-TISSUES = ("CSF", "GM", "WM", "brain")
+__all__ = ["CombatResult", "combat_volumes", "group_effect", "run"]
+
 MAX_MISSING_FRACTION = 0.2
 
 
@@ -83,7 +84,7 @@ def _full_rank(batch: pd.Series, cov: pd.DataFrame, cont: list[str], cat: list[s
     return np.linalg.matrix_rank(x) == x.shape[1]
 
 
-def combat_volumes(df: pd.DataFrame, tissues=TISSUES, batch_col: str = "acq_group") -> CombatResult:
+def combat_volumes(df: pd.DataFrame, tissues=VOLUME_LABELS, batch_col: str = "acq_group") -> CombatResult:
     """Harmonise the tissue columns of one method's rows; never raises for bad data, says why instead."""
     from neuroCombat import neuroCombat
 
@@ -194,7 +195,7 @@ def run(ctx) -> list:
             warnings.append(line)
         used[m] = res.covariates
         outs.append(res.data)
-        for t in [t for t in TISSUES if t in sub.columns]:
+        for t in [t for t in VOLUME_LABELS if t in sub.columns]:
             b, a = group_effect(sub, t), group_effect(res.data, t)
             stats.append({"method": m, "tissue": t, "F_before": b["F"], "p_before": b["p"], "eta2_before": b["eta2"],
                           "F_after": a["F"], "p_after": a["p"], "eta2_after": a["eta2"],

@@ -34,13 +34,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from bidsapp.labels import TISSUE
 from bidsapp.harmonize.groups import choose_source_group, session_groups, summarize_groups
 
 __all__ = ["SessionFiles", "find_session_files", "find_manual_labels", "run", "load_group_model",
            "MODEL_NAME", "TISSUE_NAMES"]
 
 MODEL_NAME = "mrainet-group"
-TISSUE_NAMES = {1: "CSF", 2: "GM", 3: "WM"}
+TISSUE_NAMES = TISSUE.by_value()
 HIGH_CONFIDENCE = 0.95
 AXIS = 2  # axial slices of the RAS-reoriented preprocessed T1w
 

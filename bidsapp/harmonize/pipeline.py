@@ -2,13 +2,12 @@
 
 Inputs are files on disk only (participant derivatives in ``output_dir`` and the raw dataset's
 sidecars), so the group level can run long after, or far from, the participant jobs. Each step is a
-function ``run(ctx) -> list[Section]``; a step that fails becomes a warning in the report, and the
-rest of the report is still produced.
+group-level method of :mod:`bidsapp.methods` (``run(ctx) -> list[Section]``), run in registration
+order; a step that fails becomes a warning in the report, and the rest of the report is still produced.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 import time
 from pathlib import Path
@@ -16,11 +15,11 @@ from pathlib import Path
 import pandas as pd
 
 from bidsapp.errors import UserError
+from bidsapp.labels import VOLUME_LABELS
 from bidsapp.harmonize.context import GroupContext
 
 LOG = logging.getLogger("scanbridge.group")
 
-TISSUES = ("CSF", "GM", "WM", "brain")
 ACQ_COLUMNS = {
     "group_key": "acq_group",
     "site": "site",
@@ -33,12 +32,6 @@ ACQ_COLUMNS = {
     "inversion_time": "InversionTime",
     "flip_angle": "FlipAngle",
 }
-# Harmonisation steps in report order: (module, human name). Each module exposes run(ctx).
-STEPS = (
-    ("bidsapp.harmonize.combat", "ComBat"),
-    ("bidsapp.harmonize.mrainet_group", "MRAI-NET"),
-    ("bidsapp.harmonize.bridging", "protocol bridging"),
-)
 
 
 def gather_volumes(output_dir: Path, subjects: list[str] | None = None) -> pd.DataFrame:
@@ -52,11 +45,11 @@ def gather_volumes(output_dir: Path, subjects: list[str] | None = None) -> pd.Da
     long = pd.concat(frames, ignore_index=True)
     index = ["participant_id", "session_id", "method"]
     if long.empty:
-        return pd.DataFrame(columns=[*index, *TISSUES])
+        return pd.DataFrame(columns=[*index, *VOLUME_LABELS])
     long["session_id"] = long["session_id"].fillna("n/a")
     wide = long.pivot_table(index=index, columns="label", values="volume_mm3", aggfunc="first").reset_index()
     wide.columns.name = None
-    return wide[[*index, *[t for t in TISSUES if t in wide.columns]]]
+    return wide[[*index, *[t for t in VOLUME_LABELS if t in wide.columns]]]
 
 
 def gather_acquisitions(output_dir: Path, bids_dir: Path, subjects: list[str] | None) -> pd.DataFrame:
@@ -110,16 +103,19 @@ def build_context(opts) -> GroupContext:
     )
 
 
-def run_steps(ctx: GroupContext, steps=STEPS) -> tuple[list, list[str]]:
+def run_steps(ctx: GroupContext, keys=None) -> tuple[list, list[str]]:
+    """Run the group-level methods ``keys`` (default: every registered default one)."""
+    from bidsapp import methods
     from bidsapp.reports.html import Section
 
     sections, failures = [], []
-    for module, name in steps:
+    for key in methods.select(level=methods.GROUP) if keys is None else keys:
+        method = methods.get(key)
+        name = method.title
         t0 = time.time()
         LOG.info("group: %s ...", name)
         try:
-            step = importlib.import_module(module)
-            sections.extend(step.run(ctx))
+            sections.extend(method.build(ctx))
         except Exception as exc:  # one step's failure must not cost the rest of the report
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             LOG.error("group step %s failed: %s", name, msg, exc_info=LOG.isEnabledFor(logging.DEBUG))

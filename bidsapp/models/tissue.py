@@ -52,11 +52,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from bidsapp.labels import BRAIN, TISSUE
 from bidsapp.physics.contrast import low_contrast_warning, wm_gm_signal_ratio
 
 from . import registry
 
-CLASSES = ("CSF", "GM", "WM")
+CLASSES = TISSUE.names
 """Output channels of the tissue models, in dseg order (label = index + 1)."""
 
 PHYSICS_MODEL = "tissue_unet_physics"
@@ -499,8 +500,8 @@ def segment(image: np.ndarray, mask: np.ndarray, zooms, acquisition: dict | None
     probs = np.where(tot > 0, probs / np.maximum(tot, 1e-8), 0).astype(np.float32)
     dseg = np.where(mask_b, probs.argmax(0) + 1, 0).astype(np.uint8)
     vox = float(np.prod(zooms))
-    volumes = {c: float((dseg == i + 1).sum() * vox) for i, c in enumerate(CLASSES)}
-    volumes["brain"] = float(mask_b.sum() * vox)
+    volumes = {lab.name: float((dseg == lab.value).sum() * vox) for lab in TISSUE}
+    volumes[BRAIN] = float(mask_b.sum() * vox)
     method = "unet-physics" if name == PHYSICS_MODEL else "unet"
     return TissueResult(probs=probs, dseg=dseg, volumes_mm3=volumes, method=method,
                         model={"name": name, "version": card.get("version"), "sha256": card["sha256"],

@@ -53,6 +53,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from ..labels import TISSUE, VOLUME_LABELS
 from .. import __version__
 from . import atrophy as atrophy_mod
 from . import lesions as lesion_mod
@@ -416,14 +417,14 @@ def _write_truth_primary(w, d, prefix, truth: Phantom, source, lesions: bool) ->
     w.json(f"{d}/{prefix}_desc-brain_mask.json", _truth_json("brain mask: brain tissue + CSF fraction >= 0.5",
                                                              source, Type="Brain"))
     prob = truth.truth_probseg()
-    for k, lab in enumerate(("CSF", "GM", "WM")):
+    for k, lab in enumerate(TISSUE.names):
         w.nifti(f"{d}/{prefix}_label-{lab}_probseg.nii.gz", truth.to_image(prob[k].astype(np.float32)))
         w.json(f"{d}/{prefix}_label-{lab}_probseg.json",
                _truth_json(f"true {lab} volume fraction per voxel (partial volume exact)", source))
     w.nifti(f"{d}/{prefix}_dseg.nii.gz", truth.to_image(truth.dseg()))
     w.json(f"{d}/{prefix}_dseg.json", _truth_json("largest true tissue fraction within the brain mask", source))
-    w.tsv(f"{d}/{prefix}_dseg.tsv", [{"index": 1, "name": "CSF"}, {"index": 2, "name": "GM"},
-                                     {"index": 3, "name": "WM"}], ["index", "name"])
+    w.tsv(f"{d}/{prefix}_dseg.tsv", [{"index": v, "name": n} for v, n in TISSUE.by_value().items()],
+          ["index", "name"])
     q = truth.qmri(3.0)
     _, gold = physics_gold_standard(q["R1"], mask)
     w.nifti(f"{d}/{prefix}_desc-physics_dseg.nii.gz", truth.to_image(gold))
@@ -439,11 +440,11 @@ def _write_truth_primary(w, d, prefix, truth: Phantom, source, lesions: bool) ->
                                                           Units=units, MagneticFieldStrength=3.0))
     vol = truth.volumes()
     rows = [{"method": "truth", "label": lab, "volume_mm3": round(vol[lab], 1)}
-            for lab in ("CSF", "GM", "WM", "brain")]
+            for lab in VOLUME_LABELS]
     rows += [{"method": "truth", "label": lab, "volume_mm3": round(vol[lab], 1)}
              for lab in ("ventricles", "lesion", "intracranial") if lab != "lesion" or lesions]
     w.tsv(f"{d}/{prefix}_desc-volumes_morph.tsv", rows, ["method", "label", "volume_mm3"])
-    keep = ("CSF", "GM", "WM", "brain", "ventricles", "lesion", "intracranial")
+    keep = (*VOLUME_LABELS, "ventricles", "lesion", "intracranial")
     return {k: vol[k] for k in keep}
 
 

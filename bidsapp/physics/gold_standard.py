@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..labels import TISSUE
 from .tissues import GOLD_STANDARD_R1
 
-_ORDER = ("CSF", "GM", "WM")
+_ORDER = TISSUE.names
 
 
 def physics_gold_standard(r1, brain_mask, reference: dict = GOLD_STANDARD_R1):

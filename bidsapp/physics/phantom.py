@@ -68,6 +68,7 @@ import numpy as np
 from scipy import ndimage as ndi
 from scipy import sparse
 
+from ..labels import BRAIN, TISSUE as TISSUE_LABELS
 from .tissues import CLASSES, TISSUES, property_table as _property_table, sample_multipliers
 
 LABEL_CLASSES: dict[int, str] = {
@@ -192,8 +193,8 @@ class Phantom:
         """Exact tissue volumes (mm3) from the fractions (partial volume included)."""
         v = self.voxel_volume
         prob = self.truth_probseg()
-        out = {name: float(prob[k].sum(dtype=np.float64) * v) for k, name in enumerate(("CSF", "GM", "WM"))}
-        out["brain"] = out["GM"] + out["WM"]
+        out = {name: float(prob[k].sum(dtype=np.float64) * v) for k, name in enumerate(TISSUE_LABELS.names)}
+        out[BRAIN] = out["GM"] + out["WM"]
         out["intracranial"] = float(self.brain_fraction.sum(dtype=np.float64) * v)
         for c in ("ventricles", "lesion", "deep_GM"):
             out[c] = float(self.fraction(c).sum(dtype=np.float64) * v)

@@ -26,18 +26,18 @@ from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
+from bidsapp.labels import TISSUE, VOLUME_LABELS  # noqa: E402
+
 PLANES = ("sagittal", "coronal", "axial")
 _AXIS = {"sagittal": 0, "coronal": 1, "axial": 2}
 # (horizontal, vertical) voxel axes of each plane after RAS reorientation.
 _DISPLAY_AXES = {"sagittal": (1, 2), "coronal": (0, 2), "axial": (0, 1)}
 _WORLD = {"sagittal": "x", "coronal": "y", "axial": "z"}
 
-TISSUES = {1: "CSF", 2: "GM", 3: "WM"}
-TISSUE_COLORS = {"CSF": "#2c7fb8", "GM": "#31a354", "WM": "#fdae61"}
+TISSUE_COLORS = TISSUE.colours()
 MASK_COLOR = "#ff3030"
 EDGE_COLOR = "#ff3030"
 EDGE_COLOR_2 = "#00e5ff"
-VOLUME_LABELS = ("CSF", "GM", "WM", "brain")
 _TEXT = {"color": "white", "path_effects": [patheffects.withStroke(linewidth=1.5, foreground="black")]}
 
 
@@ -243,8 +243,8 @@ def overlay_mosaic(background, *, contours: Sequence[tuple] = (), labels=None,
     lab = None
     if labels is not None:
         lab = np.asarray(resample_like(labels, bg_img, order=0).dataobj).astype(np.int16)
-        label_colors = label_colors or {k: TISSUE_COLORS[v] for k, v in TISSUES.items()}
-        label_names = label_names or TISSUES
+        label_colors = label_colors or {lab.value: lab.colour for lab in TISSUE}
+        label_names = label_names or TISSUE.by_value()
 
     if region is not None:
         reg = np.asarray(resample_like(region, bg_img, order=0).dataobj) > 0

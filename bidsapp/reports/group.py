@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from bidsapp.labels import VOLUME_LABELS
 from bidsapp.harmonize.groups import bids_columns, normalize_ids
 from bidsapp.metrics.overlap import coefficient_of_variation
 from bidsapp.physics.contrast import LOW_CONTRAST, is_low_contrast
 from bidsapp.reports.html import Section, figure_html, kv_table_html, table_html, text_html, write_report
 
-TISSUES = ("CSF", "GM", "WM", "brain")
 GROUP_COL = "acq_group"
 _PARAM_COLUMNS = (("Manufacturer", "vendor", 1), ("ManufacturersModelName", "model", 1),
                   ("MagneticFieldStrength", "field (T)", 1), ("SequenceFamily", "sequence", 1),
@@ -159,7 +159,7 @@ def _method_order(methods) -> list[str]:
 
 
 def volume_summary(volumes_df: pd.DataFrame, group_col: str = GROUP_COL,
-                   tissues=TISSUES) -> pd.DataFrame:
+                   tissues=VOLUME_LABELS) -> pd.DataFrame:
     """Mean, SD and coefficient of variation (population SD / mean, as the papers) per method, group, tissue.
 
     ``vs all (%)`` is the group mean's difference from the mean over every session of that method:
@@ -215,7 +215,7 @@ def volumes_section(volumes_df: pd.DataFrame | None, acquisitions_df: pd.DataFra
     if volumes_df is None or len(volumes_df) == 0:
         return Section(title, text_html("No participant volumes were found."), ["no volumes to show"], anchor=anchor)
     vol, warns = _volumes_frame(volumes_df, acquisitions_df, participants_df)
-    tissues = [t for t in TISSUES if t in vol.columns and pd.to_numeric(vol[t], errors="coerce").notna().any()]
+    tissues = [t for t in VOLUME_LABELS if t in vol.columns and pd.to_numeric(vol[t], errors="coerce").notna().any()]
     if not tissues:
         return Section(title, text_html("The volumes table has no CSF/GM/WM/brain values."),
                        warns + ["no tissue volumes"], anchor=anchor)

@@ -15,12 +15,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from bidsapp.labels import TISSUE  # noqa: E402
 from bidsapp.reports.html import Section, figure_html, table_html, text_html  # noqa: E402
 
 __all__ = ["groups_section", "pad_section", "embedding_section", "outliers_section", "mrainet_section",
            "combat_section", "TISSUE_COLORS"]
 
-TISSUE_COLORS = {"CSF": "#3b7dd8", "GM": "#3fa34d", "WM": "#e0b000", "background": "#999999", "unknown": "#999999"}
+TISSUE_COLORS = {**TISSUE.colours(), "background": "#999999", "unknown": "#999999"}
 
 
 def _short(g: str, width: int = 22) -> str:

@@ -34,7 +34,6 @@ from bidsapp.reports.html import (
 )
 
 LOG = logging.getLogger("scanbridge.reports")
-TISSUE_LABELS = ("CSF", "GM", "WM")
 OTHER_MODALITIES = ("FLAIR", "T2w", "PDw")
 # Acquisition fields shown in the table: (column title, record key, BIDS sidecar key).
 ACQ_COLUMNS = (

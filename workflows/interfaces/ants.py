@@ -41,7 +41,8 @@ from nipype.interfaces.base import (
     traits,
 )
 
-TISSUES = ("CSF", "GM", "WM")
+from bidsapp.labels import BRAIN, TISSUE
+
 REGISTRATION_TYPES = ("Rigid", "Affine", "SyN")
 
 
@@ -498,7 +499,7 @@ def atropos_segment(in_file, in_mask, priors, out_dir, *, prior_weight: float = 
     tot = probs.sum(0, keepdims=True)
     probs = np.where(tot > 0, probs / np.maximum(tot, 1e-8), 0).astype(np.float32)
     dseg = np.where(mask_arr, probs.argmax(0) + 1, 0).astype(np.uint8)
-    files = [_save_like(probs[k], ref, out_dir / f"label-{t}_probseg.nii.gz") for k, t in enumerate(TISSUES)]
+    files = [_save_like(probs[k], ref, out_dir / f"label-{t}_probseg.nii.gz") for k, t in enumerate(TISSUE.names)]
     return {"probseg": files, "dseg": _save_like(dseg, ref, out_dir / "dseg.nii.gz", dtype=np.uint8)}
 
 
@@ -513,8 +514,8 @@ def tissue_volumes(dseg_file, mask_file, method: str, out_file) -> str:
     dseg = np.asarray(img.dataobj)
     voxvol = float(np.prod(_zooms(img.affine)))
     mask = np.asarray(nib.load(str(mask_file)).dataobj) > 0
-    rows = [(t, float((dseg == k + 1).sum() * voxvol)) for k, t in enumerate(TISSUES)]
-    rows.append(("brain", float(mask.sum() * voxvol)))
+    rows = [(lab.name, float((dseg == lab.value).sum() * voxvol)) for lab in TISSUE]
+    rows.append((BRAIN, float(mask.sum() * voxvol)))
     with open(out_file, "w") as fh:
         fh.write("method\tlabel\tvolume_mm3\n")
         for label, vol in rows:

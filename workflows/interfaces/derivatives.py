@@ -45,9 +45,12 @@ class _DerivativesDataSinkInputSpec(BaseInterfaceInputSpec):
     to = traits.Either(None, traits.Str, default=None, usedefault=True, desc="to entity")
     mode = traits.Either(None, traits.Str, default=None, usedefault=True, desc="mode entity")
     sources = traits.List(traits.Str, desc="files it was computed from (default: source_file)")
+    subject_level = traits.Bool(False, usedefault=True,
+                                desc="a result of all the subject's sessions: only the sub entity is kept")
     acquisition = traits.Dict(desc="acquisition record of the source image (AcquisitionRecord dict)")
     metadata = traits.Dict(desc="further sidecar fields (method, model, parameters ...)")
-    dseg_labels = traits.Bool(False, usedefault=True, desc="also write the dseg look-up table (.tsv)")
+    dseg_labels = traits.Str("", usedefault=True,
+                             desc="key of a bidsapp.labels label set: also write the dseg look-up table (.tsv)")
 
 
 class _DerivativesDataSinkOutputSpec(TraitedSpec):
@@ -81,6 +84,7 @@ class DerivativesDataSink(SimpleInterface):
         out = derivative_path(
             ins.output_dir, ins.source_file, suffix=ins.suffix, extension=ext, desc=ins.desc,
             label=ins.label, space=ins.space, from_=ins.from_, to=ins.to, mode=ins.mode,
+            **({"keep": ("sub",)} if ins.subject_level else {}),
         )
         sources = list(ins.sources) if isdefined(ins.sources) and ins.sources else [ins.source_file]
         uris = []
@@ -99,7 +103,9 @@ class DerivativesDataSink(SimpleInterface):
             meta = write_sidecar(out, Sources=uris, acquisition=acquisition, **fields)
         atomic_copy(ins.in_file, out)
         if ins.dseg_labels:
-            write_dseg_tsv(out)
+            from bidsapp.labels import LABEL_SETS
+
+            write_dseg_tsv(out, LABEL_SETS[ins.dseg_labels].by_value())
         self._results["out_file"] = str(out)
         if meta is not None:
             self._results["out_meta"] = str(sidecar_path(out))

@@ -21,9 +21,9 @@ from nipype.interfaces.base import (
     traits,
 )
 
+from bidsapp.labels import BRAIN, TISSUE
 from workflows.interfaces.ants import SegmentationOutputSpec
 
-CLASS_NAMES = ("CSF", "GM", "WM")
 
 
 class TissueModelInputSpec(BaseInterfaceInputSpec):
@@ -84,7 +84,7 @@ class TissueModel(SimpleInterface):
                                 weights_dir=self.inputs.weights_dir or None)
         cwd = runtime.cwd
         prob_files = []
-        for k, name in enumerate(CLASS_NAMES):
+        for k, name in enumerate(TISSUE.names):
             out = nib.Nifti1Image(result.probs[k], img.affine, img.header)
             out.set_data_dtype(np.float32)
             path = os.path.join(cwd, f"label-{name}_probseg.nii.gz")
@@ -97,7 +97,7 @@ class TissueModel(SimpleInterface):
         tsv = os.path.join(cwd, "volumes.tsv")
         with open(tsv, "w") as fh:
             fh.write("method\tlabel\tvolume_mm3\n")
-            for label in (*CLASS_NAMES, "brain"):
+            for label in (*TISSUE.names, BRAIN):
                 fh.write(f"{result.method}\t{label}\t{result.volumes_mm3[label]:.1f}\n")
         self._results.update(probseg=prob_files, dseg=dseg_path, volumes_tsv=tsv, method=result.method,
                              metadata=sidecar_metadata(result), warnings=list(result.warnings))

@@ -1,0 +1,81 @@
+"""The label sets scanbridge writes: one home for their names, values, colours and BIDS entities.
+
+A :class:`LabelSet` is what a method produces (tissue classes, lesions, ...). Writers take from it the
+``label-<name>`` of each probseg, the values and names of a dseg look-up table, the ``desc-<mask_desc>``
+of a binary mask and the colour of each label in a figure; volume tables take the column names.
+Nothing else in the code base spells ``("CSF", "GM", "WM")``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Label:
+    name: str
+    """BIDS ``label-`` value and volume-table column (letters and digits)."""
+    value: int
+    """Value in a dseg image (0 is background)."""
+    colour: str
+    """Hex colour in report figures."""
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class LabelSet:
+    key: str
+    """Short name of the set (``tissue``, ``lesion``); also its name in the dseg look-up registry."""
+    labels: tuple[Label, ...]
+    description: str = ""
+    main_desc: str | None = None
+    """``desc`` of the main answer's dseg and mask (None: plain ``dseg``, as fMRIPrep writes tissue)."""
+
+    def __post_init__(self):
+        values = [lab.value for lab in self.labels]
+        if len(set(values)) != len(values) or 0 in values:
+            raise ValueError(f"label set {self.key!r}: values must be distinct and non-zero, not {values}")
+        for lab in self.labels:
+            if not lab.name.isalnum():
+                raise ValueError(f"label set {self.key!r}: label name {lab.name!r} must be letters and digits")
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(lab.name for lab in self.labels)
+
+    @property
+    def values(self) -> tuple[int, ...]:
+        return tuple(lab.value for lab in self.labels)
+
+    def by_value(self) -> dict[int, str]:
+        """``{dseg value: name}``: the rows of a dseg look-up table."""
+        return {lab.value: lab.name for lab in self.labels}
+
+    def colours(self) -> dict[str, str]:
+        """``{name: hex colour}``."""
+        return {lab.name: lab.colour for lab in self.labels}
+
+    def __iter__(self):
+        return iter(self.labels)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+TISSUE = LabelSet("tissue", (
+    Label("CSF", 1, "#2c7fb8", "cerebrospinal fluid"),
+    Label("GM", 2, "#31a354", "grey matter"),
+    Label("WM", 3, "#fdae61", "white matter"),
+), "brain tissue classes")
+
+LESION = LabelSet("lesion", (
+    Label("lesion", 1, "#e31a1c", "white-matter lesion (hyperintense on FLAIR/T2w)"),
+), "white-matter lesions", main_desc="lesion")
+
+BRAIN = "brain"
+"""Volume-table row of the brain mask (the intracranial brain volume the tissue classes sum to)."""
+
+VOLUME_LABELS = (*TISSUE.names, BRAIN)
+"""Columns of the wide volume tables (group level), in report order."""
+
+LABEL_SETS = {s.key: s for s in (TISSUE, LESION)}

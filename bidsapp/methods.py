@@ -1,0 +1,226 @@
+"""The method protocol and the one registry of scanbridge's methods.
+
+A :class:`Method` declares what it needs, what it produces and at which level it runs; the workflows
+wire it from that declaration alone (:mod:`workflows.methods` for the session and subject levels,
+:mod:`bidsapp.harmonize.pipeline` for the group level). Adding a method is one module (its Nipype
+node, or its group function), one :func:`register` call and its tests.
+
+Levels and what the ``factory`` returns:
+
+``session``
+    ``factory(name, options) -> nipype Node``, run once per session. Node inputs, by name:
+    ``in_file`` (the session's preprocessed reference image: the T1w, or for a session without one its
+    FLAIR, T2w or PDw), ``mask_file`` (its brain mask), ``<contrast>_file`` for every contrast in
+    ``needs``/``optional`` (``t1w_file``, ``flair_file``, ... on the reference grid), ``priors`` and
+    ``acquisition`` when listed in ``inputs``. Outputs, by name: every kind in ``outputs``
+    (``probseg``: list in label order; ``dseg``; ``mask``; ``volumes_tsv``: long format
+    method/label/volume_mm3), plus ``metadata`` (sidecar fields) and ``warnings``.
+``subject``
+    ``factory(name, options) -> nipype Node``, run once per subject on all its sessions that have what
+    it needs. Inputs: ``in_files``, ``mask_files``, ``session_ids`` (lists, one per session, in session
+    order), ``volumes_files`` (each session's volume table). Outputs: ``out_tsv`` (written as
+    ``sub-<label>_desc-<desc>_<table_suffix>.tsv``), ``metadata``, ``warnings``.
+``group``
+    ``factory(ctx) -> list[Section]`` with a :class:`~bidsapp.harmonize.context.GroupContext`; runs once
+    per group-level call, in registration order.
+
+``options`` is a dict: ``omp_nthreads``, ``seed``, ``device``, ``template``, ``prior_weight``, ``mem_gb``.
+A factory may be given as ``"module:function"`` so that registering costs no import.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Callable, Union
+
+from bidsapp.labels import TISSUE, LabelSet
+
+SESSION, SUBJECT, GROUP = "session", "subject", "group"
+LEVELS = (SESSION, SUBJECT, GROUP)
+CONTRASTS = ("T1w", "FLAIR", "T2w", "PDw")
+"""Structural contrasts a session can have; the first present is the session's reference image."""
+OUTPUT_KINDS = ("probseg", "dseg", "mask", "volumes")
+EXTRA_INPUTS = ("priors", "acquisition")
+
+Factory = Union[str, Callable]
+
+
+@dataclass(frozen=True)
+class Method:
+    key: str
+    """Name on the command line, in the volume table's ``method`` column and in plan lines."""
+    level: str
+    factory: Factory
+    task: str = ""
+    """What it answers (``tissue``, ``lesion``, ``harmonisation``): of the methods of one task that run,
+    the first is the main answer (plain BIDS names) and the others keep ``desc-<desc>``."""
+    needs: tuple[tuple[str, ...], ...] = ()
+    """Contrasts required: each entry a tuple of alternatives, e.g. ``(("T1w",),)`` or
+    ``(("FLAIR", "T2w", "PDw"),)``."""
+    optional: tuple[str, ...] = ()
+    """Contrasts used when the session has them."""
+    inputs: tuple[str, ...] = ()
+    """Further session inputs, among :data:`EXTRA_INPUTS`."""
+    labels: LabelSet | None = None
+    outputs: tuple[str, ...] = ()
+    """Among :data:`OUTPUT_KINDS` (session level)."""
+    desc: str = ""
+    """``desc`` entity when it is not the main answer (letters and digits; default: its key's)."""
+    table_suffix: str = "morph"
+    """Suffix of a subject-level method's table."""
+    min_sessions: int = 1
+    """Subject level: fewest sessions it can run on."""
+    default: bool = True
+    """Runs unless the user selects otherwise (tissue methods are chosen with ``--segmentation``)."""
+    mem_gb: float = 2.0
+    summary: str = ""
+    """One line for ``--help`` and the processing plan."""
+    title: str = ""
+    """Its name in reports and logs (default: the key)."""
+
+    def __post_init__(self):
+        if self.level not in LEVELS:
+            raise ValueError(f"method {self.key!r}: level must be one of {', '.join(LEVELS)}, not {self.level!r}")
+        desc = self.desc or "".join(ch for ch in self.key if ch.isalnum())
+        if not desc.isalnum():
+            raise ValueError(f"method {self.key!r}: desc must be letters and digits, not {desc!r}")
+        object.__setattr__(self, "desc", desc)
+        object.__setattr__(self, "title", self.title or self.key)
+        unknown = [c for alt in self.needs for c in alt if c not in CONTRASTS]
+        unknown += [c for c in self.optional if c not in CONTRASTS]
+        if unknown:
+            raise ValueError(f"method {self.key!r}: unknown contrast(s) {', '.join(unknown)}; known: "
+                             f"{', '.join(CONTRASTS)}")
+        bad = [k for k in self.outputs if k not in OUTPUT_KINDS] + [i for i in self.inputs if i not in EXTRA_INPUTS]
+        if bad:
+            raise ValueError(f"method {self.key!r}: unknown output/input kind(s) {', '.join(bad)}")
+        if self.labels is None and set(self.outputs) & {"probseg", "dseg", "mask"}:
+            raise ValueError(f"method {self.key!r}: images need a label set")
+        if "mask" in self.outputs and self.labels is not None and len(self.labels) != 1:
+            raise ValueError(f"method {self.key!r}: a mask needs a one-label set")
+
+    def build(self, *args, **kwargs):
+        """Call the factory (importing it first when given as ``module:function``)."""
+        factory = self.factory
+        if isinstance(factory, str):
+            module, _, attr = factory.partition(":")
+            factory = getattr(importlib.import_module(module), attr)
+        return factory(*args, **kwargs)
+
+    def contrasts_used(self, available) -> tuple[str, ...]:
+        """The contrasts it will read from a session that has ``available`` (needs first, then optional)."""
+        out = []
+        for alternatives in self.needs:
+            out += [c for c in alternatives if c in available][:1]
+        out += [c for c in self.optional if c in available and c not in out]
+        return tuple(out)
+
+    def missing(self, available) -> list[str]:
+        """Human-readable list of unmet needs (empty when it can run)."""
+        return [" or ".join(alt) for alt in self.needs if not any(c in available for c in alt)]
+
+
+_REGISTRY: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    """Make ``method`` available (replaces one of the same key)."""
+    _REGISTRY[method.key] = method
+    return method
+
+
+def unregister(key: str) -> None:
+    _REGISTRY.pop(key, None)
+
+
+def registry(level: str | None = None, task: str | None = None) -> dict[str, Method]:
+    """Registered methods, in registration order, optionally of one level and task."""
+    return {k: m for k, m in _REGISTRY.items()
+            if (level is None or m.level == level) and (task is None or m.task == task)}
+
+
+def get(key: str) -> Method:
+    try:
+        return _REGISTRY[key]
+    except KeyError:
+        raise ValueError(f"unknown method {key!r}; known: {', '.join(_REGISTRY)}") from None
+
+
+def select(tissue=None, extra=(), *, level: str = SESSION) -> tuple[str, ...]:
+    """The keys of the ``level`` methods to run: the tissue methods in ``tissue`` (main answer first;
+    default :data:`DEFAULT_TISSUE`), every other default method of that level, and ``extra``."""
+    reg = registry(level)
+    keys = []
+    if level == SESSION:
+        tissue = tuple(tissue or DEFAULT_TISSUE)
+        unknown = [m for m in tissue if m not in reg or reg[m].task != TISSUE.key]
+        if unknown:
+            known = ", ".join(k for k, m in reg.items() if m.task == TISSUE.key)
+            raise ValueError(f"unknown segmentation method(s) {', '.join(unknown)}; known: {known}")
+        if len(set(tissue)) != len(tissue):
+            raise ValueError(f"segmentation methods listed twice: {', '.join(tissue)}")
+        keys += tissue
+        keys += [k for k, m in reg.items() if m.default and m.task != TISSUE.key]
+    else:
+        keys += [k for k, m in reg.items() if m.default]
+    for k in extra:
+        if k not in reg:
+            raise ValueError(f"unknown {level}-level method {k!r}; known: {', '.join(reg)}")
+        if k not in keys:
+            keys.append(k)
+    return tuple(keys)
+
+
+def main_answers(keys) -> dict[str, bool]:
+    """``{key: True}`` for the first method of each task among ``keys`` (it gets plain BIDS names)."""
+    seen, out = set(), {}
+    for k in keys:
+        task = get(k).task or k
+        out[k] = task not in seen
+        seen.add(task)
+    return out
+
+
+@dataclass
+class SessionPlan:
+    """Which session methods run on a session with ``available`` contrasts, and why the others do not."""
+
+    reference: str
+    run: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    """One plan line per method left out (``"atropos skipped: needs T1w (session has FLAIR)"``)."""
+
+
+def plan_session(keys, available) -> SessionPlan:
+    available = [c for c in CONTRASTS if c in set(available)]
+    if not available:
+        raise ValueError("a session needs at least one of " + ", ".join(CONTRASTS))
+    plan = SessionPlan(reference=available[0])
+    for k in keys:
+        miss = get(k).missing(available)
+        if miss:
+            plan.skipped.append(f"{k} skipped: needs {', '.join(miss)} (session has {', '.join(available)})")
+        else:
+            plan.run.append(k)
+    return plan
+
+
+# ---------------------------------------------------------------------------------------- built-ins
+DEFAULT_TISSUE = ("unet-physics", "atropos")
+"""Tissue methods run by default, main answer first."""
+
+register(Method(
+    "unet-physics", SESSION, "workflows.segmentation:unet_node", task=TISSUE.key, needs=(("T1w",),),
+    inputs=("acquisition",), labels=TISSUE, outputs=("probseg", "dseg", "volumes"), desc="unet", mem_gb=3.0,
+    summary="physics-aware tissue U-Net (the plain U-Net when the sequence parameters are unusable)"))
+register(Method(
+    "atropos", SESSION, "workflows.segmentation:atropos_node", task=TISSUE.key, needs=(("T1w",),),
+    inputs=("priors",), labels=TISSUE, outputs=("probseg", "dseg", "volumes"), mem_gb=2.0,
+    summary="ANTs Atropos with template priors (the classical baseline)"))
+register(Method("combat", GROUP, "bidsapp.harmonize.combat:run", task="harmonisation", title="ComBat",
+                summary="ComBat harmonisation of the volumes across acquisition groups"))
+register(Method("mrainet", GROUP, "bidsapp.harmonize.mrainet_group:run", task="harmonisation", title="MRAI-NET",
+                summary="MRAI-NET: acquisition-invariant tissue classification of the target scanners"))
+register(Method("bridging", GROUP, "bidsapp.harmonize.bridging:run", task="harmonisation", title="protocol bridging",
+                summary="protocol bridging of subjects whose protocol changed between sessions"))

@@ -1,0 +1,101 @@
+"""Wire registered methods (:mod:`bidsapp.methods`) into a session's or a subject's workflow.
+
+Everything here is generic: a method's node is connected from its declaration, inputs and outputs are
+matched by name (``<ident>_<output>`` on the output node, ``ident`` being the key with non-alphanumerics
+as ``_``), and its images are written by :func:`workflows.outputs.init_method_derivatives_wf` from its
+label set. A new
+method never needs a change in this module.
+"""
+
+from __future__ import annotations
+
+from nipype.interfaces import utility as niu
+from nipype.pipeline import engine as pe
+
+from bidsapp import methods as M
+from workflows.outputs import sink
+
+SESSION_RESULTS = ("metadata", "warnings")
+
+
+def ident(key: str) -> str:
+    return "".join(ch if ch.isalnum() else "_" for ch in str(key))
+
+
+def contrast_field(contrast: str) -> str:
+    """Name of a contrast's image input (``flair_file``)."""
+    return f"{contrast.lower()}_file"
+
+
+def output_fields(method: M.Method) -> list[str]:
+    """The output-node fields a session method fills."""
+    kinds = [k if k != "volumes" else "volumes_tsv" for k in method.outputs]
+    return [f"{ident(method.key)}_{k}" for k in (*kinds, *SESSION_RESULTS)]
+
+
+def init_session_methods_wf(keys, available, *, options: dict, name: str = "methods_wf") -> pe.Workflow:
+    """Run the session methods ``keys`` (all runnable on ``available`` contrasts) side by side.
+
+    Inputs: ``mask_file``, ``priors``, ``acquisition`` and ``<contrast>_file`` for each contrast (on the
+    reference grid). Outputs: :func:`output_fields` of each method and ``volumes`` (their volume rows
+    merged into one long-format table; undefined when no method makes volumes).
+    """
+    from workflows.interfaces.ants import MergeVolumes
+
+    methods = [M.get(k) for k in keys]
+    wf = pe.Workflow(name=name)
+    in_fields = ["mask_file", *M.EXTRA_INPUTS, *(contrast_field(c) for c in M.CONTRASTS)]
+    inputnode = pe.Node(niu.IdentityInterface(fields=in_fields), name="inputnode")
+    out_fields = ["volumes"] + [f for m in methods for f in output_fields(m)]
+    outputnode = pe.Node(niu.IdentityInterface(fields=out_fields), name="outputnode")
+    with_volumes = [m for m in methods if "volumes" in m.outputs]
+    if with_volumes:
+        gather = pe.Node(niu.Merge(len(with_volumes)), name="gather_volumes", run_without_submitting=True)
+        merge = pe.Node(MergeVolumes(), name="merge_volumes", run_without_submitting=True)
+        wf.connect([(gather, merge, [("out", "in_files")]), (merge, outputnode, [("out_file", "volumes")])])
+    for m in methods:
+        missing = m.missing(available)
+        if missing:
+            raise ValueError(f"method {m.key} needs {', '.join(missing)}; the session has {', '.join(available)}")
+        node = m.build("seg_" + ident(m.key), {**options, "mem_gb": m.mem_gb})
+        used = m.contrasts_used(available)
+        wf.connect(inputnode, contrast_field(used[0]), node, "in_file")
+        wf.connect(inputnode, "mask_file", node, "mask_file")
+        for c in used[1:]:
+            wf.connect(inputnode, contrast_field(c), node, contrast_field(c))
+        for extra in m.inputs:
+            wf.connect(inputnode, extra, node, extra)
+        for field in output_fields(m):
+            wf.connect(node, field[len(ident(m.key)) + 1:], outputnode, field)
+        if m in with_volumes:
+            wf.connect(node, "volumes_tsv", gather, f"in{with_volumes.index(m) + 1}")
+    return wf
+
+
+def init_subject_method_wf(key: str, session_ids, *, output_dir, bids_dir, options: dict,
+                           name: str | None = None) -> pe.Workflow:
+    """Run the subject-level method ``key`` on the sessions ``session_ids`` and write its table.
+
+    Inputs: ``in_files``, ``mask_files``, ``volumes_files``, ``source_files`` (one per session, in the
+    order of ``session_ids``).
+    """
+    m = M.get(key)
+    if len(session_ids) < m.min_sessions:
+        raise ValueError(f"method {key} needs {m.min_sessions} sessions, not {len(session_ids)}")
+    wf = pe.Workflow(name=name or f"{ident(key)}_wf")
+    inputnode = pe.Node(niu.IdentityInterface(fields=["in_files", "mask_files", "volumes_files", "source_files"]),
+                        name="inputnode")
+    first = pe.Node(niu.Select(index=0), name="first_source", run_without_submitting=True)
+    node = m.build("subj_" + ident(key), {**options, "mem_gb": m.mem_gb})
+    node.inputs.session_ids = [str(s) for s in session_ids]
+    ds = sink(f"ds_{ident(key)}", output_dir, bids_dir, suffix=m.table_suffix, desc=m.desc, extension=".tsv",
+               subject_level=True)
+    wf.connect([
+        (inputnode, first, [("source_files", "inlist")]),
+        (inputnode, node, [("in_files", "in_files"), ("mask_files", "mask_files"),
+                           ("volumes_files", "volumes_files")]),
+        (inputnode, ds, [("source_files", "sources")]),
+        (first, ds, [("out", "source_file")]),
+        (node, ds, [("out_tsv", "in_file"), ("metadata", "metadata")]),
+    ])
+    return wf
