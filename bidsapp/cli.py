@@ -271,8 +271,9 @@ def run_participant(opts) -> int:
                 LOG.error("sub-%s failed: %s", label, msg)
             LOG.error("sub-%s: details in %s", label, crash_dir)
         warnings = list(subj.warnings) + [reason for _, reason in subj.skipped]
+        notes = [line.strip() for line in method_plan_lines(plan, keys, subject=label)[1:]]
         try:
-            report = write_participant_report(opts.output_dir, label, warnings=warnings, errors=errors,
+            report = write_participant_report(opts.output_dir, label, warnings=warnings, errors=errors, notes=notes,
                                               template=template, command_line=command_line)
             LOG.info("sub-%s: %s in %.0f s; report %s", label, "FAILED" if errors else "done",
                         time.time() - t0, report)
@@ -308,12 +309,14 @@ def _session_inputs(ses) -> dict:
     }
 
 
-def method_plan_lines(plan, keys) -> list[str]:
-    """One line per session whose contrasts leave a method out (what runs instead, and why)."""
+def method_plan_lines(plan, keys, subject: str | None = None) -> list[str]:
+    """A heading and one line per method a session's contrasts leave out (and why)."""
     from bidsapp import methods
 
     lines = []
     for subj in plan.runnable_subjects:
+        if subject is not None and subj.subject != subject:
+            continue
         for ses in subj.sessions:
             mplan = methods.plan_session(keys, ses.contrasts)
             for why in mplan.skipped:

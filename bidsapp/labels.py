@@ -77,5 +77,3 @@ BRAIN = "brain"
 
 VOLUME_LABELS = (*TISSUE.names, BRAIN)
 """Columns of the wide volume tables (group level), in report order."""
-
-LABEL_SETS = {s.key: s for s in (TISSUE, LESION)}

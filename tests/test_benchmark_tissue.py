@@ -123,12 +123,12 @@ def test_vector_swap_separates_what_the_vector_does_from_what_the_image_does():
 
 
 def test_training_speed_benchmark_times_both_samplings_on_the_same_subjects(capsys):
-    from test_tissue_training import _tiny_subject
+    from synthetic import tiny_tissue_subject
 
     from bidsapp.training import tissue as T
 
     bench = _script("train_speed")
-    rows = bench.measure([_tiny_subject(seed=k) for k in range(2)], repeats=2, iterations=2, threads=1, patch=16,
+    rows = bench.measure([tiny_tissue_subject(seed=k) for k in range(2)], repeats=2, iterations=2, threads=1, patch=16,
                          features=(4, 8), batches=2)
     assert [r["sampling"] for r in rows] == list(T.SAMPLING)
     for r in rows:

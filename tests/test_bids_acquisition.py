@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_bids_support import MPRAGE, SPGR
+from bids_support import MPRAGE, SPGR
 
 from bidsapp.bids.acquisition import AcquisitionRecord, canonical_vendor, field_label, infer_sequence_family
 

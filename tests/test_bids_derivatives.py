@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pandas as pd
 import pytest
-from test_bids_support import MPRAGE, image, make_dataset
+from bids_support import MPRAGE, image, make_dataset
 
 from bidsapp.bids import collect, derivatives as d
 from bidsapp.bids.acquisition import AcquisitionRecord

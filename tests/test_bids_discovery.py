@@ -6,7 +6,7 @@ import json
 import math
 
 import pytest
-from test_bids_support import MPRAGE, SPGR, image, make_dataset, tree_digest, write_image, write_json
+from bids_support import MPRAGE, SPGR, image, make_dataset, tree_digest, write_image, write_json
 
 from bidsapp.bids.discovery import discover, load_bids_filters, normalize_labels
 from bidsapp.bids.errors import BIDSInputError
@@ -347,3 +347,12 @@ def test_bids_dir_is_never_written(ds, tmp_path):
     finally:
         ds.chmod(0o755)
     assert tree_digest(ds) == before
+
+
+def test_make_dataset_is_valid_bids(tmp_path):
+    from bids_validator import BIDSValidator
+
+    root = make_dataset(tmp_path / "ds")
+    v = BIDSValidator()
+    files = [p for p in root.rglob("*") if p.is_file()]
+    assert files and all(v.is_bids("/" + p.relative_to(root).as_posix()) for p in files)

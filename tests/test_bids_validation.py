@@ -10,7 +10,7 @@ import stat
 import nibabel as nib
 import numpy as np
 import pytest
-from test_bids_support import image, make_dataset, write_image
+from bids_support import image, make_dataset, write_image
 
 from bidsapp.bids import validation as v
 from bidsapp.bids.errors import BIDSInputError

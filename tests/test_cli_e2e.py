@@ -36,6 +36,13 @@ def run(tmp_path_factory):
     # a broken scan: sub-03's T1w truncated mid-file
     t1w = next((bids / "sub-03").rglob("*_T1w.nii.gz"))
     t1w.write_bytes(t1w.read_bytes()[:200])
+    # a session with only a FLAIR (its image: sub-02's T1w; the pipeline needs no particular contrast)
+    flair = bids / "sub-02" / "ses-2" / "anat" / "sub-02_ses-2_FLAIR.nii.gz"
+    flair.parent.mkdir(parents=True)
+    src = next((bids / "sub-02").rglob("*_T1w.nii.gz"))
+    flair.write_bytes(src.read_bytes())
+    side = json.loads(src.with_name(src.name.replace(".nii.gz", ".json")).read_text())
+    flair.with_name(flair.name.replace(".nii.gz", ".json")).write_text(json.dumps(side))
     digest = tree_digest(bids)
     args = [str(bids), str(out), "participant", "-w", str(work), "--nprocs", "2", "--omp-nthreads", "1"]
     t0 = time.time()
@@ -79,6 +86,15 @@ def test_derivatives_of_good_subjects(run):
         assert list(anat.glob(f"{stem}_from-T1w_to-*_mode-image_xfm.*"))
         assert (out / f"sub-{sub}.html").is_file()
     assert not list(out.rglob("*.tmp")), "half-written files left behind"
+
+
+def test_flair_only_session_gets_brain_extraction_and_no_tissue(run):
+    anat = run["out"] / "sub-02" / "ses-2" / "anat"
+    names = {p.name for p in anat.iterdir()}
+    assert {"sub-02_ses-2_desc-preproc_FLAIR.nii.gz", "sub-02_ses-2_desc-brain_mask.nii.gz"} <= names
+    assert not [n for n in names if "seg" in n or "xfm" in n], names
+    html = (run["out"] / "sub-02.html").read_text()
+    assert "ses-2" in html and "needs T1w" in html
 
 
 def test_broken_subject_is_reported(run):

@@ -9,26 +9,7 @@ import torch
 from bidsapp.models import registry, tissue
 from bidsapp.training import cli
 from bidsapp.training import tissue as T
-
-
-def _tiny_subject(n=24, seed=0) -> T.Subject:
-    """Concentric WM / GM / CSF shells at 2 mm, with the physics engine's property variation."""
-    from bidsapp.physics.phantom import Phantom
-    from bidsapp.physics.tissues import sample_multipliers
-
-    rng = np.random.default_rng(seed)
-    g = np.linspace(-1, 1, n)
-    r = np.sqrt(sum(a ** 2 for a in np.meshgrid(g, g, g, indexing="ij")))
-    r = r * (1 + 0.08 * rng.standard_normal())
-    wm = np.clip((0.45 - r) / 0.08 + 0.5, 0, 1)
-    gm = np.clip((0.7 - r) / 0.08 + 0.5, 0, 1) - wm
-    csf = np.clip((0.85 - r) / 0.08 + 0.5, 0, 1) - wm - gm
-    classes = ("background", "CSF", "GM", "WM")
-    frac = np.stack([1 - wm - gm - csf, csf, gm, wm]).astype(np.float32)
-    aff = np.diag([2.0, 2.0, 2.0, 1.0])
-    ph = Phantom(frac, aff, classes, sample_multipliers(classes, rng))
-    return T.Subject(name="tiny", fractions=frac.astype(np.float16), classes=classes, multipliers=ph.multipliers,
-                     mask=ph.brain_mask, target=T.gold_standard(ph).astype(np.float16), affine=aff)
+from synthetic import tiny_tissue_subject
 
 
 def test_sample_parameters_cover_the_paper_ranges_and_drop_optionals():
@@ -68,7 +49,7 @@ def test_low_contrast_sampling_draws_hard_spgr_settings_from_the_same_ranges():
 
 
 def test_gold_standard_follows_r1_not_the_image():
-    s = _tiny_subject()
+    s = tiny_tissue_subject()
     lab = s.target.astype(np.float32).argmax(0)
     m = s.mask
     assert {0, 1, 2} <= set(np.unique(lab[m]))
@@ -77,7 +58,7 @@ def test_gold_standard_follows_r1_not_the_image():
 
 
 def test_simulated_contrast_depends_on_the_parameters():
-    s = _tiny_subject()
+    s = tiny_tissue_subject()
     rng = np.random.default_rng(0)
     lab = s.target.astype(np.float32).argmax(0)
     def wm_gm(acq):
@@ -89,7 +70,7 @@ def test_simulated_contrast_depends_on_the_parameters():
 
 
 def test_twenty_iterations_reduce_the_loss(tmp_path):
-    subjects = [_tiny_subject(seed=k) for k in range(2)]
+    subjects = [tiny_tissue_subject(seed=k) for k in range(2)]
     cfg = T.TrainConfig(out=str(tmp_path), seed=0, physics="both", patch=16, batch=2, iterations=20, lr=1e-2,
                         features=(4, 8), save_every=0, log_every=5, weights_dir=str(tmp_path))
     runs = T.train(cfg, subjects)
@@ -110,7 +91,7 @@ def test_twenty_iterations_reduce_the_loss(tmp_path):
 
 
 def test_training_is_reproducible_from_the_seed(tmp_path):
-    subjects = [_tiny_subject()]
+    subjects = [tiny_tissue_subject()]
     cfg = T.TrainConfig(out=str(tmp_path), seed=3, physics=True, patch=16, batch=1, iterations=3,
                         features=(4, 8), save_every=0, log_every=1)
     a, b = T.train(cfg, subjects)[0], T.train(cfg, subjects)[0]
@@ -128,7 +109,7 @@ def test_each_network_trains_alone_exactly_as_beside_the_other(tmp_path, alone, 
     the same. Why scripts/train-tissue.sh trains stages 1-3 with --no-physics (the physics model starts
     from the stage-3 ablation), and why its --no-ablation retrains the shipped physics model in half the
     time."""
-    subjects = [_tiny_subject()]
+    subjects = [tiny_tissue_subject()]
     kw = dict(out=str(tmp_path), seed=4, patch=16, batch=4, iterations=3, features=(4, 8), save_every=0,
               log_every=1, consistency=1.0, **extra)
     both = T.train(T.TrainConfig(**kw, physics="both"), subjects)[index]
@@ -148,7 +129,7 @@ def test_cli_dispatches_and_reports_unknown(capsys):
 
 
 def test_paired_batches_share_the_patch_and_consistency_loss_trains(tmp_path):
-    subjects = [_tiny_subject(seed=k) for k in range(2)]
+    subjects = [tiny_tissue_subject(seed=k) for k in range(2)]
     sampler = T.PatchSampler(subjects, 16, seed=0)
     x, m, y, p = sampler.batch(4, pairs=True)
     assert x.shape == (4, 1, 16, 16, 16)
@@ -275,7 +256,7 @@ def test_trunk_gate_conditions_the_trunk_for_one_family_only(tmp_path):
     with pytest.raises(ValueError, match="--physics-trunk-gate"):
         T.TrainConfig(out=str(tmp_path), physics_injection="norm_film", physics_trunk_gate="family_SPGR")
 
-    subjects = [_tiny_subject(seed=k) for k in range(2)]
+    subjects = [tiny_tissue_subject(seed=k) for k in range(2)]
     _first_stage(tmp_path, subjects, physics_injection="norm_shift")
     cfg = T.TrainConfig(out=str(tmp_path), seed=1, physics=True, patch=16, batch=2, iterations=1, features=(4, 8),
                         save_every=0, log_every=1, weights_dir=str(tmp_path / "w2"), init_from=str(tmp_path / "w1"),
@@ -297,7 +278,7 @@ def test_trunk_gate_conditions_the_trunk_for_one_family_only(tmp_path):
 def test_train_gated_changes_only_the_gated_family(tmp_path):
     """``--train gated`` from a ``norm_shift`` stage trains the SPGR-only trunk conditioning: MPRAGE logits
     stay exactly the previous stage's, SPGR ones move; the ablation (no gate) cannot be trained so."""
-    subjects = [_tiny_subject(seed=k) for k in range(2)]
+    subjects = [tiny_tissue_subject(seed=k) for k in range(2)]
     _first_stage(tmp_path, subjects, physics_injection="norm_shift")
     cfg = T.TrainConfig(out=str(tmp_path), seed=1, physics=True, patch=16, batch=2, iterations=3, lr=1e-2,
                         features=(4, 8), save_every=0, log_every=1, weights_dir=str(tmp_path / "w2"),
@@ -330,7 +311,7 @@ def _first_stage(tmp_path, subjects, **kw) -> None:
 
 
 def test_norm_shift_stage_continues_as_norm_film(tmp_path):
-    subjects = [_tiny_subject(seed=k) for k in range(2)]
+    subjects = [tiny_tissue_subject(seed=k) for k in range(2)]
     _first_stage(tmp_path, subjects, physics_injection="norm_shift")
     cfg = T.TrainConfig(out=str(tmp_path), seed=1, physics=True, patch=16, batch=2, iterations=2,
                         features=(4, 8), save_every=0, log_every=1, weights_dir=str(tmp_path / "w2"),
@@ -343,7 +324,7 @@ def test_norm_shift_stage_continues_as_norm_film(tmp_path):
 
 
 def test_physics_lr_gives_the_zero_initialised_conditioning_its_own_learning_rate(tmp_path):
-    subjects = [_tiny_subject(seed=k) for k in range(2)]
+    subjects = [tiny_tissue_subject(seed=k) for k in range(2)]
     _first_stage(tmp_path, subjects, physics_injection="norm_shift")
     cfg = T.TrainConfig(out=str(tmp_path), seed=1, physics="both", patch=16, batch=2, iterations=3, lr=1e-6,
                         physics_lr=1e-2, features=(4, 8), save_every=0, log_every=1, weights_dir=str(tmp_path / "w2"),
@@ -365,7 +346,7 @@ def test_physics_lr_gives_the_zero_initialised_conditioning_its_own_learning_rat
 
 
 def test_physics_model_can_start_from_the_trained_ablation(tmp_path):
-    subjects = [_tiny_subject(seed=k) for k in range(2)]
+    subjects = [tiny_tissue_subject(seed=k) for k in range(2)]
     _first_stage(tmp_path, subjects)
     cfg = T.TrainConfig(out=str(tmp_path), seed=1, physics="both", patch=16, batch=2, iterations=2,
                         features=(4, 8), save_every=0, log_every=1, weights_dir=str(tmp_path / "w2"),
@@ -391,7 +372,7 @@ def test_physics_model_can_start_from_the_trained_ablation(tmp_path):
 
 
 def test_train_top_changes_only_what_follows_the_last_skip_connection(tmp_path):
-    subjects = [_tiny_subject(seed=k) for k in range(2)]
+    subjects = [tiny_tissue_subject(seed=k) for k in range(2)]
     _first_stage(tmp_path, subjects, physics_injection="norm_shift")
     cfg = T.TrainConfig(out=str(tmp_path), seed=1, physics="both", patch=16, batch=2, iterations=3, lr=1e-2,
                         features=(4, 8), save_every=0, log_every=1, init_from=str(tmp_path / "w1"),
@@ -414,7 +395,7 @@ def test_train_top_changes_only_what_follows_the_last_skip_connection(tmp_path):
 
 
 def test_train_physics_recalibrates_only_the_branch_of_a_physics_model(tmp_path):
-    subjects = [_tiny_subject(seed=k) for k in range(2)]
+    subjects = [tiny_tissue_subject(seed=k) for k in range(2)]
     _first_stage(tmp_path, subjects, physics_injection="norm_shift")
     cfg = T.TrainConfig(out=str(tmp_path), seed=1, physics=True, patch=16, batch=2, iterations=3, lr=1e-2,
                         features=(4, 8), save_every=0, log_every=1, init_from=str(tmp_path / "w1"),
@@ -463,7 +444,7 @@ def test_volume_consistency_is_the_relative_volume_difference_between_two_acquis
 
 
 def test_stop_after_reproduces_a_checkpoint_of_a_longer_run(tmp_path):
-    subjects = [_tiny_subject()]
+    subjects = [tiny_tissue_subject()]
     kw = dict(out=str(tmp_path), seed=2, physics=True, patch=16, batch=1, iterations=4, features=(4, 8), log_every=1)
     full = T.TrainConfig(**kw, save_every=2, weights_dir=str(tmp_path / "full"))
     T.train(full, subjects)  # writes its iteration-2 checkpoint
@@ -538,7 +519,7 @@ def test_patch_sampling_simulates_the_same_image_as_the_whole_brain():
     and not what normalising the patch by itself would give."""
     from bidsapp.models.tissue import normalise
 
-    s = _tiny_subject(n=40)
+    s = tiny_tissue_subject(n=40)
     region = (slice(4, 20), slice(10, 26), slice(12, 28))
     m = s.mask[region]
     rng = np.random.default_rng(0)
@@ -551,7 +532,7 @@ def test_patch_sampling_simulates_the_same_image_as_the_whole_brain():
 
 
 def test_patch_sampler_aligns_image_mask_and_target_and_pads_small_brains(tmp_path):
-    subjects = [_tiny_subject(seed=k) for k in range(2)]  # 24^3 brains
+    subjects = [tiny_tissue_subject(seed=k) for k in range(2)]  # 24^3 brains
     a = T.PatchSampler(subjects, 16, seed=0, sampling="patch").batch(8, pairs=True)
     b = T.PatchSampler(subjects, 16, seed=0, sampling="patch").batch(8, pairs=True)
     for u, v in zip(a, b):

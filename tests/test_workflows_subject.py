@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from bidsapp.metrics.overlap import dice
-from test_workflows_interfaces import RES, make_session, ras_array
+from synthetic import RES, ras_array
 
 ANAT = Path("sub-01") / "ses-1" / "anat"
 STEM = "sub-01_ses-1"
@@ -39,12 +39,9 @@ def _node_outputs(work: Path) -> dict[str, int]:
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    from bidsapp.templates import get_template
-
+def run(tmp_path_factory, tiny_session, tiny_template):
     root = tmp_path_factory.mktemp("subject")
-    data = make_session(root)
-    template = get_template(resolution=int(RES), cache_dir=root / "cache", offline=True)
+    data, template = tiny_session, tiny_template
     out, work = root / "out", root / "work"
     wf = _build(data, out, work, template)
     t0 = time.monotonic()

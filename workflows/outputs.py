@@ -136,7 +136,7 @@ def init_method_derivatives_wf(method: M.Method, *, main: bool, output_dir, bids
             wf.connect([(inputnode, pick, [("probseg", "inlist")]), (pick, ds, [("out", "in_file")]),
                         (inputnode, ds, common)])
     if "dseg" in kinds:
-        ds = sink("ds_dseg", output_dir, bids_dir, suffix="dseg", dseg_labels=labels.key,
+        ds = sink("ds_dseg", output_dir, bids_dir, suffix="dseg", dseg_labels=labels.by_value(),
                    desc=labels.main_desc if main else method.desc)
         wf.connect([(inputnode, ds, [("dseg", "in_file"), *common])])
     if "mask" in kinds:

@@ -60,7 +60,7 @@ _NEEDED = {"MPRAGE": ("repetition_time", "inversion_time", "flip_angle"),
 
 @dataclass
 class SessionFiles:
-    """Derivatives of one T1w (one session, or one run of it)."""
+    """Derivatives of one session's reference image (its T1w, or without one its FLAIR/T2w/PDw)."""
 
     subject: str
     session: str | None
@@ -78,7 +78,9 @@ class SessionFiles:
     template_space: dict[str, Path] = field(default_factory=dict)
     """T1w already resampled into a template space, by template name."""
     others: dict[str, Path] = field(default_factory=dict)
-    """Preprocessed FLAIR/T2w/PDw in the T1w grid, by suffix."""
+    """Preprocessed FLAIR/T2w/PDw in the reference grid, by suffix."""
+    reference: str = "T1w"
+    """Suffix of the reference image (``preproc``)."""
 
     @property
     def label(self) -> str:
@@ -93,7 +95,7 @@ def _sidecar(path: Path | None) -> Path | None:
 
 
 def collect_session_files(output_dir: Path, subject: str, problems: list[str] | None = None) -> list[SessionFiles]:
-    """A subject's derivatives (one entry per preprocessed T1w), found by the project's naming rules."""
+    """A subject's derivatives (one entry per preprocessed reference image), found by the project's naming rules."""
     from bidsapp.bids.collect import collect_derivatives
     from bidsapp.bids.derivatives import parse_entities
 
@@ -106,6 +108,10 @@ def collect_session_files(output_dir: Path, subject: str, problems: list[str] | 
                           + [f"{k}-{v}" for k, v in ents.items()])
         f = SessionFiles(subject=e["subject"], session=e["session"], prefix=prefix, anat_dir=Path(e["anat_dir"]))
         f.preproc = e["preproc_t1w"]
+        if f.preproc is None:  # a session without a T1w: its reference is the first FLAIR, T2w or PDw
+            ref = next((m for m in OTHER_MODALITIES if m in e["preproc"]), None)
+            if ref is not None:
+                f.reference, f.preproc = ref, e["preproc"][ref]
         f.mask = e["brain_mask"]
         f.dseg = e["dseg"]
         f.probseg = dict(e["probseg"])
@@ -116,14 +122,14 @@ def collect_session_files(output_dir: Path, subject: str, problems: list[str] | 
                 f.xfm_to_template.setdefault(x["to"], []).append(Path(x["path"]))
         for paths in f.xfm_to_template.values():
             paths.sort(key=lambda q: q.name.endswith(".mat"))  # antspyx order: warp fields, then the affine
-        f.others = {m: p for m, p in e["preproc"].items() if m in OTHER_MODALITIES}
+        f.others = {m: p for m, p in e["preproc"].items() if m in OTHER_MODALITIES and m != f.reference}
         for path in e["other"]:
             pe = parse_entities(path) or {}
             if pe.get("desc") != "preproc" or pe.get("extension") not in (".nii.gz", ".nii"):
                 continue
             if pe.get("suffix") == "T1w" and pe.get("space") not in (None, "T1w"):
                 f.template_space[pe["space"]] = path
-            elif pe.get("suffix") in OTHER_MODALITIES and pe.get("space") == "T1w":
+            elif pe.get("suffix") in OTHER_MODALITIES and pe.get("space") in ("T1w", *OTHER_MODALITIES):
                 f.others.setdefault(pe["suffix"], path)
         if problems is not None:
             problems.extend(e.get("warnings") or [])
@@ -191,7 +197,7 @@ def acquisition_rows(files: list[SessionFiles], problems: list[str]) -> tuple[pd
     """One row per processed image with its acquisition record, plus warnings about missing fields."""
     rows, warns = [], []
     for f in files:
-        images = [("T1w", f.preproc)] + [(m, p) for m, p in f.others.items()]
+        images = [(f.reference, f.preproc)] + [(m, p) for m, p in f.others.items()]
         for kind, path in images:
             if path is None:
                 continue
@@ -369,8 +375,10 @@ def session_section(f: SessionFiles, problems: list[str], template=None, n_slice
     errs: list[str] = []
     body = []
     img = figures.ImageCache()  # each file is decompressed once for all the pictures of the session
+    ref = f.reference
     if f.preproc is None:
-        errs.append(f"{f.prefix}: no preprocessed T1w (*_desc-preproc_T1w.nii.gz); overlays cannot be drawn")
+        errs.append(f"{f.prefix}: no preprocessed reference image (*_desc-preproc_T1w.nii.gz, or FLAIR/T2w/PDw "
+                    "in a session without a T1w); overlays cannot be drawn")
     else:
         if f.mask is not None:
             mask_meta = _read_json(_sidecar(f.mask), problems)
@@ -382,16 +390,19 @@ def session_section(f: SessionFiles, problems: list[str], template=None, n_slice
                        if how else "")
             body.append(subsection_html("Brain mask", _figure_or_warning(
                 lambda: figures.mask_figure(img(f.preproc), img(f.mask), n_slices=n_slices),
-                f"Brain mask (red contour) over the preprocessed T1w ({f.preproc.name}).{how_txt}", warns,
+                f"Brain mask (red contour) over the preprocessed {ref} ({f.preproc.name}).{how_txt}", warns,
                 "brain-mask overlay")))
         else:
             warns.append(f"{f.prefix}: no brain mask (*_desc-brain_mask.nii.gz)")
-            body.append(subsection_html("Preprocessed T1w", _figure_or_warning(
+            body.append(subsection_html(f"Preprocessed {ref}", _figure_or_warning(
                 lambda: figures.overlay_mosaic(img(f.preproc), n_slices=n_slices),
-                f"The preprocessed T1w ({f.preproc.name}); no brain mask to overlay.", warns, "T1w mosaic")))
+                f"The preprocessed {ref} ({f.preproc.name}); no brain mask to overlay.", warns, f"{ref} mosaic")))
         segs = ([("main answer", f.dseg)] if f.dseg is not None else []) + list(f.dseg_alt.items())
-        if not segs:
+        if not segs and ref == "T1w":
             warns.append(f"{f.prefix}: no tissue segmentation (*_dseg.nii.gz)")
+        elif not segs:
+            body.append(text_html(f"No tissue segmentation: the tissue methods need a T1w, and this session's "
+                                  f"reference image is a {ref}."))
         for name, path in segs:
             meta = _read_json(_sidecar(path), problems)
             method = _method_name(meta) or name
@@ -410,12 +421,13 @@ def session_section(f: SessionFiles, problems: list[str], template=None, n_slice
                 lambda p=path: figures.segmentation_figure(img(f.preproc), img(p), img(f.mask), n_slices=n_slices),
                 f"CSF/GM/WM ({path.name}) over the preprocessed T1w; red: brain mask{told_txt}.", warns,
                 f"segmentation overlay {path.name}")))
-        body.append(_registration_block(f, problems, warns, template, n_slices))
+        if ref == "T1w":
+            body.append(_registration_block(f, problems, warns, template, n_slices))
         for mod, path in f.others.items():
-            body.append(subsection_html(f"{mod} to T1w co-registration", _figure_or_warning(
+            body.append(subsection_html(f"{mod} to {ref} co-registration", _figure_or_warning(
                 lambda p=path: figures.coregistration_figure(img(p), img(f.preproc), dseg=img(f.dseg), mask=img(f.mask),
                                                              n_slices=n_slices),
-                f"{path.name} with T1w white-matter boundary (red) and brain mask (cyan).", warns,
+                f"{path.name} with {ref} white-matter boundary (red) and brain mask (cyan).", warns,
                 f"{mod} co-registration check")))
     vol_body, vol_warns, _ = _volumes_block(f, problems)
     warns += vol_warns
@@ -527,11 +539,11 @@ def about_section(output_dir: Path, files: list[SessionFiles], problems: list[st
     return Section(title="About", body=body, anchor="about")
 
 
-def _summary_section(subject, files, acq, output_dir, problems, warnings, errors) -> Section:
+def _summary_section(subject, files, acq, output_dir, problems, warnings, errors, notes=()) -> Section:
     sessions = sorted({f.session for f in files if f.session})
-    images = {"T1w": sum(f.preproc is not None for f in files)}
+    images = {"T1w": sum(f.preproc is not None and f.reference == "T1w" for f in files)}
     for mod in OTHER_MODALITIES:
-        n = sum(mod in f.others for f in files)
+        n = sum(mod in f.others or (f.reference == mod and f.preproc is not None) for f in files)
         if n:
             images[mod] = n
     templates = sorted({t for f in files for t in list(f.xfm_to_template) + list(f.template_space)})
@@ -553,14 +565,17 @@ def _summary_section(subject, files, acq, output_dir, problems, warnings, errors
         ("acquisition group (T1w)", ", ".join(groups) or "n/a"),
         ("status", "FAILED" if errors else ("completed with warnings" if warnings else "completed")),
     ]
-    return Section(title="Summary", body=kv_table_html(items), warnings=list(warnings), errors=list(errors),
-                   anchor="summary")
+    body = kv_table_html(items)
+    if notes:
+        body += text_html("Processing plan: " + "; ".join(notes) + ".")
+    return Section(title="Summary", body=body, warnings=list(warnings), errors=list(errors), anchor="summary")
 
 
-def write_participant_report(output_dir, subject: str, *, warnings=None, errors=None,
+def write_participant_report(output_dir, subject: str, *, warnings=None, errors=None, notes=None,
                              command_line: str | None = None, template=None, n_slices: int = 5) -> Path:
     """Write ``output_dir/sub-<subject>.html`` from the subject's derivatives and return its path.
 
+    ``notes`` are the run's plan lines (methods a session's contrasts leave out, and why).
     ``warnings``/``errors`` come from the run (skipped images, failed nodes) and are shown first,
     together with problems found while reading the outputs (missing files, missing sidecar fields).
     ``template`` helps the registration check find the template image offline (see
@@ -585,7 +600,7 @@ def write_participant_report(output_dir, subject: str, *, warnings=None, errors=
     about = about_section(output_dir, files, problems, command_line)
     all_warn += [p for p in problems if p not in all_warn]
     summary = _summary_section(subject, files, acq, output_dir, problems, all_warn,
-                               list(dict.fromkeys(errors)))
+                               list(dict.fromkeys(errors)), notes=list(notes or []))
     n_msgs = sum(len(s.warnings) + len(s.errors) for s in sessions)
     if n_msgs:
         summary.body += text_html(f"{n_msgs} further message(s) in the session sections below.")

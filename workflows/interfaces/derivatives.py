@@ -49,8 +49,8 @@ class _DerivativesDataSinkInputSpec(BaseInterfaceInputSpec):
                                 desc="a result of all the subject's sessions: only the sub entity is kept")
     acquisition = traits.Dict(desc="acquisition record of the source image (AcquisitionRecord dict)")
     metadata = traits.Dict(desc="further sidecar fields (method, model, parameters ...)")
-    dseg_labels = traits.Str("", usedefault=True,
-                             desc="key of a bidsapp.labels label set: also write the dseg look-up table (.tsv)")
+    dseg_labels = traits.Dict(traits.Int, traits.Str,
+                              desc="{dseg value: label name}: also write the dseg look-up table (.tsv)")
 
 
 class _DerivativesDataSinkOutputSpec(TraitedSpec):
@@ -102,10 +102,8 @@ class DerivativesDataSink(SimpleInterface):
         if ext != ".json":
             meta = write_sidecar(out, Sources=uris, acquisition=acquisition, **fields)
         atomic_copy(ins.in_file, out)
-        if ins.dseg_labels:
-            from bidsapp.labels import LABEL_SETS
-
-            write_dseg_tsv(out, LABEL_SETS[ins.dseg_labels].by_value())
+        if isdefined(ins.dseg_labels) and ins.dseg_labels:
+            write_dseg_tsv(out, dict(ins.dseg_labels))
         self._results["out_file"] = str(out)
         if meta is not None:
             self._results["out_meta"] = str(sidecar_path(out))

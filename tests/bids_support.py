@@ -82,12 +82,3 @@ def tree_digest(root: Path) -> str:
         if p.is_file():
             h.update(p.read_bytes())
     return h.hexdigest()
-
-
-def test_make_dataset_is_valid_bids(tmp_path):
-    from bids_validator import BIDSValidator
-
-    root = make_dataset(tmp_path / "ds")
-    v = BIDSValidator()
-    files = [p for p in root.rglob("*") if p.is_file()]
-    assert files and all(v.is_bids("/" + p.relative_to(root).as_posix()) for p in files)
