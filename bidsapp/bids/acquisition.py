@@ -38,23 +38,55 @@ SEQUENCE_FAMILIES = ("MPRAGE", "SPGR", "TSE", "FLAIR", "UNKNOWN")
 WEIGHTED_SUFFIXES = ("T1w", "T2w", "FLAIR", "PDw")
 QMRI_SUFFIXES = ("T1map", "R1map", "R2starmap", "PDmap")
 
-# Sidecar field -> (record attribute, largest plausible value in seconds above which the number
-# is read as milliseconds). Structural TRs reach ~15 s (TSE/FLAIR); TEs and excitation TRs stay
-# well under 1 s; TIs stay under ~4 s.
-_TIME_FIELDS = {
-    "RepetitionTime": ("repetition_time", 16.0),
-    "EchoTime": ("echo_time", 1.0),
-    "InversionTime": ("inversion_time", 10.0),
-    "RepetitionTimeExcitation": ("repetition_time_excitation", 1.0),
-    "RepetitionTimePreparation": ("repetition_time_preparation", 16.0),
+BIDS_NAMES = {
+    "manufacturer": "Manufacturer",
+    "model": "ManufacturersModelName",
+    "device_serial": "DeviceSerialNumber",
+    "institution": "InstitutionName",
+    "field_strength": "MagneticFieldStrength",
+    "sequence_family": "SequenceFamily",
+    "pulse_sequence_type": "PulseSequenceType",
+    "scanning_sequence": "ScanningSequence",
+    "sequence_variant": "SequenceVariant",
+    "repetition_time": "RepetitionTime",
+    "echo_time": "EchoTime",
+    "inversion_time": "InversionTime",
+    "flip_angle": "FlipAngle",
+    "repetition_time_excitation": "RepetitionTimeExcitation",
+    "repetition_time_preparation": "RepetitionTimePreparation",
+    "group_key": "acq_group",
 }
-_TEXT_FIELDS = {
-    "Manufacturer": "manufacturer",
-    "ManufacturersModelName": "model",
-    "DeviceSerialNumber": "device_serial",
-    "InstitutionName": "institution",
-    "PulseSequenceType": "pulse_sequence_type",
-}
+"""Record attribute -> BIDS sidecar field (``SequenceFamily`` and ``acq_group`` are scanbridge's table
+columns): the one translation between the two vocabularies. Units are the same on both sides (SI:
+seconds, degrees, tesla)."""
+ATTRIBUTES = {v: k for k, v in BIDS_NAMES.items()}
+"""BIDS sidecar field -> record attribute."""
+
+
+def lookup(values, bids_name: str):
+    """A parameter from a dict or table row that may use either vocabulary (BIDS name first);
+    None when absent or NaN."""
+    for key in (bids_name, ATTRIBUTES.get(bids_name)):
+        if key is None or key not in values:
+            continue
+        v = values[key]
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            continue
+        return v
+    return None
+
+
+# Sidecar time field -> largest plausible value in seconds above which the number is read as
+# milliseconds. Structural TRs reach ~15 s (TSE/FLAIR); TEs and excitation TRs stay well under 1 s;
+# TIs stay under ~4 s.
+_TIME_LIMITS = {"RepetitionTime": 16.0, "EchoTime": 1.0, "InversionTime": 10.0, "RepetitionTimeExcitation": 1.0,
+                "RepetitionTimePreparation": 16.0}
+_TIME_FIELDS = {name: (ATTRIBUTES[name], limit) for name, limit in _TIME_LIMITS.items()}
+_TEXT_FIELDS = {name: ATTRIBUTES[name] for name in ("Manufacturer", "ManufacturersModelName", "DeviceSerialNumber",
+                                                    "InstitutionName", "PulseSequenceType")}
+_USED_FIELDS = ("Manufacturer", "ManufacturersModelName", "DeviceSerialNumber", "InstitutionName",
+                "MagneticFieldStrength", "PulseSequenceType", "RepetitionTime", "EchoTime", "InversionTime",
+                "FlipAngle", "RepetitionTimeExcitation", "RepetitionTimePreparation")
 _SCANNER_FIELDS = ("Manufacturer", "ManufacturersModelName", "MagneticFieldStrength")
 _NOMINAL_FIELDS = (0.2, 0.35, 0.5, 0.55, 1.0, 1.5, 3.0, 4.0, 7.0, 9.4, 10.5, 11.7)
 _VENDORS = (
@@ -274,20 +306,7 @@ class AcquisitionRecord:
 
     def to_bids_fields(self) -> dict:
         """The known values under their BIDS sidecar names (for "acquisition parameters used")."""
-        out = {
-            "Manufacturer": self.manufacturer,
-            "ManufacturersModelName": self.model,
-            "DeviceSerialNumber": self.device_serial,
-            "InstitutionName": self.institution,
-            "MagneticFieldStrength": self.field_strength,
-            "PulseSequenceType": self.pulse_sequence_type,
-            "RepetitionTime": self.repetition_time,
-            "EchoTime": self.echo_time,
-            "InversionTime": self.inversion_time,
-            "FlipAngle": self.flip_angle,
-            "RepetitionTimeExcitation": self.repetition_time_excitation,
-            "RepetitionTimePreparation": self.repetition_time_preparation,
-        }
+        out = {name: getattr(self, ATTRIBUTES[name]) for name in _USED_FIELDS}
         return {k: v for k, v in out.items() if v is not None}
 
 

@@ -32,6 +32,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from bidsapp.bids.acquisition import lookup
+
 BRIDGED = ("GM", "WM")
 """The tissue volumes protocol bridging corrects (CSF is too thin at 2 mm to bridge reliably)."""
 SWEEP = {
@@ -154,13 +156,8 @@ def find_protocol_changes(acquisitions: pd.DataFrame) -> pd.DataFrame:
 
 def _acq_dict(row: pd.Series) -> dict:
     """Acquisition dict for the tissue model from a group acquisitions row (BIDS or record names)."""
-    get = lambda *names: next((row[n] for n in names if n in row and pd.notna(row[n])), None)  # noqa: E731
-    return {"sequence_family": get("SequenceFamily", "sequence_family"),
-            "InversionTime": get("InversionTime", "inversion_time"),
-            "RepetitionTime": get("RepetitionTime", "repetition_time"),
-            "EchoTime": get("EchoTime", "echo_time"),
-            "FlipAngle": get("FlipAngle", "flip_angle"),
-            "MagneticFieldStrength": get("MagneticFieldStrength", "field_strength")}
+    names = ("InversionTime", "RepetitionTime", "EchoTime", "FlipAngle", "MagneticFieldStrength")
+    return {"sequence_family": lookup(row, "SequenceFamily"), **{n: lookup(row, n) for n in names}}
 
 
 def session_images(output_dir: Path, participant: str, session: str) -> tuple[Path, Path] | None:

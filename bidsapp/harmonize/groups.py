@@ -11,15 +11,13 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from bidsapp.bids.acquisition import BIDS_NAMES
+
 __all__ = ["bids_columns", "normalize_ids", "acquisition_table", "session_groups", "summarize_groups",
            "choose_source_group", "GROUP_FIELDS"]
 
-# BIDS sidecar name <- AcquisitionRecord attribute name (either may be in the table)
-_RECORD_TO_BIDS = {
-    "manufacturer": "Manufacturer", "model": "ManufacturersModelName", "field_strength": "MagneticFieldStrength",
-    "sequence_family": "SequenceFamily", "repetition_time": "RepetitionTime", "echo_time": "EchoTime",
-    "inversion_time": "InversionTime", "flip_angle": "FlipAngle", "group_key": "acq_group",
-}
+_RENAMED = ("manufacturer", "model", "field_strength", "sequence_family", "repetition_time", "echo_time",
+            "inversion_time", "flip_angle", "group_key")
 GROUP_FIELDS = ("Manufacturer", "ManufacturersModelName", "MagneticFieldStrength", "SequenceFamily",
                 "RepetitionTime", "EchoTime", "InversionTime", "FlipAngle")
 
@@ -35,7 +33,8 @@ def _prefixed(value, prefix: str) -> str:
 
 def bids_columns(df: pd.DataFrame) -> pd.DataFrame:
     """AcquisitionRecord-style column names renamed to their BIDS sidecar names, where those are not there."""
-    return df.rename(columns={k: v for k, v in _RECORD_TO_BIDS.items() if k in df.columns and v not in df.columns})
+    names = {k: BIDS_NAMES[k] for k in _RENAMED}
+    return df.rename(columns={k: v for k, v in names.items() if k in df.columns and v not in df.columns})
 
 
 def normalize_ids(df: pd.DataFrame) -> pd.DataFrame:

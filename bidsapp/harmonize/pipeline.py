@@ -14,24 +14,17 @@ from pathlib import Path
 
 import pandas as pd
 
+from bidsapp.bids.acquisition import BIDS_NAMES
 from bidsapp.errors import UserError
 from bidsapp.labels import VOLUME_LABELS
 from bidsapp.harmonize.context import GroupContext
 
 LOG = logging.getLogger("scanbridge.group")
 
-ACQ_COLUMNS = {
-    "group_key": "acq_group",
-    "site": "site",
-    "manufacturer": "Manufacturer",
-    "model": "ManufacturersModelName",
-    "field_strength": "MagneticFieldStrength",
-    "sequence_family": "SequenceFamily",
-    "repetition_time": "RepetitionTime",
-    "echo_time": "EchoTime",
-    "inversion_time": "InversionTime",
-    "flip_angle": "FlipAngle",
-}
+ACQ_COLUMNS = {"group_key": "acq_group", "site": "site",
+               **{k: BIDS_NAMES[k] for k in ("manufacturer", "model", "field_strength", "sequence_family",
+                                             "repetition_time", "echo_time", "inversion_time", "flip_angle")}}
+"""Acquisition-record columns of group_acquisitions.tsv, renamed to their BIDS names."""
 
 
 def gather_volumes(output_dir: Path, subjects: list[str] | None = None) -> pd.DataFrame:

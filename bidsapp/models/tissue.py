@@ -52,6 +52,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from bidsapp.bids.acquisition import lookup
 from bidsapp.labels import BRAIN, TISSUE
 from bidsapp.physics.contrast import low_contrast_warning, wm_gm_signal_ratio
 
@@ -94,17 +95,6 @@ TRAINING_RANGES = {
 }
 RANGE_TOLERANCE = 1.25
 
-# accepted spellings: BIDS sidecar names and AcquisitionRecord attribute names
-_ALIASES = {
-    "InversionTime": ("InversionTime", "inversion_time"),
-    "RepetitionTime": ("RepetitionTime", "repetition_time"),
-    "EchoTime": ("EchoTime", "echo_time"),
-    "FlipAngle": ("FlipAngle", "flip_angle"),
-    "MagneticFieldStrength": ("MagneticFieldStrength", "field_strength"),
-    "RepetitionTimePreparation": ("RepetitionTimePreparation", "repetition_time_preparation"),
-}
-
-
 @dataclass
 class ParameterVector:
     """What the physics branch gets for one image, and why."""
@@ -123,16 +113,20 @@ class ParameterVector:
     None without a family, its equation's parameters and the field strength."""
 
 
+_PARAMETERS = ("InversionTime", "RepetitionTime", "EchoTime", "FlipAngle", "MagneticFieldStrength",
+               "RepetitionTimePreparation")
+"""Sequence parameters the physics model reads (BIDS names; an acquisition dict may use either vocabulary)."""
+
+
 def _get(acq: dict, name: str):
-    for key in _ALIASES[name]:
-        v = acq.get(key)
-        if v is None:
-            continue
-        try:
-            v = float(v)
-        except (TypeError, ValueError):
-            return None
-        return v if math.isfinite(v) else None
+    v = lookup(acq, name)
+    if v is None:
+        return None
+    try:
+        v = float(v)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
     return None
 
 
@@ -212,7 +206,7 @@ def parameter_vector(acquisition: dict | None) -> ParameterVector:
     acq = dict(acquisition or {})
     fam = _family(acq)
     pv = ParameterVector(values=None, family=fam)
-    present = {n: _get(acq, n) for n in _ALIASES}
+    present = {n: _get(acq, n) for n in _PARAMETERS}
     # MPRAGE inversion-to-inversion time: RepetitionTimePreparation, else an MPRAGE RepetitionTime > TI
     trinv = present.pop("RepetitionTimePreparation")
     if fam == "MPRAGE":

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from bidsapp.bids.acquisition import BIDS_NAMES
 from bidsapp.physics.contrast import low_contrast_warning
 from bidsapp.reports.html import (
     Section,
@@ -35,18 +36,18 @@ from bidsapp.reports.html import (
 
 LOG = logging.getLogger("scanbridge.reports")
 OTHER_MODALITIES = ("FLAIR", "T2w", "PDw")
-# Acquisition fields shown in the table: (column title, record key, BIDS sidecar key).
+# Acquisition fields shown in the table: (column title, record attribute).
 ACQ_COLUMNS = (
-    ("Manufacturer", "manufacturer", "Manufacturer"),
-    ("Model", "model", "ManufacturersModelName"),
-    ("Field (T)", "field_strength", "MagneticFieldStrength"),
-    ("Sequence", "sequence_family", "SequenceFamily"),
-    ("TR (ms)", "repetition_time", "RepetitionTime"),
-    ("TE (ms)", "echo_time", "EchoTime"),
-    ("TI (ms)", "inversion_time", "InversionTime"),
-    ("Flip (deg)", "flip_angle", "FlipAngle"),
-    ("Site", "site", "InstitutionName"),
-    ("Acquisition group", "group_key", "AcquisitionGroup"),
+    ("Manufacturer", "manufacturer"),
+    ("Model", "model"),
+    ("Field (T)", "field_strength"),
+    ("Sequence", "sequence_family"),
+    ("TR (ms)", "repetition_time"),
+    ("TE (ms)", "echo_time"),
+    ("TI (ms)", "inversion_time"),
+    ("Flip (deg)", "flip_angle"),
+    ("Site", "site"),
+    ("Acquisition group", "group_key"),
 )
 _MS_KEYS = {"repetition_time", "echo_time", "inversion_time"}
 # Acquisition parameters the segmentation models need; their absence is reported per image.
@@ -168,10 +169,10 @@ def _record_from_sidecar(meta: dict) -> dict:
     if isinstance(rec, dict) and rec:
         return dict(rec)
     out = {}
-    for _title, key, bids_key in ACQ_COLUMNS:
-        if bids_key in meta:
-            out[key] = meta[bids_key]
-    for k in ("site", "Site"):
+    for _title, key in ACQ_COLUMNS:
+        if key in BIDS_NAMES and BIDS_NAMES[key] in meta:
+            out[key] = meta[BIDS_NAMES[key]]
+    for k in ("InstitutionName", "site", "Site"):
         if k in meta:
             out["site"] = meta[k]
     for k in ("acq_group", "AcquisitionGroup", "group_key"):
@@ -204,7 +205,7 @@ def acquisition_rows(files: list[SessionFiles], problems: list[str]) -> tuple[pd
             meta = _read_json(_sidecar(path), problems)
             rec = _record_from_sidecar(meta)
             row = {"Session": f.label, "Image": kind, "File": path.name}
-            for title, key, _ in ACQ_COLUMNS:
+            for title, key in ACQ_COLUMNS:
                 row[title] = _fmt_value(key, rec.get(key))
             rows.append(row)
             if not meta:
