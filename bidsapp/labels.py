@@ -3,7 +3,7 @@
 A :class:`LabelSet` is what a method produces (tissue classes, lesions, ...). Writers take from it the
 ``label-<name>`` of each probseg, the values and names of a dseg look-up table, the ``desc-<mask_desc>``
 of a binary mask and the colour of each label in a figure; volume tables take the column names.
-Nothing else in the code base spells ``("CSF", "GM", "WM")``.
+Nothing else in the code base spells out the tissue classes.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from bidsapp.harmonize import bridging
+from bidsapp.reports.harmonization import render
 
 
 def _curves(n=8, grid=np.linspace(0.6, 1.2, 13), shift=0.2, seed=0):
@@ -108,7 +109,7 @@ class _Ctx:
 def test_run_without_protocol_change_says_so(tmp_path):
     acq = _acq_table()
     acq["protocol"] = "A"
-    sections = bridging.run(_Ctx(tmp_path, acq))
+    sections = render(bridging.run(_Ctx(tmp_path, acq)))
     assert len(sections) == 1 and "no protocol change" in sections[0].body.lower()
 
 
@@ -129,7 +130,7 @@ def test_run_with_fake_sweeps_writes_tsv_and_contour(tmp_path, monkeypatch):
     monkeypatch.setattr(bridging, "_sweep", fake_sweep)
     vols = pd.DataFrame([{"participant_id": p, "session_id": s, "method": "atropos",
                           "GM": v[4, 0], "WM": v[4, 1]} for (p, s), v in curves.items()])
-    sections = bridging.run(_Ctx(tmp_path, acq, vols))
+    sections = render(bridging.run(_Ctx(tmp_path, acq, vols)))
     assert len(sections) == 1 and "data:image/png;base64" in sections[0].body
     tsv = pd.read_csv(tmp_path / bridging.TSV_NAME, sep="\t")
     assert list(tsv.columns) == list(bridging.TSV_COLUMNS)

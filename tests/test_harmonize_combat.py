@@ -9,7 +9,9 @@ import pandas as pd
 
 from bidsapp.harmonize.combat import combat_volumes, group_effect, run
 from bidsapp.harmonize.context import GroupContext
-from bidsapp.harmonize.groups import choose_source_group, normalize_ids, session_groups, summarize_groups
+from bidsapp.bids.tables import normalize_ids
+from bidsapp.harmonize.groups import choose_source_group, session_groups, summarize_groups
+from bidsapp.reports.harmonization import render
 
 
 def _volumes(n_per=10, groups=("A", "B", "C"), shift=80e3, seed=0):
@@ -68,7 +70,7 @@ def test_run_writes_tables_and_section(tmp_path):
                           "sex": ["M", "F"] * 15})
     ctx = GroupContext(output_dir=tmp_path, work_dir=tmp_path, volumes=vol, acquisitions=pd.DataFrame(),
                        participants=parts, logger=logging.getLogger("test.combat"))
-    sections = run(ctx)
+    sections = render(run(ctx))
     assert len(sections) == 1 and "data:image/png" in sections[0].body
     out = pd.read_csv(tmp_path / "group_volumes_combat.tsv", sep="\t")
     assert len(out) == 60 and set(out.method) == {"atropos", "unet-physics"}
@@ -82,7 +84,7 @@ def test_run_single_group_message(tmp_path, caplog):
     ctx = GroupContext(output_dir=tmp_path, work_dir=tmp_path, volumes=_volumes(groups=("A",)),
                        acquisitions=pd.DataFrame(), participants=pd.DataFrame(), logger=logging.getLogger("t.c"))
     with caplog.at_level(logging.WARNING):
-        sections = run(ctx)
+        sections = render(run(ctx))
     assert "only one acquisition group" in sections[0].warnings[0] and "only one acquisition group" in caplog.text
     assert (tmp_path / "group_volumes_combat.tsv").is_file()
 

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from bidsapp.harmonize.context import GroupContext
+from bidsapp.reports.harmonization import render
 
 # per-group tissue intensities (CSF, GM, WM): the second scanner has an inverted contrast and another gain
 CONTRAST = {"siemens-a-1.5T-SPGR": (0.25, 0.55, 0.8), "ge-b-3T-SPGR": (1.4, 0.75, 0.4)}
@@ -78,7 +79,7 @@ def test_group_run_writes_tables_maps_and_sections(tmp_path):
     from bidsapp.reports.html import write_report
 
     acq, vol = make_dataset(tmp_path)
-    sections = mrainet_group.run(_ctx(tmp_path, acq, vol))
+    sections = render(mrainet_group.run(_ctx(tmp_path, acq, vol)))
     titles = [s.title for s in sections]
     assert "MRAI-NET source and target groups" in titles and "Scanner effect: proxy A-distance" in titles
     for name in ("group_pad.tsv", "group_mrainet_labels.tsv",
@@ -105,7 +106,7 @@ def test_single_group_gives_message_and_groups_section(tmp_path):
     from bidsapp.harmonize import mrainet_group
 
     acq, vol = make_dataset(tmp_path, groups=("siemens-a-1.5T-SPGR",))
-    sections = mrainet_group.run(_ctx(tmp_path, acq, vol))
+    sections = render(mrainet_group.run(_ctx(tmp_path, acq, vol)))
     assert len(sections) == 1 and "single acquisition group" in sections[0].warnings[0]
     assert not (tmp_path / "group_pad.tsv").exists()
 
@@ -119,7 +120,7 @@ def test_group_without_usable_labels_and_short_patches(tmp_path, caplog):
         img = nib.load(p)
         nib.save(nib.Nifti1Image(np.full(img.shape, 0.5, np.float32), img.affine), p)
     with caplog.at_level(logging.WARNING):
-        sections = mrainet_group.run(_ctx(tmp_path, acq, vol))
+        sections = render(mrainet_group.run(_ctx(tmp_path, acq, vol)))
     text = " ".join(w for s in sections for w in s.warnings)
     assert "has no usable labels" in text
     assert "fewer than the" in text                               # fewer patches than asked for
@@ -133,7 +134,7 @@ def test_missing_derivatives_skip_session(tmp_path):
     acq, vol = make_dataset(tmp_path)
     (tmp_path / "sub-02/ses-1/anat/sub-02_ses-1_desc-brain_mask.nii.gz").unlink()
     (tmp_path / "sub-03/ses-1/anat/sub-03_ses-1_desc-preproc_T1w.nii.gz").write_bytes(b"not a nifti")
-    sections = mrainet_group.run(_ctx(tmp_path, acq, vol))
+    sections = render(mrainet_group.run(_ctx(tmp_path, acq, vol)))
     text = " ".join(w for s in sections for w in s.warnings)
     assert "sub-02_ses-1: no desc-brain_mask" in text and "sub-03_ses-1: could not be read" in text
     assert len(pd.read_csv(tmp_path / "group_mrainet_sessions.tsv", sep="\t")) == 4

@@ -84,6 +84,7 @@ def one(root: Path, n: int, resolution: float, steps: int, seed: int) -> dict:
     import torch
 
     from bidsapp.harmonize import combat, mrainet_group
+    from bidsapp.reports.harmonization import render
     from bidsapp.harmonize.context import GroupContext
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
@@ -97,10 +98,10 @@ def one(root: Path, n: int, resolution: float, steps: int, seed: int) -> dict:
                            logger=logging.getLogger("scaling"))
         rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         t0 = time.perf_counter()
-        secs = mrainet_group.run(ctx)
+        secs = render(mrainet_group.run(ctx))
         t_mrai = time.perf_counter() - t0
         t0 = time.perf_counter()
-        secs += combat.run(ctx)
+        secs += render(combat.run(ctx))
         t_combat = time.perf_counter() - t0
         card = json.loads((root / "models" / "mrainet-group.json").read_text())
         pad = pd.read_csv(root / "group_pad.tsv", sep="\t")

@@ -196,15 +196,15 @@ def _sweep(t1: Path, mask: Path, acq: dict, parameter: str, grid, device) -> np.
 
 
 def run(ctx) -> list:
-    """Group step: bridge every protocol change found in the dataset; returns report sections."""
+    """Group step: bridge every protocol change found in the dataset; returns what the report shows."""
     from bidsapp.bids.derivatives import atomic_write_tsv
-    from bidsapp.reports.bridging import bridging_section, no_change_section
+    from bidsapp.harmonize.context import ReportItem
 
     log = ctx.logger
     changes = find_protocol_changes(ctx.acquisitions)
     if changes.empty:
-        return [no_change_section("No subject has sessions acquired with different T1w protocols, so there "
-                                  "is no protocol change to bridge.")]
+        return [ReportItem("bridging_none", {"message": "No subject has sessions acquired with different T1w "
+                                                        "protocols, so there is no protocol change to bridge."})]
     opts = ctx.options or {}
     n_points = int(opts.get("bridging_points") or DEFAULT_POINTS)
     device = opts.get("device") or "auto"
@@ -274,15 +274,16 @@ def run(ctx) -> list:
             warnings.append(f"only one subject with a {fam} protocol change: the optimum is shown but not tested")
         rows += fam_rows
         test_points = [(float(grid[a]), float(grid[b])) for r in results for a, b in r.test_best]
-        sections.append(bridging_section(
+        sections.append(ReportItem("bridging", dict(
             family=fam, parameter=parameter, grid=grid, surface=shown.surface, best=(pre_val, post_val),
             test_points=test_points, summary=pd.DataFrame(fam_rows, columns=TSV_COLUMNS),
-            subjects=pids, scheme=scheme, warnings=warnings))
+            subjects=pids, scheme=scheme, warnings=warnings)))
         warnings = []
     table = pd.DataFrame(rows, columns=TSV_COLUMNS)
     atomic_write_tsv(Path(ctx.output_dir) / TSV_NAME, table, columns=TSV_COLUMNS)
     if not sections:
-        return [no_change_section("Protocol changes were found but none could be bridged.", warnings)]
+        return [ReportItem("bridging_none", {"message": "Protocol changes were found but none could be bridged.",
+                                             "warnings": warnings})]
     return sections
 
 

@@ -157,7 +157,7 @@ def group_effect(df: pd.DataFrame, tissue: str, batch_col: str = "acq_group") ->
 
 
 def _with_covariates(vol: pd.DataFrame, participants: pd.DataFrame | None) -> pd.DataFrame:
-    from bidsapp.harmonize.groups import normalize_ids
+    from bidsapp.bids.tables import normalize_ids
 
     vol = normalize_ids(vol)
     if participants is None or not len(participants) or "participant_id" not in participants.columns:
@@ -171,9 +171,9 @@ def _with_covariates(vol: pd.DataFrame, participants: pd.DataFrame | None) -> pd
 
 
 def run(ctx) -> list:
-    """Group step: ComBat per segmentation method; writes the TSVs and returns the report section."""
+    """Group step: ComBat per segmentation method; writes the TSVs and returns what the report shows."""
     from bidsapp.bids.derivatives import atomic_write_tsv
-    from bidsapp.reports.harmonization import combat_section
+    from bidsapp.harmonize.context import ReportItem
 
     log = ctx.logger
     vol = ctx.volumes if ctx.volumes is not None else pd.DataFrame()
@@ -181,7 +181,8 @@ def run(ctx) -> list:
     if not len(vol) or "acq_group" not in vol.columns:
         msg = "ComBat: group_volumes.tsv has no rows with an acquisition group; nothing to harmonise"
         log.warning(msg)
-        return [combat_section(None, None, None, None, [msg])]
+        return [ReportItem("combat", {"before": None, "after": None, "stats": None, "covariates": None,
+                                      "warnings": [msg]})]
     vol = _with_covariates(vol, ctx.participants)
     methods = list(dict.fromkeys(vol["method"].astype(str))) if "method" in vol.columns else ["all"]
     outs, stats, summary = [], [], []
@@ -212,4 +213,5 @@ def run(ctx) -> list:
     atomic_write_tsv(od / "group_combat_stats.tsv", stats_df)
     atomic_write_tsv(od / "group_combat_summary.tsv", summary_df)
     log.info("ComBat: wrote group_volumes_combat.tsv, group_combat_stats.tsv, group_combat_summary.tsv")
-    return [combat_section(vol, out, stats_df, used, warnings)]
+    return [ReportItem("combat", {"before": vol, "after": out, "stats": stats_df, "covariates": used,
+                                  "warnings": warnings})]

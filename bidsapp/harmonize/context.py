@@ -9,6 +9,16 @@ from pathlib import Path
 import pandas as pd
 
 
+@dataclass(frozen=True)
+class ReportItem:
+    """What a group step hands to the report: ``kind`` names the renderer in
+    :data:`bidsapp.reports.harmonization.RENDERERS`, ``data`` its keyword arguments (tables, arrays,
+    warnings). Steps compute; reports draw."""
+
+    kind: str
+    data: dict
+
+
 @dataclass
 class GroupContext:
     output_dir: Path

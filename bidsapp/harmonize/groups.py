@@ -11,41 +11,13 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from bidsapp.bids.acquisition import BIDS_NAMES
+from bidsapp.bids.tables import bids_columns, normalize_ids
 
-__all__ = ["bids_columns", "normalize_ids", "acquisition_table", "session_groups", "summarize_groups",
+__all__ = ["acquisition_table", "session_groups", "summarize_groups",
            "choose_source_group", "GROUP_FIELDS"]
 
-_RENAMED = ("manufacturer", "model", "field_strength", "sequence_family", "repetition_time", "echo_time",
-            "inversion_time", "flip_angle", "group_key")
 GROUP_FIELDS = ("Manufacturer", "ManufacturersModelName", "MagneticFieldStrength", "SequenceFamily",
                 "RepetitionTime", "EchoTime", "InversionTime", "FlipAngle")
-
-
-def _prefixed(value, prefix: str) -> str:
-    if value is None or (isinstance(value, float) and np.isnan(value)):
-        return ""
-    s = str(value).strip()
-    if s in ("", "nan", "None", "n/a"):
-        return ""
-    return s if s.startswith(prefix) else prefix + s
-
-
-def bids_columns(df: pd.DataFrame) -> pd.DataFrame:
-    """AcquisitionRecord-style column names renamed to their BIDS sidecar names, where those are not there."""
-    names = {k: BIDS_NAMES[k] for k in _RENAMED}
-    return df.rename(columns={k: v for k, v in names.items() if k in df.columns and v not in df.columns})
-
-
-def normalize_ids(df: pd.DataFrame) -> pd.DataFrame:
-    """participant_id as ``sub-X`` and session_id as ``ses-Y`` or "" (no sessions), whatever the input had."""
-    df = df.copy()
-    if "participant_id" in df.columns:
-        df["participant_id"] = [_prefixed(v, "sub-") for v in df["participant_id"]]
-    if "session_id" not in df.columns:
-        df["session_id"] = ""
-    df["session_id"] = [_prefixed(v, "ses-") for v in df["session_id"]]
-    return df
 
 
 def acquisition_table(acquisitions: pd.DataFrame | None, volumes: pd.DataFrame | None = None) -> pd.DataFrame:

@@ -139,10 +139,10 @@ def _opt(ctx, key, default):
 
 
 def run(ctx) -> list:
-    """Train MRAI-NET across the acquisition groups; write models, maps and TSVs; return report sections."""
+    """Train MRAI-NET across the acquisition groups; write models, maps and TSVs; return what the report shows."""
     import torch
 
-    from bidsapp.reports import harmonization as rep
+    from bidsapp.harmonize.context import ReportItem
 
     t_start = time.perf_counter()
     log = ctx.logger
@@ -165,7 +165,7 @@ def run(ctx) -> list:
     if len(groups) < 2:
         warn(f"the dataset has a single acquisition group ({groups[0] if groups else 'none'}): there is no scanner "
              "effect to learn or measure, so MRAI-NET was not trained", "groups")
-        return [rep.groups_section(summary, None, None, everything())]
+        return [ReportItem("mrainet_groups", dict(summary=summary, source=None, labels=None, warnings=everything()))]
 
     labels_dir = _opt(ctx, "labels_dir", None)
     if labels_dir and not Path(labels_dir).is_dir():
@@ -198,7 +198,7 @@ def run(ctx) -> list:
     groups = [g for g in groups if by_group[g]]
     if len(groups) < 2:
         warn("fewer than two acquisition groups have usable derivatives; MRAI-NET was not trained", "groups")
-        return [rep.groups_section(summary, None, None, everything())]
+        return [ReportItem("mrainet_groups", dict(summary=summary, source=None, labels=None, warnings=everything()))]
     manual_counts = {g: sum(f.manual is not None for f in by_group[g]) for g in groups}
     if labels_dir and not any(manual_counts.values()):
         warn(f"no manual labels in {labels_dir} match the sessions (expected "
@@ -209,7 +209,7 @@ def run(ctx) -> list:
     if source is None:
         warn("no acquisition group has labels (no participant-level dseg and no manual labels); MRAI-NET was "
              "not trained", "groups")
-        return [rep.groups_section(summary, None, None, everything())]
+        return [ReportItem("mrainet_groups", dict(summary=summary, source=None, labels=None, warnings=everything()))]
     dom = {g: i for i, g in enumerate([source] + [g for g in groups if g != source])}
     log.info("MRAI-NET: %d sessions in %d groups; source group %s", len(files), len(groups), source)
 
@@ -264,7 +264,8 @@ def run(ctx) -> list:
     if len(src_classes) < 2:
         warn(f"the source group {source} has labelled patches of fewer than two tissues; MRAI-NET was not trained",
              "groups")
-        return [rep.groups_section(summary, source, labels_df, everything())]
+        return [ReportItem("mrainet_groups", dict(summary=summary, source=source, labels=labels_df,
+                                                  warnings=everything()))]
 
     # -- train
     from bidsapp.training.mrainet import TrainSettings, featurize, fit_linear_classifier, train_mrainet
@@ -358,11 +359,11 @@ def run(ctx) -> list:
     }
     log.info("MRAI-NET: done in %.1f s", total)
     return [
-        rep.groups_section(summary, source, labels_df, warnings["groups"]),
-        rep.pad_section(before, after, order, warnings["pad"]),
-        rep.embedding_section(emb),
-        rep.outliers_section(sessions_df, warnings["outliers"]),
-        rep.mrainet_section(info, res.losses, agreement, warnings["mrainet"]),
+        ReportItem("mrainet_groups", dict(summary=summary, source=source, labels=labels_df, warnings=warnings["groups"])),
+        ReportItem("mrainet_pad", dict(before=before, after=after, groups=order, warnings=warnings["pad"])),
+        ReportItem("mrainet_embedding", dict(emb=emb)),
+        ReportItem("mrainet_outliers", dict(sessions=sessions_df, warnings=warnings["outliers"])),
+        ReportItem("mrainet", dict(summary=info, losses=res.losses, agreement=agreement, warnings=warnings["mrainet"])),
     ]
 
 

@@ -99,6 +99,7 @@ def build_context(opts) -> GroupContext:
 def run_steps(ctx: GroupContext, keys=None) -> tuple[list, list[str]]:
     """Run the group-level methods ``keys`` (default: every registered default one)."""
     from bidsapp import methods
+    from bidsapp.reports.harmonization import render
     from bidsapp.reports.html import Section
 
     sections, failures = [], []
@@ -108,7 +109,7 @@ def run_steps(ctx: GroupContext, keys=None) -> tuple[list, list[str]]:
         t0 = time.time()
         LOG.info("group: %s ...", name)
         try:
-            sections.extend(method.build(ctx))
+            sections.extend(render(method.build(ctx)))
         except Exception as exc:  # one step's failure must not cost the rest of the report
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             LOG.error("group step %s failed: %s", name, msg, exc_info=LOG.isEnabledFor(logging.DEBUG))

@@ -28,6 +28,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from ..labels import TISSUE
 from . import equations
 from .protocols import Protocol
 from .simulator import add_rician_noise, random_bias_field
@@ -121,7 +122,7 @@ def load_qmri_maps(bids_dir, subject: str, session: str | None = None) -> QMRIMa
 
 def _t2_from_r1(r1: np.ndarray, field_strength: float) -> np.ndarray:
     """T2 interpolated from R1 through the CSF, GM, WM literature points (monotone in R1)."""
-    pts = sorted((properties(c, field_strength).r1, properties(c, field_strength).t2) for c in ("CSF", "GM", "WM"))
+    pts = sorted((properties(c, field_strength).r1, properties(c, field_strength).t2) for c in TISSUE.names)
     xs, ys = np.array([p[0] for p in pts]), np.log([p[1] for p in pts])
     return np.exp(np.interp(r1, xs, ys)).astype(np.float32)
 

@@ -48,6 +48,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage as ndi
 
+from ..labels import TISSUE
 from . import equations
 from .phantom import Phantom, ras_to_array_axes
 from .protocols import Protocol
@@ -179,7 +180,7 @@ def tissue_signals(phantom: Phantom, protocol: Protocol) -> np.ndarray:
     prm = dict(protocol.params(), gain=1.0)
     signed = np.asarray(equations.signal(protocol.sequence, tab[:, 0], tab[:, 1], tab[:, 2], tab[:, 3], prm,
                                          magnitude=False), dtype=np.float64)
-    ref = max(abs(signed[i]) for i, c in enumerate(phantom.classes) if c in ("CSF", "GM", "WM", "ventricles"))
+    ref = max(abs(signed[i]) for i, c in enumerate(phantom.classes) if c in (*TISSUE.names, "ventricles"))
     return signed * (protocol.gain / ref if ref > 0 else protocol.gain)
 
 

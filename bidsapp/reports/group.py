@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from bidsapp.labels import VOLUME_LABELS
-from bidsapp.harmonize.groups import bids_columns, normalize_ids
+from bidsapp.bids.tables import bids_columns, normalize_ids
 from bidsapp.metrics.overlap import coefficient_of_variation
 from bidsapp.physics.contrast import LOW_CONTRAST, is_low_contrast
 from bidsapp.reports.html import Section, figure_html, kv_table_html, table_html, text_html, write_report

@@ -231,3 +231,39 @@ def combat_section(before: pd.DataFrame | None, after: pd.DataFrame | None, stat
         body.append(table_html(stats))
     body.append(_files_note(["group_volumes_combat.tsv", "group_combat_stats.tsv", "group_combat_summary.tsv"]))
     return Section("Volumes by group before and after ComBat", "".join(body), list(warnings or []), anchor="combat")
+
+
+def _bridging(**kw) -> Section:
+    from bidsapp.reports.bridging import bridging_section
+
+    return bridging_section(**kw)
+
+
+def _bridging_none(**kw) -> Section:
+    from bidsapp.reports.bridging import no_change_section
+
+    return no_change_section(**kw)
+
+
+RENDERERS = {
+    "combat": combat_section,
+    "mrainet_groups": groups_section,
+    "mrainet_pad": pad_section,
+    "mrainet_embedding": embedding_section,
+    "mrainet_outliers": outliers_section,
+    "mrainet": mrainet_section,
+    "bridging": _bridging,
+    "bridging_none": _bridging_none,
+}
+"""Report item kind (:class:`bidsapp.harmonize.context.ReportItem`) -> the function that draws it."""
+
+
+def render(items) -> list[Section]:
+    """Sections for what a group step returned: its report items drawn, sections kept as they are."""
+    out = []
+    for item in items:
+        if isinstance(item, Section):
+            out.append(item)
+        else:
+            out.append(RENDERERS[item.kind](**item.data))
+    return out

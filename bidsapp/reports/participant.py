@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from bidsapp.bids.acquisition import BIDS_NAMES
+from bidsapp.labels import VOLUME_LABELS
 from bidsapp.physics.contrast import low_contrast_warning
 from bidsapp.reports.html import (
     Section,
@@ -337,8 +338,7 @@ def _volumes_block(f: SessionFiles, problems: list[str]) -> tuple[str, list[str]
     morph = pd.concat(frames).drop_duplicates(["method", "label"], keep="first")
     morph["volume_mm3"] = pd.to_numeric(morph["volume_mm3"], errors="coerce")
     wide = morph.pivot_table(index="method", columns="label", values="volume_mm3", aggfunc="first", sort=False)
-    order = [c for c in ("CSF", "GM", "WM", "brain") if c in wide.columns] + \
-            [c for c in wide.columns if c not in ("CSF", "GM", "WM", "brain")]
+    order = [c for c in VOLUME_LABELS if c in wide.columns] + [c for c in wide.columns if c not in VOLUME_LABELS]
     wide = (wide[order] / 1000.0).rename(columns={c: f"{c} (mL)" for c in order})
     wide.columns.name = None
     wide = wide.reset_index()
