@@ -30,6 +30,7 @@ PLUGINS = ("Linear", "MultiProc", "SLURM", "SLURMGraph", "SGE", "SGEGraph", "PBS
 
 def build_parser() -> argparse.ArgumentParser:
     from bidsapp import methods
+    from bidsapp.harmonize.context import GroupOptions
     from bidsapp.labels import TISSUE
 
     p = argparse.ArgumentParser(
@@ -87,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--labels-dir", "--labels_dir", type=Path, default=None,
                    help="BIDS-Derivatives folder of manual tissue labels (dseg: CSF=1, GM=2, WM=3) "
                         "for the harmonisation's target scanners")
-    g.add_argument("--target-labels-per-tissue", type=int, default=100,
+    g.add_argument("--target-labels-per-tissue", type=int, default=GroupOptions.target_labels_per_tissue,
                    help="labelled voxels per tissue taken from each target acquisition group")
 
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")

@@ -41,7 +41,6 @@ SWEEP = {
     "MPRAGE": ("InversionTime", 0.6, 1.2),
     "SPGR": ("FlipAngle", 15.0, 75.0),
 }
-DEFAULT_POINTS = 25
 TSV_NAME = "group_bridging.tsv"
 TSV_COLUMNS = ("method", "correction", "tissue", "mean_abs_diff_pct", "n_test", "split", "parameter",
                "pre_value", "post_value")
@@ -205,9 +204,11 @@ def run(ctx) -> list:
     if changes.empty:
         return [ReportItem("bridging_none", {"message": "No subject has sessions acquired with different T1w "
                                                         "protocols, so there is no protocol change to bridge."})]
-    opts = ctx.options or {}
-    n_points = int(opts.get("bridging_points") or DEFAULT_POINTS)
-    device = opts.get("device") or "auto"
+    from bidsapp.harmonize.context import GroupOptions
+
+    opts = GroupOptions.from_any(ctx.options)
+    n_points = int(opts.bridging_points)
+    device = opts.device
     acq = ctx.acquisitions
     warnings, by_family = [], {}
     for _, ch in changes.iterrows():
@@ -249,7 +250,7 @@ def run(ctx) -> list:
             continue
         pre_c, post_c = np.stack(pre_c), np.stack(post_c)
         pids = [k[0] for k in kept]
-        scheme, folds = split_subjects(len(kept), int(opts.get("seed") or 0))
+        scheme, folds = split_subjects(len(kept), int(opts.seed or 0))
         results = [bridge_from_curves(pre_c, post_c, tr, te) for tr, te in folds]
         # the contour and white point: the training split, or every subject for leave-one-out
         shown = results[0] if scheme == "split" else bridge_from_curves(pre_c, post_c, range(len(kept)), [])

@@ -10,6 +10,44 @@ import pandas as pd
 
 
 @dataclass(frozen=True)
+class GroupOptions:
+    """Every group-level setting, with the one set of defaults the command line and the library share.
+    The command line exposes the first four (``--labels-dir``, ``--target-labels-per-tissue``,
+    ``--device``, ``--seed``) and ``--nprocs``; the rest are tuning knobs for benchmarks and tests."""
+
+    labels_dir: str | None = None
+    """BIDS-Derivatives folder of manual tissue labels for the target scanners (MRAI-NET)."""
+    target_labels_per_tissue: int = 100
+    """Labelled voxels per tissue taken from each target acquisition group (MRAI-NET)."""
+    device: str = "auto"
+    seed: int = 0
+    nprocs: int | None = None
+    bridging_points: int = 25
+    """Values of the swept sequence parameter per session (protocol bridging)."""
+    mrainet_steps: int = 1500
+    mrainet_batch_size: int = 128
+    mrainet_source_patches_per_tissue: int = 3000
+    """Labelled patches per tissue over the whole source group."""
+    mrainet_pad_patches: int = 1500
+    """Brain patches per group for the proxy A-distance."""
+    mrainet_write_maps: bool = True
+    mrainet_init: str = "none"
+    """``none`` or ``default`` (start from the shipped MRAI-NET weights)."""
+
+    @classmethod
+    def from_any(cls, value) -> "GroupOptions":
+        """From a GroupOptions, a dict (unknown keys are an error; None values take the default) or None."""
+        if isinstance(value, cls):
+            return value
+        value = dict(value or {})
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"unknown group option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**{k: v for k, v in value.items() if v is not None})
+
+
+@dataclass(frozen=True)
 class ReportItem:
     """What a group step hands to the report: ``kind`` names the renderer in
     :data:`bidsapp.reports.harmonization.RENDERERS`, ``data`` its keyword arguments (tables, arrays,
@@ -30,5 +68,9 @@ class GroupContext:
     participants: pd.DataFrame
     """participants.tsv of the input dataset (may be empty)."""
     bids_dir: Path | None = None
-    options: dict = field(default_factory=dict)
+    options: GroupOptions = field(default_factory=GroupOptions)
+    """A dict is accepted and turned into :class:`GroupOptions`."""
     logger: logging.Logger = field(default_factory=lambda: logging.getLogger("scanbridge.group"))
+
+    def __post_init__(self):
+        self.options = GroupOptions.from_any(self.options)

@@ -18,10 +18,8 @@ Outputs (output_dir): ``models/mrainet-group.{pt,json}`` (weights and model card
 ``group_mrainet_labels.tsv``, ``group_pad.tsv``,
 ``group_mrainet_embedding.tsv``, ``group_mrainet_sessions.tsv``, ``group_mrainet_volumes.tsv``.
 
-Options read from ``ctx.options``: ``labels_dir``, ``target_labels_per_tissue`` (10), ``device``, ``seed``,
-``nprocs``, and the tuning knobs ``mrainet_steps`` (1500), ``mrainet_batch_size`` (128), ``mrainet_source_patches_per_tissue`` (3000, over
-the whole source group), ``mrainet_pad_patches`` (1500), ``mrainet_write_maps`` (True),
-``mrainet_init`` ("none" or "default": start from the shipped weights).
+Options: :class:`~bidsapp.harmonize.context.GroupOptions` (``ctx.options``): ``labels_dir``,
+``target_labels_per_tissue``, ``device``, ``seed``, ``nprocs`` and the ``mrainet_*`` tuning knobs.
 """
 
 from __future__ import annotations
@@ -133,9 +131,10 @@ class _Collected:
     eval_domain: list = field(default_factory=list)
 
 
-def _opt(ctx, key, default):
-    v = (ctx.options or {}).get(key)
-    return default if v is None else v
+def _opt(ctx, key):
+    from bidsapp.harmonize.context import GroupOptions
+
+    return getattr(GroupOptions.from_any(ctx.options), key)
 
 
 def run(ctx) -> list:
@@ -167,17 +166,17 @@ def run(ctx) -> list:
              "effect to learn or measure, so MRAI-NET was not trained", "groups")
         return [ReportItem("mrainet_groups", dict(summary=summary, source=None, labels=None, warnings=everything()))]
 
-    labels_dir = _opt(ctx, "labels_dir", None)
+    labels_dir = _opt(ctx, "labels_dir")
     if labels_dir and not Path(labels_dir).is_dir():
         warn(f"labels directory {labels_dir} does not exist; using the participant-level segmentations", "groups")
         labels_dir = None
-    n_target = int(_opt(ctx, "target_labels_per_tissue", 10))
-    seed = int(_opt(ctx, "seed", 0) or 0)
-    steps = int(_opt(ctx, "mrainet_steps", 1500))
-    batch_size = int(_opt(ctx, "mrainet_batch_size", 128))
-    src_total = int(_opt(ctx, "mrainet_source_patches_per_tissue", 3000))
-    pad_n = int(_opt(ctx, "mrainet_pad_patches", 1500))
-    write_maps = bool(_opt(ctx, "mrainet_write_maps", True))
+    n_target = int(_opt(ctx, "target_labels_per_tissue"))
+    seed = int(_opt(ctx, "seed") or 0)
+    steps = int(_opt(ctx, "mrainet_steps"))
+    batch_size = int(_opt(ctx, "mrainet_batch_size"))
+    src_total = int(_opt(ctx, "mrainet_source_patches_per_tissue"))
+    pad_n = int(_opt(ctx, "mrainet_pad_patches"))
+    write_maps = bool(_opt(ctx, "mrainet_write_maps"))
     rng = np.random.default_rng(seed)
 
     # -- find files; decide the source group from where labels are
@@ -272,11 +271,11 @@ def run(ctx) -> list:
 
     from bidsapp.training.mrainet import resolve_device
 
-    device = resolve_device(_opt(ctx, "device", "cpu"))
+    device = resolve_device(_opt(ctx, "device"))
     threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, int(_opt(ctx, "nprocs", threads) or threads)))
+    torch.set_num_threads(max(1, int(_opt(ctx, "nprocs") or threads)))
     try:
-        init = _initial_model(_opt(ctx, "mrainet_init", "none"), cfg, warn)
+        init = _initial_model(_opt(ctx, "mrainet_init"), cfg, warn)
         settings = TrainSettings(steps=steps, batch_size=batch_size, seed=seed, device=device)
         res = train_mrainet(patches, tissues, domains, source_domain=0, config=cfg, settings=settings, init=init)
         model = res.model

@@ -17,7 +17,7 @@ import pandas as pd
 from bidsapp.bids.acquisition import BIDS_NAMES
 from bidsapp.errors import UserError
 from bidsapp.labels import VOLUME_LABELS
-from bidsapp.harmonize.context import GroupContext
+from bidsapp.harmonize.context import GroupContext, GroupOptions
 
 LOG = logging.getLogger("scanbridge.group")
 
@@ -90,8 +90,9 @@ def build_context(opts) -> GroupContext:
         acquisitions=acquisitions,
         participants=participants,
         bids_dir=opts.bids_dir,
-        options={"labels_dir": opts.labels_dir, "target_labels_per_tissue": opts.target_labels_per_tissue,
-                 "device": opts.device, "seed": opts.seed, "nprocs": opts.nprocs},
+        options=GroupOptions(labels_dir=str(opts.labels_dir) if opts.labels_dir else None,
+                             target_labels_per_tissue=opts.target_labels_per_tissue, device=opts.device,
+                             seed=opts.seed, nprocs=opts.nprocs),
         logger=LOG,
     )
 
