@@ -142,7 +142,7 @@ def test_a_scan_that_is_not_a_head_is_one_error_naming_the_input(template, tmp_p
 
 def test_mask_sidecar_and_report_name_the_fallback(tmp_path):
     from bidsapp.reports.participant import session_section
-    from bidsapp.reports.participant import SessionFiles
+    from bidsapp.bids.collect import SessionFiles
 
     anat = tmp_path / "sub-01" / "anat"
     anat.mkdir(parents=True)

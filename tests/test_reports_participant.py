@@ -16,7 +16,8 @@ import pytest  # noqa: E402
 from matplotlib.colors import to_rgb  # noqa: E402
 
 from bidsapp.reports import figures  # noqa: E402
-from bidsapp.reports.participant import collect_session_files, write_participant_report  # noqa: E402
+from bidsapp.bids.collect import session_files  # noqa: E402
+from bidsapp.reports.participant import write_participant_report  # noqa: E402
 
 ACQ = {"manufacturer": "Siemens", "model": "Prisma", "field_strength": 3.0, "sequence_family": "MPRAGE",
        "repetition_time": 2.3, "echo_time": 0.00298, "inversion_time": 0.9, "flip_angle": 9.0,
@@ -246,7 +247,7 @@ def test_registration_check_applies_saved_transform(tmp_path):
     xfm = out / "sub-01/ses-1/anat/sub-01_ses-1_from-T1w_to-Fake_mode-image_xfm.mat"
     ants.write_transform(ants.create_ants_transform(transform_type="AffineTransform", dimension=3), str(xfm))
     xfm.with_suffix(".json").write_text(json.dumps({"Template": {"name": "Fake", "T1w": str(tpl)}}))
-    files = collect_session_files(out, "01")
+    files = session_files(out, "01")
     assert files[0].xfm_to_template == {"Fake": [xfm]}
     html = write_participant_report(out, "01").read_text()
     assert "Registration to Fake" in html and "could not be drawn" not in html

@@ -19,14 +19,17 @@ image, i.e. per distinct ``sub``/``ses``/``acq``/``ce``/``rec``/``run`` - with::
     warnings     [unreadable sidecars]
 
 :func:`collect_volumes` and :func:`collect_acquisitions` flatten these into the tables the
-group level needs. Names are parsed with :func:`~.derivatives.parse_entities`, the same rules
-that wrote them; hidden temporary files of interrupted writes are ignored.
+group level needs; :func:`session_files` turns them into :class:`SessionFiles`, the one view of a
+session's derivatives that the reports and the group-level methods read. Names are parsed with
+:func:`~.derivatives.parse_entities`, the same rules that wrote them; hidden temporary files of
+interrupted writes are ignored.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -35,6 +38,8 @@ from .acquisition import AcquisitionRecord
 from .derivatives import MORPH_COLUMNS, SOURCE_ENTITIES, parse_entities, sidecar_path
 
 _DATA_EXTENSIONS = (".nii.gz", ".nii", ".tsv", ".mat", ".h5", ".txt")
+OTHER_MODALITIES = ("FLAIR", "T2w", "PDw")
+"""Contrasts that are a session's reference only when it has no T1w."""
 
 
 def collect_derivatives(output_dir: str | os.PathLike, subject: str | None = None, session: str | None = None) -> list[dict]:
@@ -133,14 +138,15 @@ def _file_into(entry: dict, path: Path, ents: dict) -> None:
 
 
 def collect_volumes(output_dir: str | os.PathLike, subject: str | None = None) -> pd.DataFrame:
-    """All morph TSVs in long format: participant_id, session_id, acq, run, method, label, volume_mm3, path.
+    """Every session's ``desc-volumes_morph.tsv`` in long format: participant_id, session_id, acq, run, method,
+    label, volume_mm3, path (subject-level tables, with other ``desc``, are not volume tables).
 
     Unreadable tables or tables without the :data:`~.derivatives.MORPH_COLUMNS` are skipped; their
     one-line reasons are in ``df.attrs["warnings"]``.
     """
     frames, warnings = [], []
     for entry in collect_derivatives(output_dir, subject):
-        for path in entry["morph"].values():
+        for path in [entry["morph"]["volumes"]] if "volumes" in entry["morph"] else []:
             try:
                 table = pd.read_csv(path, sep="\t", na_values=["n/a"], keep_default_na=False)
             except (OSError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
@@ -186,3 +192,102 @@ def collect_acquisitions(output_dir: str | os.PathLike, subject: str | None = No
         row.update(rec.table_row())
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+@dataclass
+class SessionFiles:
+    """Derivatives of one session's reference image (its T1w, or without one its FLAIR/T2w/PDw)."""
+
+    subject: str
+    session: str | None
+    prefix: str
+    anat_dir: Path
+    preproc: Path | None = None
+    mask: Path | None = None
+    dseg: Path | None = None
+    dseg_alt: dict[str, Path] = field(default_factory=dict)
+    """Other segmentations kept beside the main answer, by desc (e.g. ``atropos``)."""
+    probseg: dict[str, Path] = field(default_factory=dict)
+    morph: list[Path] = field(default_factory=list)
+    xfm_to_template: dict[str, list[Path]] = field(default_factory=dict)
+    """Forward transforms by template name, in the order antspyx applies them."""
+    template_space: dict[str, Path] = field(default_factory=dict)
+    """T1w already resampled into a template space, by template name."""
+    others: dict[str, Path] = field(default_factory=dict)
+    """Preprocessed FLAIR/T2w/PDw in the reference grid, by suffix."""
+    reference: str = "T1w"
+    """Suffix of the reference image (``preproc``)."""
+
+    acq_group: str = ""
+    """The session's acquisition group, when the caller knows it (group level)."""
+
+    @property
+    def participant_id(self) -> str:
+        return f"sub-{self.subject}"
+
+    @property
+    def session_id(self) -> str:
+        return f"ses-{self.session}" if self.session else ""
+
+    @property
+    def t1w(self) -> Path | None:
+        """The preprocessed T1w (None in a session without one)."""
+        return self.preproc if self.reference == "T1w" else None
+
+    @property
+    def label(self) -> str:
+        rest = self.prefix[len(f"sub-{self.subject}"):].lstrip("_")
+        return rest or "(no session)"
+
+
+def session_files(output_dir, subject: str | None = None, session: str | None = None, *,
+                  problems: list[str] | None = None) -> list[SessionFiles]:
+    """Derivatives of one subject (or all), one entry per preprocessed reference image, as the reports and
+    the group level read them. A co-registered image whose own entities (acq, run) differ from its
+    reference's is attached to the session's entry. Unreadable sidecars go to ``problems``."""
+    entries = collect_derivatives(output_dir, subject, session)
+    out: list[SessionFiles] = []
+    orphans = []
+    for e in entries:
+        ents = e["entities"]
+        prefix = "_".join([f"sub-{e['subject']}"] + ([f"ses-{e['session']}"] if e["session"] else [])
+                          + [f"{k}-{v}" for k, v in ents.items()])
+        f = SessionFiles(subject=e["subject"], session=e["session"], prefix=prefix, anat_dir=Path(e["anat_dir"]))
+        f.preproc = e["preproc_t1w"]
+        if f.preproc is None:  # a session without a T1w: its reference is the first FLAIR, T2w or PDw
+            ref = next((m for m in OTHER_MODALITIES if m in e["preproc"]), None)
+            if ref is not None:
+                f.reference, f.preproc = ref, e["preproc"][ref]
+        f.mask = e["brain_mask"]
+        f.dseg = e["dseg"]
+        f.probseg = dict(e["probseg"])
+        f.dseg_alt = {desc: v["dseg"] for desc, v in e["variants"].items() if v.get("dseg")}
+        f.morph = [Path(p) for p in e["morph"].values()]
+        for x in e["xfms"]:
+            if x.get("from") == "T1w" and x.get("to") and x.get("mode") in (None, "image"):
+                f.xfm_to_template.setdefault(x["to"], []).append(Path(x["path"]))
+        for paths in f.xfm_to_template.values():
+            paths.sort(key=lambda q: q.name.endswith(".mat"))  # antspyx order: warp fields, then the affine
+        f.others = {m: p for m, p in e["preproc"].items() if m in OTHER_MODALITIES and m != f.reference}
+        for path in e["other"]:
+            pe = parse_entities(path) or {}
+            if pe.get("desc") != "preproc" or pe.get("extension") not in (".nii.gz", ".nii"):
+                continue
+            if pe.get("suffix") == "T1w" and pe.get("space") not in (None, "T1w"):
+                f.template_space[pe["space"]] = path
+            elif pe.get("suffix") in OTHER_MODALITIES and pe.get("space") in ("T1w", *OTHER_MODALITIES):
+                f.others.setdefault(pe["suffix"], path)
+        if problems is not None:
+            problems.extend(e.get("warnings") or [])
+        if f.preproc is None and not (f.mask or f.dseg or f.morph) and f.others:
+            orphans.append(f)  # e.g. a FLAIR whose own acq/run entities differ from the T1w's
+        else:
+            out.append(f)
+    for o in orphans:
+        host = next((f for f in out if f.session == o.session and f.preproc is not None), None)
+        if host is not None:
+            for mod, path in o.others.items():
+                host.others.setdefault(mod, path)
+        else:
+            out.append(o)
+    return out

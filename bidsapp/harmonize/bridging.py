@@ -161,11 +161,12 @@ def _acq_dict(row: pd.Series) -> dict:
 
 def session_images(output_dir: Path, participant: str, session: str) -> tuple[Path, Path] | None:
     """(preproc T1w, brain mask) derivatives of a session, or None."""
-    anat = Path(output_dir) / participant / session / "anat"
-    for t1 in sorted(anat.glob(f"{participant}_{session}*_desc-preproc_T1w.nii.gz")):
-        mask = t1.with_name(t1.name.replace("_desc-preproc_T1w.nii.gz", "_desc-brain_mask.nii.gz"))
-        if mask.is_file():
-            return t1, mask
+    from bidsapp.bids.collect import session_files
+
+    ses = session.removeprefix("ses-") or None
+    for f in session_files(output_dir, participant.removeprefix("sub-"), ses):
+        if f.t1w is not None and f.mask is not None and f.session == ses:
+            return f.t1w, f.mask
     return None
 
 

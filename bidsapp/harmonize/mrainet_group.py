@@ -32,10 +32,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bidsapp.labels import TISSUE
+from bidsapp.bids.collect import SessionFiles, session_files
 from bidsapp.harmonize.groups import choose_source_group, session_groups, summarize_groups
+from bidsapp.labels import TISSUE
 
-__all__ = ["SessionFiles", "find_session_files", "find_manual_labels", "run", "load_group_model",
+__all__ = ["find_session_files", "find_manual_labels", "run", "load_group_model",
            "MODEL_NAME", "TISSUE_NAMES"]
 
 MODEL_NAME = "mrainet-group"
@@ -44,56 +45,23 @@ HIGH_CONFIDENCE = 0.95
 AXIS = 2  # axial slices of the RAS-reoriented preprocessed T1w
 
 
-@dataclass
-class SessionFiles:
-    participant_id: str
-    session_id: str
-    acq_group: str
-    t1w: Path | None = None
-    mask: Path | None = None
-    dseg: Path | None = None
-    probseg: dict = field(default_factory=dict)
-    manual: Path | None = None
-
-    @property
-    def label(self) -> str:
-        return self.participant_id + (f"_{self.session_id}" if self.session_id else "")
-
-
-def _entities(p: Path) -> dict:
-    from bidsapp.bids.derivatives import parse_entities
-
-    return parse_entities(p) or {}
-
-
 def _anat_dir(root: Path, participant_id: str, session_id: str) -> Path:
     d = Path(root) / participant_id
     return (d / session_id / "anat") if session_id else (d / "anat")
 
 
 def find_session_files(output_dir: Path, participant_id: str, session_id: str, acq_group: str = "") -> SessionFiles:
-    """The participant-level derivatives of one session (native space; first run when there are several)."""
-    sf = SessionFiles(participant_id, session_id, acq_group)
-    d = _anat_dir(output_dir, participant_id, session_id)
-    if not d.is_dir():
-        return sf
-    files = sorted(p for p in d.iterdir() if p.name.endswith(".nii.gz") and not p.name.startswith("."))
-    ents = {p: _entities(p) for p in files}
-    native = [p for p in files if "space" not in ents[p]]
-    t1 = [p for p in native if ents[p].get("suffix") == "T1w" and ents[p].get("desc") == "preproc"]
-    if not t1:
-        return sf
-    sf.t1w = t1[0]
-    key = {k: ents[sf.t1w].get(k) for k in ("acq", "ce", "rec", "run")}
-    same = [p for p in native if all(ents[p].get(k) == v for k, v in key.items())]
-    for p in same:
-        e = ents[p]
-        if e.get("suffix") == "mask" and e.get("desc") == "brain" and sf.mask is None:
-            sf.mask = p
-        elif e.get("suffix") == "dseg" and "desc" not in e and sf.dseg is None:
-            sf.dseg = p
-        elif e.get("suffix") == "probseg" and "desc" not in e and e.get("label") in TISSUE_NAMES.values():
-            sf.probseg.setdefault(e["label"], p)
+    """The participant-level derivatives of one session with a T1w (native space; the first run when there
+    are several), read by :func:`bidsapp.bids.collect.session_files`."""
+    subject = participant_id.removeprefix("sub-")
+    session = session_id.removeprefix("ses-") or None
+    found = [f for f in session_files(output_dir, subject, session) if f.t1w is not None and f.session == session]
+    if found:
+        sf = found[0]
+    else:
+        sf = SessionFiles(subject=subject, session=session, prefix=participant_id + (f"_{session_id}" if session else ""),
+                          anat_dir=_anat_dir(output_dir, participant_id, session_id))
+    sf.acq_group = acq_group
     return sf
 
 
@@ -181,14 +149,15 @@ def run(ctx) -> list:
 
     # -- find files; decide the source group from where labels are
     files: list[SessionFiles] = []
+    manual: dict[str, Path | None] = {}
     for r in sess.itertuples():
         sf = find_session_files(out_dir, r.participant_id, r.session_id, r.acq_group)
         missing = [n for n, v in (("desc-preproc_T1w", sf.t1w), ("desc-brain_mask", sf.mask)) if v is None]
         if missing:
-            warn(f"{sf.label}: no {' or '.join(missing)} in {_anat_dir(out_dir, r.participant_id, r.session_id)}; "
+            warn(f"{sf.prefix}: no {' or '.join(missing)} in {_anat_dir(out_dir, r.participant_id, r.session_id)}; "
                  "session skipped")
             continue
-        sf.manual = find_manual_labels(labels_dir, r.participant_id, r.session_id)
+        manual[sf.prefix] = find_manual_labels(labels_dir, r.participant_id, r.session_id)
         files.append(sf)
     by_group = {g: [f for f in files if f.acq_group == g] for g in groups}
     for g in groups:
@@ -198,7 +167,7 @@ def run(ctx) -> list:
     if len(groups) < 2:
         warn("fewer than two acquisition groups have usable derivatives; MRAI-NET was not trained", "groups")
         return [ReportItem("mrainet_groups", dict(summary=summary, source=None, labels=None, warnings=everything()))]
-    manual_counts = {g: sum(f.manual is not None for f in by_group[g]) for g in groups}
+    manual_counts = {g: sum(manual[f.prefix] is not None for f in by_group[g]) for g in groups}
     if labels_dir and not any(manual_counts.values()):
         warn(f"no manual labels in {labels_dir} match the sessions (expected "
              "sub-<label>/[ses-<label>/]anat/*_dseg.nii.gz); using the participant-level segmentations", "groups")
@@ -216,22 +185,23 @@ def run(ctx) -> list:
     cache = Path(ctx.work_dir) / "mrainet_cache"
     cache.mkdir(parents=True, exist_ok=True)
     col = _Collected()
-    n_src_sessions = sum(1 for f in by_group[source] if (f.manual if use_manual else f.dseg) is not None)
+    n_src_sessions = sum(1 for f in by_group[source] if (manual[f.prefix] if use_manual else f.dseg) is not None)
     per_src = max(1, math.ceil(src_total / max(1, n_src_sessions)))
     from bidsapp.models.mrainet import MRAINetConfig
 
     cfg = MRAINetConfig()
     t_io = time.perf_counter()
+    unreadable = set()
     for i, sf in enumerate(files):
         try:
-            _sample_session(sf, sf.acq_group == source, dom[sf.acq_group], len(by_group[sf.acq_group]), per_src,
-                            n_target, pad_n, use_manual, cfg, rng, col, cache, warn)
+            _sample_session(sf, manual[sf.prefix], sf.acq_group == source, dom[sf.acq_group], len(by_group[sf.acq_group]),
+                            per_src, n_target, pad_n, use_manual, cfg, rng, col, cache, warn)
         except Exception as exc:  # a damaged file costs one session, not the step
-            warn(f"{sf.label}: could not be read ({type(exc).__name__}: {exc}); session skipped")
-            sf.t1w = None
+            warn(f"{sf.prefix}: could not be read ({type(exc).__name__}: {exc}); session skipped")
+            unreadable.add(sf.prefix)
         if (i + 1) % 20 == 0:
             log.info("MRAI-NET: sampled %d/%d sessions", i + 1, len(files))
-    files = [f for f in files if f.t1w is not None]
+    files = [f for f in files if f.prefix not in unreadable]
     t_io = time.perf_counter() - t_io
 
     patches = np.concatenate(col.patches) if col.patches else np.zeros((0, 1, cfg.patch_size, cfg.patch_size), np.float32)
@@ -294,7 +264,7 @@ def run(ctx) -> list:
             try:
                 row, vol = _map_session(sf, model, clf, cache, out_dir, card, write_maps, device)
             except Exception as exc:
-                warn(f"{sf.label}: tissue map failed ({type(exc).__name__}: {exc})")
+                warn(f"{sf.prefix}: tissue map failed ({type(exc).__name__}: {exc})")
                 continue
             session_rows.append(row)
             volume_rows.append(vol)
@@ -366,7 +336,7 @@ def run(ctx) -> list:
     ]
 
 
-def _sample_session(sf: SessionFiles, is_source: bool, domain: int, n_in_group: int, per_src: int, n_target: int,
+def _sample_session(sf: SessionFiles, manual_file: Path | None, is_source: bool, domain: int, n_in_group: int, per_src: int, n_target: int,
                     pad_n: int, use_manual: bool, cfg, rng, col: _Collected, cache: Path, warn) -> None:
     import nibabel as nib
 
@@ -381,9 +351,9 @@ def _sample_session(sf: SessionFiles, is_source: bool, domain: int, n_in_group: 
         raise ValueError(f"brain mask {sf.mask.name} is empty")
     img = normalize_intensity(img, mask)
     dseg = _load(sf.dseg, like=ref).astype(np.int16) if sf.dseg is not None else None
-    manual = _load(sf.manual, like=ref).astype(np.int16) if sf.manual is not None else None
+    manual = _load(manual_file, like=ref).astype(np.int16) if manual_file is not None else None
     # cache the brain for the second pass (uncompressed, half precision; outside the mask the image is 0)
-    np.savez(cache / f"{sf.label}.npz", img=img[mask].astype(np.float16), mask=np.packbits(mask),
+    np.savez(cache / f"{sf.prefix}.npz", img=img[mask].astype(np.float16), mask=np.packbits(mask),
              shape=np.array(mask.shape), dseg=(dseg[mask].astype(np.int8) if dseg is not None else np.zeros(0, np.int8)))
     # evaluation patches: random brain voxels, centre tissue from the participant-level dseg for display
     n_eval = int(min(3000, max(20, math.ceil(1.1 * pad_n / n_in_group))))
@@ -407,7 +377,7 @@ def _sample_session(sf: SessionFiles, is_source: bool, domain: int, n_in_group: 
                 conf |= (dseg == k) & (_load(sf.probseg[name], like=ref) > HIGH_CONFIDENCE)
             allowed &= conf
         else:
-            warn(f"{sf.label}: no label-CSF/GM/WM probseg; target labels come from the dseg without a confidence check")
+            warn(f"{sf.prefix}: no label-CSF/GM/WM probseg; target labels come from the dseg without a confidence check")
     else:
         labels = None
     lab = []
@@ -481,7 +451,7 @@ def _map_session(sf: SessionFiles, model, clf, cache: Path, out_dir: Path, card:
     from bidsapp.metrics.overlap import dice
     from bidsapp.models.mrainet import dense_features
 
-    z = np.load(cache / f"{sf.label}.npz")
+    z = np.load(cache / f"{sf.prefix}.npz")
     shape = tuple(int(s) for s in z["shape"])
     mask = np.unpackbits(z["mask"])[: int(np.prod(shape))].reshape(shape).astype(bool)
     img = np.zeros(shape, np.float32)

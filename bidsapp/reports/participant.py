@@ -16,13 +16,13 @@ import os
 import re
 import shlex
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from bidsapp.bids.acquisition import BIDS_NAMES
+from bidsapp.bids.collect import OTHER_MODALITIES, SessionFiles, session_files
 from bidsapp.labels import VOLUME_LABELS
 from bidsapp.physics.contrast import low_contrast_warning
 from bidsapp.reports.html import (
@@ -36,7 +36,6 @@ from bidsapp.reports.html import (
 )
 
 LOG = logging.getLogger("scanbridge.reports")
-OTHER_MODALITIES = ("FLAIR", "T2w", "PDw")
 # Acquisition fields shown in the table: (column title, record attribute).
 ACQ_COLUMNS = (
     ("Manufacturer", "manufacturer"),
@@ -60,93 +59,10 @@ _NEEDED = {"MPRAGE": ("repetition_time", "inversion_time", "flip_angle"),
 # what is on disk
 # ----------------------------------------------------------------------------------------------
 
-@dataclass
-class SessionFiles:
-    """Derivatives of one session's reference image (its T1w, or without one its FLAIR/T2w/PDw)."""
-
-    subject: str
-    session: str | None
-    prefix: str
-    anat_dir: Path
-    preproc: Path | None = None
-    mask: Path | None = None
-    dseg: Path | None = None
-    dseg_alt: dict[str, Path] = field(default_factory=dict)
-    """Other segmentations kept beside the main answer, by desc (e.g. ``atropos``)."""
-    probseg: dict[str, Path] = field(default_factory=dict)
-    morph: list[Path] = field(default_factory=list)
-    xfm_to_template: dict[str, list[Path]] = field(default_factory=dict)
-    """Forward transforms by template name, in the order antspyx applies them."""
-    template_space: dict[str, Path] = field(default_factory=dict)
-    """T1w already resampled into a template space, by template name."""
-    others: dict[str, Path] = field(default_factory=dict)
-    """Preprocessed FLAIR/T2w/PDw in the reference grid, by suffix."""
-    reference: str = "T1w"
-    """Suffix of the reference image (``preproc``)."""
-
-    @property
-    def label(self) -> str:
-        rest = self.prefix[len(f"sub-{self.subject}"):].lstrip("_")
-        return rest or "(no session)"
-
-
 def _sidecar(path: Path | None) -> Path | None:
     from bidsapp.bids.derivatives import sidecar_path
 
     return None if path is None else sidecar_path(path)
-
-
-def collect_session_files(output_dir: Path, subject: str, problems: list[str] | None = None) -> list[SessionFiles]:
-    """A subject's derivatives (one entry per preprocessed reference image), found by the project's naming rules."""
-    from bidsapp.bids.collect import collect_derivatives
-    from bidsapp.bids.derivatives import parse_entities
-
-    entries = collect_derivatives(output_dir, subject)
-    out: list[SessionFiles] = []
-    orphans = []
-    for e in entries:
-        ents = e["entities"]
-        prefix = "_".join([f"sub-{e['subject']}"] + ([f"ses-{e['session']}"] if e["session"] else [])
-                          + [f"{k}-{v}" for k, v in ents.items()])
-        f = SessionFiles(subject=e["subject"], session=e["session"], prefix=prefix, anat_dir=Path(e["anat_dir"]))
-        f.preproc = e["preproc_t1w"]
-        if f.preproc is None:  # a session without a T1w: its reference is the first FLAIR, T2w or PDw
-            ref = next((m for m in OTHER_MODALITIES if m in e["preproc"]), None)
-            if ref is not None:
-                f.reference, f.preproc = ref, e["preproc"][ref]
-        f.mask = e["brain_mask"]
-        f.dseg = e["dseg"]
-        f.probseg = dict(e["probseg"])
-        f.dseg_alt = {desc: v["dseg"] for desc, v in e["variants"].items() if v.get("dseg")}
-        f.morph = [Path(p) for p in e["morph"].values()]
-        for x in e["xfms"]:
-            if x.get("from") == "T1w" and x.get("to") and x.get("mode") in (None, "image"):
-                f.xfm_to_template.setdefault(x["to"], []).append(Path(x["path"]))
-        for paths in f.xfm_to_template.values():
-            paths.sort(key=lambda q: q.name.endswith(".mat"))  # antspyx order: warp fields, then the affine
-        f.others = {m: p for m, p in e["preproc"].items() if m in OTHER_MODALITIES and m != f.reference}
-        for path in e["other"]:
-            pe = parse_entities(path) or {}
-            if pe.get("desc") != "preproc" or pe.get("extension") not in (".nii.gz", ".nii"):
-                continue
-            if pe.get("suffix") == "T1w" and pe.get("space") not in (None, "T1w"):
-                f.template_space[pe["space"]] = path
-            elif pe.get("suffix") in OTHER_MODALITIES and pe.get("space") in ("T1w", *OTHER_MODALITIES):
-                f.others.setdefault(pe["suffix"], path)
-        if problems is not None:
-            problems.extend(e.get("warnings") or [])
-        if f.preproc is None and not (f.mask or f.dseg or f.morph) and f.others:
-            orphans.append(f)  # e.g. a FLAIR whose own acq/run entities differ from the T1w's
-        else:
-            out.append(f)
-    for o in orphans:
-        host = next((f for f in out if f.session == o.session and f.preproc is not None), None)
-        if host is not None:
-            for mod, path in o.others.items():
-                host.others.setdefault(mod, path)
-        else:
-            out.append(o)
-    return out
 
 
 def _read_json(path: Path | None, problems: list[str]) -> dict:
@@ -587,7 +503,7 @@ def write_participant_report(output_dir, subject: str, *, warnings=None, errors=
     subject = subject[4:] if subject.startswith("sub-") else subject
     problems: list[str] = []
     errors = list(errors or [])
-    files = collect_session_files(output_dir, subject, problems)
+    files = session_files(output_dir, subject, problems=problems)
     if not files:
         errors.append(f"no derivatives found for sub-{subject} in {output_dir}")
     acq, acq_warns = acquisition_rows(files, problems)
@@ -616,5 +532,5 @@ def _version() -> str:
     return __version__
 
 
-__all__ = ["write_participant_report", "collect_session_files", "SessionFiles", "session_section",
+__all__ = ["write_participant_report", "session_section",
            "about_section", "acquisition_rows", "find_template_image"]
