@@ -8,7 +8,7 @@
 # --device cuda to use a GPU. On a CPU add --sampling patch (only each patch is simulated: the nine
 # stages of the physics model in 76 min measured on 2 threads, of both networks in 2.3 h). A rerun
 # into the same OUT_DIR resumes at the first unfinished stage (with the same flags but for --threads
-# and --device; others need a new OUT_DIR). Times and figures of every recipe are in docs/models.md.
+# and --device; others need a new OUT_DIR). Times and figures of every recipe are in docs/notebook/tissue-models.md.
 #
 #   bash scripts/train-tissue.sh [ANATOMY_DIR] [OUT_DIR] [--no-ablation] [--short] [extra scanbridge-train flags...]
 #   bash scripts/train-tissue.sh ../shared/data/anatomy runs/tissue --no-ablation --sampling patch --threads 2

@@ -59,7 +59,8 @@ def find_session_files(output_dir: Path, participant_id: str, session_id: str, a
     if found:
         sf = found[0]
     else:
-        sf = SessionFiles(subject=subject, session=session, prefix=participant_id + (f"_{session_id}" if session else ""),
+        prefix = participant_id + (f"_{session_id}" if session else "")
+        sf = SessionFiles(subject=subject, session=session, prefix=prefix,
                           anat_dir=_anat_dir(output_dir, participant_id, session_id))
     sf.acq_group = acq_group
     return sf
@@ -194,8 +195,9 @@ def run(ctx) -> list:
     unreadable = set()
     for i, sf in enumerate(files):
         try:
-            _sample_session(sf, manual[sf.prefix], sf.acq_group == source, dom[sf.acq_group], len(by_group[sf.acq_group]),
-                            per_src, n_target, pad_n, use_manual, cfg, rng, col, cache, warn)
+            _sample_session(sf, manual[sf.prefix], sf.acq_group == source, dom[sf.acq_group],
+                            len(by_group[sf.acq_group]), per_src, n_target, pad_n, use_manual, cfg, rng, col, cache,
+                            warn)
         except Exception as exc:  # a damaged file costs one session, not the step
             warn(f"{sf.prefix}: could not be read ({type(exc).__name__}: {exc}); session skipped")
             unreadable.add(sf.prefix)

@@ -34,7 +34,7 @@ With ``norm_film_all``, ``trunk_gate`` (the index of a 0/1 slot of the parameter
 family flag) switches the conditioning of every block but the last decoder block on only where that
 slot is 1; elsewhere those blocks are the ablation's and the network is a ``norm_film`` one. Trained
 alone (``scanbridge-train tissue --train gated``) the gated weights change one family's output and
-leave the other's exactly as it was; docs/models.md gives what that did and did not buy.
+leave the other's exactly as it was; docs/notebook/tissue-models.md gives what that did and did not buy.
 
 Larger networks (nnU-Net style: deeper, wider, deep supervision) extend this by subclassing and
 overriding ``make_block``/``make_down``/``make_up`` or by passing more ``features``.

@@ -783,9 +783,10 @@ def save(net, cfg: TrainConfig, history: dict, final: bool = True) -> dict:
             "retrain_shipped": "bash scripts/train-tissue.sh ANATOMY_DIR OUT_DIR (every stage of the shipped weights)",
             "cpu_run": ("bash scripts/train-tissue.sh ANATOMY_DIR OUT_DIR --no-ablation --sampling patch --threads 2 "
                         "(every stage of the shipped physics model, simulating only each patch: 76 min measured on "
-                        "2 CPU threads; figures in docs/models.md)"),
+                        "2 CPU threads; figures in docs/notebook/tissue-models.md)"),
             "short_cpu_run": ("bash scripts/train-tissue.sh ANATOMY_DIR OUT_DIR --short --threads 2 "
-                              "(two stages that fit two hours on 2 CPU threads; figures in docs/models.md)"),
+                              "(two stages that fit two hours on 2 CPU threads; figures in "
+                              "docs/notebook/tissue-models.md)"),
             "longer_run": ("scanbridge-train tissue --out runs/tissue --seed 0 --both --iterations 20000 --patch 64 "
                            "--batch 4 --features 16,32,64,128 --device cuda --weights-dir runs/tissue/weights "
                            "(then copy the .pt/.json pairs into bidsapp/models/weights/)"),
