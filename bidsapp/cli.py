@@ -347,11 +347,21 @@ def _first_line(exc: BaseException) -> str:
 # ---------------------------------------------------------------------------- entry point
 
 
+def _check_device(device: str) -> None:
+    """``--device cuda`` on a machine without CUDA stops before anything runs."""
+    if device == "cuda":
+        from bidsapp.devices import cuda_available
+
+        if not cuda_available():
+            raise UserError("--device cuda: no CUDA device is available on this machine (use --device cpu or auto)")
+
+
 def main(argv: list[str] | None = None) -> int:
     opts = build_parser().parse_args(argv)
     _setup_logging(opts.verbose)
     try:
         _resolve_paths(opts)
+        _check_device(opts.device)
         if opts.analysis_level == "participant":
             return run_participant(opts)
         from bidsapp.harmonize.pipeline import run_group

@@ -92,6 +92,16 @@ def test_bad_plugin_args(capsys, tiny_bids, tmp_path):
     assert not (tmp_path / "out").exists(), "nothing is written before the arguments are checked"
 
 
+def test_cuda_without_a_cuda_device_stops_before_anything_runs(capsys, tiny_bids, tmp_path, monkeypatch):
+    from bidsapp import devices
+
+    monkeypatch.setattr(devices, "cuda_available", lambda: False)
+    code, _, err = run_cli(capsys, tiny_bids, tmp_path / "out", "participant", "-w", tmp_path / "work",
+                           "--device", "cuda")
+    assert code == EXIT_USAGE and "no CUDA device" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_group_without_participant_results(capsys, tiny_bids, tmp_path):
     code, _, err = run_cli(capsys, tiny_bids, tmp_path / "out", "group", "-w", tmp_path / "work")
     assert code == EXIT_USAGE and "participant level first" in err

@@ -266,14 +266,25 @@ def test_resample_roundtrip_keeps_field_of_view():
     assert abs(back.mean() - img.mean()) < 0.05
 
 
-def test_resolve_device():
-    assert tissue.resolve_device("cpu").type == "cpu"
-    assert tissue.resolve_device("auto").type in ("cpu", "cuda")
+def test_resolve_device_has_one_behaviour(caplog, monkeypatch):
+    import logging
+
+    from bidsapp import devices
+
+    assert devices.resolve_device("cpu").type == "cpu"
+    assert devices.resolve_device(torch.device("cpu")).type == "cpu"
     with pytest.raises(ValueError):
-        tissue.resolve_device("tpu")
-    if not torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match="no CUDA"):
-            tissue.resolve_device("cuda")
+        devices.resolve_device("tpu")
+    monkeypatch.setattr(devices, "cuda_available", lambda: False)
+    with pytest.raises(devices.DeviceUnavailableError, match="no CUDA"):
+        devices.resolve_device("cuda")
+    with caplog.at_level(logging.INFO, logger="scanbridge"):
+        assert devices.resolve_device("auto").type == "cpu"
+    assert "running on the CPU" in caplog.text
+    # the trainers and the group level use the same function
+    from bidsapp.training import mrainet
+
+    assert mrainet.resolve_device is devices.resolve_device
 
 
 # ------------------------------------------------------------------------------------ nipype node

@@ -241,7 +241,7 @@ def run(ctx) -> list:
     # -- train
     from bidsapp.training.mrainet import TrainSettings, featurize, fit_linear_classifier, train_mrainet
 
-    from bidsapp.training.mrainet import resolve_device
+    from bidsapp.devices import resolve_device
 
     device = resolve_device(_opt(ctx, "device"))
     threads = torch.get_num_threads()

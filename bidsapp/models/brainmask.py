@@ -144,7 +144,9 @@ def extract(img, device="cpu", weights_dir=None) -> BrainMaskResult:
     """Brain mask of a nibabel image on its own grid (see the module docstring for the steps)."""
     import nibabel as nib
 
-    from .tissue import resample_shape, resample_to, resolve_device
+    from bidsapp.devices import resolve_device
+
+    from .tissue import resample_shape, resample_to
 
     device = resolve_device(device)
     net, card = load_model(device, weights_dir)

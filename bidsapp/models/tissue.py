@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from bidsapp.bids.acquisition import lookup
+from bidsapp.devices import resolve_device
 from bidsapp.labels import BRAIN, TISSUE
 from bidsapp.physics.contrast import low_contrast_warning, wm_gm_signal_ratio
 
@@ -258,20 +259,6 @@ def parameter_vector(acquisition: dict | None) -> ParameterVector:
 # model loading
 # ---------------------------------------------------------------------------------------------
 _CACHE: dict = {}
-
-
-def resolve_device(device: str | None = "auto"):
-    """``cpu``, ``cuda`` (error if unavailable) or ``auto`` (cuda when available)."""
-    import torch
-
-    device = (device or "auto").lower()
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was requested but no CUDA device is available (use --device cpu or auto)")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise ValueError(f"unknown device {device!r}: use cpu, cuda or auto")
-    return torch.device(device)
 
 
 def build_model(card_or_arch: dict):

@@ -315,7 +315,7 @@ def train(cfg: TrainConfig, heads: list[Head] | None = None, progress=print, sto
     import torch
 
     from bidsapp.models.brainmask import build_network
-    from bidsapp.models.tissue import resolve_device
+    from bidsapp.devices import resolve_device
 
     torch.set_num_threads(int(cfg.threads))
     device = resolve_device(cfg.device)

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from bidsapp.devices import resolve_device
 from bidsapp.models.mrainet import ContrastiveLoss, MRAINet, MRAINetConfig, l1_distance
 from bidsapp.models.pairs import PAIR_TYPES, PairSampler
 
@@ -72,15 +73,6 @@ def _seed_all(seed: int) -> torch.Generator:
     torch.manual_seed(seed)
     np.random.seed(seed % (2 ** 32))
     return torch.Generator().manual_seed(seed)
-
-
-def resolve_device(device: str | None) -> str:
-    if device in (None, "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        log.warning("CUDA requested but not available; using the CPU")
-        return "cpu"
-    return device
 
 
 def train_mrainet(patches: np.ndarray, tissues: np.ndarray, domains: np.ndarray, source_domain: int = 0,

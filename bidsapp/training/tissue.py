@@ -607,7 +607,7 @@ def train(cfg: TrainConfig, subjects: list[Subject] | None = None, progress=None
     """
     import torch
 
-    from bidsapp.models.tissue import resolve_device
+    from bidsapp.devices import resolve_device
 
     torch.set_num_threads(max(1, int(cfg.threads)))
     device = resolve_device(cfg.device)
