@@ -100,57 +100,130 @@ class _Collected:
     eval_domain: list = field(default_factory=list)
 
 
-def _opt(ctx, key):
-    from bidsapp.harmonize.context import GroupOptions
+class _Warnings:
+    """One-line messages, logged and kept for the report section they concern."""
 
-    return getattr(GroupOptions.from_any(ctx.options), key)
+    def __init__(self, log):
+        self.log = log
+        self.by_kind: dict[str, list[str]] = {"groups": [], "pad": [], "outliers": [], "mrainet": []}
+
+    def __call__(self, msg: str, kind: str = "mrainet") -> None:
+        self.log.warning("MRAI-NET: %s", msg)
+        self.by_kind[kind].append(msg)
+
+    def everything(self) -> list[str]:
+        return [w for ws in self.by_kind.values() for w in ws]
+
+
+@dataclass
+class _State:
+    """What the stages of :func:`run` hand on: the plan (sessions, groups, source), then the labelled
+    patches, the trained model and the per-session results."""
+
+    opts: object
+    out_dir: Path
+    cache: Path
+    rng: np.random.Generator
+    warn: _Warnings
+    summary: pd.DataFrame
+    files: list = field(default_factory=list)
+    manual: dict = field(default_factory=dict)
+    groups: list = field(default_factory=list)
+    by_group: dict = field(default_factory=dict)
+    use_manual: bool = False
+    source: str | None = None
+    dom: dict = field(default_factory=dict)
+    col: _Collected = field(default_factory=_Collected)
+    labels_df: pd.DataFrame | None = None
+    patches: np.ndarray | None = None
+    tissues: np.ndarray | None = None
+    domains: np.ndarray | None = None
+    seconds: dict = field(default_factory=dict)
+
+
+def _not_trained(st: _State, source=None, labels=None) -> list:
+    from bidsapp.harmonize.context import ReportItem
+
+    return [ReportItem("mrainet_groups", dict(summary=st.summary, source=source, labels=labels,
+                                              warnings=st.warn.everything()))]
 
 
 def run(ctx) -> list:
-    """Train MRAI-NET across the acquisition groups; write models, maps and TSVs; return what the report shows."""
+    """Train MRAI-NET across the acquisition groups; write models, maps and TSVs; return what the report shows.
+
+    Four stages: :func:`_plan` (sessions, groups, source), :func:`_sample` (labelled and evaluation
+    patches), :func:`_fit` + :func:`_map` (network, classifier, tissue maps) and :func:`_evaluate` (proxy
+    A-distance, embedding, outliers).
+    """
     import torch
 
-    from bidsapp.harmonize.context import ReportItem
+    from bidsapp.harmonize.context import GroupOptions, ReportItem
 
     t_start = time.perf_counter()
-    log = ctx.logger
-    out_dir = Path(ctx.output_dir)
-    warnings: dict[str, list[str]] = {"groups": [], "pad": [], "outliers": [], "mrainet": []}
+    opts = GroupOptions.from_any(ctx.options)
+    st = _State(opts=opts, out_dir=Path(ctx.output_dir), cache=Path(ctx.work_dir) / "mrainet_cache",
+                rng=np.random.default_rng(int(opts.seed or 0)), warn=_Warnings(ctx.logger),
+                summary=summarize_groups(ctx.acquisitions, ctx.volumes))
+    if not _plan(ctx, st):
+        return _not_trained(st)
+    ctx.logger.info("MRAI-NET: %d sessions in %d groups; source group %s", len(st.files), len(st.groups), st.source)
+    if not _sample(ctx, st):
+        return _not_trained(st, st.source, st.labels_df)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(opts.nprocs or threads)))
+    try:
+        model, clf, res, device = _fit(ctx, st)
+        card, session_rows, volume_rows = _map(ctx, st, model, clf, res, device)
+    finally:
+        torch.set_num_threads(threads)
+        for f in st.cache.glob("*.npz"):  # transient: a rerun samples again
+            f.unlink(missing_ok=True)
+    ev = _evaluate(ctx, st, model, session_rows, volume_rows)
+    src_pad = ev["pad"][(ev["pad"].group_a == st.source) | (ev["pad"].group_b == st.source)]
+    total = time.perf_counter() - t_start
+    sec = st.seconds
+    info = {
+        "source group": st.source,
+        "groups": len(st.groups), "sessions": len(st.files),
+        "labelled patches (source / others)": f"{int((st.domains == 0).sum())} / {int((st.domains != 0).sum())}",
+        "labels from": "manual labels (labels_dir)" if st.use_manual else "participant-level segmentation",
+        "target labels per tissue": int(opts.target_labels_per_tissue),
+        "training steps x batch": f"{int(opts.mrainet_steps)} x {int(opts.mrainet_batch_size)}",
+        "training time (s)": round(res.seconds, 1),
+        "sampling / maps / proxy A-distance time (s)": f"{sec['io']:.1f} / {sec['maps']:.1f} / {sec['pad']:.1f}",
+        "total time (s)": round(total, 1),
+        "median proxy A-distance to source, before -> after":
+            f"{src_pad.pad_before.median():.2f} -> {src_pad.pad_after.median():.2f}" if len(src_pad) else "n/a",
+        "model": f"models/{MODEL_NAME}.pt (sha256 {card['sha256'][:12]}...)",
+        "tissue maps": "sub-*/[ses-*/]anat/*_desc-mrainet_dseg.nii.gz and *_label-<tissue>_desc-mrainet_probseg.nii.gz"
+        if opts.mrainet_write_maps else "not written (mrainet_write_maps = False)",
+    }
+    ctx.logger.info("MRAI-NET: done in %.1f s", total)
+    w = st.warn.by_kind
+    return [
+        ReportItem("mrainet_groups", dict(summary=st.summary, source=st.source, labels=st.labels_df,
+                                          warnings=w["groups"])),
+        ReportItem("mrainet_pad", dict(before=ev["before"], after=ev["after"], groups=ev["order"], warnings=w["pad"])),
+        ReportItem("mrainet_embedding", dict(emb=ev["embedding"])),
+        ReportItem("mrainet_outliers", dict(sessions=ev["sessions"], warnings=w["outliers"])),
+        ReportItem("mrainet", dict(summary=info, losses=res.losses, agreement=ev["agreement"], warnings=w["mrainet"])),
+    ]
 
-    def warn(msg: str, kind: str = "mrainet"):
-        """Log a one-line message and keep it for the report section it concerns."""
-        log.warning("MRAI-NET: %s", msg)
-        warnings[kind].append(msg)
 
-    def everything() -> list[str]:
-        return [w for ws in warnings.values() for w in ws]
-
-    from bidsapp.bids.derivatives import atomic_write_tsv
-
-    summary = summarize_groups(ctx.acquisitions, ctx.volumes)
+def _plan(ctx, st: _State) -> bool:
+    """Sessions with usable derivatives, the acquisition groups, and the source group (the one with the
+    most labels). False when there is nothing to train on (the warnings say why)."""
+    warn, out_dir = st.warn, st.out_dir
     sess = session_groups(ctx.acquisitions, ctx.volumes)
     groups = sorted(sess["acq_group"].unique())
     if len(groups) < 2:
         warn(f"the dataset has a single acquisition group ({groups[0] if groups else 'none'}): there is no scanner "
              "effect to learn or measure, so MRAI-NET was not trained", "groups")
-        return [ReportItem("mrainet_groups", dict(summary=summary, source=None, labels=None, warnings=everything()))]
-
-    labels_dir = _opt(ctx, "labels_dir")
+        return False
+    labels_dir = st.opts.labels_dir
     if labels_dir and not Path(labels_dir).is_dir():
         warn(f"labels directory {labels_dir} does not exist; using the participant-level segmentations", "groups")
         labels_dir = None
-    n_target = int(_opt(ctx, "target_labels_per_tissue"))
-    seed = int(_opt(ctx, "seed") or 0)
-    steps = int(_opt(ctx, "mrainet_steps"))
-    batch_size = int(_opt(ctx, "mrainet_batch_size"))
-    src_total = int(_opt(ctx, "mrainet_source_patches_per_tissue"))
-    pad_n = int(_opt(ctx, "mrainet_pad_patches"))
-    write_maps = bool(_opt(ctx, "mrainet_write_maps"))
-    rng = np.random.default_rng(seed)
-
-    # -- find files; decide the source group from where labels are
-    files: list[SessionFiles] = []
-    manual: dict[str, Path | None] = {}
     for r in sess.itertuples():
         sf = find_session_files(out_dir, r.participant_id, r.session_id, r.acq_group)
         missing = [n for n, v in (("desc-preproc_T1w", sf.t1w), ("desc-brain_mask", sf.mask)) if v is None]
@@ -158,61 +231,70 @@ def run(ctx) -> list:
             warn(f"{sf.prefix}: no {' or '.join(missing)} in {_anat_dir(out_dir, r.participant_id, r.session_id)}; "
                  "session skipped")
             continue
-        manual[sf.prefix] = find_manual_labels(labels_dir, r.participant_id, r.session_id)
-        files.append(sf)
-    by_group = {g: [f for f in files if f.acq_group == g] for g in groups}
+        st.manual[sf.prefix] = find_manual_labels(labels_dir, r.participant_id, r.session_id)
+        st.files.append(sf)
+    by_group = {g: [f for f in st.files if f.acq_group == g] for g in groups}
     for g in groups:
         if not by_group[g]:
             warn(f"acquisition group {g} has no session with usable derivatives; left out", "groups")
     groups = [g for g in groups if by_group[g]]
     if len(groups) < 2:
         warn("fewer than two acquisition groups have usable derivatives; MRAI-NET was not trained", "groups")
-        return [ReportItem("mrainet_groups", dict(summary=summary, source=None, labels=None, warnings=everything()))]
-    manual_counts = {g: sum(manual[f.prefix] is not None for f in by_group[g]) for g in groups}
+        return False
+    manual_counts = {g: sum(st.manual[f.prefix] is not None for f in by_group[g]) for g in groups}
     if labels_dir and not any(manual_counts.values()):
         warn(f"no manual labels in {labels_dir} match the sessions (expected "
              "sub-<label>/[ses-<label>/]anat/*_dseg.nii.gz); using the participant-level segmentations", "groups")
-    use_manual = any(manual_counts.values())
-    labelled = manual_counts if use_manual else {g: sum(f.dseg is not None for f in by_group[g]) for g in groups}
+    st.use_manual = any(manual_counts.values())
+    labelled = manual_counts if st.use_manual else {g: sum(f.dseg is not None for f in by_group[g]) for g in groups}
     source = choose_source_group(labelled, {g: len(by_group[g]) for g in groups})
     if source is None:
         warn("no acquisition group has labels (no participant-level dseg and no manual labels); MRAI-NET was "
              "not trained", "groups")
-        return [ReportItem("mrainet_groups", dict(summary=summary, source=None, labels=None, warnings=everything()))]
-    dom = {g: i for i, g in enumerate([source] + [g for g in groups if g != source])}
-    log.info("MRAI-NET: %d sessions in %d groups; source group %s", len(files), len(groups), source)
+        return False
+    st.groups, st.by_group, st.source = groups, by_group, source
+    st.dom = {g: i for i, g in enumerate([source] + [g for g in groups if g != source])}
+    return True
 
-    # -- pass 1: sample patches
-    cache = Path(ctx.work_dir) / "mrainet_cache"
-    cache.mkdir(parents=True, exist_ok=True)
-    col = _Collected()
-    n_src_sessions = sum(1 for f in by_group[source] if (manual[f.prefix] if use_manual else f.dseg) is not None)
-    per_src = max(1, math.ceil(src_total / max(1, n_src_sessions)))
+
+def _sample(ctx, st: _State) -> bool:
+    """Labelled patches of every group (the target budget per group) and evaluation patches; writes
+    group_mrainet_labels.tsv. False when the source group has fewer than two tissues."""
+    from bidsapp.bids.derivatives import atomic_write_tsv
     from bidsapp.models.mrainet import MRAINetConfig
 
+    opts, warn, rng = st.opts, st.warn, st.rng
+    n_target, pad_n = int(opts.target_labels_per_tissue), int(opts.mrainet_pad_patches)
+    src_total = int(opts.mrainet_source_patches_per_tissue)
+    st.cache.mkdir(parents=True, exist_ok=True)
+    col = st.col
+    n_src_sessions = sum(1 for f in st.by_group[st.source]
+                         if (st.manual[f.prefix] if st.use_manual else f.dseg) is not None)
+    per_src = max(1, math.ceil(src_total / max(1, n_src_sessions)))
     cfg = MRAINetConfig()
     t_io = time.perf_counter()
     unreadable = set()
-    for i, sf in enumerate(files):
+    for i, sf in enumerate(st.files):
         try:
-            _sample_session(sf, manual[sf.prefix], sf.acq_group == source, dom[sf.acq_group],
-                            len(by_group[sf.acq_group]), per_src, n_target, pad_n, use_manual, cfg, rng, col, cache,
-                            warn)
+            _sample_session(sf, st.manual[sf.prefix], sf.acq_group == st.source, st.dom[sf.acq_group],
+                            len(st.by_group[sf.acq_group]), per_src, n_target, pad_n, st.use_manual, cfg, rng, col,
+                            st.cache, warn)
         except Exception as exc:  # a damaged file costs one session, not the step
             warn(f"{sf.prefix}: could not be read ({type(exc).__name__}: {exc}); session skipped")
             unreadable.add(sf.prefix)
         if (i + 1) % 20 == 0:
-            log.info("MRAI-NET: sampled %d/%d sessions", i + 1, len(files))
-    files = [f for f in files if f.prefix not in unreadable]
-    t_io = time.perf_counter() - t_io
+            ctx.logger.info("MRAI-NET: sampled %d/%d sessions", i + 1, len(st.files))
+    st.files = [f for f in st.files if f.prefix not in unreadable]
+    st.seconds["io"] = time.perf_counter() - t_io
 
-    patches = np.concatenate(col.patches) if col.patches else np.zeros((0, 1, cfg.patch_size, cfg.patch_size), np.float32)
+    empty = np.zeros((0, 1, cfg.patch_size, cfg.patch_size), np.float32)
+    patches = np.concatenate(col.patches) if col.patches else empty
     tissues = np.concatenate(col.tissues) if col.tissues else np.zeros(0, np.int64)
     domains = np.concatenate(col.domains) if col.domains else np.zeros(0, np.int64)
     # the target budget is per group: keep n_target of each tissue, spread over sessions
     keep = np.ones(len(tissues), bool)
     label_rows = []
-    for g, d in dom.items():
+    for g, d in st.dom.items():
         for k, name in TISSUE_NAMES.items():
             idx = np.flatnonzero((domains == d) & (tissues == k))
             if d != 0 and len(idx) > n_target:
@@ -224,68 +306,76 @@ def run(ctx) -> list:
                                "n_patches": int(len(idx)), "asked": asked})
             if len(idx) < asked:
                 warn(f"group {g}: {len(idx)} labelled {name} patches, fewer than the {asked} asked for", "groups")
-    patches, tissues, domains = patches[keep], tissues[keep], domains[keep]
-    labels_df = pd.DataFrame(label_rows)
-    atomic_write_tsv(out_dir / "group_mrainet_labels.tsv", labels_df)
-    for g, d in dom.items():
-        if d != 0 and not (domains == d).any():
+    st.patches, st.tissues, st.domains = patches[keep], tissues[keep], domains[keep]
+    st.labels_df = pd.DataFrame(label_rows)
+    atomic_write_tsv(st.out_dir / "group_mrainet_labels.tsv", st.labels_df)
+    for g, d in st.dom.items():
+        if d != 0 and not (st.domains == d).any():
             warn(f"group {g} has no usable labels (no voxel with probseg > {HIGH_CONFIDENCE} and no manual labels); "
                  "it is mapped by MRAI-NET but not aligned to the others", "groups")
-    src_classes = set(tissues[domains == 0].tolist())
-    if len(src_classes) < 2:
-        warn(f"the source group {source} has labelled patches of fewer than two tissues; MRAI-NET was not trained",
+    if len(set(st.tissues[st.domains == 0].tolist())) < 2:
+        warn(f"the source group {st.source} has labelled patches of fewer than two tissues; MRAI-NET was not trained",
              "groups")
-        return [ReportItem("mrainet_groups", dict(summary=summary, source=source, labels=labels_df,
-                                                  warnings=everything()))]
+        return False
+    return True
 
-    # -- train
+
+def _fit(ctx, st: _State):
+    """The Siamese network on the labelled patches, then the linear tissue classifier on its features."""
+    from bidsapp.devices import resolve_device
+    from bidsapp.models.mrainet import MRAINetConfig
     from bidsapp.training.mrainet import TrainSettings, featurize, fit_linear_classifier, train_mrainet
 
-    from bidsapp.devices import resolve_device
+    opts = st.opts
+    cfg = MRAINetConfig()
+    device = str(resolve_device(opts.device))
+    init = _initial_model(opts.mrainet_init, cfg, st.warn)
+    settings = TrainSettings(steps=int(opts.mrainet_steps), batch_size=int(opts.mrainet_batch_size),
+                             seed=int(opts.seed or 0), device=device)
+    res = train_mrainet(st.patches, st.tissues, st.domains, source_domain=0, config=cfg, settings=settings, init=init)
+    feats = featurize(res.model, st.patches)
+    clf = fit_linear_classifier(feats, st.tissues, groups=st.domains)
+    ctx.logger.info("MRAI-NET: trained in %.1f s on %d labelled patches", res.seconds, len(st.patches))
+    return res.model, clf, res, device
 
-    device = resolve_device(_opt(ctx, "device"))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, int(_opt(ctx, "nprocs") or threads)))
-    try:
-        init = _initial_model(_opt(ctx, "mrainet_init"), cfg, warn)
-        settings = TrainSettings(steps=steps, batch_size=batch_size, seed=seed, device=device)
-        res = train_mrainet(patches, tissues, domains, source_domain=0, config=cfg, settings=settings, init=init)
-        model = res.model
-        feats = featurize(model, patches)
-        clf = fit_linear_classifier(feats, tissues, groups=domains)
-        log.info("MRAI-NET: trained in %.1f s on %d labelled patches", res.seconds, len(patches))
 
-        # -- pass 2: tissue maps and per-session summaries
-        t_maps = time.perf_counter()
-        card = _model_card(model, clf, source, dom, labels_df, res, seed, n_target)
-        from bidsapp.models import registry
+def _map(ctx, st: _State, model, clf, res, device):
+    """Save the model with its card, then every session's tissue map and summary rows."""
+    from bidsapp.models import registry
 
-        card = registry.save_model(MODEL_NAME, model.state_dict(), card, weights_dir=out_dir / "models")
-        session_rows, volume_rows = [], []
-        for i, sf in enumerate(files):
-            try:
-                row, vol = _map_session(sf, model, clf, cache, out_dir, card, write_maps, device)
-            except Exception as exc:
-                warn(f"{sf.prefix}: tissue map failed ({type(exc).__name__}: {exc})")
-                continue
-            session_rows.append(row)
-            volume_rows.append(vol)
-            if (i + 1) % 20 == 0:
-                log.info("MRAI-NET: mapped %d/%d sessions", i + 1, len(files))
-        t_maps = time.perf_counter() - t_maps
-    finally:
-        torch.set_num_threads(threads)
-        for f in cache.glob("*.npz"):  # transient: a rerun samples again
-            f.unlink(missing_ok=True)
+    t_maps = time.perf_counter()
+    card = _model_card(model, clf, st.source, st.dom, st.labels_df, res, int(st.opts.seed or 0),
+                       int(st.opts.target_labels_per_tissue))
+    card = registry.save_model(MODEL_NAME, model.state_dict(), card, weights_dir=st.out_dir / "models")
+    session_rows, volume_rows = [], []
+    for i, sf in enumerate(st.files):
+        try:
+            row, vol = _map_session(sf, model, clf, st.cache, st.out_dir, card, bool(st.opts.mrainet_write_maps),
+                                    device)
+        except Exception as exc:
+            st.warn(f"{sf.prefix}: tissue map failed ({type(exc).__name__}: {exc})")
+            continue
+        session_rows.append(row)
+        volume_rows.append(vol)
+        if (i + 1) % 20 == 0:
+            ctx.logger.info("MRAI-NET: mapped %d/%d sessions", i + 1, len(st.files))
+    st.seconds["maps"] = time.perf_counter() - t_maps
+    return card, session_rows, volume_rows
 
-    # -- proxy A-distance before/after, embedding, outliers
+
+def _evaluate(ctx, st: _State, model, session_rows, volume_rows) -> dict:
+    """Proxy A-distance between groups before and after, the embedding, the outlying sessions; writes
+    group_pad.tsv, group_mrainet_embedding.tsv, group_mrainet_sessions.tsv and group_mrainet_volumes.tsv."""
+    from bidsapp.bids.derivatives import atomic_write_tsv
     from bidsapp.metrics.domain import pad_matrix
+    from bidsapp.training.mrainet import featurize
 
+    col, warn, pad_n, seed = st.col, st.warn, int(st.opts.mrainet_pad_patches), int(st.opts.seed or 0)
     ev_p = np.concatenate(col.eval_patches)
     ev_t = np.concatenate(col.eval_tissue)
     ev_d = np.concatenate(col.eval_domain)
     ev_f = featurize(model, ev_p)
-    names = {d: g for g, d in dom.items()}
+    names = {d: g for g, d in st.dom.items()}
     for d, g in names.items():
         n = int((ev_d == d).sum())
         if n < pad_n:
@@ -294,48 +384,23 @@ def run(ctx) -> list:
     order = [names[d] for d in sorted(names)]
     before = pad_matrix({names[d]: ev_p[ev_d == d] for d in sorted(names)}, n=pad_n, seed=seed)
     after = pad_matrix({names[d]: ev_f[ev_d == d] for d in sorted(names)}, n=pad_n, seed=seed)
-    t_pad = time.perf_counter() - t_pad
+    st.seconds["pad"] = time.perf_counter() - t_pad
     pad = before.rename(columns={"pad": "pad_before", "error": "error_before"}).merge(
         after[["group_a", "group_b", "pad", "error"]].rename(columns={"pad": "pad_after", "error": "error_after"}),
         on=["group_a", "group_b"])
+    out_dir = st.out_dir
     atomic_write_tsv(out_dir / "group_pad.tsv", pad)
-    emb = _embedding(ev_p, ev_f, ev_t, ev_d, names, rng)
+    emb = _embedding(ev_p, ev_f, ev_t, ev_d, names, st.rng)
     atomic_write_tsv(out_dir / "group_mrainet_embedding.tsv", emb)
     sessions_df = _outliers(pd.DataFrame(session_rows), warn)
     atomic_write_tsv(out_dir / "group_mrainet_sessions.tsv", sessions_df)
-    vol_df = pd.DataFrame(volume_rows)
-    atomic_write_tsv(out_dir / "group_mrainet_volumes.tsv", vol_df)
-
+    atomic_write_tsv(out_dir / "group_mrainet_volumes.tsv", pd.DataFrame(volume_rows))
     agreement = None
     if len(sessions_df):
         dcols = [c for c in sessions_df.columns if c.startswith("dice_")]
         agreement = sessions_df.groupby("acq_group")[dcols].median().reset_index()
-    src_pad = pad[(pad.group_a == source) | (pad.group_b == source)]
-    total = time.perf_counter() - t_start
-    info = {
-        "source group": source,
-        "groups": len(groups), "sessions": len(files),
-        "labelled patches (source / others)": f"{int((domains == 0).sum())} / {int((domains != 0).sum())}",
-        "labels from": "manual labels (labels_dir)" if use_manual else "participant-level segmentation",
-        "target labels per tissue": n_target,
-        "training steps x batch": f"{steps} x {settings.batch_size}",
-        "training time (s)": round(res.seconds, 1),
-        "sampling / maps / proxy A-distance time (s)": f"{t_io:.1f} / {t_maps:.1f} / {t_pad:.1f}",
-        "total time (s)": round(total, 1),
-        "median proxy A-distance to source, before -> after":
-            f"{src_pad.pad_before.median():.2f} -> {src_pad.pad_after.median():.2f}" if len(src_pad) else "n/a",
-        "model": f"models/{MODEL_NAME}.pt (sha256 {card['sha256'][:12]}...)",
-        "tissue maps": "sub-*/[ses-*/]anat/*_desc-mrainet_dseg.nii.gz and *_label-<tissue>_desc-mrainet_probseg.nii.gz"
-        if write_maps else "not written (mrainet_write_maps = False)",
-    }
-    log.info("MRAI-NET: done in %.1f s", total)
-    return [
-        ReportItem("mrainet_groups", dict(summary=summary, source=source, labels=labels_df, warnings=warnings["groups"])),
-        ReportItem("mrainet_pad", dict(before=before, after=after, groups=order, warnings=warnings["pad"])),
-        ReportItem("mrainet_embedding", dict(emb=emb)),
-        ReportItem("mrainet_outliers", dict(sessions=sessions_df, warnings=warnings["outliers"])),
-        ReportItem("mrainet", dict(summary=info, losses=res.losses, agreement=agreement, warnings=warnings["mrainet"])),
-    ]
+    return {"pad": pad, "before": before, "after": after, "order": order, "embedding": emb,
+            "sessions": sessions_df, "agreement": agreement}
 
 
 def _sample_session(sf: SessionFiles, manual_file: Path | None, is_source: bool, domain: int, n_in_group: int, per_src: int, n_target: int,
