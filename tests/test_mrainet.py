@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from bidsapp.metrics.domain import pad_matrix, proxy_a_distance
-from bidsapp.models.mrainet import (ContrastiveLoss, MRAINet, MRAINetConfig, dense_features, extract_patches,
+from bidsapp.models.mrainet import (MRAINet, MRAINetConfig, dense_features, extract_patches,
                                     l1_distance, load_mrainet, normalize_intensity, sample_centres, save_mrainet)
 from bidsapp.models.pairs import PAIR_TYPES, PairSampler
+from bidsapp.training.losses import ContrastiveLoss
 
 
 def test_paper_architecture_defaults():

@@ -8,6 +8,7 @@ import torch
 
 from bidsapp.models import registry, tissue
 from bidsapp.training import cli
+from bidsapp.training import losses as L
 from bidsapp.training import tissue as T
 from synthetic import tiny_tissue_subject
 
@@ -138,10 +139,10 @@ def test_paired_batches_share_the_patch_and_consistency_loss_trains(tmp_path):
     assert p[0, 0] == p[1, 0] and p[2, 1] == p[3, 1]  # same family within a pair
     assert not torch.equal(p[0], p[1])  # different acquisitions
     logits = torch.randn(4, 3, 16, 16, 16)
-    assert T.consistency_loss(logits, m) > 0
+    assert L.consistency_loss(logits, m) > 0
     same = logits.clone()
     same[1], same[3] = same[0], same[2]
-    assert T.consistency_loss(same, m) == 0
+    assert L.consistency_loss(same, m) == 0
     cfg = T.TrainConfig(out=str(tmp_path), seed=0, physics=True, patch=16, batch=4, iterations=3, features=(4, 8),
                         save_every=0, log_every=1, consistency=1.0)
     run = T.train(cfg, subjects)[0]
@@ -428,19 +429,19 @@ def test_volume_consistency_is_the_relative_volume_difference_between_two_acquis
     first[:, 2, 2:] = 1  # WM: 32
     mask = torch.ones(2, 1, 4, 4, 4)
     same = torch.cat([first, first])
-    assert float(T.volume_consistency_loss(100 * same, mask)) == pytest.approx(0, abs=1e-6)
+    assert float(L.volume_consistency_loss(100 * same, mask)) == pytest.approx(0, abs=1e-6)
     # the second acquisition labels the GM as WM: GM 16 vs 0 (|d| / mean = 2), WM 32 vs 48 (0.4), CSF equal
     second = first.clone()
     second[:, 1, 1:2], second[:, 2, 1:2] = 0, 1
     pair = torch.cat([first, second])
-    assert float(T.volume_consistency_loss(100 * pair, mask)) == pytest.approx((2 + 0.4) / 3, rel=1e-4)
+    assert float(L.volume_consistency_loss(100 * pair, mask)) == pytest.approx((2 + 0.4) / 3, rel=1e-4)
     # moving GM voxels to where WM was and back keeps every volume: the voxel-wise term punishes it, this does not
     moved = first.clone()
     moved[:, 1, 1:2, :2], moved[:, 2, 1:2, :2] = 0, 1
     moved[:, 2, 2:3, :2], moved[:, 1, 2:3, :2] = 0, 1
     pair = torch.cat([first, moved])
-    assert float(T.volume_consistency_loss(100 * pair, mask)) == pytest.approx(0, abs=1e-6)
-    assert float(T.consistency_loss(100 * pair, mask)) > 0.1
+    assert float(L.volume_consistency_loss(100 * pair, mask)) == pytest.approx(0, abs=1e-6)
+    assert float(L.consistency_loss(100 * pair, mask)) > 0.1
 
 
 def test_stop_after_reproduces_a_checkpoint_of_a_longer_run(tmp_path):

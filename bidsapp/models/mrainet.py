@@ -16,10 +16,9 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.modules.loss import _Loss
 
 __all__ = [
-    "MRAINetConfig", "MRAINet", "ContrastiveLoss", "l1_distance", "normalize_intensity",
+    "MRAINetConfig", "MRAINet", "l1_distance", "normalize_intensity",
     "extract_patches", "sample_centres", "dense_features", "save_mrainet", "load_mrainet",
 ]
 
@@ -105,32 +104,6 @@ class MRAINet(nn.Module):
 def l1_distance(fa: torch.Tensor, fb: torch.Tensor) -> torch.Tensor:
     """Distance between paired feature vectors, section 2.1: the L1 norm of the difference."""
     return (fa - fb).abs().sum(dim=1)
-
-
-class ContrastiveLoss(_Loss):
-    """Siamese loss of section 2.1: ``y * d**2 + (1 - y) * max(0, margin - d)``.
-
-    ``forward(distance, y)`` with y = 1 for similar pairs and 0 for dissimilar ones. ``reduction`` is
-    ``"mean"`` (default; the per-batch scale stays independent of the batch size), ``"sum"`` (the paper's
-    formula) or ``"none"``. The hinge is not squared, as published.
-    """
-
-    def __init__(self, margin: float = 1.0, reduction: str = "mean"):
-        super().__init__(reduction=reduction)
-        if margin <= 0:
-            raise ValueError(f"margin must be positive, got {margin}")
-        self.margin = float(margin)
-
-    def forward(self, distance: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        y = y.to(distance.dtype)
-        loss = y * distance.pow(2) + (1 - y) * torch.clamp(self.margin - distance, min=0)
-        if self.reduction == "mean":
-            return loss.mean()
-        if self.reduction == "sum":
-            return loss.sum()
-        if self.reduction == "none":
-            return loss
-        raise ValueError(f"unknown reduction {self.reduction!r}")
 
 
 def normalize_intensity(image: np.ndarray, mask: np.ndarray | None = None, percentile: float = 99.0) -> np.ndarray:

@@ -298,15 +298,6 @@ def _initial_weights(path) -> dict:
     return state["net"] if isinstance(state, dict) and "net" in state else state
 
 
-def _loss():
-    import torch
-    from monai.losses import DiceLoss
-
-    dice = DiceLoss(sigmoid=True, smooth_nr=1e-5, smooth_dr=1e-5)
-    bce = torch.nn.BCEWithLogitsLoss()
-    return lambda logits, target: dice(logits, target) + bce(logits, target)
-
-
 def train(cfg: TrainConfig, heads: list[Head] | None = None, progress=print, stop_after: int | None = None) -> dict:
     """Train (resuming from ``cfg.out``/checkpoint.pt when present); returns the history with the
     network under ``"net"`` and ``"finished"`` False when the run stopped at iteration ``stop_after``
@@ -331,7 +322,9 @@ def train(cfg: TrainConfig, heads: list[Head] | None = None, progress=print, sto
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda i: 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(i, cfg.iterations) / cfg.iterations)))
-    loss_fn = _loss()
+    from bidsapp.training.losses import dice_bce_loss
+
+    loss_fn = dice_bce_loss()
     history = {"loss": [], "seconds": 0.0}
     start = 0
     ckpt = out / "checkpoint.pt"

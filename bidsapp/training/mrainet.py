@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from bidsapp.devices import resolve_device
-from bidsapp.models.mrainet import ContrastiveLoss, MRAINet, MRAINetConfig, l1_distance
+from bidsapp.models.mrainet import MRAINet, MRAINetConfig, l1_distance
+from bidsapp.training.losses import ContrastiveLoss
 from bidsapp.models.pairs import PAIR_TYPES, PairSampler
 
 __all__ = ["TrainSettings", "TrainResult", "train_mrainet", "train_patch_cnn", "predict_cnn",

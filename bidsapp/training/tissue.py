@@ -384,56 +384,7 @@ class PatchSampler:
         return d
 
 
-def volume_consistency_loss(logits, mask):
-    """Relative difference of each class's soft volume between paired samples (2k, 2k+1): one patch
-    seen with two acquisitions.
-
-    The voxel-wise :func:`consistency_loss` weighs every voxel alike, so a boundary that moves by a
-    fraction of a voxel with the acquisition (the volume drift that the paper's Table 2 measures)
-    costs it little; this term states the drift directly. It compares the two acquisitions with each
-    other, not with the gold standard, whose volume also moves with each subject's own tissue
-    properties (up to 15 % between instances of one anatomy), which no acquisition parameter
-    explains. The denominator is floored at 5 % of the patch's brain so a class nearly absent from a
-    patch cannot dominate.
-    """
-    import torch
-
-    dims = tuple(range(2, logits.ndim))
-    vol = (torch.softmax(logits, dim=1) * mask).sum(dims)
-    a, b, brain = vol[0::2], vol[1::2], mask[0::2].sum(dims)
-    return ((a - b).abs() / torch.maximum((a + b) / 2, 0.05 * brain).clamp_min(1.0)).mean()
-
-
-def consistency_loss(logits, mask):
-    """Mean squared difference of the softmax of paired samples (2k, 2k+1) inside the brain mask."""
-    import torch
-
-    p = torch.softmax(logits, dim=1)
-    a, b, m = p[0::2], p[1::2], mask[0::2]
-    return (((a - b) ** 2).sum(1, keepdim=True) * m).sum() / m.sum().clamp_min(1.0)
-
-
 # ------------------------------------------------------------------------------------------ training
-class MaskedDiceCE:
-    """Soft Dice (MONAI) + cross-entropy with soft targets, both restricted to the brain mask."""
-
-    def __init__(self, ce_weight: float = 1.0):
-        from monai.losses import DiceLoss
-
-        self.dice = DiceLoss(include_background=True, softmax=False, batch=True, soft_label=True)
-        self.ce_weight = ce_weight
-
-    def __call__(self, logits, target, mask):
-        import torch
-
-        logp = torch.log_softmax(logits, dim=1)
-        prob = logp.exp() * mask
-        dice = self.dice(prob, target * mask)
-        ce = -(target * logp).sum(1, keepdim=True)
-        ce = (ce * mask).sum() / mask.sum().clamp_min(1.0)
-        return dice + self.ce_weight * ce
-
-
 TRAINABLE = ("all", "top", "physics", "gated")
 
 
@@ -481,7 +432,7 @@ class TrainConfig:
     the conditioning that ``physics_trunk_gate``'s family alone uses (:meth:`UNet3D.gated_parameters`),
     so the other family's output stays exactly as it was."""
     volume_consistency: float = 0.0
-    """Weight of :func:`volume_consistency_loss` (0: the paper's loss)."""
+    """Weight of :func:`bidsapp.training.losses.volume_consistency_loss` (0: the paper's loss)."""
     physics_trunk_gate: str | None = None
     """A 0/1 slot of the parameter vector (e.g. ``family_SPGR``) that switches ``norm_film_all``'s
     conditioning before the last decoder block on (:class:`~bidsapp.models.unet.UNet3D` ``trunk_gate``)."""
@@ -608,6 +559,7 @@ def train(cfg: TrainConfig, subjects: list[Subject] | None = None, progress=None
     import torch
 
     from bidsapp.devices import resolve_device
+    from bidsapp.training.losses import MaskedDiceCE, consistency_loss, volume_consistency_loss
 
     torch.set_num_threads(max(1, int(cfg.threads)))
     device = resolve_device(cfg.device)

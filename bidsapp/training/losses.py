@@ -1,0 +1,95 @@
+"""Training losses: one home for every loss a scanbridge network is trained with.
+
+MONAI provides the Dice terms; what is specific to a method (the paired-acquisition consistency terms of
+the tissue model, the Siamese contrastive loss of MRAI-NET) is written here once.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn.modules.loss import _Loss
+
+
+def dice_bce_loss():
+    """Soft Dice (MONAI, on sigmoid probabilities) + binary cross-entropy on logits: binary masks
+    (brain extraction)."""
+    from monai.losses import DiceLoss
+
+    dice = DiceLoss(sigmoid=True, smooth_nr=1e-5, smooth_dr=1e-5)
+    bce = torch.nn.BCEWithLogitsLoss()
+    return lambda logits, target: dice(logits, target) + bce(logits, target)
+
+
+class MaskedDiceCE:
+    """Soft Dice (MONAI) + cross-entropy with soft targets, both restricted to the brain mask."""
+
+    def __init__(self, ce_weight: float = 1.0):
+        from monai.losses import DiceLoss
+
+        self.dice = DiceLoss(include_background=True, softmax=False, batch=True, soft_label=True)
+        self.ce_weight = ce_weight
+
+    def __call__(self, logits, target, mask):
+        import torch
+
+        logp = torch.log_softmax(logits, dim=1)
+        prob = logp.exp() * mask
+        dice = self.dice(prob, target * mask)
+        ce = -(target * logp).sum(1, keepdim=True)
+        ce = (ce * mask).sum() / mask.sum().clamp_min(1.0)
+        return dice + self.ce_weight * ce
+
+
+def volume_consistency_loss(logits, mask):
+    """Relative difference of each class's soft volume between paired samples (2k, 2k+1): one patch
+    seen with two acquisitions.
+
+    The voxel-wise :func:`consistency_loss` weighs every voxel alike, so a boundary that moves by a
+    fraction of a voxel with the acquisition (the volume drift that the paper's Table 2 measures)
+    costs it little; this term states the drift directly. It compares the two acquisitions with each
+    other, not with the gold standard, whose volume also moves with each subject's own tissue
+    properties (up to 15 % between instances of one anatomy), which no acquisition parameter
+    explains. The denominator is floored at 5 % of the patch's brain so a class nearly absent from a
+    patch cannot dominate.
+    """
+    import torch
+
+    dims = tuple(range(2, logits.ndim))
+    vol = (torch.softmax(logits, dim=1) * mask).sum(dims)
+    a, b, brain = vol[0::2], vol[1::2], mask[0::2].sum(dims)
+    return ((a - b).abs() / torch.maximum((a + b) / 2, 0.05 * brain).clamp_min(1.0)).mean()
+
+
+def consistency_loss(logits, mask):
+    """Mean squared difference of the softmax of paired samples (2k, 2k+1) inside the brain mask."""
+    import torch
+
+    p = torch.softmax(logits, dim=1)
+    a, b, m = p[0::2], p[1::2], mask[0::2]
+    return (((a - b) ** 2).sum(1, keepdim=True) * m).sum() / m.sum().clamp_min(1.0)
+
+
+class ContrastiveLoss(_Loss):
+    """Siamese loss of section 2.1: ``y * d**2 + (1 - y) * max(0, margin - d)``.
+
+    ``forward(distance, y)`` with y = 1 for similar pairs and 0 for dissimilar ones. ``reduction`` is
+    ``"mean"`` (default; the per-batch scale stays independent of the batch size), ``"sum"`` (the paper's
+    formula) or ``"none"``. The hinge is not squared, as published.
+    """
+
+    def __init__(self, margin: float = 1.0, reduction: str = "mean"):
+        super().__init__(reduction=reduction)
+        if margin <= 0:
+            raise ValueError(f"margin must be positive, got {margin}")
+        self.margin = float(margin)
+
+    def forward(self, distance: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        y = y.to(distance.dtype)
+        loss = y * distance.pow(2) + (1 - y) * torch.clamp(self.margin - distance, min=0)
+        if self.reduction == "mean":
+            return loss.mean()
+        if self.reduction == "sum":
+            return loss.sum()
+        if self.reduction == "none":
+            return loss
+        raise ValueError(f"unknown reduction {self.reduction!r}")
