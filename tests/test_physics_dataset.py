@@ -9,9 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from bidsapp.devdata import anatomy_dir
 from bidsapp.physics import cli
 
-ANATOMY = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "anatomy"
+ANATOMY = anatomy_dir()
 ARGS = ["--subjects", "2", "--sites", "2", "--sessions", "2", "--modalities", "T1w,FLAIR", "--lesions",
         "--protocol-change", "--resolution", "4", "--seed", "3", "--quiet"]
 
@@ -146,7 +147,7 @@ def test_entry_point_exit_code_and_list_sites(tmp_path):
     assert r.returncode == 0 and "mrainet-1.5T-spgr" in r.stdout and "site5" in r.stdout
 
 
-@pytest.mark.skipif(not ANATOMY.is_dir(), reason="shared anatomy label maps (../shared/data/anatomy) not present")
+@pytest.mark.skipif(not ANATOMY.is_dir(), reason="development label maps not present (set SCANBRIDGE_DATA_DIR)")
 def test_anatomy_dir_label_maps(tmp_path):
     out = tmp_path / "lab"
     assert cli.main([str(out), "--subjects", "1", "--sites", "1", "--sessions", "1", "--resolution", "4",

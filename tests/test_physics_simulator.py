@@ -1,17 +1,17 @@
 """Phantoms, simulator and physics gold standard on tiny volumes."""
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 
+from bidsapp.devdata import anatomy_dir
 from bidsapp.physics import equations as eq
 from bidsapp.physics import gold_standard as gs
 from bidsapp.physics import phantom as ph_mod
 from bidsapp.physics import simulator as sim_mod
 from bidsapp.physics.protocols import PROTOCOLS
 
-ANATOMY = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "anatomy"
+ANATOMY = anatomy_dir()
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +167,7 @@ def test_one_hot_warp_equals_trilinear_of_each_map(spheres):
     np.testing.assert_allclose(ph_mod.warp(hard, coords).fractions, ph_mod.warp(soft, coords).fractions, atol=1e-4)
 
 
-@pytest.mark.skipif(not ANATOMY.is_dir(), reason="shared anatomy label maps (../shared/data/anatomy) not present")
+@pytest.mark.skipif(not ANATOMY.is_dir(), reason="development label maps not present (set SCANBRIDGE_DATA_DIR)")
 def test_label_map_phantom_volumes_and_classes():
     path = ANATOMY / "anat-03_dseg.nii.gz"
     lab = np.asarray(nib.load(path).dataobj)

@@ -64,10 +64,10 @@ STRIPPED = "MPRAGE 3T stripped"
 
 
 def data_root() -> Path:
-    """The shared development data: the parent of the anatomy folder (``$SCANBRIDGE_ANATOMY_DIR``)."""
-    from bidsapp.training import default_anatomy_dir
+    """The shared development data (``$SCANBRIDGE_DATA_DIR``, default ../shared/data)."""
+    from bidsapp.devdata import data_dir
 
-    return default_anatomy_dir().parent
+    return data_dir()
 
 
 # ---------------------------------------------------------------------------------- methods
@@ -381,7 +381,7 @@ def main(argv=None) -> int:
     ap.add_argument("--heads", nargs="+", default=list(HELDOUT), help="held-out label maps to simulate")
     ap.add_argument("--data", type=Path, default=None,
                     help="shared data folder with anatomy/ and clinical-ms/ (default: the parent of "
-                         "$SCANBRIDGE_ANATOMY_DIR, or ../shared/data)")
+                         "$SCANBRIDGE_DATA_DIR, or ../shared/data)")
     ap.add_argument("--work", type=Path, default=None, help="cache of simulated images and masks")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--weights-dir", type=Path, default=None,

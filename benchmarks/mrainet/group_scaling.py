@@ -28,7 +28,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-ANATOMY = Path(os.environ.get("SCANBRIDGE_ANATOMY_DIR", ROOT.parent / "shared" / "data" / "anatomy"))
+from bidsapp.devdata import anatomy_dir  # noqa: E402
+
+ANATOMY = anatomy_dir()
 RESULTS = ROOT / "benchmarks" / "results"
 PROTOCOLS = ("mrainet-1.5T-spgr", "mrainet-3T-spgr", "siemens-3T-mprage", "siemens-1.5T-mprage")
 

@@ -38,8 +38,9 @@ from bidsapp.metrics.domain import proxy_a_distance  # noqa: E402
 from bidsapp.training.mrainet import (PAPER_SOURCE, PAPER_TARGET, TrainSettings, anatomy_paths,  # noqa: E402
                                       featurize, fit_linear_classifier, predict_cnn, simulate_slices,
                                       train_mrainet, train_patch_cnn)
+from bidsapp.devdata import anatomy_dir  # noqa: E402
 
-ANATOMY = Path(os.environ.get("SCANBRIDGE_ANATOMY_DIR", ROOT.parent / "shared" / "data" / "anatomy"))
+ANATOMY = anatomy_dir()
 RESULTS = ROOT / "benchmarks" / "results"
 PAPER = {  # Fig. 2 / section 3.5, simulated data (Brainweb1.5T -> Brainweb3T) and MRBrainS
     "same": {10: {"mrainet": 0.17, "source": 0.66, "target": 0.40}, 100: {"mrainet": 0.11, "source": 0.21, "target": 0.37}},
@@ -54,7 +55,7 @@ def make_data(kind: str, rng, n_src_per_tissue: int, n_test_subjects: int):
     The proxy A-distance compares the whole source and target datasets, as in the paper (section 3.2)."""
     paths = anatomy_paths(ANATOMY)
     if len(paths) < 6:
-        raise SystemExit(f"needs the shared label maps in {ANATOMY} (set SCANBRIDGE_ANATOMY_DIR)")
+        raise SystemExit(f"needs the shared label maps in {ANATOMY} (set SCANBRIDGE_DATA_DIR)")
     n_used = min(len(paths), 5 + n_test_subjects)
     t0 = time.perf_counter()
     src_all = [simulate_slices(p, PAPER_SOURCE, rng) for p in paths[:n_used]]

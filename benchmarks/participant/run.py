@@ -35,8 +35,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+from bidsapp.devdata import anatomy_dir  # noqa: E402
 
-DEFAULT_ANATOMY = Path("/work/shared/data/anatomy")
+DEFAULT_ANATOMY = anatomy_dir()
 
 
 # ---------------------------------------------------------------------------- memory probes

@@ -29,6 +29,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bidsapp.devdata import anatomy_dir  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -42,7 +43,8 @@ def main(argv=None) -> int:
     from run import atropos_dseg  # noqa: E402  (benchmarks/tissue/run.py)
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--anatomy-dir", default="/work/shared/data/anatomy")
+    p.add_argument("--anatomy-dir", default=str(anatomy_dir()),
+                   help="label maps (default: $SCANBRIDGE_DATA_DIR/anatomy, i.e. ../shared/data/anatomy)")
     p.add_argument("--deformations", type=int, default=3, help="deformed subjects per held-out anatomy (+1 undeformed)")
     p.add_argument("--points", type=int, default=25, help="hypothetical TIs over 600-1200 ms (paper: 121)")
     p.add_argument("--seed", type=int, default=0)

@@ -40,6 +40,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+from bidsapp.devdata import anatomy_dir  # noqa: E402
 
 PAPER_DICE = {  # Table 1: mean (sd)
     "GIF": {"MPRAGE": {"GM": (0.851, 0.020), "WM": (0.919, 0.009)}, "SPGR": {"GM": (0.916, 0.010), "WM": (0.847, 0.018)}},
@@ -439,7 +440,8 @@ def timing(args) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--anatomy-dir", default=os.environ.get("SCANBRIDGE_ANATOMY_DIR", "/work/shared/data/anatomy"))
+    p.add_argument("--anatomy-dir", default=str(anatomy_dir()),
+                   help="label maps (default: $SCANBRIDGE_DATA_DIR/anatomy, i.e. ../shared/data/anatomy)")
     p.add_argument("--points", type=int, default=121, help="acquisitions per sweep (paper: 121)")
     p.add_argument("--subjects", type=int, default=3, help="how many held-out subjects (max 3)")
     p.add_argument("--resolution", type=float, default=2.0)

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 
 def default_anatomy_dir() -> Path:
-    """Where the development label maps are: ``$SCANBRIDGE_ANATOMY_DIR``, else ``../shared/data/anatomy``
-    beside the project checkout."""
-    env = os.environ.get("SCANBRIDGE_ANATOMY_DIR")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[3] / "shared" / "data" / "anatomy"
+    """Where the development label maps are (:func:`bidsapp.devdata.anatomy_dir`)."""
+    from bidsapp.devdata import anatomy_dir
+
+    return anatomy_dir()
