@@ -8,6 +8,13 @@ Compares every ``*_desc-volumes_morph.tsv`` (participant level) and ``group_*.ts
 out: it holds 2-D embedding coordinates, not volumes). Numbers are compared with a relative tolerance
 (``--rtol``, default 1e-4), text exactly. Prints one row per file and writes
 ``benchmarks/results/demo_volumes.json``; exits 1 when a file differs, is missing, or is new.
+
+Rows of a method that is not bit-reproducible (``--noisy``, default ``atropos``: ANTs Atropos labels a
+few dozen voxels differently in two runs on identical inputs, single-threaded and seeded, and ITK's
+multi-threaded registration that gives it its priors is not reproducible either) are held to
+``--noisy-rtol`` (default 0.1) and reported apart. Compare runs made alike: the recorded copy comes from
+``scanbridge ... --nprocs 1 --omp-nthreads 1`` on the demo dataset, where every other number is
+reproduced exactly.
 """
 
 from __future__ import annotations
@@ -33,12 +40,27 @@ def tables(out_dir: Path) -> dict[str, Path]:
     return {p.relative_to(out_dir).as_posix(): p for p in found if p.name not in SKIP}
 
 
-def compare_table(new: Path, old: Path, rtol: float) -> dict:
+def compare_table(new: Path, old: Path, rtol: float, noisy=(), noisy_rtol: float = 0.1) -> dict:
     a, b = pd.read_csv(new, sep="\t"), pd.read_csv(old, sep="\t")
     row = {"rows": len(a), "max_rel_diff": 0.0, "problem": None}
     if list(a.columns) != list(b.columns) or a.shape != b.shape:
         row["problem"] = f"shape/columns differ: {a.shape} {list(a.columns)} vs {b.shape} {list(b.columns)}"
         return row
+    col = next((c for c in a.columns if c.lower() == "method"), None)
+    if col is not None and noisy:
+        is_noisy = a[col].astype(str).isin(noisy).to_numpy()
+        if is_noisy.any() and (a[col].astype(str) == b[col].astype(str)).all():
+            exact = _compare_frames(a[~is_noisy].reset_index(drop=True), b[~is_noisy].reset_index(drop=True), rtol)
+            loose = _compare_frames(a[is_noisy].reset_index(drop=True), b[is_noisy].reset_index(drop=True), noisy_rtol)
+            exact["rows"] = len(a)
+            exact["noisy_max_rel_diff"] = loose["max_rel_diff"]
+            exact["problem"] = exact["problem"] or loose["problem"]
+            return exact
+    return {**_compare_frames(a, b, rtol), "rows": len(a)}
+
+
+def _compare_frames(a: pd.DataFrame, b: pd.DataFrame, rtol: float) -> dict:
+    row = {"max_rel_diff": 0.0, "problem": None}
     for col in a.columns:
         x, y = pd.to_numeric(a[col], errors="coerce"), pd.to_numeric(b[col], errors="coerce")
         numeric = x.notna() & y.notna()
@@ -60,7 +82,7 @@ def compare_table(new: Path, old: Path, rtol: float) -> dict:
     return row
 
 
-def compare(out_dir: Path, recorded: Path, rtol: float) -> list[dict]:
+def compare(out_dir: Path, recorded: Path, rtol: float, noisy=(), noisy_rtol: float = 0.1) -> list[dict]:
     new, old = tables(out_dir), tables(recorded)
     rows = []
     for name in sorted(set(new) | set(old)):
@@ -69,7 +91,7 @@ def compare(out_dir: Path, recorded: Path, rtol: float) -> list[dict]:
         elif name not in old:
             rows.append({"file": name, "problem": "not in the recorded copy"})
         else:
-            rows.append({"file": name, **compare_table(new[name], old[name], rtol)})
+            rows.append({"file": name, **compare_table(new[name], old[name], rtol, noisy, noisy_rtol)})
     return rows
 
 
@@ -90,22 +112,27 @@ def main(argv=None) -> int:
     p.add_argument("out_dir", type=Path, help="the demo's output folder (demo/out)")
     p.add_argument("--recorded", type=Path, default=RECORDED)
     p.add_argument("--rtol", type=float, default=1e-4)
+    p.add_argument("--noisy", nargs="*", default=["atropos"], help="methods that are not bit-reproducible")
+    p.add_argument("--noisy-rtol", type=float, default=0.1)
     args = p.parse_args(argv)
     if not args.out_dir.is_dir():
         print(f"{args.out_dir}: not a folder (run bash scripts/demo.sh first)", file=sys.stderr)
         return 2
     if args.action == "record":
         return record(args.out_dir, args.recorded)
-    rows = compare(args.out_dir, args.recorded, args.rtol)
+    rows = compare(args.out_dir, args.recorded, args.rtol, tuple(args.noisy), args.noisy_rtol)
     width = max(len(r["file"]) for r in rows) if rows else 10
-    print(f"{'table':<{width}}  {'rows':>5}  {'max rel diff':>12}  status")
+    noisy = "+".join(args.noisy) or "noisy"
+    print(f"{'table':<{width}}  {'rows':>5}  {'max rel diff':>12}  {noisy + ' max':>14}  status")
     for r in rows:
         diff = f"{r['max_rel_diff']:.2e}" if "max_rel_diff" in r else "-"
-        print(f"{r['file']:<{width}}  {r.get('rows', '-'):>5}  {diff:>12}  {r['problem'] or 'same'}")
+        loose = f"{r['noisy_max_rel_diff']:.2e}" if "noisy_max_rel_diff" in r else "-"
+        print(f"{r['file']:<{width}}  {r.get('rows', '-'):>5}  {diff:>12}  {loose:>14}  {r['problem'] or 'same'}")
     bad = [r for r in rows if r["problem"]]
     print(f"{len(rows) - len(bad)} of {len(rows)} tables the same (rtol {args.rtol:g})")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "demo_volumes.json").write_text(json.dumps({"rtol": args.rtol, "tables": rows}, indent=2) + "\n")
+    summary = {"rtol": args.rtol, "noisy": args.noisy, "noisy_rtol": args.noisy_rtol, "tables": rows}
+    (RESULTS / "demo_volumes.json").write_text(json.dumps(summary, indent=2) + "\n")
     return 1 if bad else 0
 
 
