@@ -16,6 +16,15 @@ class DeviceUnavailableError(RuntimeError):
     """``cuda`` was asked for on a machine without a usable CUDA device."""
 
 
+_SAID: set[str] = set()
+
+
+def _say_once(message: str) -> None:
+    if message not in _SAID:
+        _SAID.add(message)
+        LOG.info("%s", message)
+
+
 def cuda_available() -> bool:
     import torch
 
@@ -32,7 +41,7 @@ def resolve_device(device=None):
     if name == "auto":
         if cuda_available():
             return torch.device("cuda")
-        LOG.info("device auto: no CUDA device available, running on the CPU")
+        _say_once("device auto: no CUDA device available, running on the CPU")
         return torch.device("cpu")
     if name.startswith("cuda"):
         if not cuda_available():

@@ -94,7 +94,8 @@ def test_flair_only_session_gets_brain_extraction_and_no_tissue(run):
     assert {"sub-02_ses-2_desc-preproc_FLAIR.nii.gz", "sub-02_ses-2_desc-brain_mask.nii.gz"} <= names
     assert not [n for n in names if "seg" in n or "xfm" in n], names
     html = (run["out"] / "sub-02.html").read_text()
-    assert "ses-2" in html and "needs T1w" in html
+    assert "ses-2" in html and "needs T1w" in html and "preprocessed FLAIR" in html
+    assert "no volumes table" not in html  # no method that makes volumes runs on a FLAIR alone (yet)
 
 
 def test_broken_subject_is_reported(run):

@@ -276,6 +276,7 @@ def test_resolve_device_has_one_behaviour(caplog, monkeypatch):
     with pytest.raises(ValueError):
         devices.resolve_device("tpu")
     monkeypatch.setattr(devices, "cuda_available", lambda: False)
+    monkeypatch.setattr(devices, "_SAID", set())
     with pytest.raises(devices.DeviceUnavailableError, match="no CUDA"):
         devices.resolve_device("cuda")
     with caplog.at_level(logging.INFO, logger="scanbridge"):

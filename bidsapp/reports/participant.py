@@ -249,7 +249,8 @@ def _volumes_block(f: SessionFiles, problems: list[str]) -> tuple[str, list[str]
             df["method"] = m.group(1) if m and m.group(1) != "volumes" else "main"
         frames.append(df[["method", "label", "volume_mm3"]])
     if not frames:
-        warns.append("no volumes table (*_desc-volumes_morph.tsv) for this session")
+        if f.reference == "T1w" or f.morph:
+            warns.append("no volumes table (*_desc-volumes_morph.tsv) for this session")
         return "", warns, None
     morph = pd.concat(frames).drop_duplicates(["method", "label"], keep="first")
     morph["volume_mm3"] = pd.to_numeric(morph["volume_mm3"], errors="coerce")
