@@ -311,10 +311,11 @@ def _session_inputs(ses) -> dict:
 
 
 def method_plan_lines(plan, keys, subject: str | None = None) -> list[str]:
-    """A heading and one line per method a session's contrasts leave out (and why)."""
+    """A heading and one line per method a session's contrasts, or a subject's sessions, leave out (and why)."""
     from bidsapp import methods
 
     lines = []
+    subject_keys = methods.select(level=methods.SUBJECT)
     for subj in plan.runnable_subjects:
         if subject is not None and subj.subject != subject:
             continue
@@ -322,6 +323,8 @@ def method_plan_lines(plan, keys, subject: str | None = None) -> list[str]:
             mplan = methods.plan_session(keys, ses.contrasts)
             for why in mplan.skipped:
                 lines.append(f"  {ses.label}: {why}; reference image {ses.reference.name}")
+        _, skipped = methods.plan_subject(subject_keys, [ses.contrasts for ses in subj.sessions])
+        lines += [f"  sub-{subj.subject}: {why}" for why in skipped]
     return ["methods left out:", *lines] if lines else []
 
 

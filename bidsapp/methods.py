@@ -206,6 +206,21 @@ def plan_session(keys, available) -> SessionPlan:
     return plan
 
 
+def plan_subject(keys, sessions_contrasts) -> tuple[list[str], list[str]]:
+    """``(to run, plan lines)`` of the subject-level methods ``keys`` for a subject whose sessions have
+    ``sessions_contrasts`` (one list of contrasts per session)."""
+    run, skipped = [], []
+    for k in keys:
+        m = get(k)
+        n = sum(not m.missing(c) for c in sessions_contrasts)
+        if n >= m.min_sessions:
+            run.append(k)
+        else:
+            need = " and ".join(" or ".join(alt) for alt in m.needs) if m.needs else "any image"
+            skipped.append(f"{k} skipped: needs {m.min_sessions} session(s) with {need}, the subject has {n}")
+    return run, skipped
+
+
 # ---------------------------------------------------------------------------------------- built-ins
 DEFAULT_TISSUE = ("unet-physics", "atropos")
 """Tissue methods run by default, main answer first."""

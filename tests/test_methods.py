@@ -135,6 +135,10 @@ def test_a_method_declares_what_it_needs_and_the_plan_says_why_it_is_left_out(ex
     t1_only = M.plan_session(keys, ["T1w"])
     assert t1_only.run == ["atropos"] and "bright skipped: needs FLAIR" in t1_only.skipped[0]
     assert M.get("bright").contrasts_used(["T1w", "FLAIR"]) == ("FLAIR", "T1w")
+    run, why = M.plan_subject(["maskchange"], [["T1w"], ["FLAIR"]])
+    assert run == ["maskchange"] and not why
+    run, why = M.plan_subject(["maskchange"], [["T1w", "FLAIR"]])
+    assert run == [] and why == ["maskchange skipped: needs 2 session(s) with FLAIR or T1w, the subject has 1"]
     assert M.main_answers(["unet-physics", "atropos", "bright"]) == {"unet-physics": True, "atropos": False,
                                                                    "bright": True}
     with pytest.raises(ValueError, match="unknown segmentation method"):

@@ -114,7 +114,7 @@ def init_single_subject_wf(subject: str, sessions: list[dict], output_dir, bids_
 def _add_subject_method(wf, key, built, *, output_dir, bids_dir, options) -> None:
     m = M.get(key)
     eligible = [(ses, w, v) for ses, w, v in built if not m.missing(session_contrasts(ses))]
-    if len(eligible) < m.min_sessions:
+    if len(eligible) < m.min_sessions:  # the plan says so (bidsapp.methods.plan_subject)
         return
     sub_wf = init_subject_method_wf(key, [ses.get("session") or "" for ses, _, _ in eligible], output_dir=output_dir,
                                     bids_dir=bids_dir, options=options)
