@@ -165,3 +165,17 @@ def test_bids_fields_for_sidecars():
     f = rec(dict(MPRAGE, RepetitionTimePreparation=2.3)).to_bids_fields()
     assert f["RepetitionTime"] == 2.3 and f["RepetitionTimePreparation"] == 2.3 and f["MagneticFieldStrength"] == 3.0
     assert "RepetitionTimeExcitation" not in f
+
+
+def test_one_vocabulary_reads_either_spelling():
+    import numpy as np
+    import pandas as pd
+
+    from bidsapp.bids.acquisition import ATTRIBUTES, BIDS_NAMES, lookup
+
+    assert BIDS_NAMES["repetition_time"] == "RepetitionTime" and ATTRIBUTES["RepetitionTime"] == "repetition_time"
+    row = pd.Series({"SequenceFamily": pd.NA, "sequence_family": "MPRAGE", "EchoTime": np.nan, "echo_time": 0.003,
+                     "FlipAngle": 9.0})
+    assert lookup(row, "SequenceFamily") == "MPRAGE"       # NA under the BIDS name: the record name is read
+    assert lookup(row, "EchoTime") == 0.003 and lookup(row, "FlipAngle") == 9.0
+    assert lookup({"inversion_time": 0.9}, "InversionTime") == 0.9 and lookup({}, "InversionTime") is None

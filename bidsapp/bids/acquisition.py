@@ -70,10 +70,19 @@ def lookup(values, bids_name: str):
         if key is None or key not in values:
             continue
         v = values[key]
-        if v is None or (isinstance(v, float) and math.isnan(v)):
-            continue
-        return v
+        if not _absent(v):
+            return v
     return None
+
+
+def _absent(value) -> bool:
+    """None, NaN or pandas' NA."""
+    if value is None:
+        return True
+    try:
+        return bool(value != value)
+    except TypeError:  # pandas.NA compares to NA, which has no truth value
+        return True
 
 
 # Sidecar time field -> largest plausible value in seconds above which the number is read as
