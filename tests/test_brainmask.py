@@ -255,3 +255,21 @@ def test_benchmark_summary_gives_medians_per_family_and_the_two_scanner_differen
     assert table["simulated"]["all"]["learned"]["abs_volume_error_pct"] == pytest.approx(1.5)
     assert table["two_scanners"]["learned"]["median_pct"] == pytest.approx(100 * 15 / 1507.5 / 2)
     assert any("3T MPRAGE vs 1.5T SPGR" in line for line in lines)
+
+
+def test_card_commands_parse_and_regenerate_from_the_one_config():
+    """The options and the card's command come from TrainConfig alone: each shipped stage's command
+    parses with the trainer's parser and regenerates to the same string."""
+    import argparse
+    import shlex
+
+    from bidsapp.models import registry
+    from bidsapp.training import brainmask as B
+
+    card = registry.load_card("brainmask_unet")
+    for cmd in card["training"].get("stages") or [card["training"]["command"]]:
+        parser = argparse.ArgumentParser()
+        B.add_arguments(parser)
+        args = parser.parse_args(shlex.split(cmd)[2:])
+        again = B.command_line(B.config_from_args(B.TrainConfig, args))
+        assert again + (f" --stop-after {args.stop_after}" if args.stop_after else "") == cmd

@@ -37,12 +37,14 @@ import os
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from bidsapp.training import default_anatomy_dir
+from bidsapp.training.config import add_config_arguments, config_from_args
+from bidsapp.training.config import command_line as config_command_line
 
 LOG = logging.getLogger("scanbridge.train.brainmask")
 
@@ -263,31 +265,31 @@ class HeadSynth:
 # ------------------------------------------------------------------------------------------ training
 @dataclass
 class TrainConfig:
-    anatomy_dir: str
-    out: str
+    """One training run; the command-line options and the card's command come from these fields
+    (:mod:`bidsapp.training.config`)."""
+
+    anatomy_dir: str = field(metadata={"help": "folder of anat-*_dseg.nii.gz full-head label maps (default "
+                                               "$SCANBRIDGE_DATA_DIR/anatomy, i.e. ../shared/data/anatomy)"})
+    out: str = field(metadata={"help": "run folder: checkpoint.pt (resumable) and weights/"})
     iterations: int = 3000
     batch: int = 1
-    size: int = 96
+    size: int = field(default=96, metadata={"help": "training field of view in voxels of 2 mm"})
     lr: float = 1e-3
     seed: int = 0
-    threads: int = 2
-    device: str = "cpu"
-    checkpoint_every: int = 100
+    threads: int = field(default=2, metadata={"card": False})
+    device: str = field(default="cpu", metadata={"card": False, "choices": ("cpu", "cuda", "auto")})
+    checkpoint_every: int = field(default=100, metadata={"card": False})
     max_rotation: float = 20.0
-    icbm: bool = True
-    centre: str = "brain"
-    init_from: str | None = None
+    icbm: bool = field(default=True, metadata={"help": "leave out the ICBM152 head"})
+    centre: str = field(default="brain", metadata={
+        "choices": CENTRES,
+        "help": "centre of the training fields of view: brain, or head (half of them anywhere in the head)"})
+    init_from: str | None = field(default=None, metadata={
+        "help": "start from the network of a checkpoint.pt or weights file (a later stage of a chain)"})
 
 
 def command_line(cfg: TrainConfig) -> str:
-    d = TrainConfig(anatomy_dir=cfg.anatomy_dir, out=cfg.out)
-    parts = ["scanbridge-train brainmask", f"--anatomy-dir {cfg.anatomy_dir}", f"--out {cfg.out}"]
-    for k, v in asdict(cfg).items():
-        if k in ("anatomy_dir", "out", "threads", "device", "checkpoint_every") or v == getattr(d, k):
-            continue
-        flag = f"--{k.replace('_', '-')}"
-        parts.append(flag if v is True else f"--no-{k}" if v is False else f"{flag} {v}")
-    return " ".join(parts)
+    return config_command_line("scanbridge-train brainmask", cfg, first=("anatomy_dir", "out"))
 
 
 def _initial_weights(path) -> dict:
@@ -429,25 +431,7 @@ def _anatomy_names(cfg: TrainConfig) -> list[str]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    d = TrainConfig(anatomy_dir="", out="")
-    p.add_argument("--anatomy-dir", default=str(default_anatomy_dir()),
-                   help="folder of anat-*_dseg.nii.gz full-head label maps (default $SCANBRIDGE_ANATOMY_DIR or "
-                        "../shared/data/anatomy)")
-    p.add_argument("--out", required=True, help="run folder: checkpoint.pt (resumable) and weights/")
-    p.add_argument("--iterations", type=int, default=d.iterations)
-    p.add_argument("--batch", type=int, default=d.batch)
-    p.add_argument("--size", type=int, default=d.size, help="training field of view in voxels of 2 mm")
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--threads", type=int, default=d.threads)
-    p.add_argument("--device", default=d.device, choices=("cpu", "cuda", "auto"))
-    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every)
-    p.add_argument("--max-rotation", type=float, default=d.max_rotation)
-    p.add_argument("--no-icbm", dest="icbm", action="store_false", help="leave out the ICBM152 head")
-    p.add_argument("--centre", default=d.centre, choices=CENTRES,
-                   help="centre of the training fields of view: brain, or head (half of them anywhere in the head)")
-    p.add_argument("--init-from", default=None, metavar="PT",
-                   help="start from the network of a checkpoint.pt or weights file (a later stage of a chain)")
+    add_config_arguments(p, TrainConfig, defaults={"anatomy_dir": str(default_anatomy_dir())}, required=("out",))
     p.add_argument("--stop-after", type=int, default=None, metavar="N",
                    help="stop at iteration N of the schedule, leaving a checkpoint (as scanbridge-train tissue's "
                         "--stop-after; rerun without it to continue)")
@@ -455,10 +439,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cfg = TrainConfig(anatomy_dir=args.anatomy_dir, out=args.out, iterations=args.iterations, batch=args.batch,
-                      size=args.size, lr=args.lr, seed=args.seed, threads=args.threads, device=args.device,
-                      checkpoint_every=args.checkpoint_every, max_rotation=args.max_rotation, icbm=args.icbm,
-                      centre=args.centre, init_from=args.init_from)
+    cfg = config_from_args(TrainConfig, args)
     if not Path(cfg.anatomy_dir).is_dir() and not cfg.icbm:
         print(f"scanbridge-train brainmask: {cfg.anatomy_dir}: no such folder", file=sys.stderr)
         return 2

@@ -1,0 +1,78 @@
+"""A trainer's configuration is one dataclass: its command-line options and the command written into the
+model card are generated from it, so the two can never disagree.
+
+Field metadata (``dataclasses.field(metadata=...)``) refines a field: ``help``, ``choices``, ``flag``
+(the option name when it is not ``--<field-name>``), ``cli=False`` (not an option) and ``card=False``
+(an option that does not change the model, such as threads or the device, left out of the card's
+command).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+
+
+def _option(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def _base_type(f: dataclasses.Field, hints: dict):
+    tp = hints.get(f.name, str)
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return args[0] if args else tp
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls, *, defaults: dict | None = None,
+                         required=()) -> None:
+    """One option per field of ``cls``; ``defaults`` replace the class's (e.g. a path from the
+    environment), fields in ``required`` must be given. A bool field that defaults to True becomes
+    ``--no-<name>``, one that defaults to False ``--<name>``."""
+    hints = typing.get_type_hints(cls)
+    defaults = dict(defaults or {})
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("cli", True) is False:
+            continue
+        default = defaults.get(f.name, f.default if f.default is not dataclasses.MISSING else None)
+        kind = _base_type(f, hints)
+        help_text = f.metadata.get("help")
+        if kind is bool:
+            if default:
+                parser.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false",
+                                    help=help_text)
+            else:
+                parser.add_argument(_option(f), dest=f.name, action="store_true", help=help_text)
+            continue
+        kwargs = {"dest": f.name, "type": kind, "help": help_text, "choices": f.metadata.get("choices")}
+        if f.name in required:
+            kwargs["required"] = True
+        else:
+            kwargs["default"] = default
+        parser.add_argument(_option(f), **kwargs)
+
+
+def config_from_args(cls, args: argparse.Namespace, **overrides):
+    """The ``cls`` instance the parsed options describe (fields that are not options keep their default)."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    return cls(**{**values, **overrides})
+
+
+def command_line(prog: str, cfg, *, first=()) -> str:
+    """The command that reproduces ``cfg``: ``prog``, the fields in ``first`` always, then every other
+    option whose value differs from the class default (fields marked ``card=False`` left out)."""
+    parts = [prog]
+    by_name = {f.name: f for f in dataclasses.fields(cfg)}
+    for name in first:
+        parts.append(f"{_option(by_name[name])} {getattr(cfg, name)}")
+    for f in dataclasses.fields(cfg):
+        if f.name in first or f.metadata.get("card", True) is False or f.metadata.get("cli", True) is False:
+            continue
+        value = getattr(cfg, f.name)
+        if f.default is not dataclasses.MISSING and value == f.default:
+            continue
+        if isinstance(value, bool):
+            parts.append(_option(f) if value else "--no-" + f.name.replace("_", "-"))
+        else:
+            parts.append(f"{_option(f)} {value}")
+    return " ".join(parts)
