@@ -280,7 +280,7 @@ class TrainConfig:
     device: str = field(default="cpu", metadata={"card": False, "choices": ("cpu", "cuda", "auto")})
     checkpoint_every: int = field(default=100, metadata={"card": False})
     max_rotation: float = 20.0
-    icbm: bool = field(default=True, metadata={"help": "leave out the ICBM152 head"})
+    icbm: bool = field(default=True, metadata={"help": "train on the ICBM152 head too (--no-icbm: leave it out)"})
     centre: str = field(default="brain", metadata={
         "choices": CENTRES,
         "help": "centre of the training fields of view: brain, or head (half of them anywhere in the head)"})

@@ -27,8 +27,7 @@ def _base_type(f: dataclasses.Field, hints: dict):
 def add_config_arguments(parser: argparse.ArgumentParser, cls, *, defaults: dict | None = None,
                          required=()) -> None:
     """One option per field of ``cls``; ``defaults`` replace the class's (e.g. a path from the
-    environment), fields in ``required`` must be given. A bool field that defaults to True becomes
-    ``--no-<name>``, one that defaults to False ``--<name>``."""
+    environment), fields in ``required`` must be given. A bool field is ``--<name>`` / ``--no-<name>``."""
     hints = typing.get_type_hints(cls)
     defaults = dict(defaults or {})
     for f in dataclasses.fields(cls):
@@ -38,11 +37,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls, *, defaults: dict
         kind = _base_type(f, hints)
         help_text = f.metadata.get("help")
         if kind is bool:
-            if default:
-                parser.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false",
-                                    help=help_text)
-            else:
-                parser.add_argument(_option(f), dest=f.name, action="store_true", help=help_text)
+            parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=bool(default),
+                                action=argparse.BooleanOptionalAction, help=help_text)
             continue
         kwargs = {"dest": f.name, "type": kind, "help": help_text, "choices": f.metadata.get("choices")}
         if f.name in required:
@@ -58,9 +54,10 @@ def config_from_args(cls, args: argparse.Namespace, **overrides):
     return cls(**{**values, **overrides})
 
 
-def command_line(prog: str, cfg, *, first=()) -> str:
+def command_line(prog: str, cfg, *, first=(), explicit: bool = False) -> str:
     """The command that reproduces ``cfg``: ``prog``, the fields in ``first`` always, then every other
-    option whose value differs from the class default (fields marked ``card=False`` left out)."""
+    option whose value differs from the class default, or every one with ``explicit`` (a card that
+    must survive a later change of defaults); fields marked ``card=False`` are left out."""
     parts = [prog]
     by_name = {f.name: f for f in dataclasses.fields(cfg)}
     for name in first:
@@ -69,7 +66,7 @@ def command_line(prog: str, cfg, *, first=()) -> str:
         if f.name in first or f.metadata.get("card", True) is False or f.metadata.get("cli", True) is False:
             continue
         value = getattr(cfg, f.name)
-        if f.default is not dataclasses.MISSING and value == f.default:
+        if value is None or (not explicit and f.default is not dataclasses.MISSING and value == f.default):
             continue
         if isinstance(value, bool):
             parts.append(_option(f) if value else "--no-" + f.name.replace("_", "-"))

@@ -23,6 +23,8 @@ from torch import nn
 
 from bidsapp.devices import resolve_device
 from bidsapp.models.mrainet import MRAINet, MRAINetConfig, l1_distance
+from bidsapp.training.config import add_config_arguments, config_from_args
+from bidsapp.training.config import command_line as config_command_line
 from bidsapp.training.losses import ContrastiveLoss
 from bidsapp.models.pairs import PAIR_TYPES, PairSampler
 
@@ -289,19 +291,28 @@ def anatomy_paths(anatomy_dir) -> list[Path]:
 
 
 # ---------------------------------------------------------------------------------------------- command
+@dataclass
+class CommandConfig:
+    """``scanbridge-train mrainet``: its options and the card's command come from these fields."""
+
+    anatomy_dir: str | None = field(default=None, metadata={
+        "card": False, "help": "folder of anat-*_dseg.nii.gz label maps (default: $SCANBRIDGE_DATA_DIR/anatomy, "
+                               "i.e. ../shared/data/anatomy)"})
+    source_subjects: int = field(default=4, metadata={"help": "label maps scanned with the 1.5T source protocol"})
+    source_patches: int = field(default=500, metadata={"help": "labelled source patches per tissue per subject"})
+    target_labels: int = field(default=100, metadata={"help": "labelled target patches per tissue"})
+    test_subjects: int = field(default=4, metadata={"help": "held-out 3T subjects for the card's metrics"})
+    steps: int = 3000
+    batch_size: int = 128
+    seed: int = 0
+    device: str = field(default="auto", metadata={"card": False, "choices": ("auto", "cpu", "cuda")})
+    name: str = field(default="mrainet", metadata={"help": "model name in the registry"})
+    out: str | None = field(default=None, metadata={
+        "card": False, "help": "weights folder (default: the package's bidsapp/models/weights)"})
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--anatomy-dir", default=None,
-                   help="folder of anat-*_dseg.nii.gz label maps (default: $SCANBRIDGE_ANATOMY_DIR or ../shared/data/anatomy)")
-    p.add_argument("--source-subjects", type=int, default=4, help="label maps scanned with the 1.5T source protocol")
-    p.add_argument("--source-patches", type=int, default=500, help="labelled source patches per tissue per subject")
-    p.add_argument("--target-labels", type=int, default=100, help="labelled target patches per tissue")
-    p.add_argument("--test-subjects", type=int, default=4, help="held-out 3T subjects for the card's metrics")
-    p.add_argument("--steps", type=int, default=3000)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--name", default="mrainet", help="model name in the registry")
-    p.add_argument("--out", default=None, help="weights folder (default: the package's bidsapp/models/weights)")
+    add_config_arguments(p, CommandConfig)
 
 
 def _anatomy_dir(arg) -> Path:
@@ -355,8 +366,8 @@ def run(args) -> int:
                        "physics-simulated 1.5T SPGR (source) and 3T SPGR (target) scans. An initialisation for the "
                        "group level, which retrains on the dataset's own scanners.",
         "architecture": {"class": "bidsapp.models.mrainet.MRAINet", "kwargs": res.model.config.to_dict()},
-        "training": {"command": "scanbridge-train mrainet " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("out", "anatomy_dir") and v is not None),
+        "training": {"command": config_command_line("scanbridge-train mrainet", config_from_args(CommandConfig, args),
+                                                explicit=True),
                      "seed": args.seed, "settings": res.settings, "seconds": round(res.seconds, 1),
                      "data": {"source": [s.name for s in src], "target_labelled": [s.name for s in tgt],
                               "target_labels_per_tissue": args.target_labels,
