@@ -28,6 +28,28 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 PLUGINS = ("Linear", "MultiProc", "SLURM", "SLURMGraph", "SGE", "SGEGraph", "PBS", "LSF", "Condor")
 
 
+def _count(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (processes, threads)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, not {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _gigabytes(text: str) -> float:
+    """An argparse type: a positive, finite amount of memory in GB."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of GB, not {text!r}") from None
+    if not (value > 0 and value != float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a positive number of GB, not {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from bidsapp import methods
     from bidsapp.harmonize.context import GroupOptions
@@ -58,11 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-w", "--work-dir", "--work_dir", type=Path,
                    help="Nipype working directory; rerunning with the same one resumes "
                         "(default: ./work, or a temporary folder when the current one is read-only)")
-    g.add_argument("--nprocs", "--nthreads", "--n_cpus", "--n-cpus", type=int, default=None,
+    g.add_argument("--nprocs", "--nthreads", "--n_cpus", "--n-cpus", type=_count, default=None,
                    help="maximum number of processes (default: all CPUs)")
-    g.add_argument("--omp-nthreads", "--omp_nthreads", type=int, default=None,
+    g.add_argument("--omp-nthreads", "--omp_nthreads", type=_count, default=None,
                    help="maximum threads per process (ITK/torch)")
-    g.add_argument("--mem-gb", "--mem_gb", type=float, default=None, help="memory limit for the scheduler")
+    g.add_argument("--mem-gb", "--mem_gb", type=_gigabytes, default=None, help="memory limit for the scheduler")
     g.add_argument("--plugin", choices=PLUGINS, default=None,
                    help="Nipype execution plugin (SLURM/SGE/PBS/LSF run nodes as cluster jobs)")
     g.add_argument("--plugin-args", "--plugin_args", default=None, metavar="JSON|FILE",
@@ -88,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--labels-dir", "--labels_dir", type=Path, default=None,
                    help="BIDS-Derivatives folder of manual tissue labels (dseg: CSF=1, GM=2, WM=3) "
                         "for the harmonisation's target scanners")
-    g.add_argument("--target-labels-per-tissue", type=int, default=GroupOptions.target_labels_per_tissue,
+    g.add_argument("--target-labels-per-tissue", type=_count, default=GroupOptions.target_labels_per_tissue,
                    help="labelled voxels per tissue taken from each target acquisition group")
 
     p.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv: debug)")
@@ -109,6 +131,19 @@ def _resolve_paths(opts) -> None:
     if opts.labels_dir is not None and not opts.labels_dir.is_dir():
         raise UserError(f"{opts.labels_dir}: labels directory does not exist")
     opts.plugin_settings = _plugin_settings(opts)  # a bad --plugin-args fails before any work
+    for what, path in (("output folder", opts.output_dir), ("work folder", opts.work_dir)):
+        _check_writable(path, what)
+
+
+def _check_writable(path: Path, what: str) -> None:
+    """A folder the run will write must be writable (or creatable) before anything runs."""
+    probe = path
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UserError(f"{path}: cannot be used as the {what} ({probe} is not a folder)")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f"{path}: the {what} is not writable (no write permission on {probe})")
 
 
 def _default_work_dir() -> Path:

@@ -92,6 +92,39 @@ def test_bad_plugin_args(capsys, tiny_bids, tmp_path):
     assert not (tmp_path / "out").exists(), "nothing is written before the arguments are checked"
 
 
+@pytest.mark.parametrize("argv, words", [
+    (["--mem-gb", "-1"], "must be a positive number of GB"),
+    (["--mem-gb", "0"], "must be a positive number of GB"),
+    (["--mem-gb", "nan"], "must be a positive number of GB"),
+    (["--nprocs", "-3"], "--nprocs"),
+    (["--nprocs", "0"], "must be at least 1"),
+    (["--omp-nthreads", "-2"], "--omp-nthreads"),
+    (["--target-labels-per-tissue", "0"], "must be at least 1"),
+])
+def test_impossible_numbers_are_refused_at_the_command_line(capsys, tmp_path, argv, words):
+    with pytest.raises(SystemExit) as exc:
+        build_parser().parse_args([str(tmp_path), str(tmp_path / "out"), "participant", *argv])
+    err = capsys.readouterr().err
+    assert exc.value.code == EXIT_USAGE and words in err and "Traceback" not in err
+
+
+def test_unwritable_output_or_work_folder_is_one_line_and_exit_2(capsys, tiny_bids, tmp_path):
+    import os
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        if os.access(locked, os.W_OK):
+            pytest.skip("permissions are not enforced for this user")
+        code, _, err = run_cli(capsys, tiny_bids, locked / "out", "participant", "-w", tmp_path / "work")
+        assert code == EXIT_USAGE and "output folder is not writable" in err and "Traceback" not in err
+        code, _, err = run_cli(capsys, tiny_bids, tmp_path / "out", "participant", "-w", locked / "work")
+        assert code == EXIT_USAGE and "work folder is not writable" in err
+    finally:
+        locked.chmod(0o755)
+
+
 def test_cuda_without_a_cuda_device_stops_before_anything_runs(capsys, tiny_bids, tmp_path, monkeypatch):
     from bidsapp import devices
 
