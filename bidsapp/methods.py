@@ -100,6 +100,11 @@ class Method:
         if "mask" in self.outputs and self.labels is not None and len(self.labels) != 1:
             raise ValueError(f"method {self.key!r}: a mask needs a one-label set")
 
+    @property
+    def ident(self) -> str:
+        """The key as a Nipype-safe name (non-alphanumerics as ``_``): node and field names."""
+        return "".join(ch if ch.isalnum() else "_" for ch in self.key)
+
     def build(self, *args, **kwargs):
         """Call the factory (importing it first when given as ``module:function``)."""
         factory = self.factory

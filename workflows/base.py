@@ -27,7 +27,7 @@ from nipype.pipeline import engine as pe
 
 from bidsapp import methods as M
 from workflows.anatomical import ANAT_OUTPUTS, init_anat_preproc_wf, init_coregistration_wf
-from workflows.methods import contrast_field, ident, init_session_methods_wf, init_subject_method_wf, output_fields
+from workflows.methods import contrast_field, init_session_methods_wf, init_subject_method_wf, output_fields
 from workflows.outputs import init_anat_derivatives_wf, init_coreg_derivatives_wf, init_method_derivatives_wf
 
 SESSION_KEYS = {"T1w": "t1w", "FLAIR": "flair", "T2w": "t2w", "PDw": "pdw"}
@@ -122,7 +122,7 @@ def _add_subject_method(wf, key, built, *, output_dir, bids_dir, options) -> Non
     for field, out in (("in_files", "anat_preproc"), ("mask_files", "anat_mask"), ("volumes_files", "volumes")):
         if field == "volumes_files" and not all(v for _, _, v in eligible):
             continue
-        merge = pe.Node(niu.Merge(len(eligible)), name=f"{ident(key)}_{field}", run_without_submitting=True)
+        merge = pe.Node(niu.Merge(len(eligible)), name=f"{m.ident}_{field}", run_without_submitting=True)
         for i, (_, w, _) in enumerate(eligible, 1):
             wf.connect(w, f"outputnode.{out}", merge, f"in{i}")
         wf.connect(merge, "out", sub_wf, f"inputnode.{field}")
@@ -216,6 +216,6 @@ def init_session_wf(session: dict, *, output_dir, bids_dir, template: dict, omp_
         m_ds = init_method_derivatives_wf(m, main=main[key], output_dir=output_dir, bids_dir=bids_dir)
         wf.connect([
             (inputnode, m_ds, [("in_file", "inputnode.source_file"), ("acquisition", "inputnode.acquisition")]),
-            (meth_wf, m_ds, [(f"outputnode.{ident(key)}_{k}", f"inputnode.{k}") for k in (*images, "metadata")]),
+            (meth_wf, m_ds, [(f"outputnode.{m.ident}_{k}", f"inputnode.{k}") for k in (*images, "metadata")]),
         ])
     return wf

@@ -1,8 +1,8 @@
 """Wire registered methods (:mod:`bidsapp.methods`) into a session's or a subject's workflow.
 
 Everything here is generic: a method's node is connected from its declaration, inputs and outputs are
-matched by name (``<ident>_<output>`` on the output node, ``ident`` being the key with non-alphanumerics
-as ``_``), and its images are written by :func:`workflows.outputs.init_method_derivatives_wf` from its
+matched by name (``<ident>_<output>`` on the output node, :attr:`bidsapp.methods.Method.ident` being the
+key with non-alphanumerics as ``_``), and its images are written by :func:`workflows.outputs.init_method_derivatives_wf` from its
 label set. A new
 method never needs a change in this module.
 """
@@ -18,10 +18,6 @@ from workflows.outputs import sink
 SESSION_RESULTS = ("metadata", "warnings")
 
 
-def ident(key: str) -> str:
-    return "".join(ch if ch.isalnum() else "_" for ch in str(key))
-
-
 def contrast_field(contrast: str) -> str:
     """Name of a contrast's image input (``flair_file``)."""
     return f"{contrast.lower()}_file"
@@ -30,7 +26,7 @@ def contrast_field(contrast: str) -> str:
 def output_fields(method: M.Method) -> list[str]:
     """The output-node fields a session method fills."""
     kinds = [k if k != "volumes" else "volumes_tsv" for k in method.outputs]
-    return [f"{ident(method.key)}_{k}" for k in (*kinds, *SESSION_RESULTS)]
+    return [f"{method.ident}_{k}" for k in (*kinds, *SESSION_RESULTS)]
 
 
 def init_session_methods_wf(keys, available, *, options: dict, name: str = "methods_wf") -> pe.Workflow:
@@ -57,7 +53,7 @@ def init_session_methods_wf(keys, available, *, options: dict, name: str = "meth
         missing = m.missing(available)
         if missing:
             raise ValueError(f"method {m.key} needs {', '.join(missing)}; the session has {', '.join(available)}")
-        node = m.build("seg_" + ident(m.key), {**options, "mem_gb": m.mem_gb})
+        node = m.build("seg_" + m.ident, {**options, "mem_gb": m.mem_gb})
         used = m.contrasts_used(available)
         wf.connect(inputnode, contrast_field(used[0]), node, "in_file")
         wf.connect(inputnode, "mask_file", node, "mask_file")
@@ -66,7 +62,7 @@ def init_session_methods_wf(keys, available, *, options: dict, name: str = "meth
         for extra in m.inputs:
             wf.connect(inputnode, extra, node, extra)
         for field in output_fields(m):
-            wf.connect(node, field[len(ident(m.key)) + 1:], outputnode, field)
+            wf.connect(node, field[len(m.ident) + 1:], outputnode, field)
         if m in with_volumes:
             wf.connect(node, "volumes_tsv", gather, f"in{with_volumes.index(m) + 1}")
     return wf
@@ -82,14 +78,14 @@ def init_subject_method_wf(key: str, session_ids, *, output_dir, bids_dir, optio
     m = M.get(key)
     if len(session_ids) < m.min_sessions:
         raise ValueError(f"method {key} needs {m.min_sessions} sessions, not {len(session_ids)}")
-    wf = pe.Workflow(name=name or f"{ident(key)}_wf")
+    wf = pe.Workflow(name=name or f"{m.ident}_wf")
     inputnode = pe.Node(niu.IdentityInterface(fields=["in_files", "mask_files", "volumes_files", "source_files"]),
                         name="inputnode")
     first = pe.Node(niu.Select(index=0), name="first_source", run_without_submitting=True)
-    node = m.build("subj_" + ident(key), {**options, "mem_gb": m.mem_gb})
+    node = m.build("subj_" + m.ident, {**options, "mem_gb": m.mem_gb})
     node.inputs.session_ids = [str(s) for s in session_ids]
-    ds = sink(f"ds_{ident(key)}", output_dir, bids_dir, suffix=m.table_suffix, desc=m.desc, extension=".tsv",
-               subject_level=True)
+    ds = sink(f"ds_{m.ident}", output_dir, bids_dir, suffix=m.table_suffix, desc=m.desc, extension=".tsv",
+              subject_level=True)
     wf.connect([
         (inputnode, first, [("source_files", "inlist")]),
         (inputnode, node, [("in_files", "in_files"), ("mask_files", "mask_files"),

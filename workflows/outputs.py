@@ -55,28 +55,26 @@ def init_anat_derivatives_wf(*, output_dir, bids_dir, template: dict, suffix: st
     described = "RAS+ reoriented, N4 bias-field corrected " + suffix
     sinks = {
         "ds_preproc": (sink("ds_preproc", output_dir, bids_dir, suffix=suffix, desc="preproc",
-                                 metadata={"SkullStripped": False, "Description": described}),
-                           "anat_preproc"),
+                            metadata={"SkullStripped": False, "Description": described}), "anat_preproc"),
         "ds_mask": (sink("ds_mask", output_dir, bids_dir, suffix="mask", desc="brain"), "anat_mask"),
     }
     if with_template:
         sinks.update({
             "ds_xfm_fwd": (sink("ds_xfm_fwd", output_dir, bids_dir, suffix="xfm", from_="T1w", to=tpl, mode="image",
-                                 metadata=_xfm_meta(template, f"from T1w space into {tpl}", registration)),
+                                metadata=_xfm_meta(template, f"from T1w space into {tpl}", registration)),
                            "template_xfm"),
             "ds_xfm_inv": (sink("ds_xfm_inv", output_dir, bids_dir, suffix="xfm", from_=tpl, to="T1w", mode="image",
-                                 metadata=_xfm_meta(template, f"from {tpl} into T1w space", registration)),
+                                metadata=_xfm_meta(template, f"from {tpl} into T1w space", registration)),
                            "template_inv_xfm"),
-            "ds_template": (sink("ds_template", output_dir, bids_dir, suffix="T1w", space=tpl,
-                                      desc="preproc",
-                                      metadata={"SkullStripped": True, "Template": _template_meta(template)}),
-                                "anat_template"),
+            "ds_template": (sink("ds_template", output_dir, bids_dir, suffix="T1w", space=tpl, desc="preproc",
+                                 metadata={"SkullStripped": True, "Template": _template_meta(template)}),
+                            "anat_template"),
         })
     if methods:
         volumes = sink("ds_volumes", output_dir, bids_dir, suffix="morph", desc="volumes", extension=".tsv",
-                        metadata={"Description": "volumes by method (long format): label volumes from dseg voxel "
-                                                 "counts, brain = brain-mask volume",
-                                  "Methods": list(methods)})
+                       metadata={"Description": "volumes by method (long format): label volumes from dseg voxel "
+                                                "counts, brain = brain-mask volume",
+                                 "Methods": list(methods)})
         sinks["ds_volumes"] = (volumes, "volumes")
     for node, field in sinks.values():
         wf.connect(inputnode, "source_file", node, "source_file")
@@ -94,13 +92,13 @@ def init_coreg_derivatives_wf(*, output_dir, bids_dir, suffix: str, name: str, r
     inputnode = pe.Node(niu.IdentityInterface(fields=["source_file", "reference_source", "acquisition", "out_file",
                                                       "out_xfm"]), name="inputnode")
     ds_img = sink("ds_coreg", output_dir, bids_dir, suffix=suffix, space=reference, desc="preproc",
-                   metadata={"SkullStripped": False,
-                             "Description": f"N4-corrected {suffix}, rigidly registered (6 dof, Mattes MI) to the "
-                                            f"session's preprocessed {reference} and resampled onto its grid (linear)"})
+                  metadata={"SkullStripped": False,
+                            "Description": f"N4-corrected {suffix}, rigidly registered (6 dof, Mattes MI) to the "
+                                           f"session's preprocessed {reference} and resampled onto its grid (linear)"})
     ds_xfm = sink("ds_coreg_xfm", output_dir, bids_dir, suffix="xfm", from_=suffix, to=reference, mode="image",
-                   metadata={"Registration": {"Software": "antspyx (ants.registration)", "Type": "Rigid",
-                                              "Format": "ITK (.mat)"},
-                             "Description": f"resamples the {suffix} (RAS-reoriented) into {reference} space"})
+                  metadata={"Registration": {"Software": "antspyx (ants.registration)", "Type": "Rigid",
+                                             "Format": "ITK (.mat)"},
+                            "Description": f"resamples the {suffix} (RAS-reoriented) into {reference} space"})
     merge_sources = pe.Node(niu.Merge(2), name="sources", run_without_submitting=True)
     wf.connect([
         (inputnode, merge_sources, [("source_file", "in1"), ("reference_source", "in2")]),
@@ -123,7 +121,7 @@ def init_method_derivatives_wf(method: M.Method, *, main: bool, output_dir, bids
     ``metadata`` and the method's outputs by kind (``probseg``, ``dseg``, ``mask``).
     """
     labels = method.labels
-    wf = pe.Workflow(name=name or f"ds_{_ident(method.key)}_wf")
+    wf = pe.Workflow(name=name or f"ds_{method.ident}_wf")
     kinds = [k for k in method.outputs if k != "volumes"]
     inputnode = pe.Node(niu.IdentityInterface(fields=["source_file", "acquisition", "metadata", *kinds]),
                         name="inputnode")
@@ -132,12 +130,12 @@ def init_method_derivatives_wf(method: M.Method, *, main: bool, output_dir, bids
         for k, lab in enumerate(labels):
             pick = pe.Node(niu.Select(index=k), name=f"pick_{lab.name}", run_without_submitting=True)
             ds = sink(f"ds_probseg_{lab.name}", output_dir, bids_dir, suffix="probseg", label=lab.name,
-                       desc=None if main else method.desc)
+                      desc=None if main else method.desc)
             wf.connect([(inputnode, pick, [("probseg", "inlist")]), (pick, ds, [("out", "in_file")]),
                         (inputnode, ds, common)])
     if "dseg" in kinds:
         ds = sink("ds_dseg", output_dir, bids_dir, suffix="dseg", dseg_labels=labels.by_value(),
-                   desc=labels.main_desc if main else method.desc)
+                  desc=labels.main_desc if main else method.desc)
         wf.connect([(inputnode, ds, [("dseg", "in_file"), *common])])
     if "mask" in kinds:
         own = labels.main_desc or labels.key
@@ -145,6 +143,3 @@ def init_method_derivatives_wf(method: M.Method, *, main: bool, output_dir, bids
         wf.connect([(inputnode, ds, [("mask", "in_file"), *common])])
     return wf
 
-
-def _ident(key: str) -> str:
-    return "".join(ch if ch.isalnum() else "_" for ch in str(key))
