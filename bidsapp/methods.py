@@ -188,7 +188,7 @@ def main_answers(keys) -> dict[str, bool]:
 
 
 @dataclass
-class SessionPlan:
+class MethodPlan:
     """Which session methods run on a session with ``available`` contrasts, and why the others do not."""
 
     reference: str
@@ -197,11 +197,11 @@ class SessionPlan:
     """One plan line per method left out (``"atropos skipped: needs T1w (session has FLAIR)"``)."""
 
 
-def plan_session(keys, available) -> SessionPlan:
+def plan_session(keys, available) -> MethodPlan:
     available = [c for c in CONTRASTS if c in set(available)]
     if not available:
         raise ValueError("a session needs at least one of " + ", ".join(CONTRASTS))
-    plan = SessionPlan(reference=available[0])
+    plan = MethodPlan(reference=available[0])
     for k in keys:
         miss = get(k).missing(available)
         if miss:
