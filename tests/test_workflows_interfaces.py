@@ -175,6 +175,14 @@ def test_atropos_gives_sensible_tissues(chain):
     assert np.array_equal(probs.argmax(0)[mask] + 1, dseg[mask])
 
 
+def test_atropos_gives_the_same_answer_twice(chain, tmp_path):
+    again = A.atropos_segment(chain["n4"], chain["mask"], chain["priors"], tmp_path)
+    first = np.asarray(nib.load(chain["seg"]["dseg"]).dataobj)
+    assert np.array_equal(np.asarray(nib.load(again["dseg"]).dataobj), first)
+    for a, b in zip(chain["seg"]["probseg"], again["probseg"]):
+        assert np.array_equal(np.asarray(nib.load(a).dataobj), np.asarray(nib.load(b).dataobj))
+
+
 def test_atropos_leaves_nothing_in_the_system_temp_dir(chain, tmp_path, monkeypatch):
     # antspyx writes Atropos' priors and posteriors to mktemp() names and never deletes them
     system_tmp = tmp_path / "system-tmp"
