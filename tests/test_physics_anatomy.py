@@ -15,7 +15,7 @@ def head():
 
 
 def test_lesions_in_white_matter_bright_on_flair(head):
-    lp, specs = lesions.add_lesions(head, np.random.default_rng(0), n_periventricular=3, n_deep=5)
+    lp, specs = lesions.add_lesions(head, np.random.default_rng(0), n_periventricular=3, n_deep=5, n_juxtacortical=0)
     assert {s.kind for s in specs} == {"periventricular", "deep"} and len(specs) == 8
     np.testing.assert_allclose(lp.fractions.sum(0), 1.0, atol=1e-5)
     les = lp.fraction("lesion")
@@ -37,6 +37,27 @@ def test_lesions_in_white_matter_bright_on_flair(head):
     assert t1w[m].mean() < 0.9 * t1w[wm].mean()
     grown = lesions.apply_lesions(head, specs, growth=1.3)
     assert grown.volumes()["lesion"] > 1.5 * lp.volumes()["lesion"]
+
+
+def test_juxtacortical_lesions_abut_the_cortex_and_leave_it_alone(head):
+    import scipy.ndimage as ndi
+
+    lp, specs = lesions.add_lesions(head, np.random.default_rng(1), n_periventricular=0, n_deep=0,
+                                    n_juxtacortical=4)
+    assert [s.kind for s in specs] == ["juxtacortical"] * 4
+    np.testing.assert_array_equal(lp.fraction("GM"), head.fraction("GM"))  # only white matter turns lesion
+    cortex = head.fraction("GM") >= 0.5
+    d_cortex = ndi.distance_transform_edt(~cortex, sampling=head.voxel_size)
+    lesion = lp.lesion_mask()
+    assert lesion.any() and d_cortex[lesion].min() <= 3.0 + 1e-6   # within a voxel of the cortex
+    vent = head.fraction("ventricles") >= 0.5
+    centres = [np.linalg.inv(head.affine) @ np.r_[s.centre_mm, 1] for s in specs]
+    d_vent = ndi.distance_transform_edt(~vent, sampling=head.voxel_size)
+    assert all(d_vent[tuple(np.round(c[:3]).astype(int))] > 10 for c in centres)
+    # the default draw keeps the periventricular and deep lesions of a seed as they were
+    before = lesions.sample_lesions(head, np.random.default_rng(5), n_juxtacortical=0)
+    after = lesions.sample_lesions(head, np.random.default_rng(5))
+    assert after[:len(before)] == before
 
 
 @pytest.mark.parametrize("years, gm_rate, vent_rate", [(1.0, 0.02, 0.06), (3.0, 0.005, 0.015)])

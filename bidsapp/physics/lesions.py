@@ -1,8 +1,10 @@
 """White-matter hyperintensity-like lesions with exact masks.
 
 Lesions are irregular ellipsoids placed in white matter: *periventricular* ones (caps and bands whose
-centre lies 1.5-5 mm from the ventricles, larger and elongated) and *deep* ones (punctate to confluent
-foci deeper than 8 mm from the ventricles and at least 2.5 mm inside the white matter).  A lesion
+centre lies 1.5-5 mm from the ventricles, larger and elongated), *deep* ones (punctate to confluent
+foci deeper than 8 mm from the ventricles and at least 2.5 mm inside the white matter) and
+*juxtacortical* ones (small, flattened foci whose centre lies in the white matter within 2 mm of the
+cortex and more than 10 mm from the ventricles, so that they abut the cortical grey matter).  A lesion
 replaces only white matter, so it never spills into the ventricles or cortex; its tissue class
 ``lesion`` has longer T1 and T2 and more water (see :mod:`bidsapp.physics.tissues`), so it is bright on
 FLAIR/T2w and dark on T1w.  The lesion fraction per voxel is the overlap of the shape with the voxel
@@ -11,8 +13,8 @@ FLAIR/T2w and dark on T1w.  The lesion fraction per voxel is the overlap of the 
 Public API
 ----------
 ``LesionSpec(kind, centre_mm, radii_mm, angles_deg, wobble)``  one lesion in world (scanner) mm.
-``sample_lesions(phantom, rng, n_periventricular=None, n_deep=None) -> list[LesionSpec]``
-    defaults draw 2-6 periventricular and 3-11 deep lesions.
+``sample_lesions(phantom, rng, n_periventricular=None, n_deep=None, n_juxtacortical=None) -> list[LesionSpec]``
+    defaults draw 2-6 periventricular, 3-11 deep and 0-3 juxtacortical lesions.
 ``apply_lesions(phantom, specs, growth=1.0) -> Phantom``  adds (or extends) the ``lesion`` class;
     ``growth`` scales every radius (lesion progression in follow-ups).
 ``add_lesions(phantom, rng, **kw) -> (Phantom, list[LesionSpec])``  both steps.
@@ -41,26 +43,32 @@ class LesionSpec:
 
 
 def _distances(phantom: Phantom):
-    """Distance (mm) of every voxel to the ventricles and to the nearest non-WM voxel."""
+    """Distance (mm) of every voxel to the ventricles, to the nearest non-WM voxel and to the cortex."""
     vs = phantom.voxel_size
     wm = phantom.fraction("WM") >= 0.5
     vent = phantom.fraction("ventricles") >= 0.5
-    d_vent = ndi.distance_transform_edt(~vent, sampling=vs) if vent.any() else np.full(phantom.shape, np.inf)
+    cortex = phantom.fraction("GM") >= 0.5
+    far = np.full(phantom.shape, np.inf)
+    d_vent = ndi.distance_transform_edt(~vent, sampling=vs) if vent.any() else far
     d_wm = ndi.distance_transform_edt(wm, sampling=vs)
-    return wm, d_vent, d_wm
+    d_gm = ndi.distance_transform_edt(~cortex, sampling=vs) if cortex.any() else far
+    return wm, d_vent, d_wm, d_gm
 
 
 def sample_lesions(phantom: Phantom, rng: np.random.Generator, n_periventricular: int | None = None,
-                   n_deep: int | None = None) -> list[LesionSpec]:
+                   n_deep: int | None = None, n_juxtacortical: int | None = None) -> list[LesionSpec]:
     n_pv = int(rng.integers(2, 7)) if n_periventricular is None else int(n_periventricular)
     n_dp = int(rng.integers(3, 12)) if n_deep is None else int(n_deep)
-    wm, d_vent, d_wm = _distances(phantom)
+    wm, d_vent, d_wm, d_gm = _distances(phantom)
     pools = {
         "periventricular": np.flatnonzero((wm & (d_vent >= 1.5) & (d_vent <= 5.0)).ravel()),
         "deep": np.flatnonzero((wm & (d_vent > 8.0) & (d_wm >= 2.5)).ravel()),
+        "juxtacortical": np.flatnonzero((wm & (d_gm <= 2.0) & (d_vent > 10.0)).ravel()),
     }
     specs = []
-    for kind, n in (("periventricular", n_pv), ("deep", n_dp)):
+    for kind, n in (("periventricular", n_pv), ("deep", n_dp), ("juxtacortical", n_juxtacortical)):
+        if n is None:  # drawn after the others, so the periventricular and deep lesions of a seed stay
+            n = int(rng.integers(0, 4))
         pool = pools[kind]
         if pool.size == 0:
             continue
@@ -70,6 +78,9 @@ def sample_lesions(phantom: Phantom, rng: np.random.Generator, n_periventricular
             if kind == "periventricular":
                 r = float(np.clip(rng.lognormal(np.log(4.5), 0.35), 2.0, 10.0))
                 radii = (r, r * rng.uniform(0.45, 0.8), r * rng.uniform(1.1, 1.8))
+            elif kind == "juxtacortical":
+                r = float(np.clip(rng.lognormal(np.log(2.5), 0.35), 1.2, 5.0))
+                radii = (r, r * rng.uniform(0.4, 0.7), r * rng.uniform(1.0, 1.6))
             else:
                 r = float(np.clip(rng.lognormal(np.log(2.2), 0.4), 1.2, 6.0))
                 radii = (r, r * rng.uniform(0.7, 1.0), r * rng.uniform(0.8, 1.3))
