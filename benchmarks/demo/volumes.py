@@ -9,12 +9,11 @@ out: it holds 2-D embedding coordinates, not volumes). Numbers are compared with
 (``--rtol``, default 1e-4), text exactly. Prints one row per file and writes
 ``benchmarks/results/demo_volumes.json``; exits 1 when a file differs, is missing, or is new.
 
-Rows of a method that is not bit-reproducible (``--noisy``, default ``atropos``: ANTs Atropos labels a
-few dozen voxels differently in two runs on identical inputs, single-threaded and seeded, and ITK's
-multi-threaded registration that gives it its priors is not reproducible either) are held to
-``--noisy-rtol`` (default 0.1) and reported apart. Compare runs made alike: the recorded copy comes from
-``scanbridge ... --nprocs 1 --omp-nthreads 1`` on the demo dataset, where every other number is
-reproduced exactly.
+Run the demo the way the recorded copy was made, one thread per step (``bash scripts/demo.sh --nprocs 1
+--omp-nthreads 1``): then every number is reproduced exactly. With more threads ITK's
+registration is not bit-reproducible, and the Atropos rows, whose priors it places, can move by a few
+parts in ten thousand; ``--noisy atropos`` holds the rows of such methods to ``--noisy-rtol`` (default
+0.1) and reports them apart.
 """
 
 from __future__ import annotations
@@ -112,7 +111,8 @@ def main(argv=None) -> int:
     p.add_argument("out_dir", type=Path, help="the demo's output folder (demo/out)")
     p.add_argument("--recorded", type=Path, default=RECORDED)
     p.add_argument("--rtol", type=float, default=1e-4)
-    p.add_argument("--noisy", nargs="*", default=["atropos"], help="methods that are not bit-reproducible")
+    p.add_argument("--noisy", nargs="*", default=[], metavar="METHOD",
+                   help="methods whose rows are compared with --noisy-rtol (e.g. atropos after a multi-threaded run)")
     p.add_argument("--noisy-rtol", type=float, default=0.1)
     args = p.parse_args(argv)
     if not args.out_dir.is_dir():
