@@ -313,6 +313,8 @@ def run_participant(opts) -> int:
                                               template=template, command_line=command_line)
             LOG.info("sub-%s: %s in %.0f s; report %s", label, "FAILED" if errors else "done",
                         time.time() - t0, report)
+            if not errors:
+                opts.finished.append(f"sub-{label}")
         except Exception as exc:
             LOG.error("sub-%s: report could not be written: %s", label, _first_line(exc))
     for subj in plan.skipped_subjects:  # the report says why nothing was produced
@@ -394,9 +396,21 @@ def _check_device(device: str) -> None:
             raise UserError("--device cuda: no CUDA device is available on this machine (use --device cpu or auto)")
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's time limit, preemption) stops the run like Ctrl-C does."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
     opts = build_parser().parse_args(argv)
+    opts.finished = []
     _setup_logging(opts.verbose)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if _main_thread() else None
     try:
         _resolve_paths(opts)
         _check_device(opts.device)
@@ -408,9 +422,21 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"scanbridge: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("scanbridge: interrupted; rerun with the same --work-dir to resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        what = "terminated" if isinstance(exc, _Terminated) else "interrupted"
+        done = ", ".join(opts.finished) or "no subject"
+        print(f"scanbridge: {what}; finished: {done}; rerun with the same --work-dir ({opts.work_dir}) to resume "
+              "the rest", file=sys.stderr)
+        return 143 if isinstance(exc, _Terminated) else 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 if __name__ == "__main__":  # pragma: no cover
