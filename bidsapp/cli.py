@@ -238,6 +238,7 @@ def _set_threads(omp_nthreads: int | None, nprocs: int | None) -> int:
 def run_participant(opts) -> int:
     from bidsapp import methods
     from bidsapp.bids import derivatives, discovery, validation
+    from bidsapp.lifecycle import WorkFolderBusy, work_lock
     from bidsapp.reports.participant import write_participant_report
 
     if not opts.skip_bids_validation:
@@ -281,24 +282,29 @@ def run_participant(opts) -> int:
         LOG.info("[%d/%d] sub-%s: %d session(s)", i, len(runnable), label, len(sessions))
         t0 = time.time()
         errors: list[str] = []
+        crash_dir = opts.work_dir / "crash" / f"sub-{label}"
         try:
-            wf = init_single_subject_wf(
-                subject=label,
-                sessions=sessions,
-                output_dir=opts.output_dir,
-                bids_dir=opts.bids_dir,
-                work_dir=opts.work_dir,
-                template=template,
-                omp_nthreads=omp,
-                device=opts.device,
-                seed=opts.seed,
-                segmentation=tuple(dict.fromkeys(opts.segmentation)),
-                brain_extraction=opts.brain_extraction,
-            )
-            wf.base_dir = str(opts.work_dir)
-            crash_dir = opts.work_dir / "crash" / f"sub-{label}"
-            wf.config["execution"]["crashdump_dir"] = str(crash_dir)
-            wf.run(**opts.plugin_settings)
+            with work_lock(opts.work_dir, f"sub-{label}"):
+                wf = init_single_subject_wf(
+                    subject=label,
+                    sessions=sessions,
+                    output_dir=opts.output_dir,
+                    bids_dir=opts.bids_dir,
+                    work_dir=opts.work_dir,
+                    template=template,
+                    omp_nthreads=omp,
+                    device=opts.device,
+                    seed=opts.seed,
+                    segmentation=tuple(dict.fromkeys(opts.segmentation)),
+                    brain_extraction=opts.brain_extraction,
+                )
+                wf.base_dir = str(opts.work_dir)
+                wf.config["execution"]["crashdump_dir"] = str(crash_dir)
+                wf.run(**opts.plugin_settings)
+        except WorkFolderBusy as exc:  # another run is on this subject: leave it (and its report) alone
+            LOG.error("sub-%s not processed: %s", label, exc)
+            failed.append(label)
+            continue
         except Exception as exc:  # one subject's failure must not stop the others
             found = _crash_messages(crash_dir, since=t0)
             errors.extend(found or [_first_line(exc)])

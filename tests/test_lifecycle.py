@@ -90,3 +90,49 @@ def test_sigterm_stops_the_run_says_what_finished_and_leaves_no_worker(tiny_sess
     while _processes_with(marker) and time.time() < deadline:
         time.sleep(0.2)
     assert not _processes_with(marker), "worker processes outlived the terminated run"
+
+
+def test_two_runs_never_work_on_one_subject_at_once_and_a_killed_run_leaves_no_lock(tmp_path):
+    from bidsapp.lifecycle import WorkFolderBusy, work_lock
+
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import time
+        from bidsapp.lifecycle import work_lock
+        with work_lock({str(tmp_path)!r}, "sub-01"):
+            print("held", flush=True)
+            time.sleep(60)
+    """)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    import re
+
+    with pytest.raises(WorkFolderBusy, match=re.escape(f"sub-01 is being processed by scanbridge (pid {holder.pid} ")):
+        with work_lock(tmp_path, "sub-01"):
+            pass
+    with work_lock(tmp_path, "sub-02"):  # another subject in the same work folder is fine
+        pass
+    holder.kill()
+    holder.wait()
+    with work_lock(tmp_path, "sub-01"):  # the kernel released the killed run's lock
+        pass
+
+
+def test_participant_run_leaves_a_subject_another_run_holds(tmp_path, caplog):
+    import json
+
+    from bidsapp.cli import EXIT_FAILED, main
+    from bidsapp.lifecycle import work_lock
+
+    bids = tmp_path / "bids"
+    (bids / "sub-01" / "anat").mkdir(parents=True)
+    (bids / "dataset_description.json").write_text(json.dumps({"Name": "x", "BIDSVersion": "1.9.0"}))
+    import nibabel as nib
+    import numpy as np
+
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).random((8, 8, 8), np.float32), np.eye(4)),
+             bids / "sub-01" / "anat" / "sub-01_T1w.nii.gz")
+    work = tmp_path / "work"
+    with work_lock(work, "sub-01"):
+        code = main([str(bids), str(tmp_path / "out"), "participant", "-w", str(work), "--skip-bids-validation"])
+    assert code == EXIT_FAILED
+    assert "sub-01 not processed" in caplog.text and "is being processed by scanbridge" in caplog.text
+    assert not (tmp_path / "out" / "sub-01.html").exists()  # the other run writes that report

@@ -121,6 +121,16 @@ def run_steps(ctx: GroupContext, keys=None) -> tuple[list, list[str]]:
 
 
 def run_group(opts) -> int:
+    from bidsapp.lifecycle import WorkFolderBusy, work_lock
+
+    try:
+        with work_lock(opts.work_dir, "group"):
+            return _run_group(opts)
+    except WorkFolderBusy as exc:
+        raise UserError(str(exc)) from None
+
+
+def _run_group(opts) -> int:
     from bidsapp.bids.derivatives import atomic_write_tsv
     from bidsapp.reports.group import acquisitions_section, volumes_section, write_group_report
 
