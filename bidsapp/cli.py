@@ -259,9 +259,14 @@ def run_participant(opts) -> int:
         work_dir=opts.work_dir,
     )
     print(plan.summary(), flush=True)
-    keys = methods.select(tuple(dict.fromkeys(opts.segmentation)))
-    for line in method_plan_lines(plan, keys):
-        print(line, flush=True)
+    segmentation = tuple(dict.fromkeys(opts.segmentation))
+    keys = methods.select(segmentation)
+    plan_lines = {subj.subject: subject_plan_lines(subj, keys) for subj in plan.runnable_subjects}
+    if any(plan_lines.values()):
+        print("methods left out:", flush=True)
+        for lines in plan_lines.values():
+            for line in lines:
+                print(f"  {line}", flush=True)
 
     from bidsapp.templates import get_template
     from workflows.base import init_single_subject_wf
@@ -295,7 +300,7 @@ def run_participant(opts) -> int:
                     omp_nthreads=omp,
                     device=opts.device,
                     seed=opts.seed,
-                    segmentation=tuple(dict.fromkeys(opts.segmentation)),
+                    segmentation=segmentation,
                     brain_extraction=opts.brain_extraction,
                 )
                 wf.base_dir = str(opts.work_dir)
@@ -313,9 +318,9 @@ def run_participant(opts) -> int:
                 LOG.error("sub-%s failed: %s", label, msg)
             LOG.error("sub-%s: details in %s", label, crash_dir)
         warnings = list(subj.warnings) + [reason for _, reason in subj.skipped]
-        notes = [line.strip() for line in method_plan_lines(plan, keys, subject=label)[1:]]
         try:
-            report = write_participant_report(opts.output_dir, label, warnings=warnings, errors=errors, notes=notes,
+            report = write_participant_report(opts.output_dir, label, warnings=warnings, errors=errors,
+                                              notes=plan_lines[label],
                                               template=template, command_line=command_line)
             LOG.info("sub-%s: %s in %.0f s; report %s", label, "FAILED" if errors else "done",
                         time.time() - t0, report)
@@ -353,22 +358,16 @@ def _session_inputs(ses) -> dict:
     }
 
 
-def method_plan_lines(plan, keys, subject: str | None = None) -> list[str]:
-    """A heading and one line per method a session's contrasts, or a subject's sessions, leave out (and why)."""
+def subject_plan_lines(subj, keys) -> list[str]:
+    """One line per method that a subject's session contrasts, or its sessions, leave out (and why)."""
     from bidsapp import methods
 
     lines = []
-    subject_keys = methods.select(level=methods.SUBJECT)
-    for subj in plan.runnable_subjects:
-        if subject is not None and subj.subject != subject:
-            continue
-        for ses in subj.sessions:
-            mplan = methods.plan_session(keys, ses.contrasts)
-            for why in mplan.skipped:
-                lines.append(f"  {ses.label}: {why}; reference image {ses.reference.name}")
-        _, skipped = methods.plan_subject(subject_keys, [ses.contrasts for ses in subj.sessions])
-        lines += [f"  sub-{subj.subject}: {why}" for why in skipped]
-    return ["methods left out:", *lines] if lines else []
+    for ses in subj.sessions:
+        for why in methods.plan_session(keys, ses.contrasts).skipped:
+            lines.append(f"{ses.label}: {why}; reference image {ses.reference.name}")
+    _, skipped = methods.plan_subject(methods.select(level=methods.SUBJECT), [ses.contrasts for ses in subj.sessions])
+    return lines + [f"sub-{subj.subject}: {why}" for why in skipped]
 
 
 def _crash_messages(crash_dir: Path, since: float) -> list[str]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
@@ -30,19 +31,28 @@ from workflows.anatomical import ANAT_OUTPUTS, init_anat_preproc_wf, init_coregi
 from workflows.methods import contrast_field, init_session_methods_wf, init_subject_method_wf, output_fields
 from workflows.outputs import init_anat_derivatives_wf, init_coreg_derivatives_wf, init_method_derivatives_wf
 
-SESSION_KEYS = {"T1w": "t1w", "FLAIR": "flair", "T2w": "t2w", "PDw": "pdw"}
-"""Contrast -> key of the session dict."""
-
-
 def _label(text: str) -> str:
     return "".join(ch if ch.isalnum() else "_" for ch in str(text))
 
 
-def session_images(session: dict) -> tuple[tuple[str, str], list[tuple[str, int, str]]]:
-    """``((reference contrast, path), [(contrast, run index, path) of every other image])``."""
+class SessionImages(NamedTuple):
+    reference: str
+    """Contrast of the reference image (the T1w, else FLAIR, T2w, PDw: :data:`bidsapp.methods.CONTRASTS`)."""
+    reference_path: str
+    others: list
+    """``(contrast, run index, path)`` of every other image."""
+
+    @property
+    def contrasts(self) -> list[str]:
+        """The contrasts the session has, reference first."""
+        return list(dict.fromkeys([self.reference, *(c for c, _, _ in self.others)]))
+
+
+def session_images(session: dict) -> SessionImages:
+    """The session dict's images (keys ``t1w``, ``flair``, ``t2w``, ``pdw``), checked to exist."""
     images = []
-    for contrast, key in SESSION_KEYS.items():
-        paths = session.get(key) or []
+    for contrast in M.CONTRASTS:
+        paths = session.get(contrast.lower()) or []
         paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
         images += [(contrast, i, str(p)) for i, p in enumerate(paths)]
     if not images:
@@ -51,13 +61,7 @@ def session_images(session: dict) -> tuple[tuple[str, str], list[tuple[str, int,
     missing = [p for _, _, p in [ref, *images] if not os.path.isfile(p)]
     if missing:
         raise ValueError(f"{missing[0]}: image file not found")
-    return (ref[0], ref[2]), [(c, i - (1 if c == ref[0] else 0), p) for c, i, p in images]
-
-
-def session_contrasts(session: dict) -> list[str]:
-    """The contrasts a session has, reference first."""
-    (ref, _), others = session_images(session)
-    return list(dict.fromkeys([ref, *(c for c, _, _ in others)]))
+    return SessionImages(ref[0], ref[2], [(c, i - (1 if c == ref[0] else 0), p) for c, i, p in images])
 
 
 def init_single_subject_wf(subject: str, sessions: list[dict], output_dir, bids_dir, work_dir=None, template=None,
@@ -104,8 +108,9 @@ def init_single_subject_wf(subject: str, sessions: list[dict], output_dir, bids_
                                  registration=registration, prior_weight=prior_weight,
                                  brain_extraction=brain_extraction, name=ses_name)
         wf.add_nodes([ses_wf])
-        volumes = any("volumes" in M.get(k).outputs for k in M.plan_session(keys, session_contrasts(ses)).run)
-        built.append((ses, ses_wf, volumes))
+        images = session_images(ses)
+        volumes = any("volumes" in M.get(k).outputs for k in M.plan_session(keys, images.contrasts).run)
+        built.append((images, ses.get("session") or "", ses_wf, volumes))
     for key in subject_keys:
         _add_subject_method(wf, key, built, output_dir=output_dir, bids_dir=bids_dir, options=options)
     return wf
@@ -113,17 +118,17 @@ def init_single_subject_wf(subject: str, sessions: list[dict], output_dir, bids_
 
 def _add_subject_method(wf, key, built, *, output_dir, bids_dir, options) -> None:
     m = M.get(key)
-    eligible = [(ses, w, v) for ses, w, v in built if not m.missing(session_contrasts(ses))]
+    eligible = [b for b in built if not m.missing(b[0].contrasts)]
     if len(eligible) < m.min_sessions:  # the plan says so (bidsapp.methods.plan_subject)
         return
-    sub_wf = init_subject_method_wf(key, [ses.get("session") or "" for ses, _, _ in eligible], output_dir=output_dir,
+    sub_wf = init_subject_method_wf(key, [label for _, label, _, _ in eligible], output_dir=output_dir,
                                     bids_dir=bids_dir, options=options)
-    sub_wf.inputs.inputnode.source_files = [session_images(ses)[0][1] for ses, _, _ in eligible]
+    sub_wf.inputs.inputnode.source_files = [images.reference_path for images, _, _, _ in eligible]
     for field, out in (("in_files", "anat_preproc"), ("mask_files", "anat_mask"), ("volumes_files", "volumes")):
-        if field == "volumes_files" and not all(v for _, _, v in eligible):
+        if field == "volumes_files" and not all(v for _, _, _, v in eligible):
             continue
         merge = pe.Node(niu.Merge(len(eligible)), name=f"{m.ident}_{field}", run_without_submitting=True)
-        for i, (_, w, _) in enumerate(eligible, 1):
+        for i, (_, _, w, _) in enumerate(eligible, 1):
             wf.connect(w, f"outputnode.{out}", merge, f"in{i}")
         wf.connect(merge, "out", sub_wf, f"inputnode.{field}")
 
@@ -134,8 +139,9 @@ def init_session_wf(session: dict, *, output_dir, bids_dir, template: dict, omp_
                     name: str = "anat_wf") -> pe.Workflow:
     """One session: preprocessing of the reference image, co-registration of the others onto it, the
     session-level methods its contrasts allow, sinks."""
-    (ref, ref_path), others = session_images(session)
-    available = session_contrasts(session)
+    images = session_images(session)
+    ref, ref_path, others = images
+    available = images.contrasts
     plan = M.plan_session(M.select() if method_keys is None else method_keys, available)
     main = M.main_answers(plan.run)
     acquisition = dict(session.get("acquisition") or {})
@@ -159,12 +165,12 @@ def init_session_wf(session: dict, *, output_dir, bids_dir, template: dict, omp_
     anat_fields = ["anat_preproc", "anat_mask", "anat_mask_metadata"]
     if to_template:
         anat_fields += ["template_xfm", "template_inv_xfm", "anat_template"]
+    made = ANAT_OUTPUTS if to_template else ["anat_ras", *anat_fields]  # no template outputs without a T1w
     wf.connect([
         (inputnode, anat_wf, [("in_file", "inputnode.in_file")]),
         (inputnode, ds_wf, [("in_file", "inputnode.source_file"), ("acquisition", "inputnode.acquisition")]),
         (anat_wf, ds_wf, [(f"outputnode.{f}", f"inputnode.{f}") for f in anat_fields]),
-        (anat_wf, outputnode, [(f"outputnode.{f}", f) for f in ANAT_OUTPUTS
-                               if to_template or f in ("anat_ras", *anat_fields)]),
+        (anat_wf, outputnode, [(f"outputnode.{f}", f) for f in made]),
         (inputnode, outputnode, [("acquisition", "acquisition")]),
     ])
 

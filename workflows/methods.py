@@ -2,9 +2,8 @@
 
 Everything here is generic: a method's node is connected from its declaration, inputs and outputs are
 matched by name (``<ident>_<output>`` on the output node, :attr:`bidsapp.methods.Method.ident` being the
-key with non-alphanumerics as ``_``), and its images are written by :func:`workflows.outputs.init_method_derivatives_wf` from its
-label set. A new
-method never needs a change in this module.
+key with non-alphanumerics as ``_``), and its images are written from its label set by
+:func:`workflows.outputs.init_method_derivatives_wf`. A new method never needs a change in this module.
 """
 
 from __future__ import annotations

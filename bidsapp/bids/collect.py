@@ -217,7 +217,6 @@ class SessionFiles:
     """Preprocessed FLAIR/T2w/PDw in the reference grid, by suffix."""
     reference: str = "T1w"
     """Suffix of the reference image (``preproc``)."""
-
     acq_group: str = ""
     """The session's acquisition group, when the caller knows it (group level)."""
 

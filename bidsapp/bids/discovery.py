@@ -39,6 +39,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from bidsapp.methods import CONTRASTS
+
 from .acquisition import QMRI_SUFFIXES, AcquisitionRecord
 from .derivatives import LONG_NAMES
 from .errors import BIDSInputError
@@ -89,18 +91,15 @@ class SessionPlan:
 
     @property
     def contrasts(self) -> list[str]:
-        """The structural contrasts present, reference first (T1w, FLAIR, T2w, PDw)."""
-        return [c for c, paths in (("T1w", self.t1w), ("FLAIR", self.flair), ("T2w", self.t2w), ("PDw", self.pdw))
-                if paths]
+        """The structural contrasts present, reference first (:data:`bidsapp.methods.CONTRASTS`)."""
+        return [c for c in CONTRASTS if getattr(self, c.lower())]
 
     @property
     def reference(self) -> Path | None:
         """The image every result of the session is aligned to: the first T1w, else the first FLAIR,
         T2w or PDw (a session without a T1w gets brain extraction and the methods that need no T1w)."""
-        for paths in (self.t1w, self.flair, self.t2w, self.pdw):
-            if paths:
-                return paths[0]
-        return None
+        present = self.contrasts
+        return getattr(self, present[0].lower())[0] if present else None
 
     @property
     def runs(self) -> list[int]:

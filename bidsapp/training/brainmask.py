@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bidsapp.training import default_anatomy_dir
+from bidsapp.devdata import anatomy_dir
 from bidsapp.training.config import add_config_arguments, config_from_args
 from bidsapp.training.config import command_line as config_command_line
 
@@ -121,7 +121,7 @@ def load_heads(anatomy_dir, use_icbm: bool = True, heldout=HELDOUT, grid_mm: flo
         srcs.append(("icbm152", None))
     if not srcs:
         raise FileNotFoundError(f"no anatomies: {anatomy_dir} has no anat-*_dseg.nii.gz and ICBM152 is off "
-                                "(set --anatomy-dir or SCANBRIDGE_ANATOMY_DIR)")
+                                "(set --anatomy-dir or SCANBRIDGE_DATA_DIR)")
     heads = []
     for name, src in srcs:
         ph = P.load_anatomy(src, resolution=grid_mm).reorient("RAS")
@@ -431,7 +431,7 @@ def _anatomy_names(cfg: TrainConfig) -> list[str]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_config_arguments(p, TrainConfig, defaults={"anatomy_dir": str(default_anatomy_dir())}, required=("out",))
+    add_config_arguments(p, TrainConfig, defaults={"anatomy_dir": str(anatomy_dir())}, required=("out",))
     p.add_argument("--stop-after", type=int, default=None, metavar="N",
                    help="stop at iteration N of the schedule, leaving a checkpoint (as scanbridge-train tissue's "
                         "--stop-after; rerun without it to continue)")

@@ -316,9 +316,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _anatomy_dir(arg) -> Path:
-    from bidsapp.training import default_anatomy_dir
+    from bidsapp.devdata import anatomy_dir
 
-    return Path(arg) if arg else default_anatomy_dir()
+    return Path(arg) if arg else anatomy_dir()
 
 
 def run(args) -> int:

@@ -38,13 +38,13 @@ from pathlib import Path
 import numpy as np
 
 from bidsapp.physics.contrast import LOW_CONTRAST, wm_gm_signal_ratio
-from bidsapp.training import default_anatomy_dir
+from bidsapp.devdata import anatomy_dir
 
 LOG = logging.getLogger("scanbridge.train.tissue")
 
 HELDOUT = ("anat-10", "anat-11", "anat-12")
 """Shared label maps never used for training: the benchmark's held-out subjects."""
-DEFAULT_ANATOMY_DIR = default_anatomy_dir()
+DEFAULT_ANATOMY_DIR = anatomy_dir()
 BRAIN_CLASSES = ("background", "CSF", "ventricles", "GM", "deep_GM", "WM", "lesion")
 MPRAGE_TD = 0.6
 MPRAGE_TAU = 0.01
