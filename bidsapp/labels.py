@@ -30,6 +30,11 @@ class LabelSet:
     description: str = ""
     main_desc: str | None = None
     """``desc`` of the main answer's dseg and mask (None: plain ``dseg``, as fMRIPrep writes tissue)."""
+    stats_desc: str | None = None
+    """``desc`` of the main answer's per-object table (``desc-lesions_stats.tsv``)."""
+    counted_as: str | None = None
+    """Tissue label its voxels count as in the tissue classes (lesions are damaged white matter: a tissue
+    segmentation's lesion voxels are relabelled WM, and the lesion volume is reported on its own)."""
 
     def __post_init__(self):
         values = [lab.value for lab in self.labels]
@@ -70,7 +75,7 @@ TISSUE = LabelSet("tissue", (
 
 LESION = LabelSet("lesion", (
     Label("lesion", 1, "#e31a1c", "white-matter lesion (hyperintense on FLAIR/T2w)"),
-), "white-matter lesions", main_desc="lesion")
+), "white-matter lesions", main_desc="lesion", stats_desc="lesions", counted_as="WM")
 
 BRAIN = "brain"
 """Volume-table row of the brain mask (the intracranial brain volume the tissue classes sum to)."""

@@ -12,9 +12,13 @@ Levels and what the ``factory`` returns:
     ``in_file`` (the session's preprocessed reference image: the T1w, or for a session without one its
     FLAIR, T2w or PDw), ``mask_file`` (its brain mask), ``<contrast>_file`` for every contrast in
     ``needs``/``optional`` (``t1w_file``, ``flair_file``, ... on the reference grid), ``priors`` and
-    ``acquisition`` when listed in ``inputs``. Outputs, by name: every kind in ``outputs``
-    (``probseg``: list in label order; ``dseg``; ``mask``; ``volumes_tsv``: long format
-    method/label/volume_mm3), plus ``metadata`` (sidecar fields) and ``warnings``.
+    ``acquisition`` when listed in ``inputs``; a node with an ``in_contrast`` input is told which
+    contrast ``in_file`` is. Outputs, by name: every kind in ``outputs`` (``probseg``: list in label
+    order; ``dseg``; ``mask``; ``volumes_tsv``: long format method/label/volume_mm3[/count];
+    ``stats``: one row per object, written as ``desc-<stats_desc>_stats.tsv``), plus ``metadata``
+    (sidecar fields) and ``warnings``. When a method whose label set has ``counted_as`` makes a mask,
+    the tissue methods' outputs of that session count its voxels as that tissue
+    (:class:`workflows.interfaces.lesion.FillLesions`).
 ``subject``
     ``factory(name, options) -> nipype Node``, run once per subject on all its sessions that have what
     it needs. Inputs: ``in_files``, ``mask_files``, ``session_ids`` (lists, one per session, in session
@@ -34,13 +38,13 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Callable, Union
 
-from bidsapp.labels import TISSUE, LabelSet
+from bidsapp.labels import LESION, TISSUE, LabelSet
 
 SESSION, SUBJECT, GROUP = "session", "subject", "group"
 LEVELS = (SESSION, SUBJECT, GROUP)
 CONTRASTS = ("T1w", "FLAIR", "T2w", "PDw")
 """Structural contrasts a session can have; the first present is the session's reference image."""
-OUTPUT_KINDS = ("probseg", "dseg", "mask", "volumes")
+OUTPUT_KINDS = ("probseg", "dseg", "mask", "volumes", "stats")
 EXTRA_INPUTS = ("priors", "acquisition")
 
 Factory = Union[str, Callable]
@@ -97,6 +101,8 @@ class Method:
             raise ValueError(f"method {self.key!r}: unknown output/input kind(s) {', '.join(bad)}")
         if self.labels is None and set(self.outputs) & {"probseg", "dseg", "mask"}:
             raise ValueError(f"method {self.key!r}: images need a label set")
+        if "stats" in self.outputs and (self.labels is None or not self.labels.stats_desc):
+            raise ValueError(f"method {self.key!r}: a stats table needs a label set with stats_desc")
         if "mask" in self.outputs and self.labels is not None and len(self.labels) != 1:
             raise ValueError(f"method {self.key!r}: a mask needs a one-label set")
 
@@ -238,6 +244,11 @@ register(Method(
     "atropos", SESSION, "workflows.segmentation:atropos_node", task=TISSUE.key, needs=(("T1w",),),
     inputs=("priors",), labels=TISSUE, outputs=("probseg", "dseg", "volumes"), mem_gb=2.0,
     summary="ANTs Atropos with template priors (the classical baseline)"))
+register(Method(
+    "lesion", SESSION, "workflows.segmentation:lesion_node", task=LESION.key, needs=(("FLAIR", "T2w", "PDw"),),
+    optional=("T1w", "FLAIR", "T2w", "PDw"), labels=LESION, outputs=("probseg", "mask", "volumes", "stats"),
+    mem_gb=2.0, title="MS lesions",
+    summary="scanner-invariant MS lesion U-Net on every contrast the session has (FLAIR, T2w or PDw needed)"))
 register(Method("combat", GROUP, "bidsapp.harmonize.combat:run", task="harmonisation", title="ComBat",
                 summary="ComBat harmonisation of the volumes across acquisition groups"))
 register(Method("mrainet", GROUP, "bidsapp.harmonize.mrainet_group:run", task="harmonisation", title="MRAI-NET",

@@ -12,6 +12,7 @@ from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
 from bidsapp import methods as M
+from bidsapp.labels import TISSUE
 from workflows.outputs import sink
 
 SESSION_RESULTS = ("metadata", "warnings")
@@ -36,6 +37,7 @@ def init_session_methods_wf(keys, available, *, options: dict, name: str = "meth
     merged into one long-format table; undefined when no method makes volumes).
     """
     from workflows.interfaces.ants import MergeVolumes
+    from workflows.interfaces.lesion import FillLesions
 
     methods = [M.get(k) for k in keys]
     wf = pe.Workflow(name=name)
@@ -48,22 +50,40 @@ def init_session_methods_wf(keys, available, *, options: dict, name: str = "meth
         gather = pe.Node(niu.Merge(len(with_volumes)), name="gather_volumes", run_without_submitting=True)
         merge = pe.Node(MergeVolumes(), name="merge_volumes", run_without_submitting=True)
         wf.connect([(gather, merge, [("out", "in_files")]), (merge, outputnode, [("out_file", "volumes")])])
+    nodes = {}
     for m in methods:
         missing = m.missing(available)
         if missing:
             raise ValueError(f"method {m.key} needs {', '.join(missing)}; the session has {', '.join(available)}")
-        node = m.build("seg_" + m.ident, {**options, "mem_gb": m.mem_gb})
+        node = nodes[m.key] = m.build("seg_" + m.ident, {**options, "mem_gb": m.mem_gb})
         used = m.contrasts_used(available)
         wf.connect(inputnode, contrast_field(used[0]), node, "in_file")
+        if "in_contrast" in node.inputs.copyable_trait_names():
+            node.inputs.in_contrast = used[0]
         wf.connect(inputnode, "mask_file", node, "mask_file")
         for c in used[1:]:
             wf.connect(inputnode, contrast_field(c), node, contrast_field(c))
         for extra in m.inputs:
             wf.connect(inputnode, extra, node, extra)
-        for field in output_fields(m):
-            wf.connect(node, field[len(m.ident) + 1:], outputnode, field)
+    filler = next((m for m in methods if m.labels is not None and m.labels.counted_as and "mask" in m.outputs), None)
+    for m in methods:
+        source = {field: (nodes[m.key], field[len(m.ident) + 1:]) for field in output_fields(m)}
+        if filler is not None and m.labels is not None and m.labels.key == TISSUE.key \
+                and {"dseg", "probseg", "volumes"} <= set(m.outputs):
+            fill = pe.Node(FillLesions(counted_as=filler.labels.counted_as), name=f"fill_{m.ident}")
+            wf.connect([
+                (nodes[m.key], fill, [("dseg", "dseg"), ("probseg", "probseg"), ("volumes_tsv", "volumes_tsv"),
+                                      ("metadata", "metadata")]),
+                (nodes[filler.key], fill, [("mask", "lesion_mask")]),
+                (inputnode, fill, [("mask_file", "mask_file")]),
+            ])
+            for kind in ("dseg", "probseg", "volumes_tsv", "metadata"):
+                source[f"{m.ident}_{kind}"] = (fill, kind)
+        for field, (node, out) in source.items():
+            wf.connect(node, out, outputnode, field)
         if m in with_volumes:
-            wf.connect(node, "volumes_tsv", gather, f"in{with_volumes.index(m) + 1}")
+            node, out = source[f"{m.ident}_volumes_tsv"]
+            wf.connect(node, out, gather, f"in{with_volumes.index(m) + 1}")
     return wf
 
 

@@ -117,8 +117,9 @@ def init_method_derivatives_wf(method: M.Method, *, main: bool, output_dir, bids
 
     Main answer: ``label-<name>_probseg``, ``[desc-<main_desc>_]dseg`` (+ look-up table),
     ``desc-<main_desc or key>_mask``; otherwise the method's ``desc`` is added (``label-GM_desc-atropos_probseg``,
-    ``desc-atropos_dseg``, ``desc-lesion<desc>_mask``). Inputs: ``source_file``, ``acquisition``,
-    ``metadata`` and the method's outputs by kind (``probseg``, ``dseg``, ``mask``).
+    ``desc-atropos_dseg``, ``desc-lesion<desc>_mask``), and a per-object table as
+    ``desc-<stats_desc>_stats.tsv``. Inputs: ``source_file``, ``acquisition``, ``metadata`` and the
+    method's outputs by kind (``probseg``, ``dseg``, ``mask``, ``stats``).
     """
     labels = method.labels
     wf = pe.Workflow(name=name or f"ds_{method.ident}_wf")
@@ -141,5 +142,10 @@ def init_method_derivatives_wf(method: M.Method, *, main: bool, output_dir, bids
         own = labels.main_desc or labels.key
         ds = sink("ds_mask", output_dir, bids_dir, suffix="mask", desc=own if main else own + method.desc)
         wf.connect([(inputnode, ds, [("mask", "in_file"), *common])])
+    if "stats" in kinds:
+        ds = sink("ds_stats", output_dir, bids_dir, suffix="stats", extension=".tsv",
+                  desc=labels.stats_desc if main else labels.stats_desc + method.desc)
+        wf.connect([(inputnode, ds, [("stats", "in_file"), ("source_file", "source_file"),
+                                     ("metadata", "metadata")])])
     return wf
 

@@ -5,6 +5,7 @@
 the plain U-Net when the sequence parameters are unusable. Both honour the session-method contract of
 :mod:`bidsapp.methods` (``in_file``, ``mask_file`` in; ``probseg``, ``dseg``, ``volumes_tsv``,
 ``metadata``, ``warnings`` out).
+``lesion``: the scanner-invariant MS lesion U-Net of :mod:`workflows.interfaces.lesion`.
 """
 
 from __future__ import annotations
@@ -29,3 +30,10 @@ def unet_node(name: str, options: dict) -> pe.Node:
 
     return pe.Node(TissueModel(device=options.get("device", "auto")), name=name,
                    n_procs=options.get("omp_nthreads", 1), mem_gb=options.get("mem_gb", 3.0))
+
+
+def lesion_node(name: str, options: dict) -> pe.Node:
+    from workflows.interfaces.lesion import LesionSegment
+
+    return pe.Node(LesionSegment(device=options.get("device", "auto"), method="lesion"), name=name,
+                   n_procs=options.get("omp_nthreads", 1), mem_gb=options.get("mem_gb", 2.0))

@@ -15,6 +15,10 @@ Public API
 ``LesionSpec(kind, centre_mm, radii_mm, angles_deg, wobble)``  one lesion in world (scanner) mm.
 ``sample_lesions(phantom, rng, n_periventricular=None, n_deep=None, n_juxtacortical=None) -> list[LesionSpec]``
     defaults draw 2-6 periventricular, 3-11 deep and 0-3 juxtacortical lesions.
+``lesion_pools(wm, d_vent, d_wm, d_gm, infratentorial=None) -> {kind: flat voxel indices}`` and
+``draw_lesion(kind, centre_mm, rng) -> LesionSpec``  the two steps of sampling, for callers that place
+    lesions themselves (the lesion trainer adds *infratentorial* ones, in brainstem and cerebellar white
+    matter, which need the label map's regions).
 ``apply_lesions(phantom, specs, growth=1.0) -> Phantom``  adds (or extends) the ``lesion`` class;
     ``growth`` scales every radius (lesion progression in follow-ups).
 ``add_lesions(phantom, rng, **kw) -> (Phantom, list[LesionSpec])``  both steps.
@@ -55,16 +59,47 @@ def _distances(phantom: Phantom):
     return wm, d_vent, d_wm, d_gm
 
 
-def sample_lesions(phantom: Phantom, rng: np.random.Generator, n_periventricular: int | None = None,
-                   n_deep: int | None = None, n_juxtacortical: int | None = None) -> list[LesionSpec]:
-    n_pv = int(rng.integers(2, 7)) if n_periventricular is None else int(n_periventricular)
-    n_dp = int(rng.integers(3, 12)) if n_deep is None else int(n_deep)
-    wm, d_vent, d_wm, d_gm = _distances(phantom)
+KINDS = ("periventricular", "deep", "juxtacortical", "infratentorial")
+
+
+def lesion_pools(wm, d_vent, d_wm, d_gm, infratentorial=None) -> dict:
+    """Flat voxel indices where a lesion of each kind may be centred (see the module docstring);
+    ``infratentorial`` is a mask of brainstem and cerebellar white matter (absent: no such pool)."""
     pools = {
         "periventricular": np.flatnonzero((wm & (d_vent >= 1.5) & (d_vent <= 5.0)).ravel()),
         "deep": np.flatnonzero((wm & (d_vent > 8.0) & (d_wm >= 2.5)).ravel()),
         "juxtacortical": np.flatnonzero((wm & (d_gm <= 2.0) & (d_vent > 10.0)).ravel()),
     }
+    if infratentorial is not None:
+        pools["infratentorial"] = np.flatnonzero((infratentorial & (d_wm >= 1.5)).ravel())
+    return pools
+
+
+def draw_lesion(kind: str, centre_mm, rng: np.random.Generator, scale: float = 1.0) -> LesionSpec:
+    """One lesion of ``kind`` centred at ``centre_mm``: size and shape drawn from the kind's
+    distribution (radii times ``scale``)."""
+    if kind == "periventricular":
+        r = float(np.clip(rng.lognormal(np.log(4.5), 0.35), 2.0, 10.0))
+        radii = (r, r * rng.uniform(0.45, 0.8), r * rng.uniform(1.1, 1.8))
+    elif kind in ("juxtacortical", "infratentorial"):
+        r = float(np.clip(rng.lognormal(np.log(2.5), 0.35), 1.2, 5.0))
+        radii = (r, r * rng.uniform(0.4, 0.7), r * rng.uniform(1.0, 1.6))
+    elif kind == "deep":
+        r = float(np.clip(rng.lognormal(np.log(2.2), 0.4), 1.2, 6.0))
+        radii = (r, r * rng.uniform(0.7, 1.0), r * rng.uniform(0.8, 1.3))
+    else:
+        raise ValueError(f"unknown lesion kind {kind!r}; known: {', '.join(KINDS)}")
+    wob = (float(rng.uniform(0.05, 0.25)),) + tuple(float(x) for x in rng.normal(0, 1, 3)) + (
+        float(rng.uniform(0, 2 * np.pi)),)
+    return LesionSpec(kind, tuple(float(c) for c in centre_mm), tuple(float(x) * scale for x in radii),
+                      tuple(float(a) for a in rng.uniform(-180, 180, 3)), wob)
+
+
+def sample_lesions(phantom: Phantom, rng: np.random.Generator, n_periventricular: int | None = None,
+                   n_deep: int | None = None, n_juxtacortical: int | None = None) -> list[LesionSpec]:
+    n_pv = int(rng.integers(2, 7)) if n_periventricular is None else int(n_periventricular)
+    n_dp = int(rng.integers(3, 12)) if n_deep is None else int(n_deep)
+    pools = lesion_pools(*_distances(phantom))
     specs = []
     for kind, n in (("periventricular", n_pv), ("deep", n_dp), ("juxtacortical", n_juxtacortical)):
         if n is None:  # drawn after the others, so the periventricular and deep lesions of a seed stay
@@ -74,20 +109,7 @@ def sample_lesions(phantom: Phantom, rng: np.random.Generator, n_periventricular
             continue
         for _ in range(n):
             ijk = np.array(np.unravel_index(pool[rng.integers(pool.size)], phantom.shape), float)
-            centre = phantom.affine[:3, :3] @ ijk + phantom.affine[:3, 3]
-            if kind == "periventricular":
-                r = float(np.clip(rng.lognormal(np.log(4.5), 0.35), 2.0, 10.0))
-                radii = (r, r * rng.uniform(0.45, 0.8), r * rng.uniform(1.1, 1.8))
-            elif kind == "juxtacortical":
-                r = float(np.clip(rng.lognormal(np.log(2.5), 0.35), 1.2, 5.0))
-                radii = (r, r * rng.uniform(0.4, 0.7), r * rng.uniform(1.0, 1.6))
-            else:
-                r = float(np.clip(rng.lognormal(np.log(2.2), 0.4), 1.2, 6.0))
-                radii = (r, r * rng.uniform(0.7, 1.0), r * rng.uniform(0.8, 1.3))
-            wob = (float(rng.uniform(0.05, 0.25)),) + tuple(float(x) for x in rng.normal(0, 1, 3)) + (
-                float(rng.uniform(0, 2 * np.pi)),)
-            specs.append(LesionSpec(kind, tuple(float(c) for c in centre), tuple(float(x) for x in radii),
-                                    tuple(float(a) for a in rng.uniform(-180, 180, 3)), wob))
+            specs.append(draw_lesion(kind, phantom.affine[:3, :3] @ ijk + phantom.affine[:3, 3], rng))
     return specs
 
 

@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     "tissue": ("bidsapp.training.tissue", "physics-aware GM/WM/CSF U-Net (and its no-physics ablation)"),
     "mrainet": ("bidsapp.training.mrainet", "MRAI-NET acquisition-invariant patch features"),
     "brainmask": ("bidsapp.training.brainmask", "contrast-agnostic brain-extraction U-Net"),
+    "lesion": ("bidsapp.training.lesion", "scanner-invariant MS lesion U-Net (and its BM/BDM baselines)"),
 }
 
 

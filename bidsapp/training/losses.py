@@ -93,3 +93,44 @@ class ContrastiveLoss(_Loss):
         if self.reduction == "none":
             return loss
         raise ValueError(f"unknown reduction {self.reduction!r}")
+
+
+# ------------------------------------------------------------------- domain regularisation (lesion paper)
+DOMAIN_LOSSES = ("none", "pc", "rand", "du")
+"""The scanner-invariant lesion paper's auxiliary losses (eqs. 3-4): none (BM/BDM), Pearson (L_pc),
+randomised cross-entropy (L_rand), discrete-uniform cross-entropy (L_du)."""
+DOMAIN_LAMBDA = {"none": 0.0, "pc": 0.2, "rand": 0.1, "du": 0.3}
+"""The paper's lambda per auxiliary loss (grid search, section 4)."""
+
+
+def domain_loss(kind: str, logits: torch.Tensor, domain: torch.Tensor, generator=None) -> torch.Tensor:
+    """Auxiliary loss of the regularisation network: ``logits`` (B, n) of the domain head, ``domain``
+    (B,) the true domain indices. ``pc``: Pearson correlation between the softmax and the one-hot truth
+    (minimised: eq. 3); ``rand``: cross-entropy against domain labels drawn at random for every input
+    and iteration (eq. 4 with shuffled truth); ``du``: cross-entropy against the uniform distribution."""
+    n = logits.shape[1]
+    if kind == "pc":
+        c = torch.softmax(logits, dim=1)
+        h = torch.nn.functional.one_hot(domain, n).to(c.dtype)
+        cc, hh = c - c.mean(1, keepdim=True), h - h.mean(1, keepdim=True)
+        r = (cc * hh).sum(1) / torch.sqrt((cc ** 2).sum(1) * (hh ** 2).sum(1)).clamp_min(1e-8)
+        return r.mean()
+    if kind == "rand":
+        shuffled = torch.randint(0, n, domain.shape, generator=generator).to(logits.device)
+        return torch.nn.functional.cross_entropy(logits, shuffled)
+    if kind == "du":
+        return -(torch.log_softmax(logits, dim=1)).mean(1).mean()
+    raise ValueError(f"unknown domain loss {kind!r}; known: {', '.join(DOMAIN_LOSSES[1:])}")
+
+
+def lesion_loss():
+    """Soft Dice of eq. 5 (squared denominators, MONAI) on the lesion channel, batch-wise so patches
+    with little lesion do not dominate; the anatomical context channels add Dice + BCE at weight 0.5."""
+    from monai.losses import DiceLoss
+
+    dice = DiceLoss(sigmoid=True, squared_pred=True, batch=True, smooth_nr=1e-5, smooth_dr=1e-5)
+    context = dice_bce_loss()
+
+    def loss(logits, target):
+        return dice(logits[:, :1], target[:, :1]) + 0.5 * context(logits[:, 1:], target[:, 1:])
+    return loss

@@ -527,14 +527,21 @@ def tissue_volumes(dseg_file, mask_file, method: str, out_file) -> str:
 
 
 def merge_volume_tables(in_files, out_file) -> str:
-    """Concatenate long-format volume tables (one header)."""
-    lines = ["method\tlabel\tvolume_mm3"]
+    """Concatenate long-format volume tables (one header); the optional ``count`` column (objects such as
+    lesions) is kept when any table has it, ``n/a`` for the rows of the others."""
+    tables, with_count = [], False
     for path in in_files:
         with open(path) as fh:
-            rows = fh.read().splitlines()
-        if not rows or rows[0].split("\t")[:3] != ["method", "label", "volume_mm3"]:
+            rows = [r.split("\t") for r in fh.read().splitlines() if r.strip()]
+        if not rows or rows[0][:3] != ["method", "label", "volume_mm3"]:
             raise ValueError(f"{path}: not a volumes table (method, label, volume_mm3)")
-        lines.extend(r for r in rows[1:] if r.strip())
+        has = len(rows[0]) > 3 and rows[0][3] == "count"
+        with_count |= has
+        tables.append([(r[:3], r[3] if has and len(r) > 3 else "n/a") for r in rows[1:]])
+    header = ["method", "label", "volume_mm3"] + (["count"] if with_count else [])
+    lines = ["\t".join(header)]
+    for table in tables:
+        lines += ["\t".join(cols + ([count] if with_count else [])) for cols, count in table]
     with open(out_file, "w") as fh:
         fh.write("\n".join(lines) + "\n")
     return str(out_file)

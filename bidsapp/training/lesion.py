@@ -1,0 +1,512 @@
+"""``scanbridge-train lesion``: the scanner-invariant MS lesion U-Net, trained on simulated scanners.
+
+The paper treats each site as a domain; scanbridge's physics engine makes as many sites as wanted. A run
+draws ``--scanners`` simulated scanners from ``--seed`` (:func:`make_scanners`: field strength, a
+sequence and its parameters per contrast, 1 mm 3D or 2D thick slices along an axis, noise, bias), and
+every training patch comes from one of them; the scanner's index is the domain the regularisation
+network predicts. Heads are the label maps of ``--anatomy-dir`` (``anat-10``..``anat-12`` held out)
+with MS lesions placed by :mod:`bidsapp.physics.lesions`: periventricular, deep white matter,
+juxtacortical and infratentorial (brainstem, cerebellar white matter), 3 mm^3 to confluent, each with
+its own T1/T2/PD so that some are black holes on T1w and all are bright on FLAIR/T2w/PDw.
+
+Per sample (:class:`LesionSynth`): a lesion kind and its centre, a box of the head around it with 0-7
+more lesions, the class fractions turned into each contrast's signal by the scanner's sequences
+(tissue properties varied per subject), a rotation/scale/flip, then per contrast a bias field, the
+scanner's slice thickness, Rician noise, the mean-in-brain scaling of
+:func:`bidsapp.models.lesion.normalise` and masking by a perturbed brain mask. Random contrast
+dropout keeps FLAIR, T2w or PDw and drops the others at random, so the model runs on what a session
+has. Targets: the lesion fraction, and the context maps (ventricles, cortex, infratentorial).
+
+Loss: soft Dice (+ context terms) + lambda * the auxiliary domain loss (``--domain-loss``
+none/pc/rand/du; lambda defaults to the paper's); ``--dropout`` > 0 is the paper's BDM. Adam
+(lr 1e-4 in the paper; here 1e-3 with a cosine schedule, the budget being ~50x smaller), a checkpoint
+every ``--checkpoint-every`` iterations that resumes exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from bidsapp.devdata import anatomy_dir
+from bidsapp.training.config import add_config_arguments, config_from_args
+from bidsapp.training.config import command_line as config_command_line
+
+LOG = logging.getLogger("scanbridge.train.lesion")
+
+HELDOUT = ("anat-10", "anat-11", "anat-12")
+VENTRICLES = (4, 43, 5, 44, 14)
+CORTEX = (3, 42)
+INFRATENTORIAL = (7, 8, 46, 47, 16, 15)
+INFRATENTORIAL_WM = (7, 46, 16)
+CEREBRAL_WM = (2, 41)
+KIND_P = {"periventricular": 0.35, "deep": 0.3, "juxtacortical": 0.2, "infratentorial": 0.15}
+
+
+# ------------------------------------------------------------------------------------------ scanners
+@dataclass
+class Scanner:
+    """One simulated site: the domain of the samples it makes."""
+
+    field_strength: float
+    sequences: dict   # contrast -> (equation family, parameters)
+    slices: dict      # contrast -> (axis, thickness mm); thickness 1 = 3D
+    snr: dict         # contrast -> SNR of the brain
+    bias: float
+
+    def describe(self) -> str:
+        parts = [f"{self.field_strength:.1f}T"]
+        for c, (fam, _) in self.sequences.items():
+            ax, th = self.slices[c]
+            parts.append(f"{c}:{fam}{'' if th <= 1 else f'/{th:.1f}mm'}")
+        return " ".join(parts)
+
+
+def flair_null_ti(tr: float, t1_csf: float) -> float:
+    """Inversion time that nulls CSF at repetition time ``tr``: TI = T1 ln(2 / (1 + exp(-TR/T1)))."""
+    return t1_csf * math.log(2.0 / (1.0 + math.exp(-tr / t1_csf)))
+
+
+def make_scanners(n: int, rng: np.random.Generator) -> list[Scanner]:
+    """``n`` random scanners: 1.5/3 T (some 1 T and 7 T), T1w as SPGR, MPRAGE or spin echo, FLAIR with
+    CSF nulled (TI within -10/+8 % of the null), T2w and PDw turbo spin echo; each contrast 1 mm 3D or
+    2D slices of 3-6 mm (axial mostly)."""
+    from bidsapp.physics.tissues import properties
+
+    out = []
+    for _ in range(int(n)):
+        b0 = float(rng.choice([1.0, 1.5, 3.0, 7.0], p=[0.05, 0.45, 0.45, 0.05]) * rng.uniform(0.97, 1.03))
+        t1_csf = properties("CSF", b0).t1
+        fam = rng.choice(["SPGR", "MPRAGE", "SE"], p=[0.3, 0.4, 0.3])
+        if fam == "SPGR":
+            tr = rng.uniform(0.006, 0.03)
+            t1w = ("SPGR", {"tr": tr, "te": rng.uniform(0.002, min(0.006, 0.5 * tr)), "flip_angle": rng.uniform(10, 40)})
+        elif fam == "MPRAGE":
+            t1w = ("MPRAGE", {"ti": rng.uniform(0.7, 1.2), "td": rng.uniform(0.3, 1.2), "tau": 0.01})
+        else:
+            t1w = ("TSE", {"tr": rng.uniform(0.4, 0.8), "te": rng.uniform(0.008, 0.02)})
+        tr = rng.uniform(6.0, 11.0)
+        flair = ("FLAIR", {"tr": tr, "te": rng.uniform(0.08, 0.14),
+                           "ti": flair_null_ti(tr, t1_csf) * rng.uniform(0.9, 1.08)})
+        t2w = ("TSE", {"tr": rng.uniform(2.5, 8.0), "te": rng.uniform(0.08, 0.12)})
+        pdw = ("TSE", {"tr": rng.uniform(2.0, 4.0), "te": rng.uniform(0.01, 0.03)})
+        seqs = {"FLAIR": flair, "T1w": t1w, "T2w": t2w, "PDw": pdw}
+        three_d = {"FLAIR": 0.35, "T1w": 0.5 if fam != "SE" else 0.0, "T2w": 0.15, "PDw": 0.1}
+        slices = {}
+        for c in seqs:
+            if rng.random() < three_d[c]:
+                slices[c] = (2, 1.0)
+            else:
+                slices[c] = (int(rng.choice([2, 0, 1], p=[0.7, 0.15, 0.15])), float(rng.uniform(3.0, 6.0)))
+        snr = {c: float(math.exp(rng.uniform(math.log(8.0), math.log(50.0)))) for c in seqs}
+        out.append(Scanner(b0, seqs, slices, snr, float(rng.uniform(0.0, 0.4))))
+    return out
+
+
+# ------------------------------------------------------------------------------------------ heads
+@dataclass
+class Head:
+    name: str
+    labels: np.ndarray        # int16, RAS, 1 mm, cropped to the brain with a margin
+    classes: np.ndarray       # uint8 index into bidsapp.physics.tissues.CLASSES
+    pools: dict               # lesion kind -> (N, 3) voxel coordinates
+    class_volume: np.ndarray  # voxels per class inside the brain (for the mean-in-brain scaling)
+
+
+def load_head(path) -> Head:
+    """A label map as a training head (see the module docstring)."""
+    import nibabel as nib
+    from scipy import ndimage as ndi
+
+    from bidsapp.physics.lesions import lesion_pools
+    from bidsapp.physics.phantom import LABEL_CLASSES
+    from bidsapp.physics.tissues import CLASSES, TISSUES
+
+    img = nib.as_closest_canonical(nib.load(str(path)))
+    lab = np.asarray(img.dataobj).astype(np.int16)
+    zooms = img.header.get_zooms()[:3]
+    if not np.allclose(zooms, 1.0, atol=0.05):
+        raise ValueError(f"{path}: label maps must be 1 mm (got {zooms})")
+    lut = np.zeros(int(lab.max()) + 1, np.uint8)
+    for v in np.unique(lab):
+        lut[v] = CLASSES.index(LABEL_CLASSES.get(int(v), "muscle" if v >= 500 else "deep_GM"))
+    brain_classes = np.array([TISSUES[c].brain for c in CLASSES])
+    brain = brain_classes[lut[lab]]
+    idx = np.argwhere(brain)
+    lo, hi = np.maximum(idx.min(0) - 12, 0), np.minimum(idx.max(0) + 13, lab.shape)
+    lab = np.ascontiguousarray(lab[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]])
+    cls = lut[lab]
+    wm = np.isin(lab, CEREBRAL_WM)
+    vent = np.isin(lab, VENTRICLES)
+    cortex = np.isin(lab, CORTEX)
+    d_vent = ndi.distance_transform_edt(~vent)
+    d_wm = ndi.distance_transform_edt(wm | np.isin(lab, INFRATENTORIAL_WM))
+    d_gm = ndi.distance_transform_edt(~cortex)
+    pools = lesion_pools(wm, d_vent, d_wm, d_gm, np.isin(lab, INFRATENTORIAL_WM))
+    pools = {k: np.stack(np.unravel_index(v, lab.shape), 1).astype(np.int16) for k, v in pools.items() if v.size}
+    inside = brain_classes[cls]
+    class_volume = np.bincount(cls[inside].ravel(), minlength=len(CLASSES)).astype(np.float64)
+    return Head(Path(path).name.split("_")[0], lab, cls, pools, class_volume)
+
+
+def load_heads(anatomy_dir, heldout=HELDOUT, only=None) -> list[Head]:
+    paths = [p for p in sorted(Path(anatomy_dir).glob("anat-*_dseg.nii.gz"))
+             if p.name.split("_")[0] not in heldout and (only is None or p.name.split("_")[0] in only)]
+    if not paths:
+        raise FileNotFoundError(f"no anatomies: {anatomy_dir} has no anat-*_dseg.nii.gz (set --anatomy-dir or "
+                                "SCANBRIDGE_DATA_DIR)")
+    heads = []
+    for p in paths:
+        heads.append(load_head(p))
+        LOG.info("anatomy %s: %s voxels", heads[-1].name, heads[-1].labels.shape)
+    return heads
+
+
+# ------------------------------------------------------------------------------------------ samples
+def _rotation(angles) -> np.ndarray:
+    a, b, c = np.deg2rad(angles)
+    rx = np.array([[1, 0, 0], [0, math.cos(a), -math.sin(a)], [0, math.sin(a), math.cos(a)]])
+    ry = np.array([[math.cos(b), 0, math.sin(b)], [0, 1, 0], [-math.sin(b), 0, math.cos(b)]])
+    rz = np.array([[math.cos(c), -math.sin(c), 0], [math.sin(c), math.cos(c), 0], [0, 0, 1]])
+    return rx @ ry @ rz
+
+
+def class_signals(scanner: Scanner, rng: np.random.Generator) -> tuple[dict, dict]:
+    """Per contrast: the signal of every tissue class (one subject's properties, lesions varied), and the
+    mean signal in the brain of the head ``None`` (filled by the caller)."""
+    from bidsapp.physics import equations
+    from bidsapp.physics.tissues import CLASSES, property_table, sample_multipliers
+
+    mult = sample_multipliers(CLASSES, rng, scale=1.5)
+    li = CLASSES.index("lesion")
+    mult[li, 0] *= rng.uniform(0.95, 1.08)       # water content
+    mult[li, 1] *= rng.uniform(0.75, 1.15)       # R1: from black holes to nearly isointense on T1w
+    mult[li, 2] *= rng.uniform(0.7, 1.1)         # R2: how bright on FLAIR/T2w
+    tab = property_table(CLASSES, scanner.field_strength, mult)
+    out = {}
+    for c, (fam, params) in scanner.sequences.items():
+        s = np.asarray(equations.signal(fam, tab[:, 0], tab[:, 1], tab[:, 2], tab[:, 3], params), np.float64)
+        s[0] = 0.0
+        out[c] = s.astype(np.float32)
+    return out
+
+
+class LesionSynth:
+    """Random training patches (see the module docstring)."""
+
+    def __init__(self, heads: list[Head], scanners: list[Scanner], size: int = 48, seed: int = 0,
+                 dropout_contrasts: bool = True):
+        import torch
+
+        self.heads, self.scanners, self.size = heads, scanners, int(size)
+        self.dropout_contrasts = dropout_contrasts
+        self.rng = np.random.default_rng(seed)
+        self.gen = torch.Generator().manual_seed(int(seed))
+
+    def state(self) -> dict:
+        return {"rng": self.rng.bit_generator.state, "gen": self.gen.get_state()}
+
+    def set_state(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["rng"]
+        self.gen.set_state(state["gen"])
+
+    def _kind(self, head: Head) -> str:
+        kinds = [k for k in KIND_P if k in head.pools]
+        p = np.array([KIND_P[k] for k in kinds])
+        return kinds[self.rng.choice(len(kinds), p=p / p.sum())]
+
+    def _lesions(self, head: Head, width: int):
+        """Lesion specs (mm = head voxel index) and the box's first voxel: a lesion of a random kind,
+        a box around it (shifted so it is not always in the middle) and 0-7 more lesions in the box,
+        clustered around the first when it is confluent."""
+        from bidsapp.physics.lesions import draw_lesion
+
+        rng = self.rng
+        kind = self._kind(head)
+        centre = head.pools[kind][rng.integers(len(head.pools[kind]))].astype(float)
+        confluent = rng.random() < 0.2
+        specs = [draw_lesion(kind, centre, rng, scale=rng.uniform(1.2, 1.8) if confluent else 1.0)]
+        lo = np.round(centre - width / 2 + rng.uniform(-width / 6, width / 6, 3)).astype(int)
+        for _ in range(int(rng.integers(0, 8))):
+            k = self._kind(head)
+            pool = head.pools[k]
+            inside = pool[np.all((pool >= lo) & (pool < lo + width), 1)]
+            if len(inside) == 0:
+                continue
+            c = inside[rng.integers(len(inside))].astype(float)
+            if confluent and rng.random() < 0.5:
+                c = centre + rng.normal(0, 4.0, 3)
+            specs.append(draw_lesion(k, c, rng))
+        return specs, lo
+
+    def sample(self) -> tuple:
+        """(image (4, S, S, S), target (4, S, S, S), domain index, contrasts present)."""
+        import torch
+        import torch.nn.functional as F
+
+        from bidsapp.models.lesion import CHANNELS, NEEDS
+        from bidsapp.physics.lesions import apply_lesions
+        from bidsapp.physics.phantom import Phantom
+        from bidsapp.physics.simulator import bias_field_torch, rician_noise_torch
+        from bidsapp.physics.tissues import CLASSES, TISSUES
+
+        rng, S = self.rng, self.size
+        domain = int(rng.integers(len(self.scanners)))
+        scanner = self.scanners[domain]
+        head = self.heads[rng.integers(len(self.heads))]
+        W = int(math.ceil(S * 1.3)) + 2
+        specs, lo = self._lesions(head, W)
+        shape = np.array(head.labels.shape)
+        src_lo, src_hi = np.maximum(lo, 0), np.minimum(lo + W, shape)
+        dst_lo = src_lo - lo
+        box = tuple(slice(a, b) for a, b in zip(src_lo, src_hi))
+        dst = tuple(slice(a, a + (b - c)) for a, b, c in zip(dst_lo, src_hi, src_lo))
+        cls = np.zeros((W, W, W), np.uint8)
+        lab = np.zeros((W, W, W), np.int16)
+        cls[dst], lab[dst] = head.classes[box], head.labels[box]
+        frac = np.zeros((len(CLASSES), W, W, W), np.float32)
+        np.put_along_axis(frac, cls[None].astype(np.int64), 1.0, axis=0)
+        affine = np.eye(4)
+        affine[:3, 3] = lo  # crop voxel -> head voxel (mm at 1 mm)
+        ph = apply_lesions(Phantom(frac, affine, CLASSES), specs)
+        frac = ph.fractions
+        signals = class_signals(scanner, rng)
+        brain_cls = np.array([TISSUES[c].brain for c in CLASSES], np.float32)
+        ft = torch.from_numpy(frac)
+        chans = [torch.einsum("cxyz,c->xyz", ft, torch.from_numpy(signals[c])) for c in CHANNELS]
+        targets = [ft[CLASSES.index("lesion")],
+                   torch.from_numpy(np.isin(lab, VENTRICLES).astype(np.float32)),
+                   torch.from_numpy(np.isin(lab, CORTEX).astype(np.float32)),
+                   torch.from_numpy(np.isin(lab, INFRATENTORIAL).astype(np.float32)),
+                   torch.einsum("cxyz,c->xyz", ft, torch.from_numpy(brain_cls))]
+        stack = torch.stack(chans + targets)[None]
+        # rotation, scaling and a left-right flip about the box centre
+        m = _rotation(rng.uniform(-12, 12, 3)) @ np.diag(rng.uniform(0.9, 1.1, 3))
+        if rng.random() < 0.5:
+            m[:, 0] *= -1
+        o = torch.stack(torch.meshgrid(*[torch.arange(S, dtype=torch.float32) - (S - 1) / 2] * 3,
+                                       indexing="ij"), -1)
+        p = o @ torch.as_tensor(m.T, dtype=torch.float32) + (W - 1) / 2
+        grid = (2 * p / (W - 1) - 1).flip(-1)[None]
+        warped = F.grid_sample(stack, grid, mode="bilinear", padding_mode="zeros", align_corners=True)[0]
+        images, target, brain = warped[:4], warped[4:8], warped[8]
+        # contrasts present: FLAIR, T2w or PDw always; the others at random
+        present = list(CHANNELS)
+        if self.dropout_contrasts:
+            present = [c for c in CHANNELS if rng.random() < {"FLAIR": 0.75, "T1w": 0.6, "T2w": 0.45, "PDw": 0.3}[c]]
+            if not any(c in NEEDS for c in present):
+                present.append(str(rng.choice(["FLAIR", "FLAIR", "FLAIR", "T2w", "PDw"])))
+        keep = (brain > rng.uniform(0.3, 0.7)).float()[None, None]
+        r = int(rng.integers(0, 3))
+        if r:
+            keep = F.max_pool3d(keep, 2 * r + 1, stride=1, padding=r)
+        keep = keep[0, 0]
+        out = torch.zeros_like(images)
+        vol = head.class_volume
+        for i, c in enumerate(CHANNELS):
+            if c not in present:
+                continue
+            img = images[i] * bias_field_torch((S, S, S), scanner.bias * rng.uniform(0.5, 1.5), self.gen)[0]
+            axis, thick = scanner.slices[c]
+            k = int(round(thick * rng.uniform(0.9, 1.1)))
+            if k >= 2:
+                kern = [1, 1, 1]
+                kern[axis] = k
+                low = F.avg_pool3d(img[None, None], kern, stride=kern, ceil_mode=True)
+                img = F.interpolate(low, size=(S, S, S), mode="trilinear", align_corners=False)[0, 0]
+            mean = float((signals[c] * vol).sum() / vol.sum())
+            img = rician_noise_torch(img, mean / (scanner.snr[c] * rng.uniform(0.7, 1.4)), self.gen)
+            if c != "FLAIR" and rng.random() < 0.3:  # residual misregistration of about a voxel
+                img = torch.roll(img, tuple(int(x) for x in rng.integers(-1, 2, 3)), (0, 1, 2))
+            img = img / (mean * rng.uniform(0.9, 1.1))
+            out[i] = (img * keep).clamp(0, 6)
+        target = (target * keep[None]).clamp(0, 1)
+        target[1:] = (target[1:] >= 0.5).float()
+        return out.float(), target.float(), domain, present
+
+    def batch(self, n: int):
+        import torch
+
+        items = [self.sample() for _ in range(n)]
+        return (torch.stack([i[0] for i in items]), torch.stack([i[1] for i in items]),
+                torch.as_tensor([i[2] for i in items]), [i[3] for i in items])
+
+
+# ------------------------------------------------------------------------------------------ training
+@dataclass
+class TrainConfig:
+    """One training run; the options and the card's command come from these fields."""
+
+    anatomy_dir: str = field(metadata={"help": "folder of anat-*_dseg.nii.gz label maps (default "
+                                               "$SCANBRIDGE_DATA_DIR/anatomy, i.e. ../shared/data/anatomy)"})
+    out: str = field(metadata={"help": "run folder: checkpoint.pt (resumable) and weights/"})
+    iterations: int = 4000
+    batch: int = 2
+    size: int = field(default=48, metadata={"help": "training patch edge in voxels of 1 mm"})
+    lr: float = 1e-3
+    seed: int = 0
+    scanners: int = field(default=24, metadata={"help": "simulated scanners (domains) to train on"})
+    domain_loss: str = field(default="rand", metadata={
+        "choices": ("none", "pc", "rand", "du"),
+        "help": "auxiliary loss of the regularisation network: none (BM/BDM), pc, rand, du"})
+    domain_lambda: float | None = field(default=None, metadata={
+        "help": "weight of the auxiliary loss (default: the paper's, 0.2 pc / 0.1 rand / 0.3 du)"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout in the U-Net (> 0: the paper's BDM)"})
+    features: str = field(default="8,16,32,64,128,8", metadata={"help": "BasicUNet features"})
+    heads: str | None = field(default=None, metadata={"help": "comma-separated anatomies to train on "
+                                                              "(default: all but the held-out ones)"})
+    threads: int = field(default=2, metadata={"card": False})
+    device: str = field(default="cpu", metadata={"card": False, "choices": ("cpu", "cuda", "auto")})
+    checkpoint_every: int = field(default=100, metadata={"card": False})
+
+
+def command_line(cfg: TrainConfig) -> str:
+    return config_command_line("scanbridge-train lesion", cfg, first=("anatomy_dir", "out"))
+
+
+def architecture(cfg: TrainConfig) -> dict:
+    from bidsapp.models.lesion import ARCHITECTURE
+
+    kw = dict(ARCHITECTURE["kwargs"], features=[int(x) for x in cfg.features.split(",")], dropout=cfg.dropout)
+    return {"class": ARCHITECTURE["class"], "kwargs": kw}
+
+
+def train(cfg: TrainConfig, heads: list[Head] | None = None, progress=print, stop_after: int | None = None) -> dict:
+    """Train (resuming from ``cfg.out``/checkpoint.pt when present); the history with the network under
+    ``"net"`` and ``"finished"`` False when stopped at ``stop_after`` before the end."""
+    import torch
+
+    from bidsapp.devices import resolve_device
+    from bidsapp.models.lesion import build_network
+    from bidsapp.training.losses import DOMAIN_LAMBDA, domain_loss, lesion_loss
+
+    torch.set_num_threads(int(cfg.threads))
+    device = resolve_device(cfg.device)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    if heads is None:
+        heads = load_heads(cfg.anatomy_dir, only=cfg.heads.split(",") if cfg.heads else None)
+    scanners = make_scanners(cfg.scanners, np.random.default_rng([cfg.seed, 1]))
+    synth = LesionSynth(heads, scanners, size=cfg.size, seed=cfg.seed)
+    use_head = cfg.domain_loss != "none"
+    net = build_network(architecture(cfg), n_domains=cfg.scanners if use_head else 0).to(device)
+    lam = DOMAIN_LAMBDA[cfg.domain_loss] if cfg.domain_lambda is None else float(cfg.domain_lambda)
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(i, cfg.iterations) / cfg.iterations)))
+    seg_loss = lesion_loss()
+    history = {"loss": [], "domain": [], "seconds": 0.0}
+    start = 0
+    ckpt = out / "checkpoint.pt"
+    if ckpt.is_file():
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        same_hardware = {k: state["config"][k] for k in ("threads", "device", "checkpoint_every")}
+        if state["config"] != asdict(cfg) | same_hardware:
+            raise SystemExit(f"{ckpt}: a checkpoint of another recipe; use a new --out or delete it")
+        net.load_state_dict(state["net"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        synth.set_state(state["synth"])
+        torch.set_rng_state(state["torch"])
+        history, start = state["history"], state["iteration"]
+        progress(f"resuming at iteration {start}")
+    net.train()
+    t0 = time.time() - history["seconds"]
+    end = cfg.iterations if stop_after is None else max(start, min(cfg.iterations, int(stop_after)))
+    for it in range(start, end):
+        x, y, d, _ = synth.batch(cfg.batch)
+        x, y, d = x.to(device), y.to(device), d.to(device)
+        opt.zero_grad(set_to_none=True)
+        if use_head:
+            logits, dom = net(x, with_domain=True)
+            aux = domain_loss(cfg.domain_loss, dom, d, generator=synth.gen)
+        else:
+            logits, aux = net(x), torch.zeros(())
+        loss = seg_loss(logits, y) + lam * aux
+        loss.backward()
+        opt.step()
+        sched.step()
+        history["loss"].append(float(loss.detach()))
+        history["domain"].append(float(aux.detach()))
+        done = it + 1
+        if done % 25 == 0 or done == cfg.iterations:
+            progress(f"iteration {done}/{cfg.iterations} loss {np.mean(history['loss'][-25:]):.4f} "
+                     f"domain {np.mean(history['domain'][-25:]):.4f} ({time.time() - t0:.0f} s)")
+        if done % cfg.checkpoint_every == 0 or done == end:
+            history["seconds"] = time.time() - t0
+            tmp = out / "checkpoint.pt.tmp"
+            torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                        "synth": synth.state(), "torch": torch.get_rng_state(), "history": history,
+                        "iteration": done, "config": asdict(cfg)}, tmp)
+            os.replace(tmp, ckpt)
+    history["seconds"] = time.time() - t0
+    return dict(history, net=net, finished=end == cfg.iterations, scanners=scanners)
+
+
+def save(net, cfg: TrainConfig, history: dict, weights_dir=None, metrics: dict | None = None) -> dict:
+    """Write the segmentation weights (without the regularisation head) and the model card."""
+    import torch
+
+    from bidsapp import __version__
+    from bidsapp.models import registry
+    from bidsapp.models.lesion import CHANNELS, GRID_MM, MODEL_NAME, OUTPUTS, segmentation_state
+
+    heads = cfg.heads.split(",") if cfg.heads else [
+        p.name.split("_")[0] for p in sorted(Path(cfg.anatomy_dir).glob("anat-*_dseg.nii.gz"))
+        if p.name.split("_")[0] not in HELDOUT]
+    card = {
+        "version": __version__,
+        "task": "MS / white-matter lesion segmentation from any of FLAIR, T1w, T2w, PDw",
+        "architecture": architecture(cfg),
+        "resolution_mm": GRID_MM,
+        "channels": list(CHANNELS),
+        "outputs": list(OUTPUTS),
+        "input": ("contrasts co-registered on one grid, RAS, 1 mm; each masked by the brain and divided by its "
+                  "mean inside the brain; a missing contrast is zeros"),
+        "output": "sigmoid per output; lesion mask = probability >= 0.5, components under 3 mm^3 dropped",
+        "training": {
+            "command": command_line(cfg),
+            "seed": cfg.seed,
+            "data": (f"synthetic patches of {cfg.size}^3 mm from label maps {', '.join(heads)} (held out: "
+                     f"{', '.join(HELDOUT)}) with simulated MS lesions, {cfg.scanners} simulated scanners "
+                     "(the domains)"),
+            "domain_loss": cfg.domain_loss,
+            "iterations": cfg.iterations, "batch": cfg.batch, "patch_voxels": cfg.size,
+            "seconds": round(history["seconds"], 1), "threads": cfg.threads, "device": cfg.device,
+            "torch": torch.__version__, "platform": platform.platform(),
+            "final_loss": float(np.mean(history["loss"][-50:])) if history["loss"] else None,
+        },
+        "metrics": metrics or {},
+    }
+    return registry.save_model(MODEL_NAME, segmentation_state(net), card, weights_dir or Path(cfg.out) / "weights")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_config_arguments(p, TrainConfig, defaults={"anatomy_dir": str(anatomy_dir())}, required=("out",))
+    p.add_argument("--stop-after", type=int, default=None, metavar="N",
+                   help="stop at iteration N of the schedule, leaving a checkpoint (rerun without it to continue)")
+
+
+def run(args) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cfg = config_from_args(TrainConfig, args)
+    if not Path(cfg.anatomy_dir).is_dir():
+        print(f"scanbridge-train lesion: {cfg.anatomy_dir}: no such folder", file=sys.stderr)
+        return 2
+    hist = train(cfg, progress=lambda m: print(m, flush=True), stop_after=args.stop_after)
+    if not hist["finished"]:
+        print(f"stopped at iteration {len(hist['loss'])} of {cfg.iterations}; rerun the same command to continue")
+        return 0
+    card = save(hist["net"], cfg, hist)
+    print(f"wrote {Path(cfg.out) / 'weights'} (sha256 {card['sha256'][:12]})")
+    return 0

@@ -1,0 +1,220 @@
+"""The lesion method: model, trainer, location classes, lesion filling and the method wiring."""
+
+from __future__ import annotations
+
+import math
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+
+def tiny_label_map(path, n=72):
+    """A 1 mm label map with FreeSurfer labels: ventricles (4) in cerebral WM (2), cortex (3), CSF (24),
+    brainstem (16) below, background outside."""
+    g = np.arange(n) - n / 2
+    x, y, z = np.meshgrid(g, g, g, indexing="ij")
+    r = np.sqrt(x ** 2 + y ** 2 + (z - 6) ** 2)
+    lab = np.zeros((n, n, n), np.int16)
+    lab[r < 31] = 24
+    lab[r < 29] = 3
+    lab[r < 25] = 2
+    lab[(np.abs(x) < 9) & (np.abs(y) < 4) & (np.abs(z - 8) < 8)] = 4
+    lab[(np.abs(x) < 5) & (np.abs(y) < 5) & (z < -12) & (z > -30)] = 16
+    nib.save(nib.Nifti1Image(lab, np.eye(4)), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    from bidsapp.training import lesion as T
+
+    return T.load_head(tiny_label_map(tmp_path_factory.mktemp("anat") / "anat-01_dseg.nii.gz"))
+
+
+# ------------------------------------------------------------------------------------------ losses
+def test_domain_losses_follow_the_paper():
+    from bidsapp.training.losses import domain_loss
+
+    d = torch.tensor([0, 2])
+    sure = torch.tensor([[20.0, 0, 0], [0, 0, 20.0]])
+    assert domain_loss("pc", sure, d).item() == pytest.approx(1.0, abs=1e-3)  # eq. 3: correlated = 1
+    assert domain_loss("pc", -sure, d).item() < 0
+    flat = torch.zeros(2, 3)
+    assert domain_loss("du", flat, d).item() == pytest.approx(math.log(3), abs=1e-5)  # minimum at uniform
+    assert domain_loss("du", sure, d).item() > math.log(3)
+    g = torch.Generator().manual_seed(0)
+    assert domain_loss("rand", flat, d, generator=g).item() == pytest.approx(math.log(3), abs=1e-5)
+    with pytest.raises(ValueError, match="unknown domain loss"):
+        domain_loss("xx", flat, d)
+
+
+# ------------------------------------------------------------------------------------------ model
+def test_network_has_a_domain_head_only_for_training():
+    from bidsapp.models.lesion import ARCHITECTURE, CHANNELS, OUTPUTS, build_network, segmentation_state
+
+    arch = {"class": ARCHITECTURE["class"], "kwargs": dict(ARCHITECTURE["kwargs"], features=[4, 4, 4, 4, 8, 4])}
+    net = build_network(arch, n_domains=5)
+    x = torch.rand(2, len(CHANNELS), 32, 32, 32)
+    logits, dom = net(x, with_domain=True)
+    assert logits.shape == (2, len(OUTPUTS), 32, 32, 32) and dom.shape == (2, 5)
+    state = segmentation_state(net)
+    assert not any(k.startswith("domain_head") for k in state)
+    plain = build_network(arch)
+    plain.load_state_dict(state)  # the shipped weights load without the head
+    net.eval(), plain.eval()
+    assert torch.allclose(plain(x), net(x))
+
+
+def test_lesion_table_locations_and_sizes():
+    from bidsapp.models.lesion import clean_mask, lesion_table
+
+    shape = (40, 40, 40)
+    aff = np.diag([1.0, 1.0, 2.0, 1.0])
+    vent = np.zeros(shape, np.float32)
+    vent[18:22, 18:22, 18:22] = 1
+    cortex = np.zeros(shape, np.float32)
+    cortex[:, :, 36:] = 1
+    infra = np.zeros(shape, np.float32)
+    infra[:, :, :6] = 1
+    mask = np.zeros(shape, bool)
+    mask[22:24, 19:21, 19:21] = True      # touches the ventricles
+    mask[5:8, 5:8, 34:36] = True          # next to the cortex
+    mask[30:33, 30:33, 25:27] = True      # deep
+    mask[10:12, 30:32, 2:4] = True        # infratentorial
+    mask[2, 2, 20] = True                 # 2 mm^3: below the minimum
+    cleaned = clean_mask(mask, 2.0)
+    assert not cleaned[2, 2, 20] and cleaned[30, 30, 25]
+    rows = lesion_table(cleaned, aff, {"ventricles": vent, "cortex": cortex, "infratentorial": infra})
+    by_x = {r["centroid_x_mm"]: r for r in rows}
+    assert len(rows) == 4
+    assert by_x[22.5]["location"] == "periventricular" and by_x[22.5]["volume_mm3"] == 16.0
+    assert by_x[6.0]["location"] == "juxtacortical"
+    assert by_x[31.0]["location"] == "deep white matter"
+    assert by_x[10.5]["location"] == "infratentorial"
+    assert by_x[31.0]["centroid_z_mm"] == pytest.approx(51.0)  # voxel 25.5 at 2 mm
+    assert lesion_table(np.zeros(shape, bool), aff, {}) == []
+
+
+# ------------------------------------------------------------------------------------------ training
+def test_scanners_are_reproducible_and_flair_nulls_csf():
+    from bidsapp.physics import equations
+    from bidsapp.physics.tissues import properties
+    from bidsapp.training import lesion as T
+
+    a = T.make_scanners(5, np.random.default_rng(3))
+    b = T.make_scanners(5, np.random.default_rng(3))
+    assert [s.describe() for s in a] == [s.describe() for s in b]
+    csf = properties("CSF", 3.0)
+    ti = T.flair_null_ti(9.0, csf.t1)
+    s = equations.signal("FLAIR", csf.pd, csf.t1, csf.t2, csf.t2s, {"tr": 9.0, "te": 0.1, "ti": ti})
+    wm = properties("WM", 3.0)
+    s_wm = equations.signal("FLAIR", wm.pd, wm.t1, wm.t2, wm.t2s, {"tr": 9.0, "te": 0.1, "ti": ti})
+    assert abs(float(s)) < 0.02 * float(s_wm)
+
+
+def test_head_pools_cover_every_lesion_kind(head):
+    assert set(head.pools) == {"periventricular", "deep", "juxtacortical", "infratentorial"}
+    assert head.class_volume.sum() > 0
+
+
+def test_synthetic_patches_show_lesions_bright_on_flair(head):
+    from bidsapp.models.lesion import CHANNELS, NEEDS
+    from bidsapp.training import lesion as T
+
+    synth = T.LesionSynth([head], T.make_scanners(3, np.random.default_rng(0)), size=24, seed=1,
+                          dropout_contrasts=False)
+    brighter = []
+    for _ in range(6):
+        x, y, d, present = synth.sample()
+        assert x.shape == (4, 24, 24, 24) and y.shape == (4, 24, 24, 24) and 0 <= d < 3
+        assert float(y.min()) >= 0 and float(y.max()) <= 1
+        lesion = y[0] > 0.9
+        wm_like = (y[0] == 0) & (y[1] == 0) & (y[2] == 0) & (x[0] > 0)
+        if lesion.sum() > 5 and wm_like.sum() > 5:
+            brighter.append(float(x[0][lesion].mean()) > float(x[0][wm_like].median()))
+    assert brighter and np.mean(brighter) >= 0.8
+    synth = T.LesionSynth([head], T.make_scanners(3, np.random.default_rng(0)), size=16, seed=2)
+    for _ in range(8):
+        x, _, _, present = synth.sample()
+        assert any(c in NEEDS for c in present)
+        for i, c in enumerate(CHANNELS):
+            assert (c in present) == bool(x[i].abs().sum() > 0)
+
+
+def test_training_resumes_exactly(head, tmp_path):
+    from bidsapp.training import lesion as T
+
+    kw = dict(anatomy_dir=str(tmp_path), iterations=3, batch=1, size=32, scanners=3, features="4,4,4,4,8,4",
+              checkpoint_every=1, threads=1)
+    whole = T.train(T.TrainConfig(out=str(tmp_path / "a"), **kw), heads=[head], progress=lambda m: None)
+    part = T.train(T.TrainConfig(out=str(tmp_path / "b"), **kw), heads=[head], progress=lambda m: None,
+                   stop_after=2)
+    assert not part["finished"]
+    rest = T.train(T.TrainConfig(out=str(tmp_path / "b"), **kw), heads=[head], progress=lambda m: None)
+    assert rest["finished"] and rest["loss"] == pytest.approx(whole["loss"])
+    card = T.save(rest["net"], T.TrainConfig(out=str(tmp_path / "b"), heads="anat-01", **kw), rest,
+                  weights_dir=tmp_path / "w")
+    assert card["training"]["command"].startswith("scanbridge-train lesion --anatomy-dir")
+    assert "--domain-loss" not in card["training"]["command"]  # the default: rand
+    with pytest.raises(SystemExit, match="another recipe"):
+        T.train(T.TrainConfig(out=str(tmp_path / "b"), **dict(kw, scanners=4)), heads=[head], progress=lambda m: None)
+
+
+# ------------------------------------------------------------------------------------------ filling
+def test_fill_lesions_moves_lesion_voxels_to_white_matter():
+    from workflows.interfaces.lesion import fill_lesions
+
+    dseg = np.array([[[0, 1, 2, 3, 2]]], np.uint8)
+    probs = np.zeros((3, 1, 1, 5), np.float32)
+    for i, v in enumerate(dseg.ravel()):
+        if v:
+            probs[v - 1, 0, 0, i] = 1.0
+    lesion = np.array([[[True, True, True, False, False]]])
+    out, p = fill_lesions(dseg, probs, lesion)
+    assert out.ravel().tolist() == [0, 3, 3, 3, 2]
+    assert p[:, 0, 0, 1].tolist() == [0, 0, 1] and p[:, 0, 0, 4].tolist() == [0, 1, 0]
+    assert np.allclose(p.sum(0), probs.sum(0))
+
+
+def test_merge_volume_tables_keeps_lesion_counts(tmp_path):
+    from workflows.interfaces.ants import merge_volume_tables
+
+    (tmp_path / "a.tsv").write_text("method\tlabel\tvolume_mm3\nunet\tGM\t10.0\n")
+    (tmp_path / "b.tsv").write_text("method\tlabel\tvolume_mm3\tcount\nlesion\tlesion\t5.0\t2\n")
+    out = merge_volume_tables([tmp_path / "a.tsv", tmp_path / "b.tsv"], tmp_path / "m.tsv")
+    assert open(out).read().splitlines() == ["method\tlabel\tvolume_mm3\tcount", "unet\tGM\t10.0\tn/a",
+                                              "lesion\tlesion\t5.0\t2"]
+    out = merge_volume_tables([tmp_path / "a.tsv"], tmp_path / "n.tsv")
+    assert open(out).read().splitlines()[0] == "method\tlabel\tvolume_mm3"
+
+
+# ------------------------------------------------------------------------------------------ method
+def test_lesion_method_runs_on_sessions_with_a_hyperintense_contrast():
+    from bidsapp import methods as M
+
+    m = M.get("lesion")
+    assert m.contrasts_used(["T1w", "FLAIR", "T2w"]) == ("FLAIR", "T1w", "T2w")
+    assert m.contrasts_used(["T2w"]) == ("T2w",)
+    plan = M.plan_session(M.select(), ["T1w"])
+    assert "lesion" not in plan.run and any(s.startswith("lesion skipped: needs FLAIR or T2w or PDw") for s in plan.skipped)
+    assert M.plan_session(M.select(), ["FLAIR"]).run == ["lesion"]
+
+
+def test_session_methods_fill_lesions_into_tissue_outputs():
+    from workflows.methods import init_session_methods_wf
+
+    wf = init_session_methods_wf(("atropos", "lesion"), ["T1w", "FLAIR"], options={"omp_nthreads": 1})
+    fill = wf.get_node("fill_atropos")
+    assert fill is not None
+    seg = wf.get_node("seg_lesion")
+    assert seg.inputs.in_contrast == "FLAIR"
+    edges = {(u.name, v.name) for u, v in wf._graph.edges()}
+    assert ("seg_lesion", "fill_atropos") in edges and ("fill_atropos", "outputnode") in edges
+    direct = {dst for u, v, d in wf._graph.edges(data=True) if u.name == "seg_atropos" and v.name == "outputnode"
+              for _, dst in d["connect"]}
+    assert direct == {"atropos_warnings"}  # its images, volumes and sidecar reach the outputs only filled
+    plain = init_session_methods_wf(("atropos",), ["T1w"], options={"omp_nthreads": 1})
+    assert plain.get_node("fill_atropos") is None
