@@ -139,7 +139,9 @@ def _file_into(entry: dict, path: Path, ents: dict) -> None:
 
 def collect_volumes(output_dir: str | os.PathLike, subject: str | None = None) -> pd.DataFrame:
     """Every session's ``desc-volumes_morph.tsv`` in long format: participant_id, session_id, acq, run, method,
-    label, volume_mm3, path (subject-level tables, with other ``desc``, are not volume tables).
+    label, volume_mm3, count, path (subject-level tables, with other ``desc``, are not volume tables).
+    ``count`` is the optional fourth column of tables with a lesion row (the number of lesions); NaN where a
+    table has no such column or leaves it ``n/a``.
 
     Unreadable tables or tables without the :data:`~.derivatives.MORPH_COLUMNS` are skipped; their
     one-line reasons are in ``df.attrs["warnings"]``.
@@ -156,14 +158,16 @@ def collect_volumes(output_dir: str | os.PathLike, subject: str | None = None) -
             if missing:
                 warnings.append(f"{path}: volumes table lacks column(s) {', '.join(missing)}")
                 continue
+            count = pd.to_numeric(table["count"], errors="coerce") if "count" in table.columns else float("nan")
             table = table[list(MORPH_COLUMNS)].copy()
+            table["count"] = count
             table.insert(0, "participant_id", f"sub-{entry['subject']}")
             table.insert(1, "session_id", f"ses-{entry['session']}" if entry["session"] else None)
             table.insert(2, "acq", entry["entities"].get("acq"))
             table.insert(3, "run", entry["entities"].get("run"))
             table["path"] = str(path)
             frames.append(table)
-    columns = ["participant_id", "session_id", "acq", "run", *MORPH_COLUMNS, "path"]
+    columns = ["participant_id", "session_id", "acq", "run", *MORPH_COLUMNS, "count", "path"]
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
     df.attrs["warnings"] = warnings
     return df
@@ -215,6 +219,15 @@ class SessionFiles:
     """T1w already resampled into a template space, by template name."""
     others: dict[str, Path] = field(default_factory=dict)
     """Preprocessed FLAIR/T2w/PDw in the reference grid, by suffix."""
+    on_grid: dict[str, Path] = field(default_factory=dict)
+    """Preprocessed FLAIR/T2w/PDw known to lie on the reference grid, by suffix: ``space-<reference>`` images,
+    and the reference itself in a session without a T1w."""
+    lesion_mask: Path | None = None
+    """The lesion method's binary mask (``desc-lesion_mask``), on the reference grid."""
+    lesion_probseg: Path | None = None
+    """The lesion probability (``label-lesion_probseg``), on the reference grid."""
+    lesion_stats: Path | None = None
+    """The per-lesion table (``desc-lesions_stats.tsv``)."""
     reference: str = "T1w"
     """Suffix of the reference image (``preproc``)."""
     acq_group: str = ""
@@ -234,6 +247,11 @@ class SessionFiles:
         return self.preproc if self.reference == "T1w" else None
 
     @property
+    def flair(self) -> Path | None:
+        """The preprocessed FLAIR on the reference grid (the reference itself in a FLAIR-only session)."""
+        return self.on_grid.get("FLAIR")
+
+    @property
     def label(self) -> str:
         rest = self.prefix[len(f"sub-{self.subject}"):].lstrip("_")
         return rest or "(no session)"
@@ -244,6 +262,8 @@ def session_files(output_dir, subject: str | None = None, session: str | None = 
     """Derivatives of one subject (or all), one entry per preprocessed reference image, as the reports and
     the group level read them. A co-registered image whose own entities (acq, run) differ from its
     reference's is attached to the session's entry. Unreadable sidecars go to ``problems``."""
+    from ..labels import LESION
+
     entries = collect_derivatives(output_dir, subject, session)
     out: list[SessionFiles] = []
     orphans = []
@@ -259,7 +279,11 @@ def session_files(output_dir, subject: str | None = None, session: str | None = 
                 f.reference, f.preproc = ref, e["preproc"][ref]
         f.mask = e["brain_mask"]
         f.dseg = e["dseg"]
-        f.probseg = dict(e["probseg"])
+        f.probseg = {k: v for k, v in e["probseg"].items() if k not in LESION.names}  # the tissue classes
+        f.lesion_probseg = next((e["probseg"][k] for k in LESION.names if k in e["probseg"]), None)
+        f.lesion_mask = e["masks"].get(LESION.main_desc)
+        if f.preproc is not None and f.reference in OTHER_MODALITIES:
+            f.on_grid[f.reference] = f.preproc
         f.dseg_alt = {desc: v["dseg"] for desc, v in e["variants"].items() if v.get("dseg")}
         f.morph = [Path(p) for p in e["morph"].values()]
         for x in e["xfms"]:
@@ -270,12 +294,18 @@ def session_files(output_dir, subject: str | None = None, session: str | None = 
         f.others = {m: p for m, p in e["preproc"].items() if m in OTHER_MODALITIES and m != f.reference}
         for path in e["other"]:
             pe = parse_entities(path) or {}
+            if (pe.get("suffix") == "stats" and pe.get("desc") == LESION.stats_desc and "space" not in pe
+                    and pe.get("extension") == ".tsv"):
+                f.lesion_stats = path
+                continue
             if pe.get("desc") != "preproc" or pe.get("extension") not in (".nii.gz", ".nii"):
                 continue
             if pe.get("suffix") == "T1w" and pe.get("space") not in (None, "T1w"):
                 f.template_space[pe["space"]] = path
             elif pe.get("suffix") in OTHER_MODALITIES and pe.get("space") in ("T1w", *OTHER_MODALITIES):
                 f.others.setdefault(pe["suffix"], path)
+                if pe.get("space") == f.reference:
+                    f.on_grid.setdefault(pe["suffix"], path)
         if problems is not None:
             problems.extend(e.get("warnings") or [])
         if f.preproc is None and not (f.mask or f.dseg or f.morph) and f.others:
@@ -287,6 +317,9 @@ def session_files(output_dir, subject: str | None = None, session: str | None = 
         if host is not None:
             for mod, path in o.others.items():
                 host.others.setdefault(mod, path)
+            if host.reference == o.reference:  # an orphan's images are on the grid its space entity names
+                for mod, path in o.on_grid.items():
+                    host.on_grid.setdefault(mod, path)
         else:
             out.append(o)
     return out

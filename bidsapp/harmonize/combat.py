@@ -7,20 +7,27 @@ as measured and flagged. Covariates that are missing for some sessions are imput
 (median/mode, said in the log), dropped otherwise; a covariate confounded with the batch (the design matrix
 loses rank) is dropped with a message rather than letting ComBat produce meaningless numbers.
 
+Lesion volumes (the ``lesion`` column, when the study has lesion results) are harmonised once per session,
+over the sessions that have one: they are skewed and often zero, so ComBat works on log(1 + volume in mm^3)
+and the result is transformed back (and kept >= 0). Lesion counts are not harmonised. Sessions without a T1w
+(rows of method ``lesion``) have no tissue volumes to harmonise.
+
 Outputs: ``group_volumes_combat.tsv`` (same rows as group_volumes.tsv, volumes harmonised, a ``combat``
-status column), ``group_combat_stats.tsv`` (per method and tissue: the between-group F test and the share of
-variance explained by the group, before and after) and ``group_combat_summary.tsv`` (mean and SD per group).
+status column, and ``combat_lesion`` with lesions), ``group_combat_stats.tsv`` (per method and tissue: the
+between-group F test and the share of variance explained by the group, before and after; lesions as method
+``lesion``) and ``group_combat_summary.tsv`` (mean and SD per group).
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+from warnings import catch_warnings, simplefilter
 
 import numpy as np
 import pandas as pd
 
-from bidsapp.labels import VOLUME_LABELS
+from bidsapp.labels import LESION, VOLUME_LABELS
 
 __all__ = ["CombatResult", "combat_volumes", "group_effect", "run"]
 
@@ -85,13 +92,18 @@ def _full_rank(batch: pd.Series, cov: pd.DataFrame, cont: list[str], cat: list[s
 
 
 def combat_volumes(df: pd.DataFrame, tissues=VOLUME_LABELS, batch_col: str = "acq_group") -> CombatResult:
-    """Harmonise the tissue columns of one method's rows; never raises for bad data, says why instead."""
+    """Harmonise the tissue columns of one method's rows; never raises for bad data, says why instead.
+
+    Empirical Bayes pools the batch effects over the columns, so a single column (the lesion volume) is
+    harmonised with ComBat's plain per-group location and scale estimates (``eb=False``).
+    """
     from neuroCombat import neuroCombat
 
     messages: list[str] = []
     data = df.copy()
     data["combat"] = "not harmonised"
     tissues = [t for t in tissues if t in data.columns]
+    eb = len(tissues) > 1
     vals = data[tissues].apply(pd.to_numeric, errors="coerce")
     ok = vals.notna().all(axis=1) & data[batch_col].notna()
     if (~ok).any():
@@ -123,9 +135,11 @@ def combat_volumes(df: pd.DataFrame, tissues=VOLUME_LABELS, batch_col: str = "ac
     x = vals.loc[ok, tissues].to_numpy(float).T
     const = np.nanstd(x, axis=1) == 0
     try:
-        with contextlib.redirect_stdout(io.StringIO()):  # neuroCombat prints its progress
+        with contextlib.redirect_stdout(io.StringIO()), catch_warnings():  # neuroCombat prints its progress
+            if not eb:  # it still computes the (unused) priors, a variance over one column
+                simplefilter("ignore", RuntimeWarning)
             res = neuroCombat(dat=x, covars=covars, batch_col="batch", categorical_cols=cat or None,
-                              continuous_cols=cont or None)
+                              continuous_cols=cont or None, eb=eb)
         harmonized = np.asarray(res["data"], dtype=float)
     except Exception as exc:  # neuroCombat fails with opaque linear-algebra errors on degenerate data
         messages.append(f"ComBat failed ({type(exc).__name__}: {exc}); volumes are left as measured")
@@ -170,6 +184,62 @@ def _with_covariates(vol: pd.DataFrame, participants: pd.DataFrame | None) -> pd
     return vol.merge(p[["participant_id", *add]].drop_duplicates("participant_id"), on="participant_id", how="left")
 
 
+def _summary_rows(method: str, tissue: str, before: pd.DataFrame, after: pd.DataFrame) -> list[dict]:
+    rows = []
+    for when, d in (("before", before), ("after", after)):
+        for g, gs in d.groupby(d["acq_group"].astype(str)):
+            v = pd.to_numeric(gs[tissue], errors="coerce")
+            rows.append({"method": method, "tissue": tissue, "acq_group": g, "when": when, "n": int(v.notna().sum()),
+                         "mean_mm3": v.mean(), "sd_mm3": v.std()})
+    return rows
+
+
+def combat_lesions(vol: pd.DataFrame, out: pd.DataFrame, name: str = LESION.names[0],
+                   batch_col: str = "acq_group") -> tuple[pd.DataFrame, CombatResult]:
+    """Harmonise the lesion volume column ``name`` once per session, over the sessions that have one, and write
+    it back on every row of ``out`` (with its status in ``combat_<name>``).
+
+    ComBat runs on log(1 + volume in mm^3), transformed back with exp(x) - 1 and kept >= 0: lesion loads are
+    skewed and often zero. The result's ``data`` has one row per session: ``name`` harmonised (as measured
+    where ComBat could not run), ``<name>_before`` as measured; None without any lesion volume.
+    """
+    keys = [k for k in ("participant_id", "session_id") if k in vol.columns]
+    status_col = f"combat_{name}"
+    measured = pd.to_numeric(vol[name], errors="coerce")
+    sessions = vol.drop_duplicates(keys) if keys else vol
+    have = vol[measured.notna()]
+    have = have.drop_duplicates(keys) if keys else have
+    messages = []
+    out = out.copy()
+    out[status_col] = "no lesion volume"
+    if have.empty:
+        return out, CombatResult(None, [f"no session has a {name} volume: nothing to harmonise"], [], False)
+    if len(have) < len(sessions):
+        messages.append(f"{len(sessions) - len(have)} session(s) have no {name} volume (no FLAIR/T2w/PDw): "
+                        f"{name} volumes are harmonised over the {len(have)} that have one")
+    raw = pd.to_numeric(have[name], errors="coerce").clip(lower=0)
+    logged = have.assign(**{name: np.log1p(raw)})
+    res = combat_volumes(logged, tissues=(name,), batch_col=batch_col)
+    messages += [m.replace("volumes are left as measured", f"{name} volumes are left as measured")
+                 for m in res.messages]
+    done = (res.data["combat"] == "harmonised").to_numpy()
+    after = raw.to_numpy(float).copy()
+    after[done] = np.clip(np.expm1(pd.to_numeric(res.data[name], errors="coerce").to_numpy(float)[done]), 0, None)
+    data = have.assign(**{f"{name}_before": raw.to_numpy(), name: after, status_col: res.data["combat"].to_numpy()})
+    if keys:
+        index = pd.MultiIndex.from_frame(data[keys].astype(str))
+        rows = pd.MultiIndex.from_frame(out[keys].astype(str))
+        pos = index.get_indexer(rows)
+        found = pos >= 0
+        values = np.array(pd.to_numeric(out[name], errors="coerce"), dtype=float)
+        values[found] = after[pos[found]]
+        out[name] = values
+        status = np.array(out[status_col], dtype=object)
+        status[found] = data[status_col].to_numpy(object)[pos[found]]
+        out[status_col] = status
+    return out, CombatResult(data, messages, res.covariates, res.harmonized)
+
+
 def run(ctx) -> list:
     """Group step: ComBat per segmentation method; writes the TSVs and returns what the report shows."""
     from bidsapp.bids.derivatives import atomic_write_tsv
@@ -185,10 +255,14 @@ def run(ctx) -> list:
                                       "warnings": [msg]})]
     vol = _with_covariates(vol, ctx.participants)
     methods = list(dict.fromkeys(vol["method"].astype(str))) if "method" in vol.columns else ["all"]
+    lesion_cols = [c for c in LESION.names if c in vol.columns]
     outs, stats, summary = [], [], []
     used = {}
     for m in methods:
         sub = vol[vol["method"].astype(str) == m] if "method" in vol.columns else vol
+        if lesion_cols and m == LESION.key:  # sessions without a T1w: lesions only, no tissue volumes
+            outs.append(sub.assign(combat="no tissue volumes"))
+            continue
         res = combat_volumes(sub)
         for msg in res.messages:
             line = f"ComBat ({m}): {msg}"
@@ -201,12 +275,23 @@ def run(ctx) -> list:
             stats.append({"method": m, "tissue": t, "F_before": b["F"], "p_before": b["p"], "eta2_before": b["eta2"],
                           "F_after": a["F"], "p_after": a["p"], "eta2_after": a["eta2"],
                           "covariates": ",".join(res.covariates) or "none", "harmonised": res.harmonized})
-            for when, d in (("before", sub), ("after", res.data)):
-                for g, gs in d.groupby(d["acq_group"].astype(str)):
-                    v = pd.to_numeric(gs[t], errors="coerce")
-                    summary.append({"method": m, "tissue": t, "acq_group": g, "when": when, "n": int(v.notna().sum()),
-                                    "mean_mm3": v.mean(), "sd_mm3": v.std()})
+            summary.extend(_summary_rows(m, t, sub, res.data))
     out = pd.concat(outs, ignore_index=True)
+    for name in lesion_cols:
+        out, lesion = combat_lesions(vol, out, name)
+        for msg in lesion.messages:
+            line = f"ComBat ({LESION.key}): {msg}"
+            log.warning(line)
+            warnings.append(line)
+        if lesion.data is None:
+            continue
+        used[LESION.key] = lesion.covariates
+        b, a = group_effect(lesion.data, f"{name}_before"), group_effect(lesion.data, name)
+        stats.append({"method": LESION.key, "tissue": name, "F_before": b["F"], "p_before": b["p"],
+                      "eta2_before": b["eta2"], "F_after": a["F"], "p_after": a["p"], "eta2_after": a["eta2"],
+                      "covariates": ",".join(lesion.covariates) or "none", "harmonised": lesion.harmonized})
+        before = lesion.data.drop(columns=[name]).rename(columns={f"{name}_before": name})
+        summary.extend(_summary_rows(LESION.key, name, before, lesion.data))
     stats_df, summary_df = pd.DataFrame(stats), pd.DataFrame(summary)
     od = ctx.output_dir
     atomic_write_tsv(od / "group_volumes_combat.tsv", out)

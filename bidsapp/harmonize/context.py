@@ -62,7 +62,9 @@ class GroupContext:
     output_dir: Path
     work_dir: Path
     volumes: pd.DataFrame
-    """group_volumes.tsv: one row per (participant, session, method) with tissue volumes and acquisition columns."""
+    """group_volumes.tsv: one row per (participant, session, method) with tissue volumes and acquisition columns;
+    with lesion results also ``lesion`` (mm^3) and ``lesion_count``, repeated on each row of a session, and one
+    row of method ``lesion`` for a session without a T1w."""
     acquisitions: pd.DataFrame
     """One row per processed image: participant_id, session_id, acq_group and the acquisition record fields."""
     participants: pd.DataFrame

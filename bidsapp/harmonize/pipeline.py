@@ -16,7 +16,7 @@ import pandas as pd
 
 from bidsapp.bids.acquisition import BIDS_NAMES
 from bidsapp.errors import UserError
-from bidsapp.labels import VOLUME_LABELS
+from bidsapp.labels import LESION, VOLUME_LABELS
 from bidsapp.harmonize.context import GroupContext, GroupOptions
 
 LOG = logging.getLogger("scanbridge.group")
@@ -27,8 +27,18 @@ ACQ_COLUMNS = {"group_key": "acq_group", "site": "site",
 """Acquisition-record columns of group_acquisitions.tsv, renamed to their BIDS names."""
 
 
+def lesion_columns() -> tuple[tuple[str, str], ...]:
+    """(volume column, count column) of each lesion label in group_volumes.tsv: ``lesion``, ``lesion_count``."""
+    return tuple((name, f"{name}_count") for name in LESION.names)
+
+
 def gather_volumes(output_dir: Path, subjects: list[str] | None = None) -> pd.DataFrame:
-    """One row per (participant, session, method) with a column per tissue, from the morph TSVs."""
+    """One row per (participant, session, method) with a column per tissue, from the morph TSVs.
+
+    When any session has a lesion row, ``lesion`` (mm^3) and ``lesion_count`` follow the tissue columns, the
+    session's values repeated on each of its tissue-method rows; a session with lesions but no tissue rows
+    (no T1w) is one row with method ``lesion``. Without lesion rows the table is exactly the tissue table.
+    """
     from bidsapp.bids.collect import collect_volumes
 
     frames = [collect_volumes(output_dir, s) for s in subjects] if subjects else [collect_volumes(output_dir)]
@@ -40,9 +50,40 @@ def gather_volumes(output_dir: Path, subjects: list[str] | None = None) -> pd.Da
     if long.empty:
         return pd.DataFrame(columns=[*index, *VOLUME_LABELS])
     long["session_id"] = long["session_id"].fillna("n/a")
-    wide = long.pivot_table(index=index, columns="label", values="volume_mm3", aggfunc="first").reset_index()
-    wide.columns.name = None
-    return wide[[*index, *[t for t in VOLUME_LABELS if t in wide.columns]]]
+    is_lesion = long["method"].astype(str) == LESION.key
+    lesions = long[is_lesion & long["label"].astype(str).isin(LESION.names)]
+    long = long[~is_lesion]
+    if long.empty:
+        wide = pd.DataFrame(columns=[*index, *VOLUME_LABELS])
+    else:
+        wide = long.pivot_table(index=index, columns="label", values="volume_mm3", aggfunc="first").reset_index()
+        wide.columns.name = None
+        wide = wide[[*index, *[t for t in VOLUME_LABELS if t in wide.columns]]]
+    if lesions.empty:
+        return wide
+    return _with_lesions(wide, lesions, index)
+
+
+def _with_lesions(wide: pd.DataFrame, lesions: pd.DataFrame, index: list[str]) -> pd.DataFrame:
+    """``wide`` with the lesion volume and count columns; sessions without tissue rows as method ``lesion``."""
+    keys = index[:2]
+    per_session = None
+    for name, count_col in lesion_columns():
+        rows = lesions[lesions["label"].astype(str) == name].drop_duplicates(keys)
+        part = rows[keys].assign(**{name: pd.to_numeric(rows["volume_mm3"], errors="coerce"),
+                                    count_col: pd.to_numeric(rows["count"], errors="coerce").round().astype("Int64")})
+        per_session = part if per_session is None else per_session.merge(part, how="outer", on=keys)
+    tissue_cols = [c for c in wide.columns if c not in index]
+    out = wide.merge(per_session, how="left", on=keys)
+    have = set(map(tuple, wide[keys].drop_duplicates().to_numpy().tolist()))
+    only = per_session[[tuple(k) not in have for k in per_session[keys].to_numpy().tolist()]]
+    if len(only):
+        only = only.assign(method=LESION.key).reindex(columns=list(out.columns))
+        out = pd.concat([out, only], ignore_index=True) if len(out) else only
+        out = out.sort_values(index, kind="stable").reset_index(drop=True)
+    for c in tissue_cols:
+        out[c] = pd.to_numeric(out[c], errors="coerce")
+    return out
 
 
 def gather_acquisitions(output_dir: Path, bids_dir: Path, subjects: list[str] | None) -> pd.DataFrame:
@@ -63,6 +104,35 @@ def gather_acquisitions(output_dir: Path, bids_dir: Path, subjects: list[str] | 
     return table.rename(columns={k: v for k, v in ACQ_COLUMNS.items() if k != "group_key"})
 
 
+def _with_reference_acquisitions(acquisitions: pd.DataFrame, output_dir: Path,
+                                 subjects: list[str] | None) -> pd.DataFrame:
+    """``acquisitions`` plus, for sessions without a T1w (lesions from a FLAIR/T2w/PDw only), the acquisition
+    record of their reference image, so that their lesion volume has an acquisition group. Used to label
+    group_volumes.tsv rows only; group_acquisitions.tsv stays one row per T1w."""
+    from bidsapp.bids.acquisition import AcquisitionRecord
+    from bidsapp.bids.collect import OTHER_MODALITIES, collect_derivatives
+
+    entries = [e for s in (subjects or [None]) for e in collect_derivatives(output_dir, s)]
+    rows = []
+    for e in entries:
+        if e["preproc_t1w"] is not None:
+            continue
+        ref = next((e["preproc"][m] for m in OTHER_MODALITIES if m in e["preproc"]), None)
+        doc = e["sidecars"].get(ref) if ref is not None else None
+        if not doc or not isinstance(doc.get("Acquisition"), dict):
+            continue
+        row = {"participant_id": f"sub-{e['subject']}", "session_id": f"ses-{e['session']}" if e["session"] else "n/a"}
+        row.update(AcquisitionRecord.from_dict(doc["Acquisition"]).table_row())
+        rows.append(row)
+    if not rows:
+        return acquisitions
+    extra = pd.DataFrame(rows).rename(columns={k: v for k, v in ACQ_COLUMNS.items() if k != "group_key"})
+    if not acquisitions.empty:
+        known = set(zip(acquisitions["participant_id"], acquisitions["session_id"]))
+        extra = extra[[k not in known for k in zip(extra["participant_id"], extra["session_id"])]]
+    return pd.concat([acquisitions, extra], ignore_index=True) if len(extra) else acquisitions
+
+
 def build_context(opts) -> GroupContext:
     subjects = [s.removeprefix("sub-") for s in opts.participant_label] if opts.participant_label else None
     volumes = gather_volumes(opts.output_dir, subjects)
@@ -75,8 +145,11 @@ def build_context(opts) -> GroupContext:
     participants, warnings = read_participants(opts.bids_dir)
     for msg in warnings:
         LOG.warning("%s", msg)
-    if not acquisitions.empty:
-        one_per_session = acquisitions.drop_duplicates(["participant_id", "session_id"])
+    session_acq = acquisitions
+    if "method" in volumes.columns and (volumes["method"].astype(str) == LESION.key).any():
+        session_acq = _with_reference_acquisitions(acquisitions, opts.output_dir, subjects)
+    if not session_acq.empty:
+        one_per_session = session_acq.drop_duplicates(["participant_id", "session_id"])
         keep = ["participant_id", "session_id", "acq_group", "protocol_key", *ACQ_COLUMNS.values()]
         keep = list(dict.fromkeys(c for c in keep if c in one_per_session.columns))
         volumes = volumes.merge(one_per_session[keep], how="left", on=["participant_id", "session_id"])
@@ -132,7 +205,7 @@ def run_group(opts) -> int:
 
 def _run_group(opts) -> int:
     from bidsapp.bids.derivatives import atomic_write_tsv
-    from bidsapp.reports.group import acquisitions_section, volumes_section, write_group_report
+    from bidsapp.reports.group import acquisitions_section, lesions_section, volumes_section, write_group_report
 
     ctx = build_context(opts)
     ctx.work_dir.mkdir(parents=True, exist_ok=True)
@@ -145,6 +218,9 @@ def _run_group(opts) -> int:
           flush=True)
     sections = [acquisitions_section(ctx.acquisitions),
                 volumes_section(ctx.volumes, ctx.acquisitions, ctx.participants, output_dir=ctx.output_dir)]
+    lesions = lesions_section(ctx.volumes, ctx.acquisitions, ctx.participants, output_dir=ctx.output_dir)
+    if lesions is not None:  # only with lesion results
+        sections.append(lesions)
     step_sections, failures = run_steps(ctx)
     report = write_group_report(opts.output_dir, sections + step_sections)
     print(f"scanbridge group: report {report}", flush=True)

@@ -26,7 +26,7 @@ from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
-from bidsapp.labels import TISSUE, VOLUME_LABELS  # noqa: E402
+from bidsapp.labels import LESION, TISSUE, VOLUME_LABELS  # noqa: E402
 
 PLANES = ("sagittal", "coronal", "axial")
 _AXIS = {"sagittal": 0, "coronal": 1, "axial": 2}
@@ -35,6 +35,8 @@ _DISPLAY_AXES = {"sagittal": (1, 2), "coronal": (0, 2), "axial": (0, 1)}
 _WORLD = {"sagittal": "x", "coronal": "y", "axial": "z"}
 
 TISSUE_COLORS = TISSUE.colours()
+LESION_COLOR = LESION.colours()["lesion"]
+LESION_PLANES = ("axial", "coronal", "sagittal")
 MASK_COLOR = "#ff3030"
 EDGE_COLOR = "#ff3030"
 EDGE_COLOR_2 = "#00e5ff"
@@ -221,13 +223,16 @@ def overlay_mosaic(background, *, contours: Sequence[tuple] = (), labels=None,
                    label_colors: dict[int, str] | None = None, label_names: dict[int, str] | None = None,
                    region=None, n_slices: int = 5, planes: Sequence[str] = PLANES, alpha: float = 0.45,
                    title: str | None = None, legend: Sequence[tuple[str, str]] = (),
-                   panel_inches: float = 2.0, window: tuple[float, float] | None = None):
+                   panel_inches: float = 2.0, window: tuple[float, float] | None = None,
+                   slices: dict[str, Sequence[int]] | None = None):
     """Mosaic of ``n_slices`` per plane (rows) of ``background`` with overlays.
 
     contours: (image, levels, colour[, legend label]) drawn as lines at the given levels; a binary mask
     uses levels ``[0.5]``. labels: a label image filled semi-transparently with ``label_colors``.
     region: a mask that decides which slices are shown and the crop (default: the first contour's
-    image, else the labels, else the image foreground). All inputs are resampled to the background grid.
+    image, else the labels, else the image foreground). slices: voxel indices (RAS grid of the
+    background) to show per plane instead of those spread evenly through the region.
+    All inputs are resampled to the background grid.
     """
     bg_img = load_ras(background)
     bg = np.asarray(bg_img.dataobj, dtype=np.float32)
@@ -260,11 +265,13 @@ def overlay_mosaic(background, *, contours: Sequence[tuple] = (), labels=None,
     box = _bbox(reg)
 
     planes = list(planes)
-    ncol = max(1, n_slices)
+    ncol = max(1, n_slices, *(len(v) for v in (slices or {}).values()))
+    fs = max(1.0, panel_inches / 2.0)  # annotations grow with larger panels, to stay readable
     fig, axes = plt.subplots(len(planes), ncol, figsize=(panel_inches * ncol, panel_inches * len(planes)),
                              squeeze=False, facecolor="black")
     for r, plane in enumerate(planes):
-        idxs = pick_slices(reg, _AXIS[plane], n_slices, bbox=box)
+        idxs = (sorted(int(i) for i in slices[plane]) if slices and plane in slices
+                else pick_slices(reg, _AXIS[plane], n_slices, bbox=box))
         h_ax, v_ax = _DISPLAY_AXES[plane]
         pad_h = max(2, int(0.06 * (box[h_ax][1] - box[h_ax][0])))
         pad_v = max(2, int(0.06 * (box[v_ax][1] - box[v_ax][0])))
@@ -288,13 +295,13 @@ def overlay_mosaic(background, *, contours: Sequence[tuple] = (), labels=None,
             # annotations in data coordinates, so they sit on the picture whatever its aspect
             w, h = h1 - h0, v1 - v0
             dx, dy = 0.03 * w, 0.03 * h
-            ax.text(dx, dy, f"{_WORLD[plane]}={_world_coord(bg_img, plane, idx):.0f}", fontsize=7, va="bottom",
-                    ha="left", **_TEXT)
+            ax.text(dx, dy, f"{_WORLD[plane]}={_world_coord(bg_img, plane, idx):.0f}", fontsize=7 * fs,
+                    va="bottom", ha="left", **_TEXT)
             if c == 0:
                 lo, hi = ("P", "A") if plane == "sagittal" else ("L", "R")
-                ax.text(dx, h - 1 - dy, lo, fontsize=8, va="top", ha="left", **_TEXT)
-                ax.text(w - 1 - dx, h - 1 - dy, hi, fontsize=8, va="top", ha="right", **_TEXT)
-        axes[r, 0].text(-0.04, 0.5, plane, color="white", fontsize=9, rotation=90, va="center", ha="right",
+                ax.text(dx, h - 1 - dy, lo, fontsize=8 * fs, va="top", ha="left", **_TEXT)
+                ax.text(w - 1 - dx, h - 1 - dy, hi, fontsize=8 * fs, va="top", ha="right", **_TEXT)
+        axes[r, 0].text(-0.04, 0.5, plane, color="white", fontsize=9 * fs, rotation=90, va="center", ha="right",
                         transform=axes[r, 0].transAxes)
 
     handles = []
@@ -307,7 +314,7 @@ def overlay_mosaic(background, *, contours: Sequence[tuple] = (), labels=None,
                     for k in sorted(label_colors) if k in present]
     handles += [Line2D([0], [0], color=color, lw=2, label=name) for name, color in legend]
     if handles:
-        fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False, fontsize=9,
+        fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False, fontsize=9 * fs,
                    labelcolor="white", bbox_to_anchor=(0.5, -0.01))
     if title:
         fig.suptitle(title, color="white", fontsize=11)
@@ -325,6 +332,57 @@ def segmentation_figure(anat, dseg, mask=None, **kw):
     """CSF/GM/WM filled semi-transparently over the anatomical image (brain-mask contour if given)."""
     contours = [(mask, [0.5], MASK_COLOR, "brain mask")] if mask is not None else []
     return overlay_mosaic(anat, contours=contours, labels=dseg, region=mask if mask is not None else None, **kw)
+
+
+def lesion_slices(lesion: np.ndarray, axis: int, n: int, min_gap: int = 1) -> list[int]:
+    """Up to ``n`` slice indices along ``axis`` through the largest lesion load (lesion voxels per slice),
+    ascending. Slices are first kept ``min_gap`` apart so that separate lesion clusters show; when that
+    leaves fewer than ``n`` the gap is halved until it is 1. Slices without lesion are never picked."""
+    les = np.asarray(lesion, bool)
+    load = les.sum(axis=tuple(a for a in range(les.ndim) if a != axis))
+    order = [int(i) for i in np.argsort(-load, kind="stable") if load[i] > 0]
+    picked: list[int] = []
+    gap = max(1, int(min_gap))
+    while True:
+        for i in order:
+            if len(picked) >= n:
+                break
+            if i not in picked and all(abs(i - q) >= gap for q in picked):
+                picked.append(i)
+        if len(picked) >= n or gap == 1:
+            break
+        gap = max(1, gap // 2)
+    return sorted(picked)
+
+
+def lesion_figure(background, lesion, mask=None, *, n_slices: int = 4, planes: Sequence[str] = LESION_PLANES,
+                  panel_inches: float = 3.0, alpha: float = 0.35, **kw):
+    """Lesion mask (outline and semi-transparent fill in the LESION colour) over the FLAIR (or whatever
+    ``background`` is), ``n_slices`` per plane through the largest lesion load, cropped to the brain.
+
+    Panels are larger than the other mosaics' (small lesions must be visible at browser size). Along each
+    axis the slices are kept half the spacing of ``n_slices`` evenly spread slices apart where the lesions
+    allow, so that separate clusters show. Raises ValueError for an empty mask (nothing to show)."""
+    bg_img = load_ras(background)
+    les = np.asarray(resample_like(lesion, bg_img, order=0).dataobj) > 0
+    if not les.any():
+        raise ValueError("the lesion mask is empty")
+    if mask is not None:
+        region = np.asarray(resample_like(mask, bg_img, order=0).dataobj) > 0
+    else:
+        region = _foreground(np.asarray(bg_img.dataobj, dtype=np.float32))
+    region |= les  # the crop always holds every lesion
+    box = _bbox(region)
+    slices = {}
+    for plane in planes:
+        ax = _AXIS[plane]
+        span = box[ax][1] - box[ax][0] + 1
+        slices[plane] = lesion_slices(les, ax, n_slices, min_gap=max(1, int(span / (2 * n_slices))))
+    les_img = nib.Nifti1Image(les.astype(np.uint8), bg_img.affine)
+    return overlay_mosaic(bg_img, contours=[(les_img, [0.5], LESION_COLOR)], labels=les_img,
+                          label_colors={1: LESION_COLOR}, label_names={1: "lesion"},
+                          region=nib.Nifti1Image(region.astype(np.uint8), bg_img.affine), slices=slices,
+                          n_slices=n_slices, planes=planes, alpha=alpha, panel_inches=panel_inches, **kw)
 
 
 def _edge_levels(img, mask=None) -> list[float]:
@@ -429,7 +487,8 @@ def volumes_by_group_figure(df: pd.DataFrame, tissues: Sequence[str] = VOLUME_LA
     groups = sorted(df[group_col].astype(str).unique())
     labels = short_labels(groups)
     color_col = color_col if color_col and color_col in df.columns and df[color_col].notna().any() else group_col
-    cats = sorted(df[color_col].astype(str).unique())
+    df = df.assign(**{color_col: df[color_col].astype(object).where(df[color_col].notna(), "unknown").astype(str)})
+    cats = sorted(df[color_col].unique())
     cmap = plt.get_cmap("tab10" if len(cats) <= 10 else "tab20").colors
     ccol = {c: cmap[i % len(cmap)] for i, c in enumerate(cats)}
     rng = np.random.default_rng(0)

@@ -1,6 +1,6 @@
-"""Group report ``output_dir/group.html``: acquisition groups and tissue volumes by acquisition group.
+"""Group report ``output_dir/group.html``: acquisition groups, tissue volumes and lesion load by acquisition group.
 
-The two sections here describe the data as measured; harmonisation steps (ComBat, MRAI-NET,
+The sections here describe the data as measured; harmonisation steps (ComBat, MRAI-NET,
 bridging) add their own Sections and :func:`write_group_report` assembles everything into one
 self-contained file. Functions never raise on thin data (one group, no age, missing columns):
 they say what could not be shown instead.
@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bidsapp.labels import VOLUME_LABELS
+from bidsapp.labels import LESION, VOLUME_LABELS
 from bidsapp.bids.tables import bids_columns, normalize_ids
 from bidsapp.metrics.overlap import coefficient_of_variation
 from bidsapp.physics.contrast import LOW_CONTRAST, is_low_contrast
@@ -152,6 +152,11 @@ def _volumes_frame(volumes_df, acquisitions_df, participants_df) -> tuple[pd.Dat
     return vol, warns
 
 
+def _known_or_unknown(values: pd.Series) -> pd.Series:
+    """Text labels for colouring points, a missing value as ``unknown`` (sorted with the others)."""
+    return values.astype(object).where(values.notna(), "unknown").astype(str)
+
+
 def _method_order(methods) -> list[str]:
     """The main answer first; the Atropos baseline after any model that replaced it."""
     methods = list(dict.fromkeys(str(m) for m in methods))
@@ -215,6 +220,8 @@ def volumes_section(volumes_df: pd.DataFrame | None, acquisitions_df: pd.DataFra
     if volumes_df is None or len(volumes_df) == 0:
         return Section(title, text_html("No participant volumes were found."), ["no volumes to show"], anchor=anchor)
     vol, warns = _volumes_frame(volumes_df, acquisitions_df, participants_df)
+    if any(name in vol.columns for name in LESION.names):  # sessions without a T1w: lesion rows only
+        vol = vol[vol["method"].astype(str) != LESION.key]
     tissues = [t for t in VOLUME_LABELS if t in vol.columns and pd.to_numeric(vol[t], errors="coerce").notna().any()]
     if not tissues:
         return Section(title, text_html("The volumes table has no CSF/GM/WM/brain values."),
@@ -233,6 +240,8 @@ def volumes_section(volumes_df: pd.DataFrame | None, acquisitions_df: pd.DataFra
         warns.append(f"{len(methods)} methods: figures for {', '.join(methods[:_MAX_METHOD_FIGURES])} only; "
                      "the table covers all")
     has_site = "site" in vol.columns and vol["site"].notna().any()
+    if has_site:
+        vol = vol.assign(site=_known_or_unknown(vol["site"]))
     age = pd.to_numeric(vol["age"], errors="coerce") if "age" in vol.columns else None
     for method in methods[:_MAX_METHOD_FIGURES]:
         mdf = vol[vol["method"].astype(str) == method]
@@ -273,6 +282,130 @@ def volumes_section(volumes_df: pd.DataFrame | None, acquisitions_df: pd.DataFra
     return Section(title, "".join(body), warns, anchor=anchor)
 
 
+def _lesion_sessions(vol: pd.DataFrame, name: str) -> pd.DataFrame:
+    """One row per session with a ``name`` volume (the lesion columns repeat on each method row of a session)."""
+    keys = [k for k in ("participant_id", "session_id") if k in vol.columns]
+    have = vol[pd.to_numeric(vol[name], errors="coerce").notna()]
+    return (have.drop_duplicates(keys) if keys else have).reset_index(drop=True)
+
+
+def lesion_load_summary(sessions: pd.DataFrame, name: str = LESION.names[0],
+                        group_col: str = GROUP_COL) -> pd.DataFrame:
+    """Per acquisition group: sessions, median lesion volume (mL) and median lesion count (one row per session in
+    ``sessions``)."""
+    count_col = f"{name}_count"
+    rows = []
+    for g, sub in sessions.groupby(group_col, sort=True):
+        v = pd.to_numeric(sub[name], errors="coerce").dropna()
+        c = pd.to_numeric(sub[count_col], errors="coerce").dropna() if count_col in sub.columns \
+            else pd.Series(dtype=float)
+        rows.append({"acquisition group": g, "sessions": len(v),
+                     "median volume (mL)": float(v.median()) / 1000.0 if len(v) else np.nan,
+                     "median count": float(c.median()) if len(c) else np.nan})
+    return pd.DataFrame(rows, columns=["acquisition group", "sessions", "median volume (mL)", "median count"])
+
+
+def lesion_load_figure(sessions: pd.DataFrame, name: str = LESION.names[0], group_col: str = GROUP_COL,
+                       color_col: str | None = "site", title: str | None = None):
+    """Two panels, lesion volume (mL) and lesion count: a box per acquisition group and one jittered point per
+    session, coloured by ``color_col`` (the acquisition group when that column is missing)."""
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    from bidsapp.reports.figures import short_labels
+
+    count_col = f"{name}_count"
+    groups = sorted(sessions[group_col].astype(str).unique())
+    labels = short_labels(groups)
+    color_col = color_col if color_col and color_col in sessions.columns and sessions[color_col].notna().any() \
+        else group_col
+    colour_of = _known_or_unknown(sessions[color_col])
+    cats = sorted(colour_of.unique())
+    cmap = plt.get_cmap("tab10" if len(cats) <= 10 else "tab20").colors
+    ccol = {c: cmap[i % len(cmap)] for i, c in enumerate(cats)}
+    panels = [(name, 1e-3, f"{name} volume (mL)", "lesion volume")]
+    if count_col in sessions.columns and pd.to_numeric(sessions[count_col], errors="coerce").notna().any():
+        panels.append((count_col, 1.0, "number of lesions", "lesion count"))
+    rng = np.random.default_rng(0)
+    width = max(3.2, 0.8 + 0.9 * len(groups))
+    fig, axes = plt.subplots(1, len(panels), figsize=(width * len(panels) + 1.2, 3.8), squeeze=False)
+    for ax, (col, scale, ylabel, panel_title) in zip(axes[0], panels):
+        values = pd.to_numeric(sessions[col], errors="coerce") * scale
+        data = [values[sessions[group_col].astype(str) == g].dropna().to_numpy() for g in groups]
+        ax.boxplot(data, positions=np.arange(len(groups)), widths=0.55, showfliers=False,
+                   medianprops={"color": "black"}, boxprops={"color": "#666"}, whiskerprops={"color": "#666"},
+                   capprops={"color": "#666"})
+        for i, g in enumerate(groups):
+            sel = (sessions[group_col].astype(str) == g) & values.notna()
+            x = i + rng.uniform(-0.18, 0.18, int(sel.sum()))
+            ax.scatter(x, values[sel], s=18, c=[ccol[c] for c in colour_of[sel]],
+                       alpha=0.85, edgecolors="white", linewidths=0.4, zorder=3)
+        ax.set_xticks(np.arange(len(groups)), [labels[g] for g in groups], fontsize=7,
+                      rotation=30 if len(groups) > 3 else 0, ha="right" if len(groups) > 3 else "center")
+        ax.set_ylim(bottom=0)
+        ax.set_title(panel_title, fontsize=10)
+        ax.set_ylabel(ylabel)
+        if col == count_col:
+            ax.yaxis.get_major_locator().set_params(integer=True)
+        ax.spines[["top", "right"]].set_visible(False)
+    if len(cats) <= 20:
+        handles = [Line2D([0], [0], marker="o", ls="", color=ccol[c], label=c) for c in cats]
+        fig.legend(handles=handles, title="acquisition group" if color_col == group_col else color_col,
+                   loc="upper left", bbox_to_anchor=(1.0, 0.95), frameon=False, fontsize=8, title_fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def lesions_section(volumes_df: pd.DataFrame | None, acquisitions_df: pd.DataFrame | None = None,
+                    participants_df: pd.DataFrame | None = None, *, title: str = "Lesion load by acquisition group",
+                    anchor: str = "lesions", output_dir=None) -> Section | None:
+    """Lesion volume and count per acquisition group (box/strip plots, one point per session) and a table of
+    sessions, median volume and median count per group; None when no session has a lesion volume.
+
+    With ``output_dir``, the table is also written to ``group_lesions_summary.tsv``.
+    """
+    if volumes_df is None or len(volumes_df) == 0:
+        return None
+    name = LESION.names[0]
+    if name not in volumes_df.columns or not pd.to_numeric(volumes_df[name], errors="coerce").notna().any():
+        return None
+    vol, warns = _volumes_frame(volumes_df, acquisitions_df, participants_df)
+    sessions = _lesion_sessions(vol, name)
+    keys = [k for k in ("participant_id", "session_id") if k in vol.columns]
+    n_all = vol[keys].drop_duplicates().shape[0] if keys else len(vol)
+    groups = sorted(sessions[GROUP_COL].unique())
+    body = [text_html(f"{len(sessions)} session(s) with a lesion segmentation (from a FLAIR, T2w or PDw) in "
+                      f"{len(groups)} acquisition group(s). Lesion volume is the volume of the lesion mask, "
+                      "lesion count the number of separate lesions; each point is one session. Lesion loads "
+                      "differ between people far more than tissue volumes do, so compare groups of similar "
+                      "populations only.")]
+    if n_all > len(sessions):
+        body.append(text_html(f"{n_all - len(sessions)} session(s) have no lesion result (no FLAIR, T2w or PDw "
+                              "image) and are not shown."))
+    if "unknown" in groups:
+        warns.append("some sessions with lesions have no acquisition group (no acquisition record of their images)")
+    try:
+        body.append(figure_html(lesion_load_figure(sessions, name, title="lesion load by acquisition group"),
+                                "lesion volume (mL) and number of lesions per acquisition group, one point per "
+                                "session" + (", coloured by site" if "site" in sessions.columns
+                                             and sessions["site"].notna().any() else ""), dpi=90))
+    except Exception as exc:  # noqa: BLE001 - a figure must not cost the section
+        warns.append(f"lesion plot could not be drawn: {exc}")
+    summary = lesion_load_summary(sessions, name)
+    body.append(text_html("Per acquisition group: sessions with a lesion result, median lesion volume (mL) and "
+                          "median number of lesions:"))
+    body.append(table_html(summary))
+    if output_dir is not None:
+        from bidsapp.bids.derivatives import atomic_write_tsv
+
+        atomic_write_tsv(Path(output_dir) / "group_lesions_summary.tsv", summary)
+        body.append(text_html("Numbers shown here: group_volumes.tsv (columns lesion, lesion_count), "
+                              "group_lesions_summary.tsv (in the output folder)."))
+    return Section(title, "".join(body), warns, anchor=anchor)
+
+
 def write_group_report(output_dir, sections: list[Section], *, title: str = "scanbridge group report",
                        subtitle: str | None = None, command_line: str | None = None, about: bool = True) -> Path:
     """Write ``output_dir/group.html`` (self-contained) from the given sections, plus an About block."""
@@ -291,5 +424,8 @@ def write_group_report(output_dir, sections: list[Section], *, title: str = "sca
 
 
 def run(ctx) -> list[Section]:
-    """Group step form of the two sections (``ctx``: bidsapp.harmonize.context.GroupContext)."""
-    return [acquisitions_section(ctx.acquisitions), volumes_section(ctx.volumes, ctx.acquisitions, ctx.participants)]
+    """Group step form of the sections (``ctx``: bidsapp.harmonize.context.GroupContext); the lesion section only
+    when there are lesion results."""
+    lesions = lesions_section(ctx.volumes, ctx.acquisitions, ctx.participants)
+    return [acquisitions_section(ctx.acquisitions), volumes_section(ctx.volumes, ctx.acquisitions, ctx.participants),
+            *([lesions] if lesions is not None else [])]

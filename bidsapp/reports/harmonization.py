@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from bidsapp.labels import TISSUE  # noqa: E402
+from bidsapp.labels import LESION, TISSUE  # noqa: E402
 from bidsapp.reports.html import Section, figure_html, table_html, text_html  # noqa: E402
 
 __all__ = ["groups_section", "pad_section", "embedding_section", "outliers_section", "mrainet_section",
@@ -215,10 +215,18 @@ def combat_section(before: pd.DataFrame | None, after: pd.DataFrame | None, stat
     if before is None or after is None or not len(before):
         body.append(text_html("Not computed (see the messages above)."))
         return Section("Volumes by group before and after ComBat", "".join(body), list(warnings or []), anchor="combat")
+    lesion_cols = [c for c in LESION.names if c in after.columns]
+    if lesion_cols:
+        body.append(text_html("Lesion volumes are harmonised once per session, over the sessions that have one: "
+                              "they are skewed and often zero, so ComBat works on log(1 + volume in mm\u00b3), "
+                              "transformed back afterwards (and kept \u2265 0); as a single measure, without "
+                              "ComBat's empirical-Bayes pooling across measures. Lesion counts are not harmonised."))
     methods = list(dict.fromkeys(after["method"].astype(str))) if "method" in after.columns else [None]
     for m in methods:
-        b = before[before["method"].astype(str) == m] if m is not None else before
-        a = after[after["method"].astype(str) == m] if m is not None else after
+        if lesion_cols and m == LESION.key:  # sessions without a T1w: no tissue volumes
+            continue
+        b = _sites_named(before[before["method"].astype(str) == m] if m is not None else before)
+        a = _sites_named(after[after["method"].astype(str) == m] if m is not None else after)
         cov = (covariates or {}).get(m) or []
         title = f"{m}: " if m is not None else ""
         body.append(figure_html(volumes_by_group_figure(b, color_col="site", title=f"{title}before ComBat"),
@@ -227,10 +235,43 @@ def combat_section(before: pd.DataFrame | None, after: pd.DataFrame | None, stat
             body.append(figure_html(volumes_by_group_figure(a, color_col="site",
                                                             title=f"{title}after ComBat (covariates: {', '.join(cov) or 'none'})"),
                                     f"{title}volumes by acquisition group after ComBat", dpi=80))
+    for name in lesion_cols:
+        fig = _lesion_combat_figure(before, after, name, (covariates or {}).get(LESION.key) or [])
+        if fig is not None:
+            body.append(figure_html(fig, f"{name} volume per session by acquisition group, as measured and after "
+                                         "ComBat (on log(1 + volume))", dpi=80))
     if stats is not None and len(stats):
         body.append(table_html(stats))
     body.append(_files_note(["group_volumes_combat.tsv", "group_combat_stats.tsv", "group_combat_summary.tsv"]))
     return Section("Volumes by group before and after ComBat", "".join(body), list(warnings or []), anchor="combat")
+
+
+def _sites_named(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` with a missing site shown as ``unknown`` when other sessions have one (points are coloured by site)."""
+    if "site" not in df.columns or df["site"].isna().all() or df["site"].notna().all():
+        return df
+    return df.assign(site=df["site"].astype(object).where(df["site"].notna(), "unknown"))
+
+
+def _lesion_combat_figure(before: pd.DataFrame, after: pd.DataFrame, name: str, covariates: list[str]):
+    """Lesion volume (mL) per session by acquisition group: as measured and after ComBat, side by side."""
+    from bidsapp.reports.figures import volumes_by_group_figure
+
+    keys = [k for k in ("participant_id", "session_id") if k in after.columns and k in before.columns]
+    if not keys or "acq_group" not in after.columns:
+        return None
+    a = after[pd.to_numeric(after[name], errors="coerce").notna()].drop_duplicates(keys)
+    if a.empty:
+        return None
+    measured = before[[*keys, name]].drop_duplicates(keys).rename(columns={name: "as measured"})
+    df = a.merge(measured, how="left", on=keys)
+    panels = ["as measured"]
+    status = f"combat_{name}"
+    if status not in df.columns or (df[status] == "harmonised").any():
+        panels.append(f"after ComBat ({', '.join(covariates) or 'no covariates'})")
+        df[panels[-1]] = df[name]
+    return volumes_by_group_figure(_sites_named(df), panels, color_col="site",
+                                   title=f"{name} volume before and after ComBat")
 
 
 def _bridging(**kw) -> Section:

@@ -23,12 +23,13 @@ import pandas as pd
 
 from bidsapp.bids.acquisition import BIDS_NAMES
 from bidsapp.bids.collect import OTHER_MODALITIES, SessionFiles, session_files
-from bidsapp.labels import VOLUME_LABELS
+from bidsapp.labels import LESION, VOLUME_LABELS
 from bidsapp.physics.contrast import low_contrast_warning
 from bidsapp.reports.html import (
     Section,
     figure_html,
     kv_table_html,
+    messages_html,
     subsection_html,
     table_html,
     text_html,
@@ -253,6 +254,11 @@ def _volumes_block(f: SessionFiles, problems: list[str]) -> tuple[str, list[str]
             warns.append("no volumes table (*_desc-volumes_morph.tsv) for this session")
         return "", warns, None
     morph = pd.concat(frames).drop_duplicates(["method", "label"], keep="first")
+    morph = morph[~morph["label"].astype(str).isin(LESION.names)]  # shown in the lesion block
+    if morph.empty:
+        if f.reference == "T1w":
+            warns.append("the volumes table has no tissue volumes for this session")
+        return "", warns, None
     morph["volume_mm3"] = pd.to_numeric(morph["volume_mm3"], errors="coerce")
     wide = morph.pivot_table(index="method", columns="label", values="volume_mm3", aggfunc="first", sort=False)
     order = [c for c in VOLUME_LABELS if c in wide.columns] + [c for c in wide.columns if c not in VOLUME_LABELS]
@@ -283,6 +289,164 @@ def _figure_or_warning(make, caption: str, warns: list[str], what: str, dpi: int
         LOG.warning("report: %s failed: %s", what, exc)
         warns.append(f"{what} could not be drawn: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}")
         return ""
+
+
+# ----------------------------------------------------------------------------------------------
+# lesions
+# ----------------------------------------------------------------------------------------------
+
+_LESION_COLUMNS = ("id", "volume_mm3", "location")
+N_LARGEST_LESIONS = 10
+"""Rows of the largest-lesions table."""
+
+
+def _locations() -> tuple[str, ...]:
+    from bidsapp.models.lesion import LOCATIONS
+
+    return LOCATIONS
+
+
+def lesion_summary(f: SessionFiles, problems: list[str]) -> dict | None:
+    """What the lesion method wrote for a session, read back (None when it wrote nothing).
+
+    Keys: ``count`` and ``volume_mm3`` (from the per-lesion table, else the mask sidecar's LesionCount and
+    LesionVolume_mm3; None when neither says), ``table`` (the per-lesion DataFrame or None), ``meta``
+    (the mask sidecar), ``missing``/``used`` (contrasts) and ``warnings``.
+    """
+    if f.lesion_mask is None and f.lesion_stats is None:
+        return None
+    warns: list[str] = []
+    meta = _read_json(_sidecar(f.lesion_mask), problems) if f.lesion_mask is not None else {}
+    if not meta and f.lesion_stats is not None:
+        meta = _read_json(_sidecar(f.lesion_stats), problems)
+    table = None
+    if f.lesion_stats is None:
+        warns.append(f"{f.prefix}: no per-lesion table (*_desc-{LESION.stats_desc}_stats.tsv)")
+    else:
+        try:
+            table = pd.read_csv(f.lesion_stats, sep="\t", na_values=["n/a"], keep_default_na=False)
+        except pd.errors.EmptyDataError:
+            table = pd.DataFrame(columns=list(_LESION_COLUMNS))
+        except Exception as exc:  # noqa: BLE001 - an unreadable table is a warning
+            warns.append(f"{f.lesion_stats.name}: unreadable ({str(exc).splitlines()[0]})")
+        if table is not None and not set(_LESION_COLUMNS) <= set(table.columns):
+            warns.append(f"{f.lesion_stats.name}: expected columns {', '.join(_LESION_COLUMNS)}; "
+                         f"found {', '.join(map(str, table.columns))}")
+            table = None
+    if table is not None:
+        table = table.copy()
+        table["volume_mm3"] = pd.to_numeric(table["volume_mm3"], errors="coerce")
+        table["location"] = table["location"].fillna("n/a").astype(str)
+        count, volume = len(table), float(table["volume_mm3"].sum())
+        told = meta.get("LesionCount")
+        if isinstance(told, int) and told != count:
+            warns.append(f"{f.lesion_stats.name} lists {count} lesion(s), the mask sidecar says {told}")
+    else:
+        count, volume = meta.get("LesionCount"), meta.get("LesionVolume_mm3")
+        count = count if isinstance(count, int) else None
+        volume = float(volume) if isinstance(volume, (int, float)) else None
+    if f.lesion_mask is None:
+        warns.append(f"{f.prefix}: no lesion mask (*_desc-{LESION.main_desc}_mask.nii.gz)")
+    as_list = (lambda v: [str(x) for x in v] if isinstance(v, list) else ([str(v)] if v else []))
+    return {"count": count, "volume_mm3": volume, "table": table, "meta": meta,
+            "used": as_list(meta.get("ContrastsUsed")), "missing": as_list(meta.get("ContrastsMissing")),
+            "warnings": warns}
+
+
+def lesion_location_table(table: pd.DataFrame) -> pd.DataFrame:
+    """Count and volume (ml) per location class (every class, in the method's order, then any other
+    value found), with a final ``all`` row."""
+    known = list(_locations())
+    order = known + [x for x in dict.fromkeys(table["location"]) if x not in known]
+    rows = []
+    for loc in order:
+        sel = table[table["location"] == loc]
+        rows.append({"location": loc, "lesions": len(sel), "volume (ml)": float(sel["volume_mm3"].sum()) / 1000.0})
+    rows.append({"location": "all", "lesions": len(table), "volume (ml)": float(table["volume_mm3"].sum()) / 1000.0})
+    return pd.DataFrame(rows)
+
+
+def largest_lesions(table: pd.DataFrame, n: int = N_LARGEST_LESIONS) -> pd.DataFrame:
+    """The ``n`` largest lesions: id, volume (mm^3), location and centroid (mm) when the table has it."""
+    top = table.sort_values("volume_mm3", ascending=False, kind="stable").head(n)
+    out = pd.DataFrame({"id": top["id"].to_numpy(), "volume (mm³)": top["volume_mm3"].to_numpy(),
+                        "location": top["location"].to_numpy()})
+    cols = [f"centroid_{a}_mm" for a in "xyz"]
+    if set(cols) <= set(top.columns):
+        out["centroid x, y, z (mm)"] = [", ".join("n/a" if pd.isna(v) else f"{float(v):.0f}" for v in row)
+                                        for row in top[cols].itertuples(index=False)]
+    return out
+
+
+def _lesion_filling_note(f: SessionFiles, problems: list[str]) -> str:
+    """One line from the tissue segmentations' LesionFilling: their WM includes the lesion voxels."""
+    parts = []
+    for name, path in ([("main answer", f.dseg)] if f.dseg is not None else []) + list(f.dseg_alt.items()):
+        meta = _read_json(_sidecar(path), problems)
+        text = meta.get("LesionFilling")
+        if not text:
+            continue
+        m = re.search(r"\(([0-9.,]+)\s*mm\^?3 relabelled\)", str(text))
+        parts.append(f"{_method_name(meta) or name}: " + (f"{m.group(1)} mm³ relabelled" if m else str(text)))
+    if not parts:
+        return ""
+    return text_html("Tissue volumes count lesion voxels as white matter (lesion filling); the lesion volume is "
+                     "reported here, separately (" + "; ".join(parts) + ").")
+
+
+def _words(items: list[str], conj: str) -> str:
+    """``a``, ``a and b``, ``a, b and c``."""
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} {conj} {items[-1]}"
+
+
+def _lesion_block(f: SessionFiles, img, problems: list[str], warns: list[str]) -> str:
+    from bidsapp.reports import figures
+
+    info = lesion_summary(f, problems)
+    if info is None:
+        return ""
+    warns += info["warnings"]
+    meta, body = info["meta"], []
+    if info["missing"]:
+        used = f" from {_words(info['used'], 'and')}," if info["used"] else ""
+        body.append(messages_html([f"Lesions segmented{used} without {_words(info['missing'], 'or')}: "
+                                   "expect lower sensitivity than with every contrast."]))
+    model = meta.get("Model") if isinstance(meta.get("Model"), dict) else {}
+    model_txt = " ".join(str(model.get(k)) for k in ("Name", "Version") if model.get(k)) or "n/a"
+    thr, min_vol = meta.get("Threshold"), meta.get("MinimumLesionVolume_mm3")
+    rule = ", ".join(([f"probability threshold {thr:g}"] if isinstance(thr, (int, float)) else [])
+                     + ([f"minimum lesion volume {min_vol:g} mm³"] if isinstance(min_vol, (int, float)) else []))
+    count, volume, table = info["count"], info["volume_mm3"], info["table"]
+    items = [("lesions", "n/a" if count is None else str(count)),
+             ("total lesion volume", "n/a" if volume is None else f"{volume / 1000.0:.2f} ml"),
+             ("contrasts used", ", ".join(info["used"]) or "n/a"),
+             ("model", model_txt)]
+    if rule:
+        items.append(("detection", rule))
+    body.append(kv_table_html(items))
+    if count == 0:
+        body.append(text_html("No lesions found" + (f" ({rule})." if rule else ".")))
+    else:
+        if table is not None and len(table):
+            body.append(text_html("Lesions by location:") + table_html(lesion_location_table(table), "{:.2f}"))
+        if f.lesion_mask is not None:
+            bg_kind, bg = next(((m, f.on_grid[m]) for m in ("FLAIR", "T2w", "PDw") if m in f.on_grid),
+                               (f.reference, f.preproc))
+            if bg is None:
+                warns.append(f"{f.prefix}: no image on the reference grid to draw the lesions on")
+            else:
+                body.append(_figure_or_warning(
+                    lambda: figures.lesion_figure(img(bg), img(f.lesion_mask), img(f.mask)),
+                    f"Lesion mask ({f.lesion_mask.name}) outlined and filled over the preprocessed {bg_kind} "
+                    f"({bg.name}); per plane, the slices with the largest lesion load.", warns,
+                    "lesion overlay", dpi=100))
+        if table is not None and len(table):
+            n = min(N_LARGEST_LESIONS, len(table))
+            body.append(text_html(f"The {n} largest of {len(table)} lesions:" if n < len(table)
+                                  else ("The lesion:" if n == 1 else "Every lesion, largest first:"))
+                        + table_html(largest_lesions(table), "{:.1f}"))
+    body.append(_lesion_filling_note(f, problems))
+    return subsection_html("Lesions", "".join(body))
 
 
 def session_section(f: SessionFiles, problems: list[str], template=None, n_slices: int = 5) -> Section:
@@ -347,6 +511,7 @@ def session_section(f: SessionFiles, problems: list[str], template=None, n_slice
                                                              n_slices=n_slices),
                 f"{path.name} with {ref} white-matter boundary (red) and brain mask (cyan).", warns,
                 f"{mod} co-registration check")))
+    body.append(_lesion_block(f, img, problems, warns))
     vol_body, vol_warns, _ = _volumes_block(f, problems)
     warns += vol_warns
     if vol_body:
@@ -411,7 +576,7 @@ def provenance_rows(files: list[SessionFiles], problems: list[str]) -> pd.DataFr
     rows, seen = [], set()
     for f in files:
         paths = [f.preproc, f.mask, f.dseg, *f.dseg_alt.values(), *f.probseg.values(), *f.morph,
-                 *(p for ps in f.xfm_to_template.values() for p in ps)]
+                 *(p for ps in f.xfm_to_template.values() for p in ps), f.lesion_mask]
         for p in paths:
             meta = _read_json(_sidecar(p), problems)
             for k, v in meta.items():
@@ -481,12 +646,26 @@ def _summary_section(subject, files, acq, output_dir, problems, warnings, errors
         ("template", ", ".join(templates) or "none found"),
         ("segmentation methods", ", ".join(sorted(methods)) or "none found"),
         ("acquisition group (T1w)", ", ".join(groups) or "n/a"),
+        *_lesion_summary_items(files, problems),
         ("status", "FAILED" if errors else ("completed with warnings" if warnings else "completed")),
     ]
     body = kv_table_html(items)
     if notes:
         body += text_html("Processing plan: " + "; ".join(notes) + ".")
     return Section(title="Summary", body=body, warnings=list(warnings), errors=list(errors), anchor="summary")
+
+
+def _lesion_summary_items(files: list[SessionFiles], problems: list[str]) -> list[tuple[str, str]]:
+    """A "lesions" line for the summary when any session has lesion outputs: count and volume per session."""
+    parts = []
+    for f in files:
+        info = lesion_summary(f, [])  # problems are reported by the session section
+        if info is None:
+            continue
+        n, v = info["count"], info["volume_mm3"]
+        what = "n/a" if n is None else (f"{n}" + (f" ({v / 1000.0:.2f} ml)" if v is not None and n else ""))
+        parts.append(f"{f.label}: {what}" if f.label != "(no session)" else what)
+    return [("lesions", "; ".join(parts))] if parts else []
 
 
 def write_participant_report(output_dir, subject: str, *, warnings=None, errors=None, notes=None,

@@ -200,6 +200,60 @@ def class_signals(scanner: Scanner, rng: np.random.Generator) -> tuple[dict, dic
     return out
 
 
+def acquire(img, contrast: str, scanner: Scanner, mean: float, rng: np.random.Generator, gen):
+    """What ``scanner`` makes of the noiseless ``img`` (torch, 1 mm) for ``contrast``: a bias field, its
+    slice thickness (box average along the slice axis, back to 1 mm), Rician noise at its SNR relative
+    to ``mean`` (the mean signal in the brain)."""
+    import torch.nn.functional as F
+
+    from bidsapp.physics.simulator import bias_field_torch, rician_noise_torch
+
+    shape = tuple(img.shape)
+    img = img * bias_field_torch(shape, scanner.bias * rng.uniform(0.5, 1.5), gen)[0]
+    axis, thick = scanner.slices[contrast]
+    k = int(round(thick * rng.uniform(0.9, 1.1)))
+    if k >= 2:
+        kern = [1, 1, 1]
+        kern[axis] = k
+        low = F.avg_pool3d(img[None, None], kern, stride=kern, ceil_mode=True)
+        img = F.interpolate(low, size=shape, mode="trilinear", align_corners=False)[0, 0]
+    return rician_noise_torch(img, mean / (scanner.snr[contrast] * rng.uniform(0.7, 1.4)), gen)
+
+
+def simulate_session(head: Head, scanner: Scanner, rng: np.random.Generator, gen, n_lesions=None,
+                     contrasts=None) -> dict:
+    """A whole simulated session of ``head`` on ``scanner`` (the benchmark's test data): lesions of every
+    kind across the brain, each contrast of ``contrasts`` (default all) acquired as in training. Returns
+    ``images`` (contrast -> array, 1 mm RAS), ``brain`` (bool), ``lesion`` (bool truth: fraction >= 0.5),
+    ``affine`` and ``specs``."""
+    import torch
+
+    from bidsapp.physics.lesions import apply_lesions, draw_lesion
+    from bidsapp.physics.phantom import Phantom
+    from bidsapp.physics.tissues import CLASSES, TISSUES
+
+    n = dict(zip(KIND_P, (rng.integers(3, 9), rng.integers(4, 14), rng.integers(1, 5), rng.integers(0, 3)))
+             if n_lesions is None else n_lesions)
+    specs = []
+    for kind, k in n.items():
+        pool = head.pools.get(kind)
+        for _ in range(int(k) if pool is not None else 0):
+            specs.append(draw_lesion(kind, pool[rng.integers(len(pool))].astype(float), rng))
+    frac = np.zeros((len(CLASSES), *head.classes.shape), np.float32)
+    np.put_along_axis(frac, head.classes[None].astype(np.int64), 1.0, axis=0)
+    ph = apply_lesions(Phantom(frac, np.eye(4), CLASSES), specs)
+    signals = class_signals(scanner, rng)
+    brain_cls = np.array([TISSUES[c].brain for c in CLASSES])
+    ft = torch.from_numpy(ph.fractions)
+    images = {}
+    for c in contrasts or scanner.sequences:
+        clean = torch.einsum("cxyz,c->xyz", ft, torch.from_numpy(signals[c]))
+        mean = float((signals[c] * head.class_volume).sum() / head.class_volume.sum())
+        images[c] = acquire(clean, c, scanner, mean, rng, gen).numpy()
+    return {"images": images, "brain": brain_cls[head.classes], "affine": np.eye(4),
+            "lesion": ph.fractions[CLASSES.index("lesion")] >= 0.5, "specs": specs}
+
+
 class LesionSynth:
     """Random training patches (see the module docstring)."""
 
@@ -256,7 +310,6 @@ class LesionSynth:
         from bidsapp.models.lesion import CHANNELS, NEEDS
         from bidsapp.physics.lesions import apply_lesions
         from bidsapp.physics.phantom import Phantom
-        from bidsapp.physics.simulator import bias_field_torch, rician_noise_torch
         from bidsapp.physics.tissues import CLASSES, TISSUES
 
         rng, S = self.rng, self.size
@@ -315,20 +368,11 @@ class LesionSynth:
         for i, c in enumerate(CHANNELS):
             if c not in present:
                 continue
-            img = images[i] * bias_field_torch((S, S, S), scanner.bias * rng.uniform(0.5, 1.5), self.gen)[0]
-            axis, thick = scanner.slices[c]
-            k = int(round(thick * rng.uniform(0.9, 1.1)))
-            if k >= 2:
-                kern = [1, 1, 1]
-                kern[axis] = k
-                low = F.avg_pool3d(img[None, None], kern, stride=kern, ceil_mode=True)
-                img = F.interpolate(low, size=(S, S, S), mode="trilinear", align_corners=False)[0, 0]
             mean = float((signals[c] * vol).sum() / vol.sum())
-            img = rician_noise_torch(img, mean / (scanner.snr[c] * rng.uniform(0.7, 1.4)), self.gen)
+            img = acquire(images[i], c, scanner, mean, rng, self.gen)
             if c != "FLAIR" and rng.random() < 0.3:  # residual misregistration of about a voxel
                 img = torch.roll(img, tuple(int(x) for x in rng.integers(-1, 2, 3)), (0, 1, 2))
-            img = img / (mean * rng.uniform(0.9, 1.1))
-            out[i] = (img * keep).clamp(0, 6)
+            out[i] = (img / (mean * rng.uniform(0.9, 1.1)) * keep).clamp(0, 6)
         target = (target * keep[None]).clamp(0, 1)
         target[1:] = (target[1:] >= 0.5).float()
         return out.float(), target.float(), domain, present
