@@ -218,3 +218,49 @@ def test_session_methods_fill_lesions_into_tissue_outputs():
     assert direct == {"atropos_warnings"}  # its images, volumes and sidecar reach the outputs only filled
     plain = init_session_methods_wf(("atropos",), ["T1w"], options={"omp_nthreads": 1})
     assert plain.get_node("fill_atropos") is None
+
+
+def _tiny_session(head):
+    """A simulated session of the tiny head (all contrasts, 1 mm) and its truth."""
+    from bidsapp.training import lesion as T
+
+    sc = T.make_scanners(1, np.random.default_rng(5))[0]
+    return T.simulate_session(head, sc, np.random.default_rng(1), torch.Generator().manual_seed(1),
+                              n_lesions={"periventricular": 3, "deep": 3})
+
+
+def test_segment_does_not_depend_on_orientation_or_dtype(head):
+    """The same session stored as RAS float and as LPS-permuted uint16 gives the same lesions."""
+    from bidsapp.models.lesion import segment
+
+    ses = _tiny_session(head)
+    images = {c: ses["images"][c] for c in ("FLAIR", "T1w")}
+    ras = segment(images, ses["brain"], np.eye(4), (1.0, 1.0, 1.0))
+    assert ras.contrasts == ("FLAIR", "T1w")
+    assert ras.probability.shape == ses["brain"].shape and 0 <= ras.probability.min() <= ras.probability.max() <= 1
+    # LPS with the axes permuted (z, x, y): a different voxel order of the same world
+    perm = (2, 0, 1)
+    n = ses["brain"].shape
+    aff = np.zeros((4, 4))
+    aff[3, 3] = 1
+    aff[2, 0], aff[0, 1], aff[1, 2] = 1.0, -1.0, -1.0
+    aff[:3, 3] = [n[0] - 1, n[1] - 1, 0]
+
+    def store(a):
+        return np.flip(np.flip(np.transpose(a, perm), 1), 2)
+
+    scale = 4000 / max(float(v.max()) for v in images.values())
+    lps = segment({c: np.round(store(v) * scale).astype(np.uint16) for c, v in images.items()},
+                  store(ses["brain"]), aff, (1.0, 1.0, 1.0))
+    assert (store(ras.mask) != lps.mask).sum() <= 0.02 * max(int(ras.mask.sum()), 50)  # uint16 rounding at 0.5
+    assert np.allclose(store(ras.probability), lps.probability, atol=0.02)
+
+
+def test_segment_refuses_sessions_without_a_hyperintense_contrast(head):
+    from bidsapp.models.lesion import segment
+
+    ses = _tiny_session(head)
+    with pytest.raises(ValueError, match="needs one of FLAIR, T2w, PDw"):
+        segment({"T1w": ses["images"]["T1w"]}, ses["brain"], np.eye(4), (1.0, 1.0, 1.0))
+    with pytest.raises(ValueError, match="brain mask is empty"):
+        segment({"FLAIR": ses["images"]["FLAIR"]}, np.zeros_like(ses["brain"]), np.eye(4), (1.0, 1.0, 1.0))

@@ -186,7 +186,6 @@ def segment(images: dict, brain_mask: np.ndarray, affine: np.ndarray, zooms, dev
     net, card = load_model(device, weights_dir)
     grid = float(card.get("resolution_mm", GRID_MM))
     mask = np.asarray(brain_mask) > 0
-    shape = mask.shape
     mask_ras, ornt = _to_ras(mask.astype(np.float32), affine)
     zooms = np.asarray(zooms[:3], float)[ornt[:, 0].astype(int)]
     low_mask = resample_to(mask_ras, zooms, grid) >= 0.5
