@@ -88,14 +88,20 @@ def test_derivatives_of_good_subjects(run):
     assert not list(out.rglob("*.tmp")), "half-written files left behind"
 
 
-def test_flair_only_session_gets_brain_extraction_and_no_tissue(run):
+def test_flair_only_session_gets_brain_extraction_lesions_and_no_tissue(run):
     anat = run["out"] / "sub-02" / "ses-2" / "anat"
     names = {p.name for p in anat.iterdir()}
-    assert {"sub-02_ses-2_desc-preproc_FLAIR.nii.gz", "sub-02_ses-2_desc-brain_mask.nii.gz"} <= names
-    assert not [n for n in names if "seg" in n or "xfm" in n], names
+    assert {"sub-02_ses-2_desc-preproc_FLAIR.nii.gz", "sub-02_ses-2_desc-brain_mask.nii.gz",
+            "sub-02_ses-2_desc-lesion_mask.nii.gz", "sub-02_ses-2_label-lesion_probseg.nii.gz",
+            "sub-02_ses-2_desc-lesions_stats.tsv"} <= names
+    assert not [n for n in names if ("seg" in n and "lesion" not in n) or "xfm" in n], names
+    vols = pd.read_csv(anat / "sub-02_ses-2_desc-volumes_morph.tsv", sep="\t")
+    assert set(vols["method"]) == {"lesion"} and "count" in vols.columns
+    mask = json.loads((anat / "sub-02_ses-2_desc-lesion_mask.json").read_text())
+    assert mask["ContrastsUsed"] == ["FLAIR"] and len(mask["Model"]["Sha256"]) == 64
     html = (run["out"] / "sub-02.html").read_text()
     assert "ses-2" in html and "needs T1w" in html and "preprocessed FLAIR" in html
-    assert "no volumes table" not in html  # no method that makes volumes runs on a FLAIR alone (yet)
+    assert "Lesions" in html
 
 
 def test_broken_subject_is_reported(run):
@@ -118,7 +124,9 @@ def test_pybids_indexes_outputs(run):
 def test_group_level(run):
     assert run["group_code"] == EXIT_OK
     vols = pd.read_csv(run["out"] / "group_volumes.tsv", sep="\t")
-    assert {"participant_id", "GM", "WM", "CSF", "acq_group"} <= set(vols.columns)
+    assert {"participant_id", "GM", "WM", "CSF", "acq_group", "lesion", "lesion_count"} <= set(vols.columns)
     assert set(vols["participant_id"]) == {"sub-01", "sub-02"}
+    flair_only = vols[(vols["participant_id"] == "sub-02") & (vols["session_id"] == "ses-2")]
+    assert list(flair_only["method"]) == ["lesion"] and flair_only["GM"].isna().all()
     html = (run["out"] / "group.html").read_text()
     assert "data:image/png;base64" in html

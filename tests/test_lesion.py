@@ -159,6 +159,11 @@ def test_training_resumes_exactly(head, tmp_path):
                   weights_dir=tmp_path / "w")
     assert card["training"]["command"].startswith("scanbridge-train lesion --anatomy-dir")
     assert "--domain-loss" not in card["training"]["command"]  # the default: rand
+    stage = T.TrainConfig(out=str(tmp_path / "c"), init_from=str(tmp_path / "a" / "checkpoint.pt"),
+                          **dict(kw, iterations=1, lr=1e-4))
+    hist = T.train(stage, heads=[head], progress=lambda m: None)
+    card = T.save(hist["net"], stage, hist, weights_dir=tmp_path / "w2")
+    assert len(card["training"]["stages"]) == 2 and "--init-from" in card["training"]["stages"][1]
     with pytest.raises(SystemExit, match="another recipe"):
         T.train(T.TrainConfig(out=str(tmp_path / "b"), **dict(kw, scanners=4)), heads=[head], progress=lambda m: None)
 

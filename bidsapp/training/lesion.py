@@ -32,6 +32,7 @@ import os
 import platform
 import sys
 import time
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -411,6 +412,8 @@ class TrainConfig:
     threads: int = field(default=2, metadata={"card": False})
     device: str = field(default="cpu", metadata={"card": False, "choices": ("cpu", "cuda", "auto")})
     checkpoint_every: int = field(default=100, metadata={"card": False})
+    init_from: str | None = field(default=None, metadata={
+        "help": "start from the network of a checkpoint.pt (a later stage with a new schedule)"})
 
 
 def command_line(cfg: TrainConfig) -> str:
@@ -443,7 +446,14 @@ def train(cfg: TrainConfig, heads: list[Head] | None = None, progress=print, sto
     scanners = make_scanners(cfg.scanners, np.random.default_rng([cfg.seed, 1]))
     synth = LesionSynth(heads, scanners, size=cfg.size, seed=cfg.seed)
     use_head = cfg.domain_loss != "none"
-    net = build_network(architecture(cfg), n_domains=cfg.scanners if use_head else 0).to(device)
+    net = build_network(architecture(cfg), n_domains=cfg.scanners if use_head else 0)
+    if cfg.init_from:
+        state = torch.load(cfg.init_from, map_location="cpu", weights_only=False)
+        state = state["net"] if isinstance(state, dict) and "net" in state else state
+        missing, _ = net.load_state_dict(state, strict=False)
+        if [k for k in missing if not k.startswith("domain_head.")]:
+            raise SystemExit(f"{cfg.init_from}: not a lesion network of this architecture")
+    net = net.to(device)
     lam = DOMAIN_LAMBDA[cfg.domain_loss] if cfg.domain_lambda is None else float(cfg.domain_lambda)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -455,7 +465,8 @@ def train(cfg: TrainConfig, heads: list[Head] | None = None, progress=print, sto
     if ckpt.is_file():
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
         same_hardware = {k: state["config"][k] for k in ("threads", "device", "checkpoint_every")}
-        if state["config"] != asdict(cfg) | same_hardware:
+        recorded = {f.name: f.default for f in dataclasses.fields(cfg) if f.default is not dataclasses.MISSING}
+        if recorded | state["config"] != asdict(cfg) | same_hardware:  # fields added later keep their default
             raise SystemExit(f"{ckpt}: a checkpoint of another recipe; use a new --out or delete it")
         net.load_state_dict(state["net"])
         opt.load_state_dict(state["opt"])
@@ -532,7 +543,30 @@ def save(net, cfg: TrainConfig, history: dict, weights_dir=None, metrics: dict |
         },
         "metrics": metrics or {},
     }
+    if cfg.init_from:
+        card["training"]["stages"] = stages(cfg)
     return registry.save_model(MODEL_NAME, segmentation_state(net), card, weights_dir or Path(cfg.out) / "weights")
+
+
+def stages(cfg: TrainConfig) -> list[str]:
+    """The commands that made this network, first stage first (followed through ``--init-from``
+    checkpoints, which record their recipe and iteration)."""
+    import torch
+
+    out = [command_line(cfg)]
+    path = cfg.init_from
+    while path and Path(path).is_file():
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if not (isinstance(state, dict) and "config" in state):
+            out.insert(0, f"(weights file {path})")
+            break
+        prev = TrainConfig(**{k: v for k, v in state["config"].items() if k in TrainConfig.__dataclass_fields__})
+        cmd = command_line(prev)
+        if state["iteration"] < prev.iterations:
+            cmd += f" --stop-after {state['iteration']}"
+        out.insert(0, cmd)
+        path = prev.init_from
+    return out
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
