@@ -4,8 +4,9 @@ This is the one module that ties BIDS discovery (``bidsapp.bids``) to the Nipype
 it validates what the user asked for, prints the plan, runs one workflow per subject so that a broken
 subject never stops the others, and turns user mistakes into one-line messages with a non-zero exit.
 
-Exit codes: 0 everything asked for was produced; 1 at least one subject (or group step) failed;
-2 the run could not start (bad arguments or input).
+Exit codes: 0 everything asked for was produced; 1 at least one subject (or group step) failed, a
+session whose quality control said its scan is not usable included; 2 the run could not start (bad
+arguments or input).
 """
 
 from __future__ import annotations
@@ -379,6 +380,9 @@ def _crash_messages(crash_dir: Path, since: float) -> list[str]:
         lines = [ln.strip() for ln in crash.read_text(errors="replace").splitlines() if ln.strip()]
         node = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("Node:")), crash.name)
         last = next((ln for ln in reversed(lines) if "Error:" in ln or "Exception:" in ln), lines[-1] if lines else "")
+        if "QualityControlError: " in last:  # a failed QC verdict: its message names session, file and reasons
+            out.append(last.split("QualityControlError: ", 1)[1][:1000])
+            continue
         out.append(f"{node}: {last}"[:500])
     return out
 

@@ -128,12 +128,12 @@ def example_methods():
 
 def test_a_method_declares_what_it_needs_and_the_plan_says_why_it_is_left_out(example_methods):
     keys = M.select(["atropos"], ["bright"])
-    assert keys == ("atropos", "bright")
+    assert keys == ("atropos", "lesion", "bright")  # lesion: a built-in default
     flair_only = M.plan_session(keys, ["FLAIR"])
-    assert flair_only.reference == "FLAIR" and flair_only.run == ["bright"]
+    assert flair_only.reference == "FLAIR" and flair_only.run == ["lesion", "bright"]
     assert flair_only.skipped == ["atropos skipped: needs T1w (session has FLAIR)"]
     t1_only = M.plan_session(keys, ["T1w"])
-    assert t1_only.run == ["atropos"] and "bright skipped: needs FLAIR" in t1_only.skipped[0]
+    assert t1_only.run == ["atropos"] and "bright skipped: needs FLAIR" in t1_only.skipped[1]
     assert M.get("bright").contrasts_used(["T1w", "FLAIR"]) == ("FLAIR", "T1w")
     run, why = M.plan_subject(["maskchange"], [["T1w"], ["FLAIR"]])
     assert run == ["maskchange"] and not why
@@ -204,7 +204,7 @@ def test_session_and_subject_examples_are_wired_and_written(example_run):
     side = pd.read_json(anat1 / "sub-01_ses-1_desc-bright_mask.json", typ="series")
     assert side["ContrastsUsed"] == ["FLAIR", "T1w"]
     vols = pd.read_csv(anat1 / "sub-01_ses-1_desc-volumes_morph.tsv", sep="\t")
-    assert set(vols["method"]) == {"atropos", "bright"}
+    assert set(vols["method"]) == {"atropos", "bright", "lesion"}
     # the subject-level table: no session entity, one row per session
     table = pd.read_csv(example_run / "sub-01" / "anat" / "sub-01_desc-maskchange_morph.tsv", sep="\t")
     assert list(table["session_id"]) == ["ses-1", "ses-2"] and table["change_ml"].iloc[0] == 0
@@ -216,14 +216,15 @@ def test_flair_only_session_gets_brain_extraction_and_flair_methods_only(example
     names = {p.name for p in anat2.iterdir()}
     assert {"sub-01_ses-2_desc-preproc_FLAIR.nii.gz", "sub-01_ses-2_desc-brain_mask.nii.gz",
             "sub-01_ses-2_desc-bright_mask.nii.gz", "sub-01_ses-2_desc-volumes_morph.tsv"} <= names
-    assert not [n for n in names if "dseg" in n or "probseg" in n or "xfm" in n or "space-" in n], names
+    assert not [n for n in names if "dseg" in n or ("probseg" in n and "lesion" not in n) or "xfm" in n
+                or "space-" in n], names
     side = pd.read_json(anat2 / "sub-01_ses-2_desc-bright_mask.json", typ="series")
     assert side["ContrastsUsed"] == ["FLAIR"]
     mask = np.asarray(nib.load(anat2 / "sub-01_ses-2_desc-brain_mask.nii.gz").dataobj) > 0
     ml = mask.sum() * np.prod(nib.load(anat2 / "sub-01_ses-2_desc-brain_mask.nii.gz").header.get_zooms()) / 1000
     assert 800 < ml < 2200, f"FLAIR brain mask {ml:.0f} ml"
     vols = pd.read_csv(anat2 / "sub-01_ses-2_desc-volumes_morph.tsv", sep="\t")
-    assert set(vols["method"]) == {"bright"}
+    assert set(vols["method"]) == {"bright", "lesion"}
 
 
 def test_group_example_runs_from_the_registry(example_methods, tmp_path):

@@ -103,7 +103,7 @@ def test_results_are_right(run):
     t1w = nib.load(anat / f"{STEM}_desc-preproc_T1w.nii.gz")
     assert flair.shape == t1w.shape and np.allclose(flair.affine, t1w.affine)
     rows = (anat / f"{STEM}_desc-volumes_morph.tsv").read_text().splitlines()
-    assert rows[0] == "method\tlabel\tvolume_mm3"
+    assert rows[0] == "method\tlabel\tvolume_mm3\tcount"  # count: the lesion row's number of lesions
     vols = {r.split("\t")[1]: float(r.split("\t")[2]) for r in rows[1:]}
     assert vols["brain"] == pytest.approx(mask.sum() * RES ** 3)
 
@@ -116,7 +116,7 @@ def test_pybids_indexes_the_outputs(run):
     (run["out"] / "dataset_description.json").write_text(json.dumps(desc))
     layout = BIDSLayout(run["out"], validate=False, is_derivative=True)
     probseg = layout.get(subject="01", session="1", suffix="probseg", extension=".nii.gz")
-    assert sorted(f.entities["label"] for f in probseg) == ["CSF", "GM", "WM"]
+    assert sorted(f.entities["label"] for f in probseg) == ["CSF", "GM", "WM", "lesion"]
     assert layout.get(subject="01", suffix="mask", desc="brain", extension=".nii.gz")
 
 
@@ -142,7 +142,8 @@ def test_failed_node_leaves_no_partial_derivatives(run, monkeypatch, tmp_path):
     assert list((run["work"] / "crash").glob("crash-*seg_atropos*")), "crash report belongs in the work dir"
     assert not list(tmp_path.glob("crash-*"))
     anat = out / ANAT
-    assert not list(anat.glob("*probseg*")) and not list(anat.glob("*dseg*")) and not list(anat.glob("*morph*"))
+    tissue = [p for p in anat.glob("*probseg*") if "lesion" not in p.name]  # the lesion method finished
+    assert not tissue and not list(anat.glob("*dseg*")) and not list(anat.glob("*morph*"))
     written = sorted(p for p in anat.iterdir())
     assert any(p.name.endswith("desc-preproc_T1w.nii.gz") for p in written)
     for p in written:

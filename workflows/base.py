@@ -11,8 +11,9 @@ Each session has a reference image: its T1w, or without one its first FLAIR (the
 session it runs :func:`~workflows.anatomical.init_anat_preproc_wf` on the reference, one
 :func:`~workflows.anatomical.init_coregistration_wf` per other image, the session-level methods of
 :mod:`bidsapp.methods` that the session's contrasts allow (:func:`workflows.methods.init_session_methods_wf`;
-the others are left out with a plan line) and the sinks of :mod:`workflows.outputs`. Then the
-subject-level methods run on the sessions that have what they need.
+the others are left out with a plan line), quality control of the reference image and its main tissue
+segmentation (:mod:`workflows.interfaces.qc`: a fail verdict fails the session) and the sinks of
+:mod:`workflows.outputs`. Then the subject-level methods run on the sessions that have what they need.
 
 Where a new method plugs in: declare it with :func:`bidsapp.methods.register`; nothing here changes.
 """
@@ -27,9 +28,11 @@ from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
 from bidsapp import methods as M
+from bidsapp.labels import TISSUE
 from workflows.anatomical import ANAT_OUTPUTS, init_anat_preproc_wf, init_coregistration_wf
+from workflows.interfaces.qc import QualityControl, QualityControlGate
 from workflows.methods import contrast_field, init_session_methods_wf, init_subject_method_wf, output_fields
-from workflows.outputs import init_anat_derivatives_wf, init_coreg_derivatives_wf, init_method_derivatives_wf
+from workflows.outputs import init_anat_derivatives_wf, init_coreg_derivatives_wf, init_method_derivatives_wf, qc_sink
 
 def _label(text: str) -> str:
     return "".join(ch if ch.isalnum() else "_" for ch in str(text))
@@ -133,12 +136,28 @@ def _add_subject_method(wf, key, built, *, output_dir, bids_dir, options) -> Non
         wf.connect(merge, "out", sub_wf, f"inputnode.{field}")
 
 
+def _add_quality_control(wf, inputnode, anat_wf, reference: str, *, output_dir, bids_dir) -> pe.Node:
+    """QC of the preprocessed reference (:mod:`workflows.interfaces.qc`): its table is written, and a fail
+    verdict fails the session. Returns the QC node, for the caller to connect a tissue segmentation."""
+    qc = pe.Node(QualityControl(contrast=reference), name="quality_control", mem_gb=1.5)
+    gate = pe.Node(QualityControlGate(), name="quality_gate", run_without_submitting=True)
+    ds = qc_sink(output_dir, bids_dir)
+    wf.connect([
+        (anat_wf, qc, [("outputnode.anat_preproc", "in_file"), ("outputnode.anat_mask", "mask_file")]),
+        (inputnode, ds, [("in_file", "source_file")]),
+        (qc, ds, [("out_tsv", "in_file")]),
+        (inputnode, gate, [("in_file", "source_file")]),
+        (qc, gate, [("verdict", "verdict"), ("reasons", "reasons")]),
+    ])
+    return qc
+
+
 def init_session_wf(session: dict, *, output_dir, bids_dir, template: dict, omp_nthreads: int = 1,
                     device: str = "auto", seed: int = 0, method_keys=None, registration: str = "SyN",
                     prior_weight: float = 0.25, brain_extraction: str = "learned",
                     name: str = "anat_wf") -> pe.Workflow:
     """One session: preprocessing of the reference image, co-registration of the others onto it, the
-    session-level methods its contrasts allow, sinks."""
+    session-level methods its contrasts allow, quality control, sinks."""
     images = session_images(session)
     ref, ref_path, others = images
     available = images.contrasts
@@ -173,6 +192,7 @@ def init_session_wf(session: dict, *, output_dir, bids_dir, template: dict, omp_
         (anat_wf, outputnode, [(f"outputnode.{f}", f) for f in made]),
         (inputnode, outputnode, [("acquisition", "acquisition")]),
     ])
+    qc = _add_quality_control(wf, inputnode, anat_wf, ref, output_dir=output_dir, bids_dir=bids_dir)
 
     first_of = {}
     for contrast, i, path in others:
@@ -211,6 +231,12 @@ def init_session_wf(session: dict, *, output_dir, bids_dir, template: dict, omp_
         if contrast != ref:
             wf.connect(co_wf, "outputnode.out_file", meth_wf, f"inputnode.{contrast_field(contrast)}")
     wf.connect([(meth_wf, outputnode, [(f"outputnode.{f}", f) for f in method_fields])])
+    tissue = next((m for m in map(M.get, plan.run)
+                   if m.labels is not None and m.labels.key == TISSUE.key and "dseg" in m.outputs), None)
+    if tissue is not None:  # the main tissue answer (the first of its task) is what QC judges
+        wf.connect(meth_wf, f"outputnode.{tissue.ident}_dseg", qc, "dseg")
+        if "probseg" in tissue.outputs:
+            wf.connect(meth_wf, f"outputnode.{tissue.ident}_probseg", qc, "probseg")
     if with_volumes:
         wf.connect([(meth_wf, ds_wf, [("outputnode.volumes", "inputnode.volumes")]),
                     (meth_wf, outputnode, [("outputnode.volumes", "volumes")])])

@@ -19,6 +19,16 @@ def sink(name: str, output_dir, bids_dir, **kwargs) -> pe.Node:
                    name=name, run_without_submitting=True, mem_gb=0.1)
 
 
+def qc_sink(output_dir, bids_dir, name: str = "ds_qc") -> pe.Node:
+    """The session's quality-control table ``desc-iqm_qc.tsv`` (the name is explained in
+    :mod:`workflows.interfaces.qc`), its sidecar describing the columns and the rules."""
+    from bidsapp import qc
+    from workflows.interfaces.qc import qc_metadata
+
+    return sink(name, output_dir, bids_dir, suffix=qc.QC_SUFFIX, desc=qc.QC_DESC, extension=".tsv",
+                metadata=qc_metadata())
+
+
 def _template_meta(template: dict) -> dict:
     keep = ("name", "requested", "source", "resolution", "description", "version")
     return {k: template[k] for k in keep if k in template}

@@ -1,9 +1,11 @@
 """The group level: gather every participant's results, run the harmonisation steps, write the report.
 
 Inputs are files on disk only (participant derivatives in ``output_dir`` and the raw dataset's
-sidecars), so the group level can run long after, or far from, the participant jobs. Each step is a
-group-level method of :mod:`bidsapp.methods` (``run(ctx) -> list[Section]``), run in registration
-order; a step that fails becomes a warning in the report, and the rest of the report is still produced.
+sidecars), so the group level can run long after, or far from, the participant jobs. Sessions whose
+quality-control verdict is ``fail`` are left out (group_qc.tsv and the report's QC section say which).
+Each step is a group-level method of :mod:`bidsapp.methods` (``run(ctx) -> list[Section]``), run in
+registration order; a step that fails becomes a warning in the report, and the rest of the report is
+still produced.
 """
 
 from __future__ import annotations
@@ -86,6 +88,26 @@ def _with_lesions(wide: pd.DataFrame, lesions: pd.DataFrame, index: list[str]) -
     return out
 
 
+def gather_qc(output_dir: Path, subjects: list[str] | None = None) -> pd.DataFrame:
+    """Every session's quality-control row (:func:`bidsapp.qc.collect_qc`): group_qc.tsv."""
+    from bidsapp.qc import collect_qc
+
+    frames = [collect_qc(output_dir, s) for s in subjects] if subjects else [collect_qc(output_dir)]
+    return pd.concat(frames, ignore_index=True)
+
+
+def without_failed_sessions(volumes: pd.DataFrame, qc: pd.DataFrame) -> pd.DataFrame:
+    """``volumes`` less the sessions whose quality-control verdict is ``fail`` (their results are not usable)."""
+    failed = qc[qc["verdict"].astype(str) == "fail"] if len(qc) else qc
+    if volumes.empty or not len(failed):
+        return volumes
+    bad = set(zip(failed["participant_id"], failed["session_id"].fillna("n/a")))
+    keep = [k not in bad for k in zip(volumes["participant_id"], volumes["session_id"].fillna("n/a"))]
+    for pid, sid in sorted(bad):
+        LOG.warning("%s%s failed quality control: left out of the group level", pid, "" if sid == "n/a" else f" {sid}")
+    return volumes[keep].reset_index(drop=True)
+
+
 def gather_acquisitions(output_dir: Path, bids_dir: Path, subjects: list[str] | None) -> pd.DataFrame:
     """The acquisition record of every processed T1w: from the derivatives' sidecars (what was used),
     else from the raw dataset's sidecars (images are not opened)."""
@@ -139,6 +161,10 @@ def build_context(opts) -> GroupContext:
     if volumes.empty:
         raise UserError(f"{opts.output_dir}: no participant results found (*_desc-volumes_morph.tsv); "
                         "run the participant level first")
+    volumes = without_failed_sessions(volumes, gather_qc(opts.output_dir, subjects))
+    if volumes.empty:
+        raise UserError(f"{opts.output_dir}: every session failed quality control (see group_qc.tsv and the "
+                        "participant reports); nothing to analyse at the group level")
     acquisitions = gather_acquisitions(opts.output_dir, opts.bids_dir, subjects)
     from bidsapp.bids.discovery import read_participants
 
@@ -205,8 +231,18 @@ def run_group(opts) -> int:
 
 def _run_group(opts) -> int:
     from bidsapp.bids.derivatives import atomic_write_tsv
-    from bidsapp.reports.group import acquisitions_section, lesions_section, volumes_section, write_group_report
+    from bidsapp.reports.group import (
+        acquisitions_section,
+        lesions_section,
+        qc_section,
+        volumes_section,
+        write_group_report,
+    )
 
+    subjects = [s.removeprefix("sub-") for s in opts.participant_label] if opts.participant_label else None
+    qc = gather_qc(opts.output_dir, subjects)
+    if len(qc):  # written first: it explains a group level that finds nothing usable
+        atomic_write_tsv(opts.output_dir / "group_qc.tsv", qc.drop(columns=["path"]))
     ctx = build_context(opts)
     ctx.work_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_tsv(opts.output_dir / "group_volumes.tsv", ctx.volumes)
@@ -216,7 +252,7 @@ def _run_group(opts) -> int:
     print(f"scanbridge group: {ctx.volumes['participant_id'].nunique()} participant(s), {n_sessions} session(s), "
           f"{ctx.acquisitions['acq_group'].nunique() if not ctx.acquisitions.empty else 0} acquisition group(s)",
           flush=True)
-    sections = [acquisitions_section(ctx.acquisitions),
+    sections = [qc_section(qc), acquisitions_section(ctx.acquisitions),
                 volumes_section(ctx.volumes, ctx.acquisitions, ctx.participants, output_dir=ctx.output_dir)]
     lesions = lesions_section(ctx.volumes, ctx.acquisitions, ctx.participants, output_dir=ctx.output_dir)
     if lesions is not None:  # only with lesion results

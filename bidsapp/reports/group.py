@@ -1,4 +1,5 @@
-"""Group report ``output_dir/group.html``: acquisition groups, tissue volumes and lesion load by acquisition group.
+"""Group report ``output_dir/group.html``: quality control, acquisition groups, tissue volumes and lesion load by
+acquisition group.
 
 The sections here describe the data as measured; harmonisation steps (ComBat, MRAI-NET,
 bridging) add their own Sections and :func:`write_group_report` assembles everything into one
@@ -403,6 +404,31 @@ def lesions_section(volumes_df: pd.DataFrame | None, acquisitions_df: pd.DataFra
         atomic_write_tsv(Path(output_dir) / "group_lesions_summary.tsv", summary)
         body.append(text_html("Numbers shown here: group_volumes.tsv (columns lesion, lesion_count), "
                               "group_lesions_summary.tsv (in the output folder)."))
+    return Section(title, "".join(body), warns, anchor=anchor)
+
+
+def qc_section(qc_df: pd.DataFrame | None, *, title: str = "Quality control", anchor: str = "qc") -> Section:
+    """Counts of pass/warn/fail verdicts and the sessions that failed or warned, with their reasons (one row
+    per session in ``qc_df``: :func:`bidsapp.qc.collect_qc`)."""
+    if qc_df is None or len(qc_df) == 0:
+        return Section(title, text_html("No quality-control tables (*_desc-iqm_qc.tsv) were found."),
+                       ["no quality-control results: rerun the participant level to add them"], anchor=anchor)
+    verdicts = qc_df["verdict"].astype(str)
+    counts = {v: int((verdicts == v).sum()) for v in ("pass", "warn", "fail")}
+    other = len(qc_df) - sum(counts.values())
+    body = [text_html(f"{len(qc_df)} session(s): {counts['pass']} pass, {counts['warn']} warn, {counts['fail']} fail"
+                      + (f", {other} without a verdict" if other else "") + ". Sessions that failed are not "
+                      "usable and are left out of the group tables and harmonisation; warnings are worth a look "
+                      "at the participant report. Every measure: group_qc.tsv (in the output folder).")]
+    warns = []
+    flagged = qc_df[verdicts.isin(["fail", "warn"])].sort_values(["verdict", "participant_id", "session_id"])
+    if len(flagged):
+        cols = ["participant_id", "session_id", "verdict", "reasons"]
+        body.append(table_html(flagged[cols].fillna("n/a")))
+    if counts["fail"]:
+        warns.append(f"{counts['fail']} session(s) failed quality control and were left out: "
+                     + ", ".join(f"{r.participant_id} {r.session_id}".replace(" n/a", "")
+                                 for r in qc_df[verdicts == "fail"].itertuples()))
     return Section(title, "".join(body), warns, anchor=anchor)
 
 

@@ -3,8 +3,9 @@
 Reading files rather than workflow objects keeps the report reproducible (rerun it on any output
 folder) and lets it describe partial results: whatever is missing becomes a visible warning, never
 a crash. Sections: summary (with errors and warnings first), acquisitions (from the JSON sidecars),
-one section per session (mask and segmentation overlays, registration and co-registration checks,
-volumes per method) and an "About" block with versions and provenance.
+one section per session (quality control, mask and segmentation overlays, registration and
+co-registration checks, volumes per method) and an "About" block with versions and provenance. A
+session whose quality-control verdict is ``fail`` makes the subject's status FAILED.
 """
 
 from __future__ import annotations
@@ -449,13 +450,102 @@ def _lesion_block(f: SessionFiles, img, problems: list[str], warns: list[str]) -
     return subsection_html("Lesions", "".join(body))
 
 
+# ----------------------------------------------------------------------------------------------
+# quality control
+# ----------------------------------------------------------------------------------------------
+
+_BADGE = {"pass": ("#d4edda", "#155724"), "warn": ("#fff3cd", "#856404"), "fail": ("#f8d7da", "#721c24"),
+          "n/a": ("#eee", "#555")}
+
+
+def _badge(status: str) -> str:
+    import html
+
+    bg, fg = _BADGE.get(status, _BADGE["n/a"])
+    return (f'<span style="background:{bg};color:{fg};border-radius:3px;padding:0 6px;font-weight:600">'
+            f"{html.escape(status.upper())}</span>")
+
+
+def read_session_qc(f: SessionFiles, problems: list[str]) -> dict | None:
+    """The session's QC row (:func:`bidsapp.qc.read_qc`) plus ``source`` (the input file's name, from the
+    sidecar); None when the session has no QC table."""
+    from bidsapp import qc
+
+    path = qc.qc_path(f.anat_dir, f.prefix)
+    if not path.is_file():
+        return None
+    try:
+        row = qc.read_qc(path)
+    except Exception as exc:  # noqa: BLE001 - an unreadable table is a warning
+        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        problems.append(f"{path.name}: unreadable QC table ({why})")
+        return None
+    sources = _read_json(_sidecar(path), problems).get("Sources") or []
+    row["source"] = str(sources[0]).rsplit("/", 1)[-1] if sources else f"{f.prefix}_{f.reference}"
+    return row
+
+
+def qc_failure(row: dict | None) -> str | None:
+    """The one-line error of a failed QC verdict (the run's own message for it), else None."""
+    from bidsapp import qc
+
+    if not row or row.get("verdict") != "fail":
+        return None
+    return qc.failure_message(row["source"], row.get("reasons") or [])
+
+
+def _qc_block(f: SessionFiles, problems: list[str], warns: list[str], errs: list[str]) -> str:
+    """Measures with their plausible ranges and a pass/warn/fail badge each, and the session's verdict."""
+    import html
+
+    from bidsapp import qc
+
+    row = read_session_qc(f, problems)
+    if row is None:
+        if f.preproc is None:
+            return ""
+        return subsection_html("Quality control", text_html(
+            f"No quality-control table (*_desc-{qc.QC_DESC}_{qc.QC_SUFFIX}.tsv) for this session."))
+    verdict = row.get("verdict", "n/a")
+    if (msg := qc_failure(row)) is not None:
+        errs.append(msg)
+    elif verdict == "warn":
+        warns.extend(f"{f.prefix}: quality control: {r}" for r in row.get("reasons") or [])
+    cells = []
+    for name, (desc, units) in qc.MEASURES.items():
+        value = row.get(name)
+        rules = [r for r in qc.RULES if r.measure == name and r.applies(f.reference)]
+        if value is None or pd.isna(value):
+            text = "n/a"
+        elif name == "head_present":
+            text = "yes" if value >= 1 else "no"
+        else:
+            text = f"{value:.0f} {units}" if units else f"{value:.3g}"
+        ranges = "; ".join(f"{r.severity} if no" if name == "head_present" else f"{r.severity} {r.limits}"
+                           for r in rules) or "(not judged)"
+        states = [qc.rule_status(r, row, f.reference) for r in rules]
+        status = next((s for s in ("fail", "warn", "pass") if s in states), "n/a")
+        cells.append(f"<tr><td title=\"{html.escape(desc)}\">{html.escape(name)}</td><td>{html.escape(text)}</td>"
+                     f"<td>{html.escape(ranges)}</td><td>{_badge(status)}</td></tr>")
+    table = ('<table class="tbl"><tr><th>measure</th><th>value</th><th>judged</th><th>status</th></tr>'
+             + "".join(cells) + "</table>")
+    head = f"<p>Verdict: {_badge(verdict)}"
+    if verdict == "fail":
+        head += " the scan is not usable; its results are written but must not be used."
+    head += "</p>"
+    note = text_html("Image-quality measures in the MRIQC sense on the preprocessed reference image, its brain "
+                     "mask and main tissue segmentation; measures needing a tissue segmentation are n/a without "
+                     "one. Hover a measure's name for its definition.")
+    return subsection_html("Quality control", head + table + note)
+
+
 def session_section(f: SessionFiles, problems: list[str], template=None, n_slices: int = 5) -> Section:
-    """Overlays, registration checks and volumes of one session."""
+    """Quality control, overlays, registration checks and volumes of one session."""
     from bidsapp.reports import figures
 
     warns: list[str] = []
     errs: list[str] = []
-    body = []
+    body = [_qc_block(f, problems, warns, errs)]
     img = figures.ImageCache()  # each file is decompressed once for all the pictures of the session
     ref = f.reference
     if f.preproc is None:
@@ -647,12 +737,24 @@ def _summary_section(subject, files, acq, output_dir, problems, warnings, errors
         ("segmentation methods", ", ".join(sorted(methods)) or "none found"),
         ("acquisition group (T1w)", ", ".join(groups) or "n/a"),
         *_lesion_summary_items(files, problems),
+        *_qc_summary_items(files),
         ("status", "FAILED" if errors else ("completed with warnings" if warnings else "completed")),
     ]
     body = kv_table_html(items)
     if notes:
         body += text_html("Processing plan: " + "; ".join(notes) + ".")
     return Section(title="Summary", body=body, warnings=list(warnings), errors=list(errors), anchor="summary")
+
+
+def _qc_summary_items(files: list[SessionFiles]) -> list[tuple[str, str]]:
+    """A "quality control" line: each session's verdict."""
+    parts = []
+    for f in files:
+        row = read_session_qc(f, [])  # problems are reported by the session section
+        if row is not None:
+            verdict = str(row.get("verdict", "n/a"))
+            parts.append(f"{f.label}: {verdict}" if f.label != "(no session)" else verdict)
+    return [("quality control", "; ".join(parts))] if parts else []
 
 
 def _lesion_summary_items(files: list[SessionFiles], problems: list[str]) -> list[tuple[str, str]]:
@@ -686,6 +788,10 @@ def write_participant_report(output_dir, subject: str, *, warnings=None, errors=
     files = session_files(output_dir, subject, problems=problems)
     if not files:
         errors.append(f"no derivatives found for sub-{subject} in {output_dir}")
+    for f in files:  # a failed QC verdict fails the subject, whether or not this run raised it
+        msg = qc_failure(read_session_qc(f, []))
+        if msg is not None and not any(msg in e for e in errors):
+            errors.append(msg)
     acq, acq_warns = acquisition_rows(files, problems)
     sessions = [session_section(f, problems, template=template, n_slices=n_slices) for f in files]
     all_warn = list(dict.fromkeys([*(warnings or []), *acq_warns]))
