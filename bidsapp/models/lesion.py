@@ -105,14 +105,7 @@ def segmentation_state(net) -> dict:
 
 def load_model(device="cpu", weights_dir=None, name: str = MODEL_NAME):
     """(network in eval mode on ``device``, card); sha256-checked, cached per process."""
-    key = (name, str(device), str(weights_dir))
-    if key not in _CACHE:
-        state, card = registry.load_state_dict(name, weights_dir)
-        net = build_network(card["architecture"])
-        net.load_state_dict(state)
-        net.eval().to(device)
-        _CACHE[key] = (net, card)
-    return _CACHE[key]
+    return registry.load_network(name, build_network, device, weights_dir, _CACHE)
 
 
 def normalise(x, mask):

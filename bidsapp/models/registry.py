@@ -140,3 +140,18 @@ def save_model(name: str, state_dict: dict, card: dict, weights_dir=None) -> dic
     _atomic_write_bytes(weights_path(name, weights_dir), data)
     _atomic_write_bytes(card_path(name, weights_dir), (json.dumps(card, indent=2, sort_keys=False) + "\n").encode())
     return card
+
+
+def load_network(name: str, build, device="cpu", weights_dir=None, cache: dict | None = None):
+    """(network in eval mode on ``device``, card) of model ``name``: ``build(card["architecture"])``
+    makes the network, the sha256-checked weights fill it; cached in ``cache`` per name, device, folder."""
+    key = (name, str(device), str(weights_dir))
+    if cache is not None and key in cache:
+        return cache[key]
+    state, card = load_state_dict(name, weights_dir)
+    net = build(card["architecture"])
+    net.load_state_dict(state)
+    net.eval().to(device)
+    if cache is not None:
+        cache[key] = (net, card)
+    return net, card

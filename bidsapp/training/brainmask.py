@@ -43,7 +43,8 @@ from pathlib import Path
 import numpy as np
 
 from bidsapp.devdata import anatomy_dir
-from bidsapp.training.config import add_config_arguments, config_from_args
+from bidsapp.training.augment import rotation
+from bidsapp.training.config import add_config_arguments, config_from_args, stage_commands
 from bidsapp.training.config import command_line as config_command_line
 
 LOG = logging.getLogger("scanbridge.train.brainmask")
@@ -134,14 +135,6 @@ def load_heads(anatomy_dir, use_icbm: bool = True, heldout=HELDOUT, grid_mm: flo
     return heads
 
 
-def _rotation(angles) -> np.ndarray:
-    a, b, c = np.deg2rad(angles)
-    rx = np.array([[1, 0, 0], [0, math.cos(a), -math.sin(a)], [0, math.sin(a), math.cos(a)]])
-    ry = np.array([[math.cos(b), 0, math.sin(b)], [0, 1, 0], [-math.sin(b), 0, math.cos(b)]])
-    rz = np.array([[math.cos(c), -math.sin(c), 0], [math.sin(c), math.cos(c), 0], [0, 0, 1]])
-    return rx @ ry @ rz
-
-
 class HeadSynth:
     """Random synthetic heads with their brain target (see the module docstring)."""
 
@@ -168,7 +161,7 @@ class HeadSynth:
 
         rng, S = self.rng, self.size
         shape = np.asarray(head.brain.shape, float)
-        rot = _rotation(rng.uniform(-self.max_rotation, self.max_rotation, 3))
+        rot = rotation(rng.uniform(-self.max_rotation, self.max_rotation, 3))
         scale = np.diag(rng.uniform(0.88, 1.12, 3))
         if rng.random() < 0.5:
             scale[0, 0] *= -1  # left-right flip
@@ -400,29 +393,8 @@ def save(net, cfg: TrainConfig, history: dict, weights_dir=None) -> dict:
         "metrics": {},
     }
     if cfg.init_from:
-        card["training"]["stages"] = _chain(cfg)
+        card["training"]["stages"] = stage_commands(cfg, TrainConfig, command_line)
     return registry.save_model(MODEL_NAME, net.state_dict(), card, weights_dir or Path(cfg.out) / "weights")
-
-
-def _chain(cfg: TrainConfig) -> list[str]:
-    """The commands that made this network, first stage first (followed through ``--init-from``
-    checkpoints, which record their recipe and iteration)."""
-    import torch
-
-    stages = [command_line(cfg)]
-    path = cfg.init_from
-    while path and Path(path).is_file():
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        if not (isinstance(state, dict) and "config" in state):
-            stages.insert(0, f"(weights file {path})")
-            break
-        prev = TrainConfig(**{k: v for k, v in state["config"].items() if k in TrainConfig.__dataclass_fields__})
-        cmd = command_line(prev)
-        if state["iteration"] < prev.iterations:
-            cmd += f" --stop-after {state['iteration']}"
-        stages.insert(0, cmd)
-        path = prev.init_from
-    return stages
 
 
 def _anatomy_names(cfg: TrainConfig) -> list[str]:

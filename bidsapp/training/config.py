@@ -73,3 +73,26 @@ def command_line(prog: str, cfg, *, first=(), explicit: bool = False) -> str:
         else:
             parts.append(f"{_option(f)} {value}")
     return " ".join(parts)
+
+
+def stage_commands(cfg, cls, command_line) -> list[str]:
+    """The commands that made a network trained from ``cfg`` (a ``cls``), first stage first: followed
+    through ``init_from`` checkpoints, which record their recipe and iteration."""
+    from pathlib import Path
+
+    import torch
+
+    out = [command_line(cfg)]
+    path = cfg.init_from
+    while path and Path(path).is_file():
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if not (isinstance(state, dict) and "config" in state):
+            out.insert(0, f"(weights file {path})")
+            break
+        prev = cls(**{k: v for k, v in state["config"].items() if k in cls.__dataclass_fields__})
+        cmd = command_line(prev)
+        if state["iteration"] < prev.iterations:
+            cmd += f" --stop-after {state['iteration']}"
+        out.insert(0, cmd)
+        path = prev.init_from
+    return out

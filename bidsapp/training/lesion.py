@@ -39,7 +39,8 @@ from pathlib import Path
 import numpy as np
 
 from bidsapp.devdata import anatomy_dir
-from bidsapp.training.config import add_config_arguments, config_from_args
+from bidsapp.training.augment import rotation
+from bidsapp.training.config import add_config_arguments, config_from_args, stage_commands
 from bidsapp.training.config import command_line as config_command_line
 
 LOG = logging.getLogger("scanbridge.train.lesion")
@@ -173,12 +174,6 @@ def load_heads(anatomy_dir, heldout=HELDOUT, only=None) -> list[Head]:
 
 
 # ------------------------------------------------------------------------------------------ samples
-def _rotation(angles) -> np.ndarray:
-    a, b, c = np.deg2rad(angles)
-    rx = np.array([[1, 0, 0], [0, math.cos(a), -math.sin(a)], [0, math.sin(a), math.cos(a)]])
-    ry = np.array([[math.cos(b), 0, math.sin(b)], [0, 1, 0], [-math.sin(b), 0, math.cos(b)]])
-    rz = np.array([[math.cos(c), -math.sin(c), 0], [math.sin(c), math.cos(c), 0], [0, 0, 1]])
-    return rx @ ry @ rz
 
 
 def class_signals(scanner: Scanner, rng: np.random.Generator) -> tuple[dict, dict]:
@@ -344,7 +339,7 @@ class LesionSynth:
                    torch.einsum("cxyz,c->xyz", ft, torch.from_numpy(brain_cls))]
         stack = torch.stack(chans + targets)[None]
         # rotation, scaling and a left-right flip about the box centre
-        m = _rotation(rng.uniform(-12, 12, 3)) @ np.diag(rng.uniform(0.9, 1.1, 3))
+        m = rotation(rng.uniform(-12, 12, 3)) @ np.diag(rng.uniform(0.9, 1.1, 3))
         if rng.random() < 0.5:
             m[:, 0] *= -1
         o = torch.stack(torch.meshgrid(*[torch.arange(S, dtype=torch.float32) - (S - 1) / 2] * 3,
@@ -544,29 +539,8 @@ def save(net, cfg: TrainConfig, history: dict, weights_dir=None, metrics: dict |
         "metrics": metrics or {},
     }
     if cfg.init_from:
-        card["training"]["stages"] = stages(cfg)
+        card["training"]["stages"] = stage_commands(cfg, TrainConfig, command_line)
     return registry.save_model(MODEL_NAME, segmentation_state(net), card, weights_dir or Path(cfg.out) / "weights")
-
-
-def stages(cfg: TrainConfig) -> list[str]:
-    """The commands that made this network, first stage first (followed through ``--init-from``
-    checkpoints, which record their recipe and iteration)."""
-    import torch
-
-    out = [command_line(cfg)]
-    path = cfg.init_from
-    while path and Path(path).is_file():
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        if not (isinstance(state, dict) and "config" in state):
-            out.insert(0, f"(weights file {path})")
-            break
-        prev = TrainConfig(**{k: v for k, v in state["config"].items() if k in TrainConfig.__dataclass_fields__})
-        cmd = command_line(prev)
-        if state["iteration"] < prev.iterations:
-            cmd += f" --stop-after {state['iteration']}"
-        out.insert(0, cmd)
-        path = prev.init_from
-    return out
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
