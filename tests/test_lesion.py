@@ -69,7 +69,8 @@ def test_network_has_a_domain_head_only_for_training():
 
 
 def test_lesion_table_locations_and_sizes():
-    from bidsapp.models.lesion import clean_mask, lesion_table
+    from bidsapp.metrics.lesions import label_lesions
+    from bidsapp.models.lesion import MIN_LESION_MM3, lesion_table
 
     shape = (40, 40, 40)
     aff = np.diag([1.0, 1.0, 2.0, 1.0])
@@ -85,7 +86,7 @@ def test_lesion_table_locations_and_sizes():
     mask[30:33, 30:33, 25:27] = True      # deep
     mask[10:12, 30:32, 2:4] = True        # infratentorial
     mask[2, 2, 20] = True                 # 2 mm^3: below the minimum
-    cleaned = clean_mask(mask, 2.0)
+    cleaned = label_lesions(mask, (1.0, 1.0, 2.0), MIN_LESION_MM3)[0] > 0
     assert not cleaned[2, 2, 20] and cleaned[30, 30, 25]
     rows = lesion_table(cleaned, aff, {"ventricles": vent, "cortex": cortex, "infratentorial": infra})
     by_x = {r["centroid_x_mm"]: r for r in rows}

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from bidsapp.metrics.lesions import label_lesions
+
 from . import registry
 
 MODEL_NAME = "lesion_unet"
@@ -202,24 +204,11 @@ def segment(images: dict, brain_mask: np.ndarray, affine: np.ndarray, zooms, dev
     full_low[(slice(None), *box)] = prob_low
     maps = [_from_ras(resample_shape(p, ras_shape, order=1), ornt) for p in full_low]
     lesion = maps[0] * mask
-    voxel_mm3 = float(np.prod(zooms))
     return LesionResult(probability=lesion.astype(np.float32),
-                        mask=clean_mask(lesion >= 0.5, voxel_mm3),
+                        mask=label_lesions(lesion >= 0.5, zooms, MIN_LESION_MM3)[0] > 0,
                         context={name: m for name, m in zip(OUTPUTS[1:], maps[1:])},
                         contrasts=used,
                         model={"name": card["name"], "version": card.get("version"), "sha256": card["sha256"]})
-
-
-def clean_mask(mask: np.ndarray, voxel_mm3: float, min_mm3: float = MIN_LESION_MM3) -> np.ndarray:
-    """``mask`` without the 26-connected components smaller than ``min_mm3``."""
-    from scipy import ndimage as ndi
-
-    lab, n = ndi.label(mask, structure=np.ones((3, 3, 3), bool))
-    if n == 0:
-        return np.zeros(mask.shape, bool)
-    sizes = np.bincount(lab.ravel())[1:] * voxel_mm3
-    keep = np.concatenate([[False], sizes >= min_mm3])
-    return keep[lab]
 
 
 def lesion_table(mask: np.ndarray, affine: np.ndarray, context: dict) -> list[dict]:
@@ -234,7 +223,7 @@ def lesion_table(mask: np.ndarray, affine: np.ndarray, context: dict) -> list[di
     from scipy import ndimage as ndi
 
     zooms = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(0))
-    lab, n = ndi.label(mask, structure=np.ones((3, 3, 3), bool))
+    lab, n = label_lesions(mask, zooms)
     if n == 0:
         return []
     far = np.full(mask.shape, np.inf, np.float32)

@@ -42,6 +42,7 @@ from nipype.interfaces.base import (
 )
 
 from bidsapp.labels import BRAIN, TISSUE
+from bidsapp.qc import otsu_threshold
 
 REGISTRATION_TYPES = ("Rigid", "Affine", "SyN")
 
@@ -148,17 +149,6 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
     return lab == (int(np.argmax(sizes)) + 1)
 
 
-def _otsu(values: np.ndarray, bins: int = 256) -> float:
-    hist, edges = np.histogram(values, bins=bins)
-    centers = (edges[:-1] + edges[1:]) / 2
-    w1 = np.cumsum(hist)
-    w2 = w1[-1] - w1
-    m = np.cumsum(hist * centers)
-    mu1 = m / np.maximum(w1, 1)
-    mu2 = (m[-1] - m) / np.maximum(w2, 1)
-    return float(centers[np.argmax(w1 * w2 * (mu1 - mu2) ** 2)])
-
-
 def _kmeans_1d(x: np.ndarray, k: int = 3, iterations: int = 30) -> np.ndarray:
     c = np.percentile(x, np.linspace(10, 90, k))
     for _ in range(iterations):
@@ -172,7 +162,7 @@ def head_mask(data: np.ndarray) -> np.ndarray:
     from scipy import ndimage as ndi
 
     logd = np.log1p(np.maximum(data, 0))
-    return _largest_component(ndi.binary_fill_holes(logd > _otsu(logd.ravel())))
+    return _largest_component(ndi.binary_fill_holes(logd > otsu_threshold(logd.ravel())))
 
 
 def _translation_transform(translation_lps, path) -> str:

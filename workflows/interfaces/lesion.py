@@ -53,15 +53,6 @@ def _inputs(inputs) -> dict:
     return out
 
 
-def _check(path: str, data: np.ndarray) -> None:
-    """One-line errors for images that cannot hold a brain."""
-    if not np.isfinite(data).any():
-        raise ValueError(f"{path}: image has no finite values (all NaN or infinite)")
-    finite = data[np.isfinite(data)]
-    if finite.size == 0 or float(finite.max()) <= float(finite.min()):
-        raise ValueError(f"{path}: image is constant ({float(finite.min()) if finite.size else 0:g} everywhere): no brain signal")
-
-
 class LesionSegment(SimpleInterface):
     """Scanner-invariant MS lesion segmentation (:mod:`bidsapp.models.lesion`)."""
 
@@ -72,18 +63,16 @@ class LesionSegment(SimpleInterface):
         import nibabel as nib
 
         from bidsapp.bids.derivatives import atomic_write_tsv
-        from bidsapp.models.lesion import CHANNELS, lesion_table, segment
+        from bidsapp.bids.validation import load_3d
+        from bidsapp.models.lesion import CHANNELS, MIN_LESION_MM3, lesion_table, segment
 
         paths = _inputs(self.inputs)
         ref = nib.load(self.inputs.mask_file)
         mask = np.asarray(ref.dataobj) > 0
         images = {}
         for contrast, path in paths.items():
-            img = nib.load(path)
-            data = np.asarray(img.dataobj, dtype=np.float32)
-            if data.ndim > 3:
-                data = data.reshape(data.shape[:3])
-            _check(path, data)
+            img, _ = load_3d(path)  # one-line errors for NaN, all-zero or constant images
+            data = np.asarray(img.dataobj)
             if data.shape != mask.shape or not np.allclose(img.affine, ref.affine, atol=1e-3):
                 raise ValueError(f"{path}: not on the reference grid of {self.inputs.mask_file} "
                                  "(co-register it first)")
@@ -122,17 +111,11 @@ class LesionSegment(SimpleInterface):
                 "ContrastsUsed": list(result.contrasts),
                 "ContrastsMissing": missing,
                 "Threshold": 0.5,
-                "MinimumLesionVolume_mm3": _min_volume(),
+                "MinimumLesionVolume_mm3": MIN_LESION_MM3,
                 "LesionCount": len(rows),
                 "LesionVolume_mm3": round(volume, 1),
             })
         return runtime
-
-
-def _min_volume() -> float:
-    from bidsapp.models.lesion import MIN_LESION_MM3
-
-    return MIN_LESION_MM3
 
 
 # ------------------------------------------------------------------------------------------ filling
@@ -184,8 +167,9 @@ class FillLesions(SimpleInterface):
         if lesion.shape != dseg.shape:
             raise ValueError(f"{self.inputs.lesion_mask}: lesion mask not on the grid of {self.inputs.dseg}")
         probs = np.stack([np.asarray(nib.load(p).dataobj, dtype=np.float32) for p in self.inputs.probseg])
-        moved = int((lesion & (dseg > 0) & (dseg != TISSUE.labels[TISSUE.names.index(self.inputs.counted_as)].value)).sum())
-        dseg, probs = fill_lesions(dseg, probs, lesion, self.inputs.counted_as)
+        filled, probs = fill_lesions(dseg, probs, lesion, self.inputs.counted_as)
+        moved = int((filled != dseg).sum())
+        dseg = filled
         cwd = runtime.cwd
         out_dseg = os.path.join(cwd, "dseg.nii.gz")
         nib.save(nib.Nifti1Image(dseg, img.affine, img.header), out_dseg)
