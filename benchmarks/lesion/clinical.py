@@ -3,9 +3,13 @@
 The dataset has no lesion segmentation, but it has, per patient, the expert mask of the lesion CHANGE
 between the two studies (new or grown lesion voxels) in a common space, and every session's affine to
 it. New lesions are lesions at follow-up and were not (or smaller) at baseline, so a lesion mask should
-cover the change voxels at ``ses-2`` and cover fewer of them at ``ses-1``. Per session this prints:
+cover the change voxels at ``ses-2`` and cover fewer of them at ``ses-1``. Per session and lesion method
+(the main answer's ``desc-lesion_mask`` and each other lesion method's mask, ``desc-lesion<desc>_mask`` or
+``desc-<method>_mask`` such as ``desc-wmh_mask``; the method named by the mask's sidecar ``Method``) this
+prints:
 
-- lesion count and volume (ml) as the app wrote them (``desc-volumes_morph.tsv``);
+- lesion count and volume (ml) as the app wrote them (the method's row of ``desc-volumes_morph.tsv``, else
+  the mask's sidecar);
 - ``change covered``: the share of the patient's lesion-change voxels inside the session's lesion mask,
   taken to the common space (T1w -> FLAIR -> common with the dataset's affines), and the share of change
   components it touches;
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -40,28 +45,110 @@ def to_common(mask_file: Path, chain: list[tuple[Path, Path]]) -> np.ndarray:
     return cur.numpy() >= 0.5
 
 
+MASK_NAME = re.compile(r"^sub-[^_]+_ses-[^_]+(?:_[a-z]+-[^_]+)*?_desc-(?P<desc>[A-Za-z0-9]+)_mask\.nii(?:\.gz)?$")
+"""A session's mask file (``sub-X_ses-Y[_entity-value...]_desc-D_mask.nii.gz``)."""
+MAIN_DESC = "lesion"
+"""``desc`` of the main lesion answer's mask (:data:`bidsapp.labels.LESION`'s ``main_desc``)."""
+
+
+def lesion_methods() -> set[str]:
+    """Keys and ``desc`` of the registered lesion methods (``lesion``, ``wmh``, ...); those two always."""
+    names = {"lesion", "wmh"}
+    try:
+        from bidsapp import methods as M
+        from bidsapp.labels import LESION
+
+        for m in M.registry(task=LESION.key).values():
+            names |= {m.key, m.desc} - {""}
+    except Exception:  # the registry is optional here: the file names and sidecars suffice
+        pass
+    return names
+
+
+def _sidecar(path: Path) -> dict:
+    side = path.with_name(re.sub(r"\.nii(\.gz)?$", ".json", path.name))
+    try:
+        return json.loads(side.read_text()) if side.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def mask_method(path: Path, known: set[str] | None = None) -> dict | None:
+    """``{"desc", "method", "main", "space"}`` of a session's lesion mask file, None when it is not one (brain
+    mask, other masks). ``desc-lesion`` is the main lesion answer; another lesion method's mask has its key
+    or desc as ``desc`` (``desc-wmh``), or that after ``lesion`` (``desc-lesionwmh``). The method is the
+    sidecar's ``Method`` when it names one (the main answer's is whichever method ran first), else the one
+    ``desc`` names."""
+    m = MASK_NAME.match(path.name)
+    if m is None:
+        return None
+    desc = m["desc"]
+    known = lesion_methods() if known is None else known
+    if desc == MAIN_DESC:
+        method = "lesion"
+    elif desc in known:
+        method = desc
+    elif desc.startswith(MAIN_DESC) and desc[len(MAIN_DESC):] in known:
+        method = desc[len(MAIN_DESC):]
+    else:
+        return None
+    method = str(_sidecar(path).get("Method") or method)
+    space = re.search(r"_space-([^_]+)_", path.name)
+    return {"desc": desc, "method": method, "main": desc == MAIN_DESC, "space": space[1] if space else None}
+
+
 def sessions(out_dir: Path, clinical: Path):
-    for mask in sorted(out_dir.glob("sub-*/ses-*/anat/*_desc-lesion_mask.nii.gz")):
+    known = lesion_methods()
+    for mask in sorted(out_dir.glob("sub-*/ses-*/anat/*_desc-*_mask.nii.gz")):
+        kind = mask_method(mask, known)
+        if kind is None:
+            continue
         sub, ses = mask.name.split("_")[:2]
         ref = clinical / "reference" / sub
         raw = clinical / "bids" / sub / ses / "anat"
         reference = "T1w" if (raw / f"{sub}_{ses}_T1w.nii.gz").is_file() else "FLAIR"
+        grid = kind["space"] or reference
+        if grid not in ("T1w", "FLAIR"):
+            print(f"  {mask.name}: in space {grid}, left out")
+            continue
         change = ref / f"{sub}_space-common_desc-lesionchange_mask.nii.gz"
         brain = ref / f"{sub}_space-common_desc-brain_mask.nii.gz"
         chain = []
-        if reference == "T1w":
+        if grid == "T1w":
             chain.append((raw / f"{sub}_{ses}_FLAIR.nii.gz", ref / f"{sub}_{ses}_from-T1w_to-FLAIR_xfm.txt"))
         chain.append((change, ref / f"{sub}_{ses}_from-FLAIR_to-common_xfm.txt"))
         if not all(x.is_file() for _, x in chain) or not change.is_file():
             print(f"  {sub} {ses}: transforms to the common space missing, left out")
             continue
         yield {"subject": sub, "session": ses, "reference": reference, "mask": mask, "chain": chain,
-               "change": change, "brain": brain, "volumes": mask.with_name(f"{sub}_{ses}_desc-volumes_morph.tsv")}
+               "change": change, "brain": brain, "volumes": mask.with_name(f"{sub}_{ses}_desc-volumes_morph.tsv"),
+               **{k: kind[k] for k in ("method", "desc", "main")}}
+
+
+def method_volume(case: dict) -> tuple[float | None, int | None]:
+    """(lesion volume in ml, lesion count) of the case's method: its ``desc-volumes_morph.tsv`` row (label
+    ``lesion``, else its only row), else the mask's sidecar (``LesionVolume_mm3``, ``LesionCount``)."""
+    import pandas as pd
+
+    method = case.get("method", "lesion")
+    if Path(case["volumes"]).is_file():
+        vol = pd.read_csv(case["volumes"], sep="\t", na_values=["n/a"])
+        rows = vol[vol["method"].astype(str) == method]
+        row = rows[rows["label"].astype(str) == "lesion"]
+        row = row if len(row) else rows
+        if len(row):
+            return (round(float(row["volume_mm3"].iloc[0]) / 1000, 2),
+                    int(row["count"].iloc[0]) if "count" in row and pd.notna(row["count"].iloc[0]) else None)
+    meta = _sidecar(Path(case["mask"]))
+    if meta:
+        ml = meta.get("LesionVolume_mm3")
+        return (round(float(ml) / 1000, 2) if ml is not None else None,
+                int(meta["LesionCount"]) if meta.get("LesionCount") is not None else None)
+    return None, None
 
 
 def evaluate(case: dict) -> dict:
     import nibabel as nib
-    import pandas as pd
     from scipy import ndimage as ndi
 
     mask = to_common(case["mask"], case["chain"])
@@ -69,11 +156,10 @@ def evaluate(case: dict) -> dict:
     brain = np.asarray(nib.load(str(case["brain"])).dataobj) > 0 if case["brain"].is_file() else None
     lab, n = ndi.label(change, structure=np.ones((3, 3, 3), bool))
     touched = len(np.setdiff1d(np.unique(lab[mask]), [0]))
-    vol = pd.read_csv(case["volumes"], sep="\t", na_values=["n/a"])
-    row = vol[(vol["method"] == "lesion") & (vol["label"] == "lesion")]
+    ml, count = method_volume(case)
     return {"subject": case["subject"], "session": case["session"], "reference": case["reference"],
-            "lesion_ml": round(float(row["volume_mm3"].iloc[0]) / 1000, 2) if len(row) else None,
-            "lesion_count": int(row["count"].iloc[0]) if len(row) and "count" in row else None,
+            "method": case.get("method", "lesion"), "desc": case.get("desc", MAIN_DESC),
+            "main": case.get("main", True), "lesion_ml": ml, "lesion_count": count,
             "change_voxels": int(change.sum()), "change_lesions": int(n),
             "change_covered": round(float(mask[change].mean()), 3) if change.any() else None,
             "change_lesions_touched": round(touched / n, 3) if n else None,
@@ -94,13 +180,17 @@ def main(argv=None) -> int:
     if not rows:
         print(f"{args.out_dir}: no lesion masks of the clinical-ms subjects", file=sys.stderr)
         return 1
-    print(f"{'session':<16}{'ref':>6}{'lesions':>9}{'ml':>8}{'change covered':>16}{'change lesions':>16}"
+    rows.sort(key=lambda r: (r["subject"], r["session"], not r["main"], r["method"]))
+    print(f"{'session':<16}{'method':<10}{'ref':>6}{'lesions':>9}{'ml':>8}{'change covered':>16}{'change lesions':>16}"
           f"{'outside brain':>15}")
     for r in rows:
-        print(f"{r['subject'] + ' ' + r['session']:<16}{r['reference']:>6}{r['lesion_count'] or 0:>9}"
+        method = r["method"] + ("" if r["main"] else "*")
+        print(f"{r['subject'] + ' ' + r['session']:<16}{method:<10}{r['reference']:>6}{r['lesion_count'] or 0:>9}"
               f"{r['lesion_ml'] or 0:>8.1f}{r['change_covered'] if r['change_covered'] is not None else float('nan'):>16.2f}"
               f"{r['change_lesions_touched'] if r['change_lesions_touched'] is not None else float('nan'):>16.2f}"
               f"{r['outside_brain'] if r['outside_brain'] is not None else float('nan'):>15.3f}")
+    if not all(r["main"] for r in rows):
+        print("* not the main lesion answer (desc-lesion<desc> / desc-<method> mask)")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"out_dir": str(args.out_dir), "sessions": rows}, indent=1))
     print(f"wrote {args.json}")

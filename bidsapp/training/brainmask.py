@@ -33,11 +33,9 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import os
 import platform
 import sys
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -285,14 +283,6 @@ def command_line(cfg: TrainConfig) -> str:
     return config_command_line("scanbridge-train brainmask", cfg, first=("anatomy_dir", "out"))
 
 
-def _initial_weights(path) -> dict:
-    """The network weights of a training checkpoint (``checkpoint.pt``) or of a weights file."""
-    import torch
-
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    return state["net"] if isinstance(state, dict) and "net" in state else state
-
-
 def train(cfg: TrainConfig, heads: list[Head] | None = None, progress=print, stop_after: int | None = None) -> dict:
     """Train (resuming from ``cfg.out``/checkpoint.pt when present); returns the history with the
     network under ``"net"`` and ``"finished"`` False when the run stopped at iteration ``stop_after``
@@ -300,66 +290,33 @@ def train(cfg: TrainConfig, heads: list[Head] | None = None, progress=print, sto
     a later one starts from)."""
     import torch
 
-    from bidsapp.models.brainmask import build_network
     from bidsapp.devices import resolve_device
+    from bidsapp.models.brainmask import build_network
+    from bidsapp.training.engine import fit, load_initial
+    from bidsapp.training.losses import dice_bce_loss
 
     torch.set_num_threads(int(cfg.threads))
     device = resolve_device(cfg.device)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     heads = heads if heads is not None else load_heads(cfg.anatomy_dir, use_icbm=cfg.icbm)
     synth = HeadSynth(heads, size=cfg.size, seed=cfg.seed, max_rotation=cfg.max_rotation, centre=cfg.centre)
     net = build_network()
     if cfg.init_from:
-        net.load_state_dict(_initial_weights(cfg.init_from))
+        load_initial(cfg.init_from, net)
     net = net.to(device)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda i: 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(i, cfg.iterations) / cfg.iterations)))
-    from bidsapp.training.losses import dice_bce_loss
-
     loss_fn = dice_bce_loss()
-    history = {"loss": [], "seconds": 0.0}
-    start = 0
-    ckpt = out / "checkpoint.pt"
-    if ckpt.is_file():
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        same_hardware = {"threads": state["config"]["threads"], "device": state["config"]["device"]}
-        if state["config"] != asdict(cfg) | same_hardware:
-            raise SystemExit(f"{ckpt}: a checkpoint of another recipe; use a new --out or delete it")
-        net.load_state_dict(state["net"])
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        synth.set_state(state["synth"])
-        torch.set_rng_state(state["torch"])
-        history, start = state["history"], state["iteration"]
-        progress(f"resuming at iteration {start}")
-    net.train()
-    t0 = time.time() - history["seconds"]
-    end = cfg.iterations if stop_after is None else max(start, min(cfg.iterations, int(stop_after)))
-    for it in range(start, end):
+
+    def step(_it):
         x, y, _ = synth.batch(cfg.batch)
         x, y = x.to(device), y.to(device)
         opt.zero_grad(set_to_none=True)
         loss = loss_fn(net(x), y)
         loss.backward()
         opt.step()
-        sched.step()
-        history["loss"].append(float(loss.detach()))
-        done = it + 1
-        if done % 25 == 0 or done == cfg.iterations:
-            recent = np.mean(history["loss"][-25:])
-            progress(f"iteration {done}/{cfg.iterations} loss {recent:.4f} ({time.time() - t0:.0f} s)")
-        if done % cfg.checkpoint_every == 0 or done == end:
-            history["seconds"] = time.time() - t0
-            tmp = out / "checkpoint.pt.tmp"
-            torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                        "synth": synth.state(), "torch": torch.get_rng_state(), "history": history,
-                        "iteration": done, "config": asdict(cfg)}, tmp)
-            os.replace(tmp, ckpt)
-    history["seconds"] = time.time() - t0
-    return dict(history, net=net, finished=end == cfg.iterations)
+        return {"loss": float(loss.detach())}
+
+    return fit(cfg, net, opt, step, out=cfg.out, states={"synth": synth}, progress=progress, stop_after=stop_after)
 
 
 def save(net, cfg: TrainConfig, history: dict, weights_dir=None) -> dict:

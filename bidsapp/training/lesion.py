@@ -28,12 +28,9 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import os
 import platform
 import sys
-import time
-import dataclasses
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -429,12 +426,11 @@ def train(cfg: TrainConfig, heads: list[Head] | None = None, progress=print, sto
 
     from bidsapp.devices import resolve_device
     from bidsapp.models.lesion import build_network
+    from bidsapp.training.engine import fit, load_initial
     from bidsapp.training.losses import DOMAIN_LAMBDA, domain_loss, lesion_loss
 
     torch.set_num_threads(int(cfg.threads))
     device = resolve_device(cfg.device)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     if heads is None:
         heads = load_heads(cfg.anatomy_dir, only=cfg.heads.split(",") if cfg.heads else None)
@@ -443,37 +439,13 @@ def train(cfg: TrainConfig, heads: list[Head] | None = None, progress=print, sto
     use_head = cfg.domain_loss != "none"
     net = build_network(architecture(cfg), n_domains=cfg.scanners if use_head else 0)
     if cfg.init_from:
-        state = torch.load(cfg.init_from, map_location="cpu", weights_only=False)
-        state = state["net"] if isinstance(state, dict) and "net" in state else state
-        missing, _ = net.load_state_dict(state, strict=False)
-        if [k for k in missing if not k.startswith("domain_head.")]:
-            raise SystemExit(f"{cfg.init_from}: not a lesion network of this architecture")
+        load_initial(cfg.init_from, net, optional_prefixes=("domain_head.",))
     net = net.to(device)
     lam = DOMAIN_LAMBDA[cfg.domain_loss] if cfg.domain_lambda is None else float(cfg.domain_lambda)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda i: 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(i, cfg.iterations) / cfg.iterations)))
     seg_loss = lesion_loss()
-    history = {"loss": [], "domain": [], "seconds": 0.0}
-    start = 0
-    ckpt = out / "checkpoint.pt"
-    if ckpt.is_file():
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        same_hardware = {k: state["config"][k] for k in ("threads", "device", "checkpoint_every")}
-        recorded = {f.name: f.default for f in dataclasses.fields(cfg) if f.default is not dataclasses.MISSING}
-        if recorded | state["config"] != asdict(cfg) | same_hardware:  # fields added later keep their default
-            raise SystemExit(f"{ckpt}: a checkpoint of another recipe; use a new --out or delete it")
-        net.load_state_dict(state["net"])
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        synth.set_state(state["synth"])
-        torch.set_rng_state(state["torch"])
-        history, start = state["history"], state["iteration"]
-        progress(f"resuming at iteration {start}")
-    net.train()
-    t0 = time.time() - history["seconds"]
-    end = cfg.iterations if stop_after is None else max(start, min(cfg.iterations, int(stop_after)))
-    for it in range(start, end):
+
+    def step(_it):
         x, y, d, _ = synth.batch(cfg.batch)
         x, y, d = x.to(device), y.to(device), d.to(device)
         opt.zero_grad(set_to_none=True)
@@ -485,22 +457,11 @@ def train(cfg: TrainConfig, heads: list[Head] | None = None, progress=print, sto
         loss = seg_loss(logits, y) + lam * aux
         loss.backward()
         opt.step()
-        sched.step()
-        history["loss"].append(float(loss.detach()))
-        history["domain"].append(float(aux.detach()))
-        done = it + 1
-        if done % 25 == 0 or done == cfg.iterations:
-            progress(f"iteration {done}/{cfg.iterations} loss {np.mean(history['loss'][-25:]):.4f} "
-                     f"domain {np.mean(history['domain'][-25:]):.4f} ({time.time() - t0:.0f} s)")
-        if done % cfg.checkpoint_every == 0 or done == end:
-            history["seconds"] = time.time() - t0
-            tmp = out / "checkpoint.pt.tmp"
-            torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                        "synth": synth.state(), "torch": torch.get_rng_state(), "history": history,
-                        "iteration": done, "config": asdict(cfg)}, tmp)
-            os.replace(tmp, ckpt)
-    history["seconds"] = time.time() - t0
-    return dict(history, net=net, finished=end == cfg.iterations, scanners=scanners)
+        return {"loss": float(loss.detach()), "domain": float(aux.detach())}
+
+    hist = fit(cfg, net, opt, step, out=cfg.out, states={"synth": synth}, progress=progress,
+               stop_after=stop_after, logged=("loss", "domain"))
+    return dict(hist, scanners=scanners)
 
 
 def save(net, cfg: TrainConfig, history: dict, weights_dir=None, metrics: dict | None = None) -> dict:

@@ -134,3 +134,26 @@ def lesion_loss():
     def loss(logits, target):
         return dice(logits[:, :1], target[:, :1]) + 0.5 * context(logits[:, 1:], target[:, 1:])
     return loss
+
+
+def wmh_loss(kind: str, features_net=None):
+    """The WMH generator's lesion loss, ``f(logits, soft_truth, image)`` on one sigmoid channel:
+    ``content`` (the Siamese content loss of :class:`bidsapp.models.wmh.ContentLoss` with the frozen
+    ``features_net``) or the paper's baselines from MONAI: ``dice`` (epsilon 1), ``tversky`` (alpha 0.3
+    on false positives, beta 0.7 on false negatives), ``gdice`` (generalised Dice)."""
+    from monai.losses import DiceLoss, GeneralizedDiceLoss, TverskyLoss
+
+    if kind == "content":
+        from bidsapp.models.wmh import ContentLoss
+
+        if features_net is None:
+            raise ValueError("the content loss needs the feature network")
+        content = ContentLoss(features_net)
+        return lambda logits, truth, image: content(image, torch.sigmoid(logits), truth)
+    overlap = {"dice": lambda: DiceLoss(sigmoid=True, smooth_nr=1.0, smooth_dr=1.0),
+               "tversky": lambda: TverskyLoss(sigmoid=True, alpha=0.3, beta=0.7),
+               "gdice": lambda: GeneralizedDiceLoss(sigmoid=True)}
+    if kind not in overlap:
+        raise ValueError(f"unknown WMH loss {kind!r}; known: content, {', '.join(overlap)}")
+    fn = overlap[kind]()
+    return lambda logits, truth, image: fn(logits, truth)

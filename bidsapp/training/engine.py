@@ -1,0 +1,116 @@
+"""The one training loop of scanbridge's trainers: schedule, progress, checkpoints and exact resumption.
+
+A trainer builds its network, optimiser and sampler, then hands :func:`fit` a ``step(iteration)``
+function that draws a batch, computes the losses, steps the optimiser and returns the terms to log.
+:func:`fit` owns everything else, the same way for every model:
+
+- a cosine learning-rate schedule (:func:`cosine_schedule`) stepped once per iteration;
+- a line of progress every :data:`LOG_EVERY` iterations (the mean of each logged term);
+- a checkpoint in ``out``/checkpoint.pt every ``checkpoint_every`` iterations and at the end, written
+  atomically, holding the network, the optimiser, the schedule, every sampler's random state, torch's
+  random state, the history and the recipe (the config);
+- resumption from that checkpoint when the recipe matches (fields that only say where it runs may
+  differ; fields added to a config later keep their default), refused with one line otherwise;
+- ``stop_after``: end at that iteration of the schedule, leaving a checkpoint (a chain of cluster
+  jobs, or a stage that a later ``--init-from`` stage starts from).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+LOG_EVERY = 25
+HARDWARE_FIELDS = ("threads", "device", "checkpoint_every")
+"""Config fields that say where a run executes, not what it computes: a resumed run may change them."""
+
+
+def cosine_schedule(opt, iterations: int, floor: float = 0.02):
+    """Learning rate from its initial value down to ``floor`` times it along a half cosine."""
+    import torch
+
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(i, iterations) / iterations)))
+
+
+def same_recipe(saved: dict, cfg) -> bool:
+    """Whether a checkpoint's config ``saved`` is the recipe of ``cfg`` (see the module docstring)."""
+    current = dataclasses.asdict(cfg)
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg) if f.default is not dataclasses.MISSING}
+    hardware = {k: saved[k] for k in HARDWARE_FIELDS if k in saved and k in current}
+    return defaults | saved == current | hardware
+
+
+def fit(cfg, net, opt, step: Callable[[int], dict], *, out, states: dict | None = None, sched=None,
+        progress=print, stop_after: int | None = None, logged=("loss",)) -> dict:
+    """Run ``step`` for iterations ``[start, end)`` of ``cfg.iterations`` (see the module docstring).
+
+    ``states`` maps a name to an object with ``state()`` and ``set_state(state)`` (the samplers),
+    saved in checkpoints and restored on resumption. ``step`` returns a dict of floats; the terms
+    in ``logged`` are printed. Returns the history (a list per term, ``seconds``) with ``net`` and
+    ``finished`` (False when stopped at ``stop_after`` before the end).
+    """
+    import torch
+
+    states = states or {}
+    sched = sched if sched is not None else cosine_schedule(opt, cfg.iterations)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    history: dict = {"seconds": 0.0}
+    start = 0
+    ckpt = out / "checkpoint.pt"
+    if ckpt.is_file():
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        if not same_recipe(state["config"], cfg):
+            raise SystemExit(f"{ckpt}: a checkpoint of another recipe; use a new --out or delete it")
+        net.load_state_dict(state["net"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        for name, obj in states.items():
+            obj.set_state(state[name])
+        torch.set_rng_state(state["torch"])
+        history, start = state["history"], state["iteration"]
+        progress(f"resuming at iteration {start}")
+    net.train()
+    t0 = time.time() - history["seconds"]
+    end = cfg.iterations if stop_after is None else max(start, min(cfg.iterations, int(stop_after)))
+    for it in range(start, end):
+        terms = step(it)
+        sched.step()
+        for k, v in terms.items():
+            history.setdefault(k, []).append(float(v))
+        done = it + 1
+        if done % LOG_EVERY == 0 or done == cfg.iterations:
+            text = " ".join(f"{k} {np.mean(history[k][-LOG_EVERY:]):.4f}" for k in logged if k in history)
+            progress(f"iteration {done}/{cfg.iterations} {text} ({time.time() - t0:.0f} s)")
+        if done % cfg.checkpoint_every == 0 or done == end:
+            history["seconds"] = time.time() - t0
+            tmp = out / "checkpoint.pt.tmp"
+            torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                        **{name: obj.state() for name, obj in states.items()},
+                        "torch": torch.get_rng_state(), "history": history, "iteration": done,
+                        "config": dataclasses.asdict(cfg)}, tmp)
+            os.replace(tmp, ckpt)
+    history["seconds"] = time.time() - t0
+    return dict(history, net=net, finished=end == cfg.iterations)
+
+
+def load_initial(path, net, optional_prefixes=()) -> None:
+    """Fill ``net`` from a checkpoint.pt (its ``net``) or a state dict, for ``--init-from``; keys under
+    ``optional_prefixes`` may be missing (training-only heads). One line when it does not fit."""
+    import torch
+
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = state["net"] if isinstance(state, dict) and "net" in state else state
+    try:
+        missing, unexpected = net.load_state_dict(state, strict=False)
+    except RuntimeError:
+        raise SystemExit(f"{path}: not a network of this architecture") from None
+    if unexpected or [k for k in missing if not k.startswith(tuple(optional_prefixes))]:
+        raise SystemExit(f"{path}: not a network of this architecture")

@@ -1,0 +1,98 @@
+"""The WMH benchmark's helpers (PCD, bins, summaries, the target check, Fig. 5) on made-up numbers, and the
+clinical benchmark's lesion-mask discovery on fake files (no simulation, no model)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _script(name: str):
+    """A benchmarks/lesion script as a module (the folder is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"lesion_{name}", ROOT / "benchmarks" / "lesion" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def wmh():
+    return _script("wmh")
+
+
+def _rows(dice, ltpr, n=4, hd95=5.0):
+    return [{"dice": dice, "hd95": hd95, "avd": 10.0 * (k + 1), "ltpr": ltpr, "lesion_f1": 0.5, "pcd": 0.02 * k,
+             "seconds": 1.0} for k in range(n)]
+
+
+def test_pcd_and_bins(wmh):
+    truth = np.zeros((10, 10, 10), bool)
+    truth[:2, :5] = True                                   # 100 of 1000 voxels
+    assert wmh.pcd(truth) == pytest.approx(10.0)
+    assert list(wmh.pcd_bins([0.0, 0.029, 0.03, 0.149, 0.2, 0.59, 7.0])) == [0, 0, 1, 4, 5, 6, 10]
+    assert wmh.bin_label(0) == "0-0.03" and wmh.bin_label(10) == ">= 4.8"
+    bins = wmh.binned_avd([{"pcd": 0.01, "avd": 10.0}, {"pcd": 0.02, "avd": 30.0}, {"pcd": 0.5, "avd": 100.0},
+                           {"pcd": 0.7, "avd": float("nan")}])
+    assert [(b["label"], b["avd"], b["n"]) for b in bins] == [("0-0.03", 20.0, 2), ("0.3-0.6", 100.0, 1)]
+
+
+def test_summary_counts_infinite_hd95(wmh):
+    rows = _rows(0.5, 0.4) + _rows(0.0, 0.0, n=1, hd95=float("inf"))
+    s = wmh.summarise(rows)
+    assert s["n"] == 5 and s["hd95_inf"] == 1
+    assert s["hd95"] == {"mean": 5.0, "sd": 0.0, "n": 4}
+    assert s["dice"]["mean"] == pytest.approx(0.4)
+
+
+def test_target_check(wmh):
+    ood = {k: wmh.summarise(_rows(d, r)) for k, (d, r) in
+           {"content": (0.5, 0.8), "dice": (0.45, 0.5), "tversky": (0.55, 0.4), "gdice": (0.4, 0.6)}.items()}
+    check = wmh.target_check(ood)
+    assert check["dice"]["pass"] is False and check["dice"]["best_other_loss"] == "tversky"
+    assert check["ltpr"]["pass"] is True and check["ltpr"]["best_other"] == pytest.approx(0.6)
+    assert wmh.target_check({"content": ood["content"]}) is None
+    assert all(c["pass"] for c in wmh.paper_target().values())      # the paper's CAIN rows meet it
+    lines = wmh.table("ood", {"content": {"ood": {"summary": ood["content"]}}}, {"n_scanners": 1, "n_heads": 4})
+    assert any(line.startswith("content (ours)") for line in lines)
+    assert sum("(paper)" in line for line in lines) == 4
+
+
+def test_fig5_and_json(wmh, tmp_path):
+    res = {k: {"ood": {"sessions": [{"pcd": p, "avd": a} for p, a in ((0.01, 50.0), (0.2, 120.0), (1.0, 30.0))]}}
+           for k in ("content", "dice")}
+    path = wmh.plot_avd_pcd(res, tmp_path / "fig.png")
+    assert path.is_file() and path.stat().st_size > 5000
+    assert json.loads(json.dumps(wmh._jsonable({"a": [float("inf"), np.float32(1.5)]}))) == {"a": [None, 1.5]}
+
+
+def test_clinical_lesion_masks(tmp_path):
+    clinical = _script("clinical")
+    known = {"lesion", "wmh"}
+    anat = tmp_path / "sub-ms01" / "ses-1" / "anat"
+    anat.mkdir(parents=True)
+    names = ["sub-ms01_ses-1_desc-brain_mask.nii.gz", "sub-ms01_ses-1_desc-lesion_mask.nii.gz",
+             "sub-ms01_ses-1_desc-wmh_mask.nii.gz", "sub-ms01_ses-1_desc-lesionwmh_mask.nii.gz",
+             "sub-ms01_ses-1_space-FLAIR_desc-lesion_mask.nii.gz", "sub-ms01_ses-1_desc-other_mask.nii.gz"]
+    for n in names:
+        (anat / n).touch()
+    kinds = {n: clinical.mask_method(anat / n, known) for n in names}
+    assert kinds[names[0]] is None and kinds[names[5]] is None
+    assert kinds[names[1]] == {"desc": "lesion", "method": "lesion", "main": True, "space": None}
+    assert kinds[names[2]]["method"] == "wmh" and not kinds[names[2]]["main"]
+    assert kinds[names[3]]["method"] == "wmh"
+    assert kinds[names[4]]["space"] == "FLAIR"
+    # a session where WMH is the main lesion answer: desc-lesion, the sidecar names the method
+    (anat / "sub-ms01_ses-1_desc-lesion_mask.json").write_text(json.dumps({"Method": "wmh", "LesionCount": 3,
+                                                                           "LesionVolume_mm3": 1500.0}))
+    assert clinical.mask_method(anat / names[1], known)["method"] == "wmh"
+    case = {"mask": anat / names[1], "volumes": anat / "sub-ms01_ses-1_desc-volumes_morph.tsv", "method": "wmh"}
+    assert clinical.method_volume(case) == (1.5, 3)                   # no table: the sidecar
+    case["volumes"].write_text("method\tlabel\tvolume_mm3\tcount\nlesion\tlesion\t2000\t4\nwmh\tlesion\t2500\t6\n")
+    assert clinical.method_volume(case) == (2.5, 6)
+    assert clinical.method_volume(case | {"method": "lesion"}) == (2.0, 4)
