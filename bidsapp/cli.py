@@ -51,10 +51,21 @@ def _gigabytes(text: str) -> float:
     return value
 
 
+class _Methods(argparse.Action):
+    """``nargs="+"`` list of method keys (argparse checks each against ``choices``); a key given twice is a
+    usage error, since the order says which is the main answer."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        twice = [v for v in dict.fromkeys(values) if values.count(v) > 1]
+        if twice:
+            raise argparse.ArgumentError(self, f"listed twice: {', '.join(twice)}")
+        setattr(namespace, self.dest, list(values))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from bidsapp import methods
     from bidsapp.harmonize.context import GroupOptions
-    from bidsapp.labels import TISSUE
+    from bidsapp.labels import LESION, TISSUE
 
     p = argparse.ArgumentParser(
         prog="scanbridge",
@@ -103,9 +114,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "template: register the template brain and warp its mask")
     tissue = methods.registry(methods.SESSION, TISSUE.key)
     g.add_argument("--segmentation", nargs="+", choices=list(tissue), default=list(methods.DEFAULT_TISSUE),
-                   metavar="METHOD",
+                   metavar="METHOD", action=_Methods,
                    help="tissue segmentation methods, main answer first (the others are written with "
                         "desc-<method>): " + "; ".join(f"{k}: {m.summary}" for k, m in tissue.items()))
+    lesion = methods.registry(methods.SESSION, LESION.key)
+    g.add_argument("--lesion-methods", "--lesion_methods", nargs="+", choices=list(lesion),
+                   default=list(methods.default_methods(LESION.key)), metavar="METHOD", action=_Methods,
+                   help="lesion segmentation methods, main answer first: on each session the first that its "
+                        "contrasts allow is written as desc-lesion, the others beside it as desc-<method> "
+                        f"({', '.join(f'{k}: desc-{m.desc}' for k, m in lesion.items())}); choices: "
+                        + "; ".join(f"{k}: {m.summary}" for k, m in lesion.items()))
 
     g = p.add_argument_group("group level")
     g.add_argument("--labels-dir", "--labels_dir", type=Path, default=None,
@@ -260,8 +278,9 @@ def run_participant(opts) -> int:
         work_dir=opts.work_dir,
     )
     print(plan.summary(), flush=True)
-    segmentation = tuple(dict.fromkeys(opts.segmentation))
-    keys = methods.select(segmentation)
+    segmentation = tuple(opts.segmentation)
+    lesion_methods = tuple(opts.lesion_methods)
+    keys = methods.select(segmentation, lesion=lesion_methods)
     plan_lines = {subj.subject: subject_plan_lines(subj, keys) for subj in plan.runnable_subjects}
     if any(plan_lines.values()):
         print("methods left out:", flush=True)
@@ -302,6 +321,7 @@ def run_participant(opts) -> int:
                     device=opts.device,
                     seed=opts.seed,
                     segmentation=segmentation,
+                    lesion_methods=lesion_methods,
                     brain_extraction=opts.brain_extraction,
                 )
                 wf.base_dir = str(opts.work_dir)

@@ -18,7 +18,8 @@ Levels and what the ``factory`` returns:
     ``stats``: one row per object, written as ``desc-<stats_desc>_stats.tsv``), plus ``metadata``
     (sidecar fields) and ``warnings``. When a method whose label set has ``counted_as`` makes a mask,
     the tissue methods' outputs of that session count its voxels as that tissue
-    (:class:`workflows.interfaces.lesion.FillLesions`).
+    (:class:`workflows.interfaces.lesion.FillLesions`); with several such methods, the mask of the first
+    that runs on the session (its main answer).
 ``subject``
     ``factory(name, options) -> nipype Node``, run once per subject on all its sessions that have what
     it needs. Inputs: ``in_files``, ``mask_files``, ``session_ids`` (lists, one per session, in session
@@ -76,7 +77,8 @@ class Method:
     min_sessions: int = 1
     """Subject level: fewest sessions it can run on."""
     default: bool = True
-    """Runs unless the user selects otherwise (tissue methods are chosen with ``--segmentation``)."""
+    """Runs unless the user selects otherwise (the methods of a :data:`SELECTABLE` task are chosen with its
+    command-line option: ``--segmentation``, ``--lesion-methods``)."""
     mem_gb: float = 2.0
     summary: str = ""
     """One line for ``--help`` and the processing plan."""
@@ -158,21 +160,52 @@ def get(key: str) -> Method:
         raise ValueError(f"unknown method {key!r}; known: {', '.join(_REGISTRY)}") from None
 
 
-def select(tissue=None, extra=(), *, level: str = SESSION) -> tuple[str, ...]:
-    """The keys of the ``level`` methods to run: the tissue methods in ``tissue`` (main answer first;
-    default :data:`DEFAULT_TISSUE`), every other default method of that level, and ``extra``."""
+SELECTABLE = {TISSUE.key: "segmentation", LESION.key: "lesion"}
+"""Tasks whose methods the user chooses (main answer first), and the word their messages use; the command
+line has one option per task (``--segmentation``, ``--lesion-methods``)."""
+
+
+def default_methods(task: str, level: str = SESSION) -> tuple[str, ...]:
+    """The methods of ``task`` that run when the user names none, main answer first: for tissue
+    :data:`DEFAULT_TISSUE`, for any other task its registered default methods in registration order."""
+    if level == SESSION and task == TISSUE.key:
+        return DEFAULT_TISSUE
+    return tuple(k for k, m in registry(level, task).items() if m.default)
+
+
+def _chosen(task: str, keys, reg: dict) -> tuple[str, ...]:
+    """``keys`` (default: :func:`default_methods`) checked to be distinct methods of ``task``."""
+    keys = tuple(keys or default_methods(task))
+    word = SELECTABLE.get(task, task)
+    unknown = [k for k in keys if k not in reg or reg[k].task != task]
+    if unknown:
+        known = ", ".join(k for k, m in reg.items() if m.task == task)
+        raise ValueError(f"unknown {word} method(s) {', '.join(unknown)}; known: {known}")
+    twice = [k for k in dict.fromkeys(keys) if keys.count(k) > 1]
+    if twice:
+        raise ValueError(f"{word} methods listed twice: {', '.join(twice)}")
+    return keys
+
+
+def select(tissue=None, extra=(), *, lesion=None, level: str = SESSION) -> tuple[str, ...]:
+    """The keys of the ``level`` methods to run.
+
+    For each task of :data:`SELECTABLE` the user's methods, main answer first (``tissue``: default
+    :data:`DEFAULT_TISSUE`; ``lesion``: default every registered default lesion method, in registration
+    order); every other default method of that level; then ``extra``. A selectable task's methods come
+    together, in the user's order, where the task's first method was registered, so that on any session the
+    first of them that can run is its main answer (:func:`main_answers`).
+    """
     reg = registry(level)
-    keys = []
+    keys: list[str] = []
     if level == SESSION:
-        tissue = tuple(tissue or DEFAULT_TISSUE)
-        unknown = [m for m in tissue if m not in reg or reg[m].task != TISSUE.key]
-        if unknown:
-            known = ", ".join(k for k, m in reg.items() if m.task == TISSUE.key)
-            raise ValueError(f"unknown segmentation method(s) {', '.join(unknown)}; known: {known}")
-        if len(set(tissue)) != len(tissue):
-            raise ValueError(f"segmentation methods listed twice: {', '.join(tissue)}")
-        keys += tissue
-        keys += [k for k, m in reg.items() if m.default and m.task != TISSUE.key]
+        given = {TISSUE.key: tissue, LESION.key: lesion}
+        chosen = {task: _chosen(task, given.get(task), reg) for task in SELECTABLE}
+        for k, m in reg.items():
+            if m.task in chosen:
+                keys += [c for c in chosen[m.task] if c not in keys]
+            elif m.default:
+                keys.append(k)
     else:
         keys += [k for k, m in reg.items() if m.default]
     for k in extra:
@@ -184,7 +217,11 @@ def select(tissue=None, extra=(), *, level: str = SESSION) -> tuple[str, ...]:
 
 
 def main_answers(keys) -> dict[str, bool]:
-    """``{key: True}`` for the first method of each task among ``keys`` (it gets plain BIDS names)."""
+    """``{key: True}`` for the first method of each task among ``keys`` (it gets plain BIDS names).
+
+    Give it the methods that run on one session (:attr:`MethodPlan.run`): the main answer is decided per
+    session, so a session where the user's first lesion method cannot run (a T2w-only session and
+    ``wmh lesion``) has the next one as its main answer."""
     seen, out = set(), {}
     for k in keys:
         task = get(k).task or k
@@ -247,8 +284,12 @@ register(Method(
 register(Method(
     "lesion", SESSION, "workflows.segmentation:lesion_node", task=LESION.key, needs=(("FLAIR", "T2w", "PDw"),),
     optional=("T1w", "FLAIR", "T2w", "PDw"), labels=LESION, outputs=("probseg", "mask", "volumes", "stats"),
-    mem_gb=2.0, title="MS lesions",
+    desc="ms", mem_gb=2.0, title="MS lesions",
     summary="scanner-invariant MS lesion U-Net on every contrast the session has (FLAIR, T2w or PDw needed)"))
+register(Method(
+    "wmh", SESSION, "workflows.segmentation:wmh_node", task=LESION.key, needs=(("FLAIR",),), labels=LESION,
+    outputs=("probseg", "mask", "volumes", "stats"), desc="wmh", mem_gb=2.0, title="WMH (FLAIR)",
+    summary="FLAIR-only white-matter hyperintensity U-Net trained with the Siamese content loss"))
 register(Method("combat", GROUP, "bidsapp.harmonize.combat:run", task="harmonisation", title="ComBat",
                 summary="ComBat harmonisation of the volumes across acquisition groups"))
 register(Method("mrainet", GROUP, "bidsapp.harmonize.mrainet_group:run", task="harmonisation", title="MRAI-NET",

@@ -93,15 +93,19 @@ def test_flair_only_session_gets_brain_extraction_lesions_and_no_tissue(run):
     names = {p.name for p in anat.iterdir()}
     assert {"sub-02_ses-2_desc-preproc_FLAIR.nii.gz", "sub-02_ses-2_desc-brain_mask.nii.gz",
             "sub-02_ses-2_desc-lesion_mask.nii.gz", "sub-02_ses-2_label-lesion_probseg.nii.gz",
-            "sub-02_ses-2_desc-lesions_stats.tsv"} <= names
+            "sub-02_ses-2_desc-lesions_stats.tsv", "sub-02_ses-2_desc-wmh_mask.nii.gz",
+            "sub-02_ses-2_label-lesion_desc-wmh_probseg.nii.gz", "sub-02_ses-2_desc-wmh_stats.tsv"} <= names
     assert not [n for n in names if ("seg" in n and "lesion" not in n) or "xfm" in n], names
     vols = pd.read_csv(anat / "sub-02_ses-2_desc-volumes_morph.tsv", sep="\t")
-    assert set(vols["method"]) == {"lesion"} and "count" in vols.columns
+    assert list(vols["method"]) == ["lesion", "wmh"] and "count" in vols.columns  # main answer first
     mask = json.loads((anat / "sub-02_ses-2_desc-lesion_mask.json").read_text())
     assert mask["ContrastsUsed"] == ["FLAIR"] and len(mask["Model"]["Sha256"]) == 64
+    assert mask["Method"] == "lesion"
+    wmh = json.loads((anat / "sub-02_ses-2_desc-wmh_mask.json").read_text())
+    assert wmh["Method"] == "wmh" and wmh["ContrastsUsed"] == ["FLAIR"] and wmh["Model"]["Name"] == "wmh_unet"
     html = (run["out"] / "sub-02.html").read_text()
     assert "ses-2" in html and "needs T1w" in html and "preprocessed FLAIR" in html
-    assert "Lesions" in html
+    assert "Lesions" in html and "Lesions, baseline: WMH (FLAIR) (wmh)" in html
 
 
 def test_broken_subject_is_reported(run):

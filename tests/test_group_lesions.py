@@ -50,10 +50,12 @@ def _session(out: Path, sub: str, ses: str, meta: dict, suffix: str, rows: list[
 
 
 def make_study(tmp_path: Path, lesions: bool = True, flair_only: int = 2, n_subjects: int = 12,
-               no_flair: tuple[str, ...] = ("03",), seed: int = 0) -> SimpleNamespace:
+               no_flair: tuple[str, ...] = ("03",), seed: int = 0, wmh: str | None = None) -> SimpleNamespace:
     """Two T1w groups (Siemens MPRAGE, GE SPGR), two sessions each, the GE group with 3x the lesion volume
     (a scanner effect on the log scale); sessions of ``no_flair`` subjects have no lesion row; ``flair_only``
-    more subjects have a FLAIR and no T1w (lesion row only)."""
+    more subjects have a FLAIR and no T1w (lesion row only). ``wmh``: every session with lesions also has a
+    row of the WMH method, other numbers: ``"after"`` the MS row (a baseline), ``"first_without_t1w"`` before
+    it on the FLAIR-only sessions (their main answer). ``truth``: the main answer's (volume, count)."""
     rng, rng_lesion = np.random.default_rng(seed), np.random.default_rng(seed + 1)  # tissues as without lesions
     out, bids = tmp_path / "out", tmp_path / "bids"
     bids.mkdir(parents=True)
@@ -76,8 +78,10 @@ def make_study(tmp_path: Path, lesions: bool = True, flair_only: int = 2, n_subj
                 vol = 0.0 if (i, ses) == (0, "1") else float(np.round(rng_lesion.lognormal(8.5, 0.6), 1))
                 vol *= 3.0 if meta is SPGR else 1.0
                 count = 0 if vol == 0 else int(rng_lesion.integers(1, 20))
-                rows.append(("lesion", "lesion", vol, count))
-                truth[(f"sub-{sub}", f"ses-{ses}")] = (vol, count)
+                ms, other = ("lesion", "lesion", vol, count), ("wmh", "lesion", round(0.5 * vol + 7.0, 1), count + 1)
+                wmh_main = wmh == "first_without_t1w" and i >= n_subjects
+                rows += ([other, ms] if wmh_main else [ms, other]) if wmh else [ms]
+                truth[(f"sub-{sub}", f"ses-{ses}")] = other[2:] if wmh_main else (vol, count)
             _session(out, sub, ses, meta, suffix, rows, count_column=has_lesion)
     pd.DataFrame(parts).to_csv(bids / "participants.tsv", sep="\t", index=False)
     opts = SimpleNamespace(output_dir=out, bids_dir=bids, work_dir=tmp_path / "work", participant_label=None,
@@ -300,3 +304,35 @@ def test_lesion_section_only_with_lesion_data(tmp_path):
     report = write_group_report(tmp_path, [volumes_section(ctx.volumes, ctx.acquisitions, ctx.participants)],
                                 command_line="scanbridge bids out group")
     assert "Lesion load" not in report.read_text()
+
+
+def test_a_second_lesion_method_is_not_counted_twice(tmp_path):
+    """The WMH baseline's rows change nothing in group_volumes.tsv; where it is a session's main answer (listed
+    first) its numbers are the session's lesion columns and a FLAIR-only session's row is of method wmh."""
+    plain = pipeline.gather_volumes(make_study(tmp_path / "plain", n_subjects=4, flair_only=2).out)
+    beside = pipeline.gather_volumes(make_study(tmp_path / "beside", n_subjects=4, flair_only=2, wmh="after").out)
+    pd.testing.assert_frame_equal(beside, plain)
+    study = make_study(tmp_path / "main", n_subjects=4, flair_only=2, wmh="first_without_t1w")
+    wide = pipeline.gather_volumes(study.out)
+    assert list(wide.columns) == [*INDEX, *TISSUES, "lesion", "lesion_count"]
+    assert wide.groupby(["participant_id", "session_id", "method"]).size().max() == 1
+    only = wide[wide[TISSUES].isna().all(axis=1)]
+    assert set(only.method) == {"wmh"} and set(only.participant_id) == {"sub-05", "sub-06"} and len(only) == 4
+    assert set(wide.method) == {"unet-physics", "atropos", "wmh"}
+    for (pid, ses), (vol, count) in study.truth.items():
+        rows = wide[(wide.participant_id == pid) & (wide.session_id == ses)]
+        assert rows["lesion"].tolist() == [vol] * len(rows) and rows["lesion_count"].tolist() == [count] * len(rows)
+    # the group steps read the wmh rows as lesion-only rows, as they read those of method lesion
+    ctx = _context(study)
+    flair_group = AcquisitionRecord.from_metadata(FLAIR, suffix="FLAIR").group_key
+    assert set(ctx.volumes.loc[ctx.volumes.method == "wmh", "acq_group"]) == {flair_group}
+    render(combat.run(ctx))
+    out = pd.read_csv(tmp_path / "main/out/group_volumes_combat.tsv", sep="\t", na_values=["n/a"],
+                      keep_default_na=False)
+    assert len(out) == len(ctx.volumes) and (out.loc[out.method == "wmh", "combat"] == "no tissue volumes").all()
+    stats = pd.read_csv(tmp_path / "main/out/group_combat_stats.tsv", sep="\t")
+    assert set(stats.method) == {"unet-physics", "atropos", "lesion"}  # lesion: the lesion column
+    section = volumes_section(ctx.volumes, ctx.acquisitions, ctx.participants)
+    assert "wmh:" not in section.body and "missing tissue volumes" not in " ".join(section.warnings)
+    lesions = lesions_section(ctx.volumes, ctx.acquisitions, ctx.participants)
+    assert f"{len(study.truth)} session(s) with a lesion segmentation" in lesions.body

@@ -206,7 +206,7 @@ def test_lesion_method_runs_on_sessions_with_a_hyperintense_contrast():
     assert m.contrasts_used(["T2w"]) == ("T2w",)
     plan = M.plan_session(M.select(), ["T1w"])
     assert "lesion" not in plan.run and any(s.startswith("lesion skipped: needs FLAIR or T2w or PDw") for s in plan.skipped)
-    assert M.plan_session(M.select(), ["FLAIR"]).run == ["lesion"]
+    assert M.plan_session(M.select(), ["FLAIR"]).run == ["lesion", "wmh"]  # and the FLAIR-only WMH model
 
 
 def test_session_methods_fill_lesions_into_tissue_outputs():

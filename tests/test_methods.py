@@ -12,7 +12,7 @@ import pytest
 from nipype.interfaces.base import BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec, traits
 
 from bidsapp import methods as M
-from bidsapp.labels import TISSUE, Label, LabelSet
+from bidsapp.labels import LESION, TISSUE, Label, LabelSet
 
 BRIGHT = LabelSet("bright", (Label("bright", 1, "#ff00ff", "brightest tenth of the brain"),), main_desc="bright")
 
@@ -128,12 +128,12 @@ def example_methods():
 
 def test_a_method_declares_what_it_needs_and_the_plan_says_why_it_is_left_out(example_methods):
     keys = M.select(["atropos"], ["bright"])
-    assert keys == ("atropos", "lesion", "bright")  # lesion: a built-in default
+    assert keys == ("atropos", "lesion", "wmh", "bright")  # lesion, wmh: built-in defaults
     flair_only = M.plan_session(keys, ["FLAIR"])
-    assert flair_only.reference == "FLAIR" and flair_only.run == ["lesion", "bright"]
+    assert flair_only.reference == "FLAIR" and flair_only.run == ["lesion", "wmh", "bright"]
     assert flair_only.skipped == ["atropos skipped: needs T1w (session has FLAIR)"]
     t1_only = M.plan_session(keys, ["T1w"])
-    assert t1_only.run == ["atropos"] and "bright skipped: needs FLAIR" in t1_only.skipped[1]
+    assert t1_only.run == ["atropos"] and "bright skipped: needs FLAIR" in t1_only.skipped[-1]
     assert M.get("bright").contrasts_used(["T1w", "FLAIR"]) == ("FLAIR", "T1w")
     run, why = M.plan_subject(["maskchange"], [["T1w"], ["FLAIR"]])
     assert run == ["maskchange"] and not why
@@ -152,11 +152,13 @@ def test_a_method_declares_what_it_needs_and_the_plan_says_why_it_is_left_out(ex
 def test_built_in_methods_are_registered_at_their_levels():
     assert list(M.registry(M.SESSION, TISSUE.key)) == ["unet-physics", "atropos"]
     assert M.DEFAULT_TISSUE == ("unet-physics", "atropos")
+    assert list(M.registry(M.SESSION, LESION.key)) == ["lesion", "wmh"]
     assert list(M.registry(M.GROUP)) == ["combat", "mrainet", "bridging"]
     from bidsapp.cli import build_parser
 
     opts = build_parser().parse_args(["/bids", "/out", "participant"])
     assert tuple(opts.segmentation) == M.DEFAULT_TISSUE  # the library and the command line agree
+    assert tuple(opts.lesion_methods) == M.default_methods(LESION.key) == ("lesion", "wmh")
 
 
 @pytest.fixture(scope="module")
@@ -204,7 +206,7 @@ def test_session_and_subject_examples_are_wired_and_written(example_run):
     side = pd.read_json(anat1 / "sub-01_ses-1_desc-bright_mask.json", typ="series")
     assert side["ContrastsUsed"] == ["FLAIR", "T1w"]
     vols = pd.read_csv(anat1 / "sub-01_ses-1_desc-volumes_morph.tsv", sep="\t")
-    assert set(vols["method"]) == {"atropos", "bright", "lesion"}
+    assert set(vols["method"]) == {"atropos", "bright", "lesion", "wmh"}
     # the subject-level table: no session entity, one row per session
     table = pd.read_csv(example_run / "sub-01" / "anat" / "sub-01_desc-maskchange_morph.tsv", sep="\t")
     assert list(table["session_id"]) == ["ses-1", "ses-2"] and table["change_ml"].iloc[0] == 0
@@ -224,7 +226,7 @@ def test_flair_only_session_gets_brain_extraction_and_flair_methods_only(example
     ml = mask.sum() * np.prod(nib.load(anat2 / "sub-01_ses-2_desc-brain_mask.nii.gz").header.get_zooms()) / 1000
     assert 800 < ml < 2200, f"FLAIR brain mask {ml:.0f} ml"
     vols = pd.read_csv(anat2 / "sub-01_ses-2_desc-volumes_morph.tsv", sep="\t")
-    assert set(vols["method"]) == {"bright", "lesion"}
+    assert set(vols["method"]) == {"bright", "lesion", "wmh"}
 
 
 def test_group_example_runs_from_the_registry(example_methods, tmp_path):

@@ -73,9 +73,10 @@ def _save(arr, path, sidecar=None):
 
 
 def make_lesion_derivatives(root, *, t1w=True, lesions=LESIONS, missing=("T2w", "PDw"), filling=True,
-                            lesion_outputs=True):
+                            lesion_outputs=True, baseline=False):
     """One session of sub-01 as the lesion method writes it: T1w reference + FLAIR on its grid (``t1w``),
-    else a FLAIR-only session whose reference is the FLAIR."""
+    else a FLAIR-only session whose reference is the FLAIR. ``baseline``: the WMH method's outputs beside
+    the main answer (desc-wmh; its first three lesions, the large blob only in its mask)."""
     t1, flair, mask, dseg, lesion = head()
     if not lesions:
         lesion = np.zeros_like(lesion)
@@ -108,6 +109,20 @@ def make_lesion_derivatives(root, *, t1w=True, lesions=LESIONS, missing=("T2w", 
         table.to_csv(anat / f"{pre}_desc-lesions_stats.tsv", sep="\t", index=False)
         (anat / f"{pre}_desc-lesions_stats.json").write_text(json.dumps(meta))
         rows.append({"method": "lesion", "label": "lesion", "volume_mm3": total, "count": len(lesions)})
+    if lesion_outputs and baseline:
+        few = lesions[:3]
+        total = float(sum(x[1] for x in few))
+        meta = {"Method": "wmh", "Model": {"Name": "wmh_unet", "Version": "0.1.0", "Sha256": "ab" * 32},
+                "ContrastsUsed": ["FLAIR"], "ContrastsMissing": [], "Threshold": 0.5,
+                "MinimumLesionVolume_mm3": 3.0, "LesionCount": len(few), "LesionVolume_mm3": total}
+        big = np.zeros_like(lesion)
+        big[9:13, 12:15, 14:17] = lesion[9:13, 12:15, 14:17]
+        _save(big, anat / f"{pre}_desc-wmh_mask.nii.gz", meta)
+        _save(big.astype(np.float32) * 0.8, anat / f"{pre}_label-lesion_desc-wmh_probseg.nii.gz", meta)
+        pd.DataFrame(few, columns=["id", "volume_mm3", "centroid_x_mm", "centroid_y_mm", "centroid_z_mm",
+                                   "location"]).to_csv(anat / f"{pre}_desc-wmh_stats.tsv", sep="\t", index=False)
+        (anat / f"{pre}_desc-wmh_stats.json").write_text(json.dumps(meta))
+        rows.append({"method": "wmh", "label": "lesion", "volume_mm3": total, "count": len(few)})
     if rows:
         pd.DataFrame(rows).to_csv(anat / f"{pre}_desc-volumes_morph.tsv", sep="\t", index=False, na_rep="n/a")
     (root / "dataset_description.json").write_text(json.dumps(
@@ -291,3 +306,36 @@ def test_missing_lesion_table_falls_back_to_the_sidecar(tmp_path):
     assert _rows(block, "lesions") == [["lesions", "12"]]
     assert "no per-lesion table" in html
     assert len(_pngs(block)) == 1  # the overlay still shows
+
+
+def test_a_baseline_lesion_method_gets_its_own_block_like_a_tissue_baseline(tmp_path):
+    out = make_lesion_derivatives(tmp_path / "out", t1w=True, baseline=True)
+    (f,) = session_files(out, "01")
+    anat = out / "sub-01/ses-1/anat"
+    assert f.lesion_mask == anat / "sub-01_ses-1_desc-lesion_mask.nii.gz"  # the main answer as before
+    assert f.lesion_stats == anat / "sub-01_ses-1_desc-lesions_stats.tsv"
+    assert f.lesion_alt == {"wmh": {"mask": anat / "sub-01_ses-1_desc-wmh_mask.nii.gz",
+                                    "probseg": anat / "sub-01_ses-1_label-lesion_desc-wmh_probseg.nii.gz",
+                                    "stats": anat / "sub-01_ses-1_desc-wmh_stats.tsv"}}
+    assert not f.dseg_alt and "lesion" not in f.probseg
+    html = write_participant_report(out, "01", n_slices=2).read_text()
+    block = lesion_block(html)  # the main answer's block, once
+    assert _rows(block, "method") == [["method", "MS lesions (lesion)"]]
+    assert _rows(block, "lesions") == [["lesions", "12"]]
+    assert "Beside this main answer: WMH (FLAIR) (wmh), 3 lesion(s), 1.22 ml (desc-wmh, below)." in block
+    title = "<h3>Lesions, baseline: WMH (FLAIR) (wmh)</h3>"
+    assert html.count(title) == 1
+    base = html.split(title, 1)[1].split("<h3>", 1)[0].split("</section>", 1)[0]
+    assert _rows(base, "lesions") == [["lesions", "3"]] and _rows(base, "model") == [["model", "wmh_unet 0.1.0"]]
+    assert _rows(base, "contrasts used") == [["contrasts used", "FLAIR"]]
+    assert "expect lower sensitivity" not in base  # the WMH model reads the FLAIR alone by design
+    assert "sub-01_ses-1_desc-wmh_mask.nii.gz" in base
+    (png,) = _pngs(base)
+    assert _has_colour(png, COLOUR)
+    diff = sum(x[1] for x in LESIONS[:3]) - sum(x[1] for x in LESIONS)
+    assert f"Against the main answer (MS lesions (lesion)): {diff / 1000:+.2f} ml, -9 lesions." in base
+    assert "could not be drawn" not in html and "no per-lesion table" not in html
+    assert "<tr><th>lesions</th><td>ses-1: 12 (1.54 ml)</td></tr>" in html  # the summary: the main answer
+    assert "ab" * 32 in html[html.index('id="about"'):]  # the baseline's model in the provenance
+    volumes = html.split("<h3>Volumes</h3>", 1)[1]
+    assert "lesion (mL)" not in volumes

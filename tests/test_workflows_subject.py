@@ -116,7 +116,8 @@ def test_pybids_indexes_the_outputs(run):
     (run["out"] / "dataset_description.json").write_text(json.dumps(desc))
     layout = BIDSLayout(run["out"], validate=False, is_derivative=True)
     probseg = layout.get(subject="01", session="1", suffix="probseg", extension=".nii.gz")
-    assert sorted(f.entities["label"] for f in probseg) == ["CSF", "GM", "WM", "lesion"]
+    assert sorted((f.entities["label"], f.entities.get("desc", "")) for f in probseg) == [
+        ("CSF", ""), ("GM", ""), ("WM", ""), ("lesion", ""), ("lesion", "wmh")]  # the WMH baseline beside
     assert layout.get(subject="01", suffix="mask", desc="brain", extension=".nii.gz")
 
 

@@ -69,14 +69,17 @@ def session_images(session: dict) -> SessionImages:
 
 def init_single_subject_wf(subject: str, sessions: list[dict], output_dir, bids_dir, work_dir=None, template=None,
                            omp_nthreads: int = 1, device: str = "auto", seed: int = 0, *,
-                           segmentation=None, methods=(), subject_methods=None, registration: str = "SyN",
+                           segmentation=None, lesion_methods=None, methods=(), subject_methods=None,
+                           registration: str = "SyN",
                            prior_weight: float = 0.25, brain_extraction: str = "learned",
                            name: str | None = None) -> pe.Workflow:
     """Build the workflow of one subject (``sub_<label>_wf``; ``base_dir`` = ``work_dir``).
 
     ``template``: a :func:`bidsapp.templates.get_template` dict (default: the default template at
     2 mm). ``segmentation``: tissue method keys, main answer first (default
-    :data:`bidsapp.methods.DEFAULT_TISSUE`). ``methods``: further session-level methods to run besides
+    :data:`bidsapp.methods.DEFAULT_TISSUE`). ``lesion_methods``: lesion method keys, main answer first
+    (default: every registered default one; on each session the first that can run is the main answer).
+    ``methods``: further session-level methods to run besides
     the registered defaults. ``subject_methods``: subject-level method keys (default: the registered
     defaults). ``registration``: ``SyN`` (default), ``Affine`` or ``Rigid``. ``brain_extraction``:
     ``learned`` (default) or ``template`` (:mod:`workflows.interfaces.brainmask`).
@@ -87,7 +90,7 @@ def init_single_subject_wf(subject: str, sessions: list[dict], output_dir, bids_
         from bidsapp.templates import get_template
 
         template = get_template(cache_dir=Path(work_dir) / "templates" if work_dir else None)
-    keys = M.select(segmentation, methods)
+    keys = M.select(segmentation, methods, lesion=lesion_methods)
     subject_keys = M.select(level=M.SUBJECT) if subject_methods is None else tuple(subject_methods)
     wrong = [k for k in subject_keys if M.get(k).level != M.SUBJECT]
     if wrong:

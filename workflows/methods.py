@@ -65,6 +65,7 @@ def init_session_methods_wf(keys, available, *, options: dict, name: str = "meth
             wf.connect(inputnode, contrast_field(c), node, contrast_field(c))
         for extra in m.inputs:
             wf.connect(inputnode, extra, node, extra)
+    # lesion filling uses the main answer's mask: ``keys`` come in the user's order (bidsapp.methods.select)
     filler = next((m for m in methods if m.labels is not None and m.labels.counted_as and "mask" in m.outputs), None)
     for m in methods:
         source = {field: (nodes[m.key], field[len(m.ident) + 1:]) for field in output_fields(m)}

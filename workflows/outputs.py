@@ -126,14 +126,18 @@ def init_method_derivatives_wf(method: M.Method, *, main: bool, output_dir, bids
     """Write one session method's images with BIDS-Derivatives names taken from its label set.
 
     Main answer: ``label-<name>_probseg``, ``[desc-<main_desc>_]dseg`` (+ look-up table),
-    ``desc-<main_desc or key>_mask``; otherwise the method's ``desc`` is added (``label-GM_desc-atropos_probseg``,
-    ``desc-atropos_dseg``, ``desc-lesion<desc>_mask``), and a per-object table as
-    ``desc-<stats_desc>_stats.tsv``. Inputs: ``source_file``, ``acquisition``, ``metadata`` and the
-    method's outputs by kind (``probseg``, ``dseg``, ``mask``, ``stats``).
+    ``desc-<main_desc or key>_mask`` and a per-object table ``desc-<stats_desc>_stats.tsv``; any other
+    method of the task is written beside it under its own ``desc`` (``label-GM_desc-atropos_probseg``,
+    ``desc-atropos_dseg``; ``label-lesion_desc-wmh_probseg``, ``desc-wmh_mask``, ``desc-wmh_stats.tsv``).
+    Inputs: ``source_file``, ``acquisition``, ``metadata`` and the method's outputs by kind (``probseg``,
+    ``dseg``, ``mask``, ``stats``).
     """
     labels = method.labels
-    wf = pe.Workflow(name=name or f"ds_{method.ident}_wf")
     kinds = [k for k in method.outputs if k != "volumes"]
+    if not main and method.desc in {labels.main_desc, labels.stats_desc} and {"mask", "stats"} & set(kinds):
+        raise ValueError(f"method {method.key}: desc {method.desc!r} would give it the main answer's names; "
+                         "register it with another desc")
+    wf = pe.Workflow(name=name or f"ds_{method.ident}_wf")
     inputnode = pe.Node(niu.IdentityInterface(fields=["source_file", "acquisition", "metadata", *kinds]),
                         name="inputnode")
     common = [("source_file", "source_file"), ("acquisition", "acquisition"), ("metadata", "metadata")]
@@ -150,11 +154,11 @@ def init_method_derivatives_wf(method: M.Method, *, main: bool, output_dir, bids
         wf.connect([(inputnode, ds, [("dseg", "in_file"), *common])])
     if "mask" in kinds:
         own = labels.main_desc or labels.key
-        ds = sink("ds_mask", output_dir, bids_dir, suffix="mask", desc=own if main else own + method.desc)
+        ds = sink("ds_mask", output_dir, bids_dir, suffix="mask", desc=own if main else method.desc)
         wf.connect([(inputnode, ds, [("mask", "in_file"), *common])])
     if "stats" in kinds:
         ds = sink("ds_stats", output_dir, bids_dir, suffix="stats", extension=".tsv",
-                  desc=labels.stats_desc if main else labels.stats_desc + method.desc)
+                  desc=labels.stats_desc if main else method.desc)
         wf.connect([(inputnode, ds, [("stats", "in_file"), ("source_file", "source_file"),
                                      ("metadata", "metadata")])])
     return wf

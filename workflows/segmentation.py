@@ -5,7 +5,8 @@
 the plain U-Net when the sequence parameters are unusable. Both honour the session-method contract of
 :mod:`bidsapp.methods` (``in_file``, ``mask_file`` in; ``probseg``, ``dseg``, ``volumes_tsv``,
 ``metadata``, ``warnings`` out).
-``lesion``: the scanner-invariant MS lesion U-Net of :mod:`workflows.interfaces.lesion`.
+``lesion``: the scanner-invariant MS lesion U-Net and ``wmh``: the FLAIR-only white-matter-hyperintensity
+network, both through :class:`workflows.interfaces.lesion.LesionSegment` (its ``model`` input chooses).
 """
 
 from __future__ import annotations
@@ -32,8 +33,17 @@ def unet_node(name: str, options: dict) -> pe.Node:
                    n_procs=options.get("omp_nthreads", 1), mem_gb=options.get("mem_gb", 3.0))
 
 
-def lesion_node(name: str, options: dict) -> pe.Node:
+def _lesion_segment_node(name: str, options: dict, method: str, model: str) -> pe.Node:
     from workflows.interfaces.lesion import LesionSegment
 
-    return pe.Node(LesionSegment(device=options.get("device", "auto"), method="lesion"), name=name,
-                   n_procs=options.get("omp_nthreads", 1), mem_gb=options.get("mem_gb", 2.0))
+    threads = options.get("omp_nthreads", 1)
+    return pe.Node(LesionSegment(device=options.get("device", "auto"), method=method, model=model,
+                                 num_threads=threads), name=name, n_procs=threads, mem_gb=options.get("mem_gb", 2.0))
+
+
+def lesion_node(name: str, options: dict) -> pe.Node:
+    return _lesion_segment_node(name, options, "lesion", "lesion")
+
+
+def wmh_node(name: str, options: dict) -> pe.Node:
+    return _lesion_segment_node(name, options, "wmh", "wmh")

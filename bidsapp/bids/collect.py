@@ -228,6 +228,10 @@ class SessionFiles:
     """The lesion probability (``label-lesion_probseg``), on the reference grid."""
     lesion_stats: Path | None = None
     """The per-lesion table (``desc-lesions_stats.tsv``)."""
+    lesion_alt: dict[str, dict[str, Path]] = field(default_factory=dict)
+    """Other lesion methods kept beside the main answer, by desc (e.g. ``wmh``): ``{"mask": path,
+    "probseg": path, "stats": path}`` with the kinds found (``desc-wmh_mask``, ``label-lesion_desc-wmh_probseg``,
+    ``desc-wmh_stats.tsv``)."""
     reference: str = "T1w"
     """Suffix of the reference image (``preproc``)."""
     acq_group: str = ""
@@ -263,7 +267,9 @@ def session_files(output_dir, subject: str | None = None, session: str | None = 
     the group level read them. A co-registered image whose own entities (acq, run) differ from its
     reference's is attached to the session's entry. Unreadable sidecars go to ``problems``."""
     from ..labels import LESION
+    from ..methods import SESSION, registry
 
+    lesion_descs = [m.desc for m in registry(SESSION, LESION.key).values()]
     entries = collect_derivatives(output_dir, subject, session)
     out: list[SessionFiles] = []
     orphans = []
@@ -282,6 +288,17 @@ def session_files(output_dir, subject: str | None = None, session: str | None = 
         f.probseg = {k: v for k, v in e["probseg"].items() if k not in LESION.names}  # the tissue classes
         f.lesion_probseg = next((e["probseg"][k] for k in LESION.names if k in e["probseg"]), None)
         f.lesion_mask = e["masks"].get(LESION.main_desc)
+        stats = {}
+        for path in e["other"]:
+            pe = parse_entities(path) or {}
+            if pe.get("suffix") == "stats" and pe.get("extension") == ".tsv" and "space" not in pe and pe.get("desc"):
+                stats.setdefault(pe["desc"], path)
+        lesion_probseg = {d: next((v["probseg"][k] for k in LESION.names if k in v["probseg"]), None)
+                          for d, v in e["variants"].items()}
+        for desc in dict.fromkeys([*lesion_descs, *(d for d, p in lesion_probseg.items() if p is not None)]):
+            alt = {"mask": e["masks"].get(desc), "probseg": lesion_probseg.get(desc), "stats": stats.get(desc)}
+            if alt["mask"] is not None or alt["probseg"] is not None:  # the baselines: other lesion methods
+                f.lesion_alt[desc] = {k: v for k, v in alt.items() if v is not None}
         if f.preproc is not None and f.reference in OTHER_MODALITIES:
             f.on_grid[f.reference] = f.preproc
         f.dseg_alt = {desc: v["dseg"] for desc, v in e["variants"].items() if v.get("dseg")}

@@ -10,7 +10,7 @@ loses rank) is dropped with a message rather than letting ComBat produce meaning
 Lesion volumes (the ``lesion`` column, when the study has lesion results) are harmonised once per session,
 over the sessions that have one: they are skewed and often zero, so ComBat works on log(1 + volume in mm^3)
 and the result is transformed back (and kept >= 0). Lesion counts are not harmonised. Sessions without a T1w
-(rows of method ``lesion``) have no tissue volumes to harmonise.
+(one row whose method is a lesion method, ``lesion`` or ``wmh``) have no tissue volumes to harmonise.
 
 Outputs: ``group_volumes_combat.tsv`` (same rows as group_volumes.tsv, volumes harmonised, a ``combat``
 status column, and ``combat_lesion`` with lesions), ``group_combat_stats.tsv`` (per method and tissue: the
@@ -27,6 +27,7 @@ from warnings import catch_warnings, simplefilter
 import numpy as np
 import pandas as pd
 
+from bidsapp import methods as M
 from bidsapp.labels import LESION, VOLUME_LABELS
 
 __all__ = ["CombatResult", "combat_volumes", "group_effect", "run"]
@@ -256,11 +257,12 @@ def run(ctx) -> list:
     vol = _with_covariates(vol, ctx.participants)
     methods = list(dict.fromkeys(vol["method"].astype(str))) if "method" in vol.columns else ["all"]
     lesion_cols = [c for c in LESION.names if c in vol.columns]
+    lesion_methods = set(M.registry(M.SESSION, LESION.key))  # the method of a session's lesion-only row
     outs, stats, summary = [], [], []
     used = {}
     for m in methods:
         sub = vol[vol["method"].astype(str) == m] if "method" in vol.columns else vol
-        if lesion_cols and m == LESION.key:  # sessions without a T1w: lesions only, no tissue volumes
+        if lesion_cols and m in lesion_methods:  # sessions without a T1w: lesions only, no tissue volumes
             outs.append(sub.assign(combat="no tissue volumes"))
             continue
         res = combat_volumes(sub)

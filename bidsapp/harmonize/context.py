@@ -63,8 +63,8 @@ class GroupContext:
     work_dir: Path
     volumes: pd.DataFrame
     """group_volumes.tsv: one row per (participant, session, method) with tissue volumes and acquisition columns;
-    with lesion results also ``lesion`` (mm^3) and ``lesion_count``, repeated on each row of a session, and one
-    row of method ``lesion`` for a session without a T1w."""
+    with lesion results also ``lesion`` (mm^3) and ``lesion_count`` (the session's main lesion answer), repeated
+    on each row of a session, and for a session without a T1w one row whose method is that lesion method."""
     acquisitions: pd.DataFrame
     """One row per processed image: participant_id, session_id, acq_group and the acquisition record fields."""
     participants: pd.DataFrame

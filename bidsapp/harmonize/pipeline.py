@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from bidsapp import methods as M
 from bidsapp.bids.acquisition import BIDS_NAMES
 from bidsapp.errors import UserError
 from bidsapp.labels import LESION, VOLUME_LABELS
@@ -39,7 +40,11 @@ def gather_volumes(output_dir: Path, subjects: list[str] | None = None) -> pd.Da
 
     When any session has a lesion row, ``lesion`` (mm^3) and ``lesion_count`` follow the tissue columns, the
     session's values repeated on each of its tissue-method rows; a session with lesions but no tissue rows
-    (no T1w) is one row with method ``lesion``. Without lesion rows the table is exactly the tissue table.
+    (no T1w) is one row whose method is the lesion method that gave them (``lesion``, ``wmh``). The values
+    are the session's main lesion answer: of its lesion rows (label ``lesion``, whatever the method), those
+    of the first method in its volume table, which lists the methods main answer first; the baselines'
+    rows stay in the participant's table and are not counted again here. Without lesion rows the table is
+    exactly the tissue table.
     """
     from bidsapp.bids.collect import collect_volumes
 
@@ -52,9 +57,9 @@ def gather_volumes(output_dir: Path, subjects: list[str] | None = None) -> pd.Da
     if long.empty:
         return pd.DataFrame(columns=[*index, *VOLUME_LABELS])
     long["session_id"] = long["session_id"].fillna("n/a")
-    is_lesion = long["method"].astype(str) == LESION.key
-    lesions = long[is_lesion & long["label"].astype(str).isin(LESION.names)]
-    long = long[~is_lesion]
+    is_lesion = long["label"].astype(str).isin(LESION.names)
+    lesions = _main_lesion_rows(long[is_lesion], index[:2])
+    long = long[~is_lesion & ~long["method"].astype(str).isin(M.registry(M.SESSION, LESION.key))]
     if long.empty:
         wide = pd.DataFrame(columns=[*index, *VOLUME_LABELS])
     else:
@@ -66,21 +71,31 @@ def gather_volumes(output_dir: Path, subjects: list[str] | None = None) -> pd.Da
     return _with_lesions(wide, lesions, index)
 
 
+def _main_lesion_rows(lesions: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """The rows of each session's main lesion answer: its first lesion method (volume tables list the
+    methods that ran main answer first, :func:`bidsapp.methods.main_answers`)."""
+    if lesions.empty:
+        return lesions
+    main = lesions.drop_duplicates(keys)[[*keys, "method"]]
+    return lesions.merge(main, how="inner", on=[*keys, "method"])
+
+
 def _with_lesions(wide: pd.DataFrame, lesions: pd.DataFrame, index: list[str]) -> pd.DataFrame:
-    """``wide`` with the lesion volume and count columns; sessions without tissue rows as method ``lesion``."""
+    """``wide`` with the lesion volume and count columns; sessions without tissue rows as one row of the
+    lesion method that gave them."""
     keys = index[:2]
-    per_session = None
+    per_session = lesions.drop_duplicates(keys)[[*keys, "method"]]
     for name, count_col in lesion_columns():
         rows = lesions[lesions["label"].astype(str) == name].drop_duplicates(keys)
         part = rows[keys].assign(**{name: pd.to_numeric(rows["volume_mm3"], errors="coerce"),
                                     count_col: pd.to_numeric(rows["count"], errors="coerce").round().astype("Int64")})
-        per_session = part if per_session is None else per_session.merge(part, how="outer", on=keys)
+        per_session = per_session.merge(part, how="left", on=keys)
     tissue_cols = [c for c in wide.columns if c not in index]
-    out = wide.merge(per_session, how="left", on=keys)
+    out = wide.merge(per_session.drop(columns="method"), how="left", on=keys)
     have = set(map(tuple, wide[keys].drop_duplicates().to_numpy().tolist()))
     only = per_session[[tuple(k) not in have for k in per_session[keys].to_numpy().tolist()]]
     if len(only):
-        only = only.assign(method=LESION.key).reindex(columns=list(out.columns))
+        only = only.reindex(columns=list(out.columns))
         out = pd.concat([out, only], ignore_index=True) if len(out) else only
         out = out.sort_values(index, kind="stable").reset_index(drop=True)
     for c in tissue_cols:
@@ -172,7 +187,7 @@ def build_context(opts) -> GroupContext:
     for msg in warnings:
         LOG.warning("%s", msg)
     session_acq = acquisitions
-    if "method" in volumes.columns and (volumes["method"].astype(str) == LESION.key).any():
+    if "method" in volumes.columns and volumes["method"].astype(str).isin(M.registry(M.SESSION, LESION.key)).any():
         session_acq = _with_reference_acquisitions(acquisitions, opts.output_dir, subjects)
     if not session_acq.empty:
         one_per_session = session_acq.drop_duplicates(["participant_id", "session_id"])

@@ -43,6 +43,8 @@ BOX_MARGIN = 0.08
 """Fraction of the brain box's larger side added on every side before the square crop."""
 MIN_LESION_MM3 = 3.0
 BLOCK_LAYERS = 2
+SLICE_BATCH = 16
+"""Slices per network call (and per step of progress)."""
 
 ARCHITECTURE = {"class": "scanbridge.DenseUNet2d",
                 "kwargs": {"in_channels": 1, "out_channels": len(OUTPUTS), "features": [32, 64, 128],
@@ -79,8 +81,8 @@ def build_network(arch: dict | None = None):
             self.convs = nn.ModuleList(_conv(cin + i * grow, grow) for i in range(layers))
 
         def forward(self, x):
-            outs = []
-            for conv in self.convs:
+            outs = [self.convs[0](x)]
+            for conv in self.convs[1:]:
                 outs.append(conv(torch.cat([x, *outs], 1)))
             return torch.cat(outs, 1)
 
@@ -193,6 +195,18 @@ def load_model(device="cpu", weights_dir=None, name: str = MODEL_NAME):
     return registry.load_network(name, build_network, device, weights_dir, _CACHE)
 
 
+def inference_model(device="cpu", weights_dir=None):
+    """(generator with its batch norms folded into the convolutions, card): the same outputs, about
+    1.5x faster on a CPU; cached per process."""
+    key = ("fused", str(device), str(weights_dir))
+    if key not in _CACHE:
+        from torch.fx.experimental.optimization import fuse
+
+        net, card = load_model(device, weights_dir)
+        _CACHE[key] = (fuse(net), card)
+    return _CACHE[key]
+
+
 def load_features(device="cpu", weights_dir=None):
     """(frozen feature network, card) of the content loss."""
     return registry.load_network(FEATURES_NAME, build_feature_network, device, weights_dir, _CACHE)
@@ -258,27 +272,34 @@ def segment(flair: np.ndarray, brain_mask: np.ndarray, affine: np.ndarray, zooms
     from .lesion import LesionResult, _from_ras, _to_ras, normalise
 
     device = resolve_device(device)
-    net, card = load_model(device, weights_dir)
+    net, card = inference_model(device, weights_dir)
     size = int(card["architecture"]["kwargs"].get("input_size", INPUT_SIZE))
     mask = np.asarray(brain_mask) > 0
     if not mask.any():
         raise ValueError("the brain mask is empty")
     data = np.nan_to_num(np.asarray(flair, np.float32), nan=0.0, posinf=0.0, neginf=0.0)
     ras, ornt = _to_ras(np.maximum(data, 0), affine)
+    del data
     mask_ras, _ = _to_ras(mask, affine)
     norm = normalise(ras * mask_ras, mask_ras)
     box = square_box(mask_ras.any(2))
     zs = np.flatnonzero(mask_ras.any((0, 1)))
-    slices = np.stack([crop_square(norm[:, :, z], box) for z in zs])
-    probs = predict_slices(net, slices, size, device)
-    maps = np.zeros((len(OUTPUTS), *ras.shape), np.float32)
-    for k, z in enumerate(zs):
-        maps[:, :, :, z] = np.moveaxis(uncrop_square(np.moveaxis(probs[k], 0, -1), box, ras.shape[:2]), -1, 0)
-    maps[0] *= mask_ras
-    maps = [_from_ras(m, ornt) for m in maps]
+    lesion = np.zeros(ras.shape, np.float32)
+    context = np.zeros((len(OUTPUTS) - 1, *ras.shape), np.float16)  # only thresholded at 0.5
+    for start in range(0, len(zs), SLICE_BATCH):
+        chunk = zs[start:start + SLICE_BATCH]
+        probs = predict_slices(net, np.stack([crop_square(norm[:, :, z], box) for z in chunk]), size, device)
+        for k, z in enumerate(chunk):
+            full = uncrop_square(np.moveaxis(probs[k], 0, -1), box, ras.shape[:2])
+            lesion[:, :, z] = full[..., 0] * mask_ras[:, :, z]
+            context[:, :, :, z] = np.moveaxis(full[..., 1:], -1, 0)
+        if progress:
+            progress(min(start + SLICE_BATCH, len(zs)), len(zs))
+    del norm, ras
+    maps = [_from_ras(lesion, ornt)] + [_from_ras(c, ornt) for c in context]
     lesion = maps[0]
     zooms_in = np.asarray(zooms[:3], float)
-    return LesionResult(probability=lesion.astype(np.float32),
+    return LesionResult(probability=lesion,
                         mask=label_lesions(lesion >= 0.5, zooms_in, MIN_LESION_MM3)[0] > 0,
                         context={name: m for name, m in zip(OUTPUTS[1:], maps[1:])},
                         contrasts=("FLAIR",),

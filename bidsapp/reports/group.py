@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from bidsapp import methods as M
 from bidsapp.labels import LESION, VOLUME_LABELS
 from bidsapp.bids.tables import bids_columns, normalize_ids
 from bidsapp.metrics.overlap import coefficient_of_variation
@@ -222,7 +223,7 @@ def volumes_section(volumes_df: pd.DataFrame | None, acquisitions_df: pd.DataFra
         return Section(title, text_html("No participant volumes were found."), ["no volumes to show"], anchor=anchor)
     vol, warns = _volumes_frame(volumes_df, acquisitions_df, participants_df)
     if any(name in vol.columns for name in LESION.names):  # sessions without a T1w: lesion rows only
-        vol = vol[vol["method"].astype(str) != LESION.key]
+        vol = vol[~vol["method"].astype(str).isin(M.registry(M.SESSION, LESION.key))]
     tissues = [t for t in VOLUME_LABELS if t in vol.columns and pd.to_numeric(vol[t], errors="coerce").notna().any()]
     if not tissues:
         return Section(title, text_html("The volumes table has no CSF/GM/WM/brain values."),

@@ -15,6 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from bidsapp import methods as M  # noqa: E402
 from bidsapp.labels import LESION, TISSUE  # noqa: E402
 from bidsapp.reports.html import Section, figure_html, table_html, text_html  # noqa: E402
 
@@ -223,7 +224,7 @@ def combat_section(before: pd.DataFrame | None, after: pd.DataFrame | None, stat
                               "ComBat's empirical-Bayes pooling across measures. Lesion counts are not harmonised."))
     methods = list(dict.fromkeys(after["method"].astype(str))) if "method" in after.columns else [None]
     for m in methods:
-        if lesion_cols and m == LESION.key:  # sessions without a T1w: no tissue volumes
+        if lesion_cols and m in M.registry(M.SESSION, LESION.key):  # sessions without a T1w: no tissue volumes
             continue
         b = _sites_named(before[before["method"].astype(str) == m] if m is not None else before)
         a = _sites_named(after[after["method"].astype(str) == m] if m is not None else after)

@@ -307,31 +307,37 @@ def _locations() -> tuple[str, ...]:
     return LOCATIONS
 
 
-def lesion_summary(f: SessionFiles, problems: list[str]) -> dict | None:
-    """What the lesion method wrote for a session, read back (None when it wrote nothing).
+def lesion_summary(f: SessionFiles, problems: list[str], desc: str | None = None) -> dict | None:
+    """What a lesion method wrote for a session, read back (None when it wrote nothing): the main answer, or
+    with ``desc`` the baseline of that desc (:attr:`SessionFiles.lesion_alt`, e.g. ``wmh``).
 
     Keys: ``count`` and ``volume_mm3`` (from the per-lesion table, else the mask sidecar's LesionCount and
     LesionVolume_mm3; None when neither says), ``table`` (the per-lesion DataFrame or None), ``meta``
-    (the mask sidecar), ``missing``/``used`` (contrasts) and ``warnings``.
+    (the mask sidecar), ``mask`` (its path), ``missing``/``used`` (contrasts) and ``warnings``.
     """
-    if f.lesion_mask is None and f.lesion_stats is None:
+    if desc is None:
+        mask, stats, mask_desc, stats_desc = f.lesion_mask, f.lesion_stats, LESION.main_desc, LESION.stats_desc
+    else:
+        alt = f.lesion_alt.get(desc) or {}
+        mask, stats, mask_desc, stats_desc = alt.get("mask"), alt.get("stats"), desc, desc
+    if mask is None and stats is None:
         return None
     warns: list[str] = []
-    meta = _read_json(_sidecar(f.lesion_mask), problems) if f.lesion_mask is not None else {}
-    if not meta and f.lesion_stats is not None:
-        meta = _read_json(_sidecar(f.lesion_stats), problems)
+    meta = _read_json(_sidecar(mask), problems) if mask is not None else {}
+    if not meta and stats is not None:
+        meta = _read_json(_sidecar(stats), problems)
     table = None
-    if f.lesion_stats is None:
-        warns.append(f"{f.prefix}: no per-lesion table (*_desc-{LESION.stats_desc}_stats.tsv)")
+    if stats is None:
+        warns.append(f"{f.prefix}: no per-lesion table (*_desc-{stats_desc}_stats.tsv)")
     else:
         try:
-            table = pd.read_csv(f.lesion_stats, sep="\t", na_values=["n/a"], keep_default_na=False)
+            table = pd.read_csv(stats, sep="\t", na_values=["n/a"], keep_default_na=False)
         except pd.errors.EmptyDataError:
             table = pd.DataFrame(columns=list(_LESION_COLUMNS))
         except Exception as exc:  # noqa: BLE001 - an unreadable table is a warning
-            warns.append(f"{f.lesion_stats.name}: unreadable ({str(exc).splitlines()[0]})")
+            warns.append(f"{stats.name}: unreadable ({str(exc).splitlines()[0]})")
         if table is not None and not set(_LESION_COLUMNS) <= set(table.columns):
-            warns.append(f"{f.lesion_stats.name}: expected columns {', '.join(_LESION_COLUMNS)}; "
+            warns.append(f"{stats.name}: expected columns {', '.join(_LESION_COLUMNS)}; "
                          f"found {', '.join(map(str, table.columns))}")
             table = None
     if table is not None:
@@ -341,17 +347,31 @@ def lesion_summary(f: SessionFiles, problems: list[str]) -> dict | None:
         count, volume = len(table), float(table["volume_mm3"].sum())
         told = meta.get("LesionCount")
         if isinstance(told, int) and told != count:
-            warns.append(f"{f.lesion_stats.name} lists {count} lesion(s), the mask sidecar says {told}")
+            warns.append(f"{stats.name} lists {count} lesion(s), the mask sidecar says {told}")
     else:
         count, volume = meta.get("LesionCount"), meta.get("LesionVolume_mm3")
         count = count if isinstance(count, int) else None
         volume = float(volume) if isinstance(volume, (int, float)) else None
-    if f.lesion_mask is None:
-        warns.append(f"{f.prefix}: no lesion mask (*_desc-{LESION.main_desc}_mask.nii.gz)")
+    if mask is None:
+        warns.append(f"{f.prefix}: no lesion mask (*_desc-{mask_desc}_mask.nii.gz)")
     as_list = (lambda v: [str(x) for x in v] if isinstance(v, list) else ([str(v)] if v else []))
-    return {"count": count, "volume_mm3": volume, "table": table, "meta": meta,
+    return {"count": count, "volume_mm3": volume, "table": table, "meta": meta, "mask": mask,
             "used": as_list(meta.get("ContrastsUsed")), "missing": as_list(meta.get("ContrastsMissing")),
             "warnings": warns}
+
+
+def _lesion_method(meta: dict, fallback: str = "") -> str:
+    """``<title> (<key>)`` of the lesion method named in a sidecar (``MS lesions (lesion)``)."""
+    from bidsapp import methods as M
+
+    key = meta.get("Method") if isinstance(meta.get("Method"), str) else ""
+    if not key:
+        return fallback
+    try:
+        title = M.get(key).title
+    except ValueError:
+        return key
+    return key if title == key else f"{title} ({key})"
 
 
 def lesion_location_table(table: pd.DataFrame) -> pd.DataFrame:
@@ -401,13 +421,43 @@ def _words(items: list[str], conj: str) -> str:
 
 
 def _lesion_block(f: SessionFiles, img, problems: list[str], warns: list[str]) -> str:
+    """The main lesion answer (``Lesions``), then one block per baseline lesion method, as the tissue
+    segmentations each get theirs: numbers, locations and the mask drawn over the FLAIR."""
+    info = lesion_summary(f, problems)
+    alts = {desc: lesion_summary(f, problems, desc) for desc in f.lesion_alt}
+    alts = {desc: a for desc, a in alts.items() if a is not None}
+    out = []
+    if info is not None:
+        warns += info["warnings"]
+        body = _lesion_body(f, info, img, warns)
+        if alts:
+            body.append(text_html("Beside this main answer: " + "; ".join(
+                f"{_lesion_method(a['meta'], desc)}, {_lesion_numbers(a)} (desc-{desc}, below)"
+                for desc, a in alts.items()) + "."))
+        body.append(_lesion_filling_note(f, problems))
+        out.append(subsection_html("Lesions", "".join(body)))
+    for desc, a in alts.items():
+        warns += a["warnings"]
+        body = _lesion_body(f, a, img, warns)
+        if info is not None and a["volume_mm3"] is not None and info["volume_mm3"] is not None:
+            dv = (a["volume_mm3"] - info["volume_mm3"]) / 1000.0
+            dn = "" if a["count"] is None or info["count"] is None else f", {a['count'] - info['count']:+d} lesions"
+            body.append(text_html(f"Against the main answer ({_lesion_method(info['meta'], 'desc-lesion')}): "
+                                  f"{dv:+.2f} ml{dn}."))
+        out.append(subsection_html(f"Lesions, baseline: {_lesion_method(a['meta'], desc)}", "".join(body)))
+    return "".join(out)
+
+
+def _lesion_numbers(info: dict) -> str:
+    n, v = info["count"], info["volume_mm3"]
+    return ("n/a" if n is None else f"{n} lesion(s)") + ("" if v is None else f", {v / 1000.0:.2f} ml")
+
+
+def _lesion_body(f: SessionFiles, info: dict, img, warns: list[str]) -> list[str]:
+    """Numbers, locations, overlay and largest lesions of one lesion method's outputs (:func:`lesion_summary`)."""
     from bidsapp.reports import figures
 
-    info = lesion_summary(f, problems)
-    if info is None:
-        return ""
-    warns += info["warnings"]
-    meta, body = info["meta"], []
+    meta, body, mask = info["meta"], [], info["mask"]
     if info["missing"]:
         used = f" from {_words(info['used'], 'and')}," if info["used"] else ""
         body.append(messages_html([f"Lesions segmented{used} without {_words(info['missing'], 'or')}: "
@@ -422,6 +472,8 @@ def _lesion_block(f: SessionFiles, img, problems: list[str], warns: list[str]) -
              ("total lesion volume", "n/a" if volume is None else f"{volume / 1000.0:.2f} ml"),
              ("contrasts used", ", ".join(info["used"]) or "n/a"),
              ("model", model_txt)]
+    if _lesion_method(meta):
+        items.insert(0, ("method", _lesion_method(meta)))
     if rule:
         items.append(("detection", rule))
     body.append(kv_table_html(items))
@@ -430,24 +482,23 @@ def _lesion_block(f: SessionFiles, img, problems: list[str], warns: list[str]) -
     else:
         if table is not None and len(table):
             body.append(text_html("Lesions by location:") + table_html(lesion_location_table(table), "{:.2f}"))
-        if f.lesion_mask is not None:
+        if mask is not None:
             bg_kind, bg = next(((m, f.on_grid[m]) for m in ("FLAIR", "T2w", "PDw") if m in f.on_grid),
                                (f.reference, f.preproc))
             if bg is None:
                 warns.append(f"{f.prefix}: no image on the reference grid to draw the lesions on")
             else:
                 body.append(_figure_or_warning(
-                    lambda: figures.lesion_figure(img(bg), img(f.lesion_mask), img(f.mask)),
-                    f"Lesion mask ({f.lesion_mask.name}) outlined and filled over the preprocessed {bg_kind} "
+                    lambda: figures.lesion_figure(img(bg), img(mask), img(f.mask)),
+                    f"Lesion mask ({mask.name}) outlined and filled over the preprocessed {bg_kind} "
                     f"({bg.name}); per plane, the slices with the largest lesion load.", warns,
-                    "lesion overlay", dpi=100))
+                    f"lesion overlay {mask.name}", dpi=100))
         if table is not None and len(table):
             n = min(N_LARGEST_LESIONS, len(table))
             body.append(text_html(f"The {n} largest of {len(table)} lesions:" if n < len(table)
                                   else ("The lesion:" if n == 1 else "Every lesion, largest first:"))
                         + table_html(largest_lesions(table), "{:.1f}"))
-    body.append(_lesion_filling_note(f, problems))
-    return subsection_html("Lesions", "".join(body))
+    return body
 
 
 # ----------------------------------------------------------------------------------------------
@@ -666,7 +717,8 @@ def provenance_rows(files: list[SessionFiles], problems: list[str]) -> pd.DataFr
     rows, seen = [], set()
     for f in files:
         paths = [f.preproc, f.mask, f.dseg, *f.dseg_alt.values(), *f.probseg.values(), *f.morph,
-                 *(p for ps in f.xfm_to_template.values() for p in ps), f.lesion_mask]
+                 *(p for ps in f.xfm_to_template.values() for p in ps), f.lesion_mask,
+                 *(alt.get("mask") for alt in f.lesion_alt.values())]
         for p in paths:
             meta = _read_json(_sidecar(p), problems)
             for k, v in meta.items():

@@ -1,11 +1,15 @@
-"""Nipype interfaces of the lesion method: segmentation (:class:`LesionSegment`) and the step that keeps
+"""Nipype interfaces of the lesion methods: segmentation (:class:`LesionSegment`) and the step that keeps
 lesions out of the tissue classes (:class:`FillLesions`).
 
-``LesionSegment`` honours the session-method contract of :mod:`bidsapp.methods`: ``in_file`` (the first
-of FLAIR, T2w, PDw the session has, on the reference grid), ``mask_file``, and ``<contrast>_file`` for the
-other contrasts (co-registered onto the same grid by the session workflow). Outputs: the lesion
-probability (``probseg``), mask, the long-format volume rows (lesion volume and count), the per-lesion
-table (``stats``), ``metadata`` for the sidecars and ``warnings`` (contrasts the model had to do without).
+``LesionSegment`` runs either lesion model (``model``): ``lesion``, the scanner-invariant MS lesion U-Net
+of :mod:`bidsapp.models.lesion` on every contrast it is given, or ``wmh``, the FLAIR-only
+white-matter-hyperintensity network of :mod:`bidsapp.models.wmh` on the FLAIR alone. It honours the
+session-method contract of :mod:`bidsapp.methods`: ``in_file`` (the first of FLAIR, T2w, PDw the session
+has, on the reference grid; the FLAIR for ``wmh``), ``mask_file``, and ``<contrast>_file`` for the other
+contrasts (co-registered onto the same grid by the session workflow). Outputs, the same for both models:
+the lesion probability (``probseg``), mask, the long-format volume rows (lesion volume and count), the
+per-lesion table (``stats``), ``metadata`` for the sidecars and ``warnings`` (contrasts the MS model had to
+do without; the WMH model reads the FLAIR only by design).
 """
 
 from __future__ import annotations
@@ -27,7 +31,12 @@ class LesionSegmentInputSpec(BaseInterfaceInputSpec):
     t2w_file = File(exists=True, desc="T2w on the same grid")
     pdw_file = File(exists=True, desc="PDw on the same grid")
     method = traits.Str("lesion", usedefault=True, desc="method key written in the volume table")
+    model = traits.Enum("lesion", "wmh", usedefault=True,
+                        desc="lesion: the MS lesion U-Net on every contrast given; wmh: the FLAIR-only WMH network")
     device = traits.Enum("auto", "cpu", "cuda", usedefault=True)
+    num_threads = traits.Int(1, usedefault=True, nohash=True,
+                             desc="torch CPU threads (the node's n_procs); also keeps a forked worker whose "
+                                  "parent started torch's thread pool from deadlocking")
     weights_dir = traits.Str(desc="alternative folder of weights + model cards (default: the packaged models)")
 
 
@@ -53,8 +62,22 @@ def _inputs(inputs) -> dict:
     return out
 
 
+def _run_model(model: str, images: dict, mask, affine, zooms, device, weights_dir):
+    """(:class:`bidsapp.models.lesion.LesionResult`, minimum lesion volume, contrasts missing) of ``model``."""
+    if model == "wmh":
+        from bidsapp.models import wmh
+
+        result = wmh.segment(images["FLAIR"], mask, affine, zooms, device=device, weights_dir=weights_dir)
+        return result, wmh.MIN_LESION_MM3, []
+    from bidsapp.models import lesion
+
+    result = lesion.segment(images, mask, affine, zooms, device=device, weights_dir=weights_dir)
+    return result, lesion.MIN_LESION_MM3, [c for c in lesion.CHANNELS if c not in result.contrasts]
+
+
 class LesionSegment(SimpleInterface):
-    """Scanner-invariant MS lesion segmentation (:mod:`bidsapp.models.lesion`)."""
+    """Lesion segmentation by the MS lesion U-Net (:mod:`bidsapp.models.lesion`) or the FLAIR-only WMH
+    network (:mod:`bidsapp.models.wmh`); one writer of the images, volume rows, per-lesion table and sidecar."""
 
     input_spec = LesionSegmentInputSpec
     output_spec = LesionSegmentOutputSpec
@@ -64,9 +87,16 @@ class LesionSegment(SimpleInterface):
 
         from bidsapp.bids.derivatives import atomic_write_tsv
         from bidsapp.bids.validation import load_3d
-        from bidsapp.models.lesion import CHANNELS, MIN_LESION_MM3, lesion_table, segment
+        from bidsapp.models.lesion import lesion_table
 
+        import torch
+
+        torch.set_num_threads(max(1, int(self.inputs.num_threads)))
         paths = _inputs(self.inputs)
+        if self.inputs.model == "wmh":  # the FLAIR only: other contrasts are not even read
+            if "FLAIR" not in paths:
+                raise ValueError(f"the WMH model needs a FLAIR; got {', '.join(paths)}")
+            paths = {"FLAIR": paths["FLAIR"]}
         ref = nib.load(self.inputs.mask_file)
         mask = np.asarray(ref.dataobj) > 0
         images = {}
@@ -78,8 +108,8 @@ class LesionSegment(SimpleInterface):
                                  "(co-register it first)")
             images[contrast] = data
         zooms = np.sqrt((ref.affine[:3, :3] ** 2).sum(0))
-        result = segment(images, mask, ref.affine, zooms, device=self.inputs.device,
-                         weights_dir=self.inputs.weights_dir or None)
+        result, min_volume, missing = _run_model(self.inputs.model, images, mask, ref.affine, zooms,
+                                                 self.inputs.device, self.inputs.weights_dir or None)
         cwd = runtime.cwd
         prob = nib.Nifti1Image(result.probability.astype(np.float32), ref.affine)
         prob.header.set_xyzt_units("mm")
@@ -97,7 +127,6 @@ class LesionSegment(SimpleInterface):
         with open(tsv, "w") as fh:
             fh.write("method\tlabel\tvolume_mm3\tcount\n")
             fh.write(f"{self.inputs.method}\t{LESION.labels[0].name}\t{volume:.1f}\t{len(rows)}\n")
-        missing = [c for c in CHANNELS if c not in result.contrasts]
         warnings = []
         if missing:
             warnings.append(f"lesions segmented without {', '.join(missing)} (the session has "
@@ -111,7 +140,7 @@ class LesionSegment(SimpleInterface):
                 "ContrastsUsed": list(result.contrasts),
                 "ContrastsMissing": missing,
                 "Threshold": 0.5,
-                "MinimumLesionVolume_mm3": MIN_LESION_MM3,
+                "MinimumLesionVolume_mm3": min_volume,
                 "LesionCount": len(rows),
                 "LesionVolume_mm3": round(volume, 1),
             })
