@@ -421,7 +421,8 @@ def discover(
     plan.warnings += tsv_warnings
 
     on_disk = sorted(p.name[4:] for p in root.glob("sub-*") if p.is_dir() and _LABEL_RE.match(p.name[4:]))
-    indexed = set(layout.get_subjects())
+    sessions_of = _sessions_by_subject(layout)
+    indexed = set(sessions_of)
     available = sorted(set(on_disk) | indexed)
     if not available:
         raise BIDSInputError(f"{root}: no subject folders (sub-<label>) found")
@@ -438,7 +439,7 @@ def discover(
     if wanted_sessions is not None:
         known = set()
         for s in subjects:
-            known.update(layout.get_sessions(subject=s))
+            known.update(x for x in sessions_of.get(s, ()) if x)
             known.update(p.name[4:] for p in (root / f"sub-{s}").glob("ses-*") if p.is_dir())
         unknown = [w for w in wanted_sessions if w not in known]
         if unknown:
@@ -448,22 +449,43 @@ def discover(
             )
 
     site_col = _site_column(plan.participants)
+    found = _query_images(layout, [s for s in subjects if s in sessions_of], filters)
     for subject in subjects:
         plan.subjects.append(
-            _plan_subject(layout, root, subject, indexed, wanted_sessions, filters, plan.participants, site_col, check_images)
+            _plan_subject(layout, root, subject, sessions_of, found.get(subject), wanted_sessions, filters,
+                          plan.participants, site_col, check_images)
         )
     return plan
 
 
-def _plan_subject(layout, root, subject, indexed, wanted_sessions, filters, participants, site_col, check_images):
+_SUB_SES_RE = re.compile(r"(?:^|/)sub-([A-Za-z0-9]+)(?:/ses-([A-Za-z0-9]+))?/")
+
+
+def _sessions_by_subject(layout) -> dict[str, list]:
+    """Subject -> its session labels (``[None]`` without sessions), from the indexed files' folders.
+
+    pybids' per-subject ``get_sessions`` reloads every entity of the dataset on each call (discovery
+    grew quadratically with the number of files), and reading each file's entities costs a database
+    query per file; the folder names (``sub-<label>/ses-<label>/``) say the same for nothing."""
+    out: dict[str, set] = {}
+    for path in layout.get(return_type="filename"):
+        rel = Path(os.path.relpath(path, layout.root)).as_posix()  # not resolved: annexed files are links
+        m = _SUB_SES_RE.match(rel)
+        if m:
+            out.setdefault(m.group(1), set()).add(m.group(2))
+    return {sub: sorted(s for s in ses if s) or [None] for sub, ses in out.items()}
+
+
+def _plan_subject(layout, root, subject, sessions_of, found, wanted_sessions, filters, participants, site_col,
+                  check_images):
     sub_dir = root / f"sub-{subject}"
     plan = SubjectPlan(subject=subject, participant=_row_dict(participants, "participant_id", f"sub-{subject}"))
-    if subject not in indexed:
+    if subject not in sessions_of:
         plan.skipped.append((sub_dir, f"{sub_dir}: no valid BIDS files"))
         return plan
     sessions_table, warnings = _read_sessions_table(sub_dir, subject)
     plan.warnings += warnings
-    sessions = layout.get_sessions(subject=subject) or [None]
+    sessions = sessions_of[subject]
     if wanted_sessions is not None:
         sessions = [s for s in sessions if s in wanted_sessions]
         if not sessions:
@@ -473,7 +495,6 @@ def _plan_subject(layout, root, subject, indexed, wanted_sessions, filters, part
     if site_col and plan.participant.get(site_col) is not None:
         site, site_source = str(plan.participant[site_col]), "participants.tsv"
 
-    found = _query_images(layout, subject, filters)
     for session in sorted(sessions, key=_natural):
         ses_site, ses_source = site, site_source
         if session and sessions_table is not None:
@@ -498,21 +519,28 @@ def _plan_subject(layout, root, subject, indexed, wanted_sessions, filters, part
     return plan
 
 
-def _query_images(layout, subject: str, filters: dict) -> dict[str, list]:
-    """Filter key -> this subject's BIDSFiles. Unfiltered kinds share one pybids query (queries are slow)."""
+def _query_images(layout, subjects, filters: dict) -> dict[str, dict[str, list]]:
+    """Subject -> filter key -> its BIDSFiles, in one pybids query per kind for all ``subjects``
+    (unfiltered kinds share one; a query costs about as much for one subject as for all)."""
+    found: dict[str, dict[str, list]] = {s: {k: [] for k in DEFAULT_QUERIES} for s in subjects}
     plain = [k for k in DEFAULT_QUERIES if k not in filters]
-    found: dict[str, list] = {k: [] for k in DEFAULT_QUERIES}
+    queries = []
     if plain:
         by_suffix = {DEFAULT_QUERIES[k]["suffix"]: k for k in plain}
-        query = {**DEFAULT_QUERIES[plain[0]], "suffix": list(by_suffix)}
-        for bf in layout.get(subject=subject, **query):
-            found[by_suffix[bf.entities["suffix"]]].append(bf)
+        queries.append((lambda bf, m=by_suffix: m[bf.entities["suffix"]],
+                        {**DEFAULT_QUERIES[plain[0]], "suffix": list(by_suffix)}, {}))
     for key in filters:
         query = {**DEFAULT_QUERIES[key], **{k: _to_pybids(v) for k, v in filters[key].items()}}
+        queries.append((lambda bf, k=key: k, query, {"invalid_filters": "error"}))
+    for kind_of, query, options in queries if subjects else ():
         try:
-            found[key] = layout.get(subject=subject, invalid_filters="error", **query)
+            files = layout.get(subject=list(subjects), **options, **query)
         except (ValueError, KeyError) as exc:
-            raise BIDSInputError(f"bids filter {key!r}: {' '.join(str(exc).split())}") from None
+            raise BIDSInputError(f"bids filter {kind_of(None)!r}: {' '.join(str(exc).split())}") from None
+        for bf in files:
+            sub = str(bf.entities.get("subject"))
+            if sub in found:
+                found[sub][kind_of(bf)].append(bf)
     return found
 
 
