@@ -332,7 +332,7 @@ def save(net, cfg: TrainConfig, history: dict, weights_dir=None, metrics: dict |
 
     from bidsapp import __version__
     from bidsapp.models import registry
-    from bidsapp.models.wmh import FEATURES_NAME, MODEL_NAME, OUTPUTS
+    from bidsapp.models.wmh import DESIGN, FEATURES_NAME, MODEL_NAME, OUTPUTS
 
     heads = cfg.heads.split(",") if cfg.heads else [
         p.name.split("_")[0] for p in sorted(Path(cfg.anatomy_dir).glob("anat-*_dseg.nii.gz"))
@@ -345,6 +345,7 @@ def save(net, cfg: TrainConfig, history: dict, weights_dir=None, metrics: dict |
         "task": "white-matter hyperintensity segmentation from FLAIR alone",
         "architecture": architecture(cfg),
         "outputs": list(OUTPUTS),
+        "design": DESIGN,
         "input": ("axial FLAIR slices, RAS; each cropped to the square around the brain mask's in-plane box "
                   "(8 % margin), resized to the input size, masked by the brain and divided by the volume's "
                   "mean inside the brain"),
