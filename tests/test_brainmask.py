@@ -265,11 +265,12 @@ def test_card_commands_parse_and_regenerate_from_the_one_config():
 
     from bidsapp.models import registry
     from bidsapp.training import brainmask as B
+    from bidsapp.training.config import config_from_args
 
     card = registry.load_card("brainmask_unet")
     for cmd in card["training"].get("stages") or [card["training"]["command"]]:
         parser = argparse.ArgumentParser()
         B.add_arguments(parser)
         args = parser.parse_args(shlex.split(cmd)[2:])
-        again = B.command_line(B.config_from_args(B.TrainConfig, args))
+        again = B.command_line(config_from_args(B.TrainConfig, args))
         assert again + (f" --stop-after {args.stop_after}" if args.stop_after else "") == cmd

@@ -34,15 +34,15 @@ import argparse
 import logging
 import math
 import platform
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from bidsapp.devdata import anatomy_dir
+from bidsapp.training.engine import add_run_arguments, run_command
 from bidsapp.training.augment import rotation
-from bidsapp.training.config import add_config_arguments, config_from_args, stage_commands
+from bidsapp.training.config import stage_commands
 from bidsapp.training.config import command_line as config_command_line
 
 LOG = logging.getLogger("scanbridge.train.brainmask")
@@ -360,22 +360,12 @@ def _anatomy_names(cfg: TrainConfig) -> list[str]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_config_arguments(p, TrainConfig, defaults={"anatomy_dir": str(anatomy_dir())}, required=("out",))
-    p.add_argument("--stop-after", type=int, default=None, metavar="N",
-                   help="stop at iteration N of the schedule, leaving a checkpoint (as scanbridge-train tissue's "
-                        "--stop-after; rerun without it to continue)")
+    add_run_arguments(p, TrainConfig, defaults={"anatomy_dir": str(anatomy_dir())})
+
+
+def _check(cfg) -> str | None:
+    return None if cfg.icbm or Path(cfg.anatomy_dir).is_dir() else f"{cfg.anatomy_dir}: no such folder"
 
 
 def run(args) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cfg = config_from_args(TrainConfig, args)
-    if not Path(cfg.anatomy_dir).is_dir() and not cfg.icbm:
-        print(f"scanbridge-train brainmask: {cfg.anatomy_dir}: no such folder", file=sys.stderr)
-        return 2
-    hist = train(cfg, progress=lambda m: print(m, flush=True), stop_after=args.stop_after)
-    if not hist["finished"]:
-        print(f"stopped at iteration {len(hist['loss'])} of {cfg.iterations}; rerun the same command to continue")
-        return 0
-    card = save(hist["net"], cfg, hist)
-    print(f"wrote {Path(cfg.out) / 'weights'} (sha256 {card['sha256'][:12]})")
-    return 0
+    return run_command("scanbridge-train brainmask", TrainConfig, args, train, save, check=_check)

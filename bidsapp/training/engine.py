@@ -114,3 +114,39 @@ def load_initial(path, net, optional_prefixes=()) -> None:
         raise SystemExit(f"{path}: not a network of this architecture") from None
     if unexpected or [k for k in missing if not k.startswith(tuple(optional_prefixes))]:
         raise SystemExit(f"{path}: not a network of this architecture")
+
+
+def add_run_arguments(parser, cls, defaults: dict | None = None) -> None:
+    """A trainer's command-line options: its config's fields and ``--stop-after``."""
+    from bidsapp.training.config import add_config_arguments
+
+    add_config_arguments(parser, cls, defaults=defaults, required=("out",))
+    parser.add_argument("--stop-after", type=int, default=None, metavar="N",
+                        help="stop at iteration N of the schedule, leaving a checkpoint (rerun without it to continue)")
+
+
+def run_command(prog: str, cls, args, train, save, check=None) -> int:
+    """``scanbridge-train <model>``: the config from ``args``, a one-line refusal when ``check(cfg)``
+    names a problem (default: ``anatomy_dir`` must exist), training with progress, and the weights and
+    card once the schedule is done."""
+    import logging
+    import sys
+
+    from bidsapp.training.config import config_from_args
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cfg = config_from_args(cls, args)
+    if check is None:
+        def check(c):
+            return None if Path(c.anatomy_dir).is_dir() else f"{c.anatomy_dir}: no such folder"
+    problem = check(cfg)
+    if problem:
+        print(f"{prog}: {problem}", file=sys.stderr)
+        return 2
+    hist = train(cfg, progress=lambda m: print(m, flush=True), stop_after=args.stop_after)
+    if not hist["finished"]:
+        print(f"stopped at iteration {len(hist['loss'])} of {cfg.iterations}; rerun the same command to continue")
+        return 0
+    card = save(hist["net"], cfg, hist)
+    print(f"wrote {Path(cfg.out) / 'weights'} (sha256 {card['sha256'][:12]})")
+    return 0

@@ -34,14 +34,14 @@ import argparse
 import logging
 import math
 import platform
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from bidsapp.devdata import anatomy_dir
-from bidsapp.training.config import add_config_arguments, config_from_args, stage_commands
+from bidsapp.training.engine import add_run_arguments, run_command
+from bidsapp.training.config import stage_commands
 from bidsapp.training.config import command_line as config_command_line
 from bidsapp.training.lesion import CORTEX, HELDOUT, INFRATENTORIAL, VENTRICLES, Head, Scanner, class_signals
 from bidsapp.training.lesion import flair_null_ti, load_heads
@@ -371,21 +371,8 @@ def save(net, cfg: TrainConfig, history: dict, weights_dir=None, metrics: dict |
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_config_arguments(p, TrainConfig, defaults={"anatomy_dir": str(anatomy_dir())}, required=("out",))
-    p.add_argument("--stop-after", type=int, default=None, metavar="N",
-                   help="stop at iteration N of the schedule, leaving a checkpoint (rerun without it to continue)")
+    add_run_arguments(p, TrainConfig, defaults={"anatomy_dir": str(anatomy_dir())})
 
 
 def run(args) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cfg = config_from_args(TrainConfig, args)
-    if not Path(cfg.anatomy_dir).is_dir():
-        print(f"scanbridge-train wmh: {cfg.anatomy_dir}: no such folder", file=sys.stderr)
-        return 2
-    hist = train(cfg, progress=lambda m: print(m, flush=True), stop_after=args.stop_after)
-    if not hist["finished"]:
-        print(f"stopped at iteration {len(hist['loss'])} of {cfg.iterations}; rerun the same command to continue")
-        return 0
-    card = save(hist["net"], cfg, hist)
-    print(f"wrote {Path(cfg.out) / 'weights'} (sha256 {card['sha256'][:12]})")
-    return 0
+    return run_command("scanbridge-train wmh", TrainConfig, args, train, save)

@@ -21,14 +21,13 @@ from __future__ import annotations
 import argparse
 import logging
 import platform
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from bidsapp.devdata import anatomy_dir
-from bidsapp.training.config import add_config_arguments, config_from_args
+from bidsapp.training.engine import add_run_arguments, run_command
 from bidsapp.training.config import command_line as config_command_line
 
 LOG = logging.getLogger("scanbridge.train.wmh_features")
@@ -196,24 +195,15 @@ def save(net, cfg: FeaturesConfig, history: dict, weights_dir=None) -> dict:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    add_config_arguments(p, FeaturesConfig, defaults={"anatomy_dir": str(anatomy_dir())}, required=("out",))
-    p.add_argument("--stop-after", type=int, default=None, metavar="N",
-                   help="stop at iteration N of the schedule, leaving a checkpoint (rerun without it to continue)")
+    add_run_arguments(p, FeaturesConfig, defaults={"anatomy_dir": str(anatomy_dir())})
+
+
+def _check(cfg) -> str | None:
+    for folder in (cfg.anatomy_dir, cfg.real_dir):
+        if folder and not Path(folder).is_dir():
+            return f"{folder}: no such folder"
+    return None
 
 
 def run(args) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cfg = config_from_args(FeaturesConfig, args)
-    if not Path(cfg.anatomy_dir).is_dir():
-        print(f"scanbridge-train wmh-features: {cfg.anatomy_dir}: no such folder", file=sys.stderr)
-        return 2
-    if cfg.real_dir and not Path(cfg.real_dir).is_dir():
-        print(f"scanbridge-train wmh-features: {cfg.real_dir}: no such folder", file=sys.stderr)
-        return 2
-    hist = train(cfg, progress=lambda m: print(m, flush=True), stop_after=args.stop_after)
-    if not hist["finished"]:
-        print(f"stopped at iteration {len(hist['loss'])} of {cfg.iterations}; rerun the same command to continue")
-        return 0
-    card = save(hist["net"], cfg, hist)
-    print(f"wrote {Path(cfg.out) / 'weights'} (sha256 {card['sha256'][:12]})")
-    return 0
+    return run_command("scanbridge-train wmh-features", FeaturesConfig, args, train, save, check=_check)
