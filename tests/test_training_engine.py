@@ -77,3 +77,26 @@ def test_init_from_accepts_a_checkpoint_and_refuses_another_network(tmp_path):
     engine.load_initial(tmp_path / "a" / "checkpoint.pt", net)
     with pytest.raises(SystemExit, match="not a network of this architecture"):
         engine.load_initial(tmp_path / "a" / "checkpoint.pt", torch.nn.Linear(4, 1))
+
+
+def test_trained_weights_reuses_only_a_card_of_the_same_command(tmp_path):
+    import json
+
+    calls = []
+
+    def train(cfg, progress=None):
+        calls.append(cfg.lr)
+        return {"net": None}
+
+    def save(net, cfg, hist, weights_dir):
+        weights_dir.mkdir(parents=True, exist_ok=True)
+        (weights_dir / "m.json").write_text(json.dumps({"training": {"command": f"train --lr {cfg.lr}"}}))
+
+    def command(cfg):
+        return f"train --lr {cfg.lr}"
+
+    cfg = Cfg(out=str(tmp_path / "run"))
+    assert engine.trained_weights(cfg, train, save, command, "m") == tmp_path / "run" / "weights"
+    engine.trained_weights(cfg, train, save, command, "m")
+    engine.trained_weights(Cfg(out=cfg.out, lr=0.3), train, save, command, "m")
+    assert calls == [0.1, 0.3]

@@ -33,17 +33,18 @@ def unet_node(name: str, options: dict) -> pe.Node:
                    n_procs=options.get("omp_nthreads", 1), mem_gb=options.get("mem_gb", 3.0))
 
 
-def _lesion_segment_node(name: str, options: dict, method: str, model: str) -> pe.Node:
+def _lesion_segment_node(name: str, options: dict, key: str) -> pe.Node:
+    """The lesion method ``key``: its model (``model``) is the one of the same name."""
     from workflows.interfaces.lesion import LesionSegment
 
     threads = options.get("omp_nthreads", 1)
-    return pe.Node(LesionSegment(device=options.get("device", "auto"), method=method, model=model,
+    return pe.Node(LesionSegment(device=options.get("device", "auto"), method=key, model=key,
                                  num_threads=threads), name=name, n_procs=threads, mem_gb=options.get("mem_gb", 2.0))
 
 
 def lesion_node(name: str, options: dict) -> pe.Node:
-    return _lesion_segment_node(name, options, "lesion", "lesion")
+    return _lesion_segment_node(name, options, "lesion")
 
 
 def wmh_node(name: str, options: dict) -> pe.Node:
-    return _lesion_segment_node(name, options, "wmh", "wmh")
+    return _lesion_segment_node(name, options, "wmh")

@@ -87,18 +87,14 @@ def summary(rows, subset="all") -> dict:
 
 
 def train_variant(name: str, args) -> Path:
+    from bidsapp.models.lesion import MODEL_NAME
     from bidsapp.training import lesion as T
+    from bidsapp.training.engine import trained_weights
 
     cfg = T.TrainConfig(anatomy_dir=args.anatomy_dir, out=str(Path(args.work) / name), iterations=args.iterations,
                         scanners=args.train_scanners, threads=args.threads, **VARIANTS[name])
-    weights = Path(cfg.out) / "weights"
-    if (weights / "lesion_unet.json").is_file():
-        card = json.loads((weights / "lesion_unet.json").read_text())
-        if card["training"]["command"] == T.command_line(cfg):
-            return weights
-    hist = T.train(cfg, progress=lambda m: print(f"[{name}] {m}", flush=True))
-    T.save(hist["net"], cfg, hist, weights_dir=weights)
-    return weights
+    return trained_weights(cfg, T.train, T.save, T.command_line, MODEL_NAME,
+                           progress=lambda m: print(f"[{name}] {m}", flush=True))
 
 
 def main(argv=None) -> int:

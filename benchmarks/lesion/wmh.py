@@ -325,19 +325,15 @@ def _jsonable(x):
 def train_variant(loss: str, args) -> Path:
     """Weights of the ``loss`` variant in ``--work``/<loss>: reused when the card's command is this run's,
     else trained (resuming from the checkpoint) and saved."""
+    from bidsapp.models.wmh import MODEL_NAME
     from bidsapp.training import wmh as T
+    from bidsapp.training.engine import trained_weights
 
     cfg = T.TrainConfig(anatomy_dir=args.anatomy_dir, out=str(Path(args.work) / loss), loss=loss,
                         iterations=args.iterations, seed=args.train_seed, scanners=args.train_scanners,
                         threads=args.threads)
-    weights = Path(cfg.out) / "weights"
-    if (weights / "wmh_unet.json").is_file():
-        card = json.loads((weights / "wmh_unet.json").read_text())
-        if card["training"]["command"] == T.command_line(cfg):
-            return weights
-    hist = T.train(cfg, progress=lambda m: print(f"[{loss}] {m}", flush=True))
-    T.save(hist["net"], cfg, hist)
-    return weights
+    return trained_weights(cfg, T.train, T.save, T.command_line, MODEL_NAME,
+                           progress=lambda m: print(f"[{loss}] {m}", flush=True))
 
 
 def card_training(card: dict) -> dict:

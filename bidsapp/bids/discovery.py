@@ -524,23 +524,22 @@ def _query_images(layout, subjects, filters: dict) -> dict[str, dict[str, list]]
     (unfiltered kinds share one; a query costs about as much for one subject as for all)."""
     found: dict[str, dict[str, list]] = {s: {k: [] for k in DEFAULT_QUERIES} for s in subjects}
     plain = [k for k in DEFAULT_QUERIES if k not in filters]
-    queries = []
-    if plain:
-        by_suffix = {DEFAULT_QUERIES[k]["suffix"]: k for k in plain}
-        queries.append((lambda bf, m=by_suffix: m[bf.entities["suffix"]],
-                        {**DEFAULT_QUERIES[plain[0]], "suffix": list(by_suffix)}, {}))
-    for key in filters:
-        query = {**DEFAULT_QUERIES[key], **{k: _to_pybids(v) for k, v in filters[key].items()}}
-        queries.append((lambda bf, k=key: k, query, {"invalid_filters": "error"}))
-    for kind_of, query, options in queries if subjects else ():
-        try:
-            files = layout.get(subject=list(subjects), **options, **query)
-        except (ValueError, KeyError) as exc:
-            raise BIDSInputError(f"bids filter {kind_of(None)!r}: {' '.join(str(exc).split())}") from None
+    by_suffix = {DEFAULT_QUERIES[k]["suffix"]: k for k in plain}
+    queries = [(None, {**DEFAULT_QUERIES[plain[0]], "suffix": list(by_suffix)})] if plain else []
+    queries += [(key, {**DEFAULT_QUERIES[key], **{k: _to_pybids(v) for k, v in filters[key].items()}})
+                for key in filters]
+    for key, query in queries if subjects else ():
+        if key is None:
+            files = layout.get(subject=list(subjects), **query)
+        else:
+            try:
+                files = layout.get(subject=list(subjects), invalid_filters="error", **query)
+            except (ValueError, KeyError) as exc:
+                raise BIDSInputError(f"bids filter {key!r}: {' '.join(str(exc).split())}") from None
         for bf in files:
             sub = str(bf.entities.get("subject"))
             if sub in found:
-                found[sub][kind_of(bf)].append(bf)
+                found[sub][key or by_suffix[bf.entities["suffix"]]].append(bf)
     return found
 
 

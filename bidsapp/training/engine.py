@@ -150,3 +150,17 @@ def run_command(prog: str, cls, args, train, save, check=None) -> int:
     card = save(hist["net"], cfg, hist)
     print(f"wrote {Path(cfg.out) / 'weights'} (sha256 {card['sha256'][:12]})")
     return 0
+
+
+def trained_weights(cfg, train, save, command_line, model_name: str, progress=print) -> Path:
+    """``cfg.out``/weights of the run ``cfg`` (benchmarks' variants): reused when its card was written by
+    this very command, else trained (resuming from its checkpoint) and saved there."""
+    import json
+
+    weights = Path(cfg.out) / "weights"
+    card = weights / f"{model_name}.json"
+    if card.is_file() and json.loads(card.read_text())["training"]["command"] == command_line(cfg):
+        return weights
+    hist = train(cfg, progress=progress)
+    save(hist["net"], cfg, hist, weights_dir=weights)
+    return weights

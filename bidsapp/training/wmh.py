@@ -31,7 +31,6 @@ checkpoints (:mod:`bidsapp.training.engine`).
 from __future__ import annotations
 
 import argparse
-import logging
 import math
 import platform
 from dataclasses import dataclass, field
@@ -46,7 +45,6 @@ from bidsapp.training.config import command_line as config_command_line
 from bidsapp.training.lesion import CORTEX, HELDOUT, INFRATENTORIAL, VENTRICLES, Head, Scanner, class_signals
 from bidsapp.training.lesion import flair_null_ti, load_heads
 
-LOG = logging.getLogger("scanbridge.train.wmh")
 
 LOSSES = ("content", "dice", "tversky", "gdice")
 FAMILIES = ("train", "ood")

@@ -19,7 +19,6 @@ Only the encoder is shipped (``wmh_features.pt`` with its card); the decoder exi
 from __future__ import annotations
 
 import argparse
-import logging
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +29,6 @@ from bidsapp.devdata import anatomy_dir
 from bidsapp.training.engine import add_run_arguments, run_command
 from bidsapp.training.config import command_line as config_command_line
 
-LOG = logging.getLogger("scanbridge.train.wmh_features")
 
 
 @dataclass
