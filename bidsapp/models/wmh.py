@@ -44,7 +44,7 @@ BOX_MARGIN = 0.08
 MIN_LESION_MM3 = 3.0
 BLOCK_LAYERS = 2
 SLICE_BATCH = 16
-"""Slices per network call (and per step of progress)."""
+"""Slices prepared, predicted and put back at a time (bounds the memory of the square crops)."""
 
 ARCHITECTURE = {"class": "scanbridge.DenseUNet2d",
                 "kwargs": {"in_channels": 1, "out_channels": len(OUTPUTS), "features": [32, 64, 128],
@@ -277,7 +277,7 @@ def predict_slices(net, slices: np.ndarray, size: int, device="cpu", batch: int 
 
 
 def segment(flair: np.ndarray, brain_mask: np.ndarray, affine: np.ndarray, zooms, device="cpu",
-            weights_dir=None, progress=None):
+            weights_dir=None):
     """WMH of one FLAIR (any grid; ``brain_mask`` on the same grid): a
     :class:`bidsapp.models.lesion.LesionResult`."""
     from bidsapp.devices import resolve_device
@@ -307,8 +307,6 @@ def segment(flair: np.ndarray, brain_mask: np.ndarray, affine: np.ndarray, zooms
             full = uncrop_square(np.moveaxis(probs[k], 0, -1), box, ras.shape[:2])
             lesion[:, :, z] = full[..., 0] * mask_ras[:, :, z]
             context[:, :, :, z] = np.moveaxis(full[..., 1:], -1, 0)
-        if progress:
-            progress(min(start + SLICE_BATCH, len(zs)), len(zs))
     del norm, ras
     maps = [_from_ras(lesion, ornt)] + [_from_ras(c, ornt) for c in context]
     lesion = maps[0]
