@@ -376,6 +376,7 @@ def _session_inputs(ses) -> dict:
         "pdw": [str(p) for p in ses.pdw],
         "acquisition": ses.acquisitions[ses.reference].to_dict(),
         "acquisitions": {str(p): ses.acquisitions[p].to_dict() for p in (*ses.t2w, *ses.flair, *ses.pdw)},
+        "acq_time": ses.acq_time,
     }
 
 

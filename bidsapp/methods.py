@@ -22,9 +22,15 @@ Levels and what the ``factory`` returns:
     that runs on the session (its main answer).
 ``subject``
     ``factory(name, options) -> nipype Node``, run once per subject on all its sessions that have what
-    it needs. Inputs: ``in_files``, ``mask_files``, ``session_ids`` (lists, one per session, in session
-    order), ``volumes_files`` (each session's volume table). Outputs: ``out_tsv`` (written as
-    ``sub-<label>_desc-<desc>_<table_suffix>.tsv``), ``metadata``, ``warnings``.
+    it needs. Inputs (lists, one entry per session, in session order; each connected only when the node
+    has it): ``session_ids``, ``in_files`` (each session's image of the contrast every session has, the
+    first of :data:`CONTRASTS`; the node's ``contrast`` input says which), ``mask_files``,
+    ``volumes_files`` (each session's volume table), ``probseg_files`` (the main tissue answer's
+    probabilities in label order, or ``[]``), ``lesion_files`` (the main lesion answer's mask, or ``""``),
+    ``acquisitions`` (protocol keys, ``""`` when unknown), ``acq_times``. Outputs: ``out_tsv`` (written as
+    ``sub-<label>_desc-<desc>_<table_suffix>.tsv``), ``metadata``, ``warnings``, and optionally
+    ``template``, ``figure``, ``to_subject_xfms``/``from_subject_xfms``
+    (:func:`workflows.methods.init_subject_method_wf` names them).
 ``group``
     ``factory(ctx) -> list[Section]`` with a :class:`~bidsapp.harmonize.context.GroupContext`; runs once
     per group-level call, in registration order.
@@ -290,9 +296,16 @@ register(Method(
     "wmh", SESSION, "workflows.segmentation:wmh_node", task=LESION.key, needs=(("FLAIR",),), labels=LESION,
     outputs=("probseg", "mask", "volumes", "stats"), desc="wmh", mem_gb=2.0, title="WMH (FLAIR)",
     summary="FLAIR-only white-matter hyperintensity U-Net trained with the Siamese content loss"))
+register(Method(
+    "longitudinal", SUBJECT, "workflows.interfaces.longitudinal:change_node", task="change",
+    needs=(("T1w", "FLAIR", "T2w", "PDw"),), min_sessions=2, desc="change", table_suffix="morph", mem_gb=3.0,
+    title="longitudinal change",
+    summary="within-subject mid-space template and volume change between sessions (scanner changes flagged)"))
 register(Method("combat", GROUP, "bidsapp.harmonize.combat:run", task="harmonisation", title="ComBat",
                 summary="ComBat harmonisation of the volumes across acquisition groups"))
 register(Method("mrainet", GROUP, "bidsapp.harmonize.mrainet_group:run", task="harmonisation", title="MRAI-NET",
                 summary="MRAI-NET: acquisition-invariant tissue classification of the target scanners"))
 register(Method("bridging", GROUP, "bidsapp.harmonize.bridging:run", task="harmonisation", title="protocol bridging",
                 summary="protocol bridging of subjects whose protocol changed between sessions"))
+register(Method("change", GROUP, "bidsapp.longitudinal.group:run", task="change", title="longitudinal change",
+                summary="every subject's change rows (group_change.tsv) and change by acquisition-change status"))

@@ -356,3 +356,15 @@ def test_make_dataset_is_valid_bids(tmp_path):
     v = BIDSValidator()
     files = [p for p in root.rglob("*") if p.is_file()]
     assert files and all(v.is_bids("/" + p.relative_to(root).as_posix()) for p in files)
+
+
+def test_session_dates_come_from_sessions_tsv_else_scans_tsv(tmp_path):
+    root = make_dataset(tmp_path / "bids", subjects=("01", "02"), sessions=("1", "2"))
+    (root / "sub-01/sub-01_sessions.tsv").write_text("session_id\tacq_time\nses-1\t2019-05-02T09:30:00\nses-2\tn/a\n")
+    (root / "sub-01/ses-2/sub-01_ses-2_scans.tsv").write_text(
+        "filename\tacq_time\nanat/sub-01_ses-2_T1w.nii.gz\t2020-05-04T10:00:00\n")
+    plan = discover(root)
+    times = {(s.subject, s.session): s.acq_time for sub in plan.subjects for s in sub.sessions}
+    assert times[("01", "1")] == "2019-05-02T09:30:00"
+    assert times[("01", "2")] == "2020-05-04T10:00:00"  # sessions.tsv has n/a: the scan's time
+    assert times[("02", "1")] is None

@@ -153,7 +153,8 @@ def test_built_in_methods_are_registered_at_their_levels():
     assert list(M.registry(M.SESSION, TISSUE.key)) == ["unet-physics", "atropos"]
     assert M.DEFAULT_TISSUE == ("unet-physics", "atropos")
     assert list(M.registry(M.SESSION, LESION.key)) == ["lesion", "wmh"]
-    assert list(M.registry(M.GROUP)) == ["combat", "mrainet", "bridging"]
+    assert list(M.registry(M.GROUP)) == ["combat", "mrainet", "bridging", "change"]
+    assert list(M.registry(M.SUBJECT)) == ["longitudinal"] and M.select(level=M.SUBJECT) == ("longitudinal",)
     from bidsapp.cli import build_parser
 
     opts = build_parser().parse_args(["/bids", "/out", "participant"])
@@ -189,7 +190,8 @@ def example_run(tmp_path_factory, two_sessions, tiny_template):
     added = register_examples()
     try:
         wf = init_single_subject_wf("01", sessions, root / "out", bids, root / "work", tiny_template,
-                                    segmentation=["atropos"], methods=["bright"], subject_methods=["maskchange"])
+                                    segmentation=["atropos"], methods=["bright"],
+                                    subject_methods=["maskchange", "longitudinal"])
         wf.run(plugin="Linear")
     finally:
         for m in added:
@@ -211,6 +213,26 @@ def test_session_and_subject_examples_are_wired_and_written(example_run):
     table = pd.read_csv(example_run / "sub-01" / "anat" / "sub-01_desc-maskchange_morph.tsv", sep="\t")
     assert list(table["session_id"]) == ["ses-1", "ses-2"] and table["change_ml"].iloc[0] == 0
     assert (example_run / "sub-01" / "anat" / "sub-01_desc-maskchange_morph.json").is_file()
+
+
+def test_longitudinal_method_runs_on_the_contrast_every_session_has(example_run):
+    anat = example_run / "sub-01" / "anat"
+    table = pd.read_csv(anat / "sub-01_desc-change_morph.tsv", sep="\t", na_values=["n/a"], keep_default_na=False)
+    assert list(table.columns[:3]) == ["measure", "ses_from", "ses_to"]
+    assert set(table.measure) == {"brain", "GM", "WM", "CSF", "ventricles", "lesion"}
+    assert (table.ses_from == "ses-1").all() and (table.ses_to == "ses-2").all()
+    # the same image twice: no change; tissue maps from the T1w session split GM and WM
+    brain = table.set_index("measure").loc["brain"]
+    assert abs(brain.percent_change) < 1.0, table
+    assert np.isfinite(table.set_index("measure").loc["GM", "percent_change"])
+    assert (anat / "sub-01_desc-template_FLAIR.nii.gz").is_file()  # FLAIR: the contrast both sessions have
+    assert (anat / "sub-01_desc-change_figure.svg").is_file()
+    for ses in ("1", "2"):
+        folder = example_run / "sub-01" / f"ses-{ses}" / "anat"
+        assert (folder / f"sub-01_ses-{ses}_from-FLAIR_to-subject_mode-image_xfm.txt").is_file()
+        assert (folder / f"sub-01_ses-{ses}_from-subject_to-FLAIR_mode-image_xfm.txt").is_file()
+    side = pd.read_json(anat / "sub-01_desc-change_morph.json", typ="series")
+    assert side["Contrast"] == "FLAIR" and side["Sessions"] == ["ses-1", "ses-2"]
 
 
 def test_flair_only_session_gets_brain_extraction_and_flair_methods_only(example_run):

@@ -2,7 +2,8 @@
 
 The reference is the session's T1w, or in a session without one its FLAIR (then T2w, PDw).
 ``init_anat_preproc_wf``: reorient to RAS -> N4 -> brain extraction (the learned, contrast-agnostic
-network, or the template-based method; :mod:`workflows.interfaces.brainmask`) and, for a T1w, ->
+network, or the template-based method; :mod:`workflows.interfaces.brainmask`) -> N4 inside the brain
+and, for a T1w, ->
 registration to the template, starting from the mask -> template tissue priors warped to the T1w.
 ``init_coregistration_wf``: another image reoriented, N4-corrected and rigidly registered to the
 preprocessed reference. Computation only: the files get their BIDS names in :mod:`workflows.outputs`.
@@ -44,7 +45,7 @@ def init_anat_preproc_wf(*, template: dict, omp_nthreads: int = 1, seed: int = 0
     """Preprocess a session's reference image.
 
     Inputs: ``in_file`` (the raw BIDS image). Outputs: ``anat_ras`` (reoriented raw), ``anat_preproc``
-    (N4, RAS), ``anat_mask`` (``brain_extraction``: learned network or template, see
+    (N4 in the head, then again in the brain mask; RAS), ``anat_mask`` (``brain_extraction``: learned network or template, see
     :mod:`workflows.interfaces.brainmask`), ``anat_mask_metadata`` (its sidecar fields) and, with
     ``to_template`` (a T1w: the template and its priors are T1w), ``template_xfm``
     (from-T1w_to-template), ``template_inv_xfm`` (from-template_to-T1w), ``anat_template`` (the
@@ -61,13 +62,19 @@ def init_anat_preproc_wf(*, template: dict, omp_nthreads: int = 1, seed: int = 0
     brain = pe.Node(BrainExtraction(num_threads=omp_nthreads, seed=seed, template_t1w=files["T1w"],
                                     template_mask=files["mask"], method=brain_extraction, device=device),
                     name="brain_extraction", n_procs=omp_nthreads, mem_gb=1.5)
+    # the second N4 runs inside the brain: the head pass leaves a bias in the brain on heads with scalp
+    # and fat (workflows.interfaces.ants.n4_correct), which moves tissue boundaries and volumes
+    n4_brain = pe.Node(N4BiasFieldCorrection(num_threads=omp_nthreads, seed=seed, brain_pass=True),
+                       name="n4_brain", n_procs=omp_nthreads, mem_gb=1.0)
     wf.connect([
         (inputnode, reorient, [("in_file", "in_file")]),
         (inputnode, brain, [("in_file", "source_file")]),
         (reorient, n4, [("out_file", "in_file")]),
         (n4, brain, [("out_file", "in_file")]),
+        (n4, n4_brain, [("out_file", "in_file")]),
+        (brain, n4_brain, [("out_mask", "mask_file")]),
         (reorient, outputnode, [("out_file", "anat_ras")]),
-        (n4, outputnode, [("out_file", "anat_preproc")]),
+        (n4_brain, outputnode, [("out_file", "anat_preproc")]),
         (brain, outputnode, [("out_mask", "anat_mask"), ("metadata", "anat_mask_metadata")]),
     ])
     if not to_template:
@@ -79,9 +86,9 @@ def init_anat_preproc_wf(*, template: dict, omp_nthreads: int = 1, seed: int = 0
                                 priors=[files["CSF"], files["GM"], files["WM"]]),
                      name="warp_priors", n_procs=omp_nthreads, mem_gb=1.5)
     wf.connect([
-        (n4, norm, [("out_file", "in_file")]),
+        (n4_brain, norm, [("out_file", "in_file")]),
         (brain, norm, [("out_mask", "in_mask"), ("out_xfm", "initial_xfm")]),
-        (n4, priors, [("out_file", "reference")]),
+        (n4_brain, priors, [("out_file", "reference")]),
         (norm, priors, [("inverse_xfm", "transform")]),
         (norm, outputnode, [("forward_xfm", "template_xfm"), ("inverse_xfm", "template_inv_xfm"),
                             ("warped", "anat_template")]),
@@ -94,7 +101,8 @@ def init_coregistration_wf(*, omp_nthreads: int = 1, seed: int = 0, name: str = 
     """Bring an image onto the session's reference (rigid, Mattes MI).
 
     Inputs: ``in_file`` (raw image), ``reference`` (preprocessed reference), ``reference_mask``.
-    Outputs: ``out_file`` (N4-corrected image resampled onto the reference grid:
+    Outputs: ``out_file`` (N4-corrected image resampled onto the reference grid, then N4 again inside the
+    reference's brain mask:
     ``space-<reference>_desc-preproc_<suffix>``) and ``out_xfm`` (rigid ``.mat`` resampling the image
     into the reference's space: ``from-<suffix>_to-<reference>_mode-image_xfm``).
     """
@@ -106,11 +114,16 @@ def init_coregistration_wf(*, omp_nthreads: int = 1, seed: int = 0, name: str = 
                  n_procs=omp_nthreads, mem_gb=1.0)
     coreg = pe.Node(RigidCoregistration(num_threads=omp_nthreads, seed=seed), name="coregister",
                     n_procs=omp_nthreads, mem_gb=1.5)
+    n4_brain = pe.Node(N4BiasFieldCorrection(num_threads=omp_nthreads, seed=seed, brain_pass=True),
+                       name="n4_brain", n_procs=omp_nthreads, mem_gb=1.0)
     wf.connect([
         (inputnode, reorient, [("in_file", "in_file")]),
         (reorient, n4, [("out_file", "in_file")]),
         (n4, coreg, [("out_file", "in_file")]),
         (inputnode, coreg, [("reference", "reference"), ("reference_mask", "reference_mask")]),
-        (coreg, outputnode, [("out_file", "out_file"), ("out_xfm", "out_xfm")]),
+        (coreg, n4_brain, [("out_file", "in_file")]),
+        (inputnode, n4_brain, [("reference_mask", "mask_file")]),
+        (n4_brain, outputnode, [("out_file", "out_file")]),
+        (coreg, outputnode, [("out_xfm", "out_xfm")]),
     ])
     return wf

@@ -115,27 +115,81 @@ def init_single_subject_wf(subject: str, sessions: list[dict], output_dir, bids_
                                  brain_extraction=brain_extraction, name=ses_name)
         wf.add_nodes([ses_wf])
         images = session_images(ses)
-        volumes = any("volumes" in M.get(k).outputs for k in M.plan_session(keys, images.contrasts).run)
-        built.append((images, ses.get("session") or "", ses_wf, volumes))
+        run = M.plan_session(keys, images.contrasts).run
+        volumes = any("volumes" in M.get(k).outputs for k in run)
+        built.append(_Built(images, ses.get("session") or "", ses_wf, volumes, run, ses))
     for key in subject_keys:
         _add_subject_method(wf, key, built, output_dir=output_dir, bids_dir=bids_dir, options=options)
     return wf
 
 
+class _Built(NamedTuple):
+    """A session's workflow and what the subject level needs to know of it."""
+
+    images: SessionImages
+    label: str
+    wf: pe.Workflow
+    volumes: bool
+    run: list
+    """Session-level methods that run on it, main answers first."""
+    session: dict
+
+
+def _main_output(run, task_labels, kind: str) -> str | None:
+    """``<ident>_<kind>`` of the first method of ``run`` with that label set and output (the main answer)."""
+    for k in run:
+        m = M.get(k)
+        if m.labels is not None and m.labels.key == task_labels.key and kind in m.outputs:
+            return f"{m.ident}_{kind}"
+    return None
+
+
+def common_contrast(built) -> str:
+    """The first contrast (T1w, FLAIR, T2w, PDw) every session has; else the first session's reference."""
+    for c in M.CONTRASTS:
+        if all(c in b.images.contrasts for b in built):
+            return c
+    return built[0].images.reference
+
+
 def _add_subject_method(wf, key, built, *, output_dir, bids_dir, options) -> None:
+    from bidsapp.bids.acquisition import AcquisitionRecord
+    from bidsapp.labels import LESION
+
     m = M.get(key)
-    eligible = [b for b in built if not m.missing(b[0].contrasts)]
+    eligible = [b for b in built if not m.missing(b.images.contrasts)]
     if len(eligible) < m.min_sessions:  # the plan says so (bidsapp.methods.plan_subject)
         return
-    sub_wf = init_subject_method_wf(key, [label for _, label, _, _ in eligible], output_dir=output_dir,
-                                    bids_dir=bids_dir, options=options)
-    sub_wf.inputs.inputnode.source_files = [images.reference_path for images, _, _, _ in eligible]
-    for field, out in (("in_files", "anat_preproc"), ("mask_files", "anat_mask"), ("volumes_files", "volumes")):
-        if field == "volumes_files" and not all(v for _, _, _, v in eligible):
-            continue
-        merge = pe.Node(niu.Merge(len(eligible)), name=f"{m.ident}_{field}", run_without_submitting=True)
-        for i, (_, _, w, _) in enumerate(eligible, 1):
-            wf.connect(w, f"outputnode.{out}", merge, f"in{i}")
+    contrast = common_contrast(eligible)
+    sub_wf = init_subject_method_wf(key, [b.label for b in eligible], output_dir=output_dir,
+                                    bids_dir=bids_dir, options=options, contrast=contrast)
+    sub_wf.inputs.inputnode.source_files = [b.images.reference_path for b in eligible]
+    image_of, acquisitions = [], []
+    for b in eligible:
+        if b.images.reference == contrast or contrast not in b.images.contrasts:
+            image_of.append("anat_preproc")
+            record = b.session.get("acquisition") or {}
+        else:
+            i, path = next((i, p) for c, i, p in b.images.others if c == contrast)
+            image_of.append(f"coreg_{contrast}_{i}")
+            record = (b.session.get("acquisitions") or {}).get(path) or {}
+        acquisitions.append(AcquisitionRecord.from_dict(record).protocol_key if record else "")
+    sub_wf.inputs.inputnode.acquisitions = acquisitions
+    sub_wf.inputs.inputnode.acq_times = [str(b.session.get("acq_time") or "") for b in eligible]
+    per_session = {"in_files": image_of, "mask_files": ["anat_mask"] * len(eligible)}
+    if all(b.volumes for b in eligible):
+        per_session["volumes_files"] = ["volumes"] * len(eligible)
+    per_session["probseg_files"] = [_main_output(b.run, TISSUE, "probseg") for b in eligible]
+    per_session["lesion_files"] = [_main_output(b.run, LESION, "mask") for b in eligible]
+    placeholder = {"probseg_files": [], "lesion_files": ""}
+    for field, outs in per_session.items():
+        merge = pe.Node(niu.Merge(len(eligible), no_flatten=True), name=f"{m.ident}_{field}",
+                        run_without_submitting=True)
+        for i, (b, out) in enumerate(zip(eligible, outs), 1):
+            if out is None:
+                setattr(merge.inputs, f"in{i}", placeholder[field])
+            else:
+                wf.connect(b.wf, f"outputnode.{out}", merge, f"in{i}")
         wf.connect(merge, "out", sub_wf, f"inputnode.{field}")
 
 

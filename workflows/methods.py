@@ -88,30 +88,66 @@ def init_session_methods_wf(keys, available, *, options: dict, name: str = "meth
     return wf
 
 
-def init_subject_method_wf(key: str, session_ids, *, output_dir, bids_dir, options: dict,
-                           name: str | None = None) -> pe.Workflow:
-    """Run the subject-level method ``key`` on the sessions ``session_ids`` and write its table.
+SUBJECT_INPUTS = ("in_files", "mask_files", "volumes_files", "probseg_files", "lesion_files", "acquisitions",
+                  "acq_times")
+"""Per-session lists a subject-level node may take (each connected only when the node has the input)."""
 
-    Inputs: ``in_files``, ``mask_files``, ``volumes_files``, ``source_files`` (one per session, in the
-    order of ``session_ids``).
+
+def init_subject_method_wf(key: str, session_ids, *, output_dir, bids_dir, options: dict, contrast: str = "T1w",
+                           name: str | None = None) -> pe.Workflow:
+    """Run the subject-level method ``key`` on the sessions ``session_ids`` and write its outputs.
+
+    Inputs: ``source_files`` and :data:`SUBJECT_INPUTS` (one entry per session, in the order of
+    ``session_ids``); ``contrast`` is that of ``in_files``. Written: ``out_tsv`` as
+    ``sub-<label>_desc-<desc>_<table_suffix>.tsv``; when the node makes them, ``template`` as
+    ``sub-<label>_desc-template_<contrast>.nii.gz``, ``figure`` as ``sub-<label>_desc-<desc>_figure.svg``
+    (for the report), and per session ``to_subject_xfms`` / ``from_subject_xfms`` as
+    ``sub-<label>_ses-<s>_from-<contrast>_to-subject_mode-image_xfm.txt`` and the inverse.
     """
     m = M.get(key)
     if len(session_ids) < m.min_sessions:
         raise ValueError(f"method {key} needs {m.min_sessions} sessions, not {len(session_ids)}")
     wf = pe.Workflow(name=name or f"{m.ident}_wf")
-    inputnode = pe.Node(niu.IdentityInterface(fields=["in_files", "mask_files", "volumes_files", "source_files"]),
-                        name="inputnode")
+    inputnode = pe.Node(niu.IdentityInterface(fields=[*SUBJECT_INPUTS, "source_files"]), name="inputnode")
     first = pe.Node(niu.Select(index=0), name="first_source", run_without_submitting=True)
     node = m.build("subj_" + m.ident, {**options, "mem_gb": m.mem_gb})
     node.inputs.session_ids = [str(s) for s in session_ids]
+    has = set(node.inputs.copyable_trait_names())
+    if "contrast" in has:
+        node.inputs.contrast = contrast
     ds = sink(f"ds_{m.ident}", output_dir, bids_dir, suffix=m.table_suffix, desc=m.desc, extension=".tsv",
               subject_level=True)
     wf.connect([
         (inputnode, first, [("source_files", "inlist")]),
-        (inputnode, node, [("in_files", "in_files"), ("mask_files", "mask_files"),
-                           ("volumes_files", "volumes_files")]),
+        (inputnode, node, [(f, f) for f in SUBJECT_INPUTS if f in has]),
         (inputnode, ds, [("source_files", "sources")]),
         (first, ds, [("out", "source_file")]),
         (node, ds, [("out_tsv", "in_file"), ("metadata", "metadata")]),
     ])
+    outputs = set(node.outputs.copyable_trait_names()) if node.outputs is not None else set()
+    subject_files = {"template": dict(suffix=contrast, desc="template",
+                                      metadata={"Description": "within-subject template: the mean of every session "
+                                                               "resampled once into the subject's mid-space"}),
+                     "figure": dict(suffix="figure", desc=m.desc, extension=".svg")}
+    for out, kwargs in subject_files.items():
+        if out in outputs:
+            ds_out = sink(f"ds_{m.ident}_{out}", output_dir, bids_dir, subject_level=True, **kwargs)
+            wf.connect([(first, ds_out, [("out", "source_file")]), (inputnode, ds_out, [("source_files", "sources")]),
+                        (node, ds_out, [(out, "in_file")])])
+    xfms = {"to_subject_xfms": (contrast, "subject"), "from_subject_xfms": ("subject", contrast)}
+    for out, (src, dst) in xfms.items():
+        if out not in outputs:
+            continue
+        for i, _ in enumerate(session_ids):
+            pick = pe.Node(niu.Select(index=i), name=f"{out}_{i}", run_without_submitting=True)
+            src_pick = pe.Node(niu.Select(index=i), name=f"{out}_source_{i}", run_without_submitting=True)
+            ds_x = sink(f"ds_{m.ident}_{out}_{i}", output_dir, bids_dir, suffix="xfm", from_=src, to=dst, mode="image",
+                        extension=".txt", metadata={
+                            "Description": f"ITK affine resampling images from {src} space into {dst} space: "
+                                           "ants.apply_transforms(fixed=<image of the target space>, moving=<image>, "
+                                           "transformlist=[this file])",
+                            "Registration": {"Software": "antspyx", "Type": "Rigid",
+                                             "Method": "mid-space of all sessions (bidsapp.longitudinal.midspace)"}})
+            wf.connect([(node, pick, [(out, "inlist")]), (inputnode, src_pick, [("source_files", "inlist")]),
+                        (pick, ds_x, [("out", "in_file")]), (src_pick, ds_x, [("out", "source_file")])])
     return wf

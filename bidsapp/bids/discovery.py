@@ -76,6 +76,9 @@ class SessionPlan:
     entities: dict[Path, dict] = field(default_factory=dict)
     """Every listed image -> pybids entities (subject, session, acquisition, run, suffix...)."""
     site: str | None = None
+    acq_time: str | None = None
+    """When the session was acquired: ``acq_time`` of ``sessions.tsv``, else of ``scans.tsv`` for the
+    reference image (ISO 8601 text as written there; None when neither has it)."""
     skipped: list[tuple[Path, str]] = field(default_factory=list)
     """This session's images that failed the checks (also listed in the subject's ``skipped``)."""
     warnings: list[str] = field(default_factory=list)
@@ -496,13 +499,16 @@ def _plan_subject(layout, root, subject, sessions_of, found, wanted_sessions, fi
         site, site_source = str(plan.participant[site_col]), "participants.tsv"
 
     for session in sorted(sessions, key=_natural):
-        ses_site, ses_source = site, site_source
+        ses_site, ses_source, acq_time = site, site_source, None
         if session and sessions_table is not None:
             row = _row_dict(sessions_table, "session_id", f"ses-{session}")
             col = _site_column(sessions_table)
             if col and row.get(col) is not None:
                 ses_site, ses_source = str(row[col]), "sessions.tsv"
+            acq_time = row.get("acq_time")
         ses_plan = _plan_session(layout, root, subject, session, found, ses_site, ses_source, check_images)
+        ses_plan.acq_time = str(acq_time) if acq_time is not None else _scan_time(sub_dir, subject, session,
+                                                                                   ses_plan.reference)
         if ses_plan.reference is not None:
             plan.sessions.append(ses_plan)
         else:
@@ -576,6 +582,22 @@ def _plan_session(layout, root, subject, session, found, site, site_source, chec
     for paths in (plan.t1w, plan.t2w, plan.flair, plan.pdw, *plan.qmri.values()):
         paths.sort(key=lambda p: (int(plan.entities[p].get("run", 0) or 0), str(p)))
     return plan
+
+
+def _scan_time(sub_dir: Path, subject: str, session: str | None, reference: Path | None) -> str | None:
+    """``acq_time`` of the reference image in the session's ``scans.tsv`` (None when absent or unreadable)."""
+    if reference is None:
+        return None
+    folder = sub_dir / f"ses-{session}" if session else sub_dir
+    path = folder / f"sub-{subject}{f'_ses-{session}' if session else ''}_scans.tsv"
+    if not path.exists():
+        return None
+    table, _ = _read_tsv(path)
+    if table is None or not {"filename", "acq_time"} <= set(table.columns):
+        return None
+    rel = Path(reference).relative_to(folder).as_posix() if Path(reference).is_relative_to(folder) else None
+    value = _row_dict(table, "filename", rel).get("acq_time") if rel else None
+    return None if value is None else str(value)
 
 
 def _read_sessions_table(sub_dir: Path, subject: str):

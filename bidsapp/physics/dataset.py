@@ -11,7 +11,7 @@ subject's sessions uses the site's upgrade protocols (a scanner or protocol chan
 Layout (BIDS 1.9; derivatives in BIDS-Derivatives naming)::
 
     OUT/dataset_description.json  README  participants.tsv/.json  (site, age, sex, trajectory, anatomy)
-    OUT/sub-01/sub-01_sessions.tsv/.json   (age, years_since_baseline, site, scanner, protocol)
+    OUT/sub-01/sub-01_sessions.tsv/.json   (acq_time, age, years_since_baseline, site, scanner, protocol)
     OUT/sub-01/ses-1/anat/sub-01_ses-1_T1w.nii.gz + .json   (and _FLAIR, _T2w, _PDw; int16 like a scanner)
     OUT/derivatives/truth/dataset_description.json  volumes.tsv  longitudinal.tsv
     OUT/derivatives/truth/sub-01/ses-1/anat/  on the grid of the first modality (T1w if present):
@@ -391,12 +391,14 @@ def _write_subject(w, config, sp: SubjectPlan, cache, volumes_rows, long_rows, c
                 f"{proto.field_strength:g}T {'x'.join(f'{v:g}' for v in sim.truth.voxel_size)} mm "
                 f"({time.time() - t:.1f} s)")
         first = ses.protocols[next(iter(ses.protocols))]
-        ses_rows.append({"session_id": f"ses-{ses.label}", "age": ses.age, "years_since_baseline": ses.years,
+        ses_rows.append({"session_id": f"ses-{ses.label}", "acq_time": _acq_time(ses.years),
+                         "age": ses.age, "years_since_baseline": ses.years,
                          "site": sp.site, "scanner": f"{first.manufacturer} {first.model} {first.field_strength:g}T",
                          "protocol": first.name, "protocol_changed": "yes" if ses.upgraded else "no"})
     w.tsv(f"{sub}/{sub}_sessions.tsv", ses_rows,
-          ["session_id", "age", "years_since_baseline", "site", "scanner", "protocol", "protocol_changed"])
+          ["session_id", "acq_time", "age", "years_since_baseline", "site", "scanner", "protocol", "protocol_changed"])
     w.json(f"{sub}/{sub}_sessions.json", {
+        "acq_time": {"Description": "acquisition date and time of the session (baseline on 2020-01-06)"},
         "age": {"Description": "age at the session", "Units": "year"},
         "years_since_baseline": {"Description": "time since the first session", "Units": "year"},
         "site": {"Description": "acquisition site"},
@@ -405,6 +407,14 @@ def _write_subject(w, config, sp: SubjectPlan, cache, volumes_rows, long_rows, c
         "protocol_changed": {"Description": "whether the site's upgrade protocols were used",
                              "Levels": {"yes": "after the protocol change", "no": "original protocols"}},
     })
+
+
+def _acq_time(years: float) -> str:
+    """BIDS ``acq_time`` of a session ``years`` after the (fixed) baseline date, 09:00."""
+    import datetime as dt
+
+    day = dt.date(2020, 1, 6) + dt.timedelta(days=round(years * 365.25))
+    return f"{day.isoformat()}T09:00:00"
 
 
 def _truth_json(desc: str, source, **extra) -> dict:

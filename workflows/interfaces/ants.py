@@ -218,13 +218,18 @@ def reorient_to_ras(in_file, out_file) -> str:
 
 
 def n4_correct(in_file, out_file, *, shrink_factor: int | None = None, iterations=(10, 10, 10, 10),
-               spline_distance: float = 200.0, tolerance: float = 1e-6, bias_file=None) -> str:
-    """N4 bias-field correction inside the head mask; negative values are clipped to zero.
+               spline_distance: float = 200.0, tolerance: float = 1e-6, bias_file=None, mask_file=None) -> str:
+    """N4 bias-field correction inside the head mask (or ``mask_file``); negative values are clipped to zero.
 
     ``shrink_factor`` None picks a working grid of about 8 mm: the bias field is smooth on that
     scale and N4's time grows with voxels x iterations. Four fitting levels (knot spacing halving
     from ``spline_distance``) of 10 iterations corrected simulated 1 mm MPRAGE bias better (white
     matter CoV 0.18 -> 0.022) than three levels of 50 (-> 0.036) in a third of the time.
+
+    Inside the head mask alone, a head with scalp, fat and muscle keeps a low-frequency bias in the
+    brain (white-matter intensity smoothed over 15 mm: log-sd 0.07-0.11 on simulated full heads); a
+    second pass inside the brain mask (:data:`BRAIN_N4`) brings it to 0.007-0.009, as fMRIPrep's N4
+    after brain extraction does.
     """
     ants = _ants()
     import nibabel as nib
@@ -233,7 +238,12 @@ def n4_correct(in_file, out_file, *, shrink_factor: int | None = None, iteration
     img = ants.image_read(str(in_file))
     if shrink_factor is None:
         shrink_factor = max(1, int(round(8.0 / float(min(img.spacing)))))
-    head = head_mask(img.numpy())
+    if mask_file is not None:
+        head = np.asarray(nib.load(str(mask_file)).dataobj) > 0.5
+        if head.shape != img.shape or head.sum() < 1000:
+            raise ValueError(f"{mask_file}: N4 mask does not match {in_file} or holds almost nothing")
+    else:
+        head = head_mask(img.numpy())
     out = ants.n4_bias_field_correction(
         img, mask=img.new_image_like(head.astype(np.float32)), shrink_factor=int(shrink_factor),
         convergence={"iters": list(iterations), "tol": tolerance}, spline_param=spline_distance,
@@ -247,6 +257,10 @@ def n4_correct(in_file, out_file, *, shrink_factor: int | None = None, iteration
         data = out.numpy()
     return _save_like(np.maximum(data, 0), ref, out_file)
 
+
+BRAIN_N4 = {"shrink_factor": 4, "iterations": (20, 20, 20, 10), "spline_distance": 100.0, "tolerance": 1e-7}
+"""N4 inside the brain mask, after brain extraction: finer knots and more iterations than the head pass
+(the brain is smaller, its bias field is what the tissue models see); about 6 s at 1 mm."""
 
 REFINE_MAX_VOXEL_MM = 1.5
 
@@ -570,6 +584,8 @@ class _N4InputSpec(_ThreadedInputSpec):
     iterations = traits.List(traits.Int, [10, 10, 10, 10], usedefault=True, desc="iterations per level")
     spline_distance = traits.Float(200.0, usedefault=True, desc="B-spline knot spacing (mm)")
     save_bias = traits.Bool(False, usedefault=True, desc="also write the estimated bias field")
+    mask_file = File(exists=True, desc="fit inside this mask (the brain) instead of the head mask")
+    brain_pass = traits.Bool(False, usedefault=True, desc="the settings of BRAIN_N4 (with mask_file)")
 
 
 class _N4OutputSpec(TraitedSpec):
@@ -578,7 +594,8 @@ class _N4OutputSpec(TraitedSpec):
 
 
 class N4BiasFieldCorrection(SimpleInterface):
-    """N4 bias-field correction (``ants.n4_bias_field_correction``) inside the head mask."""
+    """N4 bias-field correction (``ants.n4_bias_field_correction``) inside the head mask, or inside the
+    brain mask for the second pass (``mask_file``, ``brain_pass``)."""
 
     input_spec = _N4InputSpec
     output_spec = _N4OutputSpec
@@ -587,12 +604,12 @@ class N4BiasFieldCorrection(SimpleInterface):
         use_threads(self.inputs.num_threads, self.inputs.seed)
         cwd = Path(runtime.cwd)
         bias = cwd / "bias_field.nii.gz" if self.inputs.save_bias else None
-        self._results["out_file"] = n4_correct(
-            self.inputs.in_file, cwd / "n4.nii.gz",
+        mask = self.inputs.mask_file if isdefined(self.inputs.mask_file) else None
+        settings = dict(BRAIN_N4) if self.inputs.brain_pass else dict(
             shrink_factor=self.inputs.shrink_factor if isdefined(self.inputs.shrink_factor) else None,
-            iterations=tuple(self.inputs.iterations), spline_distance=self.inputs.spline_distance,
-            bias_file=bias,
-        )
+            iterations=tuple(self.inputs.iterations), spline_distance=self.inputs.spline_distance)
+        self._results["out_file"] = n4_correct(self.inputs.in_file, cwd / "n4.nii.gz", bias_file=bias,
+                                               mask_file=mask, **settings)
         if bias is not None:
             self._results["bias_field"] = str(bias)
         return runtime

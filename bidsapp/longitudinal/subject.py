@@ -1,0 +1,167 @@
+"""The subject level: a subject's sessions -> mid-space template, transforms and change table.
+
+:func:`subject_change` is the whole computation on plain files (the Nipype node in
+:mod:`workflows.interfaces.longitudinal` wraps it). Pairs: every consecutive pair of sessions (in
+acquisition order when every session has an ``acq_time``, else in label order) and the first to the
+last. The table is long format, one row per measure and pair (:data:`COLUMNS`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import change as C
+from . import midspace as MS
+
+COLUMNS = ("measure", "ses_from", "ses_to", "interval_days", "volume_from_mm3", "volume_to_mm3", "percent_change",
+           "percent_change_per_year", "percent_change_raw", "acquisition_changed", "correction")
+COLUMN_DESCRIPTIONS = {
+    "measure": {"Description": "what changed",
+                "Levels": {"brain": "brain tissue (parenchyma: GM + WM)", "GM": "grey matter", "WM": "white matter",
+                           "CSF": "CSF inside the brain masks", "ventricles": "CSF deeper than 12 mm in the brain",
+                           "lesion": "the main lesion model's lesions"}},
+    "ses_from": {"Description": "earlier session"},
+    "ses_to": {"Description": "later session"},
+    "interval_days": {"Description": "days between the sessions' acq_time (sessions.tsv or scans.tsv)",
+                      "Units": "day"},
+    "volume_from_mm3": {"Description": "volume at ses_from, measured in the subject's mid-space", "Units": "mm^3"},
+    "volume_to_mm3": {"Description": "volume at ses_to, measured in the subject's mid-space", "Units": "mm^3"},
+    "percent_change": {"Description": "100 (volume_to / volume_from - 1), after the correction", "Units": "%"},
+    "percent_change_per_year": {"Description": "percent_change / (interval_days / 365.25)", "Units": "%/year"},
+    "percent_change_raw": {"Description": "percent_change without any correction for an acquisition change",
+                           "Units": "%"},
+    "acquisition_changed": {"Description": "whether the two sessions' acquisitions differ (scanner, sequence "
+                                           "family or TR/TE/TI/flip angle); n/a when a session has no sidecar"},
+    "correction": {"Description": "what was applied for an acquisition change, or none"},
+}
+
+
+@dataclass
+class SessionInput:
+    label: str
+    image: str
+    """The session's image of the subject's common contrast (preprocessed, on the session's grid)."""
+    mask: str
+    tissue: dict | None = None
+    """GM/WM/CSF probability maps on the same grid (None: the session has no tissue segmentation)."""
+    lesion: str | None = None
+    acquisition: str | None = None
+    """The protocol key of the image's acquisition (None: unknown)."""
+    acq_time: str | None = None
+
+
+@dataclass
+class SubjectChange:
+    table: pd.DataFrame
+    template: object
+    """The mid-space template (ants image)."""
+    to_session: list
+    """4x4 mid-space -> session matrices, in the order of ``sessions``."""
+    sessions: list
+    maps: dict = field(default_factory=dict)
+    """(ses_from, ses_to) -> tissue-fraction change map (numpy, mid-space grid), for the report."""
+    warnings: list = field(default_factory=list)
+
+
+def order_sessions(sessions: list[SessionInput]) -> list[SessionInput]:
+    """By acquisition time when every session has one, else as given (BIDS label order)."""
+    times = [parse_time(s.acq_time) for s in sessions]
+    if all(t is not None for t in times):
+        return [s for _, s in sorted(zip(times, sessions), key=lambda p: p[0])]
+    return list(sessions)
+
+
+def parse_time(text) -> dt.datetime | None:
+    if text is None or (isinstance(text, float) and not np.isfinite(text)):
+        return None
+    try:
+        return dt.datetime.fromisoformat(str(text).strip().replace("Z", "+00:00")).replace(tzinfo=None)
+    except ValueError:
+        return None
+
+
+def interval_days(a: SessionInput, b: SessionInput) -> float:
+    ta, tb = parse_time(a.acq_time), parse_time(b.acq_time)
+    if ta is None or tb is None:
+        return float("nan")
+    return (tb - ta).total_seconds() / 86400.0
+
+
+def pairs(n: int) -> list[tuple[int, int]]:
+    """Consecutive pairs, then first -> last when there are more than two sessions."""
+    out = [(i, i + 1) for i in range(n - 1)]
+    return out + ([(0, n - 1)] if n > 2 else [])
+
+
+def acquisition_changed(a: SessionInput, b: SessionInput):
+    if not a.acquisition or not b.acquisition or "unknown-unknown" in a.acquisition + b.acquisition:
+        return None
+    return a.acquisition != b.acquisition
+
+
+def subject_change(sessions: list[SessionInput], *, seed: int = 0, work_dir=None, progress=None) -> SubjectChange:
+    """Mid-space, template and change table of one subject (see the module docstring)."""
+    import ants
+
+    if len(sessions) < 2:
+        raise ValueError("longitudinal change needs at least two sessions")
+    say = progress or (lambda msg: None)
+    sessions = order_sessions(sessions)
+    work = Path(work_dir) if work_dir else None
+    images = [ants.image_read(s.image) for s in sessions]
+    masks = [ants.image_read(s.mask) for s in sessions]
+    say(f"mid-space of {len(sessions)} sessions")
+    ms = MS.build_midspace(images, masks, seed=seed, work_dir=work)
+
+    def mid(img, i):
+        return MS.resample(img, ms.grid, ms.to_session[i], work_dir=work, name=f"to_mid_{i}").numpy()
+
+    mids = [mid(img, i) for i, img in enumerate(images)]
+    mask_mid = [mid(m, i) for i, m in enumerate(masks)]
+    tissues = [({c: mid(ants.image_read(p), i) for c, p in s.tissue.items()} if s.tissue else None)
+               for i, s in enumerate(sessions)]
+    lesions = [(mid(ants.image_read(s.lesion), i) if s.lesion else None) for i, s in enumerate(sessions)]
+    common = C.common_space(mask_mid, tissues, spacing=tuple(ms.grid.spacing), template=ms.template.numpy())
+    norm = [C.normalise(m, common) for m in mids]
+    rows, maps, warnings = [], {}, []
+    for i, j in pairs(len(sessions)):
+        a, b = sessions[i], sessions[j]
+        changed = acquisition_changed(a, b)
+        both_lesions = lesions[i] is not None and lesions[j] is not None
+        res = C.pair_volumes(norm[i], norm[j], common, changed=bool(changed),
+                             lesion_a=lesions[i] if both_lesions else None,
+                             lesion_b=lesions[j] if both_lesions else None)
+        days = interval_days(a, b)
+        if changed:
+            warnings.append(f"{a.label} -> {b.label}: the acquisition changed ({a.acquisition} -> {b.acquisition}); "
+                            f"change corrected ({C.RECALIBRATED}), the raw figure is kept")
+        for measure in C.MEASURES:
+            v0, v1 = res.volume_from[measure], res.volume_to[measure]
+            pct = C.percent(v0, v1)
+            raw = C.percent(res.raw_from[measure], res.raw_to[measure])
+            per_year = pct / (days / 365.25) if np.isfinite(days) and days > 0 and np.isfinite(pct) else float("nan")
+            rows.append({"measure": measure, "ses_from": a.label, "ses_to": b.label, "interval_days": days,
+                         "volume_from_mm3": v0, "volume_to_mm3": v1, "percent_change": pct,
+                         "percent_change_per_year": per_year, "percent_change_raw": raw,
+                         "acquisition_changed": "n/a" if changed is None else str(bool(changed)).lower(),
+                         "correction": res.correction})
+        mu = C.pooled(C.calibrate(norm[i], common), C.calibrate(norm[j], common))
+        maps[(a.label, b.label)] = (C.tissue_fraction(norm[j], mu, common)
+                                    - C.tissue_fraction(norm[i], mu, common)) * common.region
+    table = pd.DataFrame(rows, columns=list(COLUMNS))
+    return SubjectChange(table=table, template=ms.template, to_session=ms.to_session, sessions=sessions,
+                         maps=maps, warnings=warnings)
+
+
+def format_table(table: pd.DataFrame) -> pd.DataFrame:
+    """Rounded for writing: volumes to 0.1 mm3, percents to 0.001, days to 0.1; NaN as n/a."""
+    out = table.copy()
+    for col, nd in (("volume_from_mm3", 1), ("volume_to_mm3", 1), ("interval_days", 1), ("percent_change", 3),
+                    ("percent_change_per_year", 3), ("percent_change_raw", 3)):
+        out[col] = out[col].astype(float).round(nd)
+    return out

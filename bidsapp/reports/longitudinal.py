@@ -1,0 +1,96 @@
+"""Figures of the subject level: the mid-space template with the change of brain tissue over it, and
+the change table as bars (acquisition changes flagged), and the group plot of change by acquisition-change
+status."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+SHOWN = ("brain", "GM", "WM", "ventricles", "lesion")
+
+
+def change_figure(result, path) -> str:
+    """Template slices (three planes) with the first -> last session change of tissue fraction in colour
+    (red: tissue lost, blue: gained), and the percent change of every measure and pair."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    template = result.template.numpy()
+    (ses_from, ses_to), diff = list(result.maps.items())[-1]
+    fg = template > 0
+    vmax = float(np.percentile(template[fg], 99.5)) if fg.any() else 1.0
+    centre = [int(np.median(ix)) for ix in np.nonzero(fg)] if fg.any() else [s // 2 for s in template.shape]
+    fig = plt.figure(figsize=(12, 4.2))
+    grid = fig.add_gridspec(1, 4, width_ratios=(1, 1, 1, 1.5))
+    for k in range(3):
+        ax = fig.add_subplot(grid[0, k])
+        sl = [slice(None)] * 3
+        sl[k] = centre[k]
+        img = np.rot90(template[tuple(sl)])
+        d = np.rot90(diff[tuple(sl)])
+        ax.imshow(img, cmap="gray", vmin=0, vmax=vmax)
+        shown = np.ma.masked_where(np.abs(d) < 0.05, d)
+        ax.imshow(shown, cmap="RdBu", vmin=-0.5, vmax=0.5, alpha=0.8)
+        ax.set_axis_off()
+    fig.axes[0].set_title(f"tissue fraction change {ses_from} \u2192 {ses_to} (red: loss, blue: gain)", loc="left",
+                          fontsize=9)
+    ax = fig.add_subplot(grid[0, 3])
+    table = result.table
+    pairs = list(dict.fromkeys(zip(table.ses_from, table.ses_to)))
+    measures = [m for m in SHOWN if table.loc[table.measure == m, "percent_change"].notna().any()]
+    width = 0.8 / max(len(pairs), 1)
+    for p, (a, b) in enumerate(pairs):
+        rows = table[(table.ses_from == a) & (table.ses_to == b)].set_index("measure")
+        values = [float(rows.loc[m, "percent_change"]) if m in rows.index else np.nan for m in measures]
+        changed = rows["acquisition_changed"].iloc[0] == "true"
+        ax.bar(np.arange(len(measures)) + p * width, values, width,
+               label=f"{a} \u2192 {b}" + (" (acquisition changed)" if changed else ""),
+               hatch="//" if changed else None, edgecolor="black", linewidth=0.4)
+    ax.axhline(0, color="black", linewidth=0.6)
+    ax.set_xticks(np.arange(len(measures)) + 0.4 - width / 2, measures)
+    ax.set_ylabel("change (%)")
+    ax.legend(fontsize=7, loc="best")
+    ax.set_title("volume change", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(str(path), format="svg")
+    plt.close(fig)
+    return str(path)
+
+
+def group_change_figure(table: pd.DataFrame, measure: str = "brain"):
+    """Percent change per year of ``measure`` for pairs with and without an acquisition change (one dot per
+    pair): a scanner change that looks like atrophy shows as a shift between the two columns."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = table[table.measure == measure].copy()
+    value = pd.to_numeric(rows["percent_change_per_year"], errors="coerce")
+    raw = pd.to_numeric(rows["percent_change_raw"], errors="coerce")
+    if value.isna().all():
+        value = pd.to_numeric(rows["percent_change"], errors="coerce")
+        ylabel = f"{measure} change (%)"
+    else:
+        raw = raw / (pd.to_numeric(rows["interval_days"], errors="coerce") / 365.25)
+        ylabel = f"{measure} change (%/year)"
+    status = rows["acquisition_changed"].astype(str).map({"true": "acquisition changed", "false": "same acquisition"})
+    status = status.fillna("unknown")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    cats = [c for c in ("same acquisition", "acquisition changed", "unknown") if (status == c).any()]
+    rng = np.random.default_rng(0)
+    for k, cat in enumerate(cats):
+        sel = (status == cat).to_numpy()
+        x = k + rng.uniform(-0.12, 0.12, sel.sum())
+        ax.scatter(x, value[sel], color="#3182bd", s=22, label="corrected" if k == 0 else None, zorder=3)
+        if cat == "acquisition changed":
+            ax.scatter(x, raw[sel], facecolors="none", edgecolors="#de2d26", s=22, label="raw", zorder=2)
+    ax.axhline(0, color="black", linewidth=0.6)
+    ax.set_xticks(range(len(cats)), cats)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,183 @@
+"""The subject level: mid-space template, change measures, the change table and its wiring."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from bidsapp.longitudinal import change as C
+from bidsapp.longitudinal import midspace as MS
+from bidsapp.longitudinal import subject as S
+
+SHAPE = (72, 80, 72)
+MU = {"CSF": 0.25, "GM": 0.9, "WM": 1.4, "outside": 0.05}
+
+
+def _phantom(gm_loss_mm: float = 0.0, vent_growth_mm: float = 0.0):
+    """Fractions of a head-like ellipsoid at 1 mm: outer CSF, cortical GM ribbon, WM, two ventricles.
+    ``gm_loss_mm`` moves the pial surface inwards (GM -> CSF); ``vent_growth_mm`` grows the ventricles
+    into the WM. Partial volumes come from signed distances, so sub-voxel changes are exact."""
+    z, y, x = np.meshgrid(*[np.arange(n) - (n - 1) / 2 for n in SHAPE], indexing="ij")
+    r = np.sqrt((z / 30) ** 2 + (y / 34) ** 2 + (x / 30) ** 2)
+    scale = 31.0  # mm per unit radius, roughly
+
+    def inside(radius_mm, rr=r):
+        return np.clip((radius_mm - rr * scale) + 0.5, 0, 1)
+
+    icv = inside(30.0)
+    brain = inside(28.0 - gm_loss_mm)
+    wm_core = inside(24.0)
+    vz = np.sqrt(((z) / 6) ** 2 + ((np.abs(y) - 7) / 4) ** 2 + (x / 14) ** 2)
+    vent = np.clip((1.0 + vent_growth_mm / 4.0 - vz) * 4 + 0.5, 0, 1) * wm_core
+    gm = brain - wm_core
+    wm = wm_core - vent
+    csf = icv - brain + vent
+    return {"GM": gm, "WM": wm, "CSF": csf, "icv": icv}
+
+
+def _image(fr, mu=MU, noise=0.01, seed=0, texture=True):
+    rng = np.random.default_rng(seed)
+    img = mu["GM"] * fr["GM"] + mu["WM"] * fr["WM"] + mu["CSF"] * fr["CSF"] + mu["outside"] * (1 - fr["icv"])
+    if texture:  # something for the rigid registration to lock on to besides the ellipsoid
+        from scipy import ndimage as ndi
+
+        img = img * (1 + 0.15 * ndi.gaussian_filter(rng.standard_normal(SHAPE), 3) * fr["icv"])
+    return (img + noise * rng.standard_normal(SHAPE)).astype(np.float32)
+
+
+def _common(fr):
+    mask = (fr["icv"] > 0.5).astype(np.float32)
+    tissue = {k: fr[k].astype(np.float32) for k in ("GM", "WM", "CSF")}
+    return C.common_space([mask, mask], [tissue, tissue])
+
+
+def test_partial_volume_change_recovers_sub_voxel_atrophy():
+    base, later = _phantom(), _phantom(gm_loss_mm=0.3, vent_growth_mm=0.5)
+    truth = {k: (later[k].sum() / base[k].sum() - 1) * 100 for k in ("GM", "WM", "CSF")}
+    truth_brain = ((later["GM"] + later["WM"]).sum() / (base["GM"] + base["WM"]).sum() - 1) * 100
+    common = _common(base)
+    a = C.normalise(_image(base, texture=False, seed=1), common)
+    b = C.normalise(_image(later, texture=False, seed=2), common)
+    res = C.pair_volumes(a, b, common, changed=False)
+    got = {k: C.percent(res.volume_from[k], res.volume_to[k]) for k in C.MEASURES}
+    assert res.correction == "none" and np.isnan(got["lesion"])
+    assert truth_brain < -1.0 and got["brain"] == pytest.approx(truth_brain, rel=0.03)
+    assert got["GM"] < truth["GM"] / 2 and got["ventricles"] > 3  # the losses land where they happened
+    # no change: two noise draws of the same brain
+    same = C.pair_volumes(a, C.normalise(_image(base, texture=False, seed=3), common), common, changed=False)
+    assert abs(C.percent(same.volume_from["brain"], same.volume_to["brain"])) < 0.05
+
+
+def test_an_acquisition_change_is_recalibrated_and_the_raw_figure_kept():
+    base = _phantom()
+    common = _common(base)
+    other = {"CSF": 0.1, "GM": 1.1, "WM": 1.45, "outside": 0.05}  # less GM/WM contrast, darker CSF
+    a = C.normalise(_image(base, seed=1, texture=False), common)
+    b = C.normalise(_image(base, mu=other, seed=2, texture=False), common)
+    res = C.pair_volumes(a, b, common, changed=True)
+    raw = C.percent(res.raw_from["brain"], res.raw_to["brain"])
+    corrected = C.percent(res.volume_from["brain"], res.volume_to["brain"])
+    assert res.correction == C.RECALIBRATED
+    assert abs(raw) > 1.0 and abs(corrected) < 0.2  # same brain: a contrast change is not atrophy
+
+
+def test_without_tissue_maps_the_template_finds_the_csf():
+    base = _phantom()
+    mask = (base["icv"] > 0.5).astype(np.float32)
+    img = _image(base, texture=False)
+    common = C.common_space([mask, mask], [None, None], template=img)
+    assert common.gm_share is None and set(common.sets) == {"CSF", "tissue"}
+    vol = C.volumes(C.normalise(img, common), C.calibrate(C.normalise(img, common), common), common)
+    assert np.isnan(vol["GM"]) and vol["brain"] > 0 and vol["ventricles"] > 0
+
+
+def _write(path, data, affine):
+    import nibabel as nib
+
+    nib.save(nib.Nifti1Image(np.asarray(data, np.float32), affine), str(path))
+    return str(path)
+
+
+def _rigid_affine(angle_deg, shift):
+    t = np.deg2rad(angle_deg)
+    a = np.eye(4)
+    a[:3, :3] = [[np.cos(t), -np.sin(t), 0], [np.sin(t), np.cos(t), 0], [0, 0, 1]]
+    a[:3, 3] = np.asarray(shift) - a[:3, :3] @ (np.asarray(SHAPE) / 2)
+    return a
+
+
+@pytest.fixture(scope="module")
+def three_sessions(tmp_path_factory):
+    """Three sessions of one phantom head, each placed differently in the scanner, the second and third
+    with atrophy; the third on another acquisition with another contrast."""
+    root = tmp_path_factory.mktemp("long")
+    fr = [_phantom(), _phantom(0.3, 0.5), _phantom(0.6, 1.0)]
+    poses = [(0, (0, 0, 0)), (4, (3, -2, 1)), (-3, (-2, 2, 0))]
+    mus = [MU, MU, {"CSF": 0.1, "GM": 1.1, "WM": 1.45, "outside": 0.05}]
+    out = []
+    for k, (f, (angle, shift), mu) in enumerate(zip(fr, poses, mus), 1):
+        aff = _rigid_affine(angle, shift)
+        img = _write(root / f"ses{k}_T1w.nii.gz", _image(f, mu=mu, seed=k), aff)
+        mask = _write(root / f"ses{k}_mask.nii.gz", f["icv"] > 0.5, aff)
+        tissue = {c: _write(root / f"ses{k}_{c}.nii.gz", f[c], aff) for c in ("GM", "WM", "CSF")}
+        out.append(S.SessionInput(str(k), img, mask, tissue, acquisition="siemens-3T-MPRAGE" if k < 3 else "ge-3T-SPGR",
+                                  acq_time=f"202{k}-03-01T10:00:00"))
+    return {"root": root, "sessions": out, "fractions": fr, "poses": poses}
+
+
+def test_mid_space_privileges_no_session(three_sessions, tmp_path):
+    import ants
+
+    ses = three_sessions["sessions"]
+    images = [ants.image_read(s.image) for s in ses[:2]]
+    masks = [ants.image_read(s.mask) for s in ses[:2]]
+    ms = MS.build_midspace(images, masks, work_dir=tmp_path)
+    # the mean of the log transforms is the identity: no session is the reference
+    mean_log = np.mean([np.real(__import__("scipy").linalg.logm(m)) for m in ms.to_session], axis=0)
+    assert np.abs(mean_log).max() < 1e-3  # mm and radians
+    # session 1 -> session 2 through the mid-space is the true relative pose (4 degrees, ~4 mm)
+    rel = ms.to_session[1] @ np.linalg.inv(ms.to_session[0])
+    angle = np.degrees(np.arccos(np.clip((np.trace(rel[:3, :3]) - 1) / 2, -1, 1)))
+    assert angle == pytest.approx(4.0, abs=0.3)
+    # a written transform reads back the same
+    path = MS.write_transform(ms.to_session[1], tmp_path / "x.txt")
+    assert np.allclose(MS.read_transform(path), ms.to_session[1], atol=1e-5)
+
+
+def test_subject_change_table(three_sessions, tmp_path):
+    ses = list(reversed(three_sessions["sessions"]))  # given out of order: acq_time decides
+    res = S.subject_change(ses, work_dir=tmp_path)
+    t = res.table
+    assert list(t.columns) == list(S.COLUMNS)
+    assert list(dict.fromkeys(zip(t.ses_from, t.ses_to))) == [("1", "2"), ("2", "3"), ("1", "3")]
+    assert set(t.measure) == set(C.MEASURES)
+    brain = t[t.measure == "brain"].set_index(["ses_from", "ses_to"])
+    fr = three_sessions["fractions"]
+    for (i, j) in [(0, 1), (1, 2), (0, 2)]:
+        true = ((fr[j]["GM"] + fr[j]["WM"]).sum() / (fr[i]["GM"] + fr[i]["WM"]).sum() - 1) * 100
+        got = brain.loc[(str(i + 1), str(j + 1)), "percent_change"]
+        assert got == pytest.approx(true, abs=0.35), (i, j)
+    assert brain.loc[("1", "2"), "interval_days"] == 365
+    assert brain.loc[("1", "2"), "acquisition_changed"] == "false"
+    assert brain.loc[("2", "3"), "acquisition_changed"] == "true"
+    assert brain.loc[("2", "3"), "correction"] == C.RECALIBRATED
+    assert brain.loc[("1", "2"), "percent_change_per_year"] == pytest.approx(
+        brain.loc[("1", "2"), "percent_change"] * 365.25 / 365, rel=1e-6)
+    assert t[t.measure == "lesion"].percent_change.isna().all()
+    assert any("acquisition changed" in w for w in res.warnings)
+    written = S.format_table(t)
+    path = tmp_path / "t.tsv"
+    written.to_csv(path, sep="\t", index=False, na_rep="n/a")
+    back = pd.read_csv(path, sep="\t")
+    assert (back.loc[back.measure == "lesion", "percent_change"].astype(str) == "n/a").all() or \
+        back.loc[back.measure == "lesion", "percent_change"].isna().all()
+
+
+def test_order_and_interval_without_dates():
+    a = S.SessionInput("1", "a", "m")
+    b = S.SessionInput("2", "b", "m", acq_time="2021-01-01")
+    assert [s.label for s in S.order_sessions([b, a])] == ["2", "1"]  # not every session dated: as given
+    assert np.isnan(S.interval_days(a, b))
+    assert S.pairs(2) == [(0, 1)] and S.pairs(4) == [(0, 1), (1, 2), (2, 3), (0, 3)]
+    assert S.acquisition_changed(a, b) is None

@@ -1,0 +1,120 @@
+"""Nipype node of the subject-level longitudinal method (:mod:`bidsapp.longitudinal`).
+
+It honours the subject-method contract of :mod:`bidsapp.methods`: lists with one entry per session, in
+session order (``in_files``: each session's image of the subject's common contrast on the session's
+grid; ``mask_files``; ``probseg_files``: the session's main tissue answer in label order, or an empty list;
+``lesion_files``: the main lesion mask or ""; ``acquisitions``: protocol keys; ``acq_times``). Outputs:
+the change table, the mid-space template, each session's transforms to and from the mid-space, a
+report figure, ``metadata`` and ``warnings``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from nipype.interfaces.base import BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec, traits
+
+
+class _ChangeInputSpec(BaseInterfaceInputSpec):
+    in_files = traits.List(File(exists=True), mandatory=True, desc="one image per session (common contrast)")
+    mask_files = traits.List(File(exists=True), mandatory=True, desc="brain masks, same grids")
+    session_ids = traits.List(traits.Str(), mandatory=True)
+    volumes_files = traits.List(File(exists=True), desc="each session's volume table (not used)")
+    probseg_files = traits.List(traits.Any(), desc="per session: tissue probability files (TISSUE order) or []")
+    lesion_files = traits.List(traits.Any(), desc="per session: the main lesion mask or ''")
+    acquisitions = traits.List(traits.Any(), desc="per session: protocol key or ''")
+    acq_times = traits.List(traits.Any(), desc="per session: acq_time or ''")
+    contrast = traits.Str("T1w", usedefault=True, desc="contrast of in_files")
+    seed = traits.Int(0, usedefault=True)
+    num_threads = traits.Int(1, usedefault=True, nohash=True)
+
+
+class _ChangeOutputSpec(TraitedSpec):
+    out_tsv = File(exists=True, desc="the change table")
+    template = File(exists=True, desc="mid-space template")
+    to_subject_xfms = traits.List(File(exists=True), desc="per session: session -> mid-space (ITK affine)")
+    from_subject_xfms = traits.List(File(exists=True), desc="per session: mid-space -> session (ITK affine)")
+    figure = File(desc="report figure (SVG)")
+    metadata = traits.Dict()
+    warnings = traits.List(traits.Str())
+
+
+class LongitudinalChange(SimpleInterface):
+    """Mid-space template, transforms and volume change of a subject's sessions."""
+
+    input_spec = _ChangeInputSpec
+    output_spec = _ChangeOutputSpec
+
+    def _run_interface(self, runtime):
+        import ants
+        import numpy as np
+
+        from bidsapp.longitudinal import midspace as MS
+        from bidsapp.longitudinal import subject as S
+        from workflows.interfaces.ants import use_threads
+
+        use_threads(self.inputs.num_threads, self.inputs.seed)
+        cwd = Path(runtime.cwd)
+        ins = self.inputs
+        n = len(ins.in_files)
+        if len(ins.mask_files) != n or len(ins.session_ids) != n:
+            raise ValueError("in_files, mask_files and session_ids must have one entry per session")
+
+        def per_session(values, default):
+            values = list(values) if values else []
+            return values + [default] * (n - len(values))
+
+        tissue = []
+        for files in per_session(ins.probseg_files, []):
+            files = [f for f in (files or []) if f]
+            tissue.append(dict(zip(("GM", "WM", "CSF"), _tissue_order(files))) if len(files) >= 3 else None)
+        sessions = [S.SessionInput(label=f"ses-{sid}" if sid else "", image=img, mask=mask, tissue=t,
+                                   lesion=les or None, acquisition=acq or None, acq_time=when or None)
+                    for sid, img, mask, t, les, acq, when in zip(
+                        ins.session_ids, ins.in_files, ins.mask_files, tissue, per_session(ins.lesion_files, ""),
+                        per_session(ins.acquisitions, ""), per_session(ins.acq_times, ""))]
+        result = S.subject_change(sessions, seed=ins.seed, work_dir=cwd / "midspace")
+        out_tsv = cwd / "change.tsv"
+        S.format_table(result.table).to_csv(out_tsv, sep="\t", index=False, na_rep="n/a")
+        template = cwd / "template.nii.gz"
+        ants.image_write(result.template, str(template))
+        # outputs follow the input order, whatever order the sessions were measured in
+        order = {s.label: k for k, s in enumerate(result.sessions)}
+        to_subject, from_subject = [], []
+        for s in sessions:
+            m = result.to_session[order[s.label]]
+            label = s.label or "session"
+            from_subject.append(MS.write_transform(m, cwd / f"{label}_from-subject.txt"))
+            to_subject.append(MS.write_transform(np.linalg.inv(m), cwd / f"{label}_to-subject.txt"))
+        figure = cwd / "change.svg"
+        from bidsapp.reports.longitudinal import change_figure
+
+        change_figure(result, figure)
+        self._results.update(
+            out_tsv=str(out_tsv), template=str(template), to_subject_xfms=to_subject,
+            from_subject_xfms=from_subject, figure=str(figure), warnings=list(result.warnings),
+            metadata={
+                "Method": "longitudinal",
+                "Description": "volume change between sessions, measured in the subject's mid-space with a "
+                               "partial-volume model (bidsapp.longitudinal.change)",
+                "Sessions": [s.label for s in result.sessions],
+                "Contrast": ins.contrast,
+                "Columns": S.COLUMN_DESCRIPTIONS,
+            })
+        return runtime
+
+
+def _tissue_order(files):
+    """GM, WM, CSF from a probseg list in :data:`bidsapp.labels.TISSUE` order (the session-method contract)."""
+    from bidsapp.labels import TISSUE
+
+    by = dict(zip(TISSUE.names, files))
+    return [by["GM"], by["WM"], by["CSF"]]
+
+
+def change_node(name: str, options: dict):
+    """Factory of the ``longitudinal`` subject-level method (:mod:`bidsapp.methods`)."""
+    from nipype.pipeline import engine as pe
+
+    return pe.Node(LongitudinalChange(seed=int(options.get("seed", 0)), num_threads=int(options.get("omp_nthreads", 1))),
+                   name=name, n_procs=int(options.get("omp_nthreads", 1)), mem_gb=options.get("mem_gb", 3.0))
