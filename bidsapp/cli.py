@@ -388,6 +388,8 @@ def subject_plan_lines(subj, keys) -> list[str]:
     for ses in subj.sessions:
         for why in methods.plan_session(keys, ses.contrasts).skipped:
             lines.append(f"{ses.label}: {why}; reference image {ses.reference.name}")
+    if len(subj.sessions) < 2:  # a cross-sectional subject: nothing to say about the subject-level methods
+        return lines
     _, skipped = methods.plan_subject(methods.select(level=methods.SUBJECT), [ses.contrasts for ses in subj.sessions])
     return lines + [f"sub-{subj.subject}: {why}" for why in skipped]
 

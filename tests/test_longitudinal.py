@@ -181,3 +181,23 @@ def test_order_and_interval_without_dates():
     assert np.isnan(S.interval_days(a, b))
     assert S.pairs(2) == [(0, 1)] and S.pairs(4) == [(0, 1), (1, 2), (2, 3), (0, 3)]
     assert S.acquisition_changed(a, b) is None
+
+
+def test_lesions_are_classified_one_by_one():
+    from bidsapp.longitudinal import lesions as L
+
+    before, after = np.zeros((40, 40, 40)), np.zeros((40, 40, 40))
+    before[2:5, 2:5, 2:5] = after[2:5, 2:5, 2:5] = 1  # stable (27 mm3)
+    before[10:13, 10:13, 10:13] = 1
+    after[10:15, 10:15, 10:15] = 1  # enlarging 27 -> 125
+    after[20:23, 20:23, 20:23] = 1  # new
+    before[30:33, 2:5, 2:5] = 1  # resolved
+    before[30:36, 30:36, 30:36] = 1
+    after[30:33, 30:33, 30:33] = 1  # shrinking 216 -> 27
+    after[36, 20, 20] = 1  # a new single voxel: below MIN_NEW_MM3, not counted
+    table, new = L.lesion_change(before, after, ses_from="ses-1", ses_to="ses-2")
+    assert L.counts(table) == {"new": 1, "enlarging": 1, "stable": 1, "shrinking": 1, "resolved": 1}
+    assert new.sum() == 27 and new[21, 21, 21] and not new[36, 20, 20]
+    row = table.set_index("status").loc["enlarging"]
+    assert (row.volume_from_mm3, row.volume_to_mm3) == (27.0, 125.0)
+    assert list(table.columns) == list(L.COLUMNS)

@@ -233,6 +233,13 @@ def test_longitudinal_method_runs_on_the_contrast_every_session_has(example_run)
         assert (folder / f"sub-01_ses-{ses}_from-subject_to-FLAIR_mode-image_xfm.txt").is_file()
     side = pd.read_json(anat / "sub-01_desc-change_morph.json", typ="series")
     assert side["Contrast"] == "FLAIR" and side["Sessions"] == ["ses-1", "ses-2"]
+    # both sessions have lesion masks: the lesion-by-lesion table, and the follow-up's new lesions
+    lesions = pd.read_csv(anat / "sub-01_desc-lesionchange_stats.tsv", sep="\t")
+    assert list(lesions.columns[:4]) == ["ses_from", "ses_to", "lesion", "status"]
+    new = example_run / "sub-01" / "ses-2" / "anat" / "sub-01_ses-2_desc-newlesion_mask.nii.gz"
+    assert new.is_file() and not (example_run / "sub-01" / "ses-1" / "anat" / "sub-01_ses-1_desc-newlesion_mask.nii.gz").exists()
+    assert nib.load(new).shape == nib.load(example_run / "sub-01" / "ses-2" / "anat" /
+                                           "sub-01_ses-2_desc-brain_mask.nii.gz").shape
 
 
 def test_flair_only_session_gets_brain_extraction_and_flair_methods_only(example_run):
@@ -240,8 +247,8 @@ def test_flair_only_session_gets_brain_extraction_and_flair_methods_only(example
     names = {p.name for p in anat2.iterdir()}
     assert {"sub-01_ses-2_desc-preproc_FLAIR.nii.gz", "sub-01_ses-2_desc-brain_mask.nii.gz",
             "sub-01_ses-2_desc-bright_mask.nii.gz", "sub-01_ses-2_desc-volumes_morph.tsv"} <= names
-    assert not [n for n in names if "dseg" in n or ("probseg" in n and "lesion" not in n) or "xfm" in n
-                or "space-" in n], names
+    assert not [n for n in names if "dseg" in n or ("probseg" in n and "lesion" not in n)
+                or ("xfm" in n and "subject" not in n) or "space-" in n], names  # no template outputs
     side = pd.read_json(anat2 / "sub-01_ses-2_desc-bright_mask.json", typ="series")
     assert side["ContrastsUsed"] == ["FLAIR"]
     mask = np.asarray(nib.load(anat2 / "sub-01_ses-2_desc-brain_mask.nii.gz").dataobj) > 0

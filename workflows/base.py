@@ -161,8 +161,10 @@ def _add_subject_method(wf, key, built, *, output_dir, bids_dir, options) -> Non
     if len(eligible) < m.min_sessions:  # the plan says so (bidsapp.methods.plan_subject)
         return
     contrast = common_contrast(eligible)
+    lesion_of = [_main_output(b.run, LESION, "mask") for b in eligible]
     sub_wf = init_subject_method_wf(key, [b.label for b in eligible], output_dir=output_dir,
-                                    bids_dir=bids_dir, options=options, contrast=contrast)
+                                    bids_dir=bids_dir, options=options, contrast=contrast,
+                                    lesion_sessions=[i for i, out in enumerate(lesion_of) if out])
     sub_wf.inputs.inputnode.source_files = [b.images.reference_path for b in eligible]
     image_of, acquisitions = [], []
     for b in eligible:
@@ -180,7 +182,7 @@ def _add_subject_method(wf, key, built, *, output_dir, bids_dir, options) -> Non
     if all(b.volumes for b in eligible):
         per_session["volumes_files"] = ["volumes"] * len(eligible)
     per_session["probseg_files"] = [_main_output(b.run, TISSUE, "probseg") for b in eligible]
-    per_session["lesion_files"] = [_main_output(b.run, LESION, "mask") for b in eligible]
+    per_session["lesion_files"] = lesion_of
     placeholder = {"probseg_files": [], "lesion_files": ""}
     for field, outs in per_session.items():
         merge = pe.Node(niu.Merge(len(eligible), no_flatten=True), name=f"{m.ident}_{field}",

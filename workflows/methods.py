@@ -94,7 +94,7 @@ SUBJECT_INPUTS = ("in_files", "mask_files", "volumes_files", "probseg_files", "l
 
 
 def init_subject_method_wf(key: str, session_ids, *, output_dir, bids_dir, options: dict, contrast: str = "T1w",
-                           name: str | None = None) -> pe.Workflow:
+                           lesion_sessions=(), name: str | None = None) -> pe.Workflow:
     """Run the subject-level method ``key`` on the sessions ``session_ids`` and write its outputs.
 
     Inputs: ``source_files`` and :data:`SUBJECT_INPUTS` (one entry per session, in the order of
@@ -102,7 +102,10 @@ def init_subject_method_wf(key: str, session_ids, *, output_dir, bids_dir, optio
     ``sub-<label>_desc-<desc>_<table_suffix>.tsv``; when the node makes them, ``template`` as
     ``sub-<label>_desc-template_<contrast>.nii.gz``, ``figure`` as ``sub-<label>_desc-<desc>_figure.svg``
     (for the report), and per session ``to_subject_xfms`` / ``from_subject_xfms`` as
-    ``sub-<label>_ses-<s>_from-<contrast>_to-subject_mode-image_xfm.txt`` and the inverse.
+    ``sub-<label>_ses-<s>_from-<contrast>_to-subject_mode-image_xfm.txt`` and the inverse; with lesion
+    masks on two or more sessions (``lesion_sessions``: their indices), ``lesion_tsv`` as
+    ``sub-<label>_desc-lesionchange_stats.tsv`` and each later lesion session's ``newlesion_masks`` entry
+    as ``sub-<label>_ses-<s>_desc-newlesion_mask.nii.gz``.
     """
     m = M.get(key)
     if len(session_ids) < m.min_sessions:
@@ -134,6 +137,26 @@ def init_subject_method_wf(key: str, session_ids, *, output_dir, bids_dir, optio
             ds_out = sink(f"ds_{m.ident}_{out}", output_dir, bids_dir, subject_level=True, **kwargs)
             wf.connect([(first, ds_out, [("out", "source_file")]), (inputnode, ds_out, [("source_files", "sources")]),
                         (node, ds_out, [(out, "in_file")])])
+    lesion_sessions = sorted(lesion_sessions)
+    if "lesion_tsv" in outputs and len(lesion_sessions) >= 2:
+        ds_les = sink(f"ds_{m.ident}_lesions", output_dir, bids_dir, subject_level=True, suffix="stats",
+                      desc="lesionchange", extension=".tsv", metadata={
+                          "Description": "lesion by lesion change between consecutive sessions with lesion masks, in "
+                                         "the subject's mid-space (bidsapp.longitudinal.lesions)",
+                          "status": {"Levels": {"new": "no earlier lesion touches it", "enlarging": "volume up by "
+                                                "more than 25 % and 3 mm3", "stable": "within that",
+                                                "shrinking": "volume down by more than 25 % and 3 mm3",
+                                                "resolved": "no later lesion touches it"}}})
+        wf.connect([(first, ds_les, [("out", "source_file")]), (inputnode, ds_les, [("source_files", "sources")]),
+                    (node, ds_les, [("lesion_tsv", "in_file")])])
+        for i in lesion_sessions[1:]:
+            pick = pe.Node(niu.Select(index=i), name=f"newlesion_{i}", run_without_submitting=True)
+            src_pick = pe.Node(niu.Select(index=i), name=f"newlesion_source_{i}", run_without_submitting=True)
+            ds_new = sink(f"ds_{m.ident}_newlesion_{i}", output_dir, bids_dir, suffix="mask", desc="newlesion",
+                          metadata={"Description": "lesions of this session that touch no lesion of the previous "
+                                                   "session with a lesion mask (mid-space, brought back here)"})
+            wf.connect([(node, pick, [("newlesion_masks", "inlist")]), (inputnode, src_pick, [("source_files", "inlist")]),
+                        (pick, ds_new, [("out", "in_file")]), (src_pick, ds_new, [("out", "source_file")])])
     xfms = {"to_subject_xfms": (contrast, "subject"), "from_subject_xfms": ("subject", contrast)}
     for out, (src, dst) in xfms.items():
         if out not in outputs:

@@ -46,6 +46,7 @@ def simulate(out: Path, subjects: int, seed: int, **kw) -> None:
         return
     cfg = DatasetConfig(subjects=subjects, sites=min(subjects, 4), sessions=2, seed=seed,
                         anatomy_dir=str(anatomy_dir()), **kw)
+    out.parent.mkdir(parents=True, exist_ok=True)
     write_dataset(out, cfg, overwrite=True)
 
 

@@ -16,7 +16,8 @@ def collect(output_dir) -> pd.DataFrame:
     """``sub-*/anat/sub-*_desc-change_morph.tsv`` of ``output_dir``, with ``participant_id`` first."""
     frames = []
     for path in sorted(Path(output_dir).glob("sub-*/anat/sub-*_desc-change_morph.tsv")):
-        table = pd.read_csv(path, sep="\t", na_values=["n/a"], keep_default_na=False)
+        table = pd.read_csv(path, sep="\t", na_values=["n/a"], keep_default_na=False,
+                            dtype={"ses_from": str, "ses_to": str, "acquisition_changed": str, "correction": str})
         table.insert(0, "participant_id", path.name.split("_")[0])
         frames.append(table)
     if not frames:

@@ -66,6 +66,10 @@ class SubjectChange:
     maps: dict = field(default_factory=dict)
     """(ses_from, ses_to) -> tissue-fraction change map (numpy, mid-space grid), for the report."""
     warnings: list = field(default_factory=list)
+    lesions: pd.DataFrame | None = None
+    """Lesion by lesion change between consecutive sessions with lesion masks (:mod:`.lesions`); None without."""
+    new_lesions: dict = field(default_factory=dict)
+    """Session label -> its new lesions (ants image on the session's own grid)."""
 
 
 def order_sessions(sessions: list[SessionInput]) -> list[SessionInput]:
@@ -154,8 +158,33 @@ def subject_change(sessions: list[SessionInput], *, seed: int = 0, work_dir=None
         maps[(a.label, b.label)] = (C.tissue_fraction(norm[j], mu, common)
                                     - C.tissue_fraction(norm[i], mu, common)) * common.region
     table = pd.DataFrame(rows, columns=list(COLUMNS))
-    return SubjectChange(table=table, template=ms.template, to_session=ms.to_session, sessions=sessions,
-                         maps=maps, warnings=warnings)
+    result = SubjectChange(table=table, template=ms.template, to_session=ms.to_session, sessions=sessions,
+                           maps=maps, warnings=warnings)
+    with_lesions = [i for i, les in enumerate(lesions) if les is not None]
+    if len(with_lesions) >= 2:
+        from . import lesions as L
+
+        affine = _index_to_ras(ms.grid)
+        tables = []
+        for i, j in zip(with_lesions, with_lesions[1:]):
+            t, new = L.lesion_change(lesions[i], lesions[j], voxel_mm3=common.voxel_mm3, affine=affine,
+                                     ses_from=sessions[i].label, ses_to=sessions[j].label)
+            tables.append(t)
+            new_img = ms.grid.new_image_like(new.astype(np.float32))
+            back = np.linalg.inv(ms.to_session[j])  # session -> mid-space: resamples the mid-space onto the session
+            result.new_lesions[sessions[j].label] = MS.resample(new_img, images[j], back, interpolator="nearestNeighbor",
+                                                                work_dir=work, name=f"new_lesions_{j}")
+        result.lesions = pd.concat(tables, ignore_index=True)
+    return result
+
+
+def _index_to_ras(img) -> np.ndarray:
+    """4x4 voxel index -> scanner RAS mm of an ants image (ITK's physical space is LPS), as NIfTI affines."""
+    d = np.asarray(img.direction, float) * np.asarray(img.spacing, float)[None, :]
+    out = np.eye(4)
+    out[:3, :3] = d
+    out[:3, 3] = img.origin
+    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ out
 
 
 def format_table(table: pd.DataFrame) -> pd.DataFrame:

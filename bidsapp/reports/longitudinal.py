@@ -4,6 +4,8 @@ status."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 
@@ -21,7 +23,7 @@ def change_figure(result, path) -> str:
     template = result.template.numpy()
     (ses_from, ses_to), diff = list(result.maps.items())[-1]
     fg = template > 0
-    vmax = float(np.percentile(template[fg], 99.5)) if fg.any() else 1.0
+    vmax = float(np.percentile(template[fg], 97)) if fg.any() else 1.0
     centre = [int(np.median(ix)) for ix in np.nonzero(fg)] if fg.any() else [s // 2 for s in template.shape]
     fig = plt.figure(figsize=(12, 4.2))
     grid = fig.add_gridspec(1, 4, width_ratios=(1, 1, 1, 1.5))
@@ -55,7 +57,7 @@ def change_figure(result, path) -> str:
     ax.legend(fontsize=7, loc="best")
     ax.set_title("volume change", fontsize=9)
     fig.tight_layout()
-    fig.savefig(str(path), format="svg")
+    fig.savefig(str(path), format=Path(path).suffix.lstrip(".") or "svg")
     plt.close(fig)
     return str(path)
 

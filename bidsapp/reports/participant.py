@@ -859,9 +859,62 @@ def write_participant_report(output_dir, subject: str, *, warnings=None, errors=
     n_msgs = sum(len(s.warnings) + len(s.errors) for s in sessions)
     if n_msgs:
         summary.body += text_html(f"{n_msgs} further message(s) in the session sections below.")
+    change = change_section(output_dir, subject)
     return write_report(output_dir / f"sub-{subject}.html", f"scanbridge: sub-{subject}",
-                        [summary, acq_sec, *sessions, about],
+                        [summary, acq_sec, *([change] if change else []), *sessions, about],
                         subtitle=f"Participant report, scanbridge {_version()}")
+
+
+def change_section(output_dir: Path, subject: str) -> Section | None:
+    """The subject level (:mod:`bidsapp.longitudinal`): template with the tissue change over it, the change
+    table, and a warning for every pair whose acquisition changed. None when the subject has no change table."""
+    import html
+
+    anat = Path(output_dir) / f"sub-{subject}" / "anat"
+    table_path = anat / f"sub-{subject}_desc-change_morph.tsv"
+    if not table_path.is_file():
+        return None
+    table = pd.read_csv(table_path, sep="\t", na_values=["n/a"], keep_default_na=False,
+                        dtype={"ses_from": str, "ses_to": str, "acquisition_changed": str, "correction": str})
+    warns = []
+    for (a, b), rows in table.groupby(["ses_from", "ses_to"], sort=False):
+        if str(rows["acquisition_changed"].iloc[0]) == "true":
+            brain = rows[rows.measure == "brain"]
+            raw = float(brain["percent_change_raw"].iloc[0]) if len(brain) else float("nan")
+            cor = float(brain["percent_change"].iloc[0]) if len(brain) else float("nan")
+            warns.append(f"{a} \u2192 {b}: the acquisition changed; brain change {cor:+.2f} % after correction "
+                         f"({rows['correction'].iloc[0]}), {raw:+.2f} % raw. A scanner change can look like atrophy: "
+                         "read this pair with care.")
+    shown = table.copy()
+    for col in ("volume_from_mm3", "volume_to_mm3"):
+        shown[col] = shown[col] / 1000.0
+    shown = shown.rename(columns={"volume_from_mm3": "from (ml)", "volume_to_mm3": "to (ml)",
+                                  "percent_change": "change (%)", "percent_change_per_year": "per year (%)",
+                                  "percent_change_raw": "raw (%)", "interval_days": "days"})
+    body = [text_html("Every session resampled once into the subject's mid-space (no session is the reference); "
+                      "volumes read there with a partial-volume model, so a change smaller than a voxel counts.")]
+    figure = anat / f"sub-{subject}_desc-change_figure.svg"
+    if figure.is_file():
+        svg = figure.read_text(encoding="utf-8")
+        body.append(f'<figure>{svg[svg.find("<svg"):]}<figcaption>Mid-space template with the change of brain '
+                    f"tissue between the first and last session (red: tissue lost), and the change of each measure "
+                    f"and pair (hatched: acquisition changed). Table: {html.escape(table_path.name)}</figcaption>"
+                    "</figure>")
+    body.append(table_html(shown, float_format="{:.2f}"))
+    lesion_path = anat / f"sub-{subject}_desc-lesionchange_stats.tsv"
+    if lesion_path.is_file():
+        from bidsapp.longitudinal.lesions import STATUSES
+
+        lesions = pd.read_csv(lesion_path, sep="\t", dtype={"ses_from": str, "ses_to": str})
+        rows = []
+        for (a, b), t in lesions.groupby(["ses_from", "ses_to"], sort=False):
+            n = t["status"].value_counts()
+            rows.append({"pair": f"{a} \u2192 {b}", **{st: int(n.get(st, 0)) for st in STATUSES}})
+        body.append(text_html(f"Lesions between consecutive sessions with lesion masks ({html.escape(lesion_path.name)}; "
+                              "the new ones also as each follow-up's desc-newlesion_mask):"))
+        if rows:
+            body.append(table_html(pd.DataFrame(rows)))
+    return Section(title="Longitudinal change", body="".join(body), warnings=warns, anchor="change")
 
 
 def _version() -> str:

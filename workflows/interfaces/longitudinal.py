@@ -35,6 +35,9 @@ class _ChangeOutputSpec(TraitedSpec):
     to_subject_xfms = traits.List(File(exists=True), desc="per session: session -> mid-space (ITK affine)")
     from_subject_xfms = traits.List(File(exists=True), desc="per session: mid-space -> session (ITK affine)")
     figure = File(desc="report figure (SVG)")
+    lesion_tsv = File(desc="lesion-by-lesion change between consecutive sessions with lesion masks")
+    newlesion_masks = traits.List(File(exists=True), desc="per session: its new lesions on its own grid (empty "
+                                                          "for a session without lesions or the first one)")
     metadata = traits.Dict()
     warnings = traits.List(traits.Str())
 
@@ -86,6 +89,20 @@ class LongitudinalChange(SimpleInterface):
             label = s.label or "session"
             from_subject.append(MS.write_transform(m, cwd / f"{label}_from-subject.txt"))
             to_subject.append(MS.write_transform(np.linalg.inv(m), cwd / f"{label}_to-subject.txt"))
+        if result.lesions is not None:
+            from bidsapp.longitudinal.lesions import COLUMNS as LESION_COLUMNS
+
+            lesion_tsv = cwd / "lesionchange.tsv"
+            result.lesions.to_csv(lesion_tsv, sep="\t", index=False, na_rep="n/a", columns=list(LESION_COLUMNS))
+            self._results["lesion_tsv"] = str(lesion_tsv)
+            masks = []
+            for s, img in zip(sessions, images_of(sessions)):
+                path = cwd / f"{s.label or 'session'}_newlesions.nii.gz"
+                new = result.new_lesions.get(s.label)
+                ants.image_write(new if new is not None else img.new_image_like(np.zeros(img.shape, np.float32)),
+                                 str(path))
+                masks.append(str(path))
+            self._results["newlesion_masks"] = masks
         figure = cwd / "change.svg"
         from bidsapp.reports.longitudinal import change_figure
 
@@ -102,6 +119,12 @@ class LongitudinalChange(SimpleInterface):
                 "Columns": S.COLUMN_DESCRIPTIONS,
             })
         return runtime
+
+
+def images_of(sessions):
+    import ants
+
+    return (ants.image_read(s.image) for s in sessions)
 
 
 def _tissue_order(files):
