@@ -201,3 +201,31 @@ def test_lesions_are_classified_one_by_one():
     row = table.set_index("status").loc["enlarging"]
     assert (row.volume_from_mm3, row.volume_to_mm3) == (27.0, 125.0)
     assert list(table.columns) == list(L.COLUMNS)
+
+
+def test_group_step_gathers_every_subjects_change(tmp_path):
+    import logging
+
+    from bidsapp.harmonize.context import GroupContext
+    from bidsapp.longitudinal import group
+
+    for sub, changed in (("01", "false"), ("02", "true")):
+        anat = tmp_path / f"sub-{sub}" / "anat"
+        anat.mkdir(parents=True)
+        rows = [{"measure": m, "ses_from": "ses-1", "ses_to": "ses-2", "interval_days": 365.0,
+                 "volume_from_mm3": 1000.0, "volume_to_mm3": 990.0, "percent_change": -1.0,
+                 "percent_change_per_year": -1.0, "percent_change_raw": -4.0 if changed == "true" else -1.0,
+                 "acquisition_changed": changed, "correction": C.RECALIBRATED if changed == "true" else "none"}
+                for m in C.MEASURES]
+        pd.DataFrame(rows).to_csv(anat / f"sub-{sub}_desc-change_morph.tsv", sep="\t", index=False)
+    ctx = GroupContext(output_dir=tmp_path, work_dir=tmp_path / "w", volumes=pd.DataFrame(), acquisitions=pd.DataFrame(),
+                       participants=pd.DataFrame(), logger=logging.getLogger("test"))
+    sections = group.run(ctx)
+    table = pd.read_csv(tmp_path / group.TSV_NAME, sep="\t", dtype={"acquisition_changed": str})
+    assert len(table) == 12 and list(table.columns[:2]) == ["participant_id", "measure"]
+    assert set(table.acquisition_changed) == {"false", "true"}
+    assert sections and sections[0].title == "Longitudinal change" and "<img" in sections[0].body
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    ctx.output_dir = empty
+    assert group.run(ctx) == [] and not (empty / group.TSV_NAME).exists()

@@ -24,8 +24,9 @@ change by the same ``g`` for every session: the split is as good as the mean tis
 not affected by it.
 
 Scanner changes: within one acquisition both sessions are read with the same (pooled) tissue
-intensities; when the acquisition changed, each session is read with its own, which undoes a change
-of contrast between tissues (a change the pooled reading turns into volume). Both figures are kept.
+intensities; when the acquisition changed, or is unknown (no sidecars), each session is read with its
+own, which undoes a change of contrast between tissues (a change the pooled reading turns into volume).
+Both figures are kept.
 """
 
 from __future__ import annotations

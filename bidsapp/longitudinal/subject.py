@@ -137,7 +137,8 @@ def subject_change(sessions: list[SessionInput], *, seed: int = 0, work_dir=None
         a, b = sessions[i], sessions[j]
         changed = acquisition_changed(a, b)
         both_lesions = lesions[i] is not None and lesions[j] is not None
-        res = C.pair_volumes(norm[i], norm[j], common, changed=bool(changed),
+        # unknown acquisitions (no sidecars) are read as changed: nothing says the contrast stayed the same
+        res = C.pair_volumes(norm[i], norm[j], common, changed=changed is not False,
                              lesion_a=lesions[i] if both_lesions else None,
                              lesion_b=lesions[j] if both_lesions else None)
         days = interval_days(a, b)
