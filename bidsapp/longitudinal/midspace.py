@@ -24,13 +24,15 @@ from scipy import ndimage as ndi
 
 MARGIN_MM = 6.0
 """Space kept around the union of the brain masks in the template grid."""
-SPACING_MM = 1.0
+SPACING_MM = (1.0, 2.0)
+"""Range of the template's voxel size: the finest voxel edge of the sessions, within these bounds (thick
+clinical slices with 0.5 mm pixels get 1 mm; 2 mm images are not upsampled for nothing)."""
 
 
 @dataclass
 class MidSpace:
     grid: "object"
-    """The template grid (an ants image): 1 mm, axes of the first session, covering every brain."""
+    """The template grid (an ants image): axes of the first session, covering every brain."""
     to_session: list
     """Per session, the 4x4 matrix mapping mid-space points to session points (ITK physical space)."""
     template: "object"
@@ -93,9 +95,17 @@ def normalise(img, mask):
     return img.new_image_like(np.where(keep, data / max(med, 1e-6), 0.0).astype(np.float32))
 
 
+def template_spacing(images) -> float:
+    finest = min(float(min(img.spacing)) for img in images)
+    return float(np.clip(finest, *SPACING_MM))
+
+
 def _grid(images, masks, to_session):
-    """1 mm grid with the first session's axes covering every session's brain in the mid-space."""
+    """Grid with the first session's axes covering every session's brain in the mid-space
+    (:func:`template_spacing`)."""
     import ants
+
+    step = template_spacing(images)
 
     corners = []
     for img, mask, m in zip(images, masks, to_session):
@@ -112,9 +122,9 @@ def _grid(images, masks, to_session):
     local = pts @ direction  # coordinates along the first session's axes
     lo = local.min(0) - MARGIN_MM
     hi = local.max(0) + MARGIN_MM
-    shape = tuple(int(np.ceil((h - l) / SPACING_MM)) + 1 for l, h in zip(lo, hi))
+    shape = tuple(int(np.ceil((h - l) / step)) + 1 for l, h in zip(lo, hi))
     origin = direction @ lo
-    return ants.make_image(shape, 0.0, spacing=(SPACING_MM,) * 3, origin=tuple(origin), direction=direction,
+    return ants.make_image(shape, 0.0, spacing=(step,) * 3, origin=tuple(origin), direction=direction,
                            pixeltype="float")
 
 

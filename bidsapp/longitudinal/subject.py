@@ -18,6 +18,8 @@ import pandas as pd
 from . import change as C
 from . import midspace as MS
 
+MIN_ANNUAL_DAYS = 90
+"""Shortest interval given a rate per year (annualising a rescan a day apart multiplies its noise by 365)."""
 COLUMNS = ("measure", "ses_from", "ses_to", "interval_days", "volume_from_mm3", "volume_to_mm3", "percent_change",
            "percent_change_per_year", "percent_change_raw", "acquisition_changed", "correction")
 COLUMN_DESCRIPTIONS = {
@@ -32,7 +34,8 @@ COLUMN_DESCRIPTIONS = {
     "volume_from_mm3": {"Description": "volume at ses_from, measured in the subject's mid-space", "Units": "mm^3"},
     "volume_to_mm3": {"Description": "volume at ses_to, measured in the subject's mid-space", "Units": "mm^3"},
     "percent_change": {"Description": "100 (volume_to / volume_from - 1), after the correction", "Units": "%"},
-    "percent_change_per_year": {"Description": "percent_change / (interval_days / 365.25)", "Units": "%/year"},
+    "percent_change_per_year": {"Description": "percent_change / (interval_days / 365.25); n/a when the interval "
+                                               "is unknown or shorter than 90 days", "Units": "%/year"},
     "percent_change_raw": {"Description": "percent_change without any correction for an acquisition change",
                            "Units": "%"},
     "acquisition_changed": {"Description": "whether the two sessions' acquisitions differ (scanner, sequence "
@@ -149,7 +152,8 @@ def subject_change(sessions: list[SessionInput], *, seed: int = 0, work_dir=None
             v0, v1 = res.volume_from[measure], res.volume_to[measure]
             pct = C.percent(v0, v1)
             raw = C.percent(res.raw_from[measure], res.raw_to[measure])
-            per_year = pct / (days / 365.25) if np.isfinite(days) and days > 0 and np.isfinite(pct) else float("nan")
+            per_year = pct / (days / 365.25) if np.isfinite(days) and days >= MIN_ANNUAL_DAYS and np.isfinite(pct) \
+                else float("nan")
             rows.append({"measure": measure, "ses_from": a.label, "ses_to": b.label, "interval_days": days,
                          "volume_from_mm3": v0, "volume_to_mm3": v1, "percent_change": pct,
                          "percent_change_per_year": per_year, "percent_change_raw": raw,

@@ -63,22 +63,17 @@ def change_figure(result, path) -> str:
 
 
 def group_change_figure(table: pd.DataFrame, measure: str = "brain"):
-    """Percent change per year of ``measure`` for pairs with and without an acquisition change (one dot per
-    pair): a scanner change that looks like atrophy shows as a shift between the two columns."""
+    """Percent change of ``measure`` for pairs with and without an acquisition change (one dot per pair): a
+    scanner change that looks like atrophy shows as a shift between the two columns."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = table[table.measure == measure].copy()
-    value = pd.to_numeric(rows["percent_change_per_year"], errors="coerce")
+    value = pd.to_numeric(rows["percent_change"], errors="coerce")
     raw = pd.to_numeric(rows["percent_change_raw"], errors="coerce")
-    if value.isna().all():
-        value = pd.to_numeric(rows["percent_change"], errors="coerce")
-        ylabel = f"{measure} change (%)"
-    else:
-        raw = raw / (pd.to_numeric(rows["interval_days"], errors="coerce") / 365.25)
-        ylabel = f"{measure} change (%/year)"
+    ylabel = f"{measure} change (%)"
     status = rows["acquisition_changed"].astype(str).map({"true": "acquisition changed", "false": "same acquisition"})
     status = status.fillna("unknown")
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -88,8 +83,10 @@ def group_change_figure(table: pd.DataFrame, measure: str = "brain"):
         sel = (status == cat).to_numpy()
         x = k + rng.uniform(-0.12, 0.12, sel.sum())
         ax.scatter(x, value[sel], color="#3182bd", s=22, label="corrected" if k == 0 else None, zorder=3)
-        if cat == "acquisition changed":
-            ax.scatter(x, raw[sel], facecolors="none", edgecolors="#de2d26", s=22, label="raw", zorder=2)
+        if cat != "same acquisition":  # read per session: show the pooled reading too
+            labelled = "raw" in [t.get_label() for t in ax.collections]
+            ax.scatter(x, raw[sel], facecolors="none", edgecolors="#de2d26", s=22, zorder=2,
+                       label=None if labelled else "raw")
     ax.axhline(0, color="black", linewidth=0.6)
     ax.set_xticks(range(len(cats)), cats)
     ax.set_ylabel(ylabel)
