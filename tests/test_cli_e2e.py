@@ -95,7 +95,10 @@ def test_flair_only_session_gets_brain_extraction_lesions_and_no_tissue(run):
             "sub-02_ses-2_desc-lesion_mask.nii.gz", "sub-02_ses-2_label-lesion_probseg.nii.gz",
             "sub-02_ses-2_desc-lesions_stats.tsv", "sub-02_ses-2_desc-wmh_mask.nii.gz",
             "sub-02_ses-2_label-lesion_desc-wmh_probseg.nii.gz", "sub-02_ses-2_desc-wmh_stats.tsv"} <= names
-    assert not [n for n in names if ("seg" in n and "lesion" not in n) or "xfm" in n], names
+    assert not [n for n in names if ("seg" in n and "lesion" not in n) or ("xfm" in n and "subject" not in n)], names
+    # no contrast in common with ses-1 (T1w only): the subject level aligned its FLAIR, and says so
+    assert {"sub-02_ses-2_from-FLAIR_to-subject_mode-image_xfm.txt",
+            "sub-02_ses-2_from-subject_to-FLAIR_mode-image_xfm.txt"} <= names
     vols = pd.read_csv(anat / "sub-02_ses-2_desc-volumes_morph.tsv", sep="\t")
     assert list(vols["method"]) == ["lesion", "wmh"] and "count" in vols.columns  # main answer first
     mask = json.loads((anat / "sub-02_ses-2_desc-lesion_mask.json").read_text())
@@ -134,3 +137,13 @@ def test_group_level(run):
     assert list(flair_only["method"]) == ["lesion"] and flair_only["GM"].isna().all()
     html = (run["out"] / "group.html").read_text()
     assert "data:image/png;base64" in html
+
+
+def test_subject_with_two_sessions_gets_its_change_table(run):
+    table = pd.read_csv(run["out"] / "sub-02" / "anat" / "sub-02_desc-change_morph.tsv", sep="\t")
+    assert set(table["measure"]) == {"brain", "GM", "WM", "CSF", "ventricles", "lesion"}
+    assert not (run["out"] / "sub-01" / "anat" / "sub-01_desc-change_morph.tsv").exists()  # one session
+    group = pd.read_csv(run["out"] / "group_change.tsv", sep="\t")
+    assert set(group["participant_id"]) == {"sub-02"} and len(group) == len(table)
+    assert "Longitudinal change" in (run["out"] / "group.html").read_text()
+    assert "Longitudinal change" in (run["out"] / "sub-02.html").read_text()

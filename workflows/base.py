@@ -164,6 +164,8 @@ def _add_subject_method(wf, key, built, *, output_dir, bids_dir, options) -> Non
     lesion_of = [_main_output(b.run, LESION, "mask") for b in eligible]
     sub_wf = init_subject_method_wf(key, [b.label for b in eligible], output_dir=output_dir,
                                     bids_dir=bids_dir, options=options, contrast=contrast,
+                                    contrasts=[contrast if contrast in b.images.contrasts else b.images.reference
+                                               for b in eligible],
                                     lesion_sessions=[i for i, out in enumerate(lesion_of) if out])
     sub_wf.inputs.inputnode.source_files = [b.images.reference_path for b in eligible]
     image_of, acquisitions = [], []

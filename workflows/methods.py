@@ -94,11 +94,12 @@ SUBJECT_INPUTS = ("in_files", "mask_files", "volumes_files", "probseg_files", "l
 
 
 def init_subject_method_wf(key: str, session_ids, *, output_dir, bids_dir, options: dict, contrast: str = "T1w",
-                           lesion_sessions=(), name: str | None = None) -> pe.Workflow:
+                           contrasts=None, lesion_sessions=(), name: str | None = None) -> pe.Workflow:
     """Run the subject-level method ``key`` on the sessions ``session_ids`` and write its outputs.
 
     Inputs: ``source_files`` and :data:`SUBJECT_INPUTS` (one entry per session, in the order of
-    ``session_ids``); ``contrast`` is that of ``in_files``. Written: ``out_tsv`` as
+    ``session_ids``); ``contrast`` is that of ``in_files`` (``contrasts``: per session, when the sessions
+    share no contrast and each gives its reference image). Written: ``out_tsv`` as
     ``sub-<label>_desc-<desc>_<table_suffix>.tsv``; when the node makes them, ``template`` as
     ``sub-<label>_desc-template_<contrast>.nii.gz``, ``figure`` as ``sub-<label>_desc-<desc>_figure.svg``
     (for the report), and per session ``to_subject_xfms`` / ``from_subject_xfms`` as
@@ -157,11 +158,12 @@ def init_subject_method_wf(key: str, session_ids, *, output_dir, bids_dir, optio
                                                    "session with a lesion mask (mid-space, brought back here)"})
             wf.connect([(node, pick, [("newlesion_masks", "inlist")]), (inputnode, src_pick, [("source_files", "inlist")]),
                         (pick, ds_new, [("out", "in_file")]), (src_pick, ds_new, [("out", "source_file")])])
-    xfms = {"to_subject_xfms": (contrast, "subject"), "from_subject_xfms": ("subject", contrast)}
-    for out, (src, dst) in xfms.items():
+    contrasts = list(contrasts or [contrast] * len(session_ids))
+    for out in ("to_subject_xfms", "from_subject_xfms"):
         if out not in outputs:
             continue
         for i, _ in enumerate(session_ids):
+            src, dst = (contrasts[i], "subject") if out == "to_subject_xfms" else ("subject", contrasts[i])
             pick = pe.Node(niu.Select(index=i), name=f"{out}_{i}", run_without_submitting=True)
             src_pick = pe.Node(niu.Select(index=i), name=f"{out}_source_{i}", run_without_submitting=True)
             ds_x = sink(f"ds_{m.ident}_{out}_{i}", output_dir, bids_dir, suffix="xfm", from_=src, to=dst, mode="image",
