@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "lesion": ("bidsapp.training.lesion", "scanner-invariant MS lesion U-Net (and its BM/BDM baselines)"),
     "wmh": ("bidsapp.training.wmh", "FLAIR-only WMH generator (Siamese content loss, or an overlap-loss baseline)"),
     "wmh-features": ("bidsapp.training.wmh_features", "frozen feature network of the WMH content loss"),
+    "longitudinal": ("bidsapp.training.longitudinal", "3D-SiameseNet: stable vs accelerated atrophy from two T1w sessions"),
 }
 
 

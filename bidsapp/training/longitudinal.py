@@ -1,0 +1,485 @@
+"""``scanbridge-train longitudinal``: the 3D-SiameseNet (stable / decline) on simulated session pairs.
+
+Data (:func:`make_pair`), every pair drawn from ``(--seed, index)`` alone:
+
+- **anatomy**: a label map of ``--anatomy-dir`` (``anat-10``..``anat-12`` kept for the validation
+  pairs, :data:`HELDOUT`), or the ICBM152 phantom when there are none; consecutive blocks of
+  :data:`BLOCK` pairs share one anatomy and hold the four designs (stable / decline x same scanner /
+  scanner change), so the classes and scanner changes are balanced in every part of the pool;
+  every fifth block (``--val-every``) is a validation block;
+- **subject**: a random deformation and tissue-property variation of the anatomy
+  (:func:`bidsapp.physics.phantom.make_subject`), the phantom on the simulation grid;
+- **trajectory**: stable or decline (label 0/1) at :data:`~bidsapp.physics.atrophy.STABLE_RATES` or
+  ``DECLINE_RATES``, an interval uniform in :data:`YEARS`; the follow-up phantom is
+  :func:`~bidsapp.physics.atrophy.apply_atrophy` of the baseline. The network is not told the interval:
+  a long stable interval and a short decline one overlap (3 years stable: -1.2 % GM, +4.6 % ventricles;
+  half a year of decline: -1 % and +3 %), as in a clinic;
+- **images**: the baseline with a random T1w protocol (:data:`T1W_PROTOCOLS`, MPRAGE and SPGR at 1.5
+  and 3 T); in half of the pairs the follow-up with another one (so the network learns the change, not
+  the scanner), otherwise the same protocol with new noise and bias field; simulated at ``--voxel-mm``
+  (2 mm, the phantom on the same grid: a pair costs about 1 s; from a 1 mm phantom about 20 s, the
+  deformation 5x, the atrophy 13x and the simulation 5x slower), in RAS order; skull-stripped with the
+  true brain mask and prepared by :func:`bidsapp.models.siamese.preprocess` (both in the box of the
+  baseline's brain).
+
+Pairs are expensive (the atrophy bisects, the deformation warps every class), so ``--pairs`` of them
+are generated once into ``OUT/pairs.npz`` (float16 images and the design of every pair, with the recipe
+that made them) and reused: a rerun generates only what is missing, ``--stop-after 0`` generates the
+pool and stops, generation uses ``--threads`` processes (results do not depend on it).
+
+Training: Adam, lr 1e-3 with the engine's cosine schedule, L2 1e-4 on the convolution and dense
+weights (the paper regularises its kernels), batch 8, cross-entropy; the training pairs are shuffled
+every epoch and augmented per pair, both images together (an independent flip or rotation would be a
+change the network ought to report): a left/right flip and a rotation up to ``--rotate-deg`` about the
+left-right axis (the authors' code rotates up to 5 degrees in that plane). The validation pairs give
+the accuracy and the MSLE (the paper's metrics, :func:`evaluate`) every ``--eval-every`` iterations
+and in the model card.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from bidsapp.training.config import command_line as config_command_line
+from bidsapp.training.engine import add_run_arguments, run_command
+
+HELDOUT = ("anat-10", "anat-11", "anat-12")
+BLOCK = 4
+"""Consecutive pairs sharing an anatomy: index % 2 is the label, (index // 2) % 2 the scanner change."""
+YEARS = (0.5, 3.0)
+T1W_PROTOCOLS = ("mrainet-1.5T-spgr", "mrainet-3T-spgr", "siemens-1.5T-mprage", "siemens-3T-mprage",
+                 "siemens-3T-mprage-v2", "paper-mprage")
+"""The T1w presets of :mod:`bidsapp.physics.protocols` at 1.5 and 3 T (three scanners, two families)."""
+POOL_FILE = "pairs.npz"
+POOL_VERSION = 1
+"""Bumped whenever :func:`make_pair` changes what it makes: an older pool is then refused."""
+SAVE_SECONDS = 600.0
+"""The pool file is rewritten at most this often while generating (and always at the end)."""
+_ARRAYS = ("a", "b", "label", "change", "years", "validation", "anatomy", "protocols", "gm_change",
+           "ventricle_change")
+
+
+# ------------------------------------------------------------------------------------------ pairs
+def anatomies(anatomy_dir) -> tuple[list[str], list[str]]:
+    """(training anatomies, validation anatomies): label-map paths, or ``["icbm152"]`` for both when
+    ``anatomy_dir`` is None, ``"icbm152"``, or holds no ``anat-*_dseg.nii.gz``."""
+    if anatomy_dir is None or str(anatomy_dir).lower() == "icbm152" or not Path(anatomy_dir).is_dir():
+        return ["icbm152"], ["icbm152"]
+    files = sorted(Path(anatomy_dir).glob("anat-*_dseg.nii.gz"))
+    train = [str(p) for p in files if p.name.split("_")[0] not in HELDOUT]
+    val = [str(p) for p in files if p.name.split("_")[0] in HELDOUT]
+    if not train:
+        return ["icbm152"], ["icbm152"]
+    return train, val or train
+
+
+def design(index: int, val_every: int) -> dict:
+    """The label, scanner change, validation flag and anatomy slot of pair ``index``."""
+    block = index // BLOCK
+    validation = val_every > 0 and block % val_every == val_every - 1
+    slot = block // val_every if validation else (block - (block // val_every if val_every > 0 else 0))
+    return {"label": index % 2, "change": (index // 2) % 2, "validation": bool(validation), "slot": int(slot)}
+
+
+_ANATOMY: dict = {}
+
+
+def _anatomy(source: str, voxel_mm: float):
+    """The phantom of ``source`` on the simulation grid; one kept in memory (blocks share it)."""
+    from bidsapp.physics.phantom import from_icbm152, from_label_map
+
+    key = (source, float(voxel_mm))
+    if key not in _ANATOMY:
+        ph = from_icbm152(voxel_mm) if source == "icbm152" else from_label_map(source, voxel_mm)
+        _ANATOMY.clear()
+        _ANATOMY[key] = ph
+    return _ANATOMY[key]
+
+
+def make_pair(index: int, seed: int = 0, anatomy_dir=None, voxel_mm: float = 2.0, size: int = 64,
+              grid_mm: float = 3.0, val_every: int = 5, sources=None) -> dict:
+    """Pair ``index`` of the pool of ``seed`` (see the module docstring): ``a``, ``b`` (size^3 float32,
+    baseline and follow-up), ``label`` (1 decline), ``change`` (1 another protocol), ``years``,
+    ``validation``, ``anatomy``, ``protocols`` ("baseline>follow-up") and the true ``gm_change`` (cortical)
+    and ``ventricle_change`` (percent). ``sources``: :func:`anatomies` of ``anatomy_dir``, when known."""
+    from bidsapp.models.siamese import brain_centre, preprocess
+    from bidsapp.physics.atrophy import DECLINE_RATES, STABLE_RATES, apply_atrophy
+    from bidsapp.physics.phantom import make_subject
+    from bidsapp.physics.protocols import PROTOCOLS
+    from bidsapp.physics.simulator import simulate
+
+    d = design(index, val_every)
+    train, val = sources or anatomies(anatomy_dir)
+    names = val if d["validation"] else train
+    source = names[d["slot"] % len(names)]
+    rng = np.random.default_rng([int(seed), 7, int(index)])
+    base = make_subject(_anatomy(source, voxel_mm), rng)
+    years = float(rng.uniform(*YEARS))
+    follow = apply_atrophy(base, years, **(DECLINE_RATES if d["label"] else STABLE_RATES))
+    first = T1W_PROTOCOLS[int(rng.integers(len(T1W_PROTOCOLS)))]
+    others = [p for p in T1W_PROTOCOLS if p != first]
+    second = others[int(rng.integers(len(others)))] if d["change"] else first
+    images = []
+    for ph, name in ((base, first), (follow, second)):
+        sim = simulate(ph, PROTOCOLS[name], rng, voxel_size=voxel_mm, orientation="RAS")
+        images.append((np.asarray(sim.image.dataobj, np.float32), sim.truth.brain_mask, sim.truth.voxel_size))
+    (ia, ma, spacing), (ib, mb, _) = images
+    centre = brain_centre(ma, spacing, size, grid_mm)
+    gm0, gm1 = (float(p.fraction("GM").sum(dtype=np.float64)) for p in (base, follow))  # cortical GM
+    v0, v1 = (float(p.fraction("ventricles").sum(dtype=np.float64)) for p in (base, follow))
+    return {"a": preprocess(ia, ma, spacing, size, grid_mm, centre=centre),
+            "b": preprocess(ib, mb, spacing, size, grid_mm, centre=centre),
+            "label": d["label"], "change": d["change"], "years": years, "validation": d["validation"],
+            "anatomy": Path(source).name.split("_")[0], "protocols": f"{first}>{second}",
+            "gm_change": 100.0 * (gm1 - gm0) / gm0, "ventricle_change": 100.0 * (v1 - v0) / v0}
+
+
+def _pair_job(job):
+    import torch
+
+    torch.set_num_threads(1)
+    index, kwargs = job
+    return make_pair(index, **kwargs)
+
+
+def pool_recipe(cfg) -> dict:
+    """What the pool's pairs depend on (its size aside): a pool of another recipe is refused."""
+    train, val = anatomies(cfg.anatomy_dir)
+    return {"version": POOL_VERSION, "seed": cfg.seed, "voxel_mm": cfg.voxel_mm, "grid_mm": cfg.grid_mm,
+            "size": cfg.size, "val_every": cfg.val_every,
+            "anatomies": [Path(p).name for p in train], "validation_anatomies": [Path(p).name for p in val]}
+
+
+def _stack(rows: list[dict]) -> dict:
+    out = {}
+    for k in _ARRAYS:
+        vals = [r[k] for r in rows]
+        if k in ("a", "b"):
+            out[k] = np.stack(vals).astype(np.float16)
+        elif k in ("anatomy", "protocols"):
+            out[k] = np.asarray(vals, dtype=str)
+        elif k in ("label", "change"):
+            out[k] = np.asarray(vals, np.int64)
+        elif k == "validation":
+            out[k] = np.asarray(vals, bool)
+        else:
+            out[k] = np.asarray(vals, np.float32)
+    return out
+
+
+def _concat(pool: dict | None, new: dict) -> dict:
+    return new if pool is None else {k: np.concatenate([pool[k], new[k]]) for k in _ARRAYS}
+
+
+def subset(pool: dict, idx) -> dict:
+    """The pairs ``idx`` of ``pool`` (every array indexed)."""
+    return {k: pool[k][idx] for k in _ARRAYS if k in pool}
+
+
+def _write_pool(path: Path, pool: dict, recipe: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        np.savez(fh, recipe=np.asarray(json.dumps(recipe, sort_keys=True)), **pool)
+    os.replace(tmp, path)
+
+
+def build_pool(cfg, progress=print) -> dict:
+    """The first ``cfg.pairs`` pairs, read from ``cfg.out``/pairs.npz and extended there when it holds
+    fewer (in index order, ``cfg.threads`` processes); refused when the file has another recipe."""
+    path = Path(cfg.out) / POOL_FILE
+    recipe = pool_recipe(cfg)
+    pool = None
+    if path.is_file():
+        with np.load(path, allow_pickle=False) as z:
+            if json.loads(str(z["recipe"])) != recipe:
+                raise SystemExit(f"{path}: a pool of another recipe (seed, grids, anatomies); "
+                                 "use a new --out or delete it")
+            pool = {k: z[k] for k in _ARRAYS}
+    have = 0 if pool is None else len(pool["label"])
+    if have >= cfg.pairs:
+        return subset(pool, slice(0, cfg.pairs))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    kwargs = {"seed": cfg.seed, "voxel_mm": cfg.voxel_mm, "size": cfg.size, "grid_mm": cfg.grid_mm,
+              "val_every": cfg.val_every, "sources": anatomies(cfg.anatomy_dir)}
+    jobs = [(i, kwargs) for i in range(have, cfg.pairs)]
+    progress(f"generating pairs {have}..{cfg.pairs - 1} into {path}")
+    t0 = last = time.time()
+    rows: list[dict] = []
+    executor = None
+    try:
+        if int(cfg.threads) > 1:
+            import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor
+
+            executor = ProcessPoolExecutor(int(cfg.threads), mp_context=mp.get_context("spawn"))
+            results = executor.map(_pair_job, jobs, chunksize=BLOCK)
+        else:
+            results = (make_pair(i, **kw) for i, kw in jobs)
+        for i, row in enumerate(results, start=have):
+            rows.append(row)
+            if (i + 1) % 10 == 0 or i + 1 == cfg.pairs:
+                progress(f"pair {i + 1}/{cfg.pairs} ({(time.time() - t0) / len(rows):.1f} s/pair)")
+            if time.time() - last > SAVE_SECONDS:
+                pool, rows, last = _concat(pool, _stack(rows)), [], time.time()
+                _write_pool(path, pool, recipe)
+    finally:
+        if executor is not None:
+            executor.shutdown(cancel_futures=True)
+        if rows:  # an interrupted generation keeps what it made
+            pool = _concat(pool, _stack(rows))
+            _write_pool(path, pool, recipe)
+    return pool
+
+
+# ------------------------------------------------------------------------------------------ training
+class PairSampler:
+    """Batches of training pairs, shuffled every epoch, augmented per pair (see the module docstring)."""
+
+    def __init__(self, pool: dict, idx, seed: int, flip: bool = True, rotate_deg: float = 5.0):
+        self.pool, self.idx = pool, np.asarray(idx, np.int64)
+        if not len(self.idx):
+            raise ValueError("no training pairs in the pool")
+        self.flip, self.rotate_deg = bool(flip), float(rotate_deg)
+        self.rng = np.random.default_rng([int(seed), 11])
+        self.perm, self.pos = self.rng.permutation(len(self.idx)), 0
+
+    def state(self) -> dict:
+        return {"rng": self.rng.bit_generator.state, "perm": self.perm.copy(), "pos": self.pos}
+
+    def set_state(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["rng"]
+        self.perm, self.pos = np.asarray(state["perm"]), int(state["pos"])
+
+    def _take(self, n: int) -> np.ndarray:
+        out = []
+        while len(out) < n:
+            if self.pos == len(self.perm):
+                self.perm, self.pos = self.rng.permutation(len(self.idx)), 0
+            k = min(n - len(out), len(self.perm) - self.pos)
+            out.extend(self.idx[self.perm[self.pos:self.pos + k]])
+            self.pos += k
+        return np.asarray(out)
+
+    def batch(self, n: int):
+        """(baselines, follow-ups) float tensors (n, 1, S, S, S) and labels (n,)."""
+        import torch
+        import torch.nn.functional as F
+
+        pick = self._take(n)
+        a = torch.as_tensor(self.pool["a"][pick].astype(np.float32))[:, None]
+        b = torch.as_tensor(self.pool["b"][pick].astype(np.float32))[:, None]
+        y = torch.as_tensor(self.pool["label"][pick], dtype=torch.long)
+        flips = self.rng.random(n) < 0.5 if self.flip else np.zeros(n, bool)
+        angles = np.deg2rad(self.rng.uniform(-self.rotate_deg, self.rotate_deg, n)) if self.rotate_deg > 0 else None
+        if flips.any():  # left/right is the first voxel axis (RAS)
+            sel = torch.as_tensor(np.flatnonzero(flips))
+            a[sel], b[sel] = a[sel].flip(2), b[sel].flip(2)
+        if angles is not None:  # about the left-right axis: a rotation in the plane of the last two axes
+            theta = torch.zeros((n, 3, 4))
+            c = torch.as_tensor(np.cos(angles), dtype=torch.float32)
+            s = torch.as_tensor(np.sin(angles), dtype=torch.float32)
+            theta[:, 0, 0], theta[:, 0, 1], theta[:, 1, 0], theta[:, 1, 1], theta[:, 2, 2] = c, -s, s, c, 1.0
+            grid = F.affine_grid(theta, list(a.shape), align_corners=False)
+            both = F.grid_sample(torch.cat([a, b]), torch.cat([grid, grid]), mode="bilinear",
+                                 padding_mode="zeros", align_corners=False)
+            a, b = both[:n], both[n:]
+        return a.contiguous(), b.contiguous(), y
+
+
+def msle(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Mean squared logarithmic error between softmax probabilities and one-hot labels (Keras's)."""
+    onehot = np.eye(probs.shape[1])[np.asarray(labels, np.int64)]
+    return float(np.mean((np.log1p(np.clip(probs, 1e-7, None)) - np.log1p(onehot)) ** 2))
+
+
+def evaluate(net, pairs: dict, device="cpu", batch: int = 8) -> dict:
+    """Accuracy and MSLE of ``net`` on ``pairs`` (``a``, ``b``, ``label``, ``change``), the accuracy of
+    the same-scanner and the scanner-change pairs, and the fraction of stable scanner-change pairs
+    called stable (what a scanner upgrade must not turn into a decline). None where no pair counts."""
+    from bidsapp.models.siamese import predict_proba
+
+    was_training = net.training
+    probs = predict_proba(net, pairs["a"], pairs["b"], device=device, batch=batch)
+    net.train(was_training)
+    y = np.asarray(pairs["label"], np.int64)
+    change = np.asarray(pairs["change"], bool)
+    hit = probs.argmax(1) == y
+
+    def frac(sel):
+        return float(np.mean(hit[sel])) if np.any(sel) else None
+
+    return {"n": int(len(y)), "accuracy": frac(np.ones(len(y), bool)), "msle": msle(probs, y) if len(y) else None,
+            "accuracy_same_scanner": frac(~change), "accuracy_scanner_change": frac(change),
+            "stable_change_called_stable": frac(change & (y == 0))}
+
+
+@dataclass
+class TrainConfig:
+    """One training run; the options and the card's command come from these fields."""
+
+    out: str = field(metadata={"help": "run folder: pairs.npz (the pool), checkpoint.pt (resumable), weights/"})
+    anatomy_dir: str | None = field(default=None, metadata={
+        "help": "folder of anat-*_dseg.nii.gz label maps (default $SCANBRIDGE_DATA_DIR/anatomy when it exists, "
+                "else the ICBM152 phantom; 'icbm152' forces the phantom)"})
+    pairs: int = field(default=480, metadata={"help": "simulated pairs in the pool (a fifth for validation)"})
+    iterations: int = 2500
+    batch: int = 8
+    lr: float = 1e-3
+    weight_decay: float = field(default=1e-4, metadata={"help": "L2 on the convolution and dense weights"})
+    seed: int = 0
+    voxel_mm: float = field(default=2.0, metadata={"help": "simulation grid (mm)"})
+    grid_mm: float = field(default=3.0, metadata={"help": "network grid (mm)"})
+    size: int = field(default=64, metadata={"help": "network input edge (voxels)"})
+    filters: str = field(default="8,16,32", metadata={"help": "filters of the three elementary blocks"})
+    dense: str = field(default="64,32", metadata={"help": "units of the two hidden dense layers"})
+    flip: bool = field(default=True, metadata={"help": "random left/right flip of each pair"})
+    rotate_deg: float = field(default=5.0, metadata={"help": "random rotation of each pair up to this (0: none)"})
+    val_every: int = field(default=5, metadata={"help": "every N-th block of 4 pairs is for validation (0: none)"})
+    eval_every: int = field(default=250, metadata={"help": "validate every N iterations (0: only at the end)"})
+    threads: int = field(default=2, metadata={"card": False, "help": "torch threads, and pair-generation processes"})
+    device: str = field(default="cpu", metadata={"card": False, "choices": ("cpu", "cuda", "auto")})
+    checkpoint_every: int = field(default=100, metadata={"card": False})
+
+    def __post_init__(self):
+        if self.anatomy_dir is None:
+            from bidsapp.devdata import anatomy_dir
+
+            self.anatomy_dir = str(anatomy_dir()) if anatomy_dir().is_dir() else "icbm152"
+
+
+def _ints(text: str) -> list[int]:
+    return [int(v) for v in str(text).split(",") if v.strip()]
+
+
+def architecture(cfg: TrainConfig) -> dict:
+    from bidsapp.models.siamese import ARCHITECTURE
+
+    return {"class": ARCHITECTURE["class"],
+            "kwargs": dict(ARCHITECTURE["kwargs"], filters=_ints(cfg.filters), dense=_ints(cfg.dense),
+                           input_size=cfg.size)}
+
+
+def command_line(cfg: TrainConfig) -> str:
+    return config_command_line("scanbridge-train longitudinal", cfg, first=("out", "anatomy_dir"))
+
+
+def train(cfg: TrainConfig, progress=print, stop_after: int | None = None, pool: dict | None = None) -> dict:
+    """Build or extend the pool, then train (resuming from ``cfg.out``/checkpoint.pt when present); the
+    history with the network under ``"net"``, ``"finished"``, and ``"validation"`` (:func:`evaluate`)
+    once finished. ``pool``: pairs to use instead of ``cfg.out``/pairs.npz (tests)."""
+    import torch
+    import torch.nn.functional as F
+
+    from bidsapp.devices import resolve_device
+    from bidsapp.models.siamese import build_network
+    from bidsapp.training.engine import fit
+
+    torch.set_num_threads(int(cfg.threads))
+    device = resolve_device(cfg.device)
+    pool = pool if pool is not None else build_pool(cfg, progress)
+    torch.manual_seed(cfg.seed)
+    val_idx = np.flatnonzero(pool["validation"])
+    train_idx = np.flatnonzero(~pool["validation"])
+    val = subset(pool, val_idx) if len(val_idx) else None
+    net = build_network(architecture(cfg)).to(device)
+    decay = [p for p in net.parameters() if p.ndim > 1]
+    rest = [p for p in net.parameters() if p.ndim <= 1]
+    opt = torch.optim.Adam([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}],
+                           lr=cfg.lr)
+    sampler = PairSampler(pool, train_idx, cfg.seed, cfg.flip, cfg.rotate_deg)
+
+    def step(it):
+        a, b, y = (t.to(device) for t in sampler.batch(cfg.batch))
+        opt.zero_grad(set_to_none=True)
+        logits = net(a, b)
+        loss = F.cross_entropy(logits, y)
+        loss.backward()
+        opt.step()
+        terms = {"loss": float(loss.detach()), "accuracy": float((logits.argmax(1) == y).float().mean())}
+        if val is not None and cfg.eval_every > 0 and (it + 1) % cfg.eval_every == 0:
+            m = evaluate(net, val, device)
+            terms.update(val_at=it + 1, val_accuracy=m["accuracy"], val_msle=m["msle"])
+            progress(f"validation at {it + 1}: accuracy {m['accuracy']:.3f} msle {m['msle']:.4f} "
+                     f"(same scanner {_fmt(m['accuracy_same_scanner'])}, change {_fmt(m['accuracy_scanner_change'])})")
+        return terms
+
+    hist = fit(cfg, net, opt, step, out=cfg.out, states={"sampler": sampler}, progress=progress,
+               stop_after=stop_after, logged=("loss", "accuracy"))
+    hist.setdefault("loss", [])
+    if hist["finished"] and val is not None:
+        hist["validation"] = evaluate(net, val, device)
+        progress("validation: " + " ".join(f"{k} {_fmt(v)}" for k, v in hist["validation"].items()))
+    return dict(hist, pool_size=int(len(pool["label"])), train_pairs=int(len(train_idx)),
+                val_pairs=int(len(val_idx)), anatomies=sorted(set(pool["anatomy"].tolist())))
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
+
+
+def save(net, cfg: TrainConfig, history: dict, weights_dir=None) -> dict:
+    """Write the network's weights and model card."""
+    import torch
+
+    from bidsapp import __version__
+    from bidsapp.models import registry
+    from bidsapp.models.siamese import CLASSES, DESIGN, MODEL_NAME
+
+    card = {
+        "version": __version__,
+        "task": "stable vs accelerated atrophy (decline) from a baseline and a follow-up T1w of one subject",
+        "architecture": architecture(cfg),
+        "classes": list(CLASSES),
+        "design": DESIGN,
+        "input": (f"two skull-stripped T1w volumes in RAS order, the follow-up registered to the baseline, "
+                  f"resampled to {cfg.grid_mm:g} mm, cropped to {cfg.size}^3 around the baseline's brain, divided "
+                  "by the 99.5th percentile in the brain (bidsapp.models.siamese.preprocess)"),
+        "output": "softmax probabilities of stable, decline",
+        "training": {
+            "command": command_line(cfg),
+            "seed": cfg.seed,
+            "data": (f"{history.get('pool_size')} simulated pairs ({history.get('train_pairs')} training, "
+                     f"{history.get('val_pairs')} validation on held-out anatomies) of "
+                     f"{', '.join(history.get('anatomies', []))}: random subject deformations, stable or "
+                     f"decline atrophy over {YEARS[0]}-{YEARS[1]} years, T1w protocols {', '.join(T1W_PROTOCOLS)}, "
+                     f"half the follow-ups on another protocol; simulated at {cfg.voxel_mm:g} mm"),
+            "iterations": cfg.iterations, "batch": cfg.batch,
+            "seconds": round(history["seconds"], 1), "threads": cfg.threads, "device": cfg.device,
+            "torch": torch.__version__, "platform": platform.platform(),
+            "final_loss": float(np.mean(history["loss"][-50:])) if history.get("loss") else None,
+        },
+        "metrics": {"validation": history.get("validation")},
+    }
+    return registry.save_model(MODEL_NAME, net.state_dict(), card, weights_dir or Path(cfg.out) / "weights")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_run_arguments(p, TrainConfig)
+
+
+def _check(cfg: TrainConfig) -> str | None:
+    if str(cfg.anatomy_dir).lower() != "icbm152" and not Path(cfg.anatomy_dir).is_dir():
+        return f"{cfg.anatomy_dir}: no such folder"
+    try:
+        filters, dense = _ints(cfg.filters), _ints(cfg.dense)
+    except ValueError:
+        return "--filters and --dense are comma-separated integers"
+    if not filters or not dense:
+        return "--filters and --dense need at least one value"
+    if cfg.size % 2 ** len(filters):
+        return f"--size {cfg.size} is not divisible by 2^{len(filters)} (one halving per block)"
+    if cfg.pairs < BLOCK:
+        return f"--pairs must be at least {BLOCK}"
+    return None
+
+
+def run(args) -> int:
+    return run_command("scanbridge-train longitudinal", TrainConfig, args, train, save, check=_check)

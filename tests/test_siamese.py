@@ -1,0 +1,186 @@
+"""The 3D-SiameseNet (stable / decline from two sessions): network, preprocessing, simulated pairs, trainer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from bidsapp.models import siamese as S
+from bidsapp.training import longitudinal as L
+
+
+def tiny_arch(size=32, filters=(4, 8, 8), dense=(16, 8)):
+    return {"class": S.ARCHITECTURE["class"],
+            "kwargs": dict(S.ARCHITECTURE["kwargs"], filters=list(filters), dense=list(dense), input_size=size)}
+
+
+def test_forward_shapes_and_the_papers_layers():
+    torch.manual_seed(0)
+    net = S.build_network(tiny_arch())
+    a, b = torch.rand(2, 1, 32, 32, 32), torch.rand(2, 1, 32, 32, 32)
+    assert net(a, b).shape == (2, 2)
+    fused, penultimate = net.features(a, b)
+    assert fused.shape == (2, 8, 4, 4, 4) and penultimate.shape == (2, 8)
+    kinds = [type(m).__name__ for m in net.branch]
+    assert kinds == ["Conv3d", "BatchNorm3d", "LeakyReLU", "AvgPool3d"] * 3
+    assert net.branch[0].kernel_size == (3, 3, 3) and net.branch[0].stride == (1, 1, 1)
+    assert net.dropout.p == 0.5 and net.out.out_features == 2
+    probs = S.predict_proba(net, a[:, 0].numpy(), b[:, 0].numpy())
+    assert probs.shape == (2, 2) and np.allclose(probs.sum(1), 1.0, atol=1e-5)
+    with pytest.raises(ValueError, match="divisible"):
+        S.build_network(tiny_arch(size=36))
+
+
+def test_branches_share_their_weights_swapping_the_inputs_negates_the_fused_features():
+    torch.manual_seed(1)
+    net = S.build_network(tiny_arch())
+    a, b = torch.rand(3, 1, 32, 32, 32), torch.rand(3, 1, 32, 32, 32)
+    for mode in (True, False):  # training (batch statistics) and inference (running statistics)
+        net.train(mode)
+        with torch.no_grad():
+            ab, ba = net.fuse(a, b), net.fuse(b, a)
+        assert ab.abs().max() > 1e-3
+        assert torch.allclose(ab, -ba, atol=1e-5)
+    net.eval()
+    with torch.no_grad():
+        assert torch.count_nonzero(net.fuse(a, a)) == 0
+
+
+def _sphere(shape, centre, radius_vox):
+    g = np.indices(shape).astype(float)
+    return sum((g[i] - centre[i]) ** 2 for i in range(3)) <= radius_vox ** 2
+
+
+def test_preprocess_strips_resamples_crops_and_scales():
+    rng = np.random.default_rng(0)
+    shape, spacing = (60, 70, 50), (2.0, 2.0, 2.0)
+    mask = _sphere(shape, (25, 40, 22), 15)  # 30 mm radius, off-centre
+    image = np.where(mask, 400 + 50 * rng.standard_normal(shape), 3000.0).astype(np.float32)  # a bright "skull"
+    out = S.preprocess(image, mask, spacing, size=24, target_mm=3.0)
+    assert out.shape == (24, 24, 24) and out.dtype == np.float32
+    assert out.min() >= 0 and out.max() == pytest.approx(1.0)
+    g = np.indices(out.shape).astype(float)
+    r_mm = 3.0 * np.sqrt(sum((g[i] - 11.5) ** 2 for i in range(3)))  # centred on the mask's centre
+    assert np.all(out[r_mm > 30 + 4.5] == 0)  # nothing outside the mask, the skull least of all
+    assert np.all(out[r_mm < 30 - 4.5] > 0.3)
+    # A given centre moves the crop: the follow-up is cropped in the baseline's box.
+    shifted = S.preprocess(image, mask, spacing, size=24, target_mm=3.0, centre=(25 + 3, 40, 22))
+    assert np.allclose(shifted[:-2], out[2:], atol=1e-6)
+
+
+def test_brain_centre_keeps_the_cortex_when_a_tail_is_longer_than_the_crop():
+    mask = _sphere((40, 40, 80), (20, 20, 55), 10)
+    mask[19:21, 19:21, :40] = True  # a thin canal down to the edge
+    c = S.brain_centre(mask, (3.0, 3.0, 3.0), size=24, target_mm=3.0)
+    assert c[:2] == pytest.approx([20, 20]) and 50 < c[2] < 56  # not the box centre (39.5)
+
+
+TINY = dict(anatomy_dir="icbm152", voxel_mm=4.0, size=24, grid_mm=8.0)
+
+
+def test_pairs_are_deterministic_balanced_and_cached(tmp_path):
+    messages = []
+    cfg = L.TrainConfig(out=str(tmp_path / "run"), pairs=2, threads=1, **TINY)
+    pool = L.build_pool(cfg, progress=messages.append)
+    assert pool["a"].shape == (2, 24, 24, 24) and pool["a"].dtype == np.float16
+    assert list(pool["label"]) == [0, 1] and list(pool["change"]) == [0, 0]
+    assert all(p.split(">")[0] == p.split(">")[1] for p in pool["protocols"])  # same scanner
+    from bidsapp.physics.atrophy import DECLINE_RATES, STABLE_RATES
+
+    for i, rates in enumerate((STABLE_RATES, DECLINE_RATES)):  # the trajectory's annual rates, compounded
+        years = float(pool["years"][i])
+        assert 0.5 <= years <= 3.0
+        assert pool["gm_change"][i] == pytest.approx(100 * ((1 - rates["gm_rate"]) ** years - 1), rel=0.05)
+        assert pool["ventricle_change"][i] == pytest.approx(100 * ((1 + rates["ventricle_rate"]) ** years - 1),
+                                                            rel=0.05)
+    assert 0 < float(np.abs(pool["b"][1].astype(np.float32) - pool["a"][1]).mean())
+    again = L.make_pair(1, seed=0, val_every=5, **TINY)
+    assert np.array_equal(again["a"].astype(np.float16), pool["a"][1])
+    assert np.array_equal(again["b"].astype(np.float16), pool["b"][1])
+    other = L.make_pair(1, seed=1, val_every=5, **TINY)
+    assert not np.array_equal(other["a"], again["a"])
+    # A larger pool extends the file: the first pairs are read back, only the new one is generated.
+    messages.clear()
+    bigger = L.build_pool(L.TrainConfig(out=cfg.out, pairs=3, threads=1, **TINY), progress=messages.append)
+    assert messages[0].startswith("generating pairs 2..2")
+    assert np.array_equal(bigger["a"][:2], pool["a"]) and bigger["change"][2] == 1
+    assert bigger["protocols"][2].split(">")[0] != bigger["protocols"][2].split(">")[1]
+    with pytest.raises(SystemExit, match="another recipe"):
+        L.build_pool(L.TrainConfig(out=cfg.out, pairs=3, threads=1, seed=5, **TINY))
+
+
+def test_design_balances_classes_and_scanner_changes_and_holds_out_blocks():
+    d = [L.design(i, 5) for i in range(40)]
+    val = [x for x in d if x["validation"]]
+    assert [x["label"] for x in d[:4]] == [0, 1, 0, 1] and [x["change"] for x in d[:4]] == [0, 0, 1, 1]
+    assert len(val) == 8 and sum(x["label"] for x in val) == 4 and sum(x["change"] for x in val) == 4
+    assert [x["slot"] for x in d[::4]] == [0, 1, 2, 3, 0, 4, 5, 6, 7, 1]
+
+
+class _ByMean(torch.nn.Module):
+    """Calls a pair "decline" when the follow-up is darker on average."""
+
+    def forward(self, a, b):
+        d = (a - b).mean((1, 2, 3, 4)) * 100
+        return torch.stack([-d, d], 1)
+
+
+def test_evaluate_reports_accuracy_msle_and_the_scanner_split():
+    a = np.ones((4, 8, 8, 8), np.float32)
+    b = a.copy()
+    b[1] -= 0.5  # decline seen
+    b[2] -= 0.5  # a stable scanner change called decline
+    pairs = {"a": a, "b": b, "label": np.array([0, 1, 0, 1]), "change": np.array([0, 0, 1, 1])}
+    m = L.evaluate(_ByMean(), pairs)
+    assert m["n"] == 4 and m["accuracy"] == 0.5
+    assert m["accuracy_same_scanner"] == 1.0 and m["accuracy_scanner_change"] == 0.0
+    assert m["stable_change_called_stable"] == 0.0
+    assert L.msle(np.array([[1.0, 0.0]]), np.array([0])) == pytest.approx(0.0, abs=1e-12)
+    assert L.msle(np.array([[0.5, 0.5]]), np.array([0])) == pytest.approx(
+        ((np.log(1.5) - np.log(2)) ** 2 + np.log(1.5) ** 2) / 2)
+
+
+def _random_pool(n=12, size=16, seed=0):
+    rng = np.random.default_rng(seed)
+    d = [L.design(i, 3) for i in range(n)]
+    a = rng.random((n, size, size, size)).astype(np.float16)
+    return {"a": a, "b": (a * rng.uniform(0.8, 1.0, (n, 1, 1, 1))).astype(np.float16),
+            "label": np.array([x["label"] for x in d]), "change": np.array([x["change"] for x in d]),
+            "years": np.ones(n, np.float32), "validation": np.array([x["validation"] for x in d]),
+            "anatomy": np.array(["icbm152"] * n), "protocols": np.array(["p>p"] * n),
+            "gm_change": np.zeros(n, np.float32), "ventricle_change": np.zeros(n, np.float32)}
+
+
+def test_training_checkpoints_and_resumes_exactly(tmp_path):
+    pool = _random_pool()
+
+    def cfg(out):
+        return L.TrainConfig(out=str(tmp_path / out), anatomy_dir="icbm152", pairs=12, iterations=3, batch=4, size=16,
+                             filters="4,4,4", dense="8,8", val_every=3, eval_every=2, threads=1, checkpoint_every=1)
+
+    first = L.train(cfg("a"), progress=lambda m: None, stop_after=2, pool=pool)
+    assert not first["finished"] and len(first["loss"]) == 2 and (tmp_path / "a" / "checkpoint.pt").is_file()
+    assert first["val_at"] == [2]
+    resumed = L.train(cfg("a"), progress=lambda m: None, pool=pool)
+    straight = L.train(cfg("b"), progress=lambda m: None, pool=pool)
+    assert resumed["finished"] and resumed["loss"] == straight["loss"] and len(straight["loss"]) == 3
+    assert resumed["validation"] == straight["validation"] and resumed["validation"]["n"] == 4
+    for k, v in straight["net"].state_dict().items():
+        assert torch.equal(resumed["net"].state_dict()[k], v), k
+    card = L.save(straight["net"], cfg("b"), straight)
+    assert card["architecture"]["kwargs"]["filters"] == [4, 4, 4] and card["metrics"]["validation"]["n"] == 4
+    net, _ = S.load_model(weights_dir=tmp_path / "b" / "weights")
+    x = pool["a"][:2].astype(np.float32)
+    assert np.allclose(S.predict_proba(net, x, x), S.predict_proba(straight["net"], x, x), atol=1e-6)
+
+
+def test_the_trainer_is_a_subcommand():
+    from bidsapp.training import cli
+
+    assert cli.SUBCOMMANDS["longitudinal"][0] == "bidsapp.training.longitudinal"
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["longitudinal", "--help"])
+    assert exc.value.code == 0
+    assert L._check(L.TrainConfig(out="x", anatomy_dir="icbm152", size=60)).startswith("--size 60")
+    assert L._check(L.TrainConfig(out="x", anatomy_dir="/no/such/folder")) == "/no/such/folder: no such folder"
