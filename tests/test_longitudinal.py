@@ -11,6 +11,15 @@ from bidsapp.longitudinal import midspace as MS
 from bidsapp.longitudinal import subject as S
 
 SHAPE = (72, 80, 72)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_itk_thread():
+    """ITK reads its thread count once per process: the first ANTs call of the test session fixes it for
+    every later test, whose registrations are checked at one thread (as the workflow's nodes set it)."""
+    from workflows.interfaces.ants import use_threads
+
+    use_threads(1, seed=0)
 MU = {"CSF": 0.25, "GM": 0.9, "WM": 1.4, "outside": 0.05}
 
 
@@ -220,7 +229,9 @@ def test_group_step_gathers_every_subjects_change(tmp_path):
         pd.DataFrame(rows).to_csv(anat / f"sub-{sub}_desc-change_morph.tsv", sep="\t", index=False)
     ctx = GroupContext(output_dir=tmp_path, work_dir=tmp_path / "w", volumes=pd.DataFrame(), acquisitions=pd.DataFrame(),
                        participants=pd.DataFrame(), logger=logging.getLogger("test"))
-    sections = group.run(ctx)
+    from bidsapp.reports.harmonization import render
+
+    sections = render(group.run(ctx))
     table = pd.read_csv(tmp_path / group.TSV_NAME, sep="\t", dtype={"acquisition_changed": str})
     assert len(table) == 12 and list(table.columns[:2]) == ["participant_id", "measure"]
     assert set(table.acquisition_changed) == {"false", "true"}

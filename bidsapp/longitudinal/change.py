@@ -43,6 +43,8 @@ DEEP_MM = 12.0
 surface; the lateral and third ventricles deeper)."""
 PURE = 0.9
 """Mean tissue probability above which a voxel calibrates that tissue's intensity."""
+MIN_SET = 50
+"""Voxels a calibration set should have; fewer (small ventricles, coarse images) and a less pure set is used."""
 RECALIBRATED = "tissue intensities recalibrated per session"
 """What the ``correction`` column says for a pair whose acquisition changed."""
 
@@ -86,11 +88,12 @@ def common_space(masks, tissues=None, spacing=(1.0, 1.0, 1.0), template: np.ndar
         mean = {c: np.mean([t[c] for t in have], 0) for c in ("GM", "WM", "CSF")}
         par = mean["GM"] + mean["WM"]
         gm_share = np.where(par > 1e-3, mean["GM"] / np.maximum(par, 1e-3), 0.5).astype(np.float32)
-        sets["GM"] = core & (mean["GM"] > PURE)
-        sets["WM"] = core & (mean["WM"] > PURE)
-        sets["CSF"] = core & (mean["CSF"] > PURE) & (deep > 0.99)
-        if sets["CSF"].sum() < 50:  # small ventricles: any pure CSF
-            sets["CSF"] = core & (mean["CSF"] > PURE)
+        for tissue in ("GM", "WM", "CSF"):
+            # the purest voxels that are enough: ventricular CSF first (no partial volume reaches it)
+            for level, where in ((PURE, deep > 0.99), (PURE, True), (0.5, True)):
+                sets[tissue] = core & (mean[tissue] > level) & (where if tissue == "CSF" else True)
+                if sets[tissue].sum() >= MIN_SET:
+                    break
     else:
         if template is None:
             raise ValueError("without tissue maps the mid-space template is needed to find the CSF")
@@ -109,7 +112,7 @@ def common_space(masks, tissues=None, spacing=(1.0, 1.0, 1.0), template: np.ndar
     # deep region's tissue, which does not change, dilutes the ventricles' change
     csf_deep = (np.mean([t["CSF"] for t in have], 0) > 0.5) if have else sets["CSF"]
     deep = deep * ndi.binary_dilation(csf_deep & (deep > 0.5), iterations=3)
-    empty = [k for k, v in sets.items() if v.sum() < 20]
+    empty = [k for k, v in sets.items() if v.sum() < MIN_SET // 2]
     if empty:
         raise ValueError(f"too few voxels to calibrate {', '.join(empty)} intensities in the mid-space")
     return Common(region=region, core=core, deep=deep, gm_share=gm_share, sets=sets,

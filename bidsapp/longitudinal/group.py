@@ -26,10 +26,9 @@ def collect(output_dir) -> pd.DataFrame:
 
 
 def run(ctx) -> list:
-    """Write ``group_change.tsv`` and return the report section (nothing when no subject has two sessions)."""
+    """Write ``group_change.tsv`` and return what the report shows (nothing when no subject has two sessions)."""
     from bidsapp.bids.derivatives import atomic_write_tsv
-    from bidsapp.reports.html import Section, figure_html, table_html, text_html
-    from bidsapp.reports.longitudinal import group_change_figure
+    from bidsapp.harmonize.context import ReportItem
 
     table = collect(ctx.output_dir)
     if table.empty:
@@ -38,15 +37,4 @@ def run(ctx) -> list:
     atomic_write_tsv(Path(ctx.output_dir) / TSV_NAME, table, columns=["participant_id", *COLUMNS])
     ctx.logger.info("longitudinal change: %d subject(s), %d rows -> %s", table.participant_id.nunique(), len(table),
                     TSV_NAME)
-    brain = table[table.measure == "brain"]
-    summary = (brain.assign(acquisition_changed=brain.acquisition_changed.astype(str))
-               .groupby("acquisition_changed")[["percent_change", "percent_change_per_year", "percent_change_raw"]]
-               .median().reset_index())
-    summary.columns = ["acquisition changed", "median brain change (%)", "median (%/year)", "median raw (%)"]
-    parts = [text_html(f"{table.participant_id.nunique()} subject(s) with two or more sessions; "
-                       f"{len(brain)} session pair(s). Each dot is a pair's brain-volume change; for pairs whose "
-                       "acquisition changed, the open circle is the change before correction."),
-             table_html(summary, float_format="{:.2f}"),
-             figure_html(group_change_figure(table), caption=f"Brain-volume change by acquisition-change status "
-                                                             f"(all rows in {TSV_NAME})")]
-    return [Section(title="Longitudinal change", body="".join(parts))]
+    return [ReportItem("change", {"table": table, "tsv_name": TSV_NAME})]

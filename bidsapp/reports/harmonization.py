@@ -287,6 +287,12 @@ def _bridging_none(**kw) -> Section:
     return no_change_section(**kw)
 
 
+def _change(**kw) -> Section:
+    from bidsapp.reports.longitudinal import group_section
+
+    return group_section(**kw)
+
+
 RENDERERS = {
     "combat": combat_section,
     "mrainet_groups": groups_section,
@@ -296,6 +302,7 @@ RENDERERS = {
     "mrainet": mrainet_section,
     "bridging": _bridging,
     "bridging_none": _bridging_none,
+    "change": _change,
 }
 """Report item kind (:class:`bidsapp.harmonize.context.ReportItem`) -> the function that draws it."""
 

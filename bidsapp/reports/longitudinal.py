@@ -93,3 +93,21 @@ def group_change_figure(table: pd.DataFrame, measure: str = "brain"):
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def group_section(*, table: pd.DataFrame, tsv_name: str):
+    """The group report's section of the longitudinal group step (:mod:`bidsapp.longitudinal.group`)."""
+    from bidsapp.reports.html import Section, figure_html, table_html, text_html
+
+    brain = table[table.measure == "brain"]
+    summary = (brain.assign(acquisition_changed=brain.acquisition_changed.fillna("n/a").astype(str))
+               .groupby("acquisition_changed")[["percent_change", "percent_change_per_year", "percent_change_raw"]]
+               .median().reset_index())
+    summary.columns = ["acquisition changed", "median brain change (%)", "median (%/year)", "median raw (%)"]
+    parts = [text_html(f"{table.participant_id.nunique()} subject(s) with two or more sessions; "
+                       f"{len(brain)} session pair(s). Each dot is a pair's brain-volume change; where the "
+                       "acquisition changed or is unknown, the open circle is the reading before correction."),
+             table_html(summary, float_format="{:.2f}"),
+             figure_html(group_change_figure(table), caption=f"Brain-volume change by acquisition-change status "
+                                                             f"(all rows in {tsv_name})")]
+    return Section(title="Longitudinal change", body="".join(parts))
