@@ -72,7 +72,7 @@ class SubjectChange:
     lesions: pd.DataFrame | None = None
     """Lesion by lesion change between consecutive sessions with lesion masks (:mod:`.lesions`); None without."""
     new_lesions: dict = field(default_factory=dict)
-    """Session label -> its new lesions (ants image on the session's own grid)."""
+    """Session label -> its new lesions (ants image on the session's own grid; empty where none can be new)."""
 
 
 def order_sessions(sessions: list[SessionInput]) -> list[SessionInput]:
@@ -117,9 +117,14 @@ def subject_change(sessions: list[SessionInput], *, seed: int = 0, work_dir=None
 
     if len(sessions) < 2:
         raise ValueError("longitudinal change needs at least two sessions")
+    if work_dir is None:  # the transforms written on the way need a folder; leave none behind
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="subject_change_") as tmp:
+            return subject_change(sessions, seed=seed, work_dir=tmp, progress=progress)
     say = progress or (lambda msg: None)
     sessions = order_sessions(sessions)
-    work = Path(work_dir) if work_dir else None
+    work = Path(work_dir)
     images = [ants.image_read(s.image) for s in sessions]
     masks = [ants.image_read(s.mask) for s in sessions]
     say(f"mid-space of {len(sessions)} sessions")
@@ -180,6 +185,9 @@ def subject_change(sessions: list[SessionInput], *, seed: int = 0, work_dir=None
             result.new_lesions[sessions[j].label] = MS.resample(new_img, images[j], back, interpolator="nearestNeighbor",
                                                                 work_dir=work, name=f"new_lesions_{j}")
         result.lesions = pd.concat(tables, ignore_index=True)
+        for i, s in enumerate(sessions):  # no new lesion: the first session with lesions, those without any
+            if s.label not in result.new_lesions:
+                result.new_lesions[s.label] = images[i].new_image_like(np.zeros(images[i].shape, np.float32))
     return result
 
 

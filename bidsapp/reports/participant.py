@@ -903,13 +903,11 @@ def change_section(output_dir: Path, subject: str) -> Section | None:
     body.append(table_html(shown, float_format="{:.2f}"))
     lesion_path = anat / f"sub-{subject}_desc-lesionchange_stats.tsv"
     if lesion_path.is_file():
-        from bidsapp.longitudinal.lesions import STATUSES
+        from bidsapp.longitudinal.lesions import counts
 
         lesions = pd.read_csv(lesion_path, sep="\t", dtype={"ses_from": str, "ses_to": str})
-        rows = []
-        for (a, b), t in lesions.groupby(["ses_from", "ses_to"], sort=False):
-            n = t["status"].value_counts()
-            rows.append({"pair": f"{a} \u2192 {b}", **{st: int(n.get(st, 0)) for st in STATUSES}})
+        rows = [{"pair": f"{a} \u2192 {b}", **counts(t)}
+                for (a, b), t in lesions.groupby(["ses_from", "ses_to"], sort=False)]
         body.append(text_html(f"Lesions between consecutive sessions with lesion masks ({html.escape(lesion_path.name)}; "
                               "the new ones also as each follow-up's desc-newlesion_mask):"))
         if rows:

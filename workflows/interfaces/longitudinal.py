@@ -96,11 +96,9 @@ class LongitudinalChange(SimpleInterface):
             result.lesions.to_csv(lesion_tsv, sep="\t", index=False, na_rep="n/a", columns=list(LESION_COLUMNS))
             self._results["lesion_tsv"] = str(lesion_tsv)
             masks = []
-            for s, img in zip(sessions, images_of(sessions)):
+            for s in sessions:
                 path = cwd / f"{s.label or 'session'}_newlesions.nii.gz"
-                new = result.new_lesions.get(s.label)
-                ants.image_write(new if new is not None else img.new_image_like(np.zeros(img.shape, np.float32)),
-                                 str(path))
+                ants.image_write(result.new_lesions[s.label], str(path))
                 masks.append(str(path))
             self._results["newlesion_masks"] = masks
         figure = cwd / "change.svg"
@@ -119,12 +117,6 @@ class LongitudinalChange(SimpleInterface):
                 "Columns": S.COLUMN_DESCRIPTIONS,
             })
         return runtime
-
-
-def images_of(sessions):
-    import ants
-
-    return (ants.image_read(s.image) for s in sessions)
 
 
 def _tissue_order(files):
