@@ -27,7 +27,8 @@ Levels and what the ``factory`` returns:
     first of :data:`CONTRASTS`; the node's ``contrast`` input says which), ``mask_files``,
     ``volumes_files`` (each session's volume table), ``probseg_files`` (the main tissue answer's
     probabilities in label order, or ``[]``), ``lesion_files`` (the main lesion answer's mask, or ``""``),
-    ``acquisitions`` (protocol keys, ``""`` when unknown), ``acq_times``. Outputs: ``out_tsv`` (written as
+    ``acquisitions`` (protocol keys, ``""`` when unknown), ``acquisition_records`` (the acquisition
+    records as dicts, ``{}`` when unknown), ``acq_times``. Outputs: ``out_tsv`` (written as
     ``sub-<label>_desc-<desc>_<table_suffix>.tsv``), ``metadata``, ``warnings``, and optionally
     ``template``, ``figure``, ``to_subject_xfms``/``from_subject_xfms``
     (:func:`workflows.methods.init_subject_method_wf` names them).

@@ -156,3 +156,20 @@ def test_anatomy_dir_label_maps(tmp_path):
     assert part.anatomy[0] == "anat-01_dseg.nii.gz"
     img = nib.load(out / "sub-01/ses-1/anat/sub-01_ses-1_T1w.nii.gz")
     assert "".join(nib.aff2axcodes(img.affine)) == "LIA" and img.shape[0] > 30
+
+
+def test_new_lesions_appear_in_follow_ups_with_their_truth(tmp_path, dataset):
+    """--new-lesions-per-year: the follow-up's truth marks lesions absent from the baseline; everything
+    else keeps its bytes (the new lesions draw from their own random stream)."""
+    out = tmp_path / "new"
+    assert cli.main([str(out)] + ARGS + ["--new-lesions-per-year", "12"]) == 0
+    truth = out / "derivatives" / "truth"
+    assert not list(truth.glob("sub-*/ses-1/anat/*newlesion*"))  # nothing is new at baseline
+    for sub in ("sub-01", "sub-02"):
+        new = np.asarray(nib.load(truth / f"{sub}/ses-2/anat/{sub}_ses-2_desc-newlesion_mask.nii.gz").dataobj) > 0
+        before = np.asarray(nib.load(truth / f"{sub}/ses-1/anat/{sub}_ses-1_desc-lesion_mask.nii.gz").dataobj) > 0
+        after = np.asarray(nib.load(truth / f"{sub}/ses-2/anat/{sub}_ses-2_desc-lesion_mask.nii.gz").dataobj) > 0
+        assert new.any() and not (new & before).any() and (new <= after).all()
+    plain, with_new = _files(dataset), _files(out)
+    assert all(with_new[k] == v for k, v in plain.items() if "ses-1" in k)
+    assert cli.main([str(tmp_path / "bad"), "--new-lesions-per-year", "2", "--quiet"]) == 2  # needs --lesions

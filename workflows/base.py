@@ -168,7 +168,7 @@ def _add_subject_method(wf, key, built, *, output_dir, bids_dir, options) -> Non
                                                for b in eligible],
                                     lesion_sessions=[i for i, out in enumerate(lesion_of) if out])
     sub_wf.inputs.inputnode.source_files = [b.images.reference_path for b in eligible]
-    image_of, acquisitions = [], []
+    image_of, acquisitions, records = [], [], []
     for b in eligible:
         if b.images.reference == contrast or contrast not in b.images.contrasts:
             image_of.append("anat_preproc")
@@ -178,7 +178,9 @@ def _add_subject_method(wf, key, built, *, output_dir, bids_dir, options) -> Non
             image_of.append(f"coreg_{contrast}_{i}")
             record = (b.session.get("acquisitions") or {}).get(path) or {}
         acquisitions.append(AcquisitionRecord.from_dict(record).protocol_key if record else "")
+        records.append(dict(record))
     sub_wf.inputs.inputnode.acquisitions = acquisitions
+    sub_wf.inputs.inputnode.acquisition_records = records
     sub_wf.inputs.inputnode.acq_times = [str(b.session.get("acq_time") or "") for b in eligible]
     per_session = {"in_files": image_of, "mask_files": ["anat_mask"] * len(eligible)}
     if all(b.volumes for b in eligible):

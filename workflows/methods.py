@@ -89,7 +89,7 @@ def init_session_methods_wf(keys, available, *, options: dict, name: str = "meth
 
 
 SUBJECT_INPUTS = ("in_files", "mask_files", "volumes_files", "probseg_files", "lesion_files", "acquisitions",
-                  "acq_times")
+                  "acquisition_records", "acq_times")
 """Per-session lists a subject-level node may take (each connected only when the node has the input)."""
 
 

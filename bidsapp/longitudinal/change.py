@@ -17,11 +17,30 @@ the ventricle walls (CSF/WM) and at the cortex (CSF/GM) are both read against th
 tissue intensities ``mu`` are medians over voxel sets that are the same for every session (the mean
 tissue map above 0.9; the CSF set is the ventricles, which no partial volume reaches).
 
-Volumes per session: brain = sum of f, GM = sum of g f, WM = sum of (1 - g) f, CSF = sum of (1 - f)
-inside the union of the brain masks, ventricles = sum of (1 - f) deep inside the brain
-(:func:`deep_weight`) on the deep CSF and a 3-voxel rim around it, lesion = the lesion mask's volume in the mid-space. GM and WM split each voxel's
-change by the same ``g`` for every session: the split is as good as the mean tissue map, the total is
-not affected by it.
+Volumes of the first session of a pair: brain = sum of f, GM = sum of g f, WM = sum of (1 - g) f,
+CSF = sum of (1 - f) inside the union of the brain masks, ventricles = sum of (1 - f) deep inside the
+brain (:func:`deep_weight`) on the deep CSF and a 3-voxel rim around it, lesion = the lesion mask's
+volume in the mid-space. GM and WM split each voxel's change by the same ``g`` for every session: the
+split is as good as the mean tissue map, the total is not affected by it.
+
+The change itself is a boundary-shift integral (Freeborough & Fox 1997; KN-BSI): the sum over the
+region of ``(w(f_to) - w(f_from)) / (hi - lo)``, ``w`` clipping f to the window :data:`WINDOW`. A
+boundary that moves by d carries its whole intensity profile with it, so the windowed sum moves by d
+times the window's width, whatever the window. Reading the change this way rather than as the
+difference of the two sums of f matters twice: clipping f to [0, 1] halves the reading of a voxel
+that goes from pure tissue (noise around 1) to 0.9, so cortical thinning was under-read (measured /
+true 0.80 on simulated two-year atrophy), and without the clip every voxel of pure tissue carries the
+sessions' intensity-normalisation error (rescan error 0.3 %). Inside the window neither happens (same
+benchmark: rescan median error 0.22 -> 0.08 %, atrophy ratio 0.80 -> 0.92). The second session's
+volume is the first's plus the change.
+
+Inverted CSF: an MPRAGE with its TI before CSF's null point (TI 0.9 s / TR 2.3 s at 3 T) has CSF's
+signal opposite to the tissues'; the magnitude image folds it, so a voxel part CSF, part tissue is
+darker than pure CSF and the linear reading above under-reads every boundary voxel of that session
+(a TI 0.9 -> 1.1 s upgrade read as +5 % brain). When the sequence parameters say so
+(:func:`bidsapp.physics.contrast.csf_inverted`), the reading unfolds the magnitude: the signed signal
+is f mu_tissue - (1 - f) mu_CSF, read on the tissue side of its zero for intensities above mu_CSF and
+on the CSF side below, and the boundary-shift window starts above the folded part.
 
 Scanner changes: within one acquisition both sessions are read with the same (pooled) tissue
 intensities; when the acquisition changed, or is unknown (no sidecars), each session is read with its
@@ -45,6 +64,9 @@ PURE = 0.9
 """Mean tissue probability above which a voxel calibrates that tissue's intensity."""
 MIN_SET = 50
 """Voxels a calibration set should have; fewer (small ventricles, coarse images) and a less pure set is used."""
+WINDOW = (0.25, 0.75)
+"""Tissue fractions between which the boundary-shift integral reads a change: 2.5 noise standard
+deviations (about 0.1 in f at the simulator's SNR) from pure CSF and pure tissue."""
 RECALIBRATED = "tissue intensities recalibrated per session"
 """What the ``correction`` column says for a pair whose acquisition changed."""
 
@@ -127,24 +149,46 @@ def normalise(image: np.ndarray, common: Common) -> np.ndarray:
     return (image / max(float(np.median(image[ref])), 1e-6)).astype(np.float32)
 
 
-def calibrate(image: np.ndarray, common: Common) -> dict:
-    """Tissue intensities of one (normalised) session: median over each calibration set."""
-    return {k: float(np.median(image[s])) for k, s in common.sets.items()}
+def calibrate(image: np.ndarray, common: Common, csf_inverted: bool = False) -> dict:
+    """Tissue intensities of one (normalised) session: median over each calibration set; with
+    ``csf_inverted`` (the session's CSF signal is opposite to the tissues', module docstring)."""
+    mu = {k: float(np.median(image[s])) for k, s in common.sets.items()}
+    mu["csf_inverted"] = 1.0 if csf_inverted else 0.0
+    return mu
 
 
 def pooled(*mus) -> dict:
-    return {k: float(np.mean([m[k] for m in mus])) for k in mus[0]}
+    """Mean tissue intensities; CSF is read as inverted only when it is in every session."""
+    out = {k: float(np.mean([m[k] for m in mus])) for k in mus[0] if k != "csf_inverted"}
+    out["csf_inverted"] = min(m.get("csf_inverted", 0.0) for m in mus)
+    return out
 
 
-def tissue_fraction(image: np.ndarray, mu: dict, common: Common) -> np.ndarray:
-    """f: the fraction of brain tissue in each voxel (module docstring)."""
+def tissue_fraction(image: np.ndarray, mu: dict, common: Common, clip=(0.0, 1.0)) -> np.ndarray:
+    """f: the fraction of brain tissue in each voxel (module docstring), clipped to ``clip``."""
     if common.gm_share is not None:
         tissue = common.gm_share * mu["GM"] + (1.0 - common.gm_share) * mu["WM"]
     else:
         tissue = mu["tissue"]
+    if mu.get("csf_inverted"):  # signed signal f*tissue - (1-f)*CSF, folded at its zero by the magnitude
+        span = np.maximum(tissue + mu["CSF"], 1e-6)
+        f = np.where(image >= mu["CSF"], image + mu["CSF"], mu["CSF"] - image) / span
+        return np.clip(f, *clip).astype(np.float32)
     span = tissue - mu["CSF"]
     span = np.where(np.abs(span) < 1e-6, 1e-6, span)
-    return np.clip((image - mu["CSF"]) / span, 0.0, 1.0).astype(np.float32)
+    return np.clip((image - mu["CSF"]) / span, *clip).astype(np.float32)
+
+
+def window(*mus) -> tuple[float, float]:
+    """The boundary-shift window for sessions read with ``mus``: :data:`WINDOW`, its lower end raised
+    above the folded fractions of an inverted-CSF reading (up to twice the fold's zero), so that every
+    session reads the window's fractions unambiguously."""
+    lo, hi = WINDOW
+    for mu in mus:
+        if mu.get("csf_inverted"):
+            darkest = min(v for k, v in mu.items() if k in ("GM", "WM", "tissue"))
+            lo = max(lo, 2.0 * mu["CSF"] / max(darkest + mu["CSF"], 1e-6) + 0.05)
+    return min(lo, hi - 0.2), hi
 
 
 def volumes(image: np.ndarray, mu: dict, common: Common, lesion: np.ndarray | None = None) -> dict:
@@ -164,6 +208,28 @@ def volumes(image: np.ndarray, mu: dict, common: Common, lesion: np.ndarray | No
     return out
 
 
+def shift_map(a: np.ndarray, b: np.ndarray, mu_a: dict, mu_b: dict, common: Common) -> np.ndarray:
+    """Per-voxel tissue gained from ``a`` to ``b`` (fraction of a voxel), the boundary-shift integrand
+    (module docstring), zero outside the region."""
+    lo, hi = window(mu_a, mu_b)
+    fa = tissue_fraction(a, mu_a, common, clip=(lo, hi))
+    fb = tissue_fraction(b, mu_b, common, clip=(lo, hi))
+    return ((fb - fa) / (hi - lo) * common.region).astype(np.float32)
+
+
+def shifted(volume: dict, shift: np.ndarray, common: Common, lesion=None) -> dict:
+    """``volume`` (of the first session) plus the change that ``shift`` (:func:`shift_map`) reads."""
+    v = common.voxel_mm3
+    brain = float(shift.sum(dtype=np.float64)) * v
+    out = dict(volume, brain=volume["brain"] + brain, CSF=volume["CSF"] - brain,
+               ventricles=volume["ventricles"] - float((shift * common.deep).sum(dtype=np.float64)) * v)
+    if common.gm_share is not None:
+        gm = float((shift * common.gm_share).sum(dtype=np.float64)) * v
+        out["GM"], out["WM"] = volume["GM"] + gm, volume["WM"] + brain - gm
+    out["lesion"] = float(np.asarray(lesion, np.float64).sum()) * v if lesion is not None else float("nan")
+    return out
+
+
 @dataclass
 class PairResult:
     volume_from: dict
@@ -171,19 +237,25 @@ class PairResult:
     raw_from: dict = field(default_factory=dict)
     raw_to: dict = field(default_factory=dict)
     correction: str = "none"
+    shift: np.ndarray | None = None
+    """The answer's :func:`shift_map` (the report's change map)."""
 
 
 def pair_volumes(a: np.ndarray, b: np.ndarray, common: Common, *, changed: bool,
-                 lesion_a=None, lesion_b=None) -> PairResult:
+                 lesion_a=None, lesion_b=None, csf_inverted=(False, False)) -> PairResult:
     """Volumes of sessions ``a`` -> ``b`` (normalised mid-space images): read with pooled tissue
-    intensities, and, when the acquisition ``changed``, also with each session's own (the answer)."""
-    mu_a, mu_b = calibrate(a, common), calibrate(b, common)
+    intensities, and, when the acquisition ``changed``, also with each session's own (the answer).
+    ``csf_inverted``: per session, whether its CSF signal is opposite to the tissues' (module docstring)."""
+    mu_a, mu_b = calibrate(a, common, csf_inverted[0]), calibrate(b, common, csf_inverted[1])
     mu = pooled(mu_a, mu_b)
-    raw_a, raw_b = volumes(a, mu, common, lesion_a), volumes(b, mu, common, lesion_b)
+    raw_a = volumes(a, mu, common, lesion_a)
+    raw_shift = shift_map(a, b, mu, mu, common)
+    raw_b = shifted(raw_a, raw_shift, common, lesion_b)
     if not changed:
-        return PairResult(raw_a, raw_b, raw_a, raw_b, "none")
-    return PairResult(volumes(a, mu_a, common, lesion_a), volumes(b, mu_b, common, lesion_b), raw_a, raw_b,
-                      RECALIBRATED)
+        return PairResult(raw_a, raw_b, raw_a, raw_b, "none", raw_shift)
+    own_a = volumes(a, mu_a, common, lesion_a)
+    own_shift = shift_map(a, b, mu_a, mu_b, common)
+    return PairResult(own_a, shifted(own_a, own_shift, common, lesion_b), raw_a, raw_b, RECALIBRATED, own_shift)
 
 
 def percent(v_from: float, v_to: float) -> float:

@@ -56,6 +56,9 @@ class SessionInput:
     acquisition: str | None = None
     """The protocol key of the image's acquisition (None: unknown)."""
     acq_time: str | None = None
+    csf_inverted: bool = False
+    """Whether the sequence parameters put CSF's signal opposite to the tissues' (read unfolded, see
+    :mod:`.change`); False when unknown."""
 
 
 @dataclass
@@ -111,6 +114,16 @@ def acquisition_changed(a: SessionInput, b: SessionInput):
     return a.acquisition != b.acquisition
 
 
+def correction_text(correction: str, a: SessionInput, b: SessionInput) -> str:
+    """The ``correction`` column: the pair's recalibration, and, whenever it applies, which sessions
+    were read with their CSF signal unfolded (part of the answer, so said even when nothing changed)."""
+    folded = [s.label for s in (a, b) if s.csf_inverted]
+    if not folded:
+        return correction
+    note = f"CSF signal inverted in {', '.join(folded)} (from the sequence parameters), read unfolded"
+    return note if correction == "none" else f"{correction}; {note}"
+
+
 def subject_change(sessions: list[SessionInput], *, seed: int = 0, work_dir=None, progress=None) -> SubjectChange:
     """Mid-space, template and change table of one subject (see the module docstring)."""
     import ants
@@ -148,7 +161,9 @@ def subject_change(sessions: list[SessionInput], *, seed: int = 0, work_dir=None
         # unknown acquisitions (no sidecars) are read as changed: nothing says the contrast stayed the same
         res = C.pair_volumes(norm[i], norm[j], common, changed=changed is not False,
                              lesion_a=lesions[i] if both_lesions else None,
-                             lesion_b=lesions[j] if both_lesions else None)
+                             lesion_b=lesions[j] if both_lesions else None,
+                             csf_inverted=(a.csf_inverted, b.csf_inverted))
+        correction = correction_text(res.correction, a, b)
         days = interval_days(a, b)
         if changed:
             warnings.append(f"{a.label} -> {b.label}: the acquisition changed ({a.acquisition} -> {b.acquisition}); "
@@ -163,10 +178,8 @@ def subject_change(sessions: list[SessionInput], *, seed: int = 0, work_dir=None
                          "volume_from_mm3": v0, "volume_to_mm3": v1, "percent_change": pct,
                          "percent_change_per_year": per_year, "percent_change_raw": raw,
                          "acquisition_changed": "n/a" if changed is None else str(bool(changed)).lower(),
-                         "correction": res.correction})
-        mu = C.pooled(C.calibrate(norm[i], common), C.calibrate(norm[j], common))
-        maps[(a.label, b.label)] = (C.tissue_fraction(norm[j], mu, common)
-                                    - C.tissue_fraction(norm[i], mu, common)) * common.region
+                         "correction": correction})
+        maps[(a.label, b.label)] = res.shift
     table = pd.DataFrame(rows, columns=list(COLUMNS))
     result = SubjectChange(table=table, template=ms.template, to_session=ms.to_session, sessions=sessions,
                            maps=maps, warnings=warnings)

@@ -55,7 +55,7 @@ import numpy as np
 from bidsapp.bids.acquisition import lookup
 from bidsapp.devices import resolve_device
 from bidsapp.labels import BRAIN, TISSUE
-from bidsapp.physics.contrast import low_contrast_warning, wm_gm_signal_ratio
+from bidsapp.physics.contrast import csf_inverted, low_contrast_warning, wm_gm_signal_ratio
 
 from . import registry
 
@@ -112,6 +112,9 @@ class ParameterVector:
     wm_gm_ratio: float | None = None
     """WM/GM signal ratio the sidecar's parameters give pure tissues (:mod:`bidsapp.physics.contrast`);
     None without a family, its equation's parameters and the field strength."""
+    csf_inverted: bool | None = None
+    """Whether the parameters put CSF's signal opposite to the tissues' (:func:`~bidsapp.physics.contrast.csf_inverted`);
+    None when the ratio is None."""
 
 
 _PARAMETERS = ("InversionTime", "RepetitionTime", "EchoTime", "FlipAngle", "MagneticFieldStrength",
@@ -180,21 +183,22 @@ def encode_batch(family, TI=None, TRinv=None, TR=None, TE=None, FA=None, B0=None
     return out
 
 
-def _expected_ratio(family: str, v: dict) -> float | None:
-    """WM/GM signal ratio of pure tissues for the parameters ``v`` (BIDS names) of ``family``; None
-    when the equation lacks a parameter or the field strength is unknown (the ratio depends on it)."""
+def _expected_contrast(family: str, v: dict) -> tuple[float | None, bool | None]:
+    """(WM/GM signal ratio of pure tissues, CSF inverted) for the parameters ``v`` (BIDS names) of
+    ``family``; None when the equation lacks a parameter or the field strength is unknown (both depend on it)."""
     if family == "MPRAGE":
         params = {"ti": v["InversionTime"], "tr": v["InversionRepetitionTime"], "tau": 0.0}
     elif family == "SPGR":
         params = {"tr": v["RepetitionTime"], "te": v["EchoTime"], "flip_angle": v["FlipAngle"]}
     else:
-        return None
+        return None, None
     if v["MagneticFieldStrength"] is None or any(x is None for x in params.values()):
-        return None
+        return None, None
     try:
-        return wm_gm_signal_ratio(family, params, v["MagneticFieldStrength"])
+        return (wm_gm_signal_ratio(family, params, v["MagneticFieldStrength"]),
+                csf_inverted(family, params, v["MagneticFieldStrength"]))
     except (ValueError, KeyError):  # a field strength outside the tissue tables, etc.
-        return None
+        return None, None
 
 
 def parameter_vector(acquisition: dict | None) -> ParameterVector:
@@ -219,7 +223,7 @@ def parameter_vector(acquisition: dict | None) -> ParameterVector:
             else:
                 pv.ignored["RepetitionTime"] = f"{tr:g} (shorter than TI: an excitation TR, not the inversion TR)"
     present["InversionRepetitionTime"] = trinv
-    pv.wm_gm_ratio = _expected_ratio(fam, present)
+    pv.wm_gm_ratio, pv.csf_inverted = _expected_contrast(fam, present)
     if fam not in FAMILY_PARAMETERS:
         pv.fallback_reason = f"sequence family {fam} is not one the physics model was trained on (MPRAGE, SPGR)"
         pv.ignored.update({k: v for k, v in present.items() if v is not None})

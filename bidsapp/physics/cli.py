@@ -32,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sessions", type=int, default=2, help="sessions per subject (one year apart)")
     p.add_argument("--modalities", default="T1w", help=f"comma-separated, from {','.join(MODALITIES)}")
     p.add_argument("--lesions", action="store_true", help="add white-matter hyperintensity-like lesions")
+    p.add_argument("--new-lesions-per-year", type=float, default=0.0,
+                   help="with --lesions: mean number of new lesions per year after baseline (MS follow-up)")
     p.add_argument("--decline-fraction", type=float, default=0.5,
                    help="fraction of subjects with accelerated atrophy (trajectory 'decline')")
     p.add_argument("--protocol-change", action="store_true",
@@ -70,7 +72,8 @@ def main(argv=None) -> int:
         parser.error("the output directory OUT is required")
     mods = tuple(m.strip() for m in args.modalities.split(",") if m.strip())
     config = DatasetConfig(subjects=args.subjects, sites=args.sites, sessions=args.sessions, modalities=mods,
-                           lesions=args.lesions, decline_fraction=args.decline_fraction,
+                           lesions=args.lesions, new_lesions_per_year=args.new_lesions_per_year,
+                           decline_fraction=args.decline_fraction,
                            protocol_change=args.protocol_change, resolution=args.resolution, seed=args.seed,
                            anatomy_dir=args.anatomy_dir)
     try:

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from bidsapp.labels import TISSUE
 from bidsapp.physics.equations import signal
 from bidsapp.physics.tissues import property_table
 
@@ -19,15 +20,37 @@ LOW_CONTRAST = 0.06
 """|WM/GM signal ratio - 1| below which an acquisition counts as low GM/WM contrast."""
 
 
-def wm_gm_signal_ratio(sequence: str, params: Any, field_strength: float = 3.0) -> float:
-    """Signal of pure WM over pure GM (nominal properties at ``field_strength`` T, magnitude images).
+CSF_NULL = 0.05
+"""|CSF signal| below this fraction of the tissue's counts as nulled: its sign does not matter."""
+
+
+def pure_signals(sequence: str, params: Any, field_strength: float = 3.0,
+                 tissues=TISSUE.names, magnitude: bool = True) -> dict:
+    """Signal of each pure tissue (nominal properties at ``field_strength`` T); signed when not
+    ``magnitude`` (an inversion-recovery image before the magnitude is taken).
 
     ``params`` as for :func:`bidsapp.physics.equations.signal` (seconds, degrees; an MPRAGE may give
     its inversion-to-inversion TR instead of TD).
     """
-    tab = property_table(("GM", "WM"), float(field_strength))
-    s = np.asarray(signal(sequence, tab[:, 0], tab[:, 1], tab[:, 2], tab[:, 3], params), dtype=np.float64)
-    return float(s[1] / s[0]) if s[0] > 0 else float("inf")
+    tab = property_table(tuple(tissues), float(field_strength))
+    s = np.asarray(signal(sequence, tab[:, 0], tab[:, 1], tab[:, 2], tab[:, 3], params, magnitude=magnitude),
+                   dtype=np.float64)
+    return dict(zip(tissues, s.tolist()))
+
+
+def wm_gm_signal_ratio(sequence: str, params: Any, field_strength: float = 3.0) -> float:
+    """Signal of pure WM over pure GM (magnitude images)."""
+    s = pure_signals(sequence, params, field_strength, ("GM", "WM"))
+    return float(s["WM"] / s["GM"]) if s["GM"] > 0 else float("inf")
+
+
+def csf_inverted(sequence: str, params: Any, field_strength: float = 3.0) -> bool:
+    """Whether CSF's signed signal is opposite to both GM's and WM's (an MPRAGE whose TI comes before
+    CSF's null point, e.g. TI 0.9 s / TR 2.3 s at 3 T): in the magnitude image a voxel half CSF, half
+    tissue is then darker than either, and intensity is no longer linear in the tissue fraction."""
+    s = pure_signals(sequence, params, field_strength, magnitude=False)
+    tissue = max(abs(s["GM"]), abs(s["WM"]))
+    return bool(s["CSF"] * s["GM"] < 0 and s["CSF"] * s["WM"] < 0 and abs(s["CSF"]) > CSF_NULL * tissue)
 
 
 def is_low_contrast(ratio: float) -> bool:

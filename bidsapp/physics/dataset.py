@@ -4,7 +4,8 @@ Every decision (site, age, sex, trajectory, anatomy, protocol per session) is dr
 seed, then each subject is simulated: one anatomy (the ICBM152 2009a template, or one of the label maps
 of ``anatomy_dir`` in turn) is randomly deformed into the subject and given its own tissue properties;
 follow-up sessions apply atrophy at the trajectory's annual rates (``atrophy.STABLE_RATES`` or
-``DECLINE_RATES``) from the baseline anatomy, and lesions (optional) grow slightly; every image is
+``DECLINE_RATES``) from the baseline anatomy, and lesions (optional) grow slightly and, with
+``new_lesions_per_year``, new ones appear between sessions (MS follow-up); every image is
 simulated with its site's protocol for that modality.  With ``protocol_change`` the second half of each
 subject's sessions uses the site's upgrade protocols (a scanner or protocol change to bridge).
 
@@ -17,6 +18,7 @@ Layout (BIDS 1.9; derivatives in BIDS-Derivatives naming)::
     OUT/derivatives/truth/sub-01/ses-1/anat/  on the grid of the first modality (T1w if present):
         sub-01_ses-1_desc-brain_mask  label-{CSF,GM,WM}_probseg  dseg (+ dseg.tsv: 1 CSF, 2 GM, 3 WM)
         desc-physics_dseg (R1 gold standard)  desc-lesion_mask (with lesions)  desc-volumes_morph.tsv
+        desc-newlesion_mask (follow-ups, with new lesions: lesions that appeared since the previous session)
         R1map  R2starmap  PDmap  T2map  (3T values)
       and on the grid of every other modality X: space-X_desc-brain_mask, space-X_dseg,
       space-X_desc-lesion_mask.
@@ -30,7 +32,7 @@ Public API
 ----------
 ``DatasetConfig(subjects=4, sites=2, sessions=2, modalities=("T1w",), lesions=False,
 decline_fraction=0.5, protocol_change=False, resolution=None, seed=0, anatomy_dir=None,
-interval_years=1.0)``  ``.validate()`` raises ``ValueError`` with a one-line message.
+interval_years=1.0, new_lesions_per_year=0.0)``  ``.validate()`` raises ``ValueError`` with a one-line message.
 ``plan(config) -> list[SubjectPlan]``  the drawn design (no simulation).
 ``write_dataset(out, config, overwrite=False, progress=None) -> dict``  returns a summary
     (``out``, ``files``, ``images``, ``seconds``); ``progress`` is called with one-line messages.
@@ -81,6 +83,8 @@ class DatasetConfig:
     seed: int = 0
     anatomy_dir: str | None = None
     interval_years: float = 1.0
+    new_lesions_per_year: float = 0.0
+    """Mean number of lesions that appear per year after baseline (Poisson; needs ``lesions``)."""
 
     def validate(self) -> None:
         def bad(msg):
@@ -112,6 +116,10 @@ class DatasetConfig:
         if self.resolution is not None and not (isinstance(self.resolution, (int, float))
                                                 and math.isfinite(self.resolution) and 0.5 <= self.resolution <= 8):
             bad(f"--resolution must be between 0.5 and 8 mm, got {self.resolution}")
+        if not (isinstance(self.new_lesions_per_year, (int, float)) and 0 <= self.new_lesions_per_year <= 50):
+            bad(f"--new-lesions-per-year must be between 0 and 50, got {self.new_lesions_per_year}")
+        if self.new_lesions_per_year and not self.lesions:
+            bad("--new-lesions-per-year needs --lesions")
         if not 0 < self.interval_years <= 10:
             bad(f"interval between sessions must be in (0, 10] years, got {self.interval_years}")
         if self.anatomy_dir is not None:
@@ -357,12 +365,24 @@ def _write_subject(w, config, sp: SubjectPlan, cache, volumes_rows, long_rows, c
     rng = np.random.default_rng([config.seed, 1, sp.index])
     base = make_subject(_load_anatomy(config, sp.anatomy, cache), rng)
     specs = lesion_mod.sample_lesions(base, rng) if config.lesions else []
+    new_specs, onsets = _new_lesions(config, sp, base)
     rates = atrophy_mod.DECLINE_RATES if sp.trajectory == "decline" else atrophy_mod.STABLE_RATES
     ses_rows, baseline_vol = [], None
     for j, ses in enumerate(sp.sessions):
         anat = atrophy_mod.apply_atrophy(base, ses.years, **rates)
+        new_masks = None  # (lesions that appeared, earlier lesions) on the phantom grid
         if config.lesions:
-            anat = lesion_mod.apply_lesions(anat, specs, growth=1.0 + LESION_GROWTH[sp.trajectory] * ses.years)
+            growth = 1.0 + LESION_GROWTH[sp.trajectory] * ses.years
+            since = sp.sessions[j - 1].years if j else 0.0
+            present = [spec for spec, t in zip(new_specs, onsets) if t < ses.years]
+            appeared = [spec for spec, t in zip(new_specs, onsets) if since <= t < ses.years]
+            if j and config.new_lesions_per_year:
+                before = [spec for spec, t in zip(new_specs, onsets) if t < since]
+                old = lesion_mod.apply_lesions(anat, specs + before, growth).lesion_mask()
+                new = (lesion_mod.apply_lesions(anat, appeared, growth).lesion_mask() if appeared
+                       else np.zeros(anat.shape, bool))
+                new_masks = (new, old)
+            anat = lesion_mod.apply_lesions(anat, specs + present, growth=growth)
         prefix = f"{sub}_ses-{ses.label}"
         raw_dir = f"{sub}/ses-{ses.label}/anat"
         truth_dir = f"derivatives/truth/{sub}/ses-{ses.label}/anat"
@@ -378,6 +398,8 @@ def _write_subject(w, config, sp: SubjectPlan, cache, volumes_rows, long_rows, c
             if primary is None:
                 primary = mod
                 vol = _write_truth_primary(w, truth_dir, prefix, sim.truth, source, config.lesions)
+                if new_masks is not None:
+                    _write_new_lesions(w, truth_dir, prefix, anat, new_masks, sim.truth, source)
                 volumes_rows.append({"participant_id": sub, "session_id": f"ses-{ses.label}",
                                      "years_since_baseline": ses.years, **{k2: round(v, 1) for k2, v in vol.items()}})
                 if baseline_vol is None:
@@ -407,6 +429,39 @@ def _write_subject(w, config, sp: SubjectPlan, cache, volumes_rows, long_rows, c
         "protocol_changed": {"Description": "whether the site's upgrade protocols were used",
                              "Levels": {"yes": "after the protocol change", "no": "original protocols"}},
     })
+
+
+def _new_lesions(config: DatasetConfig, sp: SubjectPlan, base: Phantom):
+    """(lesion specs, onset in years) of the lesions that appear after baseline: Poisson in number
+    (``new_lesions_per_year`` times the follow-up time), periventricular or deep, onsets uniform over the
+    follow-up. Their own random stream, so datasets without them keep their bytes."""
+    last = max(s.years for s in sp.sessions)
+    if not (config.lesions and config.new_lesions_per_year > 0 and last > 0):
+        return [], []
+    rng = np.random.default_rng([config.seed, 3, sp.index])
+    n = int(rng.poisson(config.new_lesions_per_year * last))
+    if not n:
+        return [], []
+    n_pv = int(rng.integers(0, n + 1))
+    specs = lesion_mod.sample_lesions(base, rng, n_periventricular=n_pv, n_deep=n - n_pv, n_juxtacortical=0)
+    return specs, rng.uniform(0.0, last, len(specs)).tolist()
+
+
+def _write_new_lesions(w, d, prefix, phantom: Phantom, masks, truth: Phantom, source) -> None:
+    """The lesions that appeared since the previous session, on the truth grid of the session: voxels of
+    the session's lesion mask where the new lesions' share (masks[0], on the phantom grid) exceeds the
+    earlier lesions' (masks[1]) and a quarter of the voxel."""
+    from nibabel.processing import resample_from_to
+
+    lesion = truth.lesion_mask()
+    ref = truth.to_image(lesion.astype(np.uint8))
+    new, old = (np.asarray(resample_from_to(phantom.to_image(m.astype(np.float32)), ref, order=1).dataobj)
+                for m in masks)
+    mask = lesion & (new > old) & (new > 0.25)
+    w.nifti(f"{d}/{prefix}_desc-newlesion_mask.nii.gz", truth.to_image(mask.astype(np.uint8)))
+    w.json(f"{d}/{prefix}_desc-newlesion_mask.json",
+           _truth_json("lesions that appeared since the previous session (lesion fraction >= 0.5, not part of an "
+                       "earlier lesion)", source, Type="Lesion"))
 
 
 def _acq_time(years: float) -> str:

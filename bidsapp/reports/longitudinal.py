@@ -37,8 +37,8 @@ def change_figure(result, path) -> str:
         shown = np.ma.masked_where(np.abs(d) < 0.05, d)
         ax.imshow(shown, cmap="RdBu", vmin=-0.5, vmax=0.5, alpha=0.8)
         ax.set_axis_off()
-    fig.axes[0].set_title(f"tissue fraction change {ses_from} \u2192 {ses_to} (red: loss, blue: gain)", loc="left",
-                          fontsize=9)
+    fig.text(0.01, 0.97, f"tissue change {ses_from} \u2192 {ses_to} (boundary shift; red: loss, blue: gain)",
+             fontsize=9, va="top")
     ax = fig.add_subplot(grid[0, 3])
     table = result.table
     pairs = list(dict.fromkeys(zip(table.ses_from, table.ses_to)))

@@ -3,7 +3,8 @@
 It honours the subject-method contract of :mod:`bidsapp.methods`: lists with one entry per session, in
 session order (``in_files``: each session's image of the subject's common contrast on the session's
 grid; ``mask_files``; ``probseg_files``: the session's main tissue answer in label order, or an empty list;
-``lesion_files``: the main lesion mask or ""; ``acquisitions``: protocol keys; ``acq_times``). Outputs:
+``lesion_files``: the main lesion mask or ""; ``acquisitions``: protocol keys; ``acquisition_records``:
+the records as dicts, from which the sequence parameters tell whether CSF is inverted; ``acq_times``). Outputs:
 the change table, the mid-space template, each session's transforms to and from the mid-space, a
 report figure, ``metadata`` and ``warnings``.
 """
@@ -23,6 +24,7 @@ class _ChangeInputSpec(BaseInterfaceInputSpec):
     probseg_files = traits.List(traits.Any(), desc="per session: tissue probability files (TISSUE order) or []")
     lesion_files = traits.List(traits.Any(), desc="per session: the main lesion mask or ''")
     acquisitions = traits.List(traits.Any(), desc="per session: protocol key or ''")
+    acquisition_records = traits.List(traits.Any(), desc="per session: acquisition record (dict) or {}")
     acq_times = traits.List(traits.Any(), desc="per session: acq_time or ''")
     contrast = traits.Str("T1w", usedefault=True, desc="contrast of in_files")
     seed = traits.Int(0, usedefault=True)
@@ -40,6 +42,13 @@ class _ChangeOutputSpec(TraitedSpec):
                                                           "for a session without lesions or the first one)")
     metadata = traits.Dict()
     warnings = traits.List(traits.Str())
+
+
+def _csf_inverted(record) -> bool:
+    """Whether a session's sequence parameters put CSF opposite to the tissues (False when unknown)."""
+    from bidsapp.models.tissue import parameter_vector
+
+    return bool(record) and bool(parameter_vector(record).csf_inverted)
 
 
 class LongitudinalChange(SimpleInterface):
@@ -72,10 +81,12 @@ class LongitudinalChange(SimpleInterface):
             files = [f for f in (files or []) if f]
             tissue.append(dict(zip(("GM", "WM", "CSF"), _tissue_order(files))) if len(files) >= 3 else None)
         sessions = [S.SessionInput(label=f"ses-{sid}" if sid else "", image=img, mask=mask, tissue=t,
-                                   lesion=les or None, acquisition=acq or None, acq_time=when or None)
-                    for sid, img, mask, t, les, acq, when in zip(
+                                   lesion=les or None, acquisition=acq or None, acq_time=when or None,
+                                   csf_inverted=_csf_inverted(record))
+                    for sid, img, mask, t, les, acq, when, record in zip(
                         ins.session_ids, ins.in_files, ins.mask_files, tissue, per_session(ins.lesion_files, ""),
-                        per_session(ins.acquisitions, ""), per_session(ins.acq_times, ""))]
+                        per_session(ins.acquisitions, ""), per_session(ins.acq_times, ""),
+                        per_session(ins.acquisition_records, {}))]
         result = S.subject_change(sessions, seed=ins.seed, work_dir=cwd / "midspace")
         out_tsv = cwd / "change.tsv"
         S.format_table(result.table).to_csv(out_tsv, sep="\t", index=False, na_rep="n/a")

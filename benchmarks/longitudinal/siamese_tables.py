@@ -1,0 +1,171 @@
+"""The 3D-SiameseNet paper's Tables 1 and 2 on scanbridge's simulated session pairs: stable vs decline.
+
+Rows, as in the paper: logistic regression, SVM and random forest on the volume changes (the paper's
+imaging-only baselines), and 3D-SiameseNet when trained weights are given (``--weights``). Metrics:
+accuracy and MSLE over ``--runs`` random sub-samplings (80 % of the pairs to fit, 20 % to test, split
+by anatomy block so a brain never sits on both sides), overall and split by pairs with and without a
+scanner change, plus the share of stable scanner-change pairs called stable.
+
+The pairs are the training pool of ``scanbridge-train longitudinal`` (``RUN/pairs.npz``; made with
+``scanbridge-train longitudinal --out RUN --stop-after 0`` when missing). Volume changes are measured
+by the subject level's own reading (:mod:`bidsapp.longitudinal.change`: boundary-shift integral,
+tissue intensities per session when the protocol changed, inverted CSF unfolded from the protocol's
+parameters) on the pool's skull-stripped, co-registered images, and, as the ceiling, taken from the
+simulator's truth. The network is not told the interval, and neither are the baselines.
+
+    python benchmarks/longitudinal/siamese_tables.py --run benchmarks/results/siamese-run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+FEATURES = ("brain", "CSF", "ventricles")
+
+
+def _inverted(protocol: str) -> bool:
+    from bidsapp.bids.acquisition import AcquisitionRecord
+    from bidsapp.models.tissue import parameter_vector
+    from bidsapp.physics.protocols import get_protocol
+
+    record = AcquisitionRecord.from_metadata(get_protocol(protocol).sidecar(), suffix="T1w").to_dict()
+    return bool(parameter_vector(record).csf_inverted)
+
+
+def measured_changes(pool: dict, grid_mm: float) -> np.ndarray:
+    """Percent change of :data:`FEATURES` for every pair, read as the subject level reads it."""
+    from bidsapp.longitudinal import change as C
+
+    inverted = {}
+    out = np.zeros((len(pool["label"]), len(FEATURES)), np.float64)
+    for k in range(len(out)):
+        a, b = pool["a"][k].astype(np.float32), pool["b"][k].astype(np.float32)
+        first, second = str(pool["protocols"][k]).split(">")
+        for p in (first, second):
+            if p not in inverted:
+                inverted[p] = _inverted(p)
+        masks = [(a > 0).astype(np.float32), (b > 0).astype(np.float32)]
+        common = C.common_space(masks, None, spacing=(grid_mm,) * 3, template=0.5 * (a + b))
+        na, nb = C.normalise(a, common), C.normalise(b, common)
+        res = C.pair_volumes(na, nb, common, changed=first != second,
+                             csf_inverted=(inverted[first], inverted[second]))
+        out[k] = [C.percent(res.volume_from[m], res.volume_to[m]) for m in FEATURES]
+    return out
+
+
+def _scores(probs: np.ndarray, y: np.ndarray, change: np.ndarray) -> dict:
+    from bidsapp.training.longitudinal import msle
+
+    hit = probs.argmax(1) == y
+
+    def frac(sel):
+        return float(np.mean(hit[sel])) if sel.any() else float("nan")
+
+    return {"accuracy": frac(np.ones(len(y), bool)), "msle": msle(probs, y),
+            "accuracy_same_scanner": frac(~change), "accuracy_scanner_change": frac(change),
+            "stable_change_called_stable": frac(change & (y == 0))}
+
+
+def splits(blocks: np.ndarray, runs: int, seed: int):
+    """``runs`` (fit, test) index pairs: 20 % of the anatomy blocks to test, drawn at random."""
+    rng = np.random.default_rng(seed)
+    ids = np.unique(blocks)
+    for _ in range(runs):
+        test_blocks = rng.choice(ids, size=max(1, len(ids) // 5), replace=False)
+        test = np.isin(blocks, test_blocks)
+        yield np.flatnonzero(~test), np.flatnonzero(test)
+
+
+def baselines():
+    from sklearn.calibration import CalibratedClassifierCV
+    from sklearn.ensemble import RandomForestClassifier
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import SVC
+
+    return {"logistic regression": lambda s: make_pipeline(StandardScaler(), LogisticRegression()),
+            "SVM": lambda s: make_pipeline(StandardScaler(), CalibratedClassifierCV(SVC(random_state=s), ensemble=False)),
+            "random forest": lambda s: RandomForestClassifier(n_estimators=200, random_state=s)}
+
+
+def table(pool: dict, features: dict, runs: int, seed: int, siamese_probs=None) -> list[dict]:
+    from bidsapp.training.longitudinal import BLOCK
+
+    y = np.asarray(pool["label"], np.int64)
+    change = np.asarray(pool["change"], bool)
+    blocks = np.arange(len(y)) // BLOCK
+    rows = []
+    models = [(f"{name} ({source})", make, X) for source, X in features.items() for name, make in baselines().items()]
+    if siamese_probs is not None:
+        models.append(("3D-SiameseNet", None, siamese_probs))
+    for name, make, X in models:
+        per_run = []
+        for r, (fit, test) in enumerate(splits(blocks, runs, seed)):
+            if make is None:
+                probs = X[test]
+            else:
+                probs = make(seed + r).fit(X[fit], y[fit]).predict_proba(X[test])
+            per_run.append(_scores(probs, y[test], change[test]))
+        row = {"model": name}
+        for key in per_run[0]:
+            vals = np.array([p[key] for p in per_run], float)
+            row[key] = float(np.nanmean(vals))
+            row[key + "_sd"] = float(np.nanstd(vals))
+        rows.append(row)
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--run", default=str(ROOT / "benchmarks" / "results" / "siamese-run"),
+                    help="scanbridge-train longitudinal run folder (its pairs.npz)")
+    ap.add_argument("--weights", help="trained 3D-SiameseNet weights folder (adds its row)")
+    ap.add_argument("--runs", type=int, default=10)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "longitudinal_siamese_tables.json"))
+    args = ap.parse_args(argv)
+    path = Path(args.run) / "pairs.npz"
+    if not path.is_file():
+        print(f"{path}: no pool; make it with: scanbridge-train longitudinal --out {args.run} --stop-after 0",
+              file=sys.stderr)
+        return 2
+    with np.load(path, allow_pickle=False) as z:
+        pool = {k: z[k] for k in z.files}
+    grid_mm = float(json.loads(str(pool["recipe"]))["grid_mm"])
+    features = {"measured": measured_changes(pool, grid_mm),
+                "true": np.stack([pool["gm_change"], pool["ventricle_change"]], 1).astype(np.float64)}
+    probs = None
+    if args.weights:
+        from bidsapp.models.siamese import load_model, predict_proba
+
+        net, _ = load_model(weights_dir=args.weights)
+        probs = predict_proba(net, pool["a"], pool["b"])
+    rows = table(pool, features, args.runs, args.seed, probs)
+    print(f"{len(pool['label'])} pairs ({int(np.sum(pool['change']))} with a scanner change), "
+          f"{args.runs} random sub-samplings by anatomy block; mean (sd)")
+    print(f"{'model':<36} {'accuracy':>14} {'MSLE':>14} {'same scanner':>14} {'scanner change':>15} "
+          f"{'stable kept':>12}")
+    for r in rows:
+        print(f"{r['model']:<36} {r['accuracy']:.3f} ({r['accuracy_sd']:.3f}) {r['msle']:.3f} ({r['msle_sd']:.3f})"
+              f"  {r['accuracy_same_scanner']:.3f} ({r['accuracy_same_scanner_sd']:.3f})"
+              f"  {r['accuracy_scanner_change']:.3f} ({r['accuracy_scanner_change_sd']:.3f})"
+              f"  {r['stable_change_called_stable']:.3f}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"pairs": int(len(pool["label"])), "runs": args.runs,
+                                          "features": {"measured": list(FEATURES),
+                                                       "true": ["gm_change", "ventricle_change"]},
+                                          "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
