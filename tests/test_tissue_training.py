@@ -553,3 +553,34 @@ def test_patch_sampler_aligns_image_mask_and_target_and_pads_small_brains(tmp_pa
     assert T.train(cfg, subjects)[0]["iterations"] == 3 and "--sampling patch" in T.command_line(cfg)
     with pytest.raises(ValueError, match="--sampling"):
         T.TrainConfig(out=str(tmp_path), sampling="slices")
+
+
+def test_randomised_samples_vary_what_real_scans_vary_and_keep_the_labels(tmp_path):
+    """--randomise: contrast, slices, noise and bias vary sample to sample; image, mask and target stay
+    aligned; the physics model is never shown a contrast its parameter vector does not describe; at 0
+    the sampler's stream is the unrandomised one (earlier stages' commands still reproduce)."""
+    s = tiny_tissue_subject(n=40)
+    acq = {"family": "MPRAGE", "field": 3.0, "B0": 3.0, "TI": 0.9, "td": T.MPRAGE_TD, "tau": T.MPRAGE_TAU, "TRinv": None}
+    imgs = [T.randomised_sample(s, acq, np.random.default_rng(k)) for k in range(12)]
+    for img in imgs:
+        assert np.isfinite(img).all() and not img[~s.mask].any() and img[s.mask].std() > 0.5
+    lab = s.target.astype(np.float32).argmax(0)
+    wm_minus_gm = [img[s.mask & (lab == 2)].mean() - img[s.mask & (lab == 1)].mean() for img in imgs]
+    assert max(wm_minus_gm) > 0.5 and min(wm_minus_gm) < 0.2  # from strong to weak or reversed GM/WM contrast
+    # the physics model's samples keep the told sequence (no random or spin-echo contrasts): an MPRAGE's
+    # CSF is always the darkest, its GM/WM contrast varies with the scattered tissue properties
+    phys = [T.randomised_sample(s, acq, np.random.default_rng(k), physics=True) for k in range(12)]
+    means = np.array([[img[s.mask & (lab == j)].mean() for j in range(3)] for img in phys])
+    assert (means[:, 0] < means[:, 1:].min(1) - 0.5).all()
+    subjects = [tiny_tissue_subject(seed=k) for k in range(2)]
+    x, m, y, _ = T.PatchSampler(subjects, 16, seed=0, sampling="patch", randomise=1.0, physics=False).batch(4)
+    for k in range(4):
+        assert torch.equal(x[k, 0] != 0, m[k, 0] > 0) and torch.equal(y[k].sum(0) > 0.5, m[k, 0] > 0)
+    plain = T.PatchSampler(subjects, 16, seed=0, sampling="patch").batch(4)
+    zero = T.PatchSampler(subjects, 16, seed=0, sampling="patch", randomise=0.0).batch(4)
+    assert all(torch.equal(u, v) for u, v in zip(plain, zero)) and not torch.equal(plain[0], x)
+    cfg = T.TrainConfig(out=str(tmp_path), seed=0, physics=False, patch=16, batch=2, iterations=2, features=(4, 8),
+                        save_every=0, log_every=1, randomise=0.5)
+    assert T.train(cfg, subjects)[0]["iterations"] == 2 and "--randomise 0.5" in T.command_line(cfg)
+    with pytest.raises(ValueError, match="--randomise"):
+        T.TrainConfig(out=str(tmp_path), randomise=1.5)

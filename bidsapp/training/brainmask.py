@@ -41,7 +41,7 @@ import numpy as np
 
 from bidsapp.devdata import anatomy_dir
 from bidsapp.training.engine import add_run_arguments, run_command
-from bidsapp.training.augment import rotation
+from bidsapp.training.augment import gaussian_blur, rotation, thick_slices
 from bidsapp.training.config import stage_commands
 from bidsapp.training.config import command_line as config_command_line
 
@@ -221,24 +221,10 @@ class HeadSynth:
         img = img * bias_field_torch(img.shape, float(rng.uniform(0.0, 0.6)), self.gen)[0]
         if rng.random() < 0.5:  # thick slices along a random axis
             ax, k = int(rng.integers(3)), int(rng.choice([2, 3]))
-            kern = [1, 1, 1]
-            kern[ax] = k
-            low = F.avg_pool3d(img[None, None], kern, stride=kern, ceil_mode=True)
-            img = F.interpolate(low, size=(S, S, S), mode="trilinear", align_corners=False)[0, 0]
+            img = thick_slices(img, ax, k)
             tags.append(f"slices{2 * k}mm")
         if rng.random() < 0.3:
-            sd = float(rng.uniform(0.3, 1.0))
-            r = 2
-            g = torch.exp(-torch.arange(-r, r + 1, dtype=torch.float32) ** 2 / (2 * sd * sd))
-            g = g / g.sum()
-            x = img[None, None]
-            for ax in range(3):
-                shp = [1, 1, 1, 1, 1]
-                shp[2 + ax] = 2 * r + 1
-                pad = [0] * 6
-                pad[2 * (2 - ax)] = pad[2 * (2 - ax) + 1] = r
-                x = F.conv3d(F.pad(x, pad, mode="replicate"), g.reshape(shp))
-            img = x[0, 0]
+            img = gaussian_blur(img, float(rng.uniform(0.3, 1.0)))
         ref = img[brain].mean() if brain.any() else img.mean()
         snr = math.exp(rng.uniform(math.log(5.0), math.log(80.0)))
         img = rician_noise_torch(img, float(ref) / snr, self.gen)

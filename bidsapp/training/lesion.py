@@ -36,7 +36,7 @@ import numpy as np
 
 from bidsapp.devdata import anatomy_dir
 from bidsapp.training.engine import add_run_arguments, run_command
-from bidsapp.training.augment import rotation
+from bidsapp.training.augment import rotation, thick_slices
 from bidsapp.training.config import stage_commands
 from bidsapp.training.config import command_line as config_command_line
 
@@ -197,19 +197,12 @@ def acquire(img, contrast: str, scanner: Scanner, mean: float, rng: np.random.Ge
     """What ``scanner`` makes of the noiseless ``img`` (torch, 1 mm) for ``contrast``: a bias field, its
     slice thickness (box average along the slice axis, back to 1 mm), Rician noise at its SNR relative
     to ``mean`` (the mean signal in the brain)."""
-    import torch.nn.functional as F
-
     from bidsapp.physics.simulator import bias_field_torch, rician_noise_torch
 
     shape = tuple(img.shape)
     img = img * bias_field_torch(shape, scanner.bias * rng.uniform(0.5, 1.5), gen)[0]
     axis, thick = scanner.slices[contrast]
-    k = int(round(thick * rng.uniform(0.9, 1.1)))
-    if k >= 2:
-        kern = [1, 1, 1]
-        kern[axis] = k
-        low = F.avg_pool3d(img[None, None], kern, stride=kern, ceil_mode=True)
-        img = F.interpolate(low, size=shape, mode="trilinear", align_corners=False)[0, 0]
+    img = thick_slices(img, axis, int(round(thick * rng.uniform(0.9, 1.1))))
     return rician_noise_torch(img, mean / (scanner.snr[contrast] * rng.uniform(0.7, 1.4)), gen)
 
 

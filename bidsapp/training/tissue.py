@@ -316,11 +316,76 @@ def normalised_patch(subject: Subject, acq: dict, rng: np.random.Generator, regi
     return normalise(add_rician_noise(image(region), sigma, rng) * mask, mask, window)
 
 
+# ------------------------------------------------------------------------------------------ domain randomisation
+PROPERTY_SCALE = 2.5
+"""Tissue relaxation times and proton density of a randomised sample scatter this many times their
+between-subject spread (:func:`bidsapp.physics.tissues.sample_multipliers`), on top of the subject's own."""
+RANDOM_CONTRAST_P = 0.25
+"""Randomised samples of the no-physics model whose classes get random intensities (SynthSeg's
+contrasts: shape, not a sequence, tells the tissues apart)."""
+SPIN_ECHO_P = 0.3
+"""Randomised samples of the no-physics model acquired as a T1-weighted spin echo (TR 0.35-0.9 s,
+TE 8-25 ms: the clinical 2D T1w, whose GM/WM contrast is lower than an MPRAGE's)."""
+
+
+def randomised_signals(subject: Subject, acq: dict, rng: np.random.Generator, physics: bool) -> np.ndarray:
+    """Pure-class signals of a domain-randomised sample: ``acq``'s sequence with tissue properties
+    scattered :data:`PROPERTY_SCALE` times wider; for the no-physics model also T1-weighted spin echoes
+    and random intensities per class (the physics model is told ``acq``, so its contrast must be ``acq``'s)."""
+    from bidsapp.physics.equations import signal
+    from bidsapp.physics.tissues import property_table, sample_multipliers
+
+    if not physics and rng.random() < RANDOM_CONTRAST_P:
+        sig = rng.uniform(0.0, 1.0, len(subject.classes))
+        sig[0] = 0.0
+        return sig
+    mult = subject.multipliers * sample_multipliers(subject.classes, rng, scale=PROPERTY_SCALE)
+    tab = property_table(subject.classes, acq["field"], mult)
+    if not physics and rng.random() < SPIN_ECHO_P:
+        family, params = "TSE", {"tr": rng.uniform(0.35, 0.9), "te": rng.uniform(0.008, 0.025)}
+    elif acq["family"] == "MPRAGE":
+        family, params = "MPRAGE", {"ti": acq["TI"], "td": acq["td"], "tau": acq["tau"]}
+    else:
+        family, params = "SPGR", {"tr": acq["TR"], "te": acq["TE"], "flip_angle": acq["FA"]}
+    sig = np.asarray(signal(family, tab[:, 0], tab[:, 1], tab[:, 2], tab[:, 3], params, magnitude=False),
+                     dtype=np.float64)
+    sig[0] = 0.0
+    return sig
+
+
+def randomised_sample(subject: Subject, acq: dict, rng: np.random.Generator, physics: bool = False) -> np.ndarray:
+    """A domain-randomised, normalised brain image of ``subject`` (issue: tissue segmentation on real
+    scans): :func:`randomised_signals`' contrast, then what scanners and preprocessing do to it and
+    :func:`simulate` leaves out: a residual bias field up to 30 % (log s.d.), slices 4 or 6 mm thick
+    along a random axis (half the samples), blur (a third), Rician noise at SNR 8-100 and a gamma
+    curve (intensity non-linearity). In the manner of SynthSeg: a real scan should look like one more
+    sample of this distribution."""
+    import torch
+
+    from bidsapp.models.tissue import normalise
+    from bidsapp.physics.simulator import add_rician_noise, mix_signals
+    from bidsapp.training.augment import gaussian_blur, thick_slices
+
+    img = mix_signals(subject.fractions32(), randomised_signals(subject, acq, rng, physics))
+    img = img * np.exp(float(rng.uniform(0.0, 0.3)) * subject.log_bias(rng)).astype(np.float32)
+    t = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))
+    if rng.random() < 0.5:
+        t = thick_slices(t, int(rng.integers(3)), int(rng.choice([2, 3])))
+    if rng.random() < 0.3:
+        t = gaussian_blur(t, float(rng.uniform(0.3, 1.0)))
+    img = t.numpy()
+    mean = max(float(img[subject.mask].mean()), 1e-6)
+    img = add_rician_noise(img, mean / math.exp(rng.uniform(math.log(8.0), math.log(100.0))), rng)
+    img = (img / mean) ** float(math.exp(rng.normal(0.0, 0.25)))
+    return normalise(img * subject.mask, subject.mask)
+
+
 class PatchSampler:
     """Random (image, mask, target, parameter vector) patches, reproducible from one generator."""
 
     def __init__(self, subjects: list[Subject], patch: int, seed: int, families=("MPRAGE", "SPGR"),
-                 paper_only: bool = False, low_contrast: float = 0.0, sampling: str = "volume"):
+                 paper_only: bool = False, low_contrast: float = 0.0, sampling: str = "volume",
+                 randomise: float = 0.0, physics: bool = True):
         from monai.transforms import Compose, RandFlipd, RandSpatialCropd, SpatialPadd
 
         self.subjects = subjects
@@ -330,6 +395,7 @@ class PatchSampler:
         self.families = families
         self.paper_only = paper_only
         self.low_contrast = low_contrast
+        self.randomise, self.physics = float(randomise), bool(physics)
         keys = ["image", "mask", "target"]
         self.transform = Compose([
             SpatialPadd(keys, spatial_size=(patch,) * 3),
@@ -354,10 +420,13 @@ class PatchSampler:
         xs, ms, ts, acqs = [], [], [], []
         for group in groups:
             s = self.subjects[self.rng.integers(len(self.subjects))]
+            # drawn only when asked for, so that the random stream of earlier (unrandomised) runs is unchanged
+            randomised = self.randomise > 0 and self.rng.random() < self.randomise
             if self.sampling == "patch":
-                d = self._patch(s, group)
+                d = self._patch(s, group, randomised)
             else:
-                imgs = [normalised_sample(s, acq, self.rng)[0] for acq in group]
+                imgs = [randomised_sample(s, acq, self.rng, self.physics) if randomised
+                        else normalised_sample(s, acq, self.rng)[0] for acq in group]
                 d = self.transform({"image": np.stack(imgs), "mask": s.mask[None].astype(np.float32),
                                     "target": s.target})
             for k, acq in enumerate(group):
@@ -368,13 +437,16 @@ class PatchSampler:
         xs, ms, ts, acqs = xs[:n], ms[:n], ts[:n], acqs[:n]
         return torch.stack(xs), torch.stack(ms), torch.stack(ts), torch.from_numpy(parameter_vectors(acqs))
 
-    def _patch(self, s: Subject, group: list[dict]) -> dict:
+    def _patch(self, s: Subject, group: list[dict], randomised: bool = False) -> dict:
         """``sampling="patch"``: the crop and flip drawn first, then only that patch simulated
-        (:func:`normalised_patch`); padded symmetrically where the brain is smaller than the patch."""
+        (:func:`normalised_patch`; a ``randomised`` sample is made whole, its slices and blur span the
+        brain, and cropped); padded symmetrically where the brain is smaller than the patch."""
         region = tuple(slice(a, a + self.patch) for a in
                        (int(self.rng.integers(max(n - self.patch, 0) + 1)) for n in s.mask.shape))
         flip = self.rng.random() < 0.5
-        d = {"image": np.stack([normalised_patch(s, acq, self.rng, region) for acq in group]),
+        image = ((lambda acq: randomised_sample(s, acq, self.rng, self.physics)[region]) if randomised
+                 else (lambda acq: normalised_patch(s, acq, self.rng, region)))
+        d = {"image": np.stack([image(acq) for acq in group]),
              "mask": s.mask[region][None].astype(np.float32),
              "target": s.target[(slice(None),) + region].astype(np.float32)}
         pad = [(0, 0)] + [((self.patch - n) // 2, self.patch - n - (self.patch - n) // 2) for n in d["mask"].shape[1:]]
@@ -439,6 +511,9 @@ class TrainConfig:
     sampling: str = "volume"
     """How patches are simulated (:data:`SAMPLING`): the whole brain then cropped, or only the patch
     (:func:`normalised_patch`)."""
+    randomise: float = 0.0
+    """Probability that a sample is domain-randomised (:func:`randomised_sample`); 0 = the physics
+    simulation alone, as the earlier stages trained."""
     physics_lr: float | None = None
     """Peak learning rate of the physics branch and its injections (None: ``lr``). Zero-initialised
     gains and shifts continued at a trunk's fine-tuning rate hardly move (``norm_film`` from stage 9:
@@ -470,6 +545,8 @@ class TrainConfig:
             raise ValueError("--physics-trunk-gate needs --physics-injection norm_film_all")
         if self.sampling not in SAMPLING:
             raise ValueError(f"--sampling must be one of {', '.join(SAMPLING)}, not {self.sampling!r}")
+        if not 0.0 <= self.randomise <= 1.0:
+            raise ValueError(f"--randomise must be between 0 and 1, got {self.randomise:g}")
         if self.physics_lr is not None and not self.physics_lr > 0:
             raise ValueError(f"--physics-lr must be positive, got {self.physics_lr:g}")
 
@@ -589,7 +666,8 @@ def train(cfg: TrainConfig, subjects: list[Subject] | None = None, progress=None
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(cfg.iterations))
         runs.append({"model": net, "opt": opt, "sched": sched, "physics": phys, "init": init, "step": [], "loss": [],
                      "running": [], "seconds": 0.0, "iterations": 0, "n_subjects": len(subjects)})
-    sampler = PatchSampler(subjects, cfg.patch, seed=cfg.seed, low_contrast=cfg.low_contrast, sampling=cfg.sampling)
+    sampler = PatchSampler(subjects, cfg.patch, seed=cfg.seed, low_contrast=cfg.low_contrast, sampling=cfg.sampling,
+                           randomise=cfg.randomise, physics=cfg.physics is not False)
     loss_fn = MaskedDiceCE()
     t0 = time.time()
     for it in range(1, cfg.iterations + 1):
@@ -669,6 +747,8 @@ def command_line(cfg: TrainConfig) -> str:
         parts.append(f"--physics-trunk-gate {cfg.physics_trunk_gate}")
     if cfg.sampling != "volume":
         parts.append(f"--sampling {cfg.sampling}")
+    if cfg.randomise:
+        parts.append(f"--randomise {cfg.randomise:g}")
     if cfg.init_from:
         parts.append(f"--init-from {cfg.init_from}")
     return " ".join(parts)
@@ -705,7 +785,12 @@ def save(net, cfg: TrainConfig, history: dict, final: bool = True) -> dict:
             "data": ("simulated on the fly by bidsapp.physics: static-equation MPRAGE/SPGR images of brain tissue "
                      "fractions, residual bias and Rician noise; labels = physics gold standard from the 3 T R1 map"
                      + ("; only each patch simulated, normalised by statistics of a one-in-eight voxel sample of the "
-                        "brain" if cfg.sampling == "patch" else "")),
+                        "brain" if cfg.sampling == "patch" else "")
+                     + (f"; {cfg.randomise:.0%} of the samples domain-randomised (tissue properties {PROPERTY_SCALE:g}x "
+                        "their between-subject spread, 4-6 mm slices, blur, bias up to 30 %, SNR 8-100, gamma"
+                        + ("" if cfg.physics is not False else
+                           f"; {RANDOM_CONTRAST_P:.0%} of them random intensities per class, "
+                           f"{SPIN_ECHO_P:.0%} of the rest T1-weighted spin echo") + ")" if cfg.randomise else "")),
             "anatomies": [n for n, _ in sources],
             "heldout_anatomies": list(HELDOUT),
             "subjects": history["n_subjects"],
@@ -817,6 +902,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="volume: simulate each training brain whole, then crop the patch (the shipped chain); "
                         "patch: simulate only the patch and a one-in-eight voxel sample of the brain for the "
                         "noise level and normalisation (same distribution, a quarter or less of the simulation time)")
+    p.add_argument("--randomise", type=float, default=0.0, metavar="P",
+                   help="probability that a sample is domain-randomised (wider tissue properties, thick slices, "
+                        "blur, strong bias, low SNR, gamma; for --no-physics also spin-echo and random contrasts): "
+                        "what makes real scans look like training data; 0 = the physics simulation alone")
     p.add_argument("--physics-from-base", action="store_true",
                    help="start the physics model from the ablation in --init-from, physics injection at zero "
                         "(needs a --physics-injection other than concat)")
@@ -835,7 +924,8 @@ def config_from_args(args) -> TrainConfig:
                        physics_from_base=args.physics_from_base, stop_after=args.stop_after,
                        low_contrast=args.low_contrast, train=args.train,
                        volume_consistency=args.volume_consistency, physics_lr=args.physics_lr,
-                       physics_trunk_gate=args.physics_trunk_gate, sampling=args.sampling)
+                       physics_trunk_gate=args.physics_trunk_gate, sampling=args.sampling,
+                       randomise=args.randomise)
 
 
 def run(args) -> int:
