@@ -135,3 +135,50 @@ def test_training_speed_benchmark_times_both_samplings_on_the_same_subjects(caps
         assert len(r["runs"]["batch_s"]) == len(r["runs"]["iteration_s"]) == 2
         assert r["iteration_min_s"] == round(min(r["runs"]["iteration_s"]), 3) and r["batch_median_s"] > 0
     assert capsys.readouterr().out.count("repeat 2:") == 2
+
+
+FAKE_SAMSEG = '''#!{python}
+"""Stands in for SAMSEG's run_samseg: writes the truth as FreeSurfer labels (cortex 3, WM 2, CSF 24)."""
+import sys, pathlib
+import nibabel as nib, numpy as np
+args = dict(zip(sys.argv[1::2], sys.argv[2::2]))
+truth = nib.load({truth!r})
+lab = np.asarray(truth.dataobj)
+fs = np.select([lab == 1, lab == 2, lab == 3], [24, 3, 2], 0).astype(np.int32)
+out = pathlib.Path(args["--output"]); out.mkdir(parents=True)
+nib.save(nib.MGHImage(fs, truth.affine), str(out / "seg.mgz"))
+'''
+
+
+def test_real_scan_benchmark_compares_methods_on_one_mask(tmp_path, capsys):
+    """benchmarks/tissue/real.py end to end on a small simulated head, with a stand-in SAMSEG that
+    returns the truth: its labels map to CSF/GM/WM and are counted in the app's mask; the table, JSON
+    and overlay are written, and a second run reads SAMSEG's cached result."""
+    import json
+    import sys
+
+    from synthetic import make_session
+
+    real = _script("real")
+    ses = make_session(tmp_path / "ds", flair=False)
+    fake = tmp_path / "run_samseg"
+    fake.write_text(FAKE_SAMSEG.format(python=sys.executable, truth=str(ses["T1w_dseg"])))
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    assert real.main(["--images", str(ses["T1w"]), "--samseg", str(fake), "--out", str(out), "--threads", "1"]) == 0
+    row = json.loads((out / "real.json").read_text())["shipped"][0]
+    vols = row["volumes"]
+    assert set(vols) == {"unet", "atropos", "samseg"}
+    assert vols["samseg"]["GM_vs_samseg_pct"] == 0.0
+    import nibabel as nib
+
+    truth = np.asarray(nib.load(str(ses["T1w_dseg"])).dataobj)
+    vox_ml = float(np.prod(nib.load(str(ses["T1w_dseg"])).header.get_zooms()[:3])) / 1000
+    assert vols["samseg"]["GM"] == pytest.approx((truth == 2).sum() * vox_ml, rel=0.15)  # inside the app's mask
+    assert Path(row["figure"]).stat().st_size > 10_000
+    assert "GM/WM" in capsys.readouterr().out
+    fake.unlink()  # cached: no SAMSEG needed for a rerun with other weights
+    assert real.main(["--images", str(ses["T1w"]), "--out", str(out), "--tag", "again", "--threads", "1"]) == 0
+    assert "samseg" in json.loads((out / "real.json").read_text())["again"][0]["volumes"]
+    lut = real.freesurfer_to_tissue(np.array([0, 2, 3, 4, 10, 24, 41, 42, 502]))
+    assert lut.tolist() == [0, 3, 2, 1, 2, 1, 3, 2, 0]

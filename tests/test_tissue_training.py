@@ -584,3 +584,28 @@ def test_randomised_samples_vary_what_real_scans_vary_and_keep_the_labels(tmp_pa
     assert T.train(cfg, subjects)[0]["iterations"] == 2 and "--randomise 0.5" in T.command_line(cfg)
     with pytest.raises(ValueError, match="--randomise"):
         T.TrainConfig(out=str(tmp_path), randomise=1.5)
+
+
+def test_training_brains_can_be_given_in_the_order_the_workflow_gives_the_model():
+    """--orientation RAS: an LIA label map becomes an RAS brain (the participant workflow hands the model
+    RAS images); native keeps the label map's order, as the earlier stages trained."""
+    from bidsapp.physics.phantom import Phantom
+
+    s = tiny_tissue_subject(n=20)
+    frac = s.fractions32().copy()
+    frac[:, :6] = 0  # an asymmetric brain, so the reorientation shows
+    frac[0, :6] = 1
+    lia = np.array([[-2.0, 0, 0, 0], [0, 0, 2.0, 0], [0, -2.0, 0, 0], [0, 0, 0, 1]])
+    ph = Phantom(frac, lia, s.classes, s.multipliers)
+    ras = T.make_subjects(ph, "x", np.random.default_rng(0), 0, 2.0, orientation="RAS")[0]
+    native = T.make_subjects(ph, "x", np.random.default_rng(0), 0, 2.0)[0]
+    import nibabel as nib
+
+    assert nib.aff2axcodes(ras.affine) == ("R", "A", "S") and nib.aff2axcodes(native.affine) == ("L", "I", "A")
+    to_ras = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("LIA"), nib.orientations.axcodes2ornt("RAS"))
+    assert np.array_equal(ras.mask, nib.orientations.apply_orientation(native.mask, to_ras))
+    assert not np.array_equal(ras.mask, native.mask)
+    cfg = T.TrainConfig(out="x", orientation="RAS")
+    assert "--orientation RAS" in T.command_line(cfg) and "--orientation" not in T.command_line(T.TrainConfig(out="x"))
+    with pytest.raises(ValueError, match="--orientation"):
+        T.TrainConfig(out="x", orientation="LPS")

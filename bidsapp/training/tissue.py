@@ -48,6 +48,11 @@ DEFAULT_ANATOMY_DIR = anatomy_dir()
 BRAIN_CLASSES = ("background", "CSF", "ventricles", "GM", "deep_GM", "WM", "lesion")
 MPRAGE_TD = 0.6
 MPRAGE_TAU = 0.01
+ORIENTATIONS = ("native", "RAS")
+"""Voxel order of the training brains: each label map's own (``native``; the shared label maps are LIA,
+ICBM152 is RAS: the earlier stages), or ``RAS``, the order the participant workflow hands the model
+(a network trained mostly on LIA brains saw real RAS heads as rotated and segmented them like the one
+RAS training brain, ICBM152: GM/WM 2.4-3.0 on real clinical scans, ``benchmarks/tissue/real.py``)."""
 SAMPLING = ("volume", "patch")
 """How :class:`PatchSampler` forms a patch: simulate the whole brain and crop it (the shipped chain), or
 simulate only the patch and a sparse sample of the brain (:func:`normalised_patch`; a fifth to a quarter of the
@@ -196,8 +201,10 @@ def brain_only(ph):
     return Phantom(np.ascontiguousarray(out.fractions[(slice(None),) + sl]), aff, out.classes, out.multipliers)
 
 
-def make_subjects(anatomy, name: str, rng: np.random.Generator, deformations: int, resolution: float) -> list[Subject]:
-    """The undeformed anatomy plus ``deformations`` deformed ones, each with its own tissue variation."""
+def make_subjects(anatomy, name: str, rng: np.random.Generator, deformations: int, resolution: float,
+                  orientation: str = "native") -> list[Subject]:
+    """The undeformed anatomy plus ``deformations`` deformed ones, each with its own tissue variation,
+    in their label map's voxel order or reoriented (``orientation``, :data:`ORIENTATIONS`)."""
     from bidsapp.physics import phantom as P
 
     out = []
@@ -206,6 +213,8 @@ def make_subjects(anatomy, name: str, rng: np.random.Generator, deformations: in
         if not np.allclose(ph.voxel_size, resolution):
             ph = ph.resample((resolution,) * 3)
         ph = brain_only(ph)
+        if orientation != "native":
+            ph = ph.reorient(orientation)
         out.append(Subject(name=f"{name}#{k}", fractions=ph.fractions.astype(np.float16), classes=ph.classes,
                            multipliers=ph.multipliers, mask=ph.brain_mask,
                            target=gold_standard(ph).astype(np.float16), affine=ph.affine))
@@ -232,14 +241,14 @@ def anatomy_sources(anatomy_dir: Path | None, use_icbm: bool = True, heldout=HEL
     return srcs
 
 
-def build_subjects(sources, rng, deformations: int, resolution: float) -> list[Subject]:
+def build_subjects(sources, rng, deformations: int, resolution: float, orientation: str = "native") -> list[Subject]:
     from bidsapp.physics import phantom as P
 
     subjects = []
     for name, src in sources:
         t0 = time.time()
         anat = P.load_anatomy(None if src == "icbm152" else src, resolution=resolution)
-        subjects += make_subjects(anat, name, rng, deformations, resolution)
+        subjects += make_subjects(anat, name, rng, deformations, resolution, orientation)
         LOG.info("anatomy %s: %d subject(s) in %.0f s", name, deformations + 1, time.time() - t0)
     return subjects
 
@@ -511,6 +520,8 @@ class TrainConfig:
     sampling: str = "volume"
     """How patches are simulated (:data:`SAMPLING`): the whole brain then cropped, or only the patch
     (:func:`normalised_patch`)."""
+    orientation: str = "native"
+    """Voxel order of the training brains (:data:`ORIENTATIONS`); ``native`` reproduces earlier stages."""
     randomise: float = 0.0
     """Probability that a sample is domain-randomised (:func:`randomised_sample`); 0 = the physics
     simulation alone, as the earlier stages trained."""
@@ -545,6 +556,8 @@ class TrainConfig:
             raise ValueError("--physics-trunk-gate needs --physics-injection norm_film_all")
         if self.sampling not in SAMPLING:
             raise ValueError(f"--sampling must be one of {', '.join(SAMPLING)}, not {self.sampling!r}")
+        if self.orientation not in ORIENTATIONS:
+            raise ValueError(f"--orientation must be one of {', '.join(ORIENTATIONS)}, not {self.orientation!r}")
         if not 0.0 <= self.randomise <= 1.0:
             raise ValueError(f"--randomise must be between 0 and 1, got {self.randomise:g}")
         if self.physics_lr is not None and not self.physics_lr > 0:
@@ -563,14 +576,15 @@ def load_or_build_subjects(cfg: TrainConfig) -> list[Subject]:
     sources = anatomy_sources(Path(cfg.anatomy_dir) if cfg.anatomy_dir else None, cfg.icbm)
     if not sources:
         raise SystemExit("scanbridge-train tissue: no training anatomies (give --anatomy-dir or keep ICBM152)")
-    key = f"subjects_seed{cfg.seed}_def{cfg.deformations}_res{cfg.resolution:g}_{'-'.join(n for n, _ in sources)}.pkl"
+    key = (f"subjects_seed{cfg.seed}_def{cfg.deformations}_res{cfg.resolution:g}"
+           f"{'' if cfg.orientation == 'native' else '_' + cfg.orientation}_{'-'.join(n for n, _ in sources)}.pkl")
     path = Path(cfg.cache) / key if cfg.cache else None
     if path is not None and path.is_file():
         LOG.info("subjects from cache %s", path)
         with open(path, "rb") as fh:
             return pickle.load(fh)
     rng = np.random.default_rng([cfg.seed, 1])
-    subjects = build_subjects(sources, rng, cfg.deformations, cfg.resolution)
+    subjects = build_subjects(sources, rng, cfg.deformations, cfg.resolution, cfg.orientation)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
@@ -749,6 +763,8 @@ def command_line(cfg: TrainConfig) -> str:
         parts.append(f"--sampling {cfg.sampling}")
     if cfg.randomise:
         parts.append(f"--randomise {cfg.randomise:g}")
+    if cfg.orientation != "native":
+        parts.append(f"--orientation {cfg.orientation}")
     if cfg.init_from:
         parts.append(f"--init-from {cfg.init_from}")
     return " ".join(parts)
@@ -902,6 +918,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="volume: simulate each training brain whole, then crop the patch (the shipped chain); "
                         "patch: simulate only the patch and a one-in-eight voxel sample of the brain for the "
                         "noise level and normalisation (same distribution, a quarter or less of the simulation time)")
+    p.add_argument("--orientation", default="native", choices=ORIENTATIONS,
+                   help="voxel order of the training brains: native (each label map's own; earlier stages) or RAS "
+                        "(the order the participant workflow gives the model)")
     p.add_argument("--randomise", type=float, default=0.0, metavar="P",
                    help="probability that a sample is domain-randomised (wider tissue properties, thick slices, "
                         "blur, strong bias, low SNR, gamma; for --no-physics also spin-echo and random contrasts): "
@@ -925,7 +944,7 @@ def config_from_args(args) -> TrainConfig:
                        low_contrast=args.low_contrast, train=args.train,
                        volume_consistency=args.volume_consistency, physics_lr=args.physics_lr,
                        physics_trunk_gate=args.physics_trunk_gate, sampling=args.sampling,
-                       randomise=args.randomise)
+                       randomise=args.randomise, orientation=args.orientation)
 
 
 def run(args) -> int:

@@ -1,0 +1,212 @@
+"""Tissue volumes on real T1w scans: the U-Net beside Atropos and SAMSEG, on one brain mask.
+
+Simulated benchmarks cannot show whether a network trained on simulated heads reads real contrast;
+this one can. For every real T1w (default: every T1w of ``clinical-ms``, real clinical 2D scans with
+skull and no sidecars; ``--images`` adds any others), it runs the participant level's steps as a user
+gets them (the learned brain mask, N4 inside it) and then, on that one mask:
+
+* ``unet``: the tissue U-Net the app uses without a sidecar (or ``--weights-dir``'s, to compare a
+  candidate before shipping it);
+* ``atropos``: prior-free three-class Atropos (k-means start, MRF 0.1), the classical reference;
+* ``samseg``: FreeSurfer's SAMSEG (contrast-adaptive Bayesian segmentation; ``--samseg`` names its
+  ``run_samseg``, installed from the ``samseg`` wheel in a separate environment; a benchmark-only peer),
+  its labels mapped to CSF/GM/WM as the simulator maps FreeSurfer labels
+  (:data:`bidsapp.physics.phantom.LABEL_CLASSES`) and counted inside the same brain mask.
+
+It prints GM, WM, CSF (ml), the GM/WM ratio (adults: about 1.1-1.6) and each method's GM and WM
+difference from SAMSEG's; writes ``real.json`` and one overlay per scan (``<name>_tissue.png``: the
+three segmentations over the image) under ``--out``. SAMSEG's results are cached in ``--out``, so a
+rerun with new U-Net weights takes seconds per scan.
+
+    python benchmarks/tissue/real.py --samseg /path/to/venv/bin/run_samseg
+    python benchmarks/tissue/real.py --weights-dir RUN/weights --tag candidate
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+TISSUE_OF_CLASS = {"CSF": 1, "ventricles": 1, "GM": 2, "deep_GM": 2, "WM": 3}
+"""Simulator tissue class -> label value of :data:`bidsapp.labels.TISSUE` (1 CSF, 2 GM, 3 WM)."""
+
+
+def default_images() -> list[Path]:
+    from bidsapp.devdata import clinical_dir
+
+    bids = Path(clinical_dir()) / "bids"
+    return sorted(bids.glob("sub-*/ses-*/anat/*_T1w.nii.gz")) if bids.is_dir() else []
+
+
+def freesurfer_to_tissue(seg: np.ndarray) -> np.ndarray:
+    """FreeSurfer labels -> 1 CSF / 2 GM / 3 WM (0 elsewhere), by the simulator's label classes."""
+    from bidsapp.physics.phantom import LABEL_CLASSES
+
+    lut = np.zeros(int(max(seg.max(), max(LABEL_CLASSES))) + 1, np.uint8)
+    for label, cls in LABEL_CLASSES.items():
+        lut[label] = TISSUE_OF_CLASS.get(cls, 0)
+    return lut[np.clip(seg, 0, len(lut) - 1).astype(np.int64)]
+
+
+def prepare(image: Path, work: Path) -> dict:
+    """RAS copy, learned brain mask, N4 inside it (the participant level's preprocessing)."""
+    import nibabel as nib
+
+    from bidsapp.models import brainmask as BM
+    from workflows.interfaces.ants import n4_correct, reorient_to_ras
+
+    work.mkdir(parents=True, exist_ok=True)
+    ras = Path(reorient_to_ras(image, work / "ras.nii.gz"))
+    img = nib.load(str(ras))
+    bm = BM.extract(img)
+    mask = work / "mask.nii.gz"
+    nib.save(nib.Nifti1Image(bm.mask.astype(np.uint8), img.affine), str(mask))
+    n4 = Path(n4_correct(ras, work / "n4.nii.gz", mask_file=mask))
+    return {"ras": ras, "mask": mask, "n4": n4, "brain_ml": bm.volume_ml}
+
+
+def run_samseg(run_samseg: str, image: Path, out: Path, threads: int) -> Path | None:
+    """SAMSEG's label volume for ``image`` (cached in ``out``); None when it fails."""
+    seg = out / "seg.mgz"
+    if seg.exists():
+        return seg
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    cmd = [run_samseg, "--input", str(image), "--output", str(tmp), "--threads", str(threads)]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode or not (tmp / "seg.mgz").exists():
+        print(f"  samseg failed on {image.name}: {(res.stderr or res.stdout).strip().splitlines()[-1:]}")
+        return None
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return seg
+
+
+def resample_labels(src: Path, ref) -> np.ndarray:
+    """A label image (any format nibabel reads) on ``ref``'s grid, nearest neighbour, world coordinates."""
+    import nibabel as nib
+    from nibabel.processing import resample_from_to
+
+    img = nib.load(str(src))
+    img = nib.Nifti1Image(np.asarray(img.dataobj).astype(np.int32), img.affine)
+    return np.asarray(resample_from_to(img, ref, order=0).dataobj).astype(np.int32)
+
+
+def volumes(dseg: np.ndarray, mask: np.ndarray, voxel_ml: float) -> dict:
+    out = {name: float(((dseg == v) & mask).sum()) * voxel_ml for v, name in ((1, "CSF"), (2, "GM"), (3, "WM"))}
+    out["GM/WM"] = out["GM"] / out["WM"] if out["WM"] else float("nan")
+    return out
+
+
+def evaluate(image: Path, args) -> dict:
+    import nibabel as nib
+
+    from bidsapp.models.tissue import segment
+    from workflows.interfaces.ants import kmeans_dseg
+
+    name = image.name.split("_T1w")[0]
+    work = Path(args.out) / name
+    prep = prepare(image, work)
+    ref = nib.load(str(prep["n4"]))
+    img = np.asarray(ref.dataobj, np.float32)
+    mask = np.asarray(nib.load(str(prep["mask"])).dataobj) > 0
+    zooms = ref.header.get_zooms()[:3]
+    vox_ml = float(np.prod(zooms)) / 1000.0
+    segs, seconds = {}, {}
+    t0 = time.perf_counter()
+    res = segment(img, mask, zooms, None, use_physics=False, weights_dir=args.weights_dir, device="cpu")
+    segs["unet"], seconds["unet"] = res.dseg, time.perf_counter() - t0
+    t0 = time.perf_counter()
+    hi = np.percentile(img[mask], 99.5)
+    segs["atropos"] = kmeans_dseg(np.clip(img, 0, hi) / hi, mask, zooms)
+    seconds["atropos"] = time.perf_counter() - t0
+    if args.samseg or (work / "samseg" / "seg.mgz").exists():  # a cached result needs no SAMSEG installed
+        seg = run_samseg(args.samseg, prep["ras"], work / "samseg", args.threads)
+        if seg is not None:
+            segs["samseg"] = freesurfer_to_tissue(resample_labels(seg, ref))
+    row = {"image": str(image), "name": name, "brain_ml": prep["brain_ml"], "seconds": seconds,
+           "zooms": [round(float(z), 2) for z in zooms],
+           "volumes": {m: volumes(d, mask, vox_ml) for m, d in segs.items()}}
+    if "samseg" in row["volumes"]:
+        s = row["volumes"]["samseg"]
+        for m, v in row["volumes"].items():
+            v["GM_vs_samseg_pct"] = 100.0 * (v["GM"] / s["GM"] - 1.0)
+            v["WM_vs_samseg_pct"] = 100.0 * (v["WM"] / s["WM"] - 1.0)
+    row["figure"] = str(figure(prep, segs, Path(args.out) / f"{name}_{args.tag}_tissue.png", name))
+    return row
+
+
+def figure(prep: dict, segs: dict, path: Path, title: str) -> Path:
+    """One mosaic per method (axial and coronal), stacked: the segmentations side by side for a reader."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import nibabel as nib
+
+    from bidsapp.reports.figures import figure_to_rgba, segmentation_figure
+
+    ref = nib.load(str(prep["n4"]))
+    panels = []
+    for method, dseg in segs.items():
+        fig = segmentation_figure(prep["n4"], nib.Nifti1Image(dseg.astype(np.uint8), ref.affine), prep["mask"],
+                                  n_slices=5, planes=("axial", "coronal"), title=f"{title}: {method}")
+        panels.append(figure_to_rgba(fig))
+        plt.close(fig)
+    width = max(p.shape[1] for p in panels)
+    rows = [np.pad(p, ((0, 0), (0, width - p.shape[1]), (0, 0))) for p in panels]
+    plt.imsave(str(path), np.concatenate(rows, axis=0))
+    return path
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--images", nargs="*", default=None, help="real T1w files (default: clinical-ms's T1w)")
+    p.add_argument("--samseg", default=None, help="path of SAMSEG's run_samseg (a separate environment)")
+    p.add_argument("--weights-dir", default=None, help="tissue weights to test instead of the shipped ones")
+    p.add_argument("--tag", default="shipped", help="name of this run's figures and JSON entry")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "tissue_real"))
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args(argv)
+    from workflows.interfaces.ants import use_threads
+
+    use_threads(args.threads, seed=0)
+    images = [Path(i) for i in args.images] if args.images else default_images()
+    if not images:
+        print("no real T1w found: give --images or set SCANBRIDGE_DATA_DIR")
+        return 1
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    rows = []
+    for image in images:
+        print(f"{image.name} ...", flush=True)
+        rows.append(evaluate(image, args))
+    methods = [m for m in ("unet", "atropos", "samseg") if any(m in r["volumes"] for r in rows)]
+    print(f"\n{'scan':<16}{'method':<9}{'GM ml':>8}{'WM ml':>8}{'CSF ml':>8}{'GM/WM':>7}{'GM vs S':>9}{'WM vs S':>9}")
+    for r in rows:
+        for m in methods:
+            v = r["volumes"].get(m)
+            if v is None:
+                continue
+            gs = f"{v['GM_vs_samseg_pct']:+8.1f}%" if "GM_vs_samseg_pct" in v else f"{'':>9}"
+            ws = f"{v['WM_vs_samseg_pct']:+8.1f}%" if "WM_vs_samseg_pct" in v else f"{'':>9}"
+            print(f"{r['name']:<16}{m:<9}{v['GM']:8.0f}{v['WM']:8.0f}{v['CSF']:8.0f}{v['GM/WM']:7.2f}{gs}{ws}")
+    out = Path(args.out) / "real.json"
+    results = json.loads(out.read_text()) if out.exists() else {}
+    results[args.tag] = rows
+    out.write_text(json.dumps(results, indent=1))
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
