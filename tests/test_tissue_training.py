@@ -490,17 +490,18 @@ def test_retraining_script_reproduces_the_shipped_chain(tmp_path):
     assert [(s.physics, s.seed, s.iterations) for s in short] == [(False, 10, 4000), (True, 11, 6000)]
     assert short[1].physics_from_base and short[1].init_from == str(tmp_path / "short" / "short1" / "weights")
     physics_only = chain("--no-ablation", "--threads", "2", out="physics")
-    assert [s.physics for s in physics_only] == [False] * 3 + [True] * 6
+    assert [s.physics for s in physics_only] == [False] * 3 + [True] * 7
     assert {s.threads for s in physics_only} == {2}
     stages = chain()
-    assert len(stages) == 9
-    assert [s.physics for s in stages] == [False] * 3 + ["both"] * 6  # the ablation alone until stage 4
-    assert [s.seed for s in stages] == [0, 1, 2, 3, 4, 5, 6, 7, 8]
-    assert [s.init_from for s in stages[1:]] == [str(tmp_path / "out" / f"stage{k}" / "weights") for k in range(1, 9)]
+    assert len(stages) == 10
+    assert [s.physics for s in stages] == [False] * 3 + ["both"] * 7  # the ablation alone until stage 4
+    assert [s.seed for s in stages] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 12]
+    assert [s.init_from for s in stages[1:]] == [str(tmp_path / "out" / f"stage{k}" / "weights") for k in range(1, 10)]
+    assert [s.orientation for s in stages] == ["native"] * 9 + ["RAS"]  # the label maps' order until stage 10
     shipped = parse(shlex.split(registry.load_card(tissue.PHYSICS_MODEL)["training"]["command"])[2:])
     for key in ("seed", "physics", "iterations", "lr", "patch", "batch", "features", "consistency",
                 "physics_injection", "physics_from_base", "stop_after", "deformations", "resolution",
-                "low_contrast", "volume_consistency", "train"):
+                "low_contrast", "volume_consistency", "train", "randomise", "orientation"):
         assert getattr(stages[-1], key) == getattr(shipped, key), key
     # a rerun into the same OUT_DIR resumes after the last finished stage
     assert chain() == []
@@ -582,6 +583,10 @@ def test_randomised_samples_vary_what_real_scans_vary_and_keep_the_labels(tmp_pa
     cfg = T.TrainConfig(out=str(tmp_path), seed=0, physics=False, patch=16, batch=2, iterations=2, features=(4, 8),
                         save_every=0, log_every=1, randomise=0.5)
     assert T.train(cfg, subjects)[0]["iterations"] == 2 and "--randomise 0.5" in T.command_line(cfg)
+    sig = np.array([0.0, 0.05, 0.15, 0.25])  # background, CSF, GM, WM
+    assert np.allclose(T.squeeze_gm_wm(sig, s.classes, 1.0), sig)
+    half = T.squeeze_gm_wm(sig, s.classes, 0.5)
+    assert np.allclose(half, [0.0, 0.05, 0.175, 0.225])  # CSF where it was, GM/WM contrast halved
     with pytest.raises(ValueError, match="--randomise"):
         T.TrainConfig(out=str(tmp_path), randomise=1.5)
 

@@ -18,7 +18,8 @@ difference from SAMSEG's; writes ``real.json`` and one overlay per scan (``<name
 three segmentations over the image) under ``--out``. SAMSEG's results are cached in ``--out``, so a
 rerun with new U-Net weights takes seconds per scan.
 
-    python benchmarks/tissue/real.py --samseg /path/to/venv/bin/run_samseg
+    python3 -m venv samseg-env && samseg-env/bin/pip install samseg     # once; its own environment
+    python benchmarks/tissue/real.py --samseg samseg-env/bin/run_samseg
     python benchmarks/tissue/real.py --weights-dir RUN/weights --tag candidate
 """
 
