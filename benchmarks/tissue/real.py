@@ -38,8 +38,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-TISSUE_OF_CLASS = {"CSF": 1, "ventricles": 1, "GM": 2, "deep_GM": 2, "WM": 3}
-"""Simulator tissue class -> label value of :data:`bidsapp.labels.TISSUE` (1 CSF, 2 GM, 3 WM)."""
+TISSUE_OF_CLASS = {"CSF": "CSF", "ventricles": "CSF", "GM": "GM", "deep_GM": "GM", "WM": "WM"}
+"""Simulator tissue class -> label of :data:`bidsapp.labels.TISSUE`."""
 
 
 def default_images() -> list[Path]:
@@ -51,11 +51,13 @@ def default_images() -> list[Path]:
 
 def freesurfer_to_tissue(seg: np.ndarray) -> np.ndarray:
     """FreeSurfer labels -> 1 CSF / 2 GM / 3 WM (0 elsewhere), by the simulator's label classes."""
+    from bidsapp.labels import TISSUE
     from bidsapp.physics.phantom import LABEL_CLASSES
 
+    value = {lab.name: lab.value for lab in TISSUE}
     lut = np.zeros(int(max(seg.max(), max(LABEL_CLASSES))) + 1, np.uint8)
     for label, cls in LABEL_CLASSES.items():
-        lut[label] = TISSUE_OF_CLASS.get(cls, 0)
+        lut[label] = value.get(TISSUE_OF_CLASS.get(cls), 0)
     return lut[np.clip(seg, 0, len(lut) - 1).astype(np.int64)]
 
 
@@ -104,7 +106,9 @@ def resample_labels(src: Path, ref) -> np.ndarray:
 
 
 def volumes(dseg: np.ndarray, mask: np.ndarray, voxel_ml: float) -> dict:
-    out = {name: float(((dseg == v) & mask).sum()) * voxel_ml for v, name in ((1, "CSF"), (2, "GM"), (3, "WM"))}
+    from bidsapp.labels import TISSUE
+
+    out = {lab.name: float(((dseg == lab.value) & mask).sum()) * voxel_ml for lab in TISSUE}
     out["GM/WM"] = out["GM"] / out["WM"] if out["WM"] else float("nan")
     return out
 
@@ -143,11 +147,11 @@ def evaluate(image: Path, args) -> dict:
         for m, v in row["volumes"].items():
             v["GM_vs_samseg_pct"] = 100.0 * (v["GM"] / s["GM"] - 1.0)
             v["WM_vs_samseg_pct"] = 100.0 * (v["WM"] / s["WM"] - 1.0)
-    row["figure"] = str(figure(prep, segs, Path(args.out) / f"{name}_{args.tag}_tissue.png", name))
+    row["figure"] = str(figure(prep, ref.affine, segs, Path(args.out) / f"{name}_{args.tag}_tissue.png", name))
     return row
 
 
-def figure(prep: dict, segs: dict, path: Path, title: str) -> Path:
+def figure(prep: dict, affine, segs: dict, path: Path, title: str) -> Path:
     """One mosaic per method (axial and coronal), stacked: the segmentations side by side for a reader."""
     import matplotlib
 
@@ -157,10 +161,9 @@ def figure(prep: dict, segs: dict, path: Path, title: str) -> Path:
 
     from bidsapp.reports.figures import figure_to_rgba, segmentation_figure
 
-    ref = nib.load(str(prep["n4"]))
     panels = []
     for method, dseg in segs.items():
-        fig = segmentation_figure(prep["n4"], nib.Nifti1Image(dseg.astype(np.uint8), ref.affine), prep["mask"],
+        fig = segmentation_figure(prep["n4"], nib.Nifti1Image(dseg.astype(np.uint8), affine), prep["mask"],
                                   n_slices=5, planes=("axial", "coronal"), title=f"{title}: {method}")
         panels.append(figure_to_rgba(fig))
         plt.close(fig)
