@@ -168,7 +168,7 @@ def test_real_scan_benchmark_compares_methods_on_one_mask(tmp_path, capsys):
     assert real.main(["--images", str(ses["T1w"]), "--samseg", str(fake), "--out", str(out), "--threads", "1"]) == 0
     row = json.loads((out / "real.json").read_text())["shipped"][0]
     vols = row["volumes"]
-    assert set(vols) == {"unet", "atropos", "samseg"}
+    assert set(vols) == {"unet", "unet-network", "atropos", "samseg"}
     assert vols["samseg"]["GM_vs_samseg_pct"] == 0.0
     import nibabel as nib
 

@@ -368,3 +368,37 @@ def test_session_dates_come_from_sessions_tsv_else_scans_tsv(tmp_path):
     assert times[("01", "1")] == "2019-05-02T09:30:00"
     assert times[("01", "2")] == "2020-05-04T10:00:00"  # sessions.tsv has n/a: the scan's time
     assert times[("02", "1")] is None
+
+
+def test_an_image_without_sequence_parameters_borrows_those_of_its_protocol(tmp_path):
+    """A T1w whose sidecar was lost takes the family and parameters of the dataset's T1w with the same
+    acq- label and grid, when they agree; run for one participant, the donors are still the whole
+    dataset's. Scanner identity is not borrowed; a different grid, or donors that disagree, give nothing."""
+    root = make_dataset(tmp_path / "bids", subjects=("01", "02", "03", "04"), sessions=None)
+    lost = root / "sub-03" / "anat" / "sub-03_T1w.json"
+    lost.unlink()
+    write_json(root / "sub-04" / "anat" / "sub-04_T1w.json", {"Manufacturer": "Siemens"})  # parameters stripped
+    plan = discover(root, participant_label=["03", "04"])
+    for sub in ("03", "04"):
+        path = root / f"sub-{sub}" / "anat" / f"sub-{sub}_T1w.nii.gz"
+        rec = plan.subjects[["03", "04"].index(sub)].sessions[0].acquisitions[path]
+        assert rec.sequence_family == "MPRAGE" and rec.family_source == "borrowed"
+        assert rec.inversion_time == 0.9 and rec.field_strength == 3
+        assert rec.parameters_from == "sub-01/anat/sub-01_T1w.nii.gz"
+        assert any("using sub-01/anat/sub-01_T1w.nii.gz's (MPRAGE; 2 image(s)" in w
+                   for w in plan.subjects[["03", "04"].index(sub)].warnings)
+    assert plan.subjects[0].sessions[0].acquisitions[root / "sub-03/anat/sub-03_T1w.nii.gz"].manufacturer is None
+    from bidsapp.models.tissue import parameter_vector
+
+    pv = parameter_vector(plan.subjects[0].sessions[0].acquisitions[root / "sub-03/anat/sub-03_T1w.nii.gz"].to_dict())
+    assert pv.values is not None and pv.parameters_from == "sub-01/anat/sub-01_T1w.nii.gz"
+
+    write_image(root / "sub-03" / "anat" / "sub-03_T1w.nii.gz", image(zooms=(1.0, 1.0, 1.0)))  # another grid
+    rec = discover(root, participant_label=["03"]).subjects[0].sessions[0].acquisitions[
+        root / "sub-03/anat/sub-03_T1w.nii.gz"]
+    assert rec.sequence_family == "UNKNOWN" and rec.parameters_from is None
+
+    write_json(root / "sub-02" / "anat" / "sub-02_T1w.json", SPGR)  # the donors now disagree
+    plan = discover(root, participant_label=["04"])
+    rec = plan.subjects[0].sessions[0].acquisitions[root / "sub-04/anat/sub-04_T1w.nii.gz"]
+    assert rec.parameters_from is None and any("disagree" in w for w in plan.subjects[0].warnings)

@@ -228,8 +228,8 @@ def test_card_mirror_axes_make_a_symmetric_input_give_symmetric_probabilities(tm
     plain, mirror = tmp_path / "plain", tmp_path / "mirror"
     _save_tiny(plain, "tissue_unet_physics", tissue.N_PARAMS)
     _save_tiny(mirror, "tissue_unet_physics", tissue.N_PARAMS, inference_mirror_axes=[0])
-    p0 = tissue.segment(img, mask, (2, 2, 2), acq, device="cpu", weights_dir=plain).probs
-    p1 = tissue.segment(img, mask, (2, 2, 2), acq, device="cpu", weights_dir=mirror).probs
+    p0 = tissue.segment(img, mask, (2, 2, 2), acq, device="cpu", weights_dir=plain, refine=False).probs
+    p1 = tissue.segment(img, mask, (2, 2, 2), acq, device="cpu", weights_dir=mirror, refine=False).probs
     assert not np.allclose(p0, p0[:, ::-1], atol=1e-3)  # the random network is not symmetric by itself
     np.testing.assert_allclose(p1, p1[:, ::-1], atol=1e-5)
 
@@ -255,6 +255,22 @@ def test_segment_end_to_end_with_fallback_and_resampling(tmp_path, monkeypatch):
                           device="cpu", weights_dir=tmp_path)
     assert flat.method == "unet-physics"
     assert [w for w in flat.warnings if "0.969 times the signal of pure GM" in w]
+
+
+def test_segment_refines_by_default_and_says_so(tmp_path):
+    from workflows.interfaces.tissue_model import sidecar_metadata
+
+    _save_tiny(tmp_path, "tissue_unet", 0)
+    img, mask = _blob_volume((30, 28, 26))
+    refined = tissue.segment(img, mask, (1.0, 1.0, 1.0), None, device="cpu", weights_dir=tmp_path)
+    raw = tissue.segment(img, mask, (1.0, 1.0, 1.0), None, device="cpu", weights_dir=tmp_path, refine=False)
+    assert refined.refinement and raw.refinement is None
+    assert not np.array_equal(refined.probs, raw.probs)
+    meta = sidecar_metadata(refined)
+    assert meta["IntensityRefinement"]["iterations"] >= 1 and "refined" in meta["Resampling"]
+    assert sidecar_metadata(raw)["IntensityRefinement"] is None
+    on_grid = tissue.segment(img, mask, (2.0, 2.0, 2.0), None, device="cpu", weights_dir=tmp_path)
+    assert on_grid.refinement is None  # at the model's own resolution the network sees every voxel
 
 
 def test_resample_roundtrip_keeps_field_of_view():
@@ -336,7 +352,7 @@ def test_sweep_volumes_matches_segment_soft_volumes(tmp_path, mirror_axes, injec
                                 chunk=2)
     assert vols.shape == (3, 3)
     np.testing.assert_allclose(vols.sum(1), mask.sum() * 8, rtol=1e-4)
-    one = tissue.segment(img, mask, (2, 2, 2), acq, device="cpu", weights_dir=tmp_path)
+    one = tissue.segment(img, mask, (2, 2, 2), acq, device="cpu", weights_dir=tmp_path, refine=False)
     np.testing.assert_allclose(vols[1], one.probs.sum(axis=(1, 2, 3)) * 8, rtol=1e-3)
     assert np.abs(vols[0] - vols[2]).max() > 1.0  # the swept parameter moves the volumes
     with pytest.raises(ValueError, match="cannot bridge"):

@@ -490,18 +490,19 @@ def test_retraining_script_reproduces_the_shipped_chain(tmp_path):
     assert [(s.physics, s.seed, s.iterations) for s in short] == [(False, 10, 4000), (True, 11, 6000)]
     assert short[1].physics_from_base and short[1].init_from == str(tmp_path / "short" / "short1" / "weights")
     physics_only = chain("--no-ablation", "--threads", "2", out="physics")
-    assert [s.physics for s in physics_only] == [False] * 3 + [True] * 7
+    assert [s.physics for s in physics_only] == [False] * 3 + [True] * 8
     assert {s.threads for s in physics_only} == {2}
     stages = chain()
-    assert len(stages) == 10
-    assert [s.physics for s in stages] == [False] * 3 + ["both"] * 7  # the ablation alone until stage 4
-    assert [s.seed for s in stages] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 12]
-    assert [s.init_from for s in stages[1:]] == [str(tmp_path / "out" / f"stage{k}" / "weights") for k in range(1, 10)]
-    assert [s.orientation for s in stages] == ["native"] * 9 + ["RAS"]  # the label maps' order until stage 10
+    assert len(stages) == 11
+    assert [s.physics for s in stages] == [False] * 3 + ["both"] * 8  # the ablation alone until stage 4
+    assert [s.seed for s in stages] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 12, 13]
+    assert [s.init_from for s in stages[1:]] == [str(tmp_path / "out" / f"stage{k}" / "weights") for k in range(1, 11)]
+    assert [s.orientation for s in stages] == ["native"] * 9 + ["RAS"] * 2  # the label maps' order until stage 10
+    assert [s.target for s in stages] == ["gold-standard"] * 10 + ["fractions"]
     shipped = parse(shlex.split(registry.load_card(tissue.PHYSICS_MODEL)["training"]["command"])[2:])
     for key in ("seed", "physics", "iterations", "lr", "patch", "batch", "features", "consistency",
                 "physics_injection", "physics_from_base", "stop_after", "deformations", "resolution",
-                "low_contrast", "volume_consistency", "train", "randomise", "orientation"):
+                "low_contrast", "volume_consistency", "train", "randomise", "orientation", "target", "dice_weight"):
         assert getattr(stages[-1], key) == getattr(shipped, key), key
     # a rerun into the same OUT_DIR resumes after the last finished stage
     assert chain() == []
@@ -614,3 +615,39 @@ def test_training_brains_can_be_given_in_the_order_the_workflow_gives_the_model(
     assert "--orientation RAS" in T.command_line(cfg) and "--orientation" not in T.command_line(T.TrainConfig(out="x"))
     with pytest.raises(ValueError, match="--orientation"):
         T.TrainConfig(out="x", orientation="LPS")
+
+
+def test_fraction_targets_count_partial_volume_as_it_is_and_cross_entropy_alone_is_calibrated(tmp_path):
+    """--target fractions labels each voxel with its tissue fractions: the targets sum to the brain's true
+    volumes, where the R1 gold standard calls mixed voxels grey; --dice-weight 0 leaves cross-entropy,
+    which the targets themselves minimise."""
+    s = tiny_tissue_subject()
+    ft = s.fraction_target().astype(np.float64)
+    true = s.phantom().volumes()
+    vox = 8.0
+    for k, name in enumerate(("CSF", "GM", "WM")):
+        assert ft[k].sum() * vox == pytest.approx(true[name], rel=1e-3)
+    gold = s.target.astype(np.float64)
+    assert gold[1][s.mask].sum() > 1.05 * ft[1][s.mask].sum()  # the gold standard's GM takes in the mixtures
+    sampler = T.PatchSampler([s], 16, seed=0, target="fractions")
+    x, m, y, p = sampler.batch(2)
+    total = y.sum(1)[m[:, 0] > 0]  # the rest of an edge voxel is outside the brain
+    assert (total <= 1.01).all() and (total > 0.98).float().mean() > 0.5
+    a = T.PatchSampler([s], 16, seed=0).batch(2)[2]
+    assert not torch.equal(a, y)
+    # cross-entropy alone: the soft target is its minimiser (probabilities equal to fractions)
+    target = torch.tensor([[0.3, 0.5, 0.2]]).reshape(1, 3, 1, 1, 1)
+    mask = torch.ones(1, 1, 1, 1, 1)
+    ce = L.MaskedDiceCE(dice_weight=0.0)
+    at_target = ce(target.log(), target, mask)
+    for other in ([0.2, 0.6, 0.2], [0.05, 0.9, 0.05]):
+        assert ce(torch.tensor(other).reshape(1, 3, 1, 1, 1).log(), target, mask) > at_target
+    cfg = T.TrainConfig(out=str(tmp_path), seed=0, physics=False, patch=16, batch=2, iterations=2, features=(4, 8),
+                        save_every=0, log_every=1, target="fractions", dice_weight=0.0)
+    assert T.train(cfg, [s])[0]["iterations"] == 2
+    assert "--target fractions --dice-weight 0" in T.command_line(cfg)
+    assert "--target" not in T.command_line(T.TrainConfig(out="x"))
+    with pytest.raises(ValueError, match="--target"):
+        T.TrainConfig(out="x", target="labels")
+    with pytest.raises(ValueError, match="--dice-weight"):
+        T.TrainConfig(out="x", dice_weight=-1)

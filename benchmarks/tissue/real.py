@@ -6,7 +6,8 @@ skull and no sidecars; ``--images`` adds any others), it runs the participant le
 gets them (the learned brain mask, N4 inside it) and then, on that one mask:
 
 * ``unet``: the tissue U-Net the app uses without a sidecar (or ``--weights-dir``'s, to compare a
-  candidate before shipping it);
+  candidate before shipping it), refined by the image's intensities as the app does
+  (:mod:`bidsapp.models.intensity_refine`); ``unet-network``, its probabilities before that step;
 * ``atropos``: prior-free three-class Atropos (k-means start, MRF 0.1), the classical reference;
 * ``samseg``: FreeSurfer's SAMSEG (contrast-adaptive Bayesian segmentation; ``--samseg`` names its
   ``run_samseg``, installed from the ``samseg`` wheel in a separate environment; a benchmark-only peer),
@@ -132,6 +133,9 @@ def evaluate(image: Path, args) -> dict:
     res = segment(img, mask, zooms, None, use_physics=False, weights_dir=args.weights_dir, device="cpu")
     segs["unet"], seconds["unet"] = res.dseg, time.perf_counter() - t0
     t0 = time.perf_counter()
+    raw = segment(img, mask, zooms, None, use_physics=False, weights_dir=args.weights_dir, device="cpu", refine=False)
+    segs["unet-network"], seconds["unet-network"] = raw.dseg, time.perf_counter() - t0
+    t0 = time.perf_counter()
     hi = np.percentile(img[mask], 99.5)
     segs["atropos"] = kmeans_dseg(np.clip(img, 0, hi) / hi, mask, zooms)
     seconds["atropos"] = time.perf_counter() - t0
@@ -194,8 +198,8 @@ def main(argv=None) -> int:
     for image in images:
         print(f"{image.name} ...", flush=True)
         rows.append(evaluate(image, args))
-    methods = [m for m in ("unet", "atropos", "samseg") if any(m in r["volumes"] for r in rows)]
-    print(f"\n{'scan':<16}{'method':<9}{'GM ml':>8}{'WM ml':>8}{'CSF ml':>8}{'GM/WM':>7}{'GM vs S':>9}{'WM vs S':>9}")
+    methods = [m for m in ("unet", "unet-network", "atropos", "samseg") if any(m in r["volumes"] for r in rows)]
+    print(f"\n{'scan':<16}{'method':<13}{'GM ml':>8}{'WM ml':>8}{'CSF ml':>8}{'GM/WM':>7}{'GM vs S':>9}{'WM vs S':>9}")
     for r in rows:
         for m in methods:
             v = r["volumes"].get(m)
@@ -203,7 +207,7 @@ def main(argv=None) -> int:
                 continue
             gs = f"{v['GM_vs_samseg_pct']:+8.1f}%" if "GM_vs_samseg_pct" in v else f"{'':>9}"
             ws = f"{v['WM_vs_samseg_pct']:+8.1f}%" if "WM_vs_samseg_pct" in v else f"{'':>9}"
-            print(f"{r['name']:<16}{m:<9}{v['GM']:8.0f}{v['WM']:8.0f}{v['CSF']:8.0f}{v['GM/WM']:7.2f}{gs}{ws}")
+            print(f"{r['name']:<16}{m:<13}{v['GM']:8.0f}{v['WM']:8.0f}{v['CSF']:8.0f}{v['GM/WM']:7.2f}{gs}{ws}")
     out = Path(args.out) / "real.json"
     results = json.loads(out.read_text()) if out.exists() else {}
     results[args.tag] = rows

@@ -8,6 +8,9 @@ TE 4-10 ms, FA 15-75 deg), at 3 T, with fixed mild bias and noise. For each meth
 * Dice of GM and WM against the physics gold standard (R1-based, paper 3.1), mean +- s.d. over subjects
   of each subject's mean over the sweep (Table 1);
 * coefficient of variation of GM and WM volume over the sweep, mean over subjects (Table 2);
+* each method's GM and WM volume error against the brain's true volume (the label map's tissue
+  fractions, partial volume counted), from its labels and, for the U-Nets, from its probabilities summed
+  (Table 3): a Dice against the R1 gold standard cannot show a volume bias the gold standard shares;
 * each method's SPGR volume at the settings of least GM/WM contrast (where Table 2's SPGR columns come
   from; ``--tables-from earlier.json`` prints all tables again without rerunning).
 
@@ -124,7 +127,7 @@ def evaluate(args) -> dict:
     names = list(T.HELDOUT)[: args.subjects]
     reused, reused_seconds = reusable_results(args, names)
     run_methods = [m for m in args.methods if m not in reused]
-    res: dict = {m: {f: {k: {t: [] for t in TISSUES} for k in ("dice", "cov", "soft_cov", "volumes")}
+    res: dict = {m: {f: {k: {t: [] for t in TISSUES} for k in ("dice", "cov", "soft_cov", "volumes", "error", "soft_error")}
                      for f in FAMILIES} for m in run_methods}
     contrast = {f: [T.wm_gm_contrast(a) for a in sweep(f, args.points, args.seed)] for f in FAMILIES}
     seconds = {m: 0.0 for m in run_methods}
@@ -135,6 +138,8 @@ def evaluate(args) -> dict:
         subj = heldout_subject(Path(args.anatomy_dir), name, args.resolution, args.seed, args.orientation)
         gs = gold_standard_dseg(subj)
         vox = float(np.prod(np.linalg.norm(subj.affine[:3, :3], axis=0)))
+        truth = {t: float(subj.fraction_target()[k - 1][subj.mask].astype(np.float64).sum()) * vox
+                 for k, t in ((2, "GM"), (3, "WM"))}  # the brain's true volumes (partial volume counted)
         print(f"{name}: phantom {subj.mask.shape} ready in {time.time() - t0:.0f} s", flush=True)
         for fam in FAMILIES:
             acqs = sweep(fam, args.points, args.seed)
@@ -149,7 +154,7 @@ def evaluate(args) -> dict:
                     else:
                         r = tissue.segment(img, subj.mask, (args.resolution,) * 3, acquisition_dict(acq),
                                            device=args.device, use_physics=(m == "unet-physics"),
-                                           weights_dir=args.weights_dir)
+                                           weights_dir=args.weights_dir, refine=not args.no_refine)
                         if m == "unet-physics" and r.method != "unet-physics":
                             raise SystemExit(f"physics model not used for {acq}: {r.fallback_reason}")
                         seg, probs = r.dseg, r.probs
@@ -164,8 +169,11 @@ def evaluate(args) -> dict:
                     res[m][fam]["dice"][t].append(float(np.mean(per[m]["dice"][t])))
                     res[m][fam]["cov"][t].append(coefficient_of_variation(per[m]["vol"][t]))
                     res[m][fam]["volumes"][t].append(per[m]["vol"][t])
+                    res[m][fam]["error"][t].append(100.0 * (float(np.mean(per[m]["vol"][t])) / truth[t] - 1.0))
                     if per[m]["soft"][t]:
                         res[m][fam]["soft_cov"][t].append(coefficient_of_variation(per[m]["soft"][t]))
+                        res[m][fam]["soft_error"][t].append(
+                            100.0 * (float(np.mean(per[m]["soft"][t])) / truth[t] - 1.0))
             print(f"  {fam}: " + "; ".join(
                 f"{m} Dice GM {res[m][fam]['dice']['GM'][-1]:.3f} WM {res[m][fam]['dice']['WM'][-1]:.3f} "
                 f"CoV GM {res[m][fam]['cov']['GM'][-1]:.5f} WM {res[m][fam]['cov']['WM'][-1]:.5f}"
@@ -178,7 +186,10 @@ def evaluate(args) -> dict:
     summary = {m: {f: {"dice": {t: [float(np.mean(v)), float(np.std(v))] for t, v in res[m][f]["dice"].items()},
                        "cov": {t: float(np.mean(v)) for t, v in res[m][f]["cov"].items()},
                        "soft_cov": {t: float(np.mean(v)) for t, v in res[m][f].get("soft_cov", {}).items() if v},
-                       "cov_contrast_ge_10pct": cov_where(res[m][f].get("volumes"), np.abs(contrast[f]) >= 0.10)}
+                       "cov_contrast_ge_10pct": cov_where(res[m][f].get("volumes"), np.abs(contrast[f]) >= 0.10),
+                       "volume_error_pct": {t: float(np.mean(v)) for t, v in res[m][f].get("error", {}).items() if v},
+                       "soft_volume_error_pct": {t: float(np.mean(v)) for t, v in
+                                                 res[m][f].get("soft_error", {}).items() if v}}
                    for f in FAMILIES} for m in args.methods}
     return {"subjects": names, "per_subject": res, "summary": summary, "seconds_per_image": per_image,
             "wm_gm_contrast": contrast}
@@ -244,6 +255,16 @@ def print_tables(summary: dict) -> None:
         print("\nTable 2b - as Table 2 with partial-volume volumes (sum of the class probability; U-Nets only)")
         for m, d in soft.items():
             print(row(f"ours {m}", [f"{d[f]['soft_cov'][t]:.5f}" for f in FAMILIES for t in TISSUES]))
+    err = {m: d for m, d in summary.items() if all(d[f].get("volume_error_pct") for f in FAMILIES)}
+    if err:
+        print("\nTable 3 - volume error vs the brain's true tissue volume (label-map fractions), % "
+              "(mean over the sweep and subjects; labels, then probabilities summed)")
+        print(row("", [f"{f} {t}" for f in FAMILIES for t in TISSUES]))
+        for m, d in err.items():
+            print(row(f"ours {m}", [f"{d[f]['volume_error_pct'][t]:+.1f}" for f in FAMILIES for t in TISSUES]))
+            if all(d[f].get("soft_volume_error_pct") for f in FAMILIES):
+                print(row(f"ours {m} (soft)",
+                          [f"{d[f]['soft_volume_error_pct'][t]:+.1f}" for f in FAMILIES for t in TISSUES]))
     sub = {m: d for m, d in summary.items() if all(d[f].get("cov_contrast_ge_10pct") for f in FAMILIES)}
     if sub:
         print("\nTable 2c - as Table 2 over the acquisitions whose WM/GM signal ratio differs from 1 by >= 10 %")
@@ -467,6 +488,8 @@ def main(argv=None) -> int:
                    help="take --reuse-methods results from these earlier runs of the same sweep")
     p.add_argument("--reuse-methods", nargs="+", default=["atropos"], choices=OURS)
     p.add_argument("--weights-dir", default=None, help="evaluate weights + cards from this folder (default: shipped)")
+    p.add_argument("--no-refine", action="store_true",
+                   help="score the networks' own probabilities, without the app's intensity refinement")
     p.add_argument("--update-cards", action="store_true", help="write the metrics into the model cards")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "tissue.json"))
     p.add_argument("--tables-from", default=None, metavar="JSON", help="print the tables of an earlier run and stop")
@@ -526,13 +549,18 @@ def main(argv=None) -> int:
                            "volume_cov": {f: out["summary"][m][f]["cov"] for f in FAMILIES},
                            "volume_cov_partial_volume": {f: out["summary"][m][f].get("soft_cov") for f in FAMILIES},
                            "volume_cov_contrast_ge_10pct": {f: out["summary"][m][f].get("cov_contrast_ge_10pct")
-                                                            for f in FAMILIES}}
+                                                            for f in FAMILIES},
+                           "volume_error_vs_true_pct": {f: out["summary"][m][f].get("volume_error_pct")
+                                                        for f in FAMILIES},
+                           "intensity_refinement": not args.no_refine and args.resolution ** 3
+                           <= tissue.REFINE_BELOW * registry.load_card(name, args.weights_dir)["resolution_mm"] ** 3}
                 if "presets" in out:
                     metrics["dice_on_simulator_presets"] = {pr: out["presets"][pr][m] for pr in out["presets"]}
                 if "timing" in out:
                     metrics["inference_1mm_cpu2_seconds"] = out["timing"]["median_seconds"]
                     metrics["inference_1mm_peak_rss_mb"] = out["timing"]["median_peak_rss_mb"]
-                registry.update_card(name, {"metrics": metrics}, args.weights_dir)
+                kept = registry.load_card(name, args.weights_dir).get("metrics", {})  # e.g. real-scan figures
+                registry.update_card(name, {"metrics": {**kept, **metrics}}, args.weights_dir)
         print("model cards updated")
     return 0
 

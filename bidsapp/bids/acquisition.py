@@ -126,7 +126,8 @@ class AcquisitionRecord:
     field_strength: float | None = None
     sequence_family: str = "UNKNOWN"
     family_source: str = "none"
-    """Which field decided the family: PulseSequenceType, ScanningSequence, InversionTime, RepetitionTime, suffix or none."""
+    """Which field decided the family: PulseSequenceType, ScanningSequence, InversionTime, RepetitionTime, suffix,
+    borrowed (from another image of the dataset: :mod:`bidsapp.bids.borrow`) or none."""
     repetition_time: float | None = None
     echo_time: float | None = None
     inversion_time: float | None = None
@@ -141,6 +142,9 @@ class AcquisitionRecord:
     """Where ``site`` came from: participants.tsv, sessions.tsv, InstitutionName or None."""
     missing: list[str] = field(default_factory=list)
     """Sidecar fields the app would use but did not find (or found malformed)."""
+    parameters_from: str | None = None
+    """Where the sequence parameters came from when the image's own sidecar lacked them (a path relative to
+    the BIDS root; :mod:`bidsapp.bids.borrow`), else None."""
     warnings: list[str] = field(default_factory=list)
     """One-line messages, each naming the image."""
 

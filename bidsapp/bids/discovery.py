@@ -42,6 +42,7 @@ import pandas as pd
 from bidsapp.methods import CONTRASTS
 
 from .acquisition import QMRI_SUFFIXES, AcquisitionRecord
+from .borrow import borrow_parameters
 from .derivatives import LONG_NAMES
 from .errors import BIDSInputError
 from .validation import SKIPPED_TOP_FOLDERS, inspect_image
@@ -458,6 +459,7 @@ def discover(
             _plan_subject(layout, root, subject, sessions_of, found.get(subject), wanted_sessions, filters,
                           plan.participants, site_col, check_images)
         )
+    borrow_parameters(plan, layout, root)
     return plan
 
 

@@ -23,21 +23,22 @@ def dice_bce_loss():
 class MaskedDiceCE:
     """Soft Dice (MONAI) + cross-entropy with soft targets, both restricted to the brain mask."""
 
-    def __init__(self, ce_weight: float = 1.0):
+    def __init__(self, ce_weight: float = 1.0, dice_weight: float = 1.0):
         from monai.losses import DiceLoss
 
         self.dice = DiceLoss(include_background=True, softmax=False, batch=True, soft_label=True)
-        self.ce_weight = ce_weight
+        self.ce_weight, self.dice_weight = ce_weight, dice_weight
 
     def __call__(self, logits, target, mask):
         import torch
 
         logp = torch.log_softmax(logits, dim=1)
         prob = logp.exp() * mask
-        dice = self.dice(prob, target * mask)
         ce = -(target * logp).sum(1, keepdim=True)
         ce = (ce * mask).sum() / mask.sum().clamp_min(1.0)
-        return dice + self.ce_weight * ce
+        if not self.dice_weight:
+            return self.ce_weight * ce
+        return self.dice_weight * self.dice(prob, target * mask) + self.ce_weight * ce
 
 
 def volume_consistency_loss(logits, mask):

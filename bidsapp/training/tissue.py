@@ -54,6 +54,12 @@ ICBM152 is RAS: the earlier stages), or ``RAS``, the order the participant workf
 (the stages trained in LIA lose 0.03-0.07 Dice on held-out brains given in RAS; on real scans the
 order was not the main error, see docs/notebook/tissue-models.md, "Stage 10")."""
 SAMPLING = ("volume", "patch")
+TARGETS = ("gold-standard", "fractions")
+"""What a training patch is labelled with: ``gold-standard``, the paper's R1-based probabilities (3.1),
+or ``fractions``, the tissue fractions of the label map (partial volume as it is). At 2 mm the R1 gold
+standard calls most partial-volume voxels grey (a CSF/WM or GM/WM mixture has a grey-matter R1), so a
+network taught it reports GM 13 % above the brain's true GM before any error of its own; fractions
+are what a volume measures."""
 """How :class:`PatchSampler` forms a patch: simulate the whole brain and crop it (the shipped chain), or
 simulate only the patch and a sparse sample of the brain (:func:`normalised_patch`; a fifth to a quarter of the
 simulation time, an iteration 30-35 % shorter on 2 CPU threads: ``benchmarks/tissue/train_speed.py``)."""
@@ -180,8 +186,15 @@ class Subject:
                 f = np.flip(f, axis=ax)
         return f
 
+    def fraction_target(self) -> np.ndarray:
+        """(3, X, Y, Z) float16 CSF/GM/WM fractions (lesions count as WM), computed once."""
+        t = self.__dict__.get("_ft")
+        if t is None:
+            t = self.__dict__["_ft"] = self.phantom().truth_probseg().astype(np.float16)
+        return t
+
     def __getstate__(self):
-        return {k: v for k, v in self.__dict__.items() if k not in ("_f32", "_bias")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_f32", "_bias", "_ft")}
 
 
 def brain_only(ph):
@@ -417,7 +430,7 @@ class PatchSampler:
 
     def __init__(self, subjects: list[Subject], patch: int, seed: int, families=("MPRAGE", "SPGR"),
                  paper_only: bool = False, low_contrast: float = 0.0, sampling: str = "volume",
-                 randomise: float = 0.0, physics: bool = True):
+                 randomise: float = 0.0, physics: bool = True, target: str = "gold-standard"):
         from monai.transforms import Compose, RandFlipd, RandSpatialCropd, SpatialPadd
 
         self.subjects = subjects
@@ -428,6 +441,7 @@ class PatchSampler:
         self.paper_only = paper_only
         self.low_contrast = low_contrast
         self.randomise, self.physics = float(randomise), bool(physics)
+        self.target = (lambda s: s.target) if target == "gold-standard" else (lambda s: s.fraction_target())
         keys = ["image", "mask", "target"]
         self.transform = Compose([
             SpatialPadd(keys, spatial_size=(patch,) * 3),
@@ -460,7 +474,7 @@ class PatchSampler:
                 imgs = [randomised_sample(s, acq, self.rng, self.physics) if randomised
                         else normalised_sample(s, acq, self.rng)[0] for acq in group]
                 d = self.transform({"image": np.stack(imgs), "mask": s.mask[None].astype(np.float32),
-                                    "target": s.target})
+                                    "target": self.target(s)})
             for k, acq in enumerate(group):
                 xs.append(torch.as_tensor(np.asarray(d["image"][k:k + 1]), dtype=torch.float32))
                 ms.append(torch.as_tensor(np.asarray(d["mask"]), dtype=torch.float32))
@@ -480,7 +494,7 @@ class PatchSampler:
                  else (lambda acq: normalised_patch(s, acq, self.rng, region)))
         d = {"image": np.stack([image(acq) for acq in group]),
              "mask": s.mask[region][None].astype(np.float32),
-             "target": s.target[(slice(None),) + region].astype(np.float32)}
+             "target": self.target(s)[(slice(None),) + region].astype(np.float32)}
         pad = [(0, 0)] + [((self.patch - n) // 2, self.patch - n - (self.patch - n) // 2) for n in d["mask"].shape[1:]]
         for k, v in d.items():
             v = np.pad(v, pad) if any(sum(p) for p in pad) else v
@@ -548,6 +562,12 @@ class TrainConfig:
     randomise: float = 0.0
     """Probability that a sample is domain-randomised (:func:`randomised_sample`); 0 = the physics
     simulation alone, as the earlier stages trained."""
+    target: str = "gold-standard"
+    """What patches are labelled with (:data:`TARGETS`); ``gold-standard`` reproduces stages 1-10."""
+    dice_weight: float = 1.0
+    """Weight of the soft Dice term beside the cross-entropy. Cross-entropy alone is minimised by the
+    target itself, so with ``fractions`` targets its probabilities sum to unbiased volumes; soft Dice
+    pushes partial-volume voxels to 0 or 1 (stages 1-10: 1)."""
     physics_lr: float | None = None
     """Peak learning rate of the physics branch and its injections (None: ``lr``). Zero-initialised
     gains and shifts continued at a trunk's fine-tuning rate hardly move (``norm_film`` from stage 9:
@@ -583,6 +603,10 @@ class TrainConfig:
             raise ValueError(f"--orientation must be one of {', '.join(ORIENTATIONS)}, not {self.orientation!r}")
         if not 0.0 <= self.randomise <= 1.0:
             raise ValueError(f"--randomise must be between 0 and 1, got {self.randomise:g}")
+        if self.target not in TARGETS:
+            raise ValueError(f"--target must be one of {', '.join(TARGETS)}, not {self.target!r}")
+        if self.dice_weight < 0:
+            raise ValueError(f"--dice-weight must be >= 0, got {self.dice_weight:g}")
         if self.physics_lr is not None and not self.physics_lr > 0:
             raise ValueError(f"--physics-lr must be positive, got {self.physics_lr:g}")
 
@@ -704,8 +728,8 @@ def train(cfg: TrainConfig, subjects: list[Subject] | None = None, progress=None
         runs.append({"model": net, "opt": opt, "sched": sched, "physics": phys, "init": init, "step": [], "loss": [],
                      "running": [], "seconds": 0.0, "iterations": 0, "n_subjects": len(subjects)})
     sampler = PatchSampler(subjects, cfg.patch, seed=cfg.seed, low_contrast=cfg.low_contrast, sampling=cfg.sampling,
-                           randomise=cfg.randomise, physics=cfg.physics is not False)
-    loss_fn = MaskedDiceCE()
+                           randomise=cfg.randomise, physics=cfg.physics is not False, target=cfg.target)
+    loss_fn = MaskedDiceCE(dice_weight=cfg.dice_weight)
     t0 = time.time()
     for it in range(1, cfg.iterations + 1):
         x, m, y, p = (t.to(device) for t in sampler.batch(cfg.batch, pairs=cfg.paired))
@@ -788,6 +812,10 @@ def command_line(cfg: TrainConfig) -> str:
         parts.append(f"--randomise {cfg.randomise:g}")
     if cfg.orientation != "native":
         parts.append(f"--orientation {cfg.orientation}")
+    if cfg.target != "gold-standard":
+        parts.append(f"--target {cfg.target}")
+    if cfg.dice_weight != 1.0:
+        parts.append(f"--dice-weight {cfg.dice_weight:g}")
     if cfg.init_from:
         parts.append(f"--init-from {cfg.init_from}")
     return " ".join(parts)
@@ -822,7 +850,9 @@ def save(net, cfg: TrainConfig, history: dict, final: bool = True) -> dict:
             "command": command_line(cfg),
             "seed": cfg.seed,
             "data": ("simulated on the fly by bidsapp.physics: static-equation MPRAGE/SPGR images of brain tissue "
-                     "fractions, residual bias and Rician noise; labels = physics gold standard from the 3 T R1 map"
+                     "fractions, residual bias and Rician noise; labels = "
+                     + ("physics gold standard from the 3 T R1 map" if cfg.target == "gold-standard"
+                        else "the label map's CSF/GM/WM fractions (partial volume kept)")
                      + ("; only each patch simulated, normalised by statistics of a one-in-eight voxel sample of the "
                         "brain" if cfg.sampling == "patch" else "")
                      + (f"; {cfg.randomise:.0%} of the samples domain-randomised (tissue properties {PROPERTY_SCALE:g}x "
@@ -846,7 +876,9 @@ def save(net, cfg: TrainConfig, history: dict, final: bool = True) -> dict:
                             "top": " (last decoder block, head and physics branch only; the rest frozen)",
                             "physics": " (physics branch and its injection only; the rest frozen)",
                             "gated": " (the gated trunk conditioning only; the rest frozen)"}[cfg.train],
-            "loss": "MONAI soft Dice + soft cross-entropy inside the brain mask"
+            "loss": ("MONAI soft Dice + soft cross-entropy" if cfg.dice_weight == 1.0 else
+                     f"soft cross-entropy + {cfg.dice_weight:g} x MONAI soft Dice" if cfg.dice_weight else
+                     "soft cross-entropy") + " inside the brain mask"
                     + (f" + {cfg.consistency:g} x mean squared softmax difference between two acquisitions of the "
                        "same patch (consistency; not in the paper)" if cfg.consistency else "")
                     + (f" + {cfg.volume_consistency:g} x relative soft-volume difference per class between the two "
@@ -949,6 +981,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="probability that a sample is domain-randomised (wider tissue properties, thick slices, "
                         "blur, strong bias, low SNR, gamma; for --no-physics also spin-echo and random contrasts): "
                         "what makes real scans look like training data; 0 = the physics simulation alone")
+    p.add_argument("--target", default="gold-standard", choices=TARGETS,
+                   help="what patches are labelled with: gold-standard (the paper's R1-based probabilities; "
+                        "stages 1-10) or fractions (the label map's tissue fractions: unbiased volumes)")
+    p.add_argument("--dice-weight", type=float, default=1.0, metavar="W",
+                   help="weight of the soft Dice term beside the cross-entropy (0: cross-entropy alone, "
+                        "whose probabilities are calibrated to the targets)")
     p.add_argument("--physics-from-base", action="store_true",
                    help="start the physics model from the ablation in --init-from, physics injection at zero "
                         "(needs a --physics-injection other than concat)")
@@ -968,7 +1006,8 @@ def config_from_args(args) -> TrainConfig:
                        low_contrast=args.low_contrast, train=args.train,
                        volume_consistency=args.volume_consistency, physics_lr=args.physics_lr,
                        physics_trunk_gate=args.physics_trunk_gate, sampling=args.sampling,
-                       randomise=args.randomise, orientation=args.orientation)
+                       randomise=args.randomise, orientation=args.orientation, target=args.target,
+                       dice_weight=args.dice_weight)
 
 
 def run(args) -> int:

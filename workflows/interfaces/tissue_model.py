@@ -51,11 +51,16 @@ def sidecar_metadata(result) -> dict:
         "SequenceParametersUsed": dict(pv.used),
         "SequenceParametersIgnored": dict(pv.ignored),
         "SequenceParametersMissing": list(pv.missing),
+        "SequenceParametersFrom": pv.parameters_from,
         "PhysicsFallback": pv.fallback_reason,
         "ExpectedWMGMSignalRatio": None if pv.wm_gm_ratio is None else round(pv.wm_gm_ratio, 3),
         "ModelResolution": result.model["resolution_mm"],
         "Resampling": (f"input box-averaged to {result.model['resolution_mm']:g} mm isotropic for the network; "
-                       "probabilities linearly interpolated back to the input grid"),
+                       "probabilities linearly interpolated back to the input grid"
+                       + ("; then refined at the input's resolution by the image's intensities (one Gaussian per "
+                          "class fitted by EM with the network's probabilities as the prior)"
+                          if result.refinement else "")),
+        "IntensityRefinement": result.refinement,
         "Device": result.device,
     }
 
