@@ -64,6 +64,12 @@ PURE = 0.9
 """Mean tissue probability above which a voxel calibrates that tissue's intensity."""
 MIN_SET = 50
 """Voxels a calibration set should have; fewer (small ventricles, coarse images) and a less pure set is used."""
+MIN_SET_ML = 2.0
+"""Volume a parenchymal (GM, WM) calibration set should have. A network trained on tissue fractions
+gives a 2 mm cortical voxel a GM probability above 0.9 rarely (150 voxels in a demo brain), and a
+median over so few, mostly deep grey matter, misreads the cortex (a stable brain read as -18 %)."""
+LEVELS = (0.9, 0.8, 0.7, 0.6, 0.5)
+"""Purity levels tried in turn until a calibration set is large enough."""
 WINDOW = (0.25, 0.75)
 """Tissue fractions between which the boundary-shift integral reads a change: 2.5 noise standard
 deviations (about 0.1 in f at the simulator's SNR) from pure CSF and pure tissue."""
@@ -110,11 +116,14 @@ def common_space(masks, tissues=None, spacing=(1.0, 1.0, 1.0), template: np.ndar
         mean = {c: np.mean([t[c] for t in have], 0) for c in ("GM", "WM", "CSF")}
         par = mean["GM"] + mean["WM"]
         gm_share = np.where(par > 1e-3, mean["GM"] / np.maximum(par, 1e-3), 0.5).astype(np.float32)
+        voxel_mm3 = float(np.prod(spacing))
         for tissue in ("GM", "WM", "CSF"):
             # the purest voxels that are enough: ventricular CSF first (no partial volume reaches it)
-            for level, where in ((PURE, deep > 0.99), (PURE, True), (0.5, True)):
+            enough = MIN_SET if tissue == "CSF" else max(MIN_SET, int(MIN_SET_ML * 1000.0 / voxel_mm3))
+            tries = [(PURE, deep > 0.99)] if tissue == "CSF" else []
+            for level, where in tries + [(lv, True) for lv in LEVELS]:
                 sets[tissue] = core & (mean[tissue] > level) & (where if tissue == "CSF" else True)
-                if sets[tissue].sum() >= MIN_SET:
+                if sets[tissue].sum() >= enough:
                     break
     else:
         if template is None:
