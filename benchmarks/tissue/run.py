@@ -542,6 +542,7 @@ def main(argv=None) -> int:
         for m, name in (("unet-physics", tissue.PHYSICS_MODEL), ("unet", tissue.BASE_MODEL)):
             if m in out["summary"]:
                 command = " ".join(["python benchmarks/tissue/run.py", *(sys.argv[1:] if argv is None else argv)])
+                card = registry.load_card(name, args.weights_dir)
                 metrics = {"benchmark": command, "heldout_subjects": out["subjects"],
                            "points_per_sweep": args.points, "resolution_mm": args.resolution,
                            "dice_vs_physics_gold_standard": {f: {t: out["summary"][m][f]["dice"][t][0] for t in TISSUES}
@@ -552,14 +553,14 @@ def main(argv=None) -> int:
                                                             for f in FAMILIES},
                            "volume_error_vs_true_pct": {f: out["summary"][m][f].get("volume_error_pct")
                                                         for f in FAMILIES},
-                           "intensity_refinement": not args.no_refine and args.resolution ** 3
-                           <= tissue.REFINE_BELOW * registry.load_card(name, args.weights_dir)["resolution_mm"] ** 3}
+                           "intensity_refinement": not args.no_refine and tissue.refinement_applies(
+                               (args.resolution,) * 3, card["resolution_mm"])}
                 if "presets" in out:
                     metrics["dice_on_simulator_presets"] = {pr: out["presets"][pr][m] for pr in out["presets"]}
                 if "timing" in out:
                     metrics["inference_1mm_cpu2_seconds"] = out["timing"]["median_seconds"]
                     metrics["inference_1mm_peak_rss_mb"] = out["timing"]["median_peak_rss_mb"]
-                kept = registry.load_card(name, args.weights_dir).get("metrics", {})  # e.g. real-scan figures
+                kept = card.get("metrics", {})  # e.g. real-scan figures
                 registry.update_card(name, {"metrics": {**kept, **metrics}}, args.weights_dir)
         print("model cards updated")
     return 0

@@ -11,27 +11,35 @@ parameters came from (``parameters_from``); the tissue sidecar repeats it.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
-from .acquisition import AcquisitionRecord
+from .acquisition import ATTRIBUTES, AcquisitionRecord
 
 SEQUENCE_FIELDS = ("sequence_family", "repetition_time", "echo_time", "inversion_time", "flip_angle",
                    "repetition_time_preparation", "field_strength")
 """What an image borrows: the family and the numbers the physics model reads (scanner identity is not
 borrowed: harmonisation groups must not be guessed)."""
-REQUIRED = {"MPRAGE": ("inversion_time",), "SPGR": ("repetition_time", "echo_time", "flip_angle")}
-"""Parameters a family needs before the physics model can use it (``bidsapp.models.tissue.FAMILY_PARAMETERS``
-in record field names)."""
 SUFFIXES = ("T1w",)
+
+
+@functools.cache
+def _required() -> dict[str, tuple[str, ...]]:
+    """Family -> the record attributes the physics model needs (``bidsapp.models.tissue.FAMILY_PARAMETERS``;
+    imported on first use, so planning a run without a sidecar gap never loads the model module)."""
+    from bidsapp.models.tissue import FAMILY_PARAMETERS
+
+    return {fam: tuple(ATTRIBUTES[n] for n in spec["required"]) for fam, spec in FAMILY_PARAMETERS.items()}
 
 
 def complete(rec: AcquisitionRecord) -> bool:
     """Whether the record has a family the physics model knows and every parameter it needs."""
-    need = REQUIRED.get(rec.sequence_family)
+    need = _required().get(rec.sequence_family)
     return need is not None and all(getattr(rec, f) is not None for f in need)
 
 
 def _grid(path: Path):
+    """Matrix and voxel size (0.01 mm) of an image."""
     import nibabel as nib
 
     try:
@@ -42,7 +50,7 @@ def _grid(path: Path):
 
 
 def _signature(rec: AcquisitionRecord) -> tuple:
-    """The parameters compared across donors (times to 0.1 ms, angles and fields to 0.1)."""
+    """The parameters compared across donors (numbers to four decimals: 0.1 ms for times in seconds)."""
     return tuple(None if (v := getattr(rec, f)) is None else (v if isinstance(v, str) else round(float(v), 4))
                  for f in SEQUENCE_FIELDS)
 
@@ -65,14 +73,19 @@ def borrow_parameters(plan, layout, root: Path) -> None:
             if complete(rec):
                 donors.setdefault((suffix, bf.entities.get("acquisition")), []).append((Path(bf.path), rec))
     grids: dict[Path, tuple | None] = {}
+
+    def grid_of(p: Path):  # each header read once per call
+        if p not in grids:
+            grids[p] = _grid(p)
+        return grids[p]
+
     for subject, session, path, rec in needy:
         acq = session.entities.get(path, {}).get("acquisition")
         candidates = donors.get((rec.suffix, acq), [])
         if not candidates:
             continue
-        grid = grids.setdefault(path, _grid(path))
-        same = [(p, r) for p, r in candidates
-                if p != path and grid is not None and grids.setdefault(p, _grid(p)) == grid]
+        grid = grid_of(path)
+        same = [(p, r) for p, r in candidates if p != path and grid is not None and grid_of(p) == grid]
         if not same:
             continue
         signatures = {_signature(r) for _, r in same}

@@ -33,12 +33,11 @@ class MaskedDiceCE:
         import torch
 
         logp = torch.log_softmax(logits, dim=1)
-        prob = logp.exp() * mask
         ce = -(target * logp).sum(1, keepdim=True)
         ce = (ce * mask).sum() / mask.sum().clamp_min(1.0)
         if not self.dice_weight:
             return self.ce_weight * ce
-        return self.dice_weight * self.dice(prob, target * mask) + self.ce_weight * ce
+        return self.dice_weight * self.dice(logp.exp() * mask, target * mask) + self.ce_weight * ce
 
 
 def volume_consistency_loss(logits, mask):
