@@ -61,6 +61,13 @@ columns): the one translation between the two vocabularies. Units are the same o
 seconds, degrees, tesla)."""
 ATTRIBUTES = {v: k for k, v in BIDS_NAMES.items()}
 """BIDS sidecar field -> record attribute."""
+FAMILY_PARAMETERS = {
+    "MPRAGE": {"required": ("InversionTime",), "optional": ("InversionRepetitionTime", "MagneticFieldStrength")},
+    "SPGR": {"required": ("RepetitionTime", "EchoTime", "FlipAngle"), "optional": ("MagneticFieldStrength",)},
+}
+"""Sequence family -> the BIDS fields the physics-aware tissue model reads (required ones, without which
+it falls back to the sequence-agnostic ablation; optional ones). Kept here, beside the vocabulary, so
+planning a run (which images can borrow parameters) does not load the model."""
 
 
 def lookup(values, bids_name: str):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-from .acquisition import ATTRIBUTES, AcquisitionRecord
+from .acquisition import ATTRIBUTES, FAMILY_PARAMETERS, AcquisitionRecord
 
 SEQUENCE_FIELDS = ("sequence_family", "repetition_time", "echo_time", "inversion_time", "flip_angle",
                    "repetition_time_preparation", "field_strength")
@@ -25,10 +25,7 @@ SUFFIXES = ("T1w",)
 
 @functools.cache
 def _required() -> dict[str, tuple[str, ...]]:
-    """Family -> the record attributes the physics model needs (``bidsapp.models.tissue.FAMILY_PARAMETERS``;
-    imported on first use, so planning a run without a sidecar gap never loads the model module)."""
-    from bidsapp.models.tissue import FAMILY_PARAMETERS
-
+    """Family -> the record attributes the physics model needs (:data:`FAMILY_PARAMETERS`)."""
     return {fam: tuple(ATTRIBUTES[n] for n in spec["required"]) for fam, spec in FAMILY_PARAMETERS.items()}
 
 

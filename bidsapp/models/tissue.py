@@ -56,7 +56,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from bidsapp.bids.acquisition import lookup
+from bidsapp.bids.acquisition import FAMILY_PARAMETERS, lookup
 from bidsapp.devices import resolve_device
 from bidsapp.labels import BRAIN, TISSUE
 from bidsapp.physics.contrast import csf_inverted, low_contrast_warning, wm_gm_signal_ratio
@@ -85,10 +85,6 @@ PARAMETER_LAYOUT = (
 N_PARAMS = len(PARAMETER_LAYOUT)
 _SLOT = {name: PARAMETER_LAYOUT.index(name) for name in PARAMETER_LAYOUT}
 
-FAMILY_PARAMETERS = {
-    "MPRAGE": {"required": ("InversionTime",), "optional": ("InversionRepetitionTime", "MagneticFieldStrength")},
-    "SPGR": {"required": ("RepetitionTime", "EchoTime", "FlipAngle"), "optional": ("MagneticFieldStrength",)},
-}
 
 TRAINING_RANGES = {
     "InversionTime": (0.6, 1.2),            # s   (paper 3.3)
