@@ -247,7 +247,9 @@ def _configure_nipype_workers(work_dir: Path, verbose: int) -> None:
 def _set_threads(omp_nthreads: int | None, nprocs: int | None) -> int:
     n = omp_nthreads or max(1, min(8, (nprocs or os.cpu_count() or 1)))
     os.environ["OMP_NUM_THREADS"] = str(n)
-    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(n)
+    from workflows.interfaces.ants import ITK_THREADS
+
+    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(ITK_THREADS)
     return n
 
 

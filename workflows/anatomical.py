@@ -18,6 +18,7 @@ from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
 from workflows.interfaces.ants import (
+    ITK_THREADS,
     N4BiasFieldCorrection,
     RegistrationToTemplate,
     ReorientToRAS,
@@ -58,14 +59,14 @@ def init_anat_preproc_wf(*, template: dict, omp_nthreads: int = 1, seed: int = 0
 
     reorient = pe.Node(ReorientToRAS(), name="reorient", mem_gb=0.5)
     n4 = pe.Node(N4BiasFieldCorrection(num_threads=omp_nthreads, seed=seed), name="n4",
-                 n_procs=omp_nthreads, mem_gb=1.0)
+                 n_procs=ITK_THREADS, mem_gb=1.0)
     brain = pe.Node(BrainExtraction(num_threads=omp_nthreads, seed=seed, template_t1w=files["T1w"],
                                     template_mask=files["mask"], method=brain_extraction, device=device),
                     name="brain_extraction", n_procs=omp_nthreads, mem_gb=1.5)
     # the second N4 runs inside the brain: the head pass leaves a bias in the brain on heads with scalp
     # and fat (workflows.interfaces.ants.n4_correct), which moves tissue boundaries and volumes
     n4_brain = pe.Node(N4BiasFieldCorrection(num_threads=omp_nthreads, seed=seed, brain_pass=True),
-                       name="n4_brain", n_procs=omp_nthreads, mem_gb=1.0)
+                       name="n4_brain", n_procs=ITK_THREADS, mem_gb=1.0)
     wf.connect([
         (inputnode, reorient, [("in_file", "in_file")]),
         (inputnode, brain, [("in_file", "source_file")]),
@@ -81,10 +82,10 @@ def init_anat_preproc_wf(*, template: dict, omp_nthreads: int = 1, seed: int = 0
         return wf
     norm = pe.Node(RegistrationToTemplate(num_threads=omp_nthreads, seed=seed, transform=registration,
                                           template_t1w=files["T1w"], template_mask=files["mask"]),
-                   name="registration", n_procs=omp_nthreads, mem_gb=2.0)
+                   name="registration", n_procs=ITK_THREADS, mem_gb=2.0)
     priors = pe.Node(WarpPriors(num_threads=omp_nthreads, seed=seed,
                                 priors=[files["CSF"], files["GM"], files["WM"]]),
-                     name="warp_priors", n_procs=omp_nthreads, mem_gb=1.5)
+                     name="warp_priors", n_procs=ITK_THREADS, mem_gb=1.5)
     wf.connect([
         (n4_brain, norm, [("out_file", "in_file")]),
         (brain, norm, [("out_mask", "in_mask"), ("out_xfm", "initial_xfm")]),
@@ -111,11 +112,11 @@ def init_coregistration_wf(*, omp_nthreads: int = 1, seed: int = 0, name: str = 
     outputnode = pe.Node(niu.IdentityInterface(fields=["out_file", "out_xfm"]), name="outputnode")
     reorient = pe.Node(ReorientToRAS(), name="reorient", mem_gb=0.5)
     n4 = pe.Node(N4BiasFieldCorrection(num_threads=omp_nthreads, seed=seed), name="n4",
-                 n_procs=omp_nthreads, mem_gb=1.0)
+                 n_procs=ITK_THREADS, mem_gb=1.0)
     coreg = pe.Node(RigidCoregistration(num_threads=omp_nthreads, seed=seed), name="coregister",
-                    n_procs=omp_nthreads, mem_gb=1.5)
+                    n_procs=ITK_THREADS, mem_gb=1.5)
     n4_brain = pe.Node(N4BiasFieldCorrection(num_threads=omp_nthreads, seed=seed, brain_pass=True),
-                       name="n4_brain", n_procs=omp_nthreads, mem_gb=1.0)
+                       name="n4_brain", n_procs=ITK_THREADS, mem_gb=1.0)
     wf.connect([
         (inputnode, reorient, [("in_file", "in_file")]),
         (reorient, n4, [("out_file", "in_file")]),

@@ -15,22 +15,23 @@ from nipype.pipeline import engine as pe
 
 
 def atropos_node(name: str, options: dict) -> pe.Node:
-    from workflows.interfaces.ants import Atropos
+    from workflows.interfaces.ants import ITK_THREADS, Atropos
 
     tpl = options.get("template") or {}
     return pe.Node(
         Atropos(num_threads=options.get("omp_nthreads", 1), seed=options.get("seed", 0),
                 prior_weight=options.get("prior_weight", 0.25),
                 template={k: tpl[k] for k in ("name", "source", "resolution") if k in tpl}),
-        name=name, n_procs=options.get("omp_nthreads", 1), mem_gb=options.get("mem_gb", 2.0),
+        name=name, n_procs=ITK_THREADS, mem_gb=options.get("mem_gb", 2.0),
     )
 
 
 def unet_node(name: str, options: dict) -> pe.Node:
     from workflows.interfaces.tissue_model import TissueModel
 
-    return pe.Node(TissueModel(device=options.get("device", "auto")), name=name,
-                   n_procs=options.get("omp_nthreads", 1), mem_gb=options.get("mem_gb", 3.0))
+    threads = options.get("omp_nthreads", 1)
+    return pe.Node(TissueModel(device=options.get("device", "auto"), num_threads=threads), name=name,
+                   n_procs=threads, mem_gb=options.get("mem_gb", 3.0))
 
 
 def _lesion_segment_node(name: str, options: dict, key: str) -> pe.Node:

@@ -63,6 +63,8 @@ def build_network(arch: dict | None = None, n_domains: int = 0):
     from monai.networks.nets import BasicUNet
     from torch import nn
 
+    from .layers import fixed_order
+
     arch = arch or ARCHITECTURE
     if arch.get("class") != ARCHITECTURE["class"]:
         raise ValueError(f"unknown lesion architecture {arch.get('class')}")
@@ -72,6 +74,7 @@ def build_network(arch: dict | None = None, n_domains: int = 0):
 
         def __init__(self, kwargs, n_domains):
             super().__init__(**kwargs)
+            self.final_conv = fixed_order(self.final_conv)  # outputs independent of the thread count
             width = int(kwargs["features"][4])
             self.domain_head = None
             if n_domains > 0:  # phi_R: three perceptron layers, softmax applied by the loss

@@ -409,6 +409,17 @@ class TissueResult:
         return self.parameters.fallback_reason
 
 
+def channel_softmax(logits):
+    """Softmax over the class axis (1) written out element-wise.
+
+    ``torch.softmax`` over a non-last axis splits its vectorised loop at thread boundaries, so the
+    probabilities changed in their last bits with the thread count (``--omp-nthreads``); element-wise
+    operations and a three-term reduction per voxel do not.
+    """
+    e = (logits - logits.amax(dim=1, keepdim=True)).exp()
+    return e / e.sum(dim=1, keepdim=True)
+
+
 def mirrored(predictor, axes=()):
     """``predictor`` averaged over its mirror images along the spatial ``axes`` (test-time mirroring).
 
@@ -451,7 +462,7 @@ def predict_probs(model, image: np.ndarray, mask: np.ndarray, params: np.ndarray
     roi_size = [min(roi, s) if s % div == 0 else roi for s in x.shape[2:]]
     roi_size = [r - r % div if r % div else r for r in roi_size]
     def predictor(window):  # windows are blended as probabilities
-        return torch.softmax(model(window, p).float() if model.uses_physics else model(window).float(), dim=1)
+        return channel_softmax(model(window, p).float() if model.uses_physics else model(window).float())
 
     with torch.inference_mode():
         prob = sliding_window_inference(x, roi_size, sw_batch_size, mirrored(predictor, mirror_axes),
@@ -557,7 +568,7 @@ def sweep_volumes(image: np.ndarray, mask: np.ndarray, zooms, acquisition: dict,
 
             def predictor(window, params=params):
                 logits = model.forward_each(window, params).float()
-                return torch.cat([torch.softmax(z, dim=1) for z in logits.split(n_cls, dim=1)], dim=1)
+                return torch.cat([channel_softmax(z) for z in logits.split(n_cls, dim=1)], dim=1)
 
             prob = sliding_window_inference(xt, roi_size, 8, mirrored(predictor, mirror_axes),
                                             overlap=float(card.get("inference_overlap", 0.5)), mode="gaussian")[0]

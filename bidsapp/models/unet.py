@@ -45,6 +45,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .layers import PointwiseConv3d
 
 INJECTIONS = ("concat", "norm_shift", "norm_film", "norm_film_all")
 """How the physics channels enter the network (see the module docstring)."""
@@ -150,7 +151,7 @@ class UNet3D(nn.Module):
             else:
                 self.decoders.append(self.make_block(2 * f[i] + (concat if last else 0), f[i],
                                                      norm_first=not (last and concat)))
-        self.head = nn.Conv3d(f[0], out_channels, 1)
+        self.head = PointwiseConv3d(f[0], out_channels)
 
     # extension points -------------------------------------------------------------------------
     def make_block(self, cin: int, cout: int, norm_first: bool = True) -> nn.Module:

@@ -8,9 +8,10 @@ Computation lives in plain functions (``reorient_to_ras``, ``n4_correct``, ``ext
 and return file paths, so they can be tested and benchmarked without Nipype; the interfaces only map
 traits to arguments.
 
-Threads: ITK reads ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS`` when it first needs its thread pool, so
-every node sets it (from its ``num_threads`` input, which is not part of the node's hash) before
-antspyx runs; with Nipype's MultiProc the value seen first by a worker process holds for that worker.
+Threads: every ANTs/ITK step runs on :data:`ITK_THREADS` (one) thread, whatever ``--omp-nthreads``
+says, so that its numbers do not depend on it (see there); the ``num_threads`` input (not part of a
+node's hash) sets the networks' threads. ITK reads ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS`` once per
+process, when it first needs its pool, so every node sets it before antspyx runs.
 ``ANTS_RANDOM_SEED`` is set from ``seed`` so that the metric's random sampling is reproducible.
 
 Transforms (ITK/ANTs convention: a transform maps points of the *fixed/output* space to the *moving/
@@ -50,10 +51,20 @@ REGISTRATION_TYPES = ("Rigid", "Affine", "SyN")
 # ============================================================================ helpers
 
 
+ITK_THREADS = 1
+"""Threads of every ANTs/ITK step. ITK cuts its sums (N4's B-spline fit, the registration metric) into
+one work unit per thread, so N4 and the template registration gave different numbers on 1, 2 and 4
+threads, and registration on 2 threads differed from run to run; on one thread they are the same
+every time, and outputs are identical whatever ``--nprocs``/``--omp-nthreads``. The cost is small:
+these steps take about a third of a session, run at 2 mm or on an 8 mm grid, and Nipype runs them
+beside the other sessions' and the networks' work (``n_procs`` of these nodes is 1)."""
+
+
 def use_threads(n: int | None, seed: int | None = None) -> int:
-    """Set ITK's (and OpenMP's) thread count, and ANTs' random seed, for what runs next here."""
+    """Pin ITK to :data:`ITK_THREADS`, set OpenMP's thread count and ANTs' random seed for what runs next
+    here; returns ``n`` (at least 1), the threads a network in this node may use."""
     n = max(1, int(n or 1))
-    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(n)
+    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(ITK_THREADS)
     os.environ["OMP_NUM_THREADS"] = str(n)
     if seed is not None:
         os.environ["ANTS_RANDOM_SEED"] = str(int(seed) + 1)  # ANTs treats 0 as "not set"

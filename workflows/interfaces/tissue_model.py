@@ -33,6 +33,7 @@ class TissueModelInputSpec(BaseInterfaceInputSpec):
     device = traits.Enum("auto", "cpu", "cuda", usedefault=True, desc="torch device")
     use_physics = traits.Bool(True, usedefault=True, desc="False forces the no-physics U-Net")
     weights_dir = traits.Str(desc="alternative folder of weights + model cards (default: the packaged models)")
+    num_threads = traits.Int(1, usedefault=True, nohash=True, desc="torch CPU threads (the node's n_procs)")
 
 
 class TissueModelOutputSpec(SegmentationOutputSpec):
@@ -74,9 +75,11 @@ class TissueModel(SimpleInterface):
     def _run_interface(self, runtime):
         import nibabel as nib
         import numpy as np
+        import torch
 
         from bidsapp.models import tissue
 
+        torch.set_num_threads(max(1, int(self.inputs.num_threads)))
         img = nib.load(self.inputs.in_file)
         mask_img = nib.load(self.inputs.mask_file)
         data = np.asarray(img.dataobj, dtype=np.float32)
