@@ -208,6 +208,17 @@ def _nipype_level(verbose: int) -> str:
     return "INFO" if verbose >= 1 else "WARNING"
 
 
+class _NoTraceback(logging.Filter):
+    """Keep a Nipype crash record's lines before its traceback on the terminal: the record names the
+    crash file, which holds the whole traceback (``-v`` shows it here too)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if "Traceback" in msg:
+            record.msg, record.args = msg.split("Traceback", 1)[0].rstrip(), ()
+        return True
+
+
 def _setup_logging(verbose: int) -> None:
     level = logging.WARNING - 10 * min(verbose + 1, 2)
     logging.basicConfig(level=level, format="%(asctime)s scanbridge %(levelname)s: %(message)s",
@@ -223,6 +234,8 @@ def _setup_logging(verbose: int) -> None:
         logger = nlogging.getLogger(f"nipype.{name}")
         logger.setLevel(_nipype_level(verbose))
         logger.propagate = False  # Nipype prints its own records; do not print them twice
+        if verbose < 1 and not any(isinstance(f, _NoTraceback) for f in logger.filters):
+            logger.addFilter(_NoTraceback())
 
 
 def _configure_nipype_workers(work_dir: Path, verbose: int) -> None:
@@ -290,6 +303,10 @@ def run_participant(opts) -> int:
             for line in lines:
                 print(f"  {line}", flush=True)
 
+    if not plan.runnable_subjects:  # nothing to run: leave the output folder as it was
+        print(f"scanbridge: nothing to process in {opts.bids_dir} (see above); no outputs written", file=sys.stderr)
+        return EXIT_FAILED
+
     from bidsapp.templates import get_template
     from workflows.base import init_single_subject_wf
 
@@ -340,6 +357,12 @@ def run_participant(opts) -> int:
             for msg in errors:
                 LOG.error("sub-%s failed: %s", label, msg)
             LOG.error("sub-%s: details in %s", label, crash_dir)
+        try:
+            derivatives.mark_incomplete(opts.output_dir, label, None if not errors else (
+                f"the run of sub-{label} failed ({errors[0]}); this output is from a step that finished, "
+                "others are missing; rerun to complete"))
+        except OSError as exc:
+            LOG.error("sub-%s: could not mark its outputs incomplete: %s", label, _first_line(exc))
         warnings = list(subj.warnings) + [reason for _, reason in subj.skipped]
         try:
             report = write_participant_report(opts.output_dir, label, warnings=warnings, errors=errors,

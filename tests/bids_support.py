@@ -33,7 +33,7 @@ SPGR = {
 }
 
 
-def image(shape=(8, 8, 8), zooms=(2.0, 2.0, 2.0), dtype=np.float32, fill=None, seed=0):
+def image(shape=(32, 32, 32), zooms=(2.0, 2.0, 2.0), dtype=np.float32, fill=None, seed=0):
     rng = np.random.default_rng(seed)
     data = rng.uniform(10, 100, size=shape).astype(dtype) if fill is None else np.full(shape, fill, dtype=dtype)
     img = nib.Nifti1Image(data, np.diag(list(zooms[:3]) + [1.0]))

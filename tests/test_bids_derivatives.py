@@ -102,7 +102,7 @@ def test_atomic_save_nifti_keeps_format_from_extension(tmp_path):
 
     path = d.atomic_save_nifti(image(), tmp_path / "sub-01_desc-preproc_T1w.nii.gz")
     assert path.read_bytes()[:2] == b"\x1f\x8b"
-    assert nib.load(str(path)).shape == (8, 8, 8)
+    assert nib.load(str(path)).shape == (32, 32, 32)
 
 
 def test_json_refuses_unknown_objects_and_writes_nan_as_null(tmp_path):
@@ -272,7 +272,7 @@ def test_save_derivative_in_one_call(tmp_path):
     rec = AcquisitionRecord.from_metadata(MPRAGE, suffix="T1w")
     pre = d.save_derivative(image(), out, t1w, bids_dir=raw, suffix="T1w", desc="preproc", acquisition=rec,
                             sidecar={"SkullStripped": False})
-    assert pre == out / "sub-01/ses-1/anat/sub-01_ses-1_desc-preproc_T1w.nii.gz" and nib.load(str(pre)).shape == (8, 8, 8)
+    assert pre == out / "sub-01/ses-1/anat/sub-01_ses-1_desc-preproc_T1w.nii.gz" and nib.load(str(pre)).shape == (32, 32, 32)
     doc = json.loads(d.sidecar_path(pre).read_text())
     assert doc["Sources"] == ["bids:raw:sub-01/ses-1/anat/sub-01_ses-1_T1w.nii.gz"]
     assert doc["SkullStripped"] is False and doc["Acquisition"]["group_key"] == rec.group_key
@@ -290,3 +290,16 @@ def test_pybids_validates_the_output_as_a_derivative_dataset(output_tree):
     raw, out = output_tree
     layout = bids.BIDSLayout(out, validate=True, is_derivative=True)
     assert layout.get_subjects() == ["01", "02"]
+
+
+def test_a_failed_subjects_outputs_are_marked_incomplete_until_a_rerun_finishes(tmp_path):
+    anat = tmp_path / "sub-01" / "ses-1" / "anat"
+    anat.mkdir(parents=True)
+    (anat / "sub-01_ses-1_desc-preproc_T1w.json").write_text(json.dumps({"SkullStripped": False}))
+    (tmp_path / "sub-02.json").write_text("{}")  # other subjects are not touched
+    assert d.mark_incomplete(tmp_path, "01", "the run of sub-01 failed (boom)") == 1
+    doc = json.loads((anat / "sub-01_ses-1_desc-preproc_T1w.json").read_text())
+    assert doc == {"SkullStripped": False, d.INCOMPLETE: "the run of sub-01 failed (boom)"}
+    assert d.mark_incomplete(tmp_path, "01", None) == 1
+    assert json.loads((anat / "sub-01_ses-1_desc-preproc_T1w.json").read_text()) == {"SkullStripped": False}
+    assert d.mark_incomplete(tmp_path, "01", None) == 0 and d.mark_incomplete(tmp_path, "03", "x") == 0

@@ -234,7 +234,7 @@ def test_empty_subject_folder_is_skipped(ds):
         (lambda p: p.write_bytes(b""), "empty file (0 bytes)"),
         (lambda p: p.write_bytes(p.read_bytes()[:60]), "truncated"),
         (lambda p: p.write_text("not an image"), "not gzip data"),
-        (lambda p: write_image(p, image(shape=(8, 8, 8, 2), zooms=(2, 2, 2))), "4D image with 2 volumes"),
+        (lambda p: write_image(p, image(shape=(32, 32, 32, 2), zooms=(2, 2, 2))), "4D image with 2 volumes"),
         (lambda p: write_image(p, image(fill=0)), "all voxels are zero"),
         (lambda p: write_image(p, image(fill=math.nan)), "no finite values"),
     ],
@@ -254,7 +254,7 @@ def test_bad_t1w_is_skipped_with_a_message_naming_it(ds, make, expect):
 
 def test_single_volume_4d_is_kept_with_a_warning(ds):
     p = ds / "sub-01/ses-1/anat/sub-01_ses-1_T1w.nii.gz"
-    write_image(p, image(shape=(8, 8, 8, 1), zooms=(2, 2, 2)))
+    write_image(p, image(shape=(32, 32, 32, 1), zooms=(2, 2, 2)))
     sub = discover(ds, participant_label="01").subjects[0]
     assert p in sub.sessions[0].t1w
     assert any(w.startswith(f"{p}: 4D image with a single volume") for w in sub.warnings)
@@ -272,6 +272,11 @@ def test_missing_and_malformed_sidecars_are_warnings(ds):
     sub01, sub02 = plan.subjects[0], plan.subjects[1]
     t1 = ds / "sub-01/ses-1/anat/sub-01_ses-1_T1w.nii.gz"
     assert any(w.startswith(f"{t1}: no sidecar metadata") for w in sub01.warnings)
+    # the image whose sidecar is broken is not described as having none
+    t1b = ds / "sub-01/ses-2/anat/sub-01_ses-2_T1w.nii.gz"
+    assert any(w.startswith(f"{t1b}: its sidecar sub-01_ses-2_T1w.json is not valid JSON (ignored); unknown: ")
+               for w in sub01.warnings)
+    assert not any(w.startswith(f"{t1b}: no sidecar metadata") for w in sub01.warnings)
     t2 = ds / "sub-02/ses-1/anat/sub-02_ses-1_T1w.nii.gz"
     assert f"{t2}: sidecar is missing or has malformed ManufacturersModelName, MagneticFieldStrength, EchoTime, FlipAngle" in sub02.warnings
     assert f"{t2}: RepetitionTime=2300 looks like milliseconds; using 2.3 s" in sub02.warnings
@@ -393,7 +398,7 @@ def test_an_image_without_sequence_parameters_borrows_those_of_its_protocol(tmp_
     pv = parameter_vector(plan.subjects[0].sessions[0].acquisitions[root / "sub-03/anat/sub-03_T1w.nii.gz"].to_dict())
     assert pv.values is not None and pv.parameters_from == "sub-01/anat/sub-01_T1w.nii.gz"
 
-    write_image(root / "sub-03" / "anat" / "sub-03_T1w.nii.gz", image(zooms=(1.0, 1.0, 1.0)))  # another grid
+    write_image(root / "sub-03" / "anat" / "sub-03_T1w.nii.gz", image(zooms=(2.5, 2.5, 2.5)))  # another grid
     rec = discover(root, participant_label=["03"]).subjects[0].sessions[0].acquisitions[
         root / "sub-03/anat/sub-03_T1w.nii.gz"]
     assert rec.sequence_family == "UNKNOWN" and rec.parameters_from is None

@@ -30,13 +30,13 @@ def test_good_image_passes(tmp_path):
     p = write_image(tmp_path / "sub-01_T1w.nii.gz")
     check = v.inspect_image(p)
     assert check.ok and check.errors == [] and check.warnings == []
-    assert check.shape == (8, 8, 8) and check.zooms == (2.0, 2.0, 2.0)
+    assert check.shape == (32, 32, 32) and check.zooms == (2.0, 2.0, 2.0)
     assert v.check_image(p) is None
 
 
 def test_integer_image_passes(tmp_path):
     data = np.arange(512, dtype=np.int16).reshape(8, 8, 8)
-    p = write_image(tmp_path / "i.nii", nib.Nifti1Image(data, np.eye(4)))
+    p = write_image(tmp_path / "i.nii", nib.Nifti1Image(data, np.diag([8.0, 8.0, 8.0, 1.0])))
     assert v.check_image(p) is None
 
 
@@ -54,7 +54,7 @@ def test_zero_byte_file(tmp_path):
 
 
 def test_truncated_gzip(tmp_path):
-    good = write_image(tmp_path / "good.nii.gz", image(shape=(16, 16, 16)))
+    good = write_image(tmp_path / "good.nii.gz", image())
     p = tmp_path / "sub-01_T1w.nii.gz"
     p.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     assert "truncated or corrupt" in _only_error(p)
@@ -84,15 +84,23 @@ def test_not_gzip_and_not_nifti(tmp_path):
 
 
 def test_4d_images(tmp_path):
-    p = write_image(tmp_path / "sub-01_T1w.nii.gz", image(shape=(8, 8, 8, 3), zooms=(2, 2, 2)))
+    p = write_image(tmp_path / "sub-01_T1w.nii.gz", image(shape=(32, 32, 32, 3), zooms=(2, 2, 2)))
     assert "4D image with 3 volumes" in _only_error(p)
     assert v.inspect_image(p, expect_3d=False).ok
-    one = write_image(tmp_path / "sub-02_T1w.nii.gz", image(shape=(8, 8, 8, 1), zooms=(2, 2, 2)))
+    one = write_image(tmp_path / "sub-02_T1w.nii.gz", image(shape=(32, 32, 32, 1), zooms=(2, 2, 2)))
     check = v.inspect_image(one)
-    assert check.ok and check.warnings == [f"{one}: 4D image with a single volume (shape (8, 8, 8, 1)); it is used as 3D"]
+    assert check.ok and check.warnings == [f"{one}: 4D image with a single volume (shape (32, 32, 32, 1)); it is used as 3D"]
     img, warnings = v.load_3d(one)
-    assert img.shape == (8, 8, 8) and img.get_data_dtype() == np.float32 and warnings == check.warnings
+    assert img.shape == (32, 32, 32) and img.get_data_dtype() == np.float32 and warnings == check.warnings
     np.testing.assert_allclose(img.affine, nib.load(str(one)).affine)
+
+
+def test_an_image_too_small_to_hold_a_head(tmp_path):
+    p = write_image(tmp_path / "sub-01_T1w.nii.gz", image(shape=(5, 5, 5), zooms=(3, 3, 3)))
+    assert _only_error(p) == (f"{p}: field of view 15x15x15 mm (5x5x5 voxels) cannot hold a head "
+                              "(at least 60 mm and 8 voxels along every axis)")
+    thin = write_image(tmp_path / "sub-02_T1w.nii.gz", image(shape=(64, 64, 4), zooms=(1, 1, 20)))
+    assert "(64x64x4 voxels) cannot hold a head" in _only_error(thin)
 
 
 def test_2d_image(tmp_path):
@@ -106,7 +114,7 @@ def test_all_zero_constant_and_nan(tmp_path):
     assert "no finite values" in _only_error(write_image(tmp_path / "n.nii.gz", image(fill=np.nan)))
     data = image().get_fdata().astype(np.float32)
     data[0, 0, :2] = [np.nan, np.inf]
-    p = write_image(tmp_path / "some.nii.gz", nib.Nifti1Image(data, np.eye(4)))
+    p = write_image(tmp_path / "some.nii.gz", nib.Nifti1Image(data, np.diag([2.0, 2.0, 2.0, 1.0])))
     check = v.inspect_image(p)
     assert check.ok and check.warnings == [f"{p}: 2 voxels are NaN/inf; they are set to 0"]
     img, _ = v.load_3d(p)
@@ -137,7 +145,7 @@ def test_singular_affine(tmp_path):
 
 
 def test_thick_slices_are_a_warning(tmp_path):
-    p = write_image(tmp_path / "sub-01_T1w.nii.gz", image(zooms=(1, 1, 7)))
+    p = write_image(tmp_path / "sub-01_T1w.nii.gz", image(shape=(64, 64, 16), zooms=(1, 1, 7)))
     check = v.inspect_image(p)
     assert check.ok and check.warnings == [f"{p}: thick voxels 1x1x7 mm; results will be coarse"]
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from bidsapp import __version__
-from bidsapp.cli import EXIT_USAGE, build_parser, main
+from bidsapp.cli import EXIT_FAILED, EXIT_USAGE, build_parser, main
 
 
 @pytest.fixture
@@ -65,6 +65,35 @@ def test_not_a_bids_dataset(capsys, tmp_path):
     (tmp_path / "plain").mkdir()
     code, _, err = run_cli(capsys, tmp_path / "plain", tmp_path / "out", "participant")
     assert code == EXIT_USAGE and "dataset_description.json" in err
+
+
+def test_a_derivatives_dataset_is_named_as_such(capsys, tmp_path):
+    root = tmp_path / "fmriprep"
+    root.mkdir()
+    (root / "dataset_description.json").write_text(json.dumps(
+        {"Name": "x", "BIDSVersion": "1.9.0", "DatasetType": "derivative", "GeneratedBy": [{"Name": "fMRIPrep"}]}))
+    code, _, err = run_cli(capsys, root, tmp_path / "out", "participant", "--skip-bids-validation")
+    assert code == EXIT_USAGE and not (tmp_path / "out").exists()
+    assert err.strip() == (f"scanbridge: error: {root}: a derivatives dataset (DatasetType \"derivative\", made by "
+                           "fMRIPrep), not raw BIDS data; give the raw dataset's folder as bids_dir")
+
+
+def test_nothing_to_process_writes_nothing(capsys, tiny_bids, tmp_path):
+    """tiny_bids' images (8 mm across) cannot hold a head: both subjects are skipped at discovery."""
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(capsys, tiny_bids, out, "participant", "-w", tmp_path / "work", "--skip-bids-validation")
+    assert code == EXIT_FAILED and not out.exists()
+    assert "cannot hold a head" in stdout and "nothing to process" in err and "Traceback" not in err
+
+
+def test_nipype_crash_records_keep_their_first_lines_on_the_terminal():
+    import logging
+
+    from bidsapp.cli import _NoTraceback
+
+    rec = logging.LogRecord("nipype.workflow", logging.ERROR, __file__, 1, "Saving crash info to %s\n%s", (
+        "/w/crash/crash-1.txt", "Traceback (most recent call last):\n  File x\nValueError: boom"), None)
+    assert _NoTraceback().filter(rec) and rec.getMessage() == "Saving crash info to /w/crash/crash-1.txt"
 
 
 def test_output_inside_bids_dir(capsys, tiny_bids):

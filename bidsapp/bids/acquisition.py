@@ -166,10 +166,13 @@ class AcquisitionRecord:
         site: str | None = None,
         site_source: str | None = None,
         name: str | None = None,
+        sidecar_problem: str | None = None,
     ) -> "AcquisitionRecord":
         """Build a record from a sidecar dict (as ``BIDSLayout.get_metadata`` returns it); never raises.
 
-        ``name`` is how warnings refer to the image (default: ``source``).
+        ``name`` is how warnings refer to the image (default: ``source``); ``sidecar_problem`` says why
+        the image's own sidecar gave nothing (e.g. ``"x.json is not valid JSON (ignored)"``), so that
+        the warning does not claim there is none.
         """
         md = dict(metadata or {})
         rec = cls(source=source, suffix=suffix)
@@ -257,10 +260,10 @@ class AcquisitionRecord:
         rec.missing += [k for k in malformed if k not in rec.missing]
 
         if not md:
-            rec.warnings.append(
-                f"{name}: no sidecar metadata (no JSON sidecar, not even an inherited one); "
-                f"unknown: {', '.join(rec.missing)}; sequence family {rec.sequence_family}"
-            )
+            why = (f"its sidecar {sidecar_problem}" if sidecar_problem
+                   else "no sidecar metadata (no JSON sidecar, not even an inherited one)")
+            rec.warnings.append(f"{name}: {why}; unknown: {', '.join(rec.missing)}; "
+                                f"sequence family {rec.sequence_family}")
         elif rec.missing:
             rec.warnings.append(f"{name}: sidecar is missing or has malformed {', '.join(rec.missing)}")
         for p in problems:

@@ -213,6 +213,34 @@ def atomic_write_json(path: str | os.PathLike, obj) -> Path:
     return atomic_write_text(path, text)
 
 
+INCOMPLETE = "ProcessingIncomplete"
+"""Sidecar field set on every output of a subject whose last run failed (:func:`mark_incomplete`)."""
+
+
+def mark_incomplete(output_dir: str | os.PathLike, subject: str, error: str | None) -> int:
+    """Set (``error`` given) or clear (None) :data:`INCOMPLETE` in every sidecar under ``sub-<subject>``.
+
+    A failed run keeps what its finished steps wrote (a rerun resumes from them), but none of it may
+    look like a complete result. Returns the number of sidecars changed.
+    """
+    root = Path(output_dir) / f"sub-{subject}"
+    changed = 0
+    for side in sorted(root.rglob("*.json")) if root.is_dir() else ():
+        try:
+            doc = json.loads(side.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if not isinstance(doc, dict) or doc.get(INCOMPLETE) == error:
+            continue
+        if error is None:
+            doc.pop(INCOMPLETE)
+        else:
+            doc[INCOMPLETE] = error
+        atomic_write_json(side, doc)
+        changed += 1
+    return changed
+
+
 def atomic_write_tsv(path: str | os.PathLike, table, columns: Iterable[str] | None = None) -> Path:
     """Write a DataFrame or a list of dicts as TSV; missing values are ``n/a`` as BIDS wants."""
     rows, cols = _rows_and_columns(table, columns)

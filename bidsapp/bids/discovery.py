@@ -12,7 +12,7 @@ Typical use (the CLI)::
             record = session.acquisitions[ref]     # AcquisitionRecord (bids/acquisition.py)
 
 Errors that stop the run raise :class:`~bidsapp.bids.errors.BIDSInputError` (one line naming
-the file): nonexistent ``bids_dir``, no ``dataset_description.json``, ``output_dir`` or
+the file): nonexistent ``bids_dir``, no ``dataset_description.json``, a derivatives dataset, ``output_dir`` or
 ``work_dir`` inside ``bids_dir``, a participant/session label that is unknown or contains a
 path separator, an unreadable or invalid filter file. Everything else is per-subject: a session
 without a usable structural image, a bad image (:func:`~.validation.inspect_image`), a malformed sidecar JSON
@@ -219,6 +219,11 @@ def check_paths(
         raise BIDSInputError(f"{desc}: invalid JSON ({exc})") from None
     if not isinstance(doc, dict):
         raise BIDSInputError(f"{desc}: must be a JSON object")
+    if str(doc.get("DatasetType", "")).lower() == "derivative":
+        gen = doc.get("GeneratedBy") if isinstance(doc.get("GeneratedBy"), list) else []
+        by = ", ".join(str(g.get("Name")) for g in gen if isinstance(g, dict) and g.get("Name"))
+        raise BIDSInputError(f"{raw}: a derivatives dataset (DatasetType \"derivative\"{', made by ' + by if by else ''}), "
+                             "not raw BIDS data; give the raw dataset's folder as bids_dir")
     for name, other in (("output_dir", output_dir), ("work_dir", work_dir)):
         if other is None:
             continue
@@ -551,6 +556,18 @@ def _query_images(layout, subjects, filters: dict) -> dict[str, dict[str, list]]
     return found
 
 
+def _sidecar_problem(image: Path) -> str | None:
+    """Why the image's own sidecar gave no metadata (unreadable, not JSON, empty); None without one."""
+    side = image.with_name(image.name.split(".")[0] + ".json")
+    if not side.is_file():
+        return None
+    try:
+        doc = json.loads(side.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return f"{side.name} is not valid JSON (ignored)"
+    return f"{side.name} is empty" if not doc else None
+
+
 def _plan_session(layout, root, subject, session, found, site, site_source, check_images) -> SessionPlan:
     plan = SessionPlan(subject=subject, session=session, site=site)
     for key, default in DEFAULT_QUERIES.items():
@@ -573,7 +590,8 @@ def _plan_session(layout, root, subject, session, found, site, site_source, chec
                 plan.warnings.append(f"{path}: cannot read sidecar metadata ({' '.join(str(exc).split())})")
             suffix = default["suffix"]
             record = AcquisitionRecord.from_metadata(
-                metadata, suffix=suffix, source=rel, site=site, site_source=site_source, name=str(path)
+                metadata, suffix=suffix, source=rel, site=site, site_source=site_source, name=str(path),
+                sidecar_problem=None if metadata else _sidecar_problem(path),
             )
             plan.acquisitions[path] = record
             plan.warnings += record.warnings

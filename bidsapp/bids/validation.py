@@ -39,6 +39,12 @@ from .errors import BIDSInputError
 MIN_VOXEL_MM = 0.05
 MAX_VOXEL_MM = 20.0
 THICK_VOXEL_MM = 6.0
+MIN_FOV_MM = 60.0
+"""Smallest field of view, along every axis, that can hold a brain (an adult brain is about 140 x 170 x
+120 mm; a thick-slice clinical stack covers 100 mm or more): anything smaller is refused at discovery
+rather than crashing brain extraction."""
+MIN_VOXELS = 8
+"""Fewest voxels along every axis (the networks downsample four times)."""
 SKIPPED_TOP_FOLDERS = ("derivatives", "sourcedata", "code", "stimuli", "models")
 """Top-level folders the BIDS validator does not check (and discovery never reads)."""
 
@@ -153,6 +159,11 @@ def _inspect(check: ImageCheck, *, expect_3d: bool, check_values: bool, keep_dat
         return None
     if min(zooms) < MIN_VOXEL_MM or max(zooms) > MAX_VOXEL_MM:
         err(f"{name}: absurd voxel size {_mm(zooms)} mm (expected {MIN_VOXEL_MM}-{MAX_VOXEL_MM} mm)")
+        return None
+    fov = tuple(round(s * z, 1) for s, z in zip(shape[:3], zooms[:3]))
+    if min(fov) < MIN_FOV_MM or min(shape[:3]) < MIN_VOXELS:
+        err(f"{name}: field of view {_mm(fov)} mm ({'x'.join(map(str, shape[:3]))} voxels) cannot hold a head "
+            f"(at least {MIN_FOV_MM:g} mm and {MIN_VOXELS} voxels along every axis)")
         return None
     if max(zooms) > THICK_VOXEL_MM:
         warn(f"{name}: thick voxels {_mm(zooms)} mm; results will be coarse")
