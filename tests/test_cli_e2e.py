@@ -86,6 +86,8 @@ def test_derivatives_of_good_subjects(run):
         assert list(anat.glob(f"{stem}_from-T1w_to-*_mode-image_xfm.*"))
         assert (out / f"sub-{sub}.html").is_file()
     assert not list(out.rglob("*.tmp")), "half-written files left behind"
+    # sidecars describe the run, not where its scratch files lay
+    assert not [p.name for p in out.rglob("*.json") if str(run["work"]) in p.read_text()]
 
 
 def test_flair_only_session_gets_brain_extraction_lesions_and_no_tissue(run):

@@ -7,6 +7,8 @@ invalidating the cache of, any processing node. Every sink writes atomically (se
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
@@ -38,7 +40,8 @@ def _xfm_meta(template: dict, direction: str, registration: str) -> dict:
     kind = "HDF5 composite (affine + SyN displacement field)" if registration == "SyN" else f"ITK {registration} (.mat)"
     return {
         "Template": _template_meta(template),
-        "TemplateFiles": {k: v for k, v in (template.get("files") or {}).items()},
+        # TemplateFlow file names, not paths: the copy the run used lies in its work folder
+        "TemplateFiles": {k: Path(v).name for k, v in (template.get("files") or {}).items()},
         "Registration": {"Software": "antspyx (ants.registration)", "Type": registration,
                          "Format": kind},
         "Description": (f"ITK/ANTs transform resampling images {direction}: "

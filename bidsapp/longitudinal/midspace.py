@@ -29,6 +29,12 @@ SPACING_MM = (1.0, 2.0)
 clinical slices with 0.5 mm pixels get 1 mm; 2 mm images are not upsampled for nothing)."""
 
 
+RIGID_SAMPLING = 0.2
+"""Share of the voxels the rigid registrations' metric samples. Their time grows with it (two demo
+sessions: 17 s at 0.5, 7 s at 0.2, 4 s at 0.1) and the transform barely moves: at 0.2 every point of
+the brain's box moved by at most 0.05 mm from its place at 0.5 (0.12 mm at 0.1)."""
+
+
 @dataclass
 class MidSpace:
     grid: "object"
@@ -149,7 +155,7 @@ def _rigid(fixed, moving, init: np.ndarray | None, seed: int, work_dir: Path, na
         kwargs["initial_transform"] = write_transform(init, work_dir / f"{name}_init.mat")
     reg = ants.registration(_coarse(fixed), _coarse(moving), type_of_transform="Rigid", aff_metric="mattes",
                             aff_iterations=(100, 50), aff_shrink_factors=(2, 1), aff_smoothing_sigmas=(1, 0),
-                            aff_random_sampling_rate=0.5, random_seed=seed,
+                            aff_random_sampling_rate=RIGID_SAMPLING, random_seed=seed,
                             outprefix=str(work_dir / f"{name}_"), **kwargs)
     # the result includes the initial transform: ANTs composes it into the written matrix
     return ants_to_matrix(ants.read_transform(reg["fwdtransforms"][0]))
