@@ -199,7 +199,11 @@ def _plugin_settings(opts) -> dict:
     return {"plugin": plugin, "plugin_args": args}
 
 
-NIPYPE_SETTINGS = {"execution": {"crashfile_format": "txt", "remove_unnecessary_outputs": "false"},
+NIPYPE_SETTINGS = {"execution": {"crashfile_format": "txt", "remove_unnecessary_outputs": "false",
+                                  # Nipype checks for finished nodes every 2 s by default: each link of a
+                                  # chain of short nodes (sinks, merges, the methods' many small steps) then
+                                  # waits up to 2 s, about 20 s of a 70 s demo subject
+                                  "poll_sleep_duration": "0.2"},
                    "monitoring": {"enabled": "false"}}
 NIPYPE_LOGGERS = ("workflow", "interface", "utils")
 

@@ -8,6 +8,15 @@ import pytest
 from synthetic import RES, make_session
 
 
+def pytest_configure(config):
+    """Workflows run in tests poll for finished nodes as the CLI's do (bidsapp.cli.NIPYPE_SETTINGS)."""
+    from nipype import config as nipype_config
+
+    from bidsapp.cli import NIPYPE_SETTINGS
+
+    nipype_config.set("execution", "poll_sleep_duration", NIPYPE_SETTINGS["execution"]["poll_sleep_duration"])
+
+
 @pytest.fixture(scope="session")
 def tiny_template(tmp_path_factory):
     """The offline template at the tiny heads' resolution (3 mm)."""

@@ -128,7 +128,7 @@ def test_participant_run_leaves_a_subject_another_run_holds(tmp_path, caplog):
     import nibabel as nib
     import numpy as np
 
-    nib.save(nib.Nifti1Image(np.random.default_rng(0).random((8, 8, 8), np.float32), np.eye(4)),
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).random((32, 32, 32), np.float32), np.diag([2.0, 2.0, 2.0, 1.0])),
              bids / "sub-01" / "anat" / "sub-01_T1w.nii.gz")
     work = tmp_path / "work"
     with work_lock(work, "sub-01"):

@@ -192,7 +192,7 @@ def example_run(tmp_path_factory, two_sessions, tiny_template):
         wf = init_single_subject_wf("01", sessions, root / "out", bids, root / "work", tiny_template,
                                     segmentation=["atropos"], methods=["bright"],
                                     subject_methods=["maskchange", "longitudinal"])
-        wf.run(plugin="Linear")
+        wf.run(plugin="MultiProc", plugin_args={"n_procs": 2, "raise_insufficient": False})
     finally:
         for m in added:
             M.unregister(m.key)
