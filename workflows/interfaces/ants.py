@@ -401,9 +401,15 @@ def extract_brain(in_file, template_t1w, template_mask, out_mask, out_xfm, *,
             "init_lps": [float(v) for v in target]}
 
 
+SYN_ITERATIONS = (40, 10, 0)
+"""SyN iterations per level of the template registration (coarse to fine). On the demo's four second
+sessions the template brain mask warped back to the subject matched its brain mask as well as with
+(40, 20, 0) (Dice 0.9773-0.9834, each within 0.0004) in 27 % less time (10 s instead of 14 s)."""
+
+
 def register_to_template(in_file, in_mask, template_t1w, template_mask, out_prefix, *,
                          transform: str = "SyN", initial_xfm=None, registration_mm: float | None = None,
-                         syn_iterations=(40, 20, 0)) -> dict:
+                         syn_iterations=None) -> dict:
     """Register the subject's brain to the template brain; returns the transform and warped paths.
 
     Fixed = template brain, moving = subject brain (N4 image x mask), both metric masks dilated by
@@ -430,7 +436,7 @@ def register_to_template(in_file, in_mask, template_t1w, template_mask, out_pref
         mask=ants.iMath(ants.threshold_image(tmask, 0.5, 1e9), "MD", 2),
         moving_mask=ants.iMath(smask_lo, "MD", 2),
         aff_metric="mattes", aff_iterations=(500, 250, 100), aff_shrink_factors=(4, 2, 1),
-        aff_smoothing_sigmas=(2, 1, 0), syn_metric="mattes", reg_iterations=tuple(syn_iterations),
+        aff_smoothing_sigmas=(2, 1, 0), syn_metric="mattes", reg_iterations=tuple(syn_iterations or SYN_ITERATIONS),
         write_composite_transform=(transform == "SyN"), outprefix=prefix, **kwargs,
     )
     if transform == "SyN":  # composite .h5 files (antspyx returns their names as strings)
@@ -636,7 +642,7 @@ class _RegistrationInputSpec(_TemplateInputSpec):
     in_mask = File(exists=True, mandatory=True, desc="its brain mask")
     initial_xfm = File(exists=True, desc="subject -> template affine from BrainExtraction")
     transform = traits.Enum(*REGISTRATION_TYPES, usedefault=False, mandatory=True)
-    syn_iterations = traits.List(traits.Int, [40, 20, 0], usedefault=True, desc="SyN iterations per level")
+    syn_iterations = traits.List(traits.Int, list(SYN_ITERATIONS), usedefault=True, desc="SyN iterations per level")
 
 
 class _RegistrationOutputSpec(TraitedSpec):
