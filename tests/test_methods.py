@@ -190,7 +190,9 @@ def example_run(tmp_path_factory, two_sessions, tiny_template):
     added = register_examples()
     try:
         wf = init_single_subject_wf("01", sessions, root / "out", bids, root / "work", tiny_template,
-                                    segmentation=["atropos"], methods=["bright"],
+                                    # the WMH network is the lesion method here: the MS lesion U-Net
+                                    # (40 s a session) is run end to end by test_cli_e2e
+                                    segmentation=["atropos"], lesion_methods=["wmh"], methods=["bright"],
                                     subject_methods=["maskchange", "longitudinal"])
         wf.run(plugin="MultiProc", plugin_args={"n_procs": 2, "raise_insufficient": False})
     finally:
@@ -208,7 +210,7 @@ def test_session_and_subject_examples_are_wired_and_written(example_run):
     side = pd.read_json(anat1 / "sub-01_ses-1_desc-bright_mask.json", typ="series")
     assert side["ContrastsUsed"] == ["FLAIR", "T1w"]
     vols = pd.read_csv(anat1 / "sub-01_ses-1_desc-volumes_morph.tsv", sep="\t")
-    assert set(vols["method"]) == {"atropos", "bright", "lesion", "wmh"}
+    assert set(vols["method"]) == {"atropos", "bright", "wmh"}
     # the subject-level table: no session entity, one row per session
     table = pd.read_csv(example_run / "sub-01" / "anat" / "sub-01_desc-maskchange_morph.tsv", sep="\t")
     assert list(table["session_id"]) == ["ses-1", "ses-2"] and table["change_ml"].iloc[0] == 0
@@ -255,7 +257,7 @@ def test_flair_only_session_gets_brain_extraction_and_flair_methods_only(example
     ml = mask.sum() * np.prod(nib.load(anat2 / "sub-01_ses-2_desc-brain_mask.nii.gz").header.get_zooms()) / 1000
     assert 800 < ml < 2200, f"FLAIR brain mask {ml:.0f} ml"
     vols = pd.read_csv(anat2 / "sub-01_ses-2_desc-volumes_morph.tsv", sep="\t")
-    assert set(vols["method"]) == {"bright", "lesion", "wmh"}
+    assert set(vols["method"]) == {"bright", "wmh"}
 
 
 def test_group_example_runs_from_the_registry(example_methods, tmp_path):
