@@ -58,14 +58,14 @@ def init_anat_preproc_wf(*, template: dict, omp_nthreads: int = 1, seed: int = 0
     outputnode = pe.Node(niu.IdentityInterface(fields=list(ANAT_OUTPUTS)), name="outputnode")
 
     reorient = pe.Node(ReorientToRAS(), name="reorient", mem_gb=0.5)
-    n4 = pe.Node(N4BiasFieldCorrection(num_threads=omp_nthreads, seed=seed), name="n4",
+    n4 = pe.Node(N4BiasFieldCorrection(num_threads=ITK_THREADS, seed=seed), name="n4",
                  n_procs=ITK_THREADS, mem_gb=1.0)
     brain = pe.Node(BrainExtraction(num_threads=omp_nthreads, seed=seed, template_t1w=files["T1w"],
                                     template_mask=files["mask"], method=brain_extraction, device=device),
                     name="brain_extraction", n_procs=omp_nthreads, mem_gb=1.5)
     # the second N4 runs inside the brain: the head pass leaves a bias in the brain on heads with scalp
     # and fat (workflows.interfaces.ants.n4_correct), which moves tissue boundaries and volumes
-    n4_brain = pe.Node(N4BiasFieldCorrection(num_threads=omp_nthreads, seed=seed, brain_pass=True),
+    n4_brain = pe.Node(N4BiasFieldCorrection(num_threads=ITK_THREADS, seed=seed, brain_pass=True),
                        name="n4_brain", n_procs=ITK_THREADS, mem_gb=1.0)
     wf.connect([
         (inputnode, reorient, [("in_file", "in_file")]),
@@ -80,10 +80,10 @@ def init_anat_preproc_wf(*, template: dict, omp_nthreads: int = 1, seed: int = 0
     ])
     if not to_template:
         return wf
-    norm = pe.Node(RegistrationToTemplate(num_threads=omp_nthreads, seed=seed, transform=registration,
+    norm = pe.Node(RegistrationToTemplate(num_threads=ITK_THREADS, seed=seed, transform=registration,
                                           template_t1w=files["T1w"], template_mask=files["mask"]),
                    name="registration", n_procs=ITK_THREADS, mem_gb=2.0)
-    priors = pe.Node(WarpPriors(num_threads=omp_nthreads, seed=seed,
+    priors = pe.Node(WarpPriors(num_threads=ITK_THREADS, seed=seed,
                                 priors=[files["CSF"], files["GM"], files["WM"]]),
                      name="warp_priors", n_procs=ITK_THREADS, mem_gb=1.5)
     wf.connect([
@@ -98,7 +98,7 @@ def init_anat_preproc_wf(*, template: dict, omp_nthreads: int = 1, seed: int = 0
     return wf
 
 
-def init_coregistration_wf(*, omp_nthreads: int = 1, seed: int = 0, name: str = "coregistration_wf") -> pe.Workflow:
+def init_coregistration_wf(*, seed: int = 0, name: str = "coregistration_wf") -> pe.Workflow:
     """Bring an image onto the session's reference (rigid, Mattes MI).
 
     Inputs: ``in_file`` (raw image), ``reference`` (preprocessed reference), ``reference_mask``.
@@ -111,11 +111,11 @@ def init_coregistration_wf(*, omp_nthreads: int = 1, seed: int = 0, name: str = 
     inputnode = pe.Node(niu.IdentityInterface(fields=["in_file", "reference", "reference_mask"]), name="inputnode")
     outputnode = pe.Node(niu.IdentityInterface(fields=["out_file", "out_xfm"]), name="outputnode")
     reorient = pe.Node(ReorientToRAS(), name="reorient", mem_gb=0.5)
-    n4 = pe.Node(N4BiasFieldCorrection(num_threads=omp_nthreads, seed=seed), name="n4",
+    n4 = pe.Node(N4BiasFieldCorrection(num_threads=ITK_THREADS, seed=seed), name="n4",
                  n_procs=ITK_THREADS, mem_gb=1.0)
-    coreg = pe.Node(RigidCoregistration(num_threads=omp_nthreads, seed=seed), name="coregister",
+    coreg = pe.Node(RigidCoregistration(num_threads=ITK_THREADS, seed=seed), name="coregister",
                     n_procs=ITK_THREADS, mem_gb=1.5)
-    n4_brain = pe.Node(N4BiasFieldCorrection(num_threads=omp_nthreads, seed=seed, brain_pass=True),
+    n4_brain = pe.Node(N4BiasFieldCorrection(num_threads=ITK_THREADS, seed=seed, brain_pass=True),
                        name="n4_brain", n_procs=ITK_THREADS, mem_gb=1.0)
     wf.connect([
         (inputnode, reorient, [("in_file", "in_file")]),

@@ -260,7 +260,7 @@ def init_session_wf(session: dict, *, output_dir, bids_dir, template: dict, omp_
     first_of = {}
     for contrast, i, path in others:
         tag = f"{contrast.lower()}_{i}"
-        co_wf = init_coregistration_wf(omp_nthreads=omp_nthreads, seed=seed, name=f"coreg_{tag}_wf")
+        co_wf = init_coregistration_wf(seed=seed, name=f"coreg_{tag}_wf")
         co_wf.inputs.inputnode.in_file = path
         co_ds = init_coreg_derivatives_wf(output_dir=output_dir, bids_dir=bids_dir, suffix=contrast, reference=ref,
                                           name=f"coreg_{tag}_derivatives_wf")

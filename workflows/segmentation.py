@@ -19,7 +19,7 @@ def atropos_node(name: str, options: dict) -> pe.Node:
 
     tpl = options.get("template") or {}
     return pe.Node(
-        Atropos(num_threads=options.get("omp_nthreads", 1), seed=options.get("seed", 0),
+        Atropos(num_threads=ITK_THREADS, seed=options.get("seed", 0),
                 prior_weight=options.get("prior_weight", 0.25),
                 template={k: tpl[k] for k in ("name", "source", "resolution") if k in tpl}),
         name=name, n_procs=ITK_THREADS, mem_gb=options.get("mem_gb", 2.0),

@@ -44,7 +44,7 @@ MIN_FOV_MM = 60.0
 120 mm; a thick-slice clinical stack covers 100 mm or more): anything smaller is refused at discovery
 rather than crashing brain extraction."""
 MIN_VOXELS = 8
-"""Fewest voxels along every axis (the networks downsample four times)."""
+"""Fewest voxels along every axis: fewer is a slab or a localiser, not an image of a head."""
 SKIPPED_TOP_FOLDERS = ("derivatives", "sourcedata", "code", "stimuli", "models")
 """Top-level folders the BIDS validator does not check (and discovery never reads)."""
 
