@@ -1,8 +1,9 @@
 """The BIDS-App command line: ``scanbridge bids_dir output_dir participant|group``.
 
 This is the one module that ties BIDS discovery (``bidsapp.bids``) to the Nipype graphs (``workflows``):
-it validates what the user asked for, prints the plan, runs one workflow per subject so that a broken
-subject never stops the others, and turns user mistakes into one-line messages with a non-zero exit.
+it validates what the user asked for, prints the plan, runs every subject's workflow in one Nipype graph
+(one scheduler fills every core; a broken subject never stops the others), and turns user mistakes
+into one-line messages with a non-zero exit.
 
 Exit codes: 0 everything asked for was produced; 1 at least one subject (or group step) failed, a
 session whose quality control said its scan is not usable included; 2 the run could not start (bad
@@ -12,6 +13,8 @@ arguments or input).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import json
 import logging
 import os
@@ -323,44 +326,16 @@ def run_participant(opts) -> int:
     omp = _set_threads(opts.omp_nthreads, opts.nprocs)
     _configure_nipype_workers(opts.work_dir, opts.verbose)
     failed = [s.subject for s in plan.skipped_subjects]
-    runnable = plan.runnable_subjects
-    for i, subj in enumerate(runnable, 1):
+    t0 = time.time()
+
+    def finish(subj, errors: list[str]) -> None:
+        """Mark a subject's outputs, write its report and say so (as soon as its last step ends)."""
         label = subj.subject
-        sessions = [_session_inputs(ses) for ses in subj.sessions]
-        LOG.info("[%d/%d] sub-%s: %d session(s)", i, len(runnable), label, len(sessions))
-        t0 = time.time()
-        errors: list[str] = []
-        crash_dir = opts.work_dir / "crash" / f"sub-{label}"
-        try:
-            with work_lock(opts.work_dir, f"sub-{label}"):
-                wf = init_single_subject_wf(
-                    subject=label,
-                    sessions=sessions,
-                    output_dir=opts.output_dir,
-                    bids_dir=opts.bids_dir,
-                    work_dir=opts.work_dir,
-                    template=template,
-                    omp_nthreads=omp,
-                    device=opts.device,
-                    seed=opts.seed,
-                    segmentation=segmentation,
-                    lesion_methods=lesion_methods,
-                    brain_extraction=opts.brain_extraction,
-                )
-                wf.base_dir = str(opts.work_dir)
-                wf.config["execution"]["crashdump_dir"] = str(crash_dir)
-                wf.run(**opts.plugin_settings)
-        except WorkFolderBusy as exc:  # another run is on this subject: leave it (and its report) alone
-            LOG.error("sub-%s not processed: %s", label, exc)
-            failed.append(label)
-            continue
-        except Exception as exc:  # one subject's failure must not stop the others
-            found = _crash_messages(crash_dir, since=t0)
-            errors.extend(found or [_first_line(exc)])
+        if errors:
             failed.append(label)
             for msg in errors:
                 LOG.error("sub-%s failed: %s", label, msg)
-            LOG.error("sub-%s: details in %s", label, crash_dir)
+            LOG.error("sub-%s: details in %s", label, opts.work_dir / "crash" / f"sub-{label}")
         try:
             derivatives.mark_incomplete(opts.output_dir, label, None if not errors else (
                 f"the run of sub-{label} failed ({errors[0]}); this output is from a step that finished, "
@@ -372,12 +347,48 @@ def run_participant(opts) -> int:
             report = write_participant_report(opts.output_dir, label, warnings=warnings, errors=errors,
                                               notes=plan_lines[label],
                                               template=template, command_line=command_line)
-            LOG.info("sub-%s: %s in %.0f s; report %s", label, "FAILED" if errors else "done",
-                        time.time() - t0, report)
+            LOG.info("sub-%s: %s after %.0f s; report %s", label, "FAILED" if errors else "done",
+                     time.time() - t0, report)
             if not errors:
                 opts.finished.append(f"sub-{label}")
         except Exception as exc:
             LOG.error("sub-%s: report could not be written: %s", label, _first_line(exc))
+
+    with contextlib.ExitStack() as locks:
+        built = {}
+        for subj in plan.runnable_subjects:
+            label = subj.subject
+            try:
+                locks.enter_context(work_lock(opts.work_dir, f"sub-{label}"))
+            except WorkFolderBusy as exc:  # another run is on this subject: leave it (and its report) alone
+                LOG.error("sub-%s not processed: %s", label, exc)
+                failed.append(label)
+                continue
+            try:
+                built[label] = init_single_subject_wf(
+                    subject=label,
+                    sessions=[_session_inputs(ses) for ses in subj.sessions],
+                    output_dir=opts.output_dir,
+                    bids_dir=opts.bids_dir,
+                    work_dir=opts.work_dir,
+                    template=template,
+                    omp_nthreads=omp,
+                    device=opts.device,
+                    seed=opts.seed,
+                    segmentation=segmentation,
+                    lesion_methods=lesion_methods,
+                    brain_extraction=opts.brain_extraction,
+                )
+            except Exception as exc:  # one subject's failure must not stop the others
+                finish(subj, [_first_line(exc)])
+        subjects = {s.subject: s for s in plan.runnable_subjects if s.subject in built}
+        if built:
+            run_error = _run_subjects(opts, built, lambda label: finish(subjects[label], []))
+            for label, subj in subjects.items():
+                if label in opts.progress.complete:
+                    continue
+                found = _crash_messages(opts.work_dir / "crash" / f"sub-{label}", since=t0)
+                finish(subj, found or [_first_line(run_error) if run_error else "the run ended before its last step"])
     for subj in plan.skipped_subjects:  # the report says why nothing was produced
         try:
             write_participant_report(opts.output_dir, subj.subject, warnings=list(subj.warnings),
@@ -390,6 +401,30 @@ def run_participant(opts) -> int:
     if failed or plan.has_problems:
         return EXIT_FAILED
     return EXIT_OK
+
+
+def _run_subjects(opts, subject_wfs: dict, on_subject_end) -> Exception | None:
+    """Run every subject's workflow in one Nipype graph (one scheduler keeps every core busy across
+    subjects), each subject's crash files in its own folder; returns the run's error, if any."""
+    import nipype.pipeline.engine as pe
+
+    from bidsapp.progress import RunProgress
+
+    top = pe.Workflow(name="scanbridge_wf", base_dir=str(opts.work_dir))
+    for label, wf in subject_wfs.items():
+        wf.config["execution"]["crashdump_dir"] = str(opts.work_dir / "crash" / f"sub-{label}")
+        for node in wf._get_all_nodes():  # a nested workflow's config does not reach its nodes
+            node.config = copy.deepcopy(wf.config)
+        top.add_nodes([wf])
+    opts.progress = RunProgress(subject_wfs, on_subject_end)
+    settings = dict(opts.plugin_settings)
+    settings["plugin_args"] = {**settings.get("plugin_args", {}), "status_callback": opts.progress}
+    LOG.info("running %d subject(s): %d steps", len(subject_wfs), opts.progress.total)
+    try:
+        top.run(**settings)
+    except Exception as exc:  # a failed step: its subject is reported below, the others have finished
+        return exc
+    return None
 
 
 def _session_inputs(ses) -> dict:

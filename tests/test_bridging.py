@@ -138,3 +138,33 @@ def test_run_with_fake_sweeps_writes_tsv_and_contour(tmp_path, monkeypatch):
     unc = tsv[(tsv.correction == "uncorrected") & (tsv.tissue == "mean")]["mean_abs_diff_pct"].item()
     assert phys < 1e-6 < unc
     assert set(tsv["split"]) == {"leave-one-out"}
+
+
+def test_sweep_runs_the_network_at_the_knots_and_interpolates_the_grid(tmp_path, monkeypatch):
+    import nibabel as nib
+
+    from bidsapp.models import tissue
+
+    for name in ("t1", "mask"):
+        nib.save(nib.Nifti1Image(np.ones((4, 4, 4), np.float32), np.eye(4)), tmp_path / f"{name}.nii.gz")
+    asked = []
+
+    def network(image, mask, zooms, acq, parameter, values, device="auto"):
+        asked.append(np.asarray(values))
+        v = np.asarray(values, float)[:, None]
+        # smooth, non-polynomial curves (CSF, GM, WM) like the model's
+        return np.hstack([np.full_like(v, 1e5), 6e5 * (1 + 0.02 * np.sin(v / 20)), 5e5 * np.exp(-v / 400)])
+
+    monkeypatch.setattr(tissue, "sweep_volumes", network)
+    grid = np.linspace(15.0, 75.0, 25)
+    curves = bridging._sweep(tmp_path / "t1.nii.gz", tmp_path / "mask.nii.gz", {}, "FlipAngle", grid, "cpu")
+    assert len(asked) == 1 and len(asked[0]) == bridging.SWEEP_KNOTS
+    assert asked[0][0] == grid[0] and asked[0][-1] == grid[-1]
+    exact = network(None, None, None, None, None, grid)[:, [tissue.CLASSES.index(t) for t in bridging.BRIDGED]]
+    assert curves.shape == (25, 2)
+    np.testing.assert_allclose(curves, exact, rtol=2e-4)
+    # a grid no finer than the knots is run as it is
+    few = np.linspace(15.0, 75.0, 5)
+    np.testing.assert_array_equal(bridging._sweep(tmp_path / "t1.nii.gz", tmp_path / "mask.nii.gz", {}, "FlipAngle",
+                                                  few, "cpu"), network(None, None, None, None, None, few)[:, 1:])
+    assert len(asked[-1]) == 5

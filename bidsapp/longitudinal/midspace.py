@@ -33,6 +33,12 @@ RIGID_SAMPLING = 0.2
 """Share of the voxels the rigid registrations' metric samples. Their time grows with it (two demo
 sessions: 17 s at 0.5, 7 s at 0.2, 4 s at 0.1) and the transform barely moves: at 0.2 every point of
 the brain's box moved by at most 0.05 mm from its place at 0.5 (0.12 mm at 0.1)."""
+RIGID_CONVERGENCE = "[100x50,1e-5,5]"
+"""Iterations per level and when to stop early (ANTs' ``--convergence``). ANTs' default threshold,
+1e-6 over 10 iterations, is never met under the random sampling's jitter, so every level ran all its
+iterations; 1e-5 over 5 stops a level once the metric is flat. On three demo subjects (one without and
+two with a scanner change) the registration took 2.2 s instead of 7.1 s (median) and moved the brain
+box's corners by at most 0.036 mm, less than another random seed moves them (0.027-0.059 mm)."""
 
 
 @dataclass
@@ -150,15 +156,22 @@ def _rigid(fixed, moving, init: np.ndarray | None, seed: int, work_dir: Path, na
     returns the fixed->moving matrix."""
     import ants
 
-    kwargs = {}
-    if init is not None:
-        kwargs["initial_transform"] = write_transform(init, work_dir / f"{name}_init.mat")
-    reg = ants.registration(_coarse(fixed), _coarse(moving), type_of_transform="Rigid", aff_metric="mattes",
-                            aff_iterations=(100, 50), aff_shrink_factors=(2, 1), aff_smoothing_sigmas=(1, 0),
-                            aff_random_sampling_rate=RIGID_SAMPLING, random_seed=seed,
-                            outprefix=str(work_dir / f"{name}_"), **kwargs)
+    # antsRegistration's own arguments (ants.registration's list form): its keyword form cannot set the
+    # convergence threshold
+    f, m = str(work_dir / f"{name}_fixed.nii.gz"), str(work_dir / f"{name}_moving.nii.gz")
+    ants.image_write(_coarse(fixed), f)
+    ants.image_write(_coarse(moving), m)
+    init_arg = str(write_transform(init, work_dir / f"{name}_init.mat")) if init is not None else f"[{f},{m},1]"
+    prefix = str(work_dir / f"{name}_")
+    ants.registration([
+        "--dimensionality", "3", "--float", "1", "--random-seed", str(int(seed) + 1),
+        "--initial-moving-transform", init_arg,
+        "--metric", f"Mattes[{f},{m},1,32,Regular,{RIGID_SAMPLING}]", "--transform", "Rigid[0.25]",
+        "--convergence", RIGID_CONVERGENCE, "--smoothing-sigmas", "1x0", "--shrink-factors", "2x1",
+        "--use-histogram-matching", "0", "--collapse-output-transforms", "1", "--output", prefix,
+    ], None)
     # the result includes the initial transform: ANTs composes it into the written matrix
-    return ants_to_matrix(ants.read_transform(reg["fwdtransforms"][0]))
+    return ants_to_matrix(ants.read_transform(prefix + "0GenericAffine.mat"))
 
 
 def _coarse(img):

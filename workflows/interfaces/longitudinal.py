@@ -142,5 +142,9 @@ def change_node(name: str, options: dict):
     """Factory of the ``longitudinal`` subject-level method (:mod:`bidsapp.methods`)."""
     from nipype.pipeline import engine as pe
 
-    return pe.Node(LongitudinalChange(seed=int(options.get("seed", 0)), num_threads=int(options.get("omp_nthreads", 1))),
-                   name=name, n_procs=int(options.get("omp_nthreads", 1)), mem_gb=options.get("mem_gb", 3.0))
+    from workflows.interfaces.ants import ITK_THREADS
+
+    # its work is ANTs registration and resampling: one thread (ITK_THREADS), so that the scheduler runs
+    # another subject's step beside it instead of leaving a core idle
+    return pe.Node(LongitudinalChange(seed=int(options.get("seed", 0)), num_threads=ITK_THREADS),
+                   name=name, n_procs=ITK_THREADS, mem_gb=options.get("mem_gb", 3.0))
