@@ -21,6 +21,7 @@ import os
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from bidsapp import __version__
@@ -354,7 +355,9 @@ def run_participant(opts) -> int:
         except Exception as exc:
             LOG.error("sub-%s: report could not be written: %s", label, _first_line(exc))
 
-    with contextlib.ExitStack() as locks:
+    # reports are written on one thread of their own (matplotlib is used from one thread only), so
+    # that Nipype goes on scheduling the other subjects' steps while a finished subject's is drawn
+    with contextlib.ExitStack() as locks, ThreadPoolExecutor(1, thread_name_prefix="report") as reports:
         built = {}
         for subj in plan.runnable_subjects:
             label = subj.subject
@@ -380,15 +383,16 @@ def run_participant(opts) -> int:
                     brain_extraction=opts.brain_extraction,
                 )
             except Exception as exc:  # one subject's failure must not stop the others
-                finish(subj, [_first_line(exc)])
+                reports.submit(finish, subj, [_first_line(exc)])
         subjects = {s.subject: s for s in plan.runnable_subjects if s.subject in built}
         if built:
-            run_error = _run_subjects(opts, built, lambda label: finish(subjects[label], []))
+            run_error = _run_subjects(opts, built, lambda label: reports.submit(finish, subjects[label], []))
             for label, subj in subjects.items():
                 if label in opts.progress.complete:
                     continue
                 found = _crash_messages(opts.work_dir / "crash" / f"sub-{label}", since=t0)
-                finish(subj, found or [_first_line(run_error) if run_error else "the run ended before its last step"])
+                why = _first_line(run_error) if run_error else "the run ended before its last step"
+                reports.submit(finish, subj, found or [why])
     for subj in plan.skipped_subjects:  # the report says why nothing was produced
         try:
             write_participant_report(opts.output_dir, subj.subject, warnings=list(subj.warnings),
@@ -408,7 +412,7 @@ def _run_subjects(opts, subject_wfs: dict, on_subject_end) -> Exception | None:
     subjects), each subject's crash files in its own folder; returns the run's error, if any."""
     import nipype.pipeline.engine as pe
 
-    from bidsapp.progress import RunProgress
+    from bidsapp.progress import RunProgress, subjects_in_turn
 
     top = pe.Workflow(name="scanbridge_wf", base_dir=str(opts.work_dir))
     for label, wf in subject_wfs.items():
@@ -417,11 +421,13 @@ def _run_subjects(opts, subject_wfs: dict, on_subject_end) -> Exception | None:
             node.config = copy.deepcopy(wf.config)
         top.add_nodes([wf])
     opts.progress = RunProgress(subject_wfs, on_subject_end)
-    settings = dict(opts.plugin_settings)
-    settings["plugin_args"] = {**settings.get("plugin_args", {}), "status_callback": opts.progress}
+    plugin = opts.plugin_settings["plugin"]
+    plugin_args = {**opts.plugin_settings.get("plugin_args", {}), "status_callback": opts.progress}
+    if plugin == "MultiProc":
+        plugin = subjects_in_turn(plugin_args, [wf.name for wf in subject_wfs.values()])
     LOG.info("running %d subject(s): %d steps", len(subject_wfs), opts.progress.total)
     try:
-        top.run(**settings)
+        top.run(plugin=plugin, plugin_args=plugin_args)
     except Exception as exc:  # a failed step: its subject is reported below, the others have finished
         return exc
     return None

@@ -6,6 +6,9 @@ subject's work. Nipype calls ``status_callback(node, status)`` in the scheduling
 starts, ends (or is found in the work folder's cache) and fails. :class:`RunProgress` turns that into
 one line per finished step with its wall time, and calls ``on_subject_end(label)`` once every step of a
 subject has ended, so that its report is written while the other subjects run.
+:func:`subjects_in_turn` makes MultiProc start the ready steps of the first subjects first, so that
+subjects finish one after another (reports appear as a run goes, and a run stopped half way leaves
+finished subjects) rather than all together at the end.
 """
 
 from __future__ import annotations
@@ -84,3 +87,22 @@ class RunProgress:
             self.complete.append(label)
             if self._on_end is not None:
                 self._on_end(label)
+
+
+def subjects_in_turn(plugin_args: dict, order: list[str]):
+    """A MultiProc plugin that starts the ready step of the earliest subject in ``order`` (workflow
+    names) first; within a subject, Nipype's own (topological) order is kept. Every free slot is still
+    filled: only the choice among ready steps changes."""
+    from nipype.pipeline.plugins.multiproc import MultiProcPlugin
+
+    rank = {name: i for i, name in enumerate(order)}
+
+    def place(node) -> int:
+        parts = node.fullname.split(".") + list(Path(getattr(node, "base_dir", None) or "").parts)
+        return next((rank[p] for p in parts if p in rank), len(rank))
+
+    class SubjectsInTurnMultiProcPlugin(MultiProcPlugin):
+        def _sort_jobs(self, jobids, scheduler="tsort"):
+            return sorted(super()._sort_jobs(jobids, scheduler), key=lambda j: place(self.procs[j]))
+
+    return SubjectsInTurnMultiProcPlugin(plugin_args=plugin_args)

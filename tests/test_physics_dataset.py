@@ -20,7 +20,7 @@ ARGS = ["--subjects", "2", "--sites", "2", "--sessions", "2", "--modalities", "T
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     out = tmp_path_factory.mktemp("sim") / "bids"
-    assert cli.main([str(out)] + ARGS) == 0
+    assert cli.main([str(out)] + ARGS + ["--jobs", "2"]) == 0  # two worker processes
     return out
 
 
@@ -118,12 +118,14 @@ def test_same_seed_same_bytes_and_overwrite(dataset, tmp_path):
     shutil.copytree(dataset, out)
     (out / "sub-01" / "extra.txt").write_text("left from an earlier run")
     assert cli.main([str(out)] + ARGS) == 2
-    assert cli.main([str(out)] + ARGS + ["--overwrite"]) == 0  # a previous simulator output is replaced
-    assert _files(out) == first  # same seed, same bytes (and nothing stale left)
+    # a previous simulator output is replaced; in this process, one subject after the other
+    assert cli.main([str(out)] + ARGS + ["--overwrite", "--jobs", "1"]) == 0
+    assert _files(out) == first  # same seed, same bytes whatever --jobs (and nothing stale left)
 
 
 @pytest.mark.parametrize("bad, needle", [
     (["--subjects", "0"], "--subjects"),
+    (["--jobs", "0"], "--jobs"),
     (["--sites", "9"], "--sites"),
     (["--modalities", "T1w,DWI"], "DWI"),
     (["--decline-fraction", "1.5"], "--decline-fraction"),

@@ -71,3 +71,25 @@ def test_step_names_say_session_and_step():
     node = SimpleNamespace(fullname="scanbridge_wf.sub_01_wf.longitudinal_wf.subj_longitudinal",
                            name="subj_longitudinal")
     assert RunProgress.step_name(node) == "subj_longitudinal"
+
+
+def test_subjects_in_turn_finishes_subjects_one_after_another(tmp_path):
+    from nipype.pipeline import engine as pe
+
+    from bidsapp.progress import RunProgress, subjects_in_turn
+
+    subjects = {label: _subject_wf(label) for label in ("01", "02", "03")}
+    ended, started = [], []
+    progress = RunProgress(subjects, ended.append)
+
+    def callback(node, status):
+        if status == "start":
+            started.append(progress.subject_of(node))
+        progress(node, status)
+
+    top = pe.Workflow(name="scanbridge_wf", base_dir=str(tmp_path))
+    top.add_nodes(list(subjects.values()))
+    args = {"n_procs": 1, "status_callback": callback}
+    top.run(plugin=subjects_in_turn(args, [wf.name for wf in subjects.values()]), plugin_args=args)
+    assert started == ["01"] * 3 + ["02"] * 3 + ["03"] * 3  # Nipype alone starts every subject's first step first
+    assert ended == ["01", "02", "03"]
