@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import re
 import time
 from pathlib import Path
 
@@ -45,20 +47,34 @@ def run(tmp_path_factory):
     flair.with_name(flair.name.replace(".nii.gz", ".json")).write_text(json.dumps(side))
     digest = tree_digest(bids)
     args = [str(bids), str(out), "participant", "-w", str(work), "--nprocs", "2", "--omp-nthreads", "1"]
+    lines: list[str] = []
+    collect = logging.Handler(logging.INFO)
+    collect.emit = lambda record: lines.append(record.getMessage())
+    logging.getLogger("scanbridge").addHandler(collect)
     t0 = time.time()
-    code = main(args)
+    try:
+        code = main(args)
+    finally:
+        logging.getLogger("scanbridge").removeHandler(collect)
     first = time.time() - t0
     t0 = time.time()
     rerun_code = main(args + ["--participant-label", "01"])
     rerun = time.time() - t0
     group_code = main([str(bids), str(out), "group", "-w", str(work)])
     return dict(bids=bids, out=out, work=work, code=code, rerun_code=rerun_code, first=first, rerun=rerun,
-                group_code=group_code, digest=digest, broken=t1w)
+                group_code=group_code, digest=digest, broken=t1w, log=lines)
 
 
 def test_exit_code_reports_the_broken_subject(run):
     assert run["code"] == EXIT_FAILED
     assert run["rerun_code"] == EXIT_OK
+
+
+def test_progress_lines_name_each_long_step_and_each_subject_end(run):
+    steps = [ln for ln in run["log"] if re.search(r"^sub-0[12] .+: [0-9.]+ s  \[\d+/\d+ steps\]$", ln)]
+    assert any(" n4: " in ln for ln in steps) and any("ses-2 seg_lesion" in ln for ln in steps), run["log"]
+    done = [ln for ln in run["log"] if re.match(r"sub-0[12]: done after \d+ s; report ", ln)]
+    assert len(done) == 2
 
 
 def test_bids_dir_never_written(run):

@@ -9,11 +9,10 @@ out: it holds 2-D embedding coordinates, not volumes). Numbers are compared with
 (``--rtol``, default 1e-4), text exactly. Prints one row per file and writes
 ``benchmarks/results/demo_volumes.json``; exits 1 when a file differs, is missing, or is new.
 
-Run the demo the way the recorded copy was made, one thread per step (``bash scripts/demo.sh --nprocs 1
---omp-nthreads 1``): then every number is reproduced exactly. With more threads ITK's
-registration is not bit-reproducible, and the Atropos rows, whose priors it places, can move by a few
-parts in ten thousand; ``--noisy atropos`` holds the rows of such methods to ``--noisy-rtol`` (default
-0.1) and reports them apart.
+The participant level's images and tables do not depend on ``--nprocs`` or ``--omp-nthreads`` (every
+ANTs step runs on one thread), so any run of ``bash scripts/demo.sh`` reproduces the recorded numbers.
+``--noisy METHOD`` holds the rows of a method to ``--noisy-rtol`` (default 0.1) instead and reports them
+apart, for comparing runs made with other settings.
 """
 
 from __future__ import annotations

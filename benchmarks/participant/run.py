@@ -9,6 +9,10 @@ For each simulated subject (``scanbridge-simulate``: 1 mm MPRAGE T1w, truth unde
 - ``workflow``: the whole Nipype participant workflow of the subject, as ``scanbridge`` runs it
   (MultiProc with ``--nprocs`` processes, a fresh work directory); wall time and the peak summed RSS
   of the process tree (sampled every 0.2 s);
+- ``cli``: the ``scanbridge`` command itself on the subject (``--participant-label``, fresh work and
+  output folders, every method that runs by default on the session's contrasts, its report
+  included): wall time from start to exit and the peak summed RSS of its process tree. With
+  ``--modalities T1w,FLAIR`` this is the issue's figure: a 1 mm T1w + FLAIR session;
 - accuracy: Dice of the brain mask and of Atropos' CSF/GM/WM against the truth, and (stage run) of
   the template brain mask brought onto the subject by the registration (``--brain-extraction``
   learned, the app's default, or template: run both to see what the starting mask does to the
@@ -17,6 +21,9 @@ For each simulated subject (``scanbridge-simulate``: 1 mm MPRAGE T1w, truth unde
 Prints a table of medians and writes ``benchmarks/results/participant.json``.
 
     python benchmarks/participant/run.py --subjects 3 --nprocs 2 --omp-nthreads 2
+    python benchmarks/participant/run.py --subjects 3 --modalities T1w,FLAIR --mode cli
+    python benchmarks/participant/run.py --subjects 3 --modalities T1w,FLAIR --mode stages \
+        --brain-extraction template        # the peer pipeline: antspyx N4, template extraction, SyN, Atropos
 """
 
 from __future__ import annotations
@@ -129,12 +136,14 @@ def _cpu_s() -> float:
 # ---------------------------------------------------------------------------- data
 
 
-def simulate(out: Path, subjects: int, resolution: float, anatomy_dir: Path | None, seed: int) -> list[dict]:
+def simulate(out: Path, subjects: int, resolution: float, anatomy_dir: Path | None, seed: int,
+             modalities=("T1w",)) -> list[dict]:
     from bidsapp.physics.dataset import DatasetConfig, write_dataset
 
     if not (out / "dataset_description.json").is_file():
         cfg = DatasetConfig(subjects=subjects, sites=min(subjects, 3), sessions=1, resolution=resolution,
-                            seed=seed, anatomy_dir=str(anatomy_dir) if anatomy_dir else None)
+                            seed=seed, anatomy_dir=str(anatomy_dir) if anatomy_dir else None,
+                            modalities=tuple(modalities))
         write_dataset(out, cfg)
     cases = []
     for t1w in sorted(out.glob("sub-*/ses-*/anat/*_T1w.nii.gz"))[:subjects]:
@@ -233,6 +242,26 @@ def run_workflow(case: dict, template: dict, bids: Path, work: Path, out: Path, 
             "accuracy": accuracy(case, anat / f"{stem}_desc-brain_mask.nii.gz", anat / f"{stem}_dseg.nii.gz")}
 
 
+def run_cli(case: dict, bids: Path, work: Path, out: Path, nprocs: int, omp: int, seed: int) -> dict:
+    """``scanbridge bids out participant`` on one subject, as a user runs it."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "bidsapp.cli", str(bids), str(out), "participant", "--participant-label",
+           case["subject"], "-w", str(work), "--nprocs", str(nprocs), "--omp-nthreads", str(omp),
+           "--seed", str(seed), "--skip-bids-validation"]
+    with TreeSampler() as sampler:
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"scanbridge exited with {proc.returncode}: {proc.stderr[-2000:]}")
+    anat = out / f"sub-{case['subject']}" / f"ses-{case['session']}" / "anat"
+    stem = f"sub-{case['subject']}_ses-{case['session']}"
+    return {"wall_s": wall, "peak_tree_rss_mb": sampler.peak_kb / 1024,
+            "outputs": sorted(p.name for p in anat.glob("*.nii.gz")),
+            "accuracy": accuracy(case, anat / f"{stem}_desc-brain_mask.nii.gz", anat / f"{stem}_dseg.nii.gz")}
+
+
 # ---------------------------------------------------------------------------- report
 
 
@@ -253,15 +282,16 @@ def summarise(results: list[dict]) -> dict:
             "cpu_s": _median([sum(s[n]["cpu_s"] for n in s) for s in stage_runs]),
             "peak_rss_mb": _median([max(s[n]["peak_rss_mb"] for n in s) for s in stage_runs]),
         }
-    wf_runs = [r["workflow"] for r in results if "workflow" in r]
-    if wf_runs:
-        summary["workflow"] = {"wall_s": _median([w["wall_s"] for w in wf_runs]),
-                               "peak_tree_rss_mb": _median([w["peak_tree_rss_mb"] for w in wf_runs]),
-                               "max_wall_s": max(w["wall_s"] for w in wf_runs),
-                               "max_peak_tree_rss_mb": max(w["peak_tree_rss_mb"] for w in wf_runs)}
-    # one value per subject: the workflow's outputs when it ran, else the stage run's (same steps)
-    accs = [(r["workflow"] if "workflow" in r else r["stages"])["accuracy"] for r in results
-            if "workflow" in r or "stages" in r]
+    for mode in ("workflow", "cli"):
+        runs = [r[mode] for r in results if mode in r]
+        if runs:
+            summary[mode] = {"wall_s": _median([w["wall_s"] for w in runs]),
+                             "peak_tree_rss_mb": _median([w["peak_tree_rss_mb"] for w in runs]),
+                             "max_wall_s": max(w["wall_s"] for w in runs),
+                             "max_peak_tree_rss_mb": max(w["peak_tree_rss_mb"] for w in runs)}
+    # one value per subject: the command's or workflow's outputs when it ran, else the stage run's
+    accs = [next(r[m] for m in ("cli", "workflow", "stages") if m in r)["accuracy"] for r in results
+            if any(m in r for m in ("cli", "workflow", "stages"))]
     if accs:
         for key in accs[0]:
             vals = [a[key] for a in accs]
@@ -270,16 +300,18 @@ def summarise(results: list[dict]) -> dict:
 
 
 def print_table(summary: dict, args) -> None:
-    print(f"\nParticipant level, {args.resolution:g} mm T1w, omp-nthreads={args.omp_nthreads}, "
+    print(f"\nParticipant level, {args.resolution:g} mm {args.modalities}, omp-nthreads={args.omp_nthreads}, "
           f"nprocs={args.nprocs}; load average at end {os.getloadavg()[0]:.1f}")
     if summary["stages"]:
         print(f"{'stage':<18}{'wall s':>9}{'CPU s':>9}{'peak RSS MB':>13}")
         for name, s in summary["stages"].items():
             print(f"{name:<18}{s['wall_s']:>9.1f}{s['cpu_s']:>9.1f}{s['peak_rss_mb']:>13.0f}")
-    if summary["workflow"]:
-        w = summary["workflow"]
-        print(f"\nwhole subject workflow (Nipype MultiProc): median {w['wall_s']:.0f} s (max {w['max_wall_s']:.0f} s), "
-              f"peak memory {w['peak_tree_rss_mb']:.0f} MB (max {w['max_peak_tree_rss_mb']:.0f} MB)")
+    for mode, what in (("workflow", "whole subject workflow (Nipype MultiProc)"),
+                       ("cli", "scanbridge participant, one subject (the command)")):
+        if summary.get(mode):
+            w = summary[mode]
+            print(f"\n{what}: median {w['wall_s']:.0f} s (max {w['max_wall_s']:.0f} s), "
+                  f"peak memory {w['peak_tree_rss_mb']:.0f} MB (max {w['max_peak_tree_rss_mb']:.0f} MB)")
     if summary["accuracy"]:
         print(f"\n{'accuracy vs truth':<24}{'median':>8}{'min':>8}{'n':>4}")
         for key, a in summary["accuracy"].items():
@@ -294,7 +326,8 @@ def main(argv=None) -> int:
                    help="label maps for the simulated anatomies (default: the shared development set if present)")
     p.add_argument("--nprocs", type=int, default=2)
     p.add_argument("--omp-nthreads", type=int, default=2)
-    p.add_argument("--mode", choices=["stages", "workflow", "both"], default="both")
+    p.add_argument("--mode", choices=["stages", "workflow", "both", "cli"], default="both")
+    p.add_argument("--modalities", default="T1w", help="simulated contrasts, e.g. T1w,FLAIR")
     p.add_argument("--brain-extraction", choices=["learned", "template"], default="learned",
                    help="brain-extraction method of the stage run (the workflow uses the app's default)")
     p.add_argument("--template-resolution", type=int, default=2)
@@ -308,7 +341,8 @@ def main(argv=None) -> int:
     scratch = Path(tempfile.mkdtemp(prefix="scanbridge-bench-"))
     data = args.data or scratch / "bids"
     t0 = time.perf_counter()
-    cases = simulate(data, args.subjects, args.resolution, args.anatomy_dir, args.seed)
+    cases = simulate(data, args.subjects, args.resolution, args.anatomy_dir, args.seed,
+                     [m.strip() for m in args.modalities.split(",") if m.strip()])
     print(f"simulated {len(cases)} subject(s) in {time.perf_counter() - t0:.0f} s under {data}", flush=True)
     template = get_template(resolution=args.template_resolution, cache_dir=scratch / "templates")
     results = []
@@ -323,6 +357,10 @@ def main(argv=None) -> int:
             res["workflow"] = run_workflow(case, template, data, scratch / "work" / tag, scratch / "out",
                                            args.nprocs, args.omp_nthreads, args.seed)
             print(tag, "workflow", json.dumps(res["workflow"], default=float), flush=True)
+        if args.mode == "cli":
+            res["cli"] = run_cli(case, data, scratch / "work" / tag, scratch / "out", args.nprocs, args.omp_nthreads,
+                                 args.seed)
+            print(tag, "cli", json.dumps(res["cli"], default=float), flush=True)
         results.append(res)
     summary = summarise(results)
     print_table(summary, args)
