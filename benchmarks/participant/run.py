@@ -247,8 +247,8 @@ def run_cli(case: dict, bids: Path, work: Path, out: Path, nprocs: int, omp: int
     import subprocess
 
     cmd = [sys.executable, "-m", "bidsapp.cli", str(bids), str(out), "participant", "--participant-label",
-           case["subject"], "-w", str(work), "--nprocs", str(nprocs), "--omp-nthreads", str(omp),
-           "--seed", str(seed), "--skip-bids-validation"]
+           case["subject"], "-w", str(work), "--nprocs", str(nprocs), "--seed", str(seed), "--skip-bids-validation"]
+    cmd += ["--omp-nthreads", str(omp)] if omp else []  # else the app's default
     with TreeSampler() as sampler:
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -300,7 +300,8 @@ def summarise(results: list[dict]) -> dict:
 
 
 def print_table(summary: dict, args) -> None:
-    print(f"\nParticipant level, {args.resolution:g} mm {args.modalities}, omp-nthreads={args.omp_nthreads}, "
+    threads = args.omp_nthreads or "the app's default"
+    print(f"\nParticipant level, {args.resolution:g} mm {args.modalities}, omp-nthreads={threads}, "
           f"nprocs={args.nprocs}; load average at end {os.getloadavg()[0]:.1f}")
     if summary["stages"]:
         print(f"{'stage':<18}{'wall s':>9}{'CPU s':>9}{'peak RSS MB':>13}")
@@ -325,7 +326,8 @@ def main(argv=None) -> int:
     p.add_argument("--anatomy-dir", type=Path, default=DEFAULT_ANATOMY if DEFAULT_ANATOMY.is_dir() else None,
                    help="label maps for the simulated anatomies (default: the shared development set if present)")
     p.add_argument("--nprocs", type=int, default=2)
-    p.add_argument("--omp-nthreads", type=int, default=2)
+    p.add_argument("--omp-nthreads", type=int, default=None,
+                   help="threads per step (default: 2 for stages and workflow, the app's own default for cli)")
     p.add_argument("--mode", choices=["stages", "workflow", "both", "cli"], default="both")
     p.add_argument("--modalities", default="T1w", help="simulated contrasts, e.g. T1w,FLAIR")
     p.add_argument("--brain-extraction", choices=["learned", "template"], default="learned",
@@ -335,6 +337,8 @@ def main(argv=None) -> int:
     p.add_argument("--data", type=Path, default=None, help="reuse or create the simulated dataset here")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "participant.json")
     args = p.parse_args(argv)
+    cli_omp = args.omp_nthreads
+    args.omp_nthreads = args.omp_nthreads or (None if args.mode == "cli" else 2)
 
     from bidsapp.templates import get_template
 
@@ -358,8 +362,7 @@ def main(argv=None) -> int:
                                            args.nprocs, args.omp_nthreads, args.seed)
             print(tag, "workflow", json.dumps(res["workflow"], default=float), flush=True)
         if args.mode == "cli":
-            res["cli"] = run_cli(case, data, scratch / "work" / tag, scratch / "out", args.nprocs, args.omp_nthreads,
-                                 args.seed)
+            res["cli"] = run_cli(case, data, scratch / "work" / tag, scratch / "out", args.nprocs, cli_omp, args.seed)
             print(tag, "cli", json.dumps(res["cli"], default=float), flush=True)
         results.append(res)
     summary = summarise(results)
