@@ -50,12 +50,16 @@ def run(tmp_path_factory):
     lines: list[str] = []
     collect = logging.Handler(logging.INFO)
     collect.emit = lambda record: lines.append(record.getMessage())
-    logging.getLogger("scanbridge").addHandler(collect)
+    logger = logging.getLogger("scanbridge")
+    level = logger.level
+    logger.addHandler(collect)
+    logger.setLevel(logging.INFO)  # the command sets INFO on the root logger, which pytest's keeps at WARNING
     t0 = time.time()
     try:
         code = main(args)
     finally:
-        logging.getLogger("scanbridge").removeHandler(collect)
+        logger.removeHandler(collect)
+        logger.setLevel(level)
     first = time.time() - t0
     t0 = time.time()
     rerun_code = main(args + ["--participant-label", "01"])

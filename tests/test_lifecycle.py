@@ -79,7 +79,7 @@ def test_sigterm_stops_the_run_says_what_finished_and_leaves_no_worker(tiny_sess
            "-w", str(tmp_path / "work"), "--nprocs", "2", "--omp-nthreads", "1", "--skip-bids-validation"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
-    while time.time() < deadline and not (tmp_path / "work" / "sub_01_wf").exists():
+    while time.time() < deadline and not (tmp_path / "work" / "scanbridge_wf" / "sub_01_wf").exists():
         time.sleep(0.2)
     time.sleep(2)  # nodes are running in the workers now
     proc.send_signal(signal.SIGTERM)
