@@ -342,7 +342,7 @@ def run_participant(opts) -> int:
             failed.append(label)
             for msg in errors:
                 LOG.error("sub-%s failed: %s", label, msg)
-            LOG.error("sub-%s: details in %s", label, opts.work_dir / "crash" / f"sub-{label}")
+            LOG.error("sub-%s: details in %s", label, _crash_dir(opts, label))
         try:
             derivatives.mark_incomplete(opts.output_dir, label, None if not errors else (
                 f"the run of sub-{label} failed ({errors[0]}); this output is from a step that finished, "
@@ -396,7 +396,7 @@ def run_participant(opts) -> int:
             for label, subj in subjects.items():
                 if label in opts.progress.complete:
                     continue
-                found = _crash_messages(opts.work_dir / "crash" / f"sub-{label}", since=t0)
+                found = _crash_messages(_crash_dir(opts, label), since=t0)
                 why = _first_line(run_error) if run_error else "the run ended before its last step"
                 reports.submit(finish, subj, found or [why])
     for subj in plan.skipped_subjects:  # the report says why nothing was produced
@@ -413,6 +413,11 @@ def run_participant(opts) -> int:
     return EXIT_OK
 
 
+def _crash_dir(opts, label: str) -> Path:
+    """Where Nipype writes a subject's crash files (the tracebacks its one-line errors point to)."""
+    return opts.work_dir / "crash" / f"sub-{label}"
+
+
 def _run_subjects(opts, subject_wfs: dict, on_subject_end) -> Exception | None:
     """Run every subject's workflow in one Nipype graph (one scheduler keeps every core busy across
     subjects), each subject's crash files in its own folder; returns the run's error, if any."""
@@ -422,7 +427,7 @@ def _run_subjects(opts, subject_wfs: dict, on_subject_end) -> Exception | None:
 
     top = pe.Workflow(name="scanbridge_wf", base_dir=str(opts.work_dir))
     for label, wf in subject_wfs.items():
-        wf.config["execution"]["crashdump_dir"] = str(opts.work_dir / "crash" / f"sub-{label}")
+        wf.config["execution"]["crashdump_dir"] = str(_crash_dir(opts, label))
         for node in wf._get_all_nodes():  # a nested workflow's config does not reach its nodes
             node.config = copy.deepcopy(wf.config)
         top.add_nodes([wf])

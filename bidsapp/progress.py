@@ -30,6 +30,13 @@ def _runs(node) -> bool:
     return not (isinstance(node.interface, IdentityInterface) and not isinstance(node, JoinNode))
 
 
+def owner(node, names):
+    """The entry of ``names`` (subject workflow names) in ``node``'s hierarchy, or, for a MapNode's
+    parts (which have none), in its folder; None when the node is no subject's."""
+    parts = node.fullname.split(".") + list(Path(getattr(node, "base_dir", None) or "").parts)
+    return next((p for p in parts if p in names), None)
+
+
 class RunProgress:
     """Nipype ``status_callback`` for a graph made of one workflow per subject.
 
@@ -53,8 +60,8 @@ class RunProgress:
         self.done = 0
 
     def subject_of(self, node) -> str | None:
-        parts = node.fullname.split(".") + list(Path(getattr(node, "base_dir", None) or "").parts)
-        return next((self._label[p] for p in parts if p in self._label), None)
+        name = owner(node, self._label)
+        return None if name is None else self._label[name]
 
     @staticmethod
     def step_name(node) -> str:
@@ -99,8 +106,7 @@ def subjects_in_turn(plugin_args: dict, order: list[str]):
     rank = {name: i for i, name in enumerate(order)}
 
     def place(node) -> int:
-        parts = node.fullname.split(".") + list(Path(getattr(node, "base_dir", None) or "").parts)
-        return next((rank[p] for p in parts if p in rank), len(rank))
+        return rank.get(owner(node, rank), len(rank))
 
     class SubjectsInTurnMultiProcPlugin(MultiProcPlugin):
         def _sort_jobs(self, jobids, scheduler="tsort"):

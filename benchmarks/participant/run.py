@@ -236,13 +236,18 @@ def run_workflow(case: dict, template: dict, bids: Path, work: Path, out: Path, 
         t0 = time.perf_counter()
         wf.run(plugin=plugin[0], plugin_args=plugin[1])
         wall = time.perf_counter() - t0
+    return {"wall_s": wall, "peak_tree_rss_mb": sampler.peak_kb / 1024, **_outputs(case, out)}
+
+
+def _outputs(case: dict, out: Path) -> dict:
+    """The session's images in the derivatives and their accuracy against the truth."""
     anat = out / f"sub-{case['subject']}" / f"ses-{case['session']}" / "anat"
     stem = f"sub-{case['subject']}_ses-{case['session']}"
-    return {"wall_s": wall, "peak_tree_rss_mb": sampler.peak_kb / 1024,
+    return {"outputs": sorted(p.name for p in anat.glob("*.nii.gz")),
             "accuracy": accuracy(case, anat / f"{stem}_desc-brain_mask.nii.gz", anat / f"{stem}_dseg.nii.gz")}
 
 
-def run_cli(case: dict, bids: Path, work: Path, out: Path, nprocs: int, omp: int, seed: int) -> dict:
+def run_cli(case: dict, bids: Path, work: Path, out: Path, nprocs: int, omp: int | None, seed: int) -> dict:
     """``scanbridge bids out participant`` on one subject, as a user runs it."""
     import subprocess
 
@@ -255,11 +260,7 @@ def run_cli(case: dict, bids: Path, work: Path, out: Path, nprocs: int, omp: int
         wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"scanbridge exited with {proc.returncode}: {proc.stderr[-2000:]}")
-    anat = out / f"sub-{case['subject']}" / f"ses-{case['session']}" / "anat"
-    stem = f"sub-{case['subject']}_ses-{case['session']}"
-    return {"wall_s": wall, "peak_tree_rss_mb": sampler.peak_kb / 1024,
-            "outputs": sorted(p.name for p in anat.glob("*.nii.gz")),
-            "accuracy": accuracy(case, anat / f"{stem}_desc-brain_mask.nii.gz", anat / f"{stem}_dseg.nii.gz")}
+    return {"wall_s": wall, "peak_tree_rss_mb": sampler.peak_kb / 1024, **_outputs(case, out)}
 
 
 # ---------------------------------------------------------------------------- report
@@ -300,7 +301,7 @@ def summarise(results: list[dict]) -> dict:
 
 
 def print_table(summary: dict, args) -> None:
-    threads = args.omp_nthreads or "the app's default"
+    threads = args.omp_nthreads or ("the app's default" if args.mode == "cli" else 2)
     print(f"\nParticipant level, {args.resolution:g} mm {args.modalities}, omp-nthreads={threads}, "
           f"nprocs={args.nprocs}; load average at end {os.getloadavg()[0]:.1f}")
     if summary["stages"]:
@@ -337,8 +338,7 @@ def main(argv=None) -> int:
     p.add_argument("--data", type=Path, default=None, help="reuse or create the simulated dataset here")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "participant.json")
     args = p.parse_args(argv)
-    cli_omp = args.omp_nthreads
-    args.omp_nthreads = args.omp_nthreads or (None if args.mode == "cli" else 2)
+    omp = args.omp_nthreads or 2  # the stage and workflow runs
 
     from bidsapp.templates import get_template
 
@@ -354,15 +354,16 @@ def main(argv=None) -> int:
         res: dict = {"subject": case["subject"], "protocol": case["sidecar"].get("ProtocolName")}
         tag = f"sub-{case['subject']}"
         if args.mode in ("stages", "both"):
-            res["stages"] = run_stages(case, template, scratch / "stages" / tag, args.omp_nthreads, args.seed,
+            res["stages"] = run_stages(case, template, scratch / "stages" / tag, omp, args.seed,
                                        args.brain_extraction)
             print(tag, "stages", json.dumps(res["stages"], default=float), flush=True)
         if args.mode in ("workflow", "both"):
             res["workflow"] = run_workflow(case, template, data, scratch / "work" / tag, scratch / "out",
-                                           args.nprocs, args.omp_nthreads, args.seed)
+                                           args.nprocs, omp, args.seed)
             print(tag, "workflow", json.dumps(res["workflow"], default=float), flush=True)
         if args.mode == "cli":
-            res["cli"] = run_cli(case, data, scratch / "work" / tag, scratch / "out", args.nprocs, cli_omp, args.seed)
+            res["cli"] = run_cli(case, data, scratch / "work" / tag, scratch / "out", args.nprocs, args.omp_nthreads,
+                                 args.seed)
             print(tag, "cli", json.dumps(res["cli"], default=float), flush=True)
         results.append(res)
     summary = summarise(results)

@@ -272,6 +272,10 @@ def default_jobs(subjects: int) -> int:
     return max(1, min(os.cpu_count() or 1, DEFAULT_JOBS, subjects))
 
 
+_WORKER_CACHE: dict = {}
+"""A worker process's anatomy, kept for its next subject (:func:`_load_anatomy` holds one at a time)."""
+
+
 def _subject_job(root: str, config: DatasetConfig, sp: SubjectPlan, first: int, total: int, loud: bool):
     """One subject in a worker process: (files written, truth volume rows, longitudinal rows). Its images
     are numbered from ``first``; the anatomy stays cached in the worker for its next subject."""
@@ -280,9 +284,6 @@ def _subject_job(root: str, config: DatasetConfig, sp: SubjectPlan, first: int, 
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if loud else (lambda msg: None)
     _write_subject(w, config, sp, _WORKER_CACHE, volumes_rows, long_rows, [first], total, say)
     return w.written, volumes_rows, long_rows
-
-
-_WORKER_CACHE: dict = {}
 
 
 def write_dataset(out, config: DatasetConfig, overwrite: bool = False, progress=None, jobs: int | None = None) -> dict:
