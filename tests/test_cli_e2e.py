@@ -169,3 +169,29 @@ def test_subject_with_two_sessions_gets_its_change_table(run):
     assert set(group["participant_id"]) == {"sub-02"} and len(group) == len(table)
     assert "Longitudinal change" in (run["out"] / "group.html").read_text()
     assert "Longitudinal change" in (run["out"] / "sub-02.html").read_text()
+
+
+def test_group_benchmark_replicas_are_new_sessions(run, tmp_path):
+    """benchmarks/group/run.py grows a study by copying participant outputs under new labels: the group
+    level must read each copy as a session of its own, with its images and acquisition record."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks.group.run import replicate
+    from bidsapp.bids.collect import session_files
+    from bidsapp.harmonize.pipeline import gather_acquisitions, gather_volumes
+
+    made = replicate(run["bids"], run["out"], tmp_path, sessions=7)
+    assert made["sessions"] >= 7 and made["subjects"] > made["source_subjects"]
+    out = tmp_path / "out"
+    vols = gather_volumes(out)
+    copies = sorted(vols["participant_id"].unique())
+    assert len(copies) == made["subjects"] and all(re.fullmatch(r"sub-r\d{3}x\d+", p) for p in copies)
+    acq = gather_acquisitions(out, tmp_path / "bids", None)
+    assert set(acq["participant_id"]) <= set(copies) and len(acq)
+    first = copies[0].removeprefix("sub-")
+    files = [f for f in session_files(out, first) if f.t1w is not None]
+    assert files and all(f"sub-{first}_" in f.t1w.name for f in files)
+    participants = pd.read_csv(tmp_path / "bids" / "participants.tsv", sep="\t")
+    assert sorted(participants["participant_id"]) == copies
+    assert "sub-r" not in (run["bids"] / "participants.tsv").read_text()  # the source dataset is left alone

@@ -651,3 +651,22 @@ def test_fraction_targets_count_partial_volume_as_it_is_and_cross_entropy_alone_
         T.TrainConfig(out="x", target="labels")
     with pytest.raises(ValueError, match="--dice-weight"):
         T.TrainConfig(out="x", dice_weight=-1)
+
+
+@pytest.mark.parametrize("injection", ["concat", "norm_shift", "norm_film"])
+def test_forward_each_is_one_forward_pass_per_vector(injection):
+    """A sweep shares the trunk and, after the last skip connection, whatever the parameters do not
+    reach (the last block's first convolution): every vector still gets exactly its own logits."""
+    from bidsapp.models.unet import UNet3D
+
+    torch.manual_seed(1)
+    net = UNet3D(1, 3, (4, 8), n_params=tissue.N_PARAMS, physics_injection=injection).eval()
+    for name, prm in net.named_parameters():
+        if name.rsplit(".", 2)[-2] in ("inject", "scale"):
+            torch.nn.init.normal_(prm)  # zero-initialised: make the parameters matter
+    x, p = torch.randn(2, 1, 16, 16, 16), torch.randn(3, tissue.N_PARAMS)
+    with torch.no_grad():
+        each = net.forward_each(x, p)
+        one_by_one = torch.cat([net(x, p[k:k + 1]) for k in range(3)], 1)
+    torch.testing.assert_close(each, one_by_one)
+    assert not torch.allclose(each[:, :3], each[:, 3:6])

@@ -12,7 +12,10 @@ For each simulated subject (``scanbridge-simulate``: 1 mm MPRAGE T1w, truth unde
 - ``cli``: the ``scanbridge`` command itself on the subject (``--participant-label``, fresh work and
   output folders, every method that runs by default on the session's contrasts, its report
   included): wall time from start to exit and the peak summed RSS of its process tree. With
-  ``--modalities T1w,FLAIR`` this is the issue's figure: a 1 mm T1w + FLAIR session;
+  ``--modalities T1w,FLAIR`` this is the issue's figure: a 1 mm T1w + FLAIR session. In the same run,
+  unless ``--no-peer``, the same subject goes through the pipeline a user would build instead
+  (antspyx N4, template brain extraction, SyN to the template, prior-guided Atropos: the stage run with
+  ``--brain-extraction template``), and the table gives both times and their ratio;
 - accuracy: Dice of the brain mask and of Atropos' CSF/GM/WM against the truth, and (stage run) of
   the template brain mask brought onto the subject by the registration (``--brain-extraction``
   learned, the app's default, or template: run both to see what the starting mask does to the
@@ -23,7 +26,7 @@ Prints a table of medians and writes ``benchmarks/results/participant.json``.
     python benchmarks/participant/run.py --subjects 3 --nprocs 2 --omp-nthreads 2
     python benchmarks/participant/run.py --subjects 3 --modalities T1w,FLAIR --mode cli
     python benchmarks/participant/run.py --subjects 3 --modalities T1w,FLAIR --mode stages \
-        --brain-extraction template        # the peer pipeline: antspyx N4, template extraction, SyN, Atropos
+        --brain-extraction template        # the peer pipeline alone
 """
 
 from __future__ import annotations
@@ -283,6 +286,14 @@ def summarise(results: list[dict]) -> dict:
             "cpu_s": _median([sum(s[n]["cpu_s"] for n in s) for s in stage_runs]),
             "peak_rss_mb": _median([max(s[n]["peak_rss_mb"] for n in s) for s in stage_runs]),
         }
+    peer = [r["peer"]["stages"] for r in results if "peer" in r]
+    if peer:
+        summary["peer"] = {"wall_s": _median([sum(s[n]["wall_s"] for n in s) for s in peer]),
+                           "max_wall_s": max(sum(s[n]["wall_s"] for n in s) for s in peer),
+                           "peak_rss_mb": _median([max(s[n]["peak_rss_mb"] for n in s) for s in peer]),
+                           "stages_wall_s": {n: _median([s[n]["wall_s"] for s in peer]) for n in peer[0]},
+                           "accuracy": {k: _median([r["peer"]["accuracy"][k] for r in results if "peer" in r])
+                                        for k in next(r for r in results if "peer" in r)["peer"]["accuracy"]}}
     for mode in ("workflow", "cli"):
         runs = [r[mode] for r in results if mode in r]
         if runs:
@@ -314,6 +325,15 @@ def print_table(summary: dict, args) -> None:
             w = summary[mode]
             print(f"\n{what}: median {w['wall_s']:.0f} s (max {w['max_wall_s']:.0f} s), "
                   f"peak memory {w['peak_tree_rss_mb']:.0f} MB (max {w['max_peak_tree_rss_mb']:.0f} MB)")
+    if summary.get("peer"):
+        w = summary["peer"]
+        stages = ", ".join(f"{k} {v:.0f} s" for k, v in w["stages_wall_s"].items())
+        print(f"peer pipeline on the same subjects (antspyx N4 + template brain extraction + SyN + Atropos, T1w only): "
+              f"median {w['wall_s']:.0f} s (max {w['max_wall_s']:.0f} s), peak memory {w['peak_rss_mb']:.0f} MB "
+              f"[{stages}]")
+        print("peer accuracy vs truth (median): " + ", ".join(f"{k} {v:.3f}" for k, v in w["accuracy"].items()))
+        if summary.get("cli"):
+            print(f"scanbridge / peer wall time: {summary['cli']['wall_s'] / w['wall_s']:.2f}")
     if summary["accuracy"]:
         print(f"\n{'accuracy vs truth':<24}{'median':>8}{'min':>8}{'n':>4}")
         for key, a in summary["accuracy"].items():
@@ -333,6 +353,7 @@ def main(argv=None) -> int:
     p.add_argument("--modalities", default="T1w", help="simulated contrasts, e.g. T1w,FLAIR")
     p.add_argument("--brain-extraction", choices=["learned", "template"], default="learned",
                    help="brain-extraction method of the stage run (the workflow uses the app's default)")
+    p.add_argument("--no-peer", action="store_true", help="cli mode: skip the peer pipeline run")
     p.add_argument("--template-resolution", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data", type=Path, default=None, help="reuse or create the simulated dataset here")
@@ -365,6 +386,9 @@ def main(argv=None) -> int:
             res["cli"] = run_cli(case, data, scratch / "work" / tag, scratch / "out", args.nprocs, args.omp_nthreads,
                                  args.seed)
             print(tag, "cli", json.dumps(res["cli"], default=float), flush=True)
+            if not args.no_peer:
+                res["peer"] = run_stages(case, template, scratch / "peer" / tag, omp, args.seed, "template")
+                print(tag, "peer", json.dumps(res["peer"], default=float), flush=True)
         results.append(res)
     summary = summarise(results)
     print_table(summary, args)

@@ -241,11 +241,13 @@ def run(ctx) -> list:
         by_family.setdefault(fam, []).append((pid, ch, acqs, images))
 
     sections, rows = [], []
+    n_done, n_all = 0, sum(len(v) for v in by_family.values())
     for fam, items in by_family.items():
         parameter, lo, hi = SWEEP[fam]
         grid = np.linspace(lo, hi, n_points)
         pre_c, post_c, base, kept = [], [], {}, []
         for pid, ch, acqs, images in items:
+            n_done += 1
             try:
                 cur = [_sweep(*images[s], acqs[s], parameter, grid, device) for s in (ch["pre_session"], ch["post_session"])]
             except ValueError as exc:
@@ -257,7 +259,8 @@ def run(ctx) -> list:
             pv, qv = (_session_volumes(ctx.volumes, pid, ch[k]) for k in ("pre_session", "post_session"))
             for method in set(pv) & set(qv):
                 base.setdefault(method, {})[pid] = (pv[method], qv[method])
-            log.info("bridging: %s swept %d %s values per session", pid, n_points, parameter)
+            log.info("bridging: %s swept %d %s values per session  [%d/%d subjects]", pid, n_points, parameter,
+                     n_done, n_all)
         if not kept:
             continue
         pre_c, post_c = np.stack(pre_c), np.stack(post_c)

@@ -82,12 +82,19 @@ class PhysicsConvBlock(ConvBlock):
             nn.init.zeros_(self.scale.weight)
 
     def forward(self, x: torch.Tensor, physics: torch.Tensor) -> torch.Tensor:
-        conv1, norm1, act1, conv2, norm2, act2 = (self[i] for i in range(6))
-        y = norm1(conv1(x))
+        return self.finish(self.stem(x), physics)
+
+    def stem(self, x: torch.Tensor) -> torch.Tensor:
+        """The first convolution and its normalisation: the part the parameters do not reach, shared by
+        every parameter vector of a sweep (:meth:`UNet3D.forward_each`)."""
+        return self[1](self[0](x))
+
+    def finish(self, y: torch.Tensor, physics: torch.Tensor) -> torch.Tensor:
+        """The rest of the block on :meth:`stem`'s output, under the branch output ``physics``."""
         if self.scale is not None:
             y = y * (1.0 + self.scale(physics)[:, :, None, None, None])
         y = y + self.inject(physics)[:, :, None, None, None]
-        return act2(norm2(conv2(act1(y))))
+        return self[5](self[4](self[3](self[2](y))))
 
 
 class PhysicsBranch(nn.Module):
@@ -195,6 +202,13 @@ class UNet3D(nn.Module):
             return torch.cat([self(x, params[k:k + 1]) for k in range(params.shape[0])], dim=1)
         first = params[:1]  # every vector keeps the gate closed: the trunk sees what a closed gate passes
         shared = self.forward_shared(x, self._gated(self._branch(first, x), first) if self.trunk_uses_physics else None)
+        last = self.decoders[-1]
+        if self.physics is not None and isinstance(last, PhysicsConvBlock):
+            # the parameters enter after the last block's first convolution: run that once (2/3 of the
+            # block's work) and only the rest per vector
+            stem = last.stem(shared)
+            return torch.cat([self.head(last.finish(stem, self._branch(params[k:k + 1], shared)))
+                              for k in range(params.shape[0])], dim=1)
         return torch.cat([self.forward_top(shared, params[k:k + 1]) for k in range(params.shape[0])], dim=1)
 
     def _branch(self, params: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
