@@ -61,7 +61,7 @@ def ras_array(path) -> np.ndarray:
 def tiny_tissue_subject(n=24, seed=0):
     """Concentric WM / GM / CSF shells at 2 mm, with the physics engine's property variation
     (a :class:`bidsapp.training.tissue.Subject`)."""
-    from bidsapp.training import tissue as T
+    from bidsapp.training import tissue_data as D
     from bidsapp.physics.phantom import Phantom
     from bidsapp.physics.tissues import sample_multipliers
 
@@ -76,5 +76,5 @@ def tiny_tissue_subject(n=24, seed=0):
     frac = np.stack([1 - wm - gm - csf, csf, gm, wm]).astype(np.float32)
     aff = np.diag([2.0, 2.0, 2.0, 1.0])
     ph = Phantom(frac, aff, classes, sample_multipliers(classes, rng))
-    return T.Subject(name="tiny", fractions=frac.astype(np.float16), classes=classes, multipliers=ph.multipliers,
-                     mask=ph.brain_mask, target=T.gold_standard(ph).astype(np.float16), affine=aff)
+    return D.Subject(name="tiny", fractions=frac.astype(np.float16), classes=classes, multipliers=ph.multipliers,
+                     mask=ph.brain_mask, target=D.gold_standard(ph).astype(np.float16), affine=aff)

@@ -125,12 +125,13 @@ def test_vector_swap_separates_what_the_vector_does_from_what_the_image_does():
 def test_training_speed_benchmark_times_both_samplings_on_the_same_subjects(capsys):
     from synthetic import tiny_tissue_subject
 
-    from bidsapp.training import tissue as T
+
+    from bidsapp.training import tissue_data as D
 
     bench = _script("train_speed")
     rows = bench.measure([tiny_tissue_subject(seed=k) for k in range(2)], repeats=2, iterations=2, threads=1, patch=16,
                          features=(4, 8), batches=2)
-    assert [r["sampling"] for r in rows] == list(T.SAMPLING)
+    assert [r["sampling"] for r in rows] == list(D.SAMPLING)
     for r in rows:
         assert len(r["runs"]["batch_s"]) == len(r["runs"]["iteration_s"]) == 2
         assert r["iteration_min_s"] == round(min(r["runs"]["iteration_s"]), 3) and r["batch_median_s"] > 0

@@ -10,20 +10,21 @@ from bidsapp.models import registry, tissue
 from bidsapp.training import cli
 from bidsapp.training import losses as L
 from bidsapp.training import tissue as T
+from bidsapp.training import tissue_data as D
 from synthetic import tiny_tissue_subject
 
 
 def test_sample_parameters_cover_the_paper_ranges_and_drop_optionals():
-    ps = T.sample_parameters(np.random.default_rng(0), 400, paper_only=True)
+    ps = D.sample_parameters(np.random.default_rng(0), 400, paper_only=True)
     mp = [p for p in ps if p["family"] == "MPRAGE"]
     sp = [p for p in ps if p["family"] == "SPGR"]
     assert mp and sp
-    assert all(0.6 <= p["TI"] <= 1.2 and p["td"] == T.MPRAGE_TD for p in mp)
+    assert all(0.6 <= p["TI"] <= 1.2 and p["td"] == D.MPRAGE_TD for p in mp)
     assert all(0.015 <= p["TR"] <= 0.1 and 0.004 <= p["TE"] <= 0.01 and 15 <= p["FA"] <= 75 for p in sp)
     assert any(p["B0"] is None for p in ps) and any(p["B0"] is not None for p in ps)
-    v = T.parameter_vectors(ps)
+    v = D.parameter_vectors(ps)
     assert v.shape == (400, tissue.N_PARAMS) and np.isfinite(v).all()
-    wide = T.sample_parameters(np.random.default_rng(1), 400)
+    wide = D.sample_parameters(np.random.default_rng(1), 400)
     assert all(p["TE"] < p["TR"] for p in wide if p["family"] == "SPGR")
     assert all(tissue.parameter_vector({"sequence_family": p["family"], "InversionTime": p.get("TI"),
                                         "RepetitionTime": p.get("TR") or p.get("TRinv"), "EchoTime": p.get("TE"),
@@ -31,19 +32,19 @@ def test_sample_parameters_cover_the_paper_ranges_and_drop_optionals():
 
 
 def test_low_contrast_sampling_draws_hard_spgr_settings_from_the_same_ranges():
-    plain = T.sample_parameters(np.random.default_rng(2), 300, families=("SPGR",), paper_only=True)
-    hard = T.sample_parameters(np.random.default_rng(2), 300, families=("SPGR",), paper_only=True, low_contrast=1.0)
-    plain_c = np.abs([T.wm_gm_contrast(p) for p in plain])
-    hard_c = np.abs([T.wm_gm_contrast(p) for p in hard])
-    assert (plain_c < T.LOW_CONTRAST).mean() < 0.5  # a minority of uniform draws (mostly at 1.5 T)...
-    assert (hard_c < T.LOW_CONTRAST).all()  # ...and every draw with low_contrast=1
+    plain = D.sample_parameters(np.random.default_rng(2), 300, families=("SPGR",), paper_only=True)
+    hard = D.sample_parameters(np.random.default_rng(2), 300, families=("SPGR",), paper_only=True, low_contrast=1.0)
+    plain_c = np.abs([D.wm_gm_contrast(p) for p in plain])
+    hard_c = np.abs([D.wm_gm_contrast(p) for p in hard])
+    assert (plain_c < D.LOW_CONTRAST).mean() < 0.5  # a minority of uniform draws (mostly at 1.5 T)...
+    assert (hard_c < D.LOW_CONTRAST).all()  # ...and every draw with low_contrast=1
     assert all(0.015 <= p["TR"] <= 0.1 and 0.004 <= p["TE"] <= 0.01 and 15 <= p["FA"] <= 75 for p in hard)
     # the contrast is the simulator's own: PD-weighted long-TR, low-flip SPGR has GM brighter than WM
-    assert T.wm_gm_contrast({"family": "SPGR", "TR": 0.095, "TE": 0.006, "FA": 15, "field": 3.0}) < 0.02
-    assert T.wm_gm_contrast({"family": "SPGR", "TR": 0.016, "TE": 0.005, "FA": 70, "field": 3.0}) > 0.2
+    assert D.wm_gm_contrast({"family": "SPGR", "TR": 0.095, "TE": 0.006, "FA": 15, "field": 3.0}) < 0.02
+    assert D.wm_gm_contrast({"family": "SPGR", "TR": 0.016, "TE": 0.005, "FA": 70, "field": 3.0}) > 0.2
     # at 0 the stream is untouched, so earlier stages' commands still reproduce
-    a = T.sample_parameters(np.random.default_rng(3), 50)
-    b = T.sample_parameters(np.random.default_rng(3), 50, low_contrast=0.0)
+    a = D.sample_parameters(np.random.default_rng(3), 50)
+    b = D.sample_parameters(np.random.default_rng(3), 50, low_contrast=0.0)
     assert a == b
     with pytest.raises(ValueError, match="low-contrast"):
         T.TrainConfig(out="x", low_contrast=1.5)
@@ -63,7 +64,7 @@ def test_simulated_contrast_depends_on_the_parameters():
     rng = np.random.default_rng(0)
     lab = s.target.astype(np.float32).argmax(0)
     def wm_gm(acq):
-        x, m, _ = T.normalised_sample(s, acq, rng)
+        x, m, _ = D.normalised_sample(s, acq, rng)
         return x[m & (lab == 2)].mean() - x[m & (lab == 1)].mean()
     a = wm_gm({"family": "MPRAGE", "TI": 0.6, "td": 0.6, "tau": 0.01, "field": 3.0})
     b = wm_gm({"family": "MPRAGE", "TI": 1.2, "td": 0.6, "tau": 0.01, "field": 3.0})
@@ -73,7 +74,7 @@ def test_simulated_contrast_depends_on_the_parameters():
 def test_twenty_iterations_reduce_the_loss(tmp_path):
     subjects = [tiny_tissue_subject(seed=k) for k in range(2)]
     cfg = T.TrainConfig(out=str(tmp_path), seed=0, physics="both", patch=16, batch=2, iterations=20, lr=1e-2,
-                        features=(4, 8), save_every=0, log_every=5, weights_dir=str(tmp_path))
+                        features=(4, 8), checkpoint_every=0, log_every=5, weights_dir=str(tmp_path))
     runs = T.train(cfg, subjects)
     assert [r["physics"] for r in runs] == [True, False]
     for r in runs:
@@ -82,7 +83,7 @@ def test_twenty_iterations_reduce_the_loss(tmp_path):
         card = T.save(r.pop("model"), cfg, r)
         assert card["training"]["command"].startswith("scanbridge-train tissue")
         assert "--both" in card["training"]["command"] and card["training"]["seed"] == 0
-        assert card["inference_mirror_axes"] == list(T.FLIP_AXES)  # inference mirrors what training flipped
+        assert card["inference_mirror_axes"] == list(D.FLIP_AXES)  # inference mirrors what training flipped
     assert registry.available("tissue", tmp_path) == ["tissue_unet", "tissue_unet_physics"]
     # the saved models load through the registry and segment
     img = subjects[0].fractions32()[[1, 2, 3]].argmax(0).astype(np.float32) + 1
@@ -93,9 +94,9 @@ def test_twenty_iterations_reduce_the_loss(tmp_path):
 
 def test_training_is_reproducible_from_the_seed(tmp_path):
     subjects = [tiny_tissue_subject()]
-    cfg = T.TrainConfig(out=str(tmp_path), seed=3, physics=True, patch=16, batch=1, iterations=3,
-                        features=(4, 8), save_every=0, log_every=1)
-    a, b = T.train(cfg, subjects)[0], T.train(cfg, subjects)[0]
+    kw = dict(seed=3, physics=True, patch=16, batch=1, iterations=3, features=(4, 8), checkpoint_every=0, log_every=1)
+    a = T.train(T.TrainConfig(out=str(tmp_path / "a"), **kw), subjects)[0]
+    b = T.train(T.TrainConfig(out=str(tmp_path / "b"), **kw), subjects)[0]  # a new folder: not a resumption
     assert a["loss"] == b["loss"]
     for (k, v), (_, w) in zip(a["model"].state_dict().items(), b["model"].state_dict().items()):
         torch.testing.assert_close(v, w)
@@ -111,10 +112,10 @@ def test_each_network_trains_alone_exactly_as_beside_the_other(tmp_path, alone, 
     from the stage-3 ablation), and why its --no-ablation retrains the shipped physics model in half the
     time."""
     subjects = [tiny_tissue_subject()]
-    kw = dict(out=str(tmp_path), seed=4, patch=16, batch=4, iterations=3, features=(4, 8), save_every=0,
+    kw = dict(seed=4, patch=16, batch=4, iterations=3, features=(4, 8), checkpoint_every=0,
               log_every=1, consistency=1.0, **extra)
-    both = T.train(T.TrainConfig(**kw, physics="both"), subjects)[index]
-    one = T.train(T.TrainConfig(**kw, physics=alone), subjects)[0]
+    both = T.train(T.TrainConfig(out=str(tmp_path / "both"), **kw, physics="both"), subjects)[index]
+    one = T.train(T.TrainConfig(out=str(tmp_path / "one"), **kw, physics=alone), subjects)[0]
     assert both["physics"] is one["physics"] is alone and both["loss"] == one["loss"]
     for (k, v), (_, w) in zip(both["model"].state_dict().items(), one["model"].state_dict().items()):
         assert torch.equal(v, w), k
@@ -131,7 +132,7 @@ def test_cli_dispatches_and_reports_unknown(capsys):
 
 def test_paired_batches_share_the_patch_and_consistency_loss_trains(tmp_path):
     subjects = [tiny_tissue_subject(seed=k) for k in range(2)]
-    sampler = T.PatchSampler(subjects, 16, seed=0)
+    sampler = D.PatchSampler(subjects, 16, seed=0)
     x, m, y, p = sampler.batch(4, pairs=True)
     assert x.shape == (4, 1, 16, 16, 16)
     torch.testing.assert_close(y[0], y[1])
@@ -144,7 +145,7 @@ def test_paired_batches_share_the_patch_and_consistency_loss_trains(tmp_path):
     same[1], same[3] = same[0], same[2]
     assert L.consistency_loss(same, m) == 0
     cfg = T.TrainConfig(out=str(tmp_path), seed=0, physics=True, patch=16, batch=4, iterations=3, features=(4, 8),
-                        save_every=0, log_every=1, consistency=1.0)
+                        checkpoint_every=0, log_every=1, consistency=1.0)
     run = T.train(cfg, subjects)[0]
     assert run["iterations"] == 3 and "--consistency 1" in T.command_line(cfg)
 
@@ -260,7 +261,7 @@ def test_trunk_gate_conditions_the_trunk_for_one_family_only(tmp_path):
     subjects = [tiny_tissue_subject(seed=k) for k in range(2)]
     _first_stage(tmp_path, subjects, physics_injection="norm_shift")
     cfg = T.TrainConfig(out=str(tmp_path), seed=1, physics=True, patch=16, batch=2, iterations=1, features=(4, 8),
-                        save_every=0, log_every=1, weights_dir=str(tmp_path / "w2"), init_from=str(tmp_path / "w1"),
+                        checkpoint_every=0, log_every=1, weights_dir=str(tmp_path / "w2"), init_from=str(tmp_path / "w1"),
                         physics_injection="norm_film_all", physics_trunk_gate="family_SPGR")
     (run,) = T.train(cfg, subjects)
     card = T.save(run.pop("model"), cfg, run)
@@ -282,7 +283,7 @@ def test_train_gated_changes_only_the_gated_family(tmp_path):
     subjects = [tiny_tissue_subject(seed=k) for k in range(2)]
     _first_stage(tmp_path, subjects, physics_injection="norm_shift")
     cfg = T.TrainConfig(out=str(tmp_path), seed=1, physics=True, patch=16, batch=2, iterations=3, lr=1e-2,
-                        features=(4, 8), save_every=0, log_every=1, weights_dir=str(tmp_path / "w2"),
+                        features=(4, 8), checkpoint_every=0, log_every=1, weights_dir=str(tmp_path / "w2"),
                         init_from=str(tmp_path / "w1"), physics_injection="norm_film_all",
                         physics_trunk_gate="family_SPGR", train="gated")
     (run,) = T.train(cfg, subjects)
@@ -305,8 +306,8 @@ def test_train_gated_changes_only_the_gated_family(tmp_path):
 
 def _first_stage(tmp_path, subjects, **kw) -> None:
     """Both networks trained 2 iterations from scratch and saved to ``tmp_path/w1`` (a stage to continue from)."""
-    first = T.TrainConfig(out=str(tmp_path), seed=0, physics="both", patch=16, batch=2, iterations=2,
-                          features=(4, 8), save_every=0, log_every=1, weights_dir=str(tmp_path / "w1"), **kw)
+    first = T.TrainConfig(out=str(tmp_path / "stage1"), seed=0, physics="both", patch=16, batch=2, iterations=2,
+                          features=(4, 8), checkpoint_every=0, log_every=1, weights_dir=str(tmp_path / "w1"), **kw)
     for r in T.train(first, subjects):
         T.save(r.pop("model"), first, r)
 
@@ -315,7 +316,7 @@ def test_norm_shift_stage_continues_as_norm_film(tmp_path):
     subjects = [tiny_tissue_subject(seed=k) for k in range(2)]
     _first_stage(tmp_path, subjects, physics_injection="norm_shift")
     cfg = T.TrainConfig(out=str(tmp_path), seed=1, physics=True, patch=16, batch=2, iterations=2,
-                        features=(4, 8), save_every=0, log_every=1, weights_dir=str(tmp_path / "w2"),
+                        features=(4, 8), checkpoint_every=0, log_every=1, weights_dir=str(tmp_path / "w2"),
                         init_from=str(tmp_path / "w1"), physics_injection="norm_film")
     (run,) = T.train(cfg, subjects)
     assert run["init"]["as"] == "same model, zero-initialised decoders.0.scale.weight"
@@ -328,7 +329,7 @@ def test_physics_lr_gives_the_zero_initialised_conditioning_its_own_learning_rat
     subjects = [tiny_tissue_subject(seed=k) for k in range(2)]
     _first_stage(tmp_path, subjects, physics_injection="norm_shift")
     cfg = T.TrainConfig(out=str(tmp_path), seed=1, physics="both", patch=16, batch=2, iterations=3, lr=1e-6,
-                        physics_lr=1e-2, features=(4, 8), save_every=0, log_every=1, weights_dir=str(tmp_path / "w2"),
+                        physics_lr=1e-2, features=(4, 8), checkpoint_every=0, log_every=1, weights_dir=str(tmp_path / "w2"),
                         init_from=str(tmp_path / "w1"), physics_injection="norm_film_all")
     phys, base = T.train(cfg, subjects)
     assert phys["init"]["as"].startswith("same model, zero-initialised decoders.0.scale.weight, encoders.0.inject")
@@ -350,7 +351,7 @@ def test_physics_model_can_start_from_the_trained_ablation(tmp_path):
     subjects = [tiny_tissue_subject(seed=k) for k in range(2)]
     _first_stage(tmp_path, subjects)
     cfg = T.TrainConfig(out=str(tmp_path), seed=1, physics="both", patch=16, batch=2, iterations=2,
-                        features=(4, 8), save_every=0, log_every=1, weights_dir=str(tmp_path / "w2"),
+                        features=(4, 8), checkpoint_every=0, log_every=1, weights_dir=str(tmp_path / "w2"),
                         init_from=str(tmp_path / "w1"), physics_injection="norm_shift", physics_from_base=True)
     runs = T.train(cfg, subjects)
     phys, base = runs
@@ -376,7 +377,7 @@ def test_train_top_changes_only_what_follows_the_last_skip_connection(tmp_path):
     subjects = [tiny_tissue_subject(seed=k) for k in range(2)]
     _first_stage(tmp_path, subjects, physics_injection="norm_shift")
     cfg = T.TrainConfig(out=str(tmp_path), seed=1, physics="both", patch=16, batch=2, iterations=3, lr=1e-2,
-                        features=(4, 8), save_every=0, log_every=1, init_from=str(tmp_path / "w1"),
+                        features=(4, 8), checkpoint_every=0, log_every=1, init_from=str(tmp_path / "w1"),
                         physics_injection="norm_shift", train="top")
     for run in T.train(cfg, subjects):
         net = run["model"]
@@ -399,7 +400,7 @@ def test_train_physics_recalibrates_only_the_branch_of_a_physics_model(tmp_path)
     subjects = [tiny_tissue_subject(seed=k) for k in range(2)]
     _first_stage(tmp_path, subjects, physics_injection="norm_shift")
     cfg = T.TrainConfig(out=str(tmp_path), seed=1, physics=True, patch=16, batch=2, iterations=3, lr=1e-2,
-                        features=(4, 8), save_every=0, log_every=1, init_from=str(tmp_path / "w1"),
+                        features=(4, 8), checkpoint_every=0, log_every=1, init_from=str(tmp_path / "w1"),
                         physics_injection="norm_shift", train="physics", volume_consistency=1.0,
                         weights_dir=str(tmp_path / "w2"))
     (run,) = T.train(cfg, subjects)
@@ -444,18 +445,37 @@ def test_volume_consistency_is_the_relative_volume_difference_between_two_acquis
     assert float(L.consistency_loss(100 * pair, mask)) > 0.1
 
 
-def test_stop_after_reproduces_a_checkpoint_of_a_longer_run(tmp_path):
+def test_stop_after_then_rerun_continues_exactly_as_one_run(tmp_path):
+    """--stop-after N saves the weights at iteration N of the schedule (a stage of the shipped chain) and
+    leaves a checkpoint; the same command without it continues from there (as does a rerun after a time
+    limit or a killed job) and ends bit for bit as an uninterrupted run."""
     subjects = [tiny_tissue_subject()]
-    kw = dict(out=str(tmp_path), seed=2, physics=True, patch=16, batch=1, iterations=4, features=(4, 8), log_every=1)
-    full = T.TrainConfig(**kw, save_every=2, weights_dir=str(tmp_path / "full"))
-    T.train(full, subjects)  # writes its iteration-2 checkpoint
-    part = T.TrainConfig(**kw, save_every=0, stop_after=2)
-    run = T.train(part, subjects)[0]
-    assert run["iterations"] == 2 and "--stop-after 2" in T.command_line(part)
-    ckpt, card = registry.load_state_dict(tissue.PHYSICS_MODEL, tmp_path / "full")
-    assert card["training"]["iterations_run"] == 2
-    for k, v in run["model"].state_dict().items():
-        torch.testing.assert_close(v, ckpt[k])
+    kw = dict(seed=2, physics=True, patch=16, batch=1, iterations=4, features=(4, 8), log_every=1, checkpoint_every=1)
+    whole = T.train(T.TrainConfig(out=str(tmp_path / "whole"), **kw), subjects)[0]
+    part_cfg = T.TrainConfig(out=str(tmp_path / "split"), **kw, stop_after=2)
+    part = T.train(part_cfg, subjects)[0]
+    assert part["iterations"] == 2 and not part["finished"] and "--stop-after 2" in T.command_line(part_cfg)
+    rest = T.train(T.TrainConfig(out=str(tmp_path / "split"), **kw), subjects)[0]
+    assert rest["iterations"] == 4 and rest["finished"] and rest["loss"] == whole["loss"]
+    for k, v in whole["model"].state_dict().items():
+        assert torch.equal(v, rest["model"].state_dict()[k]), k
+    with pytest.raises(SystemExit, match="another recipe"):  # a different recipe is not mixed into the run
+        T.train(T.TrainConfig(out=str(tmp_path / "split"), **{**kw, "seed": 3}), subjects)
+
+
+def test_command_line_reproduces_the_config():
+    """The card's command, parsed by the command's own options, is the run's recipe again."""
+    import argparse
+
+    cfg = T.TrainConfig(out="runs/x", seed=5, physics="both", features=(4, 8), lr=3e-4, consistency=1.0,
+                        physics_injection="norm_shift", randomise=0.7, orientation="RAS", target="fractions",
+                        threads=4, anatomy_dir="anat")
+    cmd = T.command_line(cfg)
+    assert cmd.startswith("scanbridge-train tissue --out runs/x --seed 5 --both") and "--threads" not in cmd
+    p = argparse.ArgumentParser()
+    T.add_arguments(p)
+    again = T.config_from_args(p.parse_args(cmd.split()[2:]))
+    assert again == T.TrainConfig(**{**cfg.__dict__, "threads": 1, "cache": "runs/x/cache"})
 
 
 def test_retraining_script_reproduces_the_shipped_chain(tmp_path):
@@ -526,18 +546,18 @@ def test_patch_sampling_simulates_the_same_image_as_the_whole_brain():
     region = (slice(4, 20), slice(10, 26), slice(12, 28))
     m = s.mask[region]
     rng = np.random.default_rng(0)
-    for k, acq in enumerate(T.sample_parameters(rng, 10)):
-        whole = T.normalised_sample(s, acq, np.random.default_rng(k))[0][region][m]
-        patch = T.normalised_patch(s, acq, np.random.default_rng(k), region)[m]
+    for k, acq in enumerate(D.sample_parameters(rng, 10)):
+        whole = D.normalised_sample(s, acq, np.random.default_rng(k))[0][region][m]
+        patch = D.normalised_patch(s, acq, np.random.default_rng(k), region)[m]
         assert abs(patch.mean() - whole.mean()) < 0.02 and abs(patch.std() / whole.std() - 1) < 0.02
-        alone = normalise(T.simulate(s, acq, np.random.default_rng(k))[region] * m, m)[m]
+        alone = normalise(D.simulate(s, acq, np.random.default_rng(k))[region] * m, m)[m]
         assert abs(alone.mean() - whole.mean()) > 0.1
 
 
 def test_patch_sampler_aligns_image_mask_and_target_and_pads_small_brains(tmp_path):
     subjects = [tiny_tissue_subject(seed=k) for k in range(2)]  # 24^3 brains
-    a = T.PatchSampler(subjects, 16, seed=0, sampling="patch").batch(8, pairs=True)
-    b = T.PatchSampler(subjects, 16, seed=0, sampling="patch").batch(8, pairs=True)
+    a = D.PatchSampler(subjects, 16, seed=0, sampling="patch").batch(8, pairs=True)
+    b = D.PatchSampler(subjects, 16, seed=0, sampling="patch").batch(8, pairs=True)
     for u, v in zip(a, b):
         assert torch.equal(u, v)  # reproducible from the seed
     x, m, y, p = a
@@ -547,11 +567,11 @@ def test_patch_sampler_aligns_image_mask_and_target_and_pads_small_brains(tmp_pa
     for k in range(8):
         assert torch.equal(x[k, 0] != 0, m[k, 0] > 0) and torch.equal(y[k].sum(0) > 0.5, m[k, 0] > 0)
     # a brain smaller than the patch is padded around, as the whole-brain path's SpatialPadd does
-    x, m, y, p = T.PatchSampler(subjects, 32, seed=0, sampling="patch").batch(2)
+    x, m, y, p = D.PatchSampler(subjects, 32, seed=0, sampling="patch").batch(2)
     assert x.shape == (2, 1, 32, 32, 32) and not m[:, :, :4].any() and not m[:, :, -4:].any()
     assert {int(m[k].sum()) for k in range(2)} <= {int(s.mask.sum()) for s in subjects}
     cfg = T.TrainConfig(out=str(tmp_path), seed=0, physics=True, patch=16, batch=4, iterations=3, features=(4, 8),
-                        save_every=0, log_every=1, consistency=1.0, sampling="patch")
+                        checkpoint_every=0, log_every=1, consistency=1.0, sampling="patch")
     assert T.train(cfg, subjects)[0]["iterations"] == 3 and "--sampling patch" in T.command_line(cfg)
     with pytest.raises(ValueError, match="--sampling"):
         T.TrainConfig(out=str(tmp_path), sampling="slices")
@@ -562,8 +582,8 @@ def test_randomised_samples_vary_what_real_scans_vary_and_keep_the_labels(tmp_pa
     aligned; the physics model is never shown a contrast its parameter vector does not describe; at 0
     the sampler's stream is the unrandomised one (earlier stages' commands still reproduce)."""
     s = tiny_tissue_subject(n=40)
-    acq = {"family": "MPRAGE", "field": 3.0, "B0": 3.0, "TI": 0.9, "td": T.MPRAGE_TD, "tau": T.MPRAGE_TAU, "TRinv": None}
-    imgs = [T.randomised_sample(s, acq, np.random.default_rng(k)) for k in range(12)]
+    acq = {"family": "MPRAGE", "field": 3.0, "B0": 3.0, "TI": 0.9, "td": D.MPRAGE_TD, "tau": D.MPRAGE_TAU, "TRinv": None}
+    imgs = [D.randomised_sample(s, acq, np.random.default_rng(k)) for k in range(12)]
     for img in imgs:
         assert np.isfinite(img).all() and not img[~s.mask].any() and img[s.mask].std() > 0.5
     lab = s.target.astype(np.float32).argmax(0)
@@ -571,22 +591,22 @@ def test_randomised_samples_vary_what_real_scans_vary_and_keep_the_labels(tmp_pa
     assert max(wm_minus_gm) > 0.5 and min(wm_minus_gm) < 0.2  # from strong to weak or reversed GM/WM contrast
     # the physics model's samples keep the told sequence (no random or spin-echo contrasts): an MPRAGE's
     # CSF is always the darkest, its GM/WM contrast varies with the scattered tissue properties
-    phys = [T.randomised_sample(s, acq, np.random.default_rng(k), physics=True) for k in range(12)]
+    phys = [D.randomised_sample(s, acq, np.random.default_rng(k), physics=True) for k in range(12)]
     means = np.array([[img[s.mask & (lab == j)].mean() for j in range(3)] for img in phys])
     assert (means[:, 0] < means[:, 1:].min(1) - 0.5).all()
     subjects = [tiny_tissue_subject(seed=k) for k in range(2)]
-    x, m, y, _ = T.PatchSampler(subjects, 16, seed=0, sampling="patch", randomise=1.0, physics=False).batch(4)
+    x, m, y, _ = D.PatchSampler(subjects, 16, seed=0, sampling="patch", randomise=1.0, physics=False).batch(4)
     for k in range(4):
         assert torch.equal(x[k, 0] != 0, m[k, 0] > 0) and torch.equal(y[k].sum(0) > 0.5, m[k, 0] > 0)
-    plain = T.PatchSampler(subjects, 16, seed=0, sampling="patch").batch(4)
-    zero = T.PatchSampler(subjects, 16, seed=0, sampling="patch", randomise=0.0).batch(4)
+    plain = D.PatchSampler(subjects, 16, seed=0, sampling="patch").batch(4)
+    zero = D.PatchSampler(subjects, 16, seed=0, sampling="patch", randomise=0.0).batch(4)
     assert all(torch.equal(u, v) for u, v in zip(plain, zero)) and not torch.equal(plain[0], x)
     cfg = T.TrainConfig(out=str(tmp_path), seed=0, physics=False, patch=16, batch=2, iterations=2, features=(4, 8),
-                        save_every=0, log_every=1, randomise=0.5)
+                        checkpoint_every=0, log_every=1, randomise=0.5)
     assert T.train(cfg, subjects)[0]["iterations"] == 2 and "--randomise 0.5" in T.command_line(cfg)
     sig = np.array([0.0, 0.05, 0.15, 0.25])  # background, CSF, GM, WM
-    assert np.allclose(T.squeeze_gm_wm(sig, s.classes, 1.0), sig)
-    half = T.squeeze_gm_wm(sig, s.classes, 0.5)
+    assert np.allclose(D.squeeze_gm_wm(sig, s.classes, 1.0), sig)
+    half = D.squeeze_gm_wm(sig, s.classes, 0.5)
     assert np.allclose(half, [0.0, 0.05, 0.175, 0.225])  # CSF where it was, GM/WM contrast halved
     with pytest.raises(ValueError, match="--randomise"):
         T.TrainConfig(out=str(tmp_path), randomise=1.5)
@@ -603,8 +623,8 @@ def test_training_brains_can_be_given_in_the_order_the_workflow_gives_the_model(
     frac[0, :6] = 1
     lia = np.array([[-2.0, 0, 0, 0], [0, 0, 2.0, 0], [0, -2.0, 0, 0], [0, 0, 0, 1]])
     ph = Phantom(frac, lia, s.classes, s.multipliers)
-    ras = T.make_subjects(ph, "x", np.random.default_rng(0), 0, 2.0, orientation="RAS")[0]
-    native = T.make_subjects(ph, "x", np.random.default_rng(0), 0, 2.0)[0]
+    ras = D.make_subjects(ph, "x", np.random.default_rng(0), 0, 2.0, orientation="RAS")[0]
+    native = D.make_subjects(ph, "x", np.random.default_rng(0), 0, 2.0)[0]
     import nibabel as nib
 
     assert nib.aff2axcodes(ras.affine) == ("R", "A", "S") and nib.aff2axcodes(native.affine) == ("L", "I", "A")
@@ -629,11 +649,11 @@ def test_fraction_targets_count_partial_volume_as_it_is_and_cross_entropy_alone_
         assert ft[k].sum() * vox == pytest.approx(true[name], rel=1e-3)
     gold = s.target.astype(np.float64)
     assert gold[1][s.mask].sum() > 1.05 * ft[1][s.mask].sum()  # the gold standard's GM takes in the mixtures
-    sampler = T.PatchSampler([s], 16, seed=0, target="fractions")
+    sampler = D.PatchSampler([s], 16, seed=0, target="fractions")
     x, m, y, p = sampler.batch(2)
     total = y.sum(1)[m[:, 0] > 0]  # the rest of an edge voxel is outside the brain
     assert (total <= 1.01).all() and (total > 0.98).float().mean() > 0.5
-    a = T.PatchSampler([s], 16, seed=0).batch(2)[2]
+    a = D.PatchSampler([s], 16, seed=0).batch(2)[2]
     assert not torch.equal(a, y)
     # cross-entropy alone: the soft target is its minimiser (probabilities equal to fractions)
     target = torch.tensor([[0.3, 0.5, 0.2]]).reshape(1, 3, 1, 1, 1)
@@ -643,7 +663,7 @@ def test_fraction_targets_count_partial_volume_as_it_is_and_cross_entropy_alone_
     for other in ([0.2, 0.6, 0.2], [0.05, 0.9, 0.05]):
         assert ce(torch.tensor(other).reshape(1, 3, 1, 1, 1).log(), target, mask) > at_target
     cfg = T.TrainConfig(out=str(tmp_path), seed=0, physics=False, patch=16, batch=2, iterations=2, features=(4, 8),
-                        save_every=0, log_every=1, target="fractions", dice_weight=0.0)
+                        checkpoint_every=0, log_every=1, target="fractions", dice_weight=0.0)
     assert T.train(cfg, [s])[0]["iterations"] == 2
     assert "--target fractions --dice-weight 0" in T.command_line(cfg)
     assert "--target" not in T.command_line(T.TrainConfig(out="x"))

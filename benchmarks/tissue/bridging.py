@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     from bidsapp.models import tissue
     from bidsapp.physics import phantom as P
     from bidsapp.physics.protocols import get_protocol
-    from bidsapp.training import tissue as T
+    from bidsapp.training import tissue_data as D
     from run import atropos_dseg  # noqa: E402  (benchmarks/tissue/run.py)
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     protos = [get_protocol("siemens-3T-mprage"), get_protocol("siemens-3T-mprage-v2")]
     acqs = []
     for pr in protos:
-        tau = pr.tau or T.MPRAGE_TAU
+        tau = pr.tau or D.MPRAGE_TAU
         acqs.append(({"family": "MPRAGE", "TI": pr.ti, "td": pr.tr - pr.ti - tau, "tau": tau, "field": pr.field_strength},
                      {"sequence_family": "MPRAGE", "InversionTime": pr.ti, "RepetitionTime": pr.tr,
                       "MagneticFieldStrength": pr.field_strength}))
@@ -65,13 +65,13 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(args.seed)
     names, base, curves = [], {"atropos": [], "unet-physics": []}, []
     t0 = time.time()
-    for anat_name in T.HELDOUT:
+    for anat_name in D.HELDOUT:
         anat = P.load_anatomy(Path(args.anatomy_dir) / f"{anat_name}_dseg.nii.gz", resolution=2.0)
-        for subj in T.make_subjects(anat, anat_name, rng, args.deformations, 2.0):
+        for subj in D.make_subjects(anat, anat_name, rng, args.deformations, 2.0):
             vols = {m: [] for m in base}
             cur = []
             for k, (sim_acq, sidecar) in enumerate(acqs):
-                img = T.simulate(subj, sim_acq, np.random.default_rng([args.seed, len(names), k]), snr=60, bias=0.03)
+                img = D.simulate(subj, sim_acq, np.random.default_rng([args.seed, len(names), k]), snr=60, bias=0.03)
                 img *= subj.mask
                 seg = atropos_dseg(img, subj.mask, (2.0,) * 3)
                 vols["atropos"].append([float((seg == c).sum()) * 8.0 for c in (2, 3)])

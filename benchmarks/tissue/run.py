@@ -64,7 +64,7 @@ TISSUES = ("GM", "WM")
 
 
 def sweep(family: str, n: int, seed: int) -> list[dict]:
-    from bidsapp.training.tissue import MPRAGE_TAU, MPRAGE_TD
+    from bidsapp.training.tissue_data import MPRAGE_TAU, MPRAGE_TD
 
     if family == "MPRAGE":
         return [{"family": "MPRAGE", "TI": float(ti), "td": MPRAGE_TD, "tau": MPRAGE_TAU, "field": 3.0, "B0": 3.0}
@@ -86,10 +86,10 @@ def heldout_subject(anatomy_dir: Path, name: str, resolution: float, seed: int, 
     """A held-out brain in ``orientation``: RAS by default, the voxel order the participant workflow hands
     the models (``native``, the label map's LIA, is how figures before the RAS-trained weights were measured)."""
     from bidsapp.physics import phantom as P
-    from bidsapp.training import tissue as T
+    from bidsapp.training import tissue_data as D
 
     anat = P.load_anatomy(anatomy_dir / f"{name}_dseg.nii.gz", resolution=resolution)
-    return T.make_subjects(anat, name, np.random.default_rng([seed, int(name.split("-")[1])]), 0, resolution,
+    return D.make_subjects(anat, name, np.random.default_rng([seed, int(name.split("-")[1])]), 0, resolution,
                            orientation)[0]
 
 
@@ -103,10 +103,10 @@ def gold_standard_dseg(subj) -> np.ndarray:
 def sweep_image(subj, name: str, acq: dict, i: int, seed: int, snr: float = SNR, bias: float = BIAS) -> np.ndarray:
     """The brain-masked image of sweep point ``i`` for held-out subject ``name`` (its own noise seed,
     so every script that asks for the same point gets the same image)."""
-    from bidsapp.training import tissue as T
+    from bidsapp.training import tissue_data as D
 
     rng = np.random.default_rng([seed, i, int(name.split("-")[1])])
-    return T.simulate(subj, acq, rng, snr=snr, bias=bias) * subj.mask
+    return D.simulate(subj, acq, rng, snr=snr, bias=bias) * subj.mask
 
 
 def atropos_dseg(img: np.ndarray, mask: np.ndarray, spacing) -> np.ndarray:
@@ -121,15 +121,15 @@ def evaluate(args) -> dict:
 
     from bidsapp.metrics.overlap import coefficient_of_variation, dice
     from bidsapp.models import tissue
-    from bidsapp.training import tissue as T
+    from bidsapp.training import tissue_data as D
 
     torch.set_num_threads(args.threads)
-    names = list(T.HELDOUT)[: args.subjects]
+    names = list(D.HELDOUT)[: args.subjects]
     reused, reused_seconds = reusable_results(args, names)
     run_methods = [m for m in args.methods if m not in reused]
     res: dict = {m: {f: {k: {t: [] for t in TISSUES} for k in ("dice", "cov", "soft_cov", "volumes", "error", "soft_error")}
                      for f in FAMILIES} for m in run_methods}
-    contrast = {f: [T.wm_gm_contrast(a) for a in sweep(f, args.points, args.seed)] for f in FAMILIES}
+    contrast = {f: [D.wm_gm_contrast(a) for a in sweep(f, args.points, args.seed)] for f in FAMILIES}
     seconds = {m: 0.0 for m in run_methods}
     if reused:
         print(f"reusing {', '.join(reused)} from {', '.join(args.reuse)}", flush=True)
@@ -349,7 +349,7 @@ PRESETS = ("paper-mprage", "siemens-3T-mprage", "siemens-3T-mprage-v2", "siemens
 def preset_acquisition(name: str) -> tuple[dict, dict]:
     """(simulation parameters, sidecar-like acquisition dict) of a simulator protocol preset."""
     from bidsapp.physics.protocols import get_protocol
-    from bidsapp.training.tissue import MPRAGE_TAU
+    from bidsapp.training.tissue_data import MPRAGE_TAU
 
     pr = get_protocol(name)
     if pr.sequence == "MPRAGE":
@@ -371,10 +371,10 @@ def presets(args) -> dict:
 
     from bidsapp.metrics.overlap import dice
     from bidsapp.models import tissue
-    from bidsapp.training import tissue as T
+    from bidsapp.training import tissue_data as D
 
     torch.set_num_threads(args.threads)
-    names = list(T.HELDOUT)[: args.subjects]
+    names = list(D.HELDOUT)[: args.subjects]
     methods = [m for m in args.methods if m != "atropos"]
     out = {p: {m: {"GM": [], "WM": []} for m in methods} for p in PRESETS}
     for name in names:
@@ -382,7 +382,7 @@ def presets(args) -> dict:
         gs = gold_standard_dseg(subj)
         for k, preset in enumerate(PRESETS):
             sim, side = preset_acquisition(preset)
-            img = T.simulate(subj, sim, np.random.default_rng([args.seed, k]), snr=args.snr, bias=args.bias) * subj.mask
+            img = D.simulate(subj, sim, np.random.default_rng([args.seed, k]), snr=args.snr, bias=args.bias) * subj.mask
             for m in methods:
                 r = tissue.segment(img, subj.mask, (args.resolution,) * 3, side, device=args.device,
                                    use_physics=(m == "unet-physics"), weights_dir=args.weights_dir)
@@ -431,12 +431,12 @@ def timing(args) -> dict:
     import nibabel as nib
 
     from bidsapp.physics import phantom as P
-    from bidsapp.training import tissue as T
+    from bidsapp.training import tissue_data as D
 
-    anat = P.load_anatomy(Path(args.anatomy_dir) / f"{T.HELDOUT[0]}_dseg.nii.gz", resolution=None)
-    subj = T.make_subjects(anat, T.HELDOUT[0], np.random.default_rng(args.seed), 0, 1.0)[0]
+    anat = P.load_anatomy(Path(args.anatomy_dir) / f"{D.HELDOUT[0]}_dseg.nii.gz", resolution=None)
+    subj = D.make_subjects(anat, D.HELDOUT[0], np.random.default_rng(args.seed), 0, 1.0)[0]
     acq = sweep("MPRAGE", 121, args.seed)[60]
-    img = T.simulate(subj, acq, np.random.default_rng(0), snr=30, bias=0.03) * subj.mask
+    img = D.simulate(subj, acq, np.random.default_rng(0), snr=30, bias=0.03) * subj.mask
     runs = []
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "sub-01_T1w.nii.gz")

@@ -45,13 +45,13 @@ def _config(out: str, sampling: str, iterations: int, threads: int, patch: int |
     T.add_arguments(p)
     cfg = T.config_from_args(p.parse_args(shlex.split(registry.load_card(PHYSICS_MODEL)["training"]["command"])[2:]))
     return dataclasses.replace(cfg, out=out, physics=True, init_from=None, physics_from_base=False, sampling=sampling,
-                               iterations=iterations, stop_after=None, threads=threads, device="cpu", save_every=0,
+                               iterations=iterations, stop_after=None, threads=threads, device="cpu", checkpoint_every=0,
                                log_every=iterations, patch=patch or cfg.patch, features=tuple(features or cfg.features),
                                anatomy_dir=anatomy_dir or cfg.anatomy_dir, cache=cache, weights_dir=None)
 
 
 def batch_seconds(cfg, subjects, n: int = 40) -> float:
-    from bidsapp.training.tissue import PatchSampler
+    from bidsapp.training.tissue_data import PatchSampler
 
     sampler = PatchSampler(subjects, cfg.patch, seed=cfg.seed, low_contrast=cfg.low_contrast, sampling=cfg.sampling)
     sampler.batch(cfg.batch, pairs=cfg.paired)  # warm-up
@@ -67,12 +67,14 @@ def measure(subjects, repeats: int, iterations: int, threads: int, patch: int | 
             batches: int = 40) -> list[dict]:
     """One row per sampling: batch and iteration seconds of every repeat and their medians."""
     from bidsapp.training import tissue as T
+    from bidsapp.training import tissue_data as D
 
-    runs = {s: {"batch_s": [], "iteration_s": []} for s in T.SAMPLING}
+    runs = {s: {"batch_s": [], "iteration_s": []} for s in D.SAMPLING}
     with tempfile.TemporaryDirectory() as tmp:
         for k in range(repeats):
-            for sampling in T.SAMPLING:
-                cfg = _config(tmp, sampling, iterations, threads, patch, features)
+            for sampling in D.SAMPLING:
+                # a folder per run: one with a checkpoint would resume instead of training
+                cfg = _config(str(Path(tmp) / f"{k}-{sampling}"), sampling, iterations, threads, patch, features)
                 b = batch_seconds(cfg, subjects, batches)
                 hist = T.train(cfg, subjects)[0]
                 it = hist["seconds"] / hist["iterations"]
@@ -87,9 +89,10 @@ def measure(subjects, repeats: int, iterations: int, threads: int, patch: int | 
 
 def main() -> int:
     from bidsapp.training import tissue as T
+    from bidsapp.training import tissue_data as D
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--anatomy-dir", default=str(T.DEFAULT_ANATOMY_DIR))
+    ap.add_argument("--anatomy-dir", default=str(D.DEFAULT_ANATOMY_DIR))
     ap.add_argument("--cache", default=None, help="subject cache of a training run (built here if missing)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--iterations", type=int, default=100)

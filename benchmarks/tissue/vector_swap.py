@@ -61,12 +61,12 @@ def main(argv=None) -> int:
     import torch
 
     from bidsapp.models import registry, tissue
-    from bidsapp.training import tissue as T
+    from bidsapp.training import tissue_data as D
     from run import (  # noqa: E402  (benchmarks/tissue/run.py)
         BIAS, SNR, acquisition_dict, gold_standard_dseg, heldout_subject, sweep, sweep_image)
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--anatomy-dir", default=str(T.DEFAULT_ANATOMY_DIR))
+    p.add_argument("--anatomy-dir", default=str(D.DEFAULT_ANATOMY_DIR))
     p.add_argument("--subjects", type=int, default=2, help="held-out subjects (max 3)")
     p.add_argument("--points", type=int, default=121, help="size of run.py's SPGR sweep to pick from")
     p.add_argument("--others", type=int, default=3, help="settings besides the inverted one")
@@ -82,14 +82,14 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
 
     acqs = sweep("SPGR", args.points, args.seed)
-    contrast = [T.wm_gm_contrast(a) for a in acqs]
+    contrast = [D.wm_gm_contrast(a) for a in acqs]
     picked = chosen_settings(contrast, args.others)
     result = {"snr": args.snr, "bias": args.bias,
               "settings": [dict(acqs[k], wm_gm_ratio=1 + contrast[k], index=k) for k in picked],
               "weights": {m: registry.load_card(m, args.weights_dir)["sha256"]
                           for m in (tissue.PHYSICS_MODEL, tissue.BASE_MODEL)}, "subjects": {}}
     labels = [f"{1 + contrast[k]:.2f}" for k in picked]
-    for name in list(T.HELDOUT)[: args.subjects]:
+    for name in list(D.HELDOUT)[: args.subjects]:
         subj = heldout_subject(Path(args.anatomy_dir), name, 2.0, args.seed)
         images = [sweep_image(subj, name, acqs[k], k, args.seed, snr=args.snr, bias=args.bias) for k in picked]
 

@@ -119,9 +119,12 @@ _VENDORS = (
 )
 
 
-@dataclass
+@dataclass(frozen=True)
 class AcquisitionRecord:
-    """Scanner and protocol of one image; all numbers in BIDS units, ``None`` when unknown."""
+    """Scanner and protocol of one image; all numbers in BIDS units (SI: seconds and tesla; flip angle in
+    degrees), ``None`` when unknown. Frozen: a record is what the sidecar said (or what was borrowed, as a
+    new record: :mod:`bidsapp.bids.borrow`), passed as this object and turned into a dict only for a
+    sidecar or a Nipype input (:meth:`to_dict`)."""
 
     source: str | None = None
     """Path of the image relative to the BIDS root (posix), e.g. ``sub-01/ses-1/anat/sub-01_ses-1_T1w.nii.gz``."""
@@ -175,16 +178,16 @@ class AcquisitionRecord:
         the warning does not claim there is none.
         """
         md = dict(metadata or {})
-        rec = cls(source=source, suffix=suffix)
+        v: dict = {"source": source, "suffix": suffix}  # the fields, gathered before the (frozen) record
         name = name or source or "image"
         problems: list[str] = []
         malformed: list[str] = []
 
         for key, attr in _TEXT_FIELDS.items():
-            setattr(rec, attr, _text(md.get(key)))
+            v[attr] = _text(md.get(key))
         for key, attr in (("ScanningSequence", "scanning_sequence"), ("SequenceVariant", "sequence_variant")):
             tokens = _tokens(md.get(key))
-            setattr(rec, attr, "_".join(tokens) if tokens else None)
+            v[attr] = "_".join(tokens) if tokens else None
 
         for key, (attr, limit_s) in _TIME_FIELDS.items():
             if key not in md:
@@ -202,7 +205,7 @@ class AcquisitionRecord:
                 problems.append(f"{key}={_fmt(value)} is not positive; ignored")
                 malformed.append(key)
                 continue
-            setattr(rec, attr, value)
+            v[attr] = value
 
         if "FlipAngle" in md:
             value, note = _number(md["FlipAngle"])
@@ -213,7 +216,7 @@ class AcquisitionRecord:
                     problems.append(f"FlipAngle={_fmt(value)} is outside (0, 180] degrees; ignored")
                 malformed.append("FlipAngle")
             else:
-                rec.flip_angle = value
+                v["flip_angle"] = value
 
         if "MagneticFieldStrength" in md:
             value, note = _number(md["MagneticFieldStrength"])
@@ -227,52 +230,50 @@ class AcquisitionRecord:
                     problems.append(f"MagneticFieldStrength={_fmt(value)} is not a plausible field in tesla; ignored")
                 malformed.append("MagneticFieldStrength")
             else:
-                rec.field_strength = value
+                v["field_strength"] = value
 
-        rec.sequence_family, rec.family_source = infer_sequence_family(
+        v["sequence_family"], v["family_source"] = infer_sequence_family(
             suffix=suffix,
-            pulse_sequence_type=rec.pulse_sequence_type,
-            scanning_sequence=rec.scanning_sequence,
-            sequence_variant=rec.sequence_variant,
-            inversion_time=rec.inversion_time,
-            repetition_time=rec.repetition_time,
+            pulse_sequence_type=v.get("pulse_sequence_type"),
+            scanning_sequence=v.get("scanning_sequence"),
+            sequence_variant=v.get("sequence_variant"),
+            inversion_time=v.get("inversion_time"),
+            repetition_time=v.get("repetition_time"),
         )
+        family, tr = v["sequence_family"], v.get("repetition_time")
         # Gradient-echo TRs are tens of ms: 1..100 read as seconds is a millisecond value.
-        if rec.sequence_family == "SPGR" and rec.repetition_time is not None and 1.0 <= rec.repetition_time <= 100.0:
-            problems.append(
-                f"RepetitionTime={_fmt(rec.repetition_time)} is implausible for a gradient echo; "
-                f"using {_fmt(rec.repetition_time / 1000.0)} s"
-            )
-            rec.repetition_time /= 1000.0
+        if family == "SPGR" and tr is not None and 1.0 <= tr <= 100.0:
+            problems.append(f"RepetitionTime={_fmt(tr)} is implausible for a gradient echo; using {_fmt(tr / 1000.0)} s")
+            v["repetition_time"] = tr / 1000.0
 
         if site:
-            rec.site, rec.site_source = str(site), site_source or "participants.tsv"
-        elif rec.institution:
-            rec.site, rec.site_source = rec.institution, "InstitutionName"
+            v["site"], v["site_source"] = str(site), site_source or "participants.tsv"
+        elif v.get("institution"):
+            v["site"], v["site_source"] = v["institution"], "InstitutionName"
 
         wanted = list(_SCANNER_FIELDS)
         if suffix is None or suffix in WEIGHTED_SUFFIXES:
             wanted += ["RepetitionTime", "EchoTime", "FlipAngle"]
-            if rec.sequence_family in ("MPRAGE", "FLAIR"):
+            if family in ("MPRAGE", "FLAIR"):
                 wanted.append("InversionTime")
         present = {k for k, v in md.items() if v not in (None, "", [])}
-        rec.missing = [k for k in wanted if k not in present or k in malformed]
-        rec.missing += [k for k in malformed if k not in rec.missing]
+        missing = [k for k in wanted if k not in present or k in malformed]
+        missing += [k for k in malformed if k not in missing]
+        warnings: list[str] = []
 
         if not md:
             why = (f"its sidecar {sidecar_problem}" if sidecar_problem
                    else "no sidecar metadata (no JSON sidecar, not even an inherited one)")
-            rec.warnings.append(f"{name}: {why}; unknown: {', '.join(rec.missing)}; "
-                                f"sequence family {rec.sequence_family}")
-        elif rec.missing:
-            rec.warnings.append(f"{name}: sidecar is missing or has malformed {', '.join(rec.missing)}")
+            warnings.append(f"{name}: {why}; unknown: {', '.join(missing)}; sequence family {family}")
+        elif missing:
+            warnings.append(f"{name}: sidecar is missing or has malformed {', '.join(missing)}")
         for p in problems:
-            rec.warnings.append(f"{name}: {p}")
-        if md and rec.sequence_family == "UNKNOWN" and (suffix is None or suffix in WEIGHTED_SUFFIXES):
-            rec.warnings.append(
+            warnings.append(f"{name}: {p}")
+        if md and family == "UNKNOWN" and (suffix is None or suffix in WEIGHTED_SUFFIXES):
+            warnings.append(
                 f"{name}: sequence family unknown (no usable PulseSequenceType, ScanningSequence or InversionTime)"
             )
-        return rec
+        return cls(**v, missing=missing, warnings=warnings)
 
     # ------------------------------------------------------------------ keys
     @property

@@ -11,6 +11,8 @@ parameters came from (``parameters_from``); the tissue sidecar repeats it.
 
 from __future__ import annotations
 
+import dataclasses
+
 import functools
 from pathlib import Path
 
@@ -91,11 +93,10 @@ def borrow_parameters(plan, layout, root: Path) -> None:
                   "dataset with the same acquisition label and grid disagree on theirs; none borrowed")
             continue
         donor_path, donor = sorted(same, key=lambda x: str(x[0]))[0]
-        for f in SEQUENCE_FIELDS:
-            if f == "sequence_family" or getattr(rec, f) is None:
-                setattr(rec, f, getattr(donor, f))
-        rec.family_source = "borrowed"
-        rec.parameters_from = donor_path.relative_to(root).as_posix()
+        rec = dataclasses.replace(
+            rec, family_source="borrowed", parameters_from=donor_path.relative_to(root).as_posix(),
+            **{f: getattr(donor, f) for f in SEQUENCE_FIELDS if f == "sequence_family" or getattr(rec, f) is None})
+        session.acquisitions[path] = rec
         _warn(subject, session, f"{path}: no usable sequence parameters; using {rec.parameters_from}'s "
               f"({rec.sequence_family}; {len(same)} image(s) of the dataset with the same acquisition label and "
               "grid agree)")

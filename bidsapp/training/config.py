@@ -4,7 +4,8 @@ model card are generated from it, so the two can never disagree.
 Field metadata (``dataclasses.field(metadata=...)``) refines a field: ``help``, ``choices``, ``flag``
 (the option name when it is not ``--<field-name>``), ``cli=False`` (not an option) and ``card=False``
 (an option that does not change the model, such as threads or the device, left out of the card's
-command).
+command), ``consts`` (a field set by one of several mutually exclusive flags, ``{"--both": "both", ...}``)
+and ``parse``/``format`` (a value written as text other than ``str(value)``, e.g. a tuple as ``8,16``).
 """
 
 from __future__ import annotations
@@ -36,11 +37,18 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls, *, defaults: dict
         default = defaults.get(f.name, f.default if f.default is not dataclasses.MISSING else None)
         kind = _base_type(f, hints)
         help_text = f.metadata.get("help")
+        if "consts" in f.metadata:
+            group = parser.add_mutually_exclusive_group()
+            for flag, const in f.metadata["consts"].items():
+                group.add_argument(flag, dest=f.name, action="store_const", const=const, default=default,
+                                   help=(help_text or {}).get(flag) if isinstance(help_text, dict) else None)
+            continue
         if kind is bool:
             parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=bool(default),
                                 action=argparse.BooleanOptionalAction, help=help_text)
             continue
-        kwargs = {"dest": f.name, "type": kind, "help": help_text, "choices": f.metadata.get("choices")}
+        kwargs = {"dest": f.name, "type": f.metadata.get("parse", kind), "help": help_text,
+                  "choices": f.metadata.get("choices")}
         if f.name in required:
             kwargs["required"] = True
         else:
@@ -61,18 +69,26 @@ def command_line(prog: str, cfg, *, first=(), explicit: bool = False) -> str:
     parts = [prog]
     by_name = {f.name: f for f in dataclasses.fields(cfg)}
     for name in first:
-        parts.append(f"{_option(by_name[name])} {getattr(cfg, name)}")
+        parts += _words(by_name[name], getattr(cfg, name))
     for f in dataclasses.fields(cfg):
         if f.name in first or f.metadata.get("card", True) is False or f.metadata.get("cli", True) is False:
             continue
         value = getattr(cfg, f.name)
         if value is None or (not explicit and f.default is not dataclasses.MISSING and value == f.default):
             continue
-        if isinstance(value, bool):
-            parts.append(_option(f) if value else "--no-" + f.name.replace("_", "-"))
-        else:
-            parts.append(f"{_option(f)} {value}")
+        parts += _words(f, value)
     return " ".join(parts)
+
+
+def _words(f: dataclasses.Field, value) -> list[str]:
+    """The option that sets field ``f`` to ``value`` (nothing for None)."""
+    if value is None:
+        return []
+    if "consts" in f.metadata:
+        return [next(flag for flag, const in f.metadata["consts"].items() if const == value and type(const) is type(value))]
+    if isinstance(value, bool):
+        return [_option(f) if value else "--no-" + f.name.replace("_", "-")]
+    return [f"{_option(f)} {f.metadata['format'](value) if 'format' in f.metadata else value}"]
 
 
 def stage_commands(cfg, cls, command_line) -> list[str]:

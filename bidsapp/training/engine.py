@@ -4,7 +4,8 @@ A trainer builds its network, optimiser and sampler, then hands :func:`fit` a ``
 function that draws a batch, computes the losses, steps the optimiser and returns the terms to log.
 :func:`fit` owns everything else, the same way for every model:
 
-- a cosine learning-rate schedule (:func:`cosine_schedule`) stepped once per iteration;
+- a learning-rate schedule stepped once per iteration (default :func:`cosine_schedule`; a trainer whose
+  recipe has none passes :func:`constant_schedule`);
 - a line of progress every :data:`LOG_EVERY` iterations (the mean of each logged term);
 - a checkpoint in ``out``/checkpoint.pt every ``checkpoint_every`` iterations and at the end, written
   atomically, holding the network, the optimiser, the schedule, every sampler's random state, torch's
@@ -12,7 +13,11 @@ function that draws a batch, computes the losses, steps the optimiser and return
 - resumption from that checkpoint when the recipe matches (fields that only say where it runs may
   differ; fields added to a config later keep their default), refused with one line otherwise;
 - ``stop_after``: end at that iteration of the schedule, leaving a checkpoint (a chain of cluster
-  jobs, or a stage that a later ``--init-from`` stage starts from).
+  jobs, or a stage that a later ``--init-from`` stage starts from); ``time_limit_s``: end, with a
+  checkpoint, at the first iteration past that many seconds of training (a session's budget).
+
+With ``out=None`` nothing is written: a network trained inside a run of the app (MRAI-NET at the group
+level, in seconds) needs the same loop but no checkpoints.
 """
 
 from __future__ import annotations
@@ -27,8 +32,10 @@ from typing import Callable
 import numpy as np
 
 LOG_EVERY = 25
-HARDWARE_FIELDS = ("threads", "device", "checkpoint_every")
-"""Config fields that say where a run executes, not what it computes: a resumed run may change them."""
+RUN_FIELDS = ("threads", "device", "checkpoint_every", "stop_after", "time_limit_min")
+"""Config fields that say where a run executes or where it pauses, not what it computes: a resumed run may
+change them, as it may every field left out of the card's command (``card=False``: threads, device,
+folders)."""
 
 
 def cosine_schedule(opt, iterations: int, floor: float = 0.02):
@@ -39,17 +46,26 @@ def cosine_schedule(opt, iterations: int, floor: float = 0.02):
         opt, lambda i: floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(i, iterations) / iterations)))
 
 
+def constant_schedule(opt):
+    """The optimiser's learning rate, unchanged (RMSprop as MRAI-NET's reference implementation runs it)."""
+    import torch
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)
+
+
 def same_recipe(saved: dict, cfg) -> bool:
     """Whether a checkpoint's config ``saved`` is the recipe of ``cfg`` (see the module docstring)."""
     current = dataclasses.asdict(cfg)
     defaults = {f.name: f.default for f in dataclasses.fields(cfg) if f.default is not dataclasses.MISSING}
-    hardware = {k: saved[k] for k in HARDWARE_FIELDS if k in saved and k in current}
-    return defaults | saved == current | hardware
+    loose = set(RUN_FIELDS) | {f.name for f in dataclasses.fields(cfg) if f.metadata.get("card", True) is False}
+    run_only = {k: saved[k] for k in loose if k in saved and k in current}
+    return defaults | saved == current | run_only
 
 
 def fit(cfg, net, opt, step: Callable[[int], dict], *, out, states: dict | None = None, sched=None,
-        progress=print, stop_after: int | None = None, logged=("loss",)) -> dict:
-    """Run ``step`` for iterations ``[start, end)`` of ``cfg.iterations`` (see the module docstring).
+        progress=print, stop_after: int | None = None, logged=("loss",), time_limit_s: float | None = None) -> dict:
+    """Run ``step`` for iterations ``[start, end)`` of ``cfg.iterations`` (see the module docstring);
+    ``out=None``: no checkpoint is read or written.
 
     ``states`` maps a name to an object with ``state()`` and ``set_state(state)`` (the samplers),
     saved in checkpoints and restored on resumption. ``step`` returns a dict of floats; the terms
@@ -60,12 +76,14 @@ def fit(cfg, net, opt, step: Callable[[int], dict], *, out, states: dict | None 
 
     states = states or {}
     sched = sched if sched is not None else cosine_schedule(opt, cfg.iterations)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     history: dict = {"seconds": 0.0}
     start = 0
-    ckpt = out / "checkpoint.pt"
-    if ckpt.is_file():
+    ckpt = None
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        ckpt = out / "checkpoint.pt"
+    if ckpt is not None and ckpt.is_file():
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
         if not same_recipe(state["config"], cfg):
             raise SystemExit(f"{ckpt}: a checkpoint of another recipe; use a new --out or delete it")
@@ -79,8 +97,25 @@ def fit(cfg, net, opt, step: Callable[[int], dict], *, out, states: dict | None 
         progress(f"resuming at iteration {start}")
     net.train()
     t0 = time.time() - history["seconds"]
+    every = int(getattr(cfg, "checkpoint_every", 0) or 0)
+
+    def checkpoint(done: int) -> None:
+        history["seconds"] = time.time() - t0
+        tmp = out / "checkpoint.pt.tmp"
+        torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                    **{name: obj.state() for name, obj in states.items()},
+                    "torch": torch.get_rng_state(), "history": history, "iteration": done,
+                    "config": dataclasses.asdict(cfg)}, tmp)
+        os.replace(tmp, ckpt)
+
     end = cfg.iterations if stop_after is None else max(start, min(cfg.iterations, int(stop_after)))
     for it in range(start, end):
+        if time_limit_s is not None and it > start and time.time() - t0 > time_limit_s:
+            progress(f"time limit reached after iteration {it}; rerun to continue from the checkpoint")
+            end = it
+            if ckpt is not None and not (every > 0 and it % every == 0):
+                checkpoint(it)
+            break
         terms = step(it)
         sched.step()
         for k, v in terms.items():
@@ -89,14 +124,8 @@ def fit(cfg, net, opt, step: Callable[[int], dict], *, out, states: dict | None 
         if done % LOG_EVERY == 0 or done == cfg.iterations:
             text = " ".join(f"{k} {np.mean(history[k][-LOG_EVERY:]):.4f}" for k in logged if k in history)
             progress(f"iteration {done}/{cfg.iterations} {text} ({time.time() - t0:.0f} s)")
-        if done % cfg.checkpoint_every == 0 or done == end:
-            history["seconds"] = time.time() - t0
-            tmp = out / "checkpoint.pt.tmp"
-            torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                        **{name: obj.state() for name, obj in states.items()},
-                        "torch": torch.get_rng_state(), "history": history, "iteration": done,
-                        "config": dataclasses.asdict(cfg)}, tmp)
-            os.replace(tmp, ckpt)
+        if ckpt is not None and ((every > 0 and done % every == 0) or done == end):
+            checkpoint(done)
     history["seconds"] = time.time() - t0
     return dict(history, net=net, finished=end == cfg.iterations)
 

@@ -48,6 +48,11 @@ class TrainSettings:
     """CPU threads while training: a step of this tiny network is too small to share, and on a busy machine
     two threads were measured 6x slower than one."""
 
+    @property
+    def iterations(self) -> int:
+        """The length of the schedule, as :func:`bidsapp.training.engine.fit` reads it."""
+        return self.steps
+
 
 @dataclass
 class TrainResult:
@@ -95,25 +100,23 @@ def train_mrainet(patches: np.ndarray, tissues: np.ndarray, domains: np.ndarray,
     x = torch.as_tensor(np.ascontiguousarray(patches, dtype=np.float32), device=device)
     opt = torch.optim.RMSprop(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
     crit = ContrastiveLoss(margin=s.margin)
-    losses = []
-    t0 = time.perf_counter()
-    with _Threads(s.threads):
-        for _ in range(s.steps):
-            batch = sampler.sample(s.batch_size)
-            ia = torch.as_tensor(batch.a, device=device)
-            ib = torch.as_tensor(batch.b, device=device)
-            f = model(torch.cat([x[ia], x[ib]]))
-            d = l1_distance(f[: len(ia)], f[len(ia):])
-            loss = crit(d, torch.as_tensor(batch.y, device=device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(float(loss.detach()))
-    seconds = time.perf_counter() - t0
+
+    def step(_it):
+        batch = sampler.sample(s.batch_size)
+        ia = torch.as_tensor(batch.a, device=device)
+        ib = torch.as_tensor(batch.b, device=device)
+        f = model(torch.cat([x[ia], x[ib]]))
+        loss = crit(l1_distance(f[: len(ia)], f[len(ia):]), torch.as_tensor(batch.y, device=device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return {"loss": loss.detach()}
+
+    hist = _fit(s, model, opt, step)
     counts = {"-".join(map(str, PAIR_TYPES[t][:2])) + ("-similar" if PAIR_TYPES[t][2] else "-dissimilar"): c
               for t, c in sampler.counts.items()}
-    return TrainResult(model=model.eval().cpu(), losses=losses, seconds=seconds, pair_counts=counts,
-                       settings=asdict(s))
+    return TrainResult(model=model.eval().cpu(), losses=hist.get("loss", []), seconds=hist["seconds"],
+                       pair_counts=counts, settings=asdict(s))
 
 
 def train_patch_cnn(patches: np.ndarray, labels: np.ndarray, n_classes: int = 3,
@@ -140,18 +143,27 @@ def train_patch_cnn(patches: np.ndarray, labels: np.ndarray, n_classes: int = 3,
     w = torch.as_tensor(w / w.sum())
     opt = torch.optim.RMSprop(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
     crit = nn.CrossEntropyLoss()
-    losses = []
-    t0 = time.perf_counter()
-    with _Threads(s.threads):
-        for _ in range(s.steps):
-            idx = torch.multinomial(w, s.batch_size, replacement=True, generator=gen).to(device)
-            loss = crit(model(x[idx]), y[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(float(loss.detach()))
-    return TrainResult(model=model.eval().cpu(), losses=losses, seconds=time.perf_counter() - t0,
+
+    def step(_it):
+        idx = torch.multinomial(w, s.batch_size, replacement=True, generator=gen).to(device)
+        loss = crit(model(x[idx]), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return {"loss": loss.detach()}
+
+    hist = _fit(s, model, opt, step)
+    return TrainResult(model=model.eval().cpu(), losses=hist.get("loss", []), seconds=hist["seconds"],
                        settings=asdict(s))
+
+
+def _fit(s: TrainSettings, model, opt, step) -> dict:
+    """The shared training loop (:func:`bidsapp.training.engine.fit`), in memory: these networks train in
+    seconds inside a group-level run, at a constant learning rate, with ``s.threads`` CPU threads."""
+    from bidsapp.training.engine import constant_schedule, fit
+
+    with _Threads(s.threads):
+        return fit(s, model, opt, step, out=None, sched=constant_schedule(opt), progress=log.debug)
 
 
 @torch.no_grad()
