@@ -342,8 +342,7 @@ def test_nipype_node_writes_probseg_dseg_volumes_and_metadata(tmp_path):
     assert md["ExpectedWMGMSignalRatio"] > 1.06 and not out.warnings
 
 
-@pytest.mark.parametrize("mirror_axes, injection", [([], "concat"), ([0], "concat"), ([0], "norm_shift"),
-                                                    ([0], "norm_film_all")])
+@pytest.mark.parametrize("mirror_axes, injection", [([], "concat"), ([0], "concat"), ([0], "norm_shift")])
 def test_sweep_volumes_matches_segment_soft_volumes(tmp_path, mirror_axes, injection):
     _save_tiny(tmp_path, "tissue_unet_physics", tissue.N_PARAMS, injection=injection, inference_mirror_axes=mirror_axes)
     img, mask = _blob_volume((20, 20, 20))

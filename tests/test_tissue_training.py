@@ -173,178 +173,12 @@ def test_norm_shift_physics_network_starts_as_its_ablation():
         UNet3D(1, 3, (4, 8), n_params=3, physics_injection="film")
 
 
-def test_norm_film_network_starts_as_the_norm_shift_network_it_continues():
-    """The gain's weights start at zero: a ``norm_film`` network loaded with a trained ``norm_shift``
-    network's weights gives that network's output; a non-zero gain can reverse a channel's sign,
-    which no shift can."""
-    from bidsapp.models.unet import UNet3D
-
-    torch.manual_seed(0)
-    shift = UNet3D(1, 3, (4, 8), n_params=tissue.N_PARAMS, physics_injection="norm_shift").eval()
-    torch.nn.init.normal_(shift.decoders[-1].inject.weight)  # a "trained" injection
-    film = UNet3D(1, 3, (4, 8), n_params=tissue.N_PARAMS, physics_injection="norm_film").eval()
-    zeroed = film.load_weights(shift.state_dict())
-    assert zeroed == ["decoders.0.scale.weight"]
-    x, p = torch.randn(2, 1, 16, 16, 16), torch.randn(2, tissue.N_PARAMS)
-    block = film.decoders[-1]
-    with torch.no_grad():
-        torch.testing.assert_close(film(x, p), shift(x, p))
-        torch.nn.init.zeros_(block.scale.weight)
-        block.scale.weight[:, 0] = -2.0  # gain 1 - 2 * h0 for branch output h: reversed where h0 is 1
-        one = torch.zeros(2, block.scale.in_features)
-        one[:, 0] = 1.0
-        gain = 1.0 + block.scale(one)
-        torch.testing.assert_close(gain, -torch.ones_like(gain))
-        assert not torch.allclose(film(x, p), shift(x, p))
-    assert film.config["physics_injection"] == "norm_film"
-    assert {n for n, _ in film.named_parameters()} - {n for n, _ in shift.named_parameters()} == {"decoders.0.scale.weight"}
-    assert any(prm is block.scale.weight for prm in film.physics_parameters())
-    with pytest.raises(ValueError, match="weights"):
-        film.load_weights(UNet3D(1, 3, (4, 8), n_params=0).state_dict())  # an ablation lacks the branch
-
-
-def test_norm_film_all_conditions_every_block_and_continues_a_norm_shift_network():
-    """``norm_film_all`` adds a zero-initialised gain and shift to every block: loaded with a
-    ``norm_shift`` network's weights it gives that network's output, and then the first encoder block,
-    where intensity is read, can depend on the parameters too."""
-    from bidsapp.models.unet import UNet3D
-
-    torch.manual_seed(0)
-    shift = UNet3D(1, 3, (4, 8), n_params=tissue.N_PARAMS, physics_injection="norm_shift").eval()
-    torch.nn.init.normal_(shift.decoders[-1].inject.weight)
-    everywhere = UNet3D(1, 3, (4, 8), n_params=tissue.N_PARAMS, physics_injection="norm_film_all").eval()
-    assert everywhere.trunk_uses_physics and not shift.trunk_uses_physics
-    zeroed = everywhere.load_weights(shift.state_dict())
-    assert zeroed == ["decoders.0.scale.weight"] + [f"encoders.{i}.{w}.weight" for i in (0, 1) for w in ("inject", "scale")]
-    x, p = torch.randn(2, 1, 16, 16, 16), torch.randn(2, tissue.N_PARAMS)
-    with torch.no_grad():
-        torch.testing.assert_close(everywhere(x, p), shift(x, p))
-        torch.nn.init.normal_(everywhere.encoders[0].scale.weight)
-        changed = everywhere(x, p)
-        assert not torch.allclose(changed, shift(x, p))
-        # one window under several vectors: each vector's logits, as a plain forward pass gives them
-        torch.testing.assert_close(everywhere.forward_each(x[:1], p), torch.cat([changed[:1], everywhere(x[:1], p[1:])], 1))
-        torch.testing.assert_close(shift.forward_each(x[:1], p), torch.cat([shift(x[:1], p[:1]), shift(x[:1], p[1:])], 1))
-    names = {n for n, prm in everywhere.named_parameters() if any(prm is q for q in everywhere.physics_parameters())}
-    assert names == {n for n in everywhere.state_dict() if n.startswith("physics.fc.")} | set(zeroed) | {"decoders.0.inject.weight"}
-
-
-def test_trunk_gate_conditions_the_trunk_for_one_family_only(tmp_path):
-    """With ``trunk_gate`` on the SPGR flag, an MPRAGE vector gets exactly the ``norm_film`` network
-    (only the last decoder block conditioned) while an SPGR vector reaches every block; the gate is
-    recorded in the card and the command, and refused without ``norm_film_all``."""
-    from bidsapp.models.unet import UNet3D
-
-    gate = tissue.PARAMETER_LAYOUT.index("family_SPGR")
-    torch.manual_seed(0)
-    gated = UNet3D(1, 3, (4, 8), n_params=tissue.N_PARAMS, physics_injection="norm_film_all", trunk_gate=gate).eval()
-    with torch.no_grad():
-        for name, prm in gated.named_parameters():
-            if name.endswith((".inject.weight", ".scale.weight")):
-                prm.normal_(0, 0.5)
-    last_only = UNet3D(1, 3, (4, 8), n_params=tissue.N_PARAMS, physics_injection="norm_film").eval()
-    last_only.load_state_dict({k: v for k, v in gated.state_dict().items()
-                               if not (k.startswith("encoders.") and k.endswith((".inject.weight", ".scale.weight")))})
-    x = torch.randn(2, 1, 16, 16, 16)
-    mprage = torch.from_numpy(np.stack([tissue.encode("MPRAGE", TI=0.7), tissue.encode("MPRAGE", TI=1.1, B0=3)]))
-    spgr = torch.from_numpy(tissue.encode("SPGR", TR=0.09, TE=0.006, FA=15)[None])
-    with torch.no_grad():
-        torch.testing.assert_close(gated(x, mprage), last_only(x, mprage))
-        assert not torch.allclose(gated(x, spgr), last_only(x, spgr))
-        torch.testing.assert_close(gated.forward_each(x[:1], mprage), torch.cat([gated(x[:1], mprage[k:k + 1])
-                                                                               for k in range(2)], 1))
-    with pytest.raises(ValueError, match="trunk_gate"):
-        UNet3D(1, 3, (4, 8), n_params=tissue.N_PARAMS, physics_injection="norm_film", trunk_gate=gate)
-    with pytest.raises(ValueError, match="--physics-trunk-gate"):
-        T.TrainConfig(out=str(tmp_path), physics_injection="norm_film", physics_trunk_gate="family_SPGR")
-
-    subjects = [tiny_tissue_subject(seed=k) for k in range(2)]
-    _first_stage(tmp_path, subjects, physics_injection="norm_shift")
-    cfg = T.TrainConfig(out=str(tmp_path), seed=1, physics=True, patch=16, batch=2, iterations=1, features=(4, 8),
-                        checkpoint_every=0, log_every=1, weights_dir=str(tmp_path / "w2"), init_from=str(tmp_path / "w1"),
-                        physics_injection="norm_film_all", physics_trunk_gate="family_SPGR")
-    (run,) = T.train(cfg, subjects)
-    card = T.save(run.pop("model"), cfg, run)
-    assert card["architecture"]["kwargs"]["trunk_gate"] == gate
-    assert "--physics-trunk-gate family_SPGR" in card["training"]["command"]
-    model, _ = tissue.load_model(tissue.PHYSICS_MODEL, weights_dir=tmp_path / "w2")
-    assert model.trunk_gate == gate
-    # --physics-lr then speeds up only what the gated family alone trains: the trunk's conditioning
-    fast = T.parameter_groups(gated, T.TrainConfig(out=str(tmp_path), physics_lr=1e-2,
-                                                   physics_injection="norm_film_all", physics_trunk_gate="family_SPGR"))[1]
-    assert fast["lr"] == 1e-2
-    assert {n for n, prm in gated.named_parameters() if any(prm is q for q in fast["params"])} == {
-        f"encoders.{i}.{w}.weight" for i in (0, 1) for w in ("inject", "scale")}
-
-
-def test_train_gated_changes_only_the_gated_family(tmp_path):
-    """``--train gated`` from a ``norm_shift`` stage trains the SPGR-only trunk conditioning: MPRAGE logits
-    stay exactly the previous stage's, SPGR ones move; the ablation (no gate) cannot be trained so."""
-    subjects = [tiny_tissue_subject(seed=k) for k in range(2)]
-    _first_stage(tmp_path, subjects, physics_injection="norm_shift")
-    cfg = T.TrainConfig(out=str(tmp_path), seed=1, physics=True, patch=16, batch=2, iterations=3, lr=1e-2,
-                        features=(4, 8), checkpoint_every=0, log_every=1, weights_dir=str(tmp_path / "w2"),
-                        init_from=str(tmp_path / "w1"), physics_injection="norm_film_all",
-                        physics_trunk_gate="family_SPGR", train="gated")
-    (run,) = T.train(cfg, subjects)
-    card = T.save(run.pop("model"), cfg, run)
-    assert "--train gated" in card["training"]["command"]
-    assert "gated trunk conditioning only" in card["training"]["optimizer"]
-    before, _ = tissue.load_model(tissue.PHYSICS_MODEL, weights_dir=tmp_path / "w1")
-    after, _ = tissue.load_model(tissue.PHYSICS_MODEL, weights_dir=tmp_path / "w2")
-    x = torch.randn(1, 1, 16, 16, 16)
-    mprage = torch.from_numpy(tissue.encode("MPRAGE", TI=0.9, B0=3)[None])
-    spgr = torch.from_numpy(tissue.encode("SPGR", TR=0.03, TE=0.005, FA=30)[None])
-    with torch.no_grad():
-        assert torch.equal(after(x, mprage), before(x, mprage))  # bit for bit
-        assert not torch.allclose(after(x, spgr), before(x, spgr))
-    for bad in ({"physics": "both"}, {"physics_trunk_gate": None}):
-        with pytest.raises(ValueError, match="--train gated"):
-            T.TrainConfig(**{**dict(out=str(tmp_path), init_from="w", physics_injection="norm_film_all",
-                                    physics_trunk_gate="family_SPGR", train="gated"), **bad})
-
-
 def _first_stage(tmp_path, subjects, **kw) -> None:
     """Both networks trained 2 iterations from scratch and saved to ``tmp_path/w1`` (a stage to continue from)."""
     first = T.TrainConfig(out=str(tmp_path / "stage1"), seed=0, physics="both", patch=16, batch=2, iterations=2,
                           features=(4, 8), checkpoint_every=0, log_every=1, weights_dir=str(tmp_path / "w1"), **kw)
     for r in T.train(first, subjects):
         T.save(r.pop("model"), first, r)
-
-
-def test_norm_shift_stage_continues_as_norm_film(tmp_path):
-    subjects = [tiny_tissue_subject(seed=k) for k in range(2)]
-    _first_stage(tmp_path, subjects, physics_injection="norm_shift")
-    cfg = T.TrainConfig(out=str(tmp_path), seed=1, physics=True, patch=16, batch=2, iterations=2,
-                        features=(4, 8), checkpoint_every=0, log_every=1, weights_dir=str(tmp_path / "w2"),
-                        init_from=str(tmp_path / "w1"), physics_injection="norm_film")
-    (run,) = T.train(cfg, subjects)
-    assert run["init"]["as"] == "same model, zero-initialised decoders.0.scale.weight"
-    card = T.save(run.pop("model"), cfg, run)
-    assert card["architecture"]["kwargs"]["physics_injection"] == "norm_film"
-    assert "--physics-injection norm_film" in card["training"]["command"]
-
-
-def test_physics_lr_gives_the_zero_initialised_conditioning_its_own_learning_rate(tmp_path):
-    subjects = [tiny_tissue_subject(seed=k) for k in range(2)]
-    _first_stage(tmp_path, subjects, physics_injection="norm_shift")
-    cfg = T.TrainConfig(out=str(tmp_path), seed=1, physics="both", patch=16, batch=2, iterations=3, lr=1e-6,
-                        physics_lr=1e-2, features=(4, 8), checkpoint_every=0, log_every=1, weights_dir=str(tmp_path / "w2"),
-                        init_from=str(tmp_path / "w1"), physics_injection="norm_film_all")
-    phys, base = T.train(cfg, subjects)
-    assert phys["init"]["as"].startswith("same model, zero-initialised decoders.0.scale.weight, encoders.0.inject")
-    net = phys["model"]
-    before, _ = registry.load_state_dict(tissue.PHYSICS_MODEL, tmp_path / "w1")
-    conditioning = {n for n, p in net.named_parameters() if any(p is q for q in net.physics_parameters())}
-    step = {n: float((p.detach() - before.get(n, torch.zeros_like(p))).abs().max()) for n, p in net.named_parameters()}
-    assert min(step[n] for n in conditioning) > 1e-3  # Adam steps of ~1e-2...
-    assert max(v for n, v in step.items() if n not in conditioning) < 1e-4  # ...against ~1e-6 for the trunk
-    card = T.save(net, cfg, phys)
-    assert "--physics-lr 0.01" in card["training"]["command"]
-    assert "physics branch and injections 0.01" in card["training"]["optimizer"]
-    assert "physics branch" not in T.save(base.pop("model"), cfg, base)["training"]["optimizer"]  # the ablation has none
-    with pytest.raises(ValueError, match="--physics-lr"):
-        T.TrainConfig(out=str(tmp_path), physics_lr=0.0)
 
 
 def test_physics_model_can_start_from_the_trained_ablation(tmp_path):
@@ -371,56 +205,6 @@ def test_physics_model_can_start_from_the_trained_ablation(tmp_path):
     assert vols.shape == (2, 3) and np.isfinite(vols).all()
     # the CLI refuses the flag without an ablation to start from
     assert cli.main(["tissue", "--out", str(tmp_path / "x"), "--physics-from-base"]) == 2
-
-
-def test_train_top_changes_only_what_follows_the_last_skip_connection(tmp_path):
-    subjects = [tiny_tissue_subject(seed=k) for k in range(2)]
-    _first_stage(tmp_path, subjects, physics_injection="norm_shift")
-    cfg = T.TrainConfig(out=str(tmp_path), seed=1, physics="both", patch=16, batch=2, iterations=3, lr=1e-2,
-                        features=(4, 8), checkpoint_every=0, log_every=1, init_from=str(tmp_path / "w1"),
-                        physics_injection="norm_shift", train="top")
-    for run in T.train(cfg, subjects):
-        net = run["model"]
-        before, _ = registry.load_state_dict(T._model_name(run["physics"]), tmp_path / "w1")
-        top = {id(p) for p in net.top_parameters()}
-        names = {n for n, p in net.named_parameters() if id(p) in top}
-        assert any(n.startswith("physics.") for n in names) == run["physics"]
-        last = f"decoders.{len(net.decoders) - 1}."
-        assert any(n.startswith("head.") for n in names) and any(n.startswith(last) for n in names)
-        for n, p in net.named_parameters():
-            if n in names:
-                assert not torch.equal(p.detach(), before[n]), f"{n} did not train"
-            else:
-                torch.testing.assert_close(p.detach(), before[n], rtol=0, atol=0, msg=f"{n} changed")
-    assert "--train top" in T.command_line(cfg)
-    assert cli.main(["tissue", "--out", str(tmp_path / "x"), "--train", "top"]) == 2
-
-
-def test_train_physics_recalibrates_only_the_branch_of_a_physics_model(tmp_path):
-    subjects = [tiny_tissue_subject(seed=k) for k in range(2)]
-    _first_stage(tmp_path, subjects, physics_injection="norm_shift")
-    cfg = T.TrainConfig(out=str(tmp_path), seed=1, physics=True, patch=16, batch=2, iterations=3, lr=1e-2,
-                        features=(4, 8), checkpoint_every=0, log_every=1, init_from=str(tmp_path / "w1"),
-                        physics_injection="norm_shift", train="physics", volume_consistency=1.0,
-                        weights_dir=str(tmp_path / "w2"))
-    (run,) = T.train(cfg, subjects)
-    net = run["model"]
-    before, _ = registry.load_state_dict(tissue.PHYSICS_MODEL, tmp_path / "w1")
-    trained = {n for n, p in net.named_parameters() if any(p is q for q in net.physics_parameters())}
-    assert trained == {n for n in before if n.startswith("physics.fc.")} | {f"decoders.{len(net.decoders) - 1}.inject.weight"}
-    for n, p in net.named_parameters():
-        if n in trained:  # Adam steps of lr 1e-2, not weight decay (1e-7 of the weight per step)
-            assert (p.detach() - before[n]).abs().max() > 1e-3, f"{n} did not train"
-        else:
-            torch.testing.assert_close(p.detach(), before[n], rtol=0, atol=0, msg=f"{n} changed")
-    command = T.command_line(cfg)
-    assert "--train physics" in command and "--volume-consistency 1" in command
-    assert "volume consistency" in T.save(net, cfg, run)["training"]["loss"]
-    # the ablation has no branch to train, and --train needs weights to start from
-    with pytest.raises(ValueError, match="--physics"):
-        T.TrainConfig(out=str(tmp_path), physics="both", train="physics", init_from=str(tmp_path / "w1"))
-    assert cli.main(["tissue", "--out", str(tmp_path / "x"), "--train", "physics"]) == 2
-    assert cli.main(["tissue", "--out", str(tmp_path / "x"), "--volume-consistency", "-1"]) == 2
 
 
 def test_volume_consistency_is_the_relative_volume_difference_between_two_acquisitions():
@@ -522,7 +306,7 @@ def test_retraining_script_reproduces_the_shipped_chain(tmp_path):
     shipped = parse(shlex.split(registry.load_card(tissue.PHYSICS_MODEL)["training"]["command"])[2:])
     for key in ("seed", "physics", "iterations", "lr", "patch", "batch", "features", "consistency",
                 "physics_injection", "physics_from_base", "stop_after", "deformations", "resolution",
-                "low_contrast", "volume_consistency", "train", "randomise", "orientation", "target", "dice_weight"):
+                "low_contrast", "volume_consistency", "randomise", "orientation", "target", "dice_weight"):
         assert getattr(stages[-1], key) == getattr(shipped, key), key
     # a rerun into the same OUT_DIR resumes after the last finished stage
     assert chain() == []
@@ -673,7 +457,7 @@ def test_fraction_targets_count_partial_volume_as_it_is_and_cross_entropy_alone_
         T.TrainConfig(out="x", dice_weight=-1)
 
 
-@pytest.mark.parametrize("injection", ["concat", "norm_shift", "norm_film"])
+@pytest.mark.parametrize("injection", ["concat", "norm_shift"])
 def test_forward_each_is_one_forward_pass_per_vector(injection):
     """A sweep shares the trunk and, after the last skip connection, whatever the parameters do not
     reach (the last block's first convolution): every vector still gets exactly its own logits."""
@@ -682,7 +466,7 @@ def test_forward_each_is_one_forward_pass_per_vector(injection):
     torch.manual_seed(1)
     net = UNet3D(1, 3, (4, 8), n_params=tissue.N_PARAMS, physics_injection=injection).eval()
     for name, prm in net.named_parameters():
-        if name.rsplit(".", 2)[-2] in ("inject", "scale"):
+        if name.rsplit(".", 2)[-2] == "inject":
             torch.nn.init.normal_(prm)  # zero-initialised: make the parameters matter
     x, p = torch.randn(2, 1, 16, 16, 16), torch.randn(3, tissue.N_PARAMS)
     with torch.no_grad():

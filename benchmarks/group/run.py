@@ -23,15 +23,13 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-from benchmarks.participant.run import TreeSampler  # noqa: E402
+from benchmarks.participant.run import timed  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 TEXT = {".json", ".tsv", ".txt", ".html", ".svg"}
@@ -99,14 +97,9 @@ def replicate(bids: Path, derivatives: Path, dest: Path, sessions: int) -> dict:
 def run_group(dest: Path, nprocs: int, seed: int) -> dict:
     cmd = [sys.executable, "-m", "bidsapp.cli", str(dest / "bids"), str(dest / "out"), "group", "-w",
            str(dest / "work"), "--nprocs", str(nprocs), "--seed", str(seed), "--skip-bids-validation"]
-    with TreeSampler() as sampler:
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise RuntimeError(f"scanbridge group exited with {proc.returncode}: {proc.stderr[-3000:]}")
+    proc, wall, peak_mb = timed(cmd)
     steps = {m["name"]: float(m["s"]) for m in _STEP.finditer(proc.stderr + proc.stdout)}
-    return {"wall_s": wall, "peak_tree_rss_mb": sampler.peak_kb / 1024, "steps_s": steps,
+    return {"wall_s": wall, "peak_tree_rss_mb": peak_mb, "steps_s": steps,
             "warnings": [ln for ln in proc.stderr.splitlines() if "WARNING" in ln or "ERROR" in ln][:20]}
 
 

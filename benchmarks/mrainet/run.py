@@ -35,8 +35,9 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from bidsapp.metrics.domain import proxy_a_distance  # noqa: E402
-from bidsapp.training.mrainet import (PAPER_SOURCE, PAPER_TARGET, TrainSettings, anatomy_paths,  # noqa: E402
-                                      featurize, fit_linear_classifier, predict_cnn, simulate_slices,
+from bidsapp.training.mrainet_data import PAPER_SOURCE, PAPER_TARGET, anatomy_paths, simulate_slices  # noqa: E402
+from bidsapp.training.mrainet import (TrainSettings,  # noqa: E402
+                                      featurize, fit_linear_classifier, predict_cnn,
                                       train_mrainet, train_patch_cnn)
 from bidsapp.devdata import anatomy_dir  # noqa: E402
 

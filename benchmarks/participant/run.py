@@ -252,18 +252,25 @@ def _outputs(case: dict, out: Path) -> dict:
 
 def run_cli(case: dict, bids: Path, work: Path, out: Path, nprocs: int, omp: int | None, seed: int) -> dict:
     """``scanbridge bids out participant`` on one subject, as a user runs it."""
-    import subprocess
-
     cmd = [sys.executable, "-m", "bidsapp.cli", str(bids), str(out), "participant", "--participant-label",
            case["subject"], "-w", str(work), "--nprocs", str(nprocs), "--seed", str(seed), "--skip-bids-validation"]
     cmd += ["--omp-nthreads", str(omp)] if omp else []  # else the app's default
+    _, wall, peak_mb = timed(cmd)
+    return {"wall_s": wall, "peak_tree_rss_mb": peak_mb, **_outputs(case, out)}
+
+
+def timed(cmd: list[str]):
+    """Run a command to its end: (the finished process, wall seconds, peak summed RSS of its process tree
+    in MB); RuntimeError with the end of its stderr when it fails."""
+    import subprocess
+
     with TreeSampler() as sampler:
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)
         wall = time.perf_counter() - t0
     if proc.returncode != 0:
-        raise RuntimeError(f"scanbridge exited with {proc.returncode}: {proc.stderr[-2000:]}")
-    return {"wall_s": wall, "peak_tree_rss_mb": sampler.peak_kb / 1024, **_outputs(case, out)}
+        raise RuntimeError(f"{' '.join(cmd[2:6])} ... exited with {proc.returncode}: {proc.stderr[-3000:]}")
+    return proc, wall, sampler.peak_kb / 1024
 
 
 # ---------------------------------------------------------------------------- report

@@ -2,42 +2,29 @@
 
 The physics branch is two fully connected layers of ten units fed with the sequence-parameter
 vector (values and their negative exponentials, see ``bidsapp.models.tissue.PARAMETER_LAYOUT``);
-its output is broadcast over space and concatenated as extra channels right after the last skip
-connection, i.e. at full resolution just before the final convolution block. The network without
-the branch (``n_params=0``) is the paper's ablation and the fallback used when parameters are
-missing or the sequence is one the model was not trained on.
+its output enters the network right after the last skip connection, i.e. at full resolution just
+before the final convolution block. The network without the branch (``n_params=0``) is the paper's
+ablation and the fallback used when parameters are missing or the sequence is one the model was not
+trained on.
 
 A spatially constant channel only shifts a convolution's output by a constant, which instance
 normalisation would subtract again and so erase the physics information. Two ways of keeping it are
 available (``physics_injection``):
 
-* ``"concat"``: the block that consumes the concatenated channels has no normalisation before its
-  first activation (so it differs from the same block of the ablation);
-* ``"norm_shift"``: the block is the ablation's block, and the physics channels' contribution to its
-  first convolution (a 1x1x1 convolution of broadcast channels, i.e. a linear map of the branch
-  output) is added after that convolution's instance normalisation. With that map at zero the
-  network is exactly its ablation, so a physics model can start from a trained ablation and learn
-  only what the parameters add (zero-initialised conditioning, as in ControlNet); see
-  ``scanbridge-train tissue --physics-from-base``;
-* ``"norm_film"``: as ``norm_shift`` plus a per-channel gain, ``norm(conv(x)) * (1 + scale(p)) +
-  shift(p)`` (FiLM). A shift can move the GM/CSF balance but not reverse how intensity maps to
-  tissue; a gain can, which an SPGR setting whose GM/WM contrast is inverted asks for. The gain's
-  weights start at zero too, so ``norm_film`` starts as its ablation or as a trained ``norm_shift``
-  network (:meth:`UNet3D.load_weights`);
-* ``"norm_film_all"``: the ``norm_film`` gain and shift in every block, encoder and decoder, not only
-  after the last skip connection. An inverted GM/WM contrast is read by the first encoder block, long
-  before the last decoder block sees it; this lets the parameters change how intensity is read where
-  it is read. It departs furthest from the paper, and the trunk then depends on the parameters, so a
-  parameter sweep can no longer share it (:meth:`UNet3D.forward_each`). Zero-initialised as well.
+* ``"concat"`` (the paper's): the branch output is broadcast and concatenated as extra channels, and
+  the block that consumes them has no normalisation before its first activation (so it differs from
+  the same block of the ablation);
+* ``"norm_shift"`` (the shipped model's): the block is the ablation's block, and the physics channels'
+  contribution to its first convolution (a 1x1x1 convolution of broadcast channels, i.e. a linear map
+  of the branch output) is added after that convolution's instance normalisation. With that map at
+  zero the network is exactly its ablation, so a physics model can start from a trained ablation and
+  learn only what the parameters add (zero-initialised conditioning, as in ControlNet); see
+  ``scanbridge-train tissue --physics-from-base``.
 
-With ``norm_film_all``, ``trunk_gate`` (the index of a 0/1 slot of the parameter vector, e.g. the SPGR
-family flag) switches the conditioning of every block but the last decoder block on only where that
-slot is 1; elsewhere those blocks are the ablation's and the network is a ``norm_film`` one. Trained
-alone (``scanbridge-train tissue --train gated``) the gated weights change one family's output and
-leave the other's exactly as it was; docs/notebook/tissue-models.md gives what that did and did not buy.
-
-Larger networks (nnU-Net style: deeper, wider, deep supervision) extend this by subclassing and
-overriding ``make_block``/``make_down``/``make_up`` or by passing more ``features``.
+Other ways (a FiLM gain, conditioning in every block, a family-gated trunk) were trained and not shipped;
+docs/notebook/tissue-models.md records what they did. Larger networks (nnU-Net style: deeper, wider,
+deep supervision) extend this by subclassing and overriding ``make_block``/``make_down``/``make_up`` or
+by passing more ``features``.
 """
 
 from __future__ import annotations
@@ -47,7 +34,7 @@ from torch import nn
 
 from .layers import PointwiseConv3d
 
-INJECTIONS = ("concat", "norm_shift", "norm_film", "norm_film_all")
+INJECTIONS = ("concat", "norm_shift")
 """How the physics channels enter the network (see the module docstring)."""
 
 
@@ -69,17 +56,14 @@ class PhysicsConvBlock(ConvBlock):
     """The ablation's :class:`ConvBlock` plus the physics channels, added after the first normalisation.
 
     Parameter names of the convolutions and norms are those of :class:`ConvBlock`, so a trained
-    ablation's weights load into it unchanged; ``inject`` (the physics channels' 1x1x1 weights) and,
-    with ``gain``, ``scale`` (their multiplicative counterpart) start at zero.
+    ablation's weights load into it unchanged; ``inject`` (the physics channels' 1x1x1 weights) starts
+    at zero.
     """
 
-    def __init__(self, cin: int, cout: int, n_physics: int, gain: bool = False):
+    def __init__(self, cin: int, cout: int, n_physics: int):
         super().__init__(cin, cout, norm_first=True)
         self.inject = nn.Linear(n_physics, cout, bias=False)
         nn.init.zeros_(self.inject.weight)
-        self.scale = nn.Linear(n_physics, cout, bias=False) if gain else None
-        if gain:
-            nn.init.zeros_(self.scale.weight)
 
     def forward(self, x: torch.Tensor, physics: torch.Tensor) -> torch.Tensor:
         return self.finish(self.stem(x), physics)
@@ -91,8 +75,6 @@ class PhysicsConvBlock(ConvBlock):
 
     def finish(self, y: torch.Tensor, physics: torch.Tensor) -> torch.Tensor:
         """The rest of the block on :meth:`stem`'s output, under the branch output ``physics``."""
-        if self.scale is not None:
-            y = y * (1.0 + self.scale(physics)[:, :, None, None, None])
         y = y + self.inject(physics)[:, :, None, None, None]
         return self[5](self[4](self[3](self[2](y))))
 
@@ -123,27 +105,20 @@ class UNet3D(nn.Module):
 
     def __init__(self, in_channels: int = 1, out_channels: int = 4,
                  features: tuple[int, ...] = (8, 16, 32, 64), n_params: int = 0,
-                 physics_units: int = 10, physics_injection: str = "concat", trunk_gate: int | None = None):
+                 physics_units: int = 10, physics_injection: str = "concat"):
         super().__init__()
         if physics_injection not in INJECTIONS:
             raise ValueError(f"physics_injection must be one of {', '.join(INJECTIONS)}, not {physics_injection!r}")
-        if trunk_gate is not None and not (physics_injection == "norm_film_all" and 0 <= trunk_gate < n_params):
-            raise ValueError("trunk_gate needs physics_injection='norm_film_all' and a slot of the parameter vector")
         self.config = dict(in_channels=in_channels, out_channels=out_channels,
                            features=list(features), n_params=n_params, physics_units=physics_units)
         if physics_injection != "concat":
             self.config["physics_injection"] = physics_injection
-        if trunk_gate is not None:
-            self.config["trunk_gate"] = trunk_gate
         self.physics_injection = physics_injection
-        self.trunk_gate = trunk_gate
         f = list(features)
         self.encoders = nn.ModuleList()
         cin = in_channels
-        everywhere = n_params > 0 and physics_injection == "norm_film_all"
         for c in f:
-            self.encoders.append(PhysicsConvBlock(cin, c, physics_units, gain=True) if everywhere
-                                 else self.make_block(cin, c))
+            self.encoders.append(self.make_block(cin, c))
             cin = c
         self.downs = nn.ModuleList(self.make_down(c) for c in f[:-1])
         self.ups = nn.ModuleList(self.make_up(f[i + 1], f[i]) for i in reversed(range(len(f) - 1)))
@@ -152,9 +127,8 @@ class UNet3D(nn.Module):
         self.decoders = nn.ModuleList()
         for i in reversed(range(len(f) - 1)):
             last = i == 0
-            if everywhere or (last and n_params > 0 and physics_injection != "concat"):
-                self.decoders.append(PhysicsConvBlock(2 * f[i], f[i], physics_units,
-                                                      gain=physics_injection != "norm_shift"))
+            if last and n_params > 0 and physics_injection != "concat":
+                self.decoders.append(PhysicsConvBlock(2 * f[i], f[i], physics_units))
             else:
                 self.decoders.append(self.make_block(2 * f[i] + (concat if last else 0), f[i],
                                                      norm_first=not (last and concat)))
@@ -179,15 +153,7 @@ class UNet3D(nn.Module):
     def divisor(self) -> int:
         return 2 ** (len(self.encoders) - 1)
 
-    @property
-    def trunk_uses_physics(self) -> bool:
-        """Whether the parameters enter before the last skip connection (``norm_film_all``)."""
-        return self.physics is not None and self.physics_injection == "norm_film_all"
-
     def forward(self, x: torch.Tensor, params: torch.Tensor | None = None) -> torch.Tensor:
-        if self.trunk_uses_physics:
-            p = self._branch(params, x)
-            return self.head(self.decoders[-1](self.forward_shared(x, self._gated(p, params)), p))
         return self.forward_top(self.forward_shared(x), params)
 
     def forward_each(self, x: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
@@ -195,17 +161,12 @@ class UNet3D(nn.Module):
         along channels.
 
         Sweeping hypothetical parameters over one image (protocol bridging) runs the parameter-free
-        trunk once and only :meth:`forward_top` per vector, unless the trunk uses the parameters (with a
-        ``trunk_gate``: unless one of the vectors opens the gate).
+        trunk once and only :meth:`forward_top` per vector; with ``norm_shift`` the last block's first
+        convolution, which the parameters do not reach either, runs once too (2/3 of that block's work).
         """
-        if self.trunk_uses_physics and (self.trunk_gate is None or bool(params[:, self.trunk_gate].any())):
-            return torch.cat([self(x, params[k:k + 1]) for k in range(params.shape[0])], dim=1)
-        first = params[:1]  # every vector keeps the gate closed: the trunk sees what a closed gate passes
-        shared = self.forward_shared(x, self._gated(self._branch(first, x), first) if self.trunk_uses_physics else None)
+        shared = self.forward_shared(x)
         last = self.decoders[-1]
         if self.physics is not None and isinstance(last, PhysicsConvBlock):
-            # the parameters enter after the last block's first convolution: run that once (2/3 of the
-            # block's work) and only the rest per vector
             stem = last.stem(shared)
             return torch.cat([self.head(last.finish(stem, self._branch(params[k:k + 1], shared)))
                               for k in range(params.shape[0])], dim=1)
@@ -217,21 +178,11 @@ class UNet3D(nn.Module):
         p = self.physics(params.to(x.dtype))
         return p.expand(x.shape[0], -1) if p.shape[0] != x.shape[0] else p
 
-    def _gated(self, p: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
-        """The branch output the trunk sees: zero (no conditioning) where the ``trunk_gate`` slot is 0."""
-        if self.trunk_gate is None:
-            return p
-        return p * params[:, self.trunk_gate:self.trunk_gate + 1].to(p.dtype)  # (1 or B, 1) broadcasts
-
-    def forward_shared(self, x: torch.Tensor, p: torch.Tensor | None = None) -> torch.Tensor:
-        """Everything up to the last skip concatenation; ``p`` (the branch's output) only for
-        ``norm_film_all``, where the trunk's blocks are conditioned too."""
-        def block(b, y):
-            return b(y, p) if isinstance(b, PhysicsConvBlock) else b(y)
-
+    def forward_shared(self, x: torch.Tensor) -> torch.Tensor:
+        """Everything up to the last skip concatenation (the parameters enter after it)."""
         skips = []
         for i, enc in enumerate(self.encoders):
-            x = block(enc, x)
+            x = enc(x)
             if i < len(self.downs):
                 skips.append(x)
                 x = self.downs[i](x)
@@ -239,7 +190,7 @@ class UNet3D(nn.Module):
         for j, (up, dec) in enumerate(zip(self.ups, self.decoders)):
             x = torch.cat([up(x), skips.pop()], dim=1)
             if j < n - 1:
-                x = block(dec, x)
+                x = dec(x)
         return x
 
     def forward_top(self, shared: torch.Tensor, params: torch.Tensor | None = None) -> torch.Tensor:
@@ -252,57 +203,38 @@ class UNet3D(nn.Module):
             x = torch.cat([x, p[:, :, None, None, None].expand(-1, -1, *x.shape[2:])], dim=1)
         return self.head(self.decoders[-1](x))
 
-    def top_parameters(self) -> list[nn.Parameter]:
-        """The weights :meth:`forward_top` uses (last decoder block, head, physics branch): all that
-        sees the sequence parameters, and the ablation's counterpart of it. Training only these leaves
-        :meth:`forward_shared` unchanged (``scanbridge-train tissue --train top``)."""
-        modules = [self.decoders[-1], self.head] + ([self.physics] if self.physics is not None else [])
-        return [p for m in modules for p in m.parameters()]
-
     def physics_parameters(self) -> list[nn.Parameter]:
-        """The weights only a physics network has (the branch and, in ``norm_*``, its injections):
-        training only these changes how the parameters move the output and nothing the ablation shares
-        (``scanbridge-train tissue --train physics``)."""
+        """The weights only a physics network has (the branch and, with ``norm_shift``, its injection)."""
         if self.physics is None:
             return []
-        inject = [prm for name, prm in self.named_parameters() if name.rsplit(".", 2)[-2] in ("inject", "scale")]
+        inject = [prm for name, prm in self.named_parameters() if name.rsplit(".", 2)[-2] == "inject"]
         return list(self.physics.parameters()) + inject
 
-    def gated_parameters(self) -> list[nn.Parameter]:
-        """The conditioning weights only ``trunk_gate``'s family uses (every block's but the last
-        decoder block's): training only these leaves the other family's output exactly as it was."""
-        if self.trunk_gate is None:
-            return []
-        shared = {id(prm) for m in (self.physics, self.decoders[-1]) for prm in m.parameters()}
-        return [prm for prm in self.physics_parameters() if id(prm) not in shared]
-
     def load_ablation(self, state: dict) -> None:
-        """Start a ``norm_*`` physics network from its trained ablation's weights: everything
-        but the branch and the (zero) injection weights is copied, so both networks give the same
-        output until training changes the injection."""
+        """Start a ``norm_shift`` physics network from its trained ablation's weights: everything but the
+        branch and the (zero) injection weights is copied, so both networks give the same output until
+        training changes the injection."""
         if self.physics is None or self.physics_injection == "concat":
-            raise ValueError("load_ablation needs a physics network with a norm_* injection")
+            raise ValueError("load_ablation needs a physics network with the norm_shift injection")
         self.load_weights(state, ablation=True)
 
     def load_weights(self, state: dict, ablation: bool = False) -> list[str]:
-        """Load ``state``, which may lack injection weights (a ``norm_shift`` network's weights in a
-        ``norm_film`` one) and, with ``ablation``, the branch too. Injection weights it lacks are set
-        to zero (a missing branch keeps its random start, unseen while the injection is zero), so the
-        network starts with that state's output. Returns the names ``state`` lacked."""
+        """Load ``state``, which with ``ablation`` may lack the branch and the injection weights. Injection
+        weights it lacks are set to zero (the branch keeps its random start, unseen while the injection is
+        zero), so the network starts with that state's output. Returns the names ``state`` lacked."""
         what = "ablation" if ablation else "weights"
         try:
             missing, unexpected = self.load_state_dict(state, strict=False)
         except RuntimeError as exc:  # shape mismatches raise even when not strict
             raise ValueError(f"not this network's {what}: {str(exc).splitlines()[-1].strip()}") from None
-        zero_init = (".inject.weight", ".scale.weight")
-        allowed = [k for k in missing if k.endswith(zero_init) or (ablation and k.startswith("physics."))]
+        allowed = [k for k in missing if ablation and (k.endswith(".inject.weight") or k.startswith("physics."))]
         if unexpected or len(allowed) != len(missing):
             raise ValueError(f"not this network's {what}: missing "
                              f"{sorted(set(missing) - set(allowed))}, unexpected {sorted(unexpected)}")
         params = dict(self.named_parameters())
         with torch.no_grad():
             for k in missing:
-                if k.endswith(zero_init):
+                if k.endswith(".inject.weight"):
                     params[k].zero_()
         return sorted(missing)
 

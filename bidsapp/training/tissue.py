@@ -45,9 +45,6 @@ from bidsapp.training.tissue_data import (
 LOG = logging.getLogger("scanbridge.train.tissue")
 
 # ------------------------------------------------------------------------------------------ training
-TRAINABLE = ("all", "top", "physics", "gated")
-
-
 def _ints(text) -> tuple:
     return tuple(int(x) for x in str(text).split(","))
 
@@ -108,27 +105,10 @@ class TrainConfig:
                 "(hard examples; 0 = plain uniform draws)"})
     """Probability that an SPGR sample is drawn among low GM/WM-contrast settings (see
     :func:`sample_parameters`); 0 = the plain uniform draw."""
-    train: str = field(default="all", metadata={
-        "choices": TRAINABLE, "help": "which weights train, the rest frozen (needs --init-from): top = last decoder "
-                                      "block, head and physics branch of each network; physics = the physics branch "
-                                      "alone (--physics only); gated = the --physics-trunk-gate conditioning alone"})
-    """Which weights train, the rest frozen: ``all``; ``top``, what follows the last skip connection
-    (:meth:`UNet3D.top_parameters`: last decoder block, head, physics branch), for both networks alike
-    so the ablation gets exactly the same capacity and batches; ``physics``, only the physics branch
-    and its injection (:meth:`UNet3D.physics_parameters`), a physics model only: it recalibrates how
-    the parameters move the output and leaves everything the ablation shares as it was; ``gated``, only
-    the conditioning that ``physics_trunk_gate``'s family alone uses (:meth:`UNet3D.gated_parameters`),
-    so the other family's output stays exactly as it was."""
     volume_consistency: float = field(default=0.0, metadata={
         "help": "weight of a paired volume-consistency loss (same patch, two acquisitions: relative difference of "
                 "each class's soft volume); 0 = the paper's loss"})
     """Weight of :func:`bidsapp.training.losses.volume_consistency_loss` (0: the paper's loss)."""
-    physics_trunk_gate: str | None = field(default=None, metadata={
-        "choices": ("family_SPGR", "family_MPRAGE"),
-        "help": "with --physics-injection norm_film_all: condition the blocks before the last decoder block only "
-                "for this sequence family"})
-    """A 0/1 slot of the parameter vector (e.g. ``family_SPGR``) that switches ``norm_film_all``'s
-    conditioning before the last decoder block on (:class:`~bidsapp.models.unet.UNet3D` ``trunk_gate``)."""
     sampling: str = field(default="volume", metadata={
         "choices": SAMPLING, "help": "volume: simulate each training brain whole, then crop the patch; patch: "
                                      "simulate only the patch (same distribution, a quarter of the time or less)"})
@@ -153,14 +133,6 @@ class TrainConfig:
     """Weight of the soft Dice term beside the cross-entropy. Cross-entropy alone is minimised by the
     target itself, so with ``fractions`` targets its probabilities sum to unbiased volumes; soft Dice
     pushes partial-volume voxels to 0 or 1 (stages 1-10: 1)."""
-    physics_lr: float | None = field(default=None, metadata={
-        "help": "peak learning rate of the physics branch and its injections, or with --physics-trunk-gate of the "
-                "gated trunk conditioning only (default: --lr)"})
-    """Peak learning rate of the physics branch and its injections (None: ``lr``). Zero-initialised
-    gains and shifts continued at a trunk's fine-tuning rate hardly move (``norm_film`` from stage 9:
-    largest gain weight 0.026 after 3000 iterations). With ``physics_trunk_gate``, only the gated
-    conditioning gets it (:func:`parameter_groups`)."""
-
     @property
     def paired(self) -> bool:
         """Batches of paired acquisitions (what the consistency losses compare)."""
@@ -171,19 +143,8 @@ class TrainConfig:
             raise ValueError(f"--low-contrast must be between 0 and 1, got {self.low_contrast:g}")
         if self.physics_from_base and not (self.init_from and self.physics_injection != "concat"):
             raise ValueError("--physics-from-base needs --init-from and a --physics-injection other than concat")
-        if self.train not in TRAINABLE:
-            raise ValueError(f"--train must be one of {', '.join(TRAINABLE)}, not {self.train!r}")
-        if self.train != "all" and not self.init_from:
-            raise ValueError(f"--train {self.train} needs --init-from (the frozen part must come from trained weights)")
-        if self.train in ("physics", "gated") and self.physics is not True:
-            raise ValueError(f"--train {self.train} trains only physics-model weights: use it with --physics "
-                             "(the ablation has no branch)")
         if self.consistency < 0 or self.volume_consistency < 0:
             raise ValueError("--consistency and --volume-consistency must be >= 0")
-        if self.train == "gated" and not self.physics_trunk_gate:
-            raise ValueError("--train gated trains the gated trunk conditioning: use it with --physics-trunk-gate")
-        if self.physics_trunk_gate is not None and self.physics_injection != "norm_film_all":
-            raise ValueError("--physics-trunk-gate needs --physics-injection norm_film_all")
         if self.sampling not in SAMPLING:
             raise ValueError(f"--sampling must be one of {', '.join(SAMPLING)}, not {self.sampling!r}")
         if self.orientation not in ORIENTATIONS:
@@ -194,8 +155,6 @@ class TrainConfig:
             raise ValueError(f"--target must be one of {', '.join(TARGETS)}, not {self.target!r}")
         if self.dice_weight < 0:
             raise ValueError(f"--dice-weight must be >= 0, got {self.dice_weight:g}")
-        if self.physics_lr is not None and not self.physics_lr > 0:
-            raise ValueError(f"--physics-lr must be positive, got {self.physics_lr:g}")
 
 
 def _model_name(physics: bool) -> str:
@@ -231,14 +190,13 @@ def load_or_build_subjects(cfg: TrainConfig) -> list[Subject]:
 def build_network(cfg: TrainConfig, seed: int, physics: bool):
     import torch
 
-    from bidsapp.models.tissue import CLASSES, N_PARAMS, PARAMETER_LAYOUT
+    from bidsapp.models.tissue import CLASSES, N_PARAMS
     from bidsapp.models.unet import UNet3D
 
     torch.manual_seed(seed)
-    gate = PARAMETER_LAYOUT.index(cfg.physics_trunk_gate) if physics and cfg.physics_trunk_gate else None
     net = UNet3D(in_channels=1, out_channels=len(CLASSES), features=tuple(cfg.features),
                  n_params=N_PARAMS if physics else 0,
-                 physics_injection=cfg.physics_injection if physics else "concat", trunk_gate=gate)
+                 physics_injection=cfg.physics_injection if physics else "concat")
     if net.physics is not None:
         centre, scale = vector_statistics()
         net.physics.center.copy_(torch.from_numpy(centre))
@@ -259,21 +217,6 @@ def lr_schedule(iterations: int):
     return factor
 
 
-def parameter_groups(net, cfg: TrainConfig) -> list[dict]:
-    """The trainable weights, the physics branch and injections in their own group at ``physics_lr``.
-
-    With a trunk gate only the gated conditioning (every block's but the last decoder block's) gets
-    ``physics_lr``: the branch and the last block's injection serve every family and keep ``lr``."""
-    trainable = [prm for prm in net.parameters() if prm.requires_grad]
-    if cfg.physics_lr is None or not net.uses_physics:
-        return [{"params": trainable}]
-    fast = net.gated_parameters() if net.trunk_gate is not None else net.physics_parameters()
-    physics = {id(prm) for prm in fast}
-    groups = [{"params": [prm for prm in trainable if id(prm) not in physics]},
-              {"params": [prm for prm in trainable if id(prm) in physics], "lr": cfg.physics_lr}]
-    return [g for g in groups if g["params"]]
-
-
 def _networks(cfg: TrainConfig, device) -> list[dict]:
     """The network(s) ``cfg.physics`` asks for, initialised (``init_from``) and with their frozen parts."""
     variants = [True, False] if cfg.physics == "both" else [bool(cfg.physics)]
@@ -292,11 +235,6 @@ def _networks(cfg: TrainConfig, device) -> list[dict]:
                     "as": ("ablation weights + zero-initialised physics injection" if from_base
                            else f"same model, zero-initialised {', '.join(zeroed)}" if zeroed else "same model")}
         net = net.to(device)
-        if cfg.train != "all":
-            net.requires_grad_(False)
-            for prm in {"top": net.top_parameters, "physics": net.physics_parameters,
-                        "gated": net.gated_parameters}[cfg.train]():
-                prm.requires_grad_(True)
         runs.append({"model": net, "physics": phys, "init": init})
     return runs
 
@@ -322,8 +260,7 @@ def train(cfg: TrainConfig, subjects: list[Subject] | None = None, progress=None
     subjects = subjects if subjects is not None else load_or_build_subjects(cfg)
     runs = _networks(cfg, device)
     nets = torch.nn.ModuleList([r["model"] for r in runs])
-    opt = torch.optim.AdamW([g for r in runs for g in parameter_groups(r["model"], cfg)], lr=cfg.lr,
-                            weight_decay=1e-5)
+    opt = torch.optim.AdamW([{"params": list(r["model"].parameters())} for r in runs], lr=cfg.lr, weight_decay=1e-5)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_schedule(cfg.iterations))
     sampler = PatchSampler(subjects, cfg.patch, seed=cfg.seed, low_contrast=cfg.low_contrast, sampling=cfg.sampling,
                            randomise=cfg.randomise, physics=cfg.physics is not False, target=cfg.target)
@@ -380,7 +317,6 @@ def save(net, cfg: TrainConfig, history: dict, final: bool = True) -> dict:
 
     physics = net.uses_physics
     name = _model_name(physics)
-    fast = "gated trunk conditioning" if cfg.physics_trunk_gate else "physics branch and injections"  # physics_lr's
     sources = anatomy_sources(Path(cfg.anatomy_dir) if cfg.anatomy_dir else None, cfg.icbm)
     card = {
         "version": __version__,
@@ -419,13 +355,7 @@ def save(net, cfg: TrainConfig, history: dict, final: bool = True) -> dict:
             "iterations_run": history["iterations"],
             "batch": cfg.batch,
             "patch_voxels": cfg.patch,
-            "optimizer": f"AdamW lr {cfg.lr:g}"
-                         + (f" ({fast} {cfg.physics_lr:g})" if cfg.physics_lr is not None and physics else "")
-                         + ", linear warm-up then cosine decay"
-                         + {"all": "",
-                            "top": " (last decoder block, head and physics branch only; the rest frozen)",
-                            "physics": " (physics branch and its injection only; the rest frozen)",
-                            "gated": " (the gated trunk conditioning only; the rest frozen)"}[cfg.train],
+            "optimizer": f"AdamW lr {cfg.lr:g}, linear warm-up then cosine decay",
             "loss": ("MONAI soft Dice + soft cross-entropy" if cfg.dice_weight == 1.0 else
                      f"soft cross-entropy + {cfg.dice_weight:g} x MONAI soft Dice" if cfg.dice_weight else
                      "soft cross-entropy") + " inside the brain mask"
