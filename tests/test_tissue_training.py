@@ -474,3 +474,22 @@ def test_forward_each_is_one_forward_pass_per_vector(injection):
         one_by_one = torch.cat([net(x, p[k:k + 1]) for k in range(3)], 1)
     torch.testing.assert_close(each, one_by_one)
     assert not torch.allclose(each[:, :3], each[:, 3:6])
+
+
+def test_command_trains_saves_and_continues_after_a_time_limit(tmp_path, monkeypatch, capsys, caplog):
+    """``scanbridge-train tissue`` as a user runs it: a run cut by --time-limit-min leaves a checkpoint
+    and no weights, and the same command without the limit finishes it and writes weights and card."""
+    subjects = [tiny_tissue_subject()]
+    monkeypatch.setattr(T, "load_or_build_subjects", lambda cfg: subjects)
+    args = ["tissue", "--out", str(tmp_path / "run"), "--iterations", "3", "--patch", "16", "--batch", "1",
+            "--features", "4,8", "--no-icbm", "--weights-dir", str(tmp_path / "w"), "--checkpoint-every", "1"]
+    assert cli.main(args + ["--time-limit-min", "1e-9"]) == 0
+    assert "stopped at iteration 1 of 3" in capsys.readouterr().out
+    assert (tmp_path / "run" / "checkpoint.pt").is_file() and not (tmp_path / "w").exists()
+    caplog.set_level("INFO", logger="scanbridge.train.tissue")
+    assert cli.main(args) == 0
+    assert "resuming at iteration 1" in caplog.text
+    card = registry.load_card(tissue.PHYSICS_MODEL, tmp_path / "w")
+    assert card["training"]["iterations_run"] == 3
+    assert card["training"]["command"].startswith(f"scanbridge-train tissue --out {tmp_path / 'run'} --seed 0 --physics")
+    assert "--features 4,8" in card["training"]["command"] and "--time-limit-min" not in card["training"]["command"]
