@@ -44,18 +44,22 @@ def _sessions_of(derivatives: Path, subject: str) -> int:
     return max(1, len(list((derivatives / f"sub-{subject}").glob("ses-*"))))
 
 
+def _relabel(text: str, old: str, new: str) -> str:
+    """``text`` with every ``sub-<old>`` label (not a longer one that starts with it) made ``sub-<new>``."""
+    return re.sub(rf"sub-{re.escape(old)}(?![A-Za-z0-9])", f"sub-{new}", text)
+
+
 def _copy_tree(src: Path, dst: Path, old: str, new: str) -> None:
-    """``src`` as ``dst`` with every ``sub-<old>`` in names and text files made ``sub-<new>``; images hard-linked."""
-    pat = re.compile(rf"sub-{re.escape(old)}(?![A-Za-z0-9])")
+    """``src`` as ``dst`` relabelled (:func:`_relabel`) in names and text files; images hard-linked."""
     for path in src.rglob("*"):
-        rel = pat.sub(f"sub-{new}", str(path.relative_to(src)))
+        rel = _relabel(str(path.relative_to(src)), old, new)
         target = dst / rel
         if path.is_dir():
             target.mkdir(parents=True, exist_ok=True)
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
         if path.suffix in TEXT:
-            target.write_text(pat.sub(f"sub-{new}", path.read_text()))
+            target.write_text(_relabel(path.read_text(), old, new))
         else:
             os.link(path, target)
 
@@ -83,7 +87,7 @@ def replicate(bids: Path, derivatives: Path, dest: Path, sessions: int) -> dict:
         _copy_tree(derivatives / f"sub-{src}", out_der / f"sub-{new}", src, new)
         report = derivatives / f"sub-{src}.html"
         if report.is_file():
-            (out_der / f"sub-{new}.html").write_text(report.read_text().replace(f"sub-{src}", f"sub-{new}"))
+            (out_der / f"sub-{new}.html").write_text(_relabel(report.read_text(), src, new))
         new_rows.append({**rows[f"sub-{src}"], "participant_id": f"sub-{new}"})
         made += _sessions_of(derivatives, src)
         k += 1

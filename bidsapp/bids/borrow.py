@@ -12,7 +12,6 @@ parameters came from (``parameters_from``); the tissue sidecar repeats it.
 from __future__ import annotations
 
 import dataclasses
-
 import functools
 from pathlib import Path
 

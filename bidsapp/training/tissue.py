@@ -44,7 +44,8 @@ from bidsapp.training.tissue_data import (
 
 LOG = logging.getLogger("scanbridge.train.tissue")
 
-# ------------------------------------------------------------------------------------------ training
+
+# ------------------------------------------------------------------------------------------ config
 def _ints(text) -> tuple:
     return tuple(int(x) for x in str(text).split(","))
 
@@ -218,7 +219,7 @@ def lr_schedule(iterations: int):
 
 
 def _networks(cfg: TrainConfig, device) -> list[dict]:
-    """The network(s) ``cfg.physics`` asks for, initialised (``init_from``) and with their frozen parts."""
+    """The network(s) ``cfg.physics`` asks for, initialised from ``init_from`` when given."""
     variants = [True, False] if cfg.physics == "both" else [bool(cfg.physics)]
     runs = []
     for phys in variants:
@@ -229,11 +230,10 @@ def _networks(cfg: TrainConfig, device) -> list[dict]:
 
             from_base = phys and cfg.physics_from_base
             state, card0 = registry.load_state_dict(_model_name(False if from_base else phys), cfg.init_from)
-            zeroed = net.load_weights(state, ablation=from_base)  # new injection weights start at zero
+            net.load_weights(state, ablation=from_base)  # from the ablation: the injection starts at zero
             init = {"name": card0["name"], "sha256": card0["sha256"], "command": card0["training"]["command"],
                     "iterations": card0["training"].get("iterations_run"),
-                    "as": ("ablation weights + zero-initialised physics injection" if from_base
-                           else f"same model, zero-initialised {', '.join(zeroed)}" if zeroed else "same model")}
+                    "as": "ablation weights + zero-initialised physics injection" if from_base else "same model"}
         net = net.to(device)
         runs.append({"model": net, "physics": phys, "init": init})
     return runs
