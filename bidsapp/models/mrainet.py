@@ -6,7 +6,14 @@ layers are written as convolutions (the first one with a kernel as large as what
 patch, the others 1x1), so the very same weights featurise a whole slice or volume densely in one pass
 instead of patch by patch. ``dense == per-patch`` holds exactly (tested) because every layer is "valid".
 
-The defaults are the paper's; ``MRAINetConfig`` widens the network or switches to 3D patches.
+Two options follow the authors' reference implementation (github.com/wmkouw/mrai-net), which the paper's
+text leaves out: ``pool=2`` puts a 2x2 max pooling after the convolutions (densely, a stride-1 pooling and a
+first fully connected layer dilated by 2: still exact), and ``n_domains`` feeds the scanner's identity to the
+fully connected layers (a one-hot scanner vector concatenated to the flattened convolution output, i.e. a
+learned offset per scanner on the first fully connected layer), so the network can move one scanner's
+features onto another's. Features then depend on the scanner id: pass ``domain`` wherever the model runs.
+
+The defaults are the paper's text; ``MRAINetConfig`` widens the network or switches to 3D patches.
 """
 
 from __future__ import annotations
@@ -35,6 +42,10 @@ class MRAINetConfig:
     hidden: tuple[int, ...] = (16, 8)
     out_features: int = 2
     dropout: float = 0.2
+    pool: int = 1
+    """Max pooling (kernel = stride) after the convolutions; 1 = none (the paper's text), 2 = the reference code."""
+    n_domains: int = 0
+    """Scanners whose identity the fully connected layers see (0 = none: features of the image alone)."""
 
     def __post_init__(self):
         self.conv_channels = tuple(int(c) for c in self.conv_channels)
@@ -43,14 +54,16 @@ class MRAINetConfig:
             raise ValueError(f"spatial_dims must be 2 or 3, got {self.spatial_dims}")
         if self.patch_size % 2 == 0:
             raise ValueError(f"patch_size must be odd so that a patch has a centre voxel, got {self.patch_size}")
+        if self.pool < 1 or self.n_domains < 0:
+            raise ValueError(f"pool must be >= 1 and n_domains >= 0, got {self.pool} and {self.n_domains}")
         if self.receptive_remainder < 1:
             raise ValueError(f"patch_size {self.patch_size} is too small for {len(self.conv_channels)} "
-                             f"convolutions of size {self.kernel_size}")
+                             f"convolutions of size {self.kernel_size} and pooling {self.pool}")
 
     @property
     def receptive_remainder(self) -> int:
-        """Spatial size left of a patch after the valid convolutions: the first FC layer's kernel."""
-        return self.patch_size - len(self.conv_channels) * (self.kernel_size - 1)
+        """Spatial size left of a patch after the valid convolutions and the pooling: the first FC layer's kernel."""
+        return (self.patch_size - len(self.conv_channels) * (self.kernel_size - 1)) // self.pool
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -60,6 +73,7 @@ class MRAINetConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "MRAINetConfig":
+        """Also reads configurations saved before ``pool`` and ``n_domains`` existed (their defaults)."""
         return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()})
 
 
@@ -68,20 +82,24 @@ class MRAINet(nn.Module):
 
     ``forward`` takes patches (N, C, p, p[, p]) and returns (N, out_features). ``dense`` takes whole images
     (N, C, H, W[, D]) and returns feature maps (N, out_features, H-p+1, W-p+1[, D-p+1]): the feature of
-    the patch centred at each valid position.
+    the patch centred at each valid position. Both take ``domain`` (N,) scanner ids when ``n_domains`` > 0.
     """
 
     def __init__(self, config: MRAINetConfig | None = None):
         super().__init__()
         self.config = config = config or MRAINetConfig()
         conv = nn.Conv2d if config.spatial_dims == 2 else nn.Conv3d
+        pool = nn.MaxPool2d if config.spatial_dims == 2 else nn.MaxPool3d
         layers: list[nn.Module] = []
         c_in = config.in_channels
         for c_out in config.conv_channels:
             layers += [conv(c_in, c_out, config.kernel_size), nn.ReLU(inplace=True)]
             c_in = c_out
+        if config.pool > 1:
+            layers.append(pool(config.pool))
         if config.dropout > 0:
             layers.append(nn.Dropout(config.dropout))
+        self._first_fc = len(layers)
         k = config.receptive_remainder
         for i, h in enumerate(config.hidden):
             layers += [conv(c_in, h, k if i == 0 else 1), nn.ReLU(inplace=True)]
@@ -90,15 +108,44 @@ class MRAINet(nn.Module):
             c_in = h
         layers.append(conv(c_in, config.out_features, k if not config.hidden else 1))
         self.net = nn.Sequential(*layers)
+        if config.n_domains:
+            width = config.hidden[0] if config.hidden else config.out_features
+            self.domain_offset = nn.Embedding(config.n_domains, width)
+            nn.init.zeros_(self.domain_offset.weight)       # starts as the network without the scanner id
 
-    def dense(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+    def _run(self, x: torch.Tensor, domain, dense: bool) -> torch.Tensor:
+        cfg = self.config
+        if cfg.n_domains:
+            if domain is None:
+                raise ValueError("this MRAI-NET sees the scanner id: pass domain")
+            domain = torch.as_tensor(domain, dtype=torch.long, device=x.device).reshape(-1)
+            if domain.numel() == 1 and len(x) > 1:
+                domain = domain.expand(len(x))
+        nd = cfg.spatial_dims
+        in_shape = tuple(x.shape[2:])
+        for i, layer in enumerate(self.net):
+            if dense and cfg.pool > 1 and isinstance(layer, (nn.MaxPool2d, nn.MaxPool3d)):
+                # every pooling phase at once: a stride-1 pooling, read by a first FC layer dilated by ``pool``
+                x = (nn.functional.max_pool2d if nd == 2 else nn.functional.max_pool3d)(x, cfg.pool, stride=1)
+            elif dense and cfg.pool > 1 and i == self._first_fc:
+                x = (nn.functional.conv2d if nd == 2 else nn.functional.conv3d)(
+                    x, layer.weight, layer.bias, dilation=cfg.pool)
+            else:
+                x = layer(x)
+            if i == self._first_fc and cfg.n_domains:
+                x = x + self.domain_offset(domain).reshape(len(x), -1, *([1] * nd))
+        if dense and cfg.pool > 1:   # the last rows a floor pooling leaves unread: one output per patch position
+            x = x[(slice(None), slice(None)) + tuple(slice(0, s - cfg.patch_size + 1) for s in in_shape)]
+        return x
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def dense(self, x: torch.Tensor, domain=None) -> torch.Tensor:
+        return self._run(x, domain, dense=True)
+
+    def forward(self, x: torch.Tensor, domain=None) -> torch.Tensor:
         p = self.config.patch_size
         if tuple(x.shape[2:]) != (p,) * self.config.spatial_dims:
             raise ValueError(f"expected patches of size {p}, got {tuple(x.shape[2:])}")
-        return self.net(x).flatten(1)
+        return self._run(x, domain, dense=False).flatten(1)
 
 
 def l1_distance(fa: torch.Tensor, fb: torch.Tensor) -> torch.Tensor:
@@ -124,17 +171,29 @@ def normalize_intensity(image: np.ndarray, mask: np.ndarray | None = None, perce
 
 def extract_patches(image: np.ndarray, centres: np.ndarray, patch_size: int = 15,
                     spatial_dims: int = 2, axis: int = 2) -> np.ndarray:
-    """Patches around voxel ``centres`` (N, 3) of a 3D image, zero-padded at the borders.
+    """Patches around voxel ``centres`` of an image, zero-padded at the borders.
 
-    2D patches lie in the plane orthogonal to ``axis`` (axis 2 = axial slices of a RAS image).
+    A 3D image takes centres (N, 3); 2D patches lie in the plane orthogonal to ``axis`` (axis 2 = axial
+    slices of a RAS image). A 2D image (one slice) takes centres (N, 2) and gives 2D patches.
     Returns (N, 1, p, p) or (N, 1, p, p, p) float32.
     """
     image = np.asarray(image, dtype=np.float32)
+    if image.ndim == 2:
+        if spatial_dims != 2:
+            raise ValueError("a 2D image gives 2D patches only (spatial_dims=2)")
+        centres = np.asarray(centres, dtype=np.int64).reshape(-1, 2)
+        return extract_patches(image[:, :, None], np.c_[centres, np.zeros(len(centres), np.int64)],
+                               patch_size, 2, axis=2)
+    if image.ndim != 3:
+        raise ValueError(f"extract_patches needs a 2D or 3D image, got {image.ndim} dimensions")
     centres = np.asarray(centres, dtype=np.int64).reshape(-1, image.ndim)
     r = patch_size // 2
-    padded = np.pad(image, r)
+    pad = [(r, r)] * 3
+    if spatial_dims == 2:
+        pad[axis] = (0, 0)                      # 2D patches never read beyond their own slice
+    padded = np.pad(image, pad)
     offs = np.arange(-r, r + 1)
-    c = centres + r
+    c = centres + np.array([p[0] for p in pad])
     if spatial_dims == 3:
         ii = c[:, 0, None, None, None] + offs[None, :, None, None]
         jj = c[:, 1, None, None, None] + offs[None, None, :, None]
@@ -152,12 +211,14 @@ def extract_patches(image: np.ndarray, centres: np.ndarray, patch_size: int = 15
 
 @torch.no_grad()
 def dense_features(model: MRAINet, image: np.ndarray, mask: np.ndarray | None = None, axis: int = 2,
-                   batch_voxels: int = 4_000_000, device: str | torch.device = "cpu") -> np.ndarray:
+                   batch_voxels: int = 4_000_000, device: str | torch.device = "cpu",
+                   domain: int | None = None) -> np.ndarray:
     """Featurise every voxel of a 3D image: (X, Y, Z, out_features) float32, zeros outside ``mask``.
 
     The image is cropped to the mask's bounding box plus half a patch of context (the rest of the head is
     never featurised), zero-padded only beyond the image, and passed through the fully convolutional branch a batch of slices (2D) or a slab (3D) at a time.
-    Same result as ``model(extract_patches(...))`` at every voxel.
+    Same result as ``model(extract_patches(...))`` at every voxel. ``domain``: the image's scanner id, for a
+    model that sees it.
     """
     cfg = model.config
     model = model.eval().to(device)
@@ -182,7 +243,7 @@ def dense_features(model: MRAINet, image: np.ndarray, mask: np.ndarray | None = 
         feats = []
         for s in range(0, planes.shape[0], step):
             x = torch.from_numpy(np.ascontiguousarray(planes[s:s + step, None])).to(device)
-            feats.append(model.dense(x).permute(0, 2, 3, 1).cpu().numpy())
+            feats.append(model.dense(x, domain).permute(0, 2, 3, 1).cpu().numpy())
         f = np.concatenate(feats, axis=0)                           # (S, A, B, F)
         f = np.moveaxis(f, 0, axis)
     else:
@@ -194,7 +255,7 @@ def dense_features(model: MRAINet, image: np.ndarray, mask: np.ndarray | None = 
         for s in range(0, depth, step):
             e = min(depth, s + step)
             x = torch.from_numpy(np.ascontiguousarray(vol[None, None, :, :, s:e + 2 * r])).to(device)
-            feats.append(model.dense(x)[0].permute(1, 2, 3, 0).cpu().numpy())
+            feats.append(model.dense(x, domain)[0].permute(1, 2, 3, 0).cpu().numpy())
         f = np.concatenate(feats, axis=2)
     out[box] = f
     out[~m] = 0

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,8 +30,6 @@ from bidsapp.training.config import add_config_arguments, config_from_args
 from bidsapp.training.config import command_line as config_command_line
 from bidsapp.training.losses import ContrastiveLoss
 from bidsapp.models.pairs import PAIR_TYPES, PairSampler
-from bidsapp.training.mrainet_data import (PAPER_SOURCE, PAPER_TARGET, anatomy_paths,
-                                           simulate_slices)
 
 __all__ = ["TrainSettings", "TrainResult", "train_mrainet", "train_patch_cnn", "predict_cnn",
            "featurize", "fit_linear_classifier", "main"]
@@ -45,7 +44,14 @@ class TrainSettings:
     lr: float = 1e-3            # Keras' RMSprop default, as in the reference implementation
     margin: float = 1.0
     weight_decay: float = 0.0
-    pair_weights: str = "balanced"
+    pair_weights: str | tuple = "reference"
+    """:class:`~bidsapp.models.pairs.PairSampler` weights: "reference", "balanced", "combinatorial" or six
+    numbers."""
+    schedule: str = "constant"
+    """Learning rate over the steps: "constant" (the reference code's RMSprop) or "cosine" (down to 2 %: the
+    last steps settle the features instead of leaving them where the last large step put them)."""
+    rmsprop_alpha: float = 0.9
+    """RMSprop's smoothing constant: Keras' (the reference code's library) 0.9; PyTorch's default is 0.99."""
     seed: int = 0
     device: str = "cpu"
     threads: int = 1
@@ -81,10 +87,16 @@ class _Threads:
         torch.set_num_threads(self.old)
 
 
-def _seed_all(seed: int) -> torch.Generator:
-    torch.manual_seed(seed)
-    np.random.seed(seed % (2 ** 32))
-    return torch.Generator().manual_seed(seed)
+def _domain_ids(model: MRAINet, domains, n: int, device) -> torch.Tensor | None:
+    """Scanner ids for a model that sees them (``n_domains`` > 0), None for one that does not."""
+    if not model.config.n_domains:
+        return None
+    if domains is None:
+        raise ValueError("this MRAI-NET sees the scanner id: pass the patches' domains")
+    d = torch.as_tensor(np.broadcast_to(np.asarray(domains, dtype=np.int64), (n,)).copy(), device=device)
+    if len(d) and (int(d.min()) < 0 or int(d.max()) >= model.config.n_domains):
+        raise ValueError(f"domain ids must be 0..{model.config.n_domains - 1}, got {int(d.min())}..{int(d.max())}")
+    return d
 
 
 def train_mrainet(patches: np.ndarray, tissues: np.ndarray, domains: np.ndarray, source_domain: int = 0,
@@ -96,20 +108,26 @@ def train_mrainet(patches: np.ndarray, tissues: np.ndarray, domains: np.ndarray,
     domains (P,) scanner ids. ``init`` continues from existing weights (e.g. the shipped default).
     """
     s = settings or TrainSettings()
-    _seed_all(s.seed)
     device = resolve_device(s.device)
-    model = init if init is not None else MRAINet(config or MRAINetConfig())
-    model = model.to(device).train()
+    with torch.random.fork_rng(devices=[]):     # the seed fixes this run only, never the caller's generators
+        torch.manual_seed(s.seed)
+        model = init if init is not None else MRAINet(config or MRAINetConfig())
+        return _train_mrainet(model.to(device).train(), patches, tissues, domains, source_domain, s, device)
+
+
+def _train_mrainet(model, patches, tissues, domains, source_domain, s: TrainSettings, device) -> TrainResult:
     sampler = PairSampler(tissues, domains, source_domain=source_domain, weights=s.pair_weights, seed=s.seed)
     x = torch.as_tensor(np.ascontiguousarray(patches, dtype=np.float32), device=device)
-    opt = torch.optim.RMSprop(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+    dom = _domain_ids(model, domains, len(x), device)
+    opt = torch.optim.RMSprop(model.parameters(), lr=s.lr, alpha=s.rmsprop_alpha, weight_decay=s.weight_decay)
     crit = ContrastiveLoss(margin=s.margin)
 
     def step(_it):
         batch = sampler.sample(s.batch_size)
         ia = torch.as_tensor(batch.a, device=device)
         ib = torch.as_tensor(batch.b, device=device)
-        f = model(torch.cat([x[ia], x[ib]]))
+        both = torch.cat([ia, ib])
+        f = model(x[both], None if dom is None else dom[both])
         loss = crit(l1_distance(f[: len(ia)], f[len(ia):]), torch.as_tensor(batch.y, device=device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -123,65 +141,98 @@ def train_mrainet(patches: np.ndarray, tissues: np.ndarray, domains: np.ndarray,
                        pair_counts=counts, settings=asdict(s))
 
 
-def train_patch_cnn(patches: np.ndarray, labels: np.ndarray, n_classes: int = 3,
-                    config: MRAINetConfig | None = None, settings: TrainSettings | None = None,
-                    balance: np.ndarray | None = None) -> TrainResult:
+def train_patch_cnn(patches: np.ndarray, labels: np.ndarray, config: MRAINetConfig | None = None,
+                    settings: TrainSettings | None = None, balance: np.ndarray | None = None,
+                    epochs: int | None = None, holdout: float = 0.0) -> TrainResult:
     """A plain patch CNN with one MRAI-NET branch's architecture (the paper's SOURCE and TARGET classifiers).
 
-    labels are 0..n_classes-1. ``balance`` (P,) optional group ids whose total sampling weight is made equal
-    (None: every patch equally likely, as a plain CNN trained on the pooled set).
+    ``labels`` are tissue ids as everywhere else (any integers; the classes are ``np.unique(labels)``, kept
+    as ``model.classes`` so that :func:`predict_cnn` answers in the same ids). ``balance`` (P,) optional group
+    ids whose total sampling weight is made equal (None: every patch equally likely). Two ways to train:
+    ``settings.steps`` batches drawn with replacement, or, with ``epochs``, the reference code's Keras
+    ``fit``: ``epochs`` passes over a shuffled training set in batches of at most ``settings.batch_size``,
+    after ``holdout`` (Keras' ``validation_split``) of the patches are set aside and never trained on.
     """
     s = settings or TrainSettings()
-    gen = _seed_all(s.seed)
+    labels = np.asarray(labels, dtype=np.int64)
+    classes = np.unique(labels)
     base = config or MRAINetConfig()
-    cfg = MRAINetConfig.from_dict({**base.to_dict(), "out_features": n_classes})
+    cfg = MRAINetConfig.from_dict({**base.to_dict(), "out_features": len(classes), "n_domains": 0})
     device = resolve_device(s.device)
-    model = MRAINet(cfg).to(device).train()
-    x = torch.as_tensor(np.ascontiguousarray(patches, dtype=np.float32), device=device)
-    y = torch.as_tensor(np.asarray(labels, dtype=np.int64), device=device)
-    w = np.ones(len(y))
-    if balance is not None:
-        balance = np.asarray(balance)
-        for g in np.unique(balance):
-            w[balance == g] = 1.0 / (balance == g).sum()
-    w = torch.as_tensor(w / w.sum())
-    opt = torch.optim.RMSprop(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
-    crit = nn.CrossEntropyLoss()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(s.seed)
+        gen = torch.Generator().manual_seed(s.seed)
+        model = MRAINet(cfg).to(device).train()
+        keep = np.arange(len(labels))
+        if holdout > 0:
+            n_val = int(round(holdout * len(keep)))
+            keep = np.sort(np.random.default_rng(s.seed).permutation(len(keep))[n_val:])
+        x = torch.as_tensor(np.ascontiguousarray(patches[keep], dtype=np.float32), device=device)
+        y = torch.as_tensor(np.searchsorted(classes, labels[keep]), device=device)
+        opt = torch.optim.RMSprop(model.parameters(), lr=s.lr, alpha=s.rmsprop_alpha, weight_decay=s.weight_decay)
+        crit = nn.CrossEntropyLoss()
+        if epochs:
+            per_epoch = max(1, math.ceil(len(keep) / s.batch_size))
+            s = replace(s, steps=epochs * per_epoch)
+            order: list[torch.Tensor] = []
 
-    def step(_it):
-        idx = torch.multinomial(w, s.batch_size, replacement=True, generator=gen).to(device)
-        loss = crit(model(x[idx]), y[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return {"loss": loss.detach()}
+            def batch_indices(it):
+                if it % per_epoch == 0:
+                    order[:] = list(torch.randperm(len(keep), generator=gen).split(s.batch_size))
+                return order[it % per_epoch]
+        else:
+            w = np.ones(len(keep))
+            if balance is not None:
+                b = np.asarray(balance)[keep]
+                for g in np.unique(b):
+                    w[b == g] = 1.0 / (b == g).sum()
+            w = torch.as_tensor(w / w.sum())
 
-    hist = _fit(s, model, opt, step)
-    return TrainResult(model=model.eval().cpu(), losses=hist.get("loss", []), seconds=hist["seconds"],
-                       settings=asdict(s))
+            def batch_indices(_it):
+                return torch.multinomial(w, s.batch_size, replacement=True, generator=gen)
+
+        def step(it):
+            idx = batch_indices(it).to(device)
+            loss = crit(model(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            return {"loss": loss.detach()}
+
+        hist = _fit(s, model, opt, step)
+    model = model.eval().cpu()
+    model.classes = classes
+    return TrainResult(model=model, losses=hist.get("loss", []), seconds=hist["seconds"], settings=asdict(s))
 
 
 def _fit(s: TrainSettings, model, opt, step) -> dict:
     """The shared training loop (:func:`bidsapp.training.engine.fit`), in memory: these networks train in
-    seconds inside a group-level run, at a constant learning rate, with ``s.threads`` CPU threads."""
-    from bidsapp.training.engine import constant_schedule, fit
+    seconds inside a group-level run, with ``s.threads`` CPU threads."""
+    from bidsapp.training.engine import constant_schedule, cosine_schedule, fit
 
+    if s.schedule not in ("constant", "cosine"):
+        raise ValueError(f"unknown schedule {s.schedule!r}: constant or cosine")
+    sched = constant_schedule(opt) if s.schedule == "constant" else cosine_schedule(opt, s.iterations)
     with _Threads(s.threads):
-        return fit(s, model, opt, step, out=None, sched=constant_schedule(opt), progress=log.debug)
+        return fit(s, model, opt, step, out=None, sched=sched, progress=log.debug)
 
 
 @torch.no_grad()
-def featurize(model: MRAINet, patches: np.ndarray, batch: int = 8192) -> np.ndarray:
-    """Features (or logits, for a classifier CNN) of patches, in eval mode (no dropout)."""
+def featurize(model: MRAINet, patches: np.ndarray, domains=None, batch: int = 8192) -> np.ndarray:
+    """Features (or logits, for a classifier CNN) of patches, in eval mode (no dropout). ``domains``: the
+    patches' scanner ids (one id or one per patch), for a model that sees them."""
     model = model.eval()
     dev = next(model.parameters()).device
-    out = [model(torch.as_tensor(np.ascontiguousarray(patches[i:i + batch], dtype=np.float32), device=dev)).cpu()
+    dom = _domain_ids(model, domains, len(patches), dev)
+    out = [model(torch.as_tensor(np.ascontiguousarray(patches[i:i + batch], dtype=np.float32), device=dev),
+                 None if dom is None else dom[i:i + batch]).cpu()
            for i in range(0, len(patches), batch)]
     return torch.cat(out).numpy() if out else np.zeros((0, model.config.out_features), np.float32)
 
 
 def predict_cnn(model: MRAINet, patches: np.ndarray) -> np.ndarray:
-    return featurize(model, patches).argmax(axis=1)
+    """Tissue ids (those :func:`train_patch_cnn` was given) of patches, from a SOURCE/TARGET CNN."""
+    return np.asarray(model.classes)[featurize(model, patches).argmax(axis=1)]
 
 
 def fit_linear_classifier(features: np.ndarray, labels: np.ndarray, groups: np.ndarray | None = None):
@@ -240,6 +291,7 @@ def run(args) -> int:
     """Simulate the paper's two scanners, train the default MRAI-NET, evaluate it, save weights and card."""
     from bidsapp.metrics.domain import proxy_a_distance
     from bidsapp.models import registry
+    from bidsapp.training.mrainet_data import PAPER_SOURCE, PAPER_TARGET, anatomy_paths, simulate_slices
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     paths = anatomy_paths(_anatomy_dir(args.anatomy_dir))

@@ -7,38 +7,14 @@ are simulated by the physics engine from the shared label maps (``scanbridge-tra
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from bidsapp.training.mrainet_experiment import Scan
+
 PAPER_SOURCE = "mrainet-1.5T-spgr"   # Rotterdam Scan Study: 1.5T, flip 20, TR 13.8 ms, TE 2.8 ms
 PAPER_TARGET = "mrainet-3T-spgr"     # MRBrainS: 3T, flip 90, TR 7.9 ms, TE 4.5 ms
-CLASSES = (1, 2, 3)
-
-
-@dataclass
-class SliceSet:
-    """Axial slices of one simulated scan: (X, Y, S) intensity normalised inside the brain, and labels."""
-
-    name: str
-    image: np.ndarray
-    labels: np.ndarray
-
-    def patches(self, n_per_class: int, rng, patch_size: int = 15) -> tuple[np.ndarray, np.ndarray]:
-        from bidsapp.models.mrainet import extract_patches, sample_centres
-
-        cen = sample_centres(self.labels, n_per_class, CLASSES, rng=rng)
-        x = [extract_patches(self.image, c, patch_size, 2, axis=2) for c in cen.values()]
-        y = [np.full(len(c), k, np.int64) for k, c in cen.items()]
-        return np.concatenate(x), np.concatenate(y)
-
-    def brain_patches(self, n: int, rng, patch_size: int = 15) -> np.ndarray:
-        from bidsapp.models.mrainet import extract_patches
-
-        vox = np.flatnonzero(self.labels > 0)
-        take = rng.choice(vox, min(n, len(vox)), replace=False)
-        return extract_patches(self.image, np.stack(np.unravel_index(take, self.labels.shape), 1), patch_size, 2, axis=2)
 
 
 _ICBM_CACHE: dict = {}
@@ -80,10 +56,12 @@ def _axial_slab(anatomy, half_mm: float):
 
 def simulate_slices(anatomy, protocol: str, rng, *, n_slices: int = 3, spacing_mm: float = 12.0,
                     deform: bool = False, variation: float = 0.0, bias: bool = False, noise: bool = False,
-                    voxel_size="native") -> SliceSet:
+                    voxel_size="native", normalise: bool = True) -> Scan:
     """``n_slices`` axial slices, ``spacing_mm`` apart, of one anatomy (label map path or "icbm152") scanned
     with a physics protocol preset, optionally as a new subject (random deformation, tissue variation) and
-    with the scanner's bias field and Rician noise. Images are RAS, normalised with the brain's 99th percentile."""
+    with the scanner's bias field and Rician noise. Images are RAS, zero outside the brain; ``normalise``:
+    divided by the brain's 99th percentile (the group level's per-scan normalisation), else the simulator's
+    intensities (for one scale per scanner: :func:`~bidsapp.training.mrainet_experiment.common_scale`)."""
     from bidsapp.models.mrainet import normalize_intensity
     from bidsapp.physics import phantom as ph
     from bidsapp.physics import protocols as pr
@@ -104,8 +82,9 @@ def simulate_slices(anatomy, protocol: str, rng, *, n_slices: int = 3, spacing_m
     step = max(1, int(round(spacing_mm / zs)))
     idx = [mid + (i - (n_slices - 1) / 2) * step for i in range(n_slices)]
     idx = [int(np.clip(round(i), 0, lab.shape[2] - 1)) for i in idx]
-    img = normalize_intensity(img[:, :, idx], lab[:, :, idx] > 0)
-    return SliceSet(f"{Path(str(anatomy)).name.split('_')[0]}@{protocol}", img, lab[:, :, idx].astype(np.int64))
+    img, lab = img[:, :, idx], lab[:, :, idx].astype(np.int64)
+    img = normalize_intensity(img, lab > 0) if normalise else np.where(lab > 0, img, 0.0).astype(np.float32)
+    return Scan(img, lab, f"{Path(str(anatomy)).name.split('_')[0]}@{protocol}")
 
 
 def anatomy_paths(anatomy_dir) -> list[Path]:
