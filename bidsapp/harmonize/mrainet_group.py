@@ -327,13 +327,13 @@ def _fit(ctx, st: _State):
     from bidsapp.training.mrainet import TrainSettings, featurize, fit_linear_classifier, train_mrainet
 
     opts = st.opts
-    cfg = MRAINetConfig()
+    cfg = MRAINetConfig(pool=2, n_domains=len(st.dom))     # the reference design: each group's id is an input
     device = str(resolve_device(opts.device))
     init = _initial_model(opts.mrainet_init, cfg, st.warn)
     settings = TrainSettings(steps=int(opts.mrainet_steps), batch_size=int(opts.mrainet_batch_size),
                              seed=int(opts.seed or 0), device=device)
     res = train_mrainet(st.patches, st.tissues, st.domains, source_domain=0, config=cfg, settings=settings, init=init)
-    feats = featurize(res.model, st.patches)
+    feats = featurize(res.model, st.patches, st.domains)
     clf = fit_linear_classifier(feats, st.tissues, groups=st.domains)
     ctx.logger.info("MRAI-NET: trained in %.1f s on %d labelled patches", res.seconds, len(st.patches))
     return res.model, clf, res, device
@@ -351,7 +351,7 @@ def _map(ctx, st: _State, model, clf, res, device):
     for i, sf in enumerate(st.files):
         try:
             row, vol = _map_session(sf, model, clf, st.cache, st.out_dir, card, bool(st.opts.mrainet_write_maps),
-                                    device)
+                                    device, st.dom[sf.acq_group])
         except Exception as exc:
             st.warn(f"{sf.prefix}: tissue map failed ({type(exc).__name__}: {exc})")
             continue
@@ -374,7 +374,7 @@ def _evaluate(ctx, st: _State, model, session_rows, volume_rows) -> dict:
     ev_p = np.concatenate(col.eval_patches)
     ev_t = np.concatenate(col.eval_tissue)
     ev_d = np.concatenate(col.eval_domain)
-    ev_f = featurize(model, ev_p)
+    ev_f = featurize(model, ev_p, ev_d)
     names = {d: g for g, d in st.dom.items()}
     for d, g in names.items():
         n = int((ev_d == d).sum())
@@ -464,19 +464,23 @@ def _sample_session(sf: SessionFiles, manual_file: Path | None, is_source: bool,
 
 
 def _initial_model(choice, cfg, warn):
+    """The shipped weights as a starting point. They were trained on two scanners; a dataset has its own
+    number of groups, so every weight but the per-scanner offsets is taken (the offsets start at zero)."""
     if choice in (None, "none", False):
         return None
+    from dataclasses import replace
+
     from bidsapp.models import registry
     from bidsapp.models.mrainet import MRAINet, MRAINetConfig
 
     try:
         state, card = registry.load_state_dict("mrainet")
         c = MRAINetConfig.from_dict(card["architecture"]["kwargs"])
-        if c != cfg:
+        if replace(c, n_domains=cfg.n_domains) != cfg:
             warn("the shipped MRAI-NET weights have another architecture; training from scratch")
             return None
-        m = MRAINet(c)
-        m.load_state_dict(state)
+        m = MRAINet(cfg)
+        m.load_state_dict({k: v for k, v in state.items() if not k.startswith("domain_offset.")}, strict=False)
         return m
     except Exception as exc:
         warn(f"shipped MRAI-NET weights unavailable ({exc}); training from scratch")
@@ -506,11 +510,13 @@ def _model_card(model, clf, source, dom, labels_df, res, seed, n_target) -> dict
         "metrics": {"final_loss": float(np.mean(res.losses[-50:])) if res.losses else None},
         "classifier": _classifier_dict(clf),
         "input": "preprocessed T1w divided by its 99th percentile inside the brain mask, zero outside; "
-                 "axial 15x15 patches",
+                 "axial 15x15 patches; the session's acquisition group as the scanner id (its position in "
+                 "training.data.groups, the source group first)",
     }
 
 
-def _map_session(sf: SessionFiles, model, clf, cache: Path, out_dir: Path, card: dict, write_maps: bool, device):
+def _map_session(sf: SessionFiles, model, clf, cache: Path, out_dir: Path, card: dict, write_maps: bool, device,
+                 domain: int):
     import nibabel as nib
 
     from bidsapp.bids.derivatives import (atomic_save_nifti, bids_uri, derivative_path, write_dseg_tsv,
@@ -527,7 +533,7 @@ def _map_session(sf: SessionFiles, model, clf, cache: Path, out_dir: Path, card:
     if z["dseg"].size:
         ref_lab = np.zeros(shape, np.int8)
         ref_lab[mask] = z["dseg"]
-    feats = dense_features(model, img, mask, axis=AXIS, device=device)
+    feats = dense_features(model, img, mask, axis=AXIS, device=device, domain=domain)
     fm = feats[mask]
     prob = clf.predict_proba(fm).astype(np.float32)
     classes = [int(c) for c in clf.classes_]

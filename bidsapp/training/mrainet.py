@@ -43,6 +43,9 @@ class TrainSettings:
     batch_size: int = 128
     lr: float = 1e-3            # Keras' RMSprop default, as in the reference implementation
     margin: float = 1.0
+    reduction: str = "mean"
+    """How the batch's contrastive losses combine: "mean" or the paper's "sum" (under RMSprop the two train
+    the same network up to its epsilon: tested)."""
     weight_decay: float = 0.0
     pair_weights: str | tuple = "reference"
     """:class:`~bidsapp.models.pairs.PairSampler` weights: "reference", "balanced", "combinatorial" or six
@@ -120,7 +123,7 @@ def _train_mrainet(model, patches, tissues, domains, source_domain, s: TrainSett
     x = torch.as_tensor(np.ascontiguousarray(patches, dtype=np.float32), device=device)
     dom = _domain_ids(model, domains, len(x), device)
     opt = torch.optim.RMSprop(model.parameters(), lr=s.lr, alpha=s.rmsprop_alpha, weight_decay=s.weight_decay)
-    crit = ContrastiveLoss(margin=s.margin)
+    crit = ContrastiveLoss(margin=s.margin, reduction=s.reduction)
 
     def step(_it):
         batch = sampler.sample(s.batch_size)
@@ -268,13 +271,18 @@ class CommandConfig:
     source_patches: int = field(default=500, metadata={"help": "labelled source patches per tissue per subject"})
     target_labels: int = field(default=100, metadata={"help": "labelled target patches per tissue"})
     test_subjects: int = field(default=4, metadata={"help": "held-out 3T subjects for the card's metrics"})
-    steps: int = 3000
+    steps: int = 5000
     batch_size: int = 128
     seed: int = 0
     device: str = field(default="auto", metadata={"card": False, "choices": ("auto", "cpu", "cuda")})
     name: str = field(default="mrainet", metadata={"help": "model name in the registry"})
     out: str | None = field(default=None, metadata={
         "card": False, "help": "weights folder (default: the package's bidsapp/models/weights)"})
+
+
+SHIPPED_DESIGN = MRAINetConfig(pool=2, n_domains=2)
+"""The shipped network: the reference code's design for two scanners (the group level keeps every weight
+but the per-scanner offsets when it starts from it)."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -315,16 +323,16 @@ def run(args) -> int:
     y = np.concatenate(ys + tys)
     dom = np.r_[np.zeros(sum(len(v) for v in ys), int), np.ones(sum(len(v) for v in tys), int)]
     settings = TrainSettings(steps=args.steps, batch_size=args.batch_size, seed=args.seed, device=args.device)
-    res = train_mrainet(x, y, dom, settings=settings)
+    res = train_mrainet(x, y, dom, config=SHIPPED_DESIGN, settings=settings)
     log.info("trained %d steps in %.0f s", args.steps, res.seconds)
-    clf = fit_linear_classifier(featurize(res.model, x), y, groups=dom)
+    clf = fit_linear_classifier(featurize(res.model, x, dom), y, groups=dom)
     test = [s.patches(50, rng) for s in tests]
     tx, ty = np.concatenate([t[0] for t in test]), np.concatenate([t[1] for t in test])
-    err = float((clf.predict(featurize(res.model, tx)) != ty).mean())
+    err = float((clf.predict(featurize(res.model, tx, 1)) != ty).mean())
     ps = np.concatenate([s.brain_patches(400, rng) for s in src])
     pt = np.concatenate([s.brain_patches(400, rng) for s in tests])
     pad_b = proxy_a_distance(ps, pt, seed=args.seed).pad
-    pad_a = proxy_a_distance(featurize(res.model, ps), featurize(res.model, pt), seed=args.seed).pad
+    pad_a = proxy_a_distance(featurize(res.model, ps, 0), featurize(res.model, pt, 1), seed=args.seed).pad
     from bidsapp import __version__
 
     card = {
@@ -346,9 +354,14 @@ def run(args) -> int:
         "metrics": {"heldout_target_subjects": [s.name for s in tests],
                     "tissue_error_linear_on_features": round(err, 4),
                     "proxy_a_distance_before": round(pad_b, 4), "proxy_a_distance_after": round(pad_a, 4)},
-        "input": "T1w divided by its 99th percentile inside the brain mask, zero outside; axial 15x15 patches",
-        "deviations": "contrastive loss averaged over the batch (the paper sums); pairs drawn lazily with the six "
-                      "types equally likely; RMSprop lr 1e-3 (Keras default)",
+        "input": "T1w divided by its 99th percentile inside the brain mask, zero outside; axial 15x15 patches; "
+                 "the scanner id (0 source, 1 target)",
+        "design": "the authors' reference code: 2x2 max pooling after the convolution, the scanner id fed to the "
+                  "fully connected layers, pairs in the reference code's mix (no target-target pairs), RMSprop "
+                  "lr 1e-3 with Keras' rho 0.9",
+        "deviations": "contrastive loss averaged over the batch (the paper sums; RMSprop makes the scale moot); "
+                      "pairs drawn lazily, a patch never with itself; the scanner id as a learned offset per "
+                      "scanner (the same as a one-hot id concatenated to the first fully connected layer's input)",
     }
     card = registry.save_model(args.name, res.model.state_dict(), card, weights_dir=args.out)
     log.info("saved %s (sha256 %s): held-out error %.3f, proxy A-distance %.2f -> %.2f",
