@@ -98,8 +98,29 @@ def test_group_run_writes_tables_maps_and_sections(tmp_path):
     assert set(np.unique(np.asarray(nib.load(dseg).dataobj))) <= {0, 1, 2, 3}
     model, card = mrainet_group.load_group_model(tmp_path)
     assert card["training"]["data"]["source_group"] in CONTRAST and len(card["classifier"]["coef"]) == 3
+    # the reference design: each group's id is an input, in the card's group order
+    assert model.config.pool == 2 and model.config.n_domains == len(card["training"]["data"]["groups"]) == 2
     html = write_report(tmp_path / "group.html", "t", sections).read_text()
     assert "data:image/png;base64" in html
+
+
+def test_shipped_weights_start_a_dataset_with_more_groups():
+    """The shipped network saw two scanners; a dataset with four groups starts from every weight but the
+    per-scanner offsets, which start at zero."""
+    import torch
+
+    from bidsapp.harmonize.mrainet_group import _initial_model
+    from bidsapp.models import registry
+    from bidsapp.models.mrainet import MRAINetConfig
+
+    state, card = registry.load_state_dict("mrainet")
+    warnings = []
+    m = _initial_model("shipped", MRAINetConfig(pool=2, n_domains=4), lambda *a: warnings.append(a))
+    assert not warnings and m is not None
+    assert torch.equal(m.net[0].weight, state["net.0.weight"])
+    assert m.domain_offset.weight.shape == (4, 16) and not m.domain_offset.weight.any()
+    # another architecture is refused with a warning, not an error
+    assert _initial_model("shipped", MRAINetConfig(), lambda *a: warnings.append(a)) is None and warnings
 
 
 def test_single_group_gives_message_and_groups_section(tmp_path):

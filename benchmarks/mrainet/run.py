@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -102,7 +103,7 @@ def plot(results, path):
         ax.set_xscale("log")
         ax.set_ylim(-0.2, 2.05)
         ax.set_ylabel("proxy A-distance")
-        ax.set_title(f"{e}: {LABELS[e]}", fontsize=8)
+        ax.set_title(textwrap.fill(f"{e}: {LABELS[e]}", 70), fontsize=8)
         ax.legend(fontsize=8)
         ax = axes[r, 1]
         for key, c in (("source", "tab:orange"), ("mrainet", "tab:blue"), ("target", "tab:green")):
