@@ -175,3 +175,25 @@ def test_manual_labels_dir(tmp_path):
     mrainet_group.run(_ctx(out, acq, vol, labels_dir=str(labels)))
     card = mrainet_group.load_group_model(out)[1]
     assert card["training"]["data"]["source_group"] == "ge-b-3T-SPGR"
+
+
+def test_target_tissue_without_confident_voxels_takes_its_most_probable():
+    """A target whose GM never passes probseg 0.95 still gives GM labels: its most probable GM voxels,
+    counted for the report; a tissue with enough confident voxels is left as sampled."""
+    from bidsapp.harmonize.mrainet_group import _Collected, _fill_below_confidence
+
+    dseg = np.zeros((6, 6, 1), np.int16)
+    dseg[:3] = 2                                         # 18 GM voxels
+    dseg[3:] = 3                                         # 18 WM voxels
+    prob = {k: np.zeros(dseg.shape, np.float32) for k in (1, 2, 3)}
+    prob[2][:3] = np.linspace(0.5, 0.9, 18).reshape(3, 6, 1)    # GM never above 0.95
+    prob[3][3:] = 0.99
+    picked = {1: np.zeros((0, 3), np.int64), 2: np.zeros((0, 3), np.int64),
+              3: np.argwhere(dseg == 3)[:4]}
+    col = _Collected()
+    candidates = ~(prob[3] > 0.95)
+    _fill_below_confidence(picked, 4, dseg, candidates, prob, domain=1, col=col)
+    assert len(picked[2]) == 4 and len(picked[3]) == 4 and len(picked[1]) == 0
+    got = sorted(float(prob[2][tuple(c)]) for c in picked[2])
+    assert got == sorted(np.sort(prob[2][:3].ravel())[-4:].tolist())     # the four most probable
+    assert col.below_confidence == {(1, 2): 4}

@@ -30,6 +30,8 @@ class GroupOptions:
     """Labelled patches per tissue over the whole source group."""
     mrainet_pad_patches: int = 1500
     """Brain patches per group for the proxy A-distance."""
+    mrainet_scanner_id: bool = True
+    """Give each acquisition group's identity to MRAI-NET's fully connected layers (the reference design)."""
     mrainet_write_maps: bool = True
     mrainet_init: str = "none"
     """``none`` or ``default`` (start from the shipped MRAI-NET weights)."""

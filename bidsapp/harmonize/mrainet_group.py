@@ -42,6 +42,9 @@ __all__ = ["find_session_files", "find_manual_labels", "run", "load_group_model"
 MODEL_NAME = "mrainet-group"
 TISSUE_NAMES = TISSUE.by_value()
 HIGH_CONFIDENCE = 0.95
+LABEL_FLOOR = 0.5
+"""A target tissue short of voxels above HIGH_CONFIDENCE takes its most probable others, but only voxels more
+likely that tissue than not."""
 AXIS = 2  # axial slices of the RAS-reoriented preprocessed T1w
 
 
@@ -98,6 +101,7 @@ class _Collected:
     eval_patches: list = field(default_factory=list)
     eval_tissue: list = field(default_factory=list)
     eval_domain: list = field(default_factory=list)
+    below_confidence: dict = field(default_factory=dict)   # (domain, tissue) -> labels taken below HIGH_CONFIDENCE
 
 
 class _Warnings:
@@ -286,6 +290,10 @@ def _sample(ctx, st: _State) -> bool:
             ctx.logger.info("MRAI-NET: sampled %d/%d sessions", i + 1, len(st.files))
     st.files = [f for f in st.files if f.prefix not in unreadable]
     st.seconds["io"] = time.perf_counter() - t_io
+    names = {d: g for g, d in st.dom.items()}
+    for (d, k), count in sorted(col.below_confidence.items()):
+        warn(f"group {names[d]}: {count} labelled {TISSUE_NAMES[k]} voxels taken below probseg {HIGH_CONFIDENCE} "
+             "(too few above it): its most probable ones", "groups")
 
     empty = np.zeros((0, 1, cfg.patch_size, cfg.patch_size), np.float32)
     patches = np.concatenate(col.patches) if col.patches else empty
@@ -327,7 +335,7 @@ def _fit(ctx, st: _State):
     from bidsapp.training.mrainet import TrainSettings, featurize, fit_linear_classifier, train_mrainet
 
     opts = st.opts
-    cfg = MRAINetConfig(pool=2, n_domains=len(st.dom))     # the reference design: each group's id is an input
+    cfg = MRAINetConfig(pool=2, n_domains=len(st.dom) if opts.mrainet_scanner_id else 0)
     device = str(resolve_device(opts.device))
     init = _initial_model(opts.mrainet_init, cfg, st.warn)
     settings = TrainSettings(steps=int(opts.mrainet_steps), batch_size=int(opts.mrainet_batch_size),
@@ -440,8 +448,10 @@ def _sample_session(sf: SessionFiles, manual_file: Path | None, is_source: bool,
         allowed = mask.copy()
         if len(sf.probseg) == 3:
             conf = np.zeros(mask.shape, bool)
+            prob = {}
             for k, name in TISSUE_NAMES.items():
-                conf |= (dseg == k) & (_load(sf.probseg[name], like=ref) > HIGH_CONFIDENCE)
+                prob[k] = _load(sf.probseg[name], like=ref)
+                conf |= (dseg == k) & (prob[k] > HIGH_CONFIDENCE)
             allowed &= conf
         else:
             warn(f"{sf.prefix}: no label-CSF/GM/WM probseg; target labels come from the dseg without a confidence check")
@@ -451,6 +461,8 @@ def _sample_session(sf: SessionFiles, manual_file: Path | None, is_source: bool,
     if labels is not None:
         n = per_src if is_source else max(1, math.ceil(n_target / n_in_group))
         picked = sample_centres(labels, n, classes=tuple(TISSUE_NAMES), rng=rng, allowed=allowed)
+        if not is_source and manual is None and dseg is not None and len(sf.probseg) == 3:
+            _fill_below_confidence(picked, n, dseg, mask & ~allowed, prob, domain, col)
         lab = [(extract_patches(img, c, cfg.patch_size, cfg.spatial_dims, AXIS), np.full(len(c), k, np.int64),
                 np.full(len(c), domain, np.int64)) for k, c in picked.items() if len(c)]
     # append only once the whole session was read: a damaged file adds nothing
@@ -461,6 +473,25 @@ def _sample_session(sf: SessionFiles, manual_file: Path | None, is_source: bool,
         col.patches.append(x)
         col.tissues.append(t)
         col.domains.append(d)
+
+
+def _fill_below_confidence(picked: dict, n: int, dseg, candidates, prob: dict, domain: int, col: _Collected):
+    """A target tissue with fewer than ``n`` voxels above :data:`HIGH_CONFIDENCE` (a low-contrast scanner's
+    GM, say) is topped up with its most probable other voxels above :data:`LABEL_FLOOR`: with the scanner id
+    as an input, a group
+    without labels of one tissue would have that tissue's features placed by the other tissues alone."""
+    for k in picked:
+        short = n - len(picked[k])
+        if short <= 0:
+            continue
+        cand = np.flatnonzero((dseg == k) & candidates & (prob[k] > LABEL_FLOOR))
+        if not len(cand):
+            continue
+        top = cand[np.argsort(-prob[k].reshape(-1)[cand], kind="stable")[:short]]
+        extra = np.stack(np.unravel_index(np.sort(top), dseg.shape), axis=1).astype(np.int64)
+        picked[k] = np.concatenate([picked[k], extra])
+        key = (domain, k)
+        col.below_confidence[key] = col.below_confidence.get(key, 0) + len(extra)
 
 
 def _initial_model(choice, cfg, warn):
