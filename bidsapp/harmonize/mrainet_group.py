@@ -478,8 +478,8 @@ def _sample_session(sf: SessionFiles, manual_file: Path | None, is_source: bool,
 def _fill_below_confidence(picked: dict, n: int, dseg, candidates, prob: dict, domain: int, col: _Collected):
     """A target tissue with fewer than ``n`` voxels above :data:`HIGH_CONFIDENCE` (a low-contrast scanner's
     GM, say) is topped up with its most probable other voxels above :data:`LABEL_FLOOR`: with the scanner id
-    as an input, a group
-    without labels of one tissue would have that tissue's features placed by the other tissues alone."""
+    as an input, a group without labels of one tissue would have that tissue's features placed by the other
+    tissues alone."""
     for k in picked:
         short = n - len(picked[k])
         if short <= 0:

@@ -1,14 +1,14 @@
 """Training MRAI-NET and its baselines, and the ``scanbridge-train mrainet`` command.
 
-Library part (used by the group level and the benchmark):
-  ``train_mrainet``  Siamese training on the six pair types (RMSprop, contrastive loss, L1 distance).
+Library part (used by the group level and :mod:`bidsapp.training.mrainet_experiment`):
+  ``train_mrainet``  Siamese training on labelled patch pairs (RMSprop, contrastive loss, L1 distance).
   ``train_patch_cnn`` the SOURCE/TARGET baselines: one MRAI-NET branch with a class output, cross-entropy.
   ``fit_linear_classifier`` the linear tissue classifier on MRAI-NET features.
 Both loops run on :func:`bidsapp.training.engine.fit` (in memory, at a constant learning rate).
 Command part: ``scanbridge-train mrainet`` simulates the paper's two scanners with the physics engine
-(:mod:`bidsapp.training.mrainet_data`), trains
-the default network and writes weights plus a model card (the weights are an initialisation; the group level
-trains on the user's own scanners).
+(:mod:`bidsapp.training.mrainet_data`), trains the reference design (:data:`SHIPPED_DESIGN`) and writes
+weights plus a model card (the weights are an initialisation; the group level trains on the user's own
+scanners).
 """
 
 from __future__ import annotations
@@ -44,15 +44,12 @@ class TrainSettings:
     lr: float = 1e-3            # Keras' RMSprop default, as in the reference implementation
     margin: float = 1.0
     reduction: str = "mean"
-    """How the batch's contrastive losses combine: "mean" or the paper's "sum" (under RMSprop the two train
-    the same network up to its epsilon: tested)."""
+    """How the batch's contrastive losses combine: "mean" or the paper's "sum" (under RMSprop a step is the
+    same either way, up to its epsilon: tested)."""
     weight_decay: float = 0.0
     pair_weights: str | tuple = "reference"
     """:class:`~bidsapp.models.pairs.PairSampler` weights: "reference", "balanced", "combinatorial" or six
     numbers."""
-    schedule: str = "constant"
-    """Learning rate over the steps: "constant" (the reference code's RMSprop) or "cosine" (down to 2 %: the
-    last steps settle the features instead of leaving them where the last large step put them)."""
     rmsprop_alpha: float = 0.9
     """RMSprop's smoothing constant: Keras' (the reference code's library) 0.9; PyTorch's default is 0.99."""
     seed: int = 0
@@ -151,7 +148,8 @@ def train_patch_cnn(patches: np.ndarray, labels: np.ndarray, config: MRAINetConf
 
     ``labels`` are tissue ids as everywhere else (any integers; the classes are ``np.unique(labels)``, kept
     as ``model.classes`` so that :func:`predict_cnn` answers in the same ids). ``balance`` (P,) optional group
-    ids whose total sampling weight is made equal (None: every patch equally likely). Two ways to train:
+    ids whose total sampling weight is made equal (None: every patch equally likely; steps mode only). Two
+    ways to train:
     ``settings.steps`` batches drawn with replacement, or, with ``epochs``, the reference code's Keras
     ``fit``: ``epochs`` passes over a shuffled training set in batches of at most ``settings.batch_size``,
     after ``holdout`` (Keras' ``validation_split``) of the patches are set aside and never trained on.
@@ -210,14 +208,12 @@ def train_patch_cnn(patches: np.ndarray, labels: np.ndarray, config: MRAINetConf
 
 def _fit(s: TrainSettings, model, opt, step) -> dict:
     """The shared training loop (:func:`bidsapp.training.engine.fit`), in memory: these networks train in
-    seconds inside a group-level run, with ``s.threads`` CPU threads."""
-    from bidsapp.training.engine import constant_schedule, cosine_schedule, fit
+    seconds inside a group-level run, at a constant learning rate (as the reference code's RMSprop), with
+    ``s.threads`` CPU threads."""
+    from bidsapp.training.engine import constant_schedule, fit
 
-    if s.schedule not in ("constant", "cosine"):
-        raise ValueError(f"unknown schedule {s.schedule!r}: constant or cosine")
-    sched = constant_schedule(opt) if s.schedule == "constant" else cosine_schedule(opt, s.iterations)
     with _Threads(s.threads):
-        return fit(s, model, opt, step, out=None, sched=sched, progress=log.debug)
+        return fit(s, model, opt, step, out=None, sched=constant_schedule(opt), progress=log.debug)
 
 
 @torch.no_grad()
