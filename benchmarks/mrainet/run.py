@@ -147,6 +147,9 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=5000, help="MRAI-NET training steps (batch 128 pairs)")
     ap.add_argument("--paper-text-network", action="store_true",
                     help="MRAI-NET without the reference code's pooling and scanner id (the paper's text)")
+    ap.add_argument("--cnn-steps", type=int, default=0,
+                    help="train SOURCE/TARGET this many batches of 128 drawn with replacement instead of the "
+                         "reference code's 32 epochs (a check that the baselines are not just undertrained)")
     ap.add_argument("--test-subjects", type=int, default=7)
     ap.add_argument("--quick", action="store_true", help="ns 10,100, 1 seed, 600 steps: a smoke run")
     ap.add_argument("--tag", default="", help="suffix of the result files (keeps several runs side by side)")
@@ -158,6 +161,8 @@ def main(argv=None):
     seeds = [0] if a.quick else list(range(a.seeds))
     net = MRAINetConfig() if a.paper_text_network else MRAINetConfig(pool=2, n_domains=2)
     settings = ExperimentSettings(network=net, train=TrainSettings(steps=600 if a.quick else a.steps))
+    if a.cnn_steps:
+        settings = replace(settings, cnn_epochs=None, cnn_steps=a.cnn_steps)
     results = {}
     t_all = time.perf_counter()
     for e in a.experiments.split(","):
@@ -173,8 +178,9 @@ def main(argv=None):
                              "target_test": [s.name for s in data.target_test]})
         results[e] = res
     total = time.perf_counter() - t_all
+    cnn = f"{settings.cnn_steps} steps" if settings.cnn_epochs is None else f"{settings.cnn_epochs} epochs"
     print(f"\nmean (sd) over {len(seeds)} seed(s); MRAI-NET {'paper text' if a.paper_text_network else 'reference design'}, "
-          f"{settings.train.steps} steps")
+          f"{settings.train.steps} steps; SOURCE/TARGET {cnn}")
     print("| experiment | target patches/tissue | PAD before | PAD after | MRAI-NET | SOURCE | TARGET | paper (MRAI-NET/SOURCE/TARGET) |")
     print("|---|---|---|---|---|---|---|---|")
     for e, res in results.items():
