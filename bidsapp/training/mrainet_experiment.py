@@ -190,7 +190,7 @@ def run_experiment(data: ExperimentData, ns=(1, 5, 10, 50, 100, 1000), seeds=(0,
     else:
         for n, seed in todo:
             done(one_run(d, n, seed, s))
-    return {"pad_before": before, "runs": runs, "table": summarise(runs), "settings": _jsonable(asdict(s)),
+    return {"pad_before": before, "runs": runs, "table": summarise(runs), "settings": asdict(s),
             "patches": {"source": int(len(d["src_y"])), "test": int(len(d["test_y"])),
                         "pad": [int(len(d["pad_src"])), int(len(d["pad_tgt"]))]}}
 
@@ -222,11 +222,3 @@ def summarise(runs: list[dict]) -> list[dict]:
             row[k + "_range"] = [float(v.min()), float(v.max())]
         rows.append(row)
     return rows
-
-
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    return x
