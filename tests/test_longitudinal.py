@@ -294,3 +294,60 @@ def test_group_step_gathers_every_subjects_change(tmp_path):
     empty.mkdir()
     ctx.output_dir = empty
     assert group.run(ctx) == [] and not (empty / group.TSV_NAME).exists()
+
+
+def _tiny_siamese(weights_dir, size=32):
+    """A tiny untrained 3D-SiameseNet saved with a card as ``scanbridge-train longitudinal`` writes one."""
+    import torch
+
+    from bidsapp.models import registry
+    from bidsapp.models import siamese as SN
+
+    arch = {"class": SN.ARCHITECTURE["class"],
+            "kwargs": dict(SN.ARCHITECTURE["kwargs"], filters=[2, 2, 2], dense=[4, 4], input_size=size)}
+    torch.manual_seed(0)
+    net = SN.build_network(arch)
+    card = {"version": "test", "architecture": arch, "classes": list(SN.CLASSES), "input_mode": "fraction",
+            "resolution_mm": 3.0,
+            "training": {"command": "test"}, "metrics": {}}
+    registry.save_model(SN.MODEL_NAME, net.state_dict(), card, weights_dir)
+
+
+def test_decline_inputs_follow_the_anatomy_whatever_the_voxel_order(tmp_path):
+    from bidsapp.longitudinal import decline as D
+
+    _tiny_siamese(tmp_path)
+    from bidsapp.models import siamese as SN
+
+    _, card = SN.load_model(weights_dir=tmp_path)
+    fa, fb = _phantom(), _phantom(0.6, 1.0)
+    ia, ib = _image(fa, seed=1), _image(fb, mu={"CSF": 0.1, "GM": 1.1, "WM": 1.45, "outside": 0.05}, seed=2)
+    ma, mb = (fa["icv"] > 0.5).astype(np.float32), (fb["icv"] > 0.5).astype(np.float32)
+    ras = D.pair_inputs(ia, ma, ib, mb, np.eye(4), card)
+    flip = np.diag([-1.0, 1.0, -1.0, 1.0])  # the same arrays stored with the first and last axes reversed
+    flip[:3, 3] = (np.asarray(SHAPE) - 1) * [1, 0, 1]
+    lpi = D.pair_inputs(*(x[::-1, :, ::-1] for x in (ia, ma, ib, mb)), flip, card)
+    for x, y in zip(ras, lpi):
+        assert x.shape == (32, 32, 32) and np.allclose(x, y, atol=1e-5)
+    for x in ras:  # tissue fractions (S.tissue_fractions, tested in test_siamese.py)
+        assert x.min() >= 0 and x.max() <= 1 and x.mean() > 0.05
+
+
+def test_subject_change_gives_a_decline_probability_per_consecutive_pair(three_sessions, tmp_path, monkeypatch):
+    from bidsapp.longitudinal import decline as D
+    from bidsapp.models import registry
+
+    assert not D.available(tmp_path)
+    _tiny_siamese(tmp_path / "weights")
+    from bidsapp.models import siamese as SN
+
+    monkeypatch.setattr(registry, "WEIGHTS_DIR", tmp_path / "weights")
+    monkeypatch.setattr(SN, "_CACHE", {})  # nothing of this test's model outlives it
+    assert D.available()
+    res = S.subject_change(three_sessions["sessions"], work_dir=tmp_path / "w", decline=True)
+    d = res.decline
+    assert list(d.columns) == list(D.COLUMNS)
+    assert list(zip(d.ses_from, d.ses_to)) == [("1", "2"), ("2", "3")]
+    assert list(d.acquisition_changed) == ["false", "true"] and list(d.interval_days) == [365, 365]
+    assert d.probability_decline.between(0, 1).all()
+    assert list(d.call) == ["decline" if p >= D.THRESHOLD else "stable" for p in d.probability_decline]

@@ -69,6 +69,30 @@ def test_preprocess_strips_resamples_crops_and_scales():
     assert np.allclose(shifted[:-2], out[2:], atol=1e-6)
 
 
+def _ball_brain(ventricle_vox, tissue, csf, size=32, radius=12, seed=0):
+    """A ball of tissue with a CSF ventricle at its centre, on a 3 mm grid, noisy: (image, tissue voxels)."""
+    rng = np.random.default_rng(seed)
+    g = np.indices((size,) * 3).astype(float) - (size - 1) / 2
+    r = np.sqrt((g ** 2).sum(0))
+    frac = np.clip(r - ventricle_vox + 0.5, 0, 1) * (r <= radius)  # partial volume at the ventricle wall
+    img = np.where(r <= radius, csf + (tissue - csf) * frac + rng.normal(0, 0.02 * tissue, r.shape), 0.0)
+    return np.maximum(img, 1e-3 * (r <= radius)).astype(np.float32), float(frac.sum())
+
+
+def test_tissue_fractions_put_two_scanners_on_one_scale_and_keep_the_change():
+    a, truth_a = _ball_brain(4.0, tissue=400.0, csf=100.0)
+    b, _ = _ball_brain(4.0, tissue=900.0, csf=350.0, seed=1)  # same brain, another scanner's contrast
+    fa, fb = S.tissue_fractions(a, b)
+    assert fa.min() >= 0 and fa.max() <= 1 and not fa[a == 0].any()
+    assert abs(fb.sum() / fa.sum() - 1) < 0.01  # the intensities' sums differ by 2.3x
+    assert abs(fa.sum() / truth_a - 1) < 0.02
+    c, truth_c = _ball_brain(5.0, tissue=900.0, csf=350.0, seed=2)  # the ventricle grew
+    fa, fc = S.tissue_fractions(a, c)
+    assert (fc.sum() - fa.sum()) / (truth_c - truth_a) == pytest.approx(1.0, abs=0.1)
+    with pytest.raises(ValueError, match="unknown network input"):
+        L.network_inputs({}, "pixels", 3.0)
+
+
 def test_brain_centre_keeps_the_cortex_when_a_tail_is_longer_than_the_crop():
     mask = _sphere((40, 40, 80), (20, 20, 55), 10)
     mask[19:21, 19:21, :40] = True  # a thin canal down to the edge
@@ -157,7 +181,8 @@ def test_training_checkpoints_and_resumes_exactly(tmp_path):
 
     def cfg(out):
         return L.TrainConfig(out=str(tmp_path / out), anatomy_dir="icbm152", pairs=12, iterations=3, batch=4, size=16,
-                             filters="4,4,4", dense="8,8", val_every=3, eval_every=2, threads=1, checkpoint_every=1)
+                             filters="4,4,4", dense="8,8", val_every=3, eval_every=2, threads=1, checkpoint_every=1,
+                             inputs="intensity")
 
     first = L.train(cfg("a"), progress=lambda m: None, stop_after=2, pool=pool)
     assert not first["finished"] and len(first["loss"]) == 2 and (tmp_path / "a" / "checkpoint.pt").is_file()

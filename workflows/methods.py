@@ -106,7 +106,8 @@ def init_subject_method_wf(key: str, session_ids, *, output_dir, bids_dir, optio
     ``sub-<label>_ses-<s>_from-<contrast>_to-subject_mode-image_xfm.txt`` and the inverse; with lesion
     masks on two or more sessions (``lesion_sessions``: their indices), ``lesion_tsv`` as
     ``sub-<label>_desc-lesionchange_stats.tsv`` and each later lesion session's ``newlesion_masks`` entry
-    as ``sub-<label>_ses-<s>_desc-newlesion_mask.nii.gz``.
+    as ``sub-<label>_ses-<s>_desc-newlesion_mask.nii.gz``; on T1w, ``decline_tsv`` as
+    ``sub-<label>_desc-decline_stats.tsv`` when the 3D-SiameseNet's weights are there.
     """
     m = M.get(key)
     if len(session_ids) < m.min_sessions:
@@ -158,6 +159,17 @@ def init_subject_method_wf(key: str, session_ids, *, output_dir, bids_dir, optio
                                                    "session with a lesion mask (mid-space, brought back here)"})
             wf.connect([(node, pick, [("newlesion_masks", "inlist")]), (inputnode, src_pick, [("source_files", "inlist")]),
                         (pick, ds_new, [("out", "in_file")]), (src_pick, ds_new, [("out", "source_file")])])
+    if "decline_tsv" in outputs and contrast == "T1w":
+        from bidsapp.longitudinal.decline import COLUMN_DESCRIPTIONS, available
+
+        if available():
+            ds_dec = sink(f"ds_{m.ident}_decline", output_dir, bids_dir, subject_level=True, suffix="stats",
+                          desc="decline", extension=".tsv", metadata={
+                              "Description": "stable or accelerated atrophy (decline) of every consecutive session "
+                                             "pair, from the two T1w in the subject's mid-space (3D-SiameseNet, "
+                                             "bidsapp.longitudinal.decline)", **COLUMN_DESCRIPTIONS})
+            wf.connect([(first, ds_dec, [("out", "source_file")]), (inputnode, ds_dec, [("source_files", "sources")]),
+                        (node, ds_dec, [("decline_tsv", "in_file")])])
     contrasts = list(contrasts or [contrast] * len(session_ids))
     for out in ("to_subject_xfms", "from_subject_xfms"):
         if out not in outputs:

@@ -31,32 +31,19 @@ sys.path.insert(0, str(ROOT))
 FEATURES = ("brain", "CSF", "ventricles")
 
 
-def _inverted(protocol: str) -> bool:
-    from bidsapp.bids.acquisition import AcquisitionRecord
-    from bidsapp.models.tissue import parameter_vector
-    from bidsapp.physics.protocols import get_protocol
-
-    record = AcquisitionRecord.from_metadata(get_protocol(protocol).sidecar(), suffix="T1w").to_dict()
-    return bool(parameter_vector(record).csf_inverted)
-
-
 def measured_changes(pool: dict, grid_mm: float) -> np.ndarray:
     """Percent change of :data:`FEATURES` for every pair, read as the subject level reads it."""
     from bidsapp.longitudinal import change as C
+    from bidsapp.training.longitudinal import protocol_csf_inverted
 
-    inverted = {}
     out = np.zeros((len(pool["label"]), len(FEATURES)), np.float64)
     for k in range(len(out)):
         a, b = pool["a"][k].astype(np.float32), pool["b"][k].astype(np.float32)
         first, second = str(pool["protocols"][k]).split(">")
-        for p in (first, second):
-            if p not in inverted:
-                inverted[p] = _inverted(p)
-        masks = [(a > 0).astype(np.float32), (b > 0).astype(np.float32)]
-        common = C.common_space(masks, None, spacing=(grid_mm,) * 3, template=0.5 * (a + b))
+        common = C.pair_common(a, b, (grid_mm,) * 3)
         na, nb = C.normalise(a, common), C.normalise(b, common)
         res = C.pair_volumes(na, nb, common, changed=first != second,
-                             csf_inverted=(inverted[first], inverted[second]))
+                             csf_inverted=(protocol_csf_inverted(first), protocol_csf_inverted(second)))
         out[k] = [C.percent(res.volume_from[m], res.volume_to[m]) for m in FEATURES]
     return out
 
@@ -146,9 +133,11 @@ def main(argv=None) -> int:
     probs = None
     if args.weights:
         from bidsapp.models.siamese import load_model, predict_proba
+        from bidsapp.training.longitudinal import network_inputs
 
-        net, _ = load_model(weights_dir=args.weights)
-        probs = predict_proba(net, pool["a"], pool["b"])
+        net, card = load_model(weights_dir=args.weights)
+        seen = network_inputs(pool, card.get("input_mode", "intensity"), grid_mm)
+        probs = predict_proba(net, seen["a"], seen["b"])
     rows = table(pool, features, args.runs, args.seed, probs)
     print(f"{len(pool['label'])} pairs ({int(np.sum(pool['change']))} with a scanner change), "
           f"{args.runs} random sub-samplings by anatomy block; mean (sd)")

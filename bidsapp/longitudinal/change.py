@@ -150,6 +150,21 @@ def common_space(masks, tissues=None, spacing=(1.0, 1.0, 1.0), template: np.ndar
                   voxel_mm3=float(np.prod(spacing)))
 
 
+def pair_common(a: np.ndarray, b: np.ndarray, spacing=(1.0, 1.0, 1.0)) -> Common:
+    """The :class:`Common` of two skull-stripped images alone (zero outside each brain), without tissue
+    maps: what a pair is read with when nothing but the two images is known (the Siamese network's
+    input, the decline benchmark's volume changes)."""
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    masks = [(a > 0).astype(np.float32), (b > 0).astype(np.float32)]
+    a, b = (x / max(float(np.median(x[x > 0])), 1e-6) if (x > 0).any() else x for x in (a, b))
+    # calibration voxels that are CSF in both images (dark in the brighter of the two) and tissue in both
+    # (bright in the darker): on their mean, voxels that atrophy turned from tissue to CSF would join the
+    # CSF set of the one image and the tissue set of the other (a grown ventricle read at two thirds)
+    common = common_space(masks, None, spacing=spacing, template=np.maximum(a, b))
+    common.sets["tissue"] = common_space(masks, None, spacing=spacing, template=np.minimum(a, b)).sets["tissue"]
+    return common
+
+
 def normalise(image: np.ndarray, common: Common) -> np.ndarray:
     """Intensities divided by their median in the white matter (or the parenchyma without tissue maps):
     removes the receiver's global scale with a reference that atrophy does not change (the median of the

@@ -188,7 +188,6 @@ def _coarse(img):
 
 def build_midspace(images, masks, *, seed: int = 0, work_dir=None) -> MidSpace:
     """The mid-space of sessions ``images`` (ants images, one per session) with brain ``masks``."""
-    import ants
     import tempfile
 
     if len(images) < 2:

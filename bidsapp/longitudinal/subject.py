@@ -76,6 +76,8 @@ class SubjectChange:
     """Lesion by lesion change between consecutive sessions with lesion masks (:mod:`.lesions`); None without."""
     new_lesions: dict = field(default_factory=dict)
     """Session label -> its new lesions (ants image on the session's own grid; empty where none can be new)."""
+    decline: pd.DataFrame | None = None
+    """3D-SiameseNet's decline probability per consecutive pair (:mod:`.decline`); None when not run."""
 
 
 def order_sessions(sessions: list[SessionInput]) -> list[SessionInput]:
@@ -124,8 +126,10 @@ def correction_text(correction: str, a: SessionInput, b: SessionInput) -> str:
     return note if correction == "none" else f"{correction}; {note}"
 
 
-def subject_change(sessions: list[SessionInput], *, seed: int = 0, work_dir=None, progress=None) -> SubjectChange:
-    """Mid-space, template and change table of one subject (see the module docstring)."""
+def subject_change(sessions: list[SessionInput], *, seed: int = 0, work_dir=None, progress=None,
+                   decline: bool = False, device="cpu") -> SubjectChange:
+    """Mid-space, template and change table of one subject (see the module docstring); with ``decline``
+    (T1w sessions and the network's weights), the decline probability of every consecutive pair."""
     import ants
 
     if len(sessions) < 2:
@@ -134,7 +138,8 @@ def subject_change(sessions: list[SessionInput], *, seed: int = 0, work_dir=None
         import tempfile
 
         with tempfile.TemporaryDirectory(prefix="subject_change_") as tmp:
-            return subject_change(sessions, seed=seed, work_dir=tmp, progress=progress)
+            return subject_change(sessions, seed=seed, work_dir=tmp, progress=progress, decline=decline,
+                                  device=device)
     say = progress or (lambda msg: None)
     sessions = order_sessions(sessions)
     work = Path(work_dir)
@@ -177,12 +182,25 @@ def subject_change(sessions: list[SessionInput], *, seed: int = 0, work_dir=None
             rows.append({"measure": measure, "ses_from": a.label, "ses_to": b.label, "interval_days": days,
                          "volume_from_mm3": v0, "volume_to_mm3": v1, "percent_change": pct,
                          "percent_change_per_year": per_year, "percent_change_raw": raw,
-                         "acquisition_changed": "n/a" if changed is None else str(bool(changed)).lower(),
+                         "acquisition_changed": _changed_text(changed),
                          "correction": correction})
         maps[(a.label, b.label)] = res.shift
     table = pd.DataFrame(rows, columns=list(COLUMNS))
     result = SubjectChange(table=table, template=ms.template, to_session=ms.to_session, sessions=sessions,
                            maps=maps, warnings=warnings)
+    if decline:
+        from . import decline as D
+
+        say("decline probability of consecutive pairs (3D-SiameseNet)")
+        consecutive = [(i, i + 1) for i in range(len(sessions) - 1)]
+        got = D.decline_rows(mids, mask_mid, _index_to_ras(ms.grid), consecutive,
+                             csf_inverted=[s.csf_inverted for s in sessions], device=device)
+        result.decline = pd.DataFrame([{
+            "ses_from": sessions[i].label, "ses_to": sessions[j].label,
+            "interval_days": interval_days(sessions[i], sessions[j]),
+            "acquisition_changed": _changed_text(acquisition_changed(sessions[i], sessions[j])),
+            "probability_decline": r["probability_decline"], "call": r["call"]}
+            for r, (i, j) in zip(got, consecutive)], columns=list(D.COLUMNS))
     with_lesions = [i for i, les in enumerate(lesions) if les is not None]
     if len(with_lesions) >= 2:
         from . import lesions as L
@@ -202,6 +220,10 @@ def subject_change(sessions: list[SessionInput], *, seed: int = 0, work_dir=None
             if s.label not in result.new_lesions:
                 result.new_lesions[s.label] = images[i].new_image_like(np.zeros(images[i].shape, np.float32))
     return result
+
+
+def _changed_text(changed) -> str:
+    return "n/a" if changed is None else str(bool(changed)).lower()
 
 
 def _index_to_ras(img) -> np.ndarray:

@@ -901,6 +901,19 @@ def change_section(output_dir: Path, subject: str) -> Section | None:
                     f"and pair (hatched: acquisition changed). Table: {html.escape(table_path.name)}</figcaption>"
                     "</figure>")
     body.append(table_html(shown, float_format="{:.2f}"))
+    decline_path = anat / f"sub-{subject}_desc-decline_stats.tsv"
+    if decline_path.is_file():
+        decline = pd.read_csv(decline_path, sep="\t", na_values=["n/a"], keep_default_na=False,
+                              dtype={"ses_from": str, "ses_to": str, "acquisition_changed": str})
+        body.append(text_html(f"Stable or accelerated atrophy (decline) of each consecutive pair, from the two T1w "
+                              f"in the mid-space (3D-SiameseNet, trained on simulated pairs, half of them across "
+                              f"scanners; it is not told the interval; {html.escape(decline_path.name)}):"))
+        body.append(table_html(decline.rename(columns={"probability_decline": "P(decline)",
+                                                       "interval_days": "days"}), float_format="{:.2f}"))
+        for _, r in decline.iterrows():
+            if r["call"] == "decline" and str(r["acquisition_changed"]) == "true":
+                warns.append(f"{r['ses_from']} \u2192 {r['ses_to']}: called decline (P {r['probability_decline']:.2f}) "
+                             "across an acquisition change: check the change table's corrected figures.")
     lesion_path = anat / f"sub-{subject}_desc-lesionchange_stats.tsv"
     if lesion_path.is_file():
         from bidsapp.longitudinal.lesions import counts

@@ -41,6 +41,7 @@ and in the model card.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -245,6 +246,36 @@ def build_pool(cfg, progress=print) -> dict:
     return pool
 
 
+@functools.lru_cache(maxsize=None)
+def protocol_csf_inverted(name: str) -> bool:
+    """Whether protocol ``name`` of :mod:`bidsapp.physics.protocols` puts CSF's signal opposite to the
+    tissues', as the app reads it from the protocol's sidecar."""
+    from bidsapp.bids.acquisition import AcquisitionRecord
+    from bidsapp.models.tissue import parameter_vector
+    from bidsapp.physics.protocols import get_protocol
+
+    record = AcquisitionRecord.from_metadata(get_protocol(name).sidecar(), suffix="T1w").to_dict()
+    return bool(parameter_vector(record).csf_inverted)
+
+
+def network_inputs(pool: dict, inputs: str, grid_mm: float) -> dict:
+    """``pool`` with ``a`` and ``b`` as the network reads them (``inputs``: see
+    :data:`bidsapp.models.siamese.INPUTS`); the CSF inversion of each image from its protocol."""
+    from bidsapp.models.siamese import INPUTS, tissue_fractions
+
+    if inputs not in INPUTS:
+        raise ValueError(f"unknown network input {inputs!r} (one of {', '.join(INPUTS)})")
+    if inputs == "intensity":
+        return pool
+    a, b = np.empty(pool["a"].shape, np.float16), np.empty(pool["b"].shape, np.float16)
+    for k in range(len(a)):
+        first, second = str(pool["protocols"][k]).split(">")
+        fa, fb = tissue_fractions(pool["a"][k].astype(np.float32), pool["b"][k].astype(np.float32),
+                                  (protocol_csf_inverted(first), protocol_csf_inverted(second)), grid_mm)
+        a[k], b[k] = fa, fb
+    return dict(pool, a=a, b=b)
+
+
 # ------------------------------------------------------------------------------------------ training
 class PairSampler:
     """Batches of training pairs, shuffled every epoch, augmented per pair (see the module docstring)."""
@@ -344,6 +375,9 @@ class TrainConfig:
     voxel_mm: float = field(default=2.0, metadata={"help": "simulation grid (mm)"})
     grid_mm: float = field(default=3.0, metadata={"help": "network grid (mm)"})
     size: int = field(default=64, metadata={"help": "network input edge (voxels)"})
+    inputs: str = field(default="fraction", metadata={
+        "choices": ("fraction", "intensity"),
+        "help": "what the branches read: tissue fractions (bidsapp.models.siamese.tissue_fractions) or intensities"})
     filters: str = field(default="8,16,32", metadata={"help": "filters of the three elementary blocks"})
     dense: str = field(default="64,32", metadata={"help": "units of the two hidden dense layers"})
     flip: bool = field(default=True, metadata={"help": "random left/right flip of each pair"})
@@ -391,6 +425,7 @@ def train(cfg: TrainConfig, progress=print, stop_after: int | None = None, pool:
     torch.set_num_threads(int(cfg.threads))
     device = resolve_device(cfg.device)
     pool = pool if pool is not None else build_pool(cfg, progress)
+    pool = network_inputs(pool, cfg.inputs, cfg.grid_mm)
     torch.manual_seed(cfg.seed)
     val_idx = np.flatnonzero(pool["validation"])
     train_idx = np.flatnonzero(~pool["validation"])
@@ -447,7 +482,11 @@ def save(net, cfg: TrainConfig, history: dict, weights_dir=None) -> dict:
         "design": DESIGN,
         "input": (f"two skull-stripped T1w volumes in RAS order, the follow-up registered to the baseline, "
                   f"resampled to {cfg.grid_mm:g} mm, cropped to {cfg.size}^3 around the baseline's brain, divided "
-                  "by the 99.5th percentile in the brain (bidsapp.models.siamese.preprocess)"),
+                  "by the 99.5th percentile in the brain (bidsapp.models.siamese.preprocess)"
+                  + ("; then read as tissue fractions, each with its own CSF and tissue intensities "
+                     "(bidsapp.models.siamese.tissue_fractions)" if cfg.inputs == "fraction" else "")),
+        "input_mode": cfg.inputs,
+        "resolution_mm": cfg.grid_mm,
         "output": "softmax probabilities of stable, decline",
         "training": {
             "command": command_line(cfg),

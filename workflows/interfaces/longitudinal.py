@@ -6,7 +6,8 @@ grid; ``mask_files``; ``probseg_files``: the session's main tissue answer in lab
 ``lesion_files``: the main lesion mask or ""; ``acquisitions``: protocol keys; ``acquisition_records``:
 the records as dicts, from which the sequence parameters tell whether CSF is inverted; ``acq_times``). Outputs:
 the change table, the mid-space template, each session's transforms to and from the mid-space, a
-report figure, ``metadata`` and ``warnings``.
+report figure, the decline probability of every consecutive pair (T1w, when the 3D-SiameseNet's weights
+are there), ``metadata`` and ``warnings``.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class _ChangeOutputSpec(TraitedSpec):
     from_subject_xfms = traits.List(File(exists=True), desc="per session: mid-space -> session (ITK affine)")
     figure = File(desc="report figure (SVG)")
     lesion_tsv = File(desc="lesion-by-lesion change between consecutive sessions with lesion masks")
+    decline_tsv = File(desc="3D-SiameseNet's decline probability per consecutive pair (T1w, weights shipped)")
     newlesion_masks = traits.List(File(exists=True), desc="per session: its new lesions on its own grid (empty "
                                                           "for a session without lesions or the first one)")
     metadata = traits.Dict()
@@ -87,7 +89,10 @@ class LongitudinalChange(SimpleInterface):
                         ins.session_ids, ins.in_files, ins.mask_files, tissue, per_session(ins.lesion_files, ""),
                         per_session(ins.acquisitions, ""), per_session(ins.acq_times, ""),
                         per_session(ins.acquisition_records, {}))]
-        result = S.subject_change(sessions, seed=ins.seed, work_dir=cwd / "midspace")
+        from bidsapp.longitudinal import decline as D
+
+        result = S.subject_change(sessions, seed=ins.seed, work_dir=cwd / "midspace",
+                                  decline=ins.contrast == "T1w" and D.available())
         out_tsv = cwd / "change.tsv"
         S.format_table(result.table).to_csv(out_tsv, sep="\t", index=False, na_rep="n/a")
         template = cwd / "template.nii.gz"
@@ -112,6 +117,11 @@ class LongitudinalChange(SimpleInterface):
                 ants.image_write(result.new_lesions[s.label], str(path))
                 masks.append(str(path))
             self._results["newlesion_masks"] = masks
+        if result.decline is not None:
+            decline_tsv = cwd / "decline.tsv"
+            result.decline.round({"probability_decline": 4, "interval_days": 1}).to_csv(
+                decline_tsv, sep="\t", index=False, na_rep="n/a")
+            self._results["decline_tsv"] = str(decline_tsv)
         figure = cwd / "change.svg"
         from bidsapp.reports.longitudinal import change_figure
 

@@ -1,0 +1,71 @@
+"""Decline probability of consecutive session pairs: the 3D-SiameseNet (:mod:`bidsapp.models.siamese`).
+
+Each pair is read where the change table reads it: both sessions resampled once into the subject's
+mid-space (no session is the reference), each skull-stripped with its own brain mask, put in RAS voxel
+order, cropped around the earlier session's brain and prepared as the network was trained (the card's
+``input_mode``: tissue fractions, each session with its own CSF and tissue intensities). The network is
+not told the interval, so a probability is a statement about the pair, not a rate.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+COLUMNS = ("ses_from", "ses_to", "interval_days", "acquisition_changed", "probability_decline", "call")
+THRESHOLD = 0.5
+"""Probability of decline at or above which a pair is called ``decline``."""
+COLUMN_DESCRIPTIONS = {
+    "probability_decline": {"Description": "3D-SiameseNet's softmax probability that the pair shows accelerated "
+                                           "atrophy (decline) rather than the slow loss of a stable brain"},
+    "call": {"Description": f"decline when probability_decline >= {THRESHOLD}, else stable",
+             "Levels": {"stable": "no accelerated atrophy", "decline": "accelerated atrophy"}},
+}
+
+
+def available(weights_dir=None) -> bool:
+    """Whether the network's weights are there (the subject level skips this step without them)."""
+    from bidsapp.models import registry
+    from bidsapp.models.siamese import MODEL_NAME
+
+    return MODEL_NAME in registry.available(weights_dir=weights_dir)
+
+
+def ras(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``array`` in RAS voxel order (axes permuted and flipped only) and its voxel size there."""
+    import nibabel as nib
+
+    ornt = nib.orientations.io_orientation(affine)
+    out = nib.orientations.apply_orientation(np.asarray(array), ornt)
+    zooms = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(0))[ornt[:, 0].astype(int)]
+    return np.ascontiguousarray(out), zooms
+
+
+def pair_inputs(image_a, mask_a, image_b, mask_b, affine, card: dict, csf_inverted=(False, False)):
+    """The network's two inputs (size^3 each) for one pair of mid-space images and masks (same grid)."""
+    from bidsapp.models import siamese as S
+
+    kw = card["architecture"]["kwargs"]
+    size, grid = int(kw.get("input_size", S.INPUT_SIZE)), float(card.get("resolution_mm", S.GRID_MM))
+    (ia, spacing), (ma, _), (ib, _), (mb, _) = (ras(x, affine) for x in (image_a, mask_a, image_b, mask_b))
+    ma, mb = ma > 0.5, mb > 0.5
+    centre = S.brain_centre(ma, spacing, size, grid)
+    a = S.preprocess(ia, ma, spacing, size, grid, centre=centre)
+    b = S.preprocess(ib, mb, spacing, size, grid, centre=centre)
+    if card.get("input_mode", "intensity") == "fraction":
+        a, b = S.tissue_fractions(a, b, csf_inverted, grid)
+    return a, b
+
+
+def decline_rows(images, masks, affine, pairs, *, csf_inverted, weights_dir=None, device="cpu") -> list[dict]:
+    """``[{"index": (i, j), "probability_decline": p, "call": ...}]`` for every pair ``(i, j)`` of sessions
+    (mid-space ``images`` and ``masks`` on one grid, ``affine`` its voxel -> RAS mm)."""
+    from bidsapp.models.siamese import load_model, predict_proba
+
+    net, card = load_model(device, weights_dir)
+    rows = []
+    for i, j in pairs:
+        a, b = pair_inputs(images[i], masks[i], images[j], masks[j], affine, card,
+                           (csf_inverted[i], csf_inverted[j]))
+        p = float(predict_proba(net, a[None], b[None], device=device)[0, 1])
+        rows.append({"index": (i, j), "probability_decline": p, "call": "decline" if p >= THRESHOLD else "stable"})
+    return rows
