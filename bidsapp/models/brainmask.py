@@ -16,6 +16,7 @@ Inference (:func:`extract`), in the order the steps run:
 
 :func:`sanity_check` applies the app's plausibility rule (volume 800-2200 ml, a single large
 component); the participant workflow falls back to template-based extraction when it fails and says so.
+:func:`contrast_problem` tells a scan that is no head at all (a uniform phantom): that session stops.
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ PAD_MULTIPLE = 16
 VOLUME_RANGE_ML = (800.0, 2200.0)
 SECOND_COMPONENT_ML = 25.0
 """A second connected component larger than this (ml at 0.5) means the mask is not one brain."""
+UNIFORM_SPAN = 1.2
+"""A brain shows tissue contrast in every MR weighting: inside its mask the 95th percentile of the
+intensities is at least 1.5 times the 5th (a simulated 1.5 T PD-weighted head, the flattest weighting;
+real clinical T1w, T2w and FLAIR: 2.0-6.2). A water phantom, which the network may call brain: 1.06."""
 
 
 ARCHITECTURE = {"class": "monai.networks.nets.UNet",
@@ -130,6 +135,20 @@ def sanity_check(volume_ml: float, component_ml) -> str | None:
     if len(component_ml) > 1 and component_ml[1] > SECOND_COMPONENT_ML:
         return (f"brain mask has {sum(c > SECOND_COMPONENT_ML for c in component_ml)} large components "
                 f"(second: {component_ml[1]:.0f} ml)")
+    return None
+
+
+def contrast_problem(image: np.ndarray, mask: np.ndarray, voxel_ml: float) -> str | None:
+    """Why the masked part of ``image`` cannot be a brain (None when it can): no tissue contrast
+    (:data:`UNIFORM_SPAN`), as in a quality-control phantom; one mask volume or another cannot tell."""
+    values = np.asarray(image, np.float32)[np.asarray(mask, bool)]
+    values = values[np.isfinite(values)]
+    if values.size < 100:
+        return None
+    p5, p95 = np.percentile(values, [5, 95])
+    if p5 > 0 and p95 / p5 < UNIFORM_SPAN:
+        return (f"the {values.size * voxel_ml:.0f} ml called brain has no tissue contrast (95th/5th percentile "
+                f"of its intensities {p95 / p5:.2f}; a brain's is at least 1.5)")
     return None
 
 

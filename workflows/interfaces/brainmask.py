@@ -61,6 +61,10 @@ def brain_extraction(in_file, template_t1w, template_mask, out_mask, out_xfm, *,
         ref = nib.load(str(in_file))
         res = bm.extract(ref, device=device)
         problem = res.problem
+        not_brain = bm.contrast_problem(np.asarray(ref.dataobj, np.float32).reshape(ref.shape[:3]), res.mask,
+                                        float(np.prod(ref.header.get_zooms()[:3])) / 1000.0)
+        if not_brain is not None:
+            raise ValueError(f"{name}: no brain found ({not_brain}); is this a head image?")
         meta.update(Method="learned: contrast-agnostic U-Net (brainmask_unet) on the whole image at 2 mm, "
                            "probability >= 0.5 at native resolution, holes filled, largest component",
                     Model=res.model, MaskVolumeML=round(res.volume_ml, 1))
@@ -76,6 +80,12 @@ def brain_extraction(in_file, template_t1w, template_mask, out_mask, out_xfm, *,
         raise ValueError(f"{name}: no brain found ({problem}; template-based extraction: "
                          f"{str(exc).split(': ', 1)[-1]}); is this a head image?") from None
     volume_ml = diag["mask_volume_mm3"] / 1000.0
+    img, got = nib.load(str(in_file)), nib.load(str(out_mask))
+    not_brain = bm.contrast_problem(np.asarray(img.dataobj, np.float32).reshape(img.shape[:3]),
+                                    np.asarray(got.dataobj) > 0, float(np.prod(img.header.get_zooms()[:3])) / 1000.0)
+    if not_brain is not None:
+        Path(out_mask).unlink(missing_ok=True)
+        raise ValueError(f"{name}: no brain found (template-based mask: {not_brain}); is this a head image?")
     if problem is not None:
         second = bm.sanity_check(volume_ml, [volume_ml])
         if second is not None:
