@@ -30,6 +30,10 @@ def test_forward_shapes_and_the_papers_layers():
     assert probs.shape == (2, 2) and np.allclose(probs.sum(1), 1.0, atol=1e-5)
     with pytest.raises(ValueError, match="divisible"):
         S.build_network(tiny_arch(size=36))
+    pooled = S.build_network({"class": S.ARCHITECTURE["class"], "kwargs": dict(tiny_arch()["kwargs"], readout=2)})
+    assert pooled.dense[2].in_features == 8 * 2 ** 3 and pooled(a, b).shape == (2, 2)
+    with pytest.raises(ValueError, match="readout 3"):
+        S.build_network({"class": S.ARCHITECTURE["class"], "kwargs": dict(tiny_arch()["kwargs"], readout=3)})
 
 
 def test_branches_share_their_weights_swapping_the_inputs_negates_the_fused_features():

@@ -75,7 +75,7 @@ def build_network(arch: dict | None = None):
 
     class SiameseNet3d(nn.Module):
         def __init__(self, in_channels=1, filters=(8, 16, 32), dense=(64, 32), classes=2, input_size=INPUT_SIZE,
-                     dropout=0.5, slope=SLOPE):
+                     dropout=0.5, slope=SLOPE, readout=0):
             super().__init__()
             if input_size % 2 ** len(filters):
                 raise ValueError(f"input size {input_size} is not divisible by 2^{len(filters)} "
@@ -86,8 +86,13 @@ def build_network(arch: dict | None = None):
                            nn.LeakyReLU(slope, inplace=True), nn.AvgPool3d(2)]
                 cin = f
             self.branch = nn.Sequential(*blocks)
-            width = cin * (input_size // 2 ** len(filters)) ** 3
-            layers = [nn.Flatten()]
+            side = input_size // 2 ** len(filters)
+            if readout and side % int(readout):
+                raise ValueError(f"readout {readout} does not divide the {side}^3 feature map")
+            width = cin * (int(readout) if readout else side) ** 3
+            # readout N: the fused map averaged to N^3 cells (a change of volume is a sum over the brain;
+            # 0 flattens the whole map, as the paper does)
+            layers = ([nn.AvgPool3d(side // int(readout))] if readout else []) + [nn.Flatten()]
             for d in dense:
                 layers += [nn.Linear(width, d, bias=False), nn.BatchNorm1d(d), nn.LeakyReLU(slope, inplace=True)]
                 width = d

@@ -380,6 +380,8 @@ class TrainConfig:
         "help": "what the branches read: tissue fractions (bidsapp.models.siamese.tissue_fractions) or intensities"})
     filters: str = field(default="8,16,32", metadata={"help": "filters of the three elementary blocks"})
     dense: str = field(default="64,32", metadata={"help": "units of the two hidden dense layers"})
+    readout: int = field(default=0, metadata={
+        "help": "the fused features averaged to N^3 cells before the dense layers (0: flattened, as the paper)"})
     flip: bool = field(default=True, metadata={"help": "random left/right flip of each pair"})
     rotate_deg: float = field(default=5.0, metadata={"help": "random rotation of each pair up to this (0: none)"})
     val_every: int = field(default=5, metadata={"help": "every N-th block of 4 pairs is for validation (0: none)"})
@@ -404,6 +406,7 @@ def architecture(cfg: TrainConfig) -> dict:
 
     return {"class": ARCHITECTURE["class"],
             "kwargs": dict(ARCHITECTURE["kwargs"], filters=_ints(cfg.filters), dense=_ints(cfg.dense),
+                           readout=int(cfg.readout),
                            input_size=cfg.size)}
 
 
@@ -521,6 +524,9 @@ def _check(cfg: TrainConfig) -> str | None:
         return "--filters and --dense need at least one value"
     if cfg.size % 2 ** len(filters):
         return f"--size {cfg.size} is not divisible by 2^{len(filters)} (one halving per block)"
+    side = cfg.size // 2 ** len(filters)
+    if cfg.readout < 0 or (cfg.readout and side % cfg.readout):
+        return f"--readout {cfg.readout} does not divide the {side}^3 feature map"
     if cfg.pairs < BLOCK:
         return f"--pairs must be at least {BLOCK}"
     return None
