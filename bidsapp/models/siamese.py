@@ -39,7 +39,9 @@ INPUTS = ("fraction", "intensity")
 """What the branches read (the card's ``input_mode``): ``fraction``, each image of the pair as its fraction
 of brain tissue per voxel (:func:`tissue_fractions`); ``intensity``, the preprocessed image itself (the
 paper's input). Between two scanners the intensities of one brain differ by far more than years of
-atrophy change them; read as tissue fraction, both sessions are on one scale and what differs is tissue."""
+atrophy change them; tissue fractions put two sessions on one scale where the reading's calibration
+holds (same-scanner pairs; on the simulated training pool's 3 mm crops a scanner change still moved the
+read brain volume by tens of percent, so neither input has yet taught the network decline)."""
 SLOPE = 0.01
 """Leaky ReLU slope of the authors' published Keras code (``LeakyReLU(alpha=0.01)``)."""
 

@@ -375,7 +375,7 @@ class TrainConfig:
     voxel_mm: float = field(default=2.0, metadata={"help": "simulation grid (mm)"})
     grid_mm: float = field(default=3.0, metadata={"help": "network grid (mm)"})
     size: int = field(default=64, metadata={"help": "network input edge (voxels)"})
-    inputs: str = field(default="fraction", metadata={
+    inputs: str = field(default="intensity", metadata={
         "choices": ("fraction", "intensity"),
         "help": "what the branches read: tissue fractions (bidsapp.models.siamese.tissue_fractions) or intensities"})
     filters: str = field(default="8,16,32", metadata={"help": "filters of the three elementary blocks"})
