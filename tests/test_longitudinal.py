@@ -329,7 +329,7 @@ def test_decline_inputs_follow_the_anatomy_whatever_the_voxel_order(tmp_path):
     lpi = D.pair_inputs(*(x[::-1, :, ::-1] for x in (ia, ma, ib, mb)), flip, card)
     for x, y in zip(ras, lpi):
         assert x.shape == (32, 32, 32) and np.allclose(x, y, atol=1e-5)
-    for x in ras:  # tissue fractions (S.tissue_fractions, tested in test_siamese.py)
+    for x in ras:  # tissue fractions (C.pair_fractions, tested in test_siamese.py)
         assert x.min() >= 0 and x.max() <= 1 and x.mean() > 0.05
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from bidsapp.longitudinal.change import pair_fractions
 from bidsapp.models import siamese as S
 from bidsapp.training import longitudinal as L
 
@@ -86,12 +87,12 @@ def _ball_brain(ventricle_vox, tissue, csf, size=32, radius=12, seed=0):
 def test_tissue_fractions_put_two_scanners_on_one_scale_and_keep_the_change():
     a, truth_a = _ball_brain(4.0, tissue=400.0, csf=100.0)
     b, _ = _ball_brain(4.0, tissue=900.0, csf=350.0, seed=1)  # same brain, another scanner's contrast
-    fa, fb = S.tissue_fractions(a, b)
+    fa, fb = pair_fractions(a, b, (3.0,) * 3)
     assert fa.min() >= 0 and fa.max() <= 1 and not fa[a == 0].any()
     assert abs(fb.sum() / fa.sum() - 1) < 0.01  # the intensities' sums differ by 2.3x
     assert abs(fa.sum() / truth_a - 1) < 0.02
     c, truth_c = _ball_brain(5.0, tissue=900.0, csf=350.0, seed=2)  # the ventricle grew
-    fa, fc = S.tissue_fractions(a, c)
+    fa, fc = pair_fractions(a, c, (3.0,) * 3)
     assert (fc.sum() - fa.sum()) / (truth_c - truth_a) == pytest.approx(1.0, abs=0.1)
     with pytest.raises(ValueError, match="unknown network input"):
         L.network_inputs({}, "pixels", 3.0)

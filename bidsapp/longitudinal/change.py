@@ -165,6 +165,21 @@ def pair_common(a: np.ndarray, b: np.ndarray, spacing=(1.0, 1.0, 1.0)) -> Common
     return common
 
 
+def pair_fractions(a: np.ndarray, b: np.ndarray, spacing=(1.0, 1.0, 1.0), csf_inverted=(False, False)):
+    """Two skull-stripped images of one brain (same grid) as brain-tissue fractions in [0, 1] (0: CSF or
+    outside the brain, 1: pure tissue), each read with its own CSF and tissue intensities calibrated on
+    the voxel sets of :func:`pair_common` (the 3D-SiameseNet's ``fraction`` input). ``csf_inverted``: per
+    image, whether its CSF signal is opposite to the tissues' (read unfolded)."""
+    common = pair_common(a, b, spacing)
+    out = []
+    for x, inverted in zip((a, b), csf_inverted):
+        x = np.asarray(x, np.float32)
+        n = normalise(x, common)
+        f = tissue_fraction(n, calibrate(n, common, bool(inverted)), common)
+        out.append(np.where(x > 0, f, 0.0).astype(np.float32))
+    return out[0], out[1]
+
+
 def normalise(image: np.ndarray, common: Common) -> np.ndarray:
     """Intensities divided by their median in the white matter (or the parenchyma without tissue maps):
     removes the receiver's global scale with a reference that atrophy does not change (the median of the

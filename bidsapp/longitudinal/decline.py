@@ -52,7 +52,9 @@ def pair_inputs(image_a, mask_a, image_b, mask_b, affine, card: dict, csf_invert
     a = S.preprocess(ia, ma, spacing, size, grid, centre=centre)
     b = S.preprocess(ib, mb, spacing, size, grid, centre=centre)
     if card.get("input_mode", "intensity") == "fraction":
-        a, b = S.tissue_fractions(a, b, csf_inverted, grid)
+        from .change import pair_fractions
+
+        a, b = pair_fractions(a, b, (grid,) * 3, csf_inverted)
     return a, b
 
 

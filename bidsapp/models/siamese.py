@@ -37,7 +37,7 @@ skull-stripped edge (a step from brain to zero) and the overshoot differs betwee
 interpolation is monotone there, and three times cheaper."""
 INPUTS = ("fraction", "intensity")
 """What the branches read (the card's ``input_mode``): ``fraction``, each image of the pair as its fraction
-of brain tissue per voxel (:func:`tissue_fractions`); ``intensity``, the preprocessed image itself (the
+of brain tissue per voxel (:func:`bidsapp.longitudinal.change.pair_fractions`); ``intensity``, the preprocessed image itself (the
 paper's input). Between two scanners the intensities of one brain differ by far more than years of
 atrophy change them; tissue fractions put two sessions on one scale where the reading's calibration
 holds (same-scanner pairs; on the simulated training pool's 3 mm crops a scanner change still moved the
@@ -204,20 +204,3 @@ def preprocess(image: np.ndarray, mask: np.ndarray, spacing, size: int = INPUT_S
     np.clip(out, 0.0, 1.0, out=out)
     return out
 
-
-def tissue_fractions(a: np.ndarray, b: np.ndarray, csf_inverted=(False, False), grid_mm: float = GRID_MM):
-    """Both :func:`preprocess`-ed images of a pair as brain-tissue fractions in [0, 1] (0: CSF or outside
-    the brain, 1: pure tissue), each read with its own CSF and tissue intensities, calibrated on voxel sets
-    the two share (:mod:`bidsapp.longitudinal.change`: the subject level's partial-volume reading, here
-    without tissue maps, so training pairs and a user's sessions are read alike). ``csf_inverted``: per
-    image, whether its CSF signal is opposite to the tissues' (an MPRAGE with a short TI), read unfolded."""
-    from bidsapp.longitudinal import change as C
-
-    common = C.pair_common(a, b, (grid_mm,) * 3)
-    out = []
-    for x, inverted in zip((a, b), csf_inverted):
-        x = np.asarray(x, np.float32)
-        n = C.normalise(x, common)
-        f = C.tissue_fraction(n, C.calibrate(n, common, bool(inverted)), common)
-        out.append(np.where(x > 0, f, 0.0).astype(np.float32))
-    return out[0], out[1]

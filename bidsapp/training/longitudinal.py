@@ -261,7 +261,8 @@ def protocol_csf_inverted(name: str) -> bool:
 def network_inputs(pool: dict, inputs: str, grid_mm: float) -> dict:
     """``pool`` with ``a`` and ``b`` as the network reads them (``inputs``: see
     :data:`bidsapp.models.siamese.INPUTS`); the CSF inversion of each image from its protocol."""
-    from bidsapp.models.siamese import INPUTS, tissue_fractions
+    from bidsapp.longitudinal.change import pair_fractions
+    from bidsapp.models.siamese import INPUTS
 
     if inputs not in INPUTS:
         raise ValueError(f"unknown network input {inputs!r} (one of {', '.join(INPUTS)})")
@@ -270,8 +271,8 @@ def network_inputs(pool: dict, inputs: str, grid_mm: float) -> dict:
     a, b = np.empty(pool["a"].shape, np.float16), np.empty(pool["b"].shape, np.float16)
     for k in range(len(a)):
         first, second = str(pool["protocols"][k]).split(">")
-        fa, fb = tissue_fractions(pool["a"][k].astype(np.float32), pool["b"][k].astype(np.float32),
-                                  (protocol_csf_inverted(first), protocol_csf_inverted(second)), grid_mm)
+        fa, fb = pair_fractions(pool["a"][k].astype(np.float32), pool["b"][k].astype(np.float32), (grid_mm,) * 3,
+                                (protocol_csf_inverted(first), protocol_csf_inverted(second)))
         a[k], b[k] = fa, fb
     return dict(pool, a=a, b=b)
 
@@ -377,7 +378,7 @@ class TrainConfig:
     size: int = field(default=64, metadata={"help": "network input edge (voxels)"})
     inputs: str = field(default="intensity", metadata={
         "choices": ("fraction", "intensity"),
-        "help": "what the branches read: tissue fractions (bidsapp.models.siamese.tissue_fractions) or intensities"})
+        "help": "what the branches read: tissue fractions (bidsapp.longitudinal.change.pair_fractions) or intensities"})
     filters: str = field(default="8,16,32", metadata={"help": "filters of the three elementary blocks"})
     dense: str = field(default="64,32", metadata={"help": "units of the two hidden dense layers"})
     readout: int = field(default=0, metadata={
@@ -487,7 +488,7 @@ def save(net, cfg: TrainConfig, history: dict, weights_dir=None) -> dict:
                   f"resampled to {cfg.grid_mm:g} mm, cropped to {cfg.size}^3 around the baseline's brain, divided "
                   "by the 99.5th percentile in the brain (bidsapp.models.siamese.preprocess)"
                   + ("; then read as tissue fractions, each with its own CSF and tissue intensities "
-                     "(bidsapp.models.siamese.tissue_fractions)" if cfg.inputs == "fraction" else "")),
+                     "(bidsapp.longitudinal.change.pair_fractions)" if cfg.inputs == "fraction" else "")),
         "input_mode": cfg.inputs,
         "resolution_mm": cfg.grid_mm,
         "output": "softmax probabilities of stable, decline",
