@@ -12,7 +12,8 @@ Inference (:func:`extract`), in the order the steps run:
 2. intensities are scaled by :func:`normalise` (divided by the 99.5th percentile of the non-zero voxels);
 3. one forward pass of a small 3D U-Net over the whole, zero-padded volume (seconds on 2 CPU cores);
 4. the brain probability is interpolated back to the input grid (linear), thresholded at 0.5, holes
-   are filled and the largest connected component kept: the mask is refined at native resolution.
+   are filled and the largest connected component kept: the mask is refined at native resolution;
+5. an input that is already skull-stripped keeps its own brain (:func:`prestripped_support`).
 
 :func:`sanity_check` applies the app's plausibility rule (volume 800-2200 ml, a single large
 component); the participant workflow falls back to template-based extraction when it fails and says so.
@@ -37,6 +38,15 @@ UNIFORM_SPAN = 1.2
 """A brain shows tissue contrast in every MR weighting: inside its mask the 95th percentile of the
 intensities is at least 1.5 times the 5th (a simulated 1.5 T PD-weighted head, the flattest weighting;
 real clinical T1w, T2w and FLAIR: 2.0-6.2). A water phantom, which the network may call brain: 1.06."""
+PRESTRIPPED_ZERO_FRACTION = 0.3
+"""Share of exactly-zero voxels (and nearly every voxel of the image's faces) that marks an input as already
+skull-stripped; a scanner's magnitude image has noise everywhere outside the head."""
+PRESTRIPPED_COVER = 0.6
+"""The network's mask must cover this share of the non-zero voxels: a head whose background was zeroed
+(a defaced or masked full head) holds three times its brain, and keeps its own mask."""
+PRESTRIPPED_MARGIN_MM = 10.0
+"""An already-stripped input's mask is its non-zero voxels within this distance of the network's mask
+(leftovers of the other tool farther away are dropped)."""
 
 
 ARCHITECTURE = {"class": "monai.networks.nets.UNet",
@@ -114,12 +124,42 @@ def postprocess(prob: np.ndarray) -> tuple[np.ndarray, list[int]]:
     return ndi.binary_fill_holes(keep), sorted((int(s) for s in sizes), reverse=True)
 
 
+def prestripped_support(data: np.ndarray, network_mask: np.ndarray, zooms) -> np.ndarray | None:
+    """The mask of an input that is already skull-stripped (None when it is not one).
+
+    Why: on a brain stripped exactly at its CSF rim the network, which learned brains with a skull
+    around them, keeps only part of the outer CSF (75 % of the ICBM152 brain). As fMRIPrep does for a
+    pre-stripped T1w, the other tool's brain is then the brain: the non-zero voxels (largest component,
+    holes filled), within :data:`PRESTRIPPED_MARGIN_MM` of the network's mask. An input counts as
+    stripped when its faces are zero (a brainstem cut by the field of view aside: 95 % of each face),
+    :data:`PRESTRIPPED_ZERO_FRACTION` of it is zero, the non-zero
+    part has a brain's volume and the network's mask covers :data:`PRESTRIPPED_COVER` of it."""
+    from scipy import ndimage as ndi
+
+    nonzero = data != 0
+    faces = [np.take(nonzero, i, axis=ax) for ax in range(3) for i in (0, -1)]
+    if max(f.mean() for f in faces) > 0.05 or 1.0 - nonzero.mean() < PRESTRIPPED_ZERO_FRACTION:
+        return None
+    lab, sizes = _components(nonzero)
+    if sizes.size == 0:
+        return None
+    support = ndi.binary_fill_holes(lab == int(np.argmax(sizes)) + 1)
+    voxml = float(np.prod(zooms)) / 1000.0
+    lo, hi = VOLUME_RANGE_ML
+    if not lo <= support.sum() * voxml <= hi or (network_mask & support).sum() < PRESTRIPPED_COVER * support.sum():
+        return None
+    near = ndi.distance_transform_edt(~network_mask, sampling=zooms) <= PRESTRIPPED_MARGIN_MM
+    return support & near
+
+
 @dataclass
 class BrainMaskResult:
     mask: np.ndarray                      # bool, on the input grid (input voxel order)
     volume_ml: float
     component_ml: list = field(default_factory=list)
     model: dict = field(default_factory=dict)
+    prestripped: bool = False
+    """The input was already skull-stripped and its own brain was kept (:func:`prestripped_support`)."""
 
     @property
     def problem(self) -> str | None:
@@ -175,7 +215,12 @@ def extract(img, device="cpu", weights_dir=None) -> BrainMaskResult:
     back = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"), ornt)
     prob = nib.orientations.apply_orientation(prob_ras, back)
     mask, sizes = postprocess(np.ascontiguousarray(prob))
-    voxml = float(np.prod(img.header.get_zooms()[:3])) / 1000.0
+    native_zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
+    voxml = float(np.prod(native_zooms)) / 1000.0
+    own = prestripped_support(data, mask, native_zooms) if mask.any() else None
+    if own is not None:
+        mask, sizes = own, [int(own.sum())]
     return BrainMaskResult(mask=mask, volume_ml=float(mask.sum()) * voxml,
                            component_ml=[s * voxml for s in sizes],
-                           model={"name": card["name"], "version": card.get("version"), "sha256": card["sha256"]})
+                           model={"name": card["name"], "version": card.get("version"), "sha256": card["sha256"]},
+                           prestripped=own is not None)

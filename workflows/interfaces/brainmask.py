@@ -68,6 +68,9 @@ def brain_extraction(in_file, template_t1w, template_mask, out_mask, out_xfm, *,
         meta.update(Method="learned: contrast-agnostic U-Net (brainmask_unet) on the whole image at 2 mm, "
                            "probability >= 0.5 at native resolution, holes filled, largest component",
                     Model=res.model, MaskVolumeML=round(res.volume_ml, 1))
+        if res.prestripped:
+            meta["Method"] += (f"; the input was already skull-stripped: its own brain kept (non-zero voxels within "
+                               f"{bm.PRESTRIPPED_MARGIN_MM:g} mm of the network's mask)")
         if problem is None:
             _save_like(res.mask, ref, out_mask, dtype=np.uint8)
             _centre_translation(in_file, res.mask, template_mask, out_xfm)
