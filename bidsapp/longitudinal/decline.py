@@ -3,8 +3,9 @@
 Each pair is read where the change table reads it: both sessions resampled once into the subject's
 mid-space (no session is the reference), each skull-stripped with its own brain mask, put in RAS voxel
 order, cropped around the earlier session's brain and prepared as the network was trained (the card's
-``input_mode``: tissue fractions, each session with its own CSF and tissue intensities). The network is
-not told the interval, so a probability is a statement about the pair, not a rate.
+``input_mode``: the intensities, or tissue fractions with each session's own CSF and tissue intensities,
+:func:`bidsapp.longitudinal.change.pair_fractions`). The network is not told the interval, so a
+probability is a statement about the pair, not a rate.
 """
 
 from __future__ import annotations
