@@ -43,6 +43,14 @@ def _centre_translation(img_file, mask: np.ndarray, template_mask, out_xfm) -> s
     return _translation_transform(t_com - s_com, out_xfm)
 
 
+def _contrast_problem(img, mask) -> str | None:
+    """:func:`bidsapp.models.brainmask.contrast_problem` of a nibabel image inside ``mask``."""
+    from bidsapp.models import brainmask as bm
+
+    data = np.asarray(img.dataobj, np.float32).reshape(img.shape[:3])
+    return bm.contrast_problem(data, mask, float(np.prod(img.header.get_zooms()[:3])) / 1000.0)
+
+
 def brain_extraction(in_file, template_t1w, template_mask, out_mask, out_xfm, *, method: str = "learned",
                      device: str = "auto", threads: int = 1, source_file=None) -> dict:
     """Brain mask of an N4-corrected RAS image; returns the mask's sidecar metadata."""
@@ -61,8 +69,7 @@ def brain_extraction(in_file, template_t1w, template_mask, out_mask, out_xfm, *,
         ref = nib.load(str(in_file))
         res = bm.extract(ref, device=device)
         problem = res.problem
-        not_brain = bm.contrast_problem(np.asarray(ref.dataobj, np.float32).reshape(ref.shape[:3]), res.mask,
-                                        float(np.prod(ref.header.get_zooms()[:3])) / 1000.0)
+        not_brain = _contrast_problem(ref, res.mask)
         if not_brain is not None:
             raise ValueError(f"{name}: no brain found ({not_brain}); is this a head image?")
         meta.update(Method="learned: contrast-agnostic U-Net (brainmask_unet) on the whole image at 2 mm, "
@@ -83,9 +90,7 @@ def brain_extraction(in_file, template_t1w, template_mask, out_mask, out_xfm, *,
         raise ValueError(f"{name}: no brain found ({problem}; template-based extraction: "
                          f"{str(exc).split(': ', 1)[-1]}); is this a head image?") from None
     volume_ml = diag["mask_volume_mm3"] / 1000.0
-    img, got = nib.load(str(in_file)), nib.load(str(out_mask))
-    not_brain = bm.contrast_problem(np.asarray(img.dataobj, np.float32).reshape(img.shape[:3]),
-                                    np.asarray(got.dataobj) > 0, float(np.prod(img.header.get_zooms()[:3])) / 1000.0)
+    not_brain = _contrast_problem(nib.load(str(in_file)), np.asarray(nib.load(str(out_mask)).dataobj) > 0)
     if not_brain is not None:
         Path(out_mask).unlink(missing_ok=True)
         raise ValueError(f"{name}: no brain found (template-based mask: {not_brain}); is this a head image?")
