@@ -326,3 +326,23 @@ def test_report_flags_a_protocol_with_little_gm_wm_contrast(tmp_path):
     side.write_text(json.dumps({**meta, "ExpectedWMGMSignalRatio": 1.25}))
     html = write_participant_report(out, "01").read_text()
     assert "expected WM/GM signal ratio 1.250" in html and "so little GM/WM contrast" not in html
+
+
+def test_change_section_shows_the_decline_table_and_flags_a_call_across_scanners(tmp_path):
+    from bidsapp.reports.participant import change_section
+
+    anat = tmp_path / "sub-01" / "anat"
+    anat.mkdir(parents=True)
+    (anat / "sub-01_desc-change_morph.tsv").write_text(
+        "measure\tses_from\tses_to\tinterval_days\tvolume_from_mm3\tvolume_to_mm3\tpercent_change\t"
+        "percent_change_per_year\tpercent_change_raw\tacquisition_changed\tcorrection\n"
+        "brain\t1\t2\t365\t1000000\t990000\t-1.0\t-1.0\t-1.0\tfalse\tnone\n"
+        "brain\t2\t3\t365\t990000\t985000\t-0.5\t-0.5\t3.0\ttrue\ttissue intensities recalibrated per session\n")
+    assert "decline" not in change_section(tmp_path, "01").body.lower()
+    (anat / "sub-01_desc-decline_stats.tsv").write_text(
+        "ses_from\tses_to\tinterval_days\tacquisition_changed\tprobability_decline\tcall\n"
+        "1\t2\t365\tfalse\t0.2\tstable\n2\t3\tn/a\ttrue\t0.81\tdecline\n")
+    sec = change_section(tmp_path, "01")
+    assert "P(decline)" in sec.body and "0.81" in sec.body and "sub-01_desc-decline_stats.tsv" in sec.body
+    assert any("called decline (P 0.81) across an acquisition change" in w for w in sec.warnings)
+    assert not any("1 \u2192 2: called decline" in w for w in sec.warnings)
