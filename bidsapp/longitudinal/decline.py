@@ -31,6 +31,11 @@ def available(weights_dir=None) -> bool:
     return MODEL_NAME in registry.available(weights_dir=weights_dir)
 
 
+def applies(contrast: str) -> bool:
+    """Whether the subject level runs this step: T1w sessions (what the network was trained on) and weights."""
+    return contrast == "T1w" and available()
+
+
 def ras(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``array`` in RAS voxel order (axes permuted and flipped only) and its voxel size there."""
     import nibabel as nib
@@ -60,7 +65,7 @@ def pair_inputs(image_a, mask_a, image_b, mask_b, affine, card: dict, csf_invert
 
 
 def decline_rows(images, masks, affine, pairs, *, csf_inverted, weights_dir=None, device="cpu") -> list[dict]:
-    """``[{"index": (i, j), "probability_decline": p, "call": ...}]`` for every pair ``(i, j)`` of sessions
+    """``[{"probability_decline": p, "call": ...}]``, one per pair ``(i, j)`` of ``pairs``, in that order
     (mid-space ``images`` and ``masks`` on one grid, ``affine`` its voxel -> RAS mm)."""
     from bidsapp.models.siamese import load_model, predict_proba
 
@@ -70,5 +75,5 @@ def decline_rows(images, masks, affine, pairs, *, csf_inverted, weights_dir=None
         a, b = pair_inputs(images[i], masks[i], images[j], masks[j], affine, card,
                            (csf_inverted[i], csf_inverted[j]))
         p = float(predict_proba(net, a[None], b[None], device=device)[0, 1])
-        rows.append({"index": (i, j), "probability_decline": p, "call": "decline" if p >= THRESHOLD else "stable"})
+        rows.append({"probability_decline": p, "call": "decline" if p >= THRESHOLD else "stable"})
     return rows

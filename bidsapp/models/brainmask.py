@@ -205,7 +205,7 @@ def extract(img, device="cpu", weights_dir=None) -> BrainMaskResult:
     device = resolve_device(device)
     net, card = load_model(device, weights_dir)
     grid = float(card.get("resolution_mm", GRID_MM))
-    data = np.asarray(img.dataobj, dtype=np.float32)
+    data = img.get_fdata(dtype=np.float32)  # kept by the image: the contrast check reads it again
     if data.ndim > 3:
         data = data.reshape(data.shape[:3])
     data = np.nan_to_num(data, nan=0.0, posinf=0.0, neginf=0.0)

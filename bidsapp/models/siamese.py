@@ -203,4 +203,3 @@ def preprocess(image: np.ndarray, mask: np.ndarray, spacing, size: int = INPUT_S
         out /= scale
     np.clip(out, 0.0, 1.0, out=out)
     return out
-

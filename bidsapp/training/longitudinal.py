@@ -51,6 +51,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bidsapp.models.siamese import INPUTS
 from bidsapp.training.config import command_line as config_command_line
 from bidsapp.training.engine import add_run_arguments, run_command
 
@@ -262,7 +263,6 @@ def network_inputs(pool: dict, inputs: str, grid_mm: float) -> dict:
     """``pool`` with ``a`` and ``b`` as the network reads them (``inputs``: see
     :data:`bidsapp.models.siamese.INPUTS`); the CSF inversion of each image from its protocol."""
     from bidsapp.longitudinal.change import pair_fractions
-    from bidsapp.models.siamese import INPUTS
 
     if inputs not in INPUTS:
         raise ValueError(f"unknown network input {inputs!r} (one of {', '.join(INPUTS)})")
@@ -377,7 +377,7 @@ class TrainConfig:
     grid_mm: float = field(default=3.0, metadata={"help": "network grid (mm)"})
     size: int = field(default=64, metadata={"help": "network input edge (voxels)"})
     inputs: str = field(default="intensity", metadata={
-        "choices": ("fraction", "intensity"),
+        "choices": INPUTS,
         "help": "what the branches read: tissue fractions (bidsapp.longitudinal.change.pair_fractions) or intensities"})
     filters: str = field(default="8,16,32", metadata={"help": "filters of the three elementary blocks"})
     dense: str = field(default="64,32", metadata={"help": "units of the two hidden dense layers"})

@@ -47,7 +47,7 @@ def _contrast_problem(img, mask) -> str | None:
     """:func:`bidsapp.models.brainmask.contrast_problem` of a nibabel image inside ``mask``."""
     from bidsapp.models import brainmask as bm
 
-    data = np.asarray(img.dataobj, np.float32).reshape(img.shape[:3])
+    data = img.get_fdata(dtype=np.float32).reshape(img.shape[:3])  # cached by the image (extract read it)
     return bm.contrast_problem(data, mask, float(np.prod(img.header.get_zooms()[:3])) / 1000.0)
 
 

@@ -92,7 +92,7 @@ class LongitudinalChange(SimpleInterface):
         from bidsapp.longitudinal import decline as D
 
         result = S.subject_change(sessions, seed=ins.seed, work_dir=cwd / "midspace",
-                                  decline=ins.contrast == "T1w" and D.available())
+                                  decline=D.applies(ins.contrast))
         out_tsv = cwd / "change.tsv"
         S.format_table(result.table).to_csv(out_tsv, sep="\t", index=False, na_rep="n/a")
         template = cwd / "template.nii.gz"
