@@ -70,6 +70,23 @@ def test_mask_follows_the_image_whatever_its_voxel_order(head):
     assert dice(a, b) >= 0.99
 
 
+def test_mask_of_a_sagittally_stored_anisotropic_image_is_the_same_mask(head):
+    """Axes cycled (a sagittal acquisition stored A-S-L) with 2 x 2 x 5 mm voxels: the network must see
+    the same brain, which needs the voxel sizes permuted as the axes are (tissue.ras_zooms)."""
+    from bidsapp.models.tissue import ras_zooms
+
+    img, truth = head["flair"]
+    data = np.asarray(img.dataobj, np.float32)
+    cycled = np.ascontiguousarray(np.transpose(data, (1, 2, 0)))  # stored axis k is the original axis (1, 2, 0)[k]
+    aff = img.affine[:, [1, 2, 0, 3]]
+    res = bm.extract(nib.Nifti1Image(cycled, aff))
+    back = np.transpose(res.mask, (2, 0, 1))
+    assert dice(back, bm.extract(img).mask) >= 0.98 and dice(back, truth) >= 0.9
+    ornt = nib.orientations.io_orientation(aff)
+    assert list(ras_zooms(nib.Nifti1Image(cycled, aff).header.get_zooms(), ornt)) == \
+        list(ras_zooms(img.header.get_zooms(), nib.orientations.io_orientation(img.affine)))
+
+
 def test_already_stripped_image_keeps_the_whole_brain(head):
     img, truth = head["spgr"]
     stripped = nib.Nifti1Image(np.asarray(img.dataobj) * truth, img.affine)

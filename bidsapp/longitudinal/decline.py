@@ -38,12 +38,11 @@ def applies(contrast: str) -> bool:
 
 def ras(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``array`` in RAS voxel order (axes permuted and flipped only) and its voxel size there."""
-    import nibabel as nib
+    from bidsapp.models.lesion import _to_ras
+    from bidsapp.models.tissue import ras_zooms
 
-    ornt = nib.orientations.io_orientation(affine)
-    out = nib.orientations.apply_orientation(np.asarray(array), ornt)
-    zooms = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(0))[ornt[:, 0].astype(int)]
-    return np.ascontiguousarray(out), zooms
+    out, ornt = _to_ras(np.asarray(array), affine)
+    return np.ascontiguousarray(out), ras_zooms(np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(0)), ornt)
 
 
 def pair_inputs(image_a, mask_a, image_b, mask_b, affine, card: dict, csf_inverted=(False, False)):

@@ -200,7 +200,7 @@ def extract(img, device="cpu", weights_dir=None) -> BrainMaskResult:
 
     from bidsapp.devices import resolve_device
 
-    from .tissue import resample_shape, resample_to
+    from .tissue import ras_zooms, resample_shape, resample_to
 
     device = resolve_device(device)
     net, card = load_model(device, weights_dir)
@@ -211,7 +211,7 @@ def extract(img, device="cpu", weights_dir=None) -> BrainMaskResult:
     data = np.nan_to_num(data, nan=0.0, posinf=0.0, neginf=0.0)
     ornt = nib.orientations.io_orientation(img.affine)
     ras = nib.orientations.apply_orientation(data, ornt)
-    zooms = np.asarray(img.header.get_zooms()[:3], float)[ornt[:, 0].astype(int)]
+    zooms = ras_zooms(img.header.get_zooms(), ornt)
     low = resample_to(np.maximum(ras, 0), zooms, grid)
     prob_ras = resample_shape(predict_probability(net, low, device), ras.shape, order=1)
     back = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"), ornt)

@@ -175,7 +175,7 @@ def segment(images: dict, brain_mask: np.ndarray, affine: np.ndarray, zooms, dev
 
     from bidsapp.devices import resolve_device
 
-    from .tissue import resample_shape, resample_to
+    from .tissue import ras_zooms, resample_shape, resample_to
 
     used = tuple(c for c in CHANNELS if c in images)
     if not any(c in used for c in NEEDS):
@@ -185,7 +185,7 @@ def segment(images: dict, brain_mask: np.ndarray, affine: np.ndarray, zooms, dev
     grid = float(card.get("resolution_mm", GRID_MM))
     mask = np.asarray(brain_mask) > 0
     mask_ras, ornt = _to_ras(mask.astype(np.float32), affine)
-    zooms = np.asarray(zooms[:3], float)[ornt[:, 0].astype(int)]
+    zooms = ras_zooms(zooms, ornt)
     low_mask = resample_to(mask_ras, zooms, grid) >= 0.5
     if not low_mask.any():
         raise ValueError("the brain mask is empty")

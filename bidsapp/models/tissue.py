@@ -302,6 +302,13 @@ def load_model(name: str, device="cpu", weights_dir=None):
 # ---------------------------------------------------------------------------------------------
 # resampling and normalisation
 # ---------------------------------------------------------------------------------------------
+def ras_zooms(zooms, ornt) -> np.ndarray:
+    """Voxel sizes along the axes of ``nibabel.orientations.apply_orientation(data, ornt)``: output axis
+    ``j`` is input axis ``argsort(ornt[:, 0])[j]`` (indexing by ``ornt[:, 0]`` itself is right only when the
+    axes are swapped, not cycled, as in a sagittal acquisition stored A-S-L)."""
+    return np.asarray(zooms[:3], float)[np.argsort(np.asarray(ornt)[:, 0])]
+
+
 def resample_to(volume: np.ndarray, zooms, target_mm: float) -> np.ndarray:
     """Resample a 3D array from voxel size ``zooms`` to isotropic ``target_mm`` over the same field of view.
 
