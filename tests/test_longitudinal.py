@@ -107,6 +107,27 @@ def test_an_acquisition_change_is_recalibrated_and_the_raw_figure_kept():
     assert abs(raw["ventricles"]) > 1.0 and max(abs(v) for v in corrected.values()) < 0.2
 
 
+def test_csf_calibrates_on_the_ventricles_interior_not_their_partial_volume_walls():
+    """Tissue maps are a segmentation's posteriors, not fractions (hard labels here), so the deep CSF set
+    takes in voxels partly tissue: here a deep fissure thinner than a voxel (60 % CSF). With CSF nearly
+    nulled in one session (a T1w near CSF's null point) they moved its CSF median tenfold, and a change
+    to a protocol with inverted CSF read as +1.1 % brain (simulated heads: +3.7 %)."""
+    base = _phantom()
+    z, y, x = np.meshgrid(*[np.arange(n) - (n - 1) / 2 for n in SHAPE], indexing="ij")
+    fissure = ((np.abs(x - 0.5) <= 1.0) & (np.abs(z) < 10) & (np.abs(y) < 16)) * 0.6 * (base["WM"] > 0.99)
+    base["CSF"], base["WM"] = base["CSF"] + fissure, base["WM"] - fissure
+    labels = np.argmax([base["GM"], base["WM"], base["CSF"]], axis=0)
+    hard = {k: (labels == i).astype(np.float32) * (base["icv"] > 0.5) for i, k in enumerate(("GM", "WM", "CSF"))}
+    mask = (base["icv"] > 0.5).astype(np.float32)
+    common = C.common_space([mask, mask], [hard, hard])
+    nulled = {**MU, "CSF": 0.02}
+    a = C.normalise(_image(base, mu=nulled, seed=1, texture=False, noise=0.005), common)
+    b = C.normalise(_image(base, seed=2, texture=False, noise=0.005, csf_sign=-1.0), common)
+    assert C.calibrate(a, common)["CSF"] == pytest.approx(nulled["CSF"] / MU["WM"], abs=0.005)
+    res = C.pair_volumes(a, b, common, changed=True, csf_inverted=(False, True))
+    assert abs(C.percent(res.volume_from["brain"], res.volume_to["brain"])) < 0.3
+
+
 def test_an_inverted_csf_signal_is_unfolded():
     """Session a: MPRAGE before CSF's null (CSF signal opposite to the tissues', folded by the
     magnitude); session b: after it. Same brain: read linearly, a's boundary voxels look like CSF."""
