@@ -71,6 +71,22 @@ def test_fig5_and_json(wmh, tmp_path):
     assert json.loads(json.dumps(wmh._jsonable({"a": [float("inf"), np.float32(1.5)]}))) == {"a": [None, 1.5]}
 
 
+def test_recorded_variants_join_only_when_measured_on_the_same_sets(wmh, tmp_path):
+    sets = {w: {"scanners": ["3.0T FLAIR"], "heads": ["anat-10"], "grades": [1], "pcd": [0.02]} for w in ("in", "ood")}
+    summary = {w: {"summary": wmh.summarise(_rows(0.4, 0.5)), "sessions": _rows(0.4, 0.5)} for w in ("in", "ood")}
+    earlier = {"sets": sets, "results": {"dice": summary, "content": summary},
+               "models": {"dice": {"sha256": "ab" * 32}, "content": {"sha256": "cd" * 32}}}
+    path = tmp_path / "wmh_dice.json"
+    path.write_text(json.dumps(earlier))
+    now = {"sets": json.loads(json.dumps(sets)), "results": {"content": {"in": {}, "ood": {}}}, "models": {"content": {}}}
+    wmh.merge_recorded(now, path)
+    assert set(now["results"]) == {"content", "dice"} and now["results"]["content"] == {"in": {}, "ood": {}}
+    assert now["models"]["dice"]["recorded"] == str(path)
+    other = {"sets": {**sets, "ood": {**sets["ood"], "heads": ["anat-11"]}}, "results": {}, "models": {}}
+    wmh.merge_recorded(other, path)
+    assert other["results"] == {}
+
+
 def test_clinical_lesion_masks(tmp_path):
     clinical = _script("clinical")
     known = {"lesion", "wmh"}

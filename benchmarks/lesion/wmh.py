@@ -25,6 +25,7 @@ draws the paper's Fig. 5 (AVD against PCD bins on the ``ood`` set, :data:`PCD_ED
     python benchmarks/lesion/wmh.py --iterations 2000         # train the four variants (hours on 2 cores;
                                                               # resumable: rerun the same command)
     python benchmarks/lesion/wmh.py --weights content=DIR dice=DIR2 --variants content dice
+    python benchmarks/lesion/wmh.py --shipped-only --recorded benchmarks/lesion/recorded/wmh_*.json
 
 Training runs live in ``--work``/<loss> and resume from their checkpoints (``scanbridge-train wmh``).
 """
@@ -348,6 +349,26 @@ def card_training(card: dict) -> dict:
             "scanners": int(opt.get("--scanners", TrainConfig.scanners))}
 
 
+def merge_recorded(result: dict, path: Path) -> None:
+    """Add the variants of an earlier run's result file that this run did not evaluate. Its test sets must
+    be this run's (same scanners, heads, lesion grades and loads), else it is left out with a note."""
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"--recorded {path}: cannot read it ({exc})")
+    keys = ("scanners", "heads", "grades", "pcd")
+    if any({k: old.get("sets", {}).get(w, {}).get(k) for k in keys} != {k: result["sets"][w][k] for k in keys}
+           for w in ("in", "ood")):
+        print(f"note: {path} was measured on other test sets (seed, scanners or heads differ): left out", flush=True)
+        return
+    for loss, res in old.get("results", {}).items():
+        if loss in result["results"]:
+            continue
+        result["results"][loss] = res
+        result["models"][loss] = {**old["models"][loss], "recorded": str(path)}
+        print(f"{loss}: from {path} ({old['models'][loss]['sha256'][:12]})", flush=True)
+
+
 def parse_weights(items) -> dict:
     out = {}
     for it in items or []:
@@ -377,6 +398,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--work", default=str(ROOT / "benchmarks" / "results" / "wmh-work"))
     p.add_argument("--shipped-only", action="store_true", help="evaluate the shipped model only, as content")
+    p.add_argument("--recorded", nargs="+", default=[], metavar="JSON",
+                   help="results of earlier runs (this script's --out) on the same test sets: their variants "
+                        "join the table (each variant trains in about an hour on 2 cores; benchmarks/lesion/recorded/)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "wmh.json"))
     p.add_argument("--figure", default=str(ROOT / "benchmarks" / "results" / "wmh_avd_pcd.png"))
     args = p.parse_args(argv)
@@ -429,6 +453,8 @@ def main(argv=None) -> int:
             rows = evaluate(weights, sessions[which], progress=lambda m: print(m, flush=True))
             result["results"][loss][which] = {"summary": summarise(rows), "sessions": rows}
 
+    for path in args.recorded:
+        merge_recorded(result, Path(path))
     ood = {k: v["ood"]["summary"] for k, v in result["results"].items()}
     result["target"] = target_check(ood)
     lines = []
