@@ -76,6 +76,26 @@ def test_every_loss_is_a_finite_scalar(kind):
     assert value.ndim == 0 and torch.isfinite(value) and torch.isfinite(logits.grad).all()
 
 
+@pytest.mark.parametrize("kind", ["dice", "tversky", "gdice"])
+def test_overlap_losses_prefer_the_lesion_to_calling_everything_lesion(kind):
+    """Each loss on the target it trains on: the truth scores better than an all-lesion prediction. On the
+    paper's soft-binarised truth (0.1 background) the soft Dice inverts this, and the Dice variant trained
+    on it called whole brains lesion."""
+    from bidsapp.training.losses import wmh_loss
+
+    fn = wmh_loss(kind)
+    truth = torch.zeros(2, 1, 64, 64)
+    truth[:, :, 30:34, 30:34] = 1.0
+    target = T.lesion_target(truth, kind)
+    assert set(target.unique().tolist()) == {0.0, 1.0}
+    right, everything = (torch.where(truth > 0, 8.0, -8.0), torch.full_like(truth, 8.0))
+    assert float(fn(right, target, truth)) < float(fn(everything, target, truth))
+    if kind == "dice":  # why: the soft truth rewards calling everything lesion
+        soft = T.lesion_target(truth, "content")
+        assert float(fn(everything, soft, truth)) < float(fn(right, soft, truth))
+    assert T.lesion_target(truth, "content").min() == pytest.approx(T.SOFT[0])
+
+
 def test_unknown_loss_is_refused():
     from bidsapp.training.losses import wmh_loss
 
