@@ -25,7 +25,7 @@ draws the paper's Fig. 5 (AVD against PCD bins on the ``ood`` set, :data:`PCD_ED
     python benchmarks/lesion/wmh.py --iterations 2000         # train the four variants (hours on 2 cores;
                                                               # resumable: rerun the same command)
     python benchmarks/lesion/wmh.py --weights content=DIR dice=DIR2 --variants content dice
-    python benchmarks/lesion/wmh.py --shipped-only --recorded benchmarks/lesion/recorded/wmh_*.json
+    python benchmarks/lesion/wmh.py --shipped-only --recorded wmh_dice.json wmh_tversky.json
 
 Training runs live in ``--work``/<loss> and resume from their checkpoints (``scanbridge-train wmh``).
 """
@@ -400,7 +400,7 @@ def main(argv=None) -> int:
     p.add_argument("--shipped-only", action="store_true", help="evaluate the shipped model only, as content")
     p.add_argument("--recorded", nargs="+", default=[], metavar="JSON",
                    help="results of earlier runs (this script's --out) on the same test sets: their variants "
-                        "join the table (each variant trains in about an hour on 2 cores; benchmarks/lesion/recorded/)")
+                        "join the table (each variant trains in about an hour on 2 cores)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "wmh.json"))
     p.add_argument("--figure", default=str(ROOT / "benchmarks" / "results" / "wmh_avd_pcd.png"))
     args = p.parse_args(argv)
