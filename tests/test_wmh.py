@@ -88,7 +88,8 @@ def test_overlap_losses_prefer_the_lesion_to_calling_everything_lesion(kind):
     truth[:, :, 30:34, 30:34] = 1.0
     target = T.lesion_target(truth, kind)
     assert set(target.unique().tolist()) == {0.0, 1.0}
-    right, everything = (torch.where(truth > 0, 8.0, -8.0), torch.full_like(truth, 8.0))
+    right = torch.where(truth > 0, 8.0, -8.0)  # logits: the lesion and nothing else
+    everything = torch.full_like(truth, 8.0)
     assert float(fn(right, target, truth)) < float(fn(everything, target, truth))
     if kind == "dice":  # why: the soft truth rewards calling everything lesion
         soft = T.lesion_target(truth, "content")
