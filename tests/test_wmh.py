@@ -97,6 +97,22 @@ def test_overlap_losses_prefer_the_lesion_to_calling_everything_lesion(kind):
     assert T.lesion_target(truth, "content").min() == pytest.approx(T.SOFT[0])
 
 
+@pytest.mark.parametrize("kind", ["dice", "tversky", "gdice"])
+def test_overlap_losses_do_not_reward_empty_output_on_lesion_free_slices(kind):
+    """A batch like training's: one slice of eight has lesion. Averaged per slice, an empty output scores
+    a perfect 0 on the seven others and beats a half-found lesion; the Dice variant trained so marked
+    nothing. Summed over the batch, finding half the lesion must score better than finding none."""
+    from bidsapp.training.losses import wmh_loss
+
+    fn = wmh_loss(kind)
+    truth = torch.zeros(8, 1, 64, 64)
+    truth[0, :, 20:36, 20:36] = 1.0
+    half = torch.where(truth > 0, 8.0, -8.0)
+    half[0, :, 28:36] = -8.0
+    empty = torch.full_like(truth, -8.0)
+    assert float(fn(half, truth, truth)) < 0.7 < float(fn(empty, truth, truth))
+
+
 def test_unknown_loss_is_refused():
     from bidsapp.training.losses import wmh_loss
 

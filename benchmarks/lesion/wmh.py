@@ -284,8 +284,8 @@ def table(which: str, results: dict, info: dict) -> list[str]:
         if k in names:
             s = results[k][which]["summary"]
             cells = [_cell(s[m]["mean"], s[m]["sd"], prec[m]) for m in METRICS]
-            if s.get("hd95_inf"):
-                cells[1] += f"+{s['hd95_inf']}inf"
+            if s.get("hd95_inf"):  # empty predictions: HD95 infinite, left out of the mean and counted
+                cells[1] = ("inf" if s["hd95"]["mean"] is None else cells[1]) + f" [{s['hd95_inf']} inf]"
             lines.append(f"{k + ' (ours)':<24}" + "".join(f"{c:>16}" for c in cells)
                          + f"{_cell(s['pcd']['mean'], None, 3):>8}{_cell(s['seconds']['mean'], None, 1):>7}")
         if k in PAPER[which]:

@@ -140,7 +140,11 @@ def wmh_loss(kind: str, features_net=None):
     """The WMH generator's lesion loss, ``f(logits, soft_truth, image)`` on one sigmoid channel:
     ``content`` (the Siamese content loss of :class:`bidsapp.models.wmh.ContentLoss` with the frozen
     ``features_net``) or the paper's baselines from MONAI: ``dice`` (epsilon 1), ``tversky`` (alpha 0.3
-    on false positives, beta 0.7 on false negatives), ``gdice`` (generalised Dice)."""
+    on false positives, beta 0.7 on false negatives), ``gdice`` (generalised Dice).
+
+    The overlap losses sum over the whole batch of slices, as the paper's Keras losses over the flattened
+    batch: averaged per slice, each of the many lesion-free slices scores a perfect 0 for an empty
+    output, and a Dice-trained generator learned to mark nothing (Dice 0.00 on every test session)."""
     from monai.losses import DiceLoss, GeneralizedDiceLoss, TverskyLoss
 
     if kind == "content":
@@ -150,9 +154,9 @@ def wmh_loss(kind: str, features_net=None):
             raise ValueError("the content loss needs the feature network")
         content = ContentLoss(features_net)
         return lambda logits, truth, image: content(image, torch.sigmoid(logits), truth)
-    overlap = {"dice": lambda: DiceLoss(sigmoid=True, smooth_nr=1.0, smooth_dr=1.0),
-               "tversky": lambda: TverskyLoss(sigmoid=True, alpha=0.3, beta=0.7),
-               "gdice": lambda: GeneralizedDiceLoss(sigmoid=True)}
+    overlap = {"dice": lambda: DiceLoss(sigmoid=True, smooth_nr=1.0, smooth_dr=1.0, batch=True),
+               "tversky": lambda: TverskyLoss(sigmoid=True, alpha=0.3, beta=0.7, batch=True),
+               "gdice": lambda: GeneralizedDiceLoss(sigmoid=True, batch=True)}
     if kind not in overlap:
         raise ValueError(f"unknown WMH loss {kind!r}; known: content, {', '.join(overlap)}")
     fn = overlap[kind]()
