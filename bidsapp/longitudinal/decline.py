@@ -38,10 +38,9 @@ def applies(contrast: str) -> bool:
 
 def ras(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``array`` in RAS voxel order (axes permuted and flipped only) and its voxel size there."""
-    from bidsapp.models.lesion import _to_ras
-    from bidsapp.models.tissue import ras_zooms
+    from bidsapp.models.tissue import ras_zooms, to_ras
 
-    out, ornt = _to_ras(np.asarray(array), affine)
+    out, ornt = to_ras(np.asarray(array), affine)
     return np.ascontiguousarray(out), ras_zooms(np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(0)), ornt)
 
 

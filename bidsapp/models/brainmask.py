@@ -200,7 +200,7 @@ def extract(img, device="cpu", weights_dir=None) -> BrainMaskResult:
 
     from bidsapp.devices import resolve_device
 
-    from .tissue import ras_zooms, resample_shape, resample_to
+    from .tissue import from_ras, ras_zooms, resample_shape, resample_to, to_ras
 
     device = resolve_device(device)
     net, card = load_model(device, weights_dir)
@@ -209,14 +209,11 @@ def extract(img, device="cpu", weights_dir=None) -> BrainMaskResult:
     if data.ndim > 3:
         data = data.reshape(data.shape[:3])
     data = np.nan_to_num(data, nan=0.0, posinf=0.0, neginf=0.0)
-    ornt = nib.orientations.io_orientation(img.affine)
-    ras = nib.orientations.apply_orientation(data, ornt)
+    ras, ornt = to_ras(data, img.affine)
     zooms = ras_zooms(img.header.get_zooms(), ornt)
     low = resample_to(np.maximum(ras, 0), zooms, grid)
     prob_ras = resample_shape(predict_probability(net, low, device), ras.shape, order=1)
-    back = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"), ornt)
-    prob = nib.orientations.apply_orientation(prob_ras, back)
-    mask, sizes = postprocess(np.ascontiguousarray(prob))
+    mask, sizes = postprocess(from_ras(prob_ras, ornt))
     native_zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
     voxml = float(np.prod(native_zooms)) / 1000.0
     own = prestripped_support(data, mask, native_zooms) if mask.any() else None

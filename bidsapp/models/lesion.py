@@ -123,20 +123,6 @@ def normalise(x, mask):
     return np.clip(x / scale, 0.0, 6.0).astype(np.float32)
 
 
-def _to_ras(data, affine):
-    import nibabel as nib
-
-    ornt = nib.orientations.io_orientation(affine)
-    return nib.orientations.apply_orientation(data, ornt), ornt
-
-
-def _from_ras(data, ornt):
-    import nibabel as nib
-
-    back = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"), ornt)
-    return np.ascontiguousarray(nib.orientations.apply_orientation(data, back))
-
-
 def _box(mask: np.ndarray, margin: int) -> tuple[slice, ...]:
     idx = np.argwhere(mask)
     lo = np.maximum(idx.min(0) - margin, 0)
@@ -175,7 +161,7 @@ def segment(images: dict, brain_mask: np.ndarray, affine: np.ndarray, zooms, dev
 
     from bidsapp.devices import resolve_device
 
-    from .tissue import ras_zooms, resample_shape, resample_to
+    from .tissue import from_ras, ras_zooms, resample_shape, resample_to, to_ras
 
     used = tuple(c for c in CHANNELS if c in images)
     if not any(c in used for c in NEEDS):
@@ -184,9 +170,9 @@ def segment(images: dict, brain_mask: np.ndarray, affine: np.ndarray, zooms, dev
     net, card = load_model(device, weights_dir)
     grid = float(card.get("resolution_mm", GRID_MM))
     mask = np.asarray(brain_mask) > 0
-    mask_ras, ornt = _to_ras(mask.astype(np.float32), affine)
-    zooms = ras_zooms(zooms, ornt)
-    low_mask = resample_to(mask_ras, zooms, grid) >= 0.5
+    mask_ras, ornt = to_ras(mask.astype(np.float32), affine)
+    zooms_ras = ras_zooms(zooms, ornt)
+    low_mask = resample_to(mask_ras, zooms_ras, grid) >= 0.5
     if not low_mask.any():
         raise ValueError("the brain mask is empty")
     low_mask = ndi.binary_dilation(low_mask, iterations=1)
@@ -197,15 +183,15 @@ def segment(images: dict, brain_mask: np.ndarray, affine: np.ndarray, zooms, dev
         if c not in images:
             continue
         data = np.nan_to_num(np.asarray(images[c], np.float32), nan=0.0, posinf=0.0, neginf=0.0)
-        ras, _ = _to_ras(np.maximum(data, 0), affine)
-        low = resample_to(ras, zooms, grid)[box]
+        ras, _ = to_ras(np.maximum(data, 0), affine)
+        low = resample_to(ras, zooms_ras, grid)[box]
         stack[i] = normalise(low * sub_mask, sub_mask)
     prob_low = predict(net, stack, device)
     prob_low *= sub_mask[None]
     ras_shape = mask_ras.shape
     full_low = np.zeros((len(OUTPUTS), *low_mask.shape), np.float32)
     full_low[(slice(None), *box)] = prob_low
-    maps = [_from_ras(resample_shape(p, ras_shape, order=1), ornt) for p in full_low]
+    maps = [from_ras(resample_shape(p, ras_shape, order=1), ornt) for p in full_low]
     lesion = maps[0] * mask
     return LesionResult(probability=lesion.astype(np.float32),
                         mask=label_lesions(lesion >= 0.5, zooms, MIN_LESION_MM3)[0] > 0,

@@ -302,6 +302,23 @@ def load_model(name: str, device="cpu", weights_dir=None):
 # ---------------------------------------------------------------------------------------------
 # resampling and normalisation
 # ---------------------------------------------------------------------------------------------
+def to_ras(data: np.ndarray, affine) -> tuple[np.ndarray, np.ndarray]:
+    """``data`` in RAS voxel order (axes permuted and flipped, never resampled, so any of the 48
+    orientations maps back exactly with :func:`from_ras`) and the nibabel orientation that did it."""
+    import nibabel as nib
+
+    ornt = nib.orientations.io_orientation(affine)
+    return nib.orientations.apply_orientation(data, ornt), ornt
+
+
+def from_ras(data: np.ndarray, ornt) -> np.ndarray:
+    """Undo :func:`to_ras` for an array computed on its RAS voxel grid."""
+    import nibabel as nib
+
+    back = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt("RAS"), ornt)
+    return np.ascontiguousarray(nib.orientations.apply_orientation(data, back))
+
+
 def ras_zooms(zooms, ornt) -> np.ndarray:
     """Voxel sizes along the axes of ``nibabel.orientations.apply_orientation(data, ornt)``: output axis
     ``j`` is input axis ``argsort(ornt[:, 0])[j]`` (indexing by ``ornt[:, 0]`` itself is right only when the

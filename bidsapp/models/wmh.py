@@ -288,7 +288,8 @@ def segment(flair: np.ndarray, brain_mask: np.ndarray, affine: np.ndarray, zooms
     from bidsapp.devices import resolve_device
     from bidsapp.metrics.lesions import label_lesions
 
-    from .lesion import LesionResult, _from_ras, _to_ras, normalise
+    from .lesion import LesionResult, normalise
+    from .tissue import from_ras, to_ras
 
     device = resolve_device(device)
     net, card = inference_model(device, weights_dir)
@@ -297,9 +298,9 @@ def segment(flair: np.ndarray, brain_mask: np.ndarray, affine: np.ndarray, zooms
     if not mask.any():
         raise ValueError("the brain mask is empty")
     data = np.nan_to_num(np.asarray(flair, np.float32), nan=0.0, posinf=0.0, neginf=0.0)
-    ras, ornt = _to_ras(np.maximum(data, 0), affine)
+    ras, ornt = to_ras(np.maximum(data, 0), affine)
     del data
-    mask_ras, _ = _to_ras(mask, affine)
+    mask_ras, _ = to_ras(mask, affine)
     norm = normalise(ras * mask_ras, mask_ras)
     box = square_box(mask_ras.any(2))
     zs = np.flatnonzero(mask_ras.any((0, 1)))
@@ -313,7 +314,7 @@ def segment(flair: np.ndarray, brain_mask: np.ndarray, affine: np.ndarray, zooms
             lesion[:, :, z] = full[..., 0] * mask_ras[:, :, z]
             context[:, :, :, z] = np.moveaxis(full[..., 1:], -1, 0)
     del norm, ras
-    maps = [_from_ras(lesion, ornt)] + [_from_ras(c, ornt) for c in context]
+    maps = [from_ras(lesion, ornt)] + [from_ras(c, ornt) for c in context]
     lesion = maps[0]
     zooms_in = np.asarray(zooms[:3], float)
     return LesionResult(probability=lesion,

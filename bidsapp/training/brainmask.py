@@ -186,7 +186,7 @@ class HeadSynth:
         from bidsapp.models.brainmask import normalise
         from bidsapp.physics.simulator import bias_field_torch, rician_noise_torch
 
-        rng, S = self.rng, self.size
+        rng = self.rng
         head = self.heads[rng.integers(len(self.heads))]
         signals, desc = class_signals(head.classes, rng)
         signed = torch.einsum("cxyz,c->xyz", head.fractions, torch.from_numpy(signals))

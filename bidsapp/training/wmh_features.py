@@ -60,15 +60,16 @@ def real_slices(bids_dir, size: int, progress=print) -> np.ndarray:
     import torch.nn.functional as F
 
     from bidsapp.models import brainmask
-    from bidsapp.models.lesion import _to_ras, normalise
+    from bidsapp.models.lesion import normalise
+    from bidsapp.models.tissue import to_ras
     from bidsapp.models.wmh import crop_square, square_box
 
     out = []
     for path in sorted(Path(bids_dir).rglob("*_FLAIR.nii*")):
         img = nib.load(str(path))
         mask = brainmask.extract(img).mask
-        data, _ = _to_ras(np.asarray(img.dataobj, np.float32), img.affine)
-        mask, _ = _to_ras(mask > 0, img.affine)
+        data, _ = to_ras(np.asarray(img.dataobj, np.float32), img.affine)
+        mask, _ = to_ras(mask > 0, img.affine)
         norm = normalise(data * mask, mask)
         box = square_box(mask.any(2))
         for z in np.flatnonzero(mask.sum((0, 1)) > 0.1 * mask.sum((0, 1)).max()):
