@@ -196,8 +196,6 @@ def contrast_problem(image: np.ndarray, mask: np.ndarray, voxel_ml: float) -> st
 
 def extract(img, device="cpu", weights_dir=None) -> BrainMaskResult:
     """Brain mask of a nibabel image on its own grid (see the module docstring for the steps)."""
-    import nibabel as nib
-
     from bidsapp.devices import resolve_device
 
     from .tissue import from_ras, ras_zooms, resample_shape, resample_to, to_ras
