@@ -112,3 +112,25 @@ def test_clinical_lesion_masks(tmp_path):
     case["volumes"].write_text("method\tlabel\tvolume_mm3\tcount\nlesion\tlesion\t2000\t4\nwmh\tlesion\t2500\t6\n")
     assert clinical.method_volume(case) == (2.5, 6)
     assert clinical.method_volume(case | {"method": "lesion"}) == (2.0, 4)
+
+
+def test_paired_differences_match_sessions_and_bound_the_lead(wmh):
+    def sessions(dice):
+        return [{"head": f"anat-{10 + k % 3}", "scanner": f"scanner {k // 3}", "grade": 1 + k % 3, "dice": d,
+                 "ltpr": 0.5} for k, d in enumerate(dice)]
+
+    content = sessions([0.6, 0.5, 0.7, 0.4, 0.65, 0.55])
+    other = sessions([0.5, 0.45, 0.6, 0.35, 0.6, 0.5])[::-1]          # same sessions, another order
+    res = {"content": {"ood": {"sessions": content}}, "dice": {"ood": {"sessions": other}}}
+    p = wmh.paired_differences(res)["dice"]
+    assert p["dice"]["n"] == 6 and p["dice"]["content_ahead"] == 6
+    assert p["dice"]["mean"] == pytest.approx(0.0667, abs=1e-3)
+    lo, hi = p["dice"]["ci95"]
+    assert 0 < lo < p["dice"]["mean"] < hi                             # ahead on every session: excludes 0
+    assert p["ltpr"]["mean"] == 0 and p["ltpr"]["ci95"] is None        # no spread, no interval
+    mixed = sessions([0.9, 0.1, 0.9, 0.1, 0.9, 0.1])
+    q = wmh.paired_differences({"content": {"ood": {"sessions": mixed}},
+                                "dice": {"ood": {"sessions": sessions([0.5] * 6)}}})["dice"]["dice"]
+    assert q["ci95"][0] < 0 < q["ci95"][1] and q["content_ahead"] == 3
+    assert any("content - dice" in line for line in wmh.paired_lines({"dice": p}))
+    assert wmh.paired_differences({"dice": {"ood": {"sessions": other}}}) == {}
