@@ -47,6 +47,26 @@ def test_cov_where_keeps_only_the_chosen_acquisitions(bench):
     assert bench.cov_where(None, keep) == {} and bench.cov_where(volumes, np.array([True, False, False])) == {}
 
 
+def test_thick_slices_average_axial_slabs_and_keep_partial_volume(bench):
+    """--slices: a 2D acquisition's slab is the mean of the simulated slices it covers, so a boundary
+    inside a slab becomes partial volume, and the slab count follows the thickness."""
+    a = np.zeros((2, 2, 7), np.float32)
+    a[..., 4:] = 1.0  # an edge between simulated slices 3 and 4
+    thick = bench.slab_mean(a, 3)
+    assert thick.shape == (2, 2, 2)  # the seventh slice does not fill a slab
+    np.testing.assert_allclose(thick[0, 0], [0.0, 2 / 3])
+    assert bench.slab_mean(a, 1) is a
+
+    class Args:
+        resolution, slices = 1.0, 3.0
+    assert bench.slice_factor(Args) == 3
+    Args.slices = 2.5
+    with pytest.raises(SystemExit, match="not a multiple"):
+        bench.slice_factor(Args)
+    Args.slices = None
+    assert bench.slice_factor(Args) == 1
+
+
 def test_sweep_figure_is_written_for_methods_with_volumes(bench, tmp_path):
     out = _results()
     out["per_subject"]["atropos"] = {f: {} for f in ("MPRAGE", "SPGR")}  # reused without volumes: left out
