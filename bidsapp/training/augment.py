@@ -37,7 +37,7 @@ def gaussian_blur(img, sd: float, radius: int = 2):
     import torch
     import torch.nn.functional as F
 
-    g = torch.exp(-torch.arange(-radius, radius + 1, dtype=torch.float32) ** 2 / (2 * sd * sd))
+    g = torch.exp(-torch.arange(-radius, radius + 1, dtype=torch.float32, device=img.device) ** 2 / (2 * sd * sd))
     g = g / g.sum()
     x = img[None, None]
     for ax in range(3):

@@ -137,14 +137,23 @@ class HeadSynth:
     """Random synthetic heads with their brain target (see the module docstring)."""
 
     def __init__(self, heads: list[Head], size: int = 96, seed: int = 0, max_rotation: float = 20.0,
-                 centre: str = "brain"):
+                 centre: str = "brain", device="cpu"):
+        """``device``: where the heads live and the images are made. On a GPU the synthesis runs there
+        too, or the processor that feeds it becomes the bottleneck (its random stream then differs from
+        the CPU's for the same seed)."""
+        import dataclasses
+
         import torch
 
         if centre not in CENTRES:
             raise ValueError(f"centre must be one of {', '.join(CENTRES)}, not {centre!r}")
-        self.heads, self.size, self.max_rotation, self.centre = heads, int(size), float(max_rotation), centre
+        self.device = torch.device(device)
+        self.heads = [h if self.device.type == "cpu" else
+                      dataclasses.replace(h, fractions=h.fractions.to(self.device), brain=h.brain.to(self.device))
+                      for h in heads]
+        self.size, self.max_rotation, self.centre = int(size), float(max_rotation), centre
         self.rng = np.random.default_rng(seed)
-        self.gen = torch.Generator().manual_seed(int(seed))
+        self.gen = torch.Generator(device=self.device).manual_seed(int(seed))
 
     def state(self) -> dict:
         return {"rng": self.rng.bit_generator.state, "gen": self.gen.get_state()}
@@ -168,14 +177,17 @@ class HeadSynth:
             centre = rng.uniform(head.head_box[0], head.head_box[1])
         else:
             centre = head.centre + rng.normal(0, 6.0, 3)  # voxels (12 mm at 2 mm)
-        o = torch.stack(torch.meshgrid(*[torch.arange(S, dtype=torch.float32) - (S - 1) / 2] * 3, indexing="ij"), -1)
-        p = o @ torch.as_tensor(m.T, dtype=torch.float32) + torch.as_tensor(centre, dtype=torch.float32)
+        dev = self.device
+        o = torch.stack(torch.meshgrid(*[torch.arange(S, dtype=torch.float32, device=dev) - (S - 1) / 2] * 3,
+                                       indexing="ij"), -1)
+        p = (o @ torch.as_tensor(m.T, dtype=torch.float32, device=dev)
+             + torch.as_tensor(centre, dtype=torch.float32, device=dev))
         amp = rng.uniform(0, 2.0)
         if amp > 0:
-            coarse = torch.randn((1, 3, 5, 5, 5), generator=self.gen) * amp
+            coarse = torch.randn((1, 3, 5, 5, 5), generator=self.gen, device=dev) * amp
             disp = torch.nn.functional.interpolate(coarse, size=(S, S, S), mode="trilinear", align_corners=True)
             p = p + disp[0].permute(1, 2, 3, 0)
-        norm = 2 * p / torch.as_tensor(shape - 1, dtype=torch.float32) - 1
+        norm = 2 * p / torch.as_tensor(shape - 1, dtype=torch.float32, device=dev) - 1
         return norm.flip(-1)[None]  # grid_sample wants (x=W, y=H, z=D)
 
     def sample(self) -> tuple:
@@ -189,7 +201,7 @@ class HeadSynth:
         rng = self.rng
         head = self.heads[rng.integers(len(self.heads))]
         signals, desc = class_signals(head.classes, rng)
-        signed = torch.einsum("cxyz,c->xyz", head.fractions, torch.from_numpy(signals))
+        signed = torch.einsum("cxyz,c->xyz", head.fractions, torch.from_numpy(signals).to(self.device))
         stack = torch.stack([signed, head.brain])[None]
         warped = F.grid_sample(stack, self._grid(head), mode="bilinear", padding_mode="zeros", align_corners=True)[0]
         img, target = warped[0].abs(), warped[1].clamp(0, 1)
@@ -218,7 +230,7 @@ class HeadSynth:
                 keep = F.max_pool3d(keep, 2 * r + 1, stride=1, padding=r)
             img = img * keep[0, 0]
             tags.append(f"stripped{r}")
-        img = img * bias_field_torch(img.shape, float(rng.uniform(0.0, 0.6)), self.gen)[0]
+        img = img * bias_field_torch(img.shape, float(rng.uniform(0.0, 0.6)), self.gen, device=self.device)[0]
         if rng.random() < 0.5:  # thick slices along a random axis
             ax, k = int(rng.integers(3)), int(rng.choice([2, 3]))
             img = thick_slices(img, ax, k)
@@ -285,7 +297,8 @@ def train(cfg: TrainConfig, heads: list[Head] | None = None, progress=print, sto
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     heads = heads if heads is not None else load_heads(cfg.anatomy_dir, use_icbm=cfg.icbm)
-    synth = HeadSynth(heads, size=cfg.size, seed=cfg.seed, max_rotation=cfg.max_rotation, centre=cfg.centre)
+    synth = HeadSynth(heads, size=cfg.size, seed=cfg.seed, max_rotation=cfg.max_rotation, centre=cfg.centre,
+                      device=device)
     net = build_network()
     if cfg.init_from:
         load_initial(cfg.init_from, net)
