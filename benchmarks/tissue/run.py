@@ -18,7 +18,8 @@ Methods: ANTs Atropos (antspyx ``ants.atropos``, k-means initialisation with 3 c
 mask, MRF 0.1; classes named by mean intensity, CSF < GM < WM, as for any T1w; no template priors
 because the held-out phantoms are not registered to a template here), the U-Net without physics and
 the U-Net with physics (shipped weights). Images are simulated at ``--resolution`` mm (default 2 mm,
-the models' working resolution).
+the models' working resolution); ``--slices MM`` then averages them into axial slices MM thick, as a
+clinical 2D scan is acquired, and the truth (gold standard, tissue fractions, mask) alike.
 
 ``--timing`` adds inference time and peak memory of ``bidsapp.models.tissue.segment`` on a 1 mm
 session (a held-out subject simulated at 1 mm, 2 torch threads, separate process per run).
