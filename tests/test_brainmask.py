@@ -308,3 +308,17 @@ def test_card_commands_parse_and_regenerate_from_the_one_config():
         args = parser.parse_args(shlex.split(cmd)[2:])
         again = B.command_line(config_from_args(B.TrainConfig, args))
         assert again + (f" --stop-after {args.stop_after}" if args.stop_after else "") == cmd
+
+
+def test_resuming_on_another_device_says_so_in_one_line(icbm_heads):
+    """A checkpoint's generator state belongs to the device it was made on (CPU and GPU states differ
+    in size); resuming elsewhere is refused with a line that names the fix, not a traceback."""
+    import torch
+
+    from bidsapp.training.brainmask import HeadSynth
+
+    synth = HeadSynth(icbm_heads, size=32, seed=0)
+    state = synth.state()
+    synth.set_state(state)  # same device: fine
+    with pytest.raises(SystemExit, match="--device it started on"):
+        synth.set_state({"rng": state["rng"], "gen": torch.zeros(16, dtype=torch.uint8)})

@@ -160,7 +160,11 @@ class HeadSynth:
 
     def set_state(self, state: dict) -> None:
         self.rng.bit_generator.state = state["rng"]
-        self.gen.set_state(state["gen"])
+        try:
+            self.gen.set_state(state["gen"])
+        except RuntimeError:  # a CPU generator's state does not fit a GPU's, nor the reverse
+            raise SystemExit(f"the checkpoint's random state was made on another device than {self.device}: "
+                             "resume the run with the --device it started on") from None
 
     def _grid(self, head: Head):
         """Sampling grid (1, S, S, S, 3) for grid_sample: output voxel -> head voxel, normalised."""
