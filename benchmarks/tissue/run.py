@@ -94,10 +94,11 @@ def heldout_subject(anatomy_dir: Path, name: str, resolution: float, seed: int, 
                            orientation)[0]
 
 
-def gold_standard_dseg(subj) -> np.ndarray:
-    """The physics gold standard as labels (1 CSF, 2 GM, 3 WM; 0 outside the brain)."""
-    gs = subj.target.astype(np.float32).argmax(0) + 1
-    gs[~subj.mask] = 0
+def gold_standard_dseg(subj, k: int = 1) -> np.ndarray:
+    """The physics gold standard as labels (1 CSF, 2 GM, 3 WM; 0 outside the brain), in slabs of ``k``
+    slices (:func:`slab_mean`; the brain is where at least half the slab is)."""
+    gs = slab_mean(subj.target.astype(np.float32), k).argmax(0) + 1
+    gs[slab_mean(subj.mask.astype(np.float32), k) < 0.5] = 0
     return gs
 
 
@@ -143,13 +144,12 @@ def evaluate(args) -> dict:
     seconds = {m: 0.0 for m in run_methods}
     if reused:
         print(f"reusing {', '.join(reused)} from {', '.join(args.reuse)}", flush=True)
+    k_sl = slice_factor(args)
     for name in names if run_methods else []:
         t0 = time.time()
         subj = heldout_subject(Path(args.anatomy_dir), name, args.resolution, args.seed, args.orientation)
-        k_sl = slice_factor(args)
-        mask = slab_mean(subj.mask.astype(np.float32), k_sl) >= 0.5
-        gs = slab_mean(subj.target.astype(np.float32), k_sl).argmax(0) + 1
-        gs[~mask] = 0
+        gs = gold_standard_dseg(subj, k_sl)
+        mask = gs > 0
         zooms = (args.resolution, args.resolution, args.resolution * k_sl)
         vox = float(np.prod(np.linalg.norm(subj.affine[:3, :3], axis=0))) * k_sl
         fractions = slab_mean(subj.fraction_target().astype(np.float32), k_sl)
