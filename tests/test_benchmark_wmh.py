@@ -1,5 +1,6 @@
-"""The WMH benchmark's helpers (PCD, bins, summaries, the target check, Fig. 5) on made-up numbers, and the
-clinical benchmark's lesion-mask discovery on fake files (no simulation, no model)."""
+"""The lesion benchmarks' helpers on made-up numbers: WMH (PCD, bins, summaries, the target check, Fig. 5),
+the MS benchmark's pairing with BM, and the clinical benchmark's lesion-mask discovery on fake files (no
+simulation, no model)."""
 
 from __future__ import annotations
 
@@ -134,3 +135,18 @@ def test_paired_differences_match_sessions_and_bound_the_lead(wmh):
     assert q["ci95"][0] < 0 < q["ci95"][1] and q["content_ahead"] == 3
     assert any("content - dice" in line for line in wmh.paired_lines({"dice": p}))
     assert wmh.paired_differences({"dice": {"ood": {"sessions": other}}}) == {}
+
+
+def test_the_ms_lesion_benchmark_pairs_every_model_with_bm_on_the_same_sessions():
+    run = _script("run")
+    rows = lambda dice: [{"head": h, "scanner": s, "subset": "all", "dice": dice + 0.01 * s, "ltpr": 0.5,  # noqa: E731
+                          "lfpr": 0.3, "ppv": 0.6} for h in ("anat-10", "anat-11") for s in range(3)]
+    shipped = rows(0.70) + [dict(r, subset="FLAIR", dice=0.1) for r in rows(0.0)]
+    result = {"ours": {"BM": {"sessions": rows(0.65)}, "pc": {"sessions": rows(0.60)[:4]}},
+              "shipped": {"sessions": shipped}}
+    p = run.paired_vs(result)
+    assert set(p) == {"pc", "shipped"}
+    assert p["shipped"]["dice"]["n"] == 6 and p["shipped"]["dice"]["mean"] == pytest.approx(0.05)
+    assert p["pc"]["dice"]["n"] == 4 and p["pc"]["dice"]["ahead"] == 0 and p["pc"]["dice"]["ci95"] is None  # no spread
+    assert p["shipped"]["ltpr"]["mean"] == 0.0
+    assert run.paired_vs({"ours": {"pc": {"sessions": rows(0.6)}}, "shipped": {}}) == {}

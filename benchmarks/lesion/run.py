@@ -86,6 +86,26 @@ def summary(rows, subset="all") -> dict:
     return {k: float(np.nanmean([r[k] for r in sel])) for k in (*METRICS, "seconds")} | {"n": len(sel)}
 
 
+def paired_vs(result: dict, ref: str = "BM", metrics=("dice", "ltpr", "lfpr", "ppv")) -> dict:
+    """Every other model (the trained variants and the shipped one) minus ``ref`` on the same whole-input
+    sessions, per metric (:func:`bidsapp.metrics.paired.paired_difference`); empty when ``ref`` was not
+    trained. The paper's claim is that the regularised models lead BM."""
+    from bidsapp.metrics.paired import paired_difference
+
+    if ref not in result["ours"]:
+        return {}
+    key = lambda r: (r["head"], r["scanner"])  # noqa: E731
+    base = {key(r): r for r in result["ours"][ref]["sessions"]}
+    models = {k: v["sessions"] for k, v in result["ours"].items() if k != ref}
+    models["shipped"] = [r for r in result["shipped"].get("sessions", []) if r["subset"] == "all"]
+    out = {}
+    for name, rows in models.items():
+        pairs = [(r, base[key(r)]) for r in rows if key(r) in base]
+        if pairs:
+            out[name] = {m: paired_difference([a[m] for a, _ in pairs], [b[m] for _, b in pairs]) for m in metrics}
+    return out
+
+
 def train_variant(name: str, args) -> Path:
     from bidsapp.models.lesion import MODEL_NAME
     from bidsapp.training import lesion as T
@@ -145,6 +165,13 @@ def main(argv=None) -> int:
     for subset, s in result["shipped"]["by_subset"].items():
         print(f"{'shipped (' + subset + ')':<22}{s['dice']:8.3f}{s['ltpr']:8.3f}{s['lfpr']:8.3f}{s['ppv']:8.3f}"
               f"{s['lesion_f1']:8.3f}{s['avd']:8.1f}{s['hd95']:8.1f}{s['seconds']:7.1f}")
+    result["paired_vs_BM"] = paired_vs(result)
+    if result["paired_vs_BM"]:
+        print("\npaired on the same sessions, minus BM: mean difference [95 % bootstrap interval], sessions ahead")
+        for name, by_metric in result["paired_vs_BM"].items():
+            cells = [f"{m} {e['mean']:+.3f}" + (f" [{e['ci95'][0]:+.3f}, {e['ci95'][1]:+.3f}]" if e["ci95"] else "")
+                     + f" {e['ahead']}/{e['n']}" for m, e in by_metric.items()]
+            print(f"  {name:<8} " + "; ".join(cells))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1, default=float))
     print(f"wrote {args.out}")

@@ -196,7 +196,7 @@ def paired_differences(results: dict, which: str = "ood", metrics=TARGET, seed: 
     difference, its 95 % bootstrap interval (scipy, percentile, 2000 resamples) and the number of sessions
     where content is ahead. With a dozen sessions a difference of means alone cannot tell a real lead from
     the spread of the sessions; the interval can. ``{loss: {metric: {...}}}``; empty without content."""
-    from scipy.stats import bootstrap
+    from bidsapp.metrics.paired import paired_difference
 
     if which not in results.get("content", {}):
         return {}
@@ -206,15 +206,9 @@ def paired_differences(results: dict, which: str = "ood", metrics=TARGET, seed: 
         pairs = [(mine[session_key(r)], r) for r in results[loss][which]["sessions"] if session_key(r) in mine]
         out[loss] = {}
         for m in metrics:
-            d = np.array([a[m] - b[m] for a, b in pairs if a.get(m) is not None and b.get(m) is not None], float)
-            d = d[np.isfinite(d)]
-            entry = {"n": int(d.size), "mean": float(d.mean()) if d.size else None,
-                     "content_ahead": int((d > 0).sum()), "ci95": None}
-            if d.size >= 3 and np.ptp(d) > 0:
-                ci = bootstrap((d,), np.mean, confidence_level=0.95, n_resamples=2000, method="percentile",
-                               random_state=np.random.default_rng(seed)).confidence_interval
-                entry["ci95"] = [float(ci.low), float(ci.high)]
-            out[loss][m] = entry
+            kept = [(a[m], b[m]) for a, b in pairs if a.get(m) is not None and b.get(m) is not None]
+            e = paired_difference([a for a, _ in kept], [b for _, b in kept], seed=seed)
+            out[loss][m] = {"n": e["n"], "mean": e["mean"], "content_ahead": e["ahead"], "ci95": e["ci95"]}
     return out
 
 
