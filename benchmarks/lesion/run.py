@@ -167,7 +167,8 @@ def main(argv=None) -> int:
               f"{s['lesion_f1']:8.3f}{s['avd']:8.1f}{s['hd95']:8.1f}{s['seconds']:7.1f}")
     result["paired_vs_BM"] = paired_vs(result)
     if result["paired_vs_BM"]:
-        print("\npaired on the same sessions, minus BM: mean difference [95 % bootstrap interval], sessions ahead")
+        print("\npaired on the same sessions, minus BM: mean difference [95 % bootstrap interval], "
+              "sessions where the model is higher")
         for name, by_metric in result["paired_vs_BM"].items():
             cells = [f"{m} {e['mean']:+.3f}" + (f" [{e['ci95'][0]:+.3f}, {e['ci95'][1]:+.3f}]" if e["ci95"] else "")
                      + f" {e['ahead']}/{e['n']}" for m, e in by_metric.items()]

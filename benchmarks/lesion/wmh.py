@@ -192,10 +192,9 @@ def session_key(row: dict) -> tuple:
 
 
 def paired_differences(results: dict, which: str = "ood", metrics=TARGET, seed: int = 0) -> dict:
-    """Content minus each other loss on the same sessions of ``which``, per metric of ``metrics``: mean
-    difference, its 95 % bootstrap interval (scipy, percentile, 2000 resamples) and the number of sessions
-    where content is ahead. With a dozen sessions a difference of means alone cannot tell a real lead from
-    the spread of the sessions; the interval can. ``{loss: {metric: {...}}}``; empty without content."""
+    """Content minus each other loss on the same sessions of ``which``, per metric of ``metrics``
+    (:func:`bidsapp.metrics.paired.paired_difference`: mean difference, 95 % bootstrap interval, sessions
+    where content is ahead). ``{loss: {metric: {...}}}``; empty without content."""
     from bidsapp.metrics.paired import paired_difference
 
     if which not in results.get("content", {}):
