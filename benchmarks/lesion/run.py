@@ -169,9 +169,10 @@ def main(argv=None) -> int:
     if result["paired_vs_BM"]:
         print("\npaired on the same sessions, minus BM: mean difference [95 % bootstrap interval], "
               "sessions where the model is higher")
+        from bidsapp.metrics.paired import describe
+
         for name, by_metric in result["paired_vs_BM"].items():
-            cells = [f"{m} {e['mean']:+.3f}" + (f" [{e['ci95'][0]:+.3f}, {e['ci95'][1]:+.3f}]" if e["ci95"] else "")
-                     + f" {e['ahead']}/{e['n']}" for m, e in by_metric.items()]
+            cells = [f"{m} {describe(e)} {e['ahead']}/{e['n']}" for m, e in by_metric.items()]
             print(f"  {name:<8} " + "; ".join(cells))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1, default=float))

@@ -212,13 +212,14 @@ def paired_differences(results: dict, which: str = "ood", metrics=TARGET, seed: 
 
 
 def paired_lines(paired: dict) -> list[str]:
+    from bidsapp.metrics.paired import describe
+
     lines = []
     for loss, by_metric in paired.items():
         for m, e in by_metric.items():
             if e["mean"] is None:
                 continue
-            ci = f" [{e['ci95'][0]:+.3f}, {e['ci95'][1]:+.3f}]" if e["ci95"] else ""
-            lines.append(f"  content - {loss:<8} {HEADERS[m]:<9} {e['mean']:+.3f}{ci}, content ahead in "
+            lines.append(f"  content - {loss:<8} {HEADERS[m]:<9} {describe(e)}, content ahead in "
                          f"{e['content_ahead']} of {e['n']} sessions")
     return (["paired on the same out-of-distribution sessions: mean difference [95 % bootstrap interval]"]
             + lines) if lines else []

@@ -23,3 +23,9 @@ def paired_difference(a, b, seed: int = 0) -> dict:
                        random_state=np.random.default_rng(seed)).confidence_interval
         out["ci95"] = [float(ci.low), float(ci.high)]
     return out
+
+
+def describe(entry: dict) -> str:
+    """A :func:`paired_difference` as text: ``+0.050 [+0.040, +0.060]`` (no interval when it has none)."""
+    ci = entry["ci95"]
+    return f"{entry['mean']:+.3f}" + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "")
