@@ -44,3 +44,46 @@ def test_baselines_read_separable_changes_and_the_scores_split_by_scanner_change
     row = tables.table(pool, {}, runs=2, seed=0, siamese_probs=always)[0]
     assert row["model"] == "3D-SiameseNet" and row["stable_change_called_stable"] == 0.0
     assert row["accuracy"] == pytest.approx(0.5, abs=0.1)
+
+
+def _ball(ventricle, size=32, seed=0):
+    rng = np.random.default_rng(seed)
+    g = np.indices((size,) * 3).astype(float) - (size - 1) / 2
+    r = np.sqrt((g ** 2).sum(0))
+    csf = np.clip(ventricle + 0.5 - r, 0, 1) + np.clip(r - 10.5, 0, 1)
+    img = csf * 0.15 + (1 - csf) * np.where(r > 8.5, 0.5, 0.9) + rng.normal(0, 0.01, r.shape)
+    return np.where(r <= 12, np.maximum(img, 1e-3), 0.0).astype(np.float16)
+
+
+def test_siamese_rows_and_tsne_only_on_a_pool_the_network_did_not_learn(tables, tmp_path):
+    import json
+
+    import torch
+
+    from bidsapp.models import registry
+    from bidsapp.models import siamese as SN
+
+    n = 40
+    label, change = np.arange(n) % 2, (np.arange(n) // 2) % 2
+    a = np.stack([_ball(4.0, seed=k) for k in range(n)])
+    b = np.stack([_ball(4.0 + 1.5 * label[k], seed=100 + k) for k in range(n)])
+    pool = {"a": a, "b": b, "label": label, "change": change, "validation": np.zeros(n, bool),
+            "protocols": np.array(["siemens-1.5T-mprage>siemens-1.5T-mprage"] * n),
+            "gm_change": -1.0 - 2 * label.astype(np.float32), "ventricle_change": 2.0 + 8 * label.astype(np.float32)}
+    arch = {"class": SN.ARCHITECTURE["class"],
+            "kwargs": dict(SN.ARCHITECTURE["kwargs"], filters=[2, 2, 2], dense=[4, 4], input_size=32)}
+    torch.manual_seed(0)
+    card = {"version": "test", "architecture": arch, "classes": list(SN.CLASSES), "input_mode": "standardised",
+            "resolution_mm": 3.0, "training": {"command": "test", "seed": 0}, "metrics": {}}
+    registry.save_model(SN.MODEL_NAME, SN.build_network(arch).state_dict(), card, tmp_path / "weights")
+    for seed in (0, 1):
+        run = tmp_path / f"run{seed}"
+        run.mkdir()
+        np.savez(run / "pairs.npz", recipe=np.asarray(json.dumps({"seed": seed, "grid_mm": 3.0})), **pool)
+        args = ["--run", str(run), "--weights", str(tmp_path / "weights"), "--runs", "2",
+                "--out", str(run / "tables.json"), "--figure", str(run / "tsne.png")]
+        assert tables.main(args) == (2 if seed == 0 else 0)  # seed 0: the network's own training pool
+    rows = json.loads((tmp_path / "run1" / "tables.json").read_text())["rows"]
+    assert rows[-1]["model"] == "3D-SiameseNet" and 0 <= rows[-1]["accuracy"] <= 1
+    assert (tmp_path / "run1" / "tsne.png").stat().st_size > 5000
+    assert not (tmp_path / "run0" / "tsne.png").exists()

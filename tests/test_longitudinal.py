@@ -317,7 +317,7 @@ def test_group_step_gathers_every_subjects_change(tmp_path):
     assert group.run(ctx) == [] and not (empty / group.TSV_NAME).exists()
 
 
-def _tiny_siamese(weights_dir, size=32):
+def _tiny_siamese(weights_dir, size=32, input_mode="fraction"):
     """A tiny untrained 3D-SiameseNet saved with a card as ``scanbridge-train longitudinal`` writes one."""
     import torch
 
@@ -328,16 +328,17 @@ def _tiny_siamese(weights_dir, size=32):
             "kwargs": dict(SN.ARCHITECTURE["kwargs"], filters=[2, 2, 2], dense=[4, 4], input_size=size)}
     torch.manual_seed(0)
     net = SN.build_network(arch)
-    card = {"version": "test", "architecture": arch, "classes": list(SN.CLASSES), "input_mode": "fraction",
+    card = {"version": "test", "architecture": arch, "classes": list(SN.CLASSES), "input_mode": input_mode,
             "resolution_mm": 3.0,
             "training": {"command": "test"}, "metrics": {}}
     registry.save_model(SN.MODEL_NAME, net.state_dict(), card, weights_dir)
 
 
-def test_decline_inputs_follow_the_anatomy_whatever_the_voxel_order(tmp_path):
+@pytest.mark.parametrize("mode", ["fraction", "standardised"])
+def test_decline_inputs_follow_the_anatomy_whatever_the_voxel_order(tmp_path, mode):
     from bidsapp.longitudinal import decline as D
 
-    _tiny_siamese(tmp_path)
+    _tiny_siamese(tmp_path, input_mode=mode)
     from bidsapp.models import siamese as SN
 
     _, card = SN.load_model(weights_dir=tmp_path)
@@ -350,8 +351,11 @@ def test_decline_inputs_follow_the_anatomy_whatever_the_voxel_order(tmp_path):
     lpi = D.pair_inputs(*(x[::-1, :, ::-1] for x in (ia, ma, ib, mb)), flip, card)
     for x, y in zip(ras, lpi):
         assert x.shape == (32, 32, 32) and np.allclose(x, y, atol=1e-5)
-    for x in ras:  # tissue fractions (C.pair_fractions, tested in test_siamese.py)
-        assert x.min() >= 0 and x.max() <= 1 and x.mean() > 0.05
+    for x in ras:  # tissue fractions (C.pair_fractions) or standardised intensities, tested in test_siamese.py
+        assert x.min() >= 0 and x.max() <= (1 if mode == "fraction" else 1.2) and x.mean() > 0.05
+    if mode == "standardised":  # each image on the anchors' scale, whatever its contrast
+        for x in ras:
+            assert SN.tissue_centres(x[x > 0])[2] == pytest.approx(SN.ANCHORS[2], abs=0.05)
 
 
 def test_subject_change_gives_a_decline_probability_per_consecutive_pair(three_sessions, tmp_path, monkeypatch):

@@ -214,3 +214,31 @@ def test_the_trainer_is_a_subcommand():
     assert exc.value.code == 0
     assert L._check(L.TrainConfig(out="x", anatomy_dir="icbm152", size=60)).startswith("--size 60")
     assert L._check(L.TrainConfig(out="x", anatomy_dir="/no/such/folder")) == "/no/such/folder: no such folder"
+
+
+def _three_tissue_brain(ventricle_vox, csf, gm, wm, size=32, seed=0):
+    """A ball brain on a 3 mm grid: a CSF ventricle, a WM core, a GM shell and a rim of CSF outside it,
+    noisy; (image, CSF voxels)."""
+    rng = np.random.default_rng(seed)
+    g = np.indices((size,) * 3).astype(float) - (size - 1) / 2
+    r = np.sqrt((g ** 2).sum(0))
+    ventricle = np.clip(ventricle_vox + 0.5 - r, 0, 1) + np.clip(r - 10.5, 0, 1)
+    grey = np.clip(r - 8.5, 0, 1) * (1 - ventricle)
+    img = ventricle * csf + grey * gm + (1 - ventricle - grey) * wm
+    img = np.where(r <= 12, img + rng.normal(0, 0.01 * wm, r.shape), 0.0)
+    return np.maximum(img, 1e-3 * (r <= 12)).astype(np.float32), float(ventricle[r <= 12].sum())
+
+
+def test_standardise_puts_two_scanners_on_one_scale_and_keeps_the_change():
+    mprage, _ = _three_tissue_brain(4.0, csf=0.15, gm=0.5, wm=0.9)
+    spgr, _ = _three_tissue_brain(4.0, csf=0.4, gm=0.7, wm=0.92, seed=1)  # same brain, another contrast
+    sa, sb = S.standardise(mprage), S.standardise(spgr)
+    assert not sa[mprage == 0].any() and sa[mprage > 0].min() >= 0.01
+    brain = mprage > 0
+    assert np.abs(sa - sb)[brain].mean() < 0.2 * np.abs(mprage - spgr)[brain].mean()
+    for got, anchor in zip(S.tissue_centres(sa[sa > 0]), S.ANCHORS):
+        assert got == pytest.approx(anchor, abs=0.02)
+    grown, _ = _three_tissue_brain(5.5, csf=0.4, gm=0.7, wm=0.92, seed=2)  # the ventricle grew, new scanner
+    dark = [int(((x > 0) & (x < 0.35)).sum()) for x in (sa, S.standardise(grown))]
+    assert dark[1] - dark[0] > 150  # (5.5^3 - 4^3) * 4/3 pi ~ 430 voxels of CSF more
+    assert not S.standardise(np.zeros((4, 4, 4), np.float32)).any()

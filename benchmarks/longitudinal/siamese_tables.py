@@ -6,14 +6,19 @@ accuracy and MSLE over ``--runs`` random sub-samplings (80 % of the pairs to fit
 by anatomy block so a brain never sits on both sides), overall and split by pairs with and without a
 scanner change, plus the share of stable scanner-change pairs called stable.
 
-The pairs are the training pool of ``scanbridge-train longitudinal`` (``RUN/pairs.npz``; made with
-``scanbridge-train longitudinal --out RUN --stop-after 0`` when missing). Volume changes are measured
+The pairs are a pool of ``scanbridge-train longitudinal`` (``RUN/pairs.npz``; made with
+``scanbridge-train longitudinal --out RUN --stop-after 0`` when missing). With ``--weights`` the pool
+must come from another seed than the network's training pool (new subjects, noise and protocols;
+``--seed 1`` for the shipped model, trained on seed 0), or the network would be scored on pairs it
+learnt; the paper's Fig. 5, a t-SNE of the network's fused features (follow-up minus baseline), is then
+drawn to ``--figure``. Volume changes are measured
 by the subject level's own reading (:mod:`bidsapp.longitudinal.change`: boundary-shift integral,
 tissue intensities per session when the protocol changed, inverted CSF unfolded from the protocol's
 parameters) on the pool's skull-stripped, co-registered images, and, as the ceiling, taken from the
 simulator's truth. The network is not told the interval, and neither are the baselines.
 
-    python benchmarks/longitudinal/siamese_tables.py --run benchmarks/results/siamese-run
+    scanbridge-train longitudinal --out RUN --seed 1 --pairs 1200 --stop-after 0
+    python benchmarks/longitudinal/siamese_tables.py --run RUN --weights bidsapp/models/weights
 """
 
 from __future__ import annotations
@@ -111,6 +116,47 @@ def table(pool: dict, features: dict, runs: int, seed: int, siamese_probs=None) 
     return rows
 
 
+def fused_features(net, a, b, batch: int = 16) -> np.ndarray:
+    """The network's fused features (follow-up minus baseline), flattened: what the paper's Fig. 5 maps."""
+    import torch
+
+    net.eval()
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(a), batch):
+            xa = torch.as_tensor(np.asarray(a[i:i + batch], np.float32))[:, None]
+            xb = torch.as_tensor(np.asarray(b[i:i + batch], np.float32))[:, None]
+            out.append(net.fuse(xa, xb).flatten(1).numpy())
+    return np.concatenate(out)
+
+
+def tsne_figure(features: np.ndarray, label: np.ndarray, change: np.ndarray, path, seed: int = 0) -> Path:
+    """The paper's Fig. 5: a 2D t-SNE of ``features``, colour the truth, filled markers the same-scanner
+    pairs and open ones the scanner changes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.decomposition import PCA
+    from sklearn.manifold import TSNE
+
+    x = PCA(n_components=min(50, *features.shape), random_state=seed).fit_transform(features)
+    xy = TSNE(2, perplexity=min(30.0, (len(x) - 1) / 3), init="pca", random_state=seed).fit_transform(x)
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    for y, colour, name in ((0, "tab:blue", "stable"), (1, "tab:red", "decline")):
+        for c, face, how in ((0, colour, "same scanner"), (1, "none", "scanner change")):
+            sel = (label == y) & (change == c)
+            ax.scatter(xy[sel, 0], xy[sel, 1], s=14, facecolors=face, edgecolors=colour, label=f"{name}, {how}")
+    ax.set_xticks([]), ax.set_yticks([])
+    ax.set_title("3D-SiameseNet fused features (t-SNE)")
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--run", default=str(ROOT / "benchmarks" / "results" / "siamese-run"),
@@ -119,6 +165,8 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "longitudinal_siamese_tables.json"))
+    ap.add_argument("--figure", default=str(ROOT / "benchmarks" / "results" / "longitudinal_siamese_tsne.png"),
+                    help="the t-SNE of the fused features (with --weights)")
     args = ap.parse_args(argv)
     path = Path(args.run) / "pairs.npz"
     if not path.is_file():
@@ -127,7 +175,8 @@ def main(argv=None) -> int:
         return 2
     with np.load(path, allow_pickle=False) as z:
         pool = {k: z[k] for k in z.files}
-    grid_mm = float(json.loads(str(pool["recipe"]))["grid_mm"])
+    recipe = json.loads(str(pool["recipe"]))
+    grid_mm = float(recipe["grid_mm"])
     features = {"measured": measured_changes(pool, grid_mm),
                 "true": np.stack([pool["gm_change"], pool["ventricle_change"]], 1).astype(np.float64)}
     probs = None
@@ -136,8 +185,17 @@ def main(argv=None) -> int:
         from bidsapp.training.longitudinal import network_inputs
 
         net, card = load_model(weights_dir=args.weights)
+        trained_on = card.get("training", {}).get("seed")
+        if trained_on is not None and int(trained_on) == int(recipe["seed"]):
+            print(f"{path}: a pool of seed {recipe['seed']}, the network's training seed; make a test pool "
+                  f"with another: scanbridge-train longitudinal --out RUN --seed {int(trained_on) + 1} --stop-after 0",
+                  file=sys.stderr)
+            return 2
         seen = network_inputs(pool, card.get("input_mode", "intensity"), grid_mm)
         probs = predict_proba(net, seen["a"], seen["b"])
+        figure = tsne_figure(fused_features(net, seen["a"], seen["b"]), np.asarray(pool["label"]),
+                             np.asarray(pool["change"]), args.figure, args.seed)
+        print(f"t-SNE of the fused features: {figure}")
     rows = table(pool, features, args.runs, args.seed, probs)
     print(f"{len(pool['label'])} pairs ({int(np.sum(pool['change']))} with a scanner change), "
           f"{args.runs} random sub-samplings by anatomy block; mean (sd)")

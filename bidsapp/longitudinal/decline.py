@@ -1,8 +1,10 @@
 """Decline probability of consecutive session pairs: the 3D-SiameseNet (:mod:`bidsapp.models.siamese`).
 
 Each pair is read where the change table reads it: both sessions resampled once into the subject's
-mid-space (no session is the reference), each skull-stripped with its own brain mask, put in RAS voxel
-order, cropped around the earlier session's brain and prepared as the network was trained (the card's
+mid-space (no session is the reference), both skull-stripped with the two masks' intersection (the
+network was trained on pairs that share one brain mask, so a mask that differs between sessions, by
+more extra-cerebral CSF or a margin of skull, must not read as change), put in RAS voxel order, cropped
+around that brain and prepared as the network was trained (the card's
 ``input_mode``: the intensities, or tissue fractions with each session's own CSF and tissue intensities,
 :func:`bidsapp.longitudinal.change.pair_fractions`). The network is not told the interval, so a
 probability is a statement about the pair, not a rate.
@@ -51,11 +53,16 @@ def pair_inputs(image_a, mask_a, image_b, mask_b, affine, card: dict, csf_invert
     kw = card["architecture"]["kwargs"]
     size, grid = int(kw.get("input_size", S.INPUT_SIZE)), float(card.get("resolution_mm", S.GRID_MM))
     (ia, spacing), (ma, _), (ib, _), (mb, _) = (ras(x, affine) for x in (image_a, mask_a, image_b, mask_b))
-    ma, mb = ma > 0.5, mb > 0.5
-    centre = S.brain_centre(ma, spacing, size, grid)
-    a = S.preprocess(ia, ma, spacing, size, grid, centre=centre)
-    b = S.preprocess(ib, mb, spacing, size, grid, centre=centre)
-    if card.get("input_mode", "intensity") == "fraction":
+    common = (ma > 0.5) & (mb > 0.5)
+    if not common.any():
+        raise ValueError("the two sessions' brain masks do not overlap in the mid-space")
+    centre = S.brain_centre(common, spacing, size, grid)
+    a = S.preprocess(ia, common, spacing, size, grid, centre=centre)
+    b = S.preprocess(ib, common, spacing, size, grid, centre=centre)
+    mode = card.get("input_mode", "intensity")
+    if mode == "standardised":
+        a, b = S.standardise(a), S.standardise(b)
+    elif mode == "fraction":
         from .change import pair_fractions
 
         a, b = pair_fractions(a, b, (grid,) * 3, csf_inverted)

@@ -35,13 +35,16 @@ ORDER = 1
 """Interpolation order of :func:`preprocess`: linear. The paper's cubic spline overshoots at the
 skull-stripped edge (a step from brain to zero) and the overshoot differs between scanners; linear
 interpolation is monotone there, and three times cheaper."""
-INPUTS = ("fraction", "intensity")
-"""What the branches read (the card's ``input_mode``): ``fraction``, each image of the pair as its fraction
-of brain tissue per voxel (:func:`bidsapp.longitudinal.change.pair_fractions`); ``intensity``, the preprocessed image itself (the
-paper's input). Between two scanners the intensities of one brain differ by far more than years of
-atrophy change them; tissue fractions put two sessions on one scale where the reading's calibration
-holds (same-scanner pairs; on the simulated training pool's 3 mm crops a scanner change still moved the
-read brain volume by tens of percent, so neither input has yet taught the network decline)."""
+INPUTS = ("standardised", "fraction", "intensity")
+"""What the branches read (the card's ``input_mode``): ``standardised``, each preprocessed image with its
+own CSF, GM and WM intensities mapped onto one scale (:func:`standardise`); ``fraction``, each image of
+the pair as its fraction of brain tissue per voxel (:func:`bidsapp.longitudinal.change.pair_fractions`);
+``intensity``, the preprocessed image itself (the paper's input). Between two scanners the intensities of
+one brain differ by far more than years of atrophy change them: on the simulated pool the CSF of an SPGR
+sits at 0.39 of the 99.5th percentile and an MPRAGE's at 0.15. Standardising puts both on one scale and
+keeps the change (atrophy moves how many voxels are CSF, not what CSF looks like)."""
+ANCHORS = (0.15, 0.55, 0.89)
+"""Where :func:`standardise` puts CSF, GM and WM: their mean intensities in the simulated MPRAGE crops."""
 SLOPE = 0.01
 """Leaky ReLU slope of the authors' published Keras code (``LeakyReLU(alpha=0.01)``)."""
 
@@ -203,3 +206,37 @@ def preprocess(image: np.ndarray, mask: np.ndarray, spacing, size: int = INPUT_S
         out /= scale
     np.clip(out, 0.0, 1.0, out=out)
     return out
+
+
+def tissue_centres(values: np.ndarray, iterations: int = 30) -> np.ndarray:
+    """Three sorted intensity centres (CSF, GM, WM on a T1w) of ``values``: 1D k-means started at the
+    10th, 50th and 90th percentiles (deterministic: a session reads the same on every run)."""
+    x = np.asarray(values, np.float64).ravel()
+    c = np.quantile(x, [0.1, 0.5, 0.9])
+    for _ in range(iterations):
+        edges = (c[:-1] + c[1:]) / 2.0
+        label = np.searchsorted(edges, x)
+        new = np.array([x[label == j].mean() if np.any(label == j) else c[j] for j in range(3)])
+        if np.allclose(new, c):
+            break
+        c = new
+    return np.sort(c)
+
+
+def standardise(image: np.ndarray, anchors=ANCHORS) -> np.ndarray:
+    """A preprocessed image (zero outside the brain) with its three :func:`tissue_centres` mapped
+    piecewise linearly onto ``anchors``; beyond the outer centres the nearer segment's slope continues.
+    Clipped to [0.01, 1.2] in the brain (so no brain voxel reads as outside), zero outside."""
+    x = np.asarray(image, np.float32)
+    inside = x > 0
+    if inside.sum() < 3:
+        return np.zeros_like(x)
+    c = tissue_centres(x[inside])
+    if np.any(np.diff(c) <= 1e-6):  # a flat image: no contrast to map
+        return np.where(inside, np.clip(x, 0.01, 1.2), 0.0).astype(np.float32)
+    t = np.asarray(anchors, np.float64)
+    out = np.interp(x, c, t)
+    low, high = x < c[0], x > c[2]
+    out[low] = t[0] + (x[low] - c[0]) * (t[1] - t[0]) / (c[1] - c[0])
+    out[high] = t[2] + (x[high] - c[2]) * (t[2] - t[1]) / (c[2] - c[1])
+    return np.where(inside, np.clip(out, 0.01, 1.2), 0.0).astype(np.float32)

@@ -268,6 +268,12 @@ def network_inputs(pool: dict, inputs: str, grid_mm: float) -> dict:
         raise ValueError(f"unknown network input {inputs!r} (one of {', '.join(INPUTS)})")
     if inputs == "intensity":
         return pool
+    if inputs == "standardised":
+        from bidsapp.models.siamese import standardise
+
+        a = np.stack([standardise(x.astype(np.float32)) for x in pool["a"]]).astype(np.float16)
+        b = np.stack([standardise(x.astype(np.float32)) for x in pool["b"]]).astype(np.float16)
+        return dict(pool, a=a, b=b)
     a, b = np.empty(pool["a"].shape, np.float16), np.empty(pool["b"].shape, np.float16)
     for k in range(len(a)):
         first, second = str(pool["protocols"][k]).split(">")
@@ -378,7 +384,9 @@ class TrainConfig:
     size: int = field(default=64, metadata={"help": "network input edge (voxels)"})
     inputs: str = field(default="intensity", metadata={
         "choices": INPUTS,
-        "help": "what the branches read: tissue fractions (bidsapp.longitudinal.change.pair_fractions) or intensities"})
+        "help": "what the branches read: intensities with each image's tissue intensities mapped onto one scale "
+                "(bidsapp.models.siamese.standardise), tissue fractions (bidsapp.longitudinal.change.pair_fractions) "
+                "or the intensities as preprocessed"})
     filters: str = field(default="8,16,32", metadata={"help": "filters of the three elementary blocks"})
     dense: str = field(default="64,32", metadata={"help": "units of the two hidden dense layers"})
     readout: int = field(default=0, metadata={
@@ -487,8 +495,10 @@ def save(net, cfg: TrainConfig, history: dict, weights_dir=None) -> dict:
         "input": (f"two skull-stripped T1w volumes in RAS order, the follow-up registered to the baseline, "
                   f"resampled to {cfg.grid_mm:g} mm, cropped to {cfg.size}^3 around the baseline's brain, divided "
                   "by the 99.5th percentile in the brain (bidsapp.models.siamese.preprocess)"
-                  + ("; then read as tissue fractions, each with its own CSF and tissue intensities "
-                     "(bidsapp.longitudinal.change.pair_fractions)" if cfg.inputs == "fraction" else "")),
+                  + {"fraction": "; then read as tissue fractions, each with its own CSF and tissue intensities "
+                                 "(bidsapp.longitudinal.change.pair_fractions)",
+                     "standardised": "; then each image's CSF, GM and WM intensities (1D k-means) mapped onto "
+                                     "one scale (bidsapp.models.siamese.standardise)"}.get(cfg.inputs, "")),
         "input_mode": cfg.inputs,
         "resolution_mm": cfg.grid_mm,
         "output": "softmax probabilities of stable, decline",
