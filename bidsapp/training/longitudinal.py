@@ -287,13 +287,11 @@ def network_inputs(pool: dict, inputs: str, grid_mm: float) -> dict:
 class PairSampler:
     """Batches of training pairs, shuffled every epoch, augmented per pair (see the module docstring)."""
 
-    def __init__(self, pool: dict, idx, seed: int, flip: bool = True, rotate_deg: float = 5.0,
-                 contrast_jitter: float = 0.0):
+    def __init__(self, pool: dict, idx, seed: int, flip: bool = True, rotate_deg: float = 5.0):
         self.pool, self.idx = pool, np.asarray(idx, np.int64)
         if not len(self.idx):
             raise ValueError("no training pairs in the pool")
         self.flip, self.rotate_deg = bool(flip), float(rotate_deg)
-        self.contrast_jitter = float(contrast_jitter)
         self.rng = np.random.default_rng([int(seed), 11])
         self.perm, self.pos = self.rng.permutation(len(self.idx)), 0
 
@@ -323,8 +321,6 @@ class PairSampler:
         a = torch.as_tensor(self.pool["a"][pick].astype(np.float32))[:, None]
         b = torch.as_tensor(self.pool["b"][pick].astype(np.float32))[:, None]
         y = torch.as_tensor(self.pool["label"][pick], dtype=torch.long)
-        if self.contrast_jitter > 0:
-            a, b = (torch.as_tensor(jitter_contrast(x.numpy(), self.rng, self.contrast_jitter)) for x in (a, b))
         flips = self.rng.random(n) < 0.5 if self.flip else np.zeros(n, bool)
         angles = np.deg2rad(self.rng.uniform(-self.rotate_deg, self.rotate_deg, n)) if self.rotate_deg > 0 else None
         if flips.any():  # left/right is the first voxel axis (RAS)
@@ -340,24 +336,6 @@ class PairSampler:
                                  padding_mode="zeros", align_corners=False)
             a, b = both[:n], both[n:]
         return a.contiguous(), b.contiguous(), y
-
-
-def jitter_contrast(images: np.ndarray, rng, amount: float) -> np.ndarray:
-    """Each standardised image (first axis) remapped piecewise linearly from
-    :data:`~bidsapp.models.siamese.ANCHORS` to anchors moved by up to ``amount`` each (order kept), zero
-    kept zero: the residual contrast a real scanner leaves after :func:`~bidsapp.models.siamese.standardise`,
-    drawn independently for the baseline and the follow-up so that such a difference is not read as change."""
-    from bidsapp.models.siamese import ANCHORS
-
-    src = np.array([0.0, *ANCHORS, 1.2])
-    out = np.empty_like(images)
-    for k, x in enumerate(images):
-        dst = src.copy()
-        dst[1:4] += rng.uniform(-amount, amount, 3)
-        dst[1:4] = np.maximum.accumulate(np.clip(dst[1:4], 0.02, 1.1))
-        dst[4] = max(1.2, dst[3] + 0.05)
-        out[k] = np.where(x > 0, np.interp(x, src, dst), 0.0)
-    return out
 
 
 def msle(probs: np.ndarray, labels: np.ndarray) -> float:
@@ -415,9 +393,6 @@ class TrainConfig:
         "help": "the fused features averaged to N^3 cells before the dense layers (0: flattened, as the paper)"})
     flip: bool = field(default=True, metadata={"help": "random left/right flip of each pair"})
     rotate_deg: float = field(default=5.0, metadata={"help": "random rotation of each pair up to this (0: none)"})
-    contrast_jitter: float = field(default=0.0, metadata={
-        "help": "with --inputs standardised: each image's CSF/GM/WM levels moved by up to this, independently "
-                "(bidsapp.training.longitudinal.jitter_contrast; 0: none)"})
     val_every: int = field(default=5, metadata={"help": "every N-th block of 4 pairs is for validation (0: none)"})
     eval_every: int = field(default=250, metadata={"help": "validate every N iterations (0: only at the end)"})
     threads: int = field(default=2, metadata={"card": False, "help": "torch threads, and pair-generation processes"})
@@ -472,7 +447,7 @@ def train(cfg: TrainConfig, progress=print, stop_after: int | None = None, pool:
     rest = [p for p in net.parameters() if p.ndim <= 1]
     opt = torch.optim.Adam([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}],
                            lr=cfg.lr)
-    sampler = PairSampler(pool, train_idx, cfg.seed, cfg.flip, cfg.rotate_deg, cfg.contrast_jitter)
+    sampler = PairSampler(pool, train_idx, cfg.seed, cfg.flip, cfg.rotate_deg)
 
     def step(it):
         a, b, y = (t.to(device) for t in sampler.batch(cfg.batch))
@@ -563,8 +538,6 @@ def _check(cfg: TrainConfig) -> str | None:
     side = cfg.size // 2 ** len(filters)
     if cfg.readout < 0 or (cfg.readout and side % cfg.readout):
         return f"--readout {cfg.readout} does not divide the {side}^3 feature map"
-    if cfg.contrast_jitter < 0 or (cfg.contrast_jitter > 0 and cfg.inputs != "standardised"):
-        return "--contrast-jitter is a non-negative amount, for --inputs standardised"
     if cfg.pairs < BLOCK:
         return f"--pairs must be at least {BLOCK}"
     return None
