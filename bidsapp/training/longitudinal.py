@@ -373,8 +373,8 @@ class TrainConfig:
     anatomy_dir: str | None = field(default=None, metadata={
         "help": "folder of anat-*_dseg.nii.gz label maps (default $SCANBRIDGE_DATA_DIR/anatomy when it exists, "
                 "else the ICBM152 phantom; 'icbm152' forces the phantom)"})
-    pairs: int = field(default=480, metadata={"help": "simulated pairs in the pool (a fifth for validation)"})
-    iterations: int = 2500
+    pairs: int = field(default=1200, metadata={"help": "simulated pairs in the pool (a fifth for validation)"})
+    iterations: int = 3000
     batch: int = 8
     lr: float = 1e-3
     weight_decay: float = field(default=1e-4, metadata={"help": "L2 on the convolution and dense weights"})
@@ -382,7 +382,7 @@ class TrainConfig:
     voxel_mm: float = field(default=2.0, metadata={"help": "simulation grid (mm)"})
     grid_mm: float = field(default=3.0, metadata={"help": "network grid (mm)"})
     size: int = field(default=64, metadata={"help": "network input edge (voxels)"})
-    inputs: str = field(default="intensity", metadata={
+    inputs: str = field(default="standardised", metadata={
         "choices": INPUTS,
         "help": "what the branches read: intensities with each image's tissue intensities mapped onto one scale "
                 "(bidsapp.models.siamese.standardise), tissue fractions (bidsapp.longitudinal.change.pair_fractions) "
