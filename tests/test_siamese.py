@@ -242,3 +242,20 @@ def test_standardise_puts_two_scanners_on_one_scale_and_keeps_the_change():
     dark = [int(((x > 0) & (x < 0.35)).sum()) for x in (sa, S.standardise(grown))]
     assert dark[1] - dark[0] > 150  # (5.5^3 - 4^3) * 4/3 pi ~ 430 voxels of CSF more
     assert not S.standardise(np.zeros((4, 4, 4), np.float32)).any()
+
+
+def test_shipped_model_has_a_card_that_regenerates_its_command():
+    import argparse
+    import shlex
+
+    from bidsapp.models import registry
+    from bidsapp.training.config import config_from_args
+
+    card = registry.verify(S.MODEL_NAME)[1]  # sha256 of the weights checked
+    assert card["architecture"]["class"] == S.ARCHITECTURE["class"] and card["input_mode"] in S.INPUTS
+    assert card["metrics"]["validation"]["accuracy"] > 0.5
+    cmd = card["training"]["command"]
+    parser = argparse.ArgumentParser()
+    L.add_arguments(parser)
+    args = parser.parse_args(shlex.split(cmd)[2:])
+    assert L.command_line(config_from_args(L.TrainConfig, args)) == cmd
