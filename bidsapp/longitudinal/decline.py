@@ -5,8 +5,9 @@ mid-space (no session is the reference), both skull-stripped with the two masks'
 network was trained on pairs that share one brain mask, so a mask that differs between sessions, by
 more extra-cerebral CSF or a margin of skull, must not read as change), put in RAS voxel order, cropped
 around that brain and prepared as the network was trained (the card's
-``input_mode``: the intensities, or tissue fractions with each session's own CSF and tissue intensities,
-:func:`bidsapp.longitudinal.change.pair_fractions`). The network is not told the interval, so a
+``input_mode``: each image's tissue intensities mapped onto one scale, :func:`bidsapp.models.siamese.standardise`;
+tissue fractions with each session's own CSF and tissue intensities,
+:func:`bidsapp.longitudinal.change.pair_fractions`; or the intensities as preprocessed). The network is not told the interval, so a
 probability is a statement about the pair, not a rate.
 """
 

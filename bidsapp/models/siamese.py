@@ -56,7 +56,7 @@ DESIGN = {
     "filters": ("8, 16, 32 filters (the authors' code: 16, 32, 32, 32): the model trains on two CPU cores; "
                 "the paper itself chose few filters for memory"),
     "dense": ("64 and 32 units (the authors' code: 2048 and 1024): the flattened difference is 32 x 8^3 "
-              "values, and the training set is a simulated pool of a few hundred pairs"),
+              "values, and the training set is a simulated pool of about a thousand pairs"),
     "input": ("64^3 voxels of 3 mm (the paper: 1 mm images halved to 102x108x75); linear resampling rather "
               "than a cubic spline (no overshoot at the brain edge); intensities scaled by the 99.5th "
               "percentile in the brain, not the maximum (one bright voxel)"),
