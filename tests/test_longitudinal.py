@@ -358,6 +358,29 @@ def test_decline_inputs_follow_the_anatomy_whatever_the_voxel_order(tmp_path, mo
             assert SN.tissue_centres(x[x > 0])[2] == pytest.approx(SN.ANCHORS[2], abs=0.05)
 
 
+def test_decline_reads_both_sessions_inside_the_masks_intersection(tmp_path):
+    """A follow-up mask with a margin of bright skull the baseline's lacks changes neither input: the
+    network was trained on pairs that share one mask, and a mask is not atrophy."""
+    from scipy import ndimage as ndi
+
+    from bidsapp.longitudinal import decline as D
+    from bidsapp.models import siamese as SN
+
+    _tiny_siamese(tmp_path, input_mode="standardised")
+    _, card = SN.load_model(weights_dir=tmp_path)
+    fr = _phantom()
+    img = _image(fr, seed=1)
+    mask = fr["icv"] > 0.5
+    wider = ndi.binary_dilation(mask, iterations=3)
+    skull = np.where(wider & ~mask, 3.0 * img.max(), img).astype(np.float32)
+    same = D.pair_inputs(img, mask.astype(np.float32), img, mask.astype(np.float32), np.eye(4), card)
+    wide = D.pair_inputs(img, mask.astype(np.float32), skull, wider.astype(np.float32), np.eye(4), card)
+    for x, y in zip(same, wide):
+        assert np.array_equal(x, y)
+    with pytest.raises(ValueError, match="do not overlap"):
+        D.pair_inputs(img, mask.astype(np.float32), img, np.zeros_like(img), np.eye(4), card)
+
+
 def test_subject_change_gives_a_decline_probability_per_consecutive_pair(three_sessions, tmp_path, monkeypatch):
     from bidsapp.longitudinal import decline as D
     from bidsapp.models import registry
