@@ -181,13 +181,14 @@ def _random_pool(n=12, size=16, seed=0):
             "gm_change": np.zeros(n, np.float32), "ventricle_change": np.zeros(n, np.float32)}
 
 
-def test_training_checkpoints_and_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("inputs,erode", [("intensity", 0), ("standardised", 1)])
+def test_training_checkpoints_and_resumes_exactly(tmp_path, inputs, erode):
     pool = _random_pool()
 
     def cfg(out):
         return L.TrainConfig(out=str(tmp_path / out), anatomy_dir="icbm152", pairs=12, iterations=3, batch=4, size=16,
                              filters="4,4,4", dense="8,8", val_every=3, eval_every=2, threads=1, checkpoint_every=1,
-                             inputs="intensity")
+                             inputs=inputs, mask_erode=erode)
 
     first = L.train(cfg("a"), progress=lambda m: None, stop_after=2, pool=pool)
     assert not first["finished"] and len(first["loss"]) == 2 and (tmp_path / "a" / "checkpoint.pt").is_file()
@@ -259,3 +260,22 @@ def test_shipped_model_has_a_card_that_regenerates_its_command():
     L.add_arguments(parser)
     args = parser.parse_args(shlex.split(cmd)[2:])
     assert L.command_line(config_from_args(L.TrainConfig, args)) == cmd
+
+
+def test_sampler_erodes_the_shared_mask_then_prepares_each_image():
+    x = np.zeros((4, 12, 12, 12), np.float16)
+    x[:, 2:10, 2:10, 2:10] = 0.5
+    pool = {"a": x, "b": x.copy(), "label": np.array([0, 1, 0, 1])}
+    calls = []
+
+    def prepare(img):
+        calls.append(int((img > 0).sum()))
+        return img * 2
+
+    sampler = L.PairSampler(pool, [0, 1, 2, 3], seed=0, flip=False, rotate_deg=0, mask_erode=2, prepare=prepare)
+    a, b, _ = sampler.batch(16)
+    assert torch.equal(a, b) and len(calls) == 32 and set(calls) <= {512, 216, 64} and len(set(calls)) > 1
+    assert a.max() == 1.0  # prepared
+    plain = L.PairSampler(pool, [0, 1, 2, 3], seed=0, flip=False, rotate_deg=0).batch(4)[0]
+    assert (plain > 0).sum() == 4 * 512
+    assert "standardised" in L._check(L.TrainConfig(out="x", anatomy_dir="icbm152", inputs="intensity", mask_erode=1))

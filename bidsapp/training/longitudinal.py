@@ -287,11 +287,13 @@ def network_inputs(pool: dict, inputs: str, grid_mm: float) -> dict:
 class PairSampler:
     """Batches of training pairs, shuffled every epoch, augmented per pair (see the module docstring)."""
 
-    def __init__(self, pool: dict, idx, seed: int, flip: bool = True, rotate_deg: float = 5.0):
+    def __init__(self, pool: dict, idx, seed: int, flip: bool = True, rotate_deg: float = 5.0,
+                 mask_erode: int = 0, prepare=None):
         self.pool, self.idx = pool, np.asarray(idx, np.int64)
         if not len(self.idx):
             raise ValueError("no training pairs in the pool")
         self.flip, self.rotate_deg = bool(flip), float(rotate_deg)
+        self.mask_erode, self.prepare = int(mask_erode), prepare
         self.rng = np.random.default_rng([int(seed), 11])
         self.perm, self.pos = self.rng.permutation(len(self.idx)), 0
 
@@ -312,14 +314,31 @@ class PairSampler:
             self.pos += k
         return np.asarray(out)
 
+    def _erode(self, a: np.ndarray, b: np.ndarray):
+        """Each pair's shared mask eroded by 0..``mask_erode`` voxels (both images alike), then each image
+        prepared (``prepare``): a pipeline's brain mask may hold less extra-cerebral CSF than the truth's."""
+        from scipy import ndimage as ndi
+
+        prepare = self.prepare or (lambda x: x)
+        a, b = a.copy(), b.copy()
+        for k in range(len(a)):
+            e = int(self.rng.integers(0, self.mask_erode + 1))
+            if e:
+                keep = ndi.binary_erosion(a[k] > 0, iterations=e)
+                a[k], b[k] = np.where(keep, a[k], 0.0), np.where(keep, b[k], 0.0)
+            a[k], b[k] = prepare(a[k]), prepare(b[k])
+        return a, b
+
     def batch(self, n: int):
         """(baselines, follow-ups) float tensors (n, 1, S, S, S) and labels (n,)."""
         import torch
         import torch.nn.functional as F
 
         pick = self._take(n)
-        a = torch.as_tensor(self.pool["a"][pick].astype(np.float32))[:, None]
-        b = torch.as_tensor(self.pool["b"][pick].astype(np.float32))[:, None]
+        a, b = self.pool["a"][pick].astype(np.float32), self.pool["b"][pick].astype(np.float32)
+        if self.mask_erode > 0:
+            a, b = self._erode(a, b)
+        a, b = torch.as_tensor(a)[:, None], torch.as_tensor(b)[:, None]
         y = torch.as_tensor(self.pool["label"][pick], dtype=torch.long)
         flips = self.rng.random(n) < 0.5 if self.flip else np.zeros(n, bool)
         angles = np.deg2rad(self.rng.uniform(-self.rotate_deg, self.rotate_deg, n)) if self.rotate_deg > 0 else None
@@ -393,6 +412,9 @@ class TrainConfig:
         "help": "the fused features averaged to N^3 cells before the dense layers (0: flattened, as the paper)"})
     flip: bool = field(default=True, metadata={"help": "random left/right flip of each pair"})
     rotate_deg: float = field(default=5.0, metadata={"help": "random rotation of each pair up to this (0: none)"})
+    mask_erode: int = field(default=0, metadata={
+        "help": "with --inputs standardised: each training pair's brain mask eroded by 0..N voxels of the network "
+                "grid (a pipeline's mask may hold less extra-cerebral CSF than the simulator's); 0: none"})
     val_every: int = field(default=5, metadata={"help": "every N-th block of 4 pairs is for validation (0: none)"})
     eval_every: int = field(default=250, metadata={"help": "validate every N iterations (0: only at the end)"})
     threads: int = field(default=2, metadata={"card": False, "help": "torch threads, and pair-generation processes"})
@@ -437,7 +459,8 @@ def train(cfg: TrainConfig, progress=print, stop_after: int | None = None, pool:
     torch.set_num_threads(int(cfg.threads))
     device = resolve_device(cfg.device)
     pool = pool if pool is not None else build_pool(cfg, progress)
-    pool = network_inputs(pool, cfg.inputs, cfg.grid_mm)
+    raw = pool
+    pool = network_inputs(raw, cfg.inputs, cfg.grid_mm)
     torch.manual_seed(cfg.seed)
     val_idx = np.flatnonzero(pool["validation"])
     train_idx = np.flatnonzero(~pool["validation"])
@@ -447,7 +470,12 @@ def train(cfg: TrainConfig, progress=print, stop_after: int | None = None, pool:
     rest = [p for p in net.parameters() if p.ndim <= 1]
     opt = torch.optim.Adam([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}],
                            lr=cfg.lr)
-    sampler = PairSampler(pool, train_idx, cfg.seed, cfg.flip, cfg.rotate_deg)
+    if cfg.mask_erode:  # erode the preprocessed crops, then standardise (as the subject level does)
+        from bidsapp.models.siamese import standardise
+
+        sampler = PairSampler(raw, train_idx, cfg.seed, cfg.flip, cfg.rotate_deg, cfg.mask_erode, standardise)
+    else:
+        sampler = PairSampler(pool, train_idx, cfg.seed, cfg.flip, cfg.rotate_deg)
 
     def step(it):
         a, b, y = (t.to(device) for t in sampler.batch(cfg.batch))
@@ -538,6 +566,8 @@ def _check(cfg: TrainConfig) -> str | None:
     side = cfg.size // 2 ** len(filters)
     if cfg.readout < 0 or (cfg.readout and side % cfg.readout):
         return f"--readout {cfg.readout} does not divide the {side}^3 feature map"
+    if cfg.mask_erode < 0 or (cfg.mask_erode and cfg.inputs != "standardised"):
+        return "--mask-erode is a non-negative number of voxels, for --inputs standardised"
     if cfg.pairs < BLOCK:
         return f"--pairs must be at least {BLOCK}"
     return None
