@@ -1,0 +1,73 @@
+"""The real-head change benchmark's known answers: injected atrophy scales the brain by exactly the
+stated loss and leaves the skull in place; a pseudo-rescan moves the head without changing it."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    path = ROOT / "benchmarks" / "longitudinal" / "real_heads.py"
+    spec = importlib.util.spec_from_file_location("longitudinal_real_heads", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _head(shape=(72, 72, 40), zooms=(1.5, 1.5, 3.0)):
+    """A smooth-edged 'brain' ellipsoid (100) inside a 'skull' shell (60) 15 mm away, on 2D-scan voxels;
+    also the radius map (1 at the brain's edge)."""
+    from scipy import ndimage as ndi
+
+    affine = np.diag([*zooms, 1.0])
+    affine[:3, 3] = [-30.0, 10.0, 5.0]
+    xyz = (np.indices(shape).T * np.asarray(zooms)).T
+    centre = (np.asarray(shape) - 1) * np.asarray(zooms) / 2
+    r = np.sqrt(sum(((xyz[i] - centre[i]) / a) ** 2 for i, a in enumerate((35.0, 40.0, 42.0))))
+    skull = (r > 1.45) & (r <= 1.6)
+    data = np.where(r <= 1.0, 100.0, np.where(skull, 60.0, 0.0)).astype(np.float32)
+    data = ndi.gaussian_filter(data, sigma=1.5 / np.asarray(zooms)).astype(np.float32)
+    return data, affine, r <= 1.0, r
+
+
+def _content(x, r, zooms):
+    """Brain volume (ml) as the integral of the intensity inside the skull (partial volume counted)."""
+    return float(x[r < 1.28].sum() / 100.0 * np.prod(zooms) / 1000.0)
+
+
+@pytest.mark.parametrize("loss", [1.0, 3.0])
+def test_injected_atrophy_removes_the_stated_share_of_the_brain_and_keeps_the_skull(bench, loss):
+    data, affine, brain, r = _head()
+    zooms = np.diag(affine)[:3]
+    # the region handed over must hold the brain's blurred edge (3 mm here) within its 1 mm margin
+    out = bench.inject_atrophy(data, affine, r <= 1.08, loss)
+    change = 100 * (_content(out, r, zooms) / _content(data, r, zooms) - 1)
+    assert change == pytest.approx(-loss, abs=0.05)
+    skull = (r > 1.5) & (r < 1.55)
+    assert np.abs(out[skull] - data[skull]).max() < 0.5  # the skull does not move
+
+
+def test_pseudo_rescan_moves_the_head_but_keeps_its_volume(bench, monkeypatch):
+    data, affine, brain, r = _head()
+    zooms = np.diag(affine)[:3]
+    noisy = bench.reimage(data, affine, brain, np.random.default_rng(0))
+    gap = (r > 1.3) & (r < 1.4)
+    assert noisy[gap].std() > 1.0  # new noise where there was none
+    monkeypatch.setattr(bench, "NOISE", 0.0)
+    moved = bench.reimage(data, affine, brain, np.random.default_rng(0))
+    assert np.abs(moved - data).max() > 20  # the head moved
+    assert _content(moved, r, zooms) == pytest.approx(_content(data, r, zooms), rel=0.002)
+
+
+def test_true_change_of_each_pair(bench):
+    assert bench.true_change(2.0, "ses-1", "ses-2") == 0.0
+    assert bench.true_change(2.0, "ses-1", "ses-3") == -2.0
+    assert bench.true_change(2.0, "ses-2", "ses-3") == -2.0
+    assert bench.true_change(2.0, "ses-3", "ses-2") == pytest.approx(100 * (1 / 0.98 - 1))
