@@ -36,3 +36,16 @@ def require(path: Path, what: str) -> Path:
         raise FileNotFoundError(f"{what} not found at {path}: set {ENV} to the folder that holds anatomy/ and "
                                 "clinical-ms/ (or pass the folder on the command line)")
     return path
+
+
+def run_participant(bids: Path, out: Path, work: Path, nprocs: int, *extra: str) -> float:
+    """Seconds ``scanbridge bids out participant`` took, run as a user runs it (one ITK thread per
+    step, its own work folder, ``extra`` options appended); a failure raises."""
+    import subprocess
+    import time
+
+    t = time.time()
+    cmd = ["scanbridge", str(bids), str(out), "participant", "-w", str(work), "--nprocs", str(nprocs),
+           "--omp-nthreads", "1", "--skip-bids-validation", *extra]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    return time.time() - t

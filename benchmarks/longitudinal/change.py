@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from bidsapp.devdata import run_participant
 
 ROOT = Path(__file__).resolve().parents[2]
 DATASETS = {
@@ -48,14 +48,6 @@ def simulate(out: Path, subjects: int, seed: int, **kw) -> None:
                         anatomy_dir=str(anatomy_dir()), **kw)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_dataset(out, cfg, overwrite=True)
-
-
-def participant(bids: Path, out: Path, work: Path, nprocs: int) -> float:
-    t = time.time()
-    cmd = ["scanbridge", str(bids), str(out), "participant", "-w", str(work), "--nprocs", str(nprocs),
-           "--omp-nthreads", "1", "--segmentation", "unet-physics", "--skip-bids-validation"]
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    return time.time() - t
 
 
 def compare(bids: Path, out: Path) -> pd.DataFrame:
@@ -120,7 +112,7 @@ def main(argv=None) -> int:
     for name in args.datasets:
         bids, out = work / name / "bids", work / name / "out"
         simulate(bids, args.subjects, args.seed, **DATASETS[name])
-        timing[name] = participant(bids, out, work / name / "work", args.nprocs)
+        timing[name] = run_participant(bids, out, work / name / "work", args.nprocs, "--segmentation", "unet-physics")
         df = compare(bids, out)
         pairs[name] = df.to_dict(orient="records")
         summary += summarise(name, df)

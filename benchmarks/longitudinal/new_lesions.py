@@ -17,12 +17,12 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import asdict
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
+
+from bidsapp.devdata import run_participant
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -39,14 +39,6 @@ def simulate(bids: Path, subjects: int, seed: int, rate: float, resolution: floa
                         resolution=resolution)
     bids.parent.mkdir(parents=True, exist_ok=True)
     write_dataset(bids, cfg, overwrite=True)
-
-
-def participant(bids: Path, out: Path, work: Path, nprocs: int) -> float:
-    t = time.time()
-    cmd = ["scanbridge", str(bids), str(out), "participant", "-w", str(work), "--nprocs", str(nprocs),
-           "--omp-nthreads", "1", "--skip-bids-validation"]
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    return time.time() - t
 
 
 def evaluate(bids: Path, out: Path) -> list[dict]:
@@ -89,7 +81,7 @@ def main(argv=None) -> int:
     work = Path(args.work)
     bids, out = work / "bids", work / "out"
     simulate(bids, args.subjects, args.seed, args.new_lesions_per_year, args.resolution)
-    wall = participant(bids, out, work / "work", args.nprocs)
+    wall = run_participant(bids, out, work / "work", args.nprocs)
     rows = evaluate(bids, out)
     keys = [k for k in rows[0] if k not in ("participant_id", "session_id", "found")] if rows else []
     print(f"{'subject':<10} {'session':<8} " + " ".join(f"{k:>14}" for k in keys))

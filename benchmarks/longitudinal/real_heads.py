@@ -32,13 +32,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from bidsapp.devdata import clinical_dir, run_participant
 
 ROOT = Path(__file__).resolve().parents[2]
 MEASURES = ("brain", "GM", "WM")
@@ -50,13 +50,6 @@ TAPER_MM = 4.0
 MAX_DEG, MAX_MM = 3.0, 3.0
 NOISE = 0.02
 """Rician noise of each re-imaged session: sigma as a fraction of the brain's median intensity."""
-
-
-def data_root() -> Path:
-    import os
-
-    env = os.environ.get("SCANBRIDGE_DATA_DIR")
-    return Path(env).parent if env else ROOT.parent / "shared" / "data"
 
 
 # ------------------------------------------------------------------------------------ the transforms
@@ -205,14 +198,6 @@ def true_change(loss_percent: float, ses_from: str, ses_to: str) -> float:
 
 
 # ------------------------------------------------------------------------------------ run and compare
-def participant(bids: Path, out: Path, work: Path, nprocs: int) -> float:
-    t = time.time()
-    cmd = ["scanbridge", str(bids), str(out), "participant", "-w", str(work), "--nprocs", str(nprocs),
-           "--omp-nthreads", "1", "--skip-bids-validation"]
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    return time.time() - t
-
-
 def _tissue_volume(out: Path, sub: str, ses: str, measure: str) -> float:
     t = pd.read_csv(out / sub / ses / "anat" / f"{sub}_{ses}_desc-volumes_morph.tsv", sep="\t")
     main = t[t.method == t.method.iloc[0]].set_index("label").volume_mm3
@@ -253,20 +238,20 @@ def summarise(df: pd.DataFrame) -> list[dict]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", type=Path, default=None, help="shared data folder with clinical-ms/")
+    ap.add_argument("--clinical", type=Path, default=None, help="the clinical-ms folder (default: from $SCANBRIDGE_DATA_DIR)")
     ap.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "results" / "real-heads-work")
     ap.add_argument("--nprocs", type=int, default=2)
     ap.add_argument("--seed", type=int, default=5)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "longitudinal_real_heads.json")
     args = ap.parse_args(argv)
-    clinical = (args.data or data_root()) / "clinical-ms"
+    clinical = args.clinical or clinical_dir()
     files = sources(clinical)
     if not files:
         print(f"{clinical}: no real T1w scans found (bids/sub-*/ses-*/anat/*_T1w.nii.gz)", file=sys.stderr)
         return 2
     bids, out = args.work / "bids", args.work / "out"
     truth = make_dataset(bids, files, args.seed)
-    seconds = participant(bids, out, args.work / "work", args.nprocs)
+    seconds = run_participant(bids, out, args.work / "work", args.nprocs)
     df = compare(out, truth)
     summary = summarise(df)
     with pd.option_context("display.width", 200, "display.float_format", "{:.2f}".format):
