@@ -17,17 +17,11 @@ the ventricle walls (CSF/WM) and at the cortex (CSF/GM) are both read against th
 tissue intensities ``mu`` are medians over voxel sets that are the same for every session (the mean
 tissue map above 0.9; the CSF set is the interior of the ventricles, which no partial volume reaches).
 
-Volumes of the first session of a pair, the denominators of the percentages: when it has tissue maps,
-its own GM and WM maps summed in the mid-space (brain = GM + WM), CSF = the rest of the union of the
-brain masks; without them, brain = sum of f (GM and WM split by ``g``), CSF = sum of (1 - f). The
-intensity reading makes the brain too large near the mask's edge: it counts every voxel brighter than
-CSF as part tissue, dura and vessels included (on real clinical T1w the sum of f was 8 % above the
-segmentation's GM + WM, which matched SAMSEG's, and every percentage was read 8 % too small). Deep in
-the brain there is no such tissue, and the ventricles = sum of (1 - f) deep inside the brain
-(:func:`deep_weight`) on the deep CSF and a 3-voxel rim around it (the segmentation's CSF there read
-the simulated ventricles' growth 0.73 of the truth, the intensity reading 0.91). Lesion = the lesion
-mask's volume in the mid-space. GM and WM split each voxel's change by the same ``g`` for every
-session: the split is as good as the mean tissue map, the total is not affected by it.
+Volumes of the first session of a pair: brain = sum of f, GM = sum of g f, WM = sum of (1 - g) f,
+CSF = sum of (1 - f) inside the union of the brain masks, ventricles = sum of (1 - f) deep inside the
+brain (:func:`deep_weight`) on the deep CSF and a 3-voxel rim around it, lesion = the lesion mask's
+volume in the mid-space. GM and WM split each voxel's change by the same ``g`` for every session: the
+split is as good as the mean tissue map, the total is not affected by it.
 
 The change itself is a boundary-shift integral (Freeborough & Fox 1997; KN-BSI): the sum over the
 region of ``(w(f_to) - w(f_from)) / (hi - lo)``, ``w`` clipping f to the window :data:`WINDOW`. A
@@ -250,28 +244,19 @@ def window(*mus) -> tuple[float, float]:
     return min(lo, hi - 0.2), hi
 
 
-def volumes(image: np.ndarray, mu: dict, common: Common, lesion: np.ndarray | None = None,
-            tissue: dict | None = None) -> dict:
-    """mm3 of every measure of :data:`MEASURES` for one session (NaN where it cannot be measured): from
-    the session's own ``tissue`` maps (GM/WM, mid-space) when given, else from the intensity reading
-    (module docstring)."""
-    v = common.voxel_mm3
+def volumes(image: np.ndarray, mu: dict, common: Common, lesion: np.ndarray | None = None) -> dict:
+    """mm3 of every measure of :data:`MEASURES` for one session (NaN where it cannot be measured)."""
     f = tissue_fraction(image, mu, common) * common.region
-    csf = (1.0 - f) * common.region
-    if tissue is not None:
-        gm, wm = (float((np.asarray(tissue[c], np.float32) * common.region).sum(dtype=np.float64)) * v
-                  for c in ("GM", "WM"))
-        out = {"brain": gm + wm, "GM": gm, "WM": wm}
-        out["CSF"] = float(common.region.sum(dtype=np.float64)) * v - out["brain"]
+    v = common.voxel_mm3
+    out = {"brain": float(f.sum(dtype=np.float64)) * v}
+    if common.gm_share is not None:
+        out["GM"] = float((f * common.gm_share).sum(dtype=np.float64)) * v
+        out["WM"] = out["brain"] - out["GM"]
     else:
-        out = {"brain": float(f.sum(dtype=np.float64)) * v}
-        if common.gm_share is not None:
-            out["GM"] = float((f * common.gm_share).sum(dtype=np.float64)) * v
-            out["WM"] = out["brain"] - out["GM"]
-        else:
-            out["GM"] = out["WM"] = float("nan")
-        out["CSF"] = float(csf.sum(dtype=np.float64)) * v
-    out["ventricles"] = float((csf * common.deep).sum(dtype=np.float64)) * v  # deep: no dura to misread
+        out["GM"] = out["WM"] = float("nan")
+    csf = (1.0 - f) * common.region
+    out["CSF"] = float(csf.sum(dtype=np.float64)) * v
+    out["ventricles"] = float((csf * common.deep).sum(dtype=np.float64)) * v
     out["lesion"] = float(np.asarray(lesion, np.float64).sum()) * v if lesion is not None else float("nan")
     return out
 
@@ -310,19 +295,18 @@ class PairResult:
 
 
 def pair_volumes(a: np.ndarray, b: np.ndarray, common: Common, *, changed: bool,
-                 lesion_a=None, lesion_b=None, csf_inverted=(False, False), tissue_a: dict | None = None) -> PairResult:
+                 lesion_a=None, lesion_b=None, csf_inverted=(False, False)) -> PairResult:
     """Volumes of sessions ``a`` -> ``b`` (normalised mid-space images): read with pooled tissue
     intensities, and, when the acquisition ``changed``, also with each session's own (the answer).
-    ``csf_inverted``: per session, whether its CSF signal is opposite to the tissues' (module docstring);
-    ``tissue_a``: session ``a``'s GM/WM maps in the mid-space, its volumes (None: read from intensities)."""
+    ``csf_inverted``: per session, whether its CSF signal is opposite to the tissues' (module docstring)."""
     mu_a, mu_b = calibrate(a, common, csf_inverted[0]), calibrate(b, common, csf_inverted[1])
     mu = pooled(mu_a, mu_b)
-    raw_a = volumes(a, mu, common, lesion_a, tissue_a)
+    raw_a = volumes(a, mu, common, lesion_a)
     raw_shift = shift_map(a, b, mu, mu, common)
     raw_b = shifted(raw_a, raw_shift, common, lesion_b)
     if not changed:
         return PairResult(raw_a, raw_b, raw_a, raw_b, "none", raw_shift)
-    own_a = volumes(a, mu_a, common, lesion_a, tissue_a)
+    own_a = volumes(a, mu_a, common, lesion_a)
     own_shift = shift_map(a, b, mu_a, mu_b, common)
     return PairResult(own_a, shifted(own_a, own_shift, common, lesion_b), raw_a, raw_b, RECALIBRATED, own_shift)
 
