@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmark_scripts import load
 
 
 @pytest.fixture(scope="module")
 def tables():
-    path = ROOT / "benchmarks" / "longitudinal" / "siamese_tables.py"
-    spec = importlib.util.spec_from_file_location("longitudinal_siamese_tables", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load("longitudinal", "siamese_tables")
 
 
 def test_splits_keep_each_anatomy_block_on_one_side(tables):

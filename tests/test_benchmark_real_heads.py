@@ -3,22 +3,15 @@ stated loss and leaves the skull in place; a pseudo-rescan moves the head withou
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmark_scripts import load
 
 
 @pytest.fixture(scope="module")
 def bench():
-    path = ROOT / "benchmarks" / "longitudinal" / "real_heads.py"
-    spec = importlib.util.spec_from_file_location("longitudinal_real_heads", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load("longitudinal", "real_heads")
 
 
 def _head(shape=(72, 72, 40), zooms=(1.5, 1.5, 3.0)):

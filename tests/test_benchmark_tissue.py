@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmark_scripts import load
 
 
 def _script(name: str):
-    """A benchmarks/tissue script as a module (the folder is not a package)."""
-    spec = importlib.util.spec_from_file_location(f"tissue_{name}", ROOT / "benchmarks" / "tissue" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load("tissue", name)
 
 
 @pytest.fixture(scope="module")

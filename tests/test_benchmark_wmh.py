@@ -4,22 +4,16 @@ simulation, no model)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmark_scripts import load
 
 
 def _script(name: str):
-    """A benchmarks/lesion script as a module (the folder is not a package)."""
-    spec = importlib.util.spec_from_file_location(f"lesion_{name}", ROOT / "benchmarks" / "lesion" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load("lesion", name)
 
 
 @pytest.fixture(scope="module")

@@ -268,13 +268,9 @@ def test_the_option_reaches_the_node(template, tmp_path):
 
 
 def test_benchmark_summary_gives_medians_per_family_and_the_two_scanner_difference():
-    import importlib.util
-    from pathlib import Path
+    from benchmark_scripts import load
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "brainmask" / "run.py"
-    spec = importlib.util.spec_from_file_location("brainmask_run", path)
-    run = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(run)
+    run = load("brainmask", "run")
     rows = []
     for head, (a, b) in {"anat-10": (1500.0, 1515.0), "anat-11": (1400.0, 1400.0)}.items():
         for fam, vol, d in (("MPRAGE 3T 1mm", a, 0.98), ("SPGR 1.5T 1mm", b, 0.96)):
