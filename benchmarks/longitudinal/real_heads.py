@@ -68,31 +68,34 @@ def _sample(data: np.ndarray, affine: np.ndarray, world: np.ndarray, order: int 
                                prefilter=order > 1)
 
 
-def shrink_field(brain: np.ndarray, zooms, scale: float) -> tuple[np.ndarray, np.ndarray]:
-    """(weight, centre): the weight is 1 within :data:`CORE_MARGIN_MM` of ``brain`` and falls smoothly
-    to 0 over :data:`TAPER_MM`; the centre is the brain's centre of mass (voxels)."""
+def _centre_mm(brain: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """The brain's centre of mass in world coordinates (mm)."""
+    from scipy import ndimage as ndi
+
+    return affine[:3, :3] @ np.array(ndi.center_of_mass(np.asarray(brain, bool))) + affine[:3, 3]
+
+
+def shrink_weight(brain: np.ndarray, zooms) -> np.ndarray:
+    """1 within :data:`CORE_MARGIN_MM` of ``brain``, falling smoothly to 0 over :data:`TAPER_MM`."""
     from scipy import ndimage as ndi
 
     dist = ndi.distance_transform_edt(~np.asarray(brain, bool), sampling=zooms)
     t = np.clip((dist - CORE_MARGIN_MM) / TAPER_MM, 0.0, 1.0)
-    weight = 0.5 * (1.0 + np.cos(np.pi * t))  # 1 -> 0, smooth at both ends
-    centre = np.array(ndi.center_of_mass(np.asarray(brain, bool)))
-    return weight.astype(np.float32), centre
+    return (0.5 * (1.0 + np.cos(np.pi * t))).astype(np.float32)  # 1 -> 0, smooth at both ends
 
 
 def inject_atrophy(data: np.ndarray, affine: np.ndarray, brain: np.ndarray, loss_percent: float) -> np.ndarray:
     """``data`` with every volume inside the brain region scaled by ``1 - loss_percent / 100``.
 
     Pull-back warp: the new image at x reads the old one at ``c + (x - c) (1 + w(x) (1/s - 1))``, with
-    ``s`` the linear scale and ``w`` :func:`shrink_field`'s weight. Where ``w`` is 1 the map is the
+    ``s`` the linear scale and ``w`` :func:`shrink_weight`. Where ``w`` is 1 the map is the
     scaling by ``s`` about ``c``, so a structure there keeps its shape at ``s**3`` of its volume; the
     skull, where ``w`` is 0, does not move."""
     zooms = np.sqrt((affine[:3, :3] ** 2).sum(0))
     s = (1.0 - loss_percent / 100.0) ** (1.0 / 3.0)
-    weight, centre = shrink_field(brain, zooms, s)
+    c = _centre_mm(brain, affine)
     world = _world_grid(data.shape, affine)
-    c = affine[:3, :3] @ centre + affine[:3, 3]
-    factor = 1.0 + weight.reshape(-1) * (1.0 / s - 1.0)
+    factor = 1.0 + shrink_weight(brain, zooms).reshape(-1) * (1.0 / s - 1.0)
     src = c[:, None] + (world - c[:, None]) * factor
     return _sample(data, affine, src).reshape(data.shape)
 
@@ -111,17 +114,12 @@ def rigid(rng: np.random.Generator, centre_mm: np.ndarray) -> np.ndarray:
 
 def reimage(data: np.ndarray, affine: np.ndarray, brain: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """The head moved by :func:`rigid` and scanned again on the same grid, with new Rician noise."""
-    from scipy import ndimage as ndi
+    from bidsapp.physics.simulator import add_rician_noise
 
-    centre = affine[:3, :3] @ np.array(ndi.center_of_mass(np.asarray(brain, bool))) + affine[:3, 3]
-    move = rigid(rng, centre)
+    inv = np.linalg.inv(rigid(rng, _centre_mm(brain, affine)))
     world = _world_grid(data.shape, affine)
-    inv = np.linalg.inv(move)
-    moved = _sample(data, affine, inv[:3, :3] @ world + inv[:3, 3:4]).reshape(data.shape)
-    moved = np.maximum(moved, 0.0)
-    sigma = NOISE * float(np.median(data[np.asarray(brain, bool)]))
-    re, im = moved + rng.normal(0, sigma, data.shape), rng.normal(0, sigma, data.shape)
-    return np.sqrt(re ** 2 + im ** 2).astype(np.float32)
+    moved = np.maximum(_sample(data, affine, inv[:3, :3] @ world + inv[:3, 3:4]).reshape(data.shape), 0.0)
+    return add_rician_noise(moved, NOISE * float(np.median(data[np.asarray(brain, bool)])), rng)
 
 
 # ------------------------------------------------------------------------------------ the dataset

@@ -470,12 +470,11 @@ def train(cfg: TrainConfig, progress=print, stop_after: int | None = None, pool:
     rest = [p for p in net.parameters() if p.ndim <= 1]
     opt = torch.optim.Adam([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}],
                            lr=cfg.lr)
-    if cfg.mask_erode:  # erode the preprocessed crops, then standardise (as the subject level does)
-        from bidsapp.models.siamese import standardise
+    from bidsapp.models.siamese import standardise
 
-        sampler = PairSampler(raw, train_idx, cfg.seed, cfg.flip, cfg.rotate_deg, cfg.mask_erode, standardise)
-    else:
-        sampler = PairSampler(pool, train_idx, cfg.seed, cfg.flip, cfg.rotate_deg)
+    # with mask erosion the sampler erodes the preprocessed crops, then standardises (as the subject level does)
+    sampler = PairSampler(raw if cfg.mask_erode else pool, train_idx, cfg.seed, cfg.flip, cfg.rotate_deg,
+                          cfg.mask_erode, standardise if cfg.mask_erode else None)
 
     def step(it):
         a, b, y = (t.to(device) for t in sampler.batch(cfg.batch))
