@@ -234,17 +234,13 @@ def to_common(mask_file: Path, case: dict) -> tuple[np.ndarray, np.ndarray]:
 
 # ---------------------------------------------------------------------------------- evaluation
 def _cache_key(method: str, weights_dir) -> str:
-    """What a cached result depends on besides the image: the learned models' weights."""
+    """What a cached result depends on besides the image: the learned model's weights."""
     if method != "learned":
         return method
     from bidsapp.models import registry
-    from bidsapp.models.brainmask import MODEL_NAME, REFINE_NAME
+    from bidsapp.models.brainmask import MODEL_NAME
 
-    key = "learned-" + registry.load_card(MODEL_NAME, weights_dir)["sha256"]
-    try:
-        return key + "-" + registry.load_card(REFINE_NAME, weights_dir)["sha256"]
-    except registry.ModelNotFoundError:
-        return key
+    return "learned-" + registry.load_card(MODEL_NAME, weights_dir)["sha256"]
 
 
 def evaluate(case: dict, method: str, threads: int, weights_dir=None) -> dict:

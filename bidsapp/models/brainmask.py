@@ -11,11 +11,9 @@ Inference (:func:`extract`), in the order the steps run:
    interpolated to :data:`GRID_MM` isotropic over the same field of view (``card["resolution_mm"]``);
 2. intensities are scaled by :func:`normalise` (divided by the 99.5th percentile of the non-zero voxels);
 3. one forward pass of a small 3D U-Net over the whole, zero-padded volume (seconds on 2 CPU cores);
-4. on an image with 1 mm detail (:data:`REFINE_MAX_VOXEL_MM`), a second U-Net places the outline at
-   1 mm within :data:`BAND_MM` of the coarse one (:func:`refine_probability`);
-5. the brain probability is interpolated back to the input grid (linear), thresholded at 0.5, holes
-   are filled and the largest connected component kept;
-6. an input that is already skull-stripped keeps its own brain (:func:`prestripped_support`).
+4. the brain probability is interpolated back to the input grid (linear), thresholded at 0.5, holes
+   are filled and the largest connected component kept: the mask is refined at native resolution;
+5. an input that is already skull-stripped keeps its own brain (:func:`prestripped_support`).
 
 :func:`sanity_check` applies the app's plausibility rule (volume 800-2200 ml, a single large
 component); the participant workflow falls back to template-based extraction when it fails and says so.
@@ -56,21 +54,6 @@ ARCHITECTURE = {"class": "monai.networks.nets.UNet",
                            "channels": [16, 32, 48, 64, 96], "strides": [2, 2, 2, 2],
                            "num_res_units": 1, "norm": "instance"}}
 
-REFINE_NAME = "brainmask_refine"
-REFINE_MM = 1.0
-BAND_MM = 4.0
-"""The refinement decides only voxels within this distance of the coarse mask's outline (inside or
-outside); farther in, brain; farther out, not brain: the coarse network keeps every global decision."""
-REFINE_MAX_VOXEL_MM = 1.5
-"""The refinement reads 1 mm detail: it runs on images with at least two axes of voxels this fine or
-finer (1 mm scans, and thick-slice ones in their slice plane); a 2 mm image keeps the coarse outline."""
-REFINE_ROI = 96
-REFINE_OVERLAP = 0.25
-REFINE_ARCHITECTURE = {"class": "monai.networks.nets.UNet",
-                       "kwargs": {"spatial_dims": 3, "in_channels": 2, "out_channels": 1,
-                                  "channels": [12, 24, 48, 64], "strides": [2, 2, 2],
-                                  "num_res_units": 1, "norm": "instance"}}
-
 _CACHE: dict = {}
 
 
@@ -79,16 +62,11 @@ def build_network(arch: dict | None = None):
     from monai.networks.nets import UNet
 
     arch = arch or ARCHITECTURE
-    if arch.get("class") != "monai.networks.nets.UNet":
+    if arch.get("class") != ARCHITECTURE["class"]:
         raise ValueError(f"unknown brain-extraction architecture {arch.get('class')}")
     kw = dict(arch["kwargs"])
     kw["channels"], kw["strides"] = tuple(kw["channels"]), tuple(kw["strides"])
     return UNet(**kw)
-
-
-def build_refine_network(arch: dict | None = None):
-    """The outline-refinement U-Net (default :data:`REFINE_ARCHITECTURE`)."""
-    return build_network(arch or REFINE_ARCHITECTURE)
 
 
 def load_model(device="cpu", weights_dir=None, name: str = MODEL_NAME):
@@ -124,64 +102,6 @@ def predict_probability(net, volume: np.ndarray, device="cpu") -> np.ndarray:
         logits = net(x.to(device))
     prob = torch.sigmoid(logits)[0, 0].cpu().numpy()
     return prob[tuple(slice(0, s) for s in volume.shape)]
-
-
-def refinement_model(device="cpu", weights_dir=None):
-    """(network, card) of the outline refinement, or None where a weights folder has none (a coarse-only
-    model set, as the tests' tiny ones)."""
-    try:
-        return load_model(device, weights_dir, REFINE_NAME)
-    except registry.ModelNotFoundError:
-        return None
-
-
-def refine_probability(ras: np.ndarray, zooms, prob_low: np.ndarray, device="cpu", weights_dir=None):
-    """The brain probability on the RAS image's grid with its outline placed at 1 mm, or None without a
-    refinement model.
-
-    Why: the coarse network's 2 mm grid blurs the thin CSF between cortex and skull. The image is
-    resampled to 1 mm, the second network reads it with the coarse probability beside it, and its
-    answer is used within :data:`BAND_MM` of the coarse outline only (farther in: brain; farther out:
-    not brain), so the coarse network keeps every global decision (which blob is the brain).
-    """
-    import torch
-    from monai.inferers import sliding_window_inference
-    from scipy import ndimage as ndi
-
-    from .tissue import resample_shape, resample_to
-
-    found = refinement_model(device, weights_dir)
-    if found is None:
-        return None
-    net, card = found
-    fine_mm = float(card.get("resolution_mm", REFINE_MM))
-    coarse_mm = float(np.mean(np.asarray(zooms, float) * ras.shape / np.asarray(prob_low.shape)))
-    steps = max(1, int(round(float(card.get("band_mm", BAND_MM)) / coarse_mm)))
-    coarse = prob_low >= 0.5
-    if not coarse.any():
-        return None
-    outer_low = ndi.binary_dilation(coarse, iterations=steps)
-    inner_low = ndi.binary_erosion(coarse, iterations=steps)
-    fine = resample_to(np.maximum(ras, 0), zooms, fine_mm)
-    outer = resample_shape(outer_low.astype(np.float32), fine.shape, order=0) > 0.5
-    inner = resample_shape(inner_low.astype(np.float32), fine.shape, order=0) > 0.5
-    nz = np.argwhere(outer)
-    box = tuple(slice(int(a), int(b) + 1) for a, b in zip(nz.min(0), nz.max(0)))
-    x = torch.stack([torch.as_tensor(normalise(fine))[box],
-                     torch.as_tensor(resample_shape(prob_low, fine.shape, order=1))[box]])[None].float()
-    with torch.inference_mode():
-        if REFINE_ROI:
-            p = sliding_window_inference(x.to(device), roi_size=(REFINE_ROI,) * 3, sw_batch_size=1,
-                                         predictor=lambda t: torch.sigmoid(net(t)), overlap=REFINE_OVERLAP,
-                                         mode="gaussian")
-        else:
-            pads = [(-s) % 8 for s in x.shape[2:]]
-            xp = torch.nn.functional.pad(x, [p for s in reversed(pads) for p in (0, s)])
-            p = torch.sigmoid(net(xp.to(device)))[..., :x.shape[2], :x.shape[3], :x.shape[4]]
-    prob = inner.astype(np.float32)
-    band = outer[box] & ~inner[box]
-    prob[box][band] = p[0, 0].cpu().numpy()[band]
-    return resample_shape(prob, ras.shape, order=1)
 
 
 def _components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -274,7 +194,7 @@ def contrast_problem(image: np.ndarray, mask: np.ndarray, voxel_ml: float) -> st
     return None
 
 
-def extract(img, device="cpu", weights_dir=None, refine: bool = True) -> BrainMaskResult:
+def extract(img, device="cpu", weights_dir=None) -> BrainMaskResult:
     """Brain mask of a nibabel image on its own grid (see the module docstring for the steps)."""
     from bidsapp.devices import resolve_device
 
@@ -290,20 +210,14 @@ def extract(img, device="cpu", weights_dir=None, refine: bool = True) -> BrainMa
     ras, ornt = to_ras(data, img.affine)
     zooms = ras_zooms(img.header.get_zooms(), ornt)
     low = resample_to(np.maximum(ras, 0), zooms, grid)
-    prob_low = predict_probability(net, low, device)
-    detailed = sum(float(z) <= REFINE_MAX_VOXEL_MM for z in zooms) >= 2
-    refined = refine_probability(ras, zooms, prob_low, device, weights_dir) if refine and detailed else None
-    prob_ras = refined if refined is not None else resample_shape(prob_low, ras.shape, order=1)
+    prob_ras = resample_shape(predict_probability(net, low, device), ras.shape, order=1)
     mask, sizes = postprocess(from_ras(prob_ras, ornt))
     native_zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
     voxml = float(np.prod(native_zooms)) / 1000.0
-    refined_card = ({"name": REFINE_NAME, "sha256": refinement_model(device, weights_dir)[1]["sha256"]}
-                    if refined is not None else None)
     own = prestripped_support(data, mask, native_zooms) if mask.any() else None
     if own is not None:
         mask, sizes = own, [int(own.sum())]
     return BrainMaskResult(mask=mask, volume_ml=float(mask.sum()) * voxml,
                            component_ml=[s * voxml for s in sizes],
-                           model={"name": card["name"], "version": card.get("version"), "sha256": card["sha256"],
-                                  **({"refinement": refined_card} if refined is not None else {})},
+                           model={"name": card["name"], "version": card.get("version"), "sha256": card["sha256"]},
                            prestripped=own is not None)

@@ -15,7 +15,6 @@ SUBCOMMANDS = {
     "tissue": ("bidsapp.training.tissue", "physics-aware GM/WM/CSF U-Net (and its no-physics ablation)"),
     "mrainet": ("bidsapp.training.mrainet", "MRAI-NET acquisition-invariant patch features"),
     "brainmask": ("bidsapp.training.brainmask", "contrast-agnostic brain-extraction U-Net"),
-    "brainmask-refine": ("bidsapp.training.brainmask_refine", "1 mm refinement of the brain mask's outline"),
     "lesion": ("bidsapp.training.lesion", "scanner-invariant MS lesion U-Net (and its BM/BDM baselines)"),
     "wmh": ("bidsapp.training.wmh", "FLAIR-only WMH generator (Siamese content loss, or an overlap-loss baseline)"),
     "wmh-features": ("bidsapp.training.wmh_features", "frozen feature network of the WMH content loss"),

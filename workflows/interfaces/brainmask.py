@@ -72,10 +72,8 @@ def brain_extraction(in_file, template_t1w, template_mask, out_mask, out_xfm, *,
         not_brain = _contrast_problem(ref, res.mask)
         if not_brain is not None:
             raise ValueError(f"{name}: no brain found ({not_brain}); is this a head image?")
-        outline = (f", its outline placed at 1 mm by a second U-Net ({bm.REFINE_NAME}) within {bm.BAND_MM:g} mm"
-                   if "refinement" in res.model else "")
-        meta.update(Method="learned: contrast-agnostic U-Net (brainmask_unet) on the whole image at 2 mm"
-                           f"{outline}; probability >= 0.5 at native resolution, holes filled, largest component",
+        meta.update(Method="learned: contrast-agnostic U-Net (brainmask_unet) on the whole image at 2 mm, "
+                           "probability >= 0.5 at native resolution, holes filled, largest component",
                     Model=res.model, MaskVolumeML=round(res.volume_ml, 1))
         if res.prestripped:
             meta["Method"] += (f"; the input was already skull-stripped: its own brain kept (non-zero voxels within "
