@@ -43,12 +43,9 @@ is f mu_tissue - (1 - f) mu_CSF, read on the tissue side of its zero for intensi
 on the CSF side below, and the boundary-shift window starts above the folded part.
 
 Scanner changes: within one acquisition both sessions are read with the same (pooled) tissue
-intensities; when the acquisition changed, each session is read with its own, which undoes a change of
-contrast between tissues (a change the pooled reading turns into volume). Both figures are kept. When
-the acquisitions are unknown (no sidecars), the images say: sessions whose tissue intensities agree
-within :data:`SAME_CONTRAST` are read as one acquisition (:func:`contrast_difference`). Reading such
-sessions each with its own intensities would cost accuracy for nothing: the medians then follow the
-change itself a little (real clinical T1w with a known injected brain loss read 0.77 of it, pooled 0.98).
+intensities; when the acquisition changed, or is unknown (no sidecars), each session is read with its
+own, which undoes a change of contrast between tissues (a change the pooled reading turns into volume).
+Both figures are kept.
 """
 
 from __future__ import annotations
@@ -83,11 +80,6 @@ WINDOW = (0.25, 0.75)
 """Tissue fractions between which the boundary-shift integral reads a change: 2.5 noise standard
 deviations (about 0.1 in f at the simulator's SNR) from pure CSF and pure tissue."""
 RECALIBRATED = "tissue intensities recalibrated per session"
-SAME_CONTRAST = 0.05
-"""Largest difference between two sessions' tissue intensities (medians over the shared calibration sets,
-in units of the white matter's) that still reads them as one acquisition when no sidecar says. Same-scanner
-pairs of the simulated change benchmark and real pseudo-rescans differed by at most 0.013; the simulated
-scanner and protocol changes by 0.14 to 0.36."""
 """What the ``correction`` column says for a pair whose acquisition changed."""
 
 
@@ -225,12 +217,6 @@ def pooled(*mus) -> dict:
     return out
 
 
-def contrast_difference(mu_a: dict, mu_b: dict) -> float:
-    """Largest difference of two sessions' tissue intensities (:func:`calibrate`; white-matter units)."""
-    keys = [k for k in mu_a if k != "csf_inverted" and k in mu_b]
-    return max(abs(mu_a[k] - mu_b[k]) for k in keys) if keys else float("inf")
-
-
 def tissue_fraction(image: np.ndarray, mu: dict, common: Common, clip=(0.0, 1.0)) -> np.ndarray:
     """f: the fraction of brain tissue in each voxel (module docstring), clipped to ``clip``."""
     if common.gm_share is not None:
@@ -306,30 +292,23 @@ class PairResult:
     correction: str = "none"
     shift: np.ndarray | None = None
     """The answer's :func:`shift_map` (the report's change map)."""
-    contrast_difference: float = float("nan")
-    """:func:`contrast_difference` of the pair, which decides the reading when ``changed`` is None."""
 
 
-def pair_volumes(a: np.ndarray, b: np.ndarray, common: Common, *, changed: bool | None,
+def pair_volumes(a: np.ndarray, b: np.ndarray, common: Common, *, changed: bool,
                  lesion_a=None, lesion_b=None, csf_inverted=(False, False)) -> PairResult:
     """Volumes of sessions ``a`` -> ``b`` (normalised mid-space images): read with pooled tissue
-    intensities, and, when the acquisition ``changed``, also with each session's own (the answer);
-    ``changed`` None (unknown): changed when the tissue intensities differ by :data:`SAME_CONTRAST` or more.
+    intensities, and, when the acquisition ``changed``, also with each session's own (the answer).
     ``csf_inverted``: per session, whether its CSF signal is opposite to the tissues' (module docstring)."""
     mu_a, mu_b = calibrate(a, common, csf_inverted[0]), calibrate(b, common, csf_inverted[1])
-    diff = contrast_difference(mu_a, mu_b)
-    if changed is None:
-        changed = not diff < SAME_CONTRAST
     mu = pooled(mu_a, mu_b)
     raw_a = volumes(a, mu, common, lesion_a)
     raw_shift = shift_map(a, b, mu, mu, common)
     raw_b = shifted(raw_a, raw_shift, common, lesion_b)
     if not changed:
-        return PairResult(raw_a, raw_b, raw_a, raw_b, "none", raw_shift, diff)
+        return PairResult(raw_a, raw_b, raw_a, raw_b, "none", raw_shift)
     own_a = volumes(a, mu_a, common, lesion_a)
     own_shift = shift_map(a, b, mu_a, mu_b, common)
-    return PairResult(own_a, shifted(own_a, own_shift, common, lesion_b), raw_a, raw_b, RECALIBRATED, own_shift,
-                      diff)
+    return PairResult(own_a, shifted(own_a, own_shift, common, lesion_b), raw_a, raw_b, RECALIBRATED, own_shift)
 
 
 def percent(v_from: float, v_to: float) -> float:

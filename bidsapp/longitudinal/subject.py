@@ -163,25 +163,16 @@ def subject_change(sessions: list[SessionInput], *, seed: int = 0, work_dir=None
         a, b = sessions[i], sessions[j]
         changed = acquisition_changed(a, b)
         both_lesions = lesions[i] is not None and lesions[j] is not None
-        # unknown acquisitions (no sidecars): the tissue intensities say whether the contrast changed
-        res = C.pair_volumes(norm[i], norm[j], common, changed=changed,
+        # unknown acquisitions (no sidecars) are read as changed: nothing says the contrast stayed the same
+        res = C.pair_volumes(norm[i], norm[j], common, changed=changed is not False,
                              lesion_a=lesions[i] if both_lesions else None,
                              lesion_b=lesions[j] if both_lesions else None,
                              csf_inverted=(a.csf_inverted, b.csf_inverted))
         correction = correction_text(res.correction, a, b)
-        if changed is None:
-            seen = "differ" if res.correction == C.RECALIBRATED else "agree"
-            correction += (f" (acquisitions unknown: the tissue intensities {seen}, largest difference "
-                           f"{res.contrast_difference:.3f} of the white matter's; {C.SAME_CONTRAST:g} or more "
-                           "reads as a new acquisition)")
         days = interval_days(a, b)
         if changed:
             warnings.append(f"{a.label} -> {b.label}: the acquisition changed ({a.acquisition} -> {b.acquisition}); "
                             f"change corrected ({C.RECALIBRATED}), the raw figure is kept")
-        elif changed is None and res.correction == C.RECALIBRATED:
-            warnings.append(f"{a.label} -> {b.label}: no sidecars, and the tissue contrast differs (by "
-                            f"{res.contrast_difference:.3f} of the white matter's intensity): read as a new "
-                            f"acquisition ({C.RECALIBRATED}), the raw figure is kept")
         for measure in C.MEASURES:
             v0, v1 = res.volume_from[measure], res.volume_to[measure]
             pct = C.percent(v0, v1)
