@@ -4,10 +4,13 @@ The simulated benchmark (``change.py``) knows the truth because it made the brai
 truth of its own, so this one makes two from each real T1w of ``clinical-ms`` (2D clinical slices, skull,
 no sidecars) and runs ``scanbridge participant`` on them as a user would:
 
-``ses-1``  the real scan, untouched;
-``ses-2``  a pseudo-rescan: the head moved by a random rigid transform (up to 3 degrees and 3 mm, so the
-           slices cut it elsewhere), resampled onto the scanner's grid and given new Rician noise.
-           True change from ses-1: zero;
+``ses-1``  the real scan, re-imaged: the head moved by a random rigid transform (up to 3 degrees and
+           3 mm, so the slices cut it elsewhere), resampled onto the scanner's grid and given new Rician
+           noise;
+``ses-2``  a pseudo-rescan: the real scan re-imaged again, with another move and other noise. True change
+           from ses-1: zero. (Every session is re-imaged once, as every real session is acquired once: a
+           session left untouched would be the only one never interpolated, sharper and less noisy than
+           the others, a difference no real rescan has);
 ``ses-3``  injected atrophy, then re-imaged like ses-2: the brain (the parenchyma and what it encloses,
            with 1 mm around it) is shrunk towards its centre by a factor ``s`` per axis; the shrink fades
            to none over the next 4 mm, in the CSF around the brain, so the dura and the skull stay
@@ -167,7 +170,7 @@ def make_dataset(out: Path, files: list[Path], seed: int) -> pd.DataFrame:
         brain = brain_region(img)
         loss = LOSS_PERCENT[n % len(LOSS_PERCENT)]
         rng = np.random.default_rng([seed, n])
-        sessions = {"1": data, "2": reimage(data, img.affine, brain, rng),
+        sessions = {"1": reimage(data, img.affine, brain, rng), "2": reimage(data, img.affine, brain, rng),
                     "3": reimage(inject_atrophy(data, img.affine, brain, loss), img.affine, brain, rng)}
         sub = f"sub-{src.name.split('_')[0][4:]}s{src.name.split('_')[1][4:]}"  # sub-ms19 ses-2: sub-ms19s2
         for ses, arr in sessions.items():
