@@ -270,3 +270,21 @@ def test_segment_refuses_sessions_without_a_hyperintense_contrast(head):
         segment({"T1w": ses["images"]["T1w"]}, ses["brain"], np.eye(4), (1.0, 1.0, 1.0))
     with pytest.raises(ValueError, match="brain mask is empty"):
         segment({"FLAIR": ses["images"]["FLAIR"]}, np.zeros_like(ses["brain"]), np.eye(4), (1.0, 1.0, 1.0))
+
+
+def test_mirrored_reading_is_exactly_left_right_symmetric():
+    """Averaging each window with its left-right mirror makes the output of a mirrored input the mirrored
+    output (a network alone is not: its weights are not symmetric)."""
+    import torch
+
+    from bidsapp.models import lesion as L
+
+    torch.manual_seed(0)
+    net = torch.nn.Conv3d(2, 3, 3, padding=1).eval()
+    x = np.random.default_rng(0).random((2, 24, 20, 16)).astype(np.float32)
+    flipped = np.ascontiguousarray(x[:, ::-1])
+    one = L.predict(net, x, mirror=False)
+    assert not np.allclose(L.predict(net, flipped, mirror=False), one[:, ::-1], atol=1e-4)
+    both = L.predict(net, x, mirror=True)
+    assert np.allclose(L.predict(net, flipped, mirror=True), both[:, ::-1], atol=1e-5)
+    assert both.shape == (3, 24, 20, 16) and 0 <= both.min() and both.max() <= 1

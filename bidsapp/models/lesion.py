@@ -130,18 +130,29 @@ def _box(mask: np.ndarray, margin: int) -> tuple[slice, ...]:
     return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
 
 
+MIRROR = True
+"""Average each window's outputs with those of its left-right mirror image (nnU-Net's test-time mirroring,
+on the one axis a brain is nearly symmetric about; the network was trained with left-right flips)."""
+
+
 def predict(net, channels: np.ndarray, device="cpu", roi: int = 96, overlap: float = 0.5,
-            progress=None) -> np.ndarray:
-    """Sigmoid outputs (len(OUTPUTS), X, Y, Z) of normalised ``channels`` (C, X, Y, Z) on the 1 mm grid."""
+            progress=None, mirror: bool | None = None) -> np.ndarray:
+    """Sigmoid outputs (len(OUTPUTS), X, Y, Z) of normalised RAS ``channels`` (C, X, Y, Z) on the 1 mm grid."""
     import torch
     from monai.inferers import sliding_window_inference
+
+    mirror = MIRROR if mirror is None else mirror
+
+    def probabilities(t):
+        p = torch.sigmoid(net(t))
+        return (p + torch.sigmoid(net(t.flip(2))).flip(2)) / 2 if mirror else p
 
     x = torch.as_tensor(channels[None], dtype=torch.float32).to(device)
     size = tuple(min(roi, max(16, int(np.ceil(s / 16) * 16))) for s in channels.shape[1:])
     with torch.inference_mode():
-        logits = sliding_window_inference(x, size, sw_batch_size=1, predictor=net, overlap=overlap,
-                                          mode="gaussian", padding_mode="constant", progress=bool(progress))
-    return torch.sigmoid(logits)[0].cpu().numpy()
+        prob = sliding_window_inference(x, size, sw_batch_size=1, predictor=probabilities, overlap=overlap,
+                                        mode="gaussian", padding_mode="constant", progress=bool(progress))
+    return prob[0].cpu().numpy()
 
 
 @dataclass
