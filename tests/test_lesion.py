@@ -145,6 +145,45 @@ def test_synthetic_patches_show_lesions_bright_on_flair(head):
             assert (c in present) == bool(x[i].abs().sum() > 0)
 
 
+def test_graded_lesions_keep_the_target_and_show_part_of_the_contrast(head, monkeypatch):
+    """``graded``: the target is the whole lesion whatever share of its contrast the image shows."""
+    from bidsapp.physics import lesions as P
+    from bidsapp.training import lesion as T
+
+    def sample(mode, share=None):
+        if share is not None:  # a fixed share, drawing nothing: the random stream stays that of ``full``
+            monkeypatch.setattr(P, "draw_contrast", lambda specs, rng: [(share, share)] * len(specs))
+        synth = T.LesionSynth([head], T.make_scanners(2, np.random.default_rng(0)), size=24, seed=4,
+                              dropout_contrasts=False, lesion_contrast=mode)
+        return [synth.sample()[:2] for _ in range(3)]
+
+    full = sample("full")
+    same = sample("graded", 1.0)
+    hidden = sample("graded", 0.0)
+    lesion_seen = False
+    for (xf, yf), (xs, ys), (xh, yh) in zip(full, same, hidden):
+        assert torch.equal(xf, xs) and torch.equal(yf, ys) and torch.equal(yf, yh)
+        lesion = yf[0] > 0.9
+        if lesion.sum() > 5:  # with no contrast shown the lesions are white matter on every contrast
+            lesion_seen = True
+            assert float((xh[0][lesion] - xf[0][lesion]).abs().mean()) > 0.05
+    assert lesion_seen
+    with pytest.raises(ValueError, match="lesion_contrast"):
+        T.LesionSynth([head], [], lesion_contrast="bright")
+
+
+def test_contrast_map_fades_from_core_to_edge():
+    from bidsapp.physics.lesions import LesionSpec, contrast_map, draw_contrast
+
+    spec = LesionSpec("deep", (16.0, 16.0, 16.0), (6.0, 6.0, 6.0), (0.0, 0.0, 0.0), (0.0, 0.0, 0.0, 0.0, 0.0))
+    share = contrast_map((32, 32, 32), np.eye(4), [spec], [(0.8, 0.2)])
+    assert share[16, 16, 16] == pytest.approx(0.8)
+    assert share[16, 16, 21] == pytest.approx(0.8 - 0.6 * (5 / 6) ** 2, abs=1e-5)
+    assert share[16, 16, 22] == pytest.approx(0.2, abs=1e-5) and share[0, 0, 0] == 1.0
+    drawn = draw_contrast([spec] * 50, np.random.default_rng(0))
+    assert all(0.3 <= c <= 1.0 and 0.4 * c <= e <= c for c, e in drawn)
+
+
 def test_training_resumes_exactly(head, tmp_path):
     from bidsapp.training import lesion as T
 

@@ -44,3 +44,20 @@ def test_bad_values_are_refused_by_the_parser():
         _parse(["--out", "o", "--mode", "c"])
     with pytest.raises(SystemExit):
         _parse(["--steps", "3"])  # --out is required
+
+
+def test_stages_start_from_the_card_of_a_shipped_weights_file(tmp_path):
+    import json
+
+    torch = pytest.importorskip("torch")
+    from bidsapp.training.config import stage_commands
+
+    cmd = lambda cfg: command_line("train x", cfg, first=("out",))  # noqa: E731
+    weights = tmp_path / "model.pt"
+    torch.save({"w": torch.zeros(1)}, weights)
+    later = _Cfg(out="runs/b", steps=5, init_from=str(weights))
+    assert stage_commands(later, _Cfg, cmd) == [f"(weights file {weights})", cmd(later)]
+    (tmp_path / "model.json").write_text(json.dumps({"training": {"command": "train x --out runs/a"}}))
+    assert stage_commands(later, _Cfg, cmd) == ["train x --out runs/a", cmd(later)]
+    (tmp_path / "model.json").write_text(json.dumps({"training": {"command": "c2", "stages": ["c1", "c2"]}}))
+    assert stage_commands(later, _Cfg, cmd) == ["c1", "c2", cmd(later)]

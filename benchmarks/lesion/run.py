@@ -9,6 +9,7 @@ LTPR, LFPR, PPV as in the paper's Table 1, plus lesion-wise F1, AVD and HD95 for
 means over sessions. Prints the paper's table beside ours and writes ``benchmarks/results/lesion.json``.
 
     python benchmarks/lesion/run.py --shipped-only          # the shipped model (minutes)
+    python benchmarks/lesion/run.py --shipped-only --weights runs/x/weights   # a candidate in its place
     python benchmarks/lesion/run.py --iterations 4000       # train all five variants (hours on 2 cores;
                                                             # resumable: rerun the same command)
 
@@ -130,6 +131,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--work", default=str(ROOT / "benchmarks" / "results" / "lesion-work"))
     p.add_argument("--shipped-only", action="store_true", help="evaluate the shipped model only (no training)")
+    p.add_argument("--weights", default=None, metavar="DIR",
+                   help="score the lesion_unet of this weights folder (a training run's weights/) as the shipped model")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "lesion.json"))
     args = p.parse_args(argv)
     import torch
@@ -137,13 +140,13 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     from bidsapp.models import registry
 
-    shipped_card = registry.load_card("lesion_unet")
+    shipped_card = registry.load_card("lesion_unet", args.weights)
     sessions = test_sessions(args.anatomy_dir, args.test_scanners, args.seed, SUBSETS)
     result = {"command": " ".join(["python benchmarks/lesion/run.py", *(argv or sys.argv[1:])]),
               "platform": platform.platform(), "test": {"heads": sorted({s["head"] for s in sessions}),
                                                          "scanners": sorted({s["describe"] for s in sessions})},
               "paper": PAPER, "ours": {}, "shipped": {}}
-    rows = evaluate(None, sessions)
+    rows = evaluate(args.weights, sessions)
     result["shipped"] = {"sha256": shipped_card["sha256"], "domain_loss": shipped_card["training"].get("domain_loss"),
                          "by_subset": {k: summary(rows, k) for k in SUBSETS}, "sessions": rows}
     if not args.shipped_only:

@@ -22,6 +22,9 @@ Public API
 ``apply_lesions(phantom, specs, growth=1.0) -> Phantom``  adds (or extends) the ``lesion`` class;
     ``growth`` scales every radius (lesion progression in follow-ups).
 ``add_lesions(phantom, rng, **kw) -> (Phantom, list[LesionSpec])``  both steps.
+``draw_contrast(specs, rng) -> [(core, edge)]`` and ``contrast_map(shape, affine, specs, contrast)``  how
+    much of the lesion class's contrast each lesion shows, fading toward its edge (a trainer mixes that
+    share of the lesion signal with white matter's, keeping the whole lesion as the target).
 """
 from __future__ import annotations
 
@@ -113,6 +116,31 @@ def sample_lesions(phantom: Phantom, rng: np.random.Generator, n_periventricular
     return specs
 
 
+def _footprint(sp: LesionSpec, affine, shape, growth: float = 1.0):
+    """(box slices, rho, voxel step mm, smallest radius mm) of lesion ``sp`` on a grid: ``rho`` is 0 at
+    the lesion's centre and 1 on its (wobbled) surface; None when the lesion misses the grid."""
+    vs = np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(0))
+    step = float(vs.mean())
+    radii = np.array(sp.radii_mm) * growth
+    reach = radii.max() * 1.35 + 2 * step
+    inv = np.linalg.inv(affine)
+    c_vox = inv[:3, :3] @ np.array(sp.centre_mm) + inv[:3, 3]
+    half = np.ceil(reach / vs).astype(int)
+    lo = np.maximum(np.floor(c_vox).astype(int) - half, 0)
+    hi = np.minimum(np.floor(c_vox).astype(int) + half + 1, shape)
+    if np.any(hi <= lo):
+        return None
+    grid = np.stack(np.meshgrid(*[np.arange(a, b) for a, b in zip(lo, hi)], indexing="ij")).reshape(3, -1)
+    world = affine[:3, :3] @ grid + affine[:3, 3:4] - np.array(sp.centre_mm)[:, None]
+    local = _rotation(sp.angles_deg).T @ world
+    dist = np.linalg.norm(world, axis=0)
+    u = world / np.maximum(dist, 1e-6)
+    amp, wx, wy, wz, ph = sp.wobble
+    bump = 1.0 + amp * np.sin(wx * 2.0 * u[0] + wy * 2.0 * u[1] + wz * 2.0 * u[2] + ph)
+    rho = np.sqrt(((local / radii[:, None]) ** 2).sum(0)) / bump  # 1 on the surface
+    return tuple(slice(a, b) for a, b in zip(lo, hi)), rho.reshape(tuple(hi - lo)), step, float(radii.min())
+
+
 def apply_lesions(phantom: Phantom, specs, growth: float = 1.0) -> Phantom:
     if "lesion" not in phantom.classes:  # insert the class (one new array, no extra copy)
         k = phantom.classes.index("WM") + 1 if "WM" in phantom.classes else len(phantom.classes)
@@ -125,36 +153,47 @@ def apply_lesions(phantom: Phantom, specs, growth: float = 1.0) -> Phantom:
     if "WM" not in out.classes or not specs:
         return out
     wi, li = out.classes.index("WM"), out.classes.index("lesion")
-    inv = np.linalg.inv(out.affine)
-    vs = np.array(out.voxel_size)
-    step = float(vs.mean())
     for sp in specs:
-        radii = np.array(sp.radii_mm) * growth
-        reach = radii.max() * 1.35 + 2 * step
-        c_vox = inv[:3, :3] @ np.array(sp.centre_mm) + inv[:3, 3]
-        half = np.ceil(reach / vs).astype(int)
-        lo = np.maximum(np.floor(c_vox).astype(int) - half, 0)
-        hi = np.minimum(np.floor(c_vox).astype(int) + half + 1, out.shape)
-        if np.any(hi <= lo):
+        fp = _footprint(sp, out.affine, out.shape, growth)
+        if fp is None:
             continue
-        grid = np.stack(np.meshgrid(*[np.arange(a, b) for a, b in zip(lo, hi)], indexing="ij")).reshape(3, -1)
-        world = out.affine[:3, :3] @ grid + out.affine[:3, 3:4] - np.array(sp.centre_mm)[:, None]
-        local = _rotation(sp.angles_deg).T @ world
-        dist = np.linalg.norm(world, axis=0)
-        u = world / np.maximum(dist, 1e-6)
-        amp, wx, wy, wz, ph = sp.wobble
-        bump = 1.0 + amp * np.sin(wx * 2.0 * u[0] + wy * 2.0 * u[1] + wz * 2.0 * u[2] + ph)
-        rho = np.sqrt(((local / radii[:, None]) ** 2).sum(0)) / bump  # 1 on the surface
+        sl, rho, step, rmin = fp
         # Signed distance to the surface ~ (1 - rho) * smallest radius; ramp one voxel wide.
-        occ = np.clip((1.0 - rho) * radii.min() / step + 0.5, 0.0, 1.0).astype(np.float32)
-        sl = tuple(slice(a, b) for a, b in zip(lo, hi))
-        occ = occ.reshape(tuple(hi - lo))
+        occ = np.clip((1.0 - rho) * rmin / step + 0.5, 0.0, 1.0).astype(np.float32)
         wm = out.fractions[wi][sl]
         have = out.fractions[li][sl]
         take = np.clip(np.minimum(occ - have, wm), 0.0, None)  # only white matter turns into lesion
         out.fractions[wi][sl] = wm - take
         out.fractions[li][sl] = have + take
     out.meta = dict(out.meta, lesions=[s.to_dict() for s in specs], lesion_growth=growth)
+    return out
+
+
+def draw_contrast(specs, rng: np.random.Generator, core=(0.3, 1.0), fade=(0.4, 1.0)) -> list[tuple]:
+    """Per lesion, the share of the lesion class's contrast it shows (``core``, drawn from ``core``) and
+    the share left at its surface (``core`` times a draw from ``fade``): real lesions range from faint
+    to bright and fade toward their edge, while a reader still outlines the whole hyperintensity."""
+    out = []
+    for _ in specs:
+        c = float(rng.uniform(*core))
+        out.append((c, c * float(rng.uniform(*fade))))
+    return out
+
+
+def contrast_map(shape, affine, specs, contrast, growth: float = 1.0) -> np.ndarray:
+    """Per voxel, the share of the lesion contrast shown (1 outside every lesion): each lesion's
+    ``(core, edge)`` of :func:`draw_contrast`, falling from core at its centre to edge at its surface as
+    1 - rho^2; the brightest wins where lesions overlap."""
+    out = np.full(tuple(shape), -1.0, np.float32)
+    for sp, (core, edge) in zip(specs, contrast):
+        fp = _footprint(sp, affine, shape, growth)
+        if fp is None:
+            continue
+        sl, rho, step, rmin = fp
+        share = core + (edge - core) * np.clip(rho, 0.0, 1.0) ** 2
+        inside = (1.0 - rho) * rmin / step + 0.5 > 0  # where apply_lesions gives the lesion any fraction
+        out[sl] = np.maximum(out[sl], np.where(inside, share, -1.0).astype(np.float32))
+    out[out < 0] = 1.0
     return out
 
 

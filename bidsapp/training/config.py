@@ -103,7 +103,7 @@ def stage_commands(cfg, cls, command_line) -> list[str]:
     while path and Path(path).is_file():
         state = torch.load(path, map_location="cpu", weights_only=False)
         if not (isinstance(state, dict) and "config" in state):
-            out.insert(0, f"(weights file {path})")
+            out[:0] = _card_stages(Path(path)) or [f"(weights file {path})"]
             break
         prev = cls(**{k: v for k, v in state["config"].items() if k in cls.__dataclass_fields__})
         cmd = command_line(prev)
@@ -112,3 +112,16 @@ def stage_commands(cfg, cls, command_line) -> list[str]:
         out.insert(0, cmd)
         path = prev.init_from
     return out
+
+
+def _card_stages(weights) -> list[str]:
+    """The commands that made a shipped weights file, from the model card beside it (``<name>.json``:
+    ``training.stages``, else ``training.command``); empty when there is none."""
+    import json
+
+    card = weights.with_suffix(".json")
+    try:
+        training = json.loads(card.read_text()).get("training", {}) if card.is_file() else {}
+    except (OSError, ValueError):
+        return []
+    return list(training.get("stages") or ([training["command"]] if training.get("command") else []))

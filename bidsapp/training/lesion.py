@@ -49,6 +49,9 @@ INFRATENTORIAL = (7, 8, 46, 47, 16, 15)
 INFRATENTORIAL_WM = (7, 46, 16)
 CEREBRAL_WM = (2, 41)
 KIND_P = {"periventricular": 0.35, "deep": 0.3, "juxtacortical": 0.2, "infratentorial": 0.15}
+LESION_CONTRASTS = ("full", "graded")
+"""``full``: every lesion shows the lesion class's whole contrast up to its edge; ``graded``: each shows
+0.3-1 of it, fading toward its edge (:func:`bidsapp.physics.lesions.draw_contrast`), as on clinical scans."""
 
 
 # ------------------------------------------------------------------------------------------ scanners
@@ -244,11 +247,14 @@ class LesionSynth:
     """Random training patches (see the module docstring)."""
 
     def __init__(self, heads: list[Head], scanners: list[Scanner], size: int = 48, seed: int = 0,
-                 dropout_contrasts: bool = True):
+                 dropout_contrasts: bool = True, lesion_contrast: str = "full"):
         import torch
 
+        if lesion_contrast not in LESION_CONTRASTS:
+            raise ValueError(f"lesion_contrast {lesion_contrast!r}: one of {', '.join(LESION_CONTRASTS)}")
         self.heads, self.scanners, self.size = heads, scanners, int(size)
         self.dropout_contrasts = dropout_contrasts
+        self.lesion_contrast = lesion_contrast
         self.rng = np.random.default_rng(seed)
         self.gen = torch.Generator().manual_seed(int(seed))
 
@@ -294,7 +300,7 @@ class LesionSynth:
         import torch.nn.functional as F
 
         from bidsapp.models.lesion import CHANNELS, NEEDS
-        from bidsapp.physics.lesions import apply_lesions
+        from bidsapp.physics.lesions import apply_lesions, contrast_map, draw_contrast
         from bidsapp.physics.phantom import Phantom
         from bidsapp.physics.tissues import CLASSES, TISSUES
 
@@ -321,7 +327,14 @@ class LesionSynth:
         signals = class_signals(scanner, rng)
         brain_cls = np.array([TISSUES[c].brain for c in CLASSES], np.float32)
         ft = torch.from_numpy(frac)
-        chans = [torch.einsum("cxyz,c->xyz", ft, torch.from_numpy(signals[c])) for c in CHANNELS]
+        seen = ft
+        if self.lesion_contrast == "graded":  # the signal shows part of each lesion's contrast, the target all
+            share = torch.from_numpy(contrast_map((W, W, W), affine, specs, draw_contrast(specs, rng)))
+            li, wi = CLASSES.index("lesion"), CLASSES.index("WM")
+            seen = ft.clone()
+            seen[li] = ft[li] * share
+            seen[wi] = ft[wi] + ft[li] * (1 - share)
+        chans = [torch.einsum("cxyz,c->xyz", seen, torch.from_numpy(signals[c])) for c in CHANNELS]
         targets = [ft[CLASSES.index("lesion")],
                    torch.from_numpy(np.isin(lab, VENTRICLES).astype(np.float32)),
                    torch.from_numpy(np.isin(lab, CORTEX).astype(np.float32)),
@@ -392,6 +405,11 @@ class TrainConfig:
         "help": "weight of the auxiliary loss (default: the paper's, 0.2 pc / 0.1 rand / 0.3 du)"})
     dropout: float = field(default=0.0, metadata={"help": "dropout in the U-Net (> 0: the paper's BDM)"})
     features: str = field(default="8,16,32,64,128,8", metadata={"help": "BasicUNet features"})
+    lesion_contrast: str = field(default="full", metadata={
+        "choices": LESION_CONTRASTS,
+        "help": "full: every lesion the lesion class's whole contrast; graded: each lesion 0.3-1 of it, "
+                "fading toward its edge (faint lesions and rims as on clinical scans; the target stays the "
+                "whole lesion)"})
     heads: str | None = field(default=None, metadata={"help": "comma-separated anatomies to train on "
                                                               "(default: all but the held-out ones)"})
     threads: int = field(default=2, metadata={"card": False})
@@ -428,7 +446,7 @@ def train(cfg: TrainConfig, heads: list[Head] | None = None, progress=print, sto
     if heads is None:
         heads = load_heads(cfg.anatomy_dir, only=cfg.heads.split(",") if cfg.heads else None)
     scanners = make_scanners(cfg.scanners, np.random.default_rng([cfg.seed, 1]))
-    synth = LesionSynth(heads, scanners, size=cfg.size, seed=cfg.seed)
+    synth = LesionSynth(heads, scanners, size=cfg.size, seed=cfg.seed, lesion_contrast=cfg.lesion_contrast)
     use_head = cfg.domain_loss != "none"
     net = build_network(architecture(cfg), n_domains=cfg.scanners if use_head else 0)
     if cfg.init_from:
