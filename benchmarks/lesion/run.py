@@ -43,7 +43,7 @@ SUBSETS = {"all": None, "FLAIR": ("FLAIR",), "FLAIR+T1w": ("FLAIR", "T1w")}
 METRICS = ("dice", "ltpr", "lfpr", "ppv", "lesion_f1", "avd", "hd95")
 
 
-def test_sessions(anatomy_dir, n_scanners: int, seed: int, subsets) -> list[dict]:
+def test_sessions(anatomy_dir, n_scanners: int, seed: int, subsets, lesion_contrast: str = "full") -> list[dict]:
     """Whole simulated sessions of the held-out heads on unseen scanners, one per (head, scanner, subset)."""
     import torch
 
@@ -58,7 +58,8 @@ def test_sessions(anatomy_dir, n_scanners: int, seed: int, subsets) -> list[dict
     for si, sc in enumerate(scanners):
         for hi, head in enumerate(heads):
             rng = np.random.default_rng([seed, si, hi])
-            ses = T.simulate_session(head, sc, rng, torch.Generator().manual_seed(seed * 1000 + si * 10 + hi))
+            ses = T.simulate_session(head, sc, rng, torch.Generator().manual_seed(seed * 1000 + si * 10 + hi),
+                                     lesion_contrast=lesion_contrast)
             for name, keep in subsets.items():
                 images = {c: v for c, v in ses["images"].items() if keep is None or c in keep}
                 out.append({"head": head.name, "scanner": si, "describe": sc.describe(), "subset": name,
@@ -131,6 +132,11 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--work", default=str(ROOT / "benchmarks" / "results" / "lesion-work"))
     p.add_argument("--shipped-only", action="store_true", help="evaluate the shipped model only (no training)")
+    p.add_argument("--lesion-contrast", default="full", choices=("full", "graded"),
+                   help="test lesions with the lesion class's whole contrast, or graded (faint to bright, fading "
+                        "toward the edge)")
+    p.add_argument("--subsets", nargs="+", default=list(SUBSETS), choices=list(SUBSETS),
+                   help="inputs to score the shipped model on")
     p.add_argument("--weights", default=None, metavar="DIR",
                    help="score the lesion_unet of this weights folder (a training run's weights/) as the shipped model")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "lesion.json"))
@@ -141,14 +147,16 @@ def main(argv=None) -> int:
     from bidsapp.models import registry
 
     shipped_card = registry.load_card("lesion_unet", args.weights)
-    sessions = test_sessions(args.anatomy_dir, args.test_scanners, args.seed, SUBSETS)
+    subsets = {k: SUBSETS[k] for k in args.subsets}
+    sessions = test_sessions(args.anatomy_dir, args.test_scanners, args.seed, subsets, args.lesion_contrast)
     result = {"command": " ".join(["python benchmarks/lesion/run.py", *(argv or sys.argv[1:])]),
+              "lesion_contrast": args.lesion_contrast,
               "platform": platform.platform(), "test": {"heads": sorted({s["head"] for s in sessions}),
                                                          "scanners": sorted({s["describe"] for s in sessions})},
               "paper": PAPER, "ours": {}, "shipped": {}}
     rows = evaluate(args.weights, sessions)
     result["shipped"] = {"sha256": shipped_card["sha256"], "domain_loss": shipped_card["training"].get("domain_loss"),
-                         "by_subset": {k: summary(rows, k) for k in SUBSETS}, "sessions": rows}
+                         "by_subset": {k: summary(rows, k) for k in subsets}, "sessions": rows}
     if not args.shipped_only:
         full = [s for s in sessions if s["subset"] == "all"]
         for name in args.variants:

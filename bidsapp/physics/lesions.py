@@ -169,10 +169,11 @@ def apply_lesions(phantom: Phantom, specs, growth: float = 1.0) -> Phantom:
     return out
 
 
-def draw_contrast(specs, rng: np.random.Generator, core=(0.3, 1.0), fade=(0.4, 1.0)) -> list[tuple]:
-    """Per lesion, the share of the lesion class's contrast it shows (``core``, drawn from ``core``) and
-    the share left at its surface (``core`` times a draw from ``fade``): real lesions range from faint
-    to bright and fade toward their edge, while a reader still outlines the whole hyperintensity."""
+def draw_contrast(specs, rng: np.random.Generator, core=(0.3, 1.0), fade=(0.5, 1.0)) -> list[tuple]:
+    """Per lesion, the share of the lesion class's contrast it shows at its centre (drawn from ``core``)
+    and at its surface (that times a draw from ``fade``): real lesions range from faint to bright and
+    fade toward their edge. ``fade`` >= 0.5 keeps the surface where a reader draws the edge, at half the
+    core's contrast, so the lesion mask means the same for faint and bright lesions."""
     out = []
     for _ in specs:
         c = float(rng.uniform(*core))

@@ -51,7 +51,11 @@ CEREBRAL_WM = (2, 41)
 KIND_P = {"periventricular": 0.35, "deep": 0.3, "juxtacortical": 0.2, "infratentorial": 0.15}
 LESION_CONTRASTS = ("full", "graded")
 """``full``: every lesion shows the lesion class's whole contrast up to its edge; ``graded``: each shows
-0.3-1 of it, fading toward its edge (:func:`bidsapp.physics.lesions.draw_contrast`), as on clinical scans."""
+0.3-1 of it at its centre, fading to half of that or more at its edge
+(:func:`bidsapp.physics.lesions.draw_contrast`), as on clinical scans."""
+LESION_LOADS = ("typical", "wide")
+"""Lesions per training box: ``typical`` (a lesion, 0-7 more, a fifth of them confluent) or ``wide``
+(a third of the boxes a heavy load, as in advanced MS or confluent small-vessel disease)."""
 
 
 # ------------------------------------------------------------------------------------------ scanners
@@ -209,12 +213,33 @@ def acquire(img, contrast: str, scanner: Scanner, mean: float, rng: np.random.Ge
     return rician_noise_torch(img, mean / (scanner.snr[contrast] * rng.uniform(0.7, 1.4)), gen)
 
 
+def shown(fractions: np.ndarray, affine, specs, lesion_contrast: str, rng: np.random.Generator):
+    """The class fractions the scanner sees (torch): with ``graded`` lesion contrast each lesion voxel shows
+    its share of the lesion signal and the rest as white matter (the lesion fraction stays the target)."""
+    import torch
+
+    from bidsapp.physics.lesions import contrast_map, draw_contrast
+    from bidsapp.physics.tissues import CLASSES
+
+    if lesion_contrast not in LESION_CONTRASTS:
+        raise ValueError(f"lesion_contrast {lesion_contrast!r}: one of {', '.join(LESION_CONTRASTS)}")
+    ft = torch.from_numpy(fractions)
+    if lesion_contrast == "full" or not specs:
+        return ft
+    share = torch.from_numpy(contrast_map(fractions.shape[1:], affine, specs, draw_contrast(specs, rng)))
+    li, wi = CLASSES.index("lesion"), CLASSES.index("WM")
+    seen = ft.clone()
+    seen[li] = ft[li] * share
+    seen[wi] = ft[wi] + ft[li] * (1 - share)
+    return seen
+
+
 def simulate_session(head: Head, scanner: Scanner, rng: np.random.Generator, gen, n_lesions=None,
-                     contrasts=None) -> dict:
+                     contrasts=None, lesion_contrast: str = "full") -> dict:
     """A whole simulated session of ``head`` on ``scanner`` (the benchmark's test data): lesions of every
     kind across the brain, each contrast of ``contrasts`` (default all) acquired as in training. Returns
     ``images`` (contrast -> array, 1 mm RAS), ``brain`` (bool), ``lesion`` (bool truth: fraction >= 0.5),
-    ``affine`` and ``specs``."""
+    ``affine`` and ``specs``. ``lesion_contrast`` as :data:`LESION_CONTRASTS`."""
     import torch
 
     from bidsapp.physics.lesions import apply_lesions, draw_lesion
@@ -233,7 +258,7 @@ def simulate_session(head: Head, scanner: Scanner, rng: np.random.Generator, gen
     ph = apply_lesions(Phantom(frac, np.eye(4), CLASSES), specs)
     signals = class_signals(scanner, rng)
     brain_cls = np.array([TISSUES[c].brain for c in CLASSES])
-    ft = torch.from_numpy(ph.fractions)
+    ft = shown(ph.fractions, ph.affine, specs, lesion_contrast, rng)
     images = {}
     for c in contrasts or scanner.sequences:
         clean = torch.einsum("cxyz,c->xyz", ft, torch.from_numpy(signals[c]))
@@ -247,14 +272,16 @@ class LesionSynth:
     """Random training patches (see the module docstring)."""
 
     def __init__(self, heads: list[Head], scanners: list[Scanner], size: int = 48, seed: int = 0,
-                 dropout_contrasts: bool = True, lesion_contrast: str = "full"):
+                 dropout_contrasts: bool = True, lesion_contrast: str = "full", lesion_load: str = "typical"):
         import torch
 
-        if lesion_contrast not in LESION_CONTRASTS:
-            raise ValueError(f"lesion_contrast {lesion_contrast!r}: one of {', '.join(LESION_CONTRASTS)}")
+        shown(np.zeros((1, 1, 1, 1), np.float32), np.eye(4), [], lesion_contrast, None)  # refuses unknown ones
         self.heads, self.scanners, self.size = heads, scanners, int(size)
         self.dropout_contrasts = dropout_contrasts
         self.lesion_contrast = lesion_contrast
+        if lesion_load not in LESION_LOADS:
+            raise ValueError(f"lesion_load {lesion_load!r}: one of {', '.join(LESION_LOADS)}")
+        self.lesion_load = lesion_load
         self.rng = np.random.default_rng(seed)
         self.gen = torch.Generator().manual_seed(int(seed))
 
@@ -273,16 +300,19 @@ class LesionSynth:
     def _lesions(self, head: Head, width: int):
         """Lesion specs (mm = head voxel index) and the box's first voxel: a lesion of a random kind,
         a box around it (shifted so it is not always in the middle) and 0-7 more lesions in the box,
-        clustered around the first when it is confluent."""
+        clustered around the first when it is confluent; with the ``wide`` load a third of the boxes
+        carry a heavy load instead (the first lesion 1.5-2.5x larger, 4-12 more around it)."""
         from bidsapp.physics.lesions import draw_lesion
 
         rng = self.rng
         kind = self._kind(head)
         centre = head.pools[kind][rng.integers(len(head.pools[kind]))].astype(float)
-        confluent = rng.random() < 0.2
-        specs = [draw_lesion(kind, centre, rng, scale=rng.uniform(1.2, 1.8) if confluent else 1.0)]
+        heavy = self.lesion_load == "wide" and rng.random() < 1 / 3
+        confluent = heavy or rng.random() < 0.2
+        scale = rng.uniform(1.5, 2.5) if heavy else rng.uniform(1.2, 1.8) if confluent else 1.0
+        specs = [draw_lesion(kind, centre, rng, scale=scale)]
         lo = np.round(centre - width / 2 + rng.uniform(-width / 6, width / 6, 3)).astype(int)
-        for _ in range(int(rng.integers(0, 8))):
+        for _ in range(int(rng.integers(4, 13) if heavy else rng.integers(0, 8))):
             k = self._kind(head)
             pool = head.pools[k]
             inside = pool[np.all((pool >= lo) & (pool < lo + width), 1)]
@@ -300,7 +330,7 @@ class LesionSynth:
         import torch.nn.functional as F
 
         from bidsapp.models.lesion import CHANNELS, NEEDS
-        from bidsapp.physics.lesions import apply_lesions, contrast_map, draw_contrast
+        from bidsapp.physics.lesions import apply_lesions
         from bidsapp.physics.phantom import Phantom
         from bidsapp.physics.tissues import CLASSES, TISSUES
 
@@ -327,13 +357,7 @@ class LesionSynth:
         signals = class_signals(scanner, rng)
         brain_cls = np.array([TISSUES[c].brain for c in CLASSES], np.float32)
         ft = torch.from_numpy(frac)
-        seen = ft
-        if self.lesion_contrast == "graded":  # the signal shows part of each lesion's contrast, the target all
-            share = torch.from_numpy(contrast_map((W, W, W), affine, specs, draw_contrast(specs, rng)))
-            li, wi = CLASSES.index("lesion"), CLASSES.index("WM")
-            seen = ft.clone()
-            seen[li] = ft[li] * share
-            seen[wi] = ft[wi] + ft[li] * (1 - share)
+        seen = shown(frac, affine, specs, self.lesion_contrast, rng)  # the target stays ``ft``'s lesion
         chans = [torch.einsum("cxyz,c->xyz", seen, torch.from_numpy(signals[c])) for c in CHANNELS]
         targets = [ft[CLASSES.index("lesion")],
                    torch.from_numpy(np.isin(lab, VENTRICLES).astype(np.float32)),
@@ -408,8 +432,12 @@ class TrainConfig:
     lesion_contrast: str = field(default="full", metadata={
         "choices": LESION_CONTRASTS,
         "help": "full: every lesion the lesion class's whole contrast; graded: each lesion 0.3-1 of it, "
-                "fading toward its edge (faint lesions and rims as on clinical scans; the target stays the "
-                "whole lesion)"})
+                "fading toward its edge (faint lesions as on clinical scans; the target stays the whole "
+                "lesion)"})
+    lesion_load: str = field(default="typical", metadata={
+        "choices": LESION_LOADS,
+        "help": "typical: a lesion and 0-7 more per patch; wide: a third of the patches a heavy load (the "
+                "first lesion 1.5-2.5x larger, 4-12 more around it), as in advanced MS"})
     heads: str | None = field(default=None, metadata={"help": "comma-separated anatomies to train on "
                                                               "(default: all but the held-out ones)"})
     threads: int = field(default=2, metadata={"card": False})
@@ -446,7 +474,8 @@ def train(cfg: TrainConfig, heads: list[Head] | None = None, progress=print, sto
     if heads is None:
         heads = load_heads(cfg.anatomy_dir, only=cfg.heads.split(",") if cfg.heads else None)
     scanners = make_scanners(cfg.scanners, np.random.default_rng([cfg.seed, 1]))
-    synth = LesionSynth(heads, scanners, size=cfg.size, seed=cfg.seed, lesion_contrast=cfg.lesion_contrast)
+    synth = LesionSynth(heads, scanners, size=cfg.size, seed=cfg.seed, lesion_contrast=cfg.lesion_contrast,
+                        lesion_load=cfg.lesion_load)
     use_head = cfg.domain_loss != "none"
     net = build_network(architecture(cfg), n_domains=cfg.scanners if use_head else 0)
     if cfg.init_from:
