@@ -16,6 +16,9 @@ scanner's slice thickness, Rician noise, the mean-in-brain scaling of
 :func:`bidsapp.models.lesion.normalise` and masking by a perturbed brain mask. Random contrast
 dropout keeps FLAIR, T2w or PDw and drops the others at random, so the model runs on what a session
 has. Targets: the lesion fraction, and the context maps (ventricles, cortex, infratentorial).
+``--lesion-contrast graded`` shows each lesion with part of its contrast, fading toward its edge, and
+``--lesion-load wide`` gives a third of the patches a heavy load: real clinical lesions are fainter and
+loads heavier than full-contrast simulated ones (the shipped model's second stage uses both).
 
 Loss: soft Dice (+ context terms) + lambda * the auxiliary domain loss (``--domain-loss``
 none/pc/rand/du; lambda defaults to the paper's); ``--dropout`` > 0 is the paper's BDM. Adam
@@ -275,13 +278,13 @@ class LesionSynth:
                  dropout_contrasts: bool = True, lesion_contrast: str = "full", lesion_load: str = "typical"):
         import torch
 
-        shown(np.zeros((1, 1, 1, 1), np.float32), np.eye(4), [], lesion_contrast, None)  # refuses unknown ones
+        for name, value, allowed in (("lesion_contrast", lesion_contrast, LESION_CONTRASTS),
+                                     ("lesion_load", lesion_load, LESION_LOADS)):
+            if value not in allowed:
+                raise ValueError(f"{name} {value!r}: one of {', '.join(allowed)}")
         self.heads, self.scanners, self.size = heads, scanners, int(size)
         self.dropout_contrasts = dropout_contrasts
-        self.lesion_contrast = lesion_contrast
-        if lesion_load not in LESION_LOADS:
-            raise ValueError(f"lesion_load {lesion_load!r}: one of {', '.join(LESION_LOADS)}")
-        self.lesion_load = lesion_load
+        self.lesion_contrast, self.lesion_load = lesion_contrast, lesion_load
         self.rng = np.random.default_rng(seed)
         self.gen = torch.Generator().manual_seed(int(seed))
 
