@@ -121,6 +121,7 @@ def train_variant(name: str, args) -> Path:
 
 def main(argv=None) -> int:
     from bidsapp.devdata import anatomy_dir
+    from bidsapp.training.lesion import LESION_CONTRASTS
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--anatomy-dir", default=str(anatomy_dir()))
@@ -132,7 +133,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--work", default=str(ROOT / "benchmarks" / "results" / "lesion-work"))
     p.add_argument("--shipped-only", action="store_true", help="evaluate the shipped model only (no training)")
-    p.add_argument("--lesion-contrast", default="full", choices=("full", "graded"),
+    p.add_argument("--lesion-contrast", default="full", choices=LESION_CONTRASTS,
                    help="test lesions with the lesion class's whole contrast, or graded (faint to bright, fading "
                         "toward the edge)")
     p.add_argument("--subsets", nargs="+", default=list(SUBSETS), choices=list(SUBSETS),

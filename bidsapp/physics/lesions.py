@@ -141,6 +141,12 @@ def _footprint(sp: LesionSpec, affine, shape, growth: float = 1.0):
     return tuple(slice(a, b) for a, b in zip(lo, hi)), rho.reshape(tuple(hi - lo)), step, float(radii.min())
 
 
+def _occupancy(rho, step: float, rmin: float) -> np.ndarray:
+    """The lesion's share of each voxel of a footprint: the signed distance to the surface is about
+    (1 - rho) * smallest radius; a ramp one voxel wide."""
+    return np.clip((1.0 - rho) * rmin / step + 0.5, 0.0, 1.0).astype(np.float32)
+
+
 def apply_lesions(phantom: Phantom, specs, growth: float = 1.0) -> Phantom:
     if "lesion" not in phantom.classes:  # insert the class (one new array, no extra copy)
         k = phantom.classes.index("WM") + 1 if "WM" in phantom.classes else len(phantom.classes)
@@ -158,8 +164,7 @@ def apply_lesions(phantom: Phantom, specs, growth: float = 1.0) -> Phantom:
         if fp is None:
             continue
         sl, rho, step, rmin = fp
-        # Signed distance to the surface ~ (1 - rho) * smallest radius; ramp one voxel wide.
-        occ = np.clip((1.0 - rho) * rmin / step + 0.5, 0.0, 1.0).astype(np.float32)
+        occ = _occupancy(rho, step, rmin)
         wm = out.fractions[wi][sl]
         have = out.fractions[li][sl]
         take = np.clip(np.minimum(occ - have, wm), 0.0, None)  # only white matter turns into lesion
@@ -192,7 +197,7 @@ def contrast_map(shape, affine, specs, contrast, growth: float = 1.0) -> np.ndar
             continue
         sl, rho, step, rmin = fp
         share = core + (edge - core) * np.clip(rho, 0.0, 1.0) ** 2
-        inside = (1.0 - rho) * rmin / step + 0.5 > 0  # where apply_lesions gives the lesion any fraction
+        inside = _occupancy(rho, step, rmin) > 0  # where apply_lesions gives the lesion any fraction
         out[sl] = np.maximum(out[sl], np.where(inside, share, -1.0).astype(np.float32))
     out[out < 0] = 1.0
     return out
