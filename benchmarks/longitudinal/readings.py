@@ -1,0 +1,197 @@
+"""Why the subject level reads change with a boundary-shift integral: the same pairs read other ways.
+
+Re-reads the subject-level inputs of a finished ``change.py`` or ``real_heads.py`` run (each subject's
+mid-space is rebuilt from the inputs its Nipype node kept in the run's work folder, so the pipeline is
+not run again) with the shipped reading and three alternatives, and compares each with the truth:
+
+``bsi``               the shipped reading (:func:`bidsapp.longitudinal.change.pair_volumes`): tissue
+                      fractions from intensity, boundary-shift integral over the brain masks, divided by
+                      the first session's summed fractions;
+``bsi-boundary``      the same integral summed only within 2 mm of the tissue network's parenchyma edge
+                      (the "XOR" region of KN-BSI), which leaves out the dura and vessels of the mask's rim;
+``bsi-network``       the shipped integral divided by the tissue network's GM + WM instead (on real heads
+                      the summed fractions also count the rim, which is not brain);
+``jacobian``          (``--jacobian``) Jacobian integration: the later session registered onto the earlier
+                      one with ANTs SyN (cross-correlation, 4 and 2 mm levels), the determinant of the
+                      deformation averaged over the parenchyma. Slow: about a minute per pair on 2 cores.
+
+Printed per kind of pair (rescan, scanner change, atrophy): median |error| in percentage points, and
+for atrophy the median and range of measured / true brain change.
+
+    python benchmarks/longitudinal/real_heads.py --work RUN        # or change.py --work RUN
+    python benchmarks/longitudinal/readings.py --work RUN --jacobian
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+BOUNDARY_MM = 2.0
+READINGS = ("bsi", "bsi-boundary", "bsi-network", "jacobian")
+
+
+# ------------------------------------------------------------------------------------ the readings
+def boundary_region(parenchyma: np.ndarray, region: np.ndarray, spacing, mm: float = BOUNDARY_MM) -> np.ndarray:
+    """Voxels of ``region`` within ``mm`` of the edge of ``parenchyma`` (either side)."""
+    from scipy import ndimage as ndi
+
+    inside = np.asarray(parenchyma, bool)
+    near_in = ndi.distance_transform_edt(inside, sampling=spacing) <= mm
+    near_out = ndi.distance_transform_edt(~inside, sampling=spacing) <= mm
+    return region & np.where(inside, near_in, near_out)
+
+
+def jacobian_change(a: np.ndarray, b: np.ndarray, weight: np.ndarray, mask: np.ndarray, spacing) -> float:
+    """Percent volume change from ``a`` to ``b`` (same grid) by Jacobian integration: ``b`` registered onto
+    ``a`` (SyN, cross-correlation, inside ``mask``), the determinant averaged with ``weight``."""
+    import ants
+
+    fixed = ants.from_numpy(np.asarray(a * mask, np.float32), spacing=tuple(map(float, spacing)))
+    moving = ants.from_numpy(np.asarray(b * mask, np.float32), spacing=tuple(map(float, spacing)))
+    reg = ants.registration(fixed=fixed, moving=moving, type_of_transform="SyNOnly", initial_transform="Identity",
+                            syn_metric="CC", syn_sampling=2, grad_step=0.2, flow_sigma=3, total_sigma=0,
+                            reg_iterations=(40, 20, 0))
+    jac = ants.create_jacobian_determinant_image(fixed, reg["fwdtransforms"][0]).numpy()
+    return float((weight * (jac - 1.0)).sum() / max(float(weight.sum()), 1e-6) * 100.0)
+
+
+def read_pair(norm, common, tissues, i: int, j: int, *, changed: bool, csf_inverted, spacing,
+              jacobian: bool = False) -> dict:
+    """Brain change (%) from session ``i`` to ``j`` by every reading (module docstring)."""
+    from scipy import ndimage as ndi
+
+    from bidsapp.longitudinal import change as C
+
+    res = C.pair_volumes(norm[i], norm[j], common, changed=changed, csf_inverted=(csf_inverted[i], csf_inverted[j]))
+    shift = res.shift
+    vol = res.volume_from["brain"]
+    parenchyma = np.mean([t["GM"] + t["WM"] for t in tissues], 0)
+    boundary = boundary_region(parenchyma > 0.5, common.region, spacing)
+    network = float((parenchyma * common.region).sum(dtype=np.float64)) * common.voxel_mm3
+    moved = float(shift.sum(dtype=np.float64)) * common.voxel_mm3
+    out = {"bsi": C.percent(vol, vol + moved),
+           "bsi-boundary": C.percent(vol, vol + float(shift[boundary].sum(dtype=np.float64)) * common.voxel_mm3),
+           "bsi-network": C.percent(network, network + moved)}
+    if jacobian:
+        mask = ndi.binary_dilation(common.region, iterations=3).astype(np.float32)
+        out["jacobian"] = jacobian_change(norm[i], norm[j], parenchyma * common.region, mask, spacing)
+    return out
+
+
+# ------------------------------------------------------------------------------------ a finished run
+def subject_inputs(node: Path, work: Path):
+    """The mid-space images, common sets and tissue maps of one subject, from its node's saved inputs."""
+    import ants
+    from nipype.utils.filemanip import loadpkl
+
+    from bidsapp.longitudinal import change as C
+    from bidsapp.longitudinal import midspace as MS
+    from workflows.interfaces.longitudinal import _csf_inverted, _tissue_order
+
+    ins = loadpkl(str(node / "_inputs.pklz"))
+    images = [ants.image_read(f) for f in ins["in_files"]]
+    masks = [ants.image_read(f) for f in ins["mask_files"]]
+    ms = MS.build_midspace(images, masks, seed=0, work_dir=work)
+
+    def mid(img, k):
+        return MS.resample(img, ms.grid, ms.to_session[k], work_dir=work, name=f"to_mid_{k}").numpy()
+
+    tissues = [{c: mid(ants.image_read(p), k) for c, p in zip(("GM", "WM", "CSF"), _tissue_order([f for f in files if f]))}
+               for k, files in enumerate(ins["probseg_files"])]
+    spacing = tuple(ms.grid.spacing)
+    common = C.common_space([mid(m, k) for k, m in enumerate(masks)], tissues, spacing=spacing,
+                            template=ms.template.numpy())
+    norm = [C.normalise(mid(img, k), common) for k, img in enumerate(images)]
+    inverted = [_csf_inverted(r) for r in ins.get("acquisition_records") or [{}] * len(images)]
+    return ins, norm, common, tissues, spacing, inverted
+
+
+def nodes(run: Path):
+    """(dataset folder, subject label, node folder) of every subject-level node under a benchmark run."""
+    for node in sorted(run.glob("**/work/scanbridge_wf/sub_*_wf/longitudinal_wf/subj_longitudinal")):
+        dataset = node.parents[4]
+        yield dataset, "sub-" + node.parents[1].name[len("sub_"):-len("_wf")], node
+
+
+def truth_of(dataset: Path):
+    """A function (subject, ses_from, ses_to) -> true brain change (%), from the dataset's truth folder."""
+    injected = dataset / "bids" / "derivatives" / "truth" / "injected.tsv"
+    if injected.is_file():  # real_heads.py
+        from benchmark_real_heads import true_change
+
+        loss = pd.read_csv(injected, sep="\t").set_index("participant_id").loss_percent
+        return lambda sub, a, b: (true_change(loss[sub], a, b), "rescan" if b == "ses-2" and a == "ses-1" else "atrophy")
+    vols = pd.read_csv(dataset / "bids" / "derivatives" / "truth" / "volumes.tsv", sep="\t").set_index(
+        ["participant_id", "session_id"])
+    kind = dataset.name  # change.py: rescan, scanner, atrophy
+    return lambda sub, a, b: ((vols.loc[(sub, b)]["brain"] / vols.loc[(sub, a)]["brain"] - 1.0) * 100.0, kind)
+
+
+def summarise(df: pd.DataFrame) -> pd.DataFrame:
+    rows = []
+    for reading in [r for r in READINGS if r in df.columns]:
+        row = {"reading": reading}
+        for kind, d in df.groupby("kind"):
+            row[f"{kind} |error|"] = float(np.median(np.abs(d[reading] - d.true)))
+            big = d[np.abs(d.true) > 0.25]
+            if kind == "atrophy" and len(big):
+                ratio = big[reading] / big.true
+                row["atrophy measured/true"] = float(np.median(ratio))
+                row["atrophy min"], row["atrophy max"] = float(ratio.min()), float(ratio.max())
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", type=Path, required=True, help="the --work folder of a finished change.py or "
+                                                              "real_heads.py run")
+    ap.add_argument("--jacobian", action="store_true", help="also read by Jacobian integration (slow)")
+    ap.add_argument("--out", type=Path, default=None, help="JSON to write (default: none)")
+    args = ap.parse_args(argv)
+    sys.path.insert(0, str(ROOT / "tests"))
+    from benchmark_scripts import load
+
+    sys.modules.setdefault("benchmark_real_heads", load("longitudinal", "real_heads"))
+    rows = []
+    found = list(nodes(args.work))
+    if not found:
+        print(f"error: no subject-level node under {args.work}/**/work (run change.py or real_heads.py with "
+              f"--work first)", file=sys.stderr)
+        return 2
+    for dataset, sub, node in found:
+        truth = truth_of(dataset)
+        ins, norm, common, tissues, spacing, inverted = subject_inputs(node, args.work / "readings" / dataset.name / sub)
+        labels = [f"ses-{s}" for s in ins["session_ids"]]
+        records = ins.get("acquisitions") or [""] * len(labels)
+        n = len(labels)
+        for i, j in [(k, k + 1) for k in range(n - 1)] + ([(0, n - 1)] if n > 2 else []):
+            true, kind = truth(sub, labels[i], labels[j])
+            changed = not (records[i] and records[i] == records[j] and "unknown-unknown" not in records[i])
+            got = read_pair(norm, common, tissues, i, j, changed=changed, csf_inverted=inverted, spacing=spacing,
+                            jacobian=args.jacobian)
+            rows.append({"dataset": dataset.name, "participant_id": sub, "pair": f"{labels[i]}>{labels[j]}",
+                         "kind": kind, "true": true, **got})
+            print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in rows[-1].items()),
+                  flush=True)
+    df = pd.DataFrame(rows)
+    table = summarise(df)
+    print()
+    print(table.round(2).to_string(index=False))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"pairs": df.to_dict("records"), "summary": table.to_dict("records")},
+                                       indent=1, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
