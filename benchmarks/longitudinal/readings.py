@@ -150,6 +150,16 @@ def summarise(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _sibling(name: str):
+    """``benchmarks/longitudinal/<name>.py`` as a module (the benchmark folders are not packages)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", Path(__file__).with_name(f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, required=True, help="the --work folder of a finished change.py or "
@@ -157,10 +167,7 @@ def main(argv=None) -> int:
     ap.add_argument("--jacobian", action="store_true", help="also read by Jacobian integration (slow)")
     ap.add_argument("--out", type=Path, default=None, help="JSON to write (default: none)")
     args = ap.parse_args(argv)
-    sys.path.insert(0, str(ROOT / "tests"))
-    from benchmark_scripts import load
-
-    sys.modules.setdefault("benchmark_real_heads", load("longitudinal", "real_heads"))
+    sys.modules.setdefault("benchmark_real_heads", _sibling("real_heads"))
     rows = []
     found = list(nodes(args.work))
     if not found:
