@@ -399,3 +399,26 @@ def test_subject_change_gives_a_decline_probability_per_consecutive_pair(three_s
     assert list(d.acquisition_changed) == ["false", "true"] and list(d.interval_days) == [365, 365]
     assert d.probability_decline.between(0, 1).all()
     assert list(d.call) == ["decline" if p >= D.THRESHOLD else "stable" for p in d.probability_decline]
+
+
+def test_session_inputs_read_the_node_inputs_as_saved_or_as_traits(tmp_path):
+    """The subject-level node's inputs become one SessionInput per session, whether they come as the node's
+    traits or as the dict Nipype saved (the readings benchmark reads a finished run's)."""
+    from bidsapp.labels import TISSUE
+    from workflows.interfaces.longitudinal import LongitudinalChange, session_inputs
+
+    def f(name):  # the node's File traits want files that exist
+        (tmp_path / name).touch()
+        return str(tmp_path / name)
+
+    probs = [f(f"p_{name}.nii.gz") for name in TISSUE.names]
+    saved = {"in_files": [f("a.nii.gz"), f("b.nii.gz")], "mask_files": [f("ma.nii.gz"), f("mb.nii.gz")],
+             "session_ids": ["1", "2"], "probseg_files": [probs, []], "acquisitions": ["siemens-3T-MPRAGE"]}
+    got = session_inputs(saved)
+    assert [s.label for s in got] == ["ses-1", "ses-2"]
+    assert got[0].tissue == {c: str(tmp_path / f"p_{c}.nii.gz") for c in ("GM", "WM", "CSF")}
+    assert got[1].tissue is None and got[1].acquisition is None and got[0].acquisition == "siemens-3T-MPRAGE"
+    node = LongitudinalChange(**saved)
+    assert session_inputs(node.inputs) == got
+    with pytest.raises(ValueError, match="one entry per session"):
+        session_inputs(dict(saved, mask_files=saved["mask_files"][:1]))

@@ -63,55 +63,45 @@ def jacobian_change(a: np.ndarray, b: np.ndarray, weight: np.ndarray, mask: np.n
     return float((weight * (jac - 1.0)).sum() / max(float(weight.sum()), 1e-6) * 100.0)
 
 
-def read_pair(norm, common, tissues, i: int, j: int, *, changed: bool, csf_inverted, spacing,
-              jacobian: bool = False) -> dict:
-    """Brain change (%) from session ``i`` to ``j`` by every reading (module docstring)."""
-    from scipy import ndimage as ndi
+class Subject:
+    """One subject of a finished run, on its mid-space grid, with what every pair's readings share."""
 
-    from bidsapp.longitudinal import change as C
+    def __init__(self, node: Path, work: Path):
+        from nipype.utils.filemanip import loadpkl
 
-    res = C.pair_volumes(norm[i], norm[j], common, changed=changed, csf_inverted=(csf_inverted[i], csf_inverted[j]))
-    shift = res.shift
-    vol = res.volume_from["brain"]
-    parenchyma = np.mean([t["GM"] + t["WM"] for t in tissues], 0)
-    boundary = boundary_region(parenchyma > 0.5, common.region, spacing)
-    network = float((parenchyma * common.region).sum(dtype=np.float64)) * common.voxel_mm3
-    moved = float(shift.sum(dtype=np.float64)) * common.voxel_mm3
-    out = {"bsi": C.percent(vol, vol + moved),
-           "bsi-boundary": C.percent(vol, vol + float(shift[boundary].sum(dtype=np.float64)) * common.voxel_mm3),
-           "bsi-network": C.percent(network, network + moved)}
-    if jacobian:
-        mask = ndi.binary_dilation(common.region, iterations=3).astype(np.float32)
-        out["jacobian"] = jacobian_change(norm[i], norm[j], parenchyma * common.region, mask, spacing)
-    return out
+        from bidsapp.longitudinal import subject as S
+        from workflows.interfaces.longitudinal import session_inputs
 
+        self.mid = S.in_midspace(session_inputs(loadpkl(str(node / "_inputs.pklz"))), seed=0, work_dir=work)
+        if any(t is None for t in self.mid.tissues):
+            raise SystemExit(f"error: {node}: a session without tissue maps (the readings need them)")
+        common = self.mid.common
+        self.spacing = tuple(self.mid.midspace.grid.spacing)
+        self.parenchyma = np.mean([t["GM"] + t["WM"] for t in self.mid.tissues], 0) * common.region
+        self.boundary = boundary_region(self.parenchyma > 0.5, common.region, self.spacing)
+        self.network_mm3 = float(self.parenchyma.sum(dtype=np.float64)) * common.voxel_mm3
 
-# ------------------------------------------------------------------------------------ a finished run
-def subject_inputs(node: Path, work: Path):
-    """The mid-space images, common sets and tissue maps of one subject, from its node's saved inputs."""
-    import ants
-    from nipype.utils.filemanip import loadpkl
+    def read_pair(self, i: int, j: int, jacobian: bool = False) -> dict:
+        """Brain change (%) from session ``i`` to ``j`` by every reading (module docstring)."""
+        from scipy import ndimage as ndi
 
-    from bidsapp.longitudinal import change as C
-    from bidsapp.longitudinal import midspace as MS
-    from workflows.interfaces.longitudinal import _csf_inverted, _tissue_order
+        from bidsapp.longitudinal import change as C
+        from bidsapp.longitudinal import subject as S
 
-    ins = loadpkl(str(node / "_inputs.pklz"))
-    images = [ants.image_read(f) for f in ins["in_files"]]
-    masks = [ants.image_read(f) for f in ins["mask_files"]]
-    ms = MS.build_midspace(images, masks, seed=0, work_dir=work)
-
-    def mid(img, k):
-        return MS.resample(img, ms.grid, ms.to_session[k], work_dir=work, name=f"to_mid_{k}").numpy()
-
-    tissues = [{c: mid(ants.image_read(p), k) for c, p in zip(("GM", "WM", "CSF"), _tissue_order([f for f in files if f]))}
-               for k, files in enumerate(ins["probseg_files"])]
-    spacing = tuple(ms.grid.spacing)
-    common = C.common_space([mid(m, k) for k, m in enumerate(masks)], tissues, spacing=spacing,
-                            template=ms.template.numpy())
-    norm = [C.normalise(mid(img, k), common) for k, img in enumerate(images)]
-    inverted = [_csf_inverted(r) for r in ins.get("acquisition_records") or [{}] * len(images)]
-    return ins, norm, common, tissues, spacing, inverted
+        mid, common = self.mid, self.mid.common
+        a, b = mid.sessions[i], mid.sessions[j]
+        # as the subject level reads a pair: unknown acquisitions count as changed
+        res = C.pair_volumes(mid.norm[i], mid.norm[j], common, changed=S.acquisition_changed(a, b) is not False,
+                             csf_inverted=(a.csf_inverted, b.csf_inverted))
+        vol, v = res.volume_from["brain"], common.voxel_mm3
+        moved = float(res.shift.sum(dtype=np.float64)) * v
+        out = {"bsi": C.percent(vol, vol + moved),
+               "bsi-boundary": C.percent(vol, vol + float(res.shift[self.boundary].sum(dtype=np.float64)) * v),
+               "bsi-network": C.percent(self.network_mm3, self.network_mm3 + moved)}
+        if jacobian:
+            mask = ndi.binary_dilation(common.region, iterations=3).astype(np.float32)
+            out["jacobian"] = jacobian_change(mid.norm[i], mid.norm[j], self.parenchyma, mask, self.spacing)
+        return out
 
 
 def nodes(run: Path):
@@ -174,17 +164,15 @@ def main(argv=None) -> int:
         print(f"error: no subject-level node under {args.work}/**/work (run change.py or real_heads.py with "
               f"--work first)", file=sys.stderr)
         return 2
+    from bidsapp.longitudinal.subject import pairs
+
     for dataset, sub, node in found:
         truth = truth_of(dataset)
-        ins, norm, common, tissues, spacing, inverted = subject_inputs(node, args.work / "readings" / dataset.name / sub)
-        labels = [f"ses-{s}" for s in ins["session_ids"]]
-        records = ins.get("acquisitions") or [""] * len(labels)
-        n = len(labels)
-        for i, j in [(k, k + 1) for k in range(n - 1)] + ([(0, n - 1)] if n > 2 else []):
+        subject = Subject(node, args.work / "readings" / dataset.name / sub)
+        labels = [s.label for s in subject.mid.sessions]
+        for i, j in pairs(len(labels)):
             true, kind = truth(sub, labels[i], labels[j])
-            changed = not (records[i] and records[i] == records[j] and "unknown-unknown" not in records[i])
-            got = read_pair(norm, common, tissues, i, j, changed=changed, csf_inverted=inverted, spacing=spacing,
-                            jacobian=args.jacobian)
+            got = subject.read_pair(i, j, jacobian=args.jacobian)
             rows.append({"dataset": dataset.name, "participant_id": sub, "pair": f"{labels[i]}>{labels[j]}",
                          "kind": kind, "true": true, **got})
             print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in rows[-1].items()),

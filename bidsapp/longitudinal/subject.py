@@ -126,26 +126,36 @@ def correction_text(correction: str, a: SessionInput, b: SessionInput) -> str:
     return note if correction == "none" else f"{correction}; {note}"
 
 
-def subject_change(sessions: list[SessionInput], *, seed: int = 0, work_dir=None, progress=None,
-                   decline: bool = False, device="cpu") -> SubjectChange:
-    """Mid-space, template and change table of one subject (see the module docstring); with ``decline``
-    (T1w sessions and the network's weights), the decline probability of every consecutive pair."""
+@dataclass
+class InMidspace:
+    """A subject's sessions on the mid-space grid, as every reading of them starts."""
+
+    sessions: list
+    """The sessions, in measurement order (:func:`order_sessions`)."""
+    midspace: object
+    """:func:`bidsapp.longitudinal.midspace.build_midspace`'s result."""
+    images: list
+    """The sessions' images (ants), on their own grids."""
+    mids: list
+    """Images on the mid-space grid (numpy)."""
+    masks: list
+    tissues: list
+    """GM/WM/CSF maps per session (dict of numpy), or None."""
+    lesions: list
+    common: C.Common
+    norm: list
+    """``mids`` normalised (:func:`bidsapp.longitudinal.change.normalise`)."""
+
+
+def in_midspace(sessions: list[SessionInput], *, seed: int, work_dir) -> InMidspace:
+    """Order the sessions, build their mid-space and resample each session's image, mask, tissue maps and
+    lesion mask onto it once; the common sets and normalised images every reading uses."""
     import ants
 
-    if len(sessions) < 2:
-        raise ValueError("longitudinal change needs at least two sessions")
-    if work_dir is None:  # the transforms written on the way need a folder; leave none behind
-        import tempfile
-
-        with tempfile.TemporaryDirectory(prefix="subject_change_") as tmp:
-            return subject_change(sessions, seed=seed, work_dir=tmp, progress=progress, decline=decline,
-                                  device=device)
-    say = progress or (lambda msg: None)
     sessions = order_sessions(sessions)
     work = Path(work_dir)
     images = [ants.image_read(s.image) for s in sessions]
     masks = [ants.image_read(s.mask) for s in sessions]
-    say(f"mid-space of {len(sessions)} sessions")
     ms = MS.build_midspace(images, masks, seed=seed, work_dir=work)
 
     def mid(img, i):
@@ -157,7 +167,28 @@ def subject_change(sessions: list[SessionInput], *, seed: int = 0, work_dir=None
                for i, s in enumerate(sessions)]
     lesions = [(mid(ants.image_read(s.lesion), i) if s.lesion else None) for i, s in enumerate(sessions)]
     common = C.common_space(mask_mid, tissues, spacing=tuple(ms.grid.spacing), template=ms.template.numpy())
-    norm = [C.normalise(m, common) for m in mids]
+    return InMidspace(sessions=sessions, midspace=ms, images=images, mids=mids, masks=mask_mid, tissues=tissues,
+                      lesions=lesions, common=common, norm=[C.normalise(m, common) for m in mids])
+
+
+def subject_change(sessions: list[SessionInput], *, seed: int = 0, work_dir=None, progress=None,
+                   decline: bool = False, device="cpu") -> SubjectChange:
+    """Mid-space, template and change table of one subject (see the module docstring); with ``decline``
+    (T1w sessions and the network's weights), the decline probability of every consecutive pair."""
+    if len(sessions) < 2:
+        raise ValueError("longitudinal change needs at least two sessions")
+    if work_dir is None:  # the transforms written on the way need a folder; leave none behind
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="subject_change_") as tmp:
+            return subject_change(sessions, seed=seed, work_dir=tmp, progress=progress, decline=decline,
+                                  device=device)
+    say = progress or (lambda msg: None)
+    work = Path(work_dir)
+    say(f"mid-space of {len(sessions)} sessions")
+    mid = in_midspace(sessions, seed=seed, work_dir=work)
+    sessions, ms, images, common, norm = mid.sessions, mid.midspace, mid.images, mid.common, mid.norm
+    mids, mask_mid, lesions = mid.mids, mid.masks, mid.lesions
     rows, maps, warnings = [], {}, []
     for i, j in pairs(len(sessions)):
         a, b = sessions[i], sessions[j]

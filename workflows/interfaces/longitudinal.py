@@ -70,25 +70,7 @@ class LongitudinalChange(SimpleInterface):
         use_threads(self.inputs.num_threads, self.inputs.seed)
         cwd = Path(runtime.cwd)
         ins = self.inputs
-        n = len(ins.in_files)
-        if len(ins.mask_files) != n or len(ins.session_ids) != n:
-            raise ValueError("in_files, mask_files and session_ids must have one entry per session")
-
-        def per_session(values, default):
-            values = list(values) if values else []
-            return values + [default] * (n - len(values))
-
-        tissue = []
-        for files in per_session(ins.probseg_files, []):
-            files = [f for f in (files or []) if f]
-            tissue.append(dict(zip(("GM", "WM", "CSF"), _tissue_order(files))) if len(files) >= 3 else None)
-        sessions = [S.SessionInput(label=f"ses-{sid}" if sid else "", image=img, mask=mask, tissue=t,
-                                   lesion=les or None, acquisition=acq or None, acq_time=when or None,
-                                   csf_inverted=_csf_inverted(record))
-                    for sid, img, mask, t, les, acq, when, record in zip(
-                        ins.session_ids, ins.in_files, ins.mask_files, tissue, per_session(ins.lesion_files, ""),
-                        per_session(ins.acquisitions, ""), per_session(ins.acq_times, ""),
-                        per_session(ins.acquisition_records, {}))]
+        sessions = session_inputs(ins)
         from bidsapp.longitudinal import decline as D
 
         result = S.subject_change(sessions, seed=ins.seed, work_dir=cwd / "midspace",
@@ -138,6 +120,36 @@ class LongitudinalChange(SimpleInterface):
                 "Columns": S.COLUMN_DESCRIPTIONS,
             })
         return runtime
+
+
+def session_inputs(ins) -> list:
+    """The node's inputs (its ``inputs``, or the dict Nipype saved of them) as
+    :class:`bidsapp.longitudinal.subject.SessionInput`, one per session, in input order."""
+    from bidsapp.longitudinal import subject as S
+
+    def get(name) -> list:  # an unset input (Undefined, None) is an empty list
+        value = ins.get(name) if isinstance(ins, dict) else getattr(ins, name, None)
+        return list(value) if value else []
+
+    n = len(get("in_files"))
+    if len(get("mask_files")) != n or len(get("session_ids")) != n:
+        raise ValueError("in_files, mask_files and session_ids must have one entry per session")
+
+    def per_session(name, default):
+        values = get(name)
+        return values + [default] * (n - len(values))
+
+    tissue = []
+    for files in per_session("probseg_files", []):
+        files = [f for f in (files or []) if f]
+        tissue.append(dict(zip(("GM", "WM", "CSF"), _tissue_order(files))) if len(files) >= 3 else None)
+    return [S.SessionInput(label=f"ses-{sid}" if sid else "", image=img, mask=mask, tissue=t,
+                           lesion=les or None, acquisition=acq or None, acq_time=when or None,
+                           csf_inverted=_csf_inverted(record))
+            for sid, img, mask, t, les, acq, when, record in zip(
+                get("session_ids"), get("in_files"), get("mask_files"), tissue, per_session("lesion_files", ""),
+                per_session("acquisitions", ""), per_session("acq_times", ""),
+                per_session("acquisition_records", {}))]
 
 
 def _tissue_order(files):
