@@ -45,25 +45,18 @@ METRICS = ("dice", "ltpr", "lfpr", "ppv", "lesion_f1", "avd", "hd95")
 
 def test_sessions(anatomy_dir, n_scanners: int, seed: int, subsets, lesion_contrast: str = "full") -> list[dict]:
     """Whole simulated sessions of the held-out heads on unseen scanners, one per (head, scanner, subset)."""
-    import torch
-
     from bidsapp.training import lesion as T
 
     heads = [T.load_head(p) for p in sorted(Path(anatomy_dir).glob("anat-*_dseg.nii.gz"))
              if p.name.split("_")[0] in T.HELDOUT]
     if not heads:
         raise SystemExit(f"{anatomy_dir}: none of the held-out label maps {', '.join(T.HELDOUT)}")
-    scanners = T.make_scanners(n_scanners, np.random.default_rng([seed, 7]))
     out = []
-    for si, sc in enumerate(scanners):
-        for hi, head in enumerate(heads):
-            rng = np.random.default_rng([seed, si, hi])
-            ses = T.simulate_session(head, sc, rng, torch.Generator().manual_seed(seed * 1000 + si * 10 + hi),
-                                     lesion_contrast=lesion_contrast)
-            for name, keep in subsets.items():
-                images = {c: v for c, v in ses["images"].items() if keep is None or c in keep}
-                out.append({"head": head.name, "scanner": si, "describe": sc.describe(), "subset": name,
-                            "images": images, "brain": ses["brain"], "lesion": ses["lesion"]})
+    for si, sc, head, ses in T.simulated_sessions(heads, n_scanners, seed, lesion_contrast):
+        for name, keep in subsets.items():
+            images = {c: v for c, v in ses["images"].items() if keep is None or c in keep}
+            out.append({"head": head.name, "scanner": si, "describe": sc.describe(), "subset": name,
+                        "images": images, "brain": ses["brain"], "lesion": ses["lesion"]})
     return out
 
 

@@ -20,8 +20,9 @@ Inference (:func:`segment`), in order:
    down, linear up), cropped to the brain mask's box;
 2. each channel is multiplied by the (dilated) brain mask and divided by its mean inside the mask;
 3. MONAI's sliding-window inferer over the whole box (50 % overlap, Gaussian weighting);
-4. the probabilities go back to the input grid (linear), the lesion mask is probability >= 0.5 inside the
-   brain mask without components smaller than :data:`MIN_LESION_MM3`.
+4. the probabilities go back to the input grid (linear), the lesion mask is probability >= the model
+   card's ``threshold`` (chosen on validation data by :mod:`bidsapp.training.lesion_threshold`; 0.5 when
+   the card has none) inside the brain mask, without components smaller than :data:`MIN_LESION_MM3`.
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ OUTPUTS = ("lesion", "ventricles", "cortex", "infratentorial")
 """Output channels (independent sigmoids): the lesions and the context maps that classify their location."""
 NEEDS = ("FLAIR", "T2w", "PDw")
 GRID_MM = 1.0
+THRESHOLD = 0.5
+"""Mask threshold of a model whose card names none (``threshold``)."""
 MIN_LESION_MM3 = 3.0
 """Components smaller than this are dropped from the mask (the smallest lesion the model is trained on)."""
 LOCATIONS = ("periventricular", "juxtacortical", "deep white matter", "infratentorial")
@@ -162,12 +165,14 @@ class LesionResult:
     context: dict                      # name -> probability on the input grid (ventricles, cortex, infratentorial)
     contrasts: tuple                   # the contrasts used
     model: dict = field(default_factory=dict)
+    threshold: float = THRESHOLD       # the probability the mask was cut at
 
 
 def segment(images: dict, brain_mask: np.ndarray, affine: np.ndarray, zooms, device="cpu",
-            weights_dir=None) -> LesionResult:
+            weights_dir=None, threshold: float | None = None) -> LesionResult:
     """Lesions of a session: ``images`` maps contrast -> array on one grid (``affine``, voxel size
-    ``zooms``), ``brain_mask`` on that grid. Contrasts outside :data:`CHANNELS` are ignored."""
+    ``zooms``), ``brain_mask`` on that grid. Contrasts outside :data:`CHANNELS` are ignored. The mask is
+    cut at ``threshold``, by default the model card's."""
     from scipy import ndimage as ndi
 
     from bidsapp.devices import resolve_device
@@ -204,11 +209,13 @@ def segment(images: dict, brain_mask: np.ndarray, affine: np.ndarray, zooms, dev
     full_low[(slice(None), *box)] = prob_low
     maps = [from_ras(resample_shape(p, ras_shape, order=1), ornt) for p in full_low]
     lesion = maps[0] * mask
+    cut = float(card.get("threshold", THRESHOLD) if threshold is None else threshold)
     return LesionResult(probability=lesion.astype(np.float32),
-                        mask=label_lesions(lesion >= 0.5, zooms, MIN_LESION_MM3)[0] > 0,
+                        mask=label_lesions(lesion >= cut, zooms, MIN_LESION_MM3)[0] > 0,
                         context={name: m for name, m in zip(OUTPUTS[1:], maps[1:])},
                         contrasts=used,
-                        model={"name": card["name"], "version": card.get("version"), "sha256": card["sha256"]})
+                        model={"name": card["name"], "version": card.get("version"), "sha256": card["sha256"]},
+                        threshold=cut)
 
 
 def lesion_table(mask: np.ndarray, affine: np.ndarray, context: dict) -> list[dict]:

@@ -271,6 +271,21 @@ def simulate_session(head: Head, scanner: Scanner, rng: np.random.Generator, gen
             "lesion": ph.fractions[CLASSES.index("lesion")] >= 0.5, "specs": specs}
 
 
+def simulated_sessions(heads: list[Head], n_scanners: int, seed: int, lesion_contrast: str = "full"):
+    """Whole sessions (:func:`simulate_session`) of every head on ``n_scanners`` scanners drawn from ``seed``
+    (not the training seed: scanners no training patch came from), yielded as (scanner index, scanner,
+    head, session). The benchmark's test sessions and the mask threshold's validation sessions
+    (:mod:`bidsapp.training.lesion_threshold`); the same seed gives the same sessions."""
+    import torch
+
+    scanners = make_scanners(n_scanners, np.random.default_rng([seed, 7]))
+    for si, sc in enumerate(scanners):
+        for hi, head in enumerate(heads):
+            gen = torch.Generator().manual_seed(seed * 1000 + si * 10 + hi)
+            yield si, sc, head, simulate_session(head, sc, np.random.default_rng([seed, si, hi]), gen,
+                                                 lesion_contrast=lesion_contrast)
+
+
 class LesionSynth:
     """Random training patches (see the module docstring)."""
 

@@ -139,7 +139,7 @@ class LesionSegment(SimpleInterface):
                           "Sha256": result.model["sha256"]},
                 "ContrastsUsed": list(result.contrasts),
                 "ContrastsMissing": missing,
-                "Threshold": 0.5,
+                "Threshold": float(result.threshold),
                 "MinimumLesionVolume_mm3": min_volume,
                 "LesionCount": len(rows),
                 "LesionVolume_mm3": round(volume, 1),
