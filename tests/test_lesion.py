@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import argparse
 import math
-import shutil
 
 import nibabel as nib
 import numpy as np
@@ -345,84 +343,19 @@ def test_mirrored_reading_is_exactly_left_right_symmetric():
 
 
 # ------------------------------------------------------------------------------------------ mask threshold
-def _ball(n=40, r=8):
-    g = np.arange(n) - n / 2
-    x, y, z = np.meshgrid(g, g, g, indexing="ij")
-    return np.sqrt(x ** 2 + y ** 2 + z ** 2)
-
-
-def test_dice_by_threshold_and_choice_follow_the_probability():
-    """A probability of 0.7 on the lesion and 0.4 on a shell around it: 0.3 takes the shell too, 0.45 and
-    0.5 give the lesion exactly (a tie, the lower one wins), 0.8 gives nothing."""
-    from bidsapp.training.lesion_threshold import choose, dice_by_threshold
-
-    r = _ball()
-    truth = r < 8
-    prob = np.where(truth, 0.7, np.where(r < 11, 0.4, 0.0)).astype(np.float32)
-    ts = (0.3, 0.45, 0.5, 0.8)
-    dice = dice_by_threshold(prob, truth, ts, min_volume_mm3=3.0)
-    assert dice[1] == pytest.approx(1.0) and dice[2] == pytest.approx(1.0)
-    assert 0.2 < dice[0] < 0.8 and dice[3] == 0.0
-    assert choose({"full": [dice]}, ts) == 0.45
-    # the mean over both lesion contrasts decides, each session counted once
-    assert choose({"full": [[0.9, 0.8, 0.1, 0.0]], "graded": [[0.0, 0.5, 0.9, 0.2], [0.0, 0.5, 0.9, 0.2]]}, ts) == 0.5
-    with pytest.raises(ValueError, match="no validation sessions"):
-        choose({}, ts)
-
-
-def test_segment_cuts_the_mask_at_the_cards_threshold(head, tmp_path):
+def test_segment_cuts_the_mask_at_the_threshold_asked_for(head):
     from bidsapp.models import lesion as L
-    from bidsapp.models import registry
 
-    weights = tmp_path / "w"
-    weights.mkdir()
-    for suffix in (".pt", ".json"):
-        shutil.copy(registry.card_path(L.MODEL_NAME).with_suffix(suffix), weights)
     ses = _tiny_session(head)
     images = {c: ses["images"][c] for c in ("FLAIR", "T1w")}
-    registry.update_card(L.MODEL_NAME, {"threshold": 0.05}, weights)
-    L._CACHE.clear()
-    low = L.segment(images, ses["brain"], np.eye(4), (1.0, 1.0, 1.0), weights_dir=weights)
-    assert low.threshold == 0.05
-    assert low.mask.sum() >= (low.probability >= 0.5).sum() > 0  # the tiny head's lesions are found at 0.5 too
-    registry.update_card(L.MODEL_NAME, {"threshold": 0.99}, weights)
-    L._CACHE.clear()
-    high = L.segment(images, ses["brain"], np.eye(4), (1.0, 1.0, 1.0), weights_dir=weights)
-    assert high.threshold == 0.99 and np.allclose(high.probability, low.probability)
-    assert high.mask.sum() < low.mask.sum() and not (high.mask & ~low.mask).any()
-    given = L.segment(images, ses["brain"], np.eye(4), (1.0, 1.0, 1.0), weights_dir=weights, threshold=0.05)
-    assert given.threshold == 0.05 and (given.mask == low.mask).all()
-    L._CACHE.clear()
-
-
-def test_lesion_threshold_command_writes_the_card_and_keeps_the_weights(tmp_path):
-    from bidsapp.models import lesion as L
-    from bidsapp.models import registry
-    from bidsapp.training import lesion_threshold as LT
-
-    anatomy = tmp_path / "anatomy"
-    anatomy.mkdir()
-    tiny_label_map(anatomy / "anat-01_dseg.nii.gz")
-    weights = tmp_path / "w"
-    weights.mkdir()
-    for suffix in (".pt", ".json"):
-        shutil.copy(registry.card_path(L.MODEL_NAME).with_suffix(suffix), weights)
-    sha = registry.load_card(L.MODEL_NAME, weights)["sha256"]
-    p = argparse.ArgumentParser()
-    LT.add_arguments(p)
-    args = p.parse_args(["--weights", str(weights), "--anatomy-dir", str(anatomy), "--scanners", "1",
-                         "--thresholds", "0.4", "0.6", "--threads", "1"])
-    L._CACHE.clear()
-    assert LT.run(args) == 0
-    card = registry.load_card(L.MODEL_NAME, weights)
-    sel = card["threshold_selection"]
-    assert card["threshold"] in (0.4, 0.6) and sel["threshold"] == card["threshold"]
-    assert sel["heads"] == ["anat-01"] and sel["sessions"] == 2 and sel["lesion_contrasts"] == ["full", "graded"]
-    assert len(sel["mean_dice"]["all"]) == 2 and max(sel["mean_dice"]["all"]) > 0
-    assert card["threshold"] == sel["thresholds"][int(np.argmax(sel["mean_dice"]["all"]))]
-    assert sel["command"].startswith("scanbridge-train lesion-threshold --weights") and "--scanners 1" in sel["command"]
-    assert card["sha256"] == sha
-    registry.verify(L.MODEL_NAME, weights)  # the weights are untouched
-    L._CACHE.clear()
-    missing = p.parse_args(["--weights", str(tmp_path)])
-    assert LT.run(missing) == 2
+    default = L.segment(images, ses["brain"], np.eye(4), (1.0, 1.0, 1.0))
+    assert default.threshold == L.THRESHOLD == 0.5
+    low = L.segment(images, ses["brain"], np.eye(4), (1.0, 1.0, 1.0), threshold=0.05)
+    high = L.segment(images, ses["brain"], np.eye(4), (1.0, 1.0, 1.0), threshold=0.95)
+    assert low.threshold == 0.05 and high.threshold == 0.95
+    assert np.allclose(low.probability, high.probability)  # the probability map does not depend on the cut
+    assert high.mask.sum() < default.mask.sum() < low.mask.sum()
+    assert not (high.mask & ~default.mask).any() and not (default.mask & ~low.mask).any()
+    for bad in (0.0, 1.0, -0.2, 1.5):
+        with pytest.raises(ValueError, match="strictly between 0 and 1"):
+            L.segment(images, ses["brain"], np.eye(4), (1.0, 1.0, 1.0), threshold=bad)

@@ -14,6 +14,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from nipype.interfaces.base import isdefined
+
 from bidsapp import methods as M
 from bidsapp.labels import LESION
 
@@ -92,6 +94,26 @@ def test_lesion_methods_option(capsys):
     assert "wmh: desc-wmh" in text
 
 
+def test_lesion_threshold_option_reaches_every_lesion_node(capsys):
+    from bidsapp.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["b", "o", "participant"]).lesion_threshold is None
+    opts = parser.parse_args(["b", "o", "participant", "--lesion-threshold", "0.7"])
+    assert opts.lesion_threshold == 0.7
+    assert parser.parse_args(["b", "o", "participant", "--lesion_threshold", "0.3"]).lesion_threshold == 0.3
+    for value in ("0", "1", "1.5", "x"):
+        with pytest.raises(SystemExit) as exc:
+            parser.parse_args(["b", "o", "participant", "--lesion-threshold", value])
+        assert exc.value.code == 2
+        lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("scanbridge: error:")]
+        assert len(lines) == 1 and "--lesion-threshold" in lines[0]
+    for key in ("lesion", "wmh"):
+        node = M.get(key).build(f"seg_{key}", {"device": "cpu", "lesion_threshold": opts.lesion_threshold})
+        assert node.inputs.threshold == 0.7
+        assert not isdefined(M.get(key).build(f"seg_{key}", {"device": "cpu"}).inputs.threshold)
+
+
 # ------------------------------------------------------------------------------------ the interface
 SHAPE = (48, 56, 20)
 AFFINE = np.diag([2.0, 2.0, 4.0, 1.0])
@@ -142,7 +164,17 @@ def test_lesion_interface_runs_the_wmh_model_on_the_flair_alone(tiny_flair, tmp_
     assert meta["ContrastsUsed"] == ["FLAIR"] and meta["ContrastsMissing"] == []  # the T1w is not read
     assert meta["LesionCount"] == len(stats) and meta["MinimumLesionVolume_mm3"] == 3.0
     assert out.warnings == []  # no lower-sensitivity warning: FLAIR alone is the model's design
+    assert meta["Threshold"] == 0.5
     json.dumps(meta)  # sidecar-ready
+    # a user's threshold cuts the same probability map and is named in the sidecar
+    work2 = tmp_path / "node2"
+    work2.mkdir()
+    res2 = LesionSegment(in_file=str(tiny_flair["flair"]), in_contrast="FLAIR", mask_file=str(tiny_flair["mask"]),
+                         method="wmh", model="wmh", device="cpu", threshold=0.2).run(cwd=str(work2))
+    assert res2.outputs.metadata["Threshold"] == 0.2
+    assert np.allclose(np.asarray(nib.load(res2.outputs.probseg[0]).dataobj), pa)
+    ma2 = np.asarray(nib.load(res2.outputs.mask).dataobj)
+    assert ma2.sum() >= ma.sum() and not (ma.astype(bool) & ~ma2.astype(bool)).any()
 
 
 def test_wmh_model_without_a_flair_is_a_one_line_error(tiny_flair, tmp_path):

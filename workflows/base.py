@@ -69,8 +69,8 @@ def session_images(session: dict) -> SessionImages:
 
 def init_single_subject_wf(subject: str, sessions: list[dict], output_dir, bids_dir, work_dir=None, template=None,
                            omp_nthreads: int = 1, device: str = "auto", seed: int = 0, *,
-                           segmentation=None, lesion_methods=None, methods=(), subject_methods=None,
-                           registration: str = "SyN",
+                           segmentation=None, lesion_methods=None, lesion_threshold: float | None = None,
+                           methods=(), subject_methods=None, registration: str = "SyN",
                            prior_weight: float = 0.25, brain_extraction: str = "learned",
                            name: str | None = None) -> pe.Workflow:
     """Build the workflow of one subject (``sub_<label>_wf``; ``base_dir`` = ``work_dir``).
@@ -79,6 +79,7 @@ def init_single_subject_wf(subject: str, sessions: list[dict], output_dir, bids_
     2 mm). ``segmentation``: tissue method keys, main answer first (default
     :data:`bidsapp.methods.DEFAULT_TISSUE`). ``lesion_methods``: lesion method keys, main answer first
     (default: every registered default one; on each session the first that can run is the main answer).
+    ``lesion_threshold``: probability at which lesion masks are cut (default: the models' 0.5).
     ``methods``: further session-level methods to run besides
     the registered defaults. ``subject_methods``: subject-level method keys (default: the registered
     defaults). ``registration``: ``SyN`` (default), ``Affine`` or ``Rigid``. ``brain_extraction``:
@@ -101,7 +102,7 @@ def init_single_subject_wf(subject: str, sessions: list[dict], output_dir, bids_
         # crash reports go to the work directory, never to the (possibly read-only) current one
         wf.config["execution"]["crashdump_dir"] = str(Path(work_dir) / "crash")
     options = {"omp_nthreads": omp_nthreads, "seed": seed, "device": device, "template": template,
-               "prior_weight": prior_weight}
+               "prior_weight": prior_weight, "lesion_threshold": lesion_threshold}
     seen, built = set(), []
     for ses in sessions:
         label = ses.get("session")
@@ -112,7 +113,8 @@ def init_single_subject_wf(subject: str, sessions: list[dict], output_dir, bids_
         ses_wf = init_session_wf(ses, output_dir=output_dir, bids_dir=bids_dir, template=template,
                                  omp_nthreads=omp_nthreads, device=device, seed=seed, method_keys=keys,
                                  registration=registration, prior_weight=prior_weight,
-                                 brain_extraction=brain_extraction, name=ses_name)
+                                 brain_extraction=brain_extraction, lesion_threshold=lesion_threshold,
+                                 name=ses_name)
         wf.add_nodes([ses_wf])
         images = session_images(ses)
         run = M.plan_session(keys, images.contrasts).run
@@ -218,7 +220,7 @@ def _add_quality_control(wf, inputnode, anat_wf, reference: str, *, output_dir, 
 def init_session_wf(session: dict, *, output_dir, bids_dir, template: dict, omp_nthreads: int = 1,
                     device: str = "auto", seed: int = 0, method_keys=None, registration: str = "SyN",
                     prior_weight: float = 0.25, brain_extraction: str = "learned",
-                    name: str = "anat_wf") -> pe.Workflow:
+                    lesion_threshold: float | None = None, name: str = "anat_wf") -> pe.Workflow:
     """One session: preprocessing of the reference image, co-registration of the others onto it, the
     session-level methods its contrasts allow, quality control, sinks."""
     images = session_images(session)
@@ -282,7 +284,7 @@ def init_session_wf(session: dict, *, output_dir, bids_dir, template: dict, omp_
         return wf
     meth_wf = init_session_methods_wf(plan.run, available, options={
         "omp_nthreads": omp_nthreads, "seed": seed, "device": device, "template": template,
-        "prior_weight": prior_weight})
+        "prior_weight": prior_weight, "lesion_threshold": lesion_threshold})
     wf.connect([
         (anat_wf, meth_wf, [("outputnode.anat_mask", "inputnode.mask_file"),
                             ("outputnode.anat_preproc", f"inputnode.{contrast_field(ref)}")]),

@@ -39,8 +39,11 @@ def _lesion_segment_node(name: str, options: dict, key: str) -> pe.Node:
     from workflows.interfaces.lesion import LesionSegment
 
     threads = options.get("omp_nthreads", 1)
-    return pe.Node(LesionSegment(device=options.get("device", "auto"), method=key, model=key,
+    node = pe.Node(LesionSegment(device=options.get("device", "auto"), method=key, model=key,
                                  num_threads=threads), name=name, n_procs=threads, mem_gb=options.get("mem_gb", 2.0))
+    if options.get("lesion_threshold") is not None:
+        node.inputs.threshold = float(options["lesion_threshold"])
+    return node
 
 
 def lesion_node(name: str, options: dict) -> pe.Node:

@@ -60,7 +60,9 @@ def test_sessions(anatomy_dir, n_scanners: int, seed: int, subsets, lesion_contr
     return out
 
 
-def evaluate(weights_dir, sessions) -> list[dict]:
+def evaluate(weights_dir, sessions, thresholds=None) -> list[dict]:
+    """One row per session and mask threshold (default: the app's, :data:`bidsapp.models.lesion.THRESHOLD`);
+    the thresholds cut the same probability map."""
     from bidsapp.metrics.lesions import lesion_scores
     from bidsapp.models import lesion as L
 
@@ -70,15 +72,24 @@ def evaluate(weights_dir, sessions) -> list[dict]:
         t0 = time.perf_counter()
         res = L.segment(s["images"], s["brain"], np.eye(4), (1.0, 1.0, 1.0), device="cpu", weights_dir=weights_dir)
         sec = time.perf_counter() - t0
-        sc = lesion_scores(res.mask, s["lesion"], min_volume_mm3=L.MIN_LESION_MM3).as_dict()
-        rows.append({"head": s["head"], "scanner": s["scanner"], "subset": s["subset"], "seconds": round(sec, 2),
-                     **{k: sc[k] for k in (*METRICS, "n_true", "n_pred", "volume_true_mm3", "volume_pred_mm3")}})
+        for t in thresholds or (res.threshold,):
+            sc = lesion_scores(res.probability >= t, s["lesion"], min_volume_mm3=L.MIN_LESION_MM3).as_dict()
+            rows.append({"head": s["head"], "scanner": s["scanner"], "subset": s["subset"], "threshold": float(t),
+                         "seconds": round(sec, 2),
+                         **{k: sc[k] for k in (*METRICS, "n_true", "n_pred", "volume_true_mm3", "volume_pred_mm3")}})
     return rows
 
 
-def summary(rows, subset="all") -> dict:
-    sel = [r for r in rows if r["subset"] == subset]
-    return {k: float(np.nanmean([r[k] for r in sel])) for k in (*METRICS, "seconds")} | {"n": len(sel)}
+def summary(rows, subset="all", threshold=None) -> dict:
+    """Means over the sessions of ``subset`` at ``threshold`` (default: the app's), and the median ratio of
+    the masks' volume to the true lesion volume."""
+    from bidsapp.models.lesion import THRESHOLD
+
+    t = THRESHOLD if threshold is None else threshold
+    sel = [r for r in rows if r["subset"] == subset and r.get("threshold", THRESHOLD) == t]
+    ratio = [r["volume_pred_mm3"] / r["volume_true_mm3"] for r in sel if r["volume_true_mm3"] > 0]
+    return ({k: float(np.nanmean([r[k] for r in sel])) for k in (*METRICS, "seconds")}
+            | {"volume_ratio_median": float(np.median(ratio)) if ratio else float("nan"), "n": len(sel)})
 
 
 def paired_vs(result: dict, ref: str = "BM", metrics=("dice", "ltpr", "lfpr", "ppv")) -> dict:
@@ -92,7 +103,10 @@ def paired_vs(result: dict, ref: str = "BM", metrics=("dice", "ltpr", "lfpr", "p
     key = lambda r: (r["head"], r["scanner"])  # noqa: E731
     base = {key(r): r for r in result["ours"][ref]["sessions"]}
     models = {k: v["sessions"] for k, v in result["ours"].items() if k != ref}
-    models["shipped"] = [r for r in result["shipped"].get("sessions", []) if r["subset"] == "all"]
+    from bidsapp.models.lesion import THRESHOLD
+
+    models["shipped"] = [r for r in result["shipped"].get("sessions", [])
+                         if r["subset"] == "all" and r.get("threshold", THRESHOLD) == THRESHOLD]
     out = {}
     for name, rows in models.items():
         pairs = [(r, base[key(r)]) for r in rows if key(r) in base]
@@ -131,6 +145,9 @@ def main(argv=None) -> int:
                         "toward the edge)")
     p.add_argument("--subsets", nargs="+", default=list(SUBSETS), choices=list(SUBSETS),
                    help="inputs to score the shipped model on")
+    p.add_argument("--thresholds", type=float, nargs="+", default=None, metavar="P",
+                   help="score the shipped model's masks cut at each of these probabilities (default: the app's "
+                        "0.5; the app's --lesion-threshold)")
     p.add_argument("--weights", default=None, metavar="DIR",
                    help="score the lesion_unet of this weights folder (a training run's weights/) as the shipped model")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "lesion.json"))
@@ -148,9 +165,14 @@ def main(argv=None) -> int:
               "platform": platform.platform(), "test": {"heads": sorted({s["head"] for s in sessions}),
                                                          "scanners": sorted({s["describe"] for s in sessions})},
               "paper": PAPER, "ours": {}, "shipped": {}}
-    rows = evaluate(args.weights, sessions)
+    from bidsapp.models.lesion import THRESHOLD, check_threshold
+
+    thresholds = [check_threshold(t) for t in (args.thresholds or [THRESHOLD])]
+    rows = evaluate(args.weights, sessions, thresholds)
     result["shipped"] = {"sha256": shipped_card["sha256"], "domain_loss": shipped_card["training"].get("domain_loss"),
                          "by_subset": {k: summary(rows, k) for k in subsets}, "sessions": rows}
+    if thresholds != [THRESHOLD]:
+        result["shipped"]["by_threshold"] = {f"{t:g}": {k: summary(rows, k, t) for k in subsets} for t in thresholds}
     if not args.shipped_only:
         full = [s for s in sessions if s["subset"] == "all"]
         for name in args.variants:
@@ -167,9 +189,12 @@ def main(argv=None) -> int:
         print(f"{name:<22}{s['dice']:8.3f}{s['ltpr']:8.3f}{s['lfpr']:8.3f}{s['ppv']:8.3f}{s['lesion_f1']:8.3f}"
               f"{s['avd']:8.1f}{s['hd95']:8.1f}{s['seconds']:7.1f}   "
               f"{pp['dice']:.3f}/{pp['ltpr']:.3f}/{pp['lfpr']:.3f}/{pp['ppv']:.3f}")
-    for subset, s in result["shipped"]["by_subset"].items():
-        print(f"{'shipped (' + subset + ')':<22}{s['dice']:8.3f}{s['ltpr']:8.3f}{s['lfpr']:8.3f}{s['ppv']:8.3f}"
-              f"{s['lesion_f1']:8.3f}{s['avd']:8.1f}{s['hd95']:8.1f}{s['seconds']:7.1f}")
+    for t, by_subset in result["shipped"].get("by_threshold", {f"{THRESHOLD:g}": result["shipped"]["by_subset"]}).items():
+        for subset, s in by_subset.items():
+            name = f"shipped ({subset})" + (f" @{t}" if "by_threshold" in result["shipped"] else "")
+            print(f"{name:<22}{s['dice']:8.3f}{s['ltpr']:8.3f}{s['lfpr']:8.3f}{s['ppv']:8.3f}"
+                  f"{s['lesion_f1']:8.3f}{s['avd']:8.1f}{s['hd95']:8.1f}{s['seconds']:7.1f}"
+                  f"   volume x{s['volume_ratio_median']:.2f}")
     result["paired_vs_BM"] = paired_vs(result)
     if result["paired_vs_BM"]:
         print("\npaired on the same sessions, minus BM: mean difference [95 % bootstrap interval], "

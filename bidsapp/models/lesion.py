@@ -20,9 +20,9 @@ Inference (:func:`segment`), in order:
    down, linear up), cropped to the brain mask's box;
 2. each channel is multiplied by the (dilated) brain mask and divided by its mean inside the mask;
 3. MONAI's sliding-window inferer over the whole box (50 % overlap, Gaussian weighting);
-4. the probabilities go back to the input grid (linear), the lesion mask is probability >= the model
-   card's ``threshold`` (chosen on validation data by :mod:`bidsapp.training.lesion_threshold`; 0.5 when
-   the card has none) inside the brain mask, without components smaller than :data:`MIN_LESION_MM3`.
+4. the probabilities go back to the input grid (linear), the lesion mask is probability >= ``threshold``
+   (:data:`THRESHOLD` unless the user chose another) inside the brain mask, without components smaller
+   than :data:`MIN_LESION_MM3`.
 """
 
 from __future__ import annotations
@@ -43,7 +43,9 @@ OUTPUTS = ("lesion", "ventricles", "cortex", "infratentorial")
 NEEDS = ("FLAIR", "T2w", "PDw")
 GRID_MM = 1.0
 THRESHOLD = 0.5
-"""Mask threshold of a model whose card names none (``threshold``)."""
+"""Probability at which a lesion mask is cut unless the user chooses another (``--lesion-threshold``).
+Higher cuts suit bright, sharply bounded lesions and lower ones faint lesions (docs/lesions.md, "The
+mask threshold"); 0.5 leaves the volume of faint, clinical-like simulated lesions unbiased."""
 MIN_LESION_MM3 = 3.0
 """Components smaller than this are dropped from the mask (the smallest lesion the model is trained on)."""
 LOCATIONS = ("periventricular", "juxtacortical", "deep white matter", "infratentorial")
@@ -158,6 +160,14 @@ def predict(net, channels: np.ndarray, device="cpu", roi: int = 96, overlap: flo
     return prob[0].cpu().numpy()
 
 
+def check_threshold(value) -> float:
+    """``value`` as a mask threshold: a probability strictly between 0 and 1."""
+    t = float(value)
+    if not 0.0 < t < 1.0:
+        raise ValueError(f"lesion threshold {value} must lie strictly between 0 and 1")
+    return t
+
+
 @dataclass
 class LesionResult:
     probability: np.ndarray            # lesion probability on the input grid
@@ -171,14 +181,15 @@ class LesionResult:
 def segment(images: dict, brain_mask: np.ndarray, affine: np.ndarray, zooms, device="cpu",
             weights_dir=None, threshold: float | None = None) -> LesionResult:
     """Lesions of a session: ``images`` maps contrast -> array on one grid (``affine``, voxel size
-    ``zooms``), ``brain_mask`` on that grid. Contrasts outside :data:`CHANNELS` are ignored. The mask is
-    cut at ``threshold``, by default the model card's."""
+    ``zooms``), ``brain_mask`` on that grid. Contrasts outside :data:`CHANNELS` are ignored; the mask is
+    the probability cut at ``threshold`` (default :data:`THRESHOLD`)."""
     from scipy import ndimage as ndi
 
     from bidsapp.devices import resolve_device
 
     from .tissue import from_ras, ras_zooms, resample_shape, resample_to, to_ras
 
+    cut = check_threshold(THRESHOLD if threshold is None else threshold)
     used = tuple(c for c in CHANNELS if c in images)
     if not any(c in used for c in NEEDS):
         raise ValueError(f"lesion segmentation needs one of {', '.join(NEEDS)}; got {', '.join(images) or 'none'}")
@@ -209,13 +220,13 @@ def segment(images: dict, brain_mask: np.ndarray, affine: np.ndarray, zooms, dev
     full_low[(slice(None), *box)] = prob_low
     maps = [from_ras(resample_shape(p, ras_shape, order=1), ornt) for p in full_low]
     lesion = maps[0] * mask
-    cut = float(card.get("threshold", THRESHOLD) if threshold is None else threshold)
     return LesionResult(probability=lesion.astype(np.float32),
                         mask=label_lesions(lesion >= cut, zooms, MIN_LESION_MM3)[0] > 0,
                         context={name: m for name, m in zip(OUTPUTS[1:], maps[1:])},
                         contrasts=used,
                         model={"name": card["name"], "version": card.get("version"), "sha256": card["sha256"]},
                         threshold=cut)
+
 
 
 def lesion_table(mask: np.ndarray, affine: np.ndarray, context: dict) -> list[dict]:

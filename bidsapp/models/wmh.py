@@ -25,8 +25,8 @@ Inference (:func:`segment`), per session:
    slice, with a margin) and resized to the network's input size (:data:`INPUT_SIZE` pixels);
 3. intensities are masked by the brain and divided by their mean inside the brain over the whole
    volume (:func:`bidsapp.models.lesion.normalise`, one scale for every scanner);
-4. the sigmoid outputs go back to the slice's grid (linear), the lesion mask is probability >= 0.5
-   inside the brain mask without 3D components smaller than :data:`MIN_LESION_MM3`.
+4. the sigmoid outputs go back to the slice's grid (linear), the lesion mask is probability >= ``threshold``
+   (:data:`bidsapp.models.lesion.THRESHOLD` unless the user chose another) inside the brain mask without 3D components smaller than :data:`MIN_LESION_MM3`.
 """
 
 from __future__ import annotations
@@ -282,15 +282,17 @@ def predict_slices(net, slices: np.ndarray, size: int, device="cpu", batch: int 
 
 
 def segment(flair: np.ndarray, brain_mask: np.ndarray, affine: np.ndarray, zooms, device="cpu",
-            weights_dir=None):
+            weights_dir=None, threshold: float | None = None):
     """WMH of one FLAIR (any grid; ``brain_mask`` on the same grid): a
-    :class:`bidsapp.models.lesion.LesionResult`."""
+    :class:`bidsapp.models.lesion.LesionResult`, the mask cut at ``threshold`` (default
+    :data:`bidsapp.models.lesion.THRESHOLD`)."""
     from bidsapp.devices import resolve_device
     from bidsapp.metrics.lesions import label_lesions
 
-    from .lesion import LesionResult, normalise
+    from .lesion import THRESHOLD, LesionResult, check_threshold, normalise
     from .tissue import from_ras, to_ras
 
+    cut = check_threshold(THRESHOLD if threshold is None else threshold)
     device = resolve_device(device)
     net, card = inference_model(device, weights_dir)
     size = int(card["architecture"]["kwargs"].get("input_size", INPUT_SIZE))
@@ -318,7 +320,8 @@ def segment(flair: np.ndarray, brain_mask: np.ndarray, affine: np.ndarray, zooms
     lesion = maps[0]
     zooms_in = np.asarray(zooms[:3], float)
     return LesionResult(probability=lesion,
-                        mask=label_lesions(lesion >= 0.5, zooms_in, MIN_LESION_MM3)[0] > 0,
+                        mask=label_lesions(lesion >= cut, zooms_in, MIN_LESION_MM3)[0] > 0,
                         context={name: m for name, m in zip(OUTPUTS[1:], maps[1:])},
                         contrasts=("FLAIR",),
-                        model={"name": card["name"], "version": card.get("version"), "sha256": card["sha256"]})
+                        model={"name": card["name"], "version": card.get("version"), "sha256": card["sha256"]},
+                        threshold=cut)

@@ -16,8 +16,6 @@ SUBCOMMANDS = {
     "mrainet": ("bidsapp.training.mrainet", "MRAI-NET acquisition-invariant patch features"),
     "brainmask": ("bidsapp.training.brainmask", "contrast-agnostic brain-extraction U-Net"),
     "lesion": ("bidsapp.training.lesion", "scanner-invariant MS lesion U-Net (and its BM/BDM baselines)"),
-    "lesion-threshold": ("bidsapp.training.lesion_threshold",
-                         "the lesion U-Net's mask threshold, chosen on simulated validation sessions"),
     "wmh": ("bidsapp.training.wmh", "FLAIR-only WMH generator (Siamese content loss, or an overlap-loss baseline)"),
     "wmh-features": ("bidsapp.training.wmh_features", "frozen feature network of the WMH content loss"),
     "longitudinal": ("bidsapp.training.longitudinal", "3D-SiameseNet: stable vs accelerated atrophy from two T1w sessions"),

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
-from nipype.interfaces.base import BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec, traits
+from nipype.interfaces.base import BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec, isdefined, traits
 
 from bidsapp.labels import LESION, TISSUE
 
@@ -34,6 +34,8 @@ class LesionSegmentInputSpec(BaseInterfaceInputSpec):
     model = traits.Enum("lesion", "wmh", usedefault=True,
                         desc="lesion: the MS lesion U-Net on every contrast given; wmh: the FLAIR-only WMH network")
     device = traits.Enum("auto", "cpu", "cuda", usedefault=True)
+    threshold = traits.Float(desc="probability at which the mask is cut (default: the model's, "
+                                  "bidsapp.models.lesion.THRESHOLD)")
     num_threads = traits.Int(1, usedefault=True, nohash=True,
                              desc="torch CPU threads (the node's n_procs); also keeps a forked worker whose "
                                   "parent started torch's thread pool from deadlocking")
@@ -62,16 +64,18 @@ def _inputs(inputs) -> dict:
     return out
 
 
-def _run_model(model: str, images: dict, mask, affine, zooms, device, weights_dir):
+def _run_model(model: str, images: dict, mask, affine, zooms, device, weights_dir, threshold=None):
     """(:class:`bidsapp.models.lesion.LesionResult`, minimum lesion volume, contrasts missing) of ``model``."""
     if model == "wmh":
         from bidsapp.models import wmh
 
-        result = wmh.segment(images["FLAIR"], mask, affine, zooms, device=device, weights_dir=weights_dir)
+        result = wmh.segment(images["FLAIR"], mask, affine, zooms, device=device, weights_dir=weights_dir,
+                             threshold=threshold)
         return result, wmh.MIN_LESION_MM3, []
     from bidsapp.models import lesion
 
-    result = lesion.segment(images, mask, affine, zooms, device=device, weights_dir=weights_dir)
+    result = lesion.segment(images, mask, affine, zooms, device=device, weights_dir=weights_dir,
+                            threshold=threshold)
     return result, lesion.MIN_LESION_MM3, [c for c in lesion.CHANNELS if c not in result.contrasts]
 
 
@@ -108,8 +112,9 @@ class LesionSegment(SimpleInterface):
                                  "(co-register it first)")
             images[contrast] = data
         zooms = np.sqrt((ref.affine[:3, :3] ** 2).sum(0))
+        threshold = self.inputs.threshold if isdefined(self.inputs.threshold) else None
         result, min_volume, missing = _run_model(self.inputs.model, images, mask, ref.affine, zooms,
-                                                 self.inputs.device, self.inputs.weights_dir or None)
+                                                 self.inputs.device, self.inputs.weights_dir or None, threshold)
         cwd = runtime.cwd
         prob = nib.Nifti1Image(result.probability.astype(np.float32), ref.affine)
         prob.header.set_xyzt_units("mm")
