@@ -34,15 +34,54 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 
-def to_common(mask_file: Path, chain: list[tuple[Path, Path]]) -> np.ndarray:
-    """``mask_file`` resampled through ``chain`` ((fixed image, ITK transform) per step), linear, >= 0.5."""
+def in_common(image_file: Path, chain: list[tuple[Path, Path]]) -> np.ndarray:
+    """``image_file`` resampled through ``chain`` ((fixed image, ITK transform) per step), linear."""
     import ants
 
-    cur = ants.image_read(str(mask_file)).astype("float32")
+    cur = ants.image_read(str(image_file)).astype("float32")
     for fixed, xfm in chain:
         cur = ants.apply_transforms(fixed=ants.image_read(str(fixed)).astype("float32"), moving=cur,
                                     transformlist=[str(xfm)], interpolator="linear")
-    return cur.numpy() >= 0.5
+    return cur.numpy()
+
+
+def to_common(mask_file: Path, chain: list[tuple[Path, Path]]) -> np.ndarray:
+    """``mask_file`` in the common space (:func:`in_common`), >= 0.5."""
+    return in_common(mask_file, chain) >= 0.5
+
+
+def probseg_of(mask: Path) -> Path:
+    """The probability map written beside a lesion mask: ``..._label-lesion_probseg`` for the main answer's
+    ``desc-lesion_mask``, ``..._label-lesion_desc-<desc>_probseg`` for another method's."""
+    m = MASK_NAME.match(mask.name)
+    desc = m["desc"] if m else MAIN_DESC
+    stem = mask.name[: mask.name.index(f"_desc-{desc}_mask")]
+    label = "label-lesion" if desc == MAIN_DESC else f"label-lesion_desc-{desc}"
+    return mask.with_name(f"{stem}_{label}_probseg.nii.gz")
+
+
+def at_thresholds(case: dict, thresholds) -> list[dict]:
+    """The session's lesion probability cut at each threshold (as ``--lesion-threshold`` would): volume in
+    ml (components under the model's minimum dropped) and the share of the change voxels covered."""
+    import nibabel as nib
+
+    from bidsapp.metrics.lesions import label_lesions
+    from bidsapp.models.lesion import MIN_LESION_MM3
+
+    prob_file = probseg_of(case["mask"])
+    if not prob_file.is_file():
+        return []
+    img = nib.load(str(prob_file))
+    prob = np.asarray(img.dataobj, np.float32)
+    zooms = np.sqrt((img.affine[:3, :3] ** 2).sum(0))
+    common = in_common(prob_file, case["chain"])
+    change = np.asarray(nib.load(str(case["change"])).dataobj) > 0
+    out = []
+    for t in thresholds:
+        kept = label_lesions(prob >= t, zooms, MIN_LESION_MM3)[0] > 0
+        out.append({"threshold": float(t), "lesion_ml": round(float(kept.sum() * np.prod(zooms)) / 1000, 2),
+                    "change_covered": round(float((common[change] >= t).mean()), 3) if change.any() else None})
+    return out
 
 
 MASK_NAME = re.compile(r"^sub-[^_]+_ses-[^_]+(?:_[a-z]+-[^_]+)*?_desc-(?P<desc>[A-Za-z0-9]+)_mask\.nii(?:\.gz)?$")
@@ -174,9 +213,16 @@ def main(argv=None) -> int:
     p.add_argument("out_dir", help="a scanbridge output folder of the clinical-ms dataset")
     p.add_argument("--clinical", default=None, help="clinical-ms folder (default: $SCANBRIDGE_DATA_DIR/clinical-ms)")
     p.add_argument("--json", default=str(ROOT / "benchmarks" / "results" / "lesion_clinical.json"))
+    p.add_argument("--thresholds", type=float, nargs="+", default=None, metavar="P",
+                   help="also cut each session's lesion probability at these thresholds (the app's "
+                        "--lesion-threshold) and print volume and change covered per threshold")
     args = p.parse_args(argv)
     clinical = Path(args.clinical) if args.clinical else clinical_dir()
-    rows = [evaluate(c) for c in sessions(Path(args.out_dir), clinical)]
+    cases = list(sessions(Path(args.out_dir), clinical))
+    rows = [evaluate(c) for c in cases]
+    if args.thresholds:
+        for row, case in zip(rows, cases):
+            row["by_threshold"] = at_thresholds(case, args.thresholds)
     if not rows:
         print(f"{args.out_dir}: no lesion masks of the clinical-ms subjects", file=sys.stderr)
         return 1
@@ -191,6 +237,13 @@ def main(argv=None) -> int:
               f"{r['outside_brain'] if r['outside_brain'] is not None else float('nan'):>15.3f}")
     if not all(r["main"] for r in rows):
         print("* not the main lesion answer (desc-lesion<desc> / desc-<method> mask)")
+    if args.thresholds:
+        print("\nper threshold: lesion ml / change covered")
+        print(f"{'session':<16}{'method':<10}" + "".join(f"{t:>14g}" for t in args.thresholds))
+        for r in rows:
+            cells = "".join(f"{c['lesion_ml']:>7.1f} / {c['change_covered'] if c['change_covered'] is not None else float('nan'):.2f}"
+                            for c in r["by_threshold"])
+            print(f"{r['subject'] + ' ' + r['session']:<16}{r['method'] + ('' if r['main'] else '*'):<10}{cells}")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"out_dir": str(args.out_dir), "sessions": rows}, indent=1))
     print(f"wrote {args.json}")
