@@ -275,6 +275,12 @@ def test_lesion_methods_wire_per_session_and_lesion_filling_uses_the_main_answer
     assert ses2.get_node("methods_wf.seg_wmh") is None
     assert ses2.get_node("ds_lesion_wf.ds_mask").inputs.desc == "lesion"
     assert ses2.get_node("ds_lesion_wf.ds_probseg_lesion").inputs.desc is None
+    assert not isdefined(ses2.get_node("methods_wf.seg_lesion").inputs.threshold)  # the model's own 0.5
+    # --lesion-threshold reaches every lesion node of every session
+    cut = init_single_subject_wf("01", sessions, tmp_path / "out", tmp_path / "bids", tmp_path / "work",
+                                 tiny_template, segmentation=["atropos"], lesion_threshold=0.65)
+    assert [cut.get_node(n).inputs.threshold for n in ("ses_1_wf.methods_wf.seg_wmh", "ses_1_wf.methods_wf.seg_lesion",
+                                                      "ses_2_wf.methods_wf.seg_lesion")] == [0.65] * 3
     with pytest.raises(ValueError, match="unknown lesion method"):
         init_single_subject_wf("01", sessions, tmp_path / "out", tmp_path / "bids", tmp_path / "work",
                                tiny_template, lesion_methods=["nope"])

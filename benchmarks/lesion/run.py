@@ -182,17 +182,17 @@ def main(argv=None) -> int:
                                     "iterations": args.iterations, "train_scanners": args.train_scanners}
     print(f"\nMS lesions on {len(result['test']['scanners'])} unseen simulated scanners x "
           f"{len(result['test']['heads'])} held-out heads (means)")
-    print(f"{'model':<22}{'DSC':>8}{'LTPR':>8}{'LFPR':>8}{'PPV':>8}{'F1':>8}{'AVD%':>8}{'HD95':>8}{'s':>7}"
+    print(f"{'model':<26}{'DSC':>8}{'LTPR':>8}{'LFPR':>8}{'PPV':>8}{'F1':>8}{'AVD%':>8}{'HD95':>8}{'s':>7}"
           f"   paper DSC/LTPR/LFPR/PPV")
     for name, res in result["ours"].items():
         s, pp = res["summary"], PAPER[name]
-        print(f"{name:<22}{s['dice']:8.3f}{s['ltpr']:8.3f}{s['lfpr']:8.3f}{s['ppv']:8.3f}{s['lesion_f1']:8.3f}"
+        print(f"{name:<26}{s['dice']:8.3f}{s['ltpr']:8.3f}{s['lfpr']:8.3f}{s['ppv']:8.3f}{s['lesion_f1']:8.3f}"
               f"{s['avd']:8.1f}{s['hd95']:8.1f}{s['seconds']:7.1f}   "
               f"{pp['dice']:.3f}/{pp['ltpr']:.3f}/{pp['lfpr']:.3f}/{pp['ppv']:.3f}")
     for t, by_subset in result["shipped"].get("by_threshold", {f"{THRESHOLD:g}": result["shipped"]["by_subset"]}).items():
         for subset, s in by_subset.items():
             name = f"shipped ({subset})" + (f" @{t}" if "by_threshold" in result["shipped"] else "")
-            print(f"{name:<22}{s['dice']:8.3f}{s['ltpr']:8.3f}{s['lfpr']:8.3f}{s['ppv']:8.3f}"
+            print(f"{name:<26}{s['dice']:8.3f}{s['ltpr']:8.3f}{s['lfpr']:8.3f}{s['ppv']:8.3f}"
                   f"{s['lesion_f1']:8.3f}{s['avd']:8.1f}{s['hd95']:8.1f}{s['seconds']:7.1f}"
                   f"   volume x{s['volume_ratio_median']:.2f}")
     result["paired_vs_BM"] = paired_vs(result)
