@@ -138,8 +138,9 @@ def make_sessions(which: str, scanners, heads, seed: int) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------ scoring
-def evaluate(weights_dir, sessions, progress=print) -> list[dict]:
-    """Per-session scores of the WMH model in ``weights_dir`` (None: the shipped one)."""
+def evaluate(weights_dir, sessions, progress=print, thresholds=()) -> list[dict]:
+    """Per-session scores of the WMH model in ``weights_dir`` (None: the shipped one); with ``thresholds``,
+    also the same probability cut at each (``by_threshold``: Dice, lesion recall and F1, AVD, volume ratio)."""
     from bidsapp.metrics.lesions import lesion_scores
     from bidsapp.models import wmh as W
 
@@ -154,6 +155,14 @@ def evaluate(weights_dir, sessions, progress=print) -> list[dict]:
                     | {"seconds": round(sec, 2)}
                     | {k: sc[k] for k in (*METRICS, "lfpr", "ppv", "n_true", "n_pred", "volume_true_mm3",
                                           "volume_pred_mm3")})
+        if thresholds:
+            rows[-1]["by_threshold"] = {}
+            for t in thresholds:
+                st = lesion_scores(res.probability >= t, s["lesion"], s["zooms"], min_volume_mm3=W.MIN_LESION_MM3,
+                                   with_hd95=False)
+                rows[-1]["by_threshold"][f"{t:g}"] = {
+                    "dice": st.dice, "ltpr": st.ltpr, "lesion_f1": st.lesion_f1, "avd": st.avd,
+                    "volume_ratio": st.volume_pred_mm3 / st.volume_true_mm3 if st.volume_true_mm3 > 0 else None}
         progress(f"  {s['set']:>3} {s['head']} {s['describe']:<24} grade {s['grade']} PCD {s['pcd']:.3f}: "
                  f"Dice {sc['dice']:.3f} L-recall {sc['ltpr']:.3f} AVD {sc['avd']:.1f} ({sec:.1f} s)")
     return rows
@@ -169,6 +178,17 @@ def summarise(rows) -> dict:
         out[k] = {"mean": float(v.mean()) if len(v) else None, "sd": float(v.std()) if len(v) else None,
                   "n": int(len(v))}
     out["hd95_inf"] = int(sum(1 for r in rows if r.get("hd95") is not None and np.isinf(r["hd95"])))
+    return out
+
+
+def threshold_sweep(rows) -> dict:
+    """``{threshold: {metric: mean}}`` over the sessions' ``by_threshold`` (the volume ratio as a median)."""
+    out = {}
+    for t in (rows[0].get("by_threshold") or {}) if rows else ():
+        cells = [r["by_threshold"][t] for r in rows]
+        out[t] = {m: float(np.nanmean([c[m] for c in cells])) for m in ("dice", "ltpr", "lesion_f1", "avd")}
+        ratio = [c["volume_ratio"] for c in cells if c["volume_ratio"] is not None]
+        out[t]["volume_ratio_median"] = float(np.median(ratio)) if ratio else None
     return out
 
 
@@ -441,6 +461,9 @@ def main(argv=None) -> int:
     p.add_argument("--recorded", nargs="+", default=[], metavar="JSON",
                    help="results of earlier runs (this script's --out) on the same test sets: their variants "
                         "join the table (each variant trains in about an hour on 2 cores)")
+    p.add_argument("--thresholds", type=float, nargs="+", default=(), metavar="P",
+                   help="also cut each model's probability at these thresholds (the app's --lesion-threshold) "
+                        "and print the sweep")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "wmh.json"))
     p.add_argument("--figure", default=str(ROOT / "benchmarks" / "results" / "wmh_avd_pcd.png"))
     args = p.parse_args(argv)
@@ -490,8 +513,11 @@ def main(argv=None) -> int:
               f"{tr['iterations']} iterations)", flush=True)
         result["results"][loss] = {}
         for which in ("in", "ood"):
-            rows = evaluate(weights, sessions[which], progress=lambda m: print(m, flush=True))
+            rows = evaluate(weights, sessions[which], progress=lambda m: print(m, flush=True),
+                            thresholds=args.thresholds)
             result["results"][loss][which] = {"summary": summarise(rows), "sessions": rows}
+            if args.thresholds:
+                result["results"][loss][which]["threshold_sweep"] = threshold_sweep(rows)
 
     for path in args.recorded:
         merge_recorded(result, Path(path))
@@ -504,6 +530,12 @@ def main(argv=None) -> int:
     lines.append("")
     lines += target_lines(result["target"], list(result["results"]))
     lines += paired_lines(result["paired_ood"])
+    for loss, by_set in result["results"].items():
+        for which, res in by_set.items():
+            for t, m in res.get("threshold_sweep", {}).items():
+                lines.append(f"  {loss} {which} cut at {t}: Dice {m['dice']:.3f}, lesion recall {m['ltpr']:.3f}, "
+                             f"lesion F1 {m['lesion_f1']:.3f}, AVD {m['avd']:.1f} %, volume x"
+                             f"{m['volume_ratio_median'] if m['volume_ratio_median'] is not None else float('nan'):.2f}")
     pt = result["paper"]["target"]
     lines.append("  (paper's CAIN rows: " + ", ".join(f"{HEADERS[m]} {'PASS' if c['pass'] else 'FAIL'}"
                                                    for m, c in pt.items()) + ")")
