@@ -240,8 +240,9 @@ def main(argv=None) -> int:
     if args.thresholds:
         print("\nper threshold: lesion ml / change covered")
         print(f"{'session':<16}{'method':<10}" + "".join(f"{t:>14g}" for t in args.thresholds))
+        nan = float("nan")
         for r in rows:
-            cells = "".join(f"{c['lesion_ml']:>7.1f} / {c['change_covered'] if c['change_covered'] is not None else float('nan'):.2f}"
+            cells = "".join(f"{c['lesion_ml']:>7.1f} / {nan if c['change_covered'] is None else c['change_covered']:.2f}"
                             for c in r["by_threshold"])
             print(f"{r['subject'] + ' ' + r['session']:<16}{r['method'] + ('' if r['main'] else '*'):<10}{cells}")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -189,7 +189,8 @@ def main(argv=None) -> int:
         print(f"{name:<26}{s['dice']:8.3f}{s['ltpr']:8.3f}{s['lfpr']:8.3f}{s['ppv']:8.3f}{s['lesion_f1']:8.3f}"
               f"{s['avd']:8.1f}{s['hd95']:8.1f}{s['seconds']:7.1f}   "
               f"{pp['dice']:.3f}/{pp['ltpr']:.3f}/{pp['lfpr']:.3f}/{pp['ppv']:.3f}")
-    for t, by_subset in result["shipped"].get("by_threshold", {f"{THRESHOLD:g}": result["shipped"]["by_subset"]}).items():
+    by_threshold = result["shipped"].get("by_threshold", {f"{THRESHOLD:g}": result["shipped"]["by_subset"]})
+    for t, by_subset in by_threshold.items():
         for subset, s in by_subset.items():
             name = f"shipped ({subset})" + (f" @{t}" if "by_threshold" in result["shipped"] else "")
             print(f"{name:<26}{s['dice']:8.3f}{s['ltpr']:8.3f}{s['lfpr']:8.3f}{s['ppv']:8.3f}"

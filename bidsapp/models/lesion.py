@@ -228,7 +228,6 @@ def segment(images: dict, brain_mask: np.ndarray, affine: np.ndarray, zooms, dev
                         threshold=cut)
 
 
-
 def lesion_table(mask: np.ndarray, affine: np.ndarray, context: dict) -> list[dict]:
     """One row per lesion (26-connected component of ``mask``): ``id`` (its value in the labelled
     image), ``volume_mm3``, ``centroid_x/y/z_mm`` (scanner RAS mm) and ``location``.

@@ -25,8 +25,9 @@ Inference (:func:`segment`), per session:
    slice, with a margin) and resized to the network's input size (:data:`INPUT_SIZE` pixels);
 3. intensities are masked by the brain and divided by their mean inside the brain over the whole
    volume (:func:`bidsapp.models.lesion.normalise`, one scale for every scanner);
-4. the sigmoid outputs go back to the slice's grid (linear), the lesion mask is probability >= ``threshold``
-   (:data:`bidsapp.models.lesion.THRESHOLD` unless the user chose another) inside the brain mask without 3D components smaller than :data:`MIN_LESION_MM3`.
+4. the sigmoid outputs go back to the slice's grid (linear), the lesion mask is probability
+   >= ``threshold`` (:data:`bidsapp.models.lesion.THRESHOLD` unless the user chose another) inside the
+   brain mask, without 3D components smaller than :data:`MIN_LESION_MM3`.
 """
 
 from __future__ import annotations

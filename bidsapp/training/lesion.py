@@ -274,8 +274,8 @@ def simulate_session(head: Head, scanner: Scanner, rng: np.random.Generator, gen
 def simulated_sessions(heads: list[Head], n_scanners: int, seed: int, lesion_contrast: str = "full"):
     """Whole sessions (:func:`simulate_session`) of every head on ``n_scanners`` scanners drawn from ``seed``
     (not the training seed: scanners no training patch came from), yielded as (scanner index, scanner,
-    head, session). The benchmark's test sessions and the mask threshold's validation sessions
-    (:mod:`bidsapp.training.lesion_threshold`); the same seed gives the same sessions."""
+    head, session): the benchmark's test sessions (``benchmarks/lesion/run.py``); the same seed gives the
+    same sessions."""
     import torch
 
     scanners = make_scanners(n_scanners, np.random.default_rng([seed, 7]))
