@@ -33,15 +33,18 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 PLUGINS = ("Linear", "MultiProc", "SLURM", "SLURMGraph", "SGE", "SGEGraph", "PBS", "LSF", "Condor")
 
 
-def _probability(text: str) -> float:
-    """An argparse type: a probability strictly between 0 and 1 (a mask threshold)."""
+def _lesion_threshold(text: str) -> float:
+    """An argparse type: a lesion mask threshold (:func:`bidsapp.models.lesion.check_threshold`)."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be a number, not {text!r}") from None
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1, not {value:g}")
-    return value
+    from bidsapp.models.lesion import check_threshold
+
+    try:
+        return check_threshold(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _count(text: str) -> int:
@@ -140,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "contrasts allow is written as desc-lesion, the others beside it as desc-<method> "
                         f"({', '.join(f'{k}: desc-{m.desc}' for k, m in lesion.items())}); choices: "
                         + "; ".join(f"{k}: {m.summary}" for k, m in lesion.items()))
-    g.add_argument("--lesion-threshold", "--lesion_threshold", type=_probability, default=None, metavar="P",
+    g.add_argument("--lesion-threshold", "--lesion_threshold", type=_lesion_threshold, default=None, metavar="P",
                    help="probability at which every lesion method's mask is cut (default 0.5: the volume of "
                         "faint lesions as on clinical scans comes out unbiased; 0.6-0.7 suits bright, sharply "
                         "bounded lesions of 3D research FLAIR; docs/lesions.md). The probability map is "
