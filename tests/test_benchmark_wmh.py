@@ -182,26 +182,29 @@ def test_clinical_check_cuts_the_written_probability_at_each_threshold(tmp_path)
     anat = tmp_path / "sub-ms01" / "ses-2" / "anat"
     anat.mkdir(parents=True)
     main = anat / "sub-ms01_ses-2_desc-lesion_mask.nii.gz"
-    assert clin.probseg_of(main).name == "sub-ms01_ses-2_label-lesion_probseg.nii.gz"
-    assert clin.probseg_of(anat / "sub-ms01_ses-2_desc-wmh_mask.nii.gz").name == \
-        "sub-ms01_ses-2_label-lesion_desc-wmh_probseg.nii.gz"
+    wmh_mask, wmh_prob = anat / "sub-ms01_ses-2_desc-wmh_mask.nii.gz", anat / "sub-ms01_ses-2_label-lesion_desc-wmh_probseg.nii.gz"
     g = np.arange(24) - 12
     x, y, z = np.meshgrid(g, g, g, indexing="ij")
     r = np.sqrt(x ** 2 + y ** 2 + z ** 2)
     prob = np.where(r < 4, 0.8, np.where(r < 6, 0.45, 0.0)).astype(np.float32)
-    nib.save(nib.Nifti1Image(prob, np.eye(4)), clin.probseg_of(main))
+    nib.save(nib.Nifti1Image(prob, np.eye(4)), anat / "sub-ms01_ses-2_label-lesion_probseg.nii.gz")
     nib.save(nib.Nifti1Image((prob >= 0.5).astype(np.uint8), np.eye(4)), main)
+    nib.save(nib.Nifti1Image((prob >= 0.5).astype(np.uint8), np.eye(4)), wmh_mask)
+    assert clin.written_probseg(tmp_path, main).name == "sub-ms01_ses-2_label-lesion_probseg.nii.gz"
+    assert clin.written_probseg(tmp_path, wmh_mask) is None  # no probability written beside it
+    nib.save(nib.Nifti1Image(prob, np.eye(4)), wmh_prob)
+    assert clin.written_probseg(tmp_path, wmh_mask) == wmh_prob
     change = tmp_path / "change.nii.gz"
     nib.save(nib.Nifti1Image((r < 6).astype(np.uint8), np.eye(4)), change)
     xfm = tmp_path / "identity.mat"
     ants.write_transform(ants.create_ants_transform(transform_type="AffineTransform", dimension=3), str(xfm))
-    case = {"mask": main, "chain": [(change, xfm)], "change": change}
+    case = {"mask": main, "probseg": clin.written_probseg(tmp_path, main), "chain": [(change, xfm)], "change": change}
     low, high = clin.at_thresholds(case, [0.4, 0.5])
     inner, outer = (r < 4).sum(), (r < 6).sum()
     assert low["threshold"] == 0.4 and low["change_covered"] == pytest.approx(1.0)
     assert high["change_covered"] == pytest.approx(inner / outer, abs=0.01)
     assert low["lesion_ml"] == pytest.approx(outer / 1000, abs=0.01) and high["lesion_ml"] == pytest.approx(inner / 1000, abs=0.01)
-    assert clin.at_thresholds({**case, "mask": anat / "sub-ms01_ses-2_desc-wmh_mask.nii.gz"}, [0.5]) == []
+    assert clin.at_thresholds({**case, "probseg": None}, [0.5]) == []
 
 
 def test_wmh_threshold_sweep_averages_each_cut_over_sessions(wmh):
@@ -213,3 +216,36 @@ def test_wmh_threshold_sweep_averages_each_cut_over_sessions(wmh):
     assert sweep["0.5"]["dice"] == pytest.approx(0.7) and sweep["0.5"]["volume_ratio_median"] == pytest.approx(1.2)
     assert sweep["0.7"]["dice"] == pytest.approx(0.8) and sweep["0.7"]["volume_ratio_median"] is None
     assert wmh.threshold_sweep([]) == {} and wmh.threshold_sweep([{"dice": 0.5}]) == {}
+
+
+def test_wmh_benchmark_scores_each_cut_of_one_probability(wmh, monkeypatch):
+    from bidsapp.metrics import lesions as M
+    from bidsapp.models import lesion as L
+    from bidsapp.models import wmh as W
+
+    g = np.arange(32) - 16
+    x, y, z = np.meshgrid(g, g, g, indexing="ij")
+    r = np.sqrt(x ** 2 + y ** 2 + z ** 2)
+    truth = r < 5
+    prob = np.where(truth, 0.8, np.where(r < 7, 0.55, 0.0)).astype(np.float32)  # a 2 mm rim at 0.55
+
+    def fake_segment(flair, brain, affine, zooms, device="cpu", weights_dir=None, threshold=None):
+        return L.LesionResult(probability=prob, mask=prob >= 0.5, context={}, contrasts=("FLAIR",), threshold=0.5)
+
+    scored = []
+    real_scores = M.lesion_scores
+
+    def counting_scores(pred, *args, **kwargs):
+        scored.append(int(np.asarray(pred).sum()))
+        return real_scores(pred, *args, **kwargs)
+
+    monkeypatch.setattr(W, "segment", fake_segment)
+    monkeypatch.setattr(M, "lesion_scores", counting_scores)
+    session = {"set": "in", "head": "anat-10", "scanner": 0, "describe": "FLAIR", "grade": 1, "pcd": 0.1,
+               "flair": prob, "brain": r < 14, "affine": np.eye(4), "zooms": (1.0, 1.0, 1.0), "lesion": truth}
+    row = wmh.evaluate(None, [session], progress=lambda m: None, thresholds=[0.5, 0.6])[0]
+    assert len(scored) == 2  # the app's own cut (0.5) is scored once, 0.6 once more
+    assert row["by_threshold"]["0.5"]["dice"] == pytest.approx(row["dice"]) and row["dice"] < 1.0
+    assert row["by_threshold"]["0.6"]["dice"] == pytest.approx(1.0)
+    assert row["by_threshold"]["0.6"]["volume_ratio"] == pytest.approx(1.0)
+    assert row["by_threshold"]["0.5"]["volume_ratio"] > 2

@@ -50,14 +50,19 @@ def to_common(mask_file: Path, chain: list[tuple[Path, Path]]) -> np.ndarray:
     return in_common(mask_file, chain) >= 0.5
 
 
-def probseg_of(mask: Path) -> Path:
-    """The probability map written beside a lesion mask: ``..._label-lesion_probseg`` for the main answer's
-    ``desc-lesion_mask``, ``..._label-lesion_desc-<desc>_probseg`` for another method's."""
-    m = MASK_NAME.match(mask.name)
-    desc = m["desc"] if m else MAIN_DESC
-    stem = mask.name[: mask.name.index(f"_desc-{desc}_mask")]
-    label = "label-lesion" if desc == MAIN_DESC else f"label-lesion_desc-{desc}"
-    return mask.with_name(f"{stem}_{label}_probseg.nii.gz")
+def written_probseg(out_dir: Path, mask: Path) -> Path | None:
+    """The lesion probability map the app wrote beside ``mask`` (the main answer's or another lesion
+    method's), as the reports find it (:func:`bidsapp.bids.collect.session_files`); None when there is none."""
+    from bidsapp.bids.collect import session_files
+
+    sub, ses = (part.split("-", 1)[1] for part in mask.name.split("_")[:2])
+    for f in session_files(out_dir, sub, ses):
+        if f.lesion_mask == mask:
+            return f.lesion_probseg
+        for alt in f.lesion_alt.values():
+            if alt.get("mask") == mask:
+                return alt.get("probseg")
+    return None
 
 
 def at_thresholds(case: dict, thresholds) -> list[dict]:
@@ -68,8 +73,8 @@ def at_thresholds(case: dict, thresholds) -> list[dict]:
     from bidsapp.metrics.lesions import label_lesions
     from bidsapp.models.lesion import MIN_LESION_MM3
 
-    prob_file = probseg_of(case["mask"])
-    if not prob_file.is_file():
+    prob_file = case.get("probseg")
+    if prob_file is None or not Path(prob_file).is_file():
         return []
     img = nib.load(str(prob_file))
     prob = np.asarray(img.dataobj, np.float32)
@@ -160,7 +165,7 @@ def sessions(out_dir: Path, clinical: Path):
             print(f"  {sub} {ses}: transforms to the common space missing, left out")
             continue
         yield {"subject": sub, "session": ses, "reference": reference, "mask": mask, "chain": chain,
-               "change": change, "brain": brain, "volumes": mask.with_name(f"{sub}_{ses}_desc-volumes_morph.tsv"),
+               "change": change, "brain": brain, "probseg": written_probseg(out_dir, mask), "volumes": mask.with_name(f"{sub}_{ses}_desc-volumes_morph.tsv"),
                **{k: kind[k] for k in ("method", "desc", "main")}}
 
 

@@ -158,11 +158,13 @@ def evaluate(weights_dir, sessions, progress=print, thresholds=()) -> list[dict]
         if thresholds:
             rows[-1]["by_threshold"] = {}
             for t in thresholds:
-                st = lesion_scores(res.probability >= t, s["lesion"], s["zooms"], min_volume_mm3=W.MIN_LESION_MM3,
-                                   with_hd95=False)
+                st = sc if t == res.threshold else lesion_scores(  # the model's own cut is scored above
+                    res.probability >= t, s["lesion"], s["zooms"], min_volume_mm3=W.MIN_LESION_MM3,
+                    with_hd95=False).as_dict()
                 rows[-1]["by_threshold"][f"{t:g}"] = {
-                    "dice": st.dice, "ltpr": st.ltpr, "lesion_f1": st.lesion_f1, "avd": st.avd,
-                    "volume_ratio": st.volume_pred_mm3 / st.volume_true_mm3 if st.volume_true_mm3 > 0 else None}
+                    "dice": st["dice"], "ltpr": st["ltpr"], "lesion_f1": st["lesion_f1"], "avd": st["avd"],
+                    "volume_ratio": (st["volume_pred_mm3"] / st["volume_true_mm3"] if st["volume_true_mm3"] > 0
+                                     else None)}
         progress(f"  {s['set']:>3} {s['head']} {s['describe']:<24} grade {s['grade']} PCD {s['pcd']:.3f}: "
                  f"Dice {sc['dice']:.3f} L-recall {sc['ltpr']:.3f} AVD {sc['avd']:.1f} ({sec:.1f} s)")
     return rows
