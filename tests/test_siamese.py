@@ -279,3 +279,27 @@ def test_sampler_erodes_the_shared_mask_then_prepares_each_image():
     plain = L.PairSampler(pool, [0, 1, 2, 3], seed=0, flip=False, rotate_deg=0).batch(4)[0]
     assert (plain > 0).sum() == 4 * 512
     assert "standardised" in L._check(L.TrainConfig(out="x", anatomy_dir="icbm152", inputs="intensity", mask_erode=1))
+
+
+def test_sampler_jitters_each_image_of_a_pair_on_its_own():
+    rng = np.random.default_rng(0)
+    x = np.zeros((4, 12, 12, 12), np.float32)
+    x[:, 2:10, 2:10, 2:10] = rng.choice(S.ANCHORS, size=(8, 8, 8))  # the batch's order is shuffled
+    pool = {"a": x, "b": x.copy(), "label": np.array([0, 1, 0, 1])}
+    plain = L.PairSampler(pool, [0, 1, 2, 3], seed=0, flip=False, rotate_deg=0).batch(4)
+    assert torch.equal(plain[0], plain[1])
+    a, b, _ = L.PairSampler(pool, [0, 1, 2, 3], seed=0, flip=False, rotate_deg=0, intensity_jitter=0.1).batch(4)
+    assert not torch.equal(a, b)  # the two images of a pair are remapped independently
+    assert torch.equal(a > 0, b > 0) and torch.equal(a > 0, torch.as_tensor(x[:, None] > 0))  # the mask is kept
+    for img in (a, b):
+        for k in range(4):
+            values = [img[k][torch.as_tensor(x[k][None] == np.float32(t))] for t in S.ANCHORS]
+            assert all(float(v.max() - v.min()) < 1e-5 for v in values)  # one tissue, one value
+            csf, gm, wm = (float(v.mean()) for v in values)
+            assert csf < gm < wm  # order kept
+            assert abs(csf - S.ANCHORS[0]) <= 0.1 + 1e-6 and abs(wm - S.ANCHORS[2]) <= 0.05 + 1e-6
+    again = L.PairSampler(pool, [0, 1, 2, 3], seed=0, flip=False, rotate_deg=0, intensity_jitter=0.1).batch(4)
+    assert torch.equal(again[0], a) and torch.equal(again[1], b)  # from the seed alone
+    assert "standardised" in L._check(L.TrainConfig(out="x", anatomy_dir="icbm152", inputs="intensity",
+                                                    intensity_jitter=0.1))
+    assert L._check(L.TrainConfig(out="x", anatomy_dir="icbm152", intensity_jitter=0.3)) is not None
