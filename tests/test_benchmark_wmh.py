@@ -182,7 +182,8 @@ def test_clinical_check_cuts_the_written_probability_at_each_threshold(tmp_path)
     anat = tmp_path / "sub-ms01" / "ses-2" / "anat"
     anat.mkdir(parents=True)
     main = anat / "sub-ms01_ses-2_desc-lesion_mask.nii.gz"
-    wmh_mask, wmh_prob = anat / "sub-ms01_ses-2_desc-wmh_mask.nii.gz", anat / "sub-ms01_ses-2_label-lesion_desc-wmh_probseg.nii.gz"
+    wmh_mask = anat / "sub-ms01_ses-2_desc-wmh_mask.nii.gz"
+    wmh_prob = anat / "sub-ms01_ses-2_label-lesion_desc-wmh_probseg.nii.gz"
     g = np.arange(24) - 12
     x, y, z = np.meshgrid(g, g, g, indexing="ij")
     r = np.sqrt(x ** 2 + y ** 2 + z ** 2)
@@ -198,7 +199,8 @@ def test_clinical_check_cuts_the_written_probability_at_each_threshold(tmp_path)
     nib.save(nib.Nifti1Image((r < 6).astype(np.uint8), np.eye(4)), change)
     xfm = tmp_path / "identity.mat"
     ants.write_transform(ants.create_ants_transform(transform_type="AffineTransform", dimension=3), str(xfm))
-    case = {"mask": main, "probseg": clin.written_probseg(tmp_path, main), "chain": [(change, xfm)], "change": change}
+    case = {"mask": main, "probseg": clin.written_probseg(tmp_path, main), "chain": [(change, xfm)],
+            "change": change}
     low, high = clin.at_thresholds(case, [0.4, 0.5])
     inner, outer = (r < 4).sum(), (r < 6).sum()
     assert low["threshold"] == 0.4 and low["change_covered"] == pytest.approx(1.0)

@@ -165,7 +165,8 @@ def sessions(out_dir: Path, clinical: Path):
             print(f"  {sub} {ses}: transforms to the common space missing, left out")
             continue
         yield {"subject": sub, "session": ses, "reference": reference, "mask": mask, "chain": chain,
-               "change": change, "brain": brain, "probseg": written_probseg(out_dir, mask), "volumes": mask.with_name(f"{sub}_{ses}_desc-volumes_morph.tsv"),
+               "change": change, "brain": brain, "probseg": written_probseg(out_dir, mask),
+               "volumes": mask.with_name(f"{sub}_{ses}_desc-volumes_morph.tsv"),
                **{k: kind[k] for k in ("method", "desc", "main")}}
 
 
