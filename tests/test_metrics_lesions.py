@@ -55,3 +55,10 @@ def test_empty_masks_have_defined_scores():
     assert spurious.lfpr == 1 and spurious.n_true == 0
     with pytest.raises(ValueError, match="different grids"):
         lesion_scores(some, np.zeros((4, 4, 4)))
+
+
+def test_volume_ratio_keeps_the_sign_of_the_volume_error():
+    from bidsapp.metrics.lesions import volume_ratio
+
+    assert volume_ratio(150.0, 100.0) == pytest.approx(1.5) and volume_ratio(50.0, 100.0) == pytest.approx(0.5)
+    assert volume_ratio(10.0, 0.0) is None  # no true lesions: no ratio

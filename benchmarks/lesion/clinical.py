@@ -165,8 +165,7 @@ def sessions(out_dir: Path, clinical: Path):
             print(f"  {sub} {ses}: transforms to the common space missing, left out")
             continue
         yield {"subject": sub, "session": ses, "reference": reference, "mask": mask, "chain": chain,
-               "change": change, "brain": brain, "probseg": written_probseg(out_dir, mask),
-               "volumes": mask.with_name(f"{sub}_{ses}_desc-volumes_morph.tsv"),
+               "change": change, "brain": brain, "volumes": mask.with_name(f"{sub}_{ses}_desc-volumes_morph.tsv"),
                **{k: kind[k] for k in ("method", "desc", "main")}}
 
 
@@ -227,8 +226,9 @@ def main(argv=None) -> int:
     cases = list(sessions(Path(args.out_dir), clinical))
     rows = [evaluate(c) for c in cases]
     if args.thresholds:
-        for row, case in zip(rows, cases):
-            row["by_threshold"] = at_thresholds(case, args.thresholds)
+        for row, case in zip(rows, cases):  # only here: finding the probability maps reads the outputs again
+            probseg = written_probseg(Path(args.out_dir), case["mask"])
+            row["by_threshold"] = at_thresholds({**case, "probseg": probseg}, args.thresholds)
     if not rows:
         print(f"{args.out_dir}: no lesion masks of the clinical-ms subjects", file=sys.stderr)
         return 1
@@ -248,7 +248,8 @@ def main(argv=None) -> int:
         print(f"{'session':<16}{'method':<10}" + "".join(f"{t:>14g}" for t in args.thresholds))
         nan = float("nan")
         for r in rows:
-            cells = "".join(f"{c['lesion_ml']:>7.1f} / {nan if c['change_covered'] is None else c['change_covered']:.2f}"
+            cells = "".join(f"{c['lesion_ml']:>7.1f} / "
+                            f"{nan if c['change_covered'] is None else c['change_covered']:.2f}"
                             for c in r["by_threshold"])
             print(f"{r['subject'] + ' ' + r['session']:<16}{r['method'] + ('' if r['main'] else '*'):<10}{cells}")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

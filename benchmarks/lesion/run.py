@@ -83,11 +83,12 @@ def evaluate(weights_dir, sessions, thresholds=None) -> list[dict]:
 def summary(rows, subset="all", threshold=None) -> dict:
     """Means over the sessions of ``subset`` at ``threshold`` (default: the app's), and the median ratio of
     the masks' volume to the true lesion volume."""
+    from bidsapp.metrics.lesions import volume_ratio
     from bidsapp.models.lesion import THRESHOLD
 
     t = THRESHOLD if threshold is None else threshold
     sel = [r for r in rows if r["subset"] == subset and r.get("threshold", THRESHOLD) == t]
-    ratio = [r["volume_pred_mm3"] / r["volume_true_mm3"] for r in sel if r["volume_true_mm3"] > 0]
+    ratio = [v for v in (volume_ratio(r["volume_pred_mm3"], r["volume_true_mm3"]) for r in sel) if v is not None]
     return ({k: float(np.nanmean([r[k] for r in sel])) for k in (*METRICS, "seconds")}
             | {"volume_ratio_median": float(np.median(ratio)) if ratio else float("nan"), "n": len(sel)})
 

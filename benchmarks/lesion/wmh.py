@@ -141,7 +141,7 @@ def make_sessions(which: str, scanners, heads, seed: int) -> list[dict]:
 def evaluate(weights_dir, sessions, progress=print, thresholds=()) -> list[dict]:
     """Per-session scores of the WMH model in ``weights_dir`` (None: the shipped one); with ``thresholds``,
     also the same probability cut at each (``by_threshold``: Dice, lesion recall and F1, AVD, volume ratio)."""
-    from bidsapp.metrics.lesions import lesion_scores
+    from bidsapp.metrics.lesions import lesion_scores, volume_ratio
     from bidsapp.models import wmh as W
 
     W._CACHE.clear()
@@ -163,8 +163,7 @@ def evaluate(weights_dir, sessions, progress=print, thresholds=()) -> list[dict]
                     with_hd95=False).as_dict()
                 rows[-1]["by_threshold"][f"{t:g}"] = {
                     "dice": st["dice"], "ltpr": st["ltpr"], "lesion_f1": st["lesion_f1"], "avd": st["avd"],
-                    "volume_ratio": (st["volume_pred_mm3"] / st["volume_true_mm3"] if st["volume_true_mm3"] > 0
-                                     else None)}
+                    "volume_ratio": volume_ratio(st["volume_pred_mm3"], st["volume_true_mm3"])}
         progress(f"  {s['set']:>3} {s['head']} {s['describe']:<24} grade {s['grade']} PCD {s['pcd']:.3f}: "
                  f"Dice {sc['dice']:.3f} L-recall {sc['ltpr']:.3f} AVD {sc['avd']:.1f} ({sec:.1f} s)")
     return rows

@@ -68,6 +68,12 @@ class LesionScores:
         return asdict(self)
 
 
+def volume_ratio(volume_pred_mm3: float, volume_true_mm3: float) -> float | None:
+    """Mask volume over true lesion volume (1: unbiased); None without true lesions. Unlike AVD it keeps
+    the sign, which is what a mask threshold moves."""
+    return float(volume_pred_mm3) / float(volume_true_mm3) if volume_true_mm3 > 0 else None
+
+
 def lesion_scores(pred, truth, zooms=(1.0, 1.0, 1.0), min_volume_mm3: float = 0.0,
                   with_hd95: bool = True) -> LesionScores:
     """Every measure of this module for one prediction against one reference (same grid)."""
