@@ -49,3 +49,75 @@ def run_participant(bids: Path, out: Path, work: Path, nprocs: int, *extra: str)
            "--omp-nthreads", "1", "--skip-bids-validation", *extra]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     return time.time() - t
+
+
+# ------------------------------------------------------------------ real heads from package registries
+COLIN27 = {
+    "name": "colin27",
+    "package": "mricron-data 1.2.20211006+dfsg-4 (Debian 12)",
+    "url": "http://deb.debian.org/debian/pool/main/m/mricron/mricron-data_1.2.20211006+dfsg-4_all.deb",
+    "sha256": "d40aa0ed66cf89bf6cafa049ad3884703c9d975c2ee2737525b7196528df9d6f",
+    "files": {"T1w": "usr/share/mricron/templates/ch2.nii.gz",
+              "bet": "usr/share/mricron/templates/ch2bet.nii.gz"},
+}
+"""Colin 27 (Holmes et al. 1998: one adult's head scanned 27 times on a 1.5 T scanner and averaged;
+1 mm, skull and scalp, MNI space) as MRIcron ships it (``ch2``), with FSL BET's brain of it
+(``ch2bet``). A real head that no simulation made, obtainable wherever Debian's archive is: the
+benchmarks' real 1 mm T1w beside the thick-slice clinical scans."""
+
+
+def cache_dir() -> Path:
+    """Downloads for the benchmarks: ``$SCANBRIDGE_CACHE_DIR``, else ``~/.cache/scanbridge``."""
+    env = os.environ.get("SCANBRIDGE_CACHE_DIR")
+    return Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "scanbridge"
+
+
+def _deb_members(deb: bytes, wanted: dict) -> dict:
+    """The files ``wanted`` (key -> path in the package) read from a Debian package's data archive.
+
+    A .deb is an ``ar`` archive holding ``data.tar.*``; read here without dpkg, so any system can."""
+    import io
+    import tarfile
+
+    if not deb.startswith(b"!<arch>\n"):
+        raise ValueError("not a Debian package (no ar header)")
+    pos, data = 8, None
+    while pos + 60 <= len(deb):
+        name, size = deb[pos:pos + 16].decode().strip().rstrip("/"), int(deb[pos + 48:pos + 58])
+        if name.startswith("data.tar"):
+            data = deb[pos + 60:pos + 60 + size]
+            break
+        pos += 60 + size + (size % 2)
+    if data is None:
+        raise ValueError("Debian package without data.tar")
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        names = {m.name.lstrip("./"): m for m in tar.getmembers()}
+        missing = [p for p in wanted.values() if p not in names]
+        if missing:
+            raise ValueError(f"package lacks {', '.join(missing)}")
+        return {k: tar.extractfile(names[p]).read() for k, p in wanted.items()}
+
+
+def registry_head(spec: dict | None = None, dest: Path | None = None) -> dict:
+    """Paths of a real head's files, ``<name>_<key>`` (default :data:`COLIN27`), downloaded once into
+    ``<cache>/registry`` and checked against the package's sha256; a failure raises OSError or
+    ValueError with one line that says what went wrong."""
+    import hashlib
+    import urllib.request
+
+    spec = spec or COLIN27
+    dest = Path(dest) if dest else cache_dir() / "registry" / Path(spec["url"]).stem
+    out = {k: dest / f"{spec['name']}_{k}{''.join(Path(p).suffixes)}" for k, p in spec["files"].items()}
+    if all(p.is_file() for p in out.values()):
+        return out
+    with urllib.request.urlopen(spec["url"], timeout=120) as resp:
+        deb = resp.read()
+    digest = hashlib.sha256(deb).hexdigest()
+    if digest != spec["sha256"]:
+        raise ValueError(f"{spec['url']}: sha256 {digest} is not the expected {spec['sha256']}")
+    dest.mkdir(parents=True, exist_ok=True)
+    for key, blob in _deb_members(deb, spec["files"]).items():
+        tmp = out[key].with_name(out[key].name + ".part")
+        tmp.write_bytes(blob)
+        tmp.replace(out[key])
+    return out

@@ -21,6 +21,9 @@ Data:
   T1w, T2w with skull, no sidecars); each mask is taken to the patient's common space with the
   dataset's affines (T1w/T2w -> FLAIR -> common) and compared with the expert brain mask inside the
   image's field of view (a session's slices may cover less of the head than the expert mask).
+- ``registry``: Colin 27, a real 1 mm T1w head with skull (one adult, 27 averaged 1.5 T scans), fetched
+  from Debian's archive (:func:`bidsapp.devdata.registry_head`); the reference is FSL BET's brain of
+  it, shipped beside it, which leaves out most of the CSF outside the brain as the experts' masks do.
 
 Metrics: Dice, HD95 (mm), brain-volume error (%) and seconds / peak MB per image. Prints tables of
 medians and writes ``benchmarks/results/brainmask.json``.
@@ -61,6 +64,7 @@ PROTOCOLS = {  # sequence family -> built-in protocol (own voxel size and orient
     "MPRAGE 7T 1mm": "siemens-7T-mprage",
 }
 STRIPPED = "MPRAGE 3T stripped"
+SETS = ("simulated", "clinical", "registry")
 
 
 def data_root() -> Path:
@@ -216,6 +220,28 @@ def clinical_cases(work: Path, clinical: Path) -> list[dict]:
     return cases
 
 
+def registry_cases(work: Path) -> list[dict]:
+    """Colin 27 (a real 1 mm T1w with skull, from Debian's archive); reference = FSL BET's brain of it,
+    which, as the clinical experts' masks, leaves out most of the CSF outside the brain."""
+    import nibabel as nib
+
+    from bidsapp.devdata import registry_head
+
+    try:
+        files = registry_head()
+    except (OSError, ValueError) as exc:
+        print(f"  Colin 27 left out: {exc}")
+        return []
+    d = work / "registry" / "colin27"
+    d.mkdir(parents=True, exist_ok=True)
+    truth = d / "truth.nii.gz"
+    if not truth.is_file():
+        bet = nib.as_closest_canonical(nib.load(str(files["bet"])))
+        nib.save(nib.Nifti1Image((np.asarray(bet.dataobj) > 0).astype(np.uint8), bet.affine), truth)
+    return [{"set": "registry", "head": "colin27", "family": "T1w 1mm (BET reference)", "dir": d,
+             "raw": files["T1w"], "truth": truth}]
+
+
 def to_common(mask_file: Path, case: dict) -> tuple[np.ndarray, np.ndarray]:
     """A mask on the image's grid resampled into the common space (one linear resampling per step),
     and the image's field of view there (the expert mask covers the patient's whole brain; a session
@@ -310,8 +336,9 @@ def overlay(case: dict, methods, out_png: Path) -> None:
     d = case["dir"]
     contours = [(str(d / f"mask_{m}.nii.gz"), [0.5], COLORS[m], m) for m in methods
                 if (d / f"mask_{m}.nii.gz").is_file()]
-    if case["set"] == "simulated":
-        contours.insert(0, (str(case["truth"]), [0.5], COLORS["truth"], "truth"))
+    if case["set"] in ("simulated", "registry"):
+        label = "truth" if case["set"] == "simulated" else "BET"
+        contours.insert(0, (str(case["truth"]), [0.5], COLORS["truth"], label))
     if not contours:
         return
     fig = overlay_mosaic(str(d / "n4.nii.gz"), contours=contours, region=contours[0][0], n_slices=4,
@@ -328,7 +355,7 @@ def _median(rows, key):
 
 def summarise(rows: list[dict], methods) -> tuple[list[str], dict]:
     lines, table = [], {}
-    for set_name in ("simulated", "clinical"):
+    for set_name in ("simulated", "clinical", "registry"):
         sub = [r for r in rows if r["set"] == set_name and not r.get("reference_problem")]
         if not sub:
             continue
@@ -376,7 +403,7 @@ def summarise(rows: list[dict], methods) -> tuple[list[str], dict]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sets", nargs="+", default=["simulated", "clinical"], choices=["simulated", "clinical"])
+    ap.add_argument("--sets", nargs="+", default=list(SETS), choices=SETS)
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--heads", nargs="+", default=list(HELDOUT), help="held-out label maps to simulate")
     ap.add_argument("--data", type=Path, default=None,
@@ -405,6 +432,8 @@ def main(argv=None) -> int:
             cases += clinical_cases(work, data / "clinical-ms")
         else:
             print(f"{data / 'clinical-ms'} not found: clinical set left out")
+    if "registry" in args.sets:
+        cases += registry_cases(work)
     rows = []
     t0 = time.time()
     for i, case in enumerate(cases, 1):
@@ -434,7 +463,7 @@ def main(argv=None) -> int:
         from bidsapp.models.brainmask import MODEL_NAME
 
         headline = {s: {fam: v["learned"] for fam, v in t.items() if "learned" in v}
-                    for s, t in table.items() if s in ("simulated", "clinical")}
+                    for s, t in table.items() if s in SETS}
         if "two_scanners" in table and "learned" in table["two_scanners"]:
             headline["two_scanners_volume_difference_pct"] = table["two_scanners"]["learned"]
         registry.update_card(MODEL_NAME, {"metrics": {"benchmark": result["command"], **headline}},

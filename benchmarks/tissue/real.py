@@ -2,8 +2,9 @@
 
 Simulated benchmarks cannot show whether a network trained on simulated heads reads real contrast;
 this one can. For every real T1w (default: every T1w of ``clinical-ms``, real clinical 2D scans with
-skull and no sidecars; ``--images`` adds any others), it runs the participant level's steps as a user
-gets them (the learned brain mask, N4 inside it) and then, on that one mask:
+skull and no sidecars, and Colin 27, a real 1 mm head with skull fetched from Debian's archive by
+:func:`bidsapp.devdata.registry_head`; ``--images`` names others instead), it runs the participant
+level's steps as a user gets them (the learned brain mask, N4 inside it) and then, on that one mask:
 
 * ``unet``: the tissue U-Net the app uses without a sidecar (or ``--weights-dir``'s, to compare a
   candidate before shipping it), refined by the image's intensities as the app does
@@ -44,10 +45,16 @@ TISSUE_OF_CLASS = {"CSF": "CSF", "ventricles": "CSF", "GM": "GM", "deep_GM": "GM
 
 
 def default_images() -> list[Path]:
-    from bidsapp.devdata import clinical_dir
+    """clinical-ms's T1w and the real 1 mm head of a package registry (Colin 27, when it can be fetched)."""
+    from bidsapp.devdata import clinical_dir, registry_head
 
     bids = Path(clinical_dir()) / "bids"
-    return sorted(bids.glob("sub-*/ses-*/anat/*_T1w.nii.gz")) if bids.is_dir() else []
+    images = sorted(bids.glob("sub-*/ses-*/anat/*_T1w.nii.gz")) if bids.is_dir() else []
+    try:
+        images.append(registry_head()["T1w"])
+    except (OSError, ValueError) as exc:
+        print(f"  Colin 27 left out: {exc}")
+    return images
 
 
 def freesurfer_to_tissue(seg: np.ndarray) -> np.ndarray:
@@ -179,7 +186,7 @@ def figure(prep: dict, affine, segs: dict, path: Path, title: str) -> Path:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--images", nargs="*", default=None, help="real T1w files (default: clinical-ms's T1w)")
+    p.add_argument("--images", nargs="*", default=None, help="real T1w files (default: clinical-ms's T1w and Colin 27)")
     p.add_argument("--samseg", default=None, help="path of SAMSEG's run_samseg (a separate environment)")
     p.add_argument("--weights-dir", default=None, help="tissue weights to test instead of the shipped ones")
     p.add_argument("--tag", default="shipped", help="name of this run's figures and JSON entry")
