@@ -64,3 +64,20 @@ def test_true_change_of_each_pair(bench):
     assert bench.true_change(2.0, "ses-1", "ses-3") == -2.0
     assert bench.true_change(2.0, "ses-2", "ses-3") == -2.0
     assert bench.true_change(2.0, "ses-3", "ses-2") == pytest.approx(100 * (1 / 0.98 - 1))
+
+
+def test_sources_names_each_clinical_scan_and_adds_the_registry_head(bench, tmp_path, monkeypatch):
+    anat = tmp_path / "bids" / "sub-ms19" / "ses-2" / "anat"
+    anat.mkdir(parents=True)
+    (anat / "sub-ms19_ses-2_T1w.nii.gz").write_bytes(b"")
+    (anat / "sub-ms19_ses-2_FLAIR.nii.gz").write_bytes(b"")
+    colin = tmp_path / "colin27_T1w.nii.gz"
+    monkeypatch.setattr(bench, "registry_head", lambda: {"T1w": colin})
+    assert bench.sources(tmp_path) == [("ms19s2", anat / "sub-ms19_ses-2_T1w.nii.gz"), ("colin27", colin)]
+    assert [s for s, _ in bench.sources(tmp_path, registry=False)] == ["ms19s2"]
+
+    def offline():
+        raise OSError("no network")
+
+    monkeypatch.setattr(bench, "registry_head", offline)
+    assert [s for s, _ in bench.sources(tmp_path)] == ["ms19s2"]

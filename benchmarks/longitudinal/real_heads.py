@@ -2,7 +2,8 @@
 
 The simulated benchmark (``change.py``) knows the truth because it made the brain. A real scan has no
 truth of its own, so this one makes two from each real T1w of ``clinical-ms`` (2D clinical slices, skull,
-no sidecars) and runs ``scanbridge participant`` on them as a user would:
+no sidecars) and from Colin 27 (a real 1 mm head from Debian's archive; ``--no-registry`` leaves it
+out) and runs ``scanbridge participant`` on them as a user would:
 
 ``ses-1``  the real scan, re-imaged: the head moved by a random rigid transform (up to 3 degrees and
            3 mm, so the slices cut it elsewhere), resampled onto the scanner's grid and given new Rician
@@ -41,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bidsapp.devdata import clinical_dir, run_participant
+from bidsapp.devdata import clinical_dir, registry_head, run_participant
 
 ROOT = Path(__file__).resolve().parents[2]
 MEASURES = ("brain", "GM", "WM")
@@ -147,11 +148,20 @@ def brain_region(img) -> np.ndarray:
     return ndi.binary_fill_holes(parenchyma)
 
 
-def sources(clinical: Path) -> list[Path]:
-    return sorted(clinical.glob("bids/sub-*/ses-*/anat/sub-*_ses-*_T1w.nii.gz"))
+def sources(clinical: Path, registry: bool = True) -> list[tuple[str, Path]]:
+    """(subject label, real T1w): clinical-ms's T1w (sub-ms19 ses-2: ms19s2) and, when ``registry``
+    and it can be fetched, Colin 27 (a real 1 mm head, :func:`bidsapp.devdata.registry_head`)."""
+    out = [(f"{f.name.split('_')[0][4:]}s{f.name.split('_')[1][4:]}", f)
+           for f in sorted(clinical.glob("bids/sub-*/ses-*/anat/sub-*_ses-*_T1w.nii.gz"))]
+    if registry:
+        try:
+            out.append(("colin27", registry_head()["T1w"]))
+        except (OSError, ValueError) as exc:
+            print(f"Colin 27 left out: {exc}", file=sys.stderr)
+    return out
 
 
-def make_dataset(out: Path, files: list[Path], seed: int) -> pd.DataFrame:
+def make_dataset(out: Path, files: list[tuple[str, Path]], seed: int) -> pd.DataFrame:
     """One subject per source scan, three sessions (module docstring); the truth table it returns is
     also written to ``out/derivatives/truth/injected.tsv``."""
     import nibabel as nib
@@ -164,7 +174,7 @@ def make_dataset(out: Path, files: list[Path], seed: int) -> pd.DataFrame:
         {"Name": "real heads: pseudo-rescans and injected atrophy", "BIDSVersion": "1.9.0",
          "DatasetType": "raw", "GeneratedBy": [{"Name": "benchmarks/longitudinal/real_heads.py"}]}, indent=1))
     rows = []
-    for n, src in enumerate(files):
+    for n, (label, src) in enumerate(files):
         img = nib.load(str(src))
         data = np.asarray(img.get_fdata(dtype=np.float32))
         brain = brain_region(img)
@@ -172,7 +182,7 @@ def make_dataset(out: Path, files: list[Path], seed: int) -> pd.DataFrame:
         rng = np.random.default_rng([seed, n])
         sessions = {"1": reimage(data, img.affine, brain, rng), "2": reimage(data, img.affine, brain, rng),
                     "3": reimage(inject_atrophy(data, img.affine, brain, loss), img.affine, brain, rng)}
-        sub = f"sub-{src.name.split('_')[0][4:]}s{src.name.split('_')[1][4:]}"  # sub-ms19 ses-2: sub-ms19s2
+        sub = f"sub-{label}"
         for ses, arr in sessions.items():
             d = out / sub / f"ses-{ses}" / "anat"
             if (d / f"{sub}_ses-{ses}_T1w.nii.gz").is_file():  # kept: the run's cached steps stay valid
@@ -182,7 +192,7 @@ def make_dataset(out: Path, files: list[Path], seed: int) -> pd.DataFrame:
             hdr.set_data_dtype(np.uint16)
             clipped = np.clip(np.rint(arr), 0, np.iinfo(np.uint16).max).astype(np.uint16)
             nib.save(nib.Nifti1Image(clipped, img.affine, hdr), d / f"{sub}_ses-{ses}_T1w.nii.gz")
-        rows.append({"participant_id": sub, "source": str(src.relative_to(src.parents[4])), "loss_percent": loss})
+        rows.append({"participant_id": sub, "source": src.name, "loss_percent": loss})
     (out / "participants.tsv").write_text("participant_id\n" + "".join(f"{r['participant_id']}\n" for r in rows))
     truth = pd.DataFrame(rows)
     truth_file.parent.mkdir(parents=True, exist_ok=True)
@@ -242,11 +252,12 @@ def main(argv=None) -> int:
     ap.add_argument("--clinical", type=Path, default=None, help="the clinical-ms folder (default: from $SCANBRIDGE_DATA_DIR)")
     ap.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "results" / "real-heads-work")
     ap.add_argument("--nprocs", type=int, default=2)
+    ap.add_argument("--no-registry", action="store_true", help="leave out Colin 27 (clinical-ms's heads only)")
     ap.add_argument("--seed", type=int, default=5)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "longitudinal_real_heads.json")
     args = ap.parse_args(argv)
     clinical = args.clinical or clinical_dir()
-    files = sources(clinical)
+    files = sources(clinical, registry=not args.no_registry)
     if not files:
         print(f"{clinical}: no real T1w scans found (bids/sub-*/ses-*/anat/*_T1w.nii.gz)", file=sys.stderr)
         return 2
