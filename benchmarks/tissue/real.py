@@ -4,7 +4,7 @@ Simulated benchmarks cannot show whether a network trained on simulated heads re
 this one can. For every real T1w (default: every T1w of ``clinical-ms``, real clinical 2D scans with
 skull and no sidecars, and Colin 27, a real 1 mm head with skull fetched from Debian's archive by
 :func:`bidsapp.devdata.registry_head`; ``--images`` names others instead), it runs the participant
-level's steps as a user gets them (the learned brain mask, N4 inside it) and then, on that one mask:
+level's steps as a user gets them (N4, the learned brain mask, N4 inside it) and then, on that one mask:
 
 * ``unet``: the tissue U-Net the app uses without a sidecar (or ``--weights-dir``'s, to compare a
   candidate before shipping it), refined by the image's intensities as the app does
@@ -70,19 +70,21 @@ def freesurfer_to_tissue(seg: np.ndarray) -> np.ndarray:
 
 
 def prepare(image: Path, work: Path) -> dict:
-    """RAS copy, learned brain mask, N4 inside it (the participant level's preprocessing)."""
+    """The participant level's preprocessing (``workflows.anatomical.init_anat_preproc_wf``): RAS, N4 in
+    the head, the learned brain mask of that image, then N4 again inside the brain (``BRAIN_N4``)."""
     import nibabel as nib
 
     from bidsapp.models import brainmask as BM
-    from workflows.interfaces.ants import n4_correct, reorient_to_ras
+    from workflows.interfaces.ants import BRAIN_N4, n4_correct, reorient_to_ras
 
     work.mkdir(parents=True, exist_ok=True)
     ras = Path(reorient_to_ras(image, work / "ras.nii.gz"))
-    img = nib.load(str(ras))
+    head_n4 = Path(n4_correct(ras, work / "n4_head.nii.gz"))
+    img = nib.load(str(head_n4))
     bm = BM.extract(img)
     mask = work / "mask.nii.gz"
     nib.save(nib.Nifti1Image(bm.mask.astype(np.uint8), img.affine), str(mask))
-    n4 = Path(n4_correct(ras, work / "n4.nii.gz", mask_file=mask))
+    n4 = Path(n4_correct(head_n4, work / "n4.nii.gz", mask_file=mask, **BRAIN_N4))
     return {"ras": ras, "mask": mask, "n4": n4, "brain_ml": bm.volume_ml}
 
 
