@@ -81,3 +81,32 @@ def test_sources_names_each_clinical_scan_and_adds_the_registry_head(bench, tmp_
 
     monkeypatch.setattr(bench, "registry_head", offline)
     assert [s for s, _ in bench.sources(tmp_path)] == ["ms19s2"]
+
+
+def test_compare_and_summarise_read_change_and_decline_tables(bench, tmp_path):
+    import pandas as pd
+
+    out, sub = tmp_path, "sub-colin27"
+    for ses, gm in (("ses-1", 600.0), ("ses-2", 600.0), ("ses-3", 594.0)):
+        d = out / sub / ses / "anat"
+        d.mkdir(parents=True)
+        (d / f"{sub}_{ses}_desc-volumes_morph.tsv").write_text(
+            f"method\tlabel\tvolume_mm3\nunet\tGM\t{gm}\nunet\tWM\t400\nunet\tCSF\t300\n")
+    change = "measure\tses_from\tses_to\tpercent_change\tpercent_change_raw\n" + "".join(
+        f"{m}\t{a}\t{b}\t{v}\t{v}\n" for m in ("brain", "GM", "WM")
+        for a, b, v in (("ses-1", "ses-2", 0.1), ("ses-2", "ses-3", -0.8), ("ses-1", "ses-3", -0.7)))
+    (out / sub / "anat").mkdir()
+    (out / sub / "anat" / f"{sub}_desc-change_morph.tsv").write_text(change)
+    (out / sub / "anat" / f"{sub}_desc-decline_stats.tsv").write_text(
+        "ses_from\tses_to\tinterval_days\tacquisition_changed\tprobability_decline\tcall\n"
+        "ses-1\tses-2\tn/a\tn/a\t0.1\tstable\nses-2\tses-3\tn/a\tn/a\t0.7\tdecline\n")
+    df = bench.compare(out, pd.DataFrame({"participant_id": [sub], "loss_percent": [1.0]}))
+    brain = df[df.measure == "brain"].set_index("pair")
+    assert brain.loc["ses-2>ses-3", "probability_decline"] == 0.7
+    assert np.isnan(brain.loc["ses-1>ses-3", "probability_decline"])  # not a consecutive pair
+    rows = {(r["kind"], r["measure"]): r for r in bench.summarise(df)}
+    atrophy = rows[("atrophy", "brain")]
+    assert atrophy["decline_pairs"] == 1 and atrophy["decline_called"] == 1
+    assert atrophy["median_ratio_measured"] == pytest.approx(0.75)
+    assert rows[("rescan", "brain")]["decline_called"] == 0
+    assert "decline_pairs" not in rows[("atrophy", "GM")]

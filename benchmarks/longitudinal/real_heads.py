@@ -216,6 +216,15 @@ def _tissue_volume(out: Path, sub: str, ses: str, measure: str) -> float:
         main.get(measure, np.nan))
 
 
+def _decline(out: Path, sub: str) -> dict:
+    """The decline classifier's (probability, call) per consecutive pair ("ses-1>ses-2"), if it ran."""
+    path = out / sub / "anat" / f"{sub}_desc-decline_stats.tsv"
+    if not path.is_file():
+        return {}
+    t = pd.read_csv(path, sep="\t", na_values=["n/a"], keep_default_na=False)
+    return {f"{r.ses_from}>{r.ses_to}": (float(r.probability_decline), r.call) for r in t.itertuples()}
+
+
 def compare(out: Path, truth: pd.DataFrame) -> pd.DataFrame:
     rows = []
     loss = truth.set_index("participant_id").loss_percent
@@ -225,16 +234,22 @@ def compare(out: Path, truth: pd.DataFrame) -> pd.DataFrame:
             print(f"{sub}: no change table ({path})", file=sys.stderr)
             continue
         table = pd.read_csv(path, sep="\t", na_values=["n/a"], keep_default_na=False)
+        decline = _decline(out, sub)
         for _, r in table[table.measure.isin(MEASURES)].iterrows():
             v0, v1 = (_tissue_volume(out, sub, s, r.measure) for s in (r.ses_from, r.ses_to))
-            rows.append({"participant_id": sub, "measure": r.measure, "pair": f"{r.ses_from}>{r.ses_to}",
+            pair = f"{r.ses_from}>{r.ses_to}"
+            rows.append({"participant_id": sub, "measure": r.measure, "pair": pair,
                          "kind": "rescan" if r.ses_to == "ses-2" else "atrophy",
                          "true": true_change(loss[sub], r.ses_from, r.ses_to), "measured": r.percent_change,
-                         "raw": r.percent_change_raw, "cross_sectional": 100.0 * (v1 / v0 - 1.0)})
+                         "raw": r.percent_change_raw, "cross_sectional": 100.0 * (v1 / v0 - 1.0),
+                         "probability_decline": decline.get(pair, (np.nan, None))[0],
+                         "decline_call": decline.get(pair, (np.nan, None))[1]})
     return pd.DataFrame(rows)
 
 
 def summarise(df: pd.DataFrame) -> list[dict]:
+    """Medians per kind of pair and measure; the decline classifier's median probability and how many
+    pairs it called decline, where it read the pair."""
     out = []
     for (kind, measure), d in df.groupby(["kind", "measure"]):
         row = {"kind": kind, "measure": measure, "pairs": len(d)}
@@ -243,6 +258,10 @@ def summarise(df: pd.DataFrame) -> list[dict]:
                 row[f"median_abs_error_{col}"] = float(np.nanmedian(np.abs(d[col] - d.true)))
             else:
                 row[f"median_ratio_{col}"] = float(np.nanmedian(d[col] / d.true))
+        read = d[d["probability_decline"].notna()] if "probability_decline" in d else d.iloc[:0]
+        if measure == "brain" and len(read):
+            row.update(decline_pairs=len(read), decline_median_probability=float(read.probability_decline.median()),
+                       decline_called=int((read.decline_call == "decline").sum()))
         out.append(row)
     return out
 
