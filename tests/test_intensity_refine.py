@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.ndimage import gaussian_filter
 
-from bidsapp.models.intensity_refine import TIED, refine, tied_classes
+from bidsapp.models.intensity_refine import refine
 
 
 def _shells(n=40, seed=0):
@@ -75,21 +75,3 @@ def test_too_few_voxels_leave_the_probabilities_alone():
     out, fit = refine(np.ones((4, 4, 4), np.float32), mask, probs)
     assert fit is None and out is probs
 
-
-
-def test_thin_voxels_give_a_varied_cortex_its_own_variance():
-    """A cortex more varied than white matter (as at 1 mm): one shared variance cuts halfway between the
-    means and calls the brighter cortex white; a variance each keeps it grey."""
-    lab, mask = _shells()
-    rng = np.random.default_rng(1)
-    img = _image(lab, (0.3, 0.6, 0.9), noise=0.02)
-    img[lab == 2] += 0.09 * rng.standard_normal(int((lab == 2).sum())).astype(np.float32)
-    prior = _coarse_prior(lab)
-    true_gm = float((lab == 2).sum())
-    err = {}
-    for tied in (TIED, ()):
-        post, fit = refine(img, mask, prior, tied=tied)
-        err[bool(tied)] = _volumes(post, mask)[1] / true_gm - 1
-        assert fit.tied_variance == bool(tied)
-    assert err[True] < -0.04 and abs(err[False]) < 0.02
-    assert tied_classes((1.0, 1.0, 1.0)) == () and tied_classes((0.9, 3.0, 0.9)) == TIED

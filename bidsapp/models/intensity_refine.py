@@ -8,15 +8,10 @@ itself, at its own resolution, says where the boundary is.
 
 How: the network's probabilities are the spatial prior ``P_k(x)`` (as SAMSEG's atlas is) and each class
 gets one Gaussian of intensity, fitted to the brain by EM:
-``p(k | y, x) ∝ P_k(x) N(y; mu_k, sigma_k^2)``. In thick slices GM and WM share one variance: there,
-with low GM/WM contrast, an untied GM component widens to take in the partial-volume voxels of both
-neighbours (on simulated 1.5 T, 3 mm-slice brains its s.d. grew to five times WM's and WM came out
-50 % too large). In thin ones (every voxel axis at most :data:`TIE_ABOVE_MM`) each class has its
-own: cortex two to three voxels thick really is more varied than white matter (on the real 1 mm head
-Colin 27, SAMSEG's cortex spans 0.64-0.87 of the brain's 99th percentile, its white matter
-0.88-1.00), and one shared variance put the GM/WM cut halfway between the means, inside SAMSEG's cortex:
-GM 14 % below SAMSEG's and WM 23 % above, against -1 % and +9 % untied. CSF always keeps its own
-(cerebrospinal fluid mixes with everything in a thick slice). The fit is
+``p(k | y, x) ∝ P_k(x) N(y; mu_k, sigma_k^2)``. GM and WM share one variance: with thick slices and low
+GM/WM contrast an untied GM component widens to take in the partial-volume voxels of both neighbours
+(on simulated 1.5 T, 3 mm-slice brains its s.d. grew to five times WM's and WM came out 50 % too
+large); CSF keeps its own (cerebrospinal fluid mixes with everything in a thick slice). The fit is
 contrast-agnostic (no class order is assumed, so inverted or flat contrast is left to the prior), and
 where GM and WM intensities overlap the prior decides, as it should.
 """
@@ -28,15 +23,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 TIED = (1, 2)
-"""Classes (indices into CSF, GM, WM) that share one variance in thick slices."""
-TIE_ABOVE_MM = 1.5
-"""Voxels longer than this along any axis are thick slices (2D clinical acquisitions: 3-6 mm); finer
-ones (3D acquisitions: 0.8-1.2 mm) give GM and WM a variance each."""
-
-
-def tied_classes(zooms) -> tuple:
-    """The classes that share a variance for an image of voxel size ``zooms`` (:data:`TIE_ABOVE_MM`)."""
-    return TIED if max(float(z) for z in zooms[:3]) > TIE_ABOVE_MM else ()
+"""Classes (indices into CSF, GM, WM) that share one variance."""
 PRIOR_FLOOR = 1e-4
 """Smallest prior probability a class keeps, so a strong intensity can overrule a confident network."""
 
@@ -49,18 +36,15 @@ class Refinement:
     sds: list
     iterations: int
     gm_wm_separation: float
-    """|mu_WM - mu_GM| / sigma_GM: how well the image itself separates GM from WM (below ~1 the prior decides)."""
-    tied_variance: bool = True
-    """GM and WM shared one variance (thick slices, :func:`tied_classes`)."""
+    """|mu_WM - mu_GM| / sigma: how well the image itself separates GM from WM (below ~1 the prior decides)."""
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def refine(image: np.ndarray, mask: np.ndarray, probs: np.ndarray, max_iterations: int = 50,
-           tol: float = 1e-4, tied=TIED) -> tuple[np.ndarray, Refinement | None]:
-    """Posterior (3, ...) probabilities inside ``mask`` given the prior ``probs`` (same grid) and ``image``;
-    the classes ``tied`` share one variance (:func:`tied_classes` chooses them by voxel size).
+           tol: float = 1e-4) -> tuple[np.ndarray, Refinement | None]:
+    """Posterior (3, ...) probabilities inside ``mask`` given the prior ``probs`` (same grid) and ``image``.
 
     Returns ``probs`` unchanged (and None) when the mask holds too few voxels to fit three classes.
     """
@@ -76,15 +60,14 @@ def refine(image: np.ndarray, mask: np.ndarray, probs: np.ndarray, max_iteration
     post = prior
     mu = np.zeros(len(prior))
     var = np.ones(len(prior))
-    tied = list(tied)
+    tied = list(TIED)
     it = 0
     for it in range(1, max_iterations + 1):
         w = post.sum(1) + 1e-9
         new_mu = (post @ y) / w
         ss = np.einsum("kn,kn->k", post, (y[None] - new_mu[:, None]) ** 2)
         var = ss / w
-        if tied:
-            var[tied] = ss[tied].sum() / w[tied].sum()
+        var[tied] = ss[tied].sum() / w[tied].sum()
         var = np.maximum(var, 1e-8)
         log_post = log_prior - 0.5 * ((y[None] - new_mu[:, None]) ** 2 / var[:, None] + np.log(var)[:, None])
         log_post -= log_post.max(0, keepdims=True)
@@ -98,5 +81,5 @@ def refine(image: np.ndarray, mask: np.ndarray, probs: np.ndarray, max_iteration
     out[:, mask] = post
     sd = np.sqrt(var)
     fit = Refinement(means=[round(float(m), 4) for m in mu], sds=[round(float(s), 4) for s in sd], iterations=it,
-                     gm_wm_separation=round(float(abs(mu[2] - mu[1]) / sd[1]), 3), tied_variance=bool(tied))
+                     gm_wm_separation=round(float(abs(mu[2] - mu[1]) / sd[1]), 3))
     return out, fit

@@ -536,9 +536,8 @@ def segment(image: np.ndarray, mask: np.ndarray, zooms, acquisition: dict | None
     fit = None
     if refine and refinement_applies(zooms, res):
         from .intensity_refine import refine as refine_probs
-        from .intensity_refine import tied_classes
 
-        probs, fit = refine_probs(img, mask_b, probs, tied=tied_classes(zooms))
+        probs, fit = refine_probs(img, mask_b, probs)
     dseg = np.where(mask_b, probs.argmax(0) + 1, 0).astype(np.uint8)
     vox = float(np.prod(zooms))
     volumes = {lab.name: float((dseg == lab.value).sum() * vox) for lab in TISSUE}
