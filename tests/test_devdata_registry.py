@@ -6,6 +6,7 @@ import tarfile
 
 import pytest
 
+from bidsapp import devdata
 from bidsapp.devdata import _deb_members, registry_head
 
 
@@ -50,3 +51,13 @@ def test_registry_head_downloads_once_and_refuses_a_wrong_checksum(tmp_path):
     with pytest.raises(ValueError, match="sha256"):
         registry_head(bad, tmp_path / "other")
     assert not (tmp_path / "other").exists()
+
+
+def test_registry_head_or_none_says_why_it_is_left_out(monkeypatch):
+    def offline():
+        raise OSError("no route to deb.debian.org")
+
+    monkeypatch.setattr(devdata, "registry_head", offline)
+    lines = []
+    assert devdata.registry_head_or_none(lines.append) is None
+    assert lines == ["Colin 27 left out: no route to deb.debian.org"]

@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bidsapp.devdata import clinical_dir, registry_head, run_participant
+from bidsapp.devdata import clinical_dir, registry_head_or_none, run_participant
 
 ROOT = Path(__file__).resolve().parents[2]
 MEASURES = ("brain", "GM", "WM")
@@ -153,12 +153,8 @@ def sources(clinical: Path, registry: bool = True) -> list[tuple[str, Path]]:
     and it can be fetched, Colin 27 (a real 1 mm head, :func:`bidsapp.devdata.registry_head`)."""
     out = [(f"{f.name.split('_')[0][4:]}s{f.name.split('_')[1][4:]}", f)
            for f in sorted(clinical.glob("bids/sub-*/ses-*/anat/sub-*_ses-*_T1w.nii.gz"))]
-    if registry:
-        try:
-            out.append(("colin27", registry_head()["T1w"]))
-        except (OSError, ValueError) as exc:
-            print(f"Colin 27 left out: {exc}", file=sys.stderr)
-    return out
+    colin = registry_head_or_none(lambda line: print(line, file=sys.stderr)) if registry else None
+    return out + ([("colin27", colin["T1w"])] if colin else [])
 
 
 def make_dataset(out: Path, files: list[tuple[str, Path]], seed: int) -> pd.DataFrame:

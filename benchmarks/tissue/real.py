@@ -46,15 +46,12 @@ TISSUE_OF_CLASS = {"CSF": "CSF", "ventricles": "CSF", "GM": "GM", "deep_GM": "GM
 
 def default_images() -> list[Path]:
     """clinical-ms's T1w and the real 1 mm head of a package registry (Colin 27, when it can be fetched)."""
-    from bidsapp.devdata import clinical_dir, registry_head
+    from bidsapp.devdata import clinical_dir, registry_head_or_none
 
     bids = Path(clinical_dir()) / "bids"
     images = sorted(bids.glob("sub-*/ses-*/anat/*_T1w.nii.gz")) if bids.is_dir() else []
-    try:
-        images.append(registry_head()["T1w"])
-    except (OSError, ValueError) as exc:
-        print(f"  Colin 27 left out: {exc}")
-    return images
+    colin = registry_head_or_none()
+    return images + ([colin["T1w"]] if colin else [])
 
 
 def freesurfer_to_tissue(seg: np.ndarray) -> np.ndarray:
