@@ -234,12 +234,12 @@ def compare(out: Path, truth: pd.DataFrame) -> pd.DataFrame:
         for _, r in table[table.measure.isin(MEASURES)].iterrows():
             v0, v1 = (_tissue_volume(out, sub, s, r.measure) for s in (r.ses_from, r.ses_to))
             pair = f"{r.ses_from}>{r.ses_to}"
+            p_decline, call = decline.get(pair, (np.nan, None))
             rows.append({"participant_id": sub, "measure": r.measure, "pair": pair,
                          "kind": "rescan" if r.ses_to == "ses-2" else "atrophy",
                          "true": true_change(loss[sub], r.ses_from, r.ses_to), "measured": r.percent_change,
                          "raw": r.percent_change_raw, "cross_sectional": 100.0 * (v1 / v0 - 1.0),
-                         "probability_decline": decline.get(pair, (np.nan, None))[0],
-                         "decline_call": decline.get(pair, (np.nan, None))[1]})
+                         "probability_decline": p_decline, "decline_call": call})
     return pd.DataFrame(rows)
 
 
@@ -254,7 +254,7 @@ def summarise(df: pd.DataFrame) -> list[dict]:
                 row[f"median_abs_error_{col}"] = float(np.nanmedian(np.abs(d[col] - d.true)))
             else:
                 row[f"median_ratio_{col}"] = float(np.nanmedian(d[col] / d.true))
-        read = d[d["probability_decline"].notna()] if "probability_decline" in d else d.iloc[:0]
+        read = d[d.probability_decline.notna()]
         if measure == "brain" and len(read):
             row.update(decline_pairs=len(read), decline_median_probability=float(read.probability_decline.median()),
                        decline_called=int((read.decline_call == "decline").sum()))

@@ -45,6 +45,8 @@ sits at 0.39 of the 99.5th percentile and an MPRAGE's at 0.15. Standardising put
 keeps the change (atrophy moves how many voxels are CSF, not what CSF looks like)."""
 ANCHORS = (0.15, 0.55, 0.89)
 """Where :func:`standardise` puts CSF, GM and WM: their mean intensities in the simulated MPRAGE crops."""
+STANDARD_RANGE = (0.01, 1.2)
+"""What a standardised brain voxel may read (above 0, so none reads as outside the brain)."""
 SLOPE = 0.01
 """Leaky ReLU slope of the authors' published Keras code (``LeakyReLU(alpha=0.01)``)."""
 
@@ -226,17 +228,17 @@ def tissue_centres(values: np.ndarray, iterations: int = 30) -> np.ndarray:
 def standardise(image: np.ndarray, anchors=ANCHORS) -> np.ndarray:
     """A preprocessed image (zero outside the brain) with its three :func:`tissue_centres` mapped
     piecewise linearly onto ``anchors``; beyond the outer centres the nearer segment's slope continues.
-    Clipped to [0.01, 1.2] in the brain (so no brain voxel reads as outside), zero outside."""
+    Clipped to :data:`STANDARD_RANGE` in the brain, zero outside."""
     x = np.asarray(image, np.float32)
     inside = x > 0
     if inside.sum() < 3:
         return np.zeros_like(x)
     c = tissue_centres(x[inside])
     if np.any(np.diff(c) <= 1e-6):  # a flat image: no contrast to map
-        return np.where(inside, np.clip(x, 0.01, 1.2), 0.0).astype(np.float32)
+        return np.where(inside, np.clip(x, *STANDARD_RANGE), 0.0).astype(np.float32)
     t = np.asarray(anchors, np.float64)
     out = np.interp(x, c, t)
     low, high = x < c[0], x > c[2]
     out[low] = t[0] + (x[low] - c[0]) * (t[1] - t[0]) / (c[1] - c[0])
     out[high] = t[2] + (x[high] - c[2]) * (t[2] - t[1]) / (c[2] - c[1])
-    return np.where(inside, np.clip(out, 0.01, 1.2), 0.0).astype(np.float32)
+    return np.where(inside, np.clip(out, *STANDARD_RANGE), 0.0).astype(np.float32)

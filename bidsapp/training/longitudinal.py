@@ -338,9 +338,10 @@ class PairSampler:
         protocols, what one brain's partial-volume voxels read after :func:`standardise` differs (on
         the simulated pool the share of brain voxels below 0.35 runs from 0.19 to 0.36 by protocol, far
         more than a decline moves it), so a same-scanner pair must not always read alike."""
-        from bidsapp.models.siamese import ANCHORS
+        from bidsapp.models.siamese import ANCHORS, STANDARD_RANGE
 
         t = np.asarray(ANCHORS, np.float64)
+        lo, hi = STANDARD_RANGE
         j = self.intensity_jitter
         out = np.empty_like(x)
         for k in range(len(x)):
@@ -348,10 +349,10 @@ class PairSampler:
             new[0] = max(new[0], 0.02)
             new[1] = max(new[1], new[0] + 0.05)
             new[2] = max(new[2], new[1] + 0.05)
-            knots = np.r_[0.0, t, 1.2]
-            values = np.r_[0.0, new, 1.2 + new[2] - t[2]]
+            knots = np.r_[0.0, t, hi]
+            values = np.r_[0.0, new, hi + new[2] - t[2]]
             inside = x[k] > 0
-            out[k] = np.where(inside, np.clip(np.interp(x[k], knots, values), 0.01, 1.2), 0.0)
+            out[k] = np.where(inside, np.clip(np.interp(x[k], knots, values), lo, hi), 0.0)
         return out
 
     def batch(self, n: int):
