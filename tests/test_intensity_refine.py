@@ -75,3 +75,34 @@ def test_too_few_voxels_leave_the_probabilities_alone():
     out, fit = refine(np.ones((4, 4, 4), np.float32), mask, probs)
     assert fit is None and out is probs
 
+
+
+def _thick_slices(n=60, k=3, means=(0.3, 0.6, 0.9), noise=0.02, seed=1):
+    """Shells made on a fine grid and averaged into slices ``k`` voxels thick, as a 2D scan is: the image,
+    its true tissue fractions and the mask (where at least half the slab is brain)."""
+    lab, _ = _shells(n)
+    onehot = np.stack([(lab == c).astype(np.float32) for c in (1, 2, 3)])
+    fine = np.tensordot(np.array(means, np.float32), onehot, axes=1)
+    slab = lambda a: a.reshape(*a.shape[:-1], a.shape[-1] // k, k).mean(-1)  # noqa: E731
+    frac = np.stack([slab(c) for c in onehot])
+    mask = frac.sum(0) >= 0.5
+    img = (slab(fine) + noise * np.random.default_rng(seed).standard_normal(mask.shape)).astype(np.float32) * mask
+    return img, frac, mask
+
+
+@pytest.mark.parametrize("means", [(0.1, 0.4, 0.9), (0.4, 0.85, 0.95)])  # dark CSF, low GM; bright CSF, flat GM/WM
+def test_partial_volume_keeps_thick_slice_volumes_where_pure_classes_cannot(means):
+    img, frac, mask = _thick_slices(means=means)
+    lab = np.where(mask, frac.argmax(0) + 1, 0)
+    prior = _coarse_prior(lab, sigma=1.0)
+    true = frac[1:, mask].sum(1)  # GM, WM (the slab mean mixes the outer CSF with the background too)
+    out, fit = refine(img, mask, prior)
+    pure, pure_fit = refine(img, mask, prior, partial_volume=False)
+    err = np.abs(_volumes(out, mask)[1:] / true - 1)
+    err_pure = np.abs(_volumes(pure, mask)[1:] / true - 1)
+    assert err.max() < 0.03 and err_pure.max() > 0.1
+    assert max(fit.sds) < max(pure_fit.sds) / 2  # mixtures no longer widen the tissues' Gaussians
+    assert 0.2 < fit.partial_volume < 0.8 and pure_fit.partial_volume is None
+    np.testing.assert_allclose(out[:, mask].sum(0), 1, atol=1e-4)
+    assert out.min() >= 0 and out.max() <= 1 + 1e-6
+    assert out[2][mask & (frac[2] == 1)].mean() > 0.95  # a voxel deep inside a tissue is all of it
