@@ -353,7 +353,7 @@ def _median(rows, key):
 
 def summarise(rows: list[dict], methods) -> tuple[list[str], dict]:
     lines, table = [], {}
-    for set_name in ("simulated", "clinical", "registry"):
+    for set_name in SETS:
         sub = [r for r in rows if r["set"] == set_name and not r.get("reference_problem")]
         if not sub:
             continue
