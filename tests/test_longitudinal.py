@@ -79,6 +79,36 @@ def test_partial_volume_change_recovers_sub_voxel_atrophy():
     assert abs(C.percent(same.volume_from["brain"], same.volume_to["brain"])) < 0.05
 
 
+def test_the_baseline_is_the_segmented_brain_not_the_rim_of_the_mask():
+    """Dura and vessels at the mask's edge are as bright as tissue: the sum of intensity fractions counts
+    them as brain, and a change divided by it reads small. The first session's tissue maps are the
+    baseline; without them (a FLAIR-only session) the sum of fractions still is."""
+    from scipy import ndimage as ndi
+
+    base, later = _phantom(), _phantom(gm_loss_mm=0.3, vent_growth_mm=0.5)
+    truth = ((later["GM"] + later["WM"]).sum() / (base["GM"] + base["WM"]).sum() - 1) * 100
+    common = _common(base)
+    mask = base["icv"] > 0.5
+    rim = mask & ~ndi.binary_erosion(mask)  # the mask's outer voxels, outside the pial surface
+
+    def with_dura(fr, seed):
+        img = _image(fr, texture=False, seed=seed)
+        img[rim] = MU["WM"] + 0.01 * np.random.default_rng(seed).standard_normal(int(rim.sum()))
+        return C.normalise(img, common)
+
+    a, b = with_dura(base, 1), with_dura(later, 2)
+    tissue = {k: base[k].astype(np.float32) for k in ("GM", "WM", "CSF")}
+    res = C.pair_volumes(a, b, common, changed=False, tissue_a=tissue)
+    summed = C.pair_volumes(a, b, common, changed=False)
+    assert res.volume_from["brain"] == pytest.approx((base["GM"] + base["WM"]).sum(), rel=1e-3)
+    assert res.volume_from["GM"] == pytest.approx(base["GM"].sum(), rel=1e-3)
+    assert res.volume_from["CSF"] == pytest.approx(mask.sum() - (base["GM"] + base["WM"]).sum(), rel=1e-3)
+    assert C.percent(res.volume_from["brain"], res.volume_to["brain"]) == pytest.approx(truth, rel=0.03)
+    # the rim is a tenth of the brain here: divided by the sum of fractions the same change reads small
+    assert summed.volume_from["brain"] > 1.08 * res.volume_from["brain"]
+    assert abs(C.percent(summed.volume_from["brain"], summed.volume_to["brain"])) < 0.93 * abs(truth)
+
+
 @pytest.mark.parametrize("noise", [0.06, 0.1])
 def test_noise_does_not_shrink_the_change(noise):
     """Voxels of pure tissue read 1 +- noise; clipped to [0, 1] they lose part of a small change (the

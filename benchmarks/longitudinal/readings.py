@@ -6,11 +6,12 @@ not run again) with the shipped reading and three alternatives, and compares eac
 
 ``bsi``               the shipped reading (:func:`bidsapp.longitudinal.change.pair_volumes`): tissue
                       fractions from intensity, boundary-shift integral over the brain masks, divided by
-                      the first session's summed fractions;
-``bsi-boundary``      the same integral summed only within 2 mm of the tissue network's parenchyma edge
+                      the first session's segmented GM + WM (its tissue maps);
+``bsi-boundary``      the same integral summed only within 2 mm of the tissue maps' parenchyma edge
                       (the "XOR" region of KN-BSI), which leaves out the dura and vessels of the mask's rim;
-``bsi-network``       the shipped integral divided by the tissue network's GM + WM instead (on real heads
-                      the summed fractions also count the rim, which is not brain);
+``bsi-intensity``     the shipped integral divided by the first session's summed intensity fractions
+                      instead (the reading before; on real heads that sum also counts the mask's rim,
+                      which is not brain);
 ``jacobian``          (``--jacobian``) Jacobian integration: the later session registered onto the earlier
                       one with ANTs SyN (cross-correlation, 4 and 2 mm levels), the determinant of the
                       deformation averaged over the parenchyma. Slow: about a minute per pair on 2 cores.
@@ -35,7 +36,7 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 BOUNDARY_MM = 2.0
-READINGS = ("bsi", "bsi-boundary", "bsi-network", "jacobian")
+READINGS = ("bsi", "bsi-boundary", "bsi-intensity", "jacobian")
 
 
 # ------------------------------------------------------------------------------------ the readings
@@ -79,7 +80,6 @@ class Subject:
         self.spacing = tuple(self.mid.midspace.grid.spacing)
         self.parenchyma = np.mean([t["GM"] + t["WM"] for t in self.mid.tissues], 0) * common.region
         self.boundary = boundary_region(self.parenchyma > 0.5, common.region, self.spacing)
-        self.network_mm3 = float(self.parenchyma.sum(dtype=np.float64)) * common.voxel_mm3
 
     def read_pair(self, i: int, j: int, jacobian: bool = False) -> dict:
         """Brain change (%) from session ``i`` to ``j`` by every reading (module docstring)."""
@@ -92,12 +92,15 @@ class Subject:
         a, b = mid.sessions[i], mid.sessions[j]
         # as the subject level reads a pair: unknown acquisitions count as changed
         res = C.pair_volumes(mid.norm[i], mid.norm[j], common, changed=S.acquisition_changed(a, b) is not False,
-                             csf_inverted=(a.csf_inverted, b.csf_inverted))
+                             csf_inverted=(a.csf_inverted, b.csf_inverted), tissue_a=mid.tissues[i])
+        intensity = C.pair_volumes(mid.norm[i], mid.norm[j], common, changed=S.acquisition_changed(a, b) is not False,
+                                   csf_inverted=(a.csf_inverted, b.csf_inverted))
         vol, v = res.volume_from["brain"], common.voxel_mm3
         moved = float(res.shift.sum(dtype=np.float64)) * v
+        summed = intensity.volume_from["brain"]
         out = {"bsi": C.percent(vol, vol + moved),
                "bsi-boundary": C.percent(vol, vol + float(res.shift[self.boundary].sum(dtype=np.float64)) * v),
-               "bsi-network": C.percent(self.network_mm3, self.network_mm3 + moved)}
+               "bsi-intensity": C.percent(summed, summed + moved)}
         if jacobian:
             mask = ndi.binary_dilation(common.region, iterations=3).astype(np.float32)
             out["jacobian"] = jacobian_change(mid.norm[i], mid.norm[j], self.parenchyma, mask, self.spacing)

@@ -198,7 +198,7 @@ def subject_change(sessions: list[SessionInput], *, seed: int = 0, work_dir=None
         res = C.pair_volumes(norm[i], norm[j], common, changed=changed is not False,
                              lesion_a=lesions[i] if both_lesions else None,
                              lesion_b=lesions[j] if both_lesions else None,
-                             csf_inverted=(a.csf_inverted, b.csf_inverted))
+                             csf_inverted=(a.csf_inverted, b.csf_inverted), tissue_a=mid.tissues[i])
         correction = correction_text(res.correction, a, b)
         days = interval_days(a, b)
         if changed:
