@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from benchmark_scripts import load
+from bidsapp.physics.atrophy import warp_atrophy
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,7 @@ def test_injected_atrophy_removes_the_stated_share_of_the_brain_and_keeps_the_sk
     data, affine, brain, r = _head()
     zooms = np.diag(affine)[:3]
     # the region handed over must hold the brain's blurred edge (3 mm here) within its 1 mm margin
-    out = bench.inject_atrophy(data, affine, r <= 1.08, loss)
+    out = warp_atrophy(data, affine, r <= 1.08, loss)
     change = 100 * (_content(out, r, zooms) / _content(data, r, zooms) - 1)
     assert change == pytest.approx(-loss, abs=0.05)
     skull = (r > 1.5) & (r < 1.55)

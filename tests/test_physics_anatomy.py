@@ -86,6 +86,27 @@ def test_atrophy_thins_cortex_from_outside(head):
         atrophy.cortical_thinning(head, 0.9)
 
 
+@pytest.mark.parametrize("loss", [1.0, 3.0])
+def test_shrink_brain_removes_the_stated_share_of_the_brain_and_keeps_the_skull(loss):
+    """Atrophy as a warp (as injection tools make it on real scans): the brain region shrinks by exactly
+    the stated share, the ventricles with it; the skull and what lies beyond stay where they were."""
+    head = ph_mod.from_icbm152(3.0)
+    v0 = head.volumes()
+    a = atrophy.shrink_brain(head, loss)
+    v1 = a.volumes()
+    np.testing.assert_allclose(a.fractions.sum(0), 1.0, atol=1e-4)
+    assert v1["brain"] / v0["brain"] == pytest.approx(1 - loss / 100, abs=0.002)
+    assert v1["ventricles"] < v0["ventricles"]  # a uniform shrink: unlike apply_atrophy's
+    # beyond the taper nothing moves
+    from scipy import ndimage as ndi
+
+    tissue = sum(head.fraction(c) for c in ("GM", "deep_GM", "WM", "lesion") if c in head.classes)
+    dist = ndi.distance_transform_edt(~ndi.binary_fill_holes(tissue > 0.01), sampling=head.voxel_size)
+    far = dist > atrophy.WARP_MARGIN_MM + atrophy.WARP_TAPER_MM + 3.0
+    assert np.abs(a.fractions - head.fractions)[:, far].max() < 1e-5
+    assert a.meta["shrunk_percent"] == loss
+
+
 def _write_maps(root, phantom, ms=False):
     d = root / "sub-01" / "ses-1" / "anat"
     d.mkdir(parents=True)

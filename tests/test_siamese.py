@@ -139,6 +139,23 @@ def test_pairs_are_deterministic_balanced_and_cached(tmp_path):
         L.build_pool(L.TrainConfig(out=cfg.out, pairs=3, threads=1, seed=5, **TINY))
 
 
+def test_warp_pairs_shrink_the_brain_by_the_trajectorys_loss_and_change_nothing_else(tmp_path):
+    """``--warp-share``: drawn per pair from a stream of its own (0 leaves every pair as it was); a warp
+    pair's follow-up is its baseline with the brain shrunk by the brain loss the trajectory gives."""
+    plain = L.make_pair(1, seed=0, val_every=5, **TINY)
+    warped = L.make_pair(1, seed=0, val_every=5, warp_share=1.0, **TINY)
+    assert not plain["warp"] and warped["warp"]
+    assert np.array_equal(plain["a"], warped["a"]) and not np.array_equal(plain["b"], warped["b"])
+    # a uniform shrink: the ventricles shrink with the brain, by the same share as the cortex
+    assert warped["gm_change"] < 0 and warped["ventricle_change"] < 0 < plain["ventricle_change"]
+    assert warped["gm_change"] == pytest.approx(warped["ventricle_change"], abs=0.5)
+    cfg = L.TrainConfig(out=str(tmp_path / "run"), pairs=4, threads=1, warp_share=0.5, **TINY)
+    assert L.pool_recipe(cfg)["warp_share"] == 0.5
+    assert "warp_share" not in L.pool_recipe(L.TrainConfig(out=str(tmp_path / "other"), pairs=4, threads=1, **TINY))
+    draws = [bool(np.random.default_rng([0, 8, i]).random() < 0.5) for i in range(4)]
+    assert list(L.build_pool(cfg, progress=lambda m: None)["warp"]) == draws
+
+
 def test_design_balances_classes_and_scanner_changes_and_holds_out_blocks():
     d = [L.design(i, 5) for i in range(40)]
     val = [x for x in d if x["validation"]]

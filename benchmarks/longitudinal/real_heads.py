@@ -43,76 +43,28 @@ import numpy as np
 import pandas as pd
 
 from bidsapp.devdata import clinical_dir, registry_head_or_none, run_participant
+from bidsapp.physics.atrophy import centre_mm, sample_world, warp_atrophy, world_grid
 
 ROOT = Path(__file__).resolve().parents[2]
 MEASURES = ("brain", "GM", "WM")
 LOSS_PERCENT = (1.0, 2.0, 3.0, 1.5)
 """Injected brain-volume loss per source head, in turn (the issue's 0.5-3 % range, where a ratio is
 still readable next to a rescan's error)."""
-CORE_MARGIN_MM = 1.0
-TAPER_MM = 4.0
 MAX_DEG, MAX_MM = 3.0, 3.0
 NOISE = 0.02
 """Rician noise of each re-imaged session: sigma as a fraction of the brain's median intensity."""
 
 
 # ------------------------------------------------------------------------------------ the transforms
-def _world_grid(shape, affine):
-    """Voxel -> world (mm) coordinates of every voxel, (3, N)."""
-    ijk = np.indices(shape, dtype=np.float64).reshape(3, -1)
-    return affine[:3, :3] @ ijk + affine[:3, 3:4]
-
-
-def _sample(data: np.ndarray, affine: np.ndarray, world: np.ndarray, order: int = 3) -> np.ndarray:
-    """``data`` read at world points (3, N), zero outside its field of view."""
-    from scipy import ndimage as ndi
-
-    ijk = np.linalg.solve(affine[:3, :3], world - affine[:3, 3:4])
-    return ndi.map_coordinates(np.asarray(data, np.float32), ijk, order=order, mode="constant", cval=0.0,
-                               prefilter=order > 1)
-
-
-def _centre_mm(brain: np.ndarray, affine: np.ndarray) -> np.ndarray:
-    """The brain's centre of mass in world coordinates (mm)."""
-    from scipy import ndimage as ndi
-
-    return affine[:3, :3] @ np.array(ndi.center_of_mass(np.asarray(brain, bool))) + affine[:3, 3]
-
-
-def shrink_weight(brain: np.ndarray, zooms) -> np.ndarray:
-    """1 within :data:`CORE_MARGIN_MM` of ``brain``, falling smoothly to 0 over :data:`TAPER_MM`."""
-    from scipy import ndimage as ndi
-
-    dist = ndi.distance_transform_edt(~np.asarray(brain, bool), sampling=zooms)
-    t = np.clip((dist - CORE_MARGIN_MM) / TAPER_MM, 0.0, 1.0)
-    return (0.5 * (1.0 + np.cos(np.pi * t))).astype(np.float32)  # 1 -> 0, smooth at both ends
-
-
-def inject_atrophy(data: np.ndarray, affine: np.ndarray, brain: np.ndarray, loss_percent: float) -> np.ndarray:
-    """``data`` with every volume inside the brain region scaled by ``1 - loss_percent / 100``.
-
-    Pull-back warp: the new image at x reads the old one at ``c + (x - c) (1 + w(x) (1/s - 1))``, with
-    ``s`` the linear scale and ``w`` :func:`shrink_weight`. Where ``w`` is 1 the map is the
-    scaling by ``s`` about ``c``, so a structure there keeps its shape at ``s**3`` of its volume; the
-    skull, where ``w`` is 0, does not move."""
-    zooms = np.sqrt((affine[:3, :3] ** 2).sum(0))
-    s = (1.0 - loss_percent / 100.0) ** (1.0 / 3.0)
-    c = _centre_mm(brain, affine)
-    world = _world_grid(data.shape, affine)
-    factor = 1.0 + shrink_weight(brain, zooms).reshape(-1) * (1.0 / s - 1.0)
-    src = c[:, None] + (world - c[:, None]) * factor
-    return _sample(data, affine, src).reshape(data.shape)
-
-
-def rigid(rng: np.random.Generator, centre_mm: np.ndarray) -> np.ndarray:
-    """A random rigid transform (4x4, world mm) about ``centre_mm``: up to :data:`MAX_DEG` about each
+def rigid(rng: np.random.Generator, centre: np.ndarray) -> np.ndarray:
+    """A random rigid transform (4x4, world mm) about ``centre`` (mm): up to :data:`MAX_DEG` about each
     axis and :data:`MAX_MM` along it."""
     from scipy.spatial.transform import Rotation
 
     r = Rotation.from_euler("xyz", rng.uniform(-MAX_DEG, MAX_DEG, 3), degrees=True).as_matrix()
     out = np.eye(4)
     out[:3, :3] = r
-    out[:3, 3] = centre_mm - r @ centre_mm + rng.uniform(-MAX_MM, MAX_MM, 3)
+    out[:3, 3] = centre - r @ centre + rng.uniform(-MAX_MM, MAX_MM, 3)
     return out
 
 
@@ -120,9 +72,9 @@ def reimage(data: np.ndarray, affine: np.ndarray, brain: np.ndarray, rng: np.ran
     """The head moved by :func:`rigid` and scanned again on the same grid, with new Rician noise."""
     from bidsapp.physics.simulator import add_rician_noise
 
-    inv = np.linalg.inv(rigid(rng, _centre_mm(brain, affine)))
-    world = _world_grid(data.shape, affine)
-    moved = np.maximum(_sample(data, affine, inv[:3, :3] @ world + inv[:3, 3:4]).reshape(data.shape), 0.0)
+    inv = np.linalg.inv(rigid(rng, centre_mm(brain, affine)))
+    world = world_grid(data.shape, affine)
+    moved = np.maximum(sample_world(data, affine, inv[:3, :3] @ world + inv[:3, 3:4]).reshape(data.shape), 0.0)
     return add_rician_noise(moved, NOISE * float(np.median(data[np.asarray(brain, bool)])), rng)
 
 
@@ -177,7 +129,7 @@ def make_dataset(out: Path, files: list[tuple[str, Path]], seed: int) -> pd.Data
         loss = LOSS_PERCENT[n % len(LOSS_PERCENT)]
         rng = np.random.default_rng([seed, n])
         sessions = {"1": reimage(data, img.affine, brain, rng), "2": reimage(data, img.affine, brain, rng),
-                    "3": reimage(inject_atrophy(data, img.affine, brain, loss), img.affine, brain, rng)}
+                    "3": reimage(warp_atrophy(data, img.affine, brain, loss), img.affine, brain, rng)}
         sub = f"sub-{label}"
         for ses, arr in sessions.items():
             d = out / sub / f"ses-{ses}" / "anat"

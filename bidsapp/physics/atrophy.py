@@ -20,6 +20,11 @@ Public API
 ``enlarge_ventricles(phantom, fraction) -> Phantom``  grow the ventricles by ``fraction`` (0-3).
 ``apply_atrophy(phantom, years, gm_rate=0.005, ventricle_rate=0.015) -> Phantom``  both, compounded.
 ``STABLE_RATES``, ``DECLINE_RATES``  dicts of (gm_rate, ventricle_rate) used by the dataset writer.
+``warp_atrophy(data, affine, brain, loss_percent) -> array``  an *image's* brain shrunk inside a skull
+  that does not move (a warp, as atrophy-injection tools make it: the space left is filled by the
+  stretched rim around the brain, not by new CSF).
+``shrink_brain(phantom, loss_percent) -> Phantom``  the same warp made on a phantom (every class's
+  fractions), so that the scan of the shrunk brain is simulated, not interpolated.
 """
 from __future__ import annotations
 
@@ -127,3 +132,72 @@ def apply_atrophy(phantom: Phantom, years: float, gm_rate: float = STABLE_RATES[
         return phantom.copy()
     out = enlarge_ventricles(phantom, (1.0 + ventricle_rate) ** years - 1.0)
     return cortical_thinning(out, 1.0 - (1.0 - gm_rate) ** years, _inplace=True)
+
+
+# ------------------------------------------------------------------------- atrophy made by a warp
+WARP_MARGIN_MM = 1.0
+"""The brain and this much around it shrink as one (:func:`warp_weight`)."""
+WARP_TAPER_MM = 4.0
+"""Beyond the margin the shrink fades to none over this distance, in the CSF around the brain."""
+
+
+def world_grid(shape, affine) -> np.ndarray:
+    """Voxel -> world (mm) coordinates of every voxel, (3, N)."""
+    ijk = np.indices(shape, dtype=np.float64).reshape(3, -1)
+    return affine[:3, :3] @ ijk + affine[:3, 3:4]
+
+
+def sample_world(data: np.ndarray, affine: np.ndarray, world: np.ndarray, order: int = 3) -> np.ndarray:
+    """``data`` read at world points (3, N), zero outside its field of view."""
+    ijk = np.linalg.solve(affine[:3, :3], world - affine[:3, 3:4])
+    return ndi.map_coordinates(np.asarray(data, np.float32), ijk, order=order, mode="constant", cval=0.0,
+                               prefilter=order > 1)
+
+
+def centre_mm(brain: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """The brain's centre of mass in world coordinates (mm)."""
+    return affine[:3, :3] @ np.array(ndi.center_of_mass(np.asarray(brain, bool))) + affine[:3, 3]
+
+
+def warp_weight(brain: np.ndarray, zooms) -> np.ndarray:
+    """1 within :data:`WARP_MARGIN_MM` of ``brain``, falling smoothly to 0 over :data:`WARP_TAPER_MM`."""
+    dist = ndi.distance_transform_edt(~np.asarray(brain, bool), sampling=zooms)
+    t = np.clip((dist - WARP_MARGIN_MM) / WARP_TAPER_MM, 0.0, 1.0)
+    return (0.5 * (1.0 + np.cos(np.pi * t))).astype(np.float32)  # 1 -> 0, smooth at both ends
+
+
+def warp_atrophy(data: np.ndarray, affine: np.ndarray, brain: np.ndarray, loss_percent: float,
+                 order: int = 3) -> np.ndarray:
+    """``data`` with every volume inside the ``brain`` region (the parenchyma and what it encloses)
+    scaled by ``1 - loss_percent / 100``.
+
+    Pull-back warp: the new image at x reads the old one at ``c + (x - c) (1 + w(x) (1/s - 1))``, with
+    ``s`` the linear scale, ``c`` the brain's centre and ``w`` :func:`warp_weight`. Where ``w`` is 1 the
+    map is the scaling by ``s`` about ``c``, so a structure there keeps its shape at ``s**3`` of its
+    volume; the skull, where ``w`` is 0, does not move."""
+    zooms = np.sqrt((affine[:3, :3] ** 2).sum(0))
+    s = (1.0 - loss_percent / 100.0) ** (1.0 / 3.0)
+    c = centre_mm(brain, affine)
+    world = world_grid(data.shape, affine)
+    factor = 1.0 + warp_weight(brain, zooms).reshape(-1) * (1.0 / s - 1.0)
+    src = c[:, None] + (world - c[:, None]) * factor
+    return sample_world(data, affine, src, order=order).reshape(data.shape)
+
+
+def shrink_brain(phantom: Phantom, loss_percent: float) -> Phantom:
+    """``phantom`` with its brain region (every voxel with parenchyma, holes filled: the ventricles shrink with it)
+    shrunk by ``loss_percent`` with :func:`warp_atrophy`'s map, every class's fractions warped (the
+    skull and the scalp do not move). The tissue volumes of the region become ``1 - loss_percent / 100``
+    of what they were, up to the interpolation of the fractions."""
+    from .phantom import warp
+
+    tissue = sum(phantom.fraction(c) for c in _TISSUE if c in phantom.classes)
+    region = ndi.binary_fill_holes(tissue > 0.01)  # the partial-volume edge too: all of it scales
+    s = (1.0 - loss_percent / 100.0) ** (1.0 / 3.0)
+    centre = np.array(ndi.center_of_mass(region))  # scaling about a point is the same map in voxel units
+    factor = 1.0 + warp_weight(region, phantom.voxel_size) * (1.0 / s - 1.0)
+    idx = np.indices(phantom.shape, dtype=np.float32)
+    coords = np.stack([centre[k] + (idx[k] - centre[k]) * factor for k in range(3)]).astype(np.float32)
+    out = warp(phantom, coords)
+    out.meta = dict(out.meta, shrunk_percent=float(loss_percent))
+    return out

@@ -13,7 +13,12 @@ Data (:func:`make_pair`), every pair drawn from ``(--seed, index)`` alone:
   ``DECLINE_RATES``, an interval uniform in :data:`YEARS`; the follow-up phantom is
   :func:`~bidsapp.physics.atrophy.apply_atrophy` of the baseline. The network is not told the interval:
   a long stable interval and a short decline one overlap (3 years stable: -1.2 % GM, +4.6 % ventricles;
-  half a year of decline: -1 % and +3 %), as in a clinic;
+  half a year of decline: -1 % and +3 %), as in a clinic. With ``--warp-share``, that share of the
+  pairs (drawn per pair, both classes alike) gets its follow-up another way: the baseline's brain shrunk
+  inside a fixed skull by the brain loss the trajectory gives (:func:`~bidsapp.physics.atrophy.shrink_brain`),
+  atrophy as injection tools make it on real scans (the rim around the brain stretches into the space,
+  the ventricles shrink with the brain), which a network that learned only the simulator's atrophy does
+  not see;
 - **images**: the baseline with a random T1w protocol (:data:`T1W_PROTOCOLS`, MPRAGE and SPGR at 1.5
   and 3 T); in half of the pairs the follow-up with another one (so the network learns the change, not
   the scanner), otherwise the same protocol with new noise and bias field; simulated at ``--voxel-mm``
@@ -70,7 +75,7 @@ POOL_VERSION = 2
 SAVE_SECONDS = 600.0
 """The pool file is rewritten at most this often while generating (and always at the end)."""
 _ARRAYS = ("a", "b", "label", "change", "years", "validation", "anatomy", "protocols", "gm_change",
-           "ventricle_change")
+           "ventricle_change", "warp")
 
 
 # ------------------------------------------------------------------------------------------ pairs
@@ -111,13 +116,15 @@ def _anatomy(source: str, voxel_mm: float):
 
 
 def make_pair(index: int, seed: int = 0, anatomy_dir=None, voxel_mm: float = 2.0, size: int = 64,
-              grid_mm: float = 3.0, val_every: int = 5, sources=None) -> dict:
+              grid_mm: float = 3.0, val_every: int = 5, sources=None, warp_share: float = 0.0) -> dict:
     """Pair ``index`` of the pool of ``seed`` (see the module docstring): ``a``, ``b`` (size^3 float32,
     baseline and follow-up), ``label`` (1 decline), ``change`` (1 another protocol), ``years``,
-    ``validation``, ``anatomy``, ``protocols`` ("baseline>follow-up") and the true ``gm_change`` (cortical)
-    and ``ventricle_change`` (percent). ``sources``: :func:`anatomies` of ``anatomy_dir``, when known."""
+    ``validation``, ``anatomy``, ``protocols`` ("baseline>follow-up"), the true ``gm_change`` (cortical)
+    and ``ventricle_change`` (percent) and ``warp`` (the follow-up's brain shrunk by a warp). ``sources``:
+    :func:`anatomies` of ``anatomy_dir``, when known. ``warp_share`` draws ``warp`` from a stream of its
+    own, so that with 0 every pair is what it was before the option existed."""
     from bidsapp.models.siamese import brain_centre, preprocess
-    from bidsapp.physics.atrophy import DECLINE_RATES, STABLE_RATES, apply_atrophy
+    from bidsapp.physics.atrophy import DECLINE_RATES, STABLE_RATES, apply_atrophy, shrink_brain
     from bidsapp.physics.phantom import make_subject
     from bidsapp.physics.protocols import PROTOCOLS
     from bidsapp.physics.simulator import simulate
@@ -130,6 +137,10 @@ def make_pair(index: int, seed: int = 0, anatomy_dir=None, voxel_mm: float = 2.0
     base = make_subject(_anatomy(source, voxel_mm), rng)
     years = float(rng.uniform(*YEARS))
     follow = apply_atrophy(base, years, **(DECLINE_RATES if d["label"] else STABLE_RATES))
+    warp = bool(warp_share > 0 and np.random.default_rng([int(seed), 8, int(index)]).random() < warp_share)
+    if warp:
+        brain0, brain1 = (float(p.volumes()["brain"]) for p in (base, follow))
+        follow = shrink_brain(base, 100.0 * (1.0 - brain1 / brain0))
     first = T1W_PROTOCOLS[int(rng.integers(len(T1W_PROTOCOLS)))]
     others = [p for p in T1W_PROTOCOLS if p != first]
     second = others[int(rng.integers(len(others)))] if d["change"] else first
@@ -149,7 +160,7 @@ def make_pair(index: int, seed: int = 0, anatomy_dir=None, voxel_mm: float = 2.0
             "b": preprocess(ib, mb, spacing, size, grid_mm, centre=centre),
             "label": d["label"], "change": d["change"], "years": years, "validation": d["validation"],
             "anatomy": Path(source).name.split("_")[0], "protocols": f"{first}>{second}",
-            "gm_change": 100.0 * (gm1 - gm0) / gm0, "ventricle_change": 100.0 * (v1 - v0) / v0}
+            "gm_change": 100.0 * (gm1 - gm0) / gm0, "ventricle_change": 100.0 * (v1 - v0) / v0, "warp": warp}
 
 
 def _pair_job(job):
@@ -163,9 +174,10 @@ def _pair_job(job):
 def pool_recipe(cfg) -> dict:
     """What the pool's pairs depend on (its size aside): a pool of another recipe is refused."""
     train, val = anatomies(cfg.anatomy_dir)
-    return {"version": POOL_VERSION, "seed": cfg.seed, "voxel_mm": cfg.voxel_mm, "grid_mm": cfg.grid_mm,
-            "size": cfg.size, "val_every": cfg.val_every,
-            "anatomies": [Path(p).name for p in train], "validation_anatomies": [Path(p).name for p in val]}
+    recipe = {"version": POOL_VERSION, "seed": cfg.seed, "voxel_mm": cfg.voxel_mm, "grid_mm": cfg.grid_mm,
+              "size": cfg.size, "val_every": cfg.val_every,
+              "anatomies": [Path(p).name for p in train], "validation_anatomies": [Path(p).name for p in val]}
+    return dict(recipe, warp_share=cfg.warp_share) if cfg.warp_share else recipe  # 0: pools made before it
 
 
 def _stack(rows: list[dict]) -> dict:
@@ -178,7 +190,7 @@ def _stack(rows: list[dict]) -> dict:
             out[k] = np.asarray(vals, dtype=str)
         elif k in ("label", "change"):
             out[k] = np.asarray(vals, np.int64)
-        elif k == "validation":
+        elif k in ("validation", "warp"):
             out[k] = np.asarray(vals, bool)
         else:
             out[k] = np.asarray(vals, np.float32)
@@ -212,13 +224,14 @@ def build_pool(cfg, progress=print) -> dict:
             if json.loads(str(z["recipe"])) != recipe:
                 raise SystemExit(f"{path}: a pool of another recipe (seed, grids, anatomies); "
                                  "use a new --out or delete it")
-            pool = {k: z[k] for k in _ARRAYS}
+            pool = {k: z[k] for k in _ARRAYS if k in z}
+            pool.setdefault("warp", np.zeros(len(pool["label"]), bool))  # a pool made before --warp-share
     have = 0 if pool is None else len(pool["label"])
     if have >= cfg.pairs:
         return subset(pool, slice(0, cfg.pairs))
     path.parent.mkdir(parents=True, exist_ok=True)
     kwargs = {"seed": cfg.seed, "voxel_mm": cfg.voxel_mm, "size": cfg.size, "grid_mm": cfg.grid_mm,
-              "val_every": cfg.val_every, "sources": anatomies(cfg.anatomy_dir)}
+              "val_every": cfg.val_every, "sources": anatomies(cfg.anatomy_dir), "warp_share": cfg.warp_share}
     jobs = [(i, kwargs) for i in range(have, cfg.pairs)]
     progress(f"generating pairs {have}..{cfg.pairs - 1} into {path}")
     t0 = last = time.time()
@@ -407,9 +420,10 @@ def evaluate(net, pairs: dict, device="cpu", batch: int = 8) -> dict:
     def frac(sel):
         return float(np.mean(hit[sel])) if np.any(sel) else None
 
+    warp = np.asarray(pairs.get("warp", np.zeros(len(y), bool)), bool)
     return {"n": int(len(y)), "accuracy": frac(np.ones(len(y), bool)), "msle": msle(probs, y) if len(y) else None,
             "accuracy_same_scanner": frac(~change), "accuracy_scanner_change": frac(change),
-            "stable_change_called_stable": frac(change & (y == 0))}
+            "stable_change_called_stable": frac(change & (y == 0)), "accuracy_warp": frac(warp)}
 
 
 @dataclass
@@ -446,6 +460,9 @@ class TrainConfig:
     intensity_jitter: float = field(default=0.0, metadata={
         "help": "with --inputs standardised: each training image's CSF and GM anchors moved by up to this, WM's by "
                 "half, independently for the two images of a pair (0: none)"})
+    warp_share: float = field(default=0.0, metadata={
+        "help": "share of pairs whose follow-up is the baseline's brain shrunk by a warp inside a fixed skull, by the "
+                "loss its trajectory gives (atrophy as injection tools make it; 0: none)"})
     val_every: int = field(default=5, metadata={"help": "every N-th block of 4 pairs is for validation (0: none)"})
     eval_every: int = field(default=250, metadata={"help": "validate every N iterations (0: only at the end)"})
     threads: int = field(default=2, metadata={"card": False, "help": "torch threads, and pair-generation processes"})
@@ -567,7 +584,10 @@ def save(net, cfg: TrainConfig, history: dict, weights_dir=None) -> dict:
                      f"{history.get('val_pairs')} validation on held-out anatomies) of "
                      f"{', '.join(history.get('anatomies', []))}: random subject deformations, stable or "
                      f"decline atrophy over {YEARS[0]}-{YEARS[1]} years, T1w protocols {', '.join(T1W_PROTOCOLS)}, "
-                     f"half the follow-ups on another protocol; simulated at {cfg.voxel_mm:g} mm"),
+                     f"half the follow-ups on another protocol"
+                     + (f"; in {cfg.warp_share:.0%} of the pairs the follow-up's brain shrunk by a warp inside a "
+                        "fixed skull instead (bidsapp.physics.atrophy.shrink_brain)" if cfg.warp_share else "")
+                     + f"; simulated at {cfg.voxel_mm:g} mm"),
             "iterations": cfg.iterations, "batch": cfg.batch,
             "seconds": round(history["seconds"], 1), "threads": cfg.threads, "device": cfg.device,
             "torch": torch.__version__, "platform": platform.platform(),
@@ -600,6 +620,8 @@ def _check(cfg: TrainConfig) -> str | None:
         return "--mask-erode is a non-negative number of voxels, for --inputs standardised"
     if not 0 <= cfg.intensity_jitter < 0.2 or (cfg.intensity_jitter and cfg.inputs != "standardised"):
         return "--intensity-jitter is in [0, 0.2), for --inputs standardised"
+    if not 0 <= cfg.warp_share <= 1:
+        return "--warp-share is a share of the pairs, in [0, 1]"
     if cfg.pairs < BLOCK:
         return f"--pairs must be at least {BLOCK}"
     return None
