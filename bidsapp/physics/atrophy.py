@@ -185,10 +185,10 @@ def warp_atrophy(data: np.ndarray, affine: np.ndarray, brain: np.ndarray, loss_p
 
 
 def shrink_brain(phantom: Phantom, loss_percent: float) -> Phantom:
-    """``phantom`` with its brain region (every voxel with parenchyma, holes filled: the ventricles shrink with it)
-    shrunk by ``loss_percent`` with :func:`warp_atrophy`'s map, every class's fractions warped (the
-    skull and the scalp do not move). The tissue volumes of the region become ``1 - loss_percent / 100``
-    of what they were, up to the interpolation of the fractions."""
+    """``phantom`` with its brain region (every voxel with parenchyma, holes filled: the ventricles
+    shrink with it) shrunk by ``loss_percent`` with :func:`warp_atrophy`'s map, every class's fractions
+    warped (the skull and the scalp do not move). The tissue volumes of the region become
+    ``1 - loss_percent / 100`` of what they were, up to the interpolation of the fractions."""
     from .phantom import warp
 
     tissue = sum(phantom.fraction(c) for c in _TISSUE if c in phantom.classes)
