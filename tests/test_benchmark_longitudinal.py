@@ -37,6 +37,11 @@ def test_baselines_read_separable_changes_and_the_scores_split_by_scanner_change
     row = tables.table(pool, {}, runs=2, seed=0, siamese_probs=always)[0]
     assert row["model"] == "3D-SiameseNet" and row["stable_change_called_stable"] == 0.0
     assert row["accuracy"] == pytest.approx(0.5, abs=0.1)
+    # a pool with warped follow-ups is also split by how the volume was lost
+    warped = dict(pool, warp=(np.arange(n) // 4) % 2 == 1)
+    probs = np.where(warped["warp"][:, None], np.eye(2)[1 - label], np.eye(2)[label])
+    row = tables.table(warped, {}, runs=2, seed=0, siamese_probs=probs)[0]
+    assert row["accuracy_simulated_atrophy"] == 1.0 and row["accuracy_warp"] == 0.0
 
 
 def _ball(ventricle, size=32, seed=0):

@@ -4,7 +4,8 @@ Rows, as in the paper: logistic regression, SVM and random forest on the volume 
 imaging-only baselines), and 3D-SiameseNet when trained weights are given (``--weights``). Metrics:
 accuracy and MSLE over ``--runs`` random sub-samplings (80 % of the pairs to fit, 20 % to test, split
 by anatomy block so a brain never sits on both sides), overall and split by pairs with and without a
-scanner change, plus the share of stable scanner-change pairs called stable.
+scanner change, plus the share of stable scanner-change pairs called stable; for a pool made with
+``--warp-share``, also split by how the follow-up lost its volume (the simulator's atrophy or a warp).
 
 The pairs are a pool of ``scanbridge-train longitudinal`` (``RUN/pairs.npz``; made with
 ``scanbridge-train longitudinal --out RUN --stop-after 0`` when missing). With ``--weights`` the pool
@@ -53,7 +54,7 @@ def measured_changes(pool: dict, grid_mm: float) -> np.ndarray:
     return out
 
 
-def _scores(probs: np.ndarray, y: np.ndarray, change: np.ndarray) -> dict:
+def _scores(probs: np.ndarray, y: np.ndarray, change: np.ndarray, warp: np.ndarray) -> dict:
     from bidsapp.training.longitudinal import msle
 
     hit = probs.argmax(1) == y
@@ -63,7 +64,8 @@ def _scores(probs: np.ndarray, y: np.ndarray, change: np.ndarray) -> dict:
 
     return {"accuracy": frac(np.ones(len(y), bool)), "msle": msle(probs, y),
             "accuracy_same_scanner": frac(~change), "accuracy_scanner_change": frac(change),
-            "stable_change_called_stable": frac(change & (y == 0))}
+            "stable_change_called_stable": frac(change & (y == 0)),
+            "accuracy_simulated_atrophy": frac(~warp), "accuracy_warp": frac(warp)}
 
 
 def splits(blocks: np.ndarray, runs: int, seed: int):
@@ -94,6 +96,7 @@ def table(pool: dict, features: dict, runs: int, seed: int, siamese_probs=None) 
 
     y = np.asarray(pool["label"], np.int64)
     change = np.asarray(pool["change"], bool)
+    warp = np.asarray(pool["warp"], bool) if "warp" in pool else np.zeros(len(y), bool)
     blocks = np.arange(len(y)) // BLOCK
     rows = []
     models = [(f"{name} ({source})", make, X) for source, X in features.items() for name, make in baselines().items()]
@@ -106,7 +109,7 @@ def table(pool: dict, features: dict, runs: int, seed: int, siamese_probs=None) 
                 probs = X[test]
             else:
                 probs = make(seed + r).fit(X[fit], y[fit]).predict_proba(X[test])
-            per_run.append(_scores(probs, y[test], change[test]))
+            per_run.append(_scores(probs, y[test], change[test], warp[test]))
         row = {"model": name}
         for key in per_run[0]:
             vals = np.array([p[key] for p in per_run], float)
@@ -197,15 +200,18 @@ def main(argv=None) -> int:
                              np.asarray(pool["change"]), args.figure, args.seed)
         print(f"t-SNE of the fused features: {figure}")
     rows = table(pool, features, args.runs, args.seed, probs)
-    print(f"{len(pool['label'])} pairs ({int(np.sum(pool['change']))} with a scanner change), "
-          f"{args.runs} random sub-samplings by anatomy block; mean (sd)")
+    warped = int(np.sum(pool["warp"])) if "warp" in pool else 0
+    print(f"{len(pool['label'])} pairs ({int(np.sum(pool['change']))} with a scanner change"
+          + (f", {warped} with the follow-up's brain shrunk by a warp" if warped else "")
+          + f"), {args.runs} random sub-samplings by anatomy block; mean (sd)")
     print(f"{'model':<36} {'accuracy':>14} {'MSLE':>14} {'same scanner':>14} {'scanner change':>15} "
-          f"{'stable kept':>12}")
+          f"{'stable kept':>12}" + (f" {'sim. atrophy':>12} {'warp':>6}" if warped else ""))
     for r in rows:
         print(f"{r['model']:<36} {r['accuracy']:.3f} ({r['accuracy_sd']:.3f}) {r['msle']:.3f} ({r['msle_sd']:.3f})"
               f"  {r['accuracy_same_scanner']:.3f} ({r['accuracy_same_scanner_sd']:.3f})"
               f"  {r['accuracy_scanner_change']:.3f} ({r['accuracy_scanner_change_sd']:.3f})"
-              f"  {r['stable_change_called_stable']:.3f}")
+              f"  {r['stable_change_called_stable']:.3f}"
+              + (f"  {r['accuracy_simulated_atrophy']:12.3f} {r['accuracy_warp']:6.3f}" if warped else ""))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"pairs": int(len(pool["label"])), "runs": args.runs,
                                           "features": {"measured": list(FEATURES),
