@@ -54,7 +54,7 @@ def measured_changes(pool: dict, grid_mm: float) -> np.ndarray:
     return out
 
 
-def _scores(probs: np.ndarray, y: np.ndarray, change: np.ndarray, warp: np.ndarray) -> dict:
+def _scores(probs: np.ndarray, y: np.ndarray, change: np.ndarray, warp: np.ndarray | None = None) -> dict:
     from bidsapp.training.longitudinal import msle
 
     hit = probs.argmax(1) == y
@@ -62,10 +62,12 @@ def _scores(probs: np.ndarray, y: np.ndarray, change: np.ndarray, warp: np.ndarr
     def frac(sel):
         return float(np.mean(hit[sel])) if sel.any() else float("nan")
 
-    return {"accuracy": frac(np.ones(len(y), bool)), "msle": msle(probs, y),
-            "accuracy_same_scanner": frac(~change), "accuracy_scanner_change": frac(change),
-            "stable_change_called_stable": frac(change & (y == 0)),
-            "accuracy_simulated_atrophy": frac(~warp), "accuracy_warp": frac(warp)}
+    out = {"accuracy": frac(np.ones(len(y), bool)), "msle": msle(probs, y),
+           "accuracy_same_scanner": frac(~change), "accuracy_scanner_change": frac(change),
+           "stable_change_called_stable": frac(change & (y == 0))}
+    if warp is not None:  # a pool with warped follow-ups
+        out.update(accuracy_simulated_atrophy=frac(~warp), accuracy_warp=frac(warp))
+    return out
 
 
 def splits(blocks: np.ndarray, runs: int, seed: int):
@@ -96,7 +98,7 @@ def table(pool: dict, features: dict, runs: int, seed: int, siamese_probs=None) 
 
     y = np.asarray(pool["label"], np.int64)
     change = np.asarray(pool["change"], bool)
-    warp = np.asarray(pool["warp"], bool) if "warp" in pool else np.zeros(len(y), bool)
+    warp = np.asarray(pool["warp"], bool) if "warp" in pool and np.any(pool["warp"]) else None
     blocks = np.arange(len(y)) // BLOCK
     rows = []
     models = [(f"{name} ({source})", make, X) for source, X in features.items() for name, make in baselines().items()]
@@ -109,7 +111,7 @@ def table(pool: dict, features: dict, runs: int, seed: int, siamese_probs=None) 
                 probs = X[test]
             else:
                 probs = make(seed + r).fit(X[fit], y[fit]).predict_proba(X[test])
-            per_run.append(_scores(probs, y[test], change[test], warp[test]))
+            per_run.append(_scores(probs, y[test], change[test], None if warp is None else warp[test]))
         row = {"model": name}
         for key in per_run[0]:
             vals = np.array([p[key] for p in per_run], float)
