@@ -76,7 +76,6 @@ def test_too_few_voxels_leave_the_probabilities_alone():
     assert fit is None and out is probs
 
 
-
 def _thick_slices(n=60, k=3, means=(0.3, 0.6, 0.9), noise=0.02, seed=1):
     """Shells made on a fine grid and averaged into slices ``k`` voxels thick, as a 2D scan is: the image,
     its true tissue fractions and the mask (where at least half the slab is brain)."""

@@ -54,22 +54,6 @@ def measured_changes(pool: dict, grid_mm: float) -> np.ndarray:
     return out
 
 
-def _scores(probs: np.ndarray, y: np.ndarray, change: np.ndarray, warp: np.ndarray | None = None) -> dict:
-    from bidsapp.training.longitudinal import msle
-
-    hit = probs.argmax(1) == y
-
-    def frac(sel):
-        return float(np.mean(hit[sel])) if sel.any() else float("nan")
-
-    out = {"accuracy": frac(np.ones(len(y), bool)), "msle": msle(probs, y),
-           "accuracy_same_scanner": frac(~change), "accuracy_scanner_change": frac(change),
-           "stable_change_called_stable": frac(change & (y == 0))}
-    if warp is not None:  # a pool with warped follow-ups
-        out.update(accuracy_simulated_atrophy=frac(~warp), accuracy_warp=frac(warp))
-    return out
-
-
 def splits(blocks: np.ndarray, runs: int, seed: int):
     """``runs`` (fit, test) index pairs: 20 % of the anatomy blocks to test, drawn at random."""
     rng = np.random.default_rng(seed)
@@ -94,7 +78,7 @@ def baselines():
 
 
 def table(pool: dict, features: dict, runs: int, seed: int, siamese_probs=None) -> list[dict]:
-    from bidsapp.training.longitudinal import BLOCK
+    from bidsapp.training.longitudinal import BLOCK, pair_scores
 
     y = np.asarray(pool["label"], np.int64)
     change = np.asarray(pool["change"], bool)
@@ -111,7 +95,8 @@ def table(pool: dict, features: dict, runs: int, seed: int, siamese_probs=None) 
                 probs = X[test]
             else:
                 probs = make(seed + r).fit(X[fit], y[fit]).predict_proba(X[test])
-            per_run.append(_scores(probs, y[test], change[test], None if warp is None else warp[test]))
+            per_run.append(pair_scores(probs, y[test], change[test], None if warp is None else warp[test],
+                                       empty=float("nan")))
         row = {"model": name}
         for key in per_run[0]:
             vals = np.array([p[key] for p in per_run], float)

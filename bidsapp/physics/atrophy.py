@@ -166,6 +166,13 @@ def warp_weight(brain: np.ndarray, zooms) -> np.ndarray:
     return (0.5 * (1.0 + np.cos(np.pi * t))).astype(np.float32)  # 1 -> 0, smooth at both ends
 
 
+def _shrink_factor(brain: np.ndarray, zooms, loss_percent: float) -> np.ndarray:
+    """Per voxel, how much farther from the centre the warp reads: ``1 + w (1/s - 1)``, ``s`` the linear
+    scale of a ``loss_percent`` volume loss and ``w`` :func:`warp_weight`."""
+    s = (1.0 - loss_percent / 100.0) ** (1.0 / 3.0)
+    return 1.0 + warp_weight(brain, zooms) * (1.0 / s - 1.0)
+
+
 def warp_atrophy(data: np.ndarray, affine: np.ndarray, brain: np.ndarray, loss_percent: float,
                  order: int = 3) -> np.ndarray:
     """``data`` with every volume inside the ``brain`` region (the parenchyma and what it encloses)
@@ -176,10 +183,9 @@ def warp_atrophy(data: np.ndarray, affine: np.ndarray, brain: np.ndarray, loss_p
     map is the scaling by ``s`` about ``c``, so a structure there keeps its shape at ``s**3`` of its
     volume; the skull, where ``w`` is 0, does not move."""
     zooms = np.sqrt((affine[:3, :3] ** 2).sum(0))
-    s = (1.0 - loss_percent / 100.0) ** (1.0 / 3.0)
     c = centre_mm(brain, affine)
     world = world_grid(data.shape, affine)
-    factor = 1.0 + warp_weight(brain, zooms).reshape(-1) * (1.0 / s - 1.0)
+    factor = _shrink_factor(brain, zooms, loss_percent).reshape(-1)
     src = c[:, None] + (world - c[:, None]) * factor
     return sample_world(data, affine, src, order=order).reshape(data.shape)
 
@@ -193,9 +199,8 @@ def shrink_brain(phantom: Phantom, loss_percent: float) -> Phantom:
 
     tissue = sum(phantom.fraction(c) for c in _TISSUE if c in phantom.classes)
     region = ndi.binary_fill_holes(tissue > 0.01)  # the partial-volume edge too: all of it scales
-    s = (1.0 - loss_percent / 100.0) ** (1.0 / 3.0)
     centre = np.array(ndi.center_of_mass(region))  # scaling about a point is the same map in voxel units
-    factor = 1.0 + warp_weight(region, phantom.voxel_size) * (1.0 / s - 1.0)
+    factor = _shrink_factor(region, phantom.voxel_size, loss_percent)
     idx = np.indices(phantom.shape, dtype=np.float32)
     coords = np.stack([centre[k] + (idx[k] - centre[k]) * factor for k in range(3)]).astype(np.float32)
     out = warp(phantom, coords)

@@ -404,26 +404,37 @@ def msle(probs: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean((np.log1p(np.clip(probs, 1e-7, None)) - np.log1p(onehot)) ** 2))
 
 
+def pair_scores(probs: np.ndarray, labels, change, warp=None, empty=None) -> dict:
+    """The paper's metrics of ``probs`` against ``labels`` (accuracy, MSLE), the accuracy of the
+    same-scanner and the scanner-change pairs, and the fraction of stable scanner-change pairs called
+    stable (what a scanner upgrade must not turn into a decline); with ``warp``, the accuracy of the pairs
+    whose loss the simulator made and of those made by a warp. ``empty`` where no pair counts."""
+    y = np.asarray(labels, np.int64)
+    change = np.asarray(change, bool)
+    hit = probs.argmax(1) == y
+
+    def frac(sel):
+        return float(np.mean(hit[sel])) if np.any(sel) else empty
+
+    out = {"accuracy": frac(np.ones(len(y), bool)), "msle": msle(probs, y) if len(y) else empty,
+           "accuracy_same_scanner": frac(~change), "accuracy_scanner_change": frac(change),
+           "stable_change_called_stable": frac(change & (y == 0))}
+    if warp is not None:
+        warp = np.asarray(warp, bool)
+        out.update(accuracy_simulated_atrophy=frac(~warp), accuracy_warp=frac(warp))
+    return out
+
+
 def evaluate(net, pairs: dict, device="cpu", batch: int = 8) -> dict:
-    """Accuracy and MSLE of ``net`` on ``pairs`` (``a``, ``b``, ``label``, ``change``), the accuracy of
-    the same-scanner and the scanner-change pairs, and the fraction of stable scanner-change pairs
-    called stable (what a scanner upgrade must not turn into a decline). None where no pair counts."""
+    """:func:`pair_scores` of ``net`` on ``pairs`` (``a``, ``b``, ``label``, ``change``, ``warp``), None
+    where no pair counts."""
     from bidsapp.models.siamese import predict_proba
 
     was_training = net.training
     probs = predict_proba(net, pairs["a"], pairs["b"], device=device, batch=batch)
     net.train(was_training)
-    y = np.asarray(pairs["label"], np.int64)
-    change = np.asarray(pairs["change"], bool)
-    hit = probs.argmax(1) == y
-
-    def frac(sel):
-        return float(np.mean(hit[sel])) if np.any(sel) else None
-
-    warp = np.asarray(pairs.get("warp", np.zeros(len(y), bool)), bool)
-    return {"n": int(len(y)), "accuracy": frac(np.ones(len(y), bool)), "msle": msle(probs, y) if len(y) else None,
-            "accuracy_same_scanner": frac(~change), "accuracy_scanner_change": frac(change),
-            "stable_change_called_stable": frac(change & (y == 0)), "accuracy_warp": frac(warp)}
+    warp = pairs.get("warp", np.zeros(len(pairs["label"]), bool))
+    return {"n": int(len(pairs["label"])), **pair_scores(probs, pairs["label"], pairs["change"], warp)}
 
 
 @dataclass
