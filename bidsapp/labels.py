@@ -82,3 +82,22 @@ BRAIN = "brain"
 
 VOLUME_LABELS = (*TISSUE.names, BRAIN)
 """Columns of the wide volume tables (group level), in report order."""
+
+
+def tissue_volumes_mm3(probs, mask, voxel_mm3: float) -> dict:
+    """The rows of a volumes table: each tissue's summed probability (its expected volume) inside
+    ``mask``, and :data:`BRAIN`, the mask's volume.
+
+    Why soft: a boundary voxel holds some of each tissue, and counting it whole for the likelier one
+    moves volumes with the contrast and the voxel size (SynthSeg and SAMSEG report soft volumes too).
+    ``probs`` is (len(TISSUE), ...) on the mask's grid; a mask voxel given no probability at all counts
+    as CSF, as the dseg labels it, so the tissues always sum to the brain row.
+    """
+    import numpy as np
+
+    m = np.asarray(mask) > 0
+    p = np.asarray(probs, dtype=np.float64)[:, m]
+    vols = {lab.name: float(p[k].sum() * voxel_mm3) for k, lab in enumerate(TISSUE)}
+    vols[TISSUE.names[0]] += float((p.sum(0) <= 0).sum() * voxel_mm3)
+    vols[BRAIN] = float(m.sum() * voxel_mm3)
+    return vols

@@ -245,6 +245,7 @@ def test_segment_end_to_end_with_fallback_and_resampling(tmp_path, monkeypatch):
     assert set(np.unique(res.dseg[mask])) <= {1, 2, 3} and not res.dseg[~mask].any()
     assert res.volumes_mm3["brain"] == pytest.approx(mask.sum())
     assert sum(res.volumes_mm3[c] for c in tissue.CLASSES) == pytest.approx(mask.sum())
+    assert res.volumes_mm3["GM"] == pytest.approx(float(res.probs[1][mask].sum()), rel=1e-5)
     fb = tissue.segment(img, mask, (1.0, 1.0, 1.0), {"sequence_family": "FLAIR"}, device="cpu", weights_dir=tmp_path)
     assert fb.method == "unet" and "FLAIR" in fb.fallback_reason and fb.warnings
     assert fb.model["sha256"] != res.model["sha256"]
@@ -357,3 +358,14 @@ def test_sweep_volumes_matches_segment_soft_volumes(tmp_path, mirror_axes, injec
     assert np.abs(vols[0] - vols[2]).max() > 1.0  # the swept parameter moves the volumes
     with pytest.raises(ValueError, match="cannot bridge"):
         tissue.sweep_volumes(img, mask, (2, 2, 2), acq, "InversionTime", [3.0], device="cpu", weights_dir=tmp_path)
+
+
+def test_volumes_are_summed_probabilities_inside_the_mask():
+    from bidsapp.labels import tissue_volumes_mm3
+
+    probs = np.zeros((3, 3, 1, 1), np.float32)
+    probs[:, 0, 0, 0] = (0.3, 0.6, 0.1)  # a boundary voxel: a count would give it all to GM
+    probs[:, 2, 0, 0] = (0.0, 1.0, 0.0)  # outside the mask: not counted
+    mask = np.array([True, True, False]).reshape(3, 1, 1)  # voxel 1 has no probability: CSF, as in the dseg
+    vols = tissue_volumes_mm3(probs, mask, 2.0)
+    assert vols == pytest.approx({"CSF": 2.6, "GM": 1.2, "WM": 0.2, "brain": 4.0})

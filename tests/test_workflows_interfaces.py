@@ -217,7 +217,7 @@ def test_priors_are_on_the_subject_grid(chain):
 
 
 def test_volumes_table(chain, tmp_path):
-    tsv = A.tissue_volumes(chain["seg"]["dseg"], chain["mask"], "atropos", tmp_path / "v.tsv")
+    tsv = A.tissue_volumes(chain["seg"]["probseg"], chain["mask"], "atropos", tmp_path / "v.tsv")
     lines = Path(tsv).read_text().splitlines()
     assert lines[0] == "method\tlabel\tvolume_mm3"
     rows = {r.split("\t")[1]: float(r.split("\t")[2]) for r in lines[1:]}
@@ -225,6 +225,8 @@ def test_volumes_table(chain, tmp_path):
     mask = np.asarray(nib.load(chain["mask"]).dataobj) > 0
     assert rows["brain"] == pytest.approx(mask.sum() * RES ** 3, rel=1e-6)
     assert rows["CSF"] + rows["GM"] + rows["WM"] == pytest.approx(rows["brain"], rel=1e-6)
+    gm = np.asarray(nib.load(chain["seg"]["probseg"][1]).dataobj, dtype=np.float64)
+    assert rows["GM"] == pytest.approx(gm[mask].sum() * RES ** 3, rel=1e-4)  # the summed map, not a count
     merged = A.merge_volume_tables([tsv, tsv], tmp_path / "m.tsv")
     assert len(Path(merged).read_text().splitlines()) == 9
     (tmp_path / "bad.tsv").write_text("a\tb\n")

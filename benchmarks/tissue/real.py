@@ -15,6 +15,9 @@ level's steps as a user gets them (N4, the learned brain mask, N4 inside it) and
   its labels mapped to CSF/GM/WM as the simulator maps FreeSurfer labels
   (:data:`bidsapp.physics.phantom.LABEL_CLASSES`) and counted inside the same brain mask.
 
+The U-Net rows are the app's own volumes (each tissue's summed probability inside the mask, as its
+volumes table gives them); Atropos and SAMSEG count their labels.
+
 It prints GM, WM, CSF (ml), the GM/WM ratio (adults: about 1.1-1.6) and each method's GM and WM
 difference from SAMSEG's; writes ``real.json`` and one overlay per scan (``<name>_tissue.png``: the
 three segmentations over the image) under ``--out``. SAMSEG's results are cached in ``--out``, so a
@@ -113,9 +116,20 @@ def resample_labels(src: Path, ref) -> np.ndarray:
 
 
 def volumes(dseg: np.ndarray, mask: np.ndarray, voxel_ml: float) -> dict:
+    """ml of each label inside ``mask`` (the peers' labels: Atropos, SAMSEG)."""
     from bidsapp.labels import TISSUE
 
-    out = {lab.name: float(((dseg == lab.value) & mask).sum()) * voxel_ml for lab in TISSUE}
+    return _with_ratio({lab.name: float(((dseg == lab.value) & mask).sum()) * voxel_ml for lab in TISSUE})
+
+
+def app_volumes(result) -> dict:
+    """ml of each tissue as the app's volumes table gives them (summed probabilities in the mask)."""
+    from bidsapp.labels import TISSUE
+
+    return _with_ratio({name: result.volumes_mm3[name] / 1000.0 for name in TISSUE.names})
+
+
+def _with_ratio(out: dict) -> dict:
     out["GM/WM"] = out["GM"] / out["WM"] if out["WM"] else float("nan")
     return out
 
@@ -152,6 +166,7 @@ def evaluate(image: Path, args) -> dict:
     row = {"image": str(image), "name": name, "brain_ml": prep["brain_ml"], "seconds": seconds,
            "zooms": [round(float(z), 2) for z in zooms],
            "volumes": {m: volumes(d, mask, vox_ml) for m, d in segs.items()}}
+    row["volumes"].update(unet=app_volumes(res), **{"unet-network": app_volumes(raw)})
     if "samseg" in row["volumes"]:
         s = row["volumes"]["samseg"]
         for m, v in row["volumes"].items():

@@ -58,7 +58,7 @@ import numpy as np
 
 from bidsapp.bids.acquisition import FAMILY_PARAMETERS, lookup
 from bidsapp.devices import resolve_device
-from bidsapp.labels import BRAIN, TISSUE
+from bidsapp.labels import TISSUE, tissue_volumes_mm3
 from bidsapp.physics.contrast import csf_inverted, low_contrast_warning, wm_gm_signal_ratio
 
 from . import registry
@@ -539,9 +539,7 @@ def segment(image: np.ndarray, mask: np.ndarray, zooms, acquisition: dict | None
 
         probs, fit = refine_probs(img, mask_b, probs)
     dseg = np.where(mask_b, probs.argmax(0) + 1, 0).astype(np.uint8)
-    vox = float(np.prod(zooms))
-    volumes = {lab.name: float((dseg == lab.value).sum() * vox) for lab in TISSUE}
-    volumes[BRAIN] = float(mask_b.sum() * vox)
+    volumes = tissue_volumes_mm3(probs, mask_b, float(np.prod(zooms)))
     method = "unet-physics" if name == PHYSICS_MODEL else "unet"
     return TissueResult(probs=probs, dseg=dseg, volumes_mm3=volumes, method=method,
                         model={"name": name, "version": card.get("version"), "sha256": card["sha256"],

@@ -42,7 +42,7 @@ from nipype.interfaces.base import (
     traits,
 )
 
-from bidsapp.labels import BRAIN, TISSUE
+from bidsapp.labels import TISSUE
 from bidsapp.qc import otsu_threshold
 
 REGISTRATION_TYPES = ("Rigid", "Affine", "SyN")
@@ -527,22 +527,21 @@ def atropos_segment(in_file, in_mask, priors, out_dir, *, prior_weight: float = 
     return {"probseg": files, "dseg": _save_like(dseg, ref, out_dir / "dseg.nii.gz", dtype=np.uint8)}
 
 
-def tissue_volumes(dseg_file, mask_file, method: str, out_file) -> str:
-    """Long-format volumes table: CSF/GM/WM from dseg voxel counts, brain = brain-mask volume.
-
-    The same definitions as the tissue model's table, so that methods compare like with like.
+def tissue_volumes(probseg_files, mask_file, method: str, out_file) -> str:
+    """Long-format volumes table of a method's CSF/GM/WM probability maps (label order):
+    :func:`bidsapp.labels.tissue_volumes_mm3`, the definition every method's table shares, so that
+    methods compare like with like.
     """
     import nibabel as nib
 
-    img = nib.load(str(dseg_file))
-    dseg = np.asarray(img.dataobj)
-    voxvol = float(np.prod(_zooms(img.affine)))
-    mask = np.asarray(nib.load(str(mask_file)).dataobj) > 0
-    rows = [(lab.name, float((dseg == lab.value).sum() * voxvol)) for lab in TISSUE]
-    rows.append((BRAIN, float(mask.sum() * voxvol)))
+    from bidsapp.labels import tissue_volumes_mm3
+
+    mask_img = nib.load(str(mask_file))
+    probs = np.stack([np.asarray(nib.load(str(p)).dataobj, dtype=np.float32) for p in probseg_files])
+    vols = tissue_volumes_mm3(probs, np.asarray(mask_img.dataobj) > 0, float(np.prod(_zooms(mask_img.affine))))
     with open(out_file, "w") as fh:
         fh.write("method\tlabel\tvolume_mm3\n")
-        for label, vol in rows:
+        for label, vol in vols.items():
             fh.write(f"{method}\t{label}\t{vol:.1f}\n")
     return str(out_file)
 
@@ -760,7 +759,7 @@ class Atropos(SimpleInterface):
         out = atropos_segment(self.inputs.in_file, self.inputs.mask_file, self.inputs.priors, cwd,
                               prior_weight=self.inputs.prior_weight, mrf=self.inputs.mrf,
                               iterations=self.inputs.iterations)
-        tsv = tissue_volumes(out["dseg"], self.inputs.mask_file, "atropos", cwd / "volumes.tsv")
+        tsv = tissue_volumes(out["probseg"], self.inputs.mask_file, "atropos", cwd / "volumes.tsv")
         tpl = dict(self.inputs.template) if isdefined(self.inputs.template) else {}
         metadata = {
             "Method": "atropos",
