@@ -84,20 +84,25 @@ VOLUME_LABELS = (*TISSUE.names, BRAIN)
 """Columns of the wide volume tables (group level), in report order."""
 
 
-def tissue_volumes_mm3(probs, mask, voxel_mm3: float) -> dict:
-    """The rows of a volumes table: each tissue's summed probability (its expected volume) inside
-    ``mask``, and :data:`BRAIN`, the mask's volume.
+def tissue_volumes_mm3(probs, mask, voxel_mm3: float, fractions: bool) -> dict:
+    """The rows of a volumes table: each tissue's volume inside ``mask``, and :data:`BRAIN`, the mask's.
 
-    Why soft: a boundary voxel holds some of each tissue, and counting it whole for the likelier one
-    moves volumes with the contrast and the voxel size (SynthSeg and SAMSEG report soft volumes too).
-    ``probs`` is (len(TISSUE), ...) on the mask's grid; a mask voxel given no probability at all counts
-    as CSF, as the dseg labels it, so the tissues always sum to the brain row.
+    ``probs`` is (len(TISSUE), ...) on the mask's grid. When the maps are tissue fractions
+    (``fractions``: the partial-volume refinement ran), a tissue's volume is its summed fraction, as
+    SynthSeg and SAMSEG report soft volumes: a border voxel holds some of each tissue, and counting it
+    whole for the likelier one moves volumes with the contrast and the voxel size. When they are a
+    classifier's probabilities (a network on 2 mm images, Atropos' posteriors) they are not fractions,
+    and the voxels of each label (the largest probability) are counted. A mask voxel given no
+    probability at all counts as CSF, as the dseg labels it; the tissues always sum to the brain row.
     """
     import numpy as np
 
     m = np.asarray(mask) > 0
     p = np.asarray(probs, dtype=np.float64)[:, m]
+    if not fractions:
+        p = (np.arange(len(p))[:, None] == p.argmax(0)[None]).astype(np.float64)
     vols = {lab.name: float(p[k].sum() * voxel_mm3) for k, lab in enumerate(TISSUE)}
-    vols[TISSUE.names[0]] += float((p.sum(0) <= 0).sum() * voxel_mm3)
+    if fractions:
+        vols[TISSUE.names[0]] += float((p.sum(0) <= 0).sum() * voxel_mm3)
     vols[BRAIN] = float(m.sum() * voxel_mm3)
     return vols

@@ -266,6 +266,8 @@ def test_segment_refines_by_default_and_says_so(tmp_path):
     refined = tissue.segment(img, mask, (1.0, 1.0, 1.0), None, device="cpu", weights_dir=tmp_path)
     raw = tissue.segment(img, mask, (1.0, 1.0, 1.0), None, device="cpu", weights_dir=tmp_path, refine=False)
     assert refined.refinement and raw.refinement is None
+    assert raw.volumes_mm3["GM"] == pytest.approx(float((raw.dseg == 2).sum()))  # probabilities: labels counted
+    assert refined.volumes_mm3["GM"] == pytest.approx(float(refined.probs[1][mask > 0].sum()), rel=1e-5)
     assert not np.array_equal(refined.probs, raw.probs)
     meta = sidecar_metadata(refined)
     assert meta["IntensityRefinement"]["iterations"] >= 1 and "refined" in meta["Resampling"]
@@ -360,12 +362,14 @@ def test_sweep_volumes_matches_segment_soft_volumes(tmp_path, mirror_axes, injec
         tissue.sweep_volumes(img, mask, (2, 2, 2), acq, "InversionTime", [3.0], device="cpu", weights_dir=tmp_path)
 
 
-def test_volumes_are_summed_probabilities_inside_the_mask():
+def test_volumes_sum_fractions_and_count_labels_of_probabilities():
     from bidsapp.labels import tissue_volumes_mm3
 
     probs = np.zeros((3, 3, 1, 1), np.float32)
-    probs[:, 0, 0, 0] = (0.3, 0.6, 0.1)  # a boundary voxel: a count would give it all to GM
+    probs[:, 0, 0, 0] = (0.3, 0.6, 0.1)  # a border voxel: as fractions, some of each tissue
     probs[:, 2, 0, 0] = (0.0, 1.0, 0.0)  # outside the mask: not counted
     mask = np.array([True, True, False]).reshape(3, 1, 1)  # voxel 1 has no probability: CSF, as in the dseg
-    vols = tissue_volumes_mm3(probs, mask, 2.0)
-    assert vols == pytest.approx({"CSF": 2.6, "GM": 1.2, "WM": 0.2, "brain": 4.0})
+    soft = tissue_volumes_mm3(probs, mask, 2.0, fractions=True)
+    assert soft == pytest.approx({"CSF": 2.6, "GM": 1.2, "WM": 0.2, "brain": 4.0})
+    counted = tissue_volumes_mm3(probs, mask, 2.0, fractions=False)
+    assert counted == pytest.approx({"CSF": 2.0, "GM": 2.0, "WM": 0.0, "brain": 4.0})

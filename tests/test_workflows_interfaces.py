@@ -225,8 +225,12 @@ def test_volumes_table(chain, tmp_path):
     mask = np.asarray(nib.load(chain["mask"]).dataobj) > 0
     assert rows["brain"] == pytest.approx(mask.sum() * RES ** 3, rel=1e-6)
     assert rows["CSF"] + rows["GM"] + rows["WM"] == pytest.approx(rows["brain"], rel=1e-6)
+    dseg = np.asarray(nib.load(chain["seg"]["dseg"]).dataobj)
+    assert rows["GM"] == pytest.approx((dseg == 2).sum() * RES ** 3, rel=1e-6)  # posteriors: labels counted
+    soft = A.tissue_volumes(chain["seg"]["probseg"], chain["mask"], "atropos", tmp_path / "s.tsv", fractions=True)
+    soft_gm = float(Path(soft).read_text().splitlines()[2].split("\t")[2])
     gm = np.asarray(nib.load(chain["seg"]["probseg"][1]).dataobj, dtype=np.float64)
-    assert rows["GM"] == pytest.approx(gm[mask].sum() * RES ** 3, rel=1e-4)  # the summed map, not a count
+    assert soft_gm == pytest.approx(gm[mask].sum() * RES ** 3, rel=1e-4)  # fractions: the summed map
     merged = A.merge_volume_tables([tsv, tsv], tmp_path / "m.tsv")
     assert len(Path(merged).read_text().splitlines()) == 9
     (tmp_path / "bad.tsv").write_text("a\tb\n")

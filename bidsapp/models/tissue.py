@@ -539,7 +539,7 @@ def segment(image: np.ndarray, mask: np.ndarray, zooms, acquisition: dict | None
 
         probs, fit = refine_probs(img, mask_b, probs)
     dseg = np.where(mask_b, probs.argmax(0) + 1, 0).astype(np.uint8)
-    volumes = tissue_volumes_mm3(probs, mask_b, float(np.prod(zooms)))
+    volumes = tissue_volumes_mm3(probs, mask_b, float(np.prod(zooms)), fractions=fit is not None)
     method = "unet-physics" if name == PHYSICS_MODEL else "unet"
     return TissueResult(probs=probs, dseg=dseg, volumes_mm3=volumes, method=method,
                         model={"name": name, "version": card.get("version"), "sha256": card["sha256"],

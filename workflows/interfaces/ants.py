@@ -527,10 +527,10 @@ def atropos_segment(in_file, in_mask, priors, out_dir, *, prior_weight: float = 
     return {"probseg": files, "dseg": _save_like(dseg, ref, out_dir / "dseg.nii.gz", dtype=np.uint8)}
 
 
-def tissue_volumes(probseg_files, mask_file, method: str, out_file) -> str:
-    """Long-format volumes table of a method's CSF/GM/WM probability maps (label order):
-    :func:`bidsapp.labels.tissue_volumes_mm3`, the definition every method's table shares, so that
-    methods compare like with like.
+def tissue_volumes(probseg_files, mask_file, method: str, out_file, fractions: bool = False) -> str:
+    """Long-format volumes table of a method's CSF/GM/WM maps (label order; ``fractions`` when they are
+    tissue fractions, not a classifier's probabilities): :func:`bidsapp.labels.tissue_volumes_mm3`, the
+    definition every method's table shares, so that methods compare like with like.
     """
     import nibabel as nib
 
@@ -538,7 +538,8 @@ def tissue_volumes(probseg_files, mask_file, method: str, out_file) -> str:
 
     mask_img = nib.load(str(mask_file))
     probs = np.stack([np.asarray(nib.load(str(p)).dataobj, dtype=np.float32) for p in probseg_files])
-    vols = tissue_volumes_mm3(probs, np.asarray(mask_img.dataobj) > 0, float(np.prod(_zooms(mask_img.affine))))
+    vols = tissue_volumes_mm3(probs, np.asarray(mask_img.dataobj) > 0, float(np.prod(_zooms(mask_img.affine))),
+                              fractions)
     with open(out_file, "w") as fh:
         fh.write("method\tlabel\tvolume_mm3\n")
         for label, vol in vols.items():

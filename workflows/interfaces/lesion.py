@@ -216,9 +216,10 @@ class FillLesions(SimpleInterface):
         with open(self.inputs.volumes_tsv) as fh:
             rows = fh.read().splitlines()
         method = rows[1].split("\t")[0] if len(rows) > 1 else "tissue"
-        tsv = tissue_volumes(out_probs, self.inputs.mask_file, method, os.path.join(cwd, "volumes.tsv"))
-        zooms = np.sqrt((img.affine[:3, :3] ** 2).sum(0))
         meta = dict(self.inputs.metadata or {})
+        tsv = tissue_volumes(out_probs, self.inputs.mask_file, method, os.path.join(cwd, "volumes.tsv"),
+                             fractions=bool(meta.get("IntensityRefinement")))
+        zooms = np.sqrt((img.affine[:3, :3] ** 2).sum(0))
         meta["LesionFilling"] = (f"voxels of the lesion mask are counted as {self.inputs.counted_as} "
                                  f"({moved * float(np.prod(zooms)):.0f} mm^3 relabelled); the lesion volume "
                                  "is reported separately")
