@@ -105,3 +105,48 @@ def test_partial_volume_keeps_thick_slice_volumes_where_pure_classes_cannot(mean
     np.testing.assert_allclose(out[:, mask].sum(0), 1, atol=1e-4)
     assert out.min() >= 0 and out.max() <= 1 + 1e-6
     assert out[2][mask & (frac[2] == 1)].mean() > 0.95  # a voxel deep inside a tissue is all of it
+
+
+def _inverted_csf_slabs(k=3, seed=1):
+    """Thick-slice shells of an MPRAGE before CSF's null (CSF's signal negative, the image its
+    magnitude): the image, the true fractions, the mask and a coarse prior."""
+    lab, _ = _shells(60)
+    onehot = np.stack([(lab == c).astype(np.float32) for c in (1, 2, 3)])
+    signed = np.tensordot(np.array((-0.2, 0.5, 1.0), np.float32), onehot, axes=1)
+    slab = lambda a: a.reshape(*a.shape[:-1], a.shape[-1] // k, k).mean(-1)  # noqa: E731
+    frac = np.stack([slab(c) for c in onehot])
+    mask = frac.sum(0) >= 0.5
+    noise = 0.02 * np.random.default_rng(seed).standard_normal(mask.shape)
+    img = np.abs(slab(signed) + noise).astype(np.float32) * mask
+    return img, frac, mask, _coarse_prior(np.where(mask, frac.argmax(0) + 1, 0), sigma=1.0)
+
+
+def test_csf_of_opposite_sign_makes_its_border_darker_and_the_sign_reads_it():
+    """A voxel part CSF, part GM is darker than either when CSF's signal is negative. Read as a line
+    between the two intensities, that border goes to CSF; with the sign given (as the sequence
+    parameters give it), GM comes back."""
+    img, frac, mask, prior = _inverted_csf_slabs()
+    true_gm = frac[1, mask].sum()
+    linear, lin_fit = refine(img, mask, prior)
+    signed_out, fit = refine(img, mask, prior, csf_sign=-1.0)
+    assert linear[1, mask].sum() / true_gm - 1 < -0.08
+    assert abs(signed_out[1, mask].sum() / true_gm - 1) < 0.04
+    assert abs(signed_out[2, mask].sum() / frac[2, mask].sum() - 1) < 0.01
+    assert fit.csf_sign == -1 and lin_fit.csf_sign == 1
+    assert fit.outlier is not None and lin_fit.outlier is None  # the outlier class comes with the sign
+
+
+def test_the_outlier_class_keeps_bright_non_tissue_from_widening_the_tissues():
+    """1 % of the mask far brighter than white matter (fat, a vessel): without the outlier class the
+    shared GM/WM Gaussian widens to take it in and the dark border is misread."""
+    img, frac, mask, prior = _inverted_csf_slabs()
+    rng = np.random.default_rng(2)
+    bright = mask & (rng.random(mask.shape) < 0.01)
+    img[bright] = rng.uniform(1.2, 2.0, int(bright.sum()))
+    true_gm = frac[1, mask].sum()
+    without, fit0 = refine(img, mask, prior, csf_sign=-1.0, outlier=0.0)
+    with_, fit = refine(img, mask, prior, csf_sign=-1.0)
+    assert fit0.sds[1] > 3 * fit.sds[1] and fit.sds[1] < 0.03
+    assert without[1, mask].sum() / true_gm - 1 > 0.05
+    assert abs(with_[1, mask].sum() / true_gm - 1) < 0.03
+    assert 0.005 < fit.outlier < 0.03

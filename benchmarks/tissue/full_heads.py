@@ -10,11 +10,15 @@ N4 inside it) and the tissue model with its sidecar, as the app runs it. The tru
 tissue fractions resampled onto the image and summed inside the same mask, so the brain mask's own
 error is left out; the mask's share of the true brain is printed beside it.
 
+``--slices K`` averages each 1 mm head (and its truth) into K mm axial slices first, the slice
+profile of a 2D clinical acquisition as a box, as ``run.py --slices`` does for brains.
+
 Printed: per session the protocol, the model that ran, GM / WM / CSF error (%) of the app's volumes
 (summed refined probabilities) and of the network alone, and per subject the GM and WM difference
 between its two sessions (the truth's is zero). Writes ``benchmarks/results/tissue_full_heads.json``.
 
     python benchmarks/tissue/full_heads.py --subjects 4 --work /tmp/full-heads
+    python benchmarks/tissue/full_heads.py --subjects 4 --work /tmp/full-heads --slices 3
 """
 
 from __future__ import annotations
@@ -45,24 +49,38 @@ def simulate(out: Path, subjects: int, seed: int) -> None:
     write_dataset(out, cfg, overwrite=True)
 
 
-def truth_in_mask(truth_dir: Path, stem: str, ref, mask: np.ndarray) -> dict:
-    """ml of the simulator's CSF/GM/WM fractions inside ``mask`` (resampled onto ``ref``'s grid) and in all."""
+def axial_slabs(img, k: int):
+    """``img`` averaged over every ``k`` consecutive axial (S-I) slices: a 2D acquisition's thick slices."""
     import nibabel as nib
-    from nibabel.processing import resample_from_to
 
-    from bidsapp.labels import TISSUE
+    axis = [c in "SI" for c in nib.aff2axcodes(img.affine)].index(True)
+    data = np.asarray(img.dataobj, np.float32)
+    n = data.shape[axis] // k * k
+    data = np.take(data, range(n), axis=axis)
+    shape = list(data.shape)
+    shape[axis:axis + 1] = [n // k, k]
+    data = data.reshape(shape).mean(axis + 1)
+    step = np.eye(4)
+    step[axis, axis] = k
+    step[axis, 3] = (k - 1) / 2.0
+    return nib.Nifti1Image(data, img.affine @ step)
+
+
+def truth_in_mask(truth_maps: dict, ref, mask: np.ndarray) -> dict:
+    """ml of the simulator's CSF/GM/WM fractions (``{name: image}``) inside ``mask`` (resampled onto
+    ``ref``'s grid) and in all."""
+    from nibabel.processing import resample_from_to
 
     vml = float(np.prod(ref.header.get_zooms()[:3])) / 1000.0
     out = {}
-    for name in TISSUE.names:
-        img = nib.load(str(truth_dir / f"{stem}_label-{name}_probseg.nii.gz"))
+    for name, img in truth_maps.items():
         on_ref = np.asarray(resample_from_to(img, ref, order=1).dataobj, np.float64)
         out[name] = float(on_ref[mask].sum() * vml)
         out[f"{name}_all"] = float(np.asarray(img.dataobj, np.float64).sum() * np.prod(img.header.get_zooms()[:3]) / 1000)
     return out
 
 
-def evaluate(t1w: Path, bids: Path, work: Path) -> dict:
+def evaluate(t1w: Path, bids: Path, work: Path, slices: int = 1) -> dict:
     import nibabel as nib
 
     from bidsapp.bids.acquisition import AcquisitionRecord
@@ -74,15 +92,23 @@ def evaluate(t1w: Path, bids: Path, work: Path) -> dict:
     sub, ses = stem.split("_")[:2]
     sidecar = json.loads(t1w.with_name(f"{stem}_T1w.json").read_text())
     acq = AcquisitionRecord.from_metadata(sidecar, suffix="T1w").to_dict()
+    truth_dir = bids / "derivatives" / "truth" / sub / ses / "anat"
+    truth_maps = {n: nib.load(str(truth_dir / f"{stem}_label-{n}_probseg.nii.gz")) for n in TISSUE.names}
+    if slices > 1:
+        (work / stem).mkdir(parents=True, exist_ok=True)
+        t1w = work / stem / f"{stem}_slices{slices}_T1w.nii.gz"
+        if not t1w.exists():
+            nib.save(axial_slabs(nib.load(str(bids / sub / ses / "anat" / f"{stem}_T1w.nii.gz")), slices), str(t1w))
+        truth_maps = {n: axial_slabs(img, slices) for n, img in truth_maps.items()}
     prep = prepare(t1w, work / stem)
     ref = nib.load(str(prep["n4"]))
     img = np.asarray(ref.dataobj, np.float32)
     mask = np.asarray(nib.load(str(prep["mask"])).dataobj) > 0
     zooms = ref.header.get_zooms()[:3]
-    truth = truth_in_mask(bids / "derivatives" / "truth" / sub / ses / "anat", stem, ref, mask)
+    truth = truth_in_mask(truth_maps, ref, mask)
     res = segment(img, mask, zooms, acq, device="cpu")
     raw = segment(img, mask, zooms, acq, device="cpu", refine=False)
-    row = {"session": stem, "protocol": sidecar.get("ProtocolName"), "method": res.method,
+    row = {"session": stem, "slices_mm": slices, "protocol": sidecar.get("ProtocolName"), "method": res.method,
            "refinement": res.refinement, "truth_ml": truth,
            "mask_share_of_true_brain": (truth["GM"] + truth["WM"]) / (truth["GM_all"] + truth["WM_all"])}
     for key, r in (("app", res), ("network", raw)):
@@ -110,6 +136,7 @@ def main(argv=None) -> int:
     ap.add_argument("--subjects", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", default=str(ROOT / "benchmarks" / "results" / "tissue-full-heads"))
+    ap.add_argument("--slices", type=int, default=1, help="average the heads into axial slices this many mm thick")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "tissue_full_heads.json"))
     args = ap.parse_args(argv)
@@ -121,7 +148,7 @@ def main(argv=None) -> int:
     simulate(bids, args.subjects, args.seed)
     rows = []
     for t1w in sorted(bids.glob("sub-*/ses-*/anat/*_T1w.nii.gz")):
-        rows.append(evaluate(t1w, bids, work / "prep"))
+        rows.append(evaluate(t1w, bids, work / f"prep-slices{args.slices}", args.slices))
         r = rows[-1]
         e, n = r["app_error_pct"], r["network_error_pct"]
         print(f"{r['session']:<14}{r['protocol']:<24}{r['method']:<13}"
@@ -142,7 +169,7 @@ def main(argv=None) -> int:
               f"{s['median_abs_between_sessions_pct']['WM']:.1f}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"summary": summary, "sessions": rows, "between_sessions": between_sessions(rows),
-                                          "subjects": args.subjects, "seed": args.seed}, indent=1, default=float))
+                                          "subjects": args.subjects, "seed": args.seed, "slices_mm": args.slices}, indent=1, default=float))
     print(f"wrote {args.out}")
     return 0
 

@@ -537,7 +537,7 @@ def segment(image: np.ndarray, mask: np.ndarray, zooms, acquisition: dict | None
     if refine and refinement_applies(zooms, res):
         from .intensity_refine import refine as refine_probs
 
-        probs, fit = refine_probs(img, mask_b, probs)
+        probs, fit = refine_probs(img, mask_b, probs, csf_sign=-1.0 if pv.csf_inverted else 1.0)
     dseg = np.where(mask_b, probs.argmax(0) + 1, 0).astype(np.uint8)
     volumes = tissue_volumes_mm3(probs, mask_b, float(np.prod(zooms)), fractions=fit is not None)
     method = "unet-physics" if name == PHYSICS_MODEL else "unet"
