@@ -59,8 +59,9 @@ def sidecar_metadata(result) -> dict:
         "Resampling": (f"input box-averaged to {result.model['resolution_mm']:g} mm isotropic for the network; "
                        "probabilities linearly interpolated back to the input grid"
                        + ("; then refined at the input's resolution by the image's intensities (one Gaussian per "
-                          "tissue and a mixed class per pair of tissues, fitted by EM with the network's "
-                          "probabilities as the prior); the maps are the expected tissue fractions"
+                          "tissue, a mixed class per pair of tissues and an outlier class counted as CSF, fitted "
+                          "by EM with the network's probabilities as the prior); the maps are the expected "
+                          "tissue fractions, and the volumes their sums"
                           if result.refinement else "")),
         "IntensityRefinement": result.refinement,
         "Device": result.device,
