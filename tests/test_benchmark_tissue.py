@@ -198,3 +198,26 @@ def test_real_scan_benchmark_compares_methods_on_one_mask(tmp_path, capsys):
     assert "samseg" in json.loads((out / "real.json").read_text())["again"][0]["volumes"]
     lut = real.freesurfer_to_tissue(np.array([0, 2, 3, 4, 10, 24, 41, 42, 502]))
     assert lut.tolist() == [0, 3, 2, 1, 2, 1, 3, 2, 0]
+
+
+def test_full_heads_slabs_average_axial_slices_in_place_and_score_inside_the_mask():
+    """full_heads.py: thick slices average along the image's S-I axis whatever its voxel order, keep
+    each slab where its slices were, and the truth is summed inside the mask on the image's grid."""
+    import nibabel as nib
+
+    fh = _script("full_heads")
+    data = np.arange(4 * 6 * 5, dtype=np.float32).reshape(4, 6, 5)
+    lia = np.array([[-1.0, 0, 0, 10], [0, 0, 1, -20], [0, -1, 0, 30], [0, 0, 0, 1]])  # voxel axes L, I, A
+    thick = fh.axial_slabs(nib.Nifti1Image(data, lia), 3)
+    assert thick.shape == (4, 2, 5)  # the second axis (I) holds the slices: 6 -> 2
+    np.testing.assert_allclose(np.asarray(thick.dataobj)[:, 0], data[:, :3].mean(1))
+    centre = thick.affine @ [0, 0, 0, 1]
+    np.testing.assert_allclose(centre[:3], (lia @ [0, 1, 0, 1])[:3])  # the middle of slices 0-2
+    assert nib.aff2axcodes(thick.affine) == ("L", "I", "A")
+    frac = nib.Nifti1Image(np.full((4, 6, 5), 0.5, np.float32), lia)
+    mask = np.zeros((4, 6, 5), bool)
+    mask[:2] = True
+    vols = fh.truth_in_mask({"GM": frac}, nib.Nifti1Image(data, lia), mask)
+    assert vols["GM"] == pytest.approx(0.5 * mask.sum() / 1000) and vols["GM_all"] == pytest.approx(0.5 * 120 / 1000)
+    rows = [{"session": f"sub-01_ses-{i}", "app_ml": {"GM": g, "WM": 100.0}} for i, g in ((1, 50.0), (2, 55.0))]
+    assert fh.between_sessions(rows)["sub-01"] == pytest.approx({"GM": 10.0, "WM": 0.0})
