@@ -4,8 +4,8 @@
 tissues. A user's scan is a head: scalp, skull and neck around the brain, and at every tissue border
 voxels that hold some of each. Here the simulator makes such heads (tissue fractions, each voxel the
 magnitude of its tissues' summed signed signals, so that in an MPRAGE whose CSF signal is negative a
-CSF/GM border is darker than either; bias, noise), two sessions per subject on different scanners or
-protocols, and each T1w goes through the participant level's steps (RAS, N4, the learned brain mask,
+CSF/GM border is darker than either; bias, noise) from the label maps the tissue networks never saw,
+two sessions per subject on different scanners or protocols, and each T1w goes through the participant level's steps (RAS, N4, the learned brain mask,
 N4 inside it) and the tissue model with its sidecar, as the app runs it. The truth is the simulator's
 tissue fractions resampled onto the image and summed inside the same mask, so the brain mask's own
 error is left out; the mask's share of the true brain is printed beside it.
@@ -37,14 +37,22 @@ sys.path.insert(0, str(HERE))
 
 
 def simulate(out: Path, subjects: int, seed: int) -> None:
-    """Two sessions a day apart per subject, the second on another scanner or protocol."""
+    """Two sessions a day apart per subject, the second on another scanner or protocol, from the label
+    maps the tissue networks never saw (``anat-10..12`` in turn, each subject randomly deformed)."""
     from bidsapp.devdata import anatomy_dir
     from bidsapp.physics.dataset import DatasetConfig, write_dataset
+    from bidsapp.training.tissue_data import HELDOUT
 
     if (out / "dataset_description.json").exists():
         return
+    held_out = out.parent / "anatomy"
+    held_out.mkdir(parents=True, exist_ok=True)
+    for name in HELDOUT:
+        link = held_out / f"{name}_dseg.nii.gz"
+        if not link.exists():
+            link.symlink_to(Path(anatomy_dir()) / link.name)
     cfg = DatasetConfig(subjects=subjects, sites=min(subjects, 4), sessions=2, seed=seed, interval_years=1 / 365.25,
-                        protocol_change=True, decline_fraction=0.0, anatomy_dir=str(anatomy_dir()))
+                        protocol_change=True, decline_fraction=0.0, anatomy_dir=str(held_out))
     out.parent.mkdir(parents=True, exist_ok=True)
     write_dataset(out, cfg, overwrite=True)
 
