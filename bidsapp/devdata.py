@@ -12,6 +12,9 @@ import os
 from pathlib import Path
 
 ENV = "SCANBRIDGE_DATA_DIR"
+HELDOUT_ANATOMIES = ("anat-10", "anat-11", "anat-12")
+"""Label maps of ``anatomy/`` that no model trains on: every trainer leaves them out, and the simulated
+benchmarks test on them."""
 
 
 def data_dir() -> Path:

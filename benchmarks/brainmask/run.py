@@ -53,8 +53,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from bidsapp.devdata import HELDOUT_ANATOMIES  # noqa: E402
+
 METHODS = ("learned", "template", "deepbet")
-HELDOUT = ("anat-10", "anat-11", "anat-12")
+HELDOUT = HELDOUT_ANATOMIES
 PROTOCOLS = {  # sequence family -> built-in protocol (own voxel size and orientation)
     "MPRAGE 3T 1mm": "siemens-3T-mprage",
     "SPGR 1.5T 1mm": "mrainet-1.5T-spgr",

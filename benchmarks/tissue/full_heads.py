@@ -41,7 +41,7 @@ def simulate(out: Path, subjects: int, seed: int) -> None:
     maps the tissue networks never saw (``anat-10..12`` in turn, each subject randomly deformed)."""
     from bidsapp.devdata import anatomy_dir
     from bidsapp.physics.dataset import DatasetConfig, write_dataset
-    from bidsapp.training.tissue_data import HELDOUT
+    from bidsapp.devdata import HELDOUT_ANATOMIES as HELDOUT
 
     if (out / "dataset_description.json").exists():
         return

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bidsapp.devdata import anatomy_dir
+from bidsapp.devdata import HELDOUT_ANATOMIES, anatomy_dir
 from bidsapp.training.engine import add_run_arguments, run_command
 from bidsapp.training.augment import gaussian_blur, rotation, thick_slices
 from bidsapp.training.config import stage_commands
@@ -47,7 +47,7 @@ from bidsapp.training.config import command_line as config_command_line
 
 LOG = logging.getLogger("scanbridge.train.brainmask")
 
-HELDOUT = ("anat-10", "anat-11", "anat-12")
+HELDOUT = HELDOUT_ANATOMIES
 CENTRES = ("brain", "head")
 """Where training fields of view are centred: near the brain's centre, or (``head``) half of them
 anywhere in the head, so that a field of view smaller than the head still shows the network the face

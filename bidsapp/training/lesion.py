@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bidsapp.devdata import anatomy_dir
+from bidsapp.devdata import HELDOUT_ANATOMIES, anatomy_dir
 from bidsapp.training.engine import add_run_arguments, run_command
 from bidsapp.training.augment import rotation, thick_slices
 from bidsapp.training.config import stage_commands
@@ -45,7 +45,7 @@ from bidsapp.training.config import command_line as config_command_line
 
 LOG = logging.getLogger("scanbridge.train.lesion")
 
-HELDOUT = ("anat-10", "anat-11", "anat-12")
+HELDOUT = HELDOUT_ANATOMIES
 VENTRICLES = (4, 43, 5, 44, 14)
 CORTEX = (3, 42)
 INFRATENTORIAL = (7, 8, 46, 47, 16, 15)

@@ -58,11 +58,12 @@ from pathlib import Path
 
 import numpy as np
 
+from bidsapp.devdata import HELDOUT_ANATOMIES
 from bidsapp.models.siamese import INPUTS
 from bidsapp.training.config import command_line as config_command_line
 from bidsapp.training.engine import add_run_arguments, run_command
 
-HELDOUT = ("anat-10", "anat-11", "anat-12")
+HELDOUT = HELDOUT_ANATOMIES
 BLOCK = 4
 """Consecutive pairs sharing an anatomy: index % 2 is the label, (index // 2) % 2 the scanner change."""
 YEARS = (0.5, 3.0)

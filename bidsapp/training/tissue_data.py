@@ -31,11 +31,11 @@ from pathlib import Path
 
 import numpy as np
 
-from bidsapp.devdata import anatomy_dir
+from bidsapp.devdata import HELDOUT_ANATOMIES, anatomy_dir
 from bidsapp.physics.contrast import LOW_CONTRAST, wm_gm_signal_ratio
 
 LOG = logging.getLogger("scanbridge.train.tissue")
-HELDOUT = ("anat-10", "anat-11", "anat-12")
+HELDOUT = HELDOUT_ANATOMIES
 """Shared label maps never used for training: the benchmark's held-out subjects."""
 DEFAULT_ANATOMY_DIR = anatomy_dir()
 BRAIN_CLASSES = ("background", "CSF", "ventricles", "GM", "deep_GM", "WM", "lesion")
