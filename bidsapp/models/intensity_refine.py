@@ -22,8 +22,9 @@ voxel's expected tissue fraction (as FAST's partial-volume maps), the labels its
 
 Where the sequence parameters say CSF's signal is opposite to the tissues' (an MPRAGE before CSF's null,
 e.g. TI 0.9 s at 3 T), a CSF/tissue voxel is the magnitude of a sum of signals of opposite sign, darker
-than either: read as a line between the two intensities, the cortex's outer border went to CSF (GM 8-17 %
-low on simulated 3 T MPRAGE heads). There every class's intensity is the magnitude of its signed mean
+than either: read as a line between the two intensities, the cortex's outer border goes to CSF (GM
+6-15 % low on simulated 3 T MPRAGE heads once the outlier class below keeps the Gaussians tight, 1-4 %
+with the sign). There every class's intensity is the magnitude of its signed mean
 (``csf_sign``). Everywhere an outlier class of uniform intensity keeps what no tissue explains from
 widening the tissues' Gaussians (:data:`OUTLIER_PRIOR`).
 
@@ -53,8 +54,8 @@ OUTLIER_PRIOR = 0.01
 """Prior weight of an outlier class of uniform intensity over the brain's range. What no tissue explains
 (fat or a vessel in the mask's rim, brighter than white matter) otherwise widens a tissue's Gaussian,
 and the wide Gaussian takes in the border voxels its mixtures should explain: on simulated 1 mm full
-heads GM came out up to 17 % low (median |error| 6.3 %, 2.5 % with the class). Its share is counted as
-CSF, the mask's non-tissue row."""
+heads GM came out up to 14 % low (median |error| 3.8 %; 2.0 % with the class and the magnitude model,
+``benchmarks/tissue/full_heads.py``). Its share is counted as CSF, the mask's non-tissue row."""
 
 
 @dataclass
