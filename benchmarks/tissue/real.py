@@ -15,8 +15,9 @@ level's steps as a user gets them (N4, the learned brain mask, N4 inside it) and
   its labels mapped to CSF/GM/WM as the simulator maps FreeSurfer labels
   (:data:`bidsapp.physics.phantom.LABEL_CLASSES`) and counted inside the same brain mask.
 
-The U-Net rows are the app's own volumes (each tissue's summed probability inside the mask, as its
-volumes table gives them); Atropos and SAMSEG count their labels.
+The U-Net rows are the app's own volumes, as its volumes table gives them (``unet``: the refined
+fractions summed inside the mask; ``unet-network``: the network's labels counted); Atropos and SAMSEG
+count their labels.
 
 It prints GM, WM, CSF (ml), the GM/WM ratio (adults: about 1.1-1.6) and each method's GM and WM
 difference from SAMSEG's; writes ``real.json`` and one overlay per scan (``<name>_tissue.png``: the
@@ -123,7 +124,7 @@ def volumes(dseg: np.ndarray, mask: np.ndarray, voxel_ml: float) -> dict:
 
 
 def app_volumes(result) -> dict:
-    """ml of each tissue as the app's volumes table gives them (summed probabilities in the mask)."""
+    """ml of each tissue as the app's volumes table gives them (:attr:`TissueResult.volumes_mm3`)."""
     from bidsapp.labels import TISSUE
 
     return _with_ratio({name: result.volumes_mm3[name] / 1000.0 for name in TISSUE.names})
@@ -165,8 +166,8 @@ def evaluate(image: Path, args) -> dict:
             segs["samseg"] = freesurfer_to_tissue(resample_labels(seg, ref))
     row = {"image": str(image), "name": name, "brain_ml": prep["brain_ml"], "seconds": seconds,
            "zooms": [round(float(z), 2) for z in zooms],
-           "volumes": {m: volumes(d, mask, vox_ml) for m, d in segs.items()}}
-    row["volumes"].update(unet=app_volumes(res), **{"unet-network": app_volumes(raw)})
+           "volumes": {"unet": app_volumes(res), "unet-network": app_volumes(raw),
+                       **{m: volumes(d, mask, vox_ml) for m, d in segs.items() if m in ("atropos", "samseg")}}}
     if "samseg" in row["volumes"]:
         s = row["volumes"]["samseg"]
         for m, v in row["volumes"].items():
