@@ -19,6 +19,7 @@ SUBCOMMANDS = {
     "wmh": ("bidsapp.training.wmh", "FLAIR-only WMH generator (Siamese content loss, or an overlap-loss baseline)"),
     "wmh-features": ("bidsapp.training.wmh_features", "frozen feature network of the WMH content loss"),
     "longitudinal": ("bidsapp.training.longitudinal", "3D-SiameseNet: stable vs accelerated atrophy from two T1w sessions"),
+    "average": ("bidsapp.training.average", "a model as the weighted average of trained stages' weights"),
 }
 
 

@@ -1,0 +1,92 @@
+"""``scanbridge-train average``: a shipped model made as the weighted average of trained stages' weights.
+
+Why: a network fine-tuned on a new kind of data (e.g. the lesion U-Net's second stage, on faint
+lesions and heavy loads) trades what it did well for what it learned. Averaging the weights of the
+network before and after fine-tuning (WiSE-FT, Wortsman et al., CVPR 2022; "model soups") keeps much
+of both at no cost at inference: the stages share one architecture and one training trajectory, so
+their average is a working network, unlike the average of two networks trained apart.
+
+    scanbridge-train average --name lesion_unet --from runs/lesion/weights runs/lesion-graded/weights \\
+        --out runs/lesion-average
+
+Each ``--from`` folder holds ``NAME.pt`` and its card (as every trainer writes them). The result's card
+is the last input's, with the sha256 and size of the average, ``training.average`` (each input's sha256
+and share) and this command appended to ``training.stages``.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--name", required=True, help="model name: the weights files are NAME.pt and NAME.json")
+    parser.add_argument("--from", dest="sources", nargs="+", required=True, metavar="DIR",
+                        help="weights folders of the stages to average (same architecture)")
+    parser.add_argument("--shares", nargs="+", type=float, default=None, metavar="W",
+                        help="each folder's share of the average (default: equal); normalised to sum to 1")
+    parser.add_argument("--out", required=True, help="run folder: the average lands in OUT/weights")
+
+
+def average_states(states: list[dict], shares: list[float]) -> dict:
+    """The share-weighted average of state dicts with the same keys and shapes (integer buffers, such as a
+    batch norm's counter, are taken from the last)."""
+    keys = list(states[-1])
+    for i, s in enumerate(states):
+        if list(s) != keys or any(s[k].shape != states[-1][k].shape for k in keys):
+            raise ValueError(f"input {i + 1} does not have the last input's parameters: not one architecture")
+    out = {}
+    for k in keys:
+        last = states[-1][k]
+        if last.is_floating_point():
+            out[k] = sum(w * s[k].double() for w, s in zip(shares, states)).to(last.dtype)
+        else:
+            out[k] = last.clone()
+    return out
+
+
+def run(args) -> int:
+    from bidsapp.models import registry
+
+    n = len(args.sources)
+    if n < 2:
+        print("scanbridge-train average: give at least two --from folders", file=sys.stderr)
+        return 2
+    shares = args.shares or [1.0] * n
+    if len(shares) != n or min(shares) < 0 or sum(shares) <= 0:
+        print(f"scanbridge-train average: --shares needs {n} non-negative numbers, not all zero", file=sys.stderr)
+        return 2
+    shares = [w / sum(shares) for w in shares]
+    states, cards = [], []
+    for src in args.sources:
+        try:
+            state, card = registry.load_state_dict(args.name, src)
+        except (registry.ModelNotFoundError, registry.WeightsIntegrityError) as exc:
+            print(f"scanbridge-train average: {exc}", file=sys.stderr)
+            return 2
+        states.append(state)
+        cards.append(card)
+    if any(c["architecture"] != cards[-1]["architecture"] for c in cards):
+        print("scanbridge-train average: the model cards name different architectures", file=sys.stderr)
+        return 2
+    try:
+        state = average_states(states, shares)
+    except ValueError as exc:
+        print(f"scanbridge-train average: {exc}", file=sys.stderr)
+        return 2
+    card = dict(cards[-1])
+    training = dict(card.get("training", {}))
+    command = "scanbridge-train average " + shlex.join(
+        ["--name", args.name, "--from", *args.sources] + (["--shares", *map(str, args.shares)] if args.shares else [])
+        + ["--out", args.out])
+    training["stages"] = list(training.get("stages") or [training.get("command")]) + [command]
+    training["command"] = command
+    training["average"] = [{"sha256": c["sha256"], "share": round(w, 6)} for c, w in zip(cards, shares)]
+    card["training"] = training
+    out = Path(args.out) / "weights"
+    card = registry.save_model(args.name, state, card, out)
+    print(f"{out / card['weights_file']}: average of {n} stages (shares {', '.join(f'{w:.3g}' for w in shares)}), "
+          f"sha256 {card['sha256'][:12]}")
+    return 0

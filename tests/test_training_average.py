@@ -1,0 +1,65 @@
+"""``scanbridge-train average``: weighted average of trained stages, its card, and refused inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bidsapp.models import registry
+from bidsapp.training.cli import main
+
+ARCH = {"class": "torch.nn.Linear", "kwargs": {"in_features": 3, "out_features": 2}}
+
+
+def _stage(folder, seed: int, arch=ARCH, shape=(2, 3)) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    state = {"weight": torch.randn(*shape, generator=gen), "bias": torch.randn(shape[0], generator=gen),
+             "count": torch.tensor(seed, dtype=torch.long)}
+    card = {"version": "1", "architecture": arch, "metrics": {},
+            "training": {"command": f"scanbridge-train toy --seed {seed}", "seed": seed, "data": "toy"}}
+    return registry.save_model("toy", state, card, folder), state
+
+
+def test_average_of_two_stages_and_its_card(tmp_path, capsys):
+    card_a, a = _stage(tmp_path / "a", 1)
+    card_b, b = _stage(tmp_path / "b", 2)
+    out = tmp_path / "avg"
+    assert main(["average", "--name", "toy", "--from", str(tmp_path / "a"), str(tmp_path / "b"),
+                 "--shares", "1", "3", "--out", str(out)]) == 0
+    state, card = registry.load_state_dict("toy", out / "weights")  # sha256 checked against the new card
+    assert torch.allclose(state["weight"], 0.25 * a["weight"] + 0.75 * b["weight"])
+    assert torch.allclose(state["bias"], 0.25 * a["bias"] + 0.75 * b["bias"])
+    assert int(state["count"]) == 2  # integer buffers come from the last stage
+    t = card["training"]
+    assert [x["sha256"] for x in t["average"]] == [card_a["sha256"], card_b["sha256"]]
+    assert [x["share"] for x in t["average"]] == [0.25, 0.75]
+    assert t["stages"][0] == "scanbridge-train toy --seed 2" and t["stages"][-1] == t["command"]
+    assert t["command"].startswith("scanbridge-train average --name toy --from")
+    assert card["sha256"] not in (card_a["sha256"], card_b["sha256"])
+
+
+def test_equal_shares_by_default(tmp_path):
+    _, a = _stage(tmp_path / "a", 1)
+    _, b = _stage(tmp_path / "b", 2)
+    assert main(["average", "--name", "toy", "--from", str(tmp_path / "a"), str(tmp_path / "b"),
+                 "--out", str(tmp_path / "avg")]) == 0
+    state, _ = registry.load_state_dict("toy", tmp_path / "avg" / "weights")
+    assert torch.allclose(state["weight"], 0.5 * (a["weight"] + b["weight"]))
+
+
+@pytest.mark.parametrize("problem", ["shape", "architecture", "missing", "shares"])
+def test_refuses_what_cannot_be_averaged(tmp_path, capsys, problem):
+    _stage(tmp_path / "a", 1)
+    if problem == "shape":
+        _stage(tmp_path / "b", 2, shape=(4, 3))
+    elif problem == "architecture":
+        _stage(tmp_path / "b", 2, arch={"class": "torch.nn.Linear", "kwargs": {"in_features": 3, "out_features": 4}})
+    elif problem != "missing":
+        _stage(tmp_path / "b", 2)
+    args = ["average", "--name", "toy", "--from", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "o")]
+    if problem == "shares":
+        args += ["--shares", "1"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("scanbridge-train average:") and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o" / "weights" / "toy.pt").exists()
