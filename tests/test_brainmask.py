@@ -58,6 +58,17 @@ def test_shipped_network_finds_the_brain_on_any_contrast_and_grid(head, name):
     assert "no tissue contrast" in bm.contrast_problem(flat, res.mask, 0.008)
 
 
+def test_mirrored_reading_is_symmetric_and_differs_from_one_reading(head):
+    """Test-time mirroring: the mirror image of a head gets the mirror image of its probability (the
+    padding of the odd-sized grid included), and the average is not the plain reading."""
+    net, _ = bm.load_model()
+    vol = np.asarray(head["spgr"][0].dataobj, np.float32)[:, :-3]  # sizes that need padding
+    both = bm.predict_probability(net, vol, mirror=True)
+    assert both.shape == vol.shape
+    np.testing.assert_allclose(bm.predict_probability(net, vol[::-1].copy(), mirror=True)[::-1], both, atol=1e-5)
+    assert np.abs(bm.predict_probability(net, vol, mirror=False) - both).max() > 1e-3
+
+
 def test_mask_follows_the_image_whatever_its_voxel_order(head):
     img, _ = head["spgr"]
     ras = nib.as_closest_canonical(img)

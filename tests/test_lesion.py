@@ -359,3 +359,20 @@ def test_segment_cuts_the_mask_at_the_threshold_asked_for(head):
     for bad in (0.0, 1.0, -0.2, 1.5):
         with pytest.raises(ValueError, match="strictly between 0 and 1"):
             L.segment(images, ses["brain"], np.eye(4), (1.0, 1.0, 1.0), threshold=bad)
+
+
+def test_mixed_lesion_contrast_shows_each_patch_full_or_graded(monkeypatch):
+    """``mixed``: a patch shows every lesion whole or graded, about half each; the target is untouched."""
+    from bidsapp.physics import lesions as P
+    from bidsapp.physics.tissues import CLASSES
+    from bidsapp.training import lesion as T
+
+    monkeypatch.setattr(P, "draw_contrast", lambda specs, rng: [(0.0, 0.0)] * len(specs))
+    monkeypatch.setattr(P, "contrast_map", lambda shape, affine, specs, contrast: np.zeros(shape, np.float32))
+    frac = np.zeros((len(CLASSES), 4, 4, 4), np.float32)
+    frac[CLASSES.index("lesion")] = 1.0
+    rng = np.random.default_rng(0)
+    graded = [float(T.shown(frac, np.eye(4), ["a lesion"], "mixed", rng)[CLASSES.index("lesion")].sum()) == 0
+              for _ in range(40)]
+    assert 10 <= sum(graded) <= 30
+    assert frac[CLASSES.index("lesion")].min() == 1.0

@@ -52,10 +52,11 @@ INFRATENTORIAL = (7, 8, 46, 47, 16, 15)
 INFRATENTORIAL_WM = (7, 46, 16)
 CEREBRAL_WM = (2, 41)
 KIND_P = {"periventricular": 0.35, "deep": 0.3, "juxtacortical": 0.2, "infratentorial": 0.15}
-LESION_CONTRASTS = ("full", "graded")
+LESION_CONTRASTS = ("full", "graded", "mixed")
 """``full``: every lesion shows the lesion class's whole contrast up to its edge; ``graded``: each shows
 0.3-1 of it at its centre, fading to half of that or more at its edge
-(:func:`bidsapp.physics.lesions.draw_contrast`), as on clinical scans."""
+(:func:`bidsapp.physics.lesions.draw_contrast`), as on clinical scans; ``mixed``: each patch one or the
+other, half each (a network trained on graded lesions alone draws bright, sharp ones too large)."""
 LESION_LOADS = ("typical", "wide")
 """Lesions per training box: ``typical`` (a lesion, 0-7 more, a fifth of them confluent) or ``wide``
 (a third of the boxes a heavy load, as in advanced MS or confluent small-vessel disease)."""
@@ -227,6 +228,8 @@ def shown(fractions: np.ndarray, affine, specs, lesion_contrast: str, rng: np.ra
     if lesion_contrast not in LESION_CONTRASTS:
         raise ValueError(f"lesion_contrast {lesion_contrast!r}: one of {', '.join(LESION_CONTRASTS)}")
     ft = torch.from_numpy(fractions)
+    if lesion_contrast == "mixed":
+        lesion_contrast = "full" if rng.random() < 0.5 else "graded"
     if lesion_contrast == "full" or not specs:
         return ft
     share = torch.from_numpy(contrast_map(fractions.shape[1:], affine, specs, draw_contrast(specs, rng)))
@@ -451,7 +454,7 @@ class TrainConfig:
         "choices": LESION_CONTRASTS,
         "help": "full: every lesion the lesion class's whole contrast; graded: each lesion 0.3-1 of it, "
                 "fading toward its edge (faint lesions as on clinical scans; the target stays the whole "
-                "lesion)"})
+                "lesion); mixed: each patch full or graded, half each"})
     lesion_load: str = field(default="typical", metadata={
         "choices": LESION_LOADS,
         "help": "typical: a lesion and 0-7 more per patch; wide: a third of the patches a heavy load (the "
