@@ -5,10 +5,11 @@ tissues. A user's scan is a head: scalp, skull and neck around the brain, and at
 voxels that hold some of each. Here the simulator makes such heads (tissue fractions, each voxel the
 magnitude of its tissues' summed signed signals, so that in an MPRAGE whose CSF signal is negative a
 CSF/GM border is darker than either; bias, noise) from the label maps the tissue networks never saw,
-two sessions per subject on different scanners or protocols, and each T1w goes through the participant level's steps (RAS, N4, the learned brain mask,
-N4 inside it) and the tissue model with its sidecar, as the app runs it. The truth is the simulator's
-tissue fractions resampled onto the image and summed inside the same mask, so the brain mask's own
-error is left out; the mask's share of the true brain is printed beside it.
+two sessions per subject on different scanners or protocols, and each T1w goes through the participant
+level's steps (RAS, N4, the learned brain mask, N4 inside it) and the tissue model with its sidecar, as
+the app runs it. The truth is the simulator's tissue fractions resampled onto the image and summed
+inside the same mask, so the brain mask's own error is left out; the mask's share of the true brain is
+printed beside it.
 
 ``--slices K`` averages each 1 mm head (and its truth) into K mm axial slices first, the slice
 profile of a 2D clinical acquisition as a box, as ``run.py --slices`` does for brains.
@@ -39,15 +40,14 @@ sys.path.insert(0, str(HERE))
 def simulate(out: Path, subjects: int, seed: int) -> None:
     """Two sessions a day apart per subject, the second on another scanner or protocol, from the label
     maps the tissue networks never saw (``anat-10..12`` in turn, each subject randomly deformed)."""
-    from bidsapp.devdata import anatomy_dir
+    from bidsapp.devdata import HELDOUT_ANATOMIES, anatomy_dir
     from bidsapp.physics.dataset import DatasetConfig, write_dataset
-    from bidsapp.devdata import HELDOUT_ANATOMIES as HELDOUT
 
     if (out / "dataset_description.json").exists():
         return
     held_out = out.parent / "anatomy"
     held_out.mkdir(parents=True, exist_ok=True)
-    for name in HELDOUT:
+    for name in HELDOUT_ANATOMIES:
         link = held_out / f"{name}_dseg.nii.gz"
         if not link.exists():
             link.symlink_to(Path(anatomy_dir()) / link.name)
