@@ -213,6 +213,23 @@ def icbm_heads():
     return load_heads(None, use_icbm=True)
 
 
+def test_aged_copies_widen_the_outer_csf_and_keep_the_brain_target():
+    from bidsapp.physics import phantom as P
+    from bidsapp.training.brainmask import AGED_GM_LOSS, aged_copies, load_heads
+
+    ph = P.load_anatomy(None, resolution=3.0).reorient("RAS")
+    copies = aged_copies(ph, 2)
+    gm = [float(p.fraction("GM").sum()) for p in [ph] + copies]
+    csf = [float(p.fraction("CSF").sum()) for p in [ph] + copies]
+    brain = [float(p.brain_fraction.sum()) for p in [ph] + copies]
+    assert gm[0] > gm[1] > gm[2] and csf[0] < csf[1] < csf[2]
+    assert brain == pytest.approx([brain[0]] * 3, rel=1e-3)  # the intracranial target does not move
+    assert gm[2] < gm[0] * (1 - 0.8 * AGED_GM_LOSS)  # cortical GM is most of GM: about its loss
+    heads = load_heads(None, use_icbm=True, aged=1)
+    assert [h.name for h in heads] == ["icbm152", "icbm152-aged1"]
+    assert float(heads[1].brain.sum()) == pytest.approx(float(heads[0].brain.sum()), rel=1e-3)
+
+
 @pytest.mark.parametrize("centre", ["brain", "head"])
 def test_synthetic_heads_are_reproducible_and_target_the_brain(icbm_heads, centre):
     from bidsapp.training.brainmask import HeadSynth

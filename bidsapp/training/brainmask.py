@@ -104,8 +104,28 @@ class Head:
     head_box: np.ndarray  # (2, 3) first and last voxel of the head (non-background fraction >= 0.5)
 
 
-def load_heads(anatomy_dir, use_icbm: bool = True, heldout=HELDOUT, grid_mm: float | None = None) -> list[Head]:
-    """The training anatomies as RAS fraction maps on the network's grid."""
+AGED_GM_LOSS = 0.25
+"""Cortical GM the most-aged copy of a head loses (turned into CSF from the pial side)."""
+AGED_VENTRICLE_GROWTH = 1.5
+"""How much the most-aged copy's ventricles grow (1.5: to 2.5 times their volume)."""
+
+
+def aged_copies(phantom, n: int) -> list:
+    """``n`` copies of ``phantom`` with the look of an ageing brain in the same skull: the k-th loses
+    ``k / n`` of :data:`AGED_GM_LOSS` of its cortical GM to CSF and its ventricles grow by ``k / n`` of
+    :data:`AGED_VENTRICLE_GROWTH`. The brain target does not change (its CSF is brain), but the dark
+    band between cortex and skull on T1w widens, as it does in the older brains of ageing studies: the
+    anatomies are young and the network, trained on them alone, left out part of a thick outer CSF."""
+    from bidsapp.physics.atrophy import cortical_thinning, enlarge_ventricles
+
+    return [enlarge_ventricles(cortical_thinning(phantom, AGED_GM_LOSS * k / n), AGED_VENTRICLE_GROWTH * k / n)
+            for k in range(1, n + 1)]
+
+
+def load_heads(anatomy_dir, use_icbm: bool = True, heldout=HELDOUT, grid_mm: float | None = None,
+               aged: int = 0) -> list[Head]:
+    """The training anatomies as RAS fraction maps on the network's grid, each followed by ``aged``
+    aged copies (:func:`aged_copies`)."""
     import torch
 
     from bidsapp.models.brainmask import GRID_MM
@@ -124,12 +144,14 @@ def load_heads(anatomy_dir, use_icbm: bool = True, heldout=HELDOUT, grid_mm: flo
     heads = []
     for name, src in srcs:
         ph = P.load_anatomy(src, resolution=grid_mm).reorient("RAS")
-        frac = torch.from_numpy(np.ascontiguousarray(ph.fractions))
-        brain = torch.from_numpy(np.ascontiguousarray(ph.brain_fraction.astype(np.float32)))
-        idx = np.argwhere(ph.brain_mask)
-        head = np.argwhere(ph.fractions[0] < 0.5)
-        heads.append(Head(name, frac, tuple(ph.classes), brain, idx.mean(0), np.stack([head.min(0), head.max(0)])))
-        LOG.info("anatomy %s: %s voxels", name, tuple(ph.shape))
+        for k, copy in enumerate([ph] + (aged_copies(ph, aged) if aged else [])):
+            frac = torch.from_numpy(np.ascontiguousarray(copy.fractions))
+            brain = torch.from_numpy(np.ascontiguousarray(copy.brain_fraction.astype(np.float32)))
+            idx = np.argwhere(copy.brain_mask)
+            head = np.argwhere(copy.fractions[0] < 0.5)
+            heads.append(Head(name if k == 0 else f"{name}-aged{k}", frac, tuple(copy.classes), brain, idx.mean(0),
+                              np.stack([head.min(0), head.max(0)])))
+        LOG.info("anatomy %s: %s voxels%s", name, tuple(ph.shape), f", {aged} aged copies" if aged else "")
     return heads
 
 
@@ -279,6 +301,9 @@ class TrainConfig:
         "help": "centre of the training fields of view: brain, or head (half of them anywhere in the head)"})
     init_from: str | None = field(default=None, metadata={
         "help": "start from the network of a checkpoint.pt or weights file (a later stage of a chain)"})
+    aged: int = field(default=0, metadata={
+        "help": "aged copies of each anatomy (cortical GM thinned into CSF, ventricles grown; the k-th of N "
+                "loses k/N of 25 %% of its cortex): heads with the thick outer CSF of older brains"})
 
 
 def command_line(cfg: TrainConfig) -> str:
@@ -300,7 +325,7 @@ def train(cfg: TrainConfig, heads: list[Head] | None = None, progress=print, sto
     torch.set_num_threads(int(cfg.threads))
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    heads = heads if heads is not None else load_heads(cfg.anatomy_dir, use_icbm=cfg.icbm)
+    heads = heads if heads is not None else load_heads(cfg.anatomy_dir, use_icbm=cfg.icbm, aged=cfg.aged)
     synth = HeadSynth(heads, size=cfg.size, seed=cfg.seed, max_rotation=cfg.max_rotation, centre=cfg.centre,
                       device=device)
     net = build_network()
@@ -344,7 +369,9 @@ def save(net, cfg: TrainConfig, history: dict, weights_dir=None) -> dict:
             "seed": cfg.seed,
             "data": ("synthetic heads from the physics engine: label maps "
                      f"{', '.join(sorted(h for h in _anatomy_names(cfg)))} (held out: {', '.join(HELDOUT)})"
-                     + (" and the ICBM152 2009a head" if cfg.icbm else "")),
+                     + (" and the ICBM152 2009a head" if cfg.icbm else "")
+                     + (f", each with {cfg.aged} aged copies (cortical GM thinned into CSF, ventricles grown)"
+                        if cfg.aged else "")),
             "iterations": cfg.iterations, "batch": cfg.batch, "patch_voxels": cfg.size,
             "seconds": round(history["seconds"], 1), "threads": cfg.threads, "device": cfg.device,
             "torch": torch.__version__, "platform": platform.platform(),
