@@ -15,8 +15,9 @@ Data:
 
 - ``simulated``: the held-out label maps (``anat-10``..``anat-12``, never seen in training) simulated
   with the physics engine under built-in protocols of every sequence family, at their own
-  resolutions and orientations, plus an already skull-stripped MPRAGE; truth = the simulator's brain
-  mask. Also the brain volume of the same head on a 3T MPRAGE and a 1.5T SPGR scanner.
+  resolutions and orientations, plus an already skull-stripped MPRAGE and an MPRAGE of the head aged
+  (``AGEING``: cortex thinned into CSF, ventricles grown, as in ageing studies); truth = the
+  simulator's brain mask. Also the brain volume of the same head on a 3T MPRAGE and a 1.5T SPGR scanner.
 - ``clinical``: the real clinical MS scans of ``clinical-ms/`` beside the label maps (thick-slice FLAIR,
   T1w, T2w with skull, no sidecars); each mask is taken to the patient's common space with the
   dataset's affines (T1w/T2w -> FLAIR -> common) and compared with the expert brain mask inside the
@@ -66,6 +67,10 @@ PROTOCOLS = {  # sequence family -> built-in protocol (own voxel size and orient
     "MPRAGE 7T 1mm": "siemens-7T-mprage",
 }
 STRIPPED = "MPRAGE 3T stripped"
+AGED = "MPRAGE 3T aged"
+AGEING = (0.15, 1.0)
+"""The aged image's head: 15 % of its cortical GM turned into CSF, its ventricles twice as large (an older
+brain in the same skull, its outer CSF thick; amounts apart from the training's aged copies)."""
 SETS = ("simulated", "clinical", "registry")
 
 
@@ -150,7 +155,7 @@ def preprocess(raw: Path, out_dir: Path) -> Path:
 
 # ---------------------------------------------------------------------------------- data sets
 def simulated_cases(work: Path, anatomy_dir: Path, heads, seed: int) -> list[dict]:
-    """Held-out heads under every protocol (+ a skull-stripped MPRAGE); truth masks in RAS."""
+    """Held-out heads under every protocol (+ a skull-stripped and an aged MPRAGE); truth masks in RAS."""
     import nibabel as nib
 
     from bidsapp.physics import phantom as P
@@ -164,13 +169,19 @@ def simulated_cases(work: Path, anatomy_dir: Path, heads, seed: int) -> list[dic
             print(f"  {src} missing: {head} left out")
             continue
         subject = None
-        for k, (family, proto) in enumerate(list(PROTOCOLS.items()) + [(STRIPPED, "siemens-3T-mprage")]):
+        extra = [(STRIPPED, "siemens-3T-mprage"), (AGED, "siemens-3T-mprage")]
+        for k, (family, proto) in enumerate(list(PROTOCOLS.items()) + extra):
             d = work / "simulated" / head / family.replace(" ", "_")
             d.mkdir(parents=True, exist_ok=True)
             if not (d / "truth.nii.gz").is_file():
                 if subject is None:
                     subject = P.from_label_map(src)
-                sim = simulate(subject, get_protocol(proto), np.random.default_rng(seed + 100 * h + k))
+                anatomy = subject
+                if family == AGED:
+                    from bidsapp.physics.atrophy import cortical_thinning, enlarge_ventricles
+
+                    anatomy = enlarge_ventricles(cortical_thinning(subject, AGEING[0]), AGEING[1])
+                sim = simulate(anatomy, get_protocol(proto), np.random.default_rng(seed + 100 * h + k))
                 img, truth = sim.image, sim.truth.brain_mask
                 if family == STRIPPED:  # another tool's output: the brain and a little around it
                     from scipy import ndimage as ndi
