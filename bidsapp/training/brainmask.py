@@ -370,7 +370,8 @@ def save(net, cfg: TrainConfig, history: dict, weights_dir=None) -> dict:
             "data": ("synthetic heads from the physics engine: label maps "
                      f"{', '.join(sorted(h for h in _anatomy_names(cfg)))} (held out: {', '.join(HELDOUT)})"
                      + (" and the ICBM152 2009a head" if cfg.icbm else "")
-                     + (f", each with {cfg.aged} aged copies (cortical GM thinned into CSF, ventricles grown)"
+                     + (f", each with {cfg.aged} aged {'copy' if cfg.aged == 1 else 'copies'} (cortical GM thinned "
+                        "into CSF, ventricles grown)"
                         if cfg.aged else "")),
             "iterations": cfg.iterations, "batch": cfg.batch, "patch_voxels": cfg.size,
             "seconds": round(history["seconds"], 1), "threads": cfg.threads, "device": cfg.device,
