@@ -178,9 +178,9 @@ def simulated_cases(work: Path, anatomy_dir: Path, heads, seed: int) -> list[dic
                     subject = P.from_label_map(src)
                 anatomy = subject
                 if family == AGED:
-                    from bidsapp.physics.atrophy import cortical_thinning, enlarge_ventricles
+                    from bidsapp.physics.atrophy import age_brain
 
-                    anatomy = enlarge_ventricles(cortical_thinning(subject, AGEING[0]), AGEING[1])
+                    anatomy = age_brain(subject, *AGEING)
                 sim = simulate(anatomy, get_protocol(proto), np.random.default_rng(seed + 100 * h + k))
                 img, truth = sim.image, sim.truth.brain_mask
                 if family == STRIPPED:  # another tool's output: the brain and a little around it

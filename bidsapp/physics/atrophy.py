@@ -19,6 +19,7 @@ Public API
 ``cortical_thinning(phantom, fraction) -> Phantom``  remove ``fraction`` (0-0.5) of cortical GM.
 ``enlarge_ventricles(phantom, fraction) -> Phantom``  grow the ventricles by ``fraction`` (0-3).
 ``apply_atrophy(phantom, years, gm_rate=0.005, ventricle_rate=0.015) -> Phantom``  both, compounded.
+``age_brain(phantom, gm_loss, ventricle_growth) -> Phantom``  both, by amounts.
 ``STABLE_RATES``, ``DECLINE_RATES``  dicts of (gm_rate, ventricle_rate) used by the dataset writer.
 ``warp_atrophy(data, affine, brain, loss_percent) -> array``  an *image's* brain shrunk inside a skull
   that does not move (a warp, as atrophy-injection tools make it: the space left is filled by the
@@ -132,6 +133,13 @@ def apply_atrophy(phantom: Phantom, years: float, gm_rate: float = STABLE_RATES[
         return phantom.copy()
     out = enlarge_ventricles(phantom, (1.0 + ventricle_rate) ** years - 1.0)
     return cortical_thinning(out, 1.0 - (1.0 - gm_rate) ** years, _inplace=True)
+
+
+def age_brain(phantom: Phantom, gm_loss: float, ventricle_growth: float) -> Phantom:
+    """``phantom`` with ``gm_loss`` of its cortical GM thinned into CSF, then its ventricles grown by
+    ``ventricle_growth``: an older brain in the same skull, given by amounts rather than yearly rates
+    (:func:`apply_atrophy` grows the ventricles first)."""
+    return enlarge_ventricles(cortical_thinning(phantom, gm_loss), ventricle_growth)
 
 
 # ------------------------------------------------------------------------- atrophy made by a warp

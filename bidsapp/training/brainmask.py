@@ -116,10 +116,9 @@ def aged_copies(phantom, n: int) -> list:
     :data:`AGED_VENTRICLE_GROWTH`. The brain target does not change (its CSF is brain), but the dark
     band between cortex and skull on T1w widens, as it does in the older brains of ageing studies: the
     anatomies are young and the network, trained on them alone, left out part of a thick outer CSF."""
-    from bidsapp.physics.atrophy import cortical_thinning, enlarge_ventricles
+    from bidsapp.physics.atrophy import age_brain
 
-    return [enlarge_ventricles(cortical_thinning(phantom, AGED_GM_LOSS * k / n), AGED_VENTRICLE_GROWTH * k / n)
-            for k in range(1, n + 1)]
+    return [age_brain(phantom, AGED_GM_LOSS * k / n, AGED_VENTRICLE_GROWTH * k / n) for k in range(1, n + 1)]
 
 
 def load_heads(anatomy_dir, use_icbm: bool = True, heldout=HELDOUT, grid_mm: float | None = None,
@@ -151,7 +150,7 @@ def load_heads(anatomy_dir, use_icbm: bool = True, heldout=HELDOUT, grid_mm: flo
             head = np.argwhere(copy.fractions[0] < 0.5)
             heads.append(Head(name if k == 0 else f"{name}-aged{k}", frac, tuple(copy.classes), brain, idx.mean(0),
                               np.stack([head.min(0), head.max(0)])))
-        LOG.info("anatomy %s: %s voxels%s", name, tuple(ph.shape), f", {aged} aged copies" if aged else "")
+        LOG.info("anatomy %s: %s voxels%s", name, tuple(ph.shape), f", {aged} aged {'copy' if aged == 1 else 'copies'}" if aged else "")
     return heads
 
 
