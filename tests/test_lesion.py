@@ -51,6 +51,22 @@ def test_domain_losses_follow_the_paper():
         domain_loss("xx", flat, d)
 
 
+def test_cross_entropy_term_penalises_a_confident_rim_that_dice_alone_tolerates():
+    from bidsapp.training.losses import lesion_loss
+
+    target = torch.zeros(1, 4, 8, 8, 8)
+    target[:, 0, 2:6, 2:6, 2:6] = 1.0
+    sharp = torch.where(target > 0, 12.0, -12.0)
+    rim = sharp.clone()
+    rim[:, 0, 1:7, 1:7, 1:7] = torch.where(target[:, 0, 1:7, 1:7, 1:7] > 0, 12.0, 0.5)  # p = 0.62 next to it
+    dice, both = lesion_loss(), lesion_loss(bce=True)
+    added = both(rim, target) - dice(rim, target)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(rim[:, :1], target[:, :1])
+    assert added.item() == pytest.approx(bce.item(), rel=1e-5)
+    # the rim costs Dice + BCE more than it costs Dice alone
+    assert both(rim, target) - both(sharp, target) > dice(rim, target) - dice(sharp, target) + 0.1
+
+
 # ------------------------------------------------------------------------------------------ model
 def test_network_has_a_domain_head_only_for_training():
     from bidsapp.models.lesion import ARCHITECTURE, CHANNELS, OUTPUTS, build_network, segmentation_state
@@ -212,6 +228,7 @@ def test_training_resumes_exactly(head, tmp_path):
                   weights_dir=tmp_path / "w")
     assert card["training"]["command"].startswith("scanbridge-train lesion --anatomy-dir")
     assert "--domain-loss" not in card["training"]["command"]  # the default: rand
+    assert "--lesion-loss" not in card["training"]["command"]  # the default: the paper's soft Dice
     stage = T.TrainConfig(out=str(tmp_path / "c"), init_from=str(tmp_path / "a" / "checkpoint.pt"),
                           **dict(kw, iterations=1, lr=1e-4))
     hist = T.train(stage, heads=[head], progress=lambda m: None)

@@ -57,6 +57,9 @@ LESION_CONTRASTS = ("full", "graded", "mixed")
 0.3-1 of it at its centre, fading to half of that or more at its edge
 (:func:`bidsapp.physics.lesions.draw_contrast`), as on clinical scans; ``mixed``: each patch one or the
 other, half each (a network trained on graded lesions alone draws bright, sharp ones too large)."""
+LESION_LOSSES = ("dice", "dice-bce")
+"""The lesion channel's loss (:func:`bidsapp.training.losses.lesion_loss`): the paper's soft Dice, or
+soft Dice + binary cross-entropy."""
 LESION_LOADS = ("typical", "wide")
 """Lesions per training box: ``typical`` (a lesion, 0-7 more, a fifth of them confluent) or ``wide``
 (a third of the boxes a heavy load, as in advanced MS or confluent small-vessel disease)."""
@@ -459,6 +462,9 @@ class TrainConfig:
         "choices": LESION_LOADS,
         "help": "typical: a lesion and 0-7 more per patch; wide: a third of the patches a heavy load (the "
                 "first lesion 1.5-2.5x larger, 4-12 more around it), as in advanced MS"})
+    lesion_loss: str = field(default="dice", metadata={
+        "choices": LESION_LOSSES,
+        "help": "dice: the paper's soft Dice; dice-bce: soft Dice + binary cross-entropy (nnU-Net's)"})
     heads: str | None = field(default=None, metadata={"help": "comma-separated anatomies to train on "
                                                               "(default: all but the held-out ones)"})
     threads: int = field(default=2, metadata={"card": False})
@@ -504,7 +510,7 @@ def train(cfg: TrainConfig, heads: list[Head] | None = None, progress=print, sto
     net = net.to(device)
     lam = DOMAIN_LAMBDA[cfg.domain_loss] if cfg.domain_lambda is None else float(cfg.domain_lambda)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
-    seg_loss = lesion_loss()
+    seg_loss = lesion_loss(bce=cfg.lesion_loss == "dice-bce")
 
     def step(_it):
         x, y, d, _ = synth.batch(cfg.batch)

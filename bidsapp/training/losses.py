@@ -123,16 +123,21 @@ def domain_loss(kind: str, logits: torch.Tensor, domain: torch.Tensor, generator
     raise ValueError(f"unknown domain loss {kind!r}; known: {', '.join(DOMAIN_LOSSES[1:])}")
 
 
-def lesion_loss():
-    """Soft Dice of eq. 5 (squared denominators, MONAI) on the lesion channel, batch-wise so patches
-    with little lesion do not dominate; the anatomical context channels add Dice + BCE at weight 0.5."""
+def lesion_loss(bce: bool = False):
+    """The lesion channel's loss: the soft Dice of eq. 5 (squared denominators, MONAI), batch-wise so
+    patches with little lesion do not dominate; ``bce`` adds binary cross-entropy at equal weight
+    (nnU-Net's Dice + CE), which penalises confident voxels past a lesion's edge that Dice alone
+    tolerates. The anatomical context channels add Dice + BCE at weight 0.5 either way."""
     from monai.losses import DiceLoss
 
     dice = DiceLoss(sigmoid=True, squared_pred=True, batch=True, smooth_nr=1e-5, smooth_dr=1e-5)
     context = dice_bce_loss()
 
     def loss(logits, target):
-        return dice(logits[:, :1], target[:, :1]) + 0.5 * context(logits[:, 1:], target[:, 1:])
+        out = dice(logits[:, :1], target[:, :1]) + 0.5 * context(logits[:, 1:], target[:, 1:])
+        if bce:
+            out = out + torch.nn.functional.binary_cross_entropy_with_logits(logits[:, :1], target[:, :1])
+        return out
     return loss
 
 
