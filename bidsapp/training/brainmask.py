@@ -110,6 +110,11 @@ AGED_VENTRICLE_GROWTH = 1.5
 """How much the most-aged copy's ventricles grow (1.5: to 2.5 times their volume)."""
 
 
+def aged_count(n: int) -> str:
+    """``"1 aged copy"`` / ``"n aged copies"``: the training log's and the card's words."""
+    return f"{n} aged {'copy' if n == 1 else 'copies'}"
+
+
 def aged_copies(phantom, n: int) -> list:
     """``n`` copies of ``phantom`` with the look of an ageing brain in the same skull: the k-th loses
     ``k / n`` of :data:`AGED_GM_LOSS` of its cortical GM to CSF and its ventricles grow by ``k / n`` of
@@ -150,7 +155,7 @@ def load_heads(anatomy_dir, use_icbm: bool = True, heldout=HELDOUT, grid_mm: flo
             head = np.argwhere(copy.fractions[0] < 0.5)
             heads.append(Head(name if k == 0 else f"{name}-aged{k}", frac, tuple(copy.classes), brain, idx.mean(0),
                               np.stack([head.min(0), head.max(0)])))
-        LOG.info("anatomy %s: %s voxels%s", name, tuple(ph.shape), f", {aged} aged {'copy' if aged == 1 else 'copies'}" if aged else "")
+        LOG.info("anatomy %s: %s voxels%s", name, tuple(ph.shape), f", {aged_count(aged)}" if aged else "")
     return heads
 
 
@@ -369,8 +374,7 @@ def save(net, cfg: TrainConfig, history: dict, weights_dir=None) -> dict:
             "data": ("synthetic heads from the physics engine: label maps "
                      f"{', '.join(sorted(h for h in _anatomy_names(cfg)))} (held out: {', '.join(HELDOUT)})"
                      + (" and the ICBM152 2009a head" if cfg.icbm else "")
-                     + (f", each with {cfg.aged} aged {'copy' if cfg.aged == 1 else 'copies'} (cortical GM thinned "
-                        "into CSF, ventricles grown)"
+                     + (f", each with {aged_count(cfg.aged)} (cortical GM thinned into CSF, ventricles grown)"
                         if cfg.aged else "")),
             "iterations": cfg.iterations, "batch": cfg.batch, "patch_voxels": cfg.size,
             "seconds": round(history["seconds"], 1), "threads": cfg.threads, "device": cfg.device,
