@@ -67,6 +67,14 @@ def test_cross_entropy_term_penalises_a_confident_rim_that_dice_alone_tolerates(
     assert both(rim, target) - both(sharp, target) > dice(rim, target) - dice(sharp, target) + 0.1
 
 
+def test_an_unknown_lesion_loss_is_refused_not_trained_as_dice(tmp_path):
+    from bidsapp.training.lesion import TrainConfig, train
+
+    cfg = TrainConfig(anatomy_dir=str(tmp_path), out=str(tmp_path / "run"), lesion_loss="focal")
+    with pytest.raises(ValueError, match="unknown lesion loss 'focal'"):
+        train(cfg, heads=[])
+
+
 # ------------------------------------------------------------------------------------------ model
 def test_network_has_a_domain_head_only_for_training():
     from bidsapp.models.lesion import ARCHITECTURE, CHANNELS, OUTPUTS, build_network, segmentation_state

@@ -495,6 +495,8 @@ def train(cfg: TrainConfig, heads: list[Head] | None = None, progress=print, sto
     from bidsapp.training.engine import fit, load_initial
     from bidsapp.training.losses import DOMAIN_LAMBDA, domain_loss, lesion_loss
 
+    if cfg.lesion_loss not in LESION_LOSSES:
+        raise ValueError(f"unknown lesion loss {cfg.lesion_loss!r}; known: {', '.join(LESION_LOSSES)}")
     torch.set_num_threads(int(cfg.threads))
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
