@@ -512,15 +512,7 @@ def volumes_by_group_figure(df: pd.DataFrame, tissues: Sequence[str] = VOLUME_LA
         ax.ticklabel_format(axis="y", useOffset=False)
         ax.set_ylabel(f"volume ({unit})" if ax is axes[0, 0] else "")
         ax.spines[["top", "right"]].set_visible(False)
-    handles = [Line2D([0], [0], marker="o", ls="", color=ccol[c], label=c) for c in cats]
-    if len(handles) <= 20:
-        fig.legend(handles=handles, title="acquisition group" if color_col == "acq_group" else color_col,
-                   loc="upper left", bbox_to_anchor=(1.0, 0.95), frameon=False,
-                   fontsize=8, title_fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    return fig
+    return _finish_group_figure(fig, ccol, color_col, title)
 
 
 def volumes_vs_age_figure(df: pd.DataFrame, tissues: Sequence[str] = VOLUME_LABELS, age_col: str = "age",
@@ -547,12 +539,16 @@ def volumes_vs_age_figure(df: pd.DataFrame, tissues: Sequence[str] = VOLUME_LABE
         ax.set_title(t, fontsize=10)
         ax.set_ylabel("volume (mL)" if ax is axes[0, 0] else "")
         ax.spines[["top", "right"]].set_visible(False)
-    if len(groups) <= 20:
-        handles = [Line2D([0], [0], marker="o", ls="", color=cmap[i % len(cmap)], label=g)
-                   for i, g in enumerate(groups)]
-        fig.legend(handles=handles, title="acquisition group" if group_col == "acq_group" else group_col,
-                   loc="upper left", bbox_to_anchor=(1.0, 0.95), frameon=False,
-                   fontsize=8, title_fontsize=8)
+    return _finish_group_figure(fig, {g: cmap[i % len(cmap)] for i, g in enumerate(groups)}, group_col, title)
+
+
+def _finish_group_figure(fig, colors: dict, column: str, title: str | None):
+    """A per-group figure's legend (one dot a group, right of the axes; left out past 20 groups, where it
+    would hide the plot), title and layout."""
+    if len(colors) <= 20:
+        handles = [Line2D([0], [0], marker="o", ls="", color=c, label=g) for g, c in colors.items()]
+        fig.legend(handles=handles, title="acquisition group" if column == "acq_group" else column,
+                   loc="upper left", bbox_to_anchor=(1.0, 0.95), frameon=False, fontsize=8, title_fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
