@@ -223,6 +223,39 @@ def test_training_checkpoints_and_resumes_exactly(tmp_path, inputs, erode):
     assert np.allclose(S.predict_proba(net, x, x), S.predict_proba(straight["net"], x, x), atol=1e-6)
 
 
+def test_scanner_adversary_reverses_its_gradient_and_is_not_shipped(tmp_path):
+    from bidsapp.models.layers import reverse_gradient
+    from bidsapp.training.losses import adversary_ramp
+
+    x = torch.ones(3, requires_grad=True)
+    (reverse_gradient(x, 0.5) * torch.tensor([1.0, 2.0, 3.0])).sum().backward()
+    assert torch.equal(x.grad, torch.tensor([-0.5, -1.0, -1.5]))
+    assert adversary_ramp(0.0) == 0.0 and 0.99 < adversary_ramp(1.0) < 1.0 and adversary_ramp(0.1) < adversary_ramp(0.2)
+
+    pool = _random_pool()
+    pool["protocols"] = np.array(["p>p", "p>q", "q>q", "q>p"] * 3)
+    cfg = L.TrainConfig(out=str(tmp_path / "adv"), anatomy_dir="icbm152", pairs=12, iterations=3, batch=4, size=16,
+                        filters="4,4,4", dense="8,8", val_every=3, eval_every=0, threads=1, checkpoint_every=1,
+                        scanner_adversary=1.0)
+    first = L.train(cfg, progress=lambda m: None, stop_after=2, pool=pool)
+    assert first["net"].domain_head[-1].out_features == 4 and len(first["adversary"]) == 2
+    resumed = L.train(cfg, progress=lambda m: None, pool=pool)
+    straight = L.train(L.TrainConfig(**dict(vars(cfg), out=str(tmp_path / "adv2"))), progress=lambda m: None, pool=pool)
+    assert resumed["loss"] == straight["loss"]
+    card = L.save(straight["net"], cfg, straight)
+    assert "--scanner-adversary 1.0" in card["training"]["command"]
+    net, _ = S.load_model(weights_dir=tmp_path / "adv" / "weights")
+    assert net.domain_head is None
+    straight["net"].eval()
+    a = torch.as_tensor(pool["a"][:2].astype(np.float32))[:, None]
+    with torch.no_grad():
+        logits, dom = straight["net"](a, a, reverse=1.0)
+        assert dom.shape == (2, 4) and torch.allclose(logits, straight["net"](a, a))
+    x = pool["a"][:2].astype(np.float32)
+    assert np.allclose(S.predict_proba(net, x, x), S.predict_proba(straight["net"], x, x), atol=1e-6)
+    assert L._check(L.TrainConfig(out="x", anatomy_dir="icbm152", scanner_adversary=-1)).startswith("--scanner-adversary")
+
+
 def test_the_trainer_is_a_subcommand():
     from bidsapp.training import cli
 

@@ -51,3 +51,20 @@ def fixed_order(conv: nn.Module) -> nn.Module:
     out = kind(conv.in_channels, conv.out_channels, bias=conv.bias is not None).to(conv.weight.device)
     out.load_state_dict(conv.state_dict())
     return out.train(conv.training)
+
+
+class _ReverseGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.scale = float(scale)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return -ctx.scale * grad, None
+
+
+def reverse_gradient(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """Identity forward, gradient times ``-scale`` backward (Ganin & Lempitsky 2015): a domain head read
+    through it learns to tell the domains apart while the features under it learn not to let it."""
+    return _ReverseGradient.apply(x, scale)

@@ -70,11 +70,17 @@ DESIGN = {
 _CACHE: dict = {}
 
 
-def build_network(arch: dict | None = None):
+def build_network(arch: dict | None = None, n_domains: int = 0):
     """The Siamese network of ``arch`` (default :data:`ARCHITECTURE`): ``net(baseline, follow_up)`` ->
-    logits (N, 2) of tensors (N, 1, S, S, S); ``net.features(a, b)`` -> (fused, penultimate)."""
+    logits (N, 2) of tensors (N, 1, S, S, S); ``net.features(a, b)`` -> (fused, penultimate).
+
+    ``n_domains`` > 0 adds the training-only scanner adversary (``domain_head``, dropped from the shipped
+    weights by :func:`shipped_state`): ``net(a, b, reverse=s)`` -> (logits, domain logits), the head
+    reading the penultimate features through a gradient reversal of weight ``s``."""
     import torch
     from torch import nn
+
+    from .layers import reverse_gradient
 
     arch = arch or ARCHITECTURE
     if arch.get("class") != ARCHITECTURE["class"]:
@@ -106,6 +112,10 @@ def build_network(arch: dict | None = None):
             self.dense = nn.Sequential(*layers)
             self.dropout = nn.Dropout(dropout)
             self.out = nn.Linear(width, classes)
+            self.domain_head = None
+            if n_domains > 0:  # three perceptron layers, as the lesion model's regularisation network
+                self.domain_head = nn.Sequential(nn.Linear(width, 32), nn.LeakyReLU(slope),
+                                                 nn.Linear(32, 32), nn.LeakyReLU(slope), nn.Linear(32, n_domains))
 
         def fuse(self, a, b):
             """Follow-up minus baseline features (N, C, s, s, s), one batch through the branch."""
@@ -118,11 +128,20 @@ def build_network(arch: dict | None = None):
             fused = self.fuse(a, b)
             return fused, self.dense(fused)
 
-        def forward(self, a, b):
-            return self.out(self.dropout(self.dense(self.fuse(a, b))))
+        def forward(self, a, b, reverse: float | None = None):
+            hidden = self.dense(self.fuse(a, b))
+            logits = self.out(self.dropout(hidden))
+            if reverse is None:
+                return logits
+            return logits, self.domain_head(reverse_gradient(hidden, reverse))
 
     # Channels-last: the CPU (oneDNN) backward of a 3D convolution is up to 40x slower in the default layout.
     return SiameseNet3d(**arch["kwargs"]).to(memory_format=torch.channels_last_3d)
+
+
+def shipped_state(net) -> dict:
+    """The weights to ship: the network without its training-only scanner adversary."""
+    return {k: v for k, v in net.state_dict().items() if not k.startswith("domain_head.")}
 
 
 def load_model(device="cpu", weights_dir=None, name: str = MODEL_NAME):

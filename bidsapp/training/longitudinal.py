@@ -40,7 +40,11 @@ every epoch and augmented per pair, both images together (an independent flip or
 change the network ought to report): a left/right flip and a rotation up to ``--rotate-deg`` about the
 left-right axis (the authors' code rotates up to 5 degrees in that plane); with ``--intensity-jitter``, each
 image's standardised CSF, GM and WM levels moved on their own (:meth:`PairSampler._jitter`), so that two
-sessions of one scanner differ in contrast as much as two scanners do. The validation pairs give
+sessions of one scanner differ in contrast as much as two scanners do. With ``--scanner-adversary W``, a
+head on the penultimate features (training only) learns which protocols made the pair and the features
+are trained against it through a reversed gradient (domain-adversarial training, the lesion model's
+regulariser made adversarial): the class and the protocols are drawn independently, so features that
+carry no trace of the scanners lose nothing the class needs. The validation pairs give
 the accuracy and the MSLE (the paper's metrics, :func:`evaluate`) every ``--eval-every`` iterations
 and in the model card.
 """
@@ -369,8 +373,9 @@ class PairSampler:
             out[k] = np.where(inside, np.clip(np.interp(x[k], knots, values), lo, hi), 0.0)
         return out
 
-    def batch(self, n: int):
-        """(baselines, follow-ups) float tensors (n, 1, S, S, S) and labels (n,)."""
+    def batch(self, n: int, index: bool = False):
+        """(baselines, follow-ups) float tensors (n, 1, S, S, S) and labels (n,); with ``index``, the pool
+        indices of the pairs as a fourth item."""
         import torch
         import torch.nn.functional as F
 
@@ -396,7 +401,7 @@ class PairSampler:
             both = F.grid_sample(torch.cat([a, b]), torch.cat([grid, grid]), mode="bilinear",
                                  padding_mode="zeros", align_corners=False)
             a, b = both[:n], both[n:]
-        return a.contiguous(), b.contiguous(), y
+        return (a.contiguous(), b.contiguous(), y) + ((pick,) if index else ())
 
 
 def msle(probs: np.ndarray, labels: np.ndarray) -> float:
@@ -472,6 +477,11 @@ class TrainConfig:
     intensity_jitter: float = field(default=0.0, metadata={
         "help": "with --inputs standardised: each training image's CSF and GM anchors moved by up to this, WM's by "
                 "half, independently for the two images of a pair (0: none)"})
+    scanner_adversary: float = field(default=0.0, metadata={
+        "help": "weight of a scanner adversary: a head on the penultimate features learns the pair's protocols "
+                "(baseline > follow-up) through a reversed gradient of this weight, ramped up from 0 over the run "
+                "(Ganin & Lempitsky 2015), so that a scanner change leaves no trace the classifier could read "
+                "(0: none)"})
     warp_share: float = field(default=0.0, metadata={
         "help": "share of pairs whose follow-up is the baseline's brain shrunk by a warp inside a fixed skull, by the "
                 "loss its trajectory gives (atrophy as injection tools make it; 0: none)"})
@@ -515,6 +525,7 @@ def train(cfg: TrainConfig, progress=print, stop_after: int | None = None, pool:
     from bidsapp.devices import resolve_device
     from bidsapp.models.siamese import build_network
     from bidsapp.training.engine import fit
+    from bidsapp.training.losses import adversary_ramp
 
     torch.set_num_threads(int(cfg.threads))
     device = resolve_device(cfg.device)
@@ -525,7 +536,9 @@ def train(cfg: TrainConfig, progress=print, stop_after: int | None = None, pool:
     val_idx = np.flatnonzero(pool["validation"])
     train_idx = np.flatnonzero(~pool["validation"])
     val = subset(pool, val_idx) if len(val_idx) else None
-    net = build_network(architecture(cfg)).to(device)
+    domains = sorted(set(pool["protocols"].tolist())) if cfg.scanner_adversary > 0 else []
+    domain_of = np.array([domains.index(p) for p in pool["protocols"]]) if domains else None
+    net = build_network(architecture(cfg), n_domains=len(domains)).to(device)
     decay = [p for p in net.parameters() if p.ndim > 1]
     rest = [p for p in net.parameters() if p.ndim <= 1]
     opt = torch.optim.Adam([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}],
@@ -537,13 +550,21 @@ def train(cfg: TrainConfig, progress=print, stop_after: int | None = None, pool:
                           cfg.mask_erode, standardise if cfg.mask_erode else None, cfg.intensity_jitter)
 
     def step(it):
-        a, b, y = (t.to(device) for t in sampler.batch(cfg.batch))
+        a, b, y, pick = sampler.batch(cfg.batch, index=True)
+        a, b, y = a.to(device), b.to(device), y.to(device)
         opt.zero_grad(set_to_none=True)
-        logits = net(a, b)
+        terms = {}
+        if domains:
+            logits, dom = net(a, b, reverse=cfg.scanner_adversary * adversary_ramp(it / cfg.iterations))
+            d = torch.as_tensor(domain_of[pick], dtype=torch.long, device=device)
+            aux = F.cross_entropy(dom, d)
+            terms["adversary"] = float((dom.argmax(1) == d).float().mean())
+        else:
+            logits, aux = net(a, b), 0.0
         loss = F.cross_entropy(logits, y)
-        loss.backward()
+        (loss + aux).backward()
         opt.step()
-        terms = {"loss": float(loss.detach()), "accuracy": float((logits.argmax(1) == y).float().mean())}
+        terms.update(loss=float(loss.detach()), accuracy=float((logits.argmax(1) == y).float().mean()))
         if val is not None and cfg.eval_every > 0 and (it + 1) % cfg.eval_every == 0:
             m = evaluate(net, val, device)
             terms.update(val_at=it + 1, val_accuracy=m["accuracy"], val_msle=m["msle"])
@@ -552,7 +573,7 @@ def train(cfg: TrainConfig, progress=print, stop_after: int | None = None, pool:
         return terms
 
     hist = fit(cfg, net, opt, step, out=cfg.out, states={"sampler": sampler}, progress=progress,
-               stop_after=stop_after, logged=("loss", "accuracy"))
+               stop_after=stop_after, logged=("loss", "accuracy", "adversary"))
     hist.setdefault("loss", [])
     if hist["finished"] and val is not None:
         hist["validation"] = evaluate(net, val, device)
@@ -571,7 +592,7 @@ def save(net, cfg: TrainConfig, history: dict, weights_dir=None) -> dict:
 
     from bidsapp import __version__
     from bidsapp.models import registry
-    from bidsapp.models.siamese import CLASSES, DESIGN, MODEL_NAME
+    from bidsapp.models.siamese import CLASSES, DESIGN, MODEL_NAME, shipped_state
 
     card = {
         "version": __version__,
@@ -607,7 +628,7 @@ def save(net, cfg: TrainConfig, history: dict, weights_dir=None) -> dict:
         },
         "metrics": {"validation": history.get("validation")},
     }
-    return registry.save_model(MODEL_NAME, net.state_dict(), card, weights_dir or Path(cfg.out) / "weights")
+    return registry.save_model(MODEL_NAME, shipped_state(net), card, weights_dir or Path(cfg.out) / "weights")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -632,6 +653,8 @@ def _check(cfg: TrainConfig) -> str | None:
         return "--mask-erode is a non-negative number of voxels, for --inputs standardised"
     if not 0 <= cfg.intensity_jitter < 0.2 or (cfg.intensity_jitter and cfg.inputs != "standardised"):
         return "--intensity-jitter is in [0, 0.2), for --inputs standardised"
+    if cfg.scanner_adversary < 0:
+        return "--scanner-adversary is a non-negative weight"
     if not 0 <= cfg.warp_share <= 1:
         return "--warp-share is a share of the pairs, in [0, 1]"
     if cfg.pairs < BLOCK:

@@ -123,6 +123,14 @@ def domain_loss(kind: str, logits: torch.Tensor, domain: torch.Tensor, generator
     raise ValueError(f"unknown domain loss {kind!r}; known: {', '.join(DOMAIN_LOSSES[1:])}")
 
 
+def adversary_ramp(progress: float) -> float:
+    """Ganin & Lempitsky's schedule of the reversed gradient's weight, 0 at the start of training to
+    nearly 1 at its end (``2 / (1 + exp(-10 p)) - 1``): the domain head learns before it is fought."""
+    import math
+
+    return 2.0 / (1.0 + math.exp(-10.0 * float(progress))) - 1.0
+
+
 def lesion_loss(bce: bool = False):
     """The lesion channel's loss: the soft Dice of eq. 5 (squared denominators, MONAI), batch-wise so
     patches with little lesion do not dominate; ``bce`` adds binary cross-entropy at equal weight
