@@ -108,9 +108,8 @@ def build_network(arch: dict | None = None, n_domains: int = 0):
     return LesionUNet(kw, n_domains)
 
 
-def segmentation_state(net) -> dict:
-    """The weights to ship: the network without its training-only regularisation head."""
-    return {k: v for k, v in net.state_dict().items() if not k.startswith("domain_head.")}
+segmentation_state = registry.shipped_state
+"""The weights to ship: the network without its training-only regularisation head."""
 
 
 def load_model(device="cpu", weights_dir=None, name: str = MODEL_NAME):

@@ -124,6 +124,15 @@ def update_card(name: str, updates: dict, weights_dir=None) -> dict:
     return card
 
 
+TRAINING_ONLY = ("domain_head.",)
+"""Parameter prefixes of training-only heads (the scanner regulariser or adversary), never shipped."""
+
+
+def shipped_state(net) -> dict:
+    """The weights to ship: ``net``'s state without its training-only heads (:data:`TRAINING_ONLY`)."""
+    return {k: v for k, v in net.state_dict().items() if not k.startswith(TRAINING_ONLY)}
+
+
 def save_model(name: str, state_dict: dict, card: dict, weights_dir=None) -> dict:
     """Write ``NAME.pt`` and ``NAME.json``; fills ``name``, ``weights_file``, ``sha256`` and returns the card."""
     import torch

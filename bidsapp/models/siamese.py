@@ -75,7 +75,7 @@ def build_network(arch: dict | None = None, n_domains: int = 0):
     logits (N, 2) of tensors (N, 1, S, S, S); ``net.features(a, b)`` -> (fused, penultimate).
 
     ``n_domains`` > 0 adds the training-only scanner adversary (``domain_head``, dropped from the shipped
-    weights by :func:`shipped_state`): ``net(a, b, reverse=s)`` -> (logits, domain logits), the head
+    weights by :func:`bidsapp.models.registry.shipped_state`): ``net(a, b, reverse=s)`` -> (logits, domain logits), the head
     reading the penultimate features through a gradient reversal of weight ``s``."""
     import torch
     from torch import nn
@@ -137,11 +137,6 @@ def build_network(arch: dict | None = None, n_domains: int = 0):
 
     # Channels-last: the CPU (oneDNN) backward of a 3D convolution is up to 40x slower in the default layout.
     return SiameseNet3d(**arch["kwargs"]).to(memory_format=torch.channels_last_3d)
-
-
-def shipped_state(net) -> dict:
-    """The weights to ship: the network without its training-only scanner adversary."""
-    return {k: v for k, v in net.state_dict().items() if not k.startswith("domain_head.")}
 
 
 def load_model(device="cpu", weights_dir=None, name: str = MODEL_NAME):

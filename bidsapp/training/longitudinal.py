@@ -536,8 +536,8 @@ def train(cfg: TrainConfig, progress=print, stop_after: int | None = None, pool:
     val_idx = np.flatnonzero(pool["validation"])
     train_idx = np.flatnonzero(~pool["validation"])
     val = subset(pool, val_idx) if len(val_idx) else None
-    domains = sorted(set(pool["protocols"].tolist())) if cfg.scanner_adversary > 0 else []
-    domain_of = np.array([domains.index(p) for p in pool["protocols"]]) if domains else None
+    # the adversary's classes: the pool's ordered protocol pairs ("baseline>follow-up")
+    domains, domain_of = np.unique(pool["protocols"], return_inverse=True) if cfg.scanner_adversary > 0 else ([], None)
     net = build_network(architecture(cfg), n_domains=len(domains)).to(device)
     decay = [p for p in net.parameters() if p.ndim > 1]
     rest = [p for p in net.parameters() if p.ndim <= 1]
@@ -554,7 +554,7 @@ def train(cfg: TrainConfig, progress=print, stop_after: int | None = None, pool:
         a, b, y = a.to(device), b.to(device), y.to(device)
         opt.zero_grad(set_to_none=True)
         terms = {}
-        if domains:
+        if len(domains):
             logits, dom = net(a, b, reverse=cfg.scanner_adversary * adversary_ramp(it / cfg.iterations))
             d = torch.as_tensor(domain_of[pick], dtype=torch.long, device=device)
             aux = F.cross_entropy(dom, d)
@@ -592,7 +592,7 @@ def save(net, cfg: TrainConfig, history: dict, weights_dir=None) -> dict:
 
     from bidsapp import __version__
     from bidsapp.models import registry
-    from bidsapp.models.siamese import CLASSES, DESIGN, MODEL_NAME, shipped_state
+    from bidsapp.models.siamese import CLASSES, DESIGN, MODEL_NAME
 
     card = {
         "version": __version__,
@@ -628,7 +628,7 @@ def save(net, cfg: TrainConfig, history: dict, weights_dir=None) -> dict:
         },
         "metrics": {"validation": history.get("validation")},
     }
-    return registry.save_model(MODEL_NAME, shipped_state(net), card, weights_dir or Path(cfg.out) / "weights")
+    return registry.save_model(MODEL_NAME, registry.shipped_state(net), card, weights_dir or Path(cfg.out) / "weights")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
