@@ -41,6 +41,7 @@ from bidsapp.devdata import HELDOUT_ANATOMIES, anatomy_dir
 from bidsapp.training.engine import add_run_arguments, run_command
 from bidsapp.training.augment import rotation, thick_slices
 from bidsapp.training.config import stage_commands
+from bidsapp.training.loss_names import DOMAIN_LAMBDA, DOMAIN_LOSSES, LESION_LOSSES
 from bidsapp.training.config import command_line as config_command_line
 
 LOG = logging.getLogger("scanbridge.train.lesion")
@@ -57,9 +58,6 @@ LESION_CONTRASTS = ("full", "graded", "mixed")
 0.3-1 of it at its centre, fading to half of that or more at its edge
 (:func:`bidsapp.physics.lesions.draw_contrast`), as on clinical scans; ``mixed``: each patch one or the
 other, half each (a network trained on graded lesions alone draws bright, sharp ones too large)."""
-LESION_LOSSES = ("dice", "dice-bce")
-"""The lesion channel's loss (:func:`bidsapp.training.losses.lesion_loss`): the paper's soft Dice, or
-soft Dice + binary cross-entropy."""
 LESION_LOADS = ("typical", "wide")
 """Lesions per training box: ``typical`` (a lesion, 0-7 more, a fifth of them confluent) or ``wide``
 (a third of the boxes a heavy load, as in advanced MS or confluent small-vessel disease)."""
@@ -447,10 +445,11 @@ class TrainConfig:
     seed: int = 0
     scanners: int = field(default=24, metadata={"help": "simulated scanners (domains) to train on"})
     domain_loss: str = field(default="rand", metadata={
-        "choices": ("none", "pc", "rand", "du"),
+        "choices": DOMAIN_LOSSES,
         "help": "auxiliary loss of the regularisation network: none (BM/BDM), pc, rand, du"})
     domain_lambda: float | None = field(default=None, metadata={
-        "help": "weight of the auxiliary loss (default: the paper's, 0.2 pc / 0.1 rand / 0.3 du)"})
+        "help": "weight of the auxiliary loss (default: the paper's, "
+                + " / ".join(f"{w} {k}" for k, w in DOMAIN_LAMBDA.items() if w) + ")"})
     dropout: float = field(default=0.0, metadata={"help": "dropout in the U-Net (> 0: the paper's BDM)"})
     features: str = field(default="8,16,32,64,128,8", metadata={"help": "BasicUNet features"})
     lesion_contrast: str = field(default="full", metadata={
@@ -493,7 +492,7 @@ def train(cfg: TrainConfig, heads: list[Head] | None = None, progress=print, sto
     from bidsapp.devices import resolve_device
     from bidsapp.models.lesion import build_network
     from bidsapp.training.engine import fit, load_initial
-    from bidsapp.training.losses import DOMAIN_LAMBDA, domain_loss, lesion_loss
+    from bidsapp.training.losses import domain_loss, lesion_loss
 
     if cfg.lesion_loss not in LESION_LOSSES:
         raise ValueError(f"unknown lesion loss {cfg.lesion_loss!r}; known: {', '.join(LESION_LOSSES)}")

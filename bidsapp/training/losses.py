@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch.nn.modules.loss import _Loss
 
+from bidsapp.training.loss_names import DOMAIN_LOSSES
+
 
 def dice_bce_loss():
     """Soft Dice (MONAI, on sigmoid probabilities) + binary cross-entropy on logits: binary masks
@@ -96,11 +98,6 @@ class ContrastiveLoss(_Loss):
 
 
 # ------------------------------------------------------------------- domain regularisation (lesion paper)
-DOMAIN_LOSSES = ("none", "pc", "rand", "du")
-"""The scanner-invariant lesion paper's auxiliary losses (eqs. 3-4): none (BM/BDM), Pearson (L_pc),
-randomised cross-entropy (L_rand), discrete-uniform cross-entropy (L_du)."""
-DOMAIN_LAMBDA = {"none": 0.0, "pc": 0.2, "rand": 0.1, "du": 0.3}
-"""The paper's lambda per auxiliary loss (grid search, section 4)."""
 
 
 def domain_loss(kind: str, logits: torch.Tensor, domain: torch.Tensor, generator=None) -> torch.Tensor:
