@@ -19,8 +19,14 @@ not run again) with the shipped reading and three alternatives, and compares eac
 Printed per kind of pair (rescan, scanner change, atrophy): median |error| in percentage points, and
 for atrophy the median and range of measured / true brain change.
 
+``--phase F`` shifts the mid-space grid by a fraction F of a voxel (along 1, 0.7, 0.4 of its axes)
+before the pairs are read, and ``--interpolator`` resamples the session images another way (ANTs'
+names; default the shipped :data:`bidsapp.longitudinal.midspace.IMAGE_INTERPOLATOR`): a reading should
+not depend on where the grid's points fall between the sessions' voxels.
+
     python benchmarks/longitudinal/real_heads.py --work RUN        # or change.py --work RUN
     python benchmarks/longitudinal/readings.py --work RUN --jacobian
+    python benchmarks/longitudinal/readings.py --work RUN --phase 0.5 --interpolator linear
 """
 
 from __future__ import annotations
@@ -48,6 +54,24 @@ def boundary_region(parenchyma: np.ndarray, region: np.ndarray, spacing, mm: flo
     near_in = ndi.distance_transform_edt(inside, sampling=spacing) <= mm
     near_out = ndi.distance_transform_edt(~inside, sampling=spacing) <= mm
     return region & np.where(inside, near_in, near_out)
+
+
+def shift_grid(fraction: float) -> None:
+    """Make every mid-space grid built from now on start ``fraction`` of a voxel further along (1, 0.7, 0.4)
+    of its axes: the same images, sampled at other points."""
+    from bidsapp.longitudinal import midspace as MS
+
+    build = MS._grid
+
+    def shifted(images, masks, to_session):
+        import ants
+
+        g = build(images, masks, to_session)
+        d = np.asarray(g.direction, float)
+        origin = np.asarray(g.origin) + d @ (np.array([1.0, 0.7, 0.4]) * fraction * g.spacing[0])
+        return ants.make_image(g.shape, 0.0, spacing=g.spacing, origin=tuple(origin), direction=d, pixeltype="float")
+
+    MS._grid = shifted
 
 
 def jacobian_change(a: np.ndarray, b: np.ndarray, weight: np.ndarray, mask: np.ndarray, spacing) -> float:
@@ -159,7 +183,16 @@ def main(argv=None) -> int:
                                                               "real_heads.py run")
     ap.add_argument("--jacobian", action="store_true", help="also read by Jacobian integration (slow)")
     ap.add_argument("--out", type=Path, default=None, help="JSON to write (default: none)")
+    ap.add_argument("--phase", type=float, default=0.0, help="shift the mid-space grid by this fraction of a voxel")
+    ap.add_argument("--interpolator", default=None, help="resample the session images this way (ANTs' name; "
+                                                         "default: the shipped one)")
     args = ap.parse_args(argv)
+    from bidsapp.longitudinal import midspace as MS
+
+    if args.phase:
+        shift_grid(args.phase)
+    if args.interpolator:
+        MS.IMAGE_INTERPOLATOR = args.interpolator
     sys.modules.setdefault("benchmark_real_heads", _sibling("real_heads"))
     rows = []
     found = list(nodes(args.work))
@@ -171,7 +204,7 @@ def main(argv=None) -> int:
 
     for dataset, sub, node in found:
         truth = truth_of(dataset)
-        subject = Subject(node, args.work / "readings" / dataset.name / sub)
+        subject = Subject(node, args.work / "readings" / f"phase{args.phase:g}" / dataset.name / sub)
         labels = [s.label for s in subject.mid.sessions]
         for i, j in pairs(len(labels)):
             true, kind = truth(sub, labels[i], labels[j])

@@ -158,10 +158,10 @@ def in_midspace(sessions: list[SessionInput], *, seed: int, work_dir) -> InMidsp
     masks = [ants.image_read(s.mask) for s in sessions]
     ms = MS.build_midspace(images, masks, seed=seed, work_dir=work)
 
-    def mid(img, i):
-        return MS.resample(img, ms.grid, ms.to_session[i], work_dir=work, name=f"to_mid_{i}").numpy()
+    def mid(img, i, interpolator="linear"):
+        return MS.resample(img, ms.grid, ms.to_session[i], interpolator, work_dir=work, name=f"to_mid_{i}").numpy()
 
-    mids = [mid(img, i) for i, img in enumerate(images)]
+    mids = [mid(img, i, MS.IMAGE_INTERPOLATOR) for i, img in enumerate(images)]
     mask_mid = [mid(m, i) for i, m in enumerate(masks)]
     tissues = [({c: mid(ants.image_read(p), i) for c, p in s.tissue.items()} if s.tissue else None)
                for i, s in enumerate(sessions)]
