@@ -36,6 +36,7 @@ voxels, and a reading of change across a scanner change (different voxel sizes, 
 session) moved with it: shifting the grid by half a voxel moved a simulated 1.5 T -> 3 T pair from
 -0.75 to +0.64 %. Windowed sinc keeps the edges' profile wherever the points fall (same pair: -0.25 to
 +0.15 %; ``benchmarks/longitudinal/readings.py --phase``)."""
+
 RIGID_SAMPLING = 0.2
 """Share of the voxels the rigid registrations' metric samples. Their time grows with it (two demo
 sessions: 17 s at 0.5, 7 s at 0.2, 4 s at 0.1) and the transform barely moves: at 0.2 every point of

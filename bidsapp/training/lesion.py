@@ -41,8 +41,8 @@ from bidsapp.devdata import HELDOUT_ANATOMIES, anatomy_dir
 from bidsapp.training.engine import add_run_arguments, run_command
 from bidsapp.training.augment import rotation, thick_slices
 from bidsapp.training.config import stage_commands
-from bidsapp.training.loss_names import DOMAIN_LAMBDA, DOMAIN_LOSSES, LESION_LOSSES
 from bidsapp.training.config import command_line as config_command_line
+from bidsapp.training.loss_names import DOMAIN_LAMBDA, DOMAIN_LOSSES, LESION_LOSSES
 
 LOG = logging.getLogger("scanbridge.train.lesion")
 

@@ -98,8 +98,6 @@ class ContrastiveLoss(_Loss):
 
 
 # ------------------------------------------------------------------- domain regularisation (lesion paper)
-
-
 def domain_loss(kind: str, logits: torch.Tensor, domain: torch.Tensor, generator=None) -> torch.Tensor:
     """Auxiliary loss of the regularisation network: ``logits`` (B, n) of the domain head, ``domain``
     (B,) the true domain indices. ``pc``: Pearson correlation between the softmax and the one-hot truth
