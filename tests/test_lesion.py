@@ -77,14 +77,15 @@ def test_an_unknown_lesion_loss_is_refused_not_trained_as_dice(tmp_path):
 
 # ------------------------------------------------------------------------------------------ model
 def test_network_has_a_domain_head_only_for_training():
-    from bidsapp.models.lesion import ARCHITECTURE, CHANNELS, OUTPUTS, build_network, segmentation_state
+    from bidsapp.models.lesion import ARCHITECTURE, CHANNELS, OUTPUTS, build_network
+    from bidsapp.models.registry import shipped_state
 
     arch = {"class": ARCHITECTURE["class"], "kwargs": dict(ARCHITECTURE["kwargs"], features=[4, 4, 4, 4, 8, 4])}
     net = build_network(arch, n_domains=5)
     x = torch.rand(2, len(CHANNELS), 32, 32, 32)
     logits, dom = net(x, with_domain=True)
     assert logits.shape == (2, len(OUTPUTS), 32, 32, 32) and dom.shape == (2, 5)
-    state = segmentation_state(net)
+    state = shipped_state(net)
     assert not any(k.startswith("domain_head") for k in state)
     plain = build_network(arch)
     plain.load_state_dict(state)  # the shipped weights load without the head

@@ -108,10 +108,6 @@ def build_network(arch: dict | None = None, n_domains: int = 0):
     return LesionUNet(kw, n_domains)
 
 
-segmentation_state = registry.shipped_state
-"""The weights to ship: the network without its training-only regularisation head."""
-
-
 def load_model(device="cpu", weights_dir=None, name: str = MODEL_NAME):
     """(network in eval mode on ``device``, card); sha256-checked, cached per process."""
     return registry.load_network(name, build_network, device, weights_dir, _CACHE)

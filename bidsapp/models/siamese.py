@@ -75,8 +75,9 @@ def build_network(arch: dict | None = None, n_domains: int = 0):
     logits (N, 2) of tensors (N, 1, S, S, S); ``net.features(a, b)`` -> (fused, penultimate).
 
     ``n_domains`` > 0 adds the training-only scanner adversary (``domain_head``, dropped from the shipped
-    weights by :func:`bidsapp.models.registry.shipped_state`): ``net(a, b, reverse=s)`` -> (logits, domain logits), the head
-    reading the penultimate features through a gradient reversal of weight ``s``."""
+    weights by :func:`bidsapp.models.registry.shipped_state`): ``net(a, b, reverse=s)`` -> (logits,
+    domain logits), the head reading the penultimate features through a gradient reversal of weight
+    ``s``."""
     import torch
     from torch import nn
 

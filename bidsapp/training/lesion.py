@@ -538,7 +538,7 @@ def save(net, cfg: TrainConfig, history: dict, weights_dir=None, metrics: dict |
 
     from bidsapp import __version__
     from bidsapp.models import registry
-    from bidsapp.models.lesion import CHANNELS, GRID_MM, MODEL_NAME, OUTPUTS, segmentation_state
+    from bidsapp.models.lesion import CHANNELS, GRID_MM, MODEL_NAME, OUTPUTS
 
     heads = cfg.heads.split(",") if cfg.heads else [
         p.name.split("_")[0] for p in sorted(Path(cfg.anatomy_dir).glob("anat-*_dseg.nii.gz"))
@@ -569,7 +569,7 @@ def save(net, cfg: TrainConfig, history: dict, weights_dir=None, metrics: dict |
     }
     if cfg.init_from:
         card["training"]["stages"] = stage_commands(cfg, TrainConfig, command_line)
-    return registry.save_model(MODEL_NAME, segmentation_state(net), card, weights_dir or Path(cfg.out) / "weights")
+    return registry.save_model(MODEL_NAME, registry.shipped_state(net), card, weights_dir or Path(cfg.out) / "weights")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
