@@ -192,7 +192,14 @@ def test_real_scan_benchmark_compares_methods_on_one_mask(tmp_path, capsys):
     vox_ml = float(np.prod(nib.load(str(ses["T1w_dseg"])).header.get_zooms()[:3])) / 1000
     assert vols["samseg"]["GM"] == pytest.approx((truth == 2).sum() * vox_ml, rel=0.15)  # inside the app's mask
     assert Path(row["figure"]).stat().st_size > 10_000
-    assert "GM/WM" in capsys.readouterr().out
+    where = row["where_samseg_labels"]  # the stand-in labels only the truth's tissue: the rim is left out
+    assert where["samseg"]["GM_vs_samseg_pct"] == 0.0
+    total = {m: where[m]["CSF"] + where[m]["GM"] + where[m]["WM"] for m in where}
+    assert total["unet"] == pytest.approx(total["samseg"], rel=1e-3)
+    assert row["samseg_unlabelled_ml"] == pytest.approx(
+        vols["unet"]["CSF"] + vols["unet"]["GM"] + vols["unet"]["WM"] - total["unet"], rel=1e-3)
+    printed = capsys.readouterr().out
+    assert "GM/WM" in printed and "where SAMSEG labels tissue" in printed
     fake.unlink()  # cached: no SAMSEG needed for a rerun with other weights
     assert real.main(["--images", str(ses["T1w"]), "--out", str(out), "--tag", "again", "--threads", "1"]) == 0
     assert "samseg" in json.loads((out / "real.json").read_text())["again"][0]["volumes"]

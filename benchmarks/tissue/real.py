@@ -20,7 +20,9 @@ fractions summed inside the mask; ``unet-network``: the network's labels counted
 count their labels.
 
 It prints GM, WM, CSF (ml), the GM/WM ratio (adults: about 1.1-1.6) and each method's GM and WM
-difference from SAMSEG's; writes ``real.json`` and one overlay per scan (``<name>_tissue.png``: the
+difference from SAMSEG's, first inside the app's brain mask and then where SAMSEG labels tissue inside
+it (SAMSEG calls part of the mask's rim neither: dura, vessels, skull; counted there, that rim would
+read as the app's CSF and GM excess); writes ``real.json`` and one overlay per scan (``<name>_tissue.png``: the
 three segmentations over the image) under ``--out``. SAMSEG's results are cached in ``--out``, so a
 rerun with new U-Net weights takes seconds per scan.
 
@@ -130,6 +132,21 @@ def app_volumes(result) -> dict:
     return _with_ratio({name: result.volumes_mm3[name] / 1000.0 for name in TISSUE.names})
 
 
+def fraction_volumes(probs: np.ndarray, region: np.ndarray, voxel_ml: float) -> dict:
+    """ml of each tissue's summed fractions inside ``region`` (the app's volumes, restricted)."""
+    from bidsapp.labels import TISSUE
+
+    return _with_ratio({lab.name: float(probs[lab.value - 1][region].sum()) * voxel_ml for lab in TISSUE})
+
+
+def against_samseg(table: dict) -> None:
+    """Add each method's GM and WM difference (%) from SAMSEG's row of the same ``table``."""
+    s = table["samseg"]
+    for v in table.values():
+        v["GM_vs_samseg_pct"] = 100.0 * (v["GM"] / s["GM"] - 1.0)
+        v["WM_vs_samseg_pct"] = 100.0 * (v["WM"] / s["WM"] - 1.0)
+
+
 def _with_ratio(out: dict) -> dict:
     out["GM/WM"] = out["GM"] / out["WM"] if out["WM"] else float("nan")
     return out
@@ -168,11 +185,14 @@ def evaluate(image: Path, args) -> dict:
            "zooms": [round(float(z), 2) for z in zooms],
            "volumes": {"unet": app_volumes(res), "unet-network": app_volumes(raw),
                        **{m: volumes(d, mask, vox_ml) for m, d in segs.items() if m in ("atropos", "samseg")}}}
-    if "samseg" in row["volumes"]:
-        s = row["volumes"]["samseg"]
-        for m, v in row["volumes"].items():
-            v["GM_vs_samseg_pct"] = 100.0 * (v["GM"] / s["GM"] - 1.0)
-            v["WM_vs_samseg_pct"] = 100.0 * (v["WM"] / s["WM"] - 1.0)
+    if "samseg" in segs:
+        labelled = mask & (segs["samseg"] > 0)
+        row["samseg_unlabelled_ml"] = float((mask & ~labelled).sum()) * vox_ml
+        row["where_samseg_labels"] = {
+            "unet": fraction_volumes(res.probs, labelled, vox_ml), "unet-network": volumes(raw.dseg, labelled, vox_ml),
+            **{m: volumes(d, labelled, vox_ml) for m, d in segs.items() if m in ("atropos", "samseg")}}
+        for table in (row["volumes"], row["where_samseg_labels"]):
+            against_samseg(table)
     row["figure"] = str(figure(prep, ref.affine, segs, Path(args.out) / f"{name}_{args.tag}_tissue.png", name))
     return row
 
@@ -199,6 +219,21 @@ def figure(prep: dict, affine, segs: dict, path: Path, title: str) -> Path:
     return path
 
 
+def print_table(rows: list[dict], key: str, title: str) -> None:
+    """One line per scan and method of ``row[key]``: ml, GM/WM and the difference from SAMSEG."""
+    methods = [m for m in ("unet", "unet-network", "atropos", "samseg") if any(m in r.get(key, {}) for r in rows)]
+    print(f"\nGM / WM / CSF {title}")
+    print(f"{'scan':<16}{'method':<13}{'GM ml':>8}{'WM ml':>8}{'CSF ml':>8}{'GM/WM':>7}{'GM vs S':>9}{'WM vs S':>9}")
+    for r in rows:
+        for m in methods:
+            v = r.get(key, {}).get(m)
+            if v is None:
+                continue
+            gs = f"{v['GM_vs_samseg_pct']:+8.1f}%" if "GM_vs_samseg_pct" in v else f"{'':>9}"
+            ws = f"{v['WM_vs_samseg_pct']:+8.1f}%" if "WM_vs_samseg_pct" in v else f"{'':>9}"
+            print(f"{r['name']:<16}{m:<13}{v['GM']:8.0f}{v['WM']:8.0f}{v['CSF']:8.0f}{v['GM/WM']:7.2f}{gs}{ws}")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--images", nargs="*", default=None, help="real T1w files (default: clinical-ms's T1w and Colin 27)")
@@ -220,16 +255,11 @@ def main(argv=None) -> int:
     for image in images:
         print(f"{image.name} ...", flush=True)
         rows.append(evaluate(image, args))
-    methods = [m for m in ("unet", "unet-network", "atropos", "samseg") if any(m in r["volumes"] for r in rows)]
-    print(f"\n{'scan':<16}{'method':<13}{'GM ml':>8}{'WM ml':>8}{'CSF ml':>8}{'GM/WM':>7}{'GM vs S':>9}{'WM vs S':>9}")
-    for r in rows:
-        for m in methods:
-            v = r["volumes"].get(m)
-            if v is None:
-                continue
-            gs = f"{v['GM_vs_samseg_pct']:+8.1f}%" if "GM_vs_samseg_pct" in v else f"{'':>9}"
-            ws = f"{v['WM_vs_samseg_pct']:+8.1f}%" if "WM_vs_samseg_pct" in v else f"{'':>9}"
-            print(f"{r['name']:<16}{m:<13}{v['GM']:8.0f}{v['WM']:8.0f}{v['CSF']:8.0f}{v['GM/WM']:7.2f}{gs}{ws}")
+    print_table(rows, "volumes", "inside the app's brain mask")
+    if any("where_samseg_labels" in r for r in rows):
+        print_table(rows, "where_samseg_labels", "where SAMSEG labels tissue inside that mask "
+                    "(SAMSEG leaves " + ", ".join(f"{r['samseg_unlabelled_ml']:.0f}" for r in rows
+                                                  if "samseg_unlabelled_ml" in r) + " ml of it unlabelled)")
     out = Path(args.out) / "real.json"
     results = json.loads(out.read_text()) if out.exists() else {}
     results[args.tag] = rows
