@@ -125,18 +125,14 @@ def volumes(dseg: np.ndarray, mask: np.ndarray, voxel_ml: float) -> dict:
     return _with_ratio({lab.name: float(((dseg == lab.value) & mask).sum()) * voxel_ml for lab in TISSUE})
 
 
-def app_volumes(result) -> dict:
-    """ml of each tissue as the app's volumes table gives them (:attr:`TissueResult.volumes_mm3`)."""
-    from bidsapp.labels import TISSUE
+def app_volumes(result, region: np.ndarray | None = None, voxel_ml: float = 0.0) -> dict:
+    """ml of each tissue as the app's volumes table gives them (:attr:`TissueResult.volumes_mm3`), or
+    counted the same way (:func:`bidsapp.labels.tissue_volumes_mm3`) inside ``region`` alone."""
+    from bidsapp.labels import TISSUE, tissue_volumes_mm3
 
-    return _with_ratio({name: result.volumes_mm3[name] / 1000.0 for name in TISSUE.names})
-
-
-def fraction_volumes(probs: np.ndarray, region: np.ndarray, voxel_ml: float) -> dict:
-    """ml of each tissue's summed fractions inside ``region`` (the app's volumes, restricted)."""
-    from bidsapp.labels import TISSUE
-
-    return _with_ratio({lab.name: float(probs[lab.value - 1][region].sum()) * voxel_ml for lab in TISSUE})
+    mm3 = result.volumes_mm3 if region is None else tissue_volumes_mm3(
+        result.probs, region, voxel_ml * 1000.0, fractions=result.refinement is not None)
+    return _with_ratio({name: mm3[name] / 1000.0 for name in TISSUE.names})
 
 
 def against_samseg(table: dict) -> None:
@@ -189,7 +185,7 @@ def evaluate(image: Path, args) -> dict:
         labelled = mask & (segs["samseg"] > 0)
         row["samseg_unlabelled_ml"] = float((mask & ~labelled).sum()) * vox_ml
         row["where_samseg_labels"] = {
-            "unet": fraction_volumes(res.probs, labelled, vox_ml), "unet-network": volumes(raw.dseg, labelled, vox_ml),
+            "unet": app_volumes(res, labelled, vox_ml), "unet-network": app_volumes(raw, labelled, vox_ml),
             **{m: volumes(d, labelled, vox_ml) for m, d in segs.items() if m in ("atropos", "samseg")}}
         for table in (row["volumes"], row["where_samseg_labels"]):
             against_samseg(table)
