@@ -37,6 +37,22 @@ def test_forward_shapes_and_the_papers_layers():
         S.build_network({"class": S.ARCHITECTURE["class"], "kwargs": dict(tiny_arch()["kwargs"], readout=3)})
 
 
+def test_the_mirrored_reading_averages_a_pair_with_its_left_right_mirror_image():
+    torch.manual_seed(0)
+    net = S.build_network(tiny_arch())
+    a, b = np.random.default_rng(0).random((2, 2, 32, 32, 32)).astype(np.float32)
+    a[:, :12] += 2.0                       # left and right differ, so the mirror image is another view
+    b[:, :12, :16] = 0.0
+    both = S.predict_proba(net, a, b, mirror=True)
+    flipped = S.predict_proba(net, a[:, ::-1].copy(), b[:, ::-1].copy(), mirror=True)
+    np.testing.assert_allclose(flipped, both, atol=1e-5)   # a pair and its mirror image read the same
+    one = S.predict_proba(net, a, b, mirror=False)
+    mirror_only = S.predict_proba(net, a[:, ::-1].copy(), b[:, ::-1].copy(), mirror=False)
+    np.testing.assert_allclose(both, (one + mirror_only) / 2, atol=1e-5)
+    assert np.abs(one - both).max() > 1e-4
+    assert S.MIRROR and np.allclose(S.predict_proba(net, a, b), both, atol=1e-6)   # the default reading
+
+
 def test_branches_share_their_weights_swapping_the_inputs_negates_the_fused_features():
     torch.manual_seed(1)
     net = S.build_network(tiny_arch())
