@@ -450,6 +450,10 @@ def test_subject_change_gives_a_decline_probability_per_consecutive_pair(three_s
     assert list(d.acquisition_changed) == ["false", "true"] and list(d.interval_days) == [365, 365]
     assert d.probability_decline.between(0, 1).all()
     assert list(d.call) == ["decline" if p >= D.THRESHOLD else "stable" for p in d.probability_decline]
+    side = D.sidecar_metadata()   # what the decline table's sidecar says made it
+    card = registry.load_card(SN.MODEL_NAME)
+    assert side["Model"] == {"Name": SN.MODEL_NAME, "Version": card.get("version"), "Sha256": card["sha256"]}
+    assert side["Threshold"] == D.THRESHOLD and "mirror" in side["Reading"]
 
 
 def test_session_inputs_read_the_node_inputs_as_saved_or_as_traits(tmp_path):

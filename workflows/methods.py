@@ -159,14 +159,14 @@ def init_subject_method_wf(key: str, session_ids, *, output_dir, bids_dir, optio
                                                    "session with a lesion mask (mid-space, brought back here)"})
             wf.connect([(node, pick, [("newlesion_masks", "inlist")]), (inputnode, src_pick, [("source_files", "inlist")]),
                         (pick, ds_new, [("out", "in_file")]), (src_pick, ds_new, [("out", "source_file")])])
-    from bidsapp.longitudinal.decline import COLUMN_DESCRIPTIONS, applies
+    from bidsapp.longitudinal.decline import COLUMN_DESCRIPTIONS, applies, sidecar_metadata
 
     if "decline_tsv" in outputs and applies(contrast):
         ds_dec = sink(f"ds_{m.ident}_decline", output_dir, bids_dir, subject_level=True, suffix="stats",
                       desc="decline", extension=".tsv", metadata={
                           "Description": "stable or accelerated atrophy (decline) of every consecutive session "
                                          "pair, from the two T1w in the subject's mid-space (3D-SiameseNet, "
-                                         "bidsapp.longitudinal.decline)", **COLUMN_DESCRIPTIONS})
+                                         "bidsapp.longitudinal.decline)", **sidecar_metadata(), **COLUMN_DESCRIPTIONS})
         wf.connect([(first, ds_dec, [("out", "source_file")]), (inputnode, ds_dec, [("source_files", "sources")]),
                     (node, ds_dec, [("decline_tsv", "in_file")])])
     contrasts = list(contrasts or [contrast] * len(session_ids))

@@ -26,6 +26,20 @@ COLUMN_DESCRIPTIONS = {
 }
 
 
+def sidecar_metadata(weights_dir=None) -> dict:
+    """The sidecar fields saying which network read the pairs, and how (as the tissue and lesion sidecars
+    name their model)."""
+    from bidsapp.models import registry
+    from bidsapp.models.siamese import MIRROR, MODEL_NAME
+
+    card = registry.load_card(MODEL_NAME, weights_dir)
+    return {"Model": {"Name": card["name"], "Version": card.get("version"), "Sha256": card["sha256"]},
+            "InputMode": card.get("input_mode", "intensity"),
+            "Reading": ("each pair and its left-right mirror image, probabilities averaged" if MIRROR
+                        else "each pair once"),
+            "Threshold": THRESHOLD}
+
+
 def available(weights_dir=None) -> bool:
     """Whether the network's weights are there (the subject level skips this step without them)."""
     from bidsapp.models import registry
