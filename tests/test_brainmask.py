@@ -144,7 +144,8 @@ def test_node_keeps_a_plausible_learned_mask_and_starts_registration_at_its_cent
     meta = brain_extraction(src, template["T1w"], template["mask"], tmp_path / "m.nii.gz", tmp_path / "x.mat",
                             method="learned", device="cpu")
     assert meta["Method"].startswith("learned") and "BrainExtractionFallback" not in meta
-    assert meta["Model"]["name"] == "brainmask_unet" and 800 < meta["MaskVolumeML"] < 2200
+    assert meta["Model"]["Name"] == "brainmask_unet" and len(meta["Model"]["Sha256"]) == 64
+    assert 800 < meta["MaskVolumeML"] < 2200
     assert (tmp_path / "x.mat").is_file()
     mask = np.asarray(nib.load(tmp_path / "m.nii.gz").dataobj) > 0
     truth_ras = nib.as_closest_canonical(nib.Nifti1Image(truth.astype(np.uint8), img.affine))

@@ -74,7 +74,9 @@ def brain_extraction(in_file, template_t1w, template_mask, out_mask, out_xfm, *,
             raise ValueError(f"{name}: no brain found ({not_brain}); is this a head image?")
         meta.update(Method="learned: contrast-agnostic U-Net (brainmask_unet) on the whole image at 2 mm, "
                            "probability >= 0.5 at native resolution, holes filled, largest component",
-                    Model=res.model, MaskVolumeML=round(res.volume_ml, 1))
+                    Model={"Name": res.model.get("name"), "Version": res.model.get("version"),
+                           "Sha256": res.model.get("sha256")},
+                    MaskVolumeML=round(res.volume_ml, 1))
         if res.prestripped:
             meta["Method"] += (f"; the input was already skull-stripped: its own brain kept (non-zero voxels within "
                                f"{bm.PRESTRIPPED_MARGIN_MM:g} mm of the network's mask)")
