@@ -35,9 +35,10 @@ def contour_figure(grid, surface, best, test_points, parameter: str, tissues=("G
         fig.colorbar(cs, ax=ax, label="mean |volume difference| (%)")
         if test_points:
             tp = np.asarray(test_points, float) * scale
-            ax.scatter(tp[:, 0], tp[:, 1], c="black", s=22, label="best pair per test subject", zorder=3)
+            ax.scatter(tp[:, 0], tp[:, 1], c="black", s=22, label="best pair per test subject", zorder=3,
+                       clip_on=False)   # an optimum at the grid's edge stays whole
         ax.scatter([best[0] * scale], [best[1] * scale], c="white", edgecolors="black", s=90, marker="o",
-                   label="training optimum", zorder=4)
+                   label="training optimum", zorder=4, clip_on=False)
         ax.set_xlabel(f"{name} assumed for the pre-change image ({unit})")
         ax.set_ylabel(f"{name} assumed for the post-change image ({unit})")
         ax.set_title(f"{t}")
