@@ -368,6 +368,20 @@ def test_group_step_gathers_every_subjects_change(tmp_path):
     assert group.run(ctx) == [] and not (empty / group.TSV_NAME).exists()
 
 
+def test_group_change_figure_reads_the_status_as_written_or_as_read_back(tmp_path):
+    """The acquisition-change column is "true"/"false" in the table and bool when pandas reads it back: both
+    give the same columns, each a compact column centred on its tick."""
+    from bidsapp.reports.longitudinal import group_change_figure
+
+    rows = [{"measure": "brain", "percent_change": -1.0 - k, "percent_change_raw": -3.0 - k,
+             "acquisition_changed": "true" if k % 2 else "false"} for k in range(4)]
+    pd.DataFrame(rows).to_csv(tmp_path / "t.tsv", sep="\t", index=False)
+    for table in (pd.DataFrame(rows), pd.read_csv(tmp_path / "t.tsv", sep="\t")):
+        ax = group_change_figure(table).axes[0]
+        assert [t.get_text() for t in ax.get_xticklabels()] == ["same acquisition", "acquisition changed"]
+        assert ax.get_xlim() == (-0.5, 1.5)
+
+
 def _tiny_siamese(weights_dir, size=32, input_mode="fraction"):
     """A tiny untrained 3D-SiameseNet saved with a card as ``scanbridge-train longitudinal`` writes one."""
     import torch

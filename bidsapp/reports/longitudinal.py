@@ -74,7 +74,8 @@ def group_change_figure(table: pd.DataFrame, measure: str = "brain"):
     value = pd.to_numeric(rows["percent_change"], errors="coerce")
     raw = pd.to_numeric(rows["percent_change_raw"], errors="coerce")
     ylabel = f"{measure} change (%)"
-    status = rows["acquisition_changed"].astype(str).map({"true": "acquisition changed", "false": "same acquisition"})
+    status = rows["acquisition_changed"].astype(str).str.lower().map(  # "true"/"false" as written, or read back as bool
+        {"true": "acquisition changed", "false": "same acquisition"})
     status = status.fillna("unknown")
     fig, ax = plt.subplots(figsize=(6, 4))
     cats = [c for c in ("same acquisition", "acquisition changed", "unknown") if (status == c).any()]
@@ -89,6 +90,7 @@ def group_change_figure(table: pd.DataFrame, measure: str = "brain"):
                        label=None if labelled else "raw")
     ax.axhline(0, color="black", linewidth=0.6)
     ax.set_xticks(range(len(cats)), cats)
+    ax.set_xlim(-0.5, len(cats) - 0.5)   # each category a compact column, even when it is the only one
     ax.set_ylabel(ylabel)
     ax.legend(fontsize=8)
     fig.tight_layout()
