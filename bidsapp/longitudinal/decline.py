@@ -33,7 +33,7 @@ def sidecar_metadata(weights_dir=None) -> dict:
     from bidsapp.models.siamese import MIRROR, MODEL_NAME
 
     card = registry.load_card(MODEL_NAME, weights_dir)
-    return {"Model": {"Name": card["name"], "Version": card.get("version"), "Sha256": card["sha256"]},
+    return {"Model": registry.sidecar_model(card),
             "InputMode": card.get("input_mode", "intensity"),
             "Reading": ("each pair and its left-right mirror image, probabilities averaged" if MIRROR
                         else "each pair once"),

@@ -73,6 +73,12 @@ def load_card(name: str, weights_dir=None) -> dict:
     return card
 
 
+def sidecar_model(model: dict) -> dict:
+    """A sidecar's ``Model`` field ({Name, Version, Sha256}) from a card or a result's ``model`` dict
+    (``name``, ``version``, ``sha256``): every derivative names the network that made it the same way."""
+    return {"Name": model.get("name"), "Version": model.get("version"), "Sha256": model.get("sha256")}
+
+
 def verify(name: str, weights_dir=None) -> tuple[Path, dict]:
     """Return (weights path, card) after checking the weights' sha256 against the card."""
     card = load_card(name, weights_dir)

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from nipype.interfaces.base import File, SimpleInterface, TraitedSpec, isdefined, traits
 
+from bidsapp.models.registry import sidecar_model
 from workflows.interfaces.ants import (
     _TemplateInputSpec,
     _lps_points,
@@ -74,8 +75,7 @@ def brain_extraction(in_file, template_t1w, template_mask, out_mask, out_xfm, *,
             raise ValueError(f"{name}: no brain found ({not_brain}); is this a head image?")
         meta.update(Method="learned: contrast-agnostic U-Net (brainmask_unet) on the whole image at 2 mm, "
                            "probability >= 0.5 at native resolution, holes filled, largest component",
-                    Model={"Name": res.model.get("name"), "Version": res.model.get("version"),
-                           "Sha256": res.model.get("sha256")},
+                    Model=sidecar_model(res.model),
                     MaskVolumeML=round(res.volume_ml, 1))
         if res.prestripped:
             meta["Method"] += (f"; the input was already skull-stripped: its own brain kept (non-zero voxels within "

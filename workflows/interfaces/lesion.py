@@ -20,6 +20,7 @@ import numpy as np
 from nipype.interfaces.base import BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec, isdefined, traits
 
 from bidsapp.labels import LESION, TISSUE
+from bidsapp.models.registry import sidecar_model
 
 
 class LesionSegmentInputSpec(BaseInterfaceInputSpec):
@@ -140,8 +141,7 @@ class LesionSegment(SimpleInterface):
             probseg=[prob_path], mask=mask_path, volumes_tsv=tsv, stats=stats, warnings=warnings,
             metadata={
                 "Method": self.inputs.method,
-                "Model": {"Name": result.model["name"], "Version": result.model["version"],
-                          "Sha256": result.model["sha256"]},
+                "Model": sidecar_model(result.model),
                 "ContrastsUsed": list(result.contrasts),
                 "ContrastsMissing": missing,
                 "Threshold": float(result.threshold),

@@ -22,6 +22,7 @@ from nipype.interfaces.base import (
 )
 
 from bidsapp.labels import BRAIN, TISSUE
+from bidsapp.models.registry import sidecar_model
 from workflows.interfaces.ants import SegmentationOutputSpec
 
 
@@ -46,8 +47,7 @@ def sidecar_metadata(result) -> dict:
     pv = result.parameters
     return {
         "Method": result.method,
-        "Model": {"Name": result.model["name"], "Version": result.model["version"],
-                  "Sha256": result.model["sha256"]},
+        "Model": sidecar_model(result.model),
         "SequenceFamily": pv.family,
         "SequenceParametersUsed": dict(pv.used),
         "SequenceParametersIgnored": dict(pv.ignored),
