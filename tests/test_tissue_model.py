@@ -210,18 +210,6 @@ def test_sliding_window_probabilities_on_a_small_volume():
     np.testing.assert_allclose(inside.sum(0), 1.0, atol=1e-4)
 
 
-def test_mirrored_averages_each_window_with_its_mirror_images():
-    ramp = torch.linspace(0, 1, 6).reshape(1, 1, 6, 1, 1)
-    predictor = lambda w: w * ramp  # deliberately not mirror-equivariant
-    assert tissue.mirrored(predictor, ()) is predictor
-    w = torch.randn(2, 3, 6, 5, 4)
-    expected = (predictor(w) + predictor(w.flip(2)).flip(2)) / 2
-    torch.testing.assert_close(tissue.mirrored(predictor, (0,))(w), expected)
-    both = tissue.mirrored(predictor, (0, 1))(w)
-    passes = [predictor(w)] + [predictor(w.flip(d)).flip(d) for d in ([2], [3], [2, 3])]
-    torch.testing.assert_close(both, sum(passes) / 4)
-
-
 def test_card_mirror_axes_make_a_symmetric_input_give_symmetric_probabilities(tmp_path):
     img, mask = _blob_volume((24, 20, 20))  # symmetric under a flip of axis 0
     acq = {"sequence_family": "MPRAGE", "InversionTime": 0.9}

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import registry
+from .mirroring import LEFT_RIGHT, mirrored
 
 MODEL_NAME = "brainmask_unet"
 GRID_MM = 2.0
@@ -107,11 +108,12 @@ def predict_probability(net, volume: np.ndarray, device="cpu", mirror: bool | No
     x = torch.as_tensor(normalise(np.asarray(volume, np.float32)))[None, None]
     pads = [(-s) % PAD_MULTIPLE for s in x.shape[2:]]
     crop = tuple(slice(0, s) for s in volume.shape)
+    # padded after flipping, so that the mirror image's padding lies where the original's does
+    def probability(t):
+        return torch.sigmoid(net(_pad(t, pads).to(device))).cpu()[(slice(None), slice(None)) + crop]
+
     with torch.inference_mode():
-        prob = torch.sigmoid(net(_pad(x, pads).to(device)))[0, 0].cpu()[crop]
-        if mirror:  # pad after flipping, so that the mirror image's padding lies where the original's does
-            flipped = torch.sigmoid(net(_pad(x.flip(2), pads).to(device)))[0, 0].cpu()[crop]
-            prob = (prob + flipped.flip(0)) / 2
+        prob = mirrored(probability, LEFT_RIGHT if mirror else ())(x)[0, 0]
     return prob.numpy()
 
 

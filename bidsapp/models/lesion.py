@@ -34,6 +34,7 @@ import numpy as np
 from bidsapp.metrics.lesions import label_lesions
 
 from . import registry
+from .mirroring import LEFT_RIGHT, mirrored
 
 MODEL_NAME = "lesion_unet"
 CHANNELS = ("FLAIR", "T1w", "T2w", "PDw")
@@ -143,9 +144,7 @@ def predict(net, channels: np.ndarray, device="cpu", roi: int = 96, overlap: flo
 
     mirror = MIRROR if mirror is None else mirror
 
-    def probabilities(t):
-        p = torch.sigmoid(net(t))
-        return (p + torch.sigmoid(net(t.flip(2))).flip(2)) / 2 if mirror else p
+    probabilities = mirrored(lambda t: torch.sigmoid(net(t)), LEFT_RIGHT if mirror else ())
 
     x = torch.as_tensor(channels[None], dtype=torch.float32).to(device)
     size = tuple(min(roi, max(16, int(np.ceil(s / 16) * 16))) for s in channels.shape[1:])

@@ -26,6 +26,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import registry
+from .mirroring import LEFT_RIGHT, mirrored
 
 MODEL_NAME = "siamese_atrophy"
 CLASSES = ("stable", "decline")
@@ -159,14 +160,14 @@ def predict_proba(net, a, b, device="cpu", batch: int = 8, mirror: bool | None =
     mirror = MIRROR if mirror is None else mirror
     net.eval()
     out = []
+    # both sessions flipped together; the class probabilities are per pair, not a map to flip back
+    probabilities = mirrored(lambda xa, xb: torch.softmax(net(xa, xb), 1), LEFT_RIGHT if mirror else (),
+                             flip_output=False)
     with torch.inference_mode():
         for i in range(0, len(a), batch):
             xa = torch.as_tensor(np.asarray(a[i:i + batch], np.float32))[:, None].to(device)
             xb = torch.as_tensor(np.asarray(b[i:i + batch], np.float32))[:, None].to(device)
-            p = torch.softmax(net(xa, xb), 1)
-            if mirror:  # left/right is the first voxel axis (RAS), dimension 2 of (N, 1, X, Y, Z)
-                p = (p + torch.softmax(net(xa.flip(2), xb.flip(2)), 1)) / 2
-            out.append(p.cpu().numpy())
+            out.append(probabilities(xa, xb).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, len(CLASSES)), np.float32)
 
 

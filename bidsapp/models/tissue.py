@@ -49,7 +49,6 @@ probabilities are then the prior of an intensity fit at the input's own resoluti
 
 from __future__ import annotations
 
-import itertools
 import math
 import time
 from dataclasses import dataclass, field
@@ -62,6 +61,7 @@ from bidsapp.labels import TISSUE, tissue_volumes_mm3
 from bidsapp.physics.contrast import csf_inverted, low_contrast_warning, wm_gm_signal_ratio
 
 from . import registry
+from .mirroring import mirrored
 
 CLASSES = TISSUE.names
 """Output channels of the tissue models, in dseg order (label = index + 1)."""
@@ -442,26 +442,6 @@ def channel_softmax(logits):
     """
     e = (logits - logits.amax(dim=1, keepdim=True)).exp()
     return e / e.sum(dim=1, keepdim=True)
-
-
-def mirrored(predictor, axes=()):
-    """``predictor`` averaged over its mirror images along the spatial ``axes`` (test-time mirroring).
-
-    The networks were trained with random left-right flips, so a window and its mirror image are two
-    equally valid views; averaging their probabilities (nnU-Net's default at inference) removes part of
-    the network's view-to-view noise. Each subset of ``axes`` is one more pass.
-    """
-    dims = [[2 + a for a in c] for r in range(1, len(axes) + 1) for c in itertools.combinations(axes, r)]
-    if not dims:
-        return predictor
-
-    def averaged(window):
-        total = predictor(window)
-        for d in dims:
-            total = total + predictor(window.flip(d)).flip(d)
-        return total / (len(dims) + 1)
-
-    return averaged
 
 
 def predict_probs(model, image: np.ndarray, mask: np.ndarray, params: np.ndarray | None,
