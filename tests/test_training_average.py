@@ -33,7 +33,8 @@ def test_average_of_two_stages_and_its_card(tmp_path, capsys):
     t = card["training"]
     assert [x["sha256"] for x in t["average"]] == [card_a["sha256"], card_b["sha256"]]
     assert [x["share"] for x in t["average"]] == [0.25, 0.75]
-    assert t["stages"][0] == "scanbridge-train toy --seed 2" and t["stages"][-1] == t["command"]
+    assert t["stages"] == ["scanbridge-train toy --seed 1", "scanbridge-train toy --seed 2", t["command"]]
+    assert [x["seed"] for x in t["average"]] == [1, 2]
     assert t["command"].startswith("scanbridge-train average --name toy --from")
     assert card["sha256"] not in (card_a["sha256"], card_b["sha256"])
 
@@ -63,3 +64,18 @@ def test_refuses_what_cannot_be_averaged(tmp_path, capsys, problem):
     err = capsys.readouterr().err
     assert err.startswith("scanbridge-train average:") and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o" / "weights" / "toy.pt").exists()
+
+
+def test_a_soup_of_parallel_runs_keeps_the_shared_history_once_and_each_run(tmp_path):
+    """Two third stages from one second stage: the card lists stages 1-2 once, then both third stages."""
+    history = ["scanbridge-train toy --stage 1", "scanbridge-train toy --stage 2"]
+    for seed in (1, 2):
+        card, state = _stage(tmp_path / f"s{seed}", seed)
+        card["training"]["stages"] = history + [card["training"]["command"]]
+        registry.save_model("toy", state, card, tmp_path / f"s{seed}")
+    assert main(["average", "--name", "toy", "--from", str(tmp_path / "s1"), str(tmp_path / "s2"),
+                 "--out", str(tmp_path / "avg")]) == 0
+    _, card = registry.load_state_dict("toy", tmp_path / "avg" / "weights")
+    stages = card["training"]["stages"]
+    assert stages[:4] == history + ["scanbridge-train toy --seed 1", "scanbridge-train toy --seed 2"]
+    assert stages[4].startswith("scanbridge-train average") and len(stages) == 5

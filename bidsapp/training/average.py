@@ -10,8 +10,8 @@ their average is a working network, unlike the average of two networks trained a
         --out runs/lesion-average
 
 Each ``--from`` folder holds ``NAME.pt`` and its card (as every trainer writes them). The result's card
-is the last input's, with the sha256 and size of the average, ``training.average`` (each input's sha256
-and share) and this command appended to ``training.stages``.
+is the last input's, with the sha256 and size of the average, ``training.average`` (each input's sha256,
+share, command and seed) and ``training.stages``: every input's stages, each once, then this command.
 """
 
 from __future__ import annotations
@@ -44,6 +44,19 @@ def average_states(states: list[dict], shares: list[float]) -> dict:
             out[k] = sum(w * s[k].double() for w, s in zip(shares, states)).to(last.dtype)
         else:
             out[k] = last.clone()
+    return out
+
+
+def merged_stages(cards: list[dict]) -> list[str]:
+    """Every input's stage commands, each once, in the order the inputs list them: a shared history
+    (the stages all inputs started from) stays one line, and parallel runs (the same stage from several
+    seeds, a "model soup") each keep their own command."""
+    out: list[str] = []
+    for card in cards:
+        training = card.get("training", {})
+        for stage in training.get("stages") or [training.get("command")]:
+            if stage and stage not in out:
+                out.append(stage)
     return out
 
 
@@ -81,9 +94,10 @@ def run(args) -> int:
     command = "scanbridge-train average " + shlex.join(
         ["--name", args.name, "--from", *args.sources] + (["--shares", *map(str, args.shares)] if args.shares else [])
         + ["--out", args.out])
-    training["stages"] = list(training.get("stages") or [training.get("command")]) + [command]
+    training["stages"] = merged_stages(cards) + [command]
     training["command"] = command
-    training["average"] = [{"sha256": c["sha256"], "share": round(w, 6)} for c, w in zip(cards, shares)]
+    training["average"] = [{"sha256": c["sha256"], "share": round(w, 6), "command": c.get("training", {}).get("command"),
+                            "seed": c.get("training", {}).get("seed")} for c, w in zip(cards, shares)]
     card["training"] = training
     out = Path(args.out) / "weights"
     card = registry.save_model(args.name, state, card, out)
