@@ -34,7 +34,7 @@ def test_average_of_two_stages_and_its_card(tmp_path, capsys):
     assert [x["sha256"] for x in t["average"]] == [card_a["sha256"], card_b["sha256"]]
     assert [x["share"] for x in t["average"]] == [0.25, 0.75]
     assert t["stages"] == ["scanbridge-train toy --seed 1", "scanbridge-train toy --seed 2", t["command"]]
-    assert [x["seed"] for x in t["average"]] == [1, 2]
+    assert [x["seed"] for x in t["average"]] == [1, 2] and t["seed"] == [1, 2]
     assert t["command"].startswith("scanbridge-train average --name toy --from")
     assert card["sha256"] not in (card_a["sha256"], card_b["sha256"])
 

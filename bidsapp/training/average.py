@@ -11,7 +11,7 @@ their average is a working network, unlike the average of two networks trained a
 
 Each ``--from`` folder holds ``NAME.pt`` and its card (as every trainer writes them). The result's card
 is the last input's, with the sha256 and size of the average, ``training.average`` (each input's sha256,
-share, command and seed) and ``training.stages``: every input's stages, each once, then this command.
+share, command and seed), ``training.seed`` (the inputs' seeds when they differ) and ``training.stages``: every input's stages, each once, then this command.
 """
 
 from __future__ import annotations
@@ -96,8 +96,10 @@ def run(args) -> int:
         + ["--out", args.out])
     training["stages"] = merged_stages(cards) + [command]
     training["command"] = command
+    seeds = [c.get("training", {}).get("seed") for c in cards]
+    training["seed"] = seeds if len(set(map(str, seeds))) > 1 else seeds[-1]   # a soup of runs has their seeds
     training["average"] = [{"sha256": c["sha256"], "share": round(w, 6), "command": c.get("training", {}).get("command"),
-                            "seed": c.get("training", {}).get("seed")} for c, w in zip(cards, shares)]
+                            "seed": seed} for c, w, seed in zip(cards, shares, seeds)]
     card["training"] = training
     out = Path(args.out) / "weights"
     card = registry.save_model(args.name, state, card, out)
