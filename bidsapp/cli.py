@@ -521,12 +521,17 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _check_device(device: str) -> None:
-    """``--device cuda`` on a machine without CUDA stops before anything runs."""
-    if device == "cuda":
-        from bidsapp.devices import cuda_available
+    """``--device cuda`` on a machine without CUDA, or a precision that is not one, stops before anything
+    runs; the log says which precision the networks will use."""
+    from bidsapp.devices import PRECISION_ENV, cuda_available, precision, requested_precision
 
-        if not cuda_available():
-            raise UserError("--device cuda: no CUDA device is available on this machine (use --device cpu or auto)")
+    try:
+        requested_precision()
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    if device == "cuda" and not cuda_available():
+        raise UserError("--device cuda: no CUDA device is available on this machine (use --device cpu or auto)")
+    LOG.info("neural networks infer in %s (%s=float32 forces float32)", precision(device), PRECISION_ENV)
 
 
 class _Terminated(KeyboardInterrupt):

@@ -1,15 +1,25 @@
-"""Where the neural networks run: one rule for every model, trainer and group step.
+"""Where and in what precision the neural networks run: one rule for every model, trainer and group step.
 
-``cpu``; ``cuda`` (or ``cuda:N``), an error when no CUDA device is available, never a silent fallback;
-``auto``: CUDA when available, else the CPU, and the log says which.
+Device: ``cpu``; ``cuda`` (or ``cuda:N``), an error when no CUDA device is available, never a silent
+fallback; ``auto``: CUDA when available, else the CPU, and the log says which.
+
+Precision of inference (:func:`autocast`): bfloat16 mixed precision where the hardware computes it natively
+(CPUs with AVX512-BF16 or AMX, CUDA devices with bfloat16), float32 elsewhere. On 2 CPU cores it halves
+the time of the lesion network, and its masks agree with float32's to Dice 0.999 (docs/usage.md).
+``SCANBRIDGE_PRECISION=float32`` forces float32 everywhere, for outputs that do not depend on the CPU's
+instruction set; every sidecar's ``Model`` says which precision made it. Training is always float32.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 
 LOG = logging.getLogger("scanbridge")
 DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "float32", "bfloat16")
+PRECISION_ENV = "SCANBRIDGE_PRECISION"
 
 
 class DeviceUnavailableError(RuntimeError):
@@ -51,3 +61,44 @@ def resolve_device(device=None):
     if name != "cpu":
         raise ValueError(f"unknown device {device!r}: use {', '.join(DEVICES)}")
     return torch.device("cpu")
+
+
+def requested_precision() -> str:
+    """The precision asked for in :data:`PRECISION_ENV` (``auto`` when unset); a ValueError naming the
+    variable for anything but :data:`PRECISIONS`."""
+    name = os.environ.get(PRECISION_ENV, "").strip().lower() or "auto"
+    if name not in PRECISIONS:
+        raise ValueError(f"{PRECISION_ENV}={os.environ[PRECISION_ENV]!r} is not a precision: use "
+                         f"{', '.join(PRECISIONS)}")
+    return name
+
+
+def native_bfloat16(device) -> bool:
+    """Whether ``device`` computes bfloat16 in hardware (emulated bfloat16 would be slower than float32)."""
+    import torch
+
+    device = resolve_device(device)
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    if device.type == "cpu":  # the probes are private in torch 2.x: absent means "not known to be native"
+        return any(bool(getattr(torch.cpu, probe, lambda: False)())
+                   for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return False
+
+
+def precision(device) -> str:
+    """``bfloat16`` or ``float32``: the precision inference runs in on ``device`` (see the module)."""
+    name = requested_precision()
+    if name == "auto":
+        return "bfloat16" if native_bfloat16(device) else "float32"
+    return name
+
+
+def autocast(device):
+    """A context in which a network's forward pass runs in :func:`precision`; wrap inference only."""
+    import torch
+
+    device = resolve_device(device)
+    if precision(device) == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)

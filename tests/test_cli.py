@@ -164,6 +164,14 @@ def test_cuda_without_a_cuda_device_stops_before_anything_runs(capsys, tiny_bids
     assert not (tmp_path / "out").exists()
 
 
+def test_an_unknown_precision_stops_before_anything_runs(capsys, tiny_bids, tmp_path, monkeypatch):
+    monkeypatch.setenv("SCANBRIDGE_PRECISION", "half")
+    code, _, err = run_cli(capsys, tiny_bids, tmp_path / "out", "participant", "-w", tmp_path / "work")
+    assert code == EXIT_USAGE and "SCANBRIDGE_PRECISION='half' is not a precision" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
 def test_group_without_participant_results(capsys, tiny_bids, tmp_path):
     code, _, err = run_cli(capsys, tiny_bids, tmp_path / "out", "group", "-w", tmp_path / "work")
     assert code == EXIT_USAGE and "participant level first" in err

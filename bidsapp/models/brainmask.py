@@ -104,15 +104,17 @@ def predict_probability(net, volume: np.ndarray, device="cpu", mirror: bool | No
     with that of the left-right mirror image when ``mirror``, default :data:`MIRROR`)."""
     import torch
 
+    from bidsapp.devices import autocast
+
     mirror = MIRROR if mirror is None else mirror
     x = torch.as_tensor(normalise(np.asarray(volume, np.float32)))[None, None]
     pads = [(-s) % PAD_MULTIPLE for s in x.shape[2:]]
     crop = tuple(slice(0, s) for s in volume.shape)
     # padded after flipping, so that the mirror image's padding lies where the original's does
     def probability(t):
-        return torch.sigmoid(net(_pad(t, pads).to(device))).cpu()[(slice(None), slice(None)) + crop]
+        return torch.sigmoid(net(_pad(t, pads).to(device)).float()).cpu()[(slice(None), slice(None)) + crop]
 
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast(device):
         prob = mirrored(probability, LEFT_RIGHT if mirror else ())(x)[0, 0]
     return prob.numpy()
 
@@ -215,7 +217,7 @@ def contrast_problem(image: np.ndarray, mask: np.ndarray, voxel_ml: float) -> st
 
 def extract(img, device="cpu", weights_dir=None) -> BrainMaskResult:
     """Brain mask of a nibabel image on its own grid (see the module docstring for the steps)."""
-    from bidsapp.devices import resolve_device
+    from bidsapp.devices import precision, resolve_device
 
     from .tissue import from_ras, ras_zooms, resample_shape, resample_to, to_ras
 
@@ -238,5 +240,6 @@ def extract(img, device="cpu", weights_dir=None) -> BrainMaskResult:
         mask, sizes = own, [int(own.sum())]
     return BrainMaskResult(mask=mask, volume_ml=float(mask.sum()) * voxml,
                            component_ml=[s * voxml for s in sizes],
-                           model={"name": card["name"], "version": card.get("version"), "sha256": card["sha256"]},
+                           model={"name": card["name"], "version": card.get("version"), "sha256": card["sha256"],
+                                  "precision": precision(device)},
                            prestripped=own is not None)

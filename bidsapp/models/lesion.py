@@ -142,13 +142,15 @@ def predict(net, channels: np.ndarray, device="cpu", roi: int = 96, overlap: flo
     import torch
     from monai.inferers import sliding_window_inference
 
+    from bidsapp.devices import autocast
+
     mirror = MIRROR if mirror is None else mirror
 
-    probabilities = mirrored(lambda t: torch.sigmoid(net(t)), LEFT_RIGHT if mirror else ())
+    probabilities = mirrored(lambda t: torch.sigmoid(net(t).float()), LEFT_RIGHT if mirror else ())
 
     x = torch.as_tensor(channels[None], dtype=torch.float32).to(device)
     size = tuple(min(roi, max(16, int(np.ceil(s / 16) * 16))) for s in channels.shape[1:])
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast(device):
         prob = sliding_window_inference(x, size, sw_batch_size=1, predictor=probabilities, overlap=overlap,
                                         mode="gaussian", padding_mode="constant", progress=bool(progress))
     return prob[0].cpu().numpy()
@@ -179,7 +181,7 @@ def segment(images: dict, brain_mask: np.ndarray, affine: np.ndarray, zooms, dev
     the probability cut at ``threshold`` (default :data:`THRESHOLD`)."""
     from scipy import ndimage as ndi
 
-    from bidsapp.devices import resolve_device
+    from bidsapp.devices import precision, resolve_device
 
     from .tissue import from_ras, ras_zooms, resample_shape, resample_to, to_ras
 
@@ -218,7 +220,8 @@ def segment(images: dict, brain_mask: np.ndarray, affine: np.ndarray, zooms, dev
                         mask=label_lesions(lesion >= cut, zooms, MIN_LESION_MM3)[0] > 0,
                         context={name: m for name, m in zip(OUTPUTS[1:], maps[1:])},
                         contrasts=used,
-                        model={"name": card["name"], "version": card.get("version"), "sha256": card["sha256"]},
+                        model={"name": card["name"], "version": card.get("version"), "sha256": card["sha256"],
+                               "precision": precision(device)},
                         threshold=cut)
 
 

@@ -74,9 +74,13 @@ def load_card(name: str, weights_dir=None) -> dict:
 
 
 def sidecar_model(model: dict) -> dict:
-    """A sidecar's ``Model`` field ({Name, Version, Sha256}) from a card or a result's ``model`` dict
-    (``name``, ``version``, ``sha256``): every derivative names the network that made it the same way."""
-    return {"Name": model.get("name"), "Version": model.get("version"), "Sha256": model.get("sha256")}
+    """A sidecar's ``Model`` field ({Name, Version, Sha256}, and Precision when inference ran) from a card or
+    a result's ``model`` dict (``name``, ``version``, ``sha256``, ``precision``): every derivative names
+    the network that made it the same way."""
+    out = {"Name": model.get("name"), "Version": model.get("version"), "Sha256": model.get("sha256")}
+    if model.get("precision"):
+        out["Precision"] = model["precision"]
+    return out
 
 
 def verify(name: str, weights_dir=None) -> tuple[Path, dict]:

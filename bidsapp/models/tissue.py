@@ -56,7 +56,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from bidsapp.bids.acquisition import FAMILY_PARAMETERS, lookup
-from bidsapp.devices import resolve_device
+from bidsapp.devices import autocast, precision, resolve_device
 from bidsapp.labels import TISSUE, tissue_volumes_mm3
 from bidsapp.physics.contrast import csf_inverted, low_contrast_warning, wm_gm_signal_ratio
 
@@ -468,7 +468,7 @@ def predict_probs(model, image: np.ndarray, mask: np.ndarray, params: np.ndarray
     def predictor(window):  # windows are blended as probabilities
         return channel_softmax(model(window, p).float() if model.uses_physics else model(window).float())
 
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast(device):
         prob = sliding_window_inference(x, roi_size, sw_batch_size, mirrored(predictor, mirror_axes),
                                         overlap=overlap, mode="gaussian")[0].cpu().numpy()
     sl = tuple(slice(0, s) for s in crop.shape)
@@ -523,7 +523,7 @@ def segment(image: np.ndarray, mask: np.ndarray, zooms, acquisition: dict | None
     method = "unet-physics" if name == PHYSICS_MODEL else "unet"
     return TissueResult(probs=probs, dseg=dseg, volumes_mm3=volumes, method=method,
                         model={"name": name, "version": card.get("version"), "sha256": card["sha256"],
-                               "resolution_mm": res},
+                               "resolution_mm": res, "precision": precision(dev)},
                         parameters=pv, device=str(dev), seconds=time.perf_counter() - t0, warnings=warnings,
                         refinement=None if fit is None else fit.to_dict())
 
@@ -565,7 +565,7 @@ def sweep_volumes(image: np.ndarray, mask: np.ndarray, zooms, acquisition: dict,
     roi = int(card.get("inference_roi", 64))
     roi_size = [min(roi, s) - min(roi, s) % div or div for s in xt.shape[2:]]
     n_cls = len(CLASSES)
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast(dev):
         for start in range(0, len(vectors), chunk):
             params = torch.from_numpy(np.stack(vectors[start:start + chunk])).to(dev)
 

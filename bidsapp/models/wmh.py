@@ -271,12 +271,14 @@ def predict_slices(net, slices: np.ndarray, size: int, device="cpu", batch: int 
     import torch
     import torch.nn.functional as F
 
+    from bidsapp.devices import autocast
+
     out = np.zeros((len(slices), len(OUTPUTS), *slices.shape[1:]), np.float32)
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast(device):
         for i in range(0, len(slices), batch):
             x = torch.as_tensor(slices[i:i + batch, None], dtype=torch.float32).to(device)
             x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-            p = torch.sigmoid(net(x))
+            p = torch.sigmoid(net(x).float())
             p = F.interpolate(p, size=slices.shape[1:], mode="bilinear", align_corners=False)
             out[i:i + batch] = p.cpu().numpy()
     return out
@@ -287,7 +289,7 @@ def segment(flair: np.ndarray, brain_mask: np.ndarray, affine: np.ndarray, zooms
     """WMH of one FLAIR (any grid; ``brain_mask`` on the same grid): a
     :class:`bidsapp.models.lesion.LesionResult`, the mask cut at ``threshold`` (default
     :data:`bidsapp.models.lesion.THRESHOLD`)."""
-    from bidsapp.devices import resolve_device
+    from bidsapp.devices import precision, resolve_device
     from bidsapp.metrics.lesions import label_lesions
 
     from .lesion import THRESHOLD, LesionResult, check_threshold, normalise
@@ -324,5 +326,6 @@ def segment(flair: np.ndarray, brain_mask: np.ndarray, affine: np.ndarray, zooms
                         mask=label_lesions(lesion >= cut, zooms_in, MIN_LESION_MM3)[0] > 0,
                         context={name: m for name, m in zip(OUTPUTS[1:], maps[1:])},
                         contrasts=("FLAIR",),
-                        model={"name": card["name"], "version": card.get("version"), "sha256": card["sha256"]},
+                        model={"name": card["name"], "version": card.get("version"), "sha256": card["sha256"],
+                               "precision": precision(device)},
                         threshold=cut)
