@@ -5,9 +5,10 @@ fallback; ``auto``: CUDA when available, else the CPU, and the log says which.
 
 Precision of inference (:func:`autocast`): bfloat16 mixed precision where the hardware computes it natively
 (CPUs with AVX512-BF16 or AMX, CUDA devices with bfloat16), float32 elsewhere. On 2 CPU cores it halves
-the time of the lesion network, and its masks agree with float32's to Dice 0.999 (docs/usage.md).
+the time of the lesion network, and its masks agree with float32's to Dice 0.999 (README.md, options).
 ``SCANBRIDGE_PRECISION=float32`` forces float32 everywhere, for outputs that do not depend on the CPU's
-instruction set; every sidecar's ``Model`` says which precision made it. Training is always float32.
+instruction set; every sidecar's ``Model`` says which precision made it. Training, and the decline network (one
+pair per reading), always run in float32.
 """
 
 from __future__ import annotations
