@@ -33,7 +33,8 @@ medians and writes ``benchmarks/results/brainmask.json``.
     python benchmarks/brainmask/run.py --sets clinical --methods learned deepbet
 
 Simulated images, masks and per-method results are cached in ``--work``: a rerun recomputes only
-what changed (the learned model's results are keyed by its sha256 and the mirrored reading).
+what changed (the learned model's results are keyed by its sha256, the mirrored reading and the
+precision).
 """
 
 from __future__ import annotations
@@ -271,14 +272,17 @@ def to_common(mask_file: Path, case: dict) -> tuple[np.ndarray, np.ndarray]:
 
 # ---------------------------------------------------------------------------------- evaluation
 def _cache_key(method: str, weights_dir) -> str:
-    """What a cached result depends on besides the image: the learned model's weights and whether it reads
-    the mirror image too."""
+    """What a cached result depends on besides the image: the learned model's weights, whether it reads
+    the mirror image too, and the precision it infers in (float32 keeps the key it had before)."""
     if method != "learned":
         return method
+    from bidsapp.devices import precision
     from bidsapp.models import registry
     from bidsapp.models.brainmask import MIRROR, MODEL_NAME
 
-    return "learned-" + registry.load_card(MODEL_NAME, weights_dir)["sha256"] + ("-mirror" if MIRROR else "")
+    mode = precision("cpu")
+    return ("learned-" + registry.load_card(MODEL_NAME, weights_dir)["sha256"] + ("-mirror" if MIRROR else "")
+            + ("" if mode == "float32" else f"-{mode}"))
 
 
 def evaluate(case: dict, method: str, threads: int, weights_dir=None) -> dict:
