@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 
 from bidsapp.cli import EXIT_FAILED, EXIT_OK, main
+from bidsapp.devices import precision
 from bidsapp.physics.cli import main as simulate
 
 
@@ -101,6 +102,7 @@ def test_derivatives_of_good_subjects(run):
         assert methods == {"unet-physics", "atropos"}
         seg = json.loads((anat / f"{stem}_dseg.json").read_text())
         assert seg["Method"] == "unet-physics" and len(seg["Model"]["Sha256"]) == 64
+        assert seg["Model"]["Precision"] == precision("auto")  # which precision made it
         side = json.loads((anat / f"{stem}_desc-preproc_T1w.json").read_text())
         assert side["Sources"][0].startswith("bids:raw:sub-")
         assert list(anat.glob(f"{stem}_from-T1w_to-*_mode-image_xfm.*"))
@@ -125,7 +127,7 @@ def test_flair_only_session_gets_brain_extraction_lesions_and_no_tissue(run):
     assert list(vols["method"]) == ["lesion", "wmh"] and "count" in vols.columns  # main answer first
     mask = json.loads((anat / "sub-02_ses-2_desc-lesion_mask.json").read_text())
     assert mask["ContrastsUsed"] == ["FLAIR"] and len(mask["Model"]["Sha256"]) == 64
-    assert mask["Method"] == "lesion"
+    assert mask["Method"] == "lesion" and mask["Model"]["Precision"] == precision("auto")
     wmh = json.loads((anat / "sub-02_ses-2_desc-wmh_mask.json").read_text())
     assert wmh["Method"] == "wmh" and wmh["ContrastsUsed"] == ["FLAIR"] and wmh["Model"]["Name"] == "wmh_unet"
     html = (run["out"] / "sub-02.html").read_text()
