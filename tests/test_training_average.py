@@ -11,12 +11,13 @@ from bidsapp.training.cli import main
 ARCH = {"class": "torch.nn.Linear", "kwargs": {"in_features": 3, "out_features": 2}}
 
 
-def _stage(folder, seed: int, arch=ARCH, shape=(2, 3)) -> dict:
+def _stage(folder, seed: int, arch=ARCH, shape=(2, 3), seconds=None) -> dict:
     gen = torch.Generator().manual_seed(seed)
     state = {"weight": torch.randn(*shape, generator=gen), "bias": torch.randn(shape[0], generator=gen),
              "count": torch.tensor(seed, dtype=torch.long)}
     card = {"version": "1", "architecture": arch, "metrics": {},
-            "training": {"command": f"scanbridge-train toy --seed {seed}", "seed": seed, "data": "toy"}}
+            "training": {"command": f"scanbridge-train toy --seed {seed}", "seed": seed, "data": "toy",
+                         **({} if seconds is None else {"seconds": seconds})}}
     return registry.save_model("toy", state, card, folder), state
 
 
@@ -37,6 +38,21 @@ def test_average_of_two_stages_and_its_card(tmp_path, capsys):
     assert [x["seed"] for x in t["average"]] == [1, 2] and t["seed"] == [1, 2]
     assert t["command"].startswith("scanbridge-train average --name toy --from")
     assert card["sha256"] not in (card_a["sha256"], card_b["sha256"])
+
+
+def test_the_average_card_sums_its_stages_training_times(tmp_path):
+    """Parallel stages each spent their own time: the average's card says the sum, not the last one's."""
+    _stage(tmp_path / "a", 1, seconds=1485.5)
+    _stage(tmp_path / "b", 2, seconds=1441.3)
+    _stage(tmp_path / "c", 3)
+    args = ["average", "--name", "toy", "--from", str(tmp_path / "a"), str(tmp_path / "b")]
+    assert main(args + ["--out", str(tmp_path / "ab")]) == 0
+    t = registry.load_card("toy", tmp_path / "ab" / "weights")["training"]
+    assert t["seconds"] == 2926.8 and [x["seconds"] for x in t["average"]] == [1485.5, 1441.3]
+    assert "summed" in t["seconds_note"]
+    assert main(args[:-1] + [str(tmp_path / "c"), "--out", str(tmp_path / "ac")]) == 0
+    t = registry.load_card("toy", tmp_path / "ac" / "weights")["training"]
+    assert "seconds" not in t and t["seconds_note"].startswith("not known")
 
 
 def test_equal_shares_by_default(tmp_path):

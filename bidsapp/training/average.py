@@ -11,7 +11,8 @@ their average is a working network, unlike the average of two networks trained a
 
 Each ``--from`` folder holds ``NAME.pt`` and its card (as every trainer writes them). The result's card
 is the last input's, with the sha256 and size of the average, ``training.average`` (each input's sha256,
-share, command and seed), ``training.seed`` (the inputs' seeds when they differ) and ``training.stages``: every input's stages, each once, then this command.
+share, command, seed and seconds), ``training.seed`` (the inputs' seeds when they differ), ``training.seconds``
+(the inputs' training times summed) and ``training.stages``: every input's stages, each once, then this command.
 """
 
 from __future__ import annotations
@@ -98,8 +99,16 @@ def run(args) -> int:
     training["command"] = command
     seeds = [c.get("training", {}).get("seed") for c in cards]
     training["seed"] = seeds if len(set(map(str, seeds))) > 1 else seeds[-1]   # a soup of runs has their seeds
+    spent = [c.get("training", {}).get("seconds") for c in cards]
     training["average"] = [{"sha256": c["sha256"], "share": round(w, 6), "command": c.get("training", {}).get("command"),
-                            "seed": seed} for c, w, seed in zip(cards, shares, seeds)]
+                            "seed": seed, "seconds": sec} for c, w, seed, sec in zip(cards, shares, seeds, spent)]
+    if all(isinstance(sec, (int, float)) for sec in spent):  # each input's card holds its own stage's time
+        training["seconds"] = round(sum(spent), 1)
+        training["seconds_note"] = ("the averaged stages' own training times summed (each in training.average); "
+                                    "the stages they started from are not counted; the average takes seconds")
+    else:
+        training.pop("seconds", None)
+        training["seconds_note"] = "not known: an averaged stage's card has no training time"
     card["training"] = training
     out = Path(args.out) / "weights"
     card = registry.save_model(args.name, state, card, out)
