@@ -468,8 +468,10 @@ def main(argv=None) -> int:
     lines, table = summarise(rows, methods)
     print("\n".join(lines))
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    from bidsapp.devices import precision
+
     result = {"command": " ".join(["python benchmarks/brainmask/run.py", *(argv or sys.argv[1:])]),
-              "threads": args.threads,
+              "threads": args.threads, "precision": precision("cpu"),
               "platform": platform.platform(), "cpu_count": os.cpu_count(), "seconds": time.time() - t0,
               "notes": notes, "summary": table, "rows": [{k: v for k, v in r.items()} for r in rows]}
     args.out.write_text(json.dumps(result, indent=2, default=str) + "\n")

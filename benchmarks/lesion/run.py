@@ -161,8 +161,10 @@ def main(argv=None) -> int:
     shipped_card = registry.load_card("lesion_unet", args.weights)
     subsets = {k: SUBSETS[k] for k in args.subsets}
     sessions = test_sessions(args.anatomy_dir, args.test_scanners, args.seed, subsets, args.lesion_contrast)
+    from bidsapp.devices import precision
+
     result = {"command": " ".join(["python benchmarks/lesion/run.py", *(argv or sys.argv[1:])]),
-              "lesion_contrast": args.lesion_contrast,
+              "lesion_contrast": args.lesion_contrast, "precision": precision("cpu"),
               "platform": platform.platform(), "test": {"heads": sorted({s["head"] for s in sessions}),
                                                          "scanners": sorted({s["describe"] for s in sessions})},
               "paper": PAPER, "ours": {}, "shipped": {}}

@@ -99,11 +99,13 @@ def wmh_child(cache: Path, threads: int) -> dict:
 
 
 def wmh_main(args) -> int:
+    from bidsapp.devices import precision
     from bidsapp.models import registry
 
     cases = list(WMH_CASES) if args.case == "both" else [args.case]
     card = registry.load_card("wmh_unet")
-    out = {"model": "wmh", "sha256": card["sha256"], "threads": args.threads, "fov_mm": args.fov,
+    out = {"model": "wmh", "sha256": card["sha256"], "threads": args.threads, "precision": precision("cpu"),
+           "fov_mm": args.fov,
            "target": WMH_TARGET, "cases": {}}
     for case in cases:
         cache = wmh_flair(Path(args.cache_dir) / f"wmh_speed_{case}_fov{args.fov}.npz", Path(args.anatomy),
@@ -167,6 +169,7 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     ses = session(Path(args.cache), Path(args.anatomy))
+    from bidsapp.devices import precision
     from bidsapp.models.lesion import segment
 
     t0 = time.perf_counter()
@@ -174,7 +177,7 @@ def main(argv=None) -> int:
     sec = time.perf_counter() - t0
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out = {"seconds": round(sec, 2), "peak_mb": round(peak_mb), "threads": args.threads,
-           "shape": list(ses["brain"].shape), "lesions_voxels": int(res.mask.sum())}
+           "precision": precision("cpu"), "shape": list(ses["brain"].shape), "lesions_voxels": int(res.mask.sum())}
     print(json.dumps(out))
     path = Path(args.json or ROOT / "benchmarks" / "results" / "lesion_speed.json")
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -493,8 +493,11 @@ def main(argv=None) -> int:
         print(f"{which}: {len(sessions[which])} sessions simulated in {time.perf_counter() - t0:.0f} s "
               f"({'; '.join(info[which]['scanners'])})", flush=True)
 
+    from bidsapp.devices import precision
+
     result = {"command": " ".join(["python benchmarks/lesion/wmh.py", *(sys.argv[1:] if argv is None else argv)]),
-              "platform": platform.platform(), "threads": args.threads, "seed": args.seed,
+              "platform": platform.platform(), "threads": args.threads, "precision": precision("cpu"),
+              "seed": args.seed,
               "train_seed": args.train_seed, "train_scanners": args.train_scanners, "sets": info,
               "paper": {"table1": PAPER, "leaderboard": PAPER_LEADERBOARD, "target": paper_target()},
               "models": {}, "results": {}}
