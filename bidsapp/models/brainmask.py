@@ -217,7 +217,7 @@ def contrast_problem(image: np.ndarray, mask: np.ndarray, voxel_ml: float) -> st
 
 def extract(img, device="cpu", weights_dir=None) -> BrainMaskResult:
     """Brain mask of a nibabel image on its own grid (see the module docstring for the steps)."""
-    from bidsapp.devices import precision, resolve_device
+    from bidsapp.devices import resolve_device
 
     from .tissue import from_ras, ras_zooms, resample_shape, resample_to, to_ras
 
@@ -240,6 +240,5 @@ def extract(img, device="cpu", weights_dir=None) -> BrainMaskResult:
         mask, sizes = own, [int(own.sum())]
     return BrainMaskResult(mask=mask, volume_ml=float(mask.sum()) * voxml,
                            component_ml=[s * voxml for s in sizes],
-                           model={"name": card["name"], "version": card.get("version"), "sha256": card["sha256"],
-                                  "precision": precision(device)},
+                           model=registry.result_model(card, device),
                            prestripped=own is not None)

@@ -181,7 +181,7 @@ def segment(images: dict, brain_mask: np.ndarray, affine: np.ndarray, zooms, dev
     the probability cut at ``threshold`` (default :data:`THRESHOLD`)."""
     from scipy import ndimage as ndi
 
-    from bidsapp.devices import precision, resolve_device
+    from bidsapp.devices import resolve_device
 
     from .tissue import from_ras, ras_zooms, resample_shape, resample_to, to_ras
 
@@ -220,8 +220,7 @@ def segment(images: dict, brain_mask: np.ndarray, affine: np.ndarray, zooms, dev
                         mask=label_lesions(lesion >= cut, zooms, MIN_LESION_MM3)[0] > 0,
                         context={name: m for name, m in zip(OUTPUTS[1:], maps[1:])},
                         contrasts=used,
-                        model={"name": card["name"], "version": card.get("version"), "sha256": card["sha256"],
-                               "precision": precision(device)},
+                        model=registry.result_model(card, device),
                         threshold=cut)
 
 

@@ -73,6 +73,15 @@ def load_card(name: str, weights_dir=None) -> dict:
     return card
 
 
+def result_model(card: dict, device) -> dict:
+    """A segmentation result's ``model`` dict: the card's name, version and sha256, and the precision the
+    network inferred in on ``device`` (:func:`bidsapp.devices.precision`); :func:`sidecar_model` writes it."""
+    from bidsapp.devices import precision
+
+    return {"name": card["name"], "version": card.get("version"), "sha256": card["sha256"],
+            "precision": precision(device)}
+
+
 def sidecar_model(model: dict) -> dict:
     """A sidecar's ``Model`` field ({Name, Version, Sha256}, and Precision when inference ran) from a card or
     a result's ``model`` dict (``name``, ``version``, ``sha256``, ``precision``): every derivative names

@@ -56,7 +56,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from bidsapp.bids.acquisition import FAMILY_PARAMETERS, lookup
-from bidsapp.devices import autocast, precision, resolve_device
+from bidsapp.devices import autocast, resolve_device
 from bidsapp.labels import TISSUE, tissue_volumes_mm3
 from bidsapp.physics.contrast import csf_inverted, low_contrast_warning, wm_gm_signal_ratio
 
@@ -522,8 +522,7 @@ def segment(image: np.ndarray, mask: np.ndarray, zooms, acquisition: dict | None
     volumes = tissue_volumes_mm3(probs, mask_b, float(np.prod(zooms)), fractions=fit is not None)
     method = "unet-physics" if name == PHYSICS_MODEL else "unet"
     return TissueResult(probs=probs, dseg=dseg, volumes_mm3=volumes, method=method,
-                        model={"name": name, "version": card.get("version"), "sha256": card["sha256"],
-                               "resolution_mm": res, "precision": precision(dev)},
+                        model={**registry.result_model(card, dev), "resolution_mm": res},
                         parameters=pv, device=str(dev), seconds=time.perf_counter() - t0, warnings=warnings,
                         refinement=None if fit is None else fit.to_dict())
 

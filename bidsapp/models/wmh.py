@@ -289,7 +289,7 @@ def segment(flair: np.ndarray, brain_mask: np.ndarray, affine: np.ndarray, zooms
     """WMH of one FLAIR (any grid; ``brain_mask`` on the same grid): a
     :class:`bidsapp.models.lesion.LesionResult`, the mask cut at ``threshold`` (default
     :data:`bidsapp.models.lesion.THRESHOLD`)."""
-    from bidsapp.devices import precision, resolve_device
+    from bidsapp.devices import resolve_device
     from bidsapp.metrics.lesions import label_lesions
 
     from .lesion import THRESHOLD, LesionResult, check_threshold, normalise
@@ -326,6 +326,5 @@ def segment(flair: np.ndarray, brain_mask: np.ndarray, affine: np.ndarray, zooms
                         mask=label_lesions(lesion >= cut, zooms_in, MIN_LESION_MM3)[0] > 0,
                         context={name: m for name, m in zip(OUTPUTS[1:], maps[1:])},
                         contrasts=("FLAIR",),
-                        model={"name": card["name"], "version": card.get("version"), "sha256": card["sha256"],
-                               "precision": precision(device)},
+                        model=registry.result_model(card, device),
                         threshold=cut)
