@@ -7,8 +7,9 @@ Precision of inference (:func:`autocast`): bfloat16 mixed precision where the ha
 (CPUs with AVX512-BF16 or AMX, CUDA devices with bfloat16), float32 elsewhere. On 2 CPU cores it halves
 the time of the lesion network, and its masks agree with float32's to Dice 0.999 (README.md, options).
 ``SCANBRIDGE_PRECISION=float32`` forces float32 everywhere, for outputs that do not depend on the CPU's
-instruction set; every sidecar's ``Model`` says which precision made it. Training, and the decline network (one
-pair per reading), always run in float32.
+instruction set; every sidecar's ``Model`` says which precision made it. The decline network (one pair per
+reading) always runs in float32. Training runs in float32 unless a trainer is given ``--precision bfloat16``
+(:func:`bidsapp.training.engine.precision_field`), which its model card records.
 """
 
 from __future__ import annotations
@@ -95,11 +96,12 @@ def precision(device) -> str:
     return name
 
 
-def autocast(device):
-    """A context in which a network's forward pass runs in :func:`precision`; wrap inference only."""
+def autocast(device, name: str | None = None):
+    """A context in which a network's forward pass runs in precision ``name`` (default: :func:`precision`,
+    the rule for inference); wrap the forward pass only and cast its outputs to float32 for losses."""
     import torch
 
     device = resolve_device(device)
-    if precision(device) == "float32":
+    if (name or precision(device)) == "float32":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16)

@@ -244,6 +244,16 @@ def test_synthetic_heads_are_reproducible_and_target_the_brain(icbm_heads, centr
     assert float(img.min()) >= 0 and float(img.max()) <= 1.5 ** 2  # normalised, then a gamma curve
 
 
+
+def test_bfloat16_training_changes_only_the_forward_pass_rounding(icbm_heads, tmp_path):
+    from bidsapp.training.brainmask import TrainConfig, train
+
+    first = [train(TrainConfig(anatomy_dir=str(tmp_path / "none"), out=str(tmp_path / p), iterations=1, size=32,
+                               seed=1, threads=1, precision=p), heads=icbm_heads, progress=lambda m: None)["loss"][0]
+             for p in ("float32", "bfloat16")]
+    assert first[1] != first[0] and first[1] == pytest.approx(first[0], rel=0.05)
+
+
 def test_training_resumes_from_its_checkpoint_bit_for_bit(icbm_heads, tmp_path):
     import torch
 

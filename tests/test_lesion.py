@@ -247,6 +247,27 @@ def test_training_resumes_exactly(head, tmp_path):
         T.train(T.TrainConfig(out=str(tmp_path / "b"), **dict(kw, scanners=4)), heads=[head], progress=lambda m: None)
 
 
+
+def test_bfloat16_training_runs_the_forward_pass_in_bfloat16_and_says_so_in_the_card(head, tmp_path):
+    from bidsapp.training import lesion as T
+
+    kw = dict(anatomy_dir=str(tmp_path), iterations=2, batch=1, size=32, scanners=3, features="4,4,4,4,8,4",
+              checkpoint_every=1, threads=1)
+    fp32 = T.train(T.TrainConfig(out=str(tmp_path / "a"), **kw), heads=[head], progress=lambda m: None)
+    said = []
+    bf16 = T.train(T.TrainConfig(out=str(tmp_path / "b"), precision="bfloat16", **kw), heads=[head],
+                   progress=said.append)
+    assert any("bfloat16 mixed precision" in m for m in said)
+    # the same batch and weights: the first loss differs only by the forward pass's rounding
+    assert bf16["loss"][0] != fp32["loss"][0] and bf16["loss"][0] == pytest.approx(fp32["loss"][0], rel=0.05)
+    card = T.save(bf16["net"], T.TrainConfig(out=str(tmp_path / "b"), precision="bfloat16", heads="anat-01", **kw),
+                  bf16, weights_dir=tmp_path / "w")
+    assert card["training"]["precision"] == "bfloat16" and "--precision bfloat16" in card["training"]["command"]
+    with pytest.raises(SystemExit, match="another recipe"):  # a float32 run does not resume in bfloat16
+        T.train(T.TrainConfig(out=str(tmp_path / "a"), precision="bfloat16", **kw), heads=[head],
+                progress=lambda m: None)
+
+
 # ------------------------------------------------------------------------------------------ filling
 def test_fill_lesions_moves_lesion_voxels_to_white_matter():
     from workflows.interfaces.lesion import fill_lesions

@@ -92,6 +92,15 @@ def test_twenty_iterations_reduce_the_loss(tmp_path):
     assert res.method == "unet-physics" and res.dseg.shape == img.shape
 
 
+
+def test_bfloat16_training_changes_only_the_forward_pass_rounding(tmp_path):
+    subjects = [tiny_tissue_subject()]
+    kw = dict(seed=3, physics=True, patch=16, batch=1, iterations=1, features=(4, 8), checkpoint_every=0, log_every=1)
+    first = [T.train(T.TrainConfig(out=str(tmp_path / p), precision=p, **kw), subjects)[0]["loss"][0]
+             for p in ("float32", "bfloat16")]
+    assert first[1] != first[0] and first[1] == pytest.approx(first[0], rel=0.05)
+
+
 def test_training_is_reproducible_from_the_seed(tmp_path):
     subjects = [tiny_tissue_subject()]
     kw = dict(seed=3, physics=True, patch=16, batch=1, iterations=3, features=(4, 8), checkpoint_every=0, log_every=1)

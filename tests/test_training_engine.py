@@ -100,3 +100,27 @@ def test_trained_weights_reuses_only_a_card_of_the_same_command(tmp_path):
     engine.trained_weights(cfg, train, save, command, "m")
     engine.trained_weights(Cfg(out=cfg.out, lr=0.3), train, save, command, "m")
     assert calls == [0.1, 0.3]
+
+
+def test_forward_precision_runs_the_forward_pass_in_the_configs_precision(monkeypatch):
+    from bidsapp import devices
+
+    @dataclasses.dataclass
+    class P:
+        precision: str = "float32"
+        threads: int = 1
+        device: str = "cpu"
+
+    net, x = torch.nn.Linear(3, 2), torch.randn(4, 3)
+    said = []
+    with engine.forward_precision(P(), torch.device("cpu"), said.append)():
+        assert net(x).dtype == torch.float32
+    assert said == []
+    monkeypatch.setattr(devices, "native_bfloat16", lambda device: False)
+    amp = engine.forward_precision(P("bfloat16"), torch.device("cpu"), said.append)
+    with amp():
+        assert net(x).dtype == torch.bfloat16
+    with amp():  # the factory gives a fresh context for every step
+        assert net(x).dtype == torch.bfloat16
+    assert len(said) == 1 and "not compute bfloat16 natively" in said[0]
+    assert engine.run_facts(P("bfloat16"), {"seconds": 1.25})["precision"] == "bfloat16"

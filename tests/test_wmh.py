@@ -241,6 +241,16 @@ def test_train_resumes_exactly_and_writes_a_card(tmp_path, head, monkeypatch):
         T.train(other, heads=[head], progress=lambda m: None)
 
 
+
+@needs_anatomy
+def test_bfloat16_training_changes_only_the_forward_pass_rounding(tmp_path, head, monkeypatch):
+    monkeypatch.setattr(W, "ARCHITECTURE", tiny_arch())
+    first = [T.train(T.TrainConfig(anatomy_dir=str(anatomy_dir()), out=str(tmp_path / p), iterations=1, batch=2,
+                                   size=32, scanners=2, precision=p), heads=[head], progress=lambda m: None)["loss"][0]
+             for p in ("float32", "bfloat16")]
+    assert first[1] != first[0] and first[1] == pytest.approx(first[0], rel=0.05)
+
+
 def test_shipped_models_have_cards():
     from bidsapp.models import registry
 

@@ -33,14 +33,13 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from bidsapp.devdata import HELDOUT_ANATOMIES, anatomy_dir
-from bidsapp.training.engine import add_run_arguments, run_command
+from bidsapp.training.engine import add_run_arguments, precision_field, run_command, run_facts
 from bidsapp.training.augment import gaussian_blur, rotation, thick_slices
 from bidsapp.training.config import stage_commands
 from bidsapp.training.config import command_line as config_command_line
@@ -295,6 +294,7 @@ class TrainConfig:
     size: int = field(default=96, metadata={"help": "training field of view in voxels of 2 mm"})
     lr: float = 1e-3
     seed: int = 0
+    precision: str = precision_field()
     threads: int = field(default=2, metadata={"card": False})
     device: str = field(default="cpu", metadata={"card": False, "choices": ("cpu", "cuda", "auto")})
     checkpoint_every: int = field(default=100, metadata={"card": False})
@@ -323,7 +323,7 @@ def train(cfg: TrainConfig, heads: list[Head] | None = None, progress=print, sto
 
     from bidsapp.devices import resolve_device
     from bidsapp.models.brainmask import build_network
-    from bidsapp.training.engine import fit, load_initial
+    from bidsapp.training.engine import fit, forward_precision, load_initial
     from bidsapp.training.losses import dice_bce_loss
 
     torch.set_num_threads(int(cfg.threads))
@@ -338,12 +338,15 @@ def train(cfg: TrainConfig, heads: list[Head] | None = None, progress=print, sto
     net = net.to(device)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     loss_fn = dice_bce_loss()
+    amp = forward_precision(cfg, device, progress)
 
     def step(_it):
         x, y, _ = synth.batch(cfg.batch)
         x, y = x.to(device), y.to(device)
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn(net(x), y)
+        with amp():
+            logits = net(x)
+        loss = loss_fn(logits.float(), y)
         loss.backward()
         opt.step()
         return {"loss": float(loss.detach())}
@@ -353,8 +356,6 @@ def train(cfg: TrainConfig, heads: list[Head] | None = None, progress=print, sto
 
 def save(net, cfg: TrainConfig, history: dict, weights_dir=None) -> dict:
     """Write the weights and model card (to ``weights_dir``, default ``cfg.out``/weights)."""
-    import torch
-
     from bidsapp import __version__
     from bidsapp.models import registry
     from bidsapp.models.brainmask import ARCHITECTURE, GRID_MM, MODEL_NAME
@@ -377,8 +378,7 @@ def save(net, cfg: TrainConfig, history: dict, weights_dir=None) -> dict:
                      + (f", each with {aged_count(cfg.aged)} (cortical GM thinned into CSF, ventricles grown)"
                         if cfg.aged else "")),
             "iterations": cfg.iterations, "batch": cfg.batch, "patch_voxels": cfg.size,
-            "seconds": round(history["seconds"], 1), "threads": cfg.threads, "device": cfg.device,
-            "torch": torch.__version__, "platform": platform.platform(),
+            **run_facts(cfg, history),
             "final_loss": float(np.mean(history["loss"][-50:])) if history["loss"] else None,
         },
         "metrics": {},

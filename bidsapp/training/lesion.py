@@ -31,14 +31,13 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from bidsapp.devdata import HELDOUT_ANATOMIES, anatomy_dir
-from bidsapp.training.engine import add_run_arguments, run_command
+from bidsapp.training.engine import add_run_arguments, precision_field, run_command, run_facts
 from bidsapp.training.augment import rotation, thick_slices
 from bidsapp.training.config import stage_commands
 from bidsapp.training.config import command_line as config_command_line
@@ -466,6 +465,7 @@ class TrainConfig:
         "help": "dice: the paper's soft Dice; dice-bce: soft Dice + binary cross-entropy (nnU-Net's)"})
     heads: str | None = field(default=None, metadata={"help": "comma-separated anatomies to train on "
                                                               "(default: all but the held-out ones)"})
+    precision: str = precision_field()
     threads: int = field(default=2, metadata={"card": False})
     device: str = field(default="cpu", metadata={"card": False, "choices": ("cpu", "cuda", "auto")})
     checkpoint_every: int = field(default=100, metadata={"card": False})
@@ -491,7 +491,7 @@ def train(cfg: TrainConfig, heads: list[Head] | None = None, progress=print, sto
 
     from bidsapp.devices import resolve_device
     from bidsapp.models.lesion import build_network
-    from bidsapp.training.engine import fit, load_initial
+    from bidsapp.training.engine import fit, forward_precision, load_initial
     from bidsapp.training.losses import domain_loss, lesion_loss
 
     if cfg.lesion_loss not in LESION_LOSSES:
@@ -512,16 +512,19 @@ def train(cfg: TrainConfig, heads: list[Head] | None = None, progress=print, sto
     lam = DOMAIN_LAMBDA[cfg.domain_loss] if cfg.domain_lambda is None else float(cfg.domain_lambda)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     seg_loss = lesion_loss(bce=cfg.lesion_loss == "dice-bce")
+    amp = forward_precision(cfg, device, progress)
 
     def step(_it):
         x, y, d, _ = synth.batch(cfg.batch)
         x, y, d = x.to(device), y.to(device), d.to(device)
         opt.zero_grad(set_to_none=True)
+        with amp():
+            out = net(x, with_domain=True) if use_head else (net(x), None)
+        logits, dom = out[0].float(), out[1]
         if use_head:
-            logits, dom = net(x, with_domain=True)
-            aux = domain_loss(cfg.domain_loss, dom, d, generator=synth.gen)
+            aux = domain_loss(cfg.domain_loss, dom.float(), d, generator=synth.gen)
         else:
-            logits, aux = net(x), torch.zeros(())
+            aux = torch.zeros(())
         loss = seg_loss(logits, y) + lam * aux
         loss.backward()
         opt.step()
@@ -534,8 +537,6 @@ def train(cfg: TrainConfig, heads: list[Head] | None = None, progress=print, sto
 
 def save(net, cfg: TrainConfig, history: dict, weights_dir=None, metrics: dict | None = None) -> dict:
     """Write the segmentation weights (without the regularisation head) and the model card."""
-    import torch
-
     from bidsapp import __version__
     from bidsapp.models import registry
     from bidsapp.models.lesion import CHANNELS, GRID_MM, MODEL_NAME, OUTPUTS
@@ -561,8 +562,7 @@ def save(net, cfg: TrainConfig, history: dict, weights_dir=None, metrics: dict |
                      "(the domains)"),
             "domain_loss": cfg.domain_loss,
             "iterations": cfg.iterations, "batch": cfg.batch, "patch_voxels": cfg.size,
-            "seconds": round(history["seconds"], 1), "threads": cfg.threads, "device": cfg.device,
-            "torch": torch.__version__, "platform": platform.platform(),
+            **run_facts(cfg, history),
             "final_loss": float(np.mean(history["loss"][-50:])) if history["loss"] else None,
         },
         "metrics": metrics or {},

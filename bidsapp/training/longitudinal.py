@@ -55,7 +55,6 @@ import argparse
 import functools
 import json
 import os
-import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,7 +64,7 @@ import numpy as np
 from bidsapp.devdata import HELDOUT_ANATOMIES
 from bidsapp.models.siamese import INPUTS
 from bidsapp.training.config import command_line as config_command_line
-from bidsapp.training.engine import add_run_arguments, run_command
+from bidsapp.training.engine import add_run_arguments, run_command, run_facts
 
 HELDOUT = HELDOUT_ANATOMIES
 BLOCK = 4
@@ -588,8 +587,6 @@ def _fmt(v) -> str:
 
 def save(net, cfg: TrainConfig, history: dict, weights_dir=None) -> dict:
     """Write the network's weights and model card."""
-    import torch
-
     from bidsapp import __version__
     from bidsapp.models import registry
     from bidsapp.models.siamese import CLASSES, DESIGN, MODEL_NAME
@@ -622,8 +619,7 @@ def save(net, cfg: TrainConfig, history: dict, weights_dir=None) -> dict:
                         "fixed skull instead (bidsapp.physics.atrophy.shrink_brain)" if cfg.warp_share else "")
                      + f"; simulated at {cfg.voxel_mm:g} mm"),
             "iterations": cfg.iterations, "batch": cfg.batch,
-            "seconds": round(history["seconds"], 1), "threads": cfg.threads, "device": cfg.device,
-            "torch": torch.__version__, "platform": platform.platform(),
+            **run_facts(cfg, history),
             "final_loss": float(np.mean(history["loss"][-50:])) if history.get("loss") else None,
         },
         "metrics": {"validation": history.get("validation")},

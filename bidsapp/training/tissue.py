@@ -24,6 +24,7 @@ import numpy as np
 
 from bidsapp.models.unet import INJECTIONS
 from bidsapp.physics.contrast import LOW_CONTRAST
+from bidsapp.training.engine import precision_field
 from bidsapp.training.tissue_data import (
     DEFAULT_ANATOMY_DIR,
     FLIP_AXES,
@@ -72,6 +73,7 @@ class TrainConfig:
     lr: float = 2e-3
     features: tuple = field(default=(8, 16, 32, 64), metadata={
         "parse": _ints, "format": lambda v: ",".join(map(str, v)), "help": "channels per U-Net level"})
+    precision: str = precision_field()
     device: str = field(default="auto", metadata={"card": False, "choices": ("cpu", "cuda", "auto")})
     threads: int = field(default=1, metadata={"card": False, "help": "CPU threads for torch"})
     checkpoint_every: int = field(default=100, metadata={
@@ -252,7 +254,7 @@ def train(cfg: TrainConfig, subjects: list[Subject] | None = None, progress=None
     import torch
 
     from bidsapp.devices import resolve_device
-    from bidsapp.training.engine import fit
+    from bidsapp.training.engine import fit, forward_precision
     from bidsapp.training.losses import MaskedDiceCE, consistency_loss, volume_consistency_loss
 
     torch.set_num_threads(max(1, int(cfg.threads)))
@@ -266,13 +268,16 @@ def train(cfg: TrainConfig, subjects: list[Subject] | None = None, progress=None
                            randomise=cfg.randomise, physics=cfg.physics is not False, target=cfg.target)
     loss_fn = MaskedDiceCE(dice_weight=cfg.dice_weight)
     names = ["physics" if r["physics"] else "base" for r in runs]
+    amp = forward_precision(cfg, device, progress or LOG.info)
 
     def step(_it):
         x, m, y, p = (t.to(device) for t in sampler.batch(cfg.batch, pairs=cfg.paired))
         opt.zero_grad(set_to_none=True)
         terms = {}
         for name, net in zip(names, nets):
-            logits = net(x, p if net.uses_physics else None)
+            with amp():
+                logits = net(x, p if net.uses_physics else None)
+            logits = logits.float()
             loss = loss_fn(logits, y, m)
             if cfg.consistency > 0:
                 loss = loss + cfg.consistency * consistency_loss(logits, m)
@@ -366,6 +371,7 @@ def save(net, cfg: TrainConfig, history: dict, final: bool = True) -> dict:
             "seconds": round(history["seconds"], 1),
             "device": str(next(net.parameters()).device),
             "threads": cfg.threads,
+            "precision": cfg.precision,
             "host": {"python": platform.python_version(), "torch": torch.__version__, "machine": platform.machine()},
             "final_loss": history["loss"][-1] if history["loss"] else None,
             "init_from": history.get("init"),

@@ -33,14 +33,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from bidsapp.devdata import anatomy_dir
-from bidsapp.training.engine import add_run_arguments, run_command
+from bidsapp.training.engine import add_run_arguments, precision_field, run_command, run_facts
 from bidsapp.training.config import stage_commands
 from bidsapp.training.config import command_line as config_command_line
 from bidsapp.training.lesion import CORTEX, HELDOUT, INFRATENTORIAL, VENTRICLES, Head, Scanner, class_signals
@@ -265,6 +264,7 @@ class TrainConfig:
         "help": "folder with wmh_features.pt/.json, the content loss's frozen network (default: the shipped one)"})
     heads: str | None = field(default=None, metadata={"help": "comma-separated anatomies to train on "
                                                               "(default: all but the held-out ones)"})
+    precision: str = precision_field()
     threads: int = field(default=2, metadata={"card": False})
     device: str = field(default="cpu", metadata={"card": False, "choices": ("cpu", "cuda", "auto")})
     checkpoint_every: int = field(default=50, metadata={"card": False})
@@ -289,7 +289,7 @@ def train(cfg: TrainConfig, heads: list[Head] | None = None, progress=print, sto
 
     from bidsapp.devices import resolve_device
     from bidsapp.models.wmh import build_network, load_features
-    from bidsapp.training.engine import fit, load_initial
+    from bidsapp.training.engine import fit, forward_precision, load_initial
     from bidsapp.training.losses import dice_bce_loss, wmh_loss
 
     torch.set_num_threads(int(cfg.threads))
@@ -308,10 +308,14 @@ def train(cfg: TrainConfig, heads: list[Head] | None = None, progress=print, sto
     context_term = dice_bce_loss()
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
 
+    amp = forward_precision(cfg, device, progress)
+
     def step(_it):
         x, y, keep, _ = (t.to(device) for t in synth.batch(cfg.batch))
         opt.zero_grad(set_to_none=True)
-        logits = net(x)
+        with amp():  # the generator only: the content loss's frozen features stay float32
+            logits = net(x)
+        logits = logits.float()
         lesion = lesion_term(logits[:, :1], lesion_target(y[:, :1], cfg.loss), x)
         context = context_term(logits[:, 1:], y[:, 1:])
         loss = lesion + cfg.context_weight * context
@@ -341,8 +345,6 @@ def lesion_target(truth, loss: str):
 
 def save(net, cfg: TrainConfig, history: dict, weights_dir=None, metrics: dict | None = None) -> dict:
     """Write the generator's weights and model card."""
-    import torch
-
     from bidsapp import __version__
     from bidsapp.models import registry
     from bidsapp.models.wmh import DESIGN, FEATURES_NAME, MODEL_NAME, OUTPUTS
@@ -372,8 +374,7 @@ def save(net, cfg: TrainConfig, history: dict, weights_dir=None, metrics: dict |
                      f"{', '.join(HELDOUT)}) with simulated WMH of Fazekas-like grades 0-3, {cfg.scanners} "
                      "simulated FLAIR protocols (1.5/3 T, 1 mm 3D or 2-6 mm slices)"),
             "iterations": cfg.iterations, "batch": cfg.batch, "input_size": cfg.size,
-            "seconds": round(history["seconds"], 1), "threads": cfg.threads, "device": cfg.device,
-            "torch": torch.__version__, "platform": platform.platform(),
+            **run_facts(cfg, history),
             "final_loss": float(np.mean(history["loss"][-50:])) if history.get("loss") else None,
         },
         "metrics": metrics or {},

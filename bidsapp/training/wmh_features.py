@@ -19,14 +19,13 @@ Only the encoder is shipped (``wmh_features.pt`` with its card); the decoder exi
 from __future__ import annotations
 
 import argparse
-import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from bidsapp.devdata import anatomy_dir
-from bidsapp.training.engine import add_run_arguments, run_command
+from bidsapp.training.engine import add_run_arguments, run_command, run_facts
 from bidsapp.training.config import command_line as config_command_line
 
 
@@ -165,8 +164,6 @@ def train(cfg: FeaturesConfig, progress=print, stop_after: int | None = None, he
 
 
 def save(net, cfg: FeaturesConfig, history: dict, weights_dir=None) -> dict:
-    import torch
-
     from bidsapp import __version__
     from bidsapp.models import registry
     from bidsapp.models.wmh import FEATURE_ARCHITECTURE, FEATURES_NAME, feature_state
@@ -184,8 +181,7 @@ def save(net, cfg: FeaturesConfig, history: dict, weights_dir=None) -> dict:
                      + (f" and {history.get('real_slices', 0)} real axial FLAIR slices of {cfg.real_dir}"
                         if cfg.real_dir else "")),
             "iterations": cfg.iterations, "batch": cfg.batch,
-            "seconds": round(history["seconds"], 1), "threads": cfg.threads, "device": cfg.device,
-            "torch": torch.__version__, "platform": platform.platform(),
+            **run_facts(cfg, history),
             "final_loss": float(np.mean(history["loss"][-50:])) if history.get("loss") else None,
         },
         "metrics": {"reconstruction_mse": float(np.mean(history["loss"][-50:])) if history.get("loss") else None},
