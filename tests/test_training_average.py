@@ -11,13 +11,14 @@ from bidsapp.training.cli import main
 ARCH = {"class": "torch.nn.Linear", "kwargs": {"in_features": 3, "out_features": 2}}
 
 
-def _stage(folder, seed: int, arch=ARCH, shape=(2, 3), seconds=None) -> dict:
+def _stage(folder, seed: int, arch=ARCH, shape=(2, 3), seconds=None, precision=None) -> dict:
     gen = torch.Generator().manual_seed(seed)
     state = {"weight": torch.randn(*shape, generator=gen), "bias": torch.randn(shape[0], generator=gen),
              "count": torch.tensor(seed, dtype=torch.long)}
     card = {"version": "1", "architecture": arch, "metrics": {},
             "training": {"command": f"scanbridge-train toy --seed {seed}", "seed": seed, "data": "toy",
-                         **({} if seconds is None else {"seconds": seconds})}}
+                         **({} if seconds is None else {"seconds": seconds}),
+                         **({} if precision is None else {"precision": precision})}}
     return registry.save_model("toy", state, card, folder), state
 
 
@@ -53,6 +54,20 @@ def test_the_average_card_sums_its_stages_training_times(tmp_path):
     assert main(args[:-1] + [str(tmp_path / "c"), "--out", str(tmp_path / "ac")]) == 0
     t = registry.load_card("toy", tmp_path / "ac" / "weights")["training"]
     assert "seconds" not in t and t["seconds_note"].startswith("not known")
+
+
+def test_the_average_card_says_each_stages_training_precision(tmp_path):
+    _stage(tmp_path / "a", 1)  # a card from before --precision: float32
+    _stage(tmp_path / "b", 2, precision="bfloat16")
+    _stage(tmp_path / "c", 3, precision="bfloat16")
+    assert main(["average", "--name", "toy", "--from", str(tmp_path / "b"), str(tmp_path / "c"),
+                 "--out", str(tmp_path / "bc")]) == 0
+    t = registry.load_card("toy", tmp_path / "bc" / "weights")["training"]
+    assert t["precision"] == "bfloat16" and [x["precision"] for x in t["average"]] == ["bfloat16"] * 2
+    assert main(["average", "--name", "toy", "--from", str(tmp_path / "a"), str(tmp_path / "b"),
+                 "--out", str(tmp_path / "ab")]) == 0
+    t = registry.load_card("toy", tmp_path / "ab" / "weights")["training"]
+    assert t["precision"] == ["float32", "bfloat16"]
 
 
 def test_equal_shares_by_default(tmp_path):

@@ -100,8 +100,11 @@ def run(args) -> int:
     seeds = [c.get("training", {}).get("seed") for c in cards]
     training["seed"] = seeds if len(set(map(str, seeds))) > 1 else seeds[-1]   # a soup of runs has their seeds
     spent = [c.get("training", {}).get("seconds") for c in cards]
+    precisions = [c.get("training", {}).get("precision", "float32") for c in cards]  # older cards: float32 only
+    training["precision"] = precisions if len(set(precisions)) > 1 else precisions[-1]
     training["average"] = [{"sha256": c["sha256"], "share": round(w, 6), "command": c.get("training", {}).get("command"),
-                            "seed": seed, "seconds": sec} for c, w, seed, sec in zip(cards, shares, seeds, spent)]
+                            "seed": seed, "seconds": sec, "precision": prec}
+                           for c, w, seed, sec, prec in zip(cards, shares, seeds, spent, precisions)]
     if all(isinstance(sec, (int, float)) for sec in spent):  # each input's card holds its own stage's time
         training["seconds"] = round(sum(spent), 1)
         training["seconds_note"] = ("the averaged stages' own training times summed (each in training.average); "
