@@ -44,10 +44,11 @@ TRAIN_PRECISIONS = ("float32", "bfloat16")
 def precision_field():
     """A trainer config's ``precision``: float32 (the default) or bfloat16 mixed precision for the
     network's forward pass (weights, optimiser and losses stay float32). On a CPU with AVX512-BF16 or AMX
-    an iteration takes 0.5-0.65 times as long; it is part of the recipe and written into the card."""
+    the network's share of an iteration takes 0.5-0.7 times as long (``benchmarks/training/steps.py``);
+    it is part of the recipe and written into the card."""
     return dataclasses.field(default="float32", metadata={
         "choices": TRAIN_PRECISIONS,
-        "help": "precision of the forward pass: float32, or bfloat16 mixed precision (about 1.6 times the "
+        "help": "precision of the forward pass: float32, or bfloat16 mixed precision (about 1.5 times the "
                 "iterations per hour where the hardware computes bfloat16 natively)"})
 
 
