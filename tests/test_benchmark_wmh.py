@@ -251,3 +251,10 @@ def test_wmh_benchmark_scores_each_cut_of_one_probability(wmh, monkeypatch):
     assert row["by_threshold"]["0.6"]["dice"] == pytest.approx(1.0)
     assert row["by_threshold"]["0.6"]["volume_ratio"] == pytest.approx(1.0)
     assert row["by_threshold"]["0.5"]["volume_ratio"] > 2
+
+
+def test_weights_alone_evaluate_only_those_weights(wmh):
+    assert wmh.chosen_models(None, {"content": "run/weights"}, False) == {"content": "run/weights"}
+    assert wmh.chosen_models(None, {}, False) == {k: None for k in wmh.LOSSES}  # all four, trained
+    assert wmh.chosen_models(["content", "dice"], {"content": "w"}, False) == {"content": "w", "dice": None}
+    assert wmh.chosen_models(None, {"dice": "w"}, True) == {"content": None}

@@ -26,7 +26,7 @@ draws the paper's Fig. 5 (AVD against PCD bins on the ``ood`` set, :data:`PCD_ED
     python benchmarks/lesion/wmh.py --shipped-only            # the shipped model, as content (minutes)
     python benchmarks/lesion/wmh.py --iterations 2000         # train the four variants (hours on 2 cores;
                                                               # resumable: rerun the same command)
-    python benchmarks/lesion/wmh.py --weights content=DIR dice=DIR2 --variants content dice
+    python benchmarks/lesion/wmh.py --weights content=DIR dice=DIR2  # these weights only (--variants: train others too)
     python benchmarks/lesion/wmh.py --shipped-only --recorded wmh_dice.json wmh_tversky.json
 
 Training runs live in ``--work``/<loss> and resume from their checkpoints (``scanbridge-train wmh``).
@@ -442,12 +442,24 @@ def parse_weights(items) -> dict:
     return out
 
 
+def chosen_models(variants, given: dict, shipped_only: bool) -> dict:
+    """Loss -> weights folder (None: the shipped model for ``shipped_only``, else train it). Without
+    ``variants``, the losses given weights, or all four when none are: evaluating one trained folder
+    never starts an hour-long training of the others."""
+    if shipped_only:
+        return {"content": None}
+    variants = variants or ([k for k in LOSSES if k in given] if given else list(LOSSES))
+    return {k: given.get(k) for k in variants}
+
+
 def main(argv=None) -> int:
     from bidsapp.devdata import anatomy_dir
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--anatomy-dir", default=str(anatomy_dir()))
-    p.add_argument("--variants", nargs="+", default=list(LOSSES), choices=LOSSES)
+    p.add_argument("--variants", nargs="+", default=None, choices=LOSSES,
+                   help="losses to evaluate (default: those given with --weights, else all four, training "
+                        "the ones without weights)")
     p.add_argument("--weights", nargs="+", metavar="LOSS=DIR", default=[],
                    help="evaluate these trained weights folders (wmh_unet.pt/.json) instead of training")
     p.add_argument("--iterations", type=int, default=2000, help="training budget of each variant")
@@ -475,10 +487,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     given = parse_weights(args.weights)
-    if args.shipped_only:
-        models = {"content": None}
-    else:
-        models = {k: given.get(k) for k in args.variants}
+    models = chosen_models(args.variants, given, args.shipped_only)
 
     heads = held_out_heads(args.anatomy_dir)
     sessions, info = {}, {}
