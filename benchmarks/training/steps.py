@@ -27,12 +27,10 @@ def networks():
     """(name, network, input, extra forward argument) at each shipped recipe's last-stage batch and size."""
     import torch
 
-    from bidsapp.models import brainmask, lesion, wmh
-    from bidsapp.models.tissue import N_PARAMS
-    from bidsapp.models.unet import UNet3D
+    from bidsapp.models import brainmask, lesion, registry, wmh
+    from bidsapp.models.tissue import N_PARAMS, PHYSICS_MODEL, build_model
 
-    tissue = UNet3D(in_channels=1, out_channels=3, features=(8, 16, 32, 64), n_params=N_PARAMS,
-                    physics_injection="norm_shift")
+    tissue = build_model(registry.load_card(PHYSICS_MODEL))  # the shipped physics model's architecture
     return [
         ("lesion U-Net, 64^3, batch 2", lesion.build_network(), torch.randn(2, 4, 64, 64, 64), None),
         ("brain-mask U-Net, 112^3, batch 2", brainmask.build_network(), torch.randn(2, 1, 112, 112, 112), None),

@@ -11,8 +11,9 @@ their average is a working network, unlike the average of two networks trained a
 
 Each ``--from`` folder holds ``NAME.pt`` and its card (as every trainer writes them). The result's card
 is the last input's, with the sha256 and size of the average, ``training.average`` (each input's sha256,
-share, command, seed and seconds), ``training.seed`` (the inputs' seeds when they differ), ``training.seconds``
-(the inputs' training times summed) and ``training.stages``: every input's stages, each once, then this command.
+share, command, seed, seconds and precision), ``training.seed`` and ``training.precision`` (each input's
+when they differ), ``training.seconds`` (the inputs' training times summed) and ``training.stages``: every
+input's stages, each once, then this command.
 """
 
 from __future__ import annotations
@@ -61,6 +62,11 @@ def merged_stages(cards: list[dict]) -> list[str]:
     return out
 
 
+def one_or_each(values: list):
+    """The inputs' shared value, or all of them in order when they differ (a card field of an average)."""
+    return values if len(set(map(str, values))) > 1 else values[-1]
+
+
 def run(args) -> int:
     from bidsapp.models import registry
 
@@ -98,10 +104,10 @@ def run(args) -> int:
     training["stages"] = merged_stages(cards) + [command]
     training["command"] = command
     seeds = [c.get("training", {}).get("seed") for c in cards]
-    training["seed"] = seeds if len(set(map(str, seeds))) > 1 else seeds[-1]   # a soup of runs has their seeds
+    training["seed"] = one_or_each(seeds)   # a soup of runs has their seeds
     spent = [c.get("training", {}).get("seconds") for c in cards]
     precisions = [c.get("training", {}).get("precision", "float32") for c in cards]  # older cards: float32 only
-    training["precision"] = precisions if len(set(precisions)) > 1 else precisions[-1]
+    training["precision"] = one_or_each(precisions)
     training["average"] = [{"sha256": c["sha256"], "share": round(w, 6), "command": c.get("training", {}).get("command"),
                             "seed": seed, "seconds": sec, "precision": prec}
                            for c, w, seed, sec, prec in zip(cards, shares, seeds, spent, precisions)]
