@@ -231,6 +231,34 @@ def test_aged_copies_widen_the_outer_csf_and_keep_the_brain_target():
     assert float(heads[1].brain.sum()) == pytest.approx(float(heads[0].brain.sum()), rel=1e-3)
 
 
+def test_transplanted_brain_fills_the_other_heads_cavity():
+    from bidsapp.physics import phantom as P
+    from bidsapp.training.brainmask import transplants
+
+    head, donor = P.sphere_phantom((32, 32, 32), 4.0), P.sphere_phantom((26, 26, 26), 4.0)
+    parenchyma = ("GM", "WM", "ventricles")
+
+    def amount(ph, names):
+        return sum(float(ph.fraction(c).sum()) for c in names) * ph.voxel_volume
+
+    full, shrunk = P.transplant_brain(head, donor, 1.0), P.transplant_brain(head, donor, 0.96)
+    for out in (full, shrunk):
+        assert np.allclose(out.fractions.sum(0), 1.0, atol=1e-5)
+        assert np.allclose(out.brain_fraction, head.brain_fraction, atol=1e-5)  # the target: the head's cavity
+        assert np.array_equal(out.fraction("skull"), head.fraction("skull"))
+    # the donor's brain, scaled to the new cavity: its share of the cavity is the donor's own
+    share = amount(donor, parenchyma) / amount(donor, P._BRAIN)
+    assert amount(full, parenchyma) / amount(full, P._BRAIN) == pytest.approx(share, rel=0.03)
+    # shrunk: less brain, more CSF between it and the skull
+    assert amount(shrunk, parenchyma) == pytest.approx(amount(full, parenchyma) * 0.96 ** 3, rel=0.03)
+    assert amount(shrunk, ["CSF"]) > amount(full, ["CSF"])
+    made = transplants([head, donor], ["a", "b"], 3, seed=1)
+    assert [n for n, _ in made] == [n for n, _ in transplants([head, donor], ["a", "b"], 3, seed=1)]
+    assert {n for n, _ in made} <= {"a+b", "b+a"} and len(made) == 3
+    with pytest.raises(ValueError):
+        P.transplant_brain(head, P.load_anatomy(None, resolution=6.0))  # other classes
+
+
 @pytest.mark.parametrize("centre", ["brain", "head"])
 def test_synthetic_heads_are_reproducible_and_target_the_brain(icbm_heads, centre):
     from bidsapp.training.brainmask import HeadSynth

@@ -715,3 +715,53 @@ def make_subject(anatomy: Phantom, rng: np.random.Generator, resolution=None, va
     if resolution is not None:
         ph = ph.resample(_triple(resolution))
     return ph
+
+
+# ---------------------------------------------------------------------------------------- brain transplant
+def _symmetric_sqrt(cov: np.ndarray, inverse: bool = False) -> np.ndarray:
+    vals, vecs = np.linalg.eigh(cov)
+    vals = np.maximum(vals, 1e-9) ** (-0.5 if inverse else 0.5)
+    return (vecs * vals) @ vecs.T
+
+
+def _moments_mm(weight: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Centre (mm) and covariance (mm^2) of a non-negative map."""
+    idx = np.argwhere(weight > 0.5)
+    world = idx @ affine[:3, :3].T + affine[:3, 3]
+    return world.mean(0), np.cov(world.T)
+
+
+def transplant_brain(head: Phantom, donor: Phantom, shrink: float = 1.0) -> Phantom:
+    """``head``'s scalp, skull and cranial cavity with ``donor``'s brain inside: a new anatomy.
+
+    The donor's cavity (its brain fraction, outer CSF included) is mapped onto the head's by the affine
+    that matches their centres and second moments (both in RAS, so no rotation is sought), and its
+    parenchyma (GM, deep GM, WM, ventricles) is read there, shrunk about the centre by ``shrink``; what
+    the cavity holds besides is CSF. The brain target is the head's own cavity, so the layer of CSF
+    between cortex and skull varies with the pair (and ``shrink``) instead of being each label map's
+    own. Both phantoms need the same classes."""
+    if head.classes != donor.classes:
+        raise ValueError("transplant_brain needs two phantoms with the same classes")
+    if not 0.5 < shrink <= 1.0:
+        raise ValueError(f"shrink {shrink} must lie in (0.5, 1]")
+    cavity = np.clip(head.brain_fraction, 0.0, 1.0)
+    c_h, cov_h = _moments_mm(cavity, head.affine)
+    c_d, cov_d = _moments_mm(donor.brain_fraction, donor.affine)
+    to_donor = _symmetric_sqrt(cov_d) @ _symmetric_sqrt(cov_h, inverse=True) / shrink  # head mm -> donor mm
+    ijk = np.indices(head.shape, dtype=np.float64).reshape(3, -1)
+    world = head.affine[:3, :3] @ ijk + head.affine[:3, 3:4]
+    donor_world = to_donor @ (world - c_h[:, None]) + c_d[:, None]
+    donor_ijk = np.linalg.solve(donor.affine[:3, :3], donor_world - donor.affine[:3, 3:4])
+    out = head.copy()
+    parenchyma = [c for c in donor.classes if c in _BRAIN and c != "CSF"]
+    maps = {c: ndi.map_coordinates(donor.fraction(c), donor_ijk, order=1, mode="constant",
+                                       cval=0.0).reshape(head.shape) for c in parenchyma}
+    total = sum(maps.values())
+    scale = cavity / np.maximum(total, 1.0)  # inside the cavity only, never more than it holds
+    for c, m in maps.items():
+        out.fractions[out.index(c)] = m * scale
+    out.fractions[out.index("CSF")] = np.clip(cavity - total * scale, 0.0, None)
+    out.labels = None
+    out.meta = dict(head.meta, transplant={"head": head.meta.get("name"), "donor": donor.meta.get("name"),
+                                           "shrink": float(shrink)})
+    return out

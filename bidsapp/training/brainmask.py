@@ -125,10 +125,33 @@ def aged_copies(phantom, n: int) -> list:
     return [age_brain(phantom, AGED_GM_LOSS * k / n, AGED_VENTRICLE_GROWTH * k / n) for k in range(1, n + 1)]
 
 
+TRANSPLANT_SHRINK = (0.96, 1.0)
+"""Range of the linear shrink a transplanted brain gets inside its new cavity (0.96: 12 %% less brain)."""
+
+
+def transplants(phantoms: list, names: list[str], n: int, seed: int) -> list[tuple[str, object]]:
+    """``n`` new anatomies, each one training anatomy's brain in another's skull
+    (:func:`bidsapp.physics.phantom.transplant_brain`), pairs and shrink drawn from ``seed``: ten label maps
+    give ten brain-to-skull layers; a held-out head's layer of outer CSF was guessed from them (its brain
+    volume off by its own sign, -4 to +6 %%), so the pairs give the network more layers to read."""
+    from bidsapp.physics.phantom import transplant_brain
+
+    rng = np.random.default_rng([int(seed), 11])
+    same = [i for i, ph in enumerate(phantoms) if ph.classes == phantoms[0].classes]
+    out = []
+    if len(same) < 2:
+        return out
+    for _ in range(int(n)):
+        h, d = rng.choice(same, 2, replace=False)
+        shrink = float(rng.uniform(*TRANSPLANT_SHRINK))
+        out.append((f"{names[h]}+{names[d]}", transplant_brain(phantoms[h], phantoms[d], shrink)))
+    return out
+
+
 def load_heads(anatomy_dir, use_icbm: bool = True, heldout=HELDOUT, grid_mm: float | None = None,
-               aged: int = 0) -> list[Head]:
+               aged: int = 0, hybrids: int = 0, seed: int = 0) -> list[Head]:
     """The training anatomies as RAS fraction maps on the network's grid, each followed by ``aged``
-    aged copies (:func:`aged_copies`)."""
+    aged copies (:func:`aged_copies`), then ``hybrids`` transplants (:func:`transplants`, from ``seed``)."""
     import torch
 
     from bidsapp.models.brainmask import GRID_MM
@@ -145,16 +168,18 @@ def load_heads(anatomy_dir, use_icbm: bool = True, heldout=HELDOUT, grid_mm: flo
         raise FileNotFoundError(f"no anatomies: {anatomy_dir} has no anat-*_dseg.nii.gz and ICBM152 is off "
                                 "(set --anatomy-dir or SCANBRIDGE_DATA_DIR)")
     heads = []
-    for name, src in srcs:
-        ph = P.load_anatomy(src, resolution=grid_mm).reorient("RAS")
-        for k, copy in enumerate([ph] + (aged_copies(ph, aged) if aged else [])):
+    loaded = [(name, P.load_anatomy(src, resolution=grid_mm).reorient("RAS")) for name, src in srcs]
+    extra = transplants([ph for _, ph in loaded], [n for n, _ in loaded], hybrids, seed) if hybrids else []
+    for i, (name, ph) in enumerate(loaded + extra):
+        ages = aged if i < len(loaded) else 0  # a transplant's layer of CSF is already its own
+        for k, copy in enumerate([ph] + (aged_copies(ph, ages) if ages else [])):
             frac = torch.from_numpy(np.ascontiguousarray(copy.fractions))
             brain = torch.from_numpy(np.ascontiguousarray(copy.brain_fraction.astype(np.float32)))
             idx = np.argwhere(copy.brain_mask)
             head = np.argwhere(copy.fractions[0] < 0.5)
             heads.append(Head(name if k == 0 else f"{name}-aged{k}", frac, tuple(copy.classes), brain, idx.mean(0),
                               np.stack([head.min(0), head.max(0)])))
-        LOG.info("anatomy %s: %s voxels%s", name, tuple(ph.shape), f", {aged_count(aged)}" if aged else "")
+        LOG.info("anatomy %s: %s voxels%s", name, tuple(ph.shape), f", {aged_count(ages)}" if ages else "")
     return heads
 
 
@@ -308,6 +333,9 @@ class TrainConfig:
     aged: int = field(default=0, metadata={
         "help": "aged copies of each anatomy (cortical GM thinned into CSF, ventricles grown; the k-th of N "
                 "loses k/N of 25 %% of its cortex): heads with the thick outer CSF of older brains"})
+    hybrids: int = field(default=0, metadata={
+        "help": "heads made by transplanting one training anatomy's brain into another's skull (pairs drawn "
+                "from --seed): more layers of outer CSF between brain and skull than the label maps have"})
 
 
 def command_line(cfg: TrainConfig) -> str:
@@ -329,7 +357,8 @@ def train(cfg: TrainConfig, heads: list[Head] | None = None, progress=print, sto
     torch.set_num_threads(int(cfg.threads))
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    heads = heads if heads is not None else load_heads(cfg.anatomy_dir, use_icbm=cfg.icbm, aged=cfg.aged)
+    heads = heads if heads is not None else load_heads(cfg.anatomy_dir, use_icbm=cfg.icbm, aged=cfg.aged,
+                                                       hybrids=cfg.hybrids, seed=cfg.seed)
     synth = HeadSynth(heads, size=cfg.size, seed=cfg.seed, max_rotation=cfg.max_rotation, centre=cfg.centre,
                       device=device)
     net = build_network()
@@ -376,7 +405,9 @@ def save(net, cfg: TrainConfig, history: dict, weights_dir=None) -> dict:
                      f"{', '.join(sorted(h for h in _anatomy_names(cfg)))} (held out: {', '.join(HELDOUT)})"
                      + (" and the ICBM152 2009a head" if cfg.icbm else "")
                      + (f", each with {aged_count(cfg.aged)} (cortical GM thinned into CSF, ventricles grown)"
-                        if cfg.aged else "")),
+                        if cfg.aged else "")
+                     + (f", and {cfg.hybrids} transplants (one label map's brain in another's skull)"
+                        if cfg.hybrids else "")),
             "iterations": cfg.iterations, "batch": cfg.batch, "patch_voxels": cfg.size,
             **run_facts(cfg, history),
             "final_loss": float(np.mean(history["loss"][-50:])) if history["loss"] else None,
