@@ -252,6 +252,7 @@ def test_transplanted_brain_fills_the_other_heads_cavity():
     # shrunk: less brain, more CSF between it and the skull
     assert amount(shrunk, parenchyma) == pytest.approx(amount(full, parenchyma) * 0.96 ** 3, rel=0.03)
     assert amount(shrunk, ["CSF"]) > amount(full, ["CSF"])
+    assert shrunk.meta["transplant"] == {"head": "spheres", "donor": "spheres", "shrink": 0.96}
     made = transplants([head, donor], ["a", "b"], 3, seed=1)
     assert [n for n, _ in made] == [n for n, _ in transplants([head, donor], ["a", "b"], 3, seed=1)]
     assert {n for n, _ in made} <= {"a+b", "b+a"} and len(made) == 3

@@ -755,13 +755,13 @@ def transplant_brain(head: Phantom, donor: Phantom, shrink: float = 1.0) -> Phan
     out = head.copy()
     parenchyma = [c for c in donor.classes if c in _BRAIN and c != "CSF"]
     maps = {c: ndi.map_coordinates(donor.fraction(c), donor_ijk, order=1, mode="constant",
-                                       cval=0.0).reshape(head.shape) for c in parenchyma}
+                                   cval=0.0).reshape(head.shape) for c in parenchyma}
     total = sum(maps.values())
     scale = cavity / np.maximum(total, 1.0)  # inside the cavity only, never more than it holds
     for c, m in maps.items():
         out.fractions[out.index(c)] = m * scale
     out.fractions[out.index("CSF")] = np.clip(cavity - total * scale, 0.0, None)
     out.labels = None
-    out.meta = dict(head.meta, transplant={"head": head.meta.get("name"), "donor": donor.meta.get("name"),
+    out.meta = dict(head.meta, transplant={"head": head.meta.get("anatomy"), "donor": donor.meta.get("anatomy"),
                                            "shrink": float(shrink)})
     return out

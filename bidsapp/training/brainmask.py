@@ -126,14 +126,14 @@ def aged_copies(phantom, n: int) -> list:
 
 
 TRANSPLANT_SHRINK = (0.96, 1.0)
-"""Range of the linear shrink a transplanted brain gets inside its new cavity (0.96: 12 %% less brain)."""
+"""Range of the linear shrink a transplanted brain gets inside its new cavity (0.96: 12 % less brain)."""
 
 
 def transplants(phantoms: list, names: list[str], n: int, seed: int) -> list[tuple[str, object]]:
     """``n`` new anatomies, each one training anatomy's brain in another's skull
     (:func:`bidsapp.physics.phantom.transplant_brain`), pairs and shrink drawn from ``seed``: ten label maps
     give ten brain-to-skull layers; a held-out head's layer of outer CSF was guessed from them (its brain
-    volume off by its own sign, -4 to +6 %%), so the pairs give the network more layers to read."""
+    volume off by its own sign, -4 to +6 %), so the pairs give the network more layers to read."""
     from bidsapp.physics.phantom import transplant_brain
 
     rng = np.random.default_rng([int(seed), 11])
