@@ -748,14 +748,13 @@ def transplant_brain(head: Phantom, donor: Phantom, shrink: float = 1.0) -> Phan
     c_h, cov_h = _moments_mm(cavity, head.affine)
     c_d, cov_d = _moments_mm(donor.brain_fraction, donor.affine)
     to_donor = _symmetric_sqrt(cov_d) @ _symmetric_sqrt(cov_h, inverse=True) / shrink  # head mm -> donor mm
-    ijk = np.indices(head.shape, dtype=np.float64).reshape(3, -1)
-    world = head.affine[:3, :3] @ ijk + head.affine[:3, 3:4]
-    donor_world = to_donor @ (world - c_h[:, None]) + c_d[:, None]
-    donor_ijk = np.linalg.solve(donor.affine[:3, :3], donor_world - donor.affine[:3, 3:4])
+    from .atrophy import sample_world, world_grid  # atrophy imports this module
+
+    donor_world = to_donor @ (world_grid(head.shape, head.affine) - c_h[:, None]) + c_d[:, None]
     out = head.copy()
     parenchyma = [c for c in donor.classes if c in _BRAIN and c != "CSF"]
-    maps = {c: ndi.map_coordinates(donor.fraction(c), donor_ijk, order=1, mode="constant",
-                                   cval=0.0).reshape(head.shape) for c in parenchyma}
+    maps = {c: sample_world(donor.fraction(c), donor.affine, donor_world, order=1).reshape(head.shape)
+            for c in parenchyma}
     total = sum(maps.values())
     scale = cavity / np.maximum(total, 1.0)  # inside the cavity only, never more than it holds
     for c, m in maps.items():
