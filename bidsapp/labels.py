@@ -91,8 +91,8 @@ def tissue_volumes_mm3(probs, mask, voxel_mm3: float, fractions: bool) -> dict:
     (``fractions``: the partial-volume refinement ran), a tissue's volume is its summed fraction, as
     SynthSeg and SAMSEG report soft volumes: a border voxel holds some of each tissue, and counting it
     whole for the likelier one moves volumes with the contrast and the voxel size. When they are a
-    classifier's probabilities (a network on 2 mm images, Atropos' posteriors) they are not fractions,
-    and the voxels of each label (the largest probability) are counted. A mask voxel given no
+    classifier's probabilities (Atropos' posteriors, a network's on its own 2 mm grid) they are not
+    fractions, and the voxels of each label (the largest probability) are counted. A mask voxel given no
     probability at all counts as CSF, as the dseg labels it; the tissues always sum to the brain row.
     """
     import numpy as np

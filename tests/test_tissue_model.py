@@ -254,14 +254,29 @@ def test_segment_refines_by_default_and_says_so(tmp_path):
     refined = tissue.segment(img, mask, (1.0, 1.0, 1.0), None, device="cpu", weights_dir=tmp_path)
     raw = tissue.segment(img, mask, (1.0, 1.0, 1.0), None, device="cpu", weights_dir=tmp_path, refine=False)
     assert refined.refinement and raw.refinement is None
-    assert raw.volumes_mm3["GM"] == pytest.approx(float((raw.dseg == 2).sum()))  # probabilities: labels counted
+    # voxels finer than the model's: the maps are summed, refined or not
+    assert raw.volumes_mm3["GM"] == pytest.approx(float(raw.probs[1][mask > 0].sum()), rel=1e-5)
+    assert raw.volumes_mm3["GM"] != pytest.approx(float((raw.dseg == 2).sum()), rel=1e-3)
     assert refined.volumes_mm3["GM"] == pytest.approx(float(refined.probs[1][mask > 0].sum()), rel=1e-5)
     assert not np.array_equal(refined.probs, raw.probs)
     meta = sidecar_metadata(refined)
     assert meta["IntensityRefinement"]["iterations"] >= 1 and "refined" in meta["Resampling"]
+    assert meta["VolumesFromFractions"] and sidecar_metadata(raw)["VolumesFromFractions"]
     assert sidecar_metadata(raw)["IntensityRefinement"] is None
     on_grid = tissue.segment(img, mask, (2.0, 2.0, 2.0), None, device="cpu", weights_dir=tmp_path)
     assert on_grid.refinement is None  # at the model's own resolution the network sees every voxel
+    # ... and its labels are counted
+    assert on_grid.volumes_mm3["GM"] == pytest.approx(8.0 * float(((on_grid.dseg == 2) & (mask > 0)).sum()))
+    assert not sidecar_metadata(on_grid)["VolumesFromFractions"]
+
+
+@pytest.mark.parametrize("zooms, refined, summed", [
+    ((1.0, 1.0, 1.0), True, True), ((1.0, 1.0, 5.0), False, True), ((0.9, 0.9, 6.0), False, True),
+    ((2.0, 2.0, 2.0), False, False), ((1.0, 1.0, 8.0), False, False), ((3.0, 3.0, 3.0), False, False)])
+def test_volumes_sum_the_maps_on_voxels_finer_than_the_model(zooms, refined, summed):
+    """Thick slices beyond the refinement's reach sum the network's probabilities (its training targets
+    were 2 mm tissue fractions); on the model's own grid or coarser the labels are counted."""
+    assert tissue.volumes_from_fractions(zooms, 2.0, refined) is summed
 
 
 def test_resample_roundtrip_keeps_field_of_view():

@@ -86,9 +86,10 @@ def init_anat_derivatives_wf(*, output_dir, bids_dir, template: dict, suffix: st
     if methods:
         volumes = sink("ds_volumes", output_dir, bids_dir, suffix="morph", desc="volumes", extension=".tsv",
                        metadata={"Description": "volumes by method (long format) inside the brain mask: "
-                                                "a tissue's summed fraction where the maps are tissue "
-                                                "fractions (the method's IntensityRefinement ran), else "
-                                                "its dseg voxel count; brain = brain-mask volume",
+                                                "a tissue's summed map where the method's sidecar says "
+                                                "VolumesFromFractions (the refinement's fractions, or a "
+                                                "network's probabilities on voxels finer than its own), "
+                                                "else its dseg voxel count; brain = brain-mask volume",
                                  "Methods": list(methods)})
         sinks["ds_volumes"] = (volumes, "volumes")
     for node, field in sinks.values():

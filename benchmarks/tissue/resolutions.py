@@ -7,9 +7,11 @@ from it the images a coarser acquisition would have given, each voxel the mean o
 covers (:func:`coarsen`: a thick slice averages what it spans): 1 x 1 x 3, 4 and 5 mm axial slices,
 2 x 1 x 1 mm sagittal ones, 1.5 and 2 mm isotropic. Every image is a subject of its own (so that no
 subject level runs), run through ``scanbridge participant`` as a user would (no sidecars; no Atropos
-baseline), and the volumes tables are printed side by side: GM, WM, CSF and brain (ml), GM/WM, each one's difference
-from the 1 mm session's, and whether the intensity refinement ran (it runs when a voxel is at most
-half the tissue model's in volume, :data:`bidsapp.models.tissue.REFINE_BELOW`).
+baseline), and the volumes tables are printed side by side: GM, WM, CSF and brain (ml), GM/WM, each
+one's difference from the 1 mm image's, and how the volumes were read: the intensity refinement's
+fractions summed (it runs when a voxel is at most half the tissue model's in volume,
+:data:`bidsapp.models.tissue.REFINE_BELOW`), the network's probabilities summed (voxels finer than the
+model's without it), or its labels counted (:func:`bidsapp.models.tissue.volumes_from_fractions`).
 
     python benchmarks/tissue/resolutions.py --work /tmp/resolutions
 """
@@ -80,8 +82,10 @@ def volumes(out: Path, sub: str) -> dict:
     t = pd.read_csv(anat / f"{sub}_desc-volumes_morph.tsv", sep="\t")
     main = t[t.method == t.method.iloc[0]].set_index("label").volume_mm3 / 1000.0
     sidecar = json.loads((anat / f"{sub}_dseg.json").read_text())
+    read = ("refined fractions" if sidecar.get("IntensityRefinement") else
+            "probabilities summed" if sidecar.get("VolumesFromFractions") else "labels counted")
     return {"GM": float(main["GM"]), "WM": float(main["WM"]), "CSF": float(main["CSF"]),
-            "brain": float(main["brain"]), "refined": bool(sidecar.get("IntensityRefinement"))}
+            "brain": float(main["brain"]), "read": read}
 
 
 def main(argv=None) -> int:
@@ -105,14 +109,14 @@ def main(argv=None) -> int:
                               "--segmentation", "unet-physics", "--lesion-methods", "lesion")
     rows = {label: volumes(args.work / "out", sub) for label, sub in zip(RESOLUTIONS, subjects)}
     first = rows[next(iter(RESOLUTIONS))]
-    print(f"{'voxels':<14} {'GM':>7} {'WM':>7} {'CSF':>7} {'brain':>7} {'GM/WM':>6} {'GM %':>7} {'WM %':>7} {'brain %':>8}  refined")
+    print(f"{'voxels':<14} {'GM':>7} {'WM':>7} {'CSF':>7} {'brain':>7} {'GM/WM':>6} {'GM %':>7} {'WM %':>7} {'brain %':>8}  volumes")
     for label, r in rows.items():
         r["GM_WM"] = r["GM"] / r["WM"]
         for k in ("GM", "WM", "brain"):
             r[f"{k}_vs_first_pct"] = 100.0 * (r[k] / first[k] - 1.0)
         print(f"{label:<14} {r['GM']:>7.0f} {r['WM']:>7.0f} {r['CSF']:>7.0f} {r['brain']:>7.0f} {r['GM_WM']:>6.2f} "
               f"{r['GM_vs_first_pct']:>+7.1f} {r['WM_vs_first_pct']:>+7.1f} {r['brain_vs_first_pct']:>+8.1f}  "
-              f"{'yes' if r['refined'] else 'no'}")
+              f"{r['read']}")
     print(f"participant level: {seconds:.0f} s for {len(subjects)} images")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"source": str(source), "images": rows, "seconds": seconds}, indent=1))

@@ -218,7 +218,7 @@ class FillLesions(SimpleInterface):
         method = rows[1].split("\t")[0] if len(rows) > 1 else "tissue"
         meta = dict(self.inputs.metadata or {})
         tsv = tissue_volumes(out_probs, self.inputs.mask_file, method, os.path.join(cwd, "volumes.tsv"),
-                             fractions=bool(meta.get("IntensityRefinement")))
+                             fractions=bool(meta.get("VolumesFromFractions", meta.get("IntensityRefinement"))))
         zooms = np.sqrt((img.affine[:3, :3] ** 2).sum(0))
         meta["LesionFilling"] = (f"voxels of the lesion mask are counted as {self.inputs.counted_as} "
                                  f"({moved * float(np.prod(zooms)):.0f} mm^3 relabelled); the lesion volume "

@@ -64,6 +64,7 @@ def sidecar_metadata(result) -> dict:
                           "tissue fractions, and the volumes their sums"
                           if result.refinement else "")),
         "IntensityRefinement": result.refinement,
+        "VolumesFromFractions": bool(result.volumes_summed),
         "Device": result.device,
     }
 
