@@ -7,6 +7,8 @@ in its voxel grid (a tilted head on an axis-aligned scan, cubic resampling about
 learned mask (:func:`bidsapp.models.brainmask.extract`) is made on the rotated image and rotated back,
 and it is compared, inside the field of view every rotation keeps, with the 0-degree mask (volume
 change, Dice) and, on simulated heads, with the truth rotated the same way (Dice, volume error).
+``--methods`` adds the peers of ``run.py`` (``template``, ``deepbet``), each run as there (in this
+process: the times are not this benchmark's measure).
 
 Heads: the held-out label maps (``anat-10``..``anat-12``) simulated as a 3 T MPRAGE at 1 mm, and Colin 27
 (a real 1 mm head from Debian's archive; ``--no-registry`` leaves it out). The simulated images and the
@@ -14,6 +16,7 @@ N4 step are shared with ``run.py``'s cache (``--work``, the same default).
 
     python benchmarks/brainmask/tilt.py
     python benchmarks/brainmask/tilt.py --angles 0,0,0 15,0,0 30,10,0 --no-registry
+    python benchmarks/brainmask/tilt.py --methods learned deepbet
 """
 
 from __future__ import annotations
@@ -72,12 +75,41 @@ def unrotate(data: np.ndarray, angles) -> np.ndarray:
                                 mode="constant", cval=0.0)
 
 
-def tilted_masks(n4_file: Path, angles_list, truth_file: Path | None = None) -> list[dict]:
-    """One row per rotation of one head (module docstring)."""
+def learned(img) -> np.ndarray:
+    """The app's mask of a nibabel image (in this process)."""
+    from bidsapp.models.brainmask import extract
+
+    return extract(img).mask
+
+
+def peer(method: str, work: Path):
+    """A ``run.py`` method as a function of a nibabel image: written to ``work`` and run by ``run.py``'s
+    worker, here in this process."""
+    run = _run_module()
+
+    class _Reply:
+        def send(self, value):
+            self.value = value
+
+    def mask(img) -> np.ndarray:
+        import nibabel as nib
+
+        work.mkdir(parents=True, exist_ok=True)
+        nib.save(img, str(work / "rotated.nii.gz"))
+        out, reply = work / f"mask_{method}.nii.gz", _Reply()
+        run._method_worker(method, str(work / "rotated.nii.gz"), str(out), 2, None, reply)
+        if reply.value[2]:
+            raise RuntimeError(f"{method}: {reply.value[2]}")
+        return np.asarray(nib.load(str(out)).dataobj) > 0
+
+    return mask
+
+
+def tilted_masks(n4_file: Path, angles_list, truth_file: Path | None = None, method=learned) -> list[dict]:
+    """One row per rotation of one head (module docstring); ``method``: nibabel image -> boolean mask."""
     import nibabel as nib
 
     from bidsapp.metrics.overlap import dice
-    from bidsapp.models.brainmask import extract
 
     img = nib.load(str(n4_file))
     data = np.asarray(img.dataobj, np.float32)
@@ -86,7 +118,7 @@ def tilted_masks(n4_file: Path, angles_list, truth_file: Path | None = None) -> 
     masks, fovs = {}, {}
     for angles in angles_list:
         rotated = nib.Nifti1Image(rotate(data, angles, order=3).clip(0, None), img.affine, img.header)
-        masks[angles] = unrotate(extract(rotated).mask.astype(np.float32), angles) >= 0.5
+        masks[angles] = unrotate(np.asarray(method(rotated), np.float32), angles) >= 0.5
         fovs[angles] = unrotate(np.ones(data.shape, np.float32), angles) >= 0.99
     fov = np.logical_and.reduce(list(fovs.values()))
     ref = masks[tuple(angles_list[0])] & fov
@@ -112,6 +144,7 @@ def main(argv=None) -> int:
                     help="rotations as x,y,z degrees; the first is the reference (default: " +
                          " ".join(",".join(str(a) for a in t) for t in ANGLES) + ")")
     ap.add_argument("--no-registry", action="store_true", help="leave Colin 27 out")
+    ap.add_argument("--methods", nargs="+", default=["learned"], choices=["learned", "template", "deepbet"])
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "brainmask_tilt.json")
     args = ap.parse_args(argv)
     angles_list = [tuple(float(x) for x in a.split(",")) for a in args.angles] if args.angles else list(ANGLES)
@@ -128,17 +161,20 @@ def main(argv=None) -> int:
         if not n4.is_file():
             run.preprocess(case["raw"], case["dir"])
         truth = case["truth"] if case["set"] == "simulated" else None
-        for r in tilted_masks(n4, angles_list, truth):
-            rows.append({"head": case["head"], **r})
-            print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in rows[-1].items()),
-                  flush=True)
+        for name in args.methods:
+            method = learned if name == "learned" else peer(name, case["dir"] / "tilt")
+            for r in tilted_masks(n4, angles_list, truth, method):
+                rows.append({"head": case["head"], "method": name, **r})
+                print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in rows[-1].items()),
+                      flush=True)
     print()
-    print(f"{'rotation (deg)':>16} {'volume change %':>16} {'Dice vs 0':>10} {'sim. Dice':>10} {'sim. vol. error %':>18}")
+    print(f"{'method':>8} {'rotation (deg)':>16} {'volume change %':>16} {'Dice vs 0':>10} {'sim. Dice':>10} "
+          f"{'sim. vol. error %':>18}")
     summary = []
-    for angles in angles_list:
-        sel = [r for r in rows if tuple(r["angles"]) == tuple(angles)]
+    for name, angles in ((n, a) for n in args.methods for a in angles_list):
+        sel = [r for r in rows if tuple(r["angles"]) == tuple(angles) and r["method"] == name]
         sim = [r for r in sel if "dice_vs_truth" in r]
-        s = {"angles": list(angles),
+        s = {"method": name, "angles": list(angles),
              "volume_change_pct_median": statistics.median(r["volume_change_pct"] for r in sel),
              "volume_change_pct_max_abs": max(abs(r["volume_change_pct"]) for r in sel),
              "dice_vs_first_median": statistics.median(r["dice_vs_first"] for r in sel)}
@@ -146,7 +182,7 @@ def main(argv=None) -> int:
             s["dice_vs_truth_median"] = statistics.median(r["dice_vs_truth"] for r in sim)
             s["volume_error_pct_median"] = statistics.median(r["volume_error_pct"] for r in sim)
         summary.append(s)
-        print(f"{','.join(f'{a:g}' for a in angles):>16} {s['volume_change_pct_median']:>+9.2f} ({s['volume_change_pct_max_abs']:.2f})"
+        print(f"{name:>8} {','.join(f'{a:g}' for a in angles):>16} {s['volume_change_pct_median']:>+9.2f} ({s['volume_change_pct_max_abs']:.2f})"
               f" {s['dice_vs_first_median']:>10.4f} {s.get('dice_vs_truth_median', float('nan')):>10.4f}"
               f" {s.get('volume_error_pct_median', float('nan')):>+18.2f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
