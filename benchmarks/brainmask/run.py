@@ -83,7 +83,7 @@ def data_root() -> Path:
 
 
 # ---------------------------------------------------------------------------------- methods
-def _method_worker(method: str, in_file: str, out_mask: str, threads: int, weights_dir, conn) -> None:
+def method_worker(method: str, in_file: str, out_mask: str, threads: int, weights_dir, conn) -> None:
     """Runs in a fresh process: one method on one image; sends (seconds, peak MB, error)."""
     os.environ["OMP_NUM_THREADS"] = os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(threads)
     sys.path.insert(0, str(ROOT))
@@ -123,7 +123,7 @@ def _method_worker(method: str, in_file: str, out_mask: str, threads: int, weigh
 def run_method(method: str, in_file: Path, out_mask: Path, threads: int, weights_dir=None) -> dict:
     ctx = mp.get_context("spawn")
     a, b = ctx.Pipe()
-    p = ctx.Process(target=_method_worker, args=(method, str(in_file), str(out_mask), threads,
+    p = ctx.Process(target=method_worker, args=(method, str(in_file), str(out_mask), threads,
                                                  str(weights_dir) if weights_dir else None, b))
     p.start()
     seconds, peak, err = a.recv()

@@ -97,7 +97,7 @@ def peer(method: str, work: Path):
         work.mkdir(parents=True, exist_ok=True)
         nib.save(img, str(work / "rotated.nii.gz"))
         out, reply = work / f"mask_{method}.nii.gz", _Reply()
-        run._method_worker(method, str(work / "rotated.nii.gz"), str(out), 2, None, reply)
+        run.method_worker(method, str(work / "rotated.nii.gz"), str(out), 2, None, reply)
         if reply.value[2]:
             raise RuntimeError(f"{method}: {reply.value[2]}")
         return np.asarray(nib.load(str(out)).dataobj) > 0
