@@ -118,6 +118,7 @@ def volumes_from_fractions(zooms, resolution_mm: float, refined: bool) -> bool:
     demo's 2 mm sessions summing read GM -17 % against -6 %."""
     return refined or float(np.prod([float(z) for z in zooms[:3]])) < float(resolution_mm) ** 3
 
+
 @dataclass
 class ParameterVector:
     """What the physics branch gets for one image, and why."""
