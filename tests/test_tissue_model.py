@@ -268,6 +268,11 @@ def test_segment_refines_by_default_and_says_so(tmp_path):
     # ... and its labels are counted
     assert on_grid.volumes_mm3["GM"] == pytest.approx(8.0 * float(((on_grid.dseg == 2) & (mask > 0)).sum()))
     assert not sidecar_metadata(on_grid)["VolumesFromFractions"]
+    assert not [w for w in refined.warnings + raw.warnings if "too coarse" in w]  # refined, or not asked for
+    assert [w for w in on_grid.warnings if "8.0 mm3 are too coarse" in w and "labels counted" in w]
+    thick = tissue.segment(img, mask, (1.0, 1.0, 5.0), None, device="cpu", weights_dir=tmp_path)
+    assert thick.refinement is None and thick.volumes_summed
+    assert [w for w in thick.warnings if "5.0 mm3 are too coarse" in w and "probabilities summed" in w]
 
 
 @pytest.mark.parametrize("zooms, refined, summed", [

@@ -119,6 +119,17 @@ def volumes_from_fractions(zooms, resolution_mm: float, refined: bool) -> bool:
     return refined or float(np.prod([float(z) for z in zooms[:3]])) < float(resolution_mm) ** 3
 
 
+def coarse_voxels_warning(zooms, resolution_mm: float, summed: bool) -> str:
+    """What a user should know when the refinement could not run: how the volumes were read and how far
+    off that reading was on a real head whose 1 mm scan it reads right (``benchmarks/tissue/resolutions.py``)."""
+    v = float(np.prod([float(z) for z in zooms[:3]]))
+    how, off = (("probabilities summed", "a sixth high and WM a sixth low in 1 x 1 x 5 mm slices") if summed else
+                ("labels counted", "a quarter to a third high and WM a fifth low at 2 mm"))
+    return (f"voxels of {v:.1f} mm3 are too coarse for the intensity refinement (it needs at most "
+            f"{REFINE_BELOW * float(resolution_mm) ** 3:g} mm3): the volumes are the {resolution_mm:g} mm network's "
+            f"{how}, which read GM {off} on a real head (docs/tissue-segmentation.md, Limits)")
+
+
 @dataclass
 class ParameterVector:
     """What the physics branch gets for one image, and why."""
@@ -535,6 +546,8 @@ def segment(image: np.ndarray, mask: np.ndarray, zooms, acquisition: dict | None
         probs, fit = refine_probs(img, mask_b, probs, csf_sign=-1.0 if pv.csf_inverted else 1.0)
     dseg = np.where(mask_b, probs.argmax(0) + 1, 0).astype(np.uint8)
     summed = volumes_from_fractions(zooms, res, fit is not None)
+    if refine and fit is None:
+        warnings.append(f"tissue model: {coarse_voxels_warning(zooms, res, summed)}")
     volumes = tissue_volumes_mm3(probs, mask_b, float(np.prod(zooms)), fractions=summed)
     method = "unet-physics" if name == PHYSICS_MODEL else "unet"
     return TissueResult(probs=probs, dseg=dseg, volumes_mm3=volumes, method=method,
