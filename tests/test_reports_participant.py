@@ -328,6 +328,19 @@ def test_report_flags_a_protocol_with_little_gm_wm_contrast(tmp_path):
     assert "expected WM/GM signal ratio 1.250" in html and "so little GM/WM contrast" not in html
 
 
+def test_report_warns_when_the_voxels_were_too_coarse_to_refine(tmp_path):
+    from bidsapp.models.tissue import coarse_voxels_warning
+
+    out = make_derivatives(tmp_path / "out")
+    side = out / "sub-01" / "ses-1" / "anat" / "sub-01_ses-1_dseg.json"
+    meta = {"Method": {"name": "unet", "version": "1.0", "sha256": "cd" * 32}, "SequenceParametersUsed": {}}
+    side.write_text(json.dumps({**meta, "VolumesWarning": coarse_voxels_warning((1.0, 1.0, 5.0), 2.0, True)}))
+    html = write_participant_report(out, "01").read_text()
+    assert "voxels of 5.0 mm3 are too coarse for the intensity refinement" in html
+    side.write_text(json.dumps({**meta, "VolumesWarning": None}))
+    assert "too coarse" not in write_participant_report(out, "01").read_text()
+
+
 def test_change_section_shows_the_decline_table_and_flags_a_call_across_scanners(tmp_path):
     from bidsapp.reports.participant import change_section
 

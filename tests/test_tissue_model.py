@@ -273,6 +273,8 @@ def test_segment_refines_by_default_and_says_so(tmp_path):
     thick = tissue.segment(img, mask, (1.0, 1.0, 5.0), None, device="cpu", weights_dir=tmp_path)
     assert thick.refinement is None and thick.volumes_summed
     assert [w for w in thick.warnings if "5.0 mm3 are too coarse" in w and "probabilities summed" in w]
+    assert "probabilities summed" in sidecar_metadata(thick)["VolumesWarning"]
+    assert sidecar_metadata(refined)["VolumesWarning"] is None
 
 
 @pytest.mark.parametrize("zooms, refined, summed", [

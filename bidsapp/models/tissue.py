@@ -453,6 +453,8 @@ class TissueResult:
     """The intensity fit of :mod:`~bidsapp.models.intensity_refine` (None: the network's probabilities as they are)."""
     volumes_summed: bool = False
     """Whether ``volumes_mm3`` sums the maps (:func:`volumes_from_fractions`) or counts the labels."""
+    volumes_warning: str | None = None
+    """:func:`coarse_voxels_warning` where the refinement was asked for and could not run."""
 
     @property
     def fallback_reason(self) -> str | None:
@@ -546,14 +548,16 @@ def segment(image: np.ndarray, mask: np.ndarray, zooms, acquisition: dict | None
         probs, fit = refine_probs(img, mask_b, probs, csf_sign=-1.0 if pv.csf_inverted else 1.0)
     dseg = np.where(mask_b, probs.argmax(0) + 1, 0).astype(np.uint8)
     summed = volumes_from_fractions(zooms, res, fit is not None)
-    if refine and fit is None:
-        warnings.append(f"tissue model: {coarse_voxels_warning(zooms, res, summed)}")
+    coarse = coarse_voxels_warning(zooms, res, summed) if refine and fit is None else None
+    if coarse:
+        warnings.append(f"tissue model: {coarse}")
     volumes = tissue_volumes_mm3(probs, mask_b, float(np.prod(zooms)), fractions=summed)
     method = "unet-physics" if name == PHYSICS_MODEL else "unet"
     return TissueResult(probs=probs, dseg=dseg, volumes_mm3=volumes, method=method,
                         model={**registry.result_model(card, dev), "resolution_mm": res},
                         parameters=pv, device=str(dev), seconds=time.perf_counter() - t0, warnings=warnings,
-                        refinement=None if fit is None else fit.to_dict(), volumes_summed=summed)
+                        refinement=None if fit is None else fit.to_dict(), volumes_summed=summed,
+                        volumes_warning=coarse)
 
 
 def sweep_volumes(image: np.ndarray, mask: np.ndarray, zooms, acquisition: dict, parameter: str, values, *,

@@ -631,6 +631,8 @@ def session_section(f: SessionFiles, problems: list[str], template=None, n_slice
             method = _method_name(meta) or name
             if meta.get("PhysicsFallback"):
                 warns.append(f"{f.prefix}: no-physics U-Net used because {meta['PhysicsFallback']}")
+            if meta.get("VolumesWarning"):
+                warns.append(f"{f.prefix}: {meta['VolumesWarning']}")
             ratio = meta.get("ExpectedWMGMSignalRatio")
             if isinstance(ratio, (int, float)) and (msg := low_contrast_warning(ratio)):
                 warns.append(f"{f.prefix}: {msg}")

@@ -65,6 +65,7 @@ def sidecar_metadata(result) -> dict:
                           if result.refinement else "")),
         "IntensityRefinement": result.refinement,
         "VolumesFromFractions": bool(result.volumes_summed),
+        "VolumesWarning": result.volumes_warning,
         "Device": result.device,
     }
 
