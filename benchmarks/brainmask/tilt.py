@@ -22,6 +22,7 @@ N4 step are shared with ``run.py``'s cache (``--work``, the same default).
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import statistics
@@ -42,7 +43,9 @@ SHIFT = 0.3
 FAMILY = "MPRAGE 3T 1mm"
 
 
+@functools.lru_cache(maxsize=1)
 def _run_module():
+    """``run.py`` as a module (the benchmark folders are not packages), loaded once."""
     spec = importlib.util.spec_from_file_location("benchmark_brainmask_run", Path(__file__).with_name("run.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

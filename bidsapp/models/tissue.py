@@ -102,9 +102,14 @@ already sees every voxel, and refitting its partial-volume voxels by intensity m
 follow the contrast, GM CoV over the MPRAGE sweep 5 % instead of 0.3 %)."""
 
 
+def voxel_mm3(zooms) -> float:
+    """Volume of one voxel of size ``zooms`` (mm; the first three)."""
+    return float(np.prod([float(z) for z in zooms[:3]]))
+
+
 def refinement_applies(zooms, resolution_mm: float) -> bool:
     """Whether an input with voxel size ``zooms`` gets the intensity refinement (:data:`REFINE_BELOW`)."""
-    return float(np.prod([float(z) for z in zooms[:3]])) <= REFINE_BELOW * float(resolution_mm) ** 3
+    return voxel_mm3(zooms) <= REFINE_BELOW * float(resolution_mm) ** 3
 
 
 def volumes_from_fractions(zooms, resolution_mm: float, refined: bool) -> bool:
@@ -116,16 +121,15 @@ def volumes_from_fractions(zooms, resolution_mm: float, refined: bool) -> bool:
     slices (summed: a sixth) and a quarter high on simulated heads in 5 mm slabs (summed: a sixth, the
     two scanners of a head as close). On the model's own grid or coarser the labels are counted: on the
     demo's 2 mm sessions summing read GM -17 % against -6 %."""
-    return refined or float(np.prod([float(z) for z in zooms[:3]])) < float(resolution_mm) ** 3
+    return refined or voxel_mm3(zooms) < float(resolution_mm) ** 3
 
 
 def coarse_voxels_warning(zooms, resolution_mm: float, summed: bool) -> str:
     """What a user should know when the refinement could not run: how the volumes were read and how far
     off that reading was on a real head whose 1 mm scan it reads right (``benchmarks/tissue/resolutions.py``)."""
-    v = float(np.prod([float(z) for z in zooms[:3]]))
     how, off = (("probabilities summed", "a sixth high and WM a sixth low in 1 x 1 x 5 mm slices") if summed else
                 ("labels counted", "a quarter to a third high and WM a fifth low at 2 mm"))
-    return (f"voxels of {v:.1f} mm3 are too coarse for the intensity refinement (it needs at most "
+    return (f"voxels of {voxel_mm3(zooms):.1f} mm3 are too coarse for the intensity refinement (it needs at most "
             f"{REFINE_BELOW * float(resolution_mm) ** 3:g} mm3): the volumes are the {resolution_mm:g} mm network's "
             f"{how}, which read GM {off} on a real head (docs/tissue-segmentation.md, Limits)")
 
@@ -551,7 +555,7 @@ def segment(image: np.ndarray, mask: np.ndarray, zooms, acquisition: dict | None
     coarse = coarse_voxels_warning(zooms, res, summed) if refine and fit is None else None
     if coarse:
         warnings.append(f"tissue model: {coarse}")
-    volumes = tissue_volumes_mm3(probs, mask_b, float(np.prod(zooms)), fractions=summed)
+    volumes = tissue_volumes_mm3(probs, mask_b, voxel_mm3(zooms), fractions=summed)
     method = "unet-physics" if name == PHYSICS_MODEL else "unet"
     return TissueResult(probs=probs, dseg=dseg, volumes_mm3=volumes, method=method,
                         model={**registry.result_model(card, dev), "resolution_mm": res},

@@ -725,7 +725,7 @@ def _symmetric_sqrt(cov: np.ndarray, inverse: bool = False) -> np.ndarray:
 
 
 def _moments_mm(weight: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Centre (mm) and covariance (mm^2) of a non-negative map."""
+    """Centre (mm) and covariance (mm^2) of the voxels where ``weight`` exceeds 0.5."""
     idx = np.argwhere(weight > 0.5)
     world = idx @ affine[:3, :3].T + affine[:3, 3]
     return world.mean(0), np.cov(world.T)
