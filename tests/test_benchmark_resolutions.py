@@ -29,7 +29,7 @@ def _centre_mm(img):
     return img.affine[:3, :3] @ ijk + img.affine[:3, 3]
 
 
-@pytest.mark.parametrize("voxel", [(1, 1, 3), (2, 1, 1), (1, 1, 5), (1.5, 1.5, 1.5)])
+@pytest.mark.parametrize("voxel", [(1, 1, 3), (2, 1, 1), (1, 1, 5), (1.5, 1.5, 1.5), (0.7, 0.7, 0.7)])
 def test_a_coarser_acquisition_keeps_the_ball_where_and_as_large_as_it_was(bench, voxel):
     img = _ball()
     out = bench.coarsen(img, voxel)

@@ -5,7 +5,7 @@ read the same whatever the voxel. This takes Colin 27 (a real 1 mm head with sku
 Debian's archive by :func:`bidsapp.devdata.registry_head`; ``--image`` names another 1 mm T1w) and makes
 from it the images a coarser acquisition would have given, each voxel the mean of the 1 mm voxels it
 covers (:func:`coarsen`: a thick slice averages what it spans): 1 x 1 x 3, 4 and 5 mm axial slices,
-2 x 1 x 1 mm sagittal ones, 1.5 and 2 mm isotropic. Every image is a subject of its own (so that no
+2 x 1 x 1 mm sagittal ones, 1.5 and 2 mm isotropic, and a finer 0.7 mm grid. Every image is a subject of its own (so that no
 subject level runs), run through ``scanbridge participant`` as a user would (no sidecars; no Atropos
 baseline), and the volumes tables are printed side by side: GM, WM, CSF and brain (ml), GM/WM, each
 one's difference from the 1 mm image's, and how the volumes were read: the intensity refinement's
@@ -29,13 +29,15 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 RESOLUTIONS = {"1mm": (1, 1, 1), "sag2x1x1": (2, 1, 1), "ax1x1x3": (1, 1, 3), "ax1x1x4": (1, 1, 4),
-               "ax1x1x5": (1, 1, 5), "iso1.5": (1.5, 1.5, 1.5), "iso2": (2, 2, 2)}
-"""Subject label -> voxel size (mm, RAS axes) of the coarser acquisition."""
+               "ax1x1x5": (1, 1, 5), "iso1.5": (1.5, 1.5, 1.5), "iso2": (2, 2, 2), "iso0.7": (0.7, 0.7, 0.7)}
+"""Subject label -> voxel size (mm, RAS axes) of the acquisition. The 0.7 mm grid (as HCP-style
+protocols have) is the 1 mm head interpolated, not a finer scan: it checks that a 21-million-voxel
+image runs and reads the same head."""
 
 
 def coarsen(img, voxel):
     """``img`` (RAS, 1 mm) as an acquisition with ``voxel`` mm voxels: whole multiples average blocks of
-    voxels (thick slices); others are resampled linearly (a 1.5 mm grid cannot be made of whole voxels)."""
+    voxels (thick slices); others are resampled linearly (a 1.5 or 0.7 mm grid cannot be made of whole voxels)."""
     import nibabel as nib
 
     img = nib.as_closest_canonical(img)
