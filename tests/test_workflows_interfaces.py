@@ -68,6 +68,19 @@ def test_reorient_rejects_bad_images(tmp_path, kind):
         A.reorient_to_ras(path, tmp_path / "out.nii.gz")
 
 
+def test_reorient_sets_a_few_nan_voxels_to_zero_as_the_plan_says(tmp_path):
+    """The plan printed before the run warns that NaN/inf voxels are set to 0 (bidsapp.bids.validation);
+    the first step does so instead of failing the session."""
+    data = np.arange(4 * 5 * 6, dtype=np.float32).reshape(4, 5, 6) + 1
+    data[1, 2, 3], data[0, 0, 0] = np.nan, np.inf
+    path = tmp_path / "some_nan.nii.gz"
+    nib.save(nib.Nifti1Image(data, np.diag([-1.0, 1, 1, 1])), path)
+    out = nib.load(A.reorient_to_ras(path, tmp_path / "out.nii.gz"))
+    got = np.asarray(out.dataobj)
+    assert np.isfinite(got).all() and (got == 0).sum() == 2
+    assert got.sum() == pytest.approx(np.nansum(np.where(np.isinf(data), 0, data)))
+
+
 # ------------------------------------------------------------------------------ N4
 
 

@@ -209,7 +209,9 @@ def _template_brain(t1w_file, mask_file):
 
 
 def reorient_to_ras(in_file, out_file) -> str:
-    """Copy of a 3D image in RAS+ voxel order (nibabel, exact: axes are only permuted/flipped)."""
+    """Copy of a 3D image in RAS+ voxel order (nibabel, exact: axes are only permuted/flipped); NaN or
+    infinite voxels become 0, as the plan's warning says. A 4D image of several volumes, one with no
+    finite value or one of zeros only raises ValueError naming the file."""
     import nibabel as nib
 
     img = nib.load(str(in_file))
@@ -218,8 +220,13 @@ def reorient_to_ras(in_file, out_file) -> str:
     if len(img.shape) > 3:
         img = nib.Nifti1Image(np.asarray(img.dataobj).reshape(img.shape[:3]), img.affine, img.header)
     data = np.asarray(img.dataobj, dtype=np.float32)
-    if not np.isfinite(data).all():
-        raise ValueError(f"{in_file}: image contains NaN or infinite values")
+    finite = np.isfinite(data)
+    if not finite.any():
+        raise ValueError(f"{in_file}: image has no finite values (all NaN/inf)")
+    if not finite.all():  # as the plan printed before the run says (bidsapp.bids.validation): set to 0
+        img = nib.Nifti1Image(np.where(finite, data, 0).astype(np.float32), img.affine, img.header)
+        img.set_data_dtype(np.float32)
+        data = np.asarray(img.dataobj, dtype=np.float32)
     if not np.any(data):
         raise ValueError(f"{in_file}: image is all zeros")
     ras = nib.as_closest_canonical(img)
