@@ -467,8 +467,6 @@ def _run_subjects(opts, subject_wfs: dict, on_subject_end) -> Exception | None:
 def _session_inputs(ses) -> dict:
     """The workflow's plain-dict input for one session (the first usable T1w run is the reference; a
     session without a T1w is aligned to its first FLAIR, T2w or PDw)."""
-    if len(ses.t1w) > 1:
-        LOG.warning("sub-%s %s: %d T1w runs; using %s", ses.subject, ses.session or "", len(ses.t1w), ses.t1w[0].name)
     return {
         "session": ses.session,
         "t1w": str(ses.t1w[0]) if ses.t1w else None,

@@ -167,9 +167,13 @@ def test_images_and_qmri_maps_are_listed_with_records(ds):
     write_image(anat / "sub-01_ses-1_run-2_T1w.nii.gz")
     write_image(anat / "sub-01_ses-1_run-10_T1w.nii.gz")
     write_json(ds / "FLAIR.json", dict(MPRAGE, ScanningSequence="SE_IR", InversionTime=2.5, RepetitionTime=9))
-    ses = discover(ds, participant_label="01").subjects[0].sessions[0]
+    plan = discover(ds, participant_label="01")
+    ses = plan.subjects[0].sessions[0]
     assert [p.name for p in ses.t1w] == ["sub-01_ses-1_T1w.nii.gz", "sub-01_ses-1_run-2_T1w.nii.gz", "sub-01_ses-1_run-10_T1w.nii.gz"]
     assert ses.runs == [2, 10]
+    # the plan printed before the run says which T1w is used and which are left out
+    assert ("sub-01_ses-1: 3 T1w images; sub-01_ses-1_T1w.nii.gz is used, sub-01_ses-1_run-2_T1w.nii.gz, "
+            "sub-01_ses-1_run-10_T1w.nii.gz left out") in plan.summary()
     assert [p.name for p in ses.t2w + ses.flair + ses.pdw] == ["sub-01_ses-1_T2w.nii.gz", "sub-01_ses-1_FLAIR.nii.gz", "sub-01_ses-1_PDw.nii.gz"]
     assert sorted(ses.qmri) == ["PDmap", "R1map", "R2starmap", "T1map"]
     assert len(ses.images) == 3 + 3 + 4 and set(ses.acquisitions) == set(ses.images)

@@ -518,6 +518,10 @@ def _plan_subject(layout, root, subject, sessions_of, found, wanted_sessions, fi
                                                                                    ses_plan.reference)
         if ses_plan.reference is not None:
             plan.sessions.append(ses_plan)
+            if len(ses_plan.t1w) > 1:  # the reference is the first; sMRIPrep would average them, not done here
+                ses_plan.warnings.append(
+                    f"{ses_plan.label}: {len(ses_plan.t1w)} T1w images; {ses_plan.t1w[0].name} is used, "
+                    f"{', '.join(p.name for p in ses_plan.t1w[1:])} left out (a --bids-filter-file picks another)")
         else:
             where = sub_dir / f"ses-{session}" if session else sub_dir
             failed = [p for p, _ in ses_plan.skipped
