@@ -98,6 +98,25 @@ def test_mask_of_a_sagittally_stored_anisotropic_image_is_the_same_mask(head):
         list(ras_zooms(img.header.get_zooms(), nib.orientations.io_orientation(img.affine)))
 
 
+def test_a_field_of_view_that_cuts_through_the_brain_keeps_the_brain_to_its_edge(head, monkeypatch):
+    """A 2D stack that misses the vertex: the brain reaches the image's last slice, and so must the mask.
+    With the padding as zeros (as before) the network read them as a cut and stopped short of it."""
+    ras = nib.as_closest_canonical(head["spgr"][0])
+    truth = np.asarray(nib.as_closest_canonical(nib.Nifti1Image(head["spgr"][1].astype(np.uint8),
+                                                                head["spgr"][0].affine)).dataobj) > 0
+    top = int(np.nonzero(truth.any((0, 1)))[0].max())
+    keep = top - 9  # 20 mm of brain above the field of view
+    if (keep + 1) % bm.PAD_MULTIPLE == 0:
+        keep -= 1  # a size that needs padding
+    cut = nib.Nifti1Image(np.asarray(ras.dataobj)[:, :, :keep + 1], ras.affine)
+    want = truth[:, :, :keep + 1]
+    mask = bm.extract(cut).mask
+    assert mask[:, :, -1].sum() >= 0.7 * want[:, :, -1].sum()
+    assert dice(mask, want) >= 0.9
+    monkeypatch.setattr(bm, "PAD_MODE", "constant")
+    assert bm.extract(cut).mask[:, :, -1].sum() < 0.5 * mask[:, :, -1].sum()
+
+
 def test_already_stripped_image_keeps_the_whole_brain(head):
     img, truth = head["spgr"]
     stripped = nib.Nifti1Image(np.asarray(img.dataobj) * truth, img.affine)

@@ -273,16 +273,17 @@ def to_common(mask_file: Path, case: dict) -> tuple[np.ndarray, np.ndarray]:
 # ---------------------------------------------------------------------------------- evaluation
 def _cache_key(method: str, weights_dir) -> str:
     """What a cached result depends on besides the image: the learned model's weights, whether it reads
-    the mirror image too, and the precision it infers in (float32 keeps the key it had before)."""
+    the mirror image too, the precision it infers in and how it pads (float32 and zeros keep the key
+    they had before)."""
     if method != "learned":
         return method
     from bidsapp.devices import precision
     from bidsapp.models import registry
-    from bidsapp.models.brainmask import MIRROR, MODEL_NAME
+    from bidsapp.models.brainmask import MIRROR, MODEL_NAME, PAD_MODE
 
     mode = precision("cpu")
     return ("learned-" + registry.load_card(MODEL_NAME, weights_dir)["sha256"] + ("-mirror" if MIRROR else "")
-            + ("" if mode == "float32" else f"-{mode}"))
+            + ("" if mode == "float32" else f"-{mode}") + ("" if PAD_MODE == "constant" else f"-pad{PAD_MODE}"))
 
 
 def evaluate(case: dict, method: str, threads: int, weights_dir=None) -> dict:

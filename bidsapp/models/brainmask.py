@@ -10,8 +10,9 @@ Inference (:func:`extract`), in the order the steps run:
 1. the image is put in RAS voxel order (axes permuted/flipped only) and box-averaged or linearly
    interpolated to :data:`GRID_MM` isotropic over the same field of view (``card["resolution_mm"]``);
 2. intensities are scaled by :func:`normalise` (divided by the 99.5th percentile of the non-zero voxels);
-3. a small 3D U-Net over the whole, zero-padded volume, and over its left-right mirror image, the two
-   probabilities averaged (seconds on 2 CPU cores);
+3. a small 3D U-Net over the whole volume, padded to a multiple of :data:`PAD_MULTIPLE` by repeating
+   its last slices (:func:`_pad`), and over its left-right mirror image, the two probabilities averaged
+   (seconds on 2 CPU cores);
 4. the brain probability is interpolated back to the input grid (linear), thresholded at 0.5, holes
    are filled and the largest connected component kept: the mask is refined at native resolution;
 5. an input that is already skull-stripped keeps its own brain (:func:`prestripped_support`).
@@ -33,6 +34,8 @@ from .mirroring import LEFT_RIGHT, mirrored
 MODEL_NAME = "brainmask_unet"
 GRID_MM = 2.0
 PAD_MULTIPLE = 16
+PAD_MODE = "replicate"
+"""How the volume is padded to a multiple of :data:`PAD_MULTIPLE` (:func:`_pad`; ``constant`` is zeros)."""
 VOLUME_RANGE_ML = (800.0, 2200.0)
 SECOND_COMPONENT_ML = 25.0
 """A second connected component larger than this (ml at 0.5) means the mask is not one brain."""
@@ -120,9 +123,17 @@ def predict_probability(net, volume: np.ndarray, device="cpu", mirror: bool | No
 
 
 def _pad(x, pads):
+    """``x`` (N, C, X, Y, Z) padded at the far end of each axis by ``pads``, repeating the last slice.
+
+    Why not zeros: the network trained on fields of view that end where the tensor ends, brain included,
+    and on images zeroed below a cut with the brain cut with them. Zeros past an image whose field of
+    view cuts through the brain (a 2D stack that misses the vertex) read as such a cut: the mask stopped
+    one to seven slices short of the image's last one (6-14 mm of brain left out on a clinical T1w and on
+    a real head cut 25 mm below the vertex). Repeated slices carry the image on; where the image ends in
+    air they are air, as zeros were (a whole head's mask moved by under 0.5 %)."""
     import torch
 
-    return torch.nn.functional.pad(x, [p for s in reversed(pads) for p in (0, s)])
+    return torch.nn.functional.pad(x, [p for s in reversed(pads) for p in (0, s)], mode=PAD_MODE)
 
 
 def _components(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
