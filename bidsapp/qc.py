@@ -44,6 +44,12 @@ AIR_MARGIN_MM = 5.0
 """Air starts this far outside the head: partial volume and ringing at the scalp are not noise."""
 MIN_AIR_VOXELS = 500
 """Fewer air voxels than this (a field of view cropped to the head): air-based measures are n/a."""
+BRAIN_AT_EDGE_MM2 = 1000.0
+"""Brain on one face of the field of view beyond this (10 cm2, a 3 x 3 cm patch of cut cortex) means
+part of the brain lies outside the image. Smaller contacts are harmless: the medulla where a stack ends
+below the brainstem (under 800 mm2 on the clinical scans), a sliver of the vertex (under 650 mm2);
+the clinical 2D stacks that end below the vertex leave 1500-4600 mm2 of brain on their last slice,
+a real head cut 25 mm below the vertex 9200 mm2."""
 
 _GM = next(lab.value for lab in TISSUE if lab.name == "GM")
 _WM = next(lab.value for lab in TISSUE if lab.name == "WM")
@@ -65,6 +71,8 @@ MEASURES = {
     "efc": ("entropy focus criterion (Atkinson 1997): Shannon entropy of the voxel intensities relative to its "
             "maximum, 1 for a uniform image (MRIQC efc; lower is better)", None),
     "brain_volume_ml": ("volume of the brain mask", "ml"),
+    "brain_at_edge_mm2": ("largest area of the brain mask on one face of the image's field of view (0 when the "
+                          "whole brain lies inside it)", "mm2"),
     "gm_wm_ratio": ("GM volume over WM volume of the tissue segmentation", None),
     "wm_gm_contrast": ("mean WM signal over mean GM signal (T1w: WM brighter)", None),
     "seg_confidence": ("mean over the brain mask of the largest tissue probability (1/3 is chance for three "
@@ -131,6 +139,9 @@ RULES: tuple[QCRule, ...] = (
            "GM/WM volume ratio {gm_wm_ratio:.2f} outside 0.6-3.0"),
     QCRule("seg_confidence", "seg_confidence", 0.6, None, "warn",
            "low tissue segmentation confidence {seg_confidence:.2f}"),
+    QCRule("brain_cut", "brain_at_edge_mm2", None, BRAIN_AT_EDGE_MM2, "warn",
+           "the brain reaches the edge of the field of view ({brain_at_edge_mm2:.0f} mm2 of brain mask on one face): "
+           "part of the brain may lie outside the image, and its volumes are then lower bounds"),
     QCRule("efc", "efc", None, 0.8, "warn",
            "entropy focus criterion {efc:.2f}: signal spread over the field of view (blurring, ghosting or noise)"),
 )
@@ -245,6 +256,16 @@ def efc(data: np.ndarray) -> float:
     return float(np.sum(p * np.log(p)) / efc_max)
 
 
+def brain_at_edge_mm2(brain: np.ndarray, zooms) -> float:
+    """Largest area (mm2) of ``brain`` on one of the six faces of its array: a brain that the field of
+    view cuts touches it (a 2D stack ending below the vertex; the brain mask keeps the brain to the
+    last slice, :func:`bidsapp.models.brainmask._pad`)."""
+    z = np.asarray(zooms, float)[:3]
+    areas = [float(np.take(brain, i, axis=ax).sum()) * float(np.prod(np.delete(z, ax)))
+             for ax in range(3) for i in (0, -1)]
+    return max(areas)
+
+
 def seg_confidence(probseg: np.ndarray, brain: np.ndarray) -> float:
     """Mean over the brain of the largest class probability (classes on the first axis)."""
     if not brain.any():
@@ -272,7 +293,7 @@ def measures(data: np.ndarray, brain: np.ndarray, zooms, dseg: np.ndarray | None
     out = {k: float("nan") for k in MEASURES}
     out.update(head_present=present, head_volume_ml=head_ml, head_contrast=contrast,
                fber=fber(head_vals, air_vals) if sigma > 0 else float("nan"), efc=efc(data),
-               brain_volume_ml=float(brain.sum()) * voxel_ml)
+               brain_volume_ml=float(brain.sum()) * voxel_ml, brain_at_edge_mm2=brain_at_edge_mm2(brain, zooms))
     signal = data[brain]
     if dseg is not None:
         dseg = np.asarray(dseg)

@@ -125,6 +125,26 @@ def test_simulated_heads_pass(tiny_session):
     assert math.isnan(res.measures["cnr"])  # no tissue segmentation: n/a, not judged
 
 
+def test_a_brain_cut_by_the_field_of_view_is_flagged(tiny_session):
+    """The simulated head, its top slices removed through the brain: the brain mask's area on the last
+    slice is measured and the session warns that its volumes are lower bounds; the whole head does not."""
+    data, zooms, _ = _load(tiny_session["T1w"])
+    brain = _load(tiny_session["T1w_mask"])[0] > 0
+    dseg = _load(tiny_session["T1w_dseg"])[0].astype(np.uint8)
+    assert qc.brain_at_edge_mm2(brain, zooms) == 0
+    # a quarter of the brain cut off the far end of its longest axis
+    ax = int(np.argmax([brain.any(axis=tuple(i for i in range(3) if i != a)).sum() for a in range(3)]))
+    idx = np.nonzero(brain.any(axis=tuple(i for i in range(3) if i != ax)))[0]
+    keep = [slice(None)] * 3
+    keep[ax] = slice(0, int(idx.max()) - len(idx) // 4)
+    cut = tuple(keep)
+    area = float(np.take(brain[cut], -1, axis=ax).sum()) * float(np.prod(np.delete(np.asarray(zooms, float), ax)))
+    assert area > qc.BRAIN_AT_EDGE_MM2
+    res = qc.assess_arrays(data[cut], brain[cut], zooms, dseg[cut], contrast="T1w")
+    assert res.measures["brain_at_edge_mm2"] == pytest.approx(area)
+    assert res.verdict == "warn" and any("reaches the edge of the field of view" in r for r in res.reasons)
+
+
 def test_sphere_phantom_fails():
     from bidsapp.physics.phantom import sphere_phantom
     from bidsapp.physics.protocols import get_protocol
