@@ -16,8 +16,9 @@ level's steps as a user gets them (N4, the learned brain mask, N4 inside it) and
   (:data:`bidsapp.physics.phantom.LABEL_CLASSES`) and counted inside the same brain mask.
 
 The U-Net rows are the app's own volumes, as its volumes table gives them (``unet``: the refined
-fractions summed inside the mask; ``unet-network``: the network's labels counted); Atropos and SAMSEG
-count their labels.
+fractions summed inside the mask; ``unet-network``: the network's probabilities summed, as the app reads
+voxels finer than the network's 2 mm without the refinement), in both tables; Atropos and SAMSEG count
+their labels.
 
 It prints GM, WM, CSF (ml), the GM/WM ratio (adults: about 1.1-1.6) and each method's GM and WM
 difference from SAMSEG's, first inside the app's brain mask and then where SAMSEG labels tissue inside
@@ -131,7 +132,7 @@ def app_volumes(result, region: np.ndarray | None = None, voxel_ml: float = 0.0)
     from bidsapp.labels import TISSUE, tissue_volumes_mm3
 
     mm3 = result.volumes_mm3 if region is None else tissue_volumes_mm3(
-        result.probs, region, voxel_ml * 1000.0, fractions=result.refinement is not None)
+        result.probs, region, voxel_ml * 1000.0, fractions=result.volumes_summed)
     return _with_ratio({name: mm3[name] / 1000.0 for name in TISSUE.names})
 
 
