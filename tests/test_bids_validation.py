@@ -121,6 +121,28 @@ def test_all_zero_constant_and_nan(tmp_path):
     assert np.isfinite(img.get_fdata()).all() and img.get_fdata()[0, 0, 0] == 0
 
 
+def test_a_negative_background_is_shifted_and_ringing_is_not(tmp_path):
+    """An offset below zero (an MP2RAGE UNI image, a scaled integer image) is named in the plan and
+    shifted to 0 by the first step; a few negative voxels of ringing are neither."""
+    from workflows.interfaces.ants import reorient_to_ras
+
+    rng = np.random.default_rng(0)
+    head = np.zeros((20, 22, 18), np.float32)
+    head[4:16, 4:18, 3:15] = rng.uniform(50, 400, (12, 14, 12))
+    offset = write_image(tmp_path / "offset.nii.gz", nib.Nifti1Image(head - 100, np.diag([4.0, 4.0, 4.0, 1.0])))
+    check = v.inspect_image(offset)
+    assert check.ok and any("of voxels are negative (minimum -100); intensities are shifted by 100" in w
+                            for w in check.warnings), check.warnings
+    out = np.asarray(nib.load(reorient_to_ras(offset, tmp_path / "ras.nii.gz")).dataobj)
+    np.testing.assert_allclose(out, head, atol=1e-3)
+    ringing = head.copy()
+    ringing[0, 0, :3] = -7.0  # under 1 % of the voxels
+    assert v.negative_offset(ringing) == 0
+    ring = write_image(tmp_path / "ring.nii.gz", nib.Nifti1Image(ringing, np.diag([4.0, 4.0, 4.0, 1.0])))
+    assert not [w for w in v.inspect_image(ring).warnings if "negative" in w]
+    assert np.asarray(nib.load(reorient_to_ras(ring, tmp_path / "ring_ras.nii.gz")).dataobj).min() == -7.0
+
+
 def _patched(tmp_path, **fields):
     """An uncompressed NIfTI whose raw header fields are overwritten (nibabel would not save them)."""
     p = write_image(tmp_path / "sub-01_T1w.nii")

@@ -210,9 +210,12 @@ def _template_brain(t1w_file, mask_file):
 
 def reorient_to_ras(in_file, out_file) -> str:
     """Copy of a 3D image in RAS+ voxel order (nibabel, exact: axes are only permuted/flipped); NaN or
-    infinite voxels become 0, as the plan's warning says. A 4D image of several volumes, one with no
-    finite value or one of zeros only raises ValueError naming the file."""
+    infinite voxels become 0, and a negative background is shifted to 0
+    (:func:`bidsapp.bids.validation.negative_offset`), as the plan's warnings say. A 4D image of several
+    volumes, one with no finite value or one of zeros only raises ValueError naming the file."""
     import nibabel as nib
+
+    from bidsapp.bids.validation import negative_offset
 
     img = nib.load(str(in_file))
     if len(img.shape) > 3 and any(s > 1 for s in img.shape[3:]):
@@ -229,6 +232,9 @@ def reorient_to_ras(in_file, out_file) -> str:
         data = np.asarray(img.dataobj, dtype=np.float32)
     if not np.any(data):
         raise ValueError(f"{in_file}: image is all zeros")
+    if (shift := negative_offset(data)) > 0:  # a negative background, as the plan's warning says
+        img = nib.Nifti1Image(np.maximum(data + np.float32(shift), 0).astype(np.float32), img.affine, img.header)
+        img.set_data_dtype(np.float32)
     ras = nib.as_closest_canonical(img)
     ras.header.set_xyzt_units("mm")
     nib.save(ras, str(out_file))
