@@ -47,9 +47,9 @@ MIN_AIR_VOXELS = 500
 BRAIN_AT_EDGE_MM2 = 1000.0
 """Brain on one face of the field of view beyond this (10 cm2, a 3 x 3 cm patch of cut cortex) means
 part of the brain lies outside the image. Smaller contacts are harmless: the medulla where a stack ends
-below the brainstem (under 800 mm2 on the clinical scans), a sliver of the vertex (under 650 mm2);
-six of the fourteen clinical 2D stacks here end below the vertex with 1500-4600 mm2 of brain on their
-last slice, a real head cut 25 mm below the vertex 9200 mm2."""
+across the brainstem (under 800 mm2), a sliver of the vertex (under 650 mm2). Six of the fourteen
+clinical 2D stacks here end below the vertex with 1500-4600 mm2 of brain on their last slice (one of
+them also cuts the cerebellum, 2300 mm2 on its first); a real head cut 25 mm below the vertex: 9200 mm2."""
 
 _GM = next(lab.value for lab in TISSUE if lab.name == "GM")
 _WM = next(lab.value for lab in TISSUE if lab.name == "WM")
