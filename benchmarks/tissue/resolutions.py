@@ -5,8 +5,8 @@ read the same whatever the voxel. This takes Colin 27 (a real 1 mm head with sku
 Debian's archive by :func:`bidsapp.devdata.registry_head`; ``--image`` names another 1 mm T1w) and makes
 from it the images a coarser acquisition would have given, each voxel the mean of the 1 mm voxels it
 covers (:func:`coarsen`: a thick slice averages what it spans): 1 x 1 x 3, 4 and 5 mm axial slices,
-2 x 1 x 1 mm sagittal ones, 1.5 and 2 mm isotropic, and a finer 0.7 mm grid. Every image is a subject of its own (so that no
-subject level runs), run through ``scanbridge participant`` as a user would (no sidecars; no Atropos
+2 x 1 x 1 mm sagittal ones, 1.5 and 2 mm isotropic, and a finer 0.7 mm grid. Every image is a subject
+of its own (so that no subject level runs), run through ``scanbridge participant`` as a user would (no sidecars; no Atropos
 baseline), and the volumes tables are printed side by side: GM, WM, CSF and brain (ml), GM/WM, each
 one's difference from the 1 mm image's, and how the volumes were read: the intensity refinement's
 fractions summed (it runs when a voxel is at most half the tissue model's in volume,

@@ -226,14 +226,13 @@ def reorient_to_ras(in_file, out_file) -> str:
     finite = np.isfinite(data)
     if not finite.any():
         raise ValueError(f"{in_file}: image has no finite values (all NaN/inf)")
-    if not finite.all():  # as the plan printed before the run says (bidsapp.bids.validation): set to 0
-        img = nib.Nifti1Image(np.where(finite, data, 0).astype(np.float32), img.affine, img.header)
-        img.set_data_dtype(np.float32)
-        data = np.asarray(img.dataobj, dtype=np.float32)
-    if not np.any(data):
+    clean = data if finite.all() else np.where(finite, data, np.float32(0))
+    if not np.any(clean):
         raise ValueError(f"{in_file}: image is all zeros")
-    if (shift := negative_offset(data)) > 0:  # a negative background, as the plan's warning says
-        img = nib.Nifti1Image(np.maximum(data + np.float32(shift), 0).astype(np.float32), img.affine, img.header)
+    if (shift := negative_offset(clean)) > 0:
+        clean = np.maximum(clean + np.float32(shift), 0)
+    if clean is not data:  # NaN/inf set to 0, a negative background shifted: as the plan's warnings say
+        img = nib.Nifti1Image(clean.astype(np.float32), img.affine, img.header)
         img.set_data_dtype(np.float32)
     ras = nib.as_closest_canonical(img)
     ras.header.set_xyzt_units("mm")
