@@ -201,6 +201,18 @@ def example_run(tmp_path_factory, two_sessions, tiny_template):
     return root / "out"
 
 
+def test_template_priors_are_warped_only_for_a_method_that_reads_them(two_sessions, tiny_template, tmp_path):
+    from workflows.base import init_session_wf
+
+    sessions, bids = two_sessions
+    for keys, warped in ((["unet-physics"], False), (["unet-physics", "atropos"], True), (["atropos"], True)):
+        wf = init_session_wf(sessions[0], output_dir=tmp_path / "out", bids_dir=bids, template=tiny_template,
+                             method_keys=keys)
+        names = {n.fullname.split(".")[-1] for n in wf._get_all_nodes()}
+        assert ("warp_priors" in names) is warped, (keys, sorted(names))
+        assert "registration" in names  # the template registration itself always runs on a T1w
+
+
 def test_session_and_subject_examples_are_wired_and_written(example_run):
     anat1 = example_run / "sub-01" / "ses-1" / "anat"
     names1 = {p.name for p in anat1.iterdir()}

@@ -230,6 +230,7 @@ def init_session_wf(session: dict, *, output_dir, bids_dir, template: dict, omp_
     main = M.main_answers(plan.run)
     acquisition = dict(session.get("acquisition") or {})
     to_template = ref == "T1w"
+    needs_priors = to_template and any("priors" in M.get(k).inputs for k in plan.run)
 
     wf = pe.Workflow(name=name)
     coreg_fields = [f"coreg_{c}_{i}" for c, i, _ in others]
@@ -242,7 +243,7 @@ def init_session_wf(session: dict, *, output_dir, bids_dir, template: dict, omp_
 
     anat_wf = init_anat_preproc_wf(template=template, omp_nthreads=omp_nthreads, seed=seed,
                                    registration=registration, brain_extraction=brain_extraction, device=device,
-                                   to_template=to_template)
+                                   to_template=to_template, priors=needs_priors)
     with_volumes = [k for k in plan.run if "volumes" in M.get(k).outputs]
     ds_wf = init_anat_derivatives_wf(output_dir=output_dir, bids_dir=bids_dir, template=template, suffix=ref,
                                      methods=with_volumes, registration=registration)
@@ -290,7 +291,7 @@ def init_session_wf(session: dict, *, output_dir, bids_dir, template: dict, omp_
                             ("outputnode.anat_preproc", f"inputnode.{contrast_field(ref)}")]),
         (inputnode, meth_wf, [("acquisition", "inputnode.acquisition")]),
     ])
-    if to_template:
+    if needs_priors:
         wf.connect(anat_wf, "outputnode.priors", meth_wf, "inputnode.priors")
     for contrast, co_wf in first_of.items():
         if contrast != ref:
