@@ -130,6 +130,7 @@ def test_same_seed_same_bytes_and_overwrite(dataset, tmp_path):
     (["--modalities", "T1w,DWI"], "DWI"),
     (["--decline-fraction", "1.5"], "--decline-fraction"),
     (["--resolution", "0"], "--resolution"),
+    (["--psf", "-1"], "--psf"),
     (["--anatomy-dir", "/nonexistent/anatomy"], "/nonexistent/anatomy"),
 ])
 def test_bad_parameters_write_nothing(tmp_path, capsys, bad, needle):

@@ -1,7 +1,7 @@
 """``scanbridge-simulate``: write a synthetic multi-site longitudinal BIDS dataset with ground truth.
 
     scanbridge-simulate OUT --subjects N --sites K --sessions S [--modalities T1w,FLAIR,...] [--lesions]
-        [--decline-fraction F] [--protocol-change] [--resolution MM] [--seed N] [--overwrite]
+        [--decline-fraction F] [--protocol-change] [--resolution MM] [--psf FWHM] [--seed N] [--overwrite]
         [--anatomy-dir DIR] [--jobs N] [--quiet] [--list-sites]
 
 Exit codes: 0 written; 2 bad arguments (one-line message, nothing written); 1 the simulation failed.
@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=float, default=None,
                    help="isotropic voxel size in mm for every image (2D protocols keep thicker slices); "
                         "default: each protocol's own voxel size (about 1 mm)")
+    p.add_argument("--psf", type=float, default=0.0, metavar="FWHM",
+                   help="blur every image by a Gaussian point-spread function of this full width at half maximum "
+                        "(voxels), as a scanner's finite k-space sampling does; default 0: none")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same bytes)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it is a previous simulator output")
     p.add_argument("--anatomy-dir", default=None,
@@ -78,7 +81,7 @@ def main(argv=None) -> int:
                            lesions=args.lesions, new_lesions_per_year=args.new_lesions_per_year,
                            decline_fraction=args.decline_fraction,
                            protocol_change=args.protocol_change, resolution=args.resolution, seed=args.seed,
-                           anatomy_dir=args.anatomy_dir)
+                           anatomy_dir=args.anatomy_dir, psf_fwhm=args.psf)
     try:
         if args.jobs is not None and args.jobs < 1:
             raise ValueError(f"--jobs must be at least 1, got {args.jobs}")

@@ -32,7 +32,7 @@ Public API
 ----------
 ``DatasetConfig(subjects=4, sites=2, sessions=2, modalities=("T1w",), lesions=False,
 decline_fraction=0.5, protocol_change=False, resolution=None, seed=0, anatomy_dir=None,
-interval_years=1.0, new_lesions_per_year=0.0)``  ``.validate()`` raises ``ValueError`` with a one-line message.
+interval_years=1.0, new_lesions_per_year=0.0, psf_fwhm=0.0)``  ``.validate()`` raises ``ValueError`` with a one-line message.
 ``plan(config) -> list[SubjectPlan]``  the drawn design (no simulation).
 ``write_dataset(out, config, overwrite=False, progress=None) -> dict``  returns a summary
     (``out``, ``files``, ``images``, ``seconds``); ``progress`` is called with one-line messages.
@@ -86,6 +86,9 @@ class DatasetConfig:
     interval_years: float = 1.0
     new_lesions_per_year: float = 0.0
     """Mean number of lesions that appear per year after baseline (Poisson; needs ``lesions``)."""
+    psf_fwhm: float = 0.0
+    """Point-spread function of every image, full width at half maximum in voxels (0: none; see
+    :func:`bidsapp.physics.simulator.simulate`)."""
 
     def validate(self) -> None:
         def bad(msg):
@@ -119,6 +122,8 @@ class DatasetConfig:
             bad(f"--resolution must be between 0.5 and 8 mm, got {self.resolution}")
         if not (isinstance(self.new_lesions_per_year, (int, float)) and 0 <= self.new_lesions_per_year <= 50):
             bad(f"--new-lesions-per-year must be between 0 and 50, got {self.new_lesions_per_year}")
+        if not (isinstance(self.psf_fwhm, (int, float)) and math.isfinite(self.psf_fwhm) and 0 <= self.psf_fwhm <= 4):
+            bad(f"--psf must be between 0 and 4 voxels, got {self.psf_fwhm}")
         if self.new_lesions_per_year and not self.lesions:
             bad("--new-lesions-per-year needs --lesions")
         if not 0 < self.interval_years <= 10:
@@ -364,6 +369,8 @@ def _write_top(w: _Writer, config: DatasetConfig, plans) -> None:
         f"protocol change between sessions: {'yes' if config.protocol_change else 'no'}; seed: {config.seed}.",
         "Images are static-equation simulations (SPGR, MPRAGE, TSE, FLAIR) of tissue-fraction phantoms with",
         "partial volume, bias field and Rician noise; sidecars carry the acquisition parameters in BIDS units.",
+        *([f"Every image is blurred by a Gaussian point-spread function of {config.psf_fwhm:g} voxels (FWHM)."]
+          if config.psf_fwhm else []),
         "The ground truth (tissue fractions, labels, lesion masks, quantitative maps, volumes, longitudinal",
         "trajectories) is in derivatives/truth.",
         "",
@@ -437,7 +444,8 @@ def _write_subject(w, config, sp: SubjectPlan, cache, volumes_rows, long_rows, c
         for k, (mod, proto) in enumerate(ses.protocols.items()):
             t = time.time()
             proto = proto.replace(voxel_size=_voxel_size(proto, config.resolution))
-            sim = simulate(anat, proto, np.random.default_rng([config.seed, 2, sp.index, j, k]))
+            sim = simulate(anat, proto, np.random.default_rng([config.seed, 2, sp.index, j, k]),
+                           psf_fwhm=config.psf_fwhm)
             raw_rel = f"{raw_dir}/{prefix}_{mod}.nii.gz"
             w.nifti(raw_rel, scanner_image(sim.image))
             w.json(f"{raw_dir}/{prefix}_{mod}.json", sim.sidecar())

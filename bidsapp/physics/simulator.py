@@ -6,7 +6,10 @@ Order of operations (each step is what a scanner does to the object, in the orde
 2. the signed signal of every *pure* tissue is computed with the protocol's equation and the subject's
    tissue properties at the protocol's field strength, and voxels mix these signals by their tissue
    fractions (the magnitude of the sum: opposite-sign tissues of an inversion-recovery image cancel at
-   borders as they do in real magnitude images);
+   borders as they do in real magnitude images); with ``psf_fwhm`` the signed sum is first blurred by a
+   Gaussian point-spread function of that full width at half maximum (voxels, every axis), as the
+   finite k-space sampling of a real scanner blurs its image (off by default: each voxel then holds
+   exactly its box average of the object, sharper than any scanner's image);
 3. receiver gain (the brightest pure brain tissue reaches ``protocol.gain``, as auto-prescan scaling
    does) and a smooth multiplicative bias field (log-field with standard deviation ``protocol.bias``);
 4. Rician noise: Gaussian noise of standard deviation ``sigma`` on the real and imaginary channels,
@@ -16,7 +19,7 @@ Order of operations (each step is what a scanner does to the object, in the orde
 Public API
 ----------
 ``simulate(phantom, protocol_or_params, rng, *, voxel_size=None, orientation=None, bias=True,
-noise=True, snr=None) -> Simulation``
+noise=True, snr=None, psf_fwhm=0.0) -> Simulation``
     ``protocol_or_params``: a :class:`~bidsapp.physics.protocols.Protocol` or a dict with
     ``sequence``, ``field_strength`` and the sequence parameters (seconds, degrees; optional
     ``voxel_size``, ``snr``, ``gain``, ``bias``, ``orientation``).  ``voxel_size``: mm along R-L, A-P,
@@ -29,7 +32,8 @@ noise=True, snr=None) -> Simulation``
 ``protocol_from_params(params) -> Protocol``
 ``tissue_signals(phantom, protocol) -> np.ndarray (C,)``  signed pure-tissue signals, receiver-scaled so
     the brightest of CSF/GM/WM equals ``protocol.gain``.
-``mix_signals(fractions, signals) -> np.ndarray``  magnitude of the fraction-weighted sum.
+``mix_signals(fractions, signals, magnitude=True) -> np.ndarray``  magnitude of the fraction-weighted sum
+    (the signed sum with ``magnitude=False``).
 ``random_bias_field(shape, rng, strength, voxel_size=(1,1,1), spacing_mm=60.0) -> np.ndarray``
 ``add_rician_noise(image, sigma, rng) -> np.ndarray``
 Torch path (on-the-fly training, same equations):
@@ -85,14 +89,23 @@ def protocol_from_params(params: dict) -> Protocol:
     return Protocol(sequence=seq, **p)
 
 
-def mix_signals(fractions: np.ndarray, signals) -> np.ndarray:
-    """|sum_c fractions[c] * signals[c]| in a fixed order (deterministic bytes)."""
+def mix_signals(fractions: np.ndarray, signals, magnitude: bool = True) -> np.ndarray:
+    """|sum_c fractions[c] * signals[c]| in a fixed order (deterministic bytes); the signed sum when not
+    ``magnitude``."""
     out = np.zeros(fractions.shape[1:], np.float32)
     for f, s in zip(fractions, signals):
         if s != 0:
             out += f * np.float32(s)
-    np.abs(out, out=out)
+    if magnitude:
+        np.abs(out, out=out)
     return out
+
+
+def point_spread(signal: np.ndarray, fwhm: float) -> np.ndarray:
+    """``signal`` (signed) blurred by a Gaussian point-spread function of ``fwhm`` voxels on every axis."""
+    if fwhm <= 0:
+        return signal
+    return ndi.gaussian_filter(signal, fwhm / (2.0 * np.sqrt(2.0 * np.log(2.0))), mode="nearest").astype(np.float32)
 
 
 def random_bias_field(shape, rng: np.random.Generator, strength: float, voxel_size=(1.0, 1.0, 1.0),
@@ -138,7 +151,7 @@ def add_rician_noise(image: np.ndarray, sigma: float, rng: np.random.Generator) 
 
 def simulate(phantom: Phantom, protocol_or_params, rng: np.random.Generator, *, voxel_size=None,
              orientation: str | None = None, bias: bool = True, noise: bool = True,
-             snr: float | None = None) -> Simulation:
+             snr: float | None = None, psf_fwhm: float = 0.0) -> Simulation:
     """Simulate one image of ``phantom``; see the module docstring for the model."""
     protocol = protocol_or_params if isinstance(protocol_or_params, Protocol) else protocol_from_params(protocol_or_params)
     if voxel_size is None:
@@ -150,7 +163,10 @@ def simulate(phantom: Phantom, protocol_or_params, rng: np.random.Generator, *, 
         target = ras_to_array_axes(vs, phantom.affine)
         grid = phantom if np.allclose(target, phantom.voxel_size) else phantom.resample(vs)
     signed = tissue_signals(grid, protocol)
-    clean = mix_signals(grid.fractions, signed)
+    if psf_fwhm > 0:
+        clean = np.abs(point_spread(mix_signals(grid.fractions, signed, magnitude=False), psf_fwhm))
+    else:
+        clean = mix_signals(grid.fractions, signed)
     if bias and protocol.bias > 0:
         field_ = random_bias_field(grid.shape, rng, protocol.bias, grid.voxel_size)
     else:
