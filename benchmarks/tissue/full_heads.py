@@ -12,7 +12,9 @@ inside the same mask, so the brain mask's own error is left out; the mask's shar
 printed beside it.
 
 ``--slices K`` averages each 1 mm head (and its truth) into K mm axial slices first, the slice
-profile of a 2D clinical acquisition as a box, as ``run.py --slices`` does for brains.
+profile of a 2D clinical acquisition as a box, as ``run.py --slices`` does for brains. ``--psf FWHM``
+blurs every simulated image by a Gaussian point-spread function (voxels), as a scanner does; without it
+each voxel is exactly its box average of the head, with edges sharper than any scanner's.
 
 Printed: per session the protocol, the model that ran, GM / WM / CSF error (%) of the app's volumes
 (summed refined probabilities) and of the network alone, and per subject the GM and WM difference
@@ -20,6 +22,7 @@ between its two sessions (the truth's is zero). Writes ``benchmarks/results/tiss
 
     python benchmarks/tissue/full_heads.py --subjects 4 --work /tmp/full-heads
     python benchmarks/tissue/full_heads.py --subjects 4 --work /tmp/full-heads --slices 3
+    python benchmarks/tissue/full_heads.py --subjects 4 --work /tmp/full-heads-psf --psf 1.2
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
 
-def simulate(out: Path, subjects: int, seed: int) -> None:
+def simulate(out: Path, subjects: int, seed: int, psf_fwhm: float = 0.0) -> None:
     """Two sessions a day apart per subject, the second on another scanner or protocol, from the label
     maps the tissue networks never saw (``anat-10..12`` in turn, each subject randomly deformed)."""
     from bidsapp.devdata import HELDOUT_ANATOMIES, anatomy_dir
@@ -52,7 +55,7 @@ def simulate(out: Path, subjects: int, seed: int) -> None:
         if not link.exists():
             link.symlink_to(Path(anatomy_dir()) / link.name)
     cfg = DatasetConfig(subjects=subjects, sites=min(subjects, 4), sessions=2, seed=seed, interval_years=1 / 365.25,
-                        protocol_change=True, decline_fraction=0.0, anatomy_dir=str(held_out))
+                        protocol_change=True, decline_fraction=0.0, anatomy_dir=str(held_out), psf_fwhm=psf_fwhm)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_dataset(out, cfg, overwrite=True)
 
@@ -146,6 +149,8 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default=str(ROOT / "benchmarks" / "results" / "tissue-full-heads"))
     ap.add_argument("--slices", type=int, default=1, help="average the heads into axial slices this many mm thick")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--psf", type=float, default=0.0, metavar="FWHM",
+                    help="point-spread function of the simulated images, voxels (default 0: none)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "tissue_full_heads.json"))
     args = ap.parse_args(argv)
     from workflows.interfaces.ants import use_threads
@@ -153,7 +158,7 @@ def main(argv=None) -> int:
     use_threads(args.threads, seed=0)
     work = Path(args.work)
     bids = work / "bids"
-    simulate(bids, args.subjects, args.seed)
+    simulate(bids, args.subjects, args.seed, args.psf)
     rows = []
     for t1w in sorted(bids.glob("sub-*/ses-*/anat/*_T1w.nii.gz")):
         rows.append(evaluate(t1w, bids, work / f"prep-slices{args.slices}", args.slices))
@@ -177,7 +182,8 @@ def main(argv=None) -> int:
               f"{s['median_abs_between_sessions_pct']['WM']:.1f}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"summary": summary, "sessions": rows, "between_sessions": between_sessions(rows),
-                                          "subjects": args.subjects, "seed": args.seed, "slices_mm": args.slices}, indent=1, default=float))
+                                          "subjects": args.subjects, "seed": args.seed, "slices_mm": args.slices,
+                                          "psf_fwhm": args.psf}, indent=1, default=float))
     print(f"wrote {args.out}")
     return 0
 
