@@ -18,6 +18,7 @@ Data:
   resolutions and orientations, plus an already skull-stripped MPRAGE and an MPRAGE of the head aged
   (``AGEING``: cortex thinned into CSF, ventricles grown, as in ageing studies); truth = the
   simulator's brain mask. Also the brain volume of the same head on a 3T MPRAGE and a 1.5T SPGR scanner.
+  ``--psf FWHM`` blurs them by a scanner's point-spread function (voxels; cached apart).
 - ``clinical``: the real clinical MS scans of ``clinical-ms/`` beside the label maps (thick-slice FLAIR,
   T1w, T2w with skull, no sidecars); each mask is taken to the patient's common space with the
   dataset's affines (T1w/T2w -> FLAIR -> common) and compared with the expert brain mask inside the
@@ -155,7 +156,7 @@ def preprocess(raw: Path, out_dir: Path) -> Path:
 
 
 # ---------------------------------------------------------------------------------- data sets
-def simulated_cases(work: Path, anatomy_dir: Path, heads, seed: int) -> list[dict]:
+def simulated_cases(work: Path, anatomy_dir: Path, heads, seed: int, psf_fwhm: float = 0.0) -> list[dict]:
     """Held-out heads under every protocol (+ a skull-stripped and an aged MPRAGE); truth masks in RAS."""
     import nibabel as nib
 
@@ -172,7 +173,7 @@ def simulated_cases(work: Path, anatomy_dir: Path, heads, seed: int) -> list[dic
         subject = None
         extra = [(STRIPPED, "siemens-3T-mprage"), (AGED, "siemens-3T-mprage")]
         for k, (family, proto) in enumerate(list(PROTOCOLS.items()) + extra):
-            d = work / "simulated" / head / family.replace(" ", "_")
+            d = work / ("simulated" + (f"-psf{psf_fwhm:g}" if psf_fwhm else "")) / head / family.replace(" ", "_")
             d.mkdir(parents=True, exist_ok=True)
             if not (d / "truth.nii.gz").is_file():
                 if subject is None:
@@ -182,7 +183,8 @@ def simulated_cases(work: Path, anatomy_dir: Path, heads, seed: int) -> list[dic
                     from bidsapp.physics.atrophy import age_brain
 
                     anatomy = age_brain(subject, *AGEING)
-                sim = simulate(anatomy, get_protocol(proto), np.random.default_rng(seed + 100 * h + k))
+                sim = simulate(anatomy, get_protocol(proto), np.random.default_rng(seed + 100 * h + k),
+                               psf_fwhm=psf_fwhm)
                 img, truth = sim.image, sim.truth.brain_mask
                 if family == STRIPPED:  # another tool's output: the brain and a little around it
                     from scipy import ndimage as ndi
@@ -431,6 +433,9 @@ def main(argv=None) -> int:
     ap.add_argument("--weights-dir", type=Path, default=None,
                     help="learned: a folder with brainmask_unet.pt/.json (default: the shipped model)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--psf", type=float, default=0.0, metavar="FWHM",
+                    help="blur the simulated heads by a scanner's point-spread function of this FWHM, voxels "
+                         "(default 0: none)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "brainmask.json")
     ap.add_argument("--figures", action="store_true", help="write an overlay PNG per image beside --out")
     ap.add_argument("--update-card", action="store_true",
@@ -443,7 +448,7 @@ def main(argv=None) -> int:
         print(n)
     cases = []
     if "simulated" in args.sets:
-        cases += simulated_cases(work, data / "anatomy", args.heads, args.seed)
+        cases += simulated_cases(work, data / "anatomy", args.heads, args.seed, args.psf)
     if "clinical" in args.sets:
         if (data / "clinical-ms").is_dir():
             cases += clinical_cases(work, data / "clinical-ms")
