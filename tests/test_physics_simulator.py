@@ -74,6 +74,14 @@ def test_point_spread_blurs_the_signed_signal_and_keeps_the_mean(spheres):
     assert spgr[1].mean() == pytest.approx(spgr[0].mean(), rel=1e-3)
     assert np.array_equal(_sim(spheres, "siemens-3T-mprage", bias=False, noise=False, psf_fwhm=0).image.get_fdata(),
                           sharp)  # off by default
+    # thick slices: the width is the in-plane voxel's, so a slab is barely blurred across slices
+    step = np.zeros((9, 9, 9), np.float32)
+    step[4:] = 1.0
+    thick = sim_mod.point_spread(step, 2.0, (1.0, 1.0, 5.0))
+    np.testing.assert_allclose(thick, sim_mod.point_spread(step, 2.0, (1.0, 1.0, 1.0)), atol=1e-6)  # edge along x
+    slab = np.zeros((9, 9, 9), np.float32)
+    slab[:, :, 4:] = 1.0
+    assert sim_mod.point_spread(slab, 2.0, (1.0, 1.0, 5.0))[4, 4, 3] < 0.01 < sim_mod.point_spread(slab, 2.0)[4, 4, 3]
 
 
 def test_resample_preserves_volumes_and_partial_volume(spheres):

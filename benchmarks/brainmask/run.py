@@ -18,7 +18,7 @@ Data:
   resolutions and orientations, plus an already skull-stripped MPRAGE and an MPRAGE of the head aged
   (``AGEING``: cortex thinned into CSF, ventricles grown, as in ageing studies); truth = the
   simulator's brain mask. Also the brain volume of the same head on a 3T MPRAGE and a 1.5T SPGR scanner.
-  ``--psf FWHM`` blurs them by a scanner's point-spread function (voxels; cached apart).
+  ``--psf FWHM`` blurs them by a scanner's point-spread function (in-plane voxels; cached apart).
 - ``clinical``: the real clinical MS scans of ``clinical-ms/`` beside the label maps (thick-slice FLAIR,
   T1w, T2w with skull, no sidecars); each mask is taken to the patient's common space with the
   dataset's affines (T1w/T2w -> FLAIR -> common) and compared with the expert brain mask inside the
@@ -434,7 +434,7 @@ def main(argv=None) -> int:
                     help="learned: a folder with brainmask_unet.pt/.json (default: the shipped model)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--psf", type=float, default=0.0, metavar="FWHM",
-                    help="blur the simulated heads by a scanner's point-spread function of this FWHM, voxels "
+                    help="blur the simulated heads by a scanner's point-spread function of this FWHM, in-plane voxels "
                          "(default 0: none)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "brainmask.json")
     ap.add_argument("--figures", action="store_true", help="write an overlay PNG per image beside --out")

@@ -17,7 +17,7 @@ atrophy ratio 0.9-1.1. Writes ``benchmarks/results/longitudinal_change.json``.
     python benchmarks/longitudinal/change.py --subjects 4 --work /tmp/long-bench
     python benchmarks/longitudinal/change.py --subjects 4 --psf 1.2 --work /tmp/long-bench-psf
 
-``--psf FWHM`` blurs every simulated image by a Gaussian point-spread function (voxels), as a scanner
+``--psf FWHM`` blurs every simulated image by a Gaussian point-spread function (in-plane voxels), as a scanner
 does; without it each voxel holds exactly its box average of the object, with edges sharper than any
 scanner's (the same datasets otherwise: same seed, anatomies, protocols and atrophy).
 """
@@ -111,7 +111,7 @@ def main(argv=None) -> int:
     ap.add_argument("--nprocs", type=int, default=2)
     ap.add_argument("--seed", type=int, default=11)
     ap.add_argument("--psf", type=float, default=0.0, metavar="FWHM",
-                    help="point-spread function of the simulated images, voxels (default 0: none)")
+                    help="point-spread function of the simulated images, in-plane voxels (default 0: none)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "longitudinal_change.json"))
     args = ap.parse_args(argv)
     work = Path(args.work)

@@ -13,7 +13,7 @@ printed beside it.
 
 ``--slices K`` averages each 1 mm head (and its truth) into K mm axial slices first, the slice
 profile of a 2D clinical acquisition as a box, as ``run.py --slices`` does for brains. ``--psf FWHM``
-blurs every simulated image by a Gaussian point-spread function (voxels), as a scanner does; without it
+blurs every simulated image by a Gaussian point-spread function (in-plane voxels), as a scanner does; without it
 each voxel is exactly its box average of the head, with edges sharper than any scanner's.
 
 Printed: per session the protocol, the model that ran, GM / WM / CSF error (%) of the app's volumes
@@ -150,7 +150,7 @@ def main(argv=None) -> int:
     ap.add_argument("--slices", type=int, default=1, help="average the heads into axial slices this many mm thick")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--psf", type=float, default=0.0, metavar="FWHM",
-                    help="point-spread function of the simulated images, voxels (default 0: none)")
+                    help="point-spread function of the simulated images, in-plane voxels (default 0: none)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "tissue_full_heads.json"))
     args = ap.parse_args(argv)
     from workflows.interfaces.ants import use_threads

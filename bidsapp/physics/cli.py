@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: each protocol's own voxel size (about 1 mm)")
     p.add_argument("--psf", type=float, default=0.0, metavar="FWHM",
                    help="blur every image by a Gaussian point-spread function of this full width at half maximum "
-                        "(voxels), as a scanner's finite k-space sampling does; default 0: none")
+                        "(in-plane voxels), as a scanner's finite k-space sampling does; default 0: none")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same bytes)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it is a previous simulator output")
     p.add_argument("--anatomy-dir", default=None,

@@ -87,7 +87,7 @@ class DatasetConfig:
     new_lesions_per_year: float = 0.0
     """Mean number of lesions that appear per year after baseline (Poisson; needs ``lesions``)."""
     psf_fwhm: float = 0.0
-    """Point-spread function of every image, full width at half maximum in voxels (0: none; see
+    """Point-spread function of every image, full width at half maximum in in-plane voxels (0: none; see
     :func:`bidsapp.physics.simulator.simulate`)."""
 
     def validate(self) -> None:
@@ -369,7 +369,7 @@ def _write_top(w: _Writer, config: DatasetConfig, plans) -> None:
         f"protocol change between sessions: {'yes' if config.protocol_change else 'no'}; seed: {config.seed}.",
         "Images are static-equation simulations (SPGR, MPRAGE, TSE, FLAIR) of tissue-fraction phantoms with",
         "partial volume, bias field and Rician noise; sidecars carry the acquisition parameters in BIDS units.",
-        *([f"Every image is blurred by a Gaussian point-spread function of {config.psf_fwhm:g} voxels (FWHM)."]
+        *([f"Every image is blurred by a Gaussian point-spread function of {config.psf_fwhm:g} in-plane voxels (FWHM)."]
           if config.psf_fwhm else []),
         "The ground truth (tissue fractions, labels, lesion masks, quantitative maps, volumes, longitudinal",
         "trajectories) is in derivatives/truth.",

@@ -7,9 +7,10 @@ Order of operations (each step is what a scanner does to the object, in the orde
    tissue properties at the protocol's field strength, and voxels mix these signals by their tissue
    fractions (the magnitude of the sum: opposite-sign tissues of an inversion-recovery image cancel at
    borders as they do in real magnitude images); with ``psf_fwhm`` the signed sum is first blurred by a
-   Gaussian point-spread function of that full width at half maximum (voxels, every axis), as the
-   finite k-space sampling of a real scanner blurs its image (off by default: each voxel then holds
-   exactly its box average of the object, sharper than any scanner's image);
+   Gaussian point-spread function of that full width at half maximum, in units of the grid's finest
+   voxel (in-plane for a 2D protocol, whose slice profile the box average already is), as the finite
+   k-space sampling of a real scanner blurs its image (off by default: each voxel then holds exactly
+   its box average of the object, sharper than any scanner's image);
 3. receiver gain (the brightest pure brain tissue reaches ``protocol.gain``, as auto-prescan scaling
    does) and a smooth multiplicative bias field (log-field with standard deviation ``protocol.bias``);
 4. Rician noise: Gaussian noise of standard deviation ``sigma`` on the real and imaginary channels,
@@ -101,11 +102,14 @@ def mix_signals(fractions: np.ndarray, signals, magnitude: bool = True) -> np.nd
     return out
 
 
-def point_spread(signal: np.ndarray, fwhm: float) -> np.ndarray:
-    """``signal`` (signed) blurred by a Gaussian point-spread function of ``fwhm`` voxels on every axis."""
+def point_spread(signal: np.ndarray, fwhm: float, voxel_size=(1.0, 1.0, 1.0)) -> np.ndarray:
+    """``signal`` (signed) blurred by a Gaussian point-spread function ``fwhm`` finest voxels wide (the
+    same width in mm on every axis: on a thick-slice grid the slices are barely blurred further)."""
     if fwhm <= 0:
         return signal
-    return ndi.gaussian_filter(signal, fwhm / (2.0 * np.sqrt(2.0 * np.log(2.0))), mode="nearest").astype(np.float32)
+    vs = np.asarray(voxel_size, float)
+    sigma = fwhm * vs.min() / vs / (2.0 * np.sqrt(2.0 * np.log(2.0)))
+    return ndi.gaussian_filter(signal, tuple(sigma), mode="nearest").astype(np.float32)
 
 
 def random_bias_field(shape, rng: np.random.Generator, strength: float, voxel_size=(1.0, 1.0, 1.0),
@@ -164,7 +168,7 @@ def simulate(phantom: Phantom, protocol_or_params, rng: np.random.Generator, *, 
         grid = phantom if np.allclose(target, phantom.voxel_size) else phantom.resample(vs)
     signed = tissue_signals(grid, protocol)
     if psf_fwhm > 0:
-        clean = np.abs(point_spread(mix_signals(grid.fractions, signed, magnitude=False), psf_fwhm))
+        clean = np.abs(point_spread(mix_signals(grid.fractions, signed, magnitude=False), psf_fwhm, grid.voxel_size))
     else:
         clean = mix_signals(grid.fractions, signed)
     if bias and protocol.bias > 0:
