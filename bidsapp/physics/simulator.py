@@ -167,10 +167,7 @@ def simulate(phantom: Phantom, protocol_or_params, rng: np.random.Generator, *, 
         target = ras_to_array_axes(vs, phantom.affine)
         grid = phantom if np.allclose(target, phantom.voxel_size) else phantom.resample(vs)
     signed = tissue_signals(grid, protocol)
-    if psf_fwhm > 0:
-        clean = np.abs(point_spread(mix_signals(grid.fractions, signed, magnitude=False), psf_fwhm, grid.voxel_size))
-    else:
-        clean = mix_signals(grid.fractions, signed)
+    clean = np.abs(point_spread(mix_signals(grid.fractions, signed, magnitude=False), psf_fwhm, grid.voxel_size))
     if bias and protocol.bias > 0:
         field_ = random_bias_field(grid.shape, rng, protocol.bias, grid.voxel_size)
     else:
