@@ -336,6 +336,36 @@ def test_lesions_are_classified_one_by_one():
     row = table.set_index("status").loc["enlarging"]
     assert (row.volume_from_mm3, row.volume_to_mm3) == (27.0, 125.0)
     assert list(table.columns) == list(L.COLUMNS)
+    # new or grown voxels: the new lesion whole, the enlarging one's rim (125 - 27), not the speck nor the rest
+    changed = L.change_mask(before, after)
+    assert changed.sum() == 27 + 98 and changed[21, 21, 21] and changed[14, 14, 14]
+    assert not changed[11, 11, 11] and not changed[36, 20, 20] and not changed[3, 3, 3]
+    assert not L.change_mask(after, after).any()
+
+
+def test_grown_rim_below_the_minimum_is_no_change():
+    """A lesion one voxel wider on one face (a segmentation's jitter: 9 mm3) is not a change; in 1.2 mm3 voxels
+    (10.8 mm3) it is."""
+    from bidsapp.longitudinal import lesions as L
+
+    before = np.zeros((20, 20, 20))
+    before[5:8, 5:8, 5:8] = 1
+    after = before.copy()
+    after[8, 5:8, 5:8] = 1
+    assert not L.change_mask(before, after).any()
+    assert L.change_mask(before, after, voxel_mm3=1.2).sum() == 9
+
+
+def test_a_work_dir_from_before_the_lesion_change_masks_recomputes_the_subject_step():
+    """The step's cache key holds its outputs' revision: results cached before ``lesionchange_masks``
+    existed (revision 1) are not offered to a workflow that connects it."""
+    from workflows.interfaces.longitudinal import LongitudinalChange
+
+    node = LongitudinalChange()
+    names, now = node.inputs.get_hashval()
+    assert ("outputs_revision", 2) in names
+    node.inputs.outputs_revision = 1
+    assert node.inputs.get_hashval()[1] != now
 
 
 def test_group_step_gathers_every_subjects_change(tmp_path):

@@ -252,8 +252,14 @@ def test_longitudinal_method_runs_on_the_contrast_every_session_has(example_run)
     assert list(lesions.columns[:4]) == ["ses_from", "ses_to", "lesion", "status"]
     new = example_run / "sub-01" / "ses-2" / "anat" / "sub-01_ses-2_desc-newlesion_mask.nii.gz"
     assert new.is_file() and not (example_run / "sub-01" / "ses-1" / "anat" / "sub-01_ses-1_desc-newlesion_mask.nii.gz").exists()
-    assert nib.load(new).shape == nib.load(example_run / "sub-01" / "ses-2" / "anat" /
-                                           "sub-01_ses-2_desc-brain_mask.nii.gz").shape
+    changed = new.with_name("sub-01_ses-2_desc-lesionchange_mask.nii.gz")
+    assert changed.is_file() and not (example_run / "sub-01" / "ses-1" / "anat" /
+                                      "sub-01_ses-1_desc-lesionchange_mask.nii.gz").exists()
+    grid = nib.load(example_run / "sub-01" / "ses-2" / "anat" / "sub-01_ses-2_desc-brain_mask.nii.gz").shape
+    assert nib.load(new).shape == grid and nib.load(changed).shape == grid
+    # a new lesion is new or grown voxels whole
+    new_v, changed_v = (np.asarray(nib.load(f).dataobj) > 0 for f in (new, changed))
+    assert not (new_v & ~changed_v).any()
 
 
 def test_flair_only_session_gets_brain_extraction_and_flair_methods_only(example_run):

@@ -105,8 +105,9 @@ def init_subject_method_wf(key: str, session_ids, *, output_dir, bids_dir, optio
     (for the report), and per session ``to_subject_xfms`` / ``from_subject_xfms`` as
     ``sub-<label>_ses-<s>_from-<contrast>_to-subject_mode-image_xfm.txt`` and the inverse; with lesion
     masks on two or more sessions (``lesion_sessions``: their indices), ``lesion_tsv`` as
-    ``sub-<label>_desc-lesionchange_stats.tsv`` and each later lesion session's ``newlesion_masks`` entry
-    as ``sub-<label>_ses-<s>_desc-newlesion_mask.nii.gz``; on T1w, ``decline_tsv`` as
+    ``sub-<label>_desc-lesionchange_stats.tsv``, and each later lesion session's ``newlesion_masks`` and
+    ``lesionchange_masks`` entries as ``sub-<label>_ses-<s>_desc-newlesion_mask.nii.gz`` and
+    ``..._desc-lesionchange_mask.nii.gz``; on T1w, ``decline_tsv`` as
     ``sub-<label>_desc-decline_stats.tsv`` when the 3D-SiameseNet's weights are there.
     """
     m = M.get(key)
@@ -151,14 +152,22 @@ def init_subject_method_wf(key: str, session_ids, *, output_dir, bids_dir, optio
                                                 "resolved": "no later lesion touches it"}}})
         wf.connect([(first, ds_les, [("out", "source_file")]), (inputnode, ds_les, [("source_files", "sources")]),
                     (node, ds_les, [("lesion_tsv", "in_file")])])
+        follow_up_masks = {
+            "newlesion": "lesions of this session that touch no lesion of the previous session with a lesion mask "
+                         "(mid-space, brought back here)",
+            "lesionchange": "new or grown lesion voxels: lesion in this session and not in the previous session with "
+                            "a lesion mask, in pieces of at least 10 mm3 (mid-space, brought back here)"}
         for i in lesion_sessions[1:]:
-            pick = pe.Node(niu.Select(index=i), name=f"newlesion_{i}", run_without_submitting=True)
             src_pick = pe.Node(niu.Select(index=i), name=f"newlesion_source_{i}", run_without_submitting=True)
-            ds_new = sink(f"ds_{m.ident}_newlesion_{i}", output_dir, bids_dir, suffix="mask", desc="newlesion",
-                          metadata={"Description": "lesions of this session that touch no lesion of the previous "
-                                                   "session with a lesion mask (mid-space, brought back here)"})
-            wf.connect([(node, pick, [("newlesion_masks", "inlist")]), (inputnode, src_pick, [("source_files", "inlist")]),
-                        (pick, ds_new, [("out", "in_file")]), (src_pick, ds_new, [("out", "source_file")])])
+            wf.connect(inputnode, "source_files", src_pick, "inlist")
+            for desc, description in follow_up_masks.items():
+                if f"{desc}_masks" not in outputs:
+                    continue
+                pick = pe.Node(niu.Select(index=i), name=f"{desc}_{i}", run_without_submitting=True)
+                ds_mask = sink(f"ds_{m.ident}_{desc}_{i}", output_dir, bids_dir, suffix="mask", desc=desc,
+                               metadata={"Description": description})
+                wf.connect([(node, pick, [(f"{desc}_masks", "inlist")]), (pick, ds_mask, [("out", "in_file")]),
+                            (src_pick, ds_mask, [("out", "source_file")])])
     from bidsapp.longitudinal.decline import COLUMN_DESCRIPTIONS, applies, sidecar_metadata
 
     if "decline_tsv" in outputs and applies(contrast):

@@ -2,10 +2,10 @@
 lesion-change masks.
 
 Runs ``scanbridge participant`` on the subjects with two sessions (or reads an existing output folder),
-brings each follow-up's ``desc-newlesion_mask`` into the patient's common space with the dataset's
-affines (reference image -> FLAIR -> common), and compares it with the expert mask of new or grown
-lesion voxels: lesion-wise recall, precision and F1 (26-connected components that overlap), and voxel
-Dice. Prints a table and writes ``benchmarks/results/longitudinal_clinical_lesions.json``.
+brings each follow-up's ``desc-newlesion_mask`` (new lesions) and ``desc-lesionchange_mask`` (new or grown
+lesion voxels) into the patient's common space with the dataset's affines (reference image -> FLAIR ->
+common), and compares each with the expert mask of new or grown lesion voxels: lesion-wise recall,
+precision and F1 (26-connected components that overlap), and voxel Dice. Prints a table and writes ``benchmarks/results/longitudinal_clinical_lesions.json``.
 
     python benchmarks/longitudinal/clinical_lesions.py --out /tmp/clin-out --work /tmp/clin-work
 """
@@ -23,12 +23,15 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def evaluate(sub: str, out: Path, clinical: Path) -> dict | None:
+MASKS = ("newlesion", "lesionchange")
+
+
+def evaluate(sub: str, out: Path, clinical: Path, desc: str = "newlesion") -> dict | None:
     import ants
     from scipy import ndimage as ndi
 
     ref = clinical / "reference" / f"sub-{sub}"
-    new = out / f"sub-{sub}" / "ses-2" / "anat" / f"sub-{sub}_ses-2_desc-newlesion_mask.nii.gz"
+    new = out / f"sub-{sub}" / "ses-2" / "anat" / f"sub-{sub}_ses-2_desc-{desc}_mask.nii.gz"
     if not new.is_file():
         return None
     truth_img = ants.image_read(str(ref / f"sub-{sub}_space-common_desc-lesionchange_mask.nii.gz"))
@@ -47,7 +50,7 @@ def evaluate(sub: str, out: Path, clinical: Path) -> dict | None:
     precision = len(set(lo[both].tolist())) / no if no else float("nan")
     f1 = 2 * recall * precision / (recall + precision) if recall + precision > 0 else 0.0
     ml = float(np.prod(truth_img.spacing)) / 1000
-    return {"subject": sub, "reference_lesions": nt, "reference_ml": round(truth.sum() * ml, 2), "new_lesions": no,
+    return {"subject": sub, "mask": desc, "reference_lesions": nt, "reference_ml": round(truth.sum() * ml, 2), "new_lesions": no,
             "new_ml": round(ours.sum() * ml, 2), "lesion_recall": recall, "lesion_precision": precision,
             "lesion_f1": f1, "voxel_dice": 2 * both.sum() / max(truth.sum() + ours.sum(), 1)}
 
@@ -69,9 +72,9 @@ def main(argv=None) -> int:
         subprocess.run(["scanbridge", str(clinical / "bids"), str(out), "participant", "-w", args.work, "--nprocs",
                         str(args.nprocs), "--omp-nthreads", "1", "--participant-label", *subjects],
                        check=True, stdout=subprocess.DEVNULL)
-    rows = [r for r in (evaluate(s, out, clinical) for s in subjects) if r]
+    rows = [r for r in (evaluate(s, out, clinical, desc) for s in subjects for desc in MASKS) if r]
     for r in rows:
-        print(f"sub-{r['subject']}: reference {r['reference_lesions']} lesions ({r['reference_ml']} ml), new "
+        print(f"sub-{r['subject']} desc-{r['mask']}: reference {r['reference_lesions']} lesions ({r['reference_ml']} ml), ours "
               f"{r['new_lesions']} ({r['new_ml']} ml); lesion recall {r['lesion_recall']:.2f} precision "
               f"{r['lesion_precision']:.2f} F1 {r['lesion_f1']:.2f}; voxel Dice {r['voxel_dice']:.2f}")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

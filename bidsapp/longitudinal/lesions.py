@@ -4,7 +4,9 @@ Both sessions' lesion masks are resampled into the mid-space (linear, then > 0.5
 connected lesions (26-connectivity, as the session-level lesion tables). A later lesion that touches no
 earlier lesion is *new*; one that does is *enlarging*, *stable* or *shrinking* by its volume against the
 earlier lesions it touches (:data:`GROWTH`); an earlier lesion that touches no later one is *resolved*.
-New lesions are the clinical question of MS follow-up (MSSEG-2), so they also get a mask of their own.
+New lesions are the clinical question of MS follow-up (MSSEG-2), so they also get a mask of their own;
+:func:`change_mask` marks every new or grown lesion voxel, the "new or enlarging T2 lesion" activity of MS
+trials and what the lesion-change masks of longitudinal MS databases mark.
 """
 
 from __future__ import annotations
@@ -66,6 +68,20 @@ def lesion_change(before: np.ndarray, after: np.ndarray, *, voxel_mm3: float = 1
         if j not in touched_a and vol_a[j] >= MIN_NEW_MM3:
             rows.append(_row(ses_from, ses_to, len(rows) + 1, "resolved", float(vol_a[j]), 0.0, centres_a[j - 1], aff))
     return pd.DataFrame(rows, columns=list(COLUMNS)), new
+
+
+def change_mask(before: np.ndarray, after: np.ndarray, *, voxel_mm3: float = 1.0) -> np.ndarray:
+    """New or grown lesion voxels: lesion in ``after`` and not in ``before``, kept in 26-connected pieces of
+    at least :data:`MIN_NEW_MM3` (a voxel or two that one session's segmentation has and the other lacks is
+    not a change). A new lesion is such a piece whole; an enlarging one adds its grown rim, whatever its
+    status by :data:`GROWTH`."""
+    grown = (np.asarray(after) > 0.5) & ~(np.asarray(before) > 0.5)
+    labels, n = ndi.label(grown, _STRUCTURE)
+    if not n:
+        return grown
+    keep = np.bincount(labels.ravel(), minlength=n + 1) * voxel_mm3 >= MIN_NEW_MM3
+    keep[0] = False
+    return keep[labels]
 
 
 def _row(ses_from, ses_to, k, status, v_from, v_to, centre, aff) -> dict:

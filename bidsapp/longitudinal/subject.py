@@ -76,6 +76,9 @@ class SubjectChange:
     """Lesion by lesion change between consecutive sessions with lesion masks (:mod:`.lesions`); None without."""
     new_lesions: dict = field(default_factory=dict)
     """Session label -> its new lesions (ants image on the session's own grid; empty where none can be new)."""
+    lesion_changes: dict = field(default_factory=dict)
+    """Session label -> its new or grown lesion voxels since the previous lesion session (:func:`.lesions.change_mask`;
+    as ``new_lesions``)."""
     decline: pd.DataFrame | None = None
     """3D-SiameseNet's decline probability per consecutive pair (:mod:`.decline`); None when not run."""
 
@@ -242,14 +245,16 @@ def subject_change(sessions: list[SessionInput], *, seed: int = 0, work_dir=None
             t, new = L.lesion_change(lesions[i], lesions[j], voxel_mm3=common.voxel_mm3, affine=affine,
                                      ses_from=sessions[i].label, ses_to=sessions[j].label)
             tables.append(t)
-            new_img = ms.grid.new_image_like(new.astype(np.float32))
+            grown = L.change_mask(lesions[i], lesions[j], voxel_mm3=common.voxel_mm3)
             back = np.linalg.inv(ms.to_session[j])  # session -> mid-space: resamples the mid-space onto the session
-            result.new_lesions[sessions[j].label] = MS.resample(new_img, images[j], back, interpolator="nearestNeighbor",
-                                                                work_dir=work, name=f"new_lesions_{j}")
+            for masks, mask, name in ((result.new_lesions, new, "new_lesions"), (result.lesion_changes, grown, "lesion_change")):
+                masks[sessions[j].label] = MS.resample(ms.grid.new_image_like(mask.astype(np.float32)), images[j], back,
+                                                       interpolator="nearestNeighbor", work_dir=work, name=f"{name}_{j}")
         result.lesions = pd.concat(tables, ignore_index=True)
-        for i, s in enumerate(sessions):  # no new lesion: the first session with lesions, those without any
-            if s.label not in result.new_lesions:
-                result.new_lesions[s.label] = images[i].new_image_like(np.zeros(images[i].shape, np.float32))
+        for i, s in enumerate(sessions):  # nothing new: the first session with lesions, those without any
+            for masks in (result.new_lesions, result.lesion_changes):
+                if s.label not in masks:
+                    masks[s.label] = images[i].new_image_like(np.zeros(images[i].shape, np.float32))
     return result
 
 

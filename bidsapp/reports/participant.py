@@ -924,7 +924,8 @@ def change_section(output_dir: Path, subject: str) -> Section | None:
         rows = [{"pair": f"{a} \u2192 {b}", **counts(t)}
                 for (a, b), t in lesions.groupby(["ses_from", "ses_to"], sort=False)]
         body.append(text_html(f"Lesions between consecutive sessions with lesion masks ({html.escape(lesion_path.name)}; "
-                              "the new ones also as each follow-up's desc-newlesion_mask):"))
+                              "the new ones also as each follow-up's desc-newlesion_mask, its new or grown lesion voxels as "
+                              "desc-lesionchange_mask):"))
         if rows:
             body.append(table_html(pd.DataFrame(rows)))
     return Section(title="Longitudinal change", body="".join(body), warnings=warns, anchor="change")

@@ -30,6 +30,9 @@ class _ChangeInputSpec(BaseInterfaceInputSpec):
     contrast = traits.Str("T1w", usedefault=True, desc="contrast of in_files")
     seed = traits.Int(0, usedefault=True)
     num_threads = traits.Int(1, usedefault=True, nohash=True)
+    outputs_revision = traits.Int(2, usedefault=True, desc="raised when the outputs change (2: lesionchange_masks), "
+                                                           "so that a work dir kept from before recomputes the step "
+                                                           "instead of offering results without them")
 
 
 class _ChangeOutputSpec(TraitedSpec):
@@ -42,6 +45,8 @@ class _ChangeOutputSpec(TraitedSpec):
     decline_tsv = File(desc="3D-SiameseNet's decline probability per consecutive pair (T1w, weights shipped)")
     newlesion_masks = traits.List(File(exists=True), desc="per session: its new lesions on its own grid (empty "
                                                           "for a session without lesions or the first one)")
+    lesionchange_masks = traits.List(File(exists=True), desc="per session: its new or grown lesion voxels since the "
+                                                              "previous lesion session, on its own grid (as newlesion_masks)")
     metadata = traits.Dict()
     warnings = traits.List(traits.Str())
 
@@ -93,12 +98,14 @@ class LongitudinalChange(SimpleInterface):
             lesion_tsv = cwd / "lesionchange.tsv"
             result.lesions.to_csv(lesion_tsv, sep="\t", index=False, na_rep="n/a", columns=list(LESION_COLUMNS))
             self._results["lesion_tsv"] = str(lesion_tsv)
-            masks = []
-            for s in sessions:
-                path = cwd / f"{s.label or 'session'}_newlesions.nii.gz"
-                ants.image_write(result.new_lesions[s.label], str(path))
-                masks.append(str(path))
-            self._results["newlesion_masks"] = masks
+            for output, images, stem in (("newlesion_masks", result.new_lesions, "newlesions"),
+                                         ("lesionchange_masks", result.lesion_changes, "lesionchange")):
+                masks = []
+                for s in sessions:
+                    path = cwd / f"{s.label or 'session'}_{stem}.nii.gz"
+                    ants.image_write(images[s.label], str(path))
+                    masks.append(str(path))
+                self._results[output] = masks
         if result.decline is not None:
             decline_tsv = cwd / "decline.tsv"
             result.decline.round({"probability_decline": 4, "interval_days": 1}).to_csv(
