@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -396,6 +398,39 @@ def test_group_step_gathers_every_subjects_change(tmp_path):
     empty.mkdir()
     ctx.output_dir = empty
     assert group.run(ctx) == [] and not (empty / group.TSV_NAME).exists()
+
+
+def test_lesion_slices_show_the_change_first_and_the_lesions_without_one():
+    from bidsapp.reports.longitudinal import lesion_slices
+
+    lesions, active = np.zeros((8, 8, 40), bool), np.zeros((8, 8, 40), bool)
+    lesions[2:4, 2:4, [5, 20, 30]] = True
+    active[2:6, 2:6, 12] = active[2:4, 2:4, 14] = active[2, 2, 33] = True
+    assert lesion_slices(active, lesions) == [12, 33]  # 14 is within 5 slices of 12
+    assert lesion_slices(np.zeros_like(active), lesions) == [5, 20, 30]
+    assert lesion_slices(np.zeros_like(active), np.zeros_like(lesions)) == []
+
+
+def test_change_figure_draws_the_lesion_row_when_there_are_lesions(tmp_path):
+    import ants
+
+    from bidsapp.longitudinal.subject import SubjectChange
+    from bidsapp.reports.longitudinal import change_figure
+
+    template = np.zeros((30, 30, 30), np.float32)
+    template[5:25, 5:25, 5:25] = 1
+    earlier, new = np.zeros(template.shape, bool), np.zeros(template.shape, bool)
+    earlier[10:13, 10:13, 10:13] = True
+    new[18:21, 18:21, 18:21] = True
+    table = pd.DataFrame([{"measure": "brain", "ses_from": "1", "ses_to": "2", "percent_change": -0.5,
+                           "acquisition_changed": "false"}])
+    result = SubjectChange(table=table, template=ants.from_numpy(template), to_session=[], sessions=[],
+                           maps={("1", "2"): np.zeros(template.shape, np.float32)})
+    plain = change_figure(result, tmp_path / "plain.svg")
+    result.lesion_maps = {("1", "2"): (earlier, new, new)}
+    with_lesions = change_figure(result, tmp_path / "lesions.svg")
+    text = Path(with_lesions).read_text()
+    assert "new lesions (1)" in text and "new lesions" not in Path(plain).read_text()
 
 
 def test_group_change_figure_reads_the_status_as_written_or_as_read_back(tmp_path):

@@ -50,10 +50,11 @@ def true_change(truth_path: Path) -> np.ndarray:
     from nibabel.processing import resample_from_to
 
     anat = truth_path.parent
+    sub, ses = anat.parent.parent.name, anat.parent.name
     sessions = sorted(p.name for p in anat.parent.parent.glob("ses-*"))
-    previous = sessions[sessions.index(anat.parent.name) - 1]
-    now_img = nib.load(next(anat.glob("*_ses-*_desc-lesion_mask.nii.gz")))
-    before_img = nib.load(next((anat.parent.parent / previous / "anat").glob("*_ses-*_desc-lesion_mask.nii.gz")))
+    previous = sessions[sessions.index(ses) - 1]
+    now_img = nib.load(anat / f"{sub}_{ses}_desc-lesion_mask.nii.gz")
+    before_img = nib.load(anat.parent.parent / previous / "anat" / f"{sub}_{previous}_desc-lesion_mask.nii.gz")
     before = np.asarray(resample_from_to(before_img, now_img, order=0).dataobj) > 0
     return (np.asarray(now_img.dataobj) > 0) & ~before
 

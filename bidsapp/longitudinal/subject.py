@@ -76,6 +76,9 @@ class SubjectChange:
     """Lesion by lesion change between consecutive sessions with lesion masks (:mod:`.lesions`); None without."""
     new_lesions: dict = field(default_factory=dict)
     """Session label -> its new lesions (ants image on the session's own grid; empty where none can be new)."""
+    lesion_maps: dict = field(default_factory=dict)
+    """(ses_from, ses_to) -> (earlier lesions, new lesions, new or grown voxels): boolean mid-space masks of each
+    consecutive pair with lesion masks, for the report."""
     lesion_changes: dict = field(default_factory=dict)
     """Session label -> its new or grown lesion voxels since the previous lesion session (:func:`.lesions.change_mask`;
     as ``new_lesions``)."""
@@ -246,6 +249,7 @@ def subject_change(sessions: list[SessionInput], *, seed: int = 0, work_dir=None
                                      ses_from=sessions[i].label, ses_to=sessions[j].label)
             tables.append(t)
             grown = L.change_mask(lesions[i], lesions[j], voxel_mm3=common.voxel_mm3)
+            result.lesion_maps[(sessions[i].label, sessions[j].label)] = (lesions[i] > 0.5, new, grown)
             back = np.linalg.inv(ms.to_session[j])  # session -> mid-space: resamples the mid-space onto the session
             for masks, mask, name in ((result.new_lesions, new, "new_lesions"), (result.lesion_changes, grown, "lesion_change")):
                 masks[sessions[j].label] = MS.resample(ms.grid.new_image_like(mask.astype(np.float32)), images[j], back,

@@ -12,9 +12,24 @@ import pandas as pd
 SHOWN = ("brain", "GM", "WM", "ventricles", "lesion")
 
 
+def lesion_slices(active: np.ndarray, lesions: np.ndarray, n: int = 4, apart: int = 5) -> list[int]:
+    """Up to ``n`` axial slices (last axis) that show the most new or grown lesion voxels, at least
+    ``apart`` slices from each other; through the most lesion when nothing changed."""
+    weight = active.sum((0, 1)) if active.any() else lesions.sum((0, 1))
+    chosen: list[int] = []
+    for z in np.argsort(weight, kind="stable")[::-1]:
+        if weight[z] == 0 or len(chosen) == n:
+            break
+        if all(abs(int(z) - c) >= apart for c in chosen):
+            chosen.append(int(z))
+    return sorted(chosen)
+
+
 def change_figure(result, path) -> str:
     """Template slices (three planes) with the first -> last session change of tissue fraction in colour
-    (red: tissue lost, blue: gained), and the percent change of every measure and pair."""
+    (red: tissue lost, blue: gained), and the percent change of every measure and pair; with lesion masks,
+    a second row of axial slices with the last pair's earlier lesions outlined and its new lesions and
+    grown voxels filled."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -25,8 +40,11 @@ def change_figure(result, path) -> str:
     fg = template > 0
     vmax = float(np.percentile(template[fg], 97)) if fg.any() else 1.0
     centre = [int(np.median(ix)) for ix in np.nonzero(fg)] if fg.any() else [s // 2 for s in template.shape]
-    fig = plt.figure(figsize=(12, 4.2))
-    grid = fig.add_gridspec(1, 4, width_ratios=(1, 1, 1, 1.5))
+    lesion_pairs = getattr(result, "lesion_maps", {})
+    rows = 2 if lesion_pairs else 1
+    fig = plt.figure(figsize=(12, 4.2 * rows))
+    outer = fig.add_gridspec(rows, 1)
+    grid = outer[0].subgridspec(1, 4, width_ratios=(1, 1, 1, 1.5))
     for k in range(3):
         ax = fig.add_subplot(grid[0, k])
         sl = [slice(None)] * 3
@@ -56,10 +74,44 @@ def change_figure(result, path) -> str:
     ax.set_ylabel("change (%)")
     ax.legend(fontsize=7, loc="best")
     ax.set_title("volume change", fontsize=9)
-    fig.tight_layout()
+    lesion_row = _lesion_row(fig, outer[1].subgridspec(1, 4), template, vmax, *list(lesion_pairs.items())[-1]) if lesion_pairs else None
+    fig.tight_layout(h_pad=3.0)
+    if lesion_row:  # its title above the row, once the layout has placed it
+        first, title = lesion_row
+        fig.text(0.01, first.get_position().y1 + 0.02, title, fontsize=9, va="bottom")
     fig.savefig(str(path), format=Path(path).suffix.lstrip(".") or "svg")
     plt.close(fig)
     return str(path)
+
+
+def _lesion_row(fig, grid, template, vmax, pair, masks):
+    """The second row of :func:`change_figure`: earlier lesions outlined (yellow), new lesions (red) and the
+    grown voxels of earlier ones (orange) filled, on axial slices of the template. Returns (first axes,
+    title)."""
+    from matplotlib.colors import ListedColormap
+    from scipy import ndimage as ndi
+
+    earlier, new, changed = masks
+    grown = changed & ~new
+    colours = ListedColormap(["#ff2020", "#ff9900"])
+    axes = []
+    for k, z in enumerate(lesion_slices(changed, earlier)):
+        ax = fig.add_subplot(grid[0, k])
+        ax.imshow(np.rot90(template[:, :, z]), cmap="gray", vmin=0, vmax=vmax)
+        if earlier[:, :, z].any():
+            ax.contour(np.rot90(earlier[:, :, z]).astype(float), [0.5], colors="#ffee00", linewidths=0.6)
+        label = np.where(new[:, :, z], 0, np.where(grown[:, :, z], 1, -1))
+        ax.imshow(np.ma.masked_less(np.rot90(label), 0), cmap=colours, vmin=0, vmax=1, alpha=0.9,
+                  interpolation="nearest")
+        ax.set_axis_off()
+        axes.append(ax)
+    if not axes:
+        return None
+    n_new = ndi.label(new, np.ones((3, 3, 3), bool))[1]
+    title = (f"lesions {pair[0]} \u2192 {pair[1]}: yellow outline, earlier lesions; red, new lesions ({n_new}); "
+             "orange, grown voxels of earlier ones" if changed.any()
+             else f"lesions {pair[0]} \u2192 {pair[1]}: no new or grown lesion (yellow: the lesions)")
+    return axes[0], title
 
 
 def group_change_figure(table: pd.DataFrame, measure: str = "brain"):
