@@ -385,6 +385,10 @@ def test_group_step_gathers_every_subjects_change(tmp_path):
                  "acquisition_changed": changed, "correction": C.RECALIBRATED if changed == "true" else "none"}
                 for m in C.MEASURES]
         pd.DataFrame(rows).to_csv(anat / f"sub-{sub}_desc-change_morph.tsv", sep="\t", index=False)
+    lesion_rows = [{"ses_from": "ses-1", "ses_to": "ses-2", "lesion": k + 1, "status": st} for k, st in
+                   enumerate(("new", "new", "enlarging", "stable", "resolved"))]
+    pd.DataFrame(lesion_rows).to_csv(tmp_path / "sub-02" / "anat" / "sub-02_desc-lesionchange_stats.tsv", sep="\t",
+                                     index=False)
     ctx = GroupContext(output_dir=tmp_path, work_dir=tmp_path / "w", volumes=pd.DataFrame(), acquisitions=pd.DataFrame(),
                        participants=pd.DataFrame(), logger=logging.getLogger("test"))
     from bidsapp.reports.harmonization import render
@@ -394,10 +398,16 @@ def test_group_step_gathers_every_subjects_change(tmp_path):
     assert len(table) == 12 and list(table.columns[:2]) == ["participant_id", "measure"]
     assert set(table.acquisition_changed) == {"false", "true"}
     assert sections and sections[0].title == "Longitudinal change" and "<img" in sections[0].body
+    activity = pd.read_csv(tmp_path / group.LESION_TSV_NAME, sep="\t")
+    assert activity.to_dict("records") == [{"participant_id": "sub-02", "ses_from": "ses-1", "ses_to": "ses-2",
+                                            "new": 2, "enlarging": 1, "stable": 1, "shrinking": 0, "resolved": 1,
+                                            "new_or_enlarging": 3}]
+    assert group.LESION_TSV_NAME in sections[0].body
     empty = tmp_path / "empty"
     empty.mkdir()
     ctx.output_dir = empty
     assert group.run(ctx) == [] and not (empty / group.TSV_NAME).exists()
+    assert not (empty / group.LESION_TSV_NAME).exists()
 
 
 def test_lesion_slices_show_the_change_first_and_the_lesions_without_one():

@@ -1,5 +1,7 @@
 """Group step of the longitudinal method: every subject's change rows in one table, and the plot that shows
-whether a scanner change looks like atrophy (change per year, pairs with and without an acquisition change)."""
+whether a scanner change looks like atrophy (change per year, pairs with and without an acquisition change);
+with lesion masks, every subject's lesion activity (new and enlarging lesions per consecutive pair, the count
+MS trials report) in a second table."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import pandas as pd
 from .subject import COLUMNS
 
 TSV_NAME = "group_change.tsv"
+LESION_TSV_NAME = "group_lesionchange.tsv"
 
 
 def collect(output_dir) -> pd.DataFrame:
@@ -25,6 +28,21 @@ def collect(output_dir) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
+def lesion_activity(output_dir) -> pd.DataFrame:
+    """One row per subject and consecutive pair of ``sub-*/anat/sub-*_desc-lesionchange_stats.tsv``: the
+    number of lesions of each status (:data:`.lesions.STATUSES`) and ``new_or_enlarging``."""
+    from .lesions import STATUSES, counts
+
+    rows = []
+    for path in sorted(Path(output_dir).glob("sub-*/anat/sub-*_desc-lesionchange_stats.tsv")):
+        table = pd.read_csv(path, sep="\t", dtype={"ses_from": str, "ses_to": str})
+        for (a, b), pair in table.groupby(["ses_from", "ses_to"], sort=False):
+            n = counts(pair)
+            rows.append({"participant_id": path.name.split("_")[0], "ses_from": a, "ses_to": b, **n,
+                         "new_or_enlarging": n["new"] + n["enlarging"]})
+    return pd.DataFrame(rows, columns=["participant_id", "ses_from", "ses_to", *STATUSES, "new_or_enlarging"])
+
+
 def run(ctx) -> list:
     """Write ``group_change.tsv`` and return what the report shows (nothing when no subject has two sessions)."""
     from bidsapp.bids.derivatives import atomic_write_tsv
@@ -37,4 +55,10 @@ def run(ctx) -> list:
     atomic_write_tsv(Path(ctx.output_dir) / TSV_NAME, table, columns=["participant_id", *COLUMNS])
     ctx.logger.info("longitudinal change: %d subject(s), %d rows -> %s", table.participant_id.nunique(), len(table),
                     TSV_NAME)
-    return [ReportItem("change", {"table": table, "tsv_name": TSV_NAME})]
+    lesions = lesion_activity(ctx.output_dir)
+    if not lesions.empty:
+        atomic_write_tsv(Path(ctx.output_dir) / LESION_TSV_NAME, lesions, columns=list(lesions.columns))
+        ctx.logger.info("longitudinal change: lesion activity of %d subject(s) -> %s", lesions.participant_id.nunique(),
+                        LESION_TSV_NAME)
+    return [ReportItem("change", {"table": table, "tsv_name": TSV_NAME, "lesions": lesions,
+                                  "lesion_tsv_name": LESION_TSV_NAME})]

@@ -149,7 +149,8 @@ def group_change_figure(table: pd.DataFrame, measure: str = "brain"):
     return fig
 
 
-def group_section(*, table: pd.DataFrame, tsv_name: str):
+def group_section(*, table: pd.DataFrame, tsv_name: str, lesions: pd.DataFrame | None = None,
+                  lesion_tsv_name: str = ""):
     """The group report's section of the longitudinal group step (:mod:`bidsapp.longitudinal.group`)."""
     from bidsapp.reports.html import Section, figure_html, table_html, text_html
 
@@ -164,4 +165,8 @@ def group_section(*, table: pd.DataFrame, tsv_name: str):
              table_html(summary, float_format="{:.2f}"),
              figure_html(group_change_figure(table), caption=f"Brain-volume change by acquisition-change status "
                                                              f"(all rows in {tsv_name})")]
+    if lesions is not None and not lesions.empty:
+        parts += [text_html(f"Lesion activity between consecutive sessions with lesion masks ({lesion_tsv_name}): "
+                            "lesions of each status per subject and pair; new or enlarging is the count MS trials "
+                            "report."), table_html(lesions)]
     return Section(title="Longitudinal change", body="".join(parts))
