@@ -96,6 +96,20 @@ def test_rule_table_is_consistent():
     assert qc.judge({"wm_gm_contrast": 1.01}, "T1w")[0] == "warn"
 
 
+def test_a_head_mostly_dark_with_a_bright_brain_is_found():
+    """As a FLAIR: scalp, bone, neck and nulled CSF 4 noise SDs above the air, the brain (a sixth of the
+    head) at 12. The head's median voxel is dark; the head is there all the same."""
+    rng = np.random.default_rng(1)
+    shape, sigma = (64, 72, 64), 10.0
+    r = _ellipsoid(shape, ZOOMS, (80, 100, 90))
+    img = add_rician_noise(np.where(r < 0.55, 12 * sigma, np.where(r < 1, 4 * sigma, 0.0)).astype(np.float32),
+                           sigma, rng)
+    m = qc.measures(img, r < 0.55, ZOOMS)
+    head, _ = qc.head_and_air(img, ZOOMS, r < 0.55)
+    assert np.median(img[head]) < 5 * sigma  # the median alone would call it no head
+    assert m["head_present"] == 1 and m["head_contrast"] > 8
+
+
 # ------------------------------------------------------------------------------------------------ verdicts
 
 @pytest.mark.parametrize("level", [0.0, 3.0, 20.0])
