@@ -11,9 +11,9 @@ out: it holds 2-D embedding coordinates, not volumes). Numbers are compared with
 
 The participant level's images and tables do not depend on ``--nprocs`` or ``--omp-nthreads`` (every
 ANTs step runs on one thread), so any run of ``bash scripts/demo.sh`` reproduces the recorded numbers
-on the CPU they were recorded on: bfloat16 inference (an AVX512-BF16 CPU, ``SCANBRIDGE_PRECISION=auto``).
+on the kind of CPU they were recorded on: bfloat16 inference on a CPU with AMX (``SCANBRIDGE_PRECISION=auto``).
 float32 inference moves the volumes by up to 0.2 % (Atropos', from the brain mask, 0.7 %), which ``--rtol
-0.01`` admits. Another CPU that also infers in bfloat16 (one with AMX) computes other roundings: the
+0.01`` admits. A CPU that infers in bfloat16 with AVX512-BF16 alone computes other roundings: the
 networks' volumes stay within 0.01 %, Atropos' move by up to 2.2 % (a brain mask a few voxels apart), and
 the tables of the group level's MRAI-NET, a network trained on the demo's eight sessions, move by up to
 18 % (with them ``group_bridging``, ``group_combat_*``, ``group_pad`` and ``group_change``'s
