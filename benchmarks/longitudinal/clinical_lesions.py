@@ -5,7 +5,8 @@ Runs ``scanbridge participant`` on the subjects with two sessions (or reads an e
 brings each follow-up's ``desc-newlesion_mask`` (new lesions) and ``desc-lesionchange_mask`` (new or grown
 lesion voxels) into the patient's common space with the dataset's affines (reference image -> FLAIR ->
 common), and compares each with the expert mask of new or grown lesion voxels: lesion-wise recall,
-precision and F1 (26-connected components that overlap), and voxel Dice. Prints a table and writes ``benchmarks/results/longitudinal_clinical_lesions.json``.
+precision and F1 (26-connected components that overlap), and voxel Dice. Prints a table and writes
+``benchmarks/results/longitudinal_clinical_lesions.json``.
 
     python benchmarks/longitudinal/clinical_lesions.py --out /tmp/clin-out --work /tmp/clin-work
 """
@@ -50,8 +51,8 @@ def evaluate(sub: str, out: Path, clinical: Path, desc: str = "newlesion") -> di
     precision = len(set(lo[both].tolist())) / no if no else float("nan")
     f1 = 2 * recall * precision / (recall + precision) if recall + precision > 0 else 0.0
     ml = float(np.prod(truth_img.spacing)) / 1000
-    return {"subject": sub, "mask": desc, "reference_lesions": nt, "reference_ml": round(truth.sum() * ml, 2), "new_lesions": no,
-            "new_ml": round(ours.sum() * ml, 2), "lesion_recall": recall, "lesion_precision": precision,
+    return {"subject": sub, "mask": desc, "reference_lesions": nt, "reference_ml": round(truth.sum() * ml, 2),
+            "lesions": no, "ml": round(ours.sum() * ml, 2), "lesion_recall": recall, "lesion_precision": precision,
             "lesion_f1": f1, "voxel_dice": 2 * both.sum() / max(truth.sum() + ours.sum(), 1)}
 
 
@@ -74,8 +75,9 @@ def main(argv=None) -> int:
                        check=True, stdout=subprocess.DEVNULL)
     rows = [r for r in (evaluate(s, out, clinical, desc) for s in subjects for desc in MASKS) if r]
     for r in rows:
-        print(f"sub-{r['subject']} desc-{r['mask']}: reference {r['reference_lesions']} lesions ({r['reference_ml']} ml), ours "
-              f"{r['new_lesions']} ({r['new_ml']} ml); lesion recall {r['lesion_recall']:.2f} precision "
+        print(f"sub-{r['subject']} desc-{r['mask']}: reference {r['reference_lesions']} lesions "
+              f"({r['reference_ml']} ml), ours "
+              f"{r['lesions']} ({r['ml']} ml); lesion recall {r['lesion_recall']:.2f} precision "
               f"{r['lesion_precision']:.2f} F1 {r['lesion_f1']:.2f}; voxel Dice {r['voxel_dice']:.2f}")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(rows, indent=1, default=float))

@@ -248,12 +248,14 @@ def subject_change(sessions: list[SessionInput], *, seed: int = 0, work_dir=None
             t, new = L.lesion_change(lesions[i], lesions[j], voxel_mm3=common.voxel_mm3, affine=affine,
                                      ses_from=sessions[i].label, ses_to=sessions[j].label)
             tables.append(t)
-            grown = L.change_mask(lesions[i], lesions[j], voxel_mm3=common.voxel_mm3)
-            result.lesion_maps[(sessions[i].label, sessions[j].label)] = (lesions[i] > 0.5, new, grown)
+            changed = L.change_mask(lesions[i], lesions[j], voxel_mm3=common.voxel_mm3)
+            result.lesion_maps[(sessions[i].label, sessions[j].label)] = (lesions[i] > 0.5, new, changed)
             back = np.linalg.inv(ms.to_session[j])  # session -> mid-space: resamples the mid-space onto the session
-            for masks, mask, name in ((result.new_lesions, new, "new_lesions"), (result.lesion_changes, grown, "lesion_change")):
-                masks[sessions[j].label] = MS.resample(ms.grid.new_image_like(mask.astype(np.float32)), images[j], back,
-                                                       interpolator="nearestNeighbor", work_dir=work, name=f"{name}_{j}")
+            for masks, mask, name in ((result.new_lesions, new, "new_lesions"),
+                                      (result.lesion_changes, changed, "lesion_change")):
+                masks[sessions[j].label] = MS.resample(ms.grid.new_image_like(mask.astype(np.float32)), images[j],
+                                                       back, interpolator="nearestNeighbor", work_dir=work,
+                                                       name=f"{name}_{j}")
         result.lesions = pd.concat(tables, ignore_index=True)
         for i, s in enumerate(sessions):  # nothing new: the first session with lesions, those without any
             for masks in (result.new_lesions, result.lesion_changes):

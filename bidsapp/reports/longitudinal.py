@@ -40,8 +40,7 @@ def change_figure(result, path) -> str:
     fg = template > 0
     vmax = float(np.percentile(template[fg], 97)) if fg.any() else 1.0
     centre = [int(np.median(ix)) for ix in np.nonzero(fg)] if fg.any() else [s // 2 for s in template.shape]
-    lesion_pairs = getattr(result, "lesion_maps", {})
-    rows = 2 if lesion_pairs else 1
+    rows = 2 if result.lesion_maps else 1
     fig = plt.figure(figsize=(12, 4.2 * rows))
     outer = fig.add_gridspec(rows, 1)
     grid = outer[0].subgridspec(1, 4, width_ratios=(1, 1, 1, 1.5))
@@ -74,7 +73,10 @@ def change_figure(result, path) -> str:
     ax.set_ylabel("change (%)")
     ax.legend(fontsize=7, loc="best")
     ax.set_title("volume change", fontsize=9)
-    lesion_row = _lesion_row(fig, outer[1].subgridspec(1, 4), template, vmax, *list(lesion_pairs.items())[-1]) if lesion_pairs else None
+    lesion_row = None
+    if result.lesion_maps:
+        pair, masks = list(result.lesion_maps.items())[-1]
+        lesion_row = _lesion_row(fig, outer[1].subgridspec(1, 4), template, vmax, pair, masks)
     fig.tight_layout(h_pad=3.0)
     if lesion_row:  # its title above the row, once the layout has placed it
         first, title = lesion_row

@@ -45,8 +45,9 @@ class _ChangeOutputSpec(TraitedSpec):
     decline_tsv = File(desc="3D-SiameseNet's decline probability per consecutive pair (T1w, weights shipped)")
     newlesion_masks = traits.List(File(exists=True), desc="per session: its new lesions on its own grid (empty "
                                                           "for a session without lesions or the first one)")
-    lesionchange_masks = traits.List(File(exists=True), desc="per session: its new or grown lesion voxels since the "
-                                                              "previous lesion session, on its own grid (as newlesion_masks)")
+    lesionchange_masks = traits.List(File(exists=True), desc="per session: its new or grown lesion voxels since "
+                                                              "the previous lesion session, on its own grid (as "
+                                                              "newlesion_masks)")
     metadata = traits.Dict()
     warnings = traits.List(traits.Str())
 
