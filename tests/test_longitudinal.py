@@ -438,6 +438,8 @@ def test_change_figure_draws_the_lesion_row_when_there_are_lesions(tmp_path):
                            maps={("1", "2"): np.zeros(template.shape, np.float32)})
     plain = change_figure(result, tmp_path / "plain.svg")
     result.lesion_maps = {("1", "2"): (earlier, new, new)}
+    result.lesions = pd.DataFrame([{"ses_from": "1", "ses_to": "2", "status": "new"},
+                                   {"ses_from": "1", "ses_to": "2", "status": "resolved"}])
     with_lesions = change_figure(result, tmp_path / "lesions.svg")
     text = Path(with_lesions).read_text()
     assert "new lesions (1)" in text and "new lesions" not in Path(plain).read_text()

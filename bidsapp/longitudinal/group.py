@@ -29,18 +29,17 @@ def collect(output_dir) -> pd.DataFrame:
 
 
 def lesion_activity(output_dir) -> pd.DataFrame:
-    """One row per subject and consecutive pair of ``sub-*/anat/sub-*_desc-lesionchange_stats.tsv``: the
-    number of lesions of each status (:data:`.lesions.STATUSES`) and ``new_or_enlarging``."""
-    from .lesions import STATUSES, counts
+    """:func:`.lesions.pair_counts` of every ``sub-*/anat/sub-*_desc-lesionchange_stats.tsv``, with
+    ``participant_id`` first."""
+    from .lesions import STATUSES, pair_counts
 
-    rows = []
+    frames = []
     for path in sorted(Path(output_dir).glob("sub-*/anat/sub-*_desc-lesionchange_stats.tsv")):
-        table = pd.read_csv(path, sep="\t", dtype={"ses_from": str, "ses_to": str})
-        for (a, b), pair in table.groupby(["ses_from", "ses_to"], sort=False):
-            n = counts(pair)
-            rows.append({"participant_id": path.name.split("_")[0], "ses_from": a, "ses_to": b, **n,
-                         "new_or_enlarging": n["new"] + n["enlarging"]})
-    return pd.DataFrame(rows, columns=["participant_id", "ses_from", "ses_to", *STATUSES, "new_or_enlarging"])
+        rows = pair_counts(pd.read_csv(path, sep="\t", dtype={"ses_from": str, "ses_to": str}))
+        rows.insert(0, "participant_id", path.name.split("_")[0])
+        frames.append(rows)
+    columns = ["participant_id", "ses_from", "ses_to", *STATUSES, "new_or_enlarging"]
+    return pd.concat(frames, ignore_index=True)[columns] if frames else pd.DataFrame(columns=columns)
 
 
 def run(ctx) -> list:

@@ -95,3 +95,13 @@ def counts(table: pd.DataFrame) -> dict:
     """``{status: number of lesions}`` for every status (0 when absent)."""
     got = table["status"].value_counts().to_dict() if len(table) else {}
     return {s: int(got.get(s, 0)) for s in STATUSES}
+
+
+def pair_counts(table: pd.DataFrame) -> pd.DataFrame:
+    """One row per consecutive pair of a lesion-change table: ``ses_from``, ``ses_to``, the number of lesions
+    of each status and ``new_or_enlarging`` (the count MS trials report)."""
+    rows = []
+    for (a, b), pair in table.groupby(["ses_from", "ses_to"], sort=False):
+        n = counts(pair)
+        rows.append({"ses_from": a, "ses_to": b, **n, "new_or_enlarging": n["new"] + n["enlarging"]})
+    return pd.DataFrame(rows, columns=["ses_from", "ses_to", *STATUSES, "new_or_enlarging"])

@@ -76,7 +76,10 @@ def change_figure(result, path) -> str:
     lesion_row = None
     if result.lesion_maps:
         pair, masks = list(result.lesion_maps.items())[-1]
-        lesion_row = _lesion_row(fig, outer[1].subgridspec(1, 4), template, vmax, pair, masks)
+        from bidsapp.longitudinal.lesions import counts
+
+        n_new = counts(result.lesions[(result.lesions.ses_from == pair[0]) & (result.lesions.ses_to == pair[1])])["new"]
+        lesion_row = _lesion_row(fig, outer[1].subgridspec(1, 4), template, vmax, pair, masks, n_new)
     fig.tight_layout(h_pad=3.0)
     if lesion_row:  # its title above the row, once the layout has placed it
         first, title = lesion_row
@@ -86,12 +89,11 @@ def change_figure(result, path) -> str:
     return str(path)
 
 
-def _lesion_row(fig, grid, template, vmax, pair, masks):
+def _lesion_row(fig, grid, template, vmax, pair, masks, n_new: int):
     """The second row of :func:`change_figure`: earlier lesions outlined (yellow), new lesions (red) and the
     grown voxels of earlier ones (orange) filled, on axial slices of the template. Returns (first axes,
     title)."""
     from matplotlib.colors import ListedColormap
-    from scipy import ndimage as ndi
 
     earlier, new, changed = masks
     grown = changed & ~new
@@ -109,7 +111,6 @@ def _lesion_row(fig, grid, template, vmax, pair, masks):
         axes.append(ax)
     if not axes:
         return None
-    n_new = ndi.label(new, np.ones((3, 3, 3), bool))[1]
     title = (f"lesions {pair[0]} \u2192 {pair[1]}: yellow outline, earlier lesions; red, new lesions ({n_new}); "
              "orange, grown voxels of earlier ones" if changed.any()
              else f"lesions {pair[0]} \u2192 {pair[1]}: no new or grown lesion (yellow: the lesions)")

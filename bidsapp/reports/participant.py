@@ -918,16 +918,15 @@ def change_section(output_dir: Path, subject: str) -> Section | None:
                              "across an acquisition change: check the change table's corrected figures.")
     lesion_path = anat / f"sub-{subject}_desc-lesionchange_stats.tsv"
     if lesion_path.is_file():
-        from bidsapp.longitudinal.lesions import counts
+        from bidsapp.longitudinal.lesions import STATUSES, pair_counts
 
-        lesions = pd.read_csv(lesion_path, sep="\t", dtype={"ses_from": str, "ses_to": str})
-        rows = [{"pair": f"{a} \u2192 {b}", **counts(t)}
-                for (a, b), t in lesions.groupby(["ses_from", "ses_to"], sort=False)]
+        pairs = pair_counts(pd.read_csv(lesion_path, sep="\t", dtype={"ses_from": str, "ses_to": str}))
+        rows = pairs.assign(pair=pairs.ses_from + " \u2192 " + pairs.ses_to)[["pair", *STATUSES]]
         body.append(text_html(f"Lesions between consecutive sessions with lesion masks ({html.escape(lesion_path.name)}; "
                               "the new ones also as each follow-up's desc-newlesion_mask, its new or grown lesion voxels as "
                               "desc-lesionchange_mask):"))
-        if rows:
-            body.append(table_html(pd.DataFrame(rows)))
+        if len(rows):
+            body.append(table_html(rows))
     return Section(title="Longitudinal change", body="".join(body), warnings=warns, anchor="change")
 
 
