@@ -237,6 +237,18 @@ def test_collect_derivatives(output_tree):
     assert collect.collect_derivatives(out, subject="02")[0]["report"] is None
 
 
+def test_subject_level_derivatives_are_no_session(output_tree):
+    """A subject with sessions keeps its longitudinal outputs in sub-<label>/anat: not a session-less entry
+    (the report drew it as a session without images, and read its change table as a volume table)."""
+    raw, out = output_tree
+    anat = out / "sub-01" / "anat"
+    anat.mkdir()
+    (anat / "sub-01_desc-change_morph.tsv").write_text("measure\tses_from\tses_to\nbrain\t1\t2\n")
+    (anat / "sub-01_desc-template_T1w.nii.gz").write_bytes(b"")
+    entries = collect.collect_derivatives(out, subject="01")
+    assert [(e["subject"], e["session"]) for e in entries] == [("01", "1"), ("01", "2")]
+
+
 def test_collect_ignores_leftover_temporaries_and_reports_bad_sidecars(output_tree):
     raw, out = output_tree
     anat = out / "sub-02/ses-1/anat"

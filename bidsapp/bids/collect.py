@@ -50,7 +50,9 @@ def collect_derivatives(output_dir: str | os.PathLike, subject: str | None = Non
     groups: dict[tuple, dict] = {}
     pattern = f"sub-{subject}" if subject else "sub-*"
     for sub_dir in sorted(p for p in out.glob(pattern) if p.is_dir()):
-        anat_dirs = [sub_dir / "anat"] + sorted(sub_dir.glob("ses-*/anat"))
+        # a subject with sessions keeps its subject-level derivatives (longitudinal template, change tables)
+        # in sub-<label>/anat: they are no session of their own
+        anat_dirs = sorted(sub_dir.glob("ses-*/anat")) or [sub_dir / "anat"]
         for anat in anat_dirs:
             if not anat.is_dir():
                 continue
