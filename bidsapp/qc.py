@@ -188,6 +188,24 @@ def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
     return float(centres[np.argmax(w1 * w2 * (mu1 - mu2) ** 2)])
 
 
+def otsu_thresholds3(values: np.ndarray, bins: int = 256) -> tuple[float, float]:
+    """Otsu's two cuts into three classes (maximal between-class variance): where two classes would
+    split a brain's deep region between white and grey matter, three keep the CSF a class of its own."""
+    hist, edges = np.histogram(values, bins=bins)
+    centres = (edges[:-1] + edges[1:]) / 2
+    w = np.concatenate([[0.0], np.cumsum(hist, dtype=np.float64)])
+    m = np.concatenate([[0.0], np.cumsum(hist * centres, dtype=np.float64)])
+    i, j = np.triu_indices(bins + 1, k=1)  # classes [0, i), [i, j), [j, bins)
+    keep = (i > 0) & (j < bins)
+    i, j = i[keep], j[keep]
+    score = np.zeros(i.size)
+    for lo, hi in ((np.zeros_like(i), i), (i, j), (j, np.full_like(j, bins))):
+        wk, mk = w[hi] - w[lo], m[hi] - m[lo]
+        score += np.where(wk > 0, mk ** 2 / np.maximum(wk, 1e-12), 0.0)
+    best = int(np.argmax(score))
+    return float(edges[i[best]]), float(edges[j[best]])
+
+
 def head_and_air(data: np.ndarray, zooms, brain=None) -> tuple[np.ndarray, np.ndarray]:
     """Head (Otsu on the log of the smoothed image, largest component, holes filled, plus the brain) and air
     (everything :data:`AIR_MARGIN_MM` beyond it; beyond the head itself when that leaves too little)."""

@@ -200,6 +200,52 @@ def test_without_tissue_maps_the_template_finds_the_csf():
     assert np.isnan(vol["GM"]) and vol["brain"] > 0 and vol["ventricles"] > 0
 
 
+def test_without_tissue_maps_grown_ventricles_calibrate_each_session_on_pure_csf():
+    """The template alone called the tissue CSF once grown ventricles outweighed the deep tissue (and,
+    where it did not, took the grown rim into the CSF set); the sessions' own cuts keep pure CSF."""
+    a_f, b_f = _phantom(), _phantom(vent_growth_mm=3.0)
+    mask = (a_f["icv"] > 0.5).astype(np.float32)
+    a, b = _image(a_f, texture=False, seed=1), _image(b_f, texture=False, seed=2)
+    true_csf = MU["CSF"] / MU["WM"]
+    for images in (None, [a, b]):
+        common = C.common_space([mask, mask], [None, None], template=(a + b) / 2, images=images)
+        mus = [C.calibrate(C.normalise(x, common), common) for x in (a, b)]
+        if images is None:  # the failure the sessions' cuts mend
+            assert max(abs(m["CSF"] - true_csf) for m in mus) > 0.5
+        else:
+            assert all(m["CSF"] == pytest.approx(true_csf, abs=0.01) for m in mus)
+            assert C.same_contrast(*mus)
+
+
+def test_without_tissue_maps_three_classes_keep_grey_matter_out_of_the_csf():
+    """A FLAIR with a long echo: CSF nulled, white matter dark, deep grey matter bright. Split in two,
+    the smaller class was the grey matter, read as CSF."""
+    shape = (40, 40, 40)
+    z, y, x = np.meshgrid(*[np.arange(n) - 19.5 for n in shape], indexing="ij")
+    vent = (np.abs(z) < 4) & (np.abs(y) < 3) & (np.abs(x) < 6)
+    nuclei = ((np.abs(z) < 8) & (np.abs(y - 10) < 6) & (np.abs(x) < 10))
+    img = np.where(vent, 0.05, np.where(nuclei, 1.0, 0.55)).astype(np.float32)
+    img += np.random.default_rng(0).normal(0, 0.02, shape).astype(np.float32)
+    mask = np.zeros(shape, np.float32)
+    mask[2:-2, 2:-2, 2:-2] = 1
+    sel = mask > 0
+    old = C._deep_classes(img, sel)[1]
+    assert np.median(img[old]) > 0.9  # two classes: the nuclei called CSF
+    new = C._deep_classes(img, sel, images=[img, img])[1]
+    assert np.median(img[new]) == pytest.approx(0.05, abs=0.02)
+    bright = C._deep_classes(-img + 1.1, sel, images=[-img + 1.1], csf_dark=False)[1]  # T2w-like: CSF bright
+    assert np.median(img[bright]) == pytest.approx(0.05, abs=0.02)
+
+
+def test_same_contrast_tolerates_drift_not_a_new_contrast():
+    mu = {"GM": 0.6, "WM": 1.0, "CSF": 0.2, "csf_inverted": 0.0}
+    assert C.same_contrast(mu, dict(mu, GM=0.61, CSF=0.21))  # within 5 % of the GM-CSF contrast (0.02)
+    assert not C.same_contrast(mu, dict(mu, GM=0.63))
+    assert not C.same_contrast(mu, dict(mu, csf_inverted=1.0))
+    flair = {"tissue": 1.0, "CSF": 0.1, "csf_inverted": 0.0}
+    assert C.same_contrast(flair, dict(flair, CSF=0.13)) and not C.same_contrast(flair, dict(flair, CSF=0.2))
+
+
 def _write(path, data, affine):
     import nibabel as nib
 
@@ -232,6 +278,30 @@ def three_sessions(tmp_path_factory):
         out.append(S.SessionInput(str(k), img, mask, tissue, acquisition="siemens-3T-MPRAGE" if k < 3 else "ge-3T-SPGR",
                                   acq_time=f"202{k}-03-01T10:00:00"))
     return {"root": root, "sessions": out, "fractions": fr, "poses": poses}
+
+
+def test_without_sidecars_the_images_decide_whether_the_acquisition_changed(three_sessions, tmp_path):
+    """Sessions 1 and 2 share grid and contrast (read as one acquisition, pooled); session 3 has another
+    contrast (recalibrated). The table says what the images said."""
+    import dataclasses
+
+    ses = [dataclasses.replace(s, acquisition=None) for s in three_sessions["sessions"]]
+    brain = S.subject_change(ses, work_dir=tmp_path).table.query("measure == 'brain'").set_index(["ses_from", "ses_to"])
+    same, other = brain.loc[("1", "2")], brain.loc[("2", "3")]
+    assert same.acquisition_changed == other.acquisition_changed == "n/a"
+    assert same.correction == "none" + S.NO_SIDECAR_SAME and same.percent_change == same.percent_change_raw
+    assert other.correction == C.RECALIBRATED + S.NO_SIDECAR_CHANGED
+    assert brain.loc[("1", "3")].correction == other.correction
+
+
+def test_same_grid_is_matrix_and_voxel_size():
+    import ants
+
+    img = ants.from_numpy(np.zeros((20, 22, 8), np.float32), spacing=(0.9, 0.9, 3.0))
+    moved = ants.from_numpy(np.zeros((20, 22, 8), np.float32), spacing=(0.9, 0.9, 3.0), origin=(4.0, 1.0, 0.0))
+    assert S.same_grid(img, moved)  # where the head lies is not the protocol
+    assert not S.same_grid(img, ants.from_numpy(np.zeros((20, 22, 8), np.float32), spacing=(0.9, 0.9, 4.0)))
+    assert not S.same_grid(img, ants.from_numpy(np.zeros((20, 22, 9), np.float32), spacing=(0.9, 0.9, 3.0)))
 
 
 def test_mid_space_privileges_no_session(three_sessions, tmp_path):

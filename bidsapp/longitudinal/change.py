@@ -87,6 +87,13 @@ WINDOW = (0.25, 0.75)
 deviations (about 0.1 in f at the simulator's SNR) from pure CSF and pure tissue."""
 RECALIBRATED = "tissue intensities recalibrated per session"
 """What the ``correction`` column says for a pair whose acquisition changed."""
+CSF_BRIGHT = ("T2w", "PDw")
+"""Contrasts on which CSF is brighter than brain tissue (on T1w and FLAIR it is darker)."""
+SAME_CONTRAST = 0.05
+"""Largest difference of a calibrated intensity between two sessions, as a fraction of their tissue-CSF
+contrast, for two images without sidecars to be read as one acquisition (:func:`same_contrast`). A shift
+d moves every partial-volume voxel's reading by up to d. Simulated same-scanner pairs drift by up to 0.026
+(FLAIR: CSF; T1w: 0.024, GM), protocol changes that alter the contrast by 0.28 or more (T1w, GM)."""
 
 
 def interior(voxels: np.ndarray, spacing=(1.0, 1.0, 1.0)) -> np.ndarray:
@@ -118,11 +125,13 @@ class Common:
     voxel_mm3: float = 1.0
 
 
-def common_space(masks, tissues=None, spacing=(1.0, 1.0, 1.0), template: np.ndarray | None = None) -> Common:
+def common_space(masks, tissues=None, spacing=(1.0, 1.0, 1.0), template: np.ndarray | None = None,
+                 images=None, csf_dark: bool = True) -> Common:
     """The subject's :class:`Common` from its sessions' ``masks`` (soft, mid-space) and the tissue maps
     of the sessions that have them (``tissues``: list of dicts GM/WM/CSF -> array, or None per session).
-    Without any tissue map, ``template`` (the mid-space template image) is split in two by Otsu's
-    threshold inside the deep region, the smaller class being the ventricles' CSF."""
+    Without any tissue map, the deep region of ``template`` (the mid-space template image) is split into
+    the ventricles' CSF and the tissue (:func:`_deep_classes`, with the sessions' ``images`` on the grid and
+    whether the contrast has CSF dark)."""
     masks = [np.asarray(m, np.float32) for m in masks]
     region = np.max(masks, 0) > 0.5
     core = ndi.binary_erosion(np.min(masks, 0) > 0.5, iterations=2)
@@ -149,25 +158,58 @@ def common_space(masks, tissues=None, spacing=(1.0, 1.0, 1.0), template: np.ndar
         if template is None:
             raise ValueError("without tissue maps the mid-space template is needed to find the CSF")
         gm_share = None
-        sel = core & (deep > 0.99)
-        vals = template[sel]
-        from bidsapp.qc import otsu_threshold
-
-        t = otsu_threshold(vals) if vals.size else 0.0
-        low = sel & (template <= t)
-        high = sel & (template > t)
-        csf, par = (low, high) if low.sum() < high.sum() else (high, low)
-        sets["CSF"] = csf
-        sets["tissue"] = par
+        csf_deep, sets["CSF"], sets["tissue"] = _deep_classes(template, core & (deep > 0.99), images, spacing,
+                                                              csf_dark)
     # the ventricles: deep CSF and a 3-voxel rim around it (where they grow); without the rim restriction the
     # deep region's tissue, which does not change, dilutes the ventricles' change
-    csf_deep = (np.mean([t["CSF"] for t in have], 0) > 0.5) if have else sets["CSF"]
+    if have:
+        csf_deep = np.mean([t["CSF"] for t in have], 0) > 0.5
     deep = deep * ndi.binary_dilation(csf_deep & (deep > 0.5), iterations=3)
     empty = [k for k, v in sets.items() if v.sum() < MIN_SET // 2]
     if empty:
         raise ValueError(f"too few voxels to calibrate {', '.join(empty)} intensities in the mid-space")
     return Common(region=region, core=core, deep=deep, gm_share=gm_share, sets=sets,
                   voxel_mm3=float(np.prod(spacing)))
+
+
+def _deep_classes(template: np.ndarray, sel: np.ndarray, images=None, spacing=(1.0, 1.0, 1.0), csf_dark=True):
+    """Without tissue maps: the deep region ``sel`` of the mid-space ``template`` in three classes by
+    Otsu's cuts; the CSF is the darkest class (``csf_dark``: T1w, FLAIR) or the brightest (T2w, PDw).
+    Two classes, the smaller one taken as CSF, split white from grey matter where a long echo darkens
+    the white matter, and called the grey matter CSF (a FLAIR read as 40 % brain loss); where grown
+    ventricles outweigh the deep tissue they called the tissue CSF. Returns (the CSF, its calibration
+    set, the tissue's calibration set).
+    Without ``images`` the region is split in two and the smaller class is the CSF (what the Siamese
+    network's input, :func:`pair_common`, was trained with).
+
+    With the sessions' ``images``, the calibration sets keep the voxels on their class's side of every
+    session's own cut (half-way between its CSF and tissue medians): on the template alone, ventricle
+    grown between sessions is part CSF and joins the set, so the earlier session's CSF reads brighter
+    and a recalibrated reading absorbs the growth. The CSF set is then its interior (:func:`interior`)."""
+    from bidsapp.qc import otsu_threshold, otsu_thresholds3
+
+    vals = template[sel]
+    if images is None or vals.size < 3 * MIN_SET:  # the two-class split :func:`pair_common` was trained with
+        t = otsu_threshold(vals) if vals.size else 0.0
+        low, high = sel & (template <= t), sel & (template > t)
+        csf, par = (low, high) if low.sum() < high.sum() else (high, low)
+        return csf, csf, par
+    t1, t2 = otsu_thresholds3(vals)
+    csf = sel & (template <= t1) if csf_dark else sel & (template > t2)
+    dark = csf_dark
+    par = sel & ~csf
+    found = csf
+    if images is not None:
+        for img in images:
+            img = np.asarray(img, np.float32)
+            cut = (float(np.median(img[csf])) + float(np.median(img[par]))) / 2.0 if csf.any() and par.any() else 0.0
+            on_csf_side = (img <= cut) if dark else (img >= cut)
+            csf_i, par_i = csf & on_csf_side, par & ~on_csf_side
+            if csf_i.sum() >= MIN_SET and par_i.sum() >= MIN_SET:
+                csf, par = csf_i, par_i
+        inner = interior(csf, spacing)
+        csf = inner if inner.sum() >= MIN_SET else csf
+    return found, csf, par
 
 
 def pair_common(a: np.ndarray, b: np.ndarray, spacing=(1.0, 1.0, 1.0)) -> Common:
@@ -214,6 +256,19 @@ def calibrate(image: np.ndarray, common: Common, csf_inverted: bool = False) -> 
     mu = {k: float(np.median(image[s])) for k, s in common.sets.items()}
     mu["csf_inverted"] = 1.0 if csf_inverted else 0.0
     return mu
+
+
+def same_contrast(mu_a: dict, mu_b: dict, tolerance: float = SAME_CONTRAST) -> bool:
+    """Whether two sessions' calibrated intensities (:func:`calibrate`) agree within ``tolerance`` of
+    their tissue-CSF contrast: what says, when no sidecar does, that the contrast did not change. A
+    reading with pooled intensities is then the right one; recalibrating each session would fold the
+    session's own drift of its calibration sets (atrophy, noise) into the change."""
+    keys = [k for k in mu_a if k != "csf_inverted" and k in mu_b]
+    if mu_a.get("csf_inverted") != mu_b.get("csf_inverted") or not keys:
+        return False
+    tissue = [k for k in keys if k != "CSF"]
+    span = min(abs(0.5 * (mu_a[k] + mu_b[k]) - 0.5 * (mu_a["CSF"] + mu_b["CSF"])) for k in tissue)
+    return all(abs(mu_a[k] - mu_b[k]) <= tolerance * max(span, 1e-6) for k in keys)
 
 
 def pooled(*mus) -> dict:

@@ -20,6 +20,10 @@ from . import midspace as MS
 
 MIN_ANNUAL_DAYS = 90
 """Shortest interval given a rate per year (annualising a rescan a day apart multiplies its noise by 365)."""
+NO_SIDECAR_SAME = " (no sidecars: same grid and tissue contrast, read as one acquisition)"
+NO_SIDECAR_CHANGED = " (no sidecars: the grid or the tissue contrast differs)"
+"""Appended to the ``correction`` column of a pair whose acquisitions are unknown: what the images said
+(:func:`same_grid`, :func:`bidsapp.longitudinal.change.same_contrast`)."""
 COLUMNS = ("measure", "ses_from", "ses_to", "interval_days", "volume_from_mm3", "volume_to_mm3", "percent_change",
            "percent_change_per_year", "percent_change_raw", "acquisition_changed", "correction")
 COLUMN_DESCRIPTIONS = {
@@ -40,7 +44,8 @@ COLUMN_DESCRIPTIONS = {
                            "Units": "%"},
     "acquisition_changed": {"Description": "whether the two sessions' acquisitions differ (scanner, sequence "
                                            "family or TR/TE/TI/flip angle); n/a when a session has no sidecar"},
-    "correction": {"Description": "what was applied for an acquisition change, or none"},
+    "correction": {"Description": "what was applied for an acquisition change, or none; without sidecars, "
+                                 "also whether the images (grid, tissue contrast) were read as one acquisition"},
 }
 
 
@@ -116,6 +121,12 @@ def pairs(n: int) -> list[tuple[int, int]]:
     return out + ([(0, n - 1)] if n > 2 else [])
 
 
+def same_grid(a, b) -> bool:
+    """Whether two session images (ants) share their grid: matrix and voxel size (within 1 %). A scanner or
+    protocol change almost always changes one of them; the same protocol keeps both."""
+    return tuple(a.shape) == tuple(b.shape) and np.allclose(a.spacing, b.spacing, rtol=0.01)
+
+
 def acquisition_changed(a: SessionInput, b: SessionInput):
     if not a.acquisition or not b.acquisition or "unknown-unknown" in a.acquisition + b.acquisition:
         return None
@@ -153,9 +164,10 @@ class InMidspace:
     """``mids`` normalised (:func:`bidsapp.longitudinal.change.normalise`)."""
 
 
-def in_midspace(sessions: list[SessionInput], *, seed: int, work_dir) -> InMidspace:
+def in_midspace(sessions: list[SessionInput], *, seed: int, work_dir, contrast: str = "T1w") -> InMidspace:
     """Order the sessions, build their mid-space and resample each session's image, mask, tissue maps and
-    lesion mask onto it once; the common sets and normalised images every reading uses."""
+    lesion mask onto it once; the common sets and normalised images every reading uses (``contrast``: the
+    images' suffix)."""
     import ants
 
     sessions = order_sessions(sessions)
@@ -172,15 +184,17 @@ def in_midspace(sessions: list[SessionInput], *, seed: int, work_dir) -> InMidsp
     tissues = [({c: mid(ants.image_read(p), i) for c, p in s.tissue.items()} if s.tissue else None)
                for i, s in enumerate(sessions)]
     lesions = [(mid(ants.image_read(s.lesion), i) if s.lesion else None) for i, s in enumerate(sessions)]
-    common = C.common_space(mask_mid, tissues, spacing=tuple(ms.grid.spacing), template=ms.template.numpy())
+    common = C.common_space(mask_mid, tissues, spacing=tuple(ms.grid.spacing), template=ms.template.numpy(),
+                           images=mids, csf_dark=contrast not in C.CSF_BRIGHT)
     return InMidspace(sessions=sessions, midspace=ms, images=images, mids=mids, masks=mask_mid, tissues=tissues,
                       lesions=lesions, common=common, norm=[C.normalise(m, common) for m in mids])
 
 
 def subject_change(sessions: list[SessionInput], *, seed: int = 0, work_dir=None, progress=None,
-                   decline: bool = False, device="cpu") -> SubjectChange:
+                   decline: bool = False, device="cpu", contrast: str = "T1w") -> SubjectChange:
     """Mid-space, template and change table of one subject (see the module docstring); with ``decline``
-    (T1w sessions and the network's weights), the decline probability of every consecutive pair."""
+    (T1w sessions and the network's weights), the decline probability of every consecutive pair.
+    ``contrast``: the sessions' images' suffix."""
     if len(sessions) < 2:
         raise ValueError("longitudinal change needs at least two sessions")
     if work_dir is None:  # the transforms written on the way need a folder; leave none behind
@@ -188,24 +202,28 @@ def subject_change(sessions: list[SessionInput], *, seed: int = 0, work_dir=None
 
         with tempfile.TemporaryDirectory(prefix="subject_change_") as tmp:
             return subject_change(sessions, seed=seed, work_dir=tmp, progress=progress, decline=decline,
-                                  device=device)
+                                  device=device, contrast=contrast)
     say = progress or (lambda msg: None)
     work = Path(work_dir)
     say(f"mid-space of {len(sessions)} sessions")
-    mid = in_midspace(sessions, seed=seed, work_dir=work)
+    mid = in_midspace(sessions, seed=seed, work_dir=work, contrast=contrast)
     sessions, ms, images, common, norm = mid.sessions, mid.midspace, mid.images, mid.common, mid.norm
     mids, mask_mid, lesions = mid.mids, mid.masks, mid.lesions
     rows, maps, warnings = [], {}, []
+    mus = [C.calibrate(n, common, s.csf_inverted) for n, s in zip(norm, sessions)]
     for i, j in pairs(len(sessions)):
         a, b = sessions[i], sessions[j]
         changed = acquisition_changed(a, b)
         both_lesions = lesions[i] is not None and lesions[j] is not None
-        # unknown acquisitions (no sidecars) are read as changed: nothing says the contrast stayed the same
-        res = C.pair_volumes(norm[i], norm[j], common, changed=changed is not False,
+        # no sidecars: one acquisition only when the images say so (same grid and tissue contrast)
+        judged_same = changed is None and same_grid(images[i], images[j]) and C.same_contrast(mus[i], mus[j])
+        res = C.pair_volumes(norm[i], norm[j], common, changed=changed is True or (changed is None and not judged_same),
                              lesion_a=lesions[i] if both_lesions else None,
                              lesion_b=lesions[j] if both_lesions else None,
                              csf_inverted=(a.csf_inverted, b.csf_inverted), tissue_a=mid.tissues[i])
         correction = correction_text(res.correction, a, b)
+        if changed is None:
+            correction += NO_SIDECAR_SAME if judged_same else NO_SIDECAR_CHANGED
         days = interval_days(a, b)
         if changed:
             warnings.append(f"{a.label} -> {b.label}: the acquisition changed ({a.acquisition} -> {b.acquisition}); "

@@ -80,7 +80,7 @@ class LongitudinalChange(SimpleInterface):
         from bidsapp.longitudinal import decline as D
 
         result = S.subject_change(sessions, seed=ins.seed, work_dir=cwd / "midspace",
-                                  decline=D.applies(ins.contrast))
+                                  decline=D.applies(ins.contrast), contrast=ins.contrast)
         out_tsv = cwd / "change.tsv"
         S.format_table(result.table).to_csv(out_tsv, sep="\t", index=False, na_rep="n/a")
         template = cwd / "template.nii.gz"
