@@ -17,6 +17,13 @@ atrophy ratio 0.9-1.1. Writes ``benchmarks/results/longitudinal_change.json``.
     python benchmarks/longitudinal/change.py --subjects 4 --work /tmp/long-bench
     python benchmarks/longitudinal/change.py --subjects 4 --psf 1.2 --work /tmp/long-bench-psf
 
+``--modalities FLAIR T2w`` simulates subjects without a T1w (the subject level reads their FLAIR);
+``--no-sidecars`` removes every image's JSON sidecar, as many clinical exports come, so that the app
+cannot know the acquisitions and reads every pair recalibrated per session (give each variant its own
+``--work``):
+
+    python benchmarks/longitudinal/change.py --subjects 4 --modalities FLAIR T2w --no-sidecars --work /tmp/lb-flair
+
 ``--psf FWHM`` blurs every simulated image by a Gaussian point-spread function (in-plane voxels), as a scanner
 does; without it each voxel holds exactly its box average of the object, with edges sharper than any
 scanner's (the same datasets otherwise: same seed, anatomies, protocols and atrophy).
@@ -68,7 +75,7 @@ def compare(bids: Path, out: Path) -> pd.DataFrame:
             cross = _cross_sectional(out, sub, r.ses_from, r.ses_to, r.measure)
             rows.append({"participant_id": sub, "measure": r.measure, "true": true, "measured": r.percent_change,
                          "raw": r.percent_change_raw, "cross_sectional": cross,
-                         "acquisition_changed": r.acquisition_changed})
+                         "acquisition_changed": r.acquisition_changed, "correction": r.correction})
     return pd.DataFrame(rows)
 
 
@@ -110,6 +117,9 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default=str(ROOT / "benchmarks" / "results" / "longitudinal-work"))
     ap.add_argument("--nprocs", type=int, default=2)
     ap.add_argument("--seed", type=int, default=11)
+    ap.add_argument("--modalities", nargs="+", default=["T1w"], choices=["T1w", "FLAIR", "T2w", "PDw"],
+                    help="contrasts every session has (default: T1w)")
+    ap.add_argument("--no-sidecars", action="store_true", help="remove the images' JSON sidecars")
     ap.add_argument("--psf", type=float, default=0.0, metavar="FWHM",
                     help="point-spread function of the simulated images, in-plane voxels (default 0: none)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "longitudinal_change.json"))
@@ -118,7 +128,11 @@ def main(argv=None) -> int:
     summary, pairs, timing = [], {}, {}
     for name in args.datasets:
         bids, out = work / name / "bids", work / name / "out"
-        simulate(bids, args.subjects, args.seed, psf_fwhm=args.psf, **DATASETS[name])
+        simulate(bids, args.subjects, args.seed, psf_fwhm=args.psf, modalities=tuple(args.modalities),
+                 **DATASETS[name])
+        if args.no_sidecars:
+            for sidecar in bids.glob("sub-*/ses-*/anat/*.json"):
+                sidecar.unlink()
         timing[name] = run_participant(bids, out, work / name / "work", args.nprocs, "--segmentation", "unet-physics")
         df = compare(bids, out)
         pairs[name] = df.to_dict(orient="records")
@@ -129,7 +143,8 @@ def main(argv=None) -> int:
     print("participant-level wall time (s):", {k: round(v) for k, v in timing.items()})
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"summary": summary, "pairs": pairs, "seconds": timing,
-                                          "subjects": args.subjects, "seed": args.seed, "psf_fwhm": args.psf},
+                                          "subjects": args.subjects, "seed": args.seed, "psf_fwhm": args.psf,
+                                          "modalities": args.modalities, "sidecars": not args.no_sidecars},
                                          indent=1, default=float))
     return 0
 

@@ -89,11 +89,6 @@ RECALIBRATED = "tissue intensities recalibrated per session"
 """What the ``correction`` column says for a pair whose acquisition changed."""
 CSF_BRIGHT = ("T2w", "PDw")
 """Contrasts on which CSF is brighter than brain tissue (on T1w and FLAIR it is darker)."""
-SAME_CONTRAST = 0.05
-"""Largest difference of a calibrated intensity between two sessions, as a fraction of their tissue-CSF
-contrast, for two images without sidecars to be read as one acquisition (:func:`same_contrast`). A shift
-d moves every partial-volume voxel's reading by up to d. Simulated same-scanner pairs drift by up to 0.026
-(FLAIR: CSF; T1w: 0.024, GM), protocol changes that alter the contrast by 0.28 or more (T1w, GM)."""
 
 
 def interior(voxels: np.ndarray, spacing=(1.0, 1.0, 1.0)) -> np.ndarray:
@@ -256,19 +251,6 @@ def calibrate(image: np.ndarray, common: Common, csf_inverted: bool = False) -> 
     mu = {k: float(np.median(image[s])) for k, s in common.sets.items()}
     mu["csf_inverted"] = 1.0 if csf_inverted else 0.0
     return mu
-
-
-def same_contrast(mu_a: dict, mu_b: dict, tolerance: float = SAME_CONTRAST) -> bool:
-    """Whether two sessions' calibrated intensities (:func:`calibrate`) agree within ``tolerance`` of
-    their tissue-CSF contrast: what says, when no sidecar does, that the contrast did not change. A
-    reading with pooled intensities is then the right one; recalibrating each session would fold the
-    session's own drift of its calibration sets (atrophy, noise) into the change."""
-    keys = [k for k in mu_a if k != "csf_inverted" and k in mu_b]
-    if mu_a.get("csf_inverted") != mu_b.get("csf_inverted") or not keys:
-        return False
-    tissue = [k for k in keys if k != "CSF"]
-    span = min(abs(0.5 * (mu_a[k] + mu_b[k]) - 0.5 * (mu_a["CSF"] + mu_b["CSF"])) for k in tissue)
-    return all(abs(mu_a[k] - mu_b[k]) <= tolerance * max(span, 1e-6) for k in keys)
 
 
 def pooled(*mus) -> dict:

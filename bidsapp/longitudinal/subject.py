@@ -20,10 +20,6 @@ from . import midspace as MS
 
 MIN_ANNUAL_DAYS = 90
 """Shortest interval given a rate per year (annualising a rescan a day apart multiplies its noise by 365)."""
-NO_SIDECAR_SAME = " (no sidecars: same grid and tissue contrast, read as one acquisition)"
-NO_SIDECAR_CHANGED = " (no sidecars: the grid or the tissue contrast differs)"
-"""Appended to the ``correction`` column of a pair whose acquisitions are unknown: what the images said
-(:func:`same_grid`, :func:`bidsapp.longitudinal.change.same_contrast`)."""
 COLUMNS = ("measure", "ses_from", "ses_to", "interval_days", "volume_from_mm3", "volume_to_mm3", "percent_change",
            "percent_change_per_year", "percent_change_raw", "acquisition_changed", "correction")
 COLUMN_DESCRIPTIONS = {
@@ -44,8 +40,7 @@ COLUMN_DESCRIPTIONS = {
                            "Units": "%"},
     "acquisition_changed": {"Description": "whether the two sessions' acquisitions differ (scanner, sequence "
                                            "family or TR/TE/TI/flip angle); n/a when a session has no sidecar"},
-    "correction": {"Description": "what was applied for an acquisition change, or none; without sidecars, "
-                                 "also whether the images (grid, tissue contrast) were read as one acquisition"},
+    "correction": {"Description": "what was applied for an acquisition change, or none"},
 }
 
 
@@ -119,12 +114,6 @@ def pairs(n: int) -> list[tuple[int, int]]:
     """Consecutive pairs, then first -> last when there are more than two sessions."""
     out = [(i, i + 1) for i in range(n - 1)]
     return out + ([(0, n - 1)] if n > 2 else [])
-
-
-def same_grid(a, b) -> bool:
-    """Whether two session images (ants) share their grid: matrix and voxel size (within 1 %). A scanner or
-    protocol change almost always changes one of them; the same protocol keeps both."""
-    return tuple(a.shape) == tuple(b.shape) and np.allclose(a.spacing, b.spacing, rtol=0.01)
 
 
 def acquisition_changed(a: SessionInput, b: SessionInput):
@@ -210,20 +199,17 @@ def subject_change(sessions: list[SessionInput], *, seed: int = 0, work_dir=None
     sessions, ms, images, common, norm = mid.sessions, mid.midspace, mid.images, mid.common, mid.norm
     mids, mask_mid, lesions = mid.mids, mid.masks, mid.lesions
     rows, maps, warnings = [], {}, []
-    mus = [C.calibrate(n, common, s.csf_inverted) for n, s in zip(norm, sessions)]
     for i, j in pairs(len(sessions)):
         a, b = sessions[i], sessions[j]
         changed = acquisition_changed(a, b)
         both_lesions = lesions[i] is not None and lesions[j] is not None
-        # no sidecars: one acquisition only when the images say so (same grid and tissue contrast)
-        judged_same = changed is None and same_grid(images[i], images[j]) and C.same_contrast(mus[i], mus[j])
-        res = C.pair_volumes(norm[i], norm[j], common, changed=changed is True or (changed is None and not judged_same),
+        # unknown acquisitions (no sidecars) are read as changed: nothing says the contrast stayed the same (a
+        # pooled reading whenever grid and tissue intensities agree read real pseudo-rescans worse, see the notebook)
+        res = C.pair_volumes(norm[i], norm[j], common, changed=changed is not False,
                              lesion_a=lesions[i] if both_lesions else None,
                              lesion_b=lesions[j] if both_lesions else None,
                              csf_inverted=(a.csf_inverted, b.csf_inverted), tissue_a=mid.tissues[i])
         correction = correction_text(res.correction, a, b)
-        if changed is None:
-            correction += NO_SIDECAR_SAME if judged_same else NO_SIDECAR_CHANGED
         days = interval_days(a, b)
         if changed:
             warnings.append(f"{a.label} -> {b.label}: the acquisition changed ({a.acquisition} -> {b.acquisition}); "
