@@ -30,10 +30,10 @@ class _ChangeInputSpec(BaseInterfaceInputSpec):
     contrast = traits.Str("T1w", usedefault=True, desc="contrast of in_files")
     seed = traits.Int(0, usedefault=True)
     num_threads = traits.Int(1, usedefault=True, nohash=True)
-    outputs_revision = traits.Int(3, usedefault=True, desc="raised when the outputs or their reading change "
-                                                           "(2: lesionchange_masks; 3: sessions without sidecars), so "
-                                                           "that a work dir kept from before recomputes the step "
-                                                           "instead of offering results without them")
+    outputs_revision = traits.Int(3, usedefault=True,
+                                  desc="raised when the outputs or their reading change (2: lesionchange_masks; "
+                                       "3: the reading without tissue maps), so that a work dir kept from before "
+                                       "recomputes the step instead of offering results without them")
 
 
 class _ChangeOutputSpec(TraitedSpec):
