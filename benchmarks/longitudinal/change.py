@@ -96,7 +96,7 @@ def summarise(name: str, df: pd.DataFrame) -> list[dict]:
     out = []
     for m in MEASURES:
         d = df[df.measure == m]
-        if d.empty:
+        if d.empty or d.measured.isna().all():  # GM and WM of subjects without a T1w (no tissue maps)
             continue
         row = {"dataset": name, "measure": m, "pairs": len(d),
                "median_abs_error": float(np.nanmedian(np.abs(d.measured - d.true))),
