@@ -480,6 +480,10 @@ def test_change_figure_draws_the_lesion_row_when_there_are_lesions(tmp_path):
     with_lesions = change_figure(result, tmp_path / "lesions.svg")
     text = Path(with_lesions).read_text()
     assert "new lesions (1)" in text and "new lesions" not in Path(plain).read_text()
+    # a third session: a row for every consecutive pair, the earlier pair's too
+    result.lesion_maps[("2", "3")] = (earlier | new, np.zeros_like(new), np.zeros_like(new))
+    three = Path(change_figure(result, tmp_path / "three.svg")).read_text()
+    assert "lesions 1 → 2" in three and "lesions 2 → 3: no new or grown lesion" in three
 
 
 def test_group_change_figure_reads_the_status_as_written_or_as_read_back(tmp_path):

@@ -61,15 +61,20 @@ def simulate(out: Path, subjects: int, seed: int, psf_fwhm: float = 0.0) -> None
 
 
 def axial_slabs(img, k: int):
-    """``img`` averaged over every ``k`` consecutive axial (S-I) slices: a 2D acquisition's thick slices
-    (in RAS; :func:`resolutions.coarsen`)."""
+    """``img`` averaged over every ``k`` consecutive axial (S-I) slices: a 2D acquisition's thick slices."""
     import nibabel as nib
 
-    from resolutions import coarsen
-
-    img = nib.as_closest_canonical(img)
-    zooms = [float(z) for z in img.header.get_zooms()[:3]]
-    return coarsen(img, (zooms[0], zooms[1], zooms[2] * k))
+    axis = [c in "SI" for c in nib.aff2axcodes(img.affine)].index(True)
+    data = np.asarray(img.dataobj, np.float32)
+    n = data.shape[axis] // k * k
+    data = np.take(data, range(n), axis=axis)
+    shape = list(data.shape)
+    shape[axis:axis + 1] = [n // k, k]
+    data = data.reshape(shape).mean(axis + 1)
+    step = np.eye(4)
+    step[axis, axis] = k
+    step[axis, 3] = (k - 1) / 2.0
+    return nib.Nifti1Image(data, img.affine @ step)
 
 
 def truth_in_mask(truth_maps: dict, ref, mask: np.ndarray) -> dict:

@@ -28,8 +28,8 @@ def lesion_slices(active: np.ndarray, lesions: np.ndarray, n: int = 4, apart: in
 def change_figure(result, path) -> str:
     """Template slices (three planes) with the first -> last session change of tissue fraction in colour
     (red: tissue lost, blue: gained), and the percent change of every measure and pair; with lesion masks,
-    a second row of axial slices with the last pair's earlier lesions outlined and its new lesions and
-    grown voxels filled."""
+    one more row per consecutive pair: axial slices with the earlier lesions outlined and the new lesions
+    and grown voxels filled."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -40,9 +40,9 @@ def change_figure(result, path) -> str:
     fg = template > 0
     vmax = float(np.percentile(template[fg], 97)) if fg.any() else 1.0
     centre = [int(np.median(ix)) for ix in np.nonzero(fg)] if fg.any() else [s // 2 for s in template.shape]
-    rows = 2 if result.lesion_maps else 1
-    fig = plt.figure(figsize=(12, 4.2 * rows))
-    outer = fig.add_gridspec(rows, 1)
+    n_rows = 1 + len(result.lesion_maps)
+    fig = plt.figure(figsize=(12, 4.2 * n_rows))
+    outer = fig.add_gridspec(n_rows, 1)
     grid = outer[0].subgridspec(1, 4, width_ratios=(1, 1, 1, 1.5))
     for k in range(3):
         ax = fig.add_subplot(grid[0, k])
@@ -73,17 +73,16 @@ def change_figure(result, path) -> str:
     ax.set_ylabel("change (%)")
     ax.legend(fontsize=7, loc="best")
     ax.set_title("volume change", fontsize=9)
-    lesion_row = None
-    if result.lesion_maps:
-        pair, masks = list(result.lesion_maps.items())[-1]
+    lesion_rows = []
+    for row, (pair, masks) in enumerate(result.lesion_maps.items(), 1):
         from bidsapp.longitudinal.lesions import counts
 
         n_new = counts(result.lesions[(result.lesions.ses_from == pair[0]) & (result.lesions.ses_to == pair[1])])["new"]
-        lesion_row = _lesion_row(fig, outer[1].subgridspec(1, 4), template, vmax, pair, masks, n_new)
+        lesion_rows.append(_lesion_row(fig, outer[row].subgridspec(1, 4), template, vmax, pair, masks, n_new))
     fig.tight_layout(h_pad=3.0)
-    if lesion_row:  # its title above the row, once the layout has placed it
+    for lesion_row in filter(None, lesion_rows):  # each title above its row, once the layout has placed it
         first, title = lesion_row
-        fig.text(0.01, first.get_position().y1 + 0.02, title, fontsize=9, va="bottom")
+        fig.text(0.01, first.get_position().y1 + 0.04 / n_rows, title, fontsize=9, va="bottom")
     fig.savefig(str(path), format=Path(path).suffix.lstrip(".") or "svg")
     plt.close(fig)
     return str(path)
