@@ -216,6 +216,23 @@ def test_without_tissue_maps_grown_ventricles_calibrate_each_session_on_pure_csf
             assert all(m["CSF"] == pytest.approx(true_csf, abs=0.01) for m in mus)
 
 
+def test_change_is_read_only_where_every_session_has_data():
+    """A follow-up whose stack ends higher sees nothing below its first slice: read there, the brain the
+    baseline sees would count as lost."""
+    fr = _phantom()
+    mask = (fr["icv"] > 0.5).astype(np.float32)
+    tissue = {k: fr[k].astype(np.float32) for k in ("GM", "WM", "CSF")}
+    a, b = _image(fr, texture=False, seed=1), _image(fr, texture=False, seed=2)
+    seen = np.ones(SHAPE, bool)
+    seen[:, :, :24] = False  # the follow-up's field of view starts at slice 24
+    b[~seen], cut = 0.0, np.where(seen, mask, 0.0)
+    for where, loss in ((None, True), (seen, False)):
+        common = C.common_space([mask, cut], [tissue, None], template=(a + b) / 2, seen=where)
+        res = C.pair_volumes(C.normalise(a, common), C.normalise(b, common), common, changed=False, tissue_a=tissue)
+        change = C.percent(res.volume_from["brain"], res.volume_to["brain"])
+        assert (change < -5) if loss else abs(change) < 0.3, change
+
+
 def test_without_tissue_maps_three_classes_keep_grey_matter_out_of_the_csf():
     """A FLAIR with a long echo: CSF nulled, white matter dark, deep grey matter bright. Split in two,
     the smaller class was the grey matter, read as CSF."""

@@ -107,7 +107,7 @@ class Common:
     """What every session of a subject is read with, on the mid-space grid."""
 
     region: np.ndarray
-    """Union of the sessions' brain masks (where volumes are counted)."""
+    """Union of the sessions' brain masks, inside every session's field of view (where volumes are counted)."""
     core: np.ndarray
     """Intersection of the masks (where intensities are normalised and calibrated)."""
     deep: np.ndarray
@@ -121,14 +121,18 @@ class Common:
 
 
 def common_space(masks, tissues=None, spacing=(1.0, 1.0, 1.0), template: np.ndarray | None = None,
-                 images=None, csf_dark: bool = True) -> Common:
+                 images=None, csf_dark: bool = True, seen: np.ndarray | None = None) -> Common:
     """The subject's :class:`Common` from its sessions' ``masks`` (soft, mid-space) and the tissue maps
     of the sessions that have them (``tissues``: list of dicts GM/WM/CSF -> array, or None per session).
     Without any tissue map, the deep region of ``template`` (the mid-space template image) is split into
     the ventricles' CSF and the tissue (:func:`_deep_classes`, with the sessions' ``images`` on the grid and
-    whether the contrast has CSF dark)."""
+    whether the contrast has CSF dark). ``seen``: the voxels inside every session's field of view; the
+    region is kept to them (a stack that ends higher in one session reads nothing below its last slice,
+    which the other sessions' brain would count as change)."""
     masks = [np.asarray(m, np.float32) for m in masks]
     region = np.max(masks, 0) > 0.5
+    if seen is not None:
+        region &= np.asarray(seen, bool)
     core = ndi.binary_erosion(np.min(masks, 0) > 0.5, iterations=2)
     deep = deep_weight(np.min(masks, 0), spacing)
     have = [t for t in (tissues or []) if t]
