@@ -172,43 +172,40 @@ def common_space(masks, tissues=None, spacing=(1.0, 1.0, 1.0), template: np.ndar
 
 
 def _deep_classes(template: np.ndarray, sel: np.ndarray, images=None, spacing=(1.0, 1.0, 1.0), csf_dark=True):
-    """Without tissue maps: the deep region ``sel`` of the mid-space ``template`` in three classes by
-    Otsu's cuts; the CSF is the darkest class (``csf_dark``: T1w, FLAIR) or the brightest (T2w, PDw).
-    Two classes, the smaller one taken as CSF, split white from grey matter where a long echo darkens
-    the white matter, and called the grey matter CSF (a FLAIR read as 40 % brain loss); where grown
-    ventricles outweigh the deep tissue they called the tissue CSF. Returns (the CSF, its calibration
-    set, the tissue's calibration set).
-    Without ``images`` the region is split in two and the smaller class is the CSF (what the Siamese
-    network's input, :func:`pair_common`, was trained with).
+    """Without tissue maps: the ventricles' CSF in the deep region ``sel`` of the mid-space ``template``.
+    Returns (the CSF, its calibration set, the tissue's calibration set).
 
-    With the sessions' ``images``, the calibration sets keep the voxels on their class's side of every
-    session's own cut (half-way between its CSF and tissue medians): on the template alone, ventricle
-    grown between sessions is part CSF and joins the set, so the earlier session's CSF reads brighter
-    and a recalibrated reading absorbs the growth. The CSF set is then its interior (:func:`interior`)."""
+    With the sessions' ``images`` (the subject level), ``sel`` is cut into three classes by Otsu's two
+    cuts and the CSF is the darkest (``csf_dark``: T1w, FLAIR) or the brightest (T2w, PDw). Two classes,
+    the smaller taken as CSF, split white from grey matter where a long echo darkens the white matter,
+    and called the grey matter CSF (a FLAIR read as 40 % brain loss); where grown ventricles outweigh the
+    deep tissue, they called the tissue CSF. The calibration sets then keep the voxels on their class's
+    side of every session's own cut (half-way between its CSF and tissue medians): on the template alone,
+    ventricle grown between the sessions is part CSF and joins the set, so the earlier session's CSF reads
+    brighter and a recalibrated reading absorbs the growth. The CSF set is then its interior (:func:`interior`).
+
+    Without ``images`` the region is split in two and the smaller class is the CSF: what the Siamese
+    network's input (:func:`pair_common`) was trained with."""
     from bidsapp.qc import otsu_threshold, otsu_thresholds3
 
     vals = template[sel]
-    if images is None or vals.size < 3 * MIN_SET:  # the two-class split :func:`pair_common` was trained with
+    if images is None or vals.size < 3 * MIN_SET:
         t = otsu_threshold(vals) if vals.size else 0.0
         low, high = sel & (template <= t), sel & (template > t)
         csf, par = (low, high) if low.sum() < high.sum() else (high, low)
         return csf, csf, par
     t1, t2 = otsu_thresholds3(vals)
-    csf = sel & (template <= t1) if csf_dark else sel & (template > t2)
-    dark = csf_dark
+    found = csf = sel & (template <= t1) if csf_dark else sel & (template > t2)
     par = sel & ~csf
-    found = csf
-    if images is not None:
-        for img in images:
-            img = np.asarray(img, np.float32)
-            cut = (float(np.median(img[csf])) + float(np.median(img[par]))) / 2.0 if csf.any() and par.any() else 0.0
-            on_csf_side = (img <= cut) if dark else (img >= cut)
-            csf_i, par_i = csf & on_csf_side, par & ~on_csf_side
-            if csf_i.sum() >= MIN_SET and par_i.sum() >= MIN_SET:
-                csf, par = csf_i, par_i
-        inner = interior(csf, spacing)
-        csf = inner if inner.sum() >= MIN_SET else csf
-    return found, csf, par
+    for img in images:
+        img = np.asarray(img, np.float32)
+        cut = (float(np.median(img[csf])) + float(np.median(img[par]))) / 2.0 if csf.any() and par.any() else 0.0
+        on_csf_side = (img <= cut) if csf_dark else (img >= cut)
+        csf_i, par_i = csf & on_csf_side, par & ~on_csf_side
+        if csf_i.sum() >= MIN_SET and par_i.sum() >= MIN_SET:
+            csf, par = csf_i, par_i
+    inner = interior(csf, spacing)
+    return found, (inner if inner.sum() >= MIN_SET else csf), par
 
 
 def pair_common(a: np.ndarray, b: np.ndarray, spacing=(1.0, 1.0, 1.0)) -> Common:

@@ -173,7 +173,8 @@ def in_midspace(sessions: list[SessionInput], *, seed: int, work_dir, contrast: 
     tissues = [({c: mid(ants.image_read(p), i) for c, p in s.tissue.items()} if s.tissue else None)
                for i, s in enumerate(sessions)]
     lesions = [(mid(ants.image_read(s.lesion), i) if s.lesion else None) for i, s in enumerate(sessions)]
-    seen = np.min([mid(img.new_image_like(np.ones(img.shape, np.float32)), i) for i, img in enumerate(images)], 0) > 0.5
+    ones = [img.new_image_like(np.ones(img.shape, np.float32)) for img in images]
+    seen = np.min([mid(one, i) for i, one in enumerate(ones)], 0) > 0.5  # inside every session's field of view
     common = C.common_space(mask_mid, tissues, spacing=tuple(ms.grid.spacing), template=ms.template.numpy(),
                            images=mids, csf_dark=contrast not in C.CSF_BRIGHT, seen=seen)
     return InMidspace(sessions=sessions, midspace=ms, images=images, mids=mids, masks=mask_mid, tissues=tissues,

@@ -73,10 +73,10 @@ def change_figure(result, path) -> str:
     ax.set_ylabel("change (%)")
     ax.legend(fontsize=7, loc="best")
     ax.set_title("volume change", fontsize=9)
+    from bidsapp.longitudinal.lesions import counts
+
     lesion_rows = []
     for row, (pair, masks) in enumerate(result.lesion_maps.items(), 1):
-        from bidsapp.longitudinal.lesions import counts
-
         n_new = counts(result.lesions[(result.lesions.ses_from == pair[0]) & (result.lesions.ses_to == pair[1])])["new"]
         lesion_rows.append(_lesion_row(fig, outer[row].subgridspec(1, 4), template, vmax, pair, masks, n_new))
     fig.tight_layout(h_pad=3.0)

@@ -32,8 +32,9 @@ class _ChangeInputSpec(BaseInterfaceInputSpec):
     num_threads = traits.Int(1, usedefault=True, nohash=True)
     outputs_revision = traits.Int(3, usedefault=True,
                                   desc="raised when the outputs or their reading change (2: lesionchange_masks; "
-                                       "3: the reading without tissue maps), so that a work dir kept from before "
-                                       "recomputes the step instead of offering results without them")
+                                       "3: the reading without tissue maps, and only where every session has data), so "
+                                       "that a work dir kept from before recomputes the step instead of offering "
+                                       "results without them")
 
 
 class _ChangeOutputSpec(TraitedSpec):
