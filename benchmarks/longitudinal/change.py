@@ -40,6 +40,7 @@ import numpy as np
 import pandas as pd
 
 from bidsapp.devdata import run_participant
+from bidsapp.physics.protocols import MODALITIES
 
 ROOT = Path(__file__).resolve().parents[2]
 DATASETS = {
@@ -75,7 +76,7 @@ def compare(bids: Path, out: Path) -> pd.DataFrame:
             cross = _cross_sectional(out, sub, r.ses_from, r.ses_to, r.measure)
             rows.append({"participant_id": sub, "measure": r.measure, "true": true, "measured": r.percent_change,
                          "raw": r.percent_change_raw, "cross_sectional": cross,
-                         "acquisition_changed": r.acquisition_changed, "correction": r.correction})
+                         "acquisition_changed": r.acquisition_changed})
     return pd.DataFrame(rows)
 
 
@@ -117,7 +118,7 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default=str(ROOT / "benchmarks" / "results" / "longitudinal-work"))
     ap.add_argument("--nprocs", type=int, default=2)
     ap.add_argument("--seed", type=int, default=11)
-    ap.add_argument("--modalities", nargs="+", default=["T1w"], choices=["T1w", "FLAIR", "T2w", "PDw"],
+    ap.add_argument("--modalities", nargs="+", default=["T1w"], choices=MODALITIES,
                     help="contrasts every session has (default: T1w)")
     ap.add_argument("--no-sidecars", action="store_true", help="remove the images' JSON sidecars")
     ap.add_argument("--psf", type=float, default=0.0, metavar="FWHM",
