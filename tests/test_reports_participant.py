@@ -359,3 +359,20 @@ def test_change_section_shows_the_decline_table_and_flags_a_call_across_scanners
     assert "P(decline)" in sec.body and "0.81" in sec.body and "sub-01_desc-decline_stats.tsv" in sec.body
     assert any("called decline (P 0.81) across an acquisition change" in w for w in sec.warnings)
     assert not any("1 \u2192 2: called decline" in w for w in sec.warnings)
+
+
+def test_change_section_says_when_the_change_was_read_without_a_t1w(tmp_path):
+    from bidsapp.reports.participant import change_section
+
+    anat = tmp_path / "sub-01" / "anat"
+    anat.mkdir(parents=True)
+    (anat / "sub-01_desc-change_morph.tsv").write_text(
+        "measure\tses_from\tses_to\tinterval_days\tvolume_from_mm3\tvolume_to_mm3\tpercent_change\t"
+        "percent_change_per_year\tpercent_change_raw\tacquisition_changed\tcorrection\n"
+        "brain\t1\t2\tn/a\t1000000\t990000\t-1.0\tn/a\t-1.0\tn/a\ttissue intensities recalibrated per session\n")
+    side = anat / "sub-01_desc-change_morph.json"
+    for contrast, warned in (("T1w", False), ("FLAIR", True)):
+        side.write_text(json.dumps({"Method": "longitudinal", "Contrast": contrast}))
+        assert any(w.startswith("Read on the FLAIR") for w in change_section(tmp_path, "01").warnings) is warned
+    side.write_text("{not json")
+    assert any("unreadable sidecar" in w for w in change_section(tmp_path, "01").warnings)

@@ -879,6 +879,11 @@ def change_section(output_dir: Path, subject: str) -> Section | None:
     table = pd.read_csv(table_path, sep="\t", na_values=["n/a"], keep_default_na=False,
                         dtype={"ses_from": str, "ses_to": str, "acquisition_changed": str, "correction": str})
     warns = []
+    contrast = _read_json(table_path.with_suffix(".json"), warns).get("Contrast", "T1w")
+    if contrast != "T1w":
+        warns.append(f"Read on the {contrast}, since not every session has a T1w: the brain change is less precise "
+                     "than on T1w and the ventricles' change across a protocol change can be several points off "
+                     "(docs/longitudinal.md, Limits). Treat these percentages as rough.")
     for (a, b), rows in table.groupby(["ses_from", "ses_to"], sort=False):
         if str(rows["acquisition_changed"].iloc[0]) == "true":
             brain = rows[rows.measure == "brain"]
