@@ -341,16 +341,23 @@ def test_report_warns_when_the_voxels_were_too_coarse_to_refine(tmp_path):
     assert "too coarse" not in write_participant_report(out, "01").read_text()
 
 
-def test_change_section_shows_the_decline_table_and_flags_a_call_across_scanners(tmp_path):
-    from bidsapp.reports.participant import change_section
-
-    anat = tmp_path / "sub-01" / "anat"
-    anat.mkdir(parents=True)
+def _change_table(out, *rows: str):
+    """``sub-01``'s change table in ``out`` with ``rows`` (tab-separated, in the table's column order); its folder."""
+    anat = out / "sub-01" / "anat"
+    anat.mkdir(parents=True, exist_ok=True)
     (anat / "sub-01_desc-change_morph.tsv").write_text(
         "measure\tses_from\tses_to\tinterval_days\tvolume_from_mm3\tvolume_to_mm3\tpercent_change\t"
         "percent_change_per_year\tpercent_change_raw\tacquisition_changed\tcorrection\n"
-        "brain\t1\t2\t365\t1000000\t990000\t-1.0\t-1.0\t-1.0\tfalse\tnone\n"
-        "brain\t2\t3\t365\t990000\t985000\t-0.5\t-0.5\t3.0\ttrue\ttissue intensities recalibrated per session\n")
+        + "".join(r + "\n" for r in rows))
+    return anat
+
+
+def test_change_section_shows_the_decline_table_and_flags_a_call_across_scanners(tmp_path):
+    from bidsapp.reports.participant import change_section
+
+    recalibrated = "tissue intensities recalibrated per session"
+    anat = _change_table(tmp_path, "brain\t1\t2\t365\t1000000\t990000\t-1.0\t-1.0\t-1.0\tfalse\tnone",
+                         f"brain\t2\t3\t365\t990000\t985000\t-0.5\t-0.5\t3.0\ttrue\t{recalibrated}")
     assert "decline" not in change_section(tmp_path, "01").body.lower()
     (anat / "sub-01_desc-decline_stats.tsv").write_text(
         "ses_from\tses_to\tinterval_days\tacquisition_changed\tprobability_decline\tcall\n"
@@ -364,12 +371,8 @@ def test_change_section_shows_the_decline_table_and_flags_a_call_across_scanners
 def test_change_section_says_when_the_change_was_read_without_a_t1w(tmp_path):
     from bidsapp.reports.participant import change_section
 
-    anat = tmp_path / "sub-01" / "anat"
-    anat.mkdir(parents=True)
-    (anat / "sub-01_desc-change_morph.tsv").write_text(
-        "measure\tses_from\tses_to\tinterval_days\tvolume_from_mm3\tvolume_to_mm3\tpercent_change\t"
-        "percent_change_per_year\tpercent_change_raw\tacquisition_changed\tcorrection\n"
-        "brain\t1\t2\tn/a\t1000000\t990000\t-1.0\tn/a\t-1.0\tn/a\ttissue intensities recalibrated per session\n")
+    anat = _change_table(tmp_path, "brain\t1\t2\tn/a\t1000000\t990000\t-1.0\tn/a\t-1.0\tn/a\t"
+                                   "tissue intensities recalibrated per session")
     side = anat / "sub-01_desc-change_morph.json"
     for contrast, warned in (("T1w", False), ("FLAIR", True)):
         side.write_text(json.dumps({"Method": "longitudinal", "Contrast": contrast}))
