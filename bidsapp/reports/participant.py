@@ -869,7 +869,8 @@ def write_participant_report(output_dir, subject: str, *, warnings=None, errors=
 
 def change_section(output_dir: Path, subject: str) -> Section | None:
     """The subject level (:mod:`bidsapp.longitudinal`): template with the tissue change over it, the change
-    table, and a warning for every pair whose acquisition changed. None when the subject has no change table."""
+    table, and a warning for every pair whose acquisition changed and for a change read on another contrast than
+    the T1w (its sidecar's ``Contrast``). None when the subject has no change table."""
     import html
 
     anat = Path(output_dir) / f"sub-{subject}" / "anat"
@@ -879,7 +880,7 @@ def change_section(output_dir: Path, subject: str) -> Section | None:
     table = pd.read_csv(table_path, sep="\t", na_values=["n/a"], keep_default_na=False,
                         dtype={"ses_from": str, "ses_to": str, "acquisition_changed": str, "correction": str})
     warns = []
-    contrast = _read_json(table_path.with_suffix(".json"), warns).get("Contrast", "T1w")
+    contrast = _read_json(table_path.with_suffix(".json"), warns).get("Contrast") or "T1w"
     if contrast != "T1w":
         warns.append(f"Read on the {contrast}, since not every session has a T1w: the brain change is less precise "
                      "than on T1w and the ventricles' change across a protocol change can be several points off "
