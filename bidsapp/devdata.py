@@ -101,6 +101,83 @@ def _deb_members(deb: bytes, wanted: dict) -> dict:
         return {k: tar.extractfile(names[p]).read() for k, p in wanted.items()}
 
 
+BRAINBROWSER = {
+    "name": "brainbrowser",
+    "package": "brainbrowser 2.3.0 (npm)",
+    "url": "https://registry.npmjs.org/brainbrowser/-/brainbrowser-2.3.0.tgz",
+    "sha256": "bf3ddf344dc4f1bffb17131468ab5c27ed4e44a6adab5b6e97b81d56c30ac609",
+    "files": {"scan1_T1w": "package/examples/models/structural1.mnc",
+              "scan2_T1w": "package/examples/models/structural2.mnc"},
+}
+"""Two real 1 mm T1w of one adult's head with skull and neck (the same gyri in both; the scans' dates
+and scanner are not given), native-space sagittal volumes of 160 x 224 x 256 voxels stored as 8-bit
+intensities, as the BrainBrowser viewer's examples ship them (a MINC volume split into a JSON header
+and raw bytes). Unlike Colin 27 each is a single acquisition, as a user's scan is; no reference mask
+or segmentation comes with them."""
+
+REGISTRY_HEADS = (COLIN27, BRAINBROWSER)
+
+
+def _tgz_members(blob: bytes, wanted: dict) -> dict:
+    """The files ``wanted`` (key -> path) read from a gzipped tarball (an npm package)."""
+    import io
+    import tarfile
+
+    with tarfile.open(fileobj=io.BytesIO(blob), mode="r:gz") as tar:
+        names = {m.name: m for m in tar.getmembers()}
+        missing = [p for p in wanted.values() if p not in names]
+        if missing:
+            raise ValueError(f"package lacks {', '.join(missing)}")
+        return {k: tar.extractfile(names[p]).read() for k, p in wanted.items()}
+
+
+def _brainbrowser_volume(header: bytes, raw: bytes) -> bytes:
+    """A BrainBrowser volume (``<file>.header.gz``: MINC's dimension order, starts, steps and direction
+    cosines as JSON; ``<file>.raw.gz``: one unsigned byte per voxel in that order) as gzipped NIfTI.
+
+    The affine is MINC's: world = sum over dimensions of (start + index * step) * direction cosines."""
+    import gzip
+    import json
+
+    import nibabel as nib
+    import numpy as np
+
+    h = json.loads(gzip.decompress(header))
+    order, axes = h["order"], ("xspace", "yspace", "zspace")
+    if sorted(order) != sorted(axes):
+        raise ValueError(f"BrainBrowser header with dimensions {order}, not x, y and z")
+    shape = [int(h[d]["space_length"]) for d in order]
+    data = np.frombuffer(gzip.decompress(raw), np.uint8)
+    if data.size != int(np.prod(shape)):
+        raise ValueError(f"BrainBrowser volume of {data.size} bytes, not the header's {shape}")
+    data = np.transpose(data.reshape(shape), [order.index(d) for d in axes])
+    affine = np.eye(4)
+    for j, d in enumerate(axes):
+        cosines = np.asarray(h[d].get("direction_cosines", np.eye(3)[j]), float)
+        affine[:3, j] = cosines * float(h[d]["step"])
+        affine[:3, 3] += cosines * float(h[d]["start"])
+    return gzip.compress(nib.Nifti1Image(data, affine).to_bytes(), compresslevel=6)
+
+
+def _package_members(blob: bytes, wanted: dict) -> dict:
+    """``wanted``'s files out of a downloaded package, a BrainBrowser ``.mnc`` pair made into NIfTI."""
+    if blob.startswith(b"!<arch>\n"):
+        return _deb_members(blob, wanted)
+    if not blob.startswith(b"\x1f\x8b"):
+        raise ValueError("neither a Debian package nor a gzipped tarball")
+    pairs = {k: p for k, p in wanted.items() if p.endswith(".mnc")}
+    members = _tgz_members(blob, {**{k: p for k, p in wanted.items() if k not in pairs},
+                                  **{f"{k}\0h": f"{p}.header.gz" for k, p in pairs.items()},
+                                  **{f"{k}\0r": f"{p}.raw.gz" for k, p in pairs.items()}})
+    out = {k: v for k, v in members.items() if "\0" not in k}
+    out.update({k: _brainbrowser_volume(members[f"{k}\0h"], members[f"{k}\0r"]) for k in pairs})
+    return out
+
+
+def _suffix(path: str) -> str:
+    return ".nii.gz" if path.endswith(".mnc") else "".join(Path(path).suffixes)
+
+
 def registry_head(spec: dict | None = None, dest: Path | None = None) -> dict:
     """Paths of a real head's files, ``<name>_<key>`` (default :data:`COLIN27`), downloaded once into
     ``<cache>/registry`` and checked against the package's sha256; a failure raises OSError or
@@ -110,27 +187,39 @@ def registry_head(spec: dict | None = None, dest: Path | None = None) -> dict:
 
     spec = spec or COLIN27
     dest = Path(dest) if dest else cache_dir() / "registry" / Path(spec["url"]).stem
-    out = {k: dest / f"{spec['name']}_{k}{''.join(Path(p).suffixes)}" for k, p in spec["files"].items()}
+    out = {k: dest / f"{spec['name']}_{k}{_suffix(p)}" for k, p in spec["files"].items()}
     if all(p.is_file() for p in out.values()):
         return out
-    with urllib.request.urlopen(spec["url"], timeout=120) as resp:
-        deb = resp.read()
-    digest = hashlib.sha256(deb).hexdigest()
+    with urllib.request.urlopen(spec["url"], timeout=300) as resp:
+        blob = resp.read()
+    digest = hashlib.sha256(blob).hexdigest()
     if digest != spec["sha256"]:
         raise ValueError(f"{spec['url']}: sha256 {digest} is not the expected {spec['sha256']}")
     dest.mkdir(parents=True, exist_ok=True)
-    for key, blob in _deb_members(deb, spec["files"]).items():
+    for key, data in _package_members(blob, spec["files"]).items():
         tmp = out[key].with_name(out[key].name + ".part")
-        tmp.write_bytes(blob)
+        tmp.write_bytes(data)
         tmp.replace(out[key])
     return out
 
 
-def registry_head_or_none(log=print) -> dict | None:
+def registry_head_or_none(log=print, spec: dict | None = None) -> dict | None:
     """:func:`registry_head`'s files, or None (with one line to ``log`` saying why) where it cannot be
     fetched: the benchmarks then go on with the shared data alone."""
+    spec = spec or COLIN27
     try:
-        return registry_head()
+        return registry_head(spec)
     except (OSError, ValueError) as exc:
-        log(f"Colin 27 left out: {exc}")
+        log(f"{spec['package']} left out: {exc}")
         return None
+
+
+def registry_t1w(log=print) -> list[tuple[str, Path]]:
+    """(label, file) of every real T1w of :data:`REGISTRY_HEADS` that can be fetched: ``colin27``,
+    ``brainbrowser1``, ``brainbrowser2``; a package that cannot be is left out with one line to ``log``."""
+    out = []
+    for spec in REGISTRY_HEADS:
+        files = registry_head_or_none(log, spec) or {}
+        keys = sorted(k for k in files if k.endswith("T1w"))
+        out += [(spec["name"] + (str(n + 1) if len(keys) > 1 else ""), files[k]) for n, k in enumerate(keys)]
+    return out

@@ -73,11 +73,11 @@ def test_sources_names_each_clinical_scan_and_adds_the_registry_head(bench, tmp_
     (anat / "sub-ms19_ses-2_T1w.nii.gz").write_bytes(b"")
     (anat / "sub-ms19_ses-2_FLAIR.nii.gz").write_bytes(b"")
     colin = tmp_path / "colin27_T1w.nii.gz"
-    monkeypatch.setattr(bench, "registry_head_or_none", lambda log: {"T1w": colin})
+    monkeypatch.setattr(bench, "registry_t1w", lambda log: [("colin27", colin)])
     assert bench.sources(tmp_path) == [("ms19s2", anat / "sub-ms19_ses-2_T1w.nii.gz"), ("colin27", colin)]
     assert [s for s, _ in bench.sources(tmp_path, registry=False)] == ["ms19s2"]
 
-    monkeypatch.setattr(bench, "registry_head_or_none", lambda log: log("no network"))
+    monkeypatch.setattr(bench, "registry_t1w", lambda log: log("no network") or [])
     assert [s for s, _ in bench.sources(tmp_path)] == ["ms19s2"]
 
 

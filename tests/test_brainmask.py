@@ -374,6 +374,24 @@ def test_benchmark_summary_gives_medians_per_family_and_the_two_scanner_differen
     assert any("3T MPRAGE vs 1.5T SPGR" in line for line in lines)
 
 
+def test_benchmark_summary_gives_a_real_head_scanned_twice_its_volume_difference_outside_the_dice_table():
+    from benchmark_scripts import load
+
+    run = load("brainmask", "run")
+    rows = [{"set": "registry", "head": "colin27", "family": "T1w 1mm (BET reference)", "method": "learned",
+             "dice": 0.94, "hd95_mm": 2.0, "volume_error_pct": 12.0, "volume_ml": 1930.0, "seconds": 3.0,
+             "peak_mb": 700, "error": None}]
+    rows += [{"set": "registry", "head": h, "family": run.NO_REFERENCE, "method": "learned", "volume_ml": v,
+              "seconds": 3.0, "peak_mb": 700, "error": None}
+             for h, v in (("brainbrowser1", 1500.0), ("brainbrowser2", 1530.0))]
+    lines, table = run.summarise(rows, ["learned"])
+    assert list(table["registry"]) == ["T1w 1mm (BET reference)", "all"]
+    assert table["registry"]["all"]["learned"]["n"] == 1 and table["registry"]["all"]["learned"]["failed"] == 0
+    pair = table["real_repeats"]["brainbrowser1-brainbrowser2"]["learned"]
+    assert pair["difference_pct"] == pytest.approx(100 * 30 / 1515)
+    assert any("real head scanned twice" in line for line in lines)
+
+
 def test_card_commands_parse_and_regenerate_from_the_one_config():
     """The options and the card's command come from TrainConfig alone: each shipped stage's command
     parses with the trainer's parser and regenerates to the same string."""

