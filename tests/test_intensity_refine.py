@@ -149,3 +149,48 @@ def test_the_outlier_class_keeps_bright_non_tissue_from_widening_the_tissues():
     assert without[1, mask].sum() / true_gm - 1 > 0.05
     assert abs(with_[1, mask].sum() / true_gm - 1) < 0.03
     assert 0.005 < fit.outlier < 0.03
+
+
+def test_the_network_split_keeps_the_fit_s_tissue_and_border_and_the_network_s_amount_of_grey():
+    """``tissue_split="network"``: CSF and GM + WM per voxel as the fit reads them, the grey share of the
+    tissue as the network's odds add up, every voxel's GM:WM odds moved by one amount (so the border still
+    follows the image); ``"auto"``
+    takes it only where the fit separates GM from WM well."""
+    from bidsapp.models import intensity_refine as IR
+
+    lab, mask = _shells()
+    prior = _coarse_prior(lab)
+    img = _image(lab, (0.3, 0.6, 0.9))
+    fit_split, fit = refine(img, mask, prior, tissue_split="intensity")
+    net_split, net_fit = refine(img, mask, prior, tissue_split="network")
+    np.testing.assert_allclose(net_split[0], fit_split[0], atol=1e-6)
+    tissue = (fit_split[1] + fit_split[2])[mask]
+    np.testing.assert_allclose((net_split[1] + net_split[2])[mask], tissue, atol=1e-5)
+    p = np.maximum(prior[:, mask], IR.PRIOR_FLOOR)
+    want = float((tissue * p[1] / (p[1] + p[2])).sum())
+    assert net_split[1, mask].sum() == pytest.approx(want, rel=1e-3)
+    assert net_split[1, mask].sum() > 1.1 * fit_split[1, mask].sum()  # the coarse prior's grey excess
+    logit = lambda f: np.log(f[1][mask]) - np.log(f[2][mask])  # noqa: E731
+    both = (tissue > 0.5) & (np.minimum(fit_split[1], fit_split[2])[mask] > 0.01)
+    shift = (logit(net_split) - logit(fit_split))[both]
+    assert shift.mean() > 0.5 and shift.std() < 0.01  # one common move of every voxel's GM:WM odds
+    assert net_fit.tissue_split == "network" and fit.tissue_split == "intensity"
+    assert net_fit.network_share == 1.0 and fit.network_share == 0.0
+    auto, auto_fit = refine(img, mask, prior, tissue_split="auto")
+    assert fit.gm_wm_separation > IR.NETWORK_SPLIT_RAMP[1] and auto_fit.network_share == 1.0
+    np.testing.assert_allclose(auto, net_split, atol=1e-6)
+    low = _image(lab, (0.3, 0.6, 0.65), noise=0.05)  # GM and WM one s.d. apart: the fit's amount
+    low_int, _ = refine(low, mask, prior, tissue_split="intensity")
+    low_auto, low_fit = refine(low, mask, prior, tissue_split="auto")
+    assert low_fit.gm_wm_separation < IR.NETWORK_SPLIT_RAMP[0] and low_fit.network_share == 0.0
+    np.testing.assert_allclose(low_auto, low_int, atol=1e-6)
+    mid = _image(lab, (0.3, 0.6, 0.66), noise=0.02)  # on the ramp: between the two amounts
+    mid_int, mid_fit = refine(mid, mask, prior, tissue_split="intensity")
+    mid_net, _ = refine(mid, mask, prior, tissue_split="network")
+    mid_auto, mid_auto_fit = refine(mid, mask, prior, tissue_split="auto")
+    w = (mid_fit.gm_wm_separation - IR.NETWORK_SPLIT_RAMP[0]) / (IR.NETWORK_SPLIT_RAMP[1] - IR.NETWORK_SPLIT_RAMP[0])
+    assert 0 < w < 1 and mid_auto_fit.network_share == pytest.approx(w, abs=1e-3)
+    gm = [f[1, mask].sum() for f in (mid_int, mid_auto, mid_net)]
+    assert gm[1] == pytest.approx(gm[0] + w * (gm[2] - gm[0]), rel=1e-3)
+    with pytest.raises(ValueError, match="tissue_split"):
+        refine(img, mask, prior, tissue_split="both")

@@ -549,7 +549,7 @@ def segment(image: np.ndarray, mask: np.ndarray, zooms, acquisition: dict | None
     if refine and refinement_applies(zooms, res):
         from .intensity_refine import refine as refine_probs
 
-        probs, fit = refine_probs(img, mask_b, probs, csf_sign=-1.0 if pv.csf_inverted else 1.0)
+        probs, fit = refine_probs(img, mask_b, probs, csf_sign=-1.0 if pv.csf_inverted else 1.0, tissue_split="auto")
     dseg = np.where(mask_b, probs.argmax(0) + 1, 0).astype(np.uint8)
     summed = volumes_from_fractions(zooms, res, fit is not None)
     coarse = coarse_voxels_warning(zooms, res, summed) if refine and fit is None else None
