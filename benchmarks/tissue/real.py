@@ -220,8 +220,9 @@ def figure(prep: dict, affine, segs: dict, path: Path, title: str) -> Path:
 def print_table(rows: list[dict], key: str, title: str) -> None:
     """One line per scan and method of ``row[key]``: ml, GM/WM and the difference from SAMSEG."""
     methods = [m for m in ("unet", "unet-network", "atropos", "samseg") if any(m in r.get(key, {}) for r in rows)]
+    width = max([16] + [len(r["name"]) + 2 for r in rows])
     print(f"\nGM / WM / CSF {title}")
-    print(f"{'scan':<16}{'method':<13}{'GM ml':>8}{'WM ml':>8}{'CSF ml':>8}{'GM/WM':>7}{'GM vs S':>9}{'WM vs S':>9}")
+    print(f"{'scan':<{width}}{'method':<13}{'GM ml':>8}{'WM ml':>8}{'CSF ml':>8}{'GM/WM':>7}{'GM vs S':>9}{'WM vs S':>9}")
     for r in rows:
         for m in methods:
             v = r.get(key, {}).get(m)
@@ -229,7 +230,7 @@ def print_table(rows: list[dict], key: str, title: str) -> None:
                 continue
             gs = f"{v['GM_vs_samseg_pct']:+8.1f}%" if "GM_vs_samseg_pct" in v else f"{'':>9}"
             ws = f"{v['WM_vs_samseg_pct']:+8.1f}%" if "WM_vs_samseg_pct" in v else f"{'':>9}"
-            print(f"{r['name']:<16}{m:<13}{v['GM']:8.0f}{v['WM']:8.0f}{v['CSF']:8.0f}{v['GM/WM']:7.2f}{gs}{ws}")
+            print(f"{r['name']:<{width}}{m:<13}{v['GM']:8.0f}{v['WM']:8.0f}{v['CSF']:8.0f}{v['GM/WM']:7.2f}{gs}{ws}")
 
 
 def main(argv=None) -> int:
