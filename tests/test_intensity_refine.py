@@ -184,7 +184,7 @@ def test_the_network_split_keeps_the_fit_s_tissue_and_border_and_the_network_s_a
     low_auto, low_fit = refine(low, mask, prior, tissue_split="auto")
     assert low_fit.gm_wm_separation < IR.NETWORK_SPLIT_RAMP[0] and low_fit.network_share == 0.0
     np.testing.assert_allclose(low_auto, low_int, atol=1e-6)
-    mid = _image(lab, (0.3, 0.6, 0.66), noise=0.02)  # on the ramp: between the two amounts
+    mid = _image(lab, (0.3, 0.6, 0.7), noise=0.05)  # on the ramp: between the two amounts
     mid_int, mid_fit = refine(mid, mask, prior, tissue_split="intensity")
     mid_net, _ = refine(mid, mask, prior, tissue_split="network")
     mid_auto, mid_auto_fit = refine(mid, mask, prior, tissue_split="auto")

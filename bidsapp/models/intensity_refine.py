@@ -50,17 +50,18 @@ PV_LEVELS = 5
 """Points of the mixing fraction's uniform prior (a = 0.1, 0.3, ..., 0.9)."""
 GRID_POINTS = 4096
 """Intensities at which the mixed classes' densities are evaluated (then interpolated per voxel)."""
-NETWORK_SPLIT_RAMP = (2.0, 3.5)
+NETWORK_SPLIT_RAMP = (2.0, 2.5)
 """GM/WM separation (``|mu_WM - mu_GM| / sigma``, in s.d.) over which ``tissue_split="auto"`` hands the
 amount of grey matter from the fit to the network: the fit's below the first value, the network's above
-the second, linearly between (a ramp, not a step, so two scans of one brain either side of a threshold
-are not read by different rules). On real scans beside SAMSEG the two part with the contrast. At high
+the second, linearly between. On real scans beside SAMSEG the two part with the contrast. At high
 contrast (3D T1w at 1 mm: Colin 27 and BrainBrowser's two scans, separation 3.5-5.0) the fit's cut lies
 halfway between the means, inside a real cortex, which brightens towards the white matter and is
-blurred by the scanner: GM 6-14 % below SAMSEG, WM 14-24 % above, where the network's share (learned
+blurred by the scanner: GM 6-14 % below SAMSEG, WM 14-24 % above, where the network's amount (learned
 from label maps drawn as FreeSurfer draws them) reads GM within 4 %. At low contrast (the 2D clinical
-T1w of ``clinical-ms``, separation 1.2-1.8) the network leans to grey (GM 9-17 % above SAMSEG) and the
-fit's balance brings it to 3-8 %."""
+T1w of ``clinical-ms``, separation 1.2-1.8) the network leans to grey (GM 9-18 % above SAMSEG) and the
+fit's balance brings it to 3-8 %. The ramp lies in the gap between every 2D clinical scan seen and
+every 1 mm 3D scan seen, real or simulated (2.4 and up); a ramp up to 3.5 left simulated 1.5 T
+sessions half way and read them 5 points apart from the same brain at 3 T."""
 OUTLIER_PRIOR = 0.01
 """Prior weight of an outlier class of uniform intensity over the brain's range. What no tissue explains
 (fat or a vessel in the mask's rim, brighter than white matter) otherwise widens a tissue's Gaussian,
