@@ -32,6 +32,10 @@ GM and WM share one variance: with thick slices and low GM/WM contrast an untied
 take in what is left of both neighbours; CSF keeps its own (cerebrospinal fluid mixes with vessels and
 dura too). The fit is contrast-agnostic (no class order is assumed, so inverted or flat contrast is left
 to the prior), and where GM and WM intensities overlap the prior decides, as it should.
+
+Where GM and WM are far apart (a 3D T1w), the fit's cut between them lies inside a real cortex, which
+brightens towards the white matter: there the network says how much of the tissue is grey and the fit
+only where the border lies (``tissue_split="auto"``, :data:`NETWORK_SPLIT_RAMP`).
 """
 
 from __future__ import annotations
