@@ -214,6 +214,19 @@ def registry_head_or_none(log=print, spec: dict | None = None) -> dict | None:
         return None
 
 
+def registry_label(spec: dict, n: int) -> str:
+    """The label of the ``n``-th (0-based) T1w of a registry head: its name, numbered when it has several."""
+    several = sum(k.endswith("T1w") for k in spec["files"]) > 1
+    return spec["name"] + (str(n + 1) if several else "")
+
+
+def registry_repeats() -> list[tuple[str, ...]]:
+    """Labels of registry T1w that are scans of one brain (a head shipped with several): their volumes
+    should agree."""
+    return [tuple(registry_label(spec, n) for n in range(count)) for spec in REGISTRY_HEADS
+            if (count := sum(k.endswith("T1w") for k in spec["files"])) > 1]
+
+
 def registry_t1w(log=print) -> list[tuple[str, Path]]:
     """(label, file) of every real T1w of :data:`REGISTRY_HEADS` that can be fetched: ``colin27``,
     ``brainbrowser1``, ``brainbrowser2``; a package that cannot be is left out with one line to ``log``."""
@@ -221,5 +234,5 @@ def registry_t1w(log=print) -> list[tuple[str, Path]]:
     for spec in REGISTRY_HEADS:
         files = registry_head_or_none(log, spec) or {}
         keys = sorted(k for k in files if k.endswith("T1w"))
-        out += [(spec["name"] + (str(n + 1) if len(keys) > 1 else ""), files[k]) for n, k in enumerate(keys)]
+        out += [(registry_label(spec, n), files[k]) for n, k in enumerate(keys)]
     return out

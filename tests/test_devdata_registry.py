@@ -115,3 +115,4 @@ def test_registry_t1w_labels_each_scan_and_leaves_out_what_cannot_be_fetched(mon
     assert [label for label, _ in got] == ["brainbrowser1", "brainbrowser2"]
     assert got[1][1].name == "brainbrowser_scan2_T1w.nii.gz"
     assert lines == [f"{devdata.COLIN27['package']} left out: offline"]
+    assert devdata.registry_repeats() == [("brainbrowser1", "brainbrowser2")]

@@ -266,10 +266,6 @@ def registry_cases(work: Path) -> list[dict]:
     return cases
 
 
-REPEATS = (("brainbrowser1", "brainbrowser2"),)
-"""Registry heads that are two scans of one brain: their brain volumes should agree."""
-
-
 def to_common(mask_file: Path, case: dict) -> tuple[np.ndarray, np.ndarray]:
     """A mask on the image's grid resampled into the common space (one linear resampling per step),
     and the image's field of view there (the expert mask covers the patient's whole brain; a session
@@ -436,8 +432,10 @@ def summarise(rows: list[dict], methods) -> tuple[list[str], dict]:
         for m, p in pairs.items():
             lines.append(f"  {m:9s} {p['median_pct']:.2f} {p['max_pct']:.2f} (n={p['n']})")
         table["two_scanners"] = pairs
+    from bidsapp.devdata import registry_repeats
+
     repeats = {}
-    for a, b in REPEATS:
+    for a, b in (pair for group in registry_repeats() for pair in zip(group, group[1:])):
         for m in methods:
             v = {r["head"]: r.get("volume_ml") for r in rows if r["set"] == "registry" and r["method"] == m}
             if v.get(a) and v.get(b):
