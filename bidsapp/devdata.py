@@ -75,30 +75,37 @@ def cache_dir() -> Path:
     return Path(env) if env else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "scanbridge"
 
 
-def _deb_members(deb: bytes, wanted: dict) -> dict:
-    """The files ``wanted`` (key -> path in the package) read from a Debian package's data archive.
-
-    A .deb is an ``ar`` archive holding ``data.tar.*``; read here without dpkg, so any system can."""
+def _tar_members(tar_bytes: bytes, paths) -> dict:
+    """``{path: bytes}`` of ``paths`` read from a tar archive (any compression; a leading ``./`` ignored)."""
     import io
     import tarfile
 
+    with tarfile.open(fileobj=io.BytesIO(tar_bytes)) as tar:
+        names = {m.name.lstrip("./"): m for m in tar.getmembers()}
+        missing = [p for p in paths if p not in names]
+        if missing:
+            raise ValueError(f"package lacks {', '.join(missing)}")
+        return {p: tar.extractfile(names[p]).read() for p in paths}
+
+
+def _deb_data(deb: bytes) -> bytes:
+    """A Debian package's ``data.tar.*``: a .deb is an ``ar`` archive, read here without dpkg, so any
+    system can."""
     if not deb.startswith(b"!<arch>\n"):
         raise ValueError("not a Debian package (no ar header)")
-    pos, data = 8, None
+    pos = 8
     while pos + 60 <= len(deb):
         name, size = deb[pos:pos + 16].decode().strip().rstrip("/"), int(deb[pos + 48:pos + 58])
         if name.startswith("data.tar"):
-            data = deb[pos + 60:pos + 60 + size]
-            break
+            return deb[pos + 60:pos + 60 + size]
         pos += 60 + size + (size % 2)
-    if data is None:
-        raise ValueError("Debian package without data.tar")
-    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-        names = {m.name.lstrip("./"): m for m in tar.getmembers()}
-        missing = [p for p in wanted.values() if p not in names]
-        if missing:
-            raise ValueError(f"package lacks {', '.join(missing)}")
-        return {k: tar.extractfile(names[p]).read() for k, p in wanted.items()}
+    raise ValueError("Debian package without data.tar")
+
+
+def _deb_members(deb: bytes, wanted: dict) -> dict:
+    """The files ``wanted`` (key -> path in the package) read from a Debian package's data archive."""
+    got = _tar_members(_deb_data(deb), list(wanted.values()))
+    return {k: got[p] for k, p in wanted.items()}
 
 
 BRAINBROWSER = {
@@ -116,19 +123,6 @@ and raw bytes). Unlike Colin 27 each is a single acquisition, as a user's scan i
 or segmentation comes with them."""
 
 REGISTRY_HEADS = (COLIN27, BRAINBROWSER)
-
-
-def _tgz_members(blob: bytes, wanted: dict) -> dict:
-    """The files ``wanted`` (key -> path) read from a gzipped tarball (an npm package)."""
-    import io
-    import tarfile
-
-    with tarfile.open(fileobj=io.BytesIO(blob), mode="r:gz") as tar:
-        names = {m.name: m for m in tar.getmembers()}
-        missing = [p for p in wanted.values() if p not in names]
-        if missing:
-            raise ValueError(f"package lacks {', '.join(missing)}")
-        return {k: tar.extractfile(names[p]).read() for k, p in wanted.items()}
 
 
 def _brainbrowser_volume(header: bytes, raw: bytes) -> bytes:
@@ -159,19 +153,21 @@ def _brainbrowser_volume(header: bytes, raw: bytes) -> bytes:
     return gzip.compress(nib.Nifti1Image(data, affine).to_bytes(), compresslevel=6)
 
 
+_MNC_PARTS = (".header.gz", ".raw.gz")
+"""The two files BrainBrowser splits a ``.mnc`` volume into."""
+
+
 def _package_members(blob: bytes, wanted: dict) -> dict:
-    """``wanted``'s files out of a downloaded package, a BrainBrowser ``.mnc`` pair made into NIfTI."""
+    """``wanted``'s files out of a downloaded package (a .deb or an npm tarball), a BrainBrowser ``.mnc``
+    pair made into NIfTI."""
     if blob.startswith(b"!<arch>\n"):
-        return _deb_members(blob, wanted)
-    if not blob.startswith(b"\x1f\x8b"):
+        blob = _deb_data(blob)
+    elif not blob.startswith(b"\x1f\x8b"):
         raise ValueError("neither a Debian package nor a gzipped tarball")
-    pairs = {k: p for k, p in wanted.items() if p.endswith(".mnc")}
-    members = _tgz_members(blob, {**{k: p for k, p in wanted.items() if k not in pairs},
-                                  **{f"{k}\0h": f"{p}.header.gz" for k, p in pairs.items()},
-                                  **{f"{k}\0r": f"{p}.raw.gz" for k, p in pairs.items()}})
-    out = {k: v for k, v in members.items() if "\0" not in k}
-    out.update({k: _brainbrowser_volume(members[f"{k}\0h"], members[f"{k}\0r"]) for k in pairs})
-    return out
+    parts = lambda p: [p + s for s in _MNC_PARTS] if p.endswith(".mnc") else [p]  # noqa: E731
+    got = _tar_members(blob, [q for p in wanted.values() for q in parts(p)])
+    return {k: _brainbrowser_volume(*(got[q] for q in parts(p))) if p.endswith(".mnc") else got[p]
+            for k, p in wanted.items()}
 
 
 def _suffix(path: str) -> str:
@@ -214,17 +210,20 @@ def registry_head_or_none(log=print, spec: dict | None = None) -> dict | None:
         return None
 
 
+def _t1w_keys(spec: dict) -> list[str]:
+    return sorted(k for k in spec["files"] if k.endswith("T1w"))
+
+
 def registry_label(spec: dict, n: int) -> str:
     """The label of the ``n``-th (0-based) T1w of a registry head: its name, numbered when it has several."""
-    several = sum(k.endswith("T1w") for k in spec["files"]) > 1
-    return spec["name"] + (str(n + 1) if several else "")
+    return spec["name"] + (str(n + 1) if len(_t1w_keys(spec)) > 1 else "")
 
 
 def registry_repeats() -> list[tuple[str, ...]]:
     """Labels of registry T1w that are scans of one brain (a head shipped with several): their volumes
     should agree."""
-    return [tuple(registry_label(spec, n) for n in range(count)) for spec in REGISTRY_HEADS
-            if (count := sum(k.endswith("T1w") for k in spec["files"])) > 1]
+    return [tuple(registry_label(spec, n) for n in range(len(_t1w_keys(spec)))) for spec in REGISTRY_HEADS
+            if len(_t1w_keys(spec)) > 1]
 
 
 def registry_t1w(log=print) -> list[tuple[str, Path]]:
@@ -232,7 +231,7 @@ def registry_t1w(log=print) -> list[tuple[str, Path]]:
     ``brainbrowser1``, ``brainbrowser2``; a package that cannot be is left out with one line to ``log``."""
     out = []
     for spec in REGISTRY_HEADS:
-        files = registry_head_or_none(log, spec) or {}
-        keys = sorted(k for k in files if k.endswith("T1w"))
-        out += [(registry_label(spec, n), files[k]) for n, k in enumerate(keys)]
+        files = registry_head_or_none(log, spec)
+        if files:
+            out += [(registry_label(spec, n), files[k]) for n, k in enumerate(_t1w_keys(spec))]
     return out
